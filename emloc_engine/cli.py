@@ -1,0 +1,73 @@
+"""``emloc``: every stage of EMLoC Studio, headless.
+
+Each subcommand lives in ``emloc_engine/commands/<name>.py`` with ``register(subparsers)``; the
+command functions call the same stage functions the app calls. Engine errors print their message
+and exit 2; a cancel (Ctrl-C) exits 130 and leaves the run resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from emloc_engine.errors import Cancelled, EngineError
+from emloc_engine.version import __version__
+
+COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "demo")
+
+
+def version_text() -> str:
+    """``emloc --version``: our version plus the torch, CUDA and GPU it sees."""
+    parts = [f"emloc {__version__}"]
+    try:
+        import torch
+
+        cuda = torch.version.cuda or "none"
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
+        parts.append(f"torch {torch.__version__} (CUDA {cuda}; {gpu})")
+    except Exception as exc:  # pragma: no cover - torch is a dependency
+        parts.append(f"torch unavailable: {exc}")
+    return ", ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emloc",
+        description="EMLoC Studio: fine-tune the model you already run, on the GPU you already have.",
+    )
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG level to stderr.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"emloc_engine.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except Cancelled:
+        print("Cancelled. The run folder is resumable: run the same command again.", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("Interrupted. The run folder is resumable: run the same command again.", file=sys.stderr)
+        return 130
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``emloc`` subcommand; each has ``register(subparsers)``."""
