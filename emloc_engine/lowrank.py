@@ -51,7 +51,7 @@ class LowRankLinear(nn.Module):
         self.u = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))  # type: ignore[no-any-return]
+        return self.u(self.v(x))
 
     @property
     def weight(self) -> torch.Tensor:

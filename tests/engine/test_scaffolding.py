@@ -1,0 +1,165 @@
+"""Progress, errors, atomic writes, the run manifest and the shard reader."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emloc_engine.architectures import SUPPORTED_MODEL_TYPES, arch_spec
+from emloc_engine.atomic import atomic_dir, atomic_path, write_json_atomic
+from emloc_engine.checkpoint import Checkpoint, fingerprint_model, read_safetensors_header
+from emloc_engine.errors import Cancelled, DataError, ModelNotFound, RunStateError, UnsupportedModel
+from emloc_engine.layout import RunLayout
+from emloc_engine.manifest import RunManifest
+from emloc_engine.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
+
+
+def test_sub_progress_maps_onto_a_slice() -> None:
+    rec = RecordingProgress()
+    inner = sub(sub(rec, 0.2, 0.6), 0.5, 1.0)
+    inner.update(0.0, "a")
+    inner.update(1.0, "b")
+    inner.update(2.0, "clamped")
+    inner.log("train/loss", 1.5, 3)
+    assert [round(f, 6) for f, _ in rec.updates] == [0.4, 0.6, 0.6]
+    assert rec.values("train/loss") == [1.5]
+
+
+def test_recording_progress_cancels_after_n_updates() -> None:
+    rec = RecordingProgress(cancel_after_updates=2)
+    rec.update(0.1)
+    rec.check_cancelled()
+    rec.update(0.2)
+    with pytest.raises(Cancelled):
+        rec.check_cancelled()
+
+
+def test_cancel_token_is_thread_safe_flag() -> None:
+    tok = CancelToken()
+    tok.check()
+    tok.cancel()
+    assert tok.cancelled
+    with pytest.raises(Cancelled):
+        tok.check()
+
+
+def test_eta_and_format() -> None:
+    clock = EtaClock()
+    assert clock.eta_s(0.0) is None
+    assert clock.eta_s(1.0) == 0.0
+    assert format_seconds(75) == "1 min 15 s"
+    assert format_seconds(None) == "?"
+    assert format_seconds(7300) == "2 h 1 min"
+
+
+def test_engine_error_lists_every_problem_and_the_fix() -> None:
+    err = DataError("2 problems in data.jsonl", problems=["data.jsonl:3: bad JSON", "data.jsonl:9: empty"],
+                    hint="Fix the lines above.")
+    text = str(err)
+    assert "data.jsonl:3: bad JSON" in text and "data.jsonl:9: empty" in text and "Fix: Fix the lines" in text
+    assert err.problems == ["data.jsonl:3: bad JSON", "data.jsonl:9: empty"]
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(OSError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_refuses_non_empty_and_replaces_with_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "merged"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (target / "a.txt").read_text() == "1"
+    with pytest.raises(FileExistsError), atomic_dir(target):
+        pass
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    with pytest.raises(RuntimeError), atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "c.txt").write_text("3")
+        raise RuntimeError("crash midway")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_manifest_roundtrip_and_stage_states(tmp_path: Path) -> None:
+    m = RunManifest.open(tmp_path / "run")
+    m.set_input("model", "/models/x", "abc")
+    m.start_stage("emulator", predicted_peak_gib=1.5)
+    assert not m.is_done("emulator")
+    m.finish_stage("emulator", {"modules": 14}, measured_peak_gib=1.2)
+    again = RunManifest.open(tmp_path / "run")
+    assert again.is_done("emulator")
+    assert again.stage("emulator")["result"] == {"modules": 14}
+    assert again.data["inputs"]["model"]["fingerprint"] == "abc"
+    assert again.data["versions"]["torch"] == torch.__version__.split("+")[0] or again.data["versions"]["torch"]
+    (tmp_path / "run" / "manifest.json").write_text("{broken")
+    with pytest.raises(RunStateError, match="not valid JSON"):
+        RunManifest.open(tmp_path / "run")
+
+
+def test_run_layout_is_the_documented_one(tmp_path: Path) -> None:
+    lay = RunLayout(tmp_path)
+    assert lay.emulator.name == "emulator" and lay.adapter_corrected.name == "adapter-corrected"
+    assert lay.gguf.name == "model.gguf" and lay.manifest.name == "manifest.json"
+
+
+def test_checkpoint_reads_headers_and_single_tensors(tmp_path: Path) -> None:
+    save_file({"a.weight": torch.ones(3, 4, dtype=torch.bfloat16)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b.weight": torch.zeros(5, dtype=torch.float32)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    ck = Checkpoint(tmp_path)
+    assert sorted(ck.names()) == ["a.weight", "b.weight"]
+    assert ck.info("a.weight").shape == (3, 4) and ck.info("a.weight").nbytes == 24
+    assert ck.num_parameters() == 17 and ck.dominant_dtype() == "BF16"
+    assert ck.get("a.weight", dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ModelNotFound, match="not in the checkpoint"):
+        ck.get("zzz")
+    fp1 = fingerprint_model(tmp_path)
+    save_file({"b.weight": torch.ones(5, dtype=torch.float32)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert fingerprint_model(tmp_path) != fp1
+
+
+def test_truncated_shard_is_reported_with_its_name(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:6])
+    with pytest.raises(ModelNotFound, match="truncated"):
+        read_safetensors_header(path)
+    path.write_bytes(data[: len(data) - 1000])
+    ck = Checkpoint(tmp_path)
+    with pytest.raises(ModelNotFound, match="'w'"):
+        ck.get("w")
+
+
+def test_pickle_only_folder_is_unsupported(tmp_path: Path) -> None:
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(UnsupportedModel, match="safetensors"):
+        Checkpoint(tmp_path)
+
+
+def test_arch_specs() -> None:
+    llama = arch_spec({"model_type": "llama"})
+    assert llama.groups[0].modules == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert len(llama.linear_modules) == 7 and llama.module_name(3, "mlp.up_proj") == "model.layers.3.mlp.up_proj"
+    assert arch_spec({"model_type": "phi3"}).short_names == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert "qwen2" in SUPPORTED_MODEL_TYPES
+    with pytest.raises(UnsupportedModel, match="Supported decoder families"):
+        arch_spec({"model_type": "bert"})
+
+
+def test_write_json_atomic(tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "x" / "a.json", {"k": 1})
+    assert json.loads((tmp_path / "x" / "a.json").read_text()) == {"k": 1}
+    assert not any(p.name.endswith(".partial") for p in (tmp_path / "x").iterdir())
+    assert os.access(tmp_path / "x" / "a.json", os.R_OK)
