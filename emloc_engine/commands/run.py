@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
-
-from emloc_engine.commands._common import not_implemented
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +26,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Where to compute.")
     p.add_argument("--export", default="merged,adapter,gguf",
                    help="Comma-separated exports: merged, adapter, gguf (empty for none).")
+    p.add_argument("--batch-size", type=int, default=4, help="Sequences per optimizer step.")
+    p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0", "f32"), help="GGUF tensor type.")
     p.add_argument("--seed", type=int, default=0, help="Seed for the split, sampling and initialisation.")
 
 
@@ -34,4 +35,36 @@ def register(sub: Any) -> None:
     help_text = "Run every stage: build the emulator, train, correct, export."
     p: argparse.ArgumentParser = sub.add_parser("run", help=help_text, description=help_text)
     add_run_arguments(p)
-    p.set_defaults(func=not_implemented("run", "end-to-end pipeline"))
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~emloc_engine.pipeline.RunConfig` that the options describe."""
+    from emloc_engine.pipeline import RunConfig, parse_lambda
+    from emloc_engine.resolve import resolve_data, resolve_model
+
+    exports = tuple(e.strip() for e in args.export.split(",") if e.strip())
+    return RunConfig(
+        model_dir=resolve_model(args.model), data_path=resolve_data(args.data), run_dir=Path(args.out),
+        ratio=args.ratio, budget_bytes=int(args.budget_gib * 2**30) if args.budget_gib else None,
+        rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        lambda_=parse_lambda(args.lambda_), calib=args.calib, max_length=args.max_length, device=args.device,
+        exports=exports, gguf_type=args.gguf_type, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from emloc_engine.pipeline import run_pipeline
+    from emloc_engine.progress import TqdmProgress
+
+    cfg = config_from_args(args)
+    bar = TqdmProgress("emloc run")
+    try:
+        result = run_pipeline(cfg, bar)
+    finally:
+        bar.close()
+    print(f"Run folder: {result.run_dir}")
+    print(f"ρ = {result.ratio:.3f}; λ = {result.lambda_}; final eval loss = {result.final_eval_loss}")
+    print(f"Stages run: {', '.join(result.stages_run) or 'none'}; resumed past: {', '.join(result.stages_skipped) or 'none'}")
+    for name, path in result.exports.items():
+        print(f"  {name}: {path}")
+    return 0

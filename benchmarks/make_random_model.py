@@ -1,0 +1,119 @@
+"""Create a random-weight model of a real architecture as safetensors shards (for GPU benchmarks).
+
+Speed and memory do not depend on weight values, so the scale benchmarks use random bf16 weights
+of the exact shapes of Llama-3-8B (and friends), written as an HF model folder with N shards, the
+byte-level test tokenizer and a chat template. Weights are drawn on the GPU when there is one.
+
+    python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/llama3-8b --shards 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       use_sliding_window=False),
+    "mistral-7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       sliding_window=None),
+    "llama2-13b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=5120,
+                       intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama3-70b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of every tensor of a Llama-family checkpoint, in file order."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    bias = cfg["model_type"] == "qwen2"
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for b in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{b}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i))]
+        if bias:
+            out += [(p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.k_proj.bias", (kv,)),
+                    (p + "self_attn.v_proj.bias", (kv,))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return out
+
+
+def make(arch: str, out: Path, shards: int, seed: int = 0) -> dict[str, Any]:
+    from tests.tiny_models import make_tokenizer
+
+    cfg = dict(PRESETS[arch], torch_dtype="bfloat16", bos_token_id=None, eos_token_id=3, pad_token_id=0,
+               hidden_act="silu", attention_bias=PRESETS[arch]["model_type"] == "qwen2")
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    shapes = tensor_shapes(cfg)
+    total = sum(int(torch.Size(s).numel()) * 2 for _, s in shapes)
+    per_shard = total / shards
+    t0 = time.time()
+    index: dict[str, str] = {}
+    buf: dict[str, torch.Tensor] = {}
+    size = 0
+    n = 1
+    names = [f"model-{k:05d}-of-{shards:05d}.safetensors" for k in range(1, shards + 1)]
+    for name, shape in shapes:
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            std = 0.02 if "embed" in name or "lm_head" in name else (1.0 / shape[1]) ** 0.5
+            t = (torch.randn(shape, generator=gen, device=dev, dtype=torch.float32) * std).to(torch.bfloat16).cpu()
+        buf[name] = t
+        index[name] = names[n - 1]
+        size += t.numel() * 2
+        if size >= per_shard * n and n < shards:
+            save_file(buf, str(out / names[n - 1]), metadata={"format": "pt"})
+            buf, n = {}, n + 1
+    save_file(buf, str(out / names[n - 1]), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 3, "pad_token_id": 0}))
+    make_tokenizer().save_pretrained(out)
+    return {"arch": arch, "out": str(out), "bytes": total, "shards": shards, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", choices=sorted(PRESETS), default="llama3-8b")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shards", type=int, default=4)
+    args = ap.parse_args()
+    print(json.dumps(make(args.arch, args.out, args.shards)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""``emloc run``: every stage end to end, resumable from the run manifest.
+
+The pipeline is only glue: it resolves the model and the data, asks the planner for ρ when none
+is given, then calls the same stage functions the app calls — ``build_emulator``, ``train_lora``,
+``correct_lora``, ``merge_and_export`` — recording each stage, its settings, the predicted and the
+measured peak memory in ``RUN_DIR/manifest.json``. Running the same command again skips finished
+stages (each stage also resumes its own partial work: emulator blocks, training checkpoints).
+A run folder is bound to its inputs: a different model or dataset fingerprint is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emloc_engine.errors import ConfigError, RunStateError
+from emloc_engine.layout import RunLayout
+from emloc_engine.manifest import RunManifest
+from emloc_engine.progress import NULL_PROGRESS, Progress, sub
+from emloc_engine.runlog import attach_run_log, detach_run_log
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("merged", "adapter", "gguf")
+# Share of the progress bar per stage (emulator, train, correct, export): training dominates.
+_SLICES = {"emulator": (0.0, 0.2), "train": (0.2, 0.75), "correct": (0.75, 0.85), "export": (0.85, 1.0)}
+
+
+def parse_lambda(text: str | float | None) -> float | None:
+    """``"auto"``/None -> None (chosen on held-out data); ``"inf"`` -> ∞; else a number ≥ 0.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).") from None
+    if math.isnan(value) or value < 0:
+        raise ConfigError(f"--lambda must be ≥ 0 (got {text!r}).")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``emloc run`` needs; the app builds the same object on its Plan page."""
+
+    model_dir: Path = field(metadata={"help": "Snapshot folder of the original model (safetensors)."})
+    data_path: Path = field(metadata={"help": "The training dataset file."})
+    run_dir: Path = field(metadata={"help": "Run folder; an interrupted run resumes from its manifest."})
+    ratio: float | None = field(default=None, metadata={"help": "Keep-ratio ρ; None lets the planner choose."})
+    budget_bytes: int | None = field(default=None, metadata={"help": "GPU memory budget for the planner."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the adapter is scaled by alpha/r."})
+    steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule with warmup)."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per optimizer step."})
+    lambda_: float | None = field(default=None, metadata={"help": "Correction damping λ; None = auto."})
+    calib: int = field(default=64, metadata={"help": "Calibration samples for the emulator."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per sample."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    exports: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={"help": "merged, adapter, gguf."})
+    gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f16, bf16, q8_0 or f32."})
+    seed: int = field(default=0, metadata={"help": "Seed for the split, sampling and initialisation."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            problems.append(f"ratio must be in (0, 1) (got {self.ratio})")
+        if self.rank < 1:
+            problems.append(f"rank must be ≥ 1 (got {self.rank})")
+        if self.steps < 1:
+            problems.append(f"steps must be ≥ 1 (got {self.steps})")
+        if self.calib < 1:
+            problems.append(f"calib must be ≥ 1 (got {self.calib})")
+        unknown = [e for e in self.exports if e not in EXPORT_FORMATS]
+        if unknown:
+            problems.append(f"unknown export(s) {unknown}; choose from {', '.join(EXPORT_FORMATS)}")
+        if problems:
+            raise ConfigError("Invalid run settings.", problems=problems)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a whole run produced."""
+
+    run_dir: Path
+    ratio: float
+    stages_run: tuple[str, ...]
+    stages_skipped: tuple[str, ...]
+    lambda_: float | None
+    final_eval_loss: float | None
+    exports: dict[str, str]
+    wall_s: float
+
+
+def _json_settings(cfg: RunConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    for k, v in d.items():
+        if isinstance(v, Path):
+            d[k] = str(v)
+        elif isinstance(v, float) and math.isinf(v):
+            d[k] = "inf"
+    return d
+
+
+def _check_inputs(manifest: RunManifest, name: str, path: Path, fingerprint: str) -> None:
+    old = manifest.data["inputs"].get(name)
+    if old and old.get("fingerprint") != fingerprint:
+        raise RunStateError(
+            f"The run folder {manifest.root} was started with a different {name} ({old.get('path')}).",
+            hint="Use a new --out folder for a new model or dataset.",
+        )
+    manifest.set_input(name, path, fingerprint)
+
+
+def choose_ratio(cfg: RunConfig) -> tuple[float, dict[str, Any]]:
+    """ρ from the config, or from the planner given the budget / detected GPU."""
+    from emloc_engine import planning
+    from emloc_engine.hardware import detect_machine
+
+    facts = planning.model_facts(cfg.model_dir)
+    machine = detect_machine()
+    gpu_total = machine.gpus[0].total_bytes if machine.gpus else None
+    plan = planning.plan_memory(
+        facts,
+        planning.PlanConfig(budget_bytes=cfg.budget_bytes, gpu_total_bytes=gpu_total,
+                            context_length=cfg.max_length, batch_size=cfg.batch_size, lora_rank=cfg.rank,
+                            ratio=cfg.ratio),
+    )
+    info = {"plan_ratio": plan.ratio, "fits": plan.fits, "reason": plan.reason,
+            "predicted_peaks_gib": {s.name: s.peak_bytes / 2**30 for s in plan.stages},
+            "inference_peak_gib": plan.inference_peak_bytes / 2**30}
+    if cfg.ratio is not None:
+        return cfg.ratio, info
+    if plan.ratio is None:
+        raise ConfigError(f"No compression ratio fits: {plan.reason}", problems=list(plan.suggestions))
+    return float(plan.ratio), info
+
+
+def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResult:
+    """Run (or resume) every stage of EMLoC for one model and one dataset.
+
+    Args:
+        cfg: the whole run's settings.
+        progress: receives the overall fraction, stage messages and every stage's metrics.
+
+    Returns:
+        A :class:`RunResult` with the chosen ρ and λ and the export paths.
+
+    Raises:
+        EngineError: from any stage; the manifest records the failed stage and the run resumes.
+        Cancelled: after the current stage reached a resumable point.
+    """
+    from emloc_engine.checkpoint import fingerprint_model
+    from emloc_engine.correction import CorrectionConfig, correct_lora
+    from emloc_engine.data import DataConfig, calibration_token_ids, inspect_dataset, load_tokenizer
+    from emloc_engine.emulator import EmulatorConfig, build_emulator
+    from emloc_engine.export import ExportConfig, merge_and_export
+    from emloc_engine.training import TrainConfig, train_lora
+
+    t0 = time.monotonic()
+    layout = RunLayout(Path(cfg.run_dir))
+    manifest = RunManifest.open(layout.root)
+    handler = attach_run_log(layout.root)
+    ran: list[str] = []
+    skipped: list[str] = []
+    current = "setup"
+    try:
+        data_cfg = DataConfig(path=Path(cfg.data_path), max_length=cfg.max_length, seed=cfg.seed)
+        tokenizer = load_tokenizer(cfg.model_dir)
+        report = inspect_dataset(data_cfg, tokenizer)
+        _check_inputs(manifest, "model", cfg.model_dir, fingerprint_model(cfg.model_dir))
+        _check_inputs(manifest, "data", cfg.data_path, report.fingerprint)
+        ratio, plan_info = choose_ratio(cfg)
+        manifest.update_settings({**_json_settings(cfg), "ratio": ratio, "plan": plan_info})
+        predicted = plan_info.get("predicted_peaks_gib", {})
+
+        def stage(name: str) -> Progress:
+            nonlocal current
+            current = name
+            a, b = _SLICES[name]
+            return sub(progress, a, b)
+
+        # Stage 1: emulator
+        if manifest.is_done("emulator") and (layout.emulator / "emloc.json").exists():
+            skipped.append("emulator")
+        else:
+            p = stage("emulator")
+            manifest.start_stage("emulator", predicted_peak_gib=predicted.get("emulator"))
+            ids = calibration_token_ids(data_cfg, tokenizer, n=cfg.calib, seed=cfg.seed)
+            er = build_emulator(EmulatorConfig(model_dir=cfg.model_dir, out_dir=layout.emulator,
+                                               calibration_ids=tuple(tuple(x) for x in ids), ratio=ratio,
+                                               device=cfg.device), p)
+            manifest.finish_stage("emulator", {"wall_s": er.wall_s}, measured_peak_gib=er.peak_vram_gib)
+            ran.append("emulator")
+
+        # Stage 2: training
+        final_eval: float | None = None
+        if manifest.is_done("train") and (layout.adapter / "adapter_config.json").exists():
+            skipped.append("train")
+            final_eval = manifest.stage("train").get("result", {}).get("final_eval_loss")
+        else:
+            p = stage("train")
+            manifest.start_stage("train", predicted_peak_gib=predicted.get("train"))
+            tr = train_lora(TrainConfig(run_dir=layout.root, data=data_cfg, rank=cfg.rank, alpha=cfg.alpha,
+                                        steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                                        device=cfg.device, seed=cfg.seed), p)
+            final_eval = tr.final_eval_loss
+            manifest.finish_stage("train", {"steps": tr.steps_done, "final_eval_loss": tr.final_eval_loss,
+                                            "loss_history": list(tr.loss_history),
+                                            "eval_history": list(tr.eval_history),
+                                            "tokens_per_s": tr.tokens_per_s, "wall_s": tr.wall_s},
+                                  measured_peak_gib=tr.peak_vram_gib)
+            ran.append("train")
+
+        # Stage 3: correction
+        lam: float | None
+        if manifest.is_done("correct") and (layout.adapter_corrected / "adapter_config.json").exists():
+            skipped.append("correct")
+            lam_rec = manifest.stage("correct").get("result", {}).get("lambda")
+            lam = math.inf if lam_rec == "inf" else lam_rec
+        else:
+            p = stage("correct")
+            manifest.start_stage("correct", predicted_peak_gib=predicted.get("correct"))
+            cr = correct_lora(CorrectionConfig(run_dir=layout.root, model_dir=cfg.model_dir, lambda_=cfg.lambda_,
+                                               data=data_cfg, device=cfg.device, overwrite=True), p)
+            lam = cr.lambda_
+            manifest.finish_stage("correct", {"lambda": "inf" if math.isinf(lam) else lam,
+                                              "lambda_table": [["inf" if math.isinf(a) else a, b]
+                                                               for a, b in cr.lambda_table]},
+                                  measured_peak_gib=getattr(cr, "peak_vram_gib", None))
+            ran.append("correct")
+
+        # Stage 4: export
+        exports: dict[str, str] = {}
+        if cfg.exports:
+            if manifest.is_done("export"):
+                skipped.append("export")
+                exports = dict(manifest.stage("export").get("result", {}).get("paths", {}))
+            else:
+                p = stage("export")
+                manifest.start_stage("export")
+                xr = merge_and_export(ExportConfig(run_dir=layout.root, model_dir=cfg.model_dir,
+                                                   formats=cfg.exports, gguf_type=cfg.gguf_type,
+                                                   overwrite=True), p)
+                for key in ("merged_dir", "adapter_dir", "gguf_path"):
+                    value = getattr(xr, key, None)
+                    if value:
+                        exports[key] = str(value)
+                manifest.finish_stage("export", {"paths": exports,
+                                                 "verification": [list(v) for v in xr.verification]})
+                ran.append("export")
+        progress.update(1.0, "Done")
+        return RunResult(layout.root, ratio, tuple(ran), tuple(skipped), lam, final_eval, exports,
+                         time.monotonic() - t0)
+    except BaseException as exc:
+        from emloc_engine.errors import Cancelled
+
+        if current in _SLICES:
+            status = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
+            manifest.fail_stage(current, status, str(exc))
+        raise
+    finally:
+        detach_run_log(handler)
