@@ -55,11 +55,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def write_text_atomic(target: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json_atomic(target: Path, data: Any) -> None:
