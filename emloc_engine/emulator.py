@@ -1,0 +1,603 @@
+"""Stage 1: build the emulator by activation-aware SVD, streaming one decoder block at a time.
+
+``build_emulator(EmulatorConfig(...), progress) -> EmulatorResult`` writes ``RUN_DIR/emulator/``::
+
+    blocks-00000.safetensors ...   one shard per decoder block: compressed modules as M.u.weight,
+                                   M.v.weight (+ M.u.bias), every other tensor of the block copied
+    rest.safetensors               every tensor outside the blocks (embeddings, final norm, lm_head)
+    model.safetensors.index.json   weight map over the shards
+    config.json, tokenizer*, ...   copied from the source model (never the weights)
+    emloc.json                     written LAST: its presence marks a complete emulator
+
+The loop (``METHOD.md`` Stage 1), with memory bounded by one block:
+
+1. The model skeleton is built on the meta device; only the input embedding is materialised, and the
+   recorder layers of :mod:`emloc_engine.calibration` capture the input of block 0 and every
+   layer's keyword arguments for each chunk of calibration samples.
+2. For block ``i``: read only its tensors from the shards (a background thread prefetches block
+   ``i+1`` into CPU RAM meanwhile), load them into the skeleton's layer, push every chunk through
+   the ORIGINAL block while hooks sum ``C = Σ XᵀX`` once per input group (q/k/v share one, gate/up
+   share one, Phi-3's fused projections are single modules), factorise every compressed module
+   (:func:`emloc_engine.factorize.factorize`), write the block's shard atomically, and free the block.
+   Hidden states flow through original blocks only (no compressed-error propagation).
+
+Resume: each shard's metadata carries the build fingerprint (source model, plan, calibration ids,
+device type, dtypes, solver, chunking). Blocks whose shard matches are not factorised again; their
+original block is still run (forward only) so that the next block sees the same hidden states. On
+one machine the result is bit-identical to an uninterrupted run.
+
+Calibration size: fewer real tokens than the model's hidden size is a :class:`DataError` (``C`` of
+the attention/MLP input would be singular by construction). Fewer than the widest input (the MLP's
+intermediate size) is allowed and logged: the factoriser is exact on singular statistics, it just
+cannot see the directions the samples never excite.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from emloc_engine.architectures import ArchSpec, arch_spec, num_blocks
+from emloc_engine.atomic import atomic_path, write_json_atomic
+from emloc_engine.calibration import (
+    CalibrationChunk,
+    capture_block_inputs,
+    chunk_samples,
+    decoder_layers,
+    recording,
+    run_block,
+)
+from emloc_engine.checkpoint import Checkpoint, fingerprint_model, load_config
+from emloc_engine.errors import ConfigError, DataError, InsufficientMemory
+from emloc_engine.factorize import SOLVERS, factorize
+from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
+from emloc_engine.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
+from emloc_engine.version import __version__
+
+log = logging.getLogger(__name__)
+
+BLOCK_FILE = "blocks-{:05d}.safetensors"
+REST_FILE = "rest.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+METHOD = "activation-aware-svd"
+WHITENING = ("projection onto the top-k left singular vectors of W·S: eigh of W·C̃·Wᵀ when out ≤ in; "
+             "fp64 Cholesky root of C̃ + δI (δ from 1e-10, ×100 until PD) and eigh of (WS)ᵀ(WS) when out > in; "
+             "C̃ = C / mean eigenvalue")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt"}
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """Settings of Stage 1."""
+
+    model_dir: Path = field(metadata={"help": "Snapshot folder of the source model (config.json + safetensors)."})
+    out_dir: Path = field(metadata={"help": "Where the emulator goes (RUN_DIR/emulator)."})
+    calibration_ids: tuple[tuple[int, ...], ...] = field(
+        metadata={"help": "Token ids of the calibration samples (from the training data)."})
+    ratio: float = field(default=0.5, metadata={
+        "help": "Keep-ratio ρ in (0, 1): fraction of each compressed layer's parameters kept."})
+    ratio_overrides: tuple[tuple[str, float], ...] = field(default=(), metadata={
+        "help": "(pattern, ρ) on full module names (fnmatch; last match wins); ρ ≥ 1 keeps the module dense."})
+    dense_patterns: tuple[str, ...] = field(default=(), metadata={
+        "help": "Module name patterns (fnmatch on full names, e.g. '*.31.mlp.down_proj') kept dense."})
+    rank_overrides: tuple[tuple[str, int], ...] = field(default=(), metadata={
+        "help": "(pattern, k) fixing the rank of matching modules (clamped to min(out, in))."})
+    device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto (CUDA when present)."})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the block forward: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, float64."})
+    linalg_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the factorisation: auto (fp32 on CUDA, fp64 on CPU), float32 or float64."})
+    solver: str = field(default="eigh", metadata={
+        "help": "eigh (exact) or randomized (subspace iteration; faster on big layers, slightly worse)."})
+    memory_budget_bytes: int | None = field(default=None, metadata={
+        "help": "Device memory the build may use; sizes the calibration chunks (default: the device's total)."})
+    chunk_tokens: int | None = field(default=None, metadata={
+        "help": "Padded tokens per forward chunk (default: from the memory budget)."})
+    min_calibration_tokens: int | None = field(default=None, metadata={
+        "help": "Fewest real calibration tokens accepted (default: the model's hidden size)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a complete emulator built with other settings in out_dir."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        object.__setattr__(self, "calibration_ids", tuple(tuple(int(t) for t in s) for s in self.calibration_ids))
+        problems = []
+        if not 0.0 < self.ratio < 1.0:
+            problems.append(f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense.")
+        problems += [f"ratio override {p!r} must be > 0 (got {r})" for p, r in self.ratio_overrides if not r > 0]
+        problems += [f"rank override {p!r} must be >= 1 (got {k})" for p, k in self.rank_overrides if k < 1]
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        if self.compute_dtype != "auto" and self.compute_dtype not in _DTYPES:
+            problems.append(f"compute_dtype must be auto or one of {', '.join(_DTYPES)} (got {self.compute_dtype!r})")
+        if self.linalg_dtype not in ("auto", "float32", "float64"):
+            problems.append(f"linalg_dtype must be auto, float32 or float64 (got {self.linalg_dtype!r})")
+        if self.solver not in SOLVERS:
+            problems.append(f"solver must be one of {', '.join(SOLVERS)} (got {self.solver!r})")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            problems.append("memory_budget_bytes must be positive")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            problems.append("chunk_tokens must be >= 1")
+        if problems:
+            raise ConfigError("Invalid emulator settings.", problems=problems)
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """How one decoder linear module is compressed."""
+
+    name: str
+    block: int
+    path: str
+    ratio: float
+    rank: int
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class EmulatorResult:
+    """What Stage 1 produced.
+
+    Attributes:
+        emulator_dir: the complete emulator folder.
+        modules: full module name -> ``{ratio, rank, in_features, out_features, bias, rel_error}``.
+        params_kept: parameters of the emulator (every tensor).
+        params_original: parameters of the source checkpoint.
+        wall_s: wall time of this call.
+        peak_vram_gib: peak allocated GPU memory of this call (0.0 on the CPU).
+        resumed_blocks: blocks whose factors were reused from an earlier, interrupted build.
+        calibration_tokens: real calibration tokens used.
+        chunk_tokens: padded tokens per forward chunk.
+        device: where it ran.
+    """
+
+    emulator_dir: Path
+    modules: Mapping[str, Mapping[str, Any]]
+    params_kept: int
+    params_original: int
+    wall_s: float
+    peak_vram_gib: float
+    resumed_blocks: tuple[int, ...]
+    calibration_tokens: int
+    chunk_tokens: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (for the run manifest)."""
+        d = asdict(self)
+        d["emulator_dir"] = str(self.emulator_dir)
+        d["modules"] = len(self.modules)
+        return d
+
+
+# -- plan ------------------------------------------------------------------------------------------
+def _last_match(name: str, pairs: tuple[tuple[str, Any], ...]) -> Any:
+    found = None
+    for pattern, value in pairs:
+        if fnmatch.fnmatchcase(name, pattern):
+            found = value
+    return found
+
+
+def plan_modules(cfg: EmulatorConfig, spec: ArchSpec, ckpt: Checkpoint, blocks: int) -> dict[str, ModulePlan]:
+    """Which decoder linear modules are compressed, with ρ and rank ``k = floor(ρ·out·in/(out+in))``.
+
+    Raises:
+        ConfigError: the plan compresses nothing.
+        ModelNotFound: a block weight is missing from the checkpoint.
+    """
+    plan: dict[str, ModulePlan] = {}
+    for b in range(blocks):
+        for path in spec.linear_modules:
+            name = spec.module_name(b, path)
+            if any(fnmatch.fnmatchcase(name, p) for p in cfg.dense_patterns):
+                continue
+            ratio = _last_match(name, cfg.ratio_overrides)
+            ratio = cfg.ratio if ratio is None else float(ratio)
+            if ratio >= 1.0:
+                continue
+            out_f, in_f = ckpt.info(f"{name}.weight").shape
+            rank = _last_match(name, cfg.rank_overrides)
+            rank = rank_for_ratio(ratio, out_f, in_f) if rank is None else int(rank)
+            plan[name] = ModulePlan(name, b, path, ratio, min(rank, out_f, in_f), in_f, out_f,
+                                    f"{name}.bias" in ckpt)
+    if not plan:
+        raise ConfigError("The compression plan compresses no module.",
+                          hint="Remove dense patterns or ρ ≥ 1 overrides that cover every decoder module.")
+    return plan
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is visible.", hint="Use --device cpu.")
+    return dev
+
+
+def _resolve_dtypes(cfg: EmulatorConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(compute, statistics, linear algebra) dtypes."""
+    cpu = device.type == "cpu"
+    if cfg.compute_dtype == "auto":
+        compute = torch.float32 if cpu else (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
+                                             else torch.float16)
+    else:
+        compute = _DTYPES[cfg.compute_dtype]
+    stats = torch.float64 if cpu or compute == torch.float64 else torch.float32
+    linalg = _DTYPES[cfg.linalg_dtype] if cfg.linalg_dtype != "auto" else (torch.float64 if cpu else torch.float32)
+    return compute, stats, linalg
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def calibration_fingerprint(ids: tuple[tuple[int, ...], ...]) -> str:
+    """sha256 prefix of the calibration token ids (order and content)."""
+    return _sha([list(s) for s in ids])
+
+
+def source_revision(model_dir: Path) -> str | None:
+    """The commit of an HF-cache snapshot folder (its name), else None."""
+    return model_dir.name if model_dir.parent.name == "snapshots" else None
+
+
+def _chunk_tokens(cfg: EmulatorConfig, hf_config: Any, device: torch.device, max_len: int, elem: int) -> int:
+    """Padded tokens per chunk: a quarter of the budget over the activation bytes of one token.
+
+    Depends only on the settings and the device's TOTAL memory (never on what is free right now),
+    so a resumed build chunks exactly like the interrupted one.
+    """
+    if cfg.chunk_tokens is not None:
+        return max(cfg.chunk_tokens, max_len)
+    budget = cfg.memory_budget_bytes
+    if budget is None:
+        budget = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 4 << 30
+    h, inter = int(hf_config.hidden_size), int(getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size))
+    per_token = (8 * h + 4 * inter) * max(elem, 2) + 8 * h  # block activations + fp32 upcasts in norms
+    tokens = int(budget // 4 // per_token)
+    return max(max_len, min(tokens, 1 << 17))
+
+
+def _shard_build_id(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        return meta.get("emloc_build")
+    except Exception:  # an unreadable leftover is simply rebuilt
+        return None
+
+
+def _block_tensors(ckpt: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one block, CPU, stored dtype, keyed by its name inside the block."""
+    return {n[len(prefix):]: ckpt.get(n) for n in ckpt.with_prefix(prefix)}
+
+
+# -- the stage ------------------------------------------------------------------------------------------
+def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> EmulatorResult:
+    """Build the activation-aware SVD emulator of ``cfg.model_dir`` into ``cfg.out_dir``.
+
+    Args:
+        cfg: the settings.
+        progress: receives one update per block (with ETA), ``emulator/rel_error`` and
+            ``gpu/peak_gib`` per block, and is asked for cancel between blocks.
+
+    Returns:
+        An :class:`EmulatorResult`.
+
+    Raises:
+        ConfigError: bad settings, an empty plan, ``out_dir`` inside the source folder, or a complete
+            emulator with other settings in ``out_dir`` without ``overwrite``.
+        DataError: no calibration samples, token ids outside the vocabulary, too few tokens, or
+            statistics that overflowed.
+        UnsupportedModel: an architecture the engine does not know.
+        ModelNotFound: the model folder or a tensor is missing or unreadable.
+        InsufficientMemory: CUDA ran out of memory; the hint names the setting to lower.
+        Cancelled: between blocks; finished blocks are kept and a rerun resumes after them.
+    """
+    t0 = time.monotonic()
+    model_dir, out_dir = cfg.model_dir.resolve(), cfg.out_dir.resolve()
+    if out_dir == model_dir or model_dir in out_dir.parents:
+        raise ConfigError(f"The emulator folder {out_dir} is inside the source model folder {model_dir}.",
+                          hint="Pick a run folder elsewhere; the source model is never written to.")
+    hf_dict = load_config(model_dir)
+    spec = arch_spec(hf_dict)
+    blocks = num_blocks(hf_dict)
+    ckpt = Checkpoint(model_dir)
+    plan = plan_modules(cfg, spec, ckpt, blocks)
+    device = _resolve_device(cfg.device)
+    compute, stats_dtype, linalg = _resolve_dtypes(cfg, device)
+
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    samples = _check_calibration(cfg, hf_config)
+    max_len = max(len(s) for s in samples)
+    n_tokens = sum(len(s) for s in samples)
+    chunk_tokens = _chunk_tokens(cfg, hf_config, device, max_len, torch.finfo(compute).bits // 8)
+    calib_fp = calibration_fingerprint(samples)
+    source_fp = fingerprint_model(model_dir)
+    build_id = _sha({"format": EMULATOR_FORMAT_VERSION, "source": source_fp, "calibration": calib_fp,
+                     "plan": {n: p.rank for n, p in plan.items()}, "device": device.type, "compute": str(compute),
+                     "stats": str(stats_dtype), "linalg": str(linalg), "solver": cfg.solver,
+                     "chunk_tokens": chunk_tokens})
+
+    meta_path = out_dir / EMULATOR_META
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        if old.get("build_id") == build_id:
+            log.info("emulator in %s is complete and matches the settings; nothing to do", out_dir)
+            progress.update(1.0, "emulator already built")
+            return _result(out_dir, old, ckpt, time.monotonic() - t0, 0.0, tuple(range(blocks)), n_tokens,
+                           chunk_tokens, device)
+        if not cfg.overwrite:
+            raise ConfigError(f"{out_dir} already holds an emulator built with other settings.",
+                              hint="Pass overwrite (--overwrite) or choose another run folder.")
+        meta_path.unlink()  # from now on the folder is incomplete until the new emloc.json lands
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    progress.update(0.0, f"emulator: {len(plan)} modules in {blocks} blocks, {n_tokens} calibration tokens")
+    state = _BuildState(cfg, spec, ckpt, plan, device, compute, stats_dtype, linalg, build_id, blocks)
+    try:
+        resumed = state.run(hf_config, samples, chunk_tokens, progress)
+    except torch.OutOfMemoryError as exc:
+        raise InsufficientMemory(
+            f"Out of GPU memory while building the emulator: {exc}".splitlines()[0],
+            hint="Lower --calib or --max-length, or set a smaller memory budget / chunk_tokens so that "
+                 "fewer tokens go through a block at once.") from exc
+    finally:
+        state.close()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    meta = _finish(cfg, out_dir, model_dir, spec, blocks, plan, samples, n_tokens, calib_fp, source_fp, build_id,
+                   dict(device=str(device), compute_dtype=str(compute), statistics_dtype=str(stats_dtype),
+                        linalg_dtype=str(linalg), solver=cfg.solver, chunk_tokens=chunk_tokens,
+                        wall_s=round(time.monotonic() - t0, 3), peak_vram_gib=round(peak, 3)))
+    progress.update(1.0, f"emulator written to {out_dir}")
+    return _result(out_dir, meta, ckpt, time.monotonic() - t0, peak, resumed, n_tokens, chunk_tokens, device)
+
+
+def _check_calibration(cfg: EmulatorConfig, hf_config: Any) -> tuple[tuple[int, ...], ...]:
+    samples = tuple(s for s in cfg.calibration_ids if s)
+    if not samples:
+        raise DataError("There are no calibration samples.", hint="Give the builder samples of your training data.")
+    vocab = int(hf_config.vocab_size)
+    bad = [i for i, s in enumerate(samples) if max(s) >= vocab or min(s) < 0]
+    if bad:
+        raise DataError(f"Calibration samples {bad[:10]} hold token ids outside the vocabulary (size {vocab}).",
+                        hint="Tokenize the data with this model's tokenizer.")
+    n_tokens = sum(len(s) for s in samples)
+    need = cfg.min_calibration_tokens if cfg.min_calibration_tokens is not None else int(hf_config.hidden_size)
+    if n_tokens < need:
+        raise DataError(f"The calibration samples hold {n_tokens} tokens; at least {need} are needed.",
+                        hint="Use more calibration samples (--calib) or longer ones (--max-length).")
+    widest = int(getattr(hf_config, "intermediate_size", 0) or 0)
+    if n_tokens < widest:
+        log.warning("only %d calibration tokens for MLP inputs of width %d: the down-projection statistic "
+                    "is singular; more samples give a better emulator", n_tokens, widest)
+    return samples
+
+
+class _BuildState:
+    """The block loop of :func:`build_emulator` and the resources it must release."""
+
+    def __init__(self, cfg: EmulatorConfig, spec: ArchSpec, ckpt: Checkpoint, plan: dict[str, ModulePlan],
+                 device: torch.device, compute: torch.dtype, stats: torch.dtype, linalg: torch.dtype,
+                 build_id: str, blocks: int) -> None:
+        self.cfg, self.spec, self.ckpt, self.plan = cfg, spec, ckpt, plan
+        self.device, self.compute, self.stats, self.linalg = device, compute, stats, linalg
+        self.build_id, self.blocks = build_id, blocks
+        self.out_dir = cfg.out_dir.resolve()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-prefetch")
+        self.chunks: list[CalibrationChunk] = []
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.chunks = []
+        self.ckpt.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _skeleton(self, hf_config: Any) -> Any:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.compute)
+        model.eval()
+        return model
+
+    def run(self, hf_config: Any, samples: tuple[tuple[int, ...], ...], chunk_tokens: int,
+            progress: Progress) -> tuple[int, ...]:
+        """Capture block inputs, then build every block; returns the blocks reused from disk."""
+        progress.check_cancelled()
+        self._write_rest()
+        model = self._skeleton(hf_config)
+        embed_name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        embed = self.ckpt.get(embed_name, dtype=self.compute, device=self.device)
+        pad = hf_config.pad_token_id if isinstance(getattr(hf_config, "pad_token_id", None), int) else 0
+        hidden_bytes = sum(len(s) for s in samples) * int(hf_config.hidden_size) * 4
+        budget = self.cfg.memory_budget_bytes
+        offload = self.device.type == "cuda" and budget is not None and hidden_bytes > budget // 4
+        self.chunks = capture_block_inputs(model, self.spec, embed, samples,
+                                           chunk_samples([len(s) for s in samples], chunk_tokens),
+                                           device=self.device, dtype=self.compute, pad_id=pad, offload=offload)
+        del embed
+        progress.update(0.03, f"captured the input of block 0 ({len(self.chunks)} chunks)")
+        layers = decoder_layers(model, self.spec)
+        resumed: list[int] = []
+        clock = EtaClock()
+        pending: Future[dict[str, torch.Tensor]] = self.pool.submit(_block_tensors, self.ckpt, self._prefix(0))
+        for b in range(self.blocks):
+            progress.check_cancelled()
+            tensors = pending.result()
+            if b + 1 < self.blocks:
+                pending = self.pool.submit(_block_tensors, self.ckpt, self._prefix(b + 1))
+            done = _shard_build_id(self.out_dir / BLOCK_FILE.format(b)) == self.build_id
+            errors = self._block(layers[b], b, tensors, reuse=done)
+            layers[b].to("meta")
+            del tensors
+            if done:
+                resumed.append(b)
+            frac = (b + 1) / self.blocks
+            for e in errors:
+                progress.log("emulator/rel_error", e, b)
+            if self.device.type == "cuda":
+                progress.log("gpu/peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, b)
+            progress.update(0.03 + 0.95 * frac, f"block {b + 1}/{self.blocks} {'reused' if done else 'factorised'}, "
+                                                f"ETA {format_seconds(clock.eta_s(frac))}")
+        return tuple(resumed)
+
+    def _prefix(self, b: int) -> str:
+        return f"{self.spec.block_prefix}.{b}."
+
+    def _block(self, layer: torch.nn.Module, b: int, tensors: dict[str, torch.Tensor], reuse: bool) -> list[float]:
+        """Run block ``b`` over the calibration chunks; factorise and write it unless ``reuse``."""
+        dev = {k: t.to(self.device, non_blocking=True) for k, t in tensors.items()}
+        layer.load_state_dict({k: t.to(self.compute) for k, t in dev.items()}, assign=True, strict=True)
+        layer.to(self.device)
+        last = b == self.blocks - 1
+        mods = {p.path: p for p in self.plan.values() if p.block == b}
+        if reuse or not mods:
+            run_block(layer, b, self.chunks, self.device, keep_output=not last)
+            if not reuse:
+                self._write_block(b, tensors, {}, {})
+            return []
+        groups = {g.name: g for g in self.spec.groups if any(m in mods for m in g.modules)}
+        with recording(layer, {n: g.modules[0] for n, g in groups.items()}, self.stats) as rec:
+            run_block(layer, b, self.chunks, self.device, recorder=rec, keep_output=not last)
+            stats = rec.stats
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        errors: dict[str, float] = {}
+        for gname, group in groups.items():
+            c = stats.pop(gname)
+            for path in group.modules:
+                if path not in mods:
+                    continue
+                w = dev[f"{path}.weight"]
+                try:
+                    f = factorize(w, c, mods[path].rank, dtype=self.linalg, solver=self.cfg.solver)
+                except FloatingPointError as exc:
+                    raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.",
+                                    hint="The activations overflowed; use compute_dtype float32.") from exc
+                factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
+                errors[path] = f.rel_error
+            del c
+        self._write_block(b, tensors, factors, errors)
+        return list(errors.values())
+
+    def _write_block(self, b: int, tensors: dict[str, torch.Tensor],
+                     factors: dict[str, tuple[torch.Tensor, torch.Tensor]], errors: dict[str, float]) -> None:
+        prefix = self._prefix(b)
+        out: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            module, _, leaf = key.rpartition(".")
+            if module in factors:
+                if leaf == "bias":
+                    out[f"{prefix}{module}.u.bias"] = t.contiguous()
+                continue
+            out[prefix + key] = t.contiguous()
+        for module, (u, v) in factors.items():
+            out[f"{prefix}{module}.u.weight"] = u
+            out[f"{prefix}{module}.v.weight"] = v
+        meta = {"format": "pt", "emloc_build": self.build_id, "emloc_block": str(b),
+                "emloc_errors": json.dumps({prefix + m: e for m, e in errors.items()})}
+        with atomic_path(self.out_dir / BLOCK_FILE.format(b)) as tmp:
+            save_file(out, str(tmp), metadata=meta)
+
+    def _write_rest(self) -> None:
+        target = self.out_dir / REST_FILE
+        if _shard_build_id(target) == self.build_id:
+            return
+        inside = f"{self.spec.block_prefix}."
+        names = [n for n in self.ckpt.names() if not n.startswith(inside)]
+        tensors = {n: self.ckpt.get(n).contiguous() for n in names}
+        with atomic_path(target) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "emloc_build": self.build_id})
+
+
+def _finish(cfg: EmulatorConfig, out_dir: Path, model_dir: Path, spec: ArchSpec, blocks: int,
+            plan: dict[str, ModulePlan], samples: tuple[tuple[int, ...], ...], n_tokens: int, calib_fp: str,
+            source_fp: str, build_id: str, build: dict[str, Any]) -> dict[str, Any]:
+    """Copy config/tokenizer files, write the index, then ``emloc.json`` (last)."""
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
+                and f.name != EMULATOR_META:
+            with atomic_path(out_dir / f.name) as tmp:
+                shutil.copyfile(f, tmp)
+    files = [REST_FILE, *(BLOCK_FILE.format(b) for b in range(blocks))]
+    weight_map: dict[str, str] = {}
+    errors: dict[str, float] = {}
+    total = 0
+    for name in files:
+        with safe_open(str(out_dir / name), framework="pt") as fh:
+            errors.update(json.loads((fh.metadata() or {}).get("emloc_errors", "{}")))
+            for key in fh.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                weight_map[key] = name
+                sl = fh.get_slice(key)
+                total += math.prod(sl.get_shape()) * _elem_bytes(sl.get_dtype())
+    write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    modules = {n: {"ratio": p.ratio, "rank": p.rank, "in_features": p.in_features, "out_features": p.out_features,
+                   "bias": p.bias, "rel_error": errors.get(n)} for n, p in plan.items()}
+    meta = {
+        "format": EMULATOR_FORMAT,
+        "format_version": EMULATOR_FORMAT_VERSION,
+        "engine_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source_model": {"path": str(model_dir), "revision": source_revision(model_dir), "fingerprint": source_fp},
+        "method": METHOD,
+        "whitening": WHITENING,
+        "ratio": cfg.ratio,
+        "plan": {"ratio_overrides": [list(x) for x in cfg.ratio_overrides], "dense_patterns": list(cfg.dense_patterns),
+                 "rank_overrides": [list(x) for x in cfg.rank_overrides]},
+        "calibration": {"samples": len(samples), "tokens": n_tokens, "fingerprint": calib_fp,
+                        "max_length": max(len(s) for s in samples)},
+        "build_id": build_id,
+        "build": build,
+        "dense_modules": [spec.module_name(b, m) for b in range(blocks) for m in spec.linear_modules
+                          if spec.module_name(b, m) not in plan],
+        "modules": modules,
+    }
+    write_json_atomic(out_dir / EMULATOR_META, meta)
+    return meta
+
+
+def _elem_bytes(dtype: str) -> int:
+    from emloc_engine.checkpoint import DTYPE_BYTES
+
+    return DTYPE_BYTES.get(dtype, 2)
+
+
+def _result(out_dir: Path, meta: dict[str, Any], ckpt: Checkpoint, wall_s: float, peak: float,
+            resumed: tuple[int, ...], n_tokens: int, chunk_tokens: int, device: torch.device) -> EmulatorResult:
+    original = ckpt.num_parameters()
+    kept = original
+    for spec in meta["modules"].values():
+        o, i, k = int(spec["out_features"]), int(spec["in_features"]), int(spec["rank"])
+        kept += k * (o + i) - o * i
+    return EmulatorResult(out_dir, meta["modules"], kept, original, wall_s, peak, resumed, n_tokens,
+                          chunk_tokens, str(device))
+
+
+__all__ = ["EmulatorConfig", "EmulatorResult", "ModulePlan", "build_emulator", "plan_modules"]

@@ -1,0 +1,182 @@
+"""Activation-aware truncated SVD of one linear layer: statistics -> whitening root -> factors.
+
+Pure maths on tensors, no model and no files. The method (``METHOD.md``, Stage 1): for a weight
+``W`` (out × in) and the calibration statistic ``C = Σ XᵀX`` (in × in) of its input, find the rank-``k``
+matrix ``Wₖ = u v`` that minimises the output error on the calibration data,
+
+.. math::
+
+    \\min_{\\operatorname{rank} W_k \\le k} \\lVert X (W - W_k)^\\top \\rVert_F
+    = \\min \\lVert (W - W_k) S \\rVert_F, \\qquad S S^\\top = C .
+
+With ``W S = U Σ Vᵀ`` the minimiser is ``Wₖ = (WS)ₖ S⁻¹ = Uₖ Uₖᵀ W`` when ``S`` is invertible: it is
+the projection of ``W`` onto the top-``k`` left singular vectors of the whitened weight. We compute
+exactly that projection, which needs no ``S⁻¹``:
+
+* ``out ≤ in``: ``Uₖ`` are the top-``k`` eigenvectors of ``M = W C̃ Wᵀ = (WS)(WS)ᵀ`` (out × out). No
+  root of ``C`` is formed at all, so a singular ``C`` cannot fail (Llama's ``down_proj`` never
+  factorises its 14336-wide statistic).
+* ``out > in``: ``S = L``, the Cholesky factor of ``C̃ + δI`` in fp64, where ``C̃ = C / (tr C / n)``
+  is trace-normalised and the shift ``δ`` starts at 1e-10 (relative to the mean eigenvalue) and
+  grows ×100 until the factorisation succeeds (singular and ill-conditioned ``C``). Then
+  ``N = (WL)ᵀ(WL)`` (in × in) gives the top-``k`` right vectors ``Vₖ`` and ``Uₖ = qr(W L Vₖ)``.
+
+The factors split the projection evenly: ``v = D⁻¹ Uₖᵀ W`` and ``u = Uₖ D`` with
+``Dᵢ = ‖(Uₖᵀ W)ᵢ‖^{1/2}``, so that column ``i`` of ``u`` and row ``i`` of ``v`` have the same norm
+(with ``C = I`` this is exactly ``u = Uₖ√Σₖ``, ``v = √Σₖ Vₖᵀ`` of the method). The product ``u v``
+equals the method's ``Uₖ√Σₖ · √Σₖ Vₖᵀ S⁻¹`` whenever ``C`` is positive definite; when it is
+singular, ours is the minimiser that leaves directions the calibration never excites unamplified.
+
+One eigendecomposition of size ``min(out, in)`` per module replaces the reference's
+eigendecomposition of ``C`` plus a full SVD of ``W S``. ``solver="randomized"`` replaces that
+eigendecomposition by a seeded subspace iteration (deterministic for a given device).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SOLVERS = ("eigh", "randomized")
+_SHIFT_START = 1e-10
+_SHIFT_MAX = 1e-1
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The two factors of one compressed layer.
+
+    Attributes:
+        u: out × k, in the dtype the factoriser computed in.
+        v: k × in, same dtype.
+        rank: ``k``.
+        rel_error: ``‖(W − u v) S‖_F / ‖W S‖_F``, the relative output error on the calibration
+            activations (0 at full rank).
+    """
+
+    u: torch.Tensor
+    v: torch.Tensor
+    rank: int
+    rel_error: float
+
+
+def normalized_statistics(c: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``C̃ = sym(C) / (tr C / n)``: symmetric, mean eigenvalue 1; ``I`` when ``C`` is zero.
+
+    Args:
+        c: ``Σ XᵀX`` (in × in), any float dtype.
+        dtype: dtype of the result.
+
+    Returns:
+        The trace-normalised statistic in ``dtype``.
+
+    Raises:
+        FloatingPointError: ``C`` holds NaN or Inf (the activations overflowed).
+    """
+    c = c.to(dtype)
+    if not bool(torch.isfinite(c).all()):
+        raise FloatingPointError("the calibration statistic holds NaN or Inf")
+    n = c.shape[0]
+    c = (c + c.T) * 0.5
+    mean = float(torch.diagonal(c).sum()) / n
+    if mean <= 0.0:  # no activation energy at all: every approximation is equally good; use C = I
+        return torch.eye(n, dtype=dtype, device=c.device)
+    return c / mean
+
+
+def whitening_root(c: torch.Tensor) -> torch.Tensor:
+    """A lower-triangular ``L`` (fp64) with ``L Lᵀ = C̃ + δI`` (``C̃`` trace-normalised).
+
+    The shift ``δ`` starts at 1e-10 and grows ×100 until Cholesky succeeds; a positive-definite
+    ``C`` is shifted by 1e-10 of its mean eigenvalue, which changes no result above rounding.
+
+    Args:
+        c: ``Σ XᵀX`` (in × in); may be singular (zero, duplicate or collinear features).
+
+    Returns:
+        ``L`` (in × in, float64, on ``c``'s device).
+
+    Raises:
+        FloatingPointError: ``C`` is not finite, or not even ``C̃ + 0.1 I`` factorises.
+    """
+    cn = normalized_statistics(c, torch.float64)
+    eye = torch.eye(cn.shape[0], dtype=torch.float64, device=cn.device)
+    shift = _SHIFT_START
+    while shift <= _SHIFT_MAX:
+        chol, info = torch.linalg.cholesky_ex(cn + shift * eye)
+        if int(info) == 0:
+            return chol
+        shift *= 100.0
+    raise FloatingPointError("the calibration statistic is not positive semi-definite")
+
+
+def _top_eigenpairs(m: torch.Tensor, k: int, solver: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenvalues (descending) and eigenvectors of a symmetric PSD ``m``."""
+    m = (m + m.T) * 0.5
+    n = m.shape[0]
+    if solver == "eigh" or k + 32 >= n:
+        evals, evecs = torch.linalg.eigh(m)
+        return evals[-k:].flip(0), evecs[:, -k:].flip(1)
+    # Seeded subspace iteration with Rayleigh-Ritz; 4 power steps, oversampling max(32, k/8).
+    p = min(n, k + max(32, k // 8))
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    q = torch.randn(n, p, dtype=m.dtype, device=m.device, generator=gen)
+    for _ in range(5):
+        q, _ = torch.linalg.qr(m @ q)
+    evals, z = torch.linalg.eigh(q.T @ m @ q)
+    return evals[-k:].flip(0), q @ z[:, -k:].flip(1)
+
+
+def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype | None = None,
+              solver: str = "eigh") -> Factors:
+    """Activation-aware rank-``k`` factors of one weight (see the module docstring for the maths).
+
+    Args:
+        w: the weight ``W`` (out × in), any float dtype, on the device to compute on.
+        c: ``Σ XᵀX`` of its input (in × in), fp32 or fp64, same device.
+        rank: ``k``; clamped to ``min(out, in)`` (then ``u v = W`` up to rounding).
+        dtype: dtype of the linear algebra and of the returned factors; default fp64 on the CPU,
+            fp32 elsewhere (the Cholesky root is always fp64).
+        solver: ``"eigh"`` (exact) or ``"randomized"`` (subspace iteration).
+
+    Returns:
+        :class:`Factors` with ``u`` (out × k) and ``v`` (k × in) in ``dtype``.
+
+    Raises:
+        ValueError: shapes disagree, ``rank < 1`` or an unknown solver.
+        FloatingPointError: ``C`` or ``W`` holds NaN or Inf.
+    """
+    out_f, in_f = w.shape
+    if c.shape != (in_f, in_f):
+        raise ValueError(f"statistic of shape {tuple(c.shape)} does not fit a weight of shape {tuple(w.shape)}")
+    if rank < 1 or solver not in SOLVERS:
+        raise ValueError(f"rank must be >= 1 (got {rank}) and solver one of {SOLVERS} (got {solver!r})")
+    dt = dtype or (torch.float64 if w.device.type == "cpu" else torch.float32)
+    k = min(rank, out_f, in_f)
+    wd = w.to(dt)
+    if not bool(torch.isfinite(wd).all()):
+        raise FloatingPointError("the weight holds NaN or Inf")
+    if out_f <= in_f:
+        cn = normalized_statistics(c, dt)
+        m = wd @ cn @ wd.T
+        total = float(torch.diagonal(m).sum())
+        lam, basis = _top_eigenpairs(m, k, solver)
+    else:
+        g = wd @ whitening_root(c).to(dt)
+        n = g.T @ g
+        total = float(torch.diagonal(n).sum())
+        lam, vk = _top_eigenpairs(n, k, solver)
+        basis, _ = torch.linalg.qr(g @ vk)
+    v = basis.T @ wd
+    d = v.norm(dim=1).sqrt()
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    kept = float(lam.clamp(min=0).sum())
+    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    return Factors(u=(basis * d).contiguous(), v=(v / d[:, None]).contiguous(), rank=k, rel_error=rel)
+
+
+def whitened_error(w: torch.Tensor, w_approx: torch.Tensor, x: torch.Tensor) -> float:
+    """``‖X (W − Wₖ)ᵀ‖_F``: the output error of an approximation on activations ``X`` (tokens × in)."""
+    return float(torch.linalg.matrix_norm(x @ (w - w_approx).T))
