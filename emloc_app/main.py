@@ -1,0 +1,126 @@
+"""``emloc-studio``: start the wizard (or ``--smoke-test`` it, or open ``--run-dir`` a previous run)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from emloc_engine import paths
+from emloc_engine.version import __version__
+
+log = logging.getLogger("emloc_app")
+
+
+def log_file() -> Path:
+    """``paths.app_data_dir()/logs/emloc-studio.log``."""
+    return paths.app_data_dir() / "logs" / "emloc-studio.log"
+
+
+def setup_logging(level: int = logging.INFO) -> Path:
+    """Log the app and the engine to a rotating file (and warnings to stderr); returns the file."""
+    path = log_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    for name in ("emloc_app", "emloc_engine"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+    return path
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="emloc-studio", description="EMLoC Studio: fine-tune the model you run.")
+    p.add_argument("--version", action="version", version=f"emloc-studio {__version__}")
+    p.add_argument("--run-dir", type=Path, help="Open a previous run folder (resume it or try and export it).")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="Open the first page offscreen, process events, quit with exit status 0.")
+    return p.parse_args(argv)
+
+
+def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
+    """A ``WizardState`` prefilled from a run folder's manifest; and whether every stage is done."""
+    from emloc_app.state import STAGE_ORDER, TRAIN_DEFAULTS, WizardState
+    from emloc_engine.errors import RunStateError
+    from emloc_engine.manifest import RunManifest
+
+    state = WizardState(run_dir=run_dir)
+    if not (run_dir / "manifest.json").exists():
+        raise RunStateError(f"{run_dir} is not a run folder (no manifest.json).",
+                            hint="Choose the folder that contains manifest.json.")
+    m = RunManifest.open(run_dir)
+    studio = m.data.get("settings", {}).get("studio", {})
+    inputs = m.data.get("inputs", {})
+    model = studio.get("model_dir") or inputs.get("model", {}).get("path")
+    data = studio.get("data_path") or inputs.get("data", {}).get("path")
+    state.model_dir = Path(model) if model else None
+    state.data_path = Path(data) if data and data != "None" else None
+    for key in ("data_format", "max_length", "eval_fraction", "train_on", "data_seed", "max_samples",
+                "budget_bytes"):
+        if studio.get(key) is not None:
+            setattr(state, key, studio[key])
+    state.train_settings = {**TRAIN_DEFAULTS, **studio.get("train", {})}
+    for name in STAGE_ORDER:
+        if m.is_done(name):
+            state.results[name] = m.stage(name).get("result", {})
+    return state, state.all_stages_done()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke_test:
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    path = setup_logging()
+    log.info("emloc-studio %s starting (%s)", __version__, sys.version.split()[0])
+
+    from PySide6.QtCore import Qt, QTimer
+    from PySide6.QtGui import QGuiApplication
+    from PySide6.QtWidgets import QApplication
+
+    QGuiApplication.setHighDpiScaleFactorRoundingPolicy(Qt.HighDpiScaleFactorRoundingPolicy.PassThrough)
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("EMLoC Studio")
+    app.setOrganizationName("emloc")
+    app.setApplicationVersion(__version__)
+
+    from emloc_app import theme
+    from emloc_app.error_dialog import install_excepthooks
+    from emloc_app.wizard import EmlocWizard, Page
+
+    theme.apply_theme(app)  # type: ignore[arg-type]
+    install_excepthooks(path)
+
+    state = None
+    start = Page.Machine
+    if args.run_dir is not None:
+        from emloc_engine.errors import EngineError
+
+        try:
+            state, done = state_from_run_dir(args.run_dir.expanduser().resolve())
+        except EngineError as exc:
+            print(f"emloc-studio: {exc}", file=sys.stderr)
+            return 2
+        start = Page.Try if done else Page.Machine
+    wizard = EmlocWizard(state)  # type: ignore[arg-type]
+    wizard.setStartId(int(start))
+    wizard.show()
+    if args.smoke_test:
+        title = wizard.currentPage().title()
+        QTimer.singleShot(500, wizard.close)
+        QTimer.singleShot(600, app.quit)
+        app.exec()
+        wizard.shutdown()
+        print(f"emloc-studio smoke test: page {title!r} shown, exit 0")
+        return 0
+    rc = int(app.exec())
+    wizard.shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""What every page shares: the state, the engine facade, an error banner, and workers it owns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget, QWizardPage
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.errors import ErrorBanner, route_error
+from emloc_app.state import WizardState
+from emloc_app.worker import StageWorker, start_stage
+
+GIB = 1024**3
+
+
+def gib(n_bytes: float | None, digits: int = 1) -> str:
+    """``"12.3 GiB"`` (or ``"?"``)."""
+    if n_bytes is None:
+        return "?"
+    return f"{n_bytes / GIB:.{digits}f} GiB"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "?"
+
+
+def human_count(n: float | None) -> str:
+    """``135e6`` -> ``"135M"``."""
+    if not n:
+        return "?"
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            v = n / div
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return str(int(n))
+
+
+class BasePage(QWizardPage):
+    """A wizard page with access to the shared state and engine, and an inline error banner.
+
+    Subclasses put their widgets into ``self.body`` (a ``QVBoxLayout``); the banner sits on top.
+    """
+
+    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.engine = engine
+        self.banner = ErrorBanner()
+        self.banner.retry_requested.connect(self.retry)
+        outer = QVBoxLayout(self)
+        outer.addWidget(self.banner)
+        self.body = QVBoxLayout()
+        outer.addLayout(self.body, 1)
+        self.workers: dict[str, StageWorker] = {}
+
+    def hint(self, text: str) -> QLabel:
+        label = QLabel(text)
+        label.setObjectName("PageHint")
+        label.setWordWrap(True)
+        return label
+
+    def run_task(self, name: str, fn: Callable[[Any, Any], Any], config: Any,
+                 on_success: Callable[[Any], None], *, retry: bool = True, **callbacks: Any) -> StageWorker:
+        """Run ``fn(config, progress)`` in a worker; ``on_success(result)`` runs on this thread.
+
+        An engine error shows on the banner (Retry calls :meth:`retry`); anything else opens the
+        error dialog. The page keeps the worker until it has finished. Extra ``callbacks`` are
+        passed to :func:`start_stage` (``on_progress``, ``on_metric``, ``on_cancel``, ``on_text``).
+        """
+        self.banner.clear()
+        holder: dict[str, StageWorker] = {}
+
+        def failed(exc: BaseException) -> None:
+            self.on_task_failed(name, exc, retry)
+
+        def finished() -> None:
+            self._forget(name, holder["w"])
+
+        worker = start_stage(self, fn, config, name, on_success=on_success, on_failure=failed,
+                             on_finished=finished, **callbacks)
+        holder["w"] = worker
+        self.workers[name] = worker
+        return worker
+
+    def _forget(self, name: str, worker: StageWorker) -> None:
+        if self.workers.get(name) is worker:
+            del self.workers[name]
+        self.task_finished(name)
+
+    def task_finished(self, name: str) -> None:
+        """Called on the GUI thread when a worker has finished (any outcome)."""
+        self.completeChanged.emit()
+
+    def on_task_failed(self, name: str, exc: BaseException, retry: bool = True) -> None:
+        route_error(exc, self.banner, retry=retry)
+
+    def busy(self, name: str | None = None) -> bool:
+        return (name in self.workers) if name else bool(self.workers)
+
+    def retry(self) -> None:
+        """Retry after an engine error; pages override."""
+        self.banner.clear()
+        self.initializePage()

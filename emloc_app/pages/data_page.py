@@ -1,0 +1,359 @@
+"""Page 3: the training data: file, format, rendered preview, every problem with file:line, split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.pages.common import BasePage
+from emloc_app.state import WizardState
+
+FILE_FILTER = "Datasets (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
+
+
+@dataclass(frozen=True)
+class InspectRequest:
+    """What the inspection worker needs (a plain value: it crosses threads)."""
+
+    model_dir: Path | None
+    data_path: Path | None  # None: use the default demo dataset
+    fields: dict[str, Any]
+    n_calibration: int = 64
+
+
+@dataclass(frozen=True)
+class Inspection:
+    data_path: Path
+    config: Any
+    report: Any
+    calibration_ids: tuple[tuple[int, ...], ...]
+    demo: tuple[Any, ...] = ()
+
+
+def inspect(req: InspectRequest, progress: Any, engine: EngineFacade) -> Inspection:
+    """Load the tokenizer, inspect the file, and take calibration samples if nothing is fatal."""
+    demo: tuple[Any, ...] = ()
+    path = req.data_path
+    if path is None:
+        progress.update(0.05, "Preparing the demo datasets…")
+        demo = tuple(engine.ensure_demo_datasets())
+        default = next((d for d in demo if getattr(d, "default", False)), demo[0] if demo else None)
+        if default is None:
+            raise FileNotFoundError("no demo dataset")
+        path = Path(default.path)
+    progress.update(0.2, "Loading the tokenizer…")
+    tokenizer = engine.load_tokenizer(req.model_dir) if req.model_dir else None
+    progress.check_cancelled()
+    config = engine.make("DataConfig", path=path, **req.fields)
+    progress.update(0.4, "Checking every sample…")
+    report = engine.inspect_dataset(config, tokenizer)
+    calib: tuple[tuple[int, ...], ...] = ()
+    if tokenizer is not None and not any(getattr(p, "fatal", False) for p in getattr(report, "problems", ())):
+        progress.update(0.8, "Taking calibration samples…")
+        calib = tuple(tuple(int(t) for t in ids)
+                      for ids in engine.calibration_token_ids(config, tokenizer, n=req.n_calibration))
+    progress.update(1.0, "Done")
+    return Inspection(path, config, report, calib, demo)
+
+
+class DataPage(BasePage):
+    """Pick a dataset, see it rendered with the model's chat template, fix what is wrong."""
+
+    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
+        super().__init__(state, engine, parent)
+        self.setTitle("Training data")
+        self.setSubTitle("JSONL/JSON/CSV/Parquet with messages, ShareGPT, Alpaca or prompt/completion "
+                         "records, or plain text. Every problem is listed with its line before any training.")
+        self.path = QLineEdit()
+        self.path.setObjectName("path")
+        self.path.setPlaceholderText("Dataset file (the demo dataset when empty)")
+        self.path.editingFinished.connect(self.schedule_inspect)
+        self.browse = QPushButton("&Browse…")
+        self.browse.clicked.connect(self._browse)
+        self.demo_combo = QComboBox()
+        self.demo_combo.setToolTip("Demo datasets built from text shipped with the app")
+        self.demo_combo.activated.connect(self._demo_chosen)
+        self.demo_combo.hide()
+        self.format = QComboBox()
+        self.format.setObjectName("format")
+        self.format.addItems(list(engine.formats()))
+        self.format.setToolTip(engine.field_help("DataConfig").get("format", "Record format of the file."))
+        self.format.currentIndexChanged.connect(self.schedule_inspect)
+        self.detected = QLabel()
+        self.eval_fraction = _double(0.0, 0.5, 0.01, state.eval_fraction)
+        self.max_length = _int(16, 32768, state.max_length, step=64)
+        self.max_samples = _int(0, 10_000_000, state.max_samples or 0)
+        self.max_samples.setSpecialValueText("all")
+        self.train_on = QComboBox()
+        self.train_on.addItem("assistant replies only", "assistant")
+        self.train_on.addItem("every token", "all")
+        self.seed = _int(0, 2**31 - 1, state.data_seed)
+        help_ = engine.field_help("DataConfig")
+        for name, w in (("eval_fraction", self.eval_fraction), ("max_length", self.max_length),
+                        ("max_samples", self.max_samples), ("train_on", self.train_on), ("seed", self.seed)):
+            w.setObjectName(name)
+            if name in help_:
+                w.setToolTip(help_[name])
+            signal = getattr(w, "valueChanged", None) or w.currentIndexChanged  # type: ignore[attr-defined]
+            signal.connect(self.schedule_inspect)
+
+        file_row = QHBoxLayout()
+        file_row.addWidget(self.path, 1)
+        file_row.addWidget(self.demo_combo)
+        file_row.addWidget(self.browse)
+        top = QFormLayout()
+        top.addRow(_buddy("&File:", self.path), file_row)
+        fmt_row = QHBoxLayout()
+        fmt_row.addWidget(self.format)
+        fmt_row.addWidget(self.detected, 1)
+        top.addRow(_buddy("F&ormat:", self.format), fmt_row)
+        self.body.addLayout(top)
+
+        split = QGroupBox("Split and length")
+        sform = QHBoxLayout(split)
+        for text, w in (("E&val fraction", self.eval_fraction), ("Max &tokens", self.max_length),
+                        ("Max sa&mples", self.max_samples), ("Loss o&n", self.train_on), ("S&eed", self.seed)):
+            sform.addWidget(_buddy(text, w))
+            sform.addWidget(w)
+        sform.addStretch(1)
+        self.body.addWidget(split)
+
+        self.summary = QLabel("No dataset checked yet.")
+        self.summary.setWordWrap(True)
+        self.preview = QPlainTextEdit()
+        self.preview.setObjectName("Preview")
+        self.preview.setReadOnly(True)
+        self.preview.setPlaceholderText("Rendered samples appear here, exactly as the model will see them.")
+        self.problems = QTableWidget(0, 3)
+        self.problems.setObjectName("problems")
+        self.problems.setHorizontalHeaderLabels(["Where", "", "Problem"])
+        self.problems.verticalHeader().hide()
+        self.problems.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        self.problems.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        self.problems.horizontalHeader().setStretchLastSection(True)
+        self.problems.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        lv.setContentsMargins(0, 0, 0, 0)
+        lv.addWidget(QLabel("<b>Preview</b> (rendered with the model's chat template)"))
+        lv.addWidget(self.preview)
+        right = QWidget()
+        rv = QVBoxLayout(right)
+        rv.setContentsMargins(0, 0, 0, 0)
+        rv.addWidget(QLabel("<b>Validation report</b>"))
+        rv.addWidget(self.summary)
+        rv.addWidget(self.problems, 1)
+        splitter = QSplitter(Qt.Orientation.Horizontal)
+        splitter.addWidget(left)
+        splitter.addWidget(right)
+        splitter.setSizes([560, 440])
+        self.body.addWidget(splitter, 1)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(300)
+        self._timer.timeout.connect(self.start_inspect)
+        self._generation = 0
+        self._pending = False
+        self.inspection: Inspection | None = None
+        self._loading = False
+
+    # -- state in ----------------------------------------------------------------------------
+    def initializePage(self) -> None:
+        self._loading = True
+        s = self.state
+        self.path.setText(str(s.data_path) if s.data_path else "")
+        i = self.format.findText(s.data_format)
+        self.format.setCurrentIndex(max(0, i))
+        self.eval_fraction.setValue(s.eval_fraction)
+        self.max_length.setValue(s.max_length)
+        self.max_samples.setValue(s.max_samples or 0)
+        self.train_on.setCurrentIndex(max(0, self.train_on.findData(s.train_on)))
+        self.seed.setValue(s.data_seed)
+        self._loading = False
+        if s.data_report is not None and s.data_config is not None:
+            self._show(Inspection(Path(s.data_config.path), s.data_config, s.data_report, s.calibration_ids))
+        else:
+            self.start_inspect()
+
+    # -- widgets -> config -------------------------------------------------------------------
+    def fields(self) -> dict[str, Any]:
+        """DataConfig keyword arguments from the widgets (``path`` excluded)."""
+        return {
+            "format": self.format.currentText(),
+            "max_length": self.max_length.value(),
+            "eval_fraction": self.eval_fraction.value(),
+            "train_on": self.train_on.currentData(),
+            "seed": self.seed.value(),
+            "max_samples": self.max_samples.value() or None,
+        }
+
+    def request(self) -> InspectRequest:
+        text = self.path.text().strip()
+        return InspectRequest(self.state.model_dir, Path(text).expanduser() if text else None, self.fields(),
+                              self.state.n_calibration)
+
+    def schedule_inspect(self) -> None:
+        if not self._loading:
+            self.inspection = None
+            self.completeChanged.emit()
+            self._timer.start()
+
+    def start_inspect(self) -> None:
+        """Inspect in a worker; a change during inspection re-runs it when this one ends."""
+        if self.busy("inspect"):
+            self._pending = True
+            return
+        self._generation += 1
+        gen, engine = self._generation, self.engine
+        self.summary.setText("Checking the dataset…")
+
+        def run(req: InspectRequest, progress: Any) -> Inspection:
+            return inspect(req, progress, engine)
+
+        self.run_task("inspect", run, self.request(), lambda r: self._inspected(gen, r))
+        self.completeChanged.emit()
+
+    def _inspected(self, gen: int, result: Inspection) -> None:
+        if gen != self._generation or self._pending:
+            return
+        self._show(result)
+
+    def task_finished(self, name: str) -> None:
+        if name == "inspect" and self._pending:
+            self._pending = False
+            self.start_inspect()
+        super().task_finished(name)
+
+    def _show(self, result: Inspection) -> None:
+        self.inspection = result
+        if result.demo and self.demo_combo.count() == 0:
+            for d in result.demo:
+                self.demo_combo.addItem(str(getattr(d, "name", Path(d.path).stem)), str(d.path))
+                self.demo_combo.setItemData(self.demo_combo.count() - 1, getattr(d, "description", ""),
+                                            Qt.ItemDataRole.ToolTipRole)
+            self.demo_combo.show()
+        if not self.path.text().strip():
+            self.path.setText(str(result.data_path))
+        r = result.report
+        fmt = getattr(r, "format", "?")
+        self.detected.setText(f"detected: <b>{fmt}</b>" if self.format.currentText() == "auto" else f"using <b>{fmt}</b>")
+        stats = getattr(r, "token_stats", None) or {}
+        tokens = ""
+        if isinstance(stats, dict) and stats:
+            tokens = (f" · tokens per sample: min {stats.get('min', '?')}, mean {_num(stats.get('mean'))}, "
+                      f"p95 {_num(stats.get('p95'))}, max {stats.get('max', '?')}")
+        truncated = getattr(r, "n_truncated", 0) or 0
+        problems = list(getattr(r, "problems", ()) or ())
+        fatal = sum(1 for p in problems if getattr(p, "fatal", False))
+        text = (f"<b>{getattr(r, 'n_samples', 0)}</b> samples → {getattr(r, 'n_train', 0)} train, "
+                f"{getattr(r, 'n_eval', 0)} eval{tokens}")
+        if truncated:
+            text += f"<br>{truncated} samples are longer than {self.max_length.value()} tokens and will be truncated."
+        if fatal:
+            text += f"<br><span style='color:#d9534f'><b>{fatal} problem(s) must be fixed before training.</b></span>"
+        elif problems:
+            text += f"<br>{len(problems)} warning(s); training can go ahead."
+        else:
+            text += "<br><span style='color:#22a06b'>No problems found.</span>"
+        self.summary.setText(text)
+        self.problems.setRowCount(len(problems))
+        for i, p in enumerate(problems):
+            where = f"{Path(str(getattr(p, 'file', ''))).name}:{getattr(p, 'line', '?')}"
+            item = QTableWidgetItem(where)
+            item.setToolTip(str(getattr(p, "file", "")))
+            self.problems.setItem(i, 0, item)
+            self.problems.setItem(i, 1, QTableWidgetItem("error" if getattr(p, "fatal", False) else "warning"))
+            self.problems.setItem(i, 2, QTableWidgetItem(str(getattr(p, "message", p))))
+        self.problems.setVisible(bool(problems))
+        samples = list(getattr(r, "rendered_examples", ()) or ())[:8]
+        self.preview.setPlainText("\n\n".join(f"──── sample {i + 1} ────\n{s}" for i, s in enumerate(samples)))
+        self.completeChanged.emit()
+
+    def _demo_chosen(self) -> None:
+        self.path.setText(self.demo_combo.currentData())
+        self.schedule_inspect()
+
+    def _browse(self) -> None:
+        start = self.path.text() or str(Path.home())
+        name, _ = QFileDialog.getOpenFileName(self, "Choose a dataset", start, FILE_FILTER)
+        if name:
+            self.path.setText(name)
+            self.schedule_inspect()
+
+    def retry(self) -> None:
+        self.banner.clear()
+        self.start_inspect()
+
+    def fatal_problems(self) -> list[Any]:
+        if self.inspection is None:
+            return []
+        return [p for p in getattr(self.inspection.report, "problems", ()) or () if getattr(p, "fatal", False)]
+
+    # -- wizard protocol ---------------------------------------------------------------------
+    def isComplete(self) -> bool:
+        return (self.inspection is not None and not self.busy("inspect") and not self._timer.isActive()
+                and not self.fatal_problems() and bool(self.inspection.calibration_ids))
+
+    def validatePage(self) -> bool:
+        if self.inspection is None:
+            return False
+        s, f = self.state, self.fields()
+        s.data_path = self.inspection.data_path
+        s.data_format = f["format"]
+        s.max_length, s.eval_fraction = f["max_length"], f["eval_fraction"]
+        s.train_on, s.data_seed, s.max_samples = f["train_on"], f["seed"], f["max_samples"]
+        s.data_config = self.inspection.config
+        s.data_report = self.inspection.report
+        s.calibration_ids = self.inspection.calibration_ids
+        return True
+
+
+def _num(v: Any) -> str:
+    return f"{v:.0f}" if isinstance(v, (int, float)) else "?"
+
+
+def _buddy(text: str, w: QWidget) -> QLabel:
+    label = QLabel(text)
+    label.setBuddy(w)
+    return label
+
+
+def _int(lo: int, hi: int, value: int, step: int = 1) -> QSpinBox:
+    w = QSpinBox()
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setValue(value)
+    return w
+
+
+def _double(lo: float, hi: float, step: float, value: float) -> QDoubleSpinBox:
+    w = QDoubleSpinBox()
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setDecimals(2)
+    w.setValue(value)
+    return w

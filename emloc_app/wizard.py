@@ -1,0 +1,100 @@
+"""The EMLoC Studio wizard: six pages from "what can this machine do" to an exported model."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from pathlib import Path
+
+from PySide6.QtCore import QSize
+from PySide6.QtGui import QCloseEvent, QIcon
+from PySide6.QtWidgets import QWidget, QWizard
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.pages.data_page import DataPage
+from emloc_app.pages.machine_page import MachinePage
+from emloc_app.pages.model_page import ModelPage
+from emloc_app.pages.plan_page import PlanPage
+from emloc_app.pages.run_page import RunPage
+from emloc_app.pages.try_page import TryPage
+from emloc_app.settings import Settings
+from emloc_app.state import WizardState
+from emloc_app.worker import shutdown_workers
+
+
+class Page(IntEnum):
+    """Page ids, in order."""
+
+    Machine = 0
+    Model = 1
+    Data = 2
+    Plan = 3
+    Run = 4
+    Try = 5
+
+
+class EmlocWizard(QWizard):
+    """Thin container: pages read and write ``state``; the engine comes in through ``engine``."""
+
+    def __init__(self, state: WizardState | None = None, engine: EngineFacade | None = None,
+                 settings: Settings | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state or WizardState()
+        self.engine = engine or EngineFacade.real()
+        self.settings = settings or Settings()
+        self.setWindowTitle("EMLoC Studio")
+        self.setWizardStyle(QWizard.WizardStyle.ModernStyle)
+        self.setOption(QWizard.WizardOption.NoBackButtonOnStartPage, True)
+        self.setOption(QWizard.WizardOption.NoCancelButton, False)
+        self.setButtonText(QWizard.WizardButton.FinishButton, "&Done")
+        self.setButtonText(QWizard.WizardButton.CancelButton, "&Quit")
+        self.setMinimumSize(QSize(960, 700))
+        icon = Path(__file__).parent / "resources" / "icon.svg"
+        if icon.exists():
+            self.setWindowIcon(QIcon(str(icon)))
+        self.pages = {
+            Page.Machine: MachinePage(self.state, self.engine),
+            Page.Model: ModelPage(self.state, self.engine),
+            Page.Data: DataPage(self.state, self.engine),
+            Page.Plan: PlanPage(self.state, self.engine),
+            Page.Run: RunPage(self.state, self.engine),
+            Page.Try: TryPage(self.state, self.engine),
+        }
+        for pid, page in self.pages.items():
+            self.setPage(int(pid), page)
+        self.currentIdChanged.connect(self._page_changed)
+        if self.state.model_dir is None and self.settings.last_model is not None:
+            self.state.model_dir = self.settings.last_model
+        if self.state.data_path is None and self.settings.last_data is not None \
+                and self.settings.last_data.exists():
+            self.state.data_path = self.settings.last_data
+        geometry = self.settings.geometry()
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1040, 780)
+
+    def page_widget(self, pid: Page) -> QWidget:
+        return self.pages[pid]
+
+    def _page_changed(self, pid: int) -> None:
+        s = self.state
+        if pid == Page.Data and s.model_dir is not None:
+            self.settings.last_model = s.model_dir
+        if pid == Page.Plan and s.data_path is not None:
+            self.settings.last_data = s.data_path
+        if pid == Page.Run and s.run_dir is not None:
+            self.settings.add_recent_run(Path(s.run_dir))
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.shutdown()
+        super().closeEvent(event)
+
+    def done(self, result: int) -> None:
+        self.shutdown()
+        super().done(result)
+
+    def shutdown(self) -> None:
+        """Remember the window, cancel every running stage and wait for its thread."""
+        self.settings.set_geometry(self.saveGeometry())
+        self.settings.sync()
+        shutdown_workers()
