@@ -427,22 +427,31 @@ def _sample_of(fmt: str, obj: dict[str, Any], line: int | None, item: int | None
     raise ValueError(fmt)  # pragma: no cover
 
 
-def iter_record_samples(path: Path, container: str, cfg: DataConfig, problems: ProblemLog,
-                        fmt_box: list[str]) -> Iterator[Sample]:
-    """Samples of a JSON/CSV/Parquet file; the detected format is put in ``fmt_box[0]``.
+@dataclass
+class ReadState:
+    """What reading found out: the format (detected or given) and how many records were read."""
 
-    ``fmt_box`` starts as ``[cfg.format]``; with ``"auto"`` the first record that is an object decides.
+    format: str
+    n_records: int = 0
+
+
+def iter_record_samples(path: Path, container: str, cfg: DataConfig, problems: ProblemLog,
+                        state: ReadState) -> Iterator[Sample]:
+    """Samples of a JSON/CSV/Parquet file; ``state`` receives the format and the record count.
+
+    ``state.format`` starts as ``cfg.format``; with ``"auto"`` the first record that is an object decides.
     """
-    fmt = fmt_box[0]
+    fmt = state.format
     for line, item, raw in iter_records(path, container, problems):
+        state.n_records += 1
         obj = apply_column_map(raw, cfg)
         if fmt == "auto":
             detected = detect_format(set(obj)) if "__not_an_object__" not in obj else None
             if detected is None:
                 problems.error(line, unknown_format_message(set(obj)), "unknown_format", item=item)
-                fmt_box[0] = "unknown"
+                state.format = "unknown"
                 return
-            fmt = fmt_box[0] = detected
+            fmt = state.format = detected
         try:
             yield _sample_of(fmt, obj, line, item, cfg, problems)
         except _Bad as bad:

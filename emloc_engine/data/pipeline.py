@@ -20,6 +20,7 @@ from typing import Any
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.formats import (
     CHARS_PER_TOKEN,
+    ReadState,
     Sample,
     container_of,
     iter_record_samples,
@@ -141,6 +142,7 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
             return
         scan.fmt = "txt"
         for chunk in iter_text_chunks(path, cfg.max_length * CHARS_PER_TOKEN, problems):
+            scan.n_records += 1
             if chunk.text.strip():
                 yield chunk
         return
@@ -148,11 +150,11 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
         problems.error(None, f"--format txt reads plain text files, but {path.name} is {container}",
                        "unknown_format")
         return
-    box = [cfg.format]
+    state = ReadState(cfg.format)
     try:
-        yield from iter_record_samples(path, container, cfg, problems, box)
+        yield from iter_record_samples(path, container, cfg, problems, state)
     finally:
-        scan.fmt = box[0]
+        scan.fmt, scan.n_records = state.format, state.n_records
 
 
 def _blank(path: Path) -> bool:
@@ -228,7 +230,6 @@ def _scan(cfg: DataConfig, tokenizer: Any, keep: bool) -> tuple[DataReport, list
     scan = _Scan(ProblemLog(str(cfg.path)))
     n_ok = 0
     for sample in _samples(cfg, scan):
-        scan.n_records += 1
         if _take(sample, cfg, tokenizer, scan, keep):
             n_ok += 1
         if cfg.max_samples is not None and n_ok >= cfg.max_samples:

@@ -8,7 +8,8 @@ assistant message at index ``i``, let ``P = ids(render(m[:i], add_generation_pro
 ``F = ids(render(m[:i+1]))``. The reply occupies ``T[a:b]`` with ``a = lcp(P, T)`` and
 ``b = lcp(F, T)`` (``lcp`` = length of the longest common prefix of two id lists). This works for
 any template that renders a conversation left to right (ChatML, Llama 3, Gemma, Mistral, ...), includes
-the template's end-of-turn token in the labels, needs no knowledge of the markers, and degrades
+the template's end-of-turn token in the labels (whitespace the template prints after that special
+token is not trained on), needs no knowledge of the markers, and degrades
 gracefully (a few tokens fewer) when a template renders earlier turns differently from the last one.
 
 Prompt/completion and text samples are tokenised as plain text with the tokenizer's own special
@@ -136,6 +137,7 @@ def render_chat(sample: Sample, tokenizer: Any, template: str | None, train_on: 
                 raise
             prompt = []
         start, end = lcp(prompt, full), lcp(ids(i + 1, False), full)
+        end = _trim_after_end_of_turn(tokenizer, full, start, end)
         labels[start:end] = full[start:end]
     reason = ""
     if not targets:
@@ -144,6 +146,15 @@ def render_chat(sample: Sample, tokenizer: Any, template: str | None, train_on: 
         reason = ("the chat template renders nothing for the assistant replies after its generation "
                   "prompt (no assistant turn marker)")
     return Rendered(full, labels, reason)
+
+
+def _trim_after_end_of_turn(tokenizer: Any, ids: list[int], start: int, end: int) -> int:
+    """Drop whitespace tokens that follow the reply's closing special token (ChatML's ``\\n``)."""
+    k = end
+    while k > start and not tokenizer.decode([ids[k - 1]]).strip():
+        k -= 1
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    return k if start < k < end and ids[k - 1] in special else end
 
 
 def render_plain(sample: Sample, tokenizer: Any, train_on: str) -> Rendered:

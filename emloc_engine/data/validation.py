@@ -88,7 +88,7 @@ class DataReport:
     Attributes:
         path: the dataset file.
         format: the record format used (detected or given); ``"unknown"`` if none fits.
-        n_records: records read from the file (lines/rows/items; .txt: character chunks).
+        n_records: records parsed from the file (lines/rows/items; bad JSON not counted; .txt: chunks).
         n_samples: usable samples (for .txt with a tokenizer: pieces of ≤ max_length tokens).
         n_train, n_eval: samples in each split (before packing).
         token_stats: rendered token lengths before truncation (``None`` without a tokenizer).
