@@ -16,6 +16,7 @@ tensor in memory, not one shard and never the model.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -217,7 +218,7 @@ def read_shard_index(path: Path) -> tuple[list[ShardEntry], dict[str, str]]:
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_tensor(fh: BinaryIO, entry: ShardEntry, file_name: str = "") -> torch.Tensor:
+def read_tensor(fh: io.BufferedReader, entry: ShardEntry, file_name: str = "") -> torch.Tensor:
     """Read one tensor's bytes with a plain ``read`` (no mmap: the page cache is not our RSS).
 
     Raises:
