@@ -1,0 +1,184 @@
+"""The memory planner: reference numbers, monotonicity, the choice of ρ, impossible budgets, model facts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from emloc_engine.errors import ConfigError, UnsupportedModel
+from emloc_engine.model_facts import REFERENCE_CONFIGS, facts_from_config, read_model_facts, reference_facts
+from emloc_engine.planning import (
+    GIB,
+    RUNTIME_LABEL,
+    PlanConfig,
+    emulator_build_peak,
+    emulator_parameters,
+    format_plan,
+    inference_peak,
+    plan_memory,
+    rank_for_ratio,
+    training_peak,
+)
+
+LLAMA3 = reference_facts("Llama-3-8B")
+REF_CFG = PlanConfig(context_length=1024, batch_size=1, lora_rank=16, grad_checkpointing=True)
+
+
+def test_llama3_8b_reference_measurements_within_10_percent() -> None:
+    """H200, bf16, B=1, T=1024, checkpointing: inference 15.2 GiB, peft LoRA 17.2 GiB (max_memory_allocated)."""
+    inf = inference_peak(LLAMA3, REF_CFG).allocated_bytes / GIB
+    lora = training_peak(LLAMA3, REF_CFG, 1.0).allocated_bytes / GIB
+    assert abs(inf - 15.2) / 15.2 < 0.10, inf
+    assert abs(lora - 17.2) / 17.2 < 0.10, lora
+    plan = plan_memory(LLAMA3, REF_CFG)
+    assert plan.full_lora_peak_bytes > plan.inference_peak_bytes  # why EMLoC exists
+
+
+def test_reference_parameter_counts_match_public_numbers() -> None:
+    assert LLAMA3.num_parameters == 8_030_261_248
+    assert reference_facts("Mistral-7B").num_parameters == 7_241_732_096
+    assert reference_facts("Qwen2.5-7B").num_parameters == 7_615_616_512
+
+
+def test_parts_add_up_and_runtime_is_separate() -> None:
+    for stage in (*plan_memory(LLAMA3, REF_CFG).stages, inference_peak(LLAMA3, REF_CFG)):
+        assert stage.peak_bytes == sum(b for _, b in stage.parts)
+    inf = inference_peak(LLAMA3, REF_CFG)
+    runtime = dict(inf.parts)[RUNTIME_LABEL]
+    assert inf.allocated_bytes == inf.peak_bytes - runtime and runtime > 0
+    cpu = inference_peak(LLAMA3, replace(REF_CFG, device="cpu"))
+    assert dict(cpu.parts)[RUNTIME_LABEL] < runtime  # no CUDA context on the CPU
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
+def test_training_peak_is_monotone_in_ratio(name: str) -> None:
+    facts = reference_facts(name)
+    peaks = [training_peak(facts, REF_CFG, r / 20).peak_bytes for r in range(1, 21)]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+    params = [emulator_parameters(facts, r / 20) for r in range(1, 20)]
+    assert params == sorted(params) and params[-1] < facts.num_parameters
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
+def test_peaks_are_monotone_in_context_and_batch(name: str) -> None:
+    facts = reference_facts(name)
+    for fn in (lambda c: inference_peak(facts, c), lambda c: training_peak(facts, c, 0.5),
+               lambda c: emulator_build_peak(facts, c, 0.5)):
+        by_t = [fn(PlanConfig(context_length=t)).peak_bytes for t in (128, 256, 512, 1024, 4096)]
+        assert by_t == sorted(by_t) and by_t[0] < by_t[-1]
+        by_b = [fn(PlanConfig(batch_size=b)).peak_bytes for b in (1, 2, 4)]
+        assert by_b == sorted(by_b)
+
+
+def test_emulator_parameters_follow_the_rank_formula() -> None:
+    from emloc_engine.lowrank import rank_for_ratio as lowrank_rank
+
+    for m in LLAMA3.modules:
+        for r in (0.1, 0.37, 0.5, 0.9):
+            assert rank_for_ratio(r, m.out_features, m.in_features) == lowrank_rank(r, m.out_features, m.in_features)
+    kept = emulator_parameters(LLAMA3, 0.5) - LLAMA3.dense_parameters
+    assert abs(kept - 0.5 * LLAMA3.linear_parameters) / LLAMA3.linear_parameters < 0.001
+    dense_last = emulator_parameters(LLAMA3, 0.5, ("model.layers.31.mlp.down_proj",))
+    assert dense_last - emulator_parameters(LLAMA3, 0.5) == pytest.approx(0.5 * 4096 * 14336, rel=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
+@pytest.mark.parametrize("context", [256, 1024])
+def test_chosen_ratio_fits_and_is_the_largest(name: str, context: int) -> None:
+    facts = reference_facts(name)
+    full = training_peak(facts, PlanConfig(context_length=context), 1.0).peak_bytes
+    cfg = PlanConfig(context_length=context, budget_bytes=full)  # the margin forces ρ < 1
+    plan = plan_memory(facts, cfg)
+    assert plan.fits and plan.ratio is not None, plan.reason
+    for s in plan.stages:
+        assert s.fits
+        if s.name in ("emulator", "train"):
+            assert s.peak_bytes <= plan.budget_bytes * (1 - cfg.safety_margin)
+    if plan.ratio + cfg.ratio_step <= cfg.max_ratio + 1e-9:
+        bigger = plan_memory(facts, replace(cfg, ratio=round(plan.ratio + cfg.ratio_step, 6)))
+        assert not bigger.fits
+
+
+def test_default_budget_is_inference_and_8b_plan_picks_a_ratio() -> None:
+    plan = plan_memory(LLAMA3, replace(REF_CFG, gpu_total_bytes=24 * GIB))
+    assert plan.budget_bytes == plan.inference_peak_bytes
+    assert plan.fits and plan.ratio is not None and 0.05 <= plan.ratio < 1.0
+    assert plan.stage("train").peak_bytes <= plan.limit_bytes < plan.full_lora_peak_bytes
+    assert not plan.full_lora.fits  # plain LoRA does not fit what inference needs
+    assert set(plan.est_seconds) == {"emulator", "train", "correct", "export"}
+    assert all(v >= 0 for v in plan.est_seconds.values())
+    assert plan.stage("train").est_seconds > 0 and plan.stage("export").peak_bytes == 0
+    json.dumps(plan.to_dict())
+    table = format_plan(plan)
+    assert "Chosen ρ" in table and "train" in table
+
+
+def test_impossible_budget_is_explained_with_what_would_fit() -> None:
+    plan = plan_memory(LLAMA3, PlanConfig(context_length=4096, budget_bytes=10 * GIB))
+    assert not plan.fits and plan.ratio is None
+    assert "train" in plan.reason and "GiB" in plan.reason
+    assert any("context" in s and "fits at ρ" in s for s in plan.suggestions)
+    assert any("budget of at least" in s for s in plan.suggestions)
+    hopeless = plan_memory(LLAMA3, PlanConfig(budget_bytes=1 * GIB))
+    assert not hopeless.fits and any("smaller model" in s for s in hopeless.suggestions)
+
+
+def test_model_too_big_for_the_gpu_even_for_inference() -> None:
+    plan = plan_memory(LLAMA3, PlanConfig(gpu_total_bytes=8 * GIB))
+    assert not plan.fits and "even for inference" in plan.reason
+    assert not plan.inference.fits
+
+
+def test_fixed_ratio_is_evaluated_not_chosen() -> None:
+    cfg = replace(REF_CFG, gpu_total_bytes=24 * GIB)
+    ok = plan_memory(LLAMA3, replace(cfg, ratio=0.3))
+    assert ok.fits and ok.ratio == 0.3
+    too_big = plan_memory(LLAMA3, replace(cfg, ratio=0.95))
+    assert not too_big.fits and any("automatic ratio" in s for s in too_big.suggestions)
+
+
+def test_budget_above_gpu_is_lowered_to_the_gpu() -> None:
+    plan = plan_memory(LLAMA3, PlanConfig(budget_bytes=100 * GIB, gpu_total_bytes=40 * GIB))
+    assert plan.budget_bytes == 40 * GIB and any("more than the GPU" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("bad", [dict(context_length=0), dict(lora_rank=0), dict(ratio=1.5), dict(safety_margin=1.0),
+                                 dict(budget_bytes=-1), dict(device="tpu"), dict(min_ratio=0.5, max_ratio=0.2)])
+def test_bad_settings_raise_config_error(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        PlanConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_facts_from_headers_match_the_checkpoint(tiny_model_dir: Path) -> None:
+    """Config-only and header-based facts agree on every family (the config formula is right)."""
+    from emloc_engine.checkpoint import Checkpoint
+    from emloc_engine.model_facts import load_config_json
+
+    facts = read_model_facts(tiny_model_dir)
+    ck = Checkpoint(tiny_model_dir)
+    assert facts.source == "headers" and facts.num_parameters == ck.num_parameters()
+    assert facts.dtype == "float32"
+    config_only = facts_from_config(load_config_json(tiny_model_dir))
+    assert config_only.num_parameters == facts.num_parameters
+    assert config_only.modules == facts.modules
+    for m in facts.modules:
+        assert ck.info(f"model.layers.0.{m.name}.weight").shape == (m.out_features, m.in_features)
+    plan = plan_memory(facts, PlanConfig(device="cpu", budget_bytes=1 * GIB))
+    assert plan.fits
+
+
+def test_unknown_architecture_is_unsupported() -> None:
+    cfg = dict(REFERENCE_CONFIGS["Llama-3-8B"], model_type="mamba")
+    with pytest.raises(UnsupportedModel):
+        facts_from_config(cfg)
+
+
+def test_planning_imports_no_torch() -> None:
+    code = "import sys, emloc_engine.planning, emloc_engine.model_facts; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
