@@ -121,6 +121,14 @@ class EngineFacade:
             return DEFAULT_FORMATS
         return ("auto", *[n for n in names if n != "auto"])
 
+    def format_descriptions(self) -> dict[str, str]:
+        """``{format: one-line description}`` when the engine provides them."""
+        try:
+            formats = self.resolve("FORMATS")
+        except (EngineError, KeyError):
+            return {}
+        return {str(k): str(v) for k, v in formats.items()} if hasattr(formats, "items") else {}
+
     def field_help(self, config_attr: str) -> dict[str, str]:
         """``{field: help text}`` of an engine config class (tooltips), empty if unavailable."""
         try:

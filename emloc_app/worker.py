@@ -9,6 +9,7 @@ signals, which Qt queues to the GUI thread. Cancel is a ``threading.Event`` set 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -246,18 +247,14 @@ def shutdown_workers(timeout_ms: int = 30000) -> bool:
     """
     reg = _get_registry()
     ok = True
-    for worker, thread in list(reg.running.values()):
-        try:
+    for worker, _thread in list(reg.running.values()):
+        with contextlib.suppress(RuntimeError):  # already deleted on the C++ side
             worker.request_cancel()
-        except RuntimeError:  # already deleted on the C++ side
-            pass
     deadline = time.monotonic() + timeout_ms / 1000
     for key, (_, thread) in list(reg.running.items()):
         left = max(1, int((deadline - time.monotonic()) * 1000))
-        try:
+        with contextlib.suppress(RuntimeError):
             ok = thread.wait(left) and ok
-        except RuntimeError:
-            pass
         reg.running.pop(key, None)
     app = QCoreApplication.instance()
     if app is not None:

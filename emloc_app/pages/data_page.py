@@ -100,6 +100,10 @@ class DataPage(BasePage):
         self.format = QComboBox()
         self.format.setObjectName("format")
         self.format.addItems(list(engine.formats()))
+        descriptions = engine.format_descriptions()
+        for i in range(self.format.count()):
+            text = descriptions.get(self.format.itemText(i), "detect from the first record's fields")
+            self.format.setItemData(i, text, Qt.ItemDataRole.ToolTipRole)
         self.format.setToolTip(engine.field_help("DataConfig").get("format", "Record format of the file."))
         self.format.currentIndexChanged.connect(self.schedule_inspect)
         self.detected = QLabel()
@@ -261,11 +265,13 @@ class DataPage(BasePage):
         r = result.report
         fmt = getattr(r, "format", "?")
         self.detected.setText(f"detected: <b>{fmt}</b>" if self.format.currentText() == "auto" else f"using <b>{fmt}</b>")
-        stats = getattr(r, "token_stats", None) or {}
+        stats = getattr(r, "token_stats", None) or getattr(r, "char_stats", None)
         tokens = ""
-        if isinstance(stats, dict) and stats:
-            tokens = (f" · tokens per sample: min {stats.get('min', '?')}, mean {_num(stats.get('mean'))}, "
-                      f"p95 {_num(stats.get('p95'))}, max {stats.get('max', '?')}")
+        if stats is not None:
+            unit = getattr(stats, "unit", "tokens")
+            tokens = (f"<br>{unit} per sample: min {_num(getattr(stats, 'min', None))}, mean "
+                      f"{_num(getattr(stats, 'mean', None))}, p95 {_num(getattr(stats, 'p95', None))}, "
+                      f"max {_num(getattr(stats, 'max', None))}")
         truncated = getattr(r, "n_truncated", 0) or 0
         problems = list(getattr(r, "problems", ()) or ())
         fatal = sum(1 for p in problems if getattr(p, "fatal", False))
@@ -282,7 +288,8 @@ class DataPage(BasePage):
         self.summary.setText(text)
         self.problems.setRowCount(len(problems))
         for i, p in enumerate(problems):
-            where = f"{Path(str(getattr(p, 'file', ''))).name}:{getattr(p, 'line', '?')}"
+            line = getattr(p, "line", None)
+            where = Path(str(getattr(p, "file", ""))).name + (f":{line}" if line is not None else "")
             item = QTableWidgetItem(where)
             item.setToolTip(str(getattr(p, "file", "")))
             self.problems.setItem(i, 0, item)

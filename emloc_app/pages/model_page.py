@@ -60,6 +60,7 @@ class ScanRequest:
     budget_bytes: int | None
     gpu_total_bytes: int | None
     context_length: int = 512
+    device: str = "cuda"
 
 
 def _is_demo(info: Any) -> bool:
@@ -81,7 +82,7 @@ def judge(info: Any, engine: EngineFacade, req: ScanRequest) -> ModelRow:
         facts = engine.model_facts(path)
         plan = engine.plan_memory(facts, engine.make("PlanConfig", budget_bytes=req.budget_bytes,
                                                       gpu_total_bytes=req.gpu_total_bytes,
-                                                      context_length=req.context_length))
+                                                      context_length=req.context_length, device=req.device))
     except EngineError as exc:
         return ModelRow(info, name, path, "unsupported", "unsupported", exc.summary, is_demo=demo)
     budget = req.budget_bytes or getattr(plan, "budget_bytes", None) or 0
@@ -240,7 +241,10 @@ class ModelPage(BasePage):
         for g in getattr(self.state.machine, "gpus", ()) or ():
             if g.index == self.state.gpu_index:
                 gpu_total = g.total_bytes
-        return ScanRequest(self.state.budget_bytes, gpu_total, self.state.max_length)
+        backend = getattr(self.state.machine, "backend", "cuda")
+        device = "cpu" if gpu_total is None and self.state.machine is not None else (
+            backend if backend in ("cuda", "rocm", "mps") else "cuda")
+        return ScanRequest(self.state.budget_bytes, gpu_total, self.state.max_length, device)
 
     def start_scan(self) -> None:
         if self.busy("scan"):

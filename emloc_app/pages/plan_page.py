@@ -112,6 +112,7 @@ class PlanPage(BasePage):
         self.lambda_.setObjectName("lambda")
         for text, value in LAMBDA_CHOICES:
             self.lambda_.addItem(text, value)
+        self.lambda_.currentIndexChanged.connect(self._settings_changed)
         self.lambda_.setToolTip(engine.field_help("CorrectionConfig").get(
             "lambda_", "Damping λ of the LoRA correction: auto picks it on held-out data."))
         n = len(TRAIN_DEFAULTS)
@@ -152,15 +153,19 @@ class PlanPage(BasePage):
 
     # -- planning (pure arithmetic in the engine: fast enough for the GUI thread) --------------
     def plan_config(self) -> Any:
-        gpu_total = None
-        for g in getattr(self.state.machine, "gpus", ()) or ():
-            if g.index == self.state.gpu_index:
-                gpu_total = g.total_bytes
+        gpu = next((g for g in getattr(self.state.machine, "gpus", ()) or ()
+                    if g.index == self.state.gpu_index), None)
+        backend = getattr(self.state.machine, "backend", "cuda")
+        device = "cpu" if gpu is None and self.state.machine is not None else (
+            backend if backend in ("cuda", "rocm", "mps") else "cuda")
         ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
-        return self.engine.make("PlanConfig", budget_bytes=self.state.budget_bytes, gpu_total_bytes=gpu_total,
-                                context_length=self.state.max_length,
-                                batch_size=int(self.settings["batch_size"].value()),
-                                lora_rank=int(self.settings["rank"].value()), ratio=ratio)
+        return self.engine.make(
+            "PlanConfig", budget_bytes=self.state.budget_bytes,
+            gpu_total_bytes=gpu.total_bytes if gpu is not None else None,
+            context_length=self.state.max_length, batch_size=int(self.settings["batch_size"].value()),
+            lora_rank=int(self.settings["rank"].value()), ratio=ratio, device=device,
+            gpu_name=getattr(gpu, "name", None), calibration_samples=self.state.n_calibration,
+            train_steps=int(self.settings["steps"].value()), auto_lambda=self.lambda_.currentData() is None)
 
     def replan(self) -> None:
         if self._loading:
@@ -192,6 +197,9 @@ class PlanPage(BasePage):
             tips = "; ".join(str(t) for t in getattr(plan, "suggestions", ()) or ())
             text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> ({gib(budget)}). "
                     f"{reason}" + (f"<br>Try: {tips}" if tips else ""))
+        notes = [str(n) for n in getattr(plan, "notes", ()) or ()]
+        if notes:
+            text += "<br>" + "<br>".join(notes)
         self.verdict.setText(text)
         self.duration.setText(f"Estimated duration: <b>{format_seconds(estimated_seconds(plan))}</b>"
                               " (emulator, training, correction)")

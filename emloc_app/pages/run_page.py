@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -47,10 +48,8 @@ class QtLogHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the page is gone
             self.bridge.line.emit(self.format(record))
-        except RuntimeError:  # the page is gone
-            pass
 
 
 def summarize(result: Any) -> dict[str, Any]:

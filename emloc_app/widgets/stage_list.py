@@ -61,7 +61,7 @@ class StageList(QWidget):
 
     def set_progress(self, name: str, fraction: float, message: str = "") -> None:
         row = self.rows[name]
-        row.bar.setValue(int(round(fraction * 1000)))
+        row.bar.setValue(round(fraction * 1000))
         eta = format_seconds(row.clock.eta_s(fraction)) if fraction > 0.01 else "?"
         row.status.setText(f"{message}  ·  ETA {eta}" if message else f"ETA {eta}")
 

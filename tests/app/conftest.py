@@ -1,0 +1,40 @@
+"""App test fixtures: a fake engine, a filled-in state, and no thread left running after a test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emloc_app.state import WizardState
+from emloc_app.worker import running_workers, shutdown_workers
+from tests.app.fakes import GIB, FakeMachine, FakeModel, FakeReport, make_fake_engine
+
+
+@pytest.fixture(autouse=True)
+def _no_threads_left(qapp: object) -> Iterator[None]:
+    yield
+    assert shutdown_workers(10000), "a stage thread did not finish"
+    assert not running_workers()
+
+
+@pytest.fixture
+def fake(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return make_fake_engine(tmp_path)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> WizardState:
+    """The state as it is after the Data page: machine, model, data and calibration ids."""
+    from emloc_engine.data import DataConfig
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": []}\n')
+    model_dir = tmp_path / "model"
+    return WizardState(
+        machine=FakeMachine(), gpu_index=0, budget_bytes=20 * GIB,
+        model=FakeModel("meta-llama/Llama-3.1-8B-Instruct", model_dir), model_dir=model_dir, facts={"x": 1},
+        data_path=data, data_config=DataConfig(path=data), data_report=FakeReport(),
+        calibration_ids=((1, 2, 3),) * 4, run_dir=tmp_path / "run",
+    )
