@@ -19,6 +19,7 @@ tokens (BOS where the model uses one) and end with the EOS token; plain-text pie
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -153,8 +154,16 @@ def _trim_after_end_of_turn(tokenizer: Any, ids: list[int], start: int, end: int
     k = end
     while k > start and not tokenizer.decode([ids[k - 1]]).strip():
         k -= 1
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    return k if start < k < end and ids[k - 1] in special else end
+    return k if start < k < end and ids[k - 1] in special_ids(tokenizer) else end
+
+
+@functools.lru_cache(maxsize=4)
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of every special token: the named ones and added tokens flagged special (``<|eot_id|>``, ...)."""
+    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(i for i, t in decoder.items() if getattr(t, "special", False))
+    return frozenset(ids)
 
 
 def render_plain(sample: Sample, tokenizer: Any, train_on: str) -> Rendered:
