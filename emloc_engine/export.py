@@ -237,13 +237,24 @@ def _tied(config: dict[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", default))
 
 
-def _check_adapter_fits(model_dir: Path, config: dict[str, Any], deltas: dict[str, LoraDelta],
-                        names: set[str]) -> None:
+def _check_adapter_fits(model_dir: Path, deltas: dict[str, LoraDelta], names: set[str]) -> None:
     missing = [m for m in deltas if f"{m}.weight" not in names]
     if missing:
         raise MergeError(f"The adapter adapts {len(missing)} module(s) that {model_dir} does not have:",
                          problems=missing[:10], hint="Pass the base model the adapter was trained on (--model).")
-    if _tied(config) and any(m == "lm_head" or m.endswith(".embed_tokens") for m in deltas):
+
+
+def _check_tied_head(config: dict[str, Any], adapter_dir: Path) -> None:
+    """Refuse an adapter on lm_head when the model ties lm_head to the input embeddings.
+
+    A merged tied model has one matrix for both; adding ``s·B·A`` to it would also change the input
+    embeddings, which the adapter never did. (peft also saves the tied base matrix in such adapters.)
+    """
+    if not _tied(config):
+        return
+    weights = adapter_dir / "adapter_model.safetensors"
+    names = [e.name for e in read_shard_index(weights)[0]] if weights.is_file() else []
+    if any(".lm_head.lora_" in n or ".embed_tokens.lora_" in n for n in names):
         raise MergeError("The adapter adapts lm_head, but this model ties lm_head to the input embeddings: "
                          "merging would change both.",
                          hint="Train without lm_head in target_modules (the default), or use the adapter unmerged.")
@@ -478,10 +489,11 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     config = load_config(model_dir)
     adapter_dir = resolve_adapter_dir(layout.root, cfg.adapter_dir)
     _preflight(cfg, layout, formats, adapter_dir)
+    _check_tied_head(config, adapter_dir)
     _, deltas = read_lora_deltas(adapter_dir)
     from emloc_engine.checkpoint import Checkpoint
 
-    _check_adapter_fits(model_dir, config, deltas, set(Checkpoint(model_dir).names()))
+    _check_adapter_fits(model_dir, deltas, set(Checkpoint(model_dir).names()))
     merged_dir = gguf_path = out_adapter = None
     n_merged, t_merge, t_gguf, t_verify = 0, [0.0], [0.0], [0.0]
     with RssSampler() as rss:
