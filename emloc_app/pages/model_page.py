@@ -192,7 +192,7 @@ class ModelPage(BasePage):
         self.search.setObjectName("search")
         self.search.setPlaceholderText("Search models (Ctrl+F)")
         self.search.setClearButtonEnabled(True)
-        self.search.textChanged.connect(self.proxy.setFilterFixedString)
+        self.search.textChanged.connect(self._filter)
         QShortcut(QKeySequence.StandardKey.Find, self, activated=self.search.setFocus)
         self.add_folder = QPushButton("&Add folder…")
         self.add_folder.clicked.connect(self._add_folder)
@@ -292,6 +292,17 @@ class ModelPage(BasePage):
             return None
         return self.table_model.rows[self.proxy.mapToSource(sel[0]).row()]
 
+    def _filter(self, text: str) -> None:
+        """Filter the table, keeping the selected model selected while it stays visible."""
+        row = self.selected()
+        self.proxy.setFilterFixedString(text)
+        if row is not None and row in self.table_model.rows:
+            idx = self.proxy.mapFromSource(self.table_model.index(self.table_model.rows.index(row), 0))
+            if idx.isValid():
+                self.view.selectRow(idx.row())
+                return
+        self.view.clearSelection()
+
     def _selection_changed(self) -> None:
         row = self.selected()
         if row is None:
@@ -356,7 +367,7 @@ class ModelPage(BasePage):
 
     def validatePage(self) -> bool:
         row = self.selected()
-        if row is None or row.path is None:
+        if row is None or row.path is None or not self.isComplete():
             return False
         changed = self.state.model_dir != row.path
         self.state.model = row.info or _DemoInfo(row.name, row.path)

@@ -51,7 +51,7 @@ def test_other_exceptions_open_the_dialog_with_traceback_and_log_path(qtbot, tmp
 
 
 def test_page_shows_engine_error_and_retry_reruns(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    engine, calls = make_fake_engine(tmp_path, fail={"detect_machine": InsufficientMemory("No memory.", hint="Close apps.")})
+    engine, _calls = make_fake_engine(tmp_path, fail={"detect_machine": InsufficientMemory("No memory.", hint="Close apps.")})
     page = MachinePage(WizardState(), engine)
     qtbot.addWidget(page)
     page.initializePage()
