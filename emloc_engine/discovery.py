@@ -509,7 +509,9 @@ def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, bat
     device = machine.backend if machine.backend in ("cuda", "rocm", "mps", "cpu") else "cpu"
     total = gpu.total_bytes if gpu is not None else machine.ram_total_bytes
     free = gpu.free_bytes if gpu is not None else machine.ram_available_bytes
-    cfg = PlanConfig(gpu_total_bytes=total, context_length=context_length, batch_size=batch_size,
+    # The badge answers "can I train on this GPU?": the budget is the whole GPU (the CLI's
+    # ``emloc plan`` defaults to the stricter inference budget, EMLoC's promise).
+    cfg = PlanConfig(budget_bytes=total, gpu_total_bytes=total, context_length=context_length, batch_size=batch_size,
                      lora_rank=lora_rank, safety_margin=safety_margin, device=device,
                      gpu_name=gpu.name if gpu is not None else None)
     plan = plan_memory(model.facts, cfg)

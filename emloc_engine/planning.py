@@ -549,6 +549,9 @@ def _suggest(facts: ModelFacts, cfg: PlanConfig) -> tuple[str, ...]:
         variants.insert(0, ("an automatic ratio", budget_cfg))
     if cfg.auto_lambda:
         variants.append(("a fixed λ (no held-out search)", replace(budget_cfg, auto_lambda=False)))
+    if cfg.gpu_total_bytes and (cfg.budget_bytes or 0) < cfg.gpu_total_bytes:
+        variants.append((f"the whole GPU ({cfg.gpu_total_bytes / GIB:.1f} GiB) as the budget",
+                         replace(budget_cfg, budget_bytes=cfg.gpu_total_bytes)))
     for label, v in variants:
         p = _plan(facts, v, suggest=False)
         if p.fits:

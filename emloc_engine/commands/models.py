@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if not scan.models:
         print("No models found. Download one with `hf download ORG/NAME`, add a folder with "
               "`emloc models --add DIR`, or build the demo with `emloc demo`.")
+        return 0
     rows = [("name", "rev", "source", "type", "params", "dtype", "size", "status")]
     for m in scan.models:
         status = "convert" if m.needs_conversion and m.supported else "ok" if m.supported else "NO"
