@@ -373,7 +373,8 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
     meta = _finish(cfg, out_dir, model_dir, spec, blocks, plan, samples, n_tokens, calib_fp, source_fp, build_id,
                    dict(device=str(device), compute_dtype=str(compute), statistics_dtype=str(stats_dtype),
                         linalg_dtype=str(linalg), solver=cfg.solver, chunk_tokens=chunk_tokens,
-                        wall_s=round(time.monotonic() - t0, 3), peak_vram_gib=round(peak, 3)))
+                        wall_s=round(time.monotonic() - t0, 3), peak_vram_gib=round(peak, 3),
+                        timings_s={k: round(v, 3) for k, v in state.timings.items()}))
     progress.update(1.0, f"emulator written to {out_dir}")
     return _result(out_dir, meta, ckpt, time.monotonic() - t0, peak, resumed, n_tokens, chunk_tokens, device)
 
@@ -400,7 +401,13 @@ def _check_calibration(cfg: EmulatorConfig, hf_config: Any) -> tuple[tuple[int, 
 
 
 class _BuildState:
-    """The block loop of :func:`build_emulator` and the resources it must release."""
+    """The block loop of :func:`build_emulator` and the resources it must release.
+
+    Two helper threads keep the GPU busy: a reader prefetches block ``i+1`` from the shards while
+    block ``i`` computes, and a writer saves finished shards (and the non-block tensors) while the
+    next block computes. Each thread has its own :class:`Checkpoint` and closes it after every
+    block, so the shards' memory maps never pin more than one block in RAM.
+    """
 
     def __init__(self, cfg: EmulatorConfig, spec: ArchSpec, ckpt: Checkpoint, plan: dict[str, ModulePlan],
                  device: torch.device, compute: torch.dtype, stats: torch.dtype, linalg: torch.dtype,
@@ -409,15 +416,27 @@ class _BuildState:
         self.device, self.compute, self.stats, self.linalg = device, compute, stats, linalg
         self.build_id, self.blocks = build_id, blocks
         self.out_dir = cfg.out_dir.resolve()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-prefetch")
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-read")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-write")
+        self.writes: list[Future[None]] = []
         self.chunks: list[CalibrationChunk] = []
+        self.timings: dict[str, float] = {"read_wait": 0.0, "load": 0.0, "forward": 0.0, "factorize": 0.0,
+                                          "write_wait": 0.0}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.writer.shutdown(wait=True)  # finished blocks always land: a rerun resumes after them
         self.chunks = []
         self.ckpt.close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _tick(self, name: str, t: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] += now - t
+        return now
 
     def _skeleton(self, hf_config: Any) -> Any:
         from accelerate import init_empty_weights
@@ -428,14 +447,31 @@ class _BuildState:
         model.eval()
         return model
 
+    def _read(self, b: int) -> dict[str, torch.Tensor]:
+        ckpt = Checkpoint(self.ckpt.model_dir)
+        try:
+            return _block_tensors(ckpt, self._prefix(b))
+        finally:
+            ckpt.close()
+
+    def _drain_writes(self, wait_all: bool) -> None:
+        """Re-raise a failed write; with ``wait_all`` also wait for the pending ones."""
+        t = time.perf_counter()
+        for fut in list(self.writes):
+            if wait_all or fut.done():
+                fut.result()
+                self.writes.remove(fut)
+        self.timings["write_wait"] += time.perf_counter() - t
+
     def run(self, hf_config: Any, samples: tuple[tuple[int, ...], ...], chunk_tokens: int,
             progress: Progress) -> tuple[int, ...]:
         """Capture block inputs, then build every block; returns the blocks reused from disk."""
         progress.check_cancelled()
-        self._write_rest()
+        self.writes.append(self.writer.submit(self._write_rest))
         model = self._skeleton(hf_config)
         embed_name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
         embed = self.ckpt.get(embed_name, dtype=self.compute, device=self.device)
+        self.ckpt.close()
         pad = hf_config.pad_token_id if isinstance(getattr(hf_config, "pad_token_id", None), int) else 0
         hidden_bytes = sum(len(s) for s in samples) * int(hf_config.hidden_size) * 4
         budget = self.cfg.memory_budget_bytes
@@ -448,12 +484,15 @@ class _BuildState:
         layers = decoder_layers(model, self.spec)
         resumed: list[int] = []
         clock = EtaClock()
-        pending: Future[dict[str, torch.Tensor]] = self.pool.submit(_block_tensors, self.ckpt, self._prefix(0))
+        pending: Future[dict[str, torch.Tensor]] = self.reader.submit(self._read, 0)
         for b in range(self.blocks):
             progress.check_cancelled()
+            self._drain_writes(wait_all=False)
+            t = time.perf_counter()
             tensors = pending.result()
+            self.timings["read_wait"] += time.perf_counter() - t
             if b + 1 < self.blocks:
-                pending = self.pool.submit(_block_tensors, self.ckpt, self._prefix(b + 1))
+                pending = self.reader.submit(self._read, b + 1)
             done = _shard_build_id(self.out_dir / BLOCK_FILE.format(b)) == self.build_id
             errors = self._block(layers[b], b, tensors, reuse=done)
             layers[b].to("meta")
@@ -467,6 +506,7 @@ class _BuildState:
                 progress.log("gpu/peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, b)
             progress.update(0.03 + 0.95 * frac, f"block {b + 1}/{self.blocks} {'reused' if done else 'factorised'}, "
                                                 f"ETA {format_seconds(clock.eta_s(frac))}")
+        self._drain_writes(wait_all=True)
         return tuple(resumed)
 
     def _prefix(self, b: int) -> str:
@@ -474,20 +514,24 @@ class _BuildState:
 
     def _block(self, layer: torch.nn.Module, b: int, tensors: dict[str, torch.Tensor], reuse: bool) -> list[float]:
         """Run block ``b`` over the calibration chunks; factorise and write it unless ``reuse``."""
-        dev = {k: t.to(self.device, non_blocking=True) for k, t in tensors.items()}
-        layer.load_state_dict({k: t.to(self.compute) for k, t in dev.items()}, assign=True, strict=True)
+        t = time.perf_counter()
+        dev = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+        layer.load_state_dict({k: v.to(self.compute) for k, v in dev.items()}, assign=True, strict=True)
         layer.to(self.device)
+        t = self._tick("load", t)
         last = b == self.blocks - 1
         mods = {p.path: p for p in self.plan.values() if p.block == b}
         if reuse or not mods:
             run_block(layer, b, self.chunks, self.device, keep_output=not last)
+            self._tick("forward", t)
             if not reuse:
-                self._write_block(b, tensors, {}, {})
+                self.writes.append(self.writer.submit(self._write_block, b, tensors, {}, {}))
             return []
         groups = {g.name: g for g in self.spec.groups if any(m in mods for m in g.modules)}
         with recording(layer, {n: g.modules[0] for n, g in groups.items()}, self.stats) as rec:
             run_block(layer, b, self.chunks, self.device, recorder=rec, keep_output=not last)
             stats = rec.stats
+        t = self._tick("forward", t)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         errors: dict[str, float] = {}
         for gname, group in groups.items():
@@ -504,7 +548,8 @@ class _BuildState:
                 factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
                 errors[path] = f.rel_error
             del c
-        self._write_block(b, tensors, factors, errors)
+        self._tick("factorize", t)
+        self.writes.append(self.writer.submit(self._write_block, b, tensors, factors, errors))
         return list(errors.values())
 
     def _write_block(self, b: int, tensors: dict[str, torch.Tensor],
@@ -530,9 +575,12 @@ class _BuildState:
         target = self.out_dir / REST_FILE
         if _shard_build_id(target) == self.build_id:
             return
-        inside = f"{self.spec.block_prefix}."
-        names = [n for n in self.ckpt.names() if not n.startswith(inside)]
-        tensors = {n: self.ckpt.get(n).contiguous() for n in names}
+        ckpt = Checkpoint(self.ckpt.model_dir)
+        try:
+            inside = f"{self.spec.block_prefix}."
+            tensors = {n: ckpt.get(n).contiguous() for n in ckpt.names() if not n.startswith(inside)}
+        finally:
+            ckpt.close()
         with atomic_path(target) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "emloc_build": self.build_id})
 
