@@ -243,7 +243,7 @@ class TryPage(BasePage):
             worst = max(float(d) for _, d in diffs)
             check = f" · verified (max logit diff {worst:.2g})"
         self.export_bars[fmt].setValue(1000)
-        self.export_status[fmt].setText(f"{path}{check}" if path else "done")
+        self.export_status[fmt].setText(f"{path or 'done'}{check}")
 
     def task_finished(self, name: str) -> None:
         if name.startswith("export-"):

@@ -1,0 +1,134 @@
+"""Run page (stages in order, cancel, failure, resume from the manifest) and Try & export page."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtGui import QDesktopServices
+
+from emloc_app.pages.plan_page import PlanPage
+from emloc_app.pages.run_page import RunPage
+from emloc_app.pages.try_page import TryPage
+from emloc_app.state import WizardState
+from emloc_engine.errors import InsufficientMemory
+from tests.app.fakes import make_fake_engine
+
+
+def planned(qtbot, tmp_path: Path, state: WizardState, **kw: Any):  # type: ignore[no-untyped-def]
+    engine, calls = make_fake_engine(tmp_path, **kw)
+    plan = PlanPage(state, engine)
+    qtbot.addWidget(plan)
+    plan.initializePage()
+    assert plan.validatePage()
+    page = RunPage(state, engine)
+    qtbot.addWidget(page)
+    page.initializePage()
+    return page, engine, calls
+
+
+def manifest(state: WizardState) -> dict[str, Any]:
+    return json.loads((state.run_dir / "manifest.json").read_text())
+
+
+def test_run_page_runs_stages_in_order_with_plots(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    page, _, calls = planned(qtbot, tmp_path, state)
+    assert not page.start_button.isHidden() and page.resume_button.isHidden() and not page.isComplete()
+    page.start_button.click()
+    qtbot.waitUntil(page.isComplete, timeout=10000)
+    assert calls.names() == ["build_emulator", "train_lora", "correct_lora"]
+    assert calls.get("train_lora") is state.configs["train"]
+    assert [page.stages.state(n) for n in ("emulator", "train", "correct")] == ["done"] * 3
+    assert page.plot.points["train/loss"] == [(1, 2.0), (2, 1.7), (3, 1.4)]
+    stages = manifest(state)["stages"]
+    assert all(stages[n]["status"] == "done" for n in ("emulator", "train", "correct"))
+    assert manifest(state)["settings"]["studio"]["train"]["rank"] == 16
+    assert "All stages done" in page.log_pane.toPlainText()
+
+
+def test_run_page_cancel_then_resume(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    page, engine, calls = planned(qtbot, tmp_path, state)
+    gate = threading.Event()
+    original = engine._objects["train_lora"]
+
+    def slow_train(cfg: Any, progress: Any) -> Any:
+        gate.set()
+        for _ in range(400):
+            progress.check_cancelled()
+            time.sleep(0.01)
+        return original(cfg, progress)
+
+    engine._objects["train_lora"] = slow_train
+    page.start()
+    qtbot.waitUntil(gate.is_set, timeout=5000)
+    page.cancel_button.click()
+    qtbot.waitUntil(lambda: page.current is None and not page.busy(), timeout=5000)
+    assert page.stages.state("train") == "cancelled" and not page.isComplete()
+    assert manifest(state)["stages"]["train"]["status"] == "cancelled"
+    assert not page.resume_button.isHidden()
+    # a new page on the same run folder (app restarted) offers Resume and skips the emulator
+    engine._objects["train_lora"] = original
+    state.results.clear()
+    again = RunPage(state, engine)
+    qtbot.addWidget(again)
+    again.initializePage()
+    assert not again.resume_button.isHidden() and again.start_button.isHidden()
+    assert again.stages.state("emulator") == "skipped"
+    again.resume_button.click()
+    qtbot.waitUntil(again.isComplete, timeout=10000)
+    assert calls.names().count("build_emulator") == 1
+    assert calls.names()[-2:] == ["train_lora", "correct_lora"]
+
+
+def test_run_page_failure_shows_inline_and_retry_resumes(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    page, engine, calls = planned(qtbot, tmp_path, state,
+                                  fail={"correct_lora": InsufficientMemory("Correction needs 30 GiB.", hint="Set λ.")})
+    page.start()
+    qtbot.waitUntil(lambda: not page.banner.isHidden() and not page.busy(), timeout=10000)
+    assert page.banner.title.text() == "Correction needs 30 GiB."
+    assert page.stages.state("correct") == "failed" and manifest(state)["stages"]["correct"]["status"] == "failed"
+    engine._objects["correct_lora"] = lambda cfg, p: calls.add("correct_lora", cfg) or "ok"
+    page.banner.retry.click()
+    qtbot.waitUntil(page.isComplete, timeout=10000)
+    assert calls.names().count("train_lora") == 1
+
+
+def try_page(qtbot, tmp_path: Path, state: WizardState):  # type: ignore[no-untyped-def]
+    engine, calls = make_fake_engine(tmp_path)
+    (state.run_dir / "adapter-corrected").mkdir(parents=True)
+    page = TryPage(state, engine)
+    qtbot.addWidget(page)
+    page.initializePage()
+    return page, calls
+
+
+def test_try_page_streams_both_sides(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    page, _ = try_page(qtbot, tmp_path, state)
+    req = page.generate_request()
+    assert req.adapter_dir == state.run_dir / "adapter-corrected" and req.model_dir == state.model_dir
+    page.adapter_choice.setCurrentIndex(1)
+    assert page.generate_request().adapter_dir == state.run_dir / "adapter"
+    page.adapter_choice.setCurrentIndex(0)
+    page.generate.click()
+    qtbot.waitUntil(lambda: not page.busy() and page.generate.isEnabled(), timeout=5000)
+    assert page.outputs["base"].toPlainText() == "Hello from base"
+    assert page.outputs["tuned"].toPlainText() == "Hello from tuned"
+
+
+def test_try_page_exports_with_progress_and_opens_folder(qtbot, tmp_path: Path, state: WizardState, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    page, calls = try_page(qtbot, tmp_path, state)
+    page.gguf_type.setCurrentText("q8_0")
+    page.export_buttons["gguf"].click()
+    assert not page.export_buttons["merged"].isEnabled()  # one export at a time
+    qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
+    cfg = calls.get("merge_and_export")
+    assert cfg.formats == ("gguf",) and cfg.gguf_type == "q8_0" and cfg.run_dir == state.run_dir
+    assert page.export_bars["gguf"].value() == 1000 and "verified" in page.export_status["gguf"].text()
+    assert page.export_buttons["merged"].isEnabled()
+    opened: list[str] = []
+    monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url.toLocalFile()))
+    page.open_folder.click()
+    assert opened == [str(state.run_dir)]
