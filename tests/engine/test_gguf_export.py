@@ -1,0 +1,122 @@
+"""GGUF export: round trip through transformers' GGUF reader (weights, q/k permutation, tokenizer, chat
+template) for Llama, Qwen2 and Mistral; refusals; Llama-3 rope factors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from emloc_engine.errors import ConfigError, MergeError, UnsupportedModel
+from emloc_engine.gguf_export import GgufConfig, export_gguf, llama3_rope_factors, permute_qk
+from tests.engine.export_helpers import hf_logits, max_diff
+from tests.tiny_models import CHAT_TEMPLATE
+
+# Allowed max |Δlogit| / max |logit|: f32 is exact, f16 rounds weights to 11 bits, Q8_0 to 8 bits per
+# block of 32 (on these 32-wide models every row is a single block, the worst case).
+REL_TOL = {"f32": 1e-5, "f16": 5e-3, "q8_0": 8e-2}
+
+
+def _snap(cache: Path, arch: str) -> Path:
+    return next((cache / f"models--emloc-test--tiny-{arch}" / "snapshots").iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_gguf_round_trip_logits(tiny_cache: Path, tmp_path: Path, arch: str, gguf_type: str) -> None:
+    snap = _snap(tiny_cache, arch)
+    out = tmp_path / "model.gguf"
+    res = export_gguf(GgufConfig(snap, out, gguf_type))
+    assert res.path == out and out.stat().st_size == res.file_bytes and not (tmp_path / "model.gguf.partial").exists()
+    assert res.arch == ("qwen2" if arch == "qwen2" else "llama") and res.tokenizer_model == "gpt2"
+    ref = hf_logits(snap)
+    got = hf_logits(tmp_path, gguf_file=out.name)
+    scale = max(float(r.abs().max()) for r in ref)
+    diff = max_diff(ref, got)
+    assert 0 < diff < REL_TOL[gguf_type] * scale, (diff, scale)
+
+
+def test_f32_gguf_is_exact_so_the_qk_permutation_is_right(tiny_llama: Path, tmp_path: Path) -> None:
+    export_gguf(GgufConfig(tiny_llama, tmp_path / "m.gguf", "f32"))
+    assert max_diff(hf_logits(tiny_llama), hf_logits(tmp_path, gguf_file="m.gguf")) < 1e-5
+
+
+def test_tensor_names_types_and_metadata(tiny_llama: Path, tmp_path: Path) -> None:
+    import gguf
+
+    export_gguf(GgufConfig(tiny_llama, tmp_path / "m.gguf", "q8_0", name="tiny-test"))
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.1.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.ffn_down.weight"} <= set(types)
+    fields = reader.fields
+
+    def value(key: str) -> object:
+        f = fields[key]
+        return f.contents()
+
+    assert value("general.architecture") == "llama" and value("general.name") == "tiny-test"
+    assert value("llama.block_count") == 2 and value("llama.attention.head_count_kv") == 2
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+    assert value("tokenizer.ggml.eos_token_id") == 3 and value("tokenizer.ggml.padding_token_id") == 0
+    assert value("tokenizer.chat_template") == CHAT_TEMPLATE
+    tokens = value("tokenizer.ggml.tokens")
+    assert isinstance(tokens, list) and len(tokens) == 320 and tokens[3] == "<|im_end|>" and tokens[300] == "[PAD300]"
+    assert value("tokenizer.ggml.merges") == []  # present (llama.cpp needs it) though this vocab has none
+
+
+def test_tokenizer_round_trip(tiny_cache: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    snap = _snap(tiny_cache, "qwen2")
+    export_gguf(GgufConfig(snap, tmp_path / "m.gguf", "f16"))
+    ref = AutoTokenizer.from_pretrained(str(snap))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    chat = ref.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                   add_generation_prompt=True)
+    for text in ("Hello, world!  123 ünïcode ✓", chat, "<|im_start|>user\nx<|im_end|>"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == ref(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert tok.chat_template == CHAT_TEMPLATE and tok.eos_token == "<|im_end|>"
+
+
+def test_permute_is_inverted_by_transformers(tiny_llama: Path) -> None:
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
+    w = torch.randn(16, 32)  # k_proj under GQA: 2 heads × 8
+    back = proc.process(permute_qk(w, 4, 2).numpy(), "blk.0.attn_k.weight").weights
+    assert np.array_equal(back, w.numpy())
+    assert not torch.equal(permute_qk(w, 4, 2), w)
+
+
+def test_llama3_rope_factors_match_transformers() -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = {"hidden_size": 256, "num_attention_heads": 2, "rope_parameters": rope}
+    factors = llama3_rope_factors(cfg)
+    assert factors is not None and factors.shape == (64,)
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=rope, max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    assert torch.allclose(base / factors, scaled.float(), rtol=1e-5)
+    assert llama3_rope_factors({"hidden_size": 8, "num_attention_heads": 2}) is None
+
+
+def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModel, match="gemma"):
+        export_gguf(GgufConfig(_snap(tiny_cache, "gemma"), tmp_path / "g.gguf"))
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(MergeError, match="already exists"):
+        export_gguf(GgufConfig(_snap(tiny_cache, "llama"), out))
+    assert out.read_bytes() == b"old"
+    with pytest.raises(ConfigError):
+        GgufConfig(tmp_path, out, "q4_0")
