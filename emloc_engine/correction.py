@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib
 import json
 import logging
 import math
@@ -68,7 +67,7 @@ from emloc_engine.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.version import __version__
 
 if TYPE_CHECKING:
-    from emloc_engine.data.config import DataConfig
+    from emloc_engine.data import DataConfig
 
 log = logging.getLogger(__name__)
 CORRECTION_FORMAT = "emloc-correction"
@@ -535,8 +534,9 @@ def _eval_examples(cfg: CorrectionConfig, paths: _Paths) -> tuple[TokenExample, 
                           "in the run manifest.",
                           hint="Pass --data DATA (the training dataset), or set λ: --lambda 0 (no correction), "
                                "3 (the paper's value) or inf (exact).")
-    data: Any = importlib.import_module("emloc_engine.data")
-    examples = tuple(data.prepare_dataset(data_cfg, data.load_tokenizer(paths.model_dir)).eval)
+    from emloc_engine.data import load_tokenizer, prepare_dataset
+
+    examples = tuple(prepare_dataset(data_cfg, load_tokenizer(paths.model_dir)).eval)
     if not examples:
         raise ConfigError(f"The dataset {data_cfg.path} has no eval split to choose λ on.",
                           hint="Raise its eval fraction, or set λ by hand (--lambda 0|3|inf).")
@@ -557,7 +557,7 @@ def _data_from_manifest(run_dir: Path) -> DataConfig | None:
     path = nested.get("path") or settings.get("data_path") or manifest.get("inputs", {}).get("data", {}).get("path")
     if not path or not Path(path).exists():
         return None
-    from emloc_engine.data.config import DataConfig
+    from emloc_engine.data import DataConfig
 
     fields = set(DataConfig.__dataclass_fields__) - {"path"}
     kwargs = {k: v for k, v in {**settings, **nested}.items() if k in fields and v is not None}

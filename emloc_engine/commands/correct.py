@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     data = None
     if args.data:
-        from emloc_engine.data.config import DataConfig
+        from emloc_engine.data import DataConfig
 
         data = DataConfig(path=Path(args.data), max_length=args.max_length)
     cfg = CorrectionConfig(run_dir=Path(args.run_dir), model_dir=Path(args.model) if args.model else None,
