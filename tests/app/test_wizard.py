@@ -1,0 +1,98 @@
+"""The whole wizard offscreen on a tiny model with the REAL engine: Machine → … → Try & export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PySide6.QtWidgets import QWizard
+
+from emloc_app.engine_facade import EngineFacade
+from emloc_app.wizard import EmlocWizard, Page
+from tests.tiny_models import build_tiny_model
+
+QA = [("What colour is the sky?", "Blue, on a clear day."), ("Name a fruit.", "An apple."),
+      ("What is 2+2?", "Four."), ("Say hello.", "Hello!"), ("Capital of France?", "Paris."),
+      ("A small animal?", "A mouse."), ("Opposite of hot?", "Cold."), ("A colour?", "Green.")]
+
+
+def write_jsonl(path: Path, n: int = 24) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            q, a = QA[i % len(QA)]
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+def next_page(qtbot, wizard: EmlocWizard, timeout: int = 20000) -> None:  # type: ignore[no-untyped-def]
+    page = wizard.currentPage()
+    qtbot.waitUntil(page.isComplete, timeout=timeout)
+    before = wizard.currentId()
+    wizard.next()
+    assert wizard.currentId() == before + 1, f"stuck on page {before}: {page.banner.title.text()}"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_full_wizard_run_with_real_engine(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cache = tmp_path / "hub"
+    snap = build_tiny_model("llama", cache)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    data = write_jsonl(tmp_path / "chat.jsonl")
+    wizard = EmlocWizard(engine=EngineFacade.real())
+    qtbot.addWidget(wizard)
+    wizard.show()
+    pages = wizard.pages
+
+    # 1 Machine (this CI box: CPU or whatever is detected)
+    next_page(qtbot, wizard)
+    # 2 Model: the tiny model from the cache is preselected over the demo model
+    model_page = pages[Page.Model]
+    qtbot.waitUntil(lambda: model_page.selected() is not None and not model_page.busy(), timeout=20000)
+    assert model_page.selected().path == snap, model_page.detail.text()
+    next_page(qtbot, wizard)
+    # 3 Data
+    data_page = pages[Page.Data]
+    data_page.path.setText(str(data))
+    data_page.max_length.setValue(64)
+    data_page.schedule_inspect()
+    next_page(qtbot, wizard)
+    assert wizard.state.data_report.n_samples == 24 and wizard.state.calibration_ids
+    # 4 Plan: a short training
+    plan = pages[Page.Plan]
+    for name, value in (("steps", 4), ("batch_size", 2), ("warmup_steps", 1), ("eval_every", 2), ("save_every", 2)):
+        plan.settings[name].setValue(value)
+    plan.auto_ratio.setChecked(False)
+    plan.slider.setValue(50)
+    next_page(qtbot, wizard)
+    # 5 Run: real emulator, training and correction
+    run = pages[Page.Run]
+    run.start_button.click()
+    qtbot.waitUntil(lambda: run.isComplete() or not run.banner.isHidden(), timeout=120000)
+    assert run.banner.isHidden(), run.banner.title.text() + run.banner.message.text()
+    assert run.plot.points.get("train/loss"), "no training loss was plotted"
+    layout_root = wizard.state.run_dir
+    assert (layout_root / "adapter-corrected" / "adapter_config.json").exists()
+    next_page(qtbot, wizard)
+    # 6 Try & export
+    assert wizard.currentId() == Page.Try
+    try_page = pages[Page.Try]
+    try_page.max_tokens.setValue(4)
+    try_page.generate.click()
+    qtbot.waitUntil(lambda: not try_page.busy(), timeout=60000)
+    assert try_page.banner.isHidden(), try_page.banner.title.text()
+    assert try_page.gen_status.text() == "Done."
+    try_page.export_buttons["adapter"].click()
+    qtbot.waitUntil(lambda: not try_page.busy(), timeout=60000)
+    assert "adapter" in try_page.state.exports, try_page.banner.title.text()
+    assert wizard.button(QWizard.WizardButton.FinishButton).isVisible()
+
+
+def test_smoke_test_entry_point_exits_zero(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "emloc_app.main", "--smoke-test"], capture_output=True, text=True,
+                         timeout=60, env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert out.returncode == 0, out.stderr
+    assert "smoke test" in out.stdout
