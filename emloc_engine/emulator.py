@@ -536,18 +536,19 @@ class _BuildState:
         errors: dict[str, float] = {}
         for gname, group in groups.items():
             c = stats.pop(gname)
+            shared: dict[str, torch.Tensor] = {}
             for path in group.modules:
                 if path not in mods:
                     continue
                 w = dev[f"{path}.weight"]
                 try:
-                    f = factorize(w, c, mods[path].rank, dtype=self.linalg, solver=self.cfg.solver)
+                    f = factorize(w, c, mods[path].rank, dtype=self.linalg, solver=self.cfg.solver, cache=shared)
                 except FloatingPointError as exc:
                     raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.",
                                     hint="The activations overflowed; use compute_dtype float32.") from exc
                 factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
                 errors[path] = f.rel_error
-            del c
+            del c, shared
         self._tick("factorize", t)
         self.writes.append(self.writer.submit(self._write_block, b, tensors, factors, errors))
         return list(errors.values())

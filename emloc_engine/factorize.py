@@ -130,7 +130,7 @@ def _top_eigenpairs(m: torch.Tensor, k: int, solver: str, seed: int = 0) -> tupl
 
 
 def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype | None = None,
-              solver: str = "eigh") -> Factors:
+              solver: str = "eigh", cache: dict[str, torch.Tensor] | None = None) -> Factors:
     """Activation-aware rank-``k`` factors of one weight (see the module docstring for the maths).
 
     Args:
@@ -140,6 +140,8 @@ def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype
         dtype: dtype of the linear algebra and of the returned factors; default fp64 on the CPU,
             fp32 elsewhere (the Cholesky root is always fp64).
         solver: ``"eigh"`` (exact) or ``"randomized"`` (subspace iteration).
+        cache: a dict shared by the modules that read the same ``c`` (q/k/v, gate/up): the
+            normalised statistic and its root are computed once per group instead of per module.
 
     Returns:
         :class:`Factors` with ``u`` (out × k) and ``v`` (k × in) in ``dtype``.
@@ -158,13 +160,19 @@ def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype
     wd = w.to(dt)
     if not bool(torch.isfinite(wd).all()):
         raise FloatingPointError("the weight holds NaN or Inf")
+    cache = {} if cache is None else cache
     if out_f <= in_f:
-        cn = normalized_statistics(c, dt)
-        m = wd @ cn @ wd.T
+        key = f"norm-{dt}"
+        if key not in cache:
+            cache[key] = normalized_statistics(c, dt)
+        m = wd @ cache[key] @ wd.T
         total = float(torch.diagonal(m).sum())
         lam, basis = _top_eigenpairs(m, k, solver)
     else:
-        g = wd @ whitening_root(c).to(dt)
+        key = f"root-{dt}"
+        if key not in cache:
+            cache[key] = whitening_root(c).to(dt)
+        g = wd @ cache[key]
         n = g.T @ g
         total = float(torch.diagonal(n).sum())
         lam, vk = _top_eigenpairs(n, k, solver)
