@@ -9,11 +9,12 @@ Peaks (bytes; each is a sum of named parts, which the app draws as a bar)::
 
     inference   = P·b + KV + max(act_layer, logits) + runtime
                   KV = 2·L·B·T·g·d·b;  act_layer = B·T·b·(c_h·h + c_I·I + c_q·(a+2g)·d);  logits = B·T·V·b
-    train(ρ)    = W(ρ)·b + n_L·(p + p + 8) + ckpt + max(train_layer, B·T·V·c_logits) + runtime
+    train(ρ)    = W(ρ)·b + n_L·(p + p + 8) + ckpt + max(train_layer, min(B·T, chunk)·V·c_logits) + runtime
                   W(ρ) = dense + L·Σ k(out+in), k = floor(ρ·out·in/(out+in));  ckpt = L·B·T·h·b
-    build       = block·b + ρ·block_lin·b + 2·N·T·h·b + Σ_groups in²·4 + max(chunk forward, workspace) + runtime
+    build       = block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, workspace) + runtime
+                  (chunks and hidden states sized from the budget as emloc_engine.emulator does)
     correct     = max(one module: 3·out·in·4,  λ evaluation: P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime
-    full LoRA   = train(ρ = 1) with the original weights
+    full LoRA   = train(ρ = 1) with the original weights and unchunked logits (plain peft + transformers)
 
 ``runtime = CUDA context + slack × tensors`` stands for what ``torch.cuda.max_memory_allocated``
 does not see (context, cuBLAS workspaces, allocator rounding). :attr:`StagePeak.allocated_bytes`
@@ -66,6 +67,7 @@ class PlannerConstants:
     train_act_qkv: float = 3.0  # q, k, v, attention output and its logsumexp
     train_logits_bytes: float = 14.0  # per logit: bf16 logits 2 + fp32 copy 4 + log-softmax 4 + its grad 4
     eval_logits_bytes: float = 10.0  # per logit, loss without grad: bf16 2 + fp32 4 + log-softmax 4
+    loss_chunk_tokens: int = 1024  # emloc_engine.training computes the loss in checkpointed chunks of this many tokens
     lora_param_bytes: int = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
     adam_state_bytes: int = 8  # AdamW exp_avg + exp_avg_sq in fp32
     stats_bytes: int = 4  # calibration statistics C = Σ XᵀX in fp32
@@ -351,10 +353,14 @@ def inference_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
                                 ("activations & logits", max(act, logits))], cfg, seconds)
 
 
-def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = "train") -> StagePeak:
+def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = "train",
+                  chunked_loss: bool = True) -> StagePeak:
     """LoRA training on the emulator at ρ (ρ = 1: on the original model).
 
-    ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, B·T·V·c_logits) + runtime``. With
+    ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, n_logit·V·c_logits) + runtime`` where
+    ``n_logit = min(B·T, loss_chunk_tokens)`` for our trainer (the loss is computed in
+    checkpointed chunks, :func:`emloc_engine.training.lm_loss_sum`) and ``B·T`` for plain
+    peft/transformers training (``chunked_loss=False``, the full-model LoRA comparison). With
     gradient checkpointing off, every block's activations are kept: ``L·train_layer``.
     """
     c, b = cfg.constants, compute_bytes(facts, cfg)
@@ -362,7 +368,10 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     params = emulator_parameters(facts, ratio, cfg.dense_modules)
     n_lora = lora_parameters(facts, cfg)
     layer = _layer_act(facts, tokens, b, c.train_act_h, c.train_act_i, c.train_act_qkv)
-    logits = int(tokens * facts.vocab_size * c.train_logits_bytes)
+    logit_rows = min(tokens, c.loss_chunk_tokens) if chunked_loss else tokens
+    logits = int(logit_rows * facts.vocab_size * c.train_logits_bytes)
+    if chunked_loss and tokens > c.loss_chunk_tokens:  # the final hidden states feed every chunk
+        logits += tokens * facts.hidden_size * b
     if cfg.grad_checkpointing:
         kept = facts.num_layers * tokens * facts.hidden_size * b
         transient = max(layer, logits)
@@ -379,38 +388,55 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     return _stage(name, parts, cfg, seconds)
 
 
-def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePeak:
-    """Streaming emulator construction: one block on the GPU at a time.
+def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget_bytes: int | None = None) -> StagePeak:
+    """Streaming emulator construction (:mod:`emloc_engine.emulator`): one block on the GPU at a time.
 
-    ``block·b + ρ·block_lin·b + 2·N·T·h·b + Σ_groups in²·4 + max(chunk forward, factor workspace) + runtime``
-    where the workspace of the largest module is ``(3·in² + 3·out·in)·4`` (fp32 eigh + SVD).
+    ``block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, factor workspace) + runtime``.
+    With a budget the builder sizes its forward chunks to a quarter of it
+    (``chunk = max(T, budget/4 / ((8h + 4I)·b + 8h))`` tokens) and keeps the calibration hidden
+    states (``N·T·h·b``, inputs and outputs) on the GPU only when they take less than a quarter;
+    otherwise they live in CPU RAM and one chunk at a time visits the GPU. The factorisation
+    workspace of the largest module is ``(3·in² + 3·out·in)·4`` (fp32 eigh + SVD).
     """
     from emloc_engine.architectures import arch_spec
 
     c, b = cfg.constants, compute_bytes(facts, cfg)
     n_tokens = cfg.calibration_samples * cfg.context_length
+    h, inter = facts.hidden_size, facts.intermediate_size
+    if budget_bytes is None:
+        chunk_tokens = min(cfg.calibration_batch, cfg.calibration_samples) * cfg.context_length
+        offload = False
+    else:
+        per_token = (8 * h + 4 * inter) * max(b, 2) + 8 * h
+        chunk_tokens = max(cfg.context_length, min(budget_bytes // 4 // per_token, 1 << 17))
+        offload = n_tokens * h * 4 > budget_bytes // 4
+    chunk_tokens = min(chunk_tokens, n_tokens)
     block = facts.block_parameters * b
     compressed = int(min(1.0, ratio) * facts.linear_parameters_per_block * b)
-    hidden = int(c.build_hidden_copies * n_tokens * facts.hidden_size * b)
+    hidden = int(c.build_hidden_copies * (chunk_tokens if offload else n_tokens) * h * b)
     shapes = {m.name: m for m in facts.modules}
     try:
         groups = [[shapes[n] for n in g.modules if n in shapes] for g in arch_spec({"model_type": facts.model_type}).groups]
     except Exception:
         groups = [[m] for m in facts.modules]
     stats = sum(g[0].in_features ** 2 * c.stats_bytes for g in groups if g)
-    chunk = _layer_act(facts, min(cfg.calibration_batch, cfg.calibration_samples) * cfg.context_length, b,
-                       c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    chunk = _layer_act(facts, chunk_tokens, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
     workspace = max(int((c.factor_in2_copies * m.in_features ** 2 + c.factor_outin_copies * m.numel) * c.factor_bytes)
                     for m in facts.modules)
+    embed = facts.embedding_parameters * b  # materialised once, to embed the calibration tokens
     lin_flops = sum(c.eigh_flop_coef * g[0].in_features ** 3 for g in groups if g) + sum(
         c.svd_flop_coef * m.numel * min(m.out_features, m.in_features) for m in facts.modules)
     linalg = c.linalg_flops_cpu if cfg.device == "cpu" else c.linalg_flops_gpu
     fwd = _forward_flops(facts, facts.num_parameters, n_tokens, cfg.context_length)
     seconds = (facts.num_layers * lin_flops / linalg + fwd / (flops_per_second(cfg) * c.infer_mfu)
                + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s)
-    parts = [("one block (original)", block), ("one block (compressed)", compressed),
-             ("calibration hidden states", hidden), ("statistics ΣXᵀX (fp32)", stats),
-             ("factorisation workspace" if workspace >= chunk else "calibration forward", max(workspace, chunk))]
+    per_block = block + compressed + stats + max(workspace, chunk)
+    if embed + hidden // 2 > per_block:
+        parts = [("embeddings (capture)", embed), ("calibration hidden states", hidden // 2)]
+    else:
+        parts = [("one block (original)", block), ("one block (compressed)", compressed),
+                 ("calibration hidden states", hidden), ("statistics ΣXᵀX (fp32)", stats),
+                 ("factorisation workspace" if workspace >= chunk else "calibration forward", max(workspace, chunk))]
     return _stage("emulator", parts, cfg, seconds)
 
 
@@ -457,7 +483,7 @@ def _ratio_grid(cfg: PlanConfig) -> list[float]:
 
 
 def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, gpu_limit: int | None) -> tuple[StagePeak, ...]:
-    build = replace(emulator_build_peak(facts, cfg, ratio), limit_bytes=limit)
+    build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=limit or None), limit_bytes=limit)
     train = replace(training_peak(facts, cfg, ratio), limit_bytes=limit)
     correct = correction_peak(facts, cfg, ratio)
     # λ evaluation is inference of the original model: checked against the GPU, not the reduced budget.
@@ -482,7 +508,7 @@ def plan_memory(facts: ModelFacts, cfg: PlanConfig | None = None) -> MemoryPlan:
 
 def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     inference = inference_peak(facts, cfg)
-    full = training_peak(facts, cfg, 1.0, name="full_lora")
+    full = training_peak(facts, cfg, 1.0, name="full_lora", chunked_loss=False)
     notes: list[str] = []
     budget = cfg.budget_bytes or inference.peak_bytes
     if cfg.gpu_total_bytes is not None and budget > cfg.gpu_total_bytes:
