@@ -171,6 +171,15 @@ class TrainResult:
     trainable_params: int = 0
     checkpoint_dir: Path | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready record for the run manifest."""
+        return {"adapter_dir": str(self.adapter_dir), "steps": self.steps_done,
+                "final_eval_loss": self.final_eval_loss, "loss_history": [list(x) for x in self.loss_history],
+                "eval_history": [list(x) for x in self.eval_history], "tokens_per_s": self.tokens_per_s,
+                "wall_s": self.wall_s, "peak_vram_gib": self.peak_vram_gib,
+                "resumed_from_step": self.resumed_from_step, "target_modules": list(self.target_modules),
+                "trainable_params": self.trainable_params}
+
 
 def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainResult:
     """Train a LoRA on the emulator with the data of ``cfg.data``; see the module docstring.

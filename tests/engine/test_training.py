@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from emloc_engine.architectures import arch_spec
 from emloc_engine.checkpoint import Checkpoint, load_config
+from emloc_engine.data import DataConfig, Example
 from emloc_engine.errors import Cancelled, ConfigError
-from emloc_engine.lora_layers import LowRankLoraLinear, attach_lora, lora_config, lora_modules, resolve_targets
+from emloc_engine.lora_layers import (
+    LowRankLoraLinear,
+    attach_lora,
+    lora_config,
+    lora_modules,
+    resolve_targets,
+)
 from emloc_engine.lowrank import LowRankLinear, load_emulator
 from emloc_engine.progress import RecordingProgress
 from emloc_engine.training import (
@@ -28,6 +36,7 @@ from emloc_engine.training import (
     list_checkpoints,
     lm_loss_sum,
     micro_batch_indices,
+    train_lora,
     train_on_examples,
 )
 from tests.emulator_factory import write_svd_emulator
@@ -36,17 +45,14 @@ TEXTS = ("the cat sat on the mat.", "a bird in the hand.", "to be or not to be."
          "the quick brown fox.", "jumps over the dog.")
 
 
-@dataclass(frozen=True)
-class Ex:
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
+Ex = Example
 
 
 def examples(model_dir: Path, texts: tuple[str, ...] = TEXTS) -> list[Ex]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = []
     for t in texts:
-        ids = tuple(tok(t)["input_ids"]) + (3,)
+        ids = (*tok(t)["input_ids"], 3)
         out.append(Ex(ids, (-100,) * 4 + ids[4:]))  # no loss on the first tokens, like a prompt
     return out
 
@@ -63,6 +69,15 @@ def make_dense(emu_dir: Path, model_dir: Path, module: str) -> None:
     (emu_dir / "emloc.json").write_text(json.dumps(meta))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices: one thread is faster than two, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def llama_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(original model dir, emulator dir) of the tiny Llama at ρ = 0.5, down_proj of block 1 kept dense."""
@@ -76,7 +91,7 @@ def cfg_for(run_dir: Path, emu: Path, **kw: Any) -> TrainConfig:
     base: dict[str, Any] = dict(rank=4, alpha=8.0, dropout=0.1, steps=8, lr=5e-3, batch_size=2, grad_accum=2,
                                 warmup_steps=2, eval_every=4, save_every=3, grad_checkpointing=True, device="cpu")
     base.update(kw)
-    return TrainConfig(run_dir=run_dir, data=None, emulator_dir=emu, **base)  # type: ignore[arg-type]
+    return TrainConfig(run_dir=run_dir, data=DataConfig(path=run_dir / "unused.jsonl"), emulator_dir=emu, **base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +161,7 @@ def test_bad_targets_are_named(llama_run: tuple[Path, Path]) -> None:
 
 
 def test_loss_matches_model_loss_and_gradients(llama_run: tuple[Path, Path]) -> None:
-    model_dir, emu_dir = llama_run
+    model_dir = llama_run[0]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     batch = collate(examples(model_dir)[:3], pad_id=0)
     assert label_tokens(batch) == int((batch["labels"][:, 1:] != -100).sum()) > 0
@@ -187,36 +202,45 @@ def test_settings_are_validated_all_at_once(tmp_path: Path) -> None:
 # Training, resume, cancel.
 
 
+def write_chat_data(path: Path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}!"}]}
+            for w in ("apple", "river", "stone", "cloud", "tiger", "lemon", "piano")]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
 def test_training_memorises_and_writes_standard_adapter(llama_run: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, emu = llama_run
-    data = examples(model_dir)
+    run_dir = tmp_path / "run"
+    shutil.copytree(emu, run_dir / "emulator")  # the default place: RUN_DIR/emulator
     progress = RecordingProgress()
-    cfg = cfg_for(tmp_path / "run", emu, steps=40, lr=2e-2, dropout=0.0, warmup_steps=3, eval_every=20,
-                  save_every=20, batch_size=3, grad_accum=1, rank=8, alpha=16.0, use_rslora=True)
-    result = train_on_examples(cfg, data, data[:2], progress, pad_id=0)
+    cfg = TrainConfig(run_dir=run_dir, data=DataConfig(path=write_chat_data(tmp_path / "chat.jsonl"), max_length=64),
+                      steps=30, lr=2e-2, dropout=0.0, warmup_steps=3, eval_every=15, save_every=15, batch_size=3,
+                      rank=8, alpha=16.0, use_rslora=True, grad_checkpointing=False, device="cpu")
+    result = train_lora(cfg, progress)
     losses = [v for _, v in result.loss_history]
-    assert [s for s, _ in result.loss_history] == list(range(1, 41))
+    assert [s for s, _ in result.loss_history] == list(range(1, 31))
     assert losses[-1] < 0.5 * losses[0], losses
-    assert result.eval_history[-1][0] == 40 and result.final_eval_loss is not None
-    assert result.eval_history[-1][1] < result.eval_history[0][1]
+    assert [s for s, _ in result.eval_history] == [15, 30] and result.final_eval_loss == result.eval_history[-1][1]
     assert result.peak_vram_gib == 0.0 and result.tokens_per_s > 0 and result.resumed_from_step is None
     lrs = [v for _, v in result.lr_history]
     assert lrs[0] == pytest.approx(2e-2 / 3) and max(lrs) == pytest.approx(2e-2) and lrs[-1] < 1e-3
     for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "eval/loss", "gpu/peak_gib"):
         assert progress.values(name), name
-    assert progress.updates[-1][0] == 1.0 and progress.updates[-1][1].startswith("step 40/40 · loss ")
+    assert progress.updates[-1][0] == 1.0 and progress.updates[-1][1].startswith("step 30/30 · loss ")
     assert "tok/s · ETA" in progress.updates[-1][1]
-    assert progress.checks == 40
+    assert progress.checks == 30
 
     adapter = result.adapter_dir
+    assert adapter == run_dir / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "emloc_training.json"} <= {
         p.name for p in adapter.iterdir()}
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(model_dir) and config["use_rslora"] is True
-    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [20, 40]
+    assert [s for s, _ in list_checkpoints(run_dir / "checkpoints")] == [15, 30]
     # The trained adapter changes the ORIGINAL model's predictions once loaded on it.
     original = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = torch.tensor([data[0].input_ids])
+    ids = torch.tensor([examples(model_dir)[0].input_ids])
     with torch.no_grad():
         base = original(ids).logits
         tuned = PeftModel.from_pretrained(original, adapter)(ids).logits
