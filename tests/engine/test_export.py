@@ -193,6 +193,7 @@ def test_gguf_refused_for_unsupported_family_before_any_work(tiny_cache: Path, t
     assert _leftovers(run) == []
 
 
+@pytest.mark.slow
 def test_verification_beyond_tolerance_fails_loudly(tiny_llama: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     run = _run_with_adapter(tiny_llama, tmp_path)

@@ -68,7 +68,7 @@ def test_inf_in_base_weight_blames_the_shard() -> None:
 def test_fp16_overflow_on_cast_back_is_refused() -> None:
     w = torch.full((4, 4), 60000.0, dtype=torch.float16)
     lm = LoraDelta(torch.ones(1, 4), torch.ones(4, 1) * 100.0, 100.0)
-    with pytest.raises(MergeError, match="overflows torch.float16"):
+    with pytest.raises(MergeError, match=r"overflows torch\.float16"):
         merge_state_dict({"x.weight": w}, {"x": lm})
 
 

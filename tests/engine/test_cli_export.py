@@ -1,0 +1,53 @@
+"""``emloc export`` end to end on the tiny Llama: every format, manifest record, refusals, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emloc_engine.cli import main
+from emloc_engine.layout import RunLayout
+from emloc_engine.manifest import RunManifest
+from tests.engine.export_helpers import hf_logits, make_adapter, max_diff, peft_logits
+
+
+@pytest.mark.slow
+def test_cli_export_end_to_end(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    make_adapter(tiny_llama, RunLayout(run).adapter_corrected)
+    RunManifest.open(run).set_input("model", tiny_llama, "fp")  # --model defaults to the recorded one
+    code = main(["export", str(run), "--formats", "merged,adapter,gguf", "--gguf-type", "q8_0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verified merged" in out and "verified gguf" in out and "verified adapter" in out
+    assert (run / "merged" / "config.json").exists() and (run / "model.gguf").exists()
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["export"]
+    assert stage["status"] == "done"
+    assert set(stage["result"]["paths"]) == {"merged_dir", "adapter_dir", "gguf_path"}
+    assert {n for n, _ in stage["result"]["verification"]} == {"merged", "adapter", "gguf"}
+    assert max_diff(hf_logits(run / "merged"), peft_logits(tiny_llama, RunLayout(run).adapter_corrected)) < 1e-4
+    # a second export into the same run is refused (exit 2, message names the folder) ...
+    assert main(["export", str(run), "--formats", "merged", "--no-verify"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert json.loads((run / "manifest.json").read_text())["stages"]["export"]["status"] == "failed"
+    # ... unless --overwrite
+    assert main(["export", str(run), "--model", str(tiny_llama), "--formats", "merged", "--no-verify",
+                 "--overwrite"]) == 0
+
+
+def test_cli_export_errors(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    make_adapter(tiny_llama, tmp_path / "elsewhere")
+    assert main(["export", str(run), "--no-verify"]) == 2
+    assert "--model" in capsys.readouterr().err  # no recorded model
+    assert main(["export", str(run), "--model", str(tiny_llama), "--formats", "merged,onnx"]) == 2
+    assert "formats" in capsys.readouterr().err
+    assert main(["export", str(run), "--model", str(tiny_llama), "--formats", "merged", "--no-verify"]) == 2
+    assert "No adapter" in capsys.readouterr().err
+    # an adapter from outside the run is copied into RUN_DIR/adapter-export with a card
+    assert main(["export", str(run), "--model", str(tiny_llama), "--adapter", str(tmp_path / "elsewhere"),
+                 "--formats", "adapter", "--no-verify"]) == 0
+    assert (run / "adapter-export" / "adapter_model.safetensors").exists()
+    assert "emloc" in (run / "adapter-export" / "README.md").read_text()
