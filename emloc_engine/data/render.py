@@ -160,9 +160,20 @@ def _trim_after_end_of_turn(tokenizer: Any, ids: list[int], start: int, end: int
     return k if start < k < end and ids[k - 1] in special_ids(tokenizer) else end
 
 
-@functools.lru_cache(maxsize=4)
 def special_ids(tokenizer: Any) -> frozenset[int]:
     """Ids of every special token: the named ones and added tokens flagged special (``<|eot_id|>``, ...)."""
+    try:
+        return _special_ids_cached(tokenizer)
+    except TypeError:  # an unhashable tokenizer class: compute each time
+        return _special_ids(tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _special_ids_cached(tokenizer: Any) -> frozenset[int]:
+    return _special_ids(tokenizer)
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
     ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids.update(i for i, t in decoder.items() if getattr(t, "special", False))
