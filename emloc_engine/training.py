@@ -199,7 +199,9 @@ def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainRes
         Cancelled: the user cancelled; a resumable checkpoint has been written.
     """
     from emloc_engine.data import load_tokenizer, prepare_dataset
+    from emloc_engine.lowrank import read_emulator_meta
 
+    read_emulator_meta(cfg.resolved_emulator_dir)  # a missing emulator says "emloc build", not "no tokenizer"
     tokenizer = load_tokenizer(cfg.resolved_emulator_dir)
     data = prepare_dataset(cfg.data, tokenizer)
     return train_on_examples(cfg, data.train, data.eval, progress, pad_id=pad_token_id(tokenizer),

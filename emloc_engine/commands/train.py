@@ -73,12 +73,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.data.pipeline import fingerprint
+    from emloc_engine.lowrank import read_emulator_meta
     from emloc_engine.manifest import RunManifest
     from emloc_engine.progress import TqdmProgress
     from emloc_engine.runlog import attach_run_log, detach_run_log
     from emloc_engine.training import train_lora
 
     cfg = config_from_args(args)
+    read_emulator_meta(cfg.resolved_emulator_dir)  # before the run folder is touched
     manifest = RunManifest.open(cfg.run_dir)
     handler = attach_run_log(cfg.run_dir)
     progress = TqdmProgress("train")

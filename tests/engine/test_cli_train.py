@@ -1,0 +1,76 @@
+"""``emloc train RUN_DIR DATA``: end to end on a tiny emulator, resume, restart, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from emloc_engine.cli import main
+from emloc_engine.manifest import RunManifest
+from tests.emulator_factory import write_svd_emulator
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run_dir(tiny_llama: Path, tmp_path: Path) -> Path:
+    write_svd_emulator(tiny_llama, tmp_path / "run" / "emulator", ratio=0.5)
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    rows = [{"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}"} for i in range(8)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ARGS = ["--steps", "4", "--rank", "4", "--alpha", "8", "--batch-size", "2", "--warmup-steps", "1",
+        "--eval-every", "2", "--save-every", "2", "--device", "cpu", "--max-length", "64", "--targets", "q_proj",
+        "v_proj", "down_proj"]
+
+
+def test_train_end_to_end_then_resume_and_restart(run_dir: Path, data_file: Path, tiny_llama: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(run_dir), str(data_file), *ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "4 steps; train loss" in out and "eval loss" in out and f"adapter: {run_dir / 'adapter'}" in out
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(tiny_llama)
+    manifest = RunManifest.open(run_dir)
+    record = manifest.stage("train")
+    assert record["status"] == "done" and record["result"]["steps"] == 4
+    assert len(record["result"]["loss_history"]) == 4
+    assert manifest.data["inputs"]["data"]["path"] == str(data_file)
+
+    assert main(["train", str(run_dir), str(data_file), *ARGS]) == 0  # done already: resumes at the end
+    assert "(resumed from step 4)" in capsys.readouterr().out
+    assert main(["train", str(run_dir), str(data_file), *ARGS, "--steps", "6"]) == 0  # extend the run
+    assert "6 steps (resumed from step 4)" in capsys.readouterr().out
+    assert main(["train", str(run_dir), str(data_file), *ARGS, "--restart", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 steps; train loss")
+
+
+def test_bad_settings_and_missing_emulator_exit_2(run_dir: Path, data_file: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(run_dir), str(data_file), "--rank", "0", "--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA rank must be at least 1" in err and "learning rate must be positive" in err
+    assert main(["train", str(run_dir), str(data_file), *ARGS, "--targets", "u"]) == 2
+    assert "'u'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "nowhere"), str(data_file), "--device", "cpu"]) == 2
+    assert "emloc build" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
