@@ -153,7 +153,7 @@ class DataPage(BasePage):
         self.preview.setPlaceholderText("Rendered samples appear here, exactly as the model will see them.")
         self.problems = QTableWidget(0, 3)
         self.problems.setObjectName("problems")
-        self.problems.setHorizontalHeaderLabels(["Where", "", "Problem"])
+        self.problems.setHorizontalHeaderLabels(["Where", "Kind", "Problem"])
         self.problems.verticalHeader().hide()
         self.problems.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.problems.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)

@@ -72,6 +72,13 @@ class MachinePage(BasePage):
         self.body.addWidget(hw)
         self.body.addWidget(box)
         self.body.addWidget(self.cpu_note)
+        self.body.addWidget(self.hint(
+            "<b>How the budget is used.</b> Fine-tuning normally needs more memory than running a model "
+            "(adapter, optimizer state, activations, logits). EMLoC trains on a smaller <i>emulator</i> of the "
+            "model, built from your own data, so that every stage stays within this budget; then it corrects "
+            "the trained adapter so it works on the original model. The next pages show, for every model on "
+            "this disk, whether it fits and how much of each layer the emulator keeps (ρ).<br><br>"
+            "Lower the budget if other programs need the GPU at the same time."))
         self.body.addStretch(1)
         self._budget_touched = False
         self._filling = False

@@ -100,10 +100,11 @@ class TryPage(BasePage):
         self.export_bars: dict[str, QProgressBar] = {}
         self.export_status: dict[str, QLabel] = {}
         self.gguf_type = QComboBox()
+        self.gguf_type.setObjectName("gguf_type")
         self.gguf_type.addItems(["f16", "bf16", "q8_0", "f32"])
         self.gguf_type.setToolTip(engine.field_help("ExportConfig").get("gguf_type", "GGUF tensor type."))
         for i, (fmt, title, tip) in enumerate(EXPORTS):
-            b = QPushButton(f"Export {title.lower()}")
+            b = QPushButton(f"Export {title if fmt == 'gguf' else title.lower()}")
             b.setObjectName(f"export_{fmt}")
             b.setToolTip(tip)
             b.clicked.connect(lambda _=False, f=fmt: self.start_export(f))
@@ -113,11 +114,16 @@ class TryPage(BasePage):
             status = QLabel("")
             status.setMinimumWidth(200)
             status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-            grid.addWidget(b, i, 0)
+            if fmt == "gguf":
+                cell = QHBoxLayout()
+                cell.addWidget(b, 1)
+                cell.addWidget(self.gguf_type)
+                grid.addLayout(cell, i, 0)
+            else:
+                grid.addWidget(b, i, 0)
             grid.addWidget(bar, i, 1)
             grid.addWidget(status, i, 2)
             self.export_buttons[fmt], self.export_bars[fmt], self.export_status[fmt] = b, bar, status
-        grid.addWidget(self.gguf_type, 2, 3)
         self.open_folder = QPushButton("&Open run folder")
         self.open_folder.clicked.connect(self.open_run_folder)
         grid.addWidget(self.open_folder, 0, 3)

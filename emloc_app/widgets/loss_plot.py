@@ -58,6 +58,7 @@ class _Chart:
         pad = (self.y_max - self.y_min) * 0.08 or abs(self.y_max) * 0.1 or 1.0
         self.ax.setRange(0, self.x_max)
         self.ay.setRange(self.y_min - pad if self.y_min - pad > 0 or self.y_min < 0 else 0, self.y_max + pad)
+        self.ay.applyNiceNumbers()  # round tick values, so labels never repeat
 
 
 class LossPlot(QWidget):

@@ -121,7 +121,7 @@ def test_model_page_add_folder_rescans(qtbot, tmp_path: Path) -> None:  # type: 
 
 def test_data_page_report_preview_and_config(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
     report = FakeReport(problems=(FakeProblem(str(tmp_path / "data.jsonl"), 7, "no assistant turn", False),))
-    engine, calls = make_fake_engine(tmp_path, report=report)
+    engine, _ = make_fake_engine(tmp_path, report=report)
     state.data_report = None
     state.data_config = None
     page = DataPage(state, engine)
@@ -171,7 +171,7 @@ def test_plan_page_ratio_bars_and_configs(qtbot, tmp_path: Path, state: WizardSt
     page, _ = make_plan_page(qtbot, tmp_path, state)
     assert page.isComplete()
     assert page.ratio_label.text() == "0.45" and page.slider.value() == 45 and not page.slider.isEnabled()
-    assert [r.label for r in page.bars.rows][0].startswith("Inference")
+    assert page.bars.rows[0].label.startswith("Inference")
     assert len(page.bars.rows) == 5  # inference, 3 stages, full LoRA reference
     assert "Estimated duration" in page.duration.text()
     # tooltips come from the engine's help metadata
