@@ -454,9 +454,9 @@ def _preflight(cfg: ExportConfig, layout: RunLayout, formats: set[str], adapter_
     if "gguf" in formats and layout.gguf.exists() and not cfg.overwrite:
         raise MergeError(f"{layout.gguf} already exists.", hint=hint)
     if "gguf" in formats:
-        from emloc_engine.gguf_export import gguf_support_problem
+        from emloc_engine.gguf_export import gguf_support_problem, gguf_tokenizer_problem
 
-        problem = gguf_support_problem(load_config(cfg.model_dir))
+        problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
         if problem:
             raise MergeError(f"Cannot export GGUF: {problem}.", hint="Export merged (and adapter) only.")
     if not _inside(adapter_dir, layout.root):

@@ -90,6 +90,20 @@ def gguf_support_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
+def gguf_tokenizer_problem(model_dir: Path) -> str | None:
+    """Why the tokenizer of a folder cannot be written into a GGUF (``None`` when it can)."""
+    d = Path(model_dir)
+    if (d / "tokenizer.model").is_file():
+        return None
+    try:
+        model = json.loads((d / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+    except (OSError, ValueError):
+        return "the model folder has neither tokenizer.json nor tokenizer.model"
+    if model.get("type") != "BPE":
+        return f"its tokenizer is {model.get('type')!r}; only BPE (byte-level or SentencePiece-style) is supported"
+    return None
+
+
 def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
     rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
     return dict(rp) if isinstance(rp, dict) else {}
@@ -388,7 +402,7 @@ def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResu
     t0 = time.monotonic()
     model_dir, out = Path(cfg.model_dir), Path(cfg.out_path)
     config = load_config(model_dir)
-    problem = gguf_support_problem(config)
+    problem = gguf_support_problem(config) or gguf_tokenizer_problem(model_dir)
     if problem:
         raise UnsupportedModel(f"Cannot write GGUF for {model_dir.name}: {problem}.")
     if out.exists() and not cfg.overwrite:

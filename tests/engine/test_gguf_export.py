@@ -3,6 +3,7 @@ template) for Llama, Qwen2 and Mistral; refusals; Llama-3 rope factors."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,9 @@ def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
     assert out.read_bytes() == b"old"
     with pytest.raises(ConfigError):
         GgufConfig(tmp_path, out, "q4_0")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy2(_snap(tiny_cache, "llama") / "config.json", bare / "config.json")
+    with pytest.raises(UnsupportedModel, match="tokenizer"):
+        export_gguf(GgufConfig(bare, tmp_path / "b.gguf"))
+    assert not (tmp_path / "b.gguf").exists()
