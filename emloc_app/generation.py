@@ -54,7 +54,8 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> tuple[A
         raise ModelNotFound(f"No model in {model_dir}.", hint="Choose the model again on the Model page.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    model = model.to(device)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -46,7 +46,7 @@ class Settings:
     def recent_runs(self) -> list[Path]:
         """Run folders, most recent first (only those that still exist)."""
         raw = self._qs.value("runs/recent", [])
-        items = [raw] if isinstance(raw, str) else list(raw or [])
+        items: list[str] = [raw] if isinstance(raw, str) else [str(x) for x in (raw or [])]  # type: ignore[attr-defined]
         return [Path(p) for p in items if p and Path(p).exists()]
 
     def add_recent_run(self, run_dir: Path) -> None:

@@ -121,8 +121,10 @@ class DataPage(BasePage):
             w.setObjectName(name)
             if name in help_:
                 w.setToolTip(help_[name])
-            signal = getattr(w, "valueChanged", None) or w.currentIndexChanged  # type: ignore[attr-defined]
-            signal.connect(self.schedule_inspect)
+            if isinstance(w, QComboBox):
+                w.currentIndexChanged.connect(self.schedule_inspect)
+            else:
+                w.valueChanged.connect(self.schedule_inspect)
 
         file_row = QHBoxLayout()
         file_row.addWidget(self.path, 1)

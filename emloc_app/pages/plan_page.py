@@ -300,8 +300,8 @@ def estimated_seconds(plan: Any) -> float | None:
     """Sum of the planner's per-stage estimates (``est_seconds``: a number, a dict or pairs)."""
     est = getattr(plan, "est_seconds", None)
     if est is None:
-        vals = [getattr(st, "est_seconds", None) for st in getattr(plan, "stages", ()) or ()]
-        vals = [v for v in vals if v is not None]
+        vals = [float(v) for st in getattr(plan, "stages", ()) or ()
+                if (v := getattr(st, "est_seconds", None)) is not None]
         return float(sum(vals)) if vals else None
     if isinstance(est, (int, float)):
         return float(est)

@@ -8,6 +8,7 @@ metrics arrive.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from PySide6.QtCharts import QChart, QChartView, QLineSeries, QScatterSeries, QValueAxis
 from PySide6.QtCore import QMargins, Qt
@@ -72,7 +73,7 @@ class LossPlot(QWidget):
         for i, c in enumerate(self.charts.values()):
             grid.addWidget(c.view, 0, i)
             grid.setColumnStretch(i, 2 if i == 0 else 1)
-        self.series: dict[str, QLineSeries] = {}
+        self.series: dict[str, Any] = {}
         self.points: dict[str, list[tuple[int, float]]] = {}
 
     def _series(self, name: str) -> tuple[_Chart, QLineSeries] | None:
@@ -81,7 +82,7 @@ class LossPlot(QWidget):
             return None
         key, label, color, scatter = spec
         chart = self.charts[key]
-        s = self.series.get(label)
+        s: Any = self.series.get(label)
         if s is None:
             s = QScatterSeries() if scatter else QLineSeries()
             s.setName(label)

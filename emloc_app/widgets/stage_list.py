@@ -35,7 +35,8 @@ class StageList(QWidget):
     def set_stages(self, stages: list[tuple[str, str]]) -> None:
         """Replace the rows: ``[(name, title), ...]``."""
         for row in self.rows.values():
-            for w in (row.symbol, row.title, row.bar, row.status):
+            widgets: tuple[QWidget, ...] = (row.symbol, row.title, row.bar, row.status)
+            for w in widgets:
                 w.deleteLater()
         self.rows.clear()
         for i, (name, title) in enumerate(stages):
@@ -48,8 +49,9 @@ class StageList(QWidget):
             status.setMinimumWidth(220)
             status.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
             row = _Row(QLabel(SYMBOLS["pending"]), QLabel(title), bar, status)
-            for col, w in enumerate((row.symbol, row.title, row.bar, row.status)):
-                self._grid.addWidget(w, i, col)
+            cells: tuple[QWidget, ...] = (row.symbol, row.title, row.bar, row.status)
+            for col, cell in enumerate(cells):
+                self._grid.addWidget(cell, i, col)
             self.rows[name] = row
 
     def start(self, name: str) -> None:
