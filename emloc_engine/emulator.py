@@ -105,7 +105,7 @@ class EmulatorConfig:
     solver: str = field(default="eigh", metadata={
         "help": "eigh (exact) or randomized (subspace iteration; faster on big layers, slightly worse)."})
     memory_budget_bytes: int | None = field(default=None, metadata={
-        "help": "Device memory the build may use; sizes the calibration chunks (default: the device's total)."})
+        "help": "Device memory the build may use; sizes the calibration chunks (default: 40% of the model's bytes)."})
     chunk_tokens: int | None = field(default=None, metadata={
         "help": "Padded tokens per forward chunk (default: from the memory budget)."})
     min_calibration_tokens: int | None = field(default=None, metadata={
@@ -262,21 +262,52 @@ def source_revision(model_dir: Path) -> str | None:
     return model_dir.name if model_dir.parent.name == "snapshots" else None
 
 
-def _chunk_tokens(cfg: EmulatorConfig, hf_config: Any, device: torch.device, max_len: int, elem: int) -> int:
-    """Padded tokens per chunk: a quarter of the budget over the activation bytes of one token.
+@dataclass(frozen=True)
+class MemoryLayout:
+    """How the build fits its budget: tokens per forward chunk and where hidden states live."""
 
-    Depends only on the settings and the device's TOTAL memory (never on what is free right now),
-    so a resumed build chunks exactly like the interrupted one.
+    budget_bytes: int
+    chunk_tokens: int
+    offload_hidden: bool
+
+
+def plan_build_memory(cfg: EmulatorConfig, hf_config: Any, ckpt: Checkpoint, device: torch.device,
+                      lengths: list[int], elem: int) -> MemoryLayout:
+    """Chunking from the memory budget, with an explicit account of what stays resident.
+
+    Budget (default): 40% of the checkpoint's bytes, at least 2 GiB, at most the device's total,
+    so construction peaks well under half of the model's inference peak. Resident: the hidden states
+    of every sample (``tokens × hidden × elem``), the group statistics (``Σ in² × 4``), one block
+    twice (stored + compute copy) and the factorisation temporaries (``≈ 3 · widest_in² × 4``).
+    The rest goes to activations of one chunk, about ``(8·intermediate + 16·hidden)`` bytes per
+    token in bf16. When that leaves less than one sample, the hidden states move to (pinned) CPU
+    memory. Depends only on settings and checkpoint (never on free memory right now), so a resumed
+    build chunks exactly like the interrupted one.
     """
+    max_len = max(lengths)
+    h = int(hf_config.hidden_size)
+    inter = int(getattr(hf_config, "intermediate_size", 4 * h) or 4 * h)
+    per_token = (8 * inter + 16 * h) * max(elem, 2) // 2
+    if cfg.memory_budget_bytes is not None:
+        budget = cfg.memory_budget_bytes
+    else:
+        budget = max(2 << 30, int(0.4 * sum(i.nbytes for i in ckpt.infos())))
+        if device.type == "cuda":
+            budget = min(budget, torch.cuda.get_device_properties(device).total_memory)
+    blocks = max(1, num_blocks(hf_config))
+    block_bytes = sum(i.nbytes for i in ckpt.infos() if ".layers." in i.name) // blocks
+    fixed = 4 * (3 * h * h + inter * inter) + 2 * block_bytes * max(1, elem // 2) + 3 * 4 * max(h, inter) ** 2
+    hidden = sum(lengths) * h * elem
+    offload = device.type == "cuda" and budget - fixed - hidden < per_token * max_len
+    room = budget - fixed - (0 if offload else hidden)
     if cfg.chunk_tokens is not None:
-        return max(cfg.chunk_tokens, max_len)
-    budget = cfg.memory_budget_bytes
-    if budget is None:
-        budget = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 4 << 30
-    h, inter = int(hf_config.hidden_size), int(getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size))
-    per_token = (8 * h + 4 * inter) * max(elem, 2) + 8 * h  # block activations + fp32 upcasts in norms
-    tokens = int(budget // 4 // per_token)
-    return max(max_len, min(tokens, 1 << 17))
+        chunk = max(cfg.chunk_tokens, max_len)
+    else:
+        chunk = max(max_len, min(room // per_token, 1 << 17))
+        if room < per_token * max_len:
+            log.warning("memory budget of %.1f GiB is tight for %d-token samples; running one sample at a time",
+                        budget / 2**30, max_len)
+    return MemoryLayout(int(budget), int(chunk), bool(offload))
 
 
 def _shard_build_id(path: Path) -> str | None:
@@ -332,9 +363,10 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     samples = _check_calibration(cfg, hf_config)
-    max_len = max(len(s) for s in samples)
     n_tokens = sum(len(s) for s in samples)
-    chunk_tokens = _chunk_tokens(cfg, hf_config, device, max_len, torch.finfo(compute).bits // 8)
+    layout = plan_build_memory(cfg, hf_config, ckpt, device, [len(x) for x in samples],
+                               torch.finfo(compute).bits // 8)
+    chunk_tokens = layout.chunk_tokens
     calib_fp = calibration_fingerprint(samples)
     source_fp = fingerprint_model(model_dir)
     build_id = _sha({"format": EMULATOR_FORMAT_VERSION, "source": source_fp, "calibration": calib_fp,
@@ -361,7 +393,7 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
     progress.update(0.0, f"emulator: {len(plan)} modules in {blocks} blocks, {n_tokens} calibration tokens")
     state = _BuildState(cfg, spec, ckpt, plan, device, compute, stats_dtype, linalg, build_id, blocks)
     try:
-        resumed = state.run(hf_config, samples, chunk_tokens, progress)
+        resumed = state.run(hf_config, samples, layout, progress)
     except torch.OutOfMemoryError as exc:
         raise InsufficientMemory(
             f"Out of GPU memory while building the emulator: {exc}".splitlines()[0],
@@ -373,6 +405,7 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
     meta = _finish(cfg, out_dir, model_dir, spec, blocks, plan, samples, n_tokens, calib_fp, source_fp, build_id,
                    dict(device=str(device), compute_dtype=str(compute), statistics_dtype=str(stats_dtype),
                         linalg_dtype=str(linalg), solver=cfg.solver, chunk_tokens=chunk_tokens,
+                        memory_budget_bytes=layout.budget_bytes, offload_hidden=layout.offload_hidden,
                         wall_s=round(time.monotonic() - t0, 3), peak_vram_gib=round(peak, 3),
                         timings_s={k: round(v, 3) for k, v in state.timings.items()}))
     progress.update(1.0, f"emulator written to {out_dir}")
@@ -463,7 +496,7 @@ class _BuildState:
                 self.writes.remove(fut)
         self.timings["write_wait"] += time.perf_counter() - t
 
-    def run(self, hf_config: Any, samples: tuple[tuple[int, ...], ...], chunk_tokens: int,
+    def run(self, hf_config: Any, samples: tuple[tuple[int, ...], ...], layout: MemoryLayout,
             progress: Progress) -> tuple[int, ...]:
         """Capture block inputs, then build every block; returns the blocks reused from disk."""
         progress.check_cancelled()
@@ -473,12 +506,10 @@ class _BuildState:
         embed = self.ckpt.get(embed_name, dtype=self.compute, device=self.device)
         self.ckpt.close()
         pad = hf_config.pad_token_id if isinstance(getattr(hf_config, "pad_token_id", None), int) else 0
-        hidden_bytes = sum(len(s) for s in samples) * int(hf_config.hidden_size) * 4
-        budget = self.cfg.memory_budget_bytes
-        offload = self.device.type == "cuda" and budget is not None and hidden_bytes > budget // 4
         self.chunks = capture_block_inputs(model, self.spec, embed, samples,
-                                           chunk_samples([len(s) for s in samples], chunk_tokens),
-                                           device=self.device, dtype=self.compute, pad_id=pad, offload=offload)
+                                           chunk_samples([len(s) for s in samples], layout.chunk_tokens),
+                                           device=self.device, dtype=self.compute, pad_id=pad,
+                                           offload=layout.offload_hidden)
         del embed
         progress.update(0.03, f"captured the input of block 0 ({len(self.chunks)} chunks)")
         layers = decoder_layers(model, self.spec)

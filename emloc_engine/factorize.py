@@ -79,11 +79,11 @@ def normalized_statistics(c: torch.Tensor, dtype: torch.dtype = torch.float64) -
     if not bool(torch.isfinite(c).all()):
         raise FloatingPointError("the calibration statistic holds NaN or Inf")
     n = c.shape[0]
-    c = (c + c.T) * 0.5
     mean = float(torch.diagonal(c).sum()) / n
     if mean <= 0.0:  # no activation energy at all: every approximation is equally good; use C = I
         return torch.eye(n, dtype=dtype, device=c.device)
-    return c / mean
+    sym = c + c.T  # one n×n temporary (matters for 14336-wide statistics)
+    return sym.mul_(0.5 / mean)
 
 
 def whitening_root(c: torch.Tensor) -> torch.Tensor:

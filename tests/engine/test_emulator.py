@@ -230,3 +230,29 @@ def test_unsupported_architecture(tiny_llama: Path, tmp_path: Path) -> None:
     (model / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModel, match="gpt2"):
         build_emulator(_config(model, tmp_path / "e"))
+
+
+def test_memory_plan_for_an_8b_model_stays_under_half_its_inference_peak() -> None:
+    from types import SimpleNamespace
+
+    from emloc_engine.checkpoint import TensorInfo
+    from emloc_engine.emulator import plan_build_memory
+
+    h, inter, kv, vocab, blocks = 4096, 14336, 1024, 128256, 32
+    infos = [TensorInfo("model.embed_tokens.weight", Path("a"), "BF16", (vocab, h)),
+             TensorInfo("lm_head.weight", Path("a"), "BF16", (vocab, h))]
+    for b in range(blocks):
+        for name, shape in (("q", (h, h)), ("k", (kv, h)), ("v", (kv, h)), ("o", (h, h)), ("gate", (inter, h)),
+                            ("up", (inter, h)), ("down", (h, inter))):
+            infos.append(TensorInfo(f"model.layers.{b}.{name}.weight", Path("a"), "BF16", shape))
+    ckpt: Any = SimpleNamespace(infos=lambda: infos)
+    hf: Any = SimpleNamespace(hidden_size=h, intermediate_size=inter, num_hidden_layers=blocks)
+    cfg = EmulatorConfig(model_dir=Path("m"), out_dir=Path("o"), calibration_ids=((1,),), ratio=0.4)
+    layout = plan_build_memory(cfg, hf, ckpt, torch.device("cpu"), [1024] * 64, 2)
+    weights = sum(i.nbytes for i in infos)
+    assert layout.budget_bytes <= 0.5 * weights  # inference needs at least the weights
+    assert 1024 <= layout.chunk_tokens < 64 * 1024 and not layout.offload_hidden
+    tight = plan_build_memory(EmulatorConfig(model_dir=Path("m"), out_dir=Path("o"), calibration_ids=((1,),),
+                                             memory_budget_bytes=1 << 30), hf, ckpt, torch.device("cpu"),
+                              [1024] * 64, 2)
+    assert tight.chunk_tokens == 1024  # one sample at a time when the budget is tight
