@@ -136,7 +136,8 @@ class ModuleCorrection:
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
-    return t.to(device=device if device is not None else t.device, dtype=dtype)
+    # Move in the stored dtype (bf16: 2 bytes per element over PCIe), then upcast on the device.
+    return t.to(device=device if device is not None else t.device).to(dtype)
 
 
 def lora_norm(A: torch.Tensor, B: torch.Tensor, scale: float) -> float:
@@ -178,8 +179,12 @@ def prepare_module(W: torch.Tensor, W_e: torch.Tensor | tuple[torch.Tensor, torc
     dev = torch.device(device) if device is not None else W.device
     out_dtype = out_dtype or compute_dtype
     a = _cast(A, compute_dtype, dev)
-    # Aᵀ = Q R Pᵀ; Q: in × m, R = diag(σ), Pᵀ: m × r, m = min(in, r).
-    q, sigma, p_t = torch.linalg.svd(a.T, full_matrices=False)
+    # Aᵀ = Q R Pᵀ; Q: in × m, R = diag(σ), Pᵀ: m × r, m = min(in, r). Computed as Aᵀ = Q₁R₁ (reduced QR),
+    # R₁ = U₂ Σ Vᵀ (m × r, small): Q = Q₁U₂. Same factors as a direct SVD, backward stable, and much
+    # faster for tall-thin matrices (LAPACK's thin SVD of 14336 × 16 is ~20× slower than QR + small SVD).
+    q1, r1 = torch.linalg.qr(a.T)
+    u2, sigma, p_t = torch.linalg.svd(r1, full_matrices=False)
+    q = q1 @ u2
     m = sigma.shape[0]
     tol = (float(sigma.max()) if m else 0.0) * max(in_f, r) * torch.finfo(compute_dtype).eps
     keep = sigma > tol
@@ -196,7 +201,7 @@ def prepare_module(W: torch.Tensor, W_e: torch.Tensor | tuple[torch.Tensor, torc
         a_prime = torch.cat([a_prime, a_prime.new_zeros(r - m, in_f)])
         b_prime = torch.cat([b_prime, b_prime.new_zeros(out_f, r - m)], dim=1)
         gap = torch.cat([gap, gap.new_zeros(out_f, r - m)], dim=1)
-    return PreparedModule(A, B, scale, adapter_norm, *(t.to(device="cpu", dtype=out_dtype) for t in (a_prime, b_prime, gap)))
+    return PreparedModule(A, B, scale, adapter_norm, *(t.to(out_dtype).cpu() for t in (a_prime, b_prime, gap)))
 
 
 def apply_lambda(prep: PreparedModule, lam: float) -> ModuleCorrection:
