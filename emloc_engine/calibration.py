@@ -187,9 +187,13 @@ class StatisticsRecorder:
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        prod: torch.Tensor | None = None
         if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda" and self._dtype == torch.float32:
-            prod = torch.mm(x.T, x, out_dtype=torch.float32)
-        else:
+            try:
+                prod = torch.mm(x.T, x, out_dtype=torch.float32)
+            except (RuntimeError, TypeError, NotImplementedError):  # older torch: upcast instead
+                prod = None
+        if prod is None:
             xd = x.to(self._dtype)
             prod = xd.T @ xd
         if name in self.stats:
