@@ -22,8 +22,9 @@ the emulator kept dense (plain ``nn.Linear``) get peft's ordinary LoRA layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -161,7 +162,25 @@ def attach_lora(model: Any, config: LoraConfig) -> PeftModel:
         # peft records the wrapped model's ``name_or_path`` as the adapter's base model; the
         # adapter belongs to the ORIGINAL model, so the emulator answers to that name.
         model.name_or_path = config.base_model_name_or_path
-    return get_peft_model(model, config, autocast_adapter_dtype=True)
+    with _weight_is_device_probe():
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+@contextlib.contextmanager
+def _weight_is_device_probe() -> Iterator[None]:
+    """While peft wraps the model, ``LowRankLinear.weight`` returns ``u.weight`` instead of ``u @ v``.
+
+    peft's ``LoraModel._replace_module`` reads ``child.weight`` (twice for each of ~9 submodule
+    names of every new LoRA layer) only to learn the device to move the adapter to. On an 8B
+    emulator that would be ~4000 products ``u @ v`` (out × in each, ~2 s on an H200, far longer on
+    small GPUs). Only the device and dtype are read there, and ``u.weight`` has the same ones.
+    """
+    original = LowRankLinear.weight
+    LowRankLinear.weight = property(lambda self: self.u.weight)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        LowRankLinear.weight = original  # type: ignore[method-assign]
 
 
 def lora_modules(peft_model: nn.Module) -> dict[str, Any]:

@@ -143,6 +143,7 @@ def test_lora_forward_is_composite_plus_scaled_update(llama_run: tuple[Path, Pat
         x = torch.randn(3, 5, 32, dtype=torch.float64)
         expected = (x @ v.T) @ u.T + scale * ((x @ a.T) @ b.T)
         assert torch.allclose(layer(x), expected, atol=1e-12)
+        assert torch.allclose(layer.base_layer.weight, u @ v)  # the attach-time shortcut is undone
         dense = mods["model.layers.1.mlp.down_proj"]  # kept dense in the emulator: ordinary peft LoRA
         assert isinstance(dense.base_layer, torch.nn.Linear) and not isinstance(dense, LowRankLoraLinear)
 
