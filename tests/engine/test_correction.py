@@ -384,3 +384,26 @@ def test_config_validation() -> None:
         CorrectionConfig(run_dir=Path("x"), lambda_grid=(0.0, math.nan))
     with pytest.raises(ConfigError):
         CorrectionConfig(run_dir=Path("x"), device="tpu")
+
+
+@pytest.mark.integration
+def test_corrects_the_adapter_that_training_writes(tiny_llama: Path, tmp_path: Path) -> None:
+    """The trained adapter of emloc_engine.training (with its extra files) is corrected and still loads."""
+    from emloc_engine.data import DataConfig
+    from emloc_engine.training import TrainConfig, train_lora
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(24)]
+    data_path = tmp_path / "chat.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run = tmp_path / "run"
+    write_svd_emulator(tiny_llama, run / "emulator", ratio=0.3)
+    data = DataConfig(path=data_path, max_length=64)
+    train_lora(TrainConfig(run_dir=run, data=data, steps=2, rank=4, alpha=8.0, device="cpu", warmup_steps=0))
+    res = correct_lora(CorrectionConfig(run_dir=run, data=data, device="cpu"))
+    assert len(res.lambda_table) == 5 and res.lambda_ in dict(res.lambda_table)
+    assert len(res.modules) == 14 and all(m.compressed for m in res.modules)
+    assert json.loads((res.adapter_dir / CORRECTION_META).read_text())["model"]["path"] == str(tiny_llama)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(res.adapter_dir))
+    check = model.load_adapter(str(res.adapter_dir), adapter_name="check")
+    assert check.unexpected_keys == [] and not [k for k in check.missing_keys if ".check." in k]
