@@ -177,7 +177,7 @@ def bench_inference(model_dir: Path, args: argparse.Namespace, vocab: int) -> di
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(dev)).eval()
     weights = torch.cuda.memory_allocated(dev) / GIB if dev.type == "cuda" else 0.0
     ids = torch.randint(4, vocab, (1, args.seq), device=dev)
     t0 = time.perf_counter()

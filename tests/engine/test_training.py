@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from emloc_engine.architectures import arch_spec
 from emloc_engine.checkpoint import Checkpoint, load_config
 from emloc_engine.data import DataConfig, Example
-from emloc_engine.errors import Cancelled, ConfigError
+from emloc_engine.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.lora_layers import (
     LowRankLoraLinear,
     attach_lora,
@@ -310,3 +310,25 @@ def test_changed_settings_refuse_resume_unless_restarted(llama_run: tuple[Path, 
     fresh = _run(cfg_for(tmp_path, emu, steps=3, lr=1e-3, resume=False), data)
     assert fresh.resumed_from_step is None and len(fresh.loss_history) == 3
     assert math.isfinite(fresh.loss_history[-1][1])
+
+
+def test_out_of_memory_names_the_settings_to_lower(llama_run: tuple[Path, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import emloc_engine.training as training
+
+    def oom(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "lm_loss_sum", oom)
+    with pytest.raises(InsufficientMemory) as err:
+        _run(cfg_for(tmp_path, llama_run[1], batch_size=3), examples(llama_run[0]))
+    assert "batch size 3" in str(err.value) and "--batch-size" in err.value.hint and "--max-length" in err.value.hint
+
+
+@pytest.mark.gpu
+def test_cuda_training_uses_bf16_weights_fp32_adapter(llama_run: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, emu = llama_run
+    result = _run(cfg_for(tmp_path, emu, device="cuda", steps=3), examples(model_dir))
+    assert result.peak_vram_gib > 0 and all(math.isfinite(v) for _, v in result.loss_history)
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())
