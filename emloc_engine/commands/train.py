@@ -1,19 +1,25 @@
 """``emloc train RUN_DIR DATA``: Stage 2, LoRA fine-tuning on the emulator in ``RUN_DIR/emulator``.
 
 Writes ``RUN_DIR/adapter/`` (a peft adapter for the ORIGINAL model) and checkpoints under
-``RUN_DIR/checkpoints/``. Running the same command again after a crash or Ctrl-C resumes from the
-newest checkpoint; ``--restart`` starts over.
+``RUN_DIR/checkpoints/``. Ctrl-C stops at the end of the current step and writes a checkpoint (a
+second Ctrl-C aborts at once). Running the same command again after a crash or Ctrl-C resumes
+from the newest checkpoint; ``--restart`` starts over.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from emloc_engine.errors import Cancelled
+from emloc_engine.progress import CancelToken
 
 HELP = "Stage 2: LoRA fine-tuning on the emulator."
 
@@ -71,6 +77,26 @@ def config_from_args(args: argparse.Namespace) -> Any:
         dtype=args.dtype, seed=args.seed)
 
 
+@contextlib.contextmanager
+def _graceful_ctrl_c(token: CancelToken) -> Iterator[None]:
+    """First Ctrl-C: stop at the end of the current step and write a checkpoint. Second: abort now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if token.cancelled:
+            raise KeyboardInterrupt
+        token.cancel()
+        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort now).", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.data.pipeline import fingerprint
     from emloc_engine.lowrank import read_emulator_meta
@@ -83,10 +109,12 @@ def run(args: argparse.Namespace) -> int:
     read_emulator_meta(cfg.resolved_emulator_dir)  # before the run folder is touched
     manifest = RunManifest.open(cfg.run_dir)
     handler = attach_run_log(cfg.run_dir)
-    progress = TqdmProgress("train")
+    token = CancelToken()
+    progress = TqdmProgress("train", cancel=token)
     manifest.start_stage("train")
     try:
-        result = train_lora(cfg, progress)
+        with _graceful_ctrl_c(token):
+            result = train_lora(cfg, progress)
     except BaseException as exc:
         status = "cancelled" if isinstance(exc, (KeyboardInterrupt, Cancelled)) else "failed"
         manifest.fail_stage("train", status, str(exc))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,3 +77,23 @@ def test_bad_settings_and_missing_emulator_exit_2(run_dir: Path, data_file: Path
     assert main(["train", str(tmp_path / "nowhere"), str(data_file), "--device", "cpu"]) == 2
     assert "emloc build" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_ctrl_c_stops_at_step_boundary_with_checkpoint(run_dir: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import emloc_engine.training as training
+
+    real, calls = training.lm_loss_sum, []
+
+    def loss_then_ctrl_c(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:  # during step 2 (batch 2, no accumulation: one forward per step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "lm_loss_sum", loss_then_ctrl_c)
+    assert main(["train", str(run_dir), str(data_file), *ARGS, "--save-every", "0", "--eval-every", "0"]) == 130
+    assert "Stopping after this step" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors").exists()
+    assert RunManifest.open(run_dir).stage("train")["status"] == "cancelled"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
