@@ -353,6 +353,7 @@ def _independent_loss(model_dir: Path, adapter_dir: Path, examples: tuple[Ex, ..
     return total / count
 
 
+@pytest.mark.slow
 def test_auto_lambda_picks_the_lowest_measured_loss(tiny_llama: Path, tmp_path: Path) -> None:
     run = _run(tmp_path, tiny_llama, ratio=0.3, b_std=0.2)
     examples = _examples()
@@ -387,6 +388,7 @@ def test_config_validation() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_corrects_the_adapter_that_training_writes(tiny_llama: Path, tmp_path: Path) -> None:
     """The trained adapter of emloc_engine.training (with its extra files) is corrected and still loads."""
     from emloc_engine.data import DataConfig
