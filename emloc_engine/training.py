@@ -451,6 +451,9 @@ class _Session:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       fused=device.type == "cuda")
+        if cfg.effective_warmup() != cfg.warmup_steps:
+            log.warning("warmup_steps=%d is not below steps=%d; using %d warmup steps.", cfg.warmup_steps,
+                        cfg.steps, cfg.effective_warmup())
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.effective_warmup(), cfg.steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         session = cls(cfg, device, amp_dtype, peft_model, optimizer, scheduler, scaler,
