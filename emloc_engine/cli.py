@@ -33,6 +33,19 @@ def version_text() -> str:
     return ", ".join(parts)
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Our own bar is the progress; hide the libraries' per-load bars unless --verbose."""
+    if verbose:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emloc",
@@ -53,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the run log (a file) gets INFO; the terminal does not
+        handler.setLevel(level)
+    _quiet_libraries(args.verbose)
     try:
         code: int = args.func(args)
         return code

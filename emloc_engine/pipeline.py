@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.errors import ConfigError, RunStateError
+from emloc_engine.errors import ConfigError, InsufficientMemory, RunStateError
 from emloc_engine.layout import RunLayout
 from emloc_engine.manifest import RunManifest
 from emloc_engine.progress import NULL_PROGRESS, Progress, sub
@@ -121,27 +121,52 @@ def _check_inputs(manifest: RunManifest, name: str, path: Path, fingerprint: str
 
 
 def choose_ratio(cfg: RunConfig) -> tuple[float, dict[str, Any]]:
-    """ρ from the config, or from the planner given the budget / detected GPU."""
+    """ρ from the config, or from the planner for the detected machine.
+
+    The planner's default budget is the model's own inference peak (the promise: training fits in
+    what inference needs). Tiny models on big GPUs, and CPU runs, can fail that rule only because
+    of fixed costs (CUDA context, logits); when the user gave neither ρ nor a budget, the whole
+    device is used as the budget instead and the manifest says so.
+
+    Returns:
+        ``(ρ, plan record)``; the record holds the predicted peak (GiB) of every stage.
+
+    Raises:
+        ConfigError: nothing fits even then; the message lists what would.
+    """
     from emloc_engine import planning
     from emloc_engine.hardware import detect_machine
 
     facts = planning.model_facts(cfg.model_dir)
     machine = detect_machine()
-    gpu_total = machine.gpus[0].total_bytes if machine.gpus else None
-    plan = planning.plan_memory(
-        facts,
-        planning.PlanConfig(budget_bytes=cfg.budget_bytes, gpu_total_bytes=gpu_total,
-                            context_length=cfg.max_length, batch_size=cfg.batch_size, lora_rank=cfg.rank,
-                            ratio=cfg.ratio),
-    )
-    info = {"plan_ratio": plan.ratio, "fits": plan.fits, "reason": plan.reason,
-            "predicted_peaks_gib": {s.name: s.peak_bytes / 2**30 for s in plan.stages},
-            "inference_peak_gib": plan.inference_peak_bytes / 2**30}
+    use_gpu = cfg.device != "cpu" and bool(machine.gpus)
+    device_total = machine.gpus[0].total_bytes if use_gpu else machine.ram_total_bytes
+
+    def plan(budget: int | None) -> Any:
+        return planning.plan_memory(facts, planning.PlanConfig(
+            budget_bytes=budget, gpu_total_bytes=device_total, context_length=cfg.max_length,
+            batch_size=cfg.batch_size, lora_rank=cfg.rank, ratio=cfg.ratio,
+            device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib, train_steps=cfg.steps,
+            auto_lambda=cfg.lambda_ is None))
+
+    result = plan(cfg.budget_bytes)
+    budget_note = "inference peak" if cfg.budget_bytes is None else "user budget"
+    if not result.fits and cfg.budget_bytes is None and cfg.ratio is None:
+        result = plan(device_total)
+        budget_note = "whole device (the inference-peak budget left no room for fixed costs)"
+    info = {"ratio": result.ratio, "fits": result.fits, "reason": result.reason, "budget": budget_note,
+            "budget_gib": result.budget_bytes / 2**30, "limit_bytes": result.limit_bytes,
+            "device": "cuda" if use_gpu else "cpu",
+            "predicted_peaks_gib": {s.name: s.peak_bytes / 2**30 for s in result.stages},
+            "inference_peak_gib": result.inference_peak_bytes / 2**30,
+            "full_lora_peak_gib": result.full_lora_peak_bytes / 2**30,
+            "est_seconds": result.est_seconds}
     if cfg.ratio is not None:
         return cfg.ratio, info
-    if plan.ratio is None:
-        raise ConfigError(f"No compression ratio fits: {plan.reason}", problems=list(plan.suggestions))
-    return float(plan.ratio), info
+    if result.ratio is None or not result.fits:
+        raise InsufficientMemory(f"No compression ratio fits: {result.reason}", problems=list(result.suggestions),
+                                 hint="Give --ratio or --budget-gib explicitly, or follow a suggestion above.")
+    return float(result.ratio), info
 
 
 def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResult:
@@ -195,10 +220,11 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             p = stage("emulator")
             manifest.start_stage("emulator", predicted_peak_gib=predicted.get("emulator"))
             ids = calibration_token_ids(data_cfg, tokenizer, n=cfg.calib, seed=cfg.seed)
+            budget = plan_info.get("limit_bytes") if plan_info.get("device") == "cuda" else None
             er = build_emulator(EmulatorConfig(model_dir=cfg.model_dir, out_dir=layout.emulator,
                                                calibration_ids=tuple(tuple(x) for x in ids), ratio=ratio,
-                                               device=cfg.device), p)
-            manifest.finish_stage("emulator", {"wall_s": er.wall_s}, measured_peak_gib=er.peak_vram_gib)
+                                               device=cfg.device, memory_budget_bytes=budget), p)
+            manifest.finish_stage("emulator", er.to_dict(), measured_peak_gib=er.peak_vram_gib)
             ran.append("emulator")
 
         # Stage 2: training

@@ -109,8 +109,14 @@ class TqdmProgress:
             self._bar.set_description_str(message[:60], refresh=False)
         self._bar.refresh()
 
+    # Metrics worth a glance on one terminal line; everything else goes to the run log/manifest.
+    SHOWN = {"train/loss": "loss", "eval/loss": "eval", "train/tokens_per_s": "tok/s", "gpu/peak_gib": "GiB"}
+
     def log(self, name: str, value: float, step: int) -> None:
-        self._postfix[name.split("/")[-1] if name.count("/") == 1 else name] = f"{value:.4g}"
+        label = self.SHOWN.get(name)
+        if label is None:
+            return
+        self._postfix[label] = f"{value:.4g}"
         self._bar.set_postfix(self._postfix, refresh=True)
 
     def check_cancelled(self) -> None:
