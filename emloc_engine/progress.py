@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from emloc_engine.errors import Cancelled
 
@@ -110,7 +110,7 @@ class TqdmProgress:
         self._bar.refresh()
 
     # Metrics worth a glance on one terminal line; everything else goes to the run log/manifest.
-    SHOWN = {"train/loss": "loss", "eval/loss": "eval", "train/tokens_per_s": "tok/s", "gpu/peak_gib": "GiB"}
+    SHOWN: ClassVar[dict[str, str]] = {"train/loss": "loss", "eval/loss": "eval", "train/tokens_per_s": "tok/s", "gpu/peak_gib": "GiB"}
 
     def log(self, name: str, value: float, step: int) -> None:
         label = self.SHOWN.get(name)
