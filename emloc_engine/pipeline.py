@@ -258,9 +258,7 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             cr = correct_lora(CorrectionConfig(run_dir=layout.root, model_dir=cfg.model_dir, lambda_=cfg.lambda_,
                                                data=data_cfg, device=cfg.device, overwrite=True), p)
             lam = cr.lambda_
-            manifest.finish_stage("correct", {"lambda": "inf" if math.isinf(lam) else lam,
-                                              "lambda_table": [["inf" if math.isinf(a) else a, b]
-                                                               for a, b in cr.lambda_table]},
+            manifest.finish_stage("correct", {**cr.to_dict(), "lambda": "inf" if math.isinf(lam) else lam},
                                   measured_peak_gib=getattr(cr, "peak_vram_gib", None))
             ran.append("correct")
 
@@ -280,8 +278,9 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
                     value = getattr(xr, key, None)
                     if value:
                         exports[key] = str(value)
-                manifest.finish_stage("export", {"paths": exports,
-                                                 "verification": [list(v) for v in xr.verification]})
+                manifest.finish_stage("export", {**xr.to_dict(), "paths": exports,
+                                                 "verification": [list(v) for v in xr.verification]},
+                                      measured_peak_gib=getattr(xr, "peak_vram_gib", None))
                 ran.append("export")
         progress.update(1.0, "Done")
         return RunResult(layout.root, ratio, tuple(ran), tuple(skipped), lam, final_eval, exports,

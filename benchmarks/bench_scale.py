@@ -1,0 +1,147 @@
+"""Scale benchmark: every stage of ``emloc run`` on a large random-weight model, on one GPU.
+
+Creates nothing itself: give it a model folder from ``make_random_model.py``. It measures the
+original model's inference peak (the budget EMLoC promises to stay under), then runs the SAME
+pipeline as ``emloc run`` (emulator → training → correction with λ auto → merge export), and
+reports per stage: wall time, peak GPU memory (measured by the stage, torch allocator), the
+planner's prediction, and peak CPU RSS (sampled every 50 ms). Prints one JSON object.
+
+    python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b
+    python benchmarks/bench_scale.py --model-dir /tmp/l8b --work /tmp/scale --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emloc_engine.manifest import RunManifest
+from emloc_engine.pipeline import _SLICES, RunConfig, run_pipeline
+
+WORDS = ["thou", "art", "the", "king", "of", "france", "and", "I", "am", "but", "a", "poor", "player", "upon", "this", "stage", "who", "struts", "and", "frets", "his", "hour", "then", "is", "heard", "no", "more", "it", "is", "a", "tale", "told", "by", "an", "idiot", "full", "of", "sound", "and", "fury"]
+
+
+class StageMeter:
+    """A Progress that knows which stage is running (from the pipeline's bar slices) and samples RSS."""
+
+    def __init__(self) -> None:
+        self.stage = "setup"
+        self.t_start: dict[str, float] = {"setup": time.monotonic()}
+        self.rss: dict[str, float] = {}
+        self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(0.05):
+            gib = proc.memory_info().rss / 2**30
+            self.rss[self.stage] = max(self.rss.get(self.stage, 0.0), gib)
+
+    def update(self, fraction: float, message: str = "") -> None:
+        for name, (a, b) in _SLICES.items():
+            if a <= fraction < b or (name == "export" and fraction >= a):
+                if name != self.stage and fraction > a - 1e-9 and fraction < b:
+                    self.stage = name
+                    self.t_start.setdefault(name, time.monotonic())
+                break
+        if message and (not self.messages or self.messages[-1] != message):
+            self.messages.append(message)
+
+    def log(self, name: str, value: float, step: int) -> None:
+        pass
+
+    def check_cancelled(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def inference_peak(model_dir: Path, ctx: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
+    ids = torch.randint(5, 250, (1, ctx), device="cuda")
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del m
+    torch.cuda.empty_cache()
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--ratio", type=float, default=None, help="Default: the planner's choice.")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--exports", default="merged,adapter")
+    ap.add_argument("--samples", type=int, default=400, help="Synthetic training texts.")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    data = args.work / "data.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for _ in range(args.samples):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(150, 260)))}) + "\n")
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "model_dir": str(args.model_dir), "steps": args.steps, "max_length": args.max_length}
+    out["inference_peak_gib"] = inference_peak(args.model_dir, args.max_length)
+    meter = StageMeter()
+    run_dir = args.work / "run"
+    t0 = time.monotonic()
+    try:
+        result = run_pipeline(RunConfig(model_dir=args.model_dir, data_path=data, run_dir=run_dir, ratio=args.ratio,
+                                        steps=args.steps, max_length=args.max_length, batch_size=args.batch_size,
+                                        device="cuda", exports=tuple(e for e in args.exports.split(",") if e)),
+                              meter)
+    finally:
+        meter.close()
+    out["total_s"] = time.monotonic() - t0
+    out["ratio"] = result.ratio
+    out["lambda"] = result.lambda_
+    m = RunManifest.open(run_dir).data
+    plan = m["settings"].get("plan", {})
+    out["plan"] = {k: plan.get(k) for k in ("budget", "budget_gib", "inference_peak_gib", "full_lora_peak_gib",
+                                             "predicted_peaks_gib", "est_seconds")}
+    stages: dict[str, Any] = {}
+    names = [n for n in ("emulator", "train", "correct", "export") if n in m["stages"]]
+    for name in names:
+        rec = m["stages"][name]
+        res = rec.get("result", {})
+        stages[name] = {
+            "wall_s": res.get("wall_s"),
+            "measured_peak_gib": rec.get("measured_peak_gib"),
+            "predicted_peak_gib": rec.get("predicted_peak_gib"),
+            "peak_rss_gib": meter.rss.get(name),
+            "under_inference_peak": (rec.get("measured_peak_gib") or 0.0) <= out["inference_peak_gib"],
+        }
+        for key in ("tokens_per_s", "final_eval_loss", "correction_s", "eval_s", "merge_s", "peak_rss_gib",
+                    "lambda_table", "lambda"):
+            if key in res:
+                stages[name][key] = res[key]
+    out["stages"] = stages
+    print(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
