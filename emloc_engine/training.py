@@ -78,6 +78,25 @@ class ExampleLike(Protocol):
     def labels(self) -> Sequence[int]: ...
 
 
+class DataParallel(Protocol):
+    """Hooks of data-parallel training (:mod:`emloc_engine.distributed`); ``None`` means one process.
+
+    Every rank runs this same loop over the same global micro-batches. ``begin_step`` returns this
+    rank's share of one optimizer step's examples (and seeds the rank's dropout RNG for the step);
+    ``all_reduce_`` sums tensors over the ranks in place. Only rank 0 writes files.
+    """
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def begin_step(self, step: int, micro_batches: list[list[int]]) -> list[list[int]]: ...
+
+    def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None: ...
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of LoRA training on the emulator (each field's ``help`` is the GUI tooltip and CLI help)."""
@@ -219,11 +238,12 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Sequence[ExampleLike],
                       progress: Progress = NULL_PROGRESS, *, pad_id: int = 0,
-                      data_fingerprint: str = "") -> TrainResult:
+                      data_fingerprint: str = "", data_parallel: DataParallel | None = None) -> TrainResult:
     """:func:`train_lora` on already tokenised examples (``cfg.data`` is not read).
 
     The pipeline and tests use it when they hold the examples already. ``data_fingerprint``
     identifies the data for resume: a checkpoint made on other data is refused.
+    ``data_parallel`` is set by :mod:`emloc_engine.distributed` in each worker process.
     """
     if not train:
         raise ConfigError("The training split is empty.", hint="Use a dataset with more samples.")
@@ -233,7 +253,8 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
         torch.cuda.reset_peak_memory_stats(device)
     session = None
     try:
-        session = _Session.open(cfg, device, weight_dtype, amp_dtype, len(train), data_fingerprint, progress)
+        session = _Session.open(cfg, device, weight_dtype, amp_dtype, len(train), data_fingerprint, progress,
+                                data_parallel)
         return session.run(train, eval_, pad_id, t_start)
     except torch.OutOfMemoryError as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames hold activations: let them go now
@@ -418,10 +439,12 @@ class _Session:
     lr_history: list[tuple[int, float]] = field(default_factory=list)
     grad_norm_history: list[tuple[int, float]] = field(default_factory=list)
     last_saved_step: int = -1
+    data_parallel: DataParallel | None = None
 
     @classmethod
     def open(cls, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype, amp_dtype: torch.dtype | None,
-             n_train: int, data_fingerprint: str, progress: Progress) -> _Session:
+             n_train: int, data_fingerprint: str, progress: Progress,
+             data_parallel: DataParallel | None = None) -> _Session:
         from emloc_engine.architectures import arch_spec
         from emloc_engine.lora_layers import attach_lora, lora_config, resolve_targets
         from emloc_engine.lowrank import load_emulator, read_emulator_meta
@@ -457,7 +480,8 @@ class _Session:
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.effective_warmup(), cfg.steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         session = cls(cfg, device, amp_dtype, peft_model, optimizer, scheduler, scaler,
-                      _resume_settings(cfg, n_train, data_fingerprint, targets), source, progress)
+                      _resume_settings(cfg, n_train, data_fingerprint, targets), source, progress,
+                      data_parallel=data_parallel)
         session.restore_or_clear()
         return session
 
@@ -479,10 +503,14 @@ class _Session:
                 self.save_checkpoint(step - 1)
                 raise
             t0 = time.perf_counter()
-            batches = [collate([train[i] for i in micro_batch_indices(len(train), cfg.batch_size, cfg.seed, m)],
-                               pad_id)
-                       for m in range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)]
-            n_labels = max(1, sum(label_tokens(b) for b in batches))
+            micro_batches = [micro_batch_indices(len(train), cfg.batch_size, cfg.seed, m)
+                             for m in range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)]
+            if self.data_parallel is not None:
+                micro_batches = self.data_parallel.begin_step(step, micro_batches)
+            batches = [collate([train[i] for i in mb], pad_id) for mb in micro_batches]
+            n_labels, step_tokens = self.global_counts(sum(label_tokens(b) for b in batches),
+                                                       sum(int(b["attention_mask"].sum()) for b in batches))
+            n_labels = max(1, n_labels)
             loss_sum = torch.zeros((), device=self.device)
             for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -491,6 +519,8 @@ class _Session:
                 # Normalise by the label tokens of the whole optimizer step, not per micro-batch.
                 self.scaler.scale(part / n_labels).backward()
                 loss_sum += part.detach()
+            if self.data_parallel is not None:
+                self.sync_gradients(params, loss_sum)
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
             lr = float(self.scheduler.get_last_lr()[0])
@@ -503,7 +533,6 @@ class _Session:
                 raise ConfigError(f"The training loss became {loss} at step {step}.",
                                   hint="Lower --lr, or use --dtype float32 if the GPU has no bf16.")
             step_s = time.perf_counter() - t0
-            step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             tokens_total, train_s = tokens_total + step_tokens, train_s + step_s
             self.record(step, loss, lr, float(grad_norm), step_tokens / max(step_s, 1e-9))
             if eval_ and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
@@ -530,6 +559,31 @@ class _Session:
             checkpoint_dir=self.checkpoint_path(step),
         )
 
+    def global_counts(self, *counts: int) -> list[int]:
+        """``counts`` summed over the data-parallel ranks (returned unchanged in one process)."""
+        if self.data_parallel is None:
+            return list(counts)
+        total = torch.tensor(counts, dtype=torch.int64)
+        self.data_parallel.all_reduce_([total])
+        return [int(v) for v in total.tolist()]
+
+    def sync_gradients(self, params: Sequence[torch.Tensor], loss_sum: torch.Tensor) -> None:
+        """Sum the LoRA gradients and the step's loss over the ranks (data-parallel only).
+
+        Each rank divided its loss by the label tokens of the WHOLE optimizer step, so the sum of
+        the ranks' gradients is the single-process gradient of that step.
+        """
+        assert self.data_parallel is not None
+        for p in params:
+            if p.grad is None:  # this rank had no example in this step
+                p.grad = torch.zeros_like(p)
+        self.data_parallel.all_reduce_([*(p.grad for p in params if p.grad is not None), loss_sum])
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes checkpoints and the adapter (rank 0, or the only process)."""
+        return self.data_parallel is None or self.data_parallel.rank == 0
+
     def record(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> None:
         self.loss_history.append((step, loss))
         self.lr_history.append((step, lr))
@@ -550,7 +604,10 @@ class _Session:
         total, count = 0.0, 0
         try:
             bs = self.cfg.batch_size
-            for start in range(0, min(len(eval_), bs * self.cfg.max_eval_batches), bs):
+            starts = range(0, min(len(eval_), bs * self.cfg.max_eval_batches), bs)
+            if self.data_parallel is not None:  # each rank evaluates a share of the eval batches
+                starts = starts[self.data_parallel.rank::self.data_parallel.world_size]
+            for start in starts:
                 batch = collate(eval_[start:start + bs], pad_id)
                 count += label_tokens(batch)
                 with self.autocast():
@@ -558,6 +615,10 @@ class _Session:
                                                {k: v.to(self.device) for k, v in batch.items()}))
         finally:
             self.peft_model.train()
+        if self.data_parallel is not None:
+            sums = torch.tensor([total, float(count)], dtype=torch.float64)
+            self.data_parallel.all_reduce_([sums])
+            total, count = float(sums[0]), int(sums[1])
         return total / max(1, count)
 
     def peak_vram_gib(self) -> float:
@@ -573,6 +634,9 @@ class _Session:
     def save_checkpoint(self, step: int) -> None:
         """Write ``checkpoints/step-N/`` atomically, then keep only the newest ``keep_checkpoints``."""
         if step == self.last_saved_step:
+            return
+        if not self.writes_files:
+            self.last_saved_step = step
             return
         with atomic_dir(self.checkpoint_path(step), overwrite=True) as tmp:
             self.peft_model.save_pretrained(str(tmp))
@@ -595,7 +659,7 @@ class _Session:
         """Load the newest complete checkpoint (``resume``), or delete them all (``resume=False``)."""
         found = list_checkpoints(self.cfg.layout.checkpoints)
         if not self.cfg.resume:
-            for _, path in found:
+            for _, path in found if self.writes_files else ():
                 shutil.rmtree(path, ignore_errors=True)
             return
         if not found:
@@ -629,6 +693,8 @@ class _Session:
     def save_adapter(self) -> Path:
         """Write ``RUN_DIR/adapter/`` (peft files + ``emloc_training.json``) in one rename."""
         target = self.cfg.layout.adapter
+        if not self.writes_files:
+            return target
         with atomic_dir(target, overwrite=True) as tmp:
             self.peft_model.save_pretrained(str(tmp))
             meta = {
