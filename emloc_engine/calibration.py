@@ -163,9 +163,8 @@ def capture_block_inputs(model: Any, spec: ArchSpec, embed_weight: torch.Tensor,
 class StatisticsRecorder:
     """Accumulates ``C = Σ XᵀX`` over real tokens at the input of chosen modules of one block.
 
-    Statistics are kept in ``stats_dtype`` (fp32 or fp64). On CUDA with bf16/fp16 activations the
-    product uses tensor cores with fp32 accumulation and an fp32 result (``torch.mm(..., out_dtype)``):
-    every product of two bf16 numbers is exact in fp32, so this is as accurate as upcasting first.
+    Statistics are kept in ``stats_dtype`` (fp32 or fp64); activations are upcast to it before
+    the product, so every bf16 value enters exactly.
     """
 
     def __init__(self, block: nn.Module, modules: dict[str, str], stats_dtype: torch.dtype) -> None:
@@ -187,15 +186,11 @@ class StatisticsRecorder:
         return hook
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        prod: torch.Tensor | None = None
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda" and self._dtype == torch.float32:
-            try:
-                prod = torch.mm(x.T, x, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, NotImplementedError):  # older torch: upcast instead
-                prod = None
-        if prod is None:
-            xd = x.to(self._dtype)
-            prod = xd.T @ xd
+        # Upcast, then multiply in the statistics dtype. (A bf16 product with an fp32 result,
+        # torch.mm(..., out_dtype=fp32), gave a non-PSD C on an H200 with torch 2.11: measured
+        # 2026-11-29, see benchmarks/RESULTS.md. The upcast costs one fp32 copy of the chunk.)
+        xd = x.to(self._dtype)
+        prod = xd.T @ xd
         if name in self.stats:
             self.stats[name].add_(prod)
         else:
