@@ -1,0 +1,108 @@
+"""The quality benchmark end to end on a tiny model (CPU, seconds): JSON and table structure, arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_quality as bq
+from benchmarks.tasks import format_examples, formats_task, shakespeare_task
+from tests.tiny_models import build_tiny_model
+
+
+def _text_files(tmp: Path) -> tuple[Path, Path]:
+    lines = ["To be, or not to be, that is the question.", "Now is the winter of our discontent.",
+             "All the world's a stage, and all the men and women merely players.",
+             "Friends, Romans, countrymen, lend me your ears.", "What light through yonder window breaks?"]
+    train = [{"text": " ".join(lines[(i + j) % len(lines)] for j in range(3))} for i in range(40)]
+    test = [{"text": lines[i % len(lines)] + " " + lines[(i + 2) % len(lines)]} for i in range(6)]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    return tmp / "train.jsonl", tmp / "test.jsonl"
+
+
+def test_format_task_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    a, b = format_examples(30, seed=0), format_examples(30, seed=0)
+    assert a == b
+    assert ("Write the date 2031-04-07 in words.", "April 7, 2031") == bq_date_example()
+    task = formats_task(tmp_path, n_train=60, n_test=12, seed=3)
+    train = {json.loads(x)["messages"][0]["content"] for x in task.data.path.read_text().splitlines()}
+    test = [json.loads(x)["messages"] for x in task.test_path.read_text().splitlines()]
+    assert len(test) == 12 and not train & {m[0]["content"] for m in test}
+    sort_rows = [m for m in test if m[0]["content"].startswith("Sort")]
+    for m in sort_rows:
+        nums = [int(x) for x in m[0]["content"].split(": ")[1].split(", ")]
+        assert m[1]["content"] == ", ".join(map(str, sorted(nums)))
+
+
+def bq_date_example() -> tuple[str, str]:
+    """The date generator's mapping on one known value (April = month 4, no leading zero on the day)."""
+    import random
+
+    from benchmarks import tasks
+
+    class Fixed(random.Random):
+        def randint(self, a: int, b: int) -> int:
+            return {(1900, 2099): 2031, (1, 12): 4, (1, 28): 7}[(a, b)]
+
+    return tasks._date(Fixed())
+
+
+def test_recovered_arithmetic() -> None:
+    rec = {"metric": "loss", "higher_is_better": False, "zero_shot": {"loss": 4.0}, "full_lora": {"loss": 3.0}}
+    assert bq.recovered(rec, {"loss": 3.25}) == pytest.approx(0.75)
+    assert bq.recovered(rec, {"loss": 4.5}) == pytest.approx(-0.5)
+    em = {"metric": "exact_match", "higher_is_better": True, "zero_shot": {"exact_match": 0.1, "loss": 1.0},
+          "full_lora": {"exact_match": 0.9, "loss": 0.5}}
+    assert bq.recovered(em, {"exact_match": 0.5, "loss": 0.7}) == pytest.approx(0.5)
+    flat = {**em, "full_lora": {"exact_match": 0.1, "loss": 0.5}}
+    assert math.isnan(bq.recovered(flat, {"exact_match": 0.5, "loss": 0.7}))
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_on_tiny_model(tmp_path: Path) -> None:
+    model_dir = build_tiny_model("llama", tmp_path / "hub")
+    train, test = _text_files(tmp_path)
+    tasks = [shakespeare_task(train, test, max_length=32),
+             formats_task(tmp_path / "fmt", n_train=40, n_test=6, max_length=160)]
+    settings = bq.BenchSettings(ratios=(0.5,), variants=("activation-aware", "plain-svd", "aa-calib256-alloc"),
+                                planner_variants=(), calib_samples=4, more_calib_samples=6, max_length=32, steps=2,
+                                batch_size=2, warmup_steps=0, device="cpu", eval_batch_size=4)
+    out = tmp_path / "quality.json"
+    data = bq.run_benchmark(settings, model_dir, tasks, tmp_path / "work", out, "python bench", log=lambda _: None)
+    saved = json.loads(out.read_text())
+    assert saved["tasks"].keys() == {"shakespeare", "formats"}
+    assert saved["versions"]["torch"] and saved["device_type"] == "cpu" and saved["settings"]["seed"] == 0
+    for name, rec in saved["tasks"].items():
+        assert [(u["variant"], u["ratio"]) for u in rec["units"]] == [
+            ("activation-aware", 0.5), ("plain-svd", 0.5), ("aa-calib256-alloc", 0.5)]
+        for u in rec["units"]:
+            assert set(u["lambda"]) == {"0", "1", "3", "inf"}
+            assert u["auto"]["lambda"] in {"0", "0.5", "1", "3", "inf"}
+            assert 0.0 < u["build"]["linear_params_kept"] <= 0.55
+            assert math.isfinite(u["on_emulator"]["loss"])
+            # λ = 0 is "no correction": the trained adapter as it is, on the original model.
+            assert u["lambda"]["0"]["loss"] == pytest.approx(u["auto"]["loss"]) or u["auto"]["lambda"] != "0"
+        if name == "formats":
+            assert all(0.0 <= u["lambda"]["inf"]["exact_match"] <= 1.0 for u in rec["units"])
+            assert rec["n_test"] == 6
+        assert rec["full_lora"]["loss"] < rec["zero_shot"]["loss"]  # two steps of LoRA do something
+    text = bq.render_section(data)
+    assert "#### shakespeare" in text and "#### formats" in text
+    rec = saved["tasks"]["shakespeare"]
+    unit = rec["units"][0]
+    expected = (unit["lambda"]["0"]["loss"] - rec["zero_shot"]["loss"]) / (
+        rec["full_lora"]["loss"] - rec["zero_shot"]["loss"])
+    assert f"{unit['lambda']['0']['loss']:.3f} ({100 * expected:.0f}%)" in text
+    assert "Activation-aware better than plain SVD" in text
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Scale (8B)\n\nlead's table\n")
+    bq.write_results_md(md, [text])
+    bq.write_results_md(md, [text])  # idempotent: the section is replaced, the lead's section kept
+    body = md.read_text()
+    assert body.count(bq.SECTION) == 1 and "lead's table" in body and body.index("## Scale") < body.index(bq.SECTION)
+    assert bq.main(["--render", str(out), "--results-md", str(md)]) == 0
+    assert md.read_text().count("#### formats") == 1
