@@ -1,0 +1,221 @@
+"""Data-parallel Stage 2 on the CPU: 2 gloo processes give the one-process adapter; errors, cancel, resume.
+
+The spawned workers rendezvous through a ``file://`` store and talk gloo over loopback TCP; the
+test process itself opens no socket (pytest-socket stays on).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emloc_engine.data import DataConfig, Example
+from emloc_engine.distributed import (
+    PackedExamples,
+    ParallelConfig,
+    WorkerFailed,
+    _Failure,
+    launch,
+    resolve_devices,
+    shard_micro_batches,
+    train_examples_distributed,
+)
+from emloc_engine.errors import Cancelled, ConfigError, DataError
+from emloc_engine.progress import RecordingProgress
+from emloc_engine.training import TrainConfig, list_checkpoints, micro_batch_indices, train_on_examples
+from tests.emulator_factory import write_svd_emulator
+from tests.engine import distributed_targets as targets
+
+TEXTS = ("the cat sat on the mat.", "a bird in the hand.", "to be or not to be.", "all that glitters.",
+         "the quick brown fox.", "jumps over the dog.", "seven is odd.")
+TWO_CPU = ParallelConfig(processes=2, threads_per_process=1, timeout_s=60.0)
+
+
+def examples(model_dir: Path) -> list[Example]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for t in TEXTS:
+        ids = (*tok(t)["input_ids"], 3)
+        out.append(Example(ids, (-100,) * 3 + ids[3:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_emulator(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
+    return model_dir, write_svd_emulator(model_dir, tmp_path_factory.mktemp("emu") / "emulator", ratio=0.5)
+
+
+def cfg_for(run_dir: Path, emu: Path, **kw: Any) -> TrainConfig:
+    # Dropout 0: the processes' dropout streams differ from one process's by design.
+    base: dict[str, Any] = dict(rank=4, alpha=8.0, dropout=0.0, steps=6, lr=5e-3, batch_size=2, grad_accum=2,
+                                warmup_steps=1, schedule="constant", eval_every=3, save_every=3,
+                                grad_checkpointing=True, device="cpu")
+    base.update(kw)
+    return TrainConfig(run_dir=run_dir, data=DataConfig(path=run_dir / "unused.jsonl"), emulator_dir=emu, **base)
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    moved = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)
+    assert moved > 1e-3  # training did change the adapter, so equality below means something
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), (k, float((a[k] - b[k]).abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (no process is started).
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_deal_each_example_of_the_step_once(world: int) -> None:
+    step = [micro_batch_indices(7, 3, 0, m) for m in (2, 3, 4)]  # crosses an epoch end: sizes 1, 3, 3
+    shards = [shard_micro_batches(step, r, world, batch_size=2) for r in range(world)]
+    dealt = sorted(i for shard in shards for mb in shard for i in mb)
+    assert dealt == sorted(i for mb in step for i in mb)
+    sizes = [sum(len(mb) for mb in shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= 1
+    assert all(0 < len(mb) <= 2 for shard in shards for mb in shard)
+    assert shard_micro_batches([[5]], 1, 2, 4) == []  # a rank may get nothing in a tiny step
+
+
+def test_packed_examples_read_back_like_the_originals() -> None:
+    rows = [Example((1, 2, 3), (-100, 2, 3)), Example((4,), (4,)), Example((5, 6), (-100, -100))]
+    packed = PackedExamples.pack(rows)
+    assert len(packed) == 3
+    assert [(list(e.input_ids), list(e.labels)) for e in rows] == [(r.input_ids, r.labels) for r in packed]
+    assert packed[-1].input_ids == [5, 6] and [r.input_ids for r in packed[1:]] == [[4], [5, 6]]
+    with pytest.raises(IndexError):
+        packed[3]
+    assert len(PackedExamples.pack([])) == 0
+    with pytest.raises(ConfigError, match="2 input ids but 1 labels"):
+        PackedExamples.pack([Example((1, 2), (1,))])
+
+
+def test_settings_and_devices_are_checked_before_any_process_starts() -> None:
+    with pytest.raises(ConfigError) as err:
+        ParallelConfig(processes=0, backend="mpi", gpu_ids=(0, 0), timeout_s=0)
+    assert len(err.value.problems) == 5
+    assert resolve_devices("cpu", ParallelConfig(processes=3)) == ("cpu",) * 3
+    with pytest.raises(ConfigError, match="single device cuda:1"):
+        resolve_devices("cuda:1", ParallelConfig(processes=2))
+    with pytest.raises(ConfigError, match="nccl"):
+        resolve_devices("cpu", ParallelConfig(processes=2, backend="nccl"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs 2 CUDA GPUs") as err:
+            resolve_devices("auto", ParallelConfig(processes=2))
+        assert "--device cpu" in err.value.hint
+
+
+def test_worker_errors_keep_their_engine_type() -> None:
+    engine = _Failure.of(DataError("Bad data.", problems=["a.jsonl:3: no text"], hint="Fix line 3."))
+    error = engine.error(1, 2)
+    assert type(error) is DataError and error.problems == ["a.jsonl:3: no text"] and error.hint == "Fix line 3."
+    bug = _Failure.of(KeyError("x")).error(1, 2)
+    assert type(bug) is WorkerFailed and "process 1 of 2" in str(bug) and "KeyError" in str(bug)
+
+
+class OtherRank:
+    """The hook as rank 1 of 2 sees it, with the other rank contributing nothing."""
+
+    rank, world_size = 1, 2
+
+    def begin_step(self, step: int, micro_batches: list[list[int]]) -> list[list[int]]:
+        return shard_micro_batches(micro_batches, 1, 2, 2)
+
+    def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None:
+        pass
+
+
+def test_only_rank_zero_writes_files(llama_emulator: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, emu = llama_emulator
+    progress = RecordingProgress()
+    result = train_on_examples(cfg_for(tmp_path, emu, steps=3, save_every=1), examples(model_dir), [], progress,
+                               data_parallel=OtherRank())
+    assert result.steps_done == 3 and len(result.loss_history) == 3
+    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes.
+
+
+def no_children_left() -> bool:
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not multiprocessing.active_children()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_adapter_and_resume(llama_emulator: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    model_dir, emu = llama_emulator
+    data = examples(model_dir)
+    one = train_on_examples(cfg_for(tmp_path / "one", emu), data, data[:3], pad_id=0)
+
+    # 2 processes, 3 of the 6 steps: the adapter is the one-process checkpoint of step 3.
+    progress = RecordingProgress()
+    first = train_examples_distributed(cfg_for(tmp_path / "two", emu, steps=3), TWO_CPU, data, data[:3],
+                                       progress, pad_id=0)
+    assert first.adapter_dir == tmp_path / "two" / "adapter"
+    assert_same_adapter(adapter_tensors(first.adapter_dir), adapter_tensors(tmp_path / "one" / "checkpoints" / "step-3"))
+    assert [s for s, _ in list_checkpoints(tmp_path / "two" / "checkpoints")] == [3]
+    assert not [p for p in (tmp_path / "two").rglob("*") if "partial" in p.name]
+    assert [v for _, v in first.loss_history] == pytest.approx([v for _, v in one.loss_history[:3]], rel=1e-5)
+    assert first.eval_history[0][1] == pytest.approx(one.eval_history[0][1], rel=1e-5)
+    # Rank 0's progress reached the caller, once per step.
+    assert [m for _, m in progress.updates if m.startswith("step ")][-1].startswith("step 3/3 · loss ")
+    assert [s for n, _, s in progress.metrics if n == "train/loss"] == [1, 2, 3]
+    assert first.tokens_per_s > 0 and first.peak_vram_gib == 0.0
+
+    # Resume the same run folder to 6 steps: the one-process run's final adapter and losses.
+    resumed = train_examples_distributed(cfg_for(tmp_path / "two", emu), TWO_CPU, data, data[:3], pad_id=0)
+    assert resumed.resumed_from_step == 3 and resumed.steps_done == 6
+    assert_same_adapter(adapter_tensors(resumed.adapter_dir), adapter_tensors(one.adapter_dir))
+    assert [v for _, v in resumed.loss_history] == pytest.approx([v for _, v in one.loss_history], rel=1e-5)
+    assert [s for s, _ in resumed.eval_history] == [3, 6]
+    assert [s for s, _ in list_checkpoints(tmp_path / "two" / "checkpoints")] == [3, 6]
+    assert no_children_left()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "error_type", "text"), [
+    ("engine", ConfigError, "Rank one cannot go on."),
+    ("bug", WorkerFailed, "process 1 of 2 failed: ValueError: an unexpected bug"),
+    ("die", WorkerFailed, "process 1 of 2 failed: the process exited with code 3"),
+])
+def test_a_failing_process_fails_the_caller_and_stops_the_others(how: str, error_type: type[Exception],
+                                                                 text: str) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(error_type) as err:
+        launch(targets.fail_on_rank_1, how, TWO_CPU, ("cpu", "cpu"))
+    assert type(err.value) is error_type and text in str(err.value)
+    if how == "engine":
+        assert err.value.problems == ["first problem"] and err.value.hint == "Change the setting."
+    assert time.monotonic() - t0 < 30  # not the 60 s collective timeout
+    assert no_children_left()
+
+
+@pytest.mark.slow
+def test_cancel_reaches_every_process_and_results_come_back() -> None:
+    assert launch(targets.sum_of_ranks, 10, TWO_CPU, ("cpu", "cpu")) == 21.0
+    progress = RecordingProgress(cancel_after_updates=3)
+    with pytest.raises(Cancelled):
+        launch(targets.until_cancelled, None, TWO_CPU, ("cpu", "cpu"), progress)
+    assert 3 <= len(progress.updates) < 1000  # rank 0 reported, and stopped soon after the cancel
+    assert no_children_left()
