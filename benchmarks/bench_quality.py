@@ -81,9 +81,8 @@ class BenchSettings:
     ratios: tuple[float, ...] = (0.25, 0.4, 0.6, 0.8)
     lambdas: tuple[float, ...] = (0.0, 1.0, 3.0, math.inf)
     auto_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 3.0, math.inf)
-    variants: tuple[str, ...] = VARIANTS
-    svd_ratios: tuple[float, ...] | None = None  # None = ratios
-    planner_variants: tuple[str, ...] = ("activation-aware", "aa-calib256-alloc")
+    units: tuple[tuple[str, float | None], ...] = ()
+    """(variant, ρ) in the order they run; ρ None = the planner's ρ. Empty = :meth:`default_units`."""
     calib_samples: int = 32
     more_calib_samples: int = 256
     max_length: int = 128
@@ -102,6 +101,12 @@ class BenchSettings:
     eval_batch_size: int = 16
     time_budget_s: float | None = None
     grad_checkpointing: bool = False
+
+    def default_units(self) -> tuple[tuple[str, float | None], ...]:
+        """Priority order (a time budget cuts the tail): the paper's method, its ablation, the improvements."""
+        return (*[(PRIMARY, r) for r in self.ratios], *[("plain-svd", r) for r in self.ratios],
+                *[("aa-calib256-alloc", r) for r in self.ratios], ("aa-calib256-alloc", None), (PRIMARY, None),
+                *[("aa-calib256", r) for r in self.ratios])
 
     def variant_calib(self, variant: str) -> int:
         return self.more_calib_samples if "calib256" in variant else self.calib_samples
@@ -188,7 +193,8 @@ def write_plain_svd_emulator(model_dir: Path, out_dir: Path, ratio: float, devic
 # per-module ranks from whitened spectra (the "spend the budget where the error is largest" idea)
 
 def spectral_allocation(model_dir: Path, calibration: Sequence[Sequence[int]], ratio: float,
-                        device: torch.device) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+                        device: torch.device, cache: dict[Any, Any] | None = None,
+                        ) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
     """Ranks per module that minimise the summed relative whitened error at the budget of a uniform ρ.
 
     For module ``m`` with weight ``W`` (out × in) and calibration statistics ``C = Σ XᵀX``, the
@@ -204,6 +210,36 @@ def spectral_allocation(model_dir: Path, calibration: Sequence[Sequence[int]], r
     Returns:
         ``(rank_overrides, dense_patterns)`` for :class:`~emloc_engine.emulator.EmulatorConfig`.
     """
+    key = ("spectra", str(model_dir), len(calibration))
+    if cache is not None and key in cache:
+        names, gains, shapes = cache[key]
+    else:
+        names, gains, shapes = _spectral_gains(model_dir, calibration, device)
+        if cache is not None:
+            cache[key] = names, gains, shapes
+    budget = ratio * sum(o * i for o, i in shapes.values())
+    ranks = dict.fromkeys(names, 0)
+    spent = 0.0
+    for _, i, name in gains:
+        cost = sum(shapes[name])
+        if spent + cost > budget:
+            continue
+        if ranks[name] == i:  # ranks are taken in order per module (gains are non-increasing)
+            ranks[name] = i + 1
+            spent += cost
+    overrides, dense = [], []
+    for name, k in ranks.items():
+        out_f, in_f = shapes[name]
+        if k >= out_f * in_f // (out_f + in_f):
+            dense.append(name)
+        else:
+            overrides.append((name, max(1, k)))
+    return tuple(overrides), tuple(dense)
+
+
+def _spectral_gains(model_dir: Path, calibration: Sequence[Sequence[int]], device: torch.device,
+                    ) -> tuple[list[str], list[tuple[float, int, str]], dict[str, tuple[int, int]]]:
+    """Module names, the gains ``(σ_{i+1}² / Σσ² / (out+in), i, name)`` sorted best first, and the shapes."""
     from transformers import AutoModelForCausalLM
 
     names = _block_modules(model_dir)
@@ -243,24 +279,8 @@ def spectral_allocation(model_dir: Path, calibration: Sequence[Sequence[int]], r
         share = (ev / ev.sum()).tolist()[:k_max]
         gains += [(g / (out_f + in_f), i, name) for i, g in enumerate(share)]
     del model
-    budget = ratio * sum(o * i for o, i in shapes.values())
-    ranks = dict.fromkeys(names, 0)
-    spent = 0.0
-    for _, i, name in sorted(gains, key=lambda t: (-t[0], t[1])):
-        cost = sum(shapes[name])
-        if spent + cost > budget:
-            continue
-        if ranks[name] == i:  # ranks are taken in order per module (gains are non-increasing)
-            ranks[name] = i + 1
-            spent += cost
-    overrides, dense = [], []
-    for name, k in ranks.items():
-        out_f, in_f = shapes[name]
-        if k >= out_f * in_f // (out_f + in_f):
-            dense.append(name)
-        else:
-            overrides.append((name, max(1, k)))
-    return tuple(overrides), tuple(dense)
+    gains.sort(key=lambda t: (-t[0], t[1]))
+    return names, gains, shapes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,9 +406,10 @@ class Run:
         tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n", encoding="utf-8")
         tmp.replace(self.json_path)
 
+    deadline: float | None = None
+
     def out_of_time(self) -> bool:
-        budget = self.settings.time_budget_s
-        return budget is not None and time.monotonic() - self.t0 > budget
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 def _json_default(x: Any) -> Any:
@@ -465,7 +486,7 @@ def _build(run: Run, task: Task, variant: str, ratio: float, unit_dir: Path,
         overrides: tuple[tuple[str, int], ...] = ()
         dense: tuple[str, ...] = ()
         if variant.endswith("-alloc"):
-            overrides, dense = spectral_allocation(run.model_dir, calib_cache[n], ratio, device)
+            overrides, dense = spectral_allocation(run.model_dir, calib_cache[n], ratio, device, calib_cache)
             info["dense_modules"] = list(dense)
         cfg = EmulatorConfig(model_dir=run.model_dir, out_dir=out, calibration_ids=tuple(map(tuple, calib_cache[n])),
                              ratio=ratio, rank_overrides=overrides, dense_patterns=dense, device=s.device,
@@ -555,12 +576,11 @@ def run_task(run: Run, task: Task) -> None:
     run.save()
     planner = run.data["planner"]
     units: list[tuple[str, float]] = []
-    for variant in s.variants:
-        ratios = s.svd_ratios if variant == "plain-svd" and s.svd_ratios is not None else s.ratios
-        units += [(variant, r) for r in ratios]
-        if planner.get("ratio") and variant in s.planner_variants and planner["ratio"] not in ratios:
-            units.append((variant, float(planner["ratio"])))
-    calib_cache: dict[int, list[list[int]]] = {}
+    for variant, r in s.units or s.default_units():
+        ratio = float(planner["ratio"]) if r is None and planner.get("ratio") else r
+        if ratio is not None and (variant, ratio) not in units:
+            units.append((variant, ratio))
+    calib_cache: dict[Any, Any] = {}
     for variant, ratio in units:
         if run.out_of_time():
             rec["skipped"].append([variant, ratio])
@@ -592,7 +612,10 @@ def run_benchmark(settings: BenchSettings, model_dir: Path, tasks: Sequence[Task
     run.data["settings"]["auto_grid"] = [_lam_key(x) for x in settings.auto_grid]
     log(f"planner: {run.data['planner']['ratio']} ({run.data['planner']['reason']})")
     run.save()
-    for task in tasks:
+    for i, task in enumerate(tasks):
+        if settings.time_budget_s is not None:  # each task gets an equal share of what is left
+            left = settings.time_budget_s - (time.monotonic() - run.t0)
+            run.deadline = time.monotonic() + left / (len(tasks) - i)
         run_task(run, task)
     run.data["wall_s"] = time.monotonic() - run.t0
     run.save()
@@ -735,14 +758,24 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(math.inf if x.strip() in ("inf", "∞") else float(x) for x in text.split(",") if x.strip())
 
 
+def _units(text: str) -> tuple[tuple[str, float | None], ...]:
+    out: list[tuple[str, float | None]] = []
+    for part in filter(None, text.split(";")):
+        variant, _, ratios = part.partition(":")
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
+        out += [(variant, None if r.strip() == "P" else float(r)) for r in ratios.split(",") if r.strip()]
+    return tuple(out)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = BenchSettings()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--ratios", type=_floats, default=d.ratios)
-    p.add_argument("--svd-ratios", type=_floats, default=None)
+    p.add_argument("--units", default="", help="variant:ρ,ρ,P;variant:... in run order (P = the planner's ρ); "
+                   "default: every variant at every ρ, see BenchSettings.default_units")
     p.add_argument("--lambdas", type=_floats, default=d.lambdas)
-    p.add_argument("--variants", default=",".join(d.variants))
     p.add_argument("--tasks", default="shakespeare,formats")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -768,8 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_results_md(args.results_md, [render_section(d) for d in datas], notes)
         print(f"wrote the Quality section of {args.results_md}")
         return 0
-    settings = BenchSettings(ratios=args.ratios, svd_ratios=args.svd_ratios, lambdas=args.lambdas,
-                             variants=tuple(v for v in args.variants.split(",") if v), steps=args.steps, lr=args.lr,
+    settings = BenchSettings(ratios=args.ratios, units=_units(args.units), lambdas=args.lambdas,
+                             steps=args.steps, lr=args.lr,
                              calib_samples=args.calib, more_calib_samples=args.more_calib, device=args.device,
                              max_test_examples=args.max_test, time_budget_s=args.time_budget)
     if args.model_dir is None:

@@ -27,7 +27,7 @@ def _text_files(tmp: Path) -> tuple[Path, Path]:
 def test_format_task_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     a, b = format_examples(30, seed=0), format_examples(30, seed=0)
     assert a == b
-    assert ("Write the date 2031-04-07 in words.", "April 7, 2031") == bq_date_example()
+    assert bq_date_example() == ("Write the date 2031-04-07 in words.", "April 7, 2031")
     task = formats_task(tmp_path, n_train=60, n_test=12, seed=3)
     train = {json.loads(x)["messages"][0]["content"] for x in task.data.path.read_text().splitlines()}
     test = [json.loads(x)["messages"] for x in task.test_path.read_text().splitlines()]
@@ -51,6 +51,13 @@ def bq_date_example() -> tuple[str, str]:
     return tasks._date(Fixed())
 
 
+def test_units_parse_in_order() -> None:
+    assert bq._units("plain-svd:0.4,0.8;activation-aware:P") == (
+        ("plain-svd", 0.4), ("plain-svd", 0.8), ("activation-aware", None))
+    with pytest.raises(SystemExit):
+        bq._units("nope:0.4")
+
+
 def test_recovered_arithmetic() -> None:
     rec = {"metric": "loss", "higher_is_better": False, "zero_shot": {"loss": 4.0}, "full_lora": {"loss": 3.0}}
     assert bq.recovered(rec, {"loss": 3.25}) == pytest.approx(0.75)
@@ -68,8 +75,8 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     train, test = _text_files(tmp_path)
     tasks = [shakespeare_task(train, test, max_length=32),
              formats_task(tmp_path / "fmt", n_train=40, n_test=6, max_length=160)]
-    settings = bq.BenchSettings(ratios=(0.5,), variants=("activation-aware", "plain-svd", "aa-calib256-alloc"),
-                                planner_variants=(), calib_samples=4, more_calib_samples=6, max_length=32, steps=2,
+    units = (("activation-aware", 0.5), ("plain-svd", 0.5), ("aa-calib256-alloc", 0.5))
+    settings = bq.BenchSettings(ratios=(0.5,), units=units, calib_samples=4, more_calib_samples=6, max_length=32, steps=2,
                                 batch_size=2, warmup_steps=0, device="cpu", eval_batch_size=4)
     out = tmp_path / "quality.json"
     data = bq.run_benchmark(settings, model_dir, tasks, tmp_path / "work", out, "python bench", log=lambda _: None)
