@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
     p.add_argument("--save-every", type=int, default=25, help="Checkpoint every N steps (0 = at the end/cancel).")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="Faster, but much more activation memory.")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu.")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="Train data-parallel on N GPUs of this host: same adapter, checkpoints and resume; "
+                        "the effective batch (batch-size × grad-accum) is split over them.")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32.")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, dropout, data order and split.")
     p.add_argument("--restart", action="store_true", help="Ignore and delete existing checkpoints; start over.")
@@ -97,6 +100,17 @@ def _graceful_ctrl_c(token: CancelToken) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
+    """The :class:`~emloc_engine.distributed.ParallelConfig` of ``--gpus N`` (None for one GPU); checks devices."""
+    from emloc_engine.distributed import ParallelConfig, resolve_devices
+
+    parallel = ParallelConfig(processes=args.gpus)
+    if parallel.processes == 1:
+        return None
+    resolve_devices(cfg.device, parallel)
+    return parallel
+
+
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.data.pipeline import fingerprint
     from emloc_engine.lowrank import read_emulator_meta
@@ -106,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from emloc_engine.training import train_lora
 
     cfg = config_from_args(args)
+    parallel = _parallel_from_args(args, cfg)
     read_emulator_meta(cfg.resolved_emulator_dir)  # before the run folder is touched
     manifest = RunManifest.open(cfg.run_dir)
     handler = attach_run_log(cfg.run_dir)
@@ -114,7 +129,12 @@ def run(args: argparse.Namespace) -> int:
     manifest.start_stage("train")
     try:
         with _graceful_ctrl_c(token):
-            result = train_lora(cfg, progress)
+            if parallel is not None:
+                from emloc_engine.distributed import train_lora_distributed
+
+                result = train_lora_distributed(cfg, parallel, progress)
+            else:
+                result = train_lora(cfg, progress)
     except BaseException as exc:
         status = "cancelled" if isinstance(exc, (KeyboardInterrupt, Cancelled)) else "failed"
         manifest.fail_stage("train", status, str(exc))
