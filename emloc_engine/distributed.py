@@ -425,7 +425,7 @@ def _entry(rank: int, rdv: _Rendezvous, channel: Any, cancel: Any,
     comm = Collectives(rank, rdv.world_size, device, rdv.backend, cancel, channel)
     handler = _ForwardLogs(comm)
     handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    root = logging.getLogger()
+    root = logging.getLogger("emloc_engine")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:

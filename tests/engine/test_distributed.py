@@ -6,7 +6,9 @@ test process itself opens no socket (pytest-socket stays on).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from emloc_engine.cli import main
 from emloc_engine.data import DataConfig, Example
 from emloc_engine.distributed import (
     PackedExamples,
@@ -28,6 +31,8 @@ from emloc_engine.distributed import (
     train_examples_distributed,
 )
 from emloc_engine.errors import Cancelled, ConfigError, DataError
+from emloc_engine.layout import RunLayout
+from emloc_engine.manifest import RunManifest
 from emloc_engine.progress import RecordingProgress
 from emloc_engine.training import TrainConfig, list_checkpoints, micro_batch_indices, train_on_examples
 from tests.emulator_factory import write_svd_emulator
@@ -218,4 +223,49 @@ def test_cancel_reaches_every_process_and_results_come_back() -> None:
     with pytest.raises(Cancelled):
         launch(targets.until_cancelled, None, TWO_CPU, ("cpu", "cpu"), progress)
     assert 3 <= len(progress.updates) < 1000  # rank 0 reported, and stopped soon after the cancel
+    assert no_children_left()
+
+
+# ---------------------------------------------------------------------------------------------
+# emloc train --gpus N
+
+
+def write_qa(path: Path) -> Path:
+    rows = [{"prompt": f"Q{i}: what is {i}+{i}?", "completion": f" {2 * i}"} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+CLI_ARGS = ["--steps", "2", "--rank", "4", "--batch-size", "2", "--grad-accum", "2", "--warmup-steps", "1",
+            "--save-every", "1", "--max-length", "48", "--targets", "q_proj", "v_proj"]
+
+
+def test_cli_refuses_impossible_gpu_settings_before_touching_the_run(llama_emulator: tuple[Path, Path],
+                                                                      tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(llama_emulator[1], run / "emulator")
+    data = write_qa(tmp_path / "qa.jsonl")
+    assert main(["train", str(run), str(data), *CLI_ARGS, "--gpus", "0"]) == 2
+    assert "must be at least 1 (got 0)" in capsys.readouterr().err
+    assert main(["train", str(run), str(data), *CLI_ARGS, "--gpus", "2", "--device", "cuda:1"]) == 2
+    assert "--gpus 2 cannot run on the single device cuda:1" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["emulator"]
+
+
+@pytest.mark.slow
+def test_cli_trains_on_two_processes(llama_emulator: tuple[Path, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir, emu = llama_emulator
+    run = tmp_path / "run"
+    shutil.copytree(emu, run / "emulator")
+    data = write_qa(tmp_path / "qa.jsonl")
+    assert main(["train", str(run), str(data), *CLI_ARGS, "--gpus", "2", "--device", "cpu"]) == 0
+    assert f"adapter: {run / 'adapter'}" in capsys.readouterr().out
+    record = RunManifest.open(run).stage("train")
+    assert record["status"] == "done" and record["result"]["steps"] == 2
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
+    run_log = RunLayout(run).log_file.read_text()  # rank 0's records reach the caller's run log
+    assert "Starting 2 training processes" in run_log and "Checkpoint written" in run_log
     assert no_children_left()
