@@ -137,11 +137,14 @@ class PlanConfig:
     max_ratio: float = field(default=0.9, metadata={"help": "Largest ρ considered."})
     ratio_step: float = field(default=0.05, metadata={"help": "Grid step of the ρ search."})
     constants: PlannerConstants = field(default=DEFAULT_CONSTANTS, metadata={"help": "Calibration constants."})
+    num_gpus: int = field(default=1, metadata={
+        "help": "GPUs that train data-parallel (emloc train --gpus N); peaks are per GPU. Each holds the "
+                "whole emulator and a ⌈B/N⌉-sequence share of every micro-batch; training time is divided by N."})
 
     def __post_init__(self) -> None:
         problems = []
         for name in ("context_length", "batch_size", "lora_rank", "calibration_samples", "calibration_batch",
-                     "train_steps", "eval_batches", "lambda_candidates"):
+                     "train_steps", "eval_batches", "lambda_candidates", "num_gpus"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)}).")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
@@ -364,7 +367,8 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     gradient checkpointing off, every block's activations are kept: ``L·train_layer``.
     """
     c, b = cfg.constants, compute_bytes(facts, cfg)
-    tokens = cfg.batch_size * cfg.context_length
+    # Data-parallel (emloc_engine.distributed): every GPU holds the whole emulator and its share of the batch.
+    tokens = math.ceil(cfg.batch_size / cfg.num_gpus) * cfg.context_length
     params = emulator_parameters(facts, ratio, cfg.dense_modules)
     n_lora = lora_parameters(facts, cfg)
     layer = _layer_act(facts, tokens, b, c.train_act_h, c.train_act_i, c.train_act_qkv)
