@@ -21,10 +21,12 @@ from safetensors.torch import load_file
 from emloc_engine.cli import main
 from emloc_engine.data import DataConfig, Example
 from emloc_engine.distributed import (
+    Collectives,
     PackedExamples,
     ParallelConfig,
     WorkerFailed,
     _Failure,
+    _TrainParallel,
     launch,
     resolve_devices,
     shard_micro_batches,
@@ -269,3 +271,28 @@ def test_cli_trains_on_two_processes(llama_emulator: tuple[Path, Path], tmp_path
     run_log = RunLayout(run).log_file.read_text()  # rank 0's records reach the caller's run log
     assert "Starting 2 training processes" in run_log and "Checkpoint written" in run_log
     assert no_children_left()
+
+
+def test_dropout_seed_depends_on_seed_step_and_rank_only() -> None:
+    def draw(rank: int, step: int, seed: int = 5) -> torch.Tensor:
+        hook = _TrainParallel(Collectives(rank, 2, "cpu", "gloo", cancel=None, channel=None), seed, batch_size=2)
+        torch.manual_seed(int(torch.randint(0, 10**6, ())))  # whatever state came before
+        assert hook.begin_step(step, [[0, 1], [2]]) == ([[0, 2]] if rank == 0 else [[1]])
+        return torch.rand(4)
+
+    with torch.random.fork_rng():
+        a = draw(1, 4)
+        assert torch.equal(a, draw(1, 4))  # a resumed run draws the same dropout masks
+        assert not torch.equal(a, draw(1, 5)) and not torch.equal(a, draw(0, 4)) and not torch.equal(a, draw(1, 4, 6))
+
+
+def test_planner_counts_the_training_peak_per_gpu(llama_emulator: tuple[Path, Path]) -> None:
+    from emloc_engine.planning import PlanConfig, model_facts, training_peak
+
+    facts = model_facts(llama_emulator[0])
+    per_gpu = training_peak(facts, PlanConfig(batch_size=4, num_gpus=2, context_length=64), 0.5)
+    assert per_gpu == training_peak(facts, PlanConfig(batch_size=2, context_length=64), 0.5)
+    alone = training_peak(facts, PlanConfig(batch_size=4, context_length=64), 0.5)
+    assert per_gpu.peak_bytes < alone.peak_bytes and per_gpu.est_seconds < alone.est_seconds
+    with pytest.raises(ConfigError, match="num_gpus must be at least 1"):
+        PlanConfig(num_gpus=0)
