@@ -273,7 +273,7 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
                 manifest.start_stage("export")
                 xr = merge_and_export(ExportConfig(run_dir=layout.root, model_dir=cfg.model_dir,
                                                    formats=cfg.exports, gguf_type=cfg.gguf_type,
-                                                   overwrite=True), p)
+                                                   overwrite=True, device=cfg.device), p)
                 for key in ("merged_dir", "adapter_dir", "gguf_path"):
                     value = getattr(xr, key, None)
                     if value:
