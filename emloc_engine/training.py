@@ -84,6 +84,8 @@ class DataParallel(Protocol):
     Every rank runs this same loop over the same global micro-batches. ``begin_step`` returns this
     rank's share of one optimizer step's examples (and seeds the rank's dropout RNG for the step);
     ``all_reduce_`` sums tensors over the ranks in place. Only rank 0 writes files.
+    Every hook and the workers' ``progress.check_cancelled`` are collective operations: the loop
+    must reach them at the same points on every rank (no rank-dependent branches around them).
     """
 
     @property
