@@ -15,13 +15,6 @@ from emloc_engine.distributed import Collectives
 from emloc_engine.errors import ConfigError
 
 
-def sum_of_ranks(comm: Collectives, payload: int) -> float:
-    """Every rank contributes ``rank + payload``; returns the sum (checks the group works)."""
-    t = torch.tensor([float(comm.rank + payload)])
-    comm.all_reduce_([t])
-    return float(t.item())
-
-
 def fail_on_rank_1(comm: Collectives, how: str) -> None:
     """Rank 1 fails (``how``: engine | bug | die); rank 0 waits for it in a collective forever."""
     comm.all_reduce_([torch.zeros(1)])  # both ranks joined the group

@@ -219,8 +219,7 @@ def test_a_failing_process_fails_the_caller_and_stops_the_others(how: str, error
 
 
 @pytest.mark.slow
-def test_cancel_reaches_every_process_and_results_come_back() -> None:
-    assert launch(targets.sum_of_ranks, 10, TWO_CPU, ("cpu", "cpu")) == 21.0
+def test_cancel_reaches_every_process() -> None:
     progress = RecordingProgress(cancel_after_updates=3)
     with pytest.raises(Cancelled):
         launch(targets.until_cancelled, None, TWO_CPU, ("cpu", "cpu"), progress)
