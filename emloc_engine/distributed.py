@@ -380,7 +380,8 @@ class _Failure:
         tb = "".join(traceback.format_exception(exc))
         if isinstance(exc, EngineError):
             return cls(type(exc), exc.summary, tuple(exc.problems), exc.hint, tb)
-        return cls(type(exc), f"{type(exc).__name__}: {exc}", (), "", tb)
+        # Not the class itself: the caller might not be able to import it to unpickle the report.
+        return cls(WorkerFailed, f"{type(exc).__name__}: {exc}", (), "", tb)
 
     @property
     def is_engine_error(self) -> bool:
