@@ -296,8 +296,9 @@ class CorrectionConfig:
     dtype: str = field(default="auto", metadata={
         "help": "Dtype of the original model during evaluation: auto (bf16 on GPU, fp32 on CPU), float32, "
                 "bfloat16, float16."})
-    max_eval_batches: int = field(default=16, metadata={"help": "At most this many eval batches per λ."})
-    eval_batch_size: int = field(default=4, metadata={"help": "Examples per eval batch."})
+    max_eval_batches: int = field(default=64, metadata={"help": "At most this many eval batches per λ."})
+    eval_batch_size: int = field(default=1, metadata={
+        "help": "Examples per eval batch; 1 keeps λ selection within the inference peak."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing corrected adapter."})
 
     def __post_init__(self) -> None:

@@ -149,17 +149,18 @@ def heldout_loss(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor,
     """Token-weighted mean next-token cross-entropy and the number of scored tokens.
 
     ``loss = Σ_t CE(logits_t, label_{t+1}) / #{t : label_{t+1} ≠ -100}``, logits upcast to fp32.
+    The head runs on label positions only, in chunks of 256 tokens (``training.lm_loss_sum``), so
+    the full tokens × vocab logits never exist: the peak stays at the model's inference peak.
     """
+    from emloc_engine.training import lm_loss_sum
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, mask, labels in batches:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            target = labels[:, 1:].to(device)
-            ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                   target.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(ce)
-            count += int((target != -100).sum())
-            del logits
+            batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+            total += float(lm_loss_sum(causal_lm, batch, chunk_tokens=256))
+            count += int((labels[:, 1:] != -100).sum())
     return (total / count if count else float("nan")), count
 
 

@@ -400,13 +400,22 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
         ref = _logits(model, ids, dev)
         with model.disable_adapter():
             ver.effect = _max_diff(ref, _logits(model, ids, dev))
-        if "adapter" in cfg.formats or dtype != torch.float32:
+        store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+        reduced = store if store in (torch.bfloat16, torch.float16) else dtype
+        if "adapter" in cfg.formats or reduced != torch.float32:
             model.merge_adapter(safe_merge=True)
-            diff = _max_diff(ref, _logits(model, ids, dev))
-            if dtype != torch.float32:
-                ver.floor = diff
+            merged_diff = _max_diff(ref, _logits(model, ids, dev))
+            if reduced != torch.float32:
+                # What a merged file in the storage dtype can at best reproduce: peft's own merge,
+                # each merged weight rounded to that dtype (the "rounding floor" of the export).
+                with torch.no_grad():
+                    for _, mod in model.named_modules():
+                        if "default" in getattr(mod, "lora_A", {}):
+                            w = mod.get_base_layer().weight
+                            w.copy_(w.to(reduced).to(w.dtype))
+                ver.floor = max(merged_diff, _max_diff(ref, _logits(model, ids, dev)))
             if "adapter" in cfg.formats:
-                ver.add("adapter", diff, max(_tol(str(dtype).split(".")[-1], ref), 1.5 * ver.floor))
+                ver.add("adapter", merged_diff, max(_tol(str(dtype).split(".")[-1], ref), 1.5 * ver.floor))
         return ref
     finally:
         _free(model, base)

@@ -236,3 +236,19 @@ def test_missing_adapter_and_bad_settings(tiny_llama: Path, tmp_path: Path) -> N
         ExportConfig(tmp_path, tiny_llama, formats=("onnx",))
     with pytest.raises(ConfigError, match="gguf_type"):
         ExportConfig(tmp_path, tiny_llama, gguf_type="q4_k")
+
+
+def test_bf16_export_is_verified_against_its_rounding_floor(tmp_path: Path) -> None:
+    """A bf16 merge cannot reproduce original + adapter better than bf16 rounding of W + ΔW; the
+    verification measures that floor with peft's own merge and accepts the export against it, and
+    a merge that lost the adapter is still refused."""
+    snap = build_tiny_model("llama", tmp_path / "hub", name="tiny-llama-bf16v", dtype=torch.bfloat16)
+    run = _run_with_adapter(snap, tmp_path)
+    res = merge_and_export(ExportConfig(run, snap, formats=("merged", "adapter")))
+    record = json.loads((run / "export_verification.json").read_text())
+    floor = record["reduced_precision_floor"]
+    assert floor > 0  # bf16 rounding of the merged weights is visible in the logits
+    diffs = dict(res.verification)
+    tols = dict(res.tolerances)
+    assert diffs["merged"] <= tols["merged"] and tols["merged"] <= max(tols["merged"], 1.5 * floor)
+    assert record["adapter_effect"] > 3 * tols["merged"]  # the check would notice a merge without adapter
