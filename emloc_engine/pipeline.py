@@ -220,7 +220,11 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             p = stage("emulator")
             manifest.start_stage("emulator", predicted_peak_gib=predicted.get("emulator"))
             ids = calibration_token_ids(data_cfg, tokenizer, n=cfg.calib, seed=cfg.seed)
-            budget = plan_info.get("limit_bytes") if plan_info.get("device") == "cuda" else None
+            # The build streams one block at a time and needs little; it is held to half the
+            # inference peak (its chunks shrink to fit) so the GPU stays usable meanwhile.
+            budget = None
+            if plan_info.get("device") == "cuda":
+                budget = int(min(plan_info["limit_bytes"], 0.5 * plan_info["inference_peak_gib"] * 2**30))
             er = build_emulator(EmulatorConfig(model_dir=cfg.model_dir, out_dir=layout.emulator,
                                                calibration_ids=tuple(tuple(x) for x in ids), ratio=ratio,
                                                device=cfg.device, memory_budget_bytes=budget), p)
