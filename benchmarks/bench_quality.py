@@ -429,10 +429,10 @@ def versions() -> dict[str, str]:
 
     from emloc_engine.version import __version__
 
-    commit = "unknown"
+    commit = os.environ.get("EMLOC_BENCH_COMMIT", "unknown")  # set where the copy has no .git
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
+                                timeout=10).stdout.strip() or commit
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "emloc_engine": __version__,
             "git_commit": commit}
@@ -739,6 +739,23 @@ def render_section(data: Mapping[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def merge_runs(datas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join runs of one date and device that ran different tasks (e.g. one task per GPU) into one."""
+    merged: list[dict[str, Any]] = []
+    for d in datas:
+        def key(x: Mapping[str, Any]) -> Any:
+            return x["date"], x["device"], {k: v for k, v in x["settings"].items() if k != "device"}
+
+        same = next((m for m in merged if key(m) == key(d)), None)
+        if same is None or set(same["tasks"]) & set(d["tasks"]):
+            merged.append(json.loads(json.dumps(d)))
+            continue
+        same["tasks"].update(d["tasks"])
+        same["command"] += f" & {d['command']}"
+        same["wall_s"] = max(same.get("wall_s", 0.0), d.get("wall_s", 0.0))
+    return merged
+
+
 def write_results_md(path: Path, sections: Sequence[str], notes: str = "") -> None:
     """Replace (or append) the Quality section of RESULTS.md; other sections are left untouched."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
@@ -797,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
     if args.render:
-        datas = [json.loads(p.read_text(encoding="utf-8")) for p in args.render]
+        datas = merge_runs([json.loads(p.read_text(encoding="utf-8")) for p in args.render])
         write_results_md(args.results_md, [render_section(d) for d in datas], notes)
         print(f"wrote the Quality section of {args.results_md}")
         return 0
