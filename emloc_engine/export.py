@@ -112,7 +112,8 @@ class ExportResult:
         verification: ``(export, max |logit − reference logit|)`` per verified export.
         tolerances: ``(export, allowed difference)`` in the same order.
         adapter_effect: max |logit change| the adapter causes on the original (0 means it does nothing).
-        peak_rss_gib: the process's peak resident memory while exporting (sampled).
+        peak_rss_gib: the process's peak resident memory while exporting (sampled), verification included.
+        merge_peak_rss_gib: the same during the streaming merge alone (about one tensor).
     """
 
     merged_dir: Path | None
@@ -127,6 +128,7 @@ class ExportResult:
     gguf_s: float = 0.0
     verify_s: float = 0.0
     wall_s: float = 0.0
+    merge_peak_rss_gib: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for the manifest and the CLI."""
@@ -139,6 +141,7 @@ class ExportResult:
             "adapter_effect": self.adapter_effect, "merged_modules": self.merged_modules,
             "peak_rss_gib": round(self.peak_rss_gib, 3), "merge_s": round(self.merge_s, 2),
             "gguf_s": round(self.gguf_s, 2), "verify_s": round(self.verify_s, 2), "wall_s": round(self.wall_s, 2),
+            "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3),
         }
 
 
@@ -350,6 +353,11 @@ def _free(*objs: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def _placement(dev: torch.device) -> dict[str, Any]:
+    """Load verification models straight onto a GPU, never as a full copy in CPU memory first."""
+    return {"device_map": {"": dev.index or 0}} if dev.type == "cuda" else {}
+
+
 def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
     """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
     the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
@@ -389,7 +397,8 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base: Any = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=dtype, local_files_only=True)
+    base: Any = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=dtype, local_files_only=True,
+                                                     **_placement(dev))
     base = base.to(dev)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     try:
@@ -440,7 +449,8 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
     if merged is not None:
         progress.check_cancelled()
         progress.update(0.4, "Verifying: merged folder (transformers)")
-        m: Any = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype, local_files_only=True)
+        m: Any = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype, local_files_only=True,
+                                                      **_placement(dev))
         m = m.to(dev).eval()
         ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
                 max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
@@ -523,12 +533,14 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
 
     _check_adapter_fits(model_dir, deltas, set(Checkpoint(model_dir).names()))
     merged_dir = gguf_path = out_adapter = None
+    merge_peak = 0.0
     n_merged, t_merge, t_gguf, t_verify = 0, [0.0], [0.0], [0.0]
     with RssSampler() as rss:
         if "merged" in formats:
             card = render_card(collect_facts(layout.root, model_dir, adapter_dir, "merged model"))
-            with _timer(t_merge):
+            with _timer(t_merge), RssSampler() as merge_rss:
                 n_merged = _export_merged(cfg, deltas, layout.merged, card, sub(progress, 0.0, 0.6))
+            merge_peak = merge_rss.peak_bytes / 2**30
             merged_dir = layout.merged
             log.info("Merged %d modules into %s in %.1f s", n_merged, merged_dir, t_merge[-1])
         if "gguf" in formats:
@@ -551,7 +563,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     progress.update(1.0, "Export done")
     return ExportResult(merged_dir, out_adapter, gguf_path, tuple(ver.diffs), rss.peak_bytes / 2**30,
                         tuple(ver.tols), ver.effect, n_merged, t_merge[-1], t_gguf[-1], t_verify[-1],
-                        time.monotonic() - t0)
+                        time.monotonic() - t0, merge_peak)
 
 
 def _export_adapter(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path) -> Path:
