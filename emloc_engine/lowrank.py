@@ -96,8 +96,36 @@ def replace_with_low_rank(model: nn.Module, modules: dict[str, dict[str, Any]],
                                                   device=device, dtype=dtype))
 
 
+def pad_rank(model: nn.Module, multiple: int) -> int:
+    """Zero-pad every :class:`LowRankLinear`'s inner width ``k`` up to a multiple of ``multiple``.
+
+    ``u(v x)`` is unchanged: the extra rows of ``v`` and columns of ``u`` are zero. It exists for
+    speed: bf16 GEMMs whose inner dimension is not a multiple of 8 (k = 819 at ρ = 0.4 on a
+    4096-wide layer) miss the tensor-core fast path; on the H200 the emulator then trained slower at
+    batch 8 than LoRA on the full model (benchmarks/RESULTS.md). The stored factors keep the exact
+    ``k`` of the file format; only the in-memory copy is padded. Returns the number of padded modules.
+    """
+    if multiple <= 1:
+        return 0
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LowRankLinear) or module.rank % multiple == 0:
+            continue
+        extra = multiple - module.rank % multiple
+        v, u = module.v.weight, module.u.weight
+        with torch.no_grad():
+            module.v.weight = nn.Parameter(torch.cat([v, v.new_zeros(extra, v.shape[1])], 0),
+                                           requires_grad=v.requires_grad)
+            module.u.weight = nn.Parameter(torch.cat([u, u.new_zeros(u.shape[0], extra)], 1),
+                                           requires_grad=u.requires_grad)
+        module.v.out_features = module.u.in_features = module.rank + extra
+        module.rank += extra
+        count += 1
+    return count
+
+
 def load_emulator(emulator_dir: Path, *, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> Any:
+                  device: torch.device | str = "cpu", rank_multiple: int = 1) -> Any:
     """Load an emulator folder as a ``transformers`` causal LM whose compressed modules are low-rank.
 
     Module names are the original model's, so a LoRA adapter trained on it loads onto the original.
@@ -106,6 +134,8 @@ def load_emulator(emulator_dir: Path, *, dtype: torch.dtype = torch.float32,
         emulator_dir: ``RUN_DIR/emulator``.
         dtype: dtype of every floating tensor after loading (bf16 on GPUs that have it, fp32 on CPU).
         device: where the model lives.
+        rank_multiple: zero-pad each inner rank to a multiple of this in memory (:func:`pad_rank`);
+            8 on GPUs, 1 (exact stored shapes) elsewhere.
 
     Returns:
         A ``PreTrainedModel`` in eval mode.
@@ -140,6 +170,7 @@ def load_emulator(emulator_dir: Path, *, dtype: torch.dtype = torch.float32,
         )
     if tied:
         model.tie_weights()
+    pad_rank(model, rank_multiple)
     model.to(device=device)
     model.eval()
     return model

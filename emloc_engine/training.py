@@ -453,7 +453,10 @@ class _Session:
 
         progress.update(0.0, "loading the emulator")
         meta = read_emulator_meta(cfg.resolved_emulator_dir)
-        model = load_emulator(cfg.resolved_emulator_dir, dtype=weight_dtype, device=device)
+        # On GPUs the inner ranks are zero-padded to multiples of 8 for the tensor-core path
+        # (same function, see lowrank.pad_rank); the adapter does not depend on it.
+        model = load_emulator(cfg.resolved_emulator_dir, dtype=weight_dtype, device=device,
+                              rank_multiple=8 if device.type == "cuda" else 1)
         targets = resolve_targets(model, cfg.target_modules, arch_spec(model.config).short_names)
         source = dict(meta.get("source_model", {}))
         if not source.get("path"):

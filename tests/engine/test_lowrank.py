@@ -50,3 +50,18 @@ def test_truncated_emulator_differs_and_is_smaller(tiny_llama: Path, tmp_path: P
 def test_missing_meta_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="emloc build"):
         load_emulator(tmp_path)
+
+
+def test_rank_padding_keeps_the_function(tiny_llama: Path, tmp_path: Path) -> None:
+    from emloc_engine.lowrank import pad_rank
+
+    emu_dir = write_svd_emulator(tiny_llama, tmp_path / "emu", ratio=0.37)
+    exact = load_emulator(emu_dir, dtype=torch.float64)
+    padded = load_emulator(emu_dir, dtype=torch.float64, rank_multiple=8)
+    ranks = [m.rank for m in padded.modules() if isinstance(m, LowRankLinear)]
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert any(m.rank % 8 for m in exact.modules() if isinstance(m, LowRankLinear))  # there was work to do
+    assert pad_rank(padded, 8) == 0  # idempotent
+    ids = torch.arange(5, 45).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(exact(ids).logits, padded(ids).logits, atol=1e-12)

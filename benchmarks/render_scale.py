@@ -1,0 +1,159 @@
+"""Render the GPU scale results (``benchmarks/results/*.json``) into ``benchmarks/RESULTS.md``.
+
+Numbers come from the JSON files the benchmark commands printed on the device; the planner's
+predictions are recomputed here from the same settings (pure arithmetic, ``emloc_engine.planning``).
+Only the part of RESULTS.md between the ``scale`` markers is rewritten.
+
+    python benchmarks/render_scale.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emloc_engine.model_facts import reference_facts  # noqa: E402
+from emloc_engine.planning import PlanConfig, correction_peak, emulator_build_peak, inference_peak, training_peak  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
+GIB = 2**30
+DATE = "2026-11-29"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((HERE / "results" / name).read_text())
+
+
+def _err(pred: float, meas: float) -> str:
+    return f"{100 * (pred - meas) / meas:+.1f}%"
+
+
+def _planner_rows(probe: dict[str, Any], training: dict[str, Any], scale: dict[str, Any]) -> list[str]:
+    facts = reference_facts("Llama-3-8B")
+    rows = ["| what | settings | measured GiB | predicted GiB | error |", "|---|---|---:|---:|---:|"]
+    for ctx in (512, 1024, 2048, 4096):
+        meas = probe[f"infer_ctx{ctx}"]
+        pred = inference_peak(facts, PlanConfig(context_length=ctx)).allocated_bytes / GIB
+        rows.append(f"| inference (original) | ctx {ctx}, batch 1 | {meas:.2f} | {pred:.2f} | {_err(pred, meas)} |")
+    for key, run in training["summary"].items():
+        name, b = key.rsplit(" ", 1)
+        batch = int(b[1:])
+        cfg = PlanConfig(context_length=1024, batch_size=batch, lora_rank=16)
+        if name == "full":
+            pred_b = training_peak(facts, cfg, 1.0, name="full_lora", chunked_loss=True).allocated_bytes
+            label = "LoRA, full model (engine trainer)"
+        else:
+            ratio = float(name.split("=")[1])
+            pred_b = training_peak(facts, cfg, ratio).allocated_bytes
+            label = f"LoRA on emulator ρ={ratio}"
+        meas = run["peak_gib"]
+        rows.append(f"| {label} | ctx 1024, batch {batch}, r 16 | {meas:.2f} | {pred_b / GIB:.2f} | "
+                    f"{_err(pred_b / GIB, meas)} |")
+    st = scale["stages"]
+    cfg = PlanConfig(context_length=1024, batch_size=1, lora_rank=16)
+    budget = int(0.5 * scale["inference_peak_gib"] * GIB)
+    for stage, pred_b in (("emulator", emulator_build_peak(facts, cfg, 0.4, budget).allocated_bytes),
+                          ("correct", correction_peak(facts, cfg, 0.4).allocated_bytes)):
+        meas = st[stage]["measured_peak_gib"]
+        rows.append(f"| {stage} stage (pipeline) | ρ 0.4, 64×1024 calib | {meas:.2f} | {pred_b / GIB:.2f} | "
+                    f"{_err(pred_b / GIB, meas)} |")
+    return rows
+
+
+def render() -> str:
+    scale = _load("scale-llama3-8b-2026-11-29.json")
+    training = _load("training-llama3-8b-2026-11-29.json")
+    dist = _load("distributed-llama3-8b-2026-11-29.json")
+    probe = _load("inference-probe-llama3-8b-2026-11-29.json")
+    ver = _load("export-verification-llama3-8b-2026-11-29.json")
+    inf = scale["inference_peak_gib"]
+    st = scale["stages"]
+    out = [BEGIN, "## Scale (GPU): Llama-3-8B architecture, random bf16 weights, one H200", "",
+           f"Date {DATE}; device {scale['device']}; torch {scale['torch']}, transformers 5.17.0, peft 0.21.2. "
+           "Weights: `python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b --shards 4` "
+           "(8.03 B parameters, 16.1 GB in 4 shards). Speed and memory do not depend on the weight values.", "",
+           "### Every stage of `emloc run` (the same pipeline the app runs)", "",
+           "Command: `python benchmarks/bench_scale.py --model-dir /tmp/l8b --work /tmp/scale --ratio 0.4 "
+           "--steps 20 --max-length 1024 --exports merged,adapter` (64 calibration samples × 1024 tokens, "
+           "LoRA r 16 / alpha 32 on all 224 linear modules, batch 1, λ auto).", "",
+           f"Inference peak of the original model (budget), prompt 1024 tokens: **{inf:.2f} GiB**.", "",
+           "| stage | wall s | peak GPU GiB | × inference peak | planner predicted GiB | peak CPU RSS GiB | notes |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    notes = {
+        "emulator": "target ≤ 60 s, ≤ ½ inference peak, RSS ≤ 8 GiB",
+        "train": f"{st['train'].get('tokens_per_s', 0):.0f} tokens/s, 20 steps; eval loss {st['train'].get('final_eval_loss', 0):.3f}",
+        "correct": f"correction of 224 modules {st['correct'].get('correction_s', 0):.1f} s (target ≤ 10 s) + "
+                   f"λ search {st['correct'].get('eval_s', 0):.1f} s; chose λ = {st['correct'].get('lambda')}",
+        "export": f"merge + write 16 GB: {st['export'].get('merge_s', 0):.1f} s (target ≤ 120 s); then verification",
+    }
+    for name in ("emulator", "train", "correct", "export"):
+        s = st[name]
+        peak = s.get("measured_peak_gib")
+        ratio = f"{peak / inf:.2f}" if peak else "—"
+        pred = s.get("predicted_peak_gib")
+        out.append(f"| {name} | {s['wall_s']:.1f} | {peak if peak is None else f'{peak:.2f}'} | {ratio} | "
+                   f"{'—' if pred is None else f'{pred:.2f}'} | {s['peak_rss_gib']:.1f} | {notes[name]} |")
+    lam = st["correct"]["lambda_table"]
+    out += ["", "λ table (held-out loss on the original + corrected adapter): " +
+            ", ".join(f"λ={r['lambda']}: {r['eval_loss']:.4f}" for r in lam) + ".", "",
+            "Export verification (max |Δlogit| vs original + adapter through peft, fp32 compute on the GPU): " +
+            ", ".join(f"{n} {d:.4g}" for n, d in ver["verification"]) +
+            f"; bf16 rounding floor {ver['reduced_precision_floor']:.4g}; the adapter itself moves logits by "
+            f"{ver['adapter_effect']:.3g}.", "",
+            "Reading the table:",
+            "- Peak CPU RSS counts file-backed pages of memory-mapped safetensors (page cache) touched while "
+            "reading the 16 GB checkpoint; the export stage's figure includes loading models for verification. "
+            "The merge itself reads with plain reads, not mmap; its own peak is reported as "
+            "`merge_peak_rss_gib` since this run (not yet measured on the GPU host).",
+            "- The correction stage's peak is the original model plus the adapter evaluated on held-out data "
+            "(batch 1, chunked head): the same as running the fine-tuned model unmerged, 1.4% above the bare "
+            "model's generate() peak.", ""]
+    out += ["### Training on the emulator vs LoRA on the full model", "",
+            "Command: `python benchmarks/bench_training.py --model-dir /tmp/l8b --ratios 0.25 0.4 0.6 --batches 1 8 "
+            "--steps 3 --warmup 1` (seq 1024, r 16, gradient checkpointing, bf16; the engine's own training loop; "
+            "emulator factors random with the builder's exact shapes).", "",
+            "| config | peak GiB | ≤ inference peak | tokens/s | speed-up vs full LoRA |", "|---|---:|---|---:|---:|"]
+    for key, r in training["summary"].items():
+        sp = r.get("speedup_vs_full_lora")
+        out.append(f"| {key} | {r['peak_gib']:.2f} | {'yes' if r['peak_le_inference_peak'] else 'no'} | "
+                   f"{r['tokens_per_s']:.0f} | {'—' if sp is None else f'{sp:.2f}×'} |")
+    out += ["", f"Inference peak in this run: {training['inference']['peak_gib']:.2f} GiB (prefill 1024).", "",
+            "### Planner accuracy (predicted `max_memory_allocated` vs measured)", "",
+            "Predictions recomputed by `benchmarks/render_scale.py` from `emloc_engine.planning` with the "
+            "settings of each measurement.", ""]
+    out += _planner_rows(probe, training, scale)
+    out += ["", "### Data-parallel training on 2 H200s (issue 10)", "",
+            "Command: `python benchmarks/bench_distributed.py --model-dir /tmp/l8b --gpus 1 2` on `nvidia-h200-x2` "
+            f"(ρ {dist['settings']['ratio']}, batch {dist['settings']['batch']} × grad-accum "
+            f"{dist['settings']['grad_accum']}, seq {dist['settings']['seq']}, bf16, NCCL).", "",
+            "| GPUs | tokens/s | step s | peak GiB per GPU | speed-up | adapter max |Δ| vs 1 GPU |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for r in dist["runs"]:
+        out.append(f"| {r['gpus']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['peak_gib']:.2f} | "
+                   f"{r.get('speedup', 1.0):.2f}× | {r.get('adapter_max_abs_diff', 0.0):.2g} "
+                   f"(of max {r.get('adapter_max_abs', 0.0):.2g}) |")
+    out += ["", END]
+    return "\n".join(out)
+
+
+def main() -> None:
+    section = render()
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
