@@ -68,9 +68,12 @@ class RunConfig:
     exports: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={"help": "merged, adapter, gguf."})
     gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f16, bf16, q8_0 or f32."})
     seed: int = field(default=0, metadata={"help": "Seed for the split, sampling and initialisation."})
+    gpus: int = field(default=1, metadata={"help": "GPUs for data-parallel training (Stage 2); 1 = one process."})
 
     def __post_init__(self) -> None:
         problems = []
+        if self.gpus < 1:
+            problems.append(f"gpus must be ≥ 1 (got {self.gpus})")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             problems.append(f"ratio must be in (0, 1) (got {self.ratio})")
         if self.rank < 1:
@@ -147,7 +150,7 @@ def choose_ratio(cfg: RunConfig) -> tuple[float, dict[str, Any]]:
             budget_bytes=budget, gpu_total_bytes=device_total, context_length=cfg.max_length,
             batch_size=cfg.batch_size, lora_rank=cfg.rank, ratio=cfg.ratio,
             device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib, train_steps=cfg.steps,
-            auto_lambda=cfg.lambda_ is None))
+            auto_lambda=cfg.lambda_ is None, num_gpus=cfg.gpus))
 
     result = plan(cfg.budget_bytes)
     budget_note = "inference peak" if cfg.budget_bytes is None else "user budget"
@@ -239,9 +242,15 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
         else:
             p = stage("train")
             manifest.start_stage("train", predicted_peak_gib=predicted.get("train"))
-            tr = train_lora(TrainConfig(run_dir=layout.root, data=data_cfg, rank=cfg.rank, alpha=cfg.alpha,
-                                        steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                        device=cfg.device, seed=cfg.seed), p)
+            train_cfg = TrainConfig(run_dir=layout.root, data=data_cfg, rank=cfg.rank, alpha=cfg.alpha,
+                                    steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                                    device=cfg.device, seed=cfg.seed)
+            if cfg.gpus > 1:
+                from emloc_engine.distributed import ParallelConfig, train_lora_distributed
+
+                tr = train_lora_distributed(train_cfg, ParallelConfig(processes=cfg.gpus), p)
+            else:
+                tr = train_lora(train_cfg, p)
             final_eval = tr.final_eval_loss
             manifest.finish_stage("train", {"steps": tr.steps_done, "final_eval_loss": tr.final_eval_loss,
                                             "loss_history": list(tr.loss_history),

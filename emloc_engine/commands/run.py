@@ -29,6 +29,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="Sequences per optimizer step.")
     p.add_argument("--gguf-type", default="f16", choices=("f16", "bf16", "q8_0", "f32"), help="GGUF tensor type.")
     p.add_argument("--seed", type=int, default=0, help="Seed for the split, sampling and initialisation.")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="Train data-parallel on N GPUs of this machine (N CPU processes with --device cpu).")
 
 
 def register(sub: Any) -> None:
@@ -49,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         ratio=args.ratio, budget_bytes=int(args.budget_gib * 2**30) if args.budget_gib else None,
         rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         lambda_=parse_lambda(args.lambda_), calib=args.calib, max_length=args.max_length, device=args.device,
-        exports=exports, gguf_type=args.gguf_type, seed=args.seed)
+        exports=exports, gguf_type=args.gguf_type, seed=args.seed, gpus=args.gpus)
 
 
 def run(args: argparse.Namespace) -> int:

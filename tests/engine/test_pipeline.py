@@ -99,3 +99,15 @@ def test_cancel_records_stage_and_cli_resumes(tiny_llama: Path, tmp_path: Path,
     assert "Stages run:" in out and "ρ = 0.500" in out
     m = RunManifest.open(run)
     assert all(m.is_done(s) for s in ("emulator", "train", "correct"))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_run_with_two_training_processes(tiny_llama: Path, tmp_path: Path) -> None:
+    """``emloc run --gpus 2`` trains data-parallel (gloo on the CPU here) and the run completes."""
+    data = _data(tmp_path / "d.jsonl")
+    result = run_pipeline(_cfg(tiny_llama, data, tmp_path / "run", exports=(), gpus=2, lambda_=0.0))
+    assert result.stages_run == ("emulator", "train", "correct")
+    m = RunManifest.open(tmp_path / "run")
+    assert m.stage("train")["result"]["steps"] == 4
+    assert (tmp_path / "run" / "adapter-corrected" / "adapter_model.safetensors").exists()
