@@ -72,6 +72,7 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline first, like the CLI
     args = parse_args(argv)
     if args.smoke_test:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")

@@ -48,7 +48,7 @@ def data_config_from_args(path: str, args: argparse.Namespace) -> DataConfig:
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("data", help=HELP, description=HELP)
-    p.add_argument("data", help="Dataset file: .jsonl, .json, .csv, .tsv, .parquet or .txt.")
+    p.add_argument("data", help="Dataset file: .jsonl, .json, .csv, .tsv, .parquet or .txt ('demo': the demo dataset).")
     p.add_argument("--model", help="Model folder or cached repo id: its tokenizer and chat template are used "
                                    "(no weights are loaded).")
     add_data_arguments(p)
@@ -57,8 +57,18 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = data_config_from_args(args.data, args)
-    tokenizer = load_tokenizer(args.model) if args.model else None
+    data_path = args.data
+    if data_path == "demo":
+        from emloc_engine.resolve import resolve_data
+
+        data_path = str(resolve_data("demo"))
+    cfg = data_config_from_args(data_path, args)
+    model = args.model
+    if model == "demo":
+        from emloc_engine.resolve import resolve_model
+
+        model = str(resolve_model("demo"))
+    tokenizer = load_tokenizer(model) if model else None
     report = inspect_dataset(cfg, tokenizer)
     if args.json:
         print(json.dumps(report_to_dict(report), indent=2, ensure_ascii=False))
