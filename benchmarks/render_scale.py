@@ -16,8 +16,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.model_facts import reference_facts  # noqa: E402
-from emloc_engine.planning import PlanConfig, correction_peak, emulator_build_peak, inference_peak, training_peak  # noqa: E402
+from emloc_engine.model_facts import reference_facts
+from emloc_engine.planning import (
+    PlanConfig,
+    correction_peak,
+    emulator_build_peak,
+    inference_peak,
+    training_peak,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"

@@ -58,5 +58,5 @@ class RunStateError(EngineError):
     """The run folder is in a state that forbids the request (e.g. correcting twice)."""
 
 
-class Cancelled(Exception):  # noqa: N818 - it is not an error, the name says what happened
+class Cancelled(Exception):  # not an error: the name says what happened
     """Raised by ``Progress.check_cancelled`` when the user asked to stop."""
