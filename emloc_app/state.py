@@ -31,6 +31,23 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
+# The demo (SmolLM2-135M on the Shakespeare dialogue set, often on a laptop CPU) should show a
+# visible change in minutes: fewer, larger steps. Measured while building the demo: 40 peft LoRA
+# steps at lr 5e-4 turned "The king is a just ruler…" into "King John: / I have been in the king's
+# court…". Applied only while the user has not changed the defaults.
+DEMO_TRAIN_DEFAULTS: dict[str, Any] = {**TRAIN_DEFAULTS, "steps": 60, "lr": 5e-4, "eval_every": 20,
+                                       "save_every": 20}
+
+
+def apply_demo_defaults(state: WizardState) -> bool:
+    """Switch to :data:`DEMO_TRAIN_DEFAULTS` for the demo model if the settings are untouched."""
+    from emloc_app.pages.model_page import _is_demo
+
+    if state.model is None or not _is_demo(state.model) or state.train_settings != TRAIN_DEFAULTS:
+        return False
+    state.train_settings = dict(DEMO_TRAIN_DEFAULTS)
+    return True
+
 
 @dataclass
 class WizardState:

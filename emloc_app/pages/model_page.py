@@ -266,7 +266,8 @@ class ModelPage(BasePage):
     def _scanned(self, rows: list[ModelRow]) -> None:
         self.progress.hide()
         n = sum(1 for r in rows if not r.is_demo)
-        self.status.setText(f"{n} model{'s' if n != 1 else ''} found.")
+        text = f"{n} model{'s' if n != 1 else ''} found on this disk"
+        self.status.setText(text + (", plus the demo model." if len(rows) > n else "."))
         self.table_model.set_rows(rows)
         self.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)
         self._preselect()

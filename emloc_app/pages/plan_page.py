@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import GIB, BasePage, gib
-from emloc_app.state import TRAIN_DEFAULTS, WizardState
+from emloc_app.state import TRAIN_DEFAULTS, WizardState, apply_demo_defaults
 from emloc_app.widgets.vram_bar import VramBar
 from emloc_engine import paths
 from emloc_engine.errors import ConfigError, EngineError
@@ -139,6 +139,7 @@ class PlanPage(BasePage):
     def initializePage(self) -> None:
         self._loading = True
         s = self.state
+        apply_demo_defaults(s)
         for name, w in self.settings.items():
             w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
         idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (

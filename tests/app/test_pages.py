@@ -218,3 +218,16 @@ def test_plan_page_show_command(qtbot, tmp_path: Path, state: WizardState) -> No
     page.show_command.click()
     assert page._command_dialog.isVisible()
     page._command_dialog.close()
+
+
+def test_plan_page_uses_quick_settings_for_the_demo_until_changed(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  state: WizardState) -> None:
+    from emloc_app.state import DEMO_TRAIN_DEFAULTS
+
+    state.model = FakeModel("demo: SmolLM2-135M-Instruct", tmp_path / "demo", source="demo")
+    page, _ = make_plan_page(qtbot, tmp_path, state)
+    assert page.settings["steps"].value() == DEMO_TRAIN_DEFAULTS["steps"] != 100
+    assert page.settings["lr"].value() == pytest.approx(DEMO_TRAIN_DEFAULTS["lr"])
+    state.train_settings["steps"] = 7  # the user's choice is never overridden
+    page.initializePage()
+    assert page.settings["steps"].value() == 7
