@@ -666,14 +666,29 @@ def ordering_checks(rec: Mapping[str, Any]) -> list[str]:
                            for r, a, p in pairs)
         verdict = "holds" if len(wins) == len(pairs) else f"holds at {len(wins)}/{len(pairs)} ratios"
         lines.append(f"Activation-aware better than plain SVD (λ = 0, original model): {verdict} ({detail}).")
+    if aa:  # the evidence for why correcting towards the emulator can hurt
+        zs = primary(rec, rec["zero_shot"])
+        worse = [r for r in aa if sign * (primary(rec, units[(PRIMARY, r)]["on_emulator"]) - zs) < 0]
+        lines.append("Emulator + its LoRA worse than the original with no LoRA at all (zero-shot "
+                     f"{zs:.4g}) at ρ = {', '.join(f'{r:g}' for r in worse) or 'none'} ("
+                     + ", ".join(f"ρ={r:g}: {primary(rec, units[(PRIMARY, r)]['on_emulator']):.4g}" for r in aa)
+                     + "): the correction makes the original imitate emulator + LoRA on the adapter's directions.")
     gains = []
     for r in aa:
         u = units[(PRIMARY, r)]
         lam, best = best_lambda(rec, u)
-        gains.append((r, sign * (best - primary(rec, u["lambda"]["0"])), lam,
+        gains.append((r, sign * (best - primary(rec, u["lambda"]["0"])) + 0.0, lam,
                       sign * (primary(rec, u["lambda"]["3"]) - primary(rec, u["lambda"]["0"]))
                       if "3" in u["lambda"] else math.nan))
     if len(gains) >= 2:
+        exact = [(r, sign * (primary(rec, units[(PRIMARY, r)]["lambda"]["inf"])
+                             - primary(rec, units[(PRIMARY, r)]["lambda"]["0"])))
+                 for r in aa if "inf" in units[(PRIMARY, r)]["lambda"]]
+        if len(exact) >= 2:
+            ok = all(b[1] >= a[1] for a, b in itertools.pairwise(exact))
+            lines.append("Exact correction (λ = ∞) closer to no correction as ρ grows: "
+                         f"{'holds' if ok else 'does not hold'} ("
+                         + ", ".join(f"ρ={r:g}: {d:+.4g}" for r, d in exact) + "; positive = better than λ = 0).")
         increasing = all(b[3] >= a[3] for a, b in itertools.pairwise(gains))
         detail = ", ".join(f"ρ={r:g}: λ=3 {d3:+.4g}, best λ={lam} {g:+.4g}" for r, g, lam, d3 in gains)
         lines.append(f"Correction helps more as the emulator gets closer (gain of λ = 3 over λ = 0 increasing in ρ): "
@@ -694,7 +709,8 @@ def render_section(data: Mapping[str, Any]) -> str:
            f"every decoder linear; {s['steps']} steps × {s['batch_size']} sequences of ≤ {s['max_length']} tokens, "
            f"lr {s['lr']:g} (warmup {s['warmup_steps']}, cosine); calibration {s['calib_samples']} × {s['max_length']} "
            f"tokens ({s['more_calib_samples']} for `aa-calib256*`); λ = auto chooses among "
-           f"{', '.join(s['auto_grid'])} on the validation split. Wall time {data.get('wall_s', math.nan):.0f} s.  ",
+           f"{', '.join(s['auto_grid'])} on the validation split. Wall time {data.get('wall_s', math.nan):.0f} s "
+           "(summed over the commands below, which ran side by side, one per GPU).  ",
            f"Planner: budget = inference peak of the original at batch 1 × {s['max_length']} tokens = "
            f"{planner['budget_bytes'] / 2**30:.2f} GiB → ρ = {planner['ratio']} ({planner['reason']})", ""]
     out.append("Cells: metric (fraction of the full-LoRA gain recovered). `on emulator` = the emulator with its "
@@ -733,6 +749,9 @@ def render_section(data: Mapping[str, Any]) -> str:
         if rec.get("skipped"):
             out += ["", f"Not run (time budget): {', '.join(f'{v} ρ={r:g}' for v, r in rec['skipped'])}."]
         checks = ordering_checks(rec)
+        if rec["metric"] == "exact_match":  # the same checks on the answers' held-out loss (not floored at 0%)
+            as_loss = {**rec, "metric": "loss", "higher_is_better": False}
+            checks += [f"(answer loss) {c}" for c in ordering_checks(as_loss)]
         if checks:
             out += [""] + [f"- {c}" for c in checks]
         out.append("")
@@ -740,19 +759,34 @@ def render_section(data: Mapping[str, Any]) -> str:
 
 
 def merge_runs(datas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Join runs of one date and device that ran different tasks (e.g. one task per GPU) into one."""
-    merged: list[dict[str, Any]] = []
-    for d in datas:
-        def key(x: Mapping[str, Any]) -> Any:
-            return x["date"], x["device"], {k: v for k, v in x["settings"].items() if k != "device"}
+    """Join runs of one date, device and training settings (e.g. one task or a few units per GPU) into one.
 
+    Units of the same task are pooled (a later run's unit replaces an earlier one of the same variant
+    and ρ, and is no longer listed as skipped); zero-shot and full-LoRA scores come from the first run.
+    """
+    ignored = {"device", "units", "time_budget_s"}
+    merged: list[dict[str, Any]] = []
+
+    def key(x: Mapping[str, Any]) -> Any:
+        return x["date"], x["device"], {k: v for k, v in x["settings"].items() if k not in ignored}
+
+    for d in datas:
         same = next((m for m in merged if key(m) == key(d)), None)
-        if same is None or set(same["tasks"]) & set(d["tasks"]):
+        if same is None:
             merged.append(json.loads(json.dumps(d)))
             continue
-        same["tasks"].update(d["tasks"])
-        same["command"] += f" & {d['command']}"
-        same["wall_s"] = max(same.get("wall_s", 0.0), d.get("wall_s", 0.0))
+        for name, rec in d["tasks"].items():
+            if name not in same["tasks"]:
+                same["tasks"][name] = rec
+                continue
+            base = same["tasks"][name]
+            for unit in rec["units"]:
+                where = (unit["variant"], unit["ratio"])
+                base["units"] = [u for u in base["units"] if (u["variant"], u["ratio"]) != where] + [unit]
+                base["skipped"] = [s for s in base.get("skipped", []) if tuple(s) != where]
+        if d["command"] not in same["command"]:
+            same["command"] += f" ; {d['command']}"
+        same["wall_s"] = same.get("wall_s", 0.0) + d.get("wall_s", 0.0)
     return merged
 
 
@@ -805,7 +839,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="raw results (default benchmarks/results/quality-DATE.json)")
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-md", action="store_true", help="do not touch RESULTS.md")
-    p.add_argument("--render", type=Path, nargs="+", default=None, help="only render these JSON files into RESULTS.md")
+    p.add_argument("--render", type=Path, nargs="+", default=None,
+                   help="only render these JSON files into RESULTS.md (runs of the same settings are pooled; "
+                        "with --json the pooled result is written there)")
     p.add_argument("--notes", type=Path, default=None, help="Markdown put at the top of the Quality section")
     return p.parse_args(argv)
 
@@ -815,6 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
     if args.render:
         datas = merge_runs([json.loads(p.read_text(encoding="utf-8")) for p in args.render])
+        if args.json is not None:  # keep the pooled result too
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(datas[0] if len(datas) == 1 else datas, indent=1) + "\n", encoding="utf-8")
         write_results_md(args.results_md, [render_section(d) for d in datas], notes)
         print(f"wrote the Quality section of {args.results_md}")
         return 0
