@@ -243,7 +243,8 @@ def _spectral_gains(model_dir: Path, calibration: Sequence[Sequence[int]], devic
     from transformers import AutoModelForCausalLM
 
     names = _block_modules(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = model.to(device).eval()
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable[..., None]:
@@ -559,7 +560,8 @@ def run_task(run: Run, task: Task) -> None:
     dtype = inference_dtype(device)
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype).to(device)
+    base: Any = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype)
+    base = base.to(device)
     rec["zero_shot"] = scorer.score(base)
     del base
     _free(device)

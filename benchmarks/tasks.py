@@ -86,7 +86,8 @@ GENERATORS: tuple[Callable[[random.Random], tuple[str, str]], ...] = (_date, _so
 def format_examples(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """``n`` distinct (prompt, answer) pairs, kinds in rotation, none of whose prompts is in ``exclude``."""
     rng = random.Random(seed)
-    seen, out = set(exclude), []
+    seen: set[str] = set(exclude)
+    out: list[tuple[str, str]] = []
     while len(out) < n:
         prompt, answer = GENERATORS[len(out) % len(GENERATORS)](rng)
         if prompt not in seen:
