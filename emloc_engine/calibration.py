@@ -190,7 +190,18 @@ class StatisticsRecorder:
         # torch.mm(..., out_dtype=fp32), gave a non-PSD C on an H200 with torch 2.11: measured
         # 2026-11-29, see benchmarks/RESULTS.md. The upcast costs one fp32 copy of the chunk.)
         xd = x.to(self._dtype)
-        prod = xd.T @ xd
+        if xd.is_cuda and self._dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
+            # bf16/fp16 values are exact in TF32 (≥ their mantissa bits), every product of two is
+            # exact in fp32 and accumulation stays fp32: TF32 tensor cores give the fp32 result
+            # at several times the speed. Only for half-precision activations; fp32 ones keep fp32.
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                prod = xd.T @ xd
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        else:
+            prod = xd.T @ xd
         if name in self.stats:
             self.stats[name].add_(prod)
         else:
