@@ -26,12 +26,10 @@ import math
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from safetensors.torch import save_file
 
@@ -42,34 +40,11 @@ from emloc_engine.architectures import arch_spec, num_blocks
 from emloc_engine.checkpoint import Checkpoint, load_config
 from emloc_engine.correction import CorrectionConfig, correct_lora, corrected_weights, prepare_adapter
 from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
+from emloc_engine.memory import RssSampler
 
 TINY_CONFIG: dict[str, Any] = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256,
                                    intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=320, torch_dtype="bfloat16")
-
-
-class RssSampler:
-    """Peak resident set size of this process, sampled every 50 ms in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def _modules(model_dir: Path) -> list[tuple[str, int, int]]:
@@ -216,7 +191,7 @@ def main() -> None:
                              "peak_vram_gib": round(res.peak_vram_gib, 2)})
         result["runs"] = runs
         result["correction_s"] = min(r["correction_s"] for r in runs)
-        result["peak_cpu_rss_gib"] = round(rss.peak / 2**30, 2)
+        result["peak_cpu_rss_gib"] = round(rss.peak_bytes / 2**30, 2)
         result["modules_damped_at_lambda_3"] = sum(m.damped for m in res.modules)
         # Every extra λ of the auto grid: re-damping only, no weights read.
         prepared = prepare_adapter(read_adapter(run / "adapter"), model_dir, run / "emulator",

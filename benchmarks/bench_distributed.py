@@ -38,23 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_training import _examples, write_random_emulator
 from emloc_engine.checkpoint import load_config
 from emloc_engine.errors import InsufficientMemory
-
-
-class _Rates:
-    """A progress that keeps rank 0's per-step tokens/s and losses."""
-
-    def __init__(self) -> None:
-        self.rates: list[float] = []
-
-    def update(self, fraction: float, message: str = "") -> None:
-        pass
-
-    def log(self, name: str, value: float, step: int) -> None:
-        if name == "train/tokens_per_s":
-            self.rates.append(value)
-
-    def check_cancelled(self) -> None:
-        pass
+from emloc_engine.progress import RecordingProgress
 
 
 def bench(emulator_dir: Path, run_dir: Path, gpus: int, args: argparse.Namespace, data: list[Any]) -> dict[str, Any]:
@@ -67,13 +51,13 @@ def bench(emulator_dir: Path, run_dir: Path, gpus: int, args: argparse.Namespace
                       batch_size=args.batch, grad_accum=args.grad_accum, warmup_steps=0, eval_every=0,
                       save_every=0, grad_checkpointing=True, device=args.device, resume=False)
     parallel = ParallelConfig(processes=gpus, threads_per_process=1 if args.tiny else 0)
-    rates = _Rates()
+    rates = RecordingProgress()
     t0 = time.perf_counter()
     try:
         result = train_examples_distributed(cfg, parallel, data, [], rates)
     except InsufficientMemory as exc:
         return {"gpus": gpus, "oom": True, "message": exc.summary}
-    measured = rates.rates[args.warmup:] or rates.rates
+    measured = rates.values("train/tokens_per_s")[args.warmup:] or rates.values("train/tokens_per_s")
     return {"gpus": gpus, "tokens_per_s": round(statistics.median(measured), 1),
             "step_s": round(args.batch * args.grad_accum * args.seq / statistics.median(measured), 3),
             "wall_s": round(time.perf_counter() - t0, 1), "peak_gib": round(result.peak_vram_gib, 3),

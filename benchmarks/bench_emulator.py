@@ -20,42 +20,17 @@ import json
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emloc_engine.emulator import EmulatorConfig, build_emulator
 from emloc_engine.lowrank import read_emulator_meta
-
-
-class RssSampler:
-    """Peak resident set size of this process, sampled every 50 ms in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
+from emloc_engine.memory import RssSampler
 
 
 def random_calibration(vocab: int, samples: int, length: int, seed: int = 0) -> tuple[tuple[int, ...], ...]:
@@ -79,7 +54,7 @@ def build_once(model_dir: Path, out: Path, args: argparse.Namespace, solver: str
     meta = read_emulator_meta(out)
     errs = [float(m["rel_error"]) for m in meta["modules"].values()]
     return {"solver": solver, "wall_s": round(wall, 2), "peak_gpu_gib": round(result.peak_vram_gib, 3),
-            "peak_cpu_rss_gib": round(rss.peak / 2**30, 3), "timings_s": meta["build"]["timings_s"],
+            "peak_cpu_rss_gib": round(rss.peak_bytes / 2**30, 3), "timings_s": meta["build"]["timings_s"],
             "chunk_tokens": result.chunk_tokens, "modules": len(meta["modules"]),
             "params_kept_fraction": round(result.params_kept / result.params_original, 4),
             "rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs),

@@ -44,6 +44,7 @@ from emloc_engine.architectures import arch_spec, num_blocks
 from emloc_engine.checkpoint import Checkpoint, load_config
 from emloc_engine.errors import InsufficientMemory
 from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
+from emloc_engine.progress import RecordingProgress
 
 GIB = 2**30
 
@@ -118,23 +119,6 @@ def _examples(vocab: int, seq: int, n: int) -> list[Any]:
     return out
 
 
-class _Rates:
-    """A progress that keeps the per-step tokens/s."""
-
-    def __init__(self) -> None:
-        self.rates: list[float] = []
-
-    def update(self, fraction: float, message: str = "") -> None:
-        pass
-
-    def log(self, name: str, value: float, step: int) -> None:
-        if name == "train/tokens_per_s":
-            self.rates.append(value)
-
-    def check_cancelled(self) -> None:
-        pass
-
-
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -152,7 +136,7 @@ def bench_train(emulator_dir: Path, run_dir: Path, batch: int, args: argparse.Na
                       rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, steps=steps, lr=1e-4, batch_size=batch,
                       warmup_steps=0, eval_every=0, save_every=0, grad_checkpointing=True, device=args.device,
                       resume=False)
-    rates = _Rates()
+    rates = RecordingProgress()
     t0 = time.perf_counter()
     try:
         result = train_on_examples(cfg, _examples(vocab, args.seq, batch * steps), [], rates)
@@ -161,7 +145,7 @@ def bench_train(emulator_dir: Path, run_dir: Path, batch: int, args: argparse.Na
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         _free()
-    measured = rates.rates[args.warmup:] or rates.rates
+    measured = rates.values("train/tokens_per_s")[args.warmup:] or rates.values("train/tokens_per_s")
     return {"batch": batch, "seq": args.seq, "peak_gib": round(result.peak_vram_gib, 3),
             "tokens_per_s": round(statistics.median(measured), 1), "step_s": round(batch * args.seq / statistics.median(measured), 3),
             "trainable_params": result.trainable_params, "final_loss": round(result.loss_history[-1][1], 4),

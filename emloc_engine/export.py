@@ -29,7 +29,6 @@ import gc
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from emloc_engine.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from emloc_engine.checkpoint import load_config
 from emloc_engine.errors import ConfigError, MergeError, ModelNotFound
 from emloc_engine.layout import RunLayout
+from emloc_engine.memory import RssSampler
 from emloc_engine.merge import (
     SAFETENSORS_DTYPES,
     LoraDelta,
@@ -143,34 +143,6 @@ class ExportResult:
             "gguf_s": round(self.gguf_s, 2), "verify_s": round(self.verify_s, 2), "wall_s": round(self.wall_s, 2),
             "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3),
         }
-
-
-# -- memory sampling -------------------------------------------------------------------------------------
-class RssSampler:
-    """Samples this process's resident set size in a thread; ``peak_bytes`` is the largest seen."""
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.peak_bytes = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
 
 
 # -- where we may write --------------------------------------------------------------------------------
