@@ -120,6 +120,16 @@ def render() -> str:
             "- The correction stage's peak is the original model plus the adapter evaluated on held-out data "
             "(batch 1, chunked head): the same as running the fine-tuned model unmerged, 1.4% above the bare "
             "model's generate() peak.", ""]
+    merge = _load("merge-cpu-llama3-8b-2026-11-29.json")
+    out += ["### The merge alone, on a 2-core CPU box", "",
+            f"Command: `{merge['command']}` ({merge['machine']}). The merge is a CPU stage by design.", "",
+            f"Merged {merge['merged_modules']} modules (rank {merge['rank']}) into {merge['model_gb']:.1f} GB of "
+            f"bf16 shards in **{merge['merge_s']:.0f} s** (target ≤ 120 s) with **peak RSS "
+            f"{merge['peak_rss_gib']:.2f} GiB** (target ≤ largest shard {merge['largest_shard_gib']:.2f} + 2 = "
+            f"{merge['rss_target_gib']:.2f} GiB; the process itself started at {merge['baseline_rss_gib']:.2f}). "
+            f"Spot check: max |merged − bf16(W + s·B·A)| = {merge['spot_check_ulps']:.0f} bf16 spacings of the "
+            "exact value — large only where W and s·B·A nearly cancel (the spacing of a near-zero result is "
+            "tiny while the fp32 sum carries fp32 rounding of s·B·A).", ""]
     out += ["### Training on the emulator vs LoRA on the full model", "",
             "Command: `python benchmarks/bench_training.py --model-dir /tmp/l8b --ratios 0.25 0.4 0.6 --batches 1 8 "
             "--steps 3 --warmup 1` (seq 1024, r 16, gradient checkpointing, bf16; the engine's own training loop; "
