@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_md import write_section
 
 from emloc_engine.model_facts import reference_facts
 from emloc_engine.planning import PlanConfig, plan_memory
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- plans:begin -->", "<!-- plans:end -->"
 GIB = 2**30
 GPUS = (("RTX 4090", 24), ("RTX 6000 Ada", 48), ("A100 80GB", 80), ("H200", 141))
@@ -62,15 +64,7 @@ def render() -> str:
 
 def main() -> None:
     section = render()
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        marker = "<!-- scale:end -->"
-        text = text.replace(marker, marker + "\n\n" + section, 1) if marker in text else text + "\n" + section
-    RESULTS.write_text(text)
+    write_section(section, BEGIN, END, after="<!-- scale:end -->")
     print(section)
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_md import write_section
 
 from emloc_engine.model_facts import reference_facts
 from emloc_engine.planning import (
@@ -26,7 +29,6 @@ from emloc_engine.planning import (
 )
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 GIB = 2**30
 DATE = "2026-11-29"
@@ -168,14 +170,7 @@ def render() -> str:
 
 def main() -> None:
     section = render()
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section(section, BEGIN, END)
     print(section)
 
 

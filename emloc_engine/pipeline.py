@@ -43,7 +43,7 @@ def parse_lambda(text: str | float | None) -> float | None:
     except ValueError:
         raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).") from None
     if math.isnan(value) or value < 0:
-        raise ConfigError(f"--lambda must be ≥ 0 (got {text!r}).")
+        raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).")
     return value
 
 

@@ -13,25 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.errors import Cancelled, ConfigError
-
-
-def parse_lambda(text: str) -> float | None:
-    """``"auto"`` -> ``None``; ``"inf"`` -> ``math.inf``; a number ≥ 0 -> that number.
-
-    Raises:
-        ConfigError: anything else.
-    """
-    t = str(text).strip().lower()
-    if t == "auto":
-        return None
-    try:
-        value = float(t)
-    except ValueError:
-        raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).") from None
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).")
-    return value
+from emloc_engine.errors import Cancelled
+from emloc_engine.pipeline import parse_lambda
 
 
 def _fmt(x: float) -> str:
