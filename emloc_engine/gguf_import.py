@@ -269,3 +269,39 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path, dtype: str = "bf
     log.info("converted %s -> %s (%s)", gguf_path, out_dir, dtype)
     progress.update(1.0, f"Converted {gguf_path.name}")
     return out_dir
+
+
+def converted_dir_for(gguf_path: Path) -> Path:
+    """Where the catalog keeps the conversion of ``gguf_path``: never beside the GGUF (it may be in
+    LM Studio's or Ollama's store), always under the app's data folder, one folder per source file."""
+    import hashlib
+
+    from emloc_engine.paths import app_data_dir
+
+    src = Path(gguf_path).expanduser().resolve()
+    tag = hashlib.sha256(str(src).encode()).hexdigest()[:8]
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in src.stem)[:60] or "model"
+    return app_data_dir() / "converted" / f"{stem}-{tag}"
+
+
+def convert_for_catalog(gguf_path: Path, progress: Progress = NULL_PROGRESS) -> Path:
+    """Convert a GGUF the user chats with into a trainable bf16 folder, once, and list it in the catalog.
+
+    The result is ``converted_dir_for(gguf_path)``; a finished conversion (it has the
+    ``emloc_import.json`` marker) is reused, an unfinished one is redone. The folder is added to the
+    catalog's model folders, so ``emloc models`` and the app list it like any other model.
+
+    Returns:
+        The converted model folder.
+
+    Raises:
+        ModelNotFound, UnsupportedModel: as :func:`convert_gguf_to_safetensors`.
+    """
+    from emloc_engine.discovery import add_model_folder
+
+    out = converted_dir_for(gguf_path)
+    if not (out / IMPORT_MARKER).exists():
+        convert_gguf_to_safetensors(Path(gguf_path), out, progress=progress, overwrite=True)
+    add_model_folder(out)
+    progress.update(1.0, f"Converted: {out}")
+    return out

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from emloc_engine.errors import DataError, ModelNotFound
 
+log = logging.getLogger(__name__)
+
 
 def resolve_model(text: str | Path) -> Path:
-    """A model folder from a path, a cached repo id (``org/name``) or ``demo``.
+    """A model folder from a path, a cached repo id (``org/name``), ``demo``, or a GGUF file.
+
+    A GGUF (given as a path, or found in LM Studio's/Ollama's store by name) is converted once into
+    the app's data folder (:func:`emloc_engine.gguf_import.convert_for_catalog`).
 
     Raises:
         ModelNotFound: nothing matches; the message lists how to find what is available.
@@ -17,6 +23,11 @@ def resolve_model(text: str | Path) -> Path:
     p = Path(s).expanduser()
     if p.is_dir() and (p / "config.json").exists():
         return p
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from emloc_engine.gguf_import import convert_for_catalog
+
+        log.info("Converting %s to a trainable bf16 folder (once).", p)
+        return convert_for_catalog(p)
     if s == "demo":
         from emloc_engine.demo import ensure_demo_model
 
@@ -27,6 +38,12 @@ def resolve_model(text: str | Path) -> Path:
     usable = [m for m in matches if m.supported and not m.needs_conversion]
     if usable:
         return Path(usable[0].path)
+    convertible = [m for m in matches if m.supported and m.needs_conversion]
+    if convertible:
+        from emloc_engine.gguf_import import convert_for_catalog
+
+        log.info("Converting %s to a trainable bf16 folder (once).", convertible[0].path)
+        return convert_for_catalog(Path(convertible[0].path))
     if matches:
         m = matches[0]
         raise ModelNotFound(f"Model {s!r} was found but cannot be used: {m.problem or 'needs conversion'}.")

@@ -1,7 +1,7 @@
 """``emloc models [--json] [--add DIR] [--remove DIR]``: the local model catalog.
 
 Lists every revision in the Hugging Face cache, the folders you added, GGUF files in LM Studio and
-Ollama (marked "convert": ``emloc`` turns them into bf16 safetensors first) and the demo model,
+Ollama (marked "convert": ``emloc models --convert FILE`` turns one into bf16 safetensors, once) and the demo model,
 each with parameters, dtype, size, and what is wrong when it cannot be used.
 """
 
@@ -23,6 +23,9 @@ def register(sub: Any) -> None:
     p.add_argument("--add", metavar="DIR", action="append", default=[],
                    help="Add a folder (a model, or a folder of models) to the catalog; kept for next time.")
     p.add_argument("--remove", metavar="DIR", action="append", default=[], help="Remove an added folder.")
+    p.add_argument("--convert", metavar="GGUF", action="append", default=[],
+                   help="Convert a GGUF file (e.g. from LM Studio or Ollama) into a trainable bf16 model "
+                        "folder in the app's data folder, once, and add it to the catalog.")
     p.add_argument("--cache-dir", default=None, help="Hugging Face hub cache (default: HF_HUB_CACHE / HF_HOME).")
     p.add_argument("--no-stores", action="store_true", help="Skip LM Studio and Ollama.")
     p.set_defaults(func=run)
@@ -43,6 +46,16 @@ def run(args: argparse.Namespace) -> int:
     for d in args.remove:
         removed = remove_model_folder(Path(d))
         print(f"{'Removed' if removed else 'Not in the list:'} {d}", file=sys.stderr)
+    for g in args.convert:
+        from emloc_engine.gguf_import import convert_for_catalog
+        from emloc_engine.progress import TqdmProgress
+
+        bar = TqdmProgress(f"convert {Path(g).name}")
+        try:
+            out = convert_for_catalog(Path(g).expanduser(), bar)
+        finally:
+            bar.close()
+        print(f"Converted {g} -> {out}", file=sys.stderr)
     scan = scan_models(Path(args.cache_dir) if args.cache_dir else None, include_stores=not args.no_stores)
     if args.json:
         print(json.dumps({"models": [m.to_dict() for m in scan.models], "warnings": list(scan.warnings)}, indent=2))

@@ -224,3 +224,32 @@ def test_real_smollm2_gguf_converts_offline(tmp_path: Path) -> None:
     gen = model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_a_gguf_becomes_a_catalog_model_once(gguf_files: dict[str, tuple[Path, Path]], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`emloc models --convert` and `resolve_model(path.gguf)` convert into the app's data folder,
+    once, never beside the GGUF, and the result is listed and usable like any model."""
+    from emloc_engine.cli import main
+    from emloc_engine.discovery import added_model_folders, find_models
+    from emloc_engine.gguf_import import converted_dir_for
+    from emloc_engine.paths import app_data_dir
+    from emloc_engine.resolve import resolve_model
+
+    src_dir, gguf = gguf_files["f32"]
+    store = tmp_path / "lmstudio"
+    store.mkdir()
+    local = store / "tiny.gguf"
+    local.write_bytes(gguf.read_bytes())
+    assert main(["models", "--convert", str(local), "--no-stores"]) == 0
+    out = converted_dir_for(local)
+    assert out.is_relative_to(app_data_dir()) and (out / "config.json").exists()
+    assert sorted(p.name for p in store.iterdir()) == ["tiny.gguf"]  # nothing written beside the source
+    assert out.resolve() in [p.resolve() for p in added_model_folders()]
+    listed = [m for m in find_models(include_stores=False) if Path(m.path).resolve() == out.resolve()]
+    assert listed and listed[0].supported and not listed[0].needs_conversion
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(local) == out  # reused, not converted again
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    ids = torch.arange(10, 30).unsqueeze(0)
+    assert torch.allclose(_logits(out, ids), _logits(src_dir, ids), atol=0.1)  # stored in bf16
