@@ -39,6 +39,7 @@ ENGINE_OBJECTS: dict[str, tuple[str, str]] = {
     "merge_and_export": ("emloc_engine.export", "merge_and_export"),
     "ensure_demo_model": ("emloc_engine.demo", "ensure_demo_model"),
     "ensure_demo_datasets": ("emloc_engine.demo", "ensure_demo_datasets"),
+    "convert_for_catalog": ("emloc_engine.gguf_import", "convert_for_catalog"),
     # not engine, but heavy (torch, transformers, peft): loaded lazily the same way
     "generate_side_by_side": ("emloc_app.generation", "generate_side_by_side"),
 }

@@ -199,8 +199,14 @@ class ModelPage(BasePage):
         self.add_folder.clicked.connect(self._add_folder)
         self.rescan = QPushButton("Re&scan")
         self.rescan.clicked.connect(self.start_scan)
+        self.convert = QPushButton("&Convert to train…")
+        self.convert.setToolTip("Turn the selected GGUF (the file you chat with in LM Studio, Ollama or llama.cpp) "
+                                "into a bf16 model folder in EMLoC Studio's data folder, once. The GGUF is only read.")
+        self.convert.setEnabled(False)
+        self.convert.clicked.connect(self.convert_selected)
         top = QHBoxLayout()
         top.addWidget(self.search, 1)
+        top.addWidget(self.convert)
         top.addWidget(self.add_folder)
         top.addWidget(self.rescan)
         self.view = QTableView()
@@ -231,6 +237,7 @@ class ModelPage(BasePage):
         row.addWidget(self.progress, 1)
         self.body.addLayout(row)
         self._preparing = False
+        self._select_after_scan: Path | None = None
 
     # -- scanning ----------------------------------------------------------------------------
     def initializePage(self) -> None:
@@ -273,6 +280,13 @@ class ModelPage(BasePage):
         self._preselect()
 
     def _preselect(self) -> None:
+        target, self._select_after_scan = self._select_after_scan, None
+        if target is not None:
+            rows = self.table_model.rows
+            hit = next((i for i, r in enumerate(rows) if r.path and Path(r.path).resolve() == target.resolve()), None)
+            if hit is not None:
+                self.select_row(hit)
+                return
         rows = self.table_model.rows
         wanted = self.state.model_dir
         pick = next((i for i, r in enumerate(rows) if wanted and r.path == wanted), None)
@@ -314,7 +328,24 @@ class ModelPage(BasePage):
             self.detail.setText(f"<b>{row.name}</b>: {row.badge}. {row.reason}{facts}")
             if row.is_demo and row.facts is None and not self._preparing:
                 self.prepare_demo()
+        self.convert.setEnabled(row is not None and row.kind == "convert" and not self._preparing)
         self.completeChanged.emit()
+
+    # -- GGUF conversion -----------------------------------------------------------------
+    def convert_selected(self) -> None:
+        """Convert the selected GGUF in a worker (progress below the table), then rescan and select it."""
+        row = self.selected()
+        if row is None or row.kind != "convert" or row.path is None:
+            return
+        self._preparing = True
+        self.convert.setEnabled(False)
+        self.status.setText(f"Converting {row.name} (once; the GGUF is only read)…")
+        self.run_task("convert", self.engine.convert_for_catalog, row.path, self._converted,
+                      on_progress=self._on_progress)
+
+    def _converted(self, out_dir: Any) -> None:
+        self._select_after_scan = Path(out_dir)
+        self.start_scan()
 
     # -- the demo model ------------------------------------------------------------------
     def prepare_demo(self) -> None:
@@ -340,7 +371,7 @@ class ModelPage(BasePage):
         self.select_row(i)
 
     def task_finished(self, name: str) -> None:
-        if name == "demo":
+        if name in ("demo", "convert"):
             self._preparing = False
         super().task_finished(name)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -231,3 +232,30 @@ def test_plan_page_uses_quick_settings_for_the_demo_until_changed(qtbot, tmp_pat
     state.train_settings["steps"] = 7  # the user's choice is never overridden
     page.initializePage()
     assert page.settings["steps"].value() == 7
+
+
+def test_model_page_converts_a_gguf_and_selects_the_result(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gguf = FakeModel("lmstudio: tiny.gguf", tmp_path / "tiny.gguf", needs_conversion=True, dtype="Q8_0")
+    converted = FakeModel("converted: tiny", tmp_path / "converted" / "tiny")
+    models = [gguf, FakeModel("meta-llama/Llama-3.1-8B-Instruct", tmp_path / "llama")]
+    engine, _calls = make_fake_engine(tmp_path, models=models)
+    seen: list[Path] = []
+
+    def convert(path: Path, progress: Any) -> Path:
+        seen.append(Path(path))
+        progress.update(0.5, "Dequantising")
+        models.append(converted)  # the engine adds the folder to the catalog
+        return converted.path
+
+    engine._objects["convert_for_catalog"] = convert
+    state = WizardState(machine=FakeMachine(), gpu_index=0, budget_bytes=20 * GIB)
+    page = ModelPage(state, engine)
+    qtbot.addWidget(page)
+    page.initializePage()
+    qtbot.waitUntil(lambda: page.table_model.rowCount() == 3, timeout=5000)
+    page.select_row(next(i for i, r in enumerate(page.table_model.rows) if r.name == gguf.name))
+    assert page.convert.isEnabled() and not page.isComplete()
+    page.convert.click()
+    qtbot.waitUntil(lambda: page.selected() is not None and page.selected().name == converted.name, timeout=5000)
+    assert seen == [gguf.path]
+    assert page.isComplete() and not page.convert.isEnabled()
