@@ -71,11 +71,33 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
     return state, state.all_stages_done()
 
 
+def missing_x11_library() -> str | None:
+    """On Linux/X11, Qt ≥ 6.5 needs the system library libxcb-cursor; without it Qt aborts with a
+    cryptic plugin error. Returns the install hint when it is missing, else None."""
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return None
+    if not os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    if ctypes.util.find_library("xcb-cursor"):
+        return None
+    return ("EMLoC Studio's window needs the system library libxcb-cursor (Qt 6.5+ on X11). Install it:\n"
+            "  Debian/Ubuntu: sudo apt install libxcb-cursor0\n"
+            "  Fedora:        sudo dnf install xcb-util-cursor\n"
+            "  Arch:          sudo pacman -S xcb-util-cursor\n"
+            "Everything also runs without a window: emloc --help")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline first, like the CLI
     args = parse_args(argv)
     if args.smoke_test:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    hint = missing_x11_library()
+    if hint:
+        print(hint, file=sys.stderr)
+        return 2
     path = setup_logging()
     log.info("emloc-studio %s starting (%s)", __version__, sys.version.split()[0])
 

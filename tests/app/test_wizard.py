@@ -96,3 +96,23 @@ def test_smoke_test_entry_point_exits_zero(tmp_path: Path) -> None:
                          timeout=60, env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
     assert out.returncode == 0, out.stderr
     assert "smoke test" in out.stdout
+
+
+def test_missing_xcb_cursor_is_explained(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Qt ≥ 6.5 on X11 aborts with a cryptic plugin error without libxcb-cursor; we say what to install."""
+    import ctypes.util
+
+    from emloc_app import main as app_main
+
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(app_main.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    hint = app_main.missing_x11_library()
+    assert hint is not None and "libxcb-cursor0" in hint
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libxcb-cursor.so.0")
+    assert app_main.missing_x11_library() is None
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert app_main.missing_x11_library() is None
