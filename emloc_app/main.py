@@ -71,21 +71,42 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
     return state, state.all_stages_done()
 
 
+_X11_PACKAGES = ("libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 "
+                 "libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0")
+
+
 def missing_x11_library() -> str | None:
-    """On Linux/X11, Qt ≥ 6.5 needs the system library libxcb-cursor; without it Qt aborts with a
-    cryptic plugin error. Returns the install hint when it is missing, else None."""
+    """On Linux/X11, name the system libraries Qt's X11 plugin cannot load (Qt ≥ 6.5 needs
+    libxcb-cursor; minimal systems lack more), instead of Qt's cryptic abort. None when fine."""
     import ctypes.util
+    import importlib.util
+    import shutil
+    import subprocess
 
     if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
         return None
     if not os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
         return None
-    if ctypes.util.find_library("xcb-cursor"):
+    missing: list[str] = []
+    if not ctypes.util.find_library("xcb-cursor"):
+        missing.append("libxcb-cursor.so.0")
+    spec = importlib.util.find_spec("PySide6")
+    plugin = None
+    if spec and spec.submodule_search_locations:
+        plugin = Path(next(iter(spec.submodule_search_locations))) / "Qt" / "plugins" / "platforms" / "libqxcb.so"
+    if plugin is not None and plugin.exists() and shutil.which("ldd"):
+        try:
+            out = subprocess.run(["ldd", str(plugin)], capture_output=True, text=True, timeout=10).stdout
+            missing += [ln.split()[0] for ln in out.splitlines() if "not found" in ln and ln.split()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if not missing:
         return None
-    return ("EMLoC Studio's window needs the system library libxcb-cursor (Qt 6.5+ on X11). Install it:\n"
-            "  Debian/Ubuntu: sudo apt install libxcb-cursor0\n"
-            "  Fedora:        sudo dnf install xcb-util-cursor\n"
-            "  Arch:          sudo pacman -S xcb-util-cursor\n"
+    names = ", ".join(dict.fromkeys(missing))
+    return ("EMLoC Studio's window needs system libraries that Qt's X11 plugin cannot find: " + names + ".\n"
+            "  Debian/Ubuntu: sudo apt install " + _X11_PACKAGES + "\n"
+            "  Fedora:        sudo dnf install xcb-util-cursor xcb-util-wm xcb-util-image xcb-util-keysyms "
+            "xcb-util-renderutil libxkbcommon-x11\n"
             "Everything also runs without a window: emloc --help")
 
 
