@@ -223,7 +223,8 @@ class RunPage(BasePage):
         self.stages.start(name)
         self.append_log(f"── {STAGE_TITLES[name]} ──")
         assert self.manifest is not None
-        self.manifest.start_stage(name)
+        predicted = self._predicted_peak_gib(name)
+        self.manifest.start_stage(name, **({"predicted_peak_gib": predicted} if predicted is not None else {}))
         fn = getattr(self.engine, STAGE_FUNCTIONS[name])
 
         def stage(config: Any, progress: Any) -> Any:
@@ -232,6 +233,13 @@ class RunPage(BasePage):
         self.worker = self.run_task(name, stage, self.state.configs[name], self._stage_done,
                                     on_progress=self._on_progress, on_metric=self.plot.on_metric,
                                     on_cancel=self._stage_cancelled)
+
+    def _predicted_peak_gib(self, name: str) -> float | None:
+        """The planner's peak for this stage (stored beside the measured one, so drift shows)."""
+        try:
+            return float(self.state.plan.stage(name).peak_bytes) / 2**30
+        except (AttributeError, KeyError, TypeError):
+            return None
 
     def _on_progress(self, fraction: float, message: str) -> None:
         if self.current is not None:

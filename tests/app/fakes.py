@@ -72,6 +72,12 @@ class FakePlan:
     def est_seconds(self) -> dict[str, float]:
         return {s.name: s.est_seconds for s in self.stages}
 
+    def stage(self, name: str) -> FakeStage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
 
 @dataclass(frozen=True)
 class FakeProblem:

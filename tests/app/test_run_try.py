@@ -45,6 +45,8 @@ def test_run_page_runs_stages_in_order_with_plots(qtbot, tmp_path: Path, state: 
     assert page.plot.points["train/loss"] == [(1, 2.0), (2, 1.7), (3, 1.4)]
     stages = manifest(state)["stages"]
     assert all(stages[n]["status"] == "done" for n in ("emulator", "train", "correct"))
+    assert stages["emulator"]["predicted_peak_gib"] == 15.0  # the plan's peak, kept beside the measured one
+    assert stages["train"]["predicted_peak_gib"] == state.plan.stage("train").peak_bytes / 2**30
     assert manifest(state)["settings"]["studio"]["train"]["rank"] == 16
     assert "All stages done" in page.log_pane.toPlainText()
 
