@@ -101,6 +101,7 @@ class RunResult:
     final_eval_loss: float | None
     exports: dict[str, str]
     wall_s: float
+    notes: tuple[str, ...] = ()
 
 
 def _json_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -121,6 +122,22 @@ def _check_inputs(manifest: RunManifest, name: str, path: Path, fingerprint: str
             hint="Use a new --out folder for a new model or dataset.",
         )
     manifest.set_input(name, path, fingerprint)
+
+
+def _checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The exports this model can have, decided before any work: a GGUF the writer cannot produce for
+    this family is dropped with a note (not discovered after training), the others are kept."""
+    if "gguf" not in cfg.exports:
+        return cfg.exports, ()
+    from emloc_engine.checkpoint import load_config
+    from emloc_engine.gguf_export import gguf_support_problem, gguf_tokenizer_problem
+
+    problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
+    if not problem:
+        return cfg.exports, ()
+    note = f"GGUF export skipped: {problem}"
+    log.warning(note)
+    return tuple(e for e in cfg.exports if e != "gguf"), (note,)
 
 
 def choose_ratio(cfg: RunConfig) -> tuple[float, dict[str, Any]]:
@@ -206,8 +223,10 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
         report = inspect_dataset(data_cfg, tokenizer)
         _check_inputs(manifest, "model", cfg.model_dir, fingerprint_model(cfg.model_dir))
         _check_inputs(manifest, "data", cfg.data_path, report.fingerprint)
+        exports_wanted, notes = _checked_exports(cfg)
         ratio, plan_info = choose_ratio(cfg)
-        manifest.update_settings({**_json_settings(cfg), "ratio": ratio, "plan": plan_info})
+        manifest.update_settings({**_json_settings(cfg), "ratio": ratio, "plan": plan_info,
+                                  "exports": list(exports_wanted), "notes": list(notes)})
         predicted = plan_info.get("predicted_peaks_gib", {})
 
         def stage(name: str) -> Progress:
@@ -277,7 +296,7 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
 
         # Stage 4: export
         exports: dict[str, str] = {}
-        if cfg.exports:
+        if exports_wanted:
             if manifest.is_done("export"):
                 skipped.append("export")
                 exports = dict(manifest.stage("export").get("result", {}).get("paths", {}))
@@ -285,7 +304,7 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
                 p = stage("export")
                 manifest.start_stage("export")
                 xr = merge_and_export(ExportConfig(run_dir=layout.root, model_dir=cfg.model_dir,
-                                                   formats=cfg.exports, gguf_type=cfg.gguf_type,
+                                                   formats=exports_wanted, gguf_type=cfg.gguf_type,
                                                    overwrite=True, device=cfg.device), p)
                 for key in ("merged_dir", "adapter_dir", "gguf_path"):
                     value = getattr(xr, key, None)
@@ -297,7 +316,7 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
                 ran.append("export")
         progress.update(1.0, "Done")
         return RunResult(layout.root, ratio, tuple(ran), tuple(skipped), lam, final_eval, exports,
-                         time.monotonic() - t0)
+                         time.monotonic() - t0, notes)
     except BaseException as exc:
         from emloc_engine.errors import Cancelled
 

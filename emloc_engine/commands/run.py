@@ -69,4 +69,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"Stages run: {', '.join(result.stages_run) or 'none'}; resumed past: {', '.join(result.stages_skipped) or 'none'}")
     for name, path in result.exports.items():
         print(f"  {name}: {path}")
+    for note in result.notes:
+        print(f"Note: {note}")
     return 0

@@ -111,3 +111,18 @@ def test_run_with_two_training_processes(tiny_llama: Path, tmp_path: Path) -> No
     m = RunManifest.open(tmp_path / "run")
     assert m.stage("train")["result"]["steps"] == 4
     assert (tmp_path / "run" / "adapter-corrected" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gguf_is_dropped_up_front_for_families_it_cannot_write(tmp_path: Path) -> None:
+    """Phi-3 has no GGUF writer here: the run says so and still exports the merged folder and adapter,
+    instead of failing after training."""
+    from tests.tiny_models import build_tiny_model
+
+    snap = build_tiny_model("phi3", tmp_path / "hub")
+    result = run_pipeline(_cfg(snap, _data(tmp_path / "d.jsonl"), tmp_path / "run", steps=2, lambda_=0.0,
+                               exports=("merged", "adapter", "gguf")))
+    assert "gguf_path" not in result.exports and "merged_dir" in result.exports
+    assert any("GGUF export skipped" in n and "phi3" in n for n in result.notes)
+    assert RunManifest.open(tmp_path / "run").data["settings"]["exports"] == ["merged", "adapter"]
