@@ -49,7 +49,8 @@ def build_once(model_dir: Path, out: Path, args: argparse.Namespace, solver: str
         t0 = time.perf_counter()
         result = build_emulator(EmulatorConfig(model_dir=model_dir, out_dir=out, calibration_ids=calib,
                                                ratio=args.ratio, device=args.device, solver=solver,
-                                               chunk_tokens=args.chunk_tokens))
+                                               chunk_tokens=args.chunk_tokens,
+                                               factor_devices=tuple(f"cuda:{i}" for i in range(1, args.gpus))))
         wall = time.perf_counter() - t0
     meta = read_emulator_meta(out)
     errs = [float(m["rel_error"]) for m in meta["modules"].values()]
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--linalg-library", choices=("default", "cusolver", "magma"), default="default",
                     help="torch.backends.cuda.preferred_linalg_library for eigh/QR/Cholesky.")
     ap.add_argument("--skip-inference", action="store_true", help="Do not measure the full model's inference peak.")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs 1..N-1 factorise blocks while GPU 0 runs the next one.")
     args = ap.parse_args()
     if args.linalg_library != "default" and torch.cuda.is_available():
         torch.backends.cuda.preferred_linalg_library(args.linalg_library)

@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import queue
 import shutil
 import time
 from collections.abc import Mapping
@@ -112,6 +113,9 @@ class EmulatorConfig:
         "help": "Fewest real calibration tokens accepted (default: the model's hidden size)."})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace a complete emulator built with other settings in out_dir."})
+    factor_devices: tuple[str, ...] = field(default=(), metadata={
+        "help": "More devices (cuda:1, cuda:2…) that factorise block b while the main device runs the forward "
+                "of block b+1; each module's factors are the same as on one device."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -130,6 +134,8 @@ class EmulatorConfig:
             problems.append(f"linalg_dtype must be auto, float32 or float64 (got {self.linalg_dtype!r})")
         if self.solver not in SOLVERS:
             problems.append(f"solver must be one of {', '.join(SOLVERS)} (got {self.solver!r})")
+        problems += [f"factor device {d!r} must be cpu or cuda:N" for d in self.factor_devices
+                     if not (d == "cpu" or d.startswith("cuda"))]
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             problems.append("memory_budget_bytes must be positive")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
@@ -452,11 +458,21 @@ class _BuildState:
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-read")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emloc-write")
         self.writes: list[Future[None]] = []
+        # Several devices: block b is factorised on a free factor device while the main device
+        # already runs block b+1 (the forward only needs the ORIGINAL blocks, never the factors).
+        self.factor_devices: queue.Queue[torch.device] = queue.Queue()
+        for d in cfg.factor_devices:
+            self.factor_devices.put(torch.device(d))
+        self.factor_pool = (ThreadPoolExecutor(max_workers=len(cfg.factor_devices), thread_name_prefix="emloc-factor")
+                            if cfg.factor_devices else None)
+        self.factor_jobs: list[Future[list[tuple[int, float]]]] = []
         self.chunks: list[CalibrationChunk] = []
         self.timings: dict[str, float] = {"read_wait": 0.0, "load": 0.0, "forward": 0.0, "factorize": 0.0,
                                           "write_wait": 0.0}
 
     def close(self) -> None:
+        if self.factor_pool is not None:
+            self.factor_pool.shutdown(wait=True)
         self.reader.shutdown(wait=True, cancel_futures=True)
         self.writer.shutdown(wait=True)  # finished blocks always land: a rerun resumes after them
         self.chunks = []
@@ -525,20 +541,64 @@ class _BuildState:
             if b + 1 < self.blocks:
                 pending = self.reader.submit(self._read, b + 1)
             done = _shard_build_id(self.out_dir / BLOCK_FILE.format(b)) == self.build_id
-            errors = self._block(layers[b], b, tensors, reuse=done)
+            errors = [(b, e) for e in self._block(layers[b], b, tensors, reuse=done)]
+            errors += self._drain_factor_jobs(wait_all=b == self.blocks - 1)
             layers[b].to("meta")
             del tensors
             if done:
                 resumed.append(b)
             frac = (b + 1) / self.blocks
-            for e in errors:
-                progress.log("emulator/rel_error", e, b)
+            for blk, e in errors:
+                progress.log("emulator/rel_error", e, blk)
             if self.device.type == "cuda":
                 progress.log("gpu/peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, b)
             progress.update(0.03 + 0.95 * frac, f"block {b + 1}/{self.blocks} {'reused' if done else 'factorised'}, "
                                                 f"ETA {format_seconds(clock.eta_s(frac))}")
         self._drain_writes(wait_all=True)
         return tuple(resumed)
+
+    def _drain_factor_jobs(self, wait_all: bool) -> list[tuple[int, float]]:
+        """Errors of finished factor jobs (re-raising a failed one); waits while every device is busy."""
+        out: list[tuple[int, float]] = []
+        limit = 0 if wait_all else len(self.cfg.factor_devices)  # one job in flight per device
+        t = time.perf_counter()
+        while self.factor_jobs and (len(self.factor_jobs) > limit or self.factor_jobs[0].done()):
+            out += self.factor_jobs.pop(0).result()
+        self.timings["factorize_wait"] = self.timings.get("factorize_wait", 0.0) + time.perf_counter() - t
+        return out
+
+    def _factorize_groups(self, b: int, groups: dict[str, Any], mods: dict[str, ModulePlan],
+                          weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor],
+                          device: torch.device) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+        """Factorise every compressed module of block ``b`` on ``device`` (weights and C moved there)."""
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        errors: dict[str, float] = {}
+        for gname, group in groups.items():
+            c = stats.pop(gname).to(device)
+            shared: dict[str, torch.Tensor] = {}
+            for path in group.modules:
+                if path not in mods:
+                    continue
+                w = weights[f"{path}.weight"].to(device)
+                try:
+                    f = factorize(w, c, mods[path].rank, dtype=self.linalg, solver=self.cfg.solver, cache=shared)
+                except FloatingPointError as exc:
+                    raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.",
+                                    hint="The activations overflowed; use compute_dtype float32.") from exc
+                factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
+                errors[path] = f.rel_error
+            del c, shared
+        return factors, errors
+
+    def _factor_job(self, b: int, groups: dict[str, Any], mods: dict[str, ModulePlan],
+                    tensors: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> list[tuple[int, float]]:
+        device = self.factor_devices.get()
+        try:
+            factors, errors = self._factorize_groups(b, groups, mods, tensors, stats, device)
+        finally:
+            self.factor_devices.put(device)
+        self.writes.append(self.writer.submit(self._write_block, b, tensors, factors, errors))
+        return [(b, e) for e in errors.values()]
 
     def _prefix(self, b: int) -> str:
         return f"{self.spec.block_prefix}.{b}."
@@ -563,23 +623,11 @@ class _BuildState:
             run_block(layer, b, self.chunks, self.device, recorder=rec, keep_output=not last)
             stats = rec.stats
         t = self._tick("forward", t)
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        errors: dict[str, float] = {}
-        for gname, group in groups.items():
-            c = stats.pop(gname)
-            shared: dict[str, torch.Tensor] = {}
-            for path in group.modules:
-                if path not in mods:
-                    continue
-                w = dev[f"{path}.weight"]
-                try:
-                    f = factorize(w, c, mods[path].rank, dtype=self.linalg, solver=self.cfg.solver, cache=shared)
-                except FloatingPointError as exc:
-                    raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.",
-                                    hint="The activations overflowed; use compute_dtype float32.") from exc
-                factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
-                errors[path] = f.rel_error
-            del c, shared
+        if self.factor_pool is not None:
+            # C leaves the main device with the job; the job owns the CPU copies of the weights.
+            self.factor_jobs.append(self.factor_pool.submit(self._factor_job, b, groups, mods, tensors, dict(stats)))
+            return []
+        factors, errors = self._factorize_groups(b, groups, mods, dev, stats, self.device)
         self._tick("factorize", t)
         self.writes.append(self.writer.submit(self._write_block, b, tensors, factors, errors))
         return list(errors.values())

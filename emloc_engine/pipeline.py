@@ -247,9 +247,12 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             budget = None
             if plan_info.get("device") == "cuda":
                 budget = int(min(plan_info["limit_bytes"], 0.5 * plan_info["inference_peak_gib"] * 2**30))
+            factor_devices = (tuple(f"cuda:{i}" for i in range(1, cfg.gpus))
+                              if plan_info.get("device") == "cuda" and cfg.gpus > 1 else ())
             er = build_emulator(EmulatorConfig(model_dir=cfg.model_dir, out_dir=layout.emulator,
                                                calibration_ids=tuple(tuple(x) for x in ids), ratio=ratio,
-                                               device=cfg.device, memory_budget_bytes=budget), p)
+                                               device=cfg.device, memory_budget_bytes=budget,
+                                               factor_devices=factor_devices), p)
             manifest.finish_stage("emulator", er.to_dict(), measured_peak_gib=er.peak_vram_gib)
             ran.append("emulator")
 

@@ -46,6 +46,8 @@ def register(sub: Any) -> None:
     p.add_argument("--calib-file", help="JSON file with a list of token-id lists, used instead of DATA.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the calibration sample order.")
     p.add_argument("--overwrite", action="store_true", help="Replace an emulator built with other settings.")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="Use N GPUs: GPU 0 runs the blocks, GPUs 1..N-1 factorise finished blocks meanwhile.")
     p.set_defaults(func=run)
 
 
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir=model_dir, out_dir=RunLayout(Path(args.out)).emulator,
         calibration_ids=_calibration_ids(args, model_dir), ratio=args.ratio,
         ratio_overrides=tuple(args.ratio_override), dense_patterns=tuple(args.dense), device=args.device,
+        factor_devices=tuple(f"cuda:{i}" for i in range(1, max(1, args.gpus))),
         compute_dtype=args.compute_dtype, solver=args.solver, chunk_tokens=args.chunk_tokens,
         memory_budget_bytes=int(args.budget_gib * 2**30) if args.budget_gib else None, overwrite=args.overwrite)
     bar = TqdmProgress("emloc build")

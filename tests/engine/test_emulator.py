@@ -256,3 +256,33 @@ def test_memory_plan_for_an_8b_model_stays_under_half_its_inference_peak() -> No
                                              memory_budget_bytes=1 << 30), hf, ckpt, torch.device("cpu"),
                               [1024] * 64, 2)
     assert tight.chunk_tokens == 1024  # one sample at a time when the budget is tight
+
+
+@pytest.mark.parametrize("devices", [("cpu",), ("cpu", "cpu")])
+def test_factor_devices_overlap_blocks_with_identical_factors(tiny_model_dir: Path, tmp_path: Path,
+                                                             devices: tuple[str, ...]) -> None:
+    """With extra factor devices (several GPUs; CPU threads here) block b is factorised while block
+    b+1 runs its forward; every tensor equals the one-device build bit for bit."""
+    one = build_emulator(_config(tiny_model_dir, tmp_path / "one"))
+    rec = RecordingProgress()
+    many = build_emulator(_config(tiny_model_dir, tmp_path / "many", factor_devices=devices), rec)
+    a, b = _tensors(one.emulator_dir), _tensors(many.emulator_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(rec.values("emulator/rel_error")) == len(one.modules)  # every module reported once
+
+
+def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import emloc_engine.emulator as emulator_module
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise FloatingPointError("the calibration statistic holds NaN or Inf")
+
+    monkeypatch.setattr(emulator_module, "factorize", broken)
+    with pytest.raises(DataError, match="unusable"):
+        build_emulator(_config(tiny_llama, tmp_path / "out", factor_devices=("cpu",)))
+    assert not (tmp_path / "out" / "emloc.json").exists()
+    with pytest.raises(ConfigError, match="factor device"):
+        _config(tiny_llama, tmp_path / "x", factor_devices=("tpu",))
