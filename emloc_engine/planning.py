@@ -443,6 +443,14 @@ def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget
     stats_rate = c.stats_flops_cpu if cfg.device == "cpu" else c.stats_flops_gpu
     seconds = (facts.num_layers * lin_flops / linalg + fwd / (flops_per_second(cfg) * c.infer_mfu)
                + stats_flops / stats_rate + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s)
+    if cfg.num_gpus > 1:
+        # GPUs 1..N-1 factorise finished blocks (each holds one block's W and C plus the workspace);
+        # GPU 0 keeps one more block's statistics in flight and only the forward's transient memory,
+        # and the linear algebra overlaps the forward of the next block.
+        workspace = 0
+        stats *= 2
+        seconds -= min(facts.num_layers * lin_flops / linalg, fwd / (flops_per_second(cfg) * c.infer_mfu)
+                       + stats_flops / stats_rate)
     per_block = block + compressed + stats + max(workspace, chunk)
     if embed + hidden // 2 > per_block:
         parts = [("embeddings (capture)", embed), ("calibration hidden states", hidden // 2)]

@@ -192,3 +192,16 @@ def test_loss_chunk_matches_the_trainer_and_bounds_logit_memory() -> None:
     chunked = training_peak(LLAMA3, long, 0.5)
     plain = training_peak(LLAMA3, long, 0.5, chunked_loss=False)
     assert chunked.peak_bytes < plain.peak_bytes
+
+
+def test_stage1_on_two_gpus_moves_the_factorisation_off_gpu0() -> None:
+    from emloc_engine.model_facts import reference_facts
+    from emloc_engine.planning import PlanConfig, emulator_build_peak
+
+    facts = reference_facts("Llama-3-8B")
+    one = emulator_build_peak(facts, PlanConfig(context_length=1024, gpu_name="H200"), 0.4)
+    two = emulator_build_peak(facts, PlanConfig(context_length=1024, gpu_name="H200", num_gpus=2), 0.4)
+    assert two.est_seconds < one.est_seconds  # the factorisation overlaps the next block's forward
+    parts = dict(two.parts)
+    assert "factorisation workspace" not in parts
+    assert parts["statistics ΣXᵀX (fp32)"] == 2 * dict(one.parts)["statistics ΣXᵀX (fp32)"]
