@@ -9,9 +9,13 @@ from typing import Any
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a whole run (also reused by the app's "show command" view)."""
-    p.add_argument("model", help="Model folder, HF cache repo id (org/name) or catalog name.")
-    p.add_argument("data", help="Dataset file (.jsonl/.json/.csv/.parquet/.txt) or 'demo'.")
-    p.add_argument("--out", required=True, help="Run folder (created; an interrupted run resumes).")
+    p.add_argument("model", nargs="?", help="Model folder, HF cache repo id (org/name), GGUF file or 'demo'.")
+    p.add_argument("data", nargs="?", help="Dataset file (.jsonl/.json/.csv/.parquet/.txt) or 'demo'.")
+    p.add_argument("--out", help="Run folder (created; an interrupted run resumes).")
+    p.add_argument("--config", type=Path, metavar="RUN.toml",
+                   help="Read settings from a TOML file whose keys are these options' long names "
+                        "(model, data, out, ratio, rank, lambda, export = [\"merged\", \"adapter\"], …); "
+                        "options given on the command line win.")
     ratio = p.add_mutually_exclusive_group()
     ratio.add_argument("--ratio", type=float, help="Keep-ratio ρ of the compressed layers (0 < ρ < 1).")
     ratio.add_argument("--budget-gib", type=float, help="GPU memory budget; the planner picks ρ.")
@@ -40,10 +44,56 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _defaults() -> dict[str, Any]:
+    probe = argparse.ArgumentParser(add_help=False)
+    add_run_arguments(probe)
+    return {a.dest: a.default for a in probe._actions}
+
+
+def apply_config_file(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill options the command line left at their defaults from ``--config RUN.toml``.
+
+    Raises:
+        ConfigError: unreadable TOML, unknown keys (all listed), or model/data/out given nowhere.
+    """
+    from emloc_engine.errors import ConfigError
+
+    if args.config is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            values = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"Cannot read {args.config}: {exc}") from exc
+        defaults = _defaults()
+        unknown = []
+        for key, value in values.items():
+            dest = {"lambda": "lambda_", "exports": "export"}.get(key, key.replace("-", "_"))
+            if dest not in defaults or dest == "config":
+                unknown.append(f"{args.config}: unknown key {key!r}")
+                continue
+            if dest == "export" and isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            if getattr(args, dest) == defaults[dest]:
+                setattr(args, dest, value)
+        if unknown:
+            raise ConfigError("The run file has keys emloc run does not know.", problems=unknown,
+                              hint="Use the long option names of `emloc run --help` (with - or _).")
+    missing = [name for name in ("model", "data", "out") if not getattr(args, name)]
+    if missing:
+        raise ConfigError(f"emloc run needs {', '.join(missing)}.",
+                          hint="Give them on the command line (MODEL DATA --out RUN_DIR) or in --config RUN.toml.")
+    return args
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~emloc_engine.pipeline.RunConfig` that the options describe."""
+    """The :class:`~emloc_engine.pipeline.RunConfig` that the options (and ``--config``) describe."""
     from emloc_engine.pipeline import RunConfig, parse_lambda
     from emloc_engine.resolve import resolve_data, resolve_model
+
+    args = apply_config_file(args)
 
     exports = tuple(e.strip() for e in args.export.split(",") if e.strip())
     return RunConfig(

@@ -126,3 +126,21 @@ def test_gguf_is_dropped_up_front_for_families_it_cannot_write(tmp_path: Path) -
     assert "gguf_path" not in result.exports and "merged_dir" in result.exports
     assert any("GGUF export skipped" in n and "phi3" in n for n in result.notes)
     assert RunManifest.open(tmp_path / "run").data["settings"]["exports"] == ["merged", "adapter"]
+
+
+def test_run_reads_a_toml_file_and_the_command_line_wins(tmp_path: Path) -> None:
+    from emloc_engine.cli import build_parser
+    from emloc_engine.commands.run import apply_config_file
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "m"\ndata = "d.jsonl"\nout = "runs/x"\nratio = 0.4\nrank = 8\n'
+                    'lambda = "inf"\nexport = ["merged", "adapter"]\nmax-length = 256\n')
+    args = apply_config_file(build_parser().parse_args(["run", "--config", str(toml), "--rank", "4"]))
+    assert (args.model, args.data, args.out, args.ratio) == ("m", "d.jsonl", "runs/x", 0.4)
+    assert args.rank == 4 and args.lambda_ == "inf" and args.export == "merged,adapter" and args.max_length == 256
+    toml.write_text('model = "m"\nratoi = 0.4\n')
+    with pytest.raises(ConfigError) as exc:
+        apply_config_file(build_parser().parse_args(["run", "--config", str(toml)]))
+    assert "'ratoi'" in str(exc.value)
+    with pytest.raises(ConfigError, match="needs data, out"):
+        apply_config_file(build_parser().parse_args(["run", "m"]))
