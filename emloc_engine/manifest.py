@@ -122,6 +122,13 @@ class RunManifest:
             rec["result"] = result
         self.save()
 
+    def record_interruption(self, name: str, exc: BaseException) -> None:
+        """Record why stage ``name`` stopped: ``cancelled`` (Ctrl-C, Cancel) or ``failed``, with the message."""
+        from emloc_engine.errors import Cancelled
+
+        status = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
+        self.fail_stage(name, status, str(exc))
+
     def fail_stage(self, name: str, status: str, message: str) -> None:
         """Record ``status`` ('cancelled' or 'failed') with the message shown to the user."""
         rec = self.data["stages"].setdefault(name, {})

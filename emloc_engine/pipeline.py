@@ -321,11 +321,8 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
         return RunResult(layout.root, ratio, tuple(ran), tuple(skipped), lam, final_eval, exports,
                          time.monotonic() - t0, notes)
     except BaseException as exc:
-        from emloc_engine.errors import Cancelled
-
         if current in _SLICES:
-            status = "cancelled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
-            manifest.fail_stage(current, status, str(exc))
+            manifest.record_interruption(current, exc)
         raise
     finally:
         detach_run_log(handler)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.errors import Cancelled
 from emloc_engine.pipeline import parse_lambda
 
 
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = correct_lora(cfg, progress)
     except BaseException as exc:
-        manifest.fail_stage("correct", "cancelled" if isinstance(exc, (KeyboardInterrupt, Cancelled)) else "failed", str(exc))
+        manifest.record_interruption("correct", exc)
         raise
     finally:
         progress.close()

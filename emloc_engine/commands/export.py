@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.errors import Cancelled, ConfigError
+from emloc_engine.errors import ConfigError
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = merge_and_export(cfg, progress)
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, (KeyboardInterrupt, Cancelled)) else "failed"
-        manifest.fail_stage("export", status, str(exc))
+        manifest.record_interruption("export", exc)
         raise
     finally:
         progress.close()

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.errors import Cancelled
 from emloc_engine.progress import CancelToken
 
 HELP = "Stage 2: LoRA fine-tuning on the emulator."
@@ -136,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 result = train_lora(cfg, progress)
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, (KeyboardInterrupt, Cancelled)) else "failed"
-        manifest.fail_stage("train", status, str(exc))
+        manifest.record_interruption("train", exc)
         raise
     finally:
         progress.close()

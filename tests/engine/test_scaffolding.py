@@ -163,3 +163,15 @@ def test_write_json_atomic(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "x" / "a.json").read_text()) == {"k": 1}
     assert not any(p.name.endswith(".partial") for p in (tmp_path / "x").iterdir())
     assert os.access(tmp_path / "x" / "a.json", os.R_OK)
+
+
+def test_manifest_records_cancel_and_failure_apart(tmp_path: Path) -> None:
+    m = RunManifest.open(tmp_path / "run")
+    m.start_stage("train")
+    m.record_interruption("train", Cancelled())
+    assert m.stage("train")["status"] == "cancelled"
+    m.record_interruption("correct", KeyboardInterrupt())
+    m.record_interruption("export", DataError("bad row", problems=["d.jsonl:3: bad JSON"]))
+    again = RunManifest.open(tmp_path / "run")
+    assert again.stage("correct")["status"] == "cancelled"
+    assert again.stage("export")["status"] == "failed" and "d.jsonl:3" in again.stage("export")["message"]
