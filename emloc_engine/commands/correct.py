@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.pipeline import parse_lambda
+from emloc_engine.resolve import resolve_data, resolve_model
 
 
 def _fmt(x: float) -> str:
@@ -30,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         from emloc_engine.data import DataConfig
 
-        data = DataConfig(path=Path(args.data), max_length=args.max_length)
-    cfg = CorrectionConfig(run_dir=Path(args.run_dir), model_dir=Path(args.model) if args.model else None,
+        data = DataConfig(path=resolve_data(args.data), max_length=args.max_length)
+    cfg = CorrectionConfig(run_dir=Path(args.run_dir), model_dir=resolve_model(args.model) if args.model else None,
                            lambda_=parse_lambda(args.lambda_), data=data, device=args.device,
                            max_eval_batches=args.max_eval_batches, overwrite=args.overwrite)
     manifest = RunManifest.open(cfg.run_dir)

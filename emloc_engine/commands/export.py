@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.errors import ConfigError
+from emloc_engine.resolve import resolve_model
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from emloc_engine.runlog import attach_run_log, detach_run_log
 
     run_dir = Path(args.run_dir)
-    model = Path(args.model) if args.model else _recorded_model(run_dir)
+    model = resolve_model(args.model) if args.model else _recorded_model(run_dir)
     cfg = ExportConfig(run_dir=run_dir, model_dir=model, adapter_dir=Path(args.adapter) if args.adapter else None,
                        formats=parse_formats(args.formats), gguf_type=args.gguf_type, overwrite=args.overwrite,
                        verify=not args.no_verify, device=args.device)
