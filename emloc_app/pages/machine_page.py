@@ -78,7 +78,7 @@ class MachinePage(BasePage):
             "model, built from your own data, so that every stage stays within this budget; then it corrects "
             "the trained adapter so it works on the original model. The next pages show, for every model on "
             "this disk, whether it fits and how much of each layer the emulator keeps (ρ).<br><br>"
-            "Lower the budget if other programs need the GPU at the same time."))
+            "Lower the budget if other programs need the GPU (or, in CPU mode, the memory) at the same time."))
         self.body.addStretch(1)
         self._budget_touched = False
         self._filling = False
