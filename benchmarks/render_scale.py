@@ -132,6 +132,16 @@ def render() -> str:
             f"Spot check: max |merged − bf16(W + s·B·A)| = {merge['spot_check_ulps']:.0f} bf16 spacings of the "
             "exact value — large only where W and s·B·A nearly cancel (the spacing of a near-zero result is "
             "tiny while the fp32 sum carries fp32 rounding of s·B·A).", ""]
+    demo = _load("demo-cpu-2026-11-29.json")
+    lam_rows = ", ".join(f"λ={r['lambda']}: {r['eval_loss']:.4f}" for r in demo["lambda_table"])
+    out += ["### The demo, end to end, on a 2-core CPU", "",
+            f"Command: `{demo['command']}` ({demo['machine']}, {demo['date']}). SmolLM2-135M-Instruct, "
+            f"planner's ρ = {demo['ratio']}.", "",
+            f"Wall {demo['wall']} (emulator {demo['stage_wall_s']['emulator']:.0f} s, training "
+            f"{demo['stage_wall_s']['train']:.0f} s, correction {demo['stage_wall_s']['correct']:.0f} s, export "
+            f"{demo['stage_wall_s']['export']:.0f} s), peak RSS {demo['max_rss_gib']:.2f} GiB. Held-out loss of the "
+            f"original + corrected adapter: {lam_rows}; chose λ = {demo['lambda']}. Exports verified (max |Δlogit|): "
+            + ", ".join(f"{n} {d:.3g}" for n, d in demo["verification"]) + ".", ""]
     out += ["### Training on the emulator vs LoRA on the full model", "",
             "Command: `python benchmarks/bench_training.py --model-dir /tmp/l8b --ratios 0.25 0.4 0.6 --batches 1 8 "
             "--steps 3 --warmup 1` (seq 1024, r 16, gradient checkpointing, bf16; the engine's own training loop; "
