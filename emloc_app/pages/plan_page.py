@@ -43,6 +43,35 @@ LABELS = {
 }
 LAMBDA_CHOICES = (("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0),
                   ("exact (∞)", math.inf), ("none (0)", 0.0))
+PARALLEL_KEY = "parallel"
+"""``state.configs[PARALLEL_KEY]``: keyword arguments of the engine's ``ParallelConfig`` (``processes``,
+``gpu_ids``); the Run page trains data-parallel when ``processes`` > 1. Also how the Plan page
+remembers the GPU count between visits."""
+SIMILAR_MEMORY = 0.9  # GPUs whose memory differs by less than 10% count as alike
+
+
+def multi_gpus(machine: Any, gpu_index: int | None) -> tuple[Any, ...]:
+    """The GPUs the run may spread over: every CUDA GPU, when there are ≥ 2 and a GPU was chosen.
+
+    Empty on the CPU, MPS, ROCm (untested there), a single GPU, or when the user chose the CPU.
+    """
+    gpus = tuple(getattr(machine, "gpus", ()) or ())
+    if getattr(machine, "backend", None) != "cuda" or gpu_index is None or len(gpus) < 2:
+        return ()
+    return tuple(sorted(gpus, key=lambda g: g.index))
+
+
+def default_gpu_count(gpus: tuple[Any, ...]) -> int:
+    """All of ``gpus`` when they are alike (same name, memory within 10%), else 1.
+
+    Data-parallel training runs in step with the slowest GPU and every GPU holds the whole
+    emulator, so mixed cards are left to the user's choice.
+    """
+    if len(gpus) < 2:
+        return 1
+    totals = [int(g.total_bytes) for g in gpus]
+    alike = len({str(g.name) for g in gpus}) == 1 and min(totals) >= SIMILAR_MEMORY * max(totals)
+    return len(gpus) if alike else 1
 
 
 def lambda_text(lam: float | None) -> str:
@@ -88,6 +117,7 @@ class PlanPage(BasePage):
         r1.addWidget(self.auto_ratio)
         rl.addLayout(r1)
         rl.addWidget(self.bars)
+        rl.addWidget(self._gpu_row())
         rl.addWidget(self.verdict)
         rl.addWidget(self.duration)
         self.body.addWidget(rho_box)
@@ -135,11 +165,56 @@ class PlanPage(BasePage):
         self.plan: Any = None
         self._loading = False
 
+    def _gpu_row(self) -> QWidget:
+        """The "GPUs" control: a spin box 1..N, shown only when ≥ 2 CUDA GPUs are detected.
+
+        A spin box rather than a "use all GPUs" checkbox: on a machine of 4 or 8 GPUs some are
+        often busy, and using 2 of them must be possible; with 2 GPUs it reads as "GPUs [2] of 2".
+        The GPUs used are 0..N−1, as with ``emloc run --gpus N``, so "Show command…" runs the same.
+        """
+        self.gpus = QSpinBox()
+        self.gpus.setObjectName("gpus")
+        self.gpus.setRange(1, 1)
+        self.gpus.setToolTip("GPUs that train the LoRA data-parallel (emloc run --gpus N): each holds the "
+                             "whole emulator and a share of every batch, so the bars show the memory of one "
+                             "GPU and training takes about 1/N of the time. The emulator build also "
+                             "factorises on the extra GPUs.")
+        self.gpus.valueChanged.connect(self._settings_changed)
+        self.gpus_of = QLabel()
+        label = QLabel("&GPUs")
+        label.setBuddy(self.gpus)
+        label.setToolTip(self.gpus.toolTip())
+        self.gpu_box = QWidget()
+        self.gpu_box.setObjectName("gpu_row")
+        row = QHBoxLayout(self.gpu_box)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(label)
+        row.addWidget(self.gpus)
+        row.addWidget(self.gpus_of, 1)
+        self.gpu_box.hide()
+        return self.gpu_box
+
+    def _init_gpus(self) -> None:
+        """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""
+        gpus = multi_gpus(self.state.machine, self.state.gpu_index)
+        n = len(gpus)
+        saved = (self.state.configs.get(PARALLEL_KEY) or {}).get("processes")
+        self.gpus.setRange(1, max(1, n))
+        self.gpus.setValue(min(int(saved), n) if saved and n else default_gpu_count(gpus))
+        self.gpus_of.setText(f"of {n} ({', '.join(sorted({str(g.name) for g in gpus}))}); "
+                             "data-parallel training, memory shown per GPU" if n else "")
+        self.gpu_box.setVisible(n >= 2)
+
+    def gpu_count(self) -> int:
+        """GPUs the run uses (1 unless the GPU control is offered and set higher)."""
+        return int(self.gpus.value()) if multi_gpus(self.state.machine, self.state.gpu_index) else 1
+
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
         self._loading = True
         s = self.state
         apply_demo_defaults(s)
+        self._init_gpus()
         for name, w in self.settings.items():
             w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
         idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
@@ -160,9 +235,12 @@ class PlanPage(BasePage):
         device = "cpu" if gpu is None and self.state.machine is not None else (
             backend if backend in ("cuda", "rocm", "mps") else "cuda")
         ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
+        n = self.gpu_count()
+        total = gpu.total_bytes if gpu is not None else None
+        if n > 1:  # GPUs 0..n-1; the smallest of them bounds every one's share
+            total = min(g.total_bytes for g in multi_gpus(self.state.machine, self.state.gpu_index)[:n])
         return self.engine.make(
-            "PlanConfig", budget_bytes=self.state.budget_bytes,
-            gpu_total_bytes=gpu.total_bytes if gpu is not None else None,
+            "PlanConfig", budget_bytes=self.state.budget_bytes, gpu_total_bytes=total, num_gpus=n,
             context_length=self.state.max_length, batch_size=int(self.settings["batch_size"].value()),
             lora_rank=int(self.settings["rank"].value()), ratio=ratio, device=device,
             gpu_name=getattr(gpu, "name", None), calibration_samples=self.state.n_calibration,
@@ -199,6 +277,9 @@ class PlanPage(BasePage):
             text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> ({gib(budget)}). "
                     f"{reason}" + (f"<br>Try: {tips}" if tips else ""))
         notes = [str(n) for n in getattr(plan, "notes", ()) or ()]
+        if self.gpu_count() > 1:
+            notes.insert(0, f"Memory per GPU: {self.gpu_count()} GPUs train data-parallel, each on a share "
+                            "of every batch.")
         if notes:
             text += "<br>" + "<br>".join(notes)
         self.verdict.setText(text)
@@ -225,19 +306,27 @@ class PlanPage(BasePage):
                 for name, w in self.settings.items()}
 
     def build_configs(self, run_dir: Any) -> dict[str, Any]:
-        """The engine configs of the three stages (raises ``ConfigError`` for bad settings)."""
+        """The engine configs of the three stages (raises ``ConfigError`` for bad settings).
+
+        With N > 1 GPUs, as ``emloc run --gpus N`` does: the emulator builds on ``cuda:0`` and
+        factorises on ``cuda:1..N-1``, training runs on GPUs 0..N−1 (``configs[PARALLEL_KEY]``),
+        correction stays on one GPU.
+        """
         s, eng = self.state, self.engine
         layout = RunLayout(run_dir)
         ratio = float(getattr(self.plan, "ratio", None) or self.slider.value() / 100)
+        n = self.gpu_count()
         emulator = eng.make("EmulatorConfig", model_dir=s.model_dir, out_dir=layout.emulator,
-                            calibration_ids=tuple(s.calibration_ids), ratio=ratio, device=s.device,
-                            memory_budget_bytes=s.budget_bytes)
+                            calibration_ids=tuple(s.calibration_ids), ratio=ratio,
+                            device="cuda:0" if n > 1 else s.device, memory_budget_bytes=s.budget_bytes,
+                            factor_devices=tuple(f"cuda:{i}" for i in range(1, n)))
         train = eng.make("TrainConfig", run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
-                         device=s.device, **self.train_settings())
+                         device="cuda" if n > 1 else s.device, **self.train_settings())
         correct = eng.make("CorrectionConfig", run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
                            emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_.currentData(),
                            device=s.device)
-        return {"emulator": emulator, "train": train, "correct": correct}
+        return {"emulator": emulator, "train": train, "correct": correct,
+                PARALLEL_KEY: {"processes": n, "gpu_ids": tuple(range(n)) if n > 1 else ()}}
 
     def command(self) -> str:
         """The ``emloc run`` command that does what the wizard is about to do."""
@@ -253,6 +342,8 @@ class PlanPage(BasePage):
                  "--calib", str(s.n_calibration), "--max-length", str(s.max_length),
                  "--device", "cpu" if s.device == "cpu" else ("cuda" if s.device.startswith("cuda") else "auto"),
                  "--seed", str(t["seed"])]
+        if self.gpu_count() > 1:
+            args += ["--gpus", str(self.gpu_count())]
         return shlex.join(args)
 
     def _show_command(self) -> None:

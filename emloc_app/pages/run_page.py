@@ -20,8 +20,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
+from emloc_app.engine_facade import EngineFacade, _Lazy
 from emloc_app.pages.common import BasePage
+from emloc_app.pages.plan_page import PARALLEL_KEY
 from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
@@ -197,7 +198,19 @@ class RunPage(BasePage):
             "data_seed": s.data_seed, "max_samples": s.max_samples, "ratio": getattr(s.plan, "ratio", s.ratio),
             "budget_bytes": s.budget_bytes, "train": dict(s.train_settings),
             "lambda": None if s.lambda_ is None else str(s.lambda_), "device": s.device,
+            "gpus": self.gpus(),
         }})
+
+    def gpus(self) -> int:
+        """GPUs the Plan page chose for data-parallel training (1: the ordinary trainer)."""
+        return int((self.state.configs.get(PARALLEL_KEY) or {}).get("processes", 1))
+
+    def _engine(self, attr: str, module: str) -> Any:
+        """``engine.<attr>``, or the engine's own object when this facade does not list it."""
+        try:
+            return getattr(self.engine, attr)
+        except AttributeError:
+            return _Lazy(module, attr)
 
     def _attach_logs(self) -> None:
         logger = logging.getLogger("emloc_engine")
@@ -226,9 +239,16 @@ class RunPage(BasePage):
         predicted = self._predicted_peak_gib(name)
         self.manifest.start_stage(name, **({"predicted_peak_gib": predicted} if predicted is not None else {}))
         fn = getattr(self.engine, STAGE_FUNCTIONS[name])
+        if name == "train" and self.gpus() > 1:  # data-parallel, as `emloc run --gpus N`
+            distributed = self._engine("train_lora_distributed", "emloc_engine.distributed")
+            make_parallel = self._engine("ParallelConfig", "emloc_engine.distributed")
+            kwargs = dict(self.state.configs[PARALLEL_KEY])
 
-        def stage(config: Any, progress: Any) -> Any:
-            return fn(config, progress)
+            def stage(config: Any, progress: Any) -> Any:
+                return distributed(config, make_parallel(**kwargs), progress)
+        else:
+            def stage(config: Any, progress: Any) -> Any:
+                return fn(config, progress)
 
         self.worker = self.run_task(name, stage, self.state.configs[name], self._stage_done,
                                     on_progress=self._on_progress, on_metric=self.plot.on_metric,
