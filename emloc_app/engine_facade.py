@@ -33,6 +33,8 @@ ENGINE_OBJECTS: dict[str, tuple[str, str]] = {
     "build_emulator": ("emloc_engine.emulator", "build_emulator"),
     "TrainConfig": ("emloc_engine.training", "TrainConfig"),
     "train_lora": ("emloc_engine.training", "train_lora"),
+    "train_lora_distributed": ("emloc_engine.distributed", "train_lora_distributed"),
+    "ParallelConfig": ("emloc_engine.distributed", "ParallelConfig"),
     "CorrectionConfig": ("emloc_engine.correction", "CorrectionConfig"),
     "correct_lora": ("emloc_engine.correction", "correct_lora"),
     "ExportConfig": ("emloc_engine.export", "ExportConfig"),

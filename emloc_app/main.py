@@ -65,6 +65,9 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
         if studio.get(key) is not None:
             setattr(state, key, studio[key])
     state.train_settings = {**TRAIN_DEFAULTS, **studio.get("train", {})}
+    gpus = int(studio.get("gpus") or 1)
+    if gpus > 1:  # the Plan page offers the same GPU count again (issue 10)
+        state.configs["parallel"] = {"processes": gpus, "gpu_ids": tuple(range(gpus))}
     for name in STAGE_ORDER:
         if m.is_done(name):
             state.results[name] = m.stage(name).get("result", {})

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade, _Lazy
+from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage
 from emloc_app.pages.plan_page import PARALLEL_KEY
 from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
@@ -205,13 +205,6 @@ class RunPage(BasePage):
         """GPUs the Plan page chose for data-parallel training (1: the ordinary trainer)."""
         return int((self.state.configs.get(PARALLEL_KEY) or {}).get("processes", 1))
 
-    def _engine(self, attr: str, module: str) -> Any:
-        """``engine.<attr>``, or the engine's own object when this facade does not list it."""
-        try:
-            return getattr(self.engine, attr)
-        except AttributeError:
-            return _Lazy(module, attr)
-
     def _attach_logs(self) -> None:
         logger = logging.getLogger("emloc_engine")
         if self.handler not in logger.handlers:
@@ -240,8 +233,7 @@ class RunPage(BasePage):
         self.manifest.start_stage(name, **({"predicted_peak_gib": predicted} if predicted is not None else {}))
         fn = getattr(self.engine, STAGE_FUNCTIONS[name])
         if name == "train" and self.gpus() > 1:  # data-parallel, as `emloc run --gpus N`
-            distributed = self._engine("train_lora_distributed", "emloc_engine.distributed")
-            make_parallel = self._engine("ParallelConfig", "emloc_engine.distributed")
+            distributed, make_parallel = self.engine.train_lora_distributed, self.engine.ParallelConfig
             kwargs = dict(self.state.configs[PARALLEL_KEY])
 
             def stage(config: Any, progress: Any) -> Any:

@@ -88,6 +88,11 @@ def test_run_page_trains_data_parallel_with_the_chosen_gpus(qtbot, tmp_path: Pat
     assert calls.get("build_emulator").factor_devices == ("cuda:1",)
     studio = json.loads((state.run_dir / "manifest.json").read_text())["settings"]["studio"]
     assert studio["gpus"] == 2
+    # reopening the run (emloc-studio --run-dir) offers the same GPU count again
+    from emloc_app.main import state_from_run_dir
+
+    reopened, _ = state_from_run_dir(state.run_dir)
+    assert reopened.configs[PARALLEL_KEY] == {"processes": 2, "gpu_ids": (0, 1)}
 
 
 @pytest.mark.parametrize("machine, gpu_index", [
