@@ -9,7 +9,10 @@ One command runs every stage through the engine code the app uses (``build_emula
 * EMLoC variants at each ρ: the activation-aware emulator (``activation-aware``), a plain truncated-SVD
   emulator (``plain-svd``), and the improvements measured here (``aa-calib256``: 8× more calibration
   tokens; ``aa-calib256-alloc``: plus per-module ranks chosen by whitened spectra, see
-  :func:`spectral_allocation`). Each trained adapter is scored on the emulator itself and on the
+  :func:`spectral_allocation`; ``aa-seq256``: 256 windows, blocks compressed in order, each linear
+  fitted from its input in the emulator's stream to the original linear's output in the original
+  stream, and ``aa-gptq256``: the same without the original stream, see
+  :func:`benchmarks.probe_emulators.write_sequential_emulator`). Each trained adapter is scored on the emulator itself and on the
   original model with λ = 0, 1, 3, ∞ and λ = auto (``correct_lora`` choosing on the validation split);
 * the ρ the planner picks when the budget is the model's own inference peak at the benchmark's context.
 
@@ -70,7 +73,7 @@ from emloc_engine.training import TrainConfig, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Quality (SmolLM2-135M-Instruct)"
-VARIANTS = ("activation-aware", "plain-svd", "aa-calib256", "aa-calib256-alloc")
+VARIANTS = ("activation-aware", "plain-svd", "aa-calib256", "aa-calib256-alloc", "aa-seq256", "aa-gptq256")
 PRIMARY = "activation-aware"
 
 
@@ -109,7 +112,8 @@ class BenchSettings:
                 *[("aa-calib256", r) for r in self.ratios])
 
     def variant_calib(self, variant: str) -> int:
-        return self.more_calib_samples if "calib256" in variant else self.calib_samples
+        return self.more_calib_samples if variant.endswith(("calib256", "256-alloc", "seq256", "gptq256")) \
+            else self.calib_samples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,6 +484,15 @@ def _build(run: Run, task: Task, variant: str, ratio: float, unit_dir: Path,
     info: dict[str, Any] = {}
     if variant == "plain-svd":
         write_plain_svd_emulator(run.model_dir, out, ratio, device)
+    elif variant in ("aa-seq256", "aa-gptq256"):  # sequential builds of benchmarks/probe_emulators.py
+        from benchmarks.probe_emulators import write_sequential_emulator
+
+        n = s.variant_calib(variant)
+        if n not in calib_cache:
+            calib_cache[n] = calibration_token_ids(task.data, tokenizer, n=n, seed=s.seed)
+        write_sequential_emulator(run.model_dir, out, calib_cache[n], ratio, cross=variant == "aa-seq256",
+                                  device=device)
+        info["calibration_tokens"] = sum(len(x) for x in calib_cache[n])
     else:
         n = s.variant_calib(variant)
         if n not in calib_cache:
@@ -710,7 +723,7 @@ def render_section(data: Mapping[str, Any]) -> str:
            f"Settings: seed {s['seed']}; LoRA r = {s['rank']}, alpha = {s['alpha']:g}, dropout {s['dropout']:g}, "
            f"every decoder linear; {s['steps']} steps × {s['batch_size']} sequences of ≤ {s['max_length']} tokens, "
            f"lr {s['lr']:g} (warmup {s['warmup_steps']}, cosine); calibration {s['calib_samples']} × {s['max_length']} "
-           f"tokens ({s['more_calib_samples']} for `aa-calib256*`); λ = auto chooses among "
+           f"tokens ({s['more_calib_samples']} for `aa-calib256*`, `aa-seq256`, `aa-gptq256`); λ = auto chooses among "
            f"{', '.join(s['auto_grid'])} on the validation split. Wall time {data.get('wall_s', math.nan):.0f} s "
            "(summed over the commands below, which ran side by side, one per GPU).  ",
            f"Planner: budget = inference peak of the original at batch 1 × {s['max_length']} tokens = "

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import bench_quality as bq
 from benchmarks.tasks import format_examples, formats_task, shakespeare_task
@@ -113,3 +114,36 @@ def test_benchmark_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     assert body.count(bq.SECTION) == 1 and "lead's table" in body and body.index("## Scale") < body.index(bq.SECTION)
     assert bq.main(["--render", str(out), "--results-md", str(md)]) == 0
     assert md.read_text().count("#### formats") == 1
+
+
+def test_sequential_emulator_at_full_rank_is_the_original(tmp_path: Path) -> None:
+    """The builder of aa-seq256 / aa-gptq256: at full rank the emulator equals the original."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.probe_emulators import write_sequential_emulator
+    from emloc_engine.lowrank import load_emulator, read_emulator_meta
+
+    model_dir = build_tiny_model("llama", tmp_path / "hub")
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(3, 100, (12, 16), generator=gen).tolist()
+    full = {n: min(o, i) for n, (o, i) in
+            {n: tuple(bq.Checkpoint(model_dir).info(f"{n}.weight").shape) for n in bq._block_modules(model_dir)}.items()}
+    ids = torch.randint(3, 100, (2, 16), generator=gen)
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = original(input_ids=ids).logits
+    for cross in (False, True):
+        out = write_sequential_emulator(model_dir, tmp_path / f"emu-{cross}", calib, 0.5, cross=cross,
+                                        rank_overrides=full, chunk=5)
+        assert read_emulator_meta(out)["modules"].keys() == full.keys()
+        with torch.no_grad():
+            got = load_emulator(out).eval()(input_ids=ids).logits
+        assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
+    low = write_sequential_emulator(model_dir, tmp_path / "emu-low", calib, 0.5, cross=False)
+    meta = read_emulator_meta(low)["modules"]
+    assert all(m["rank"] == bq.rank_for_ratio(0.5, m["out_features"], m["in_features"]) for m in meta.values())
+    assert bq._units("aa-seq256:0.4,0.8;aa-gptq256:0.4") == (
+        ("aa-seq256", 0.4), ("aa-seq256", 0.8), ("aa-gptq256", 0.4))
+    settings = bq.BenchSettings()
+    assert settings.variant_calib("aa-seq256") == settings.variant_calib("aa-calib256-alloc") == 256
+    assert settings.variant_calib("activation-aware") == 32
