@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,9 @@ def write_json_atomic(target: Path, data: Any) -> None:
 def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``target`` in one rename.
 
+    The temporary folder is a sibling named ``<target>.<pid>-<random>.partial``, private to this call,
+    so concurrent writers of one target never share it (the last to finish wins).
+
     Args:
         target: the final folder.
         overwrite: replace an existing non-empty ``target``. Without it, a non-empty target is an error.
@@ -81,16 +85,16 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + PARTIAL_SUFFIX)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # one temporary name per writer: two processes (the app and the CLI, or parallel benchmark runs)
+    # building the same shared folder (the demo datasets, a converted model) must not write into, or
+    # delete, each other's half-written folder; the last complete one wins the rename
+    unique = f".{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.with_name(target.name + unique + PARTIAL_SUFFIX)
     tmp.mkdir()
     try:
         yield tmp
         if target.exists():
-            old = target.with_name(target.name + ".old" + PARTIAL_SUFFIX)
-            if old.exists():
-                shutil.rmtree(old)
+            old = target.with_name(target.name + unique + ".old" + PARTIAL_SUFFIX)
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

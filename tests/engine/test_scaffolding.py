@@ -91,6 +91,36 @@ def test_atomic_dir_refuses_non_empty_and_replaces_with_overwrite(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+def test_atomic_dir_concurrent_writers_of_one_target_both_finish(tmp_path: Path) -> None:
+    """Two writers inside atomic_dir at the same time (the bug: parallel benchmark runs building the
+    shared demo datasets deleted each other's half-written folder) each finish, and the target is one
+    writer's complete folder, not a mix; nothing temporary is left."""
+    import threading
+
+    target = tmp_path / "demo-data"
+    both_inside = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def writer(tag: str) -> None:
+        try:
+            with atomic_dir(target, overwrite=True) as tmp:
+                (tmp / "first.txt").write_text(tag)
+                both_inside.wait()  # the other writer has created its folder too
+                (tmp / "second.txt").write_text(tag)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    contents = {(target / f).read_text() for f in ("first.txt", "second.txt")}
+    assert len(contents) == 1 and contents <= {"a", "b"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-data"]
+
+
 def test_manifest_roundtrip_and_stage_states(tmp_path: Path) -> None:
     m = RunManifest.open(tmp_path / "run")
     m.set_input("model", "/models/x", "abc")
