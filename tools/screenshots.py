@@ -22,6 +22,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out", type=Path)
     p.add_argument("--dark", action="store_true", help="Force the dark palette.")
+    p.add_argument("--gpus", type=int, default=1, help="Fake this many 24 GiB GPUs (2+ shows the GPUs choice).")
     args = p.parse_args()
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     tmp = Path(tempfile.mkdtemp(prefix="emloc-shots-"))
@@ -39,7 +40,15 @@ def main() -> int:
     from emloc_app.state import WizardState
     from emloc_app.wizard import EmlocWizard, Page
     from emloc_app.worker import shutdown_workers
-    from tests.app.fakes import FakeModel, FakeProblem, FakeReport, make_fake_engine
+    from tests.app.fakes import (
+        GIB,
+        FakeGpu,
+        FakeMachine,
+        FakeModel,
+        FakeProblem,
+        FakeReport,
+        make_fake_engine,
+    )
 
     models = [FakeModel("meta-llama/Llama-3.1-8B-Instruct", tmp / "llama"),
               FakeModel("Qwen/Qwen2.5-7B-Instruct", tmp / "qwen", num_parameters=7_600_000_000,
@@ -60,7 +69,11 @@ def main() -> int:
         problems=(FakeProblem(str(tmp / "chat.jsonl"), 57, "Sample has no assistant turn; it is skipped.", False),
                   FakeProblem(str(tmp / "chat.jsonl"), 311, "Sample is 731 tokens, longer than max_length 512; "
                               "it is truncated.", False)))
-    engine, _ = make_fake_engine(tmp, models=models, report=report)
+    machine = None
+    if args.gpus > 1:
+        machine = FakeMachine(gpus=tuple(FakeGpu(i, "NVIDIA GeForce RTX 4090", 24 * GIB, 22 * GIB)
+                                         for i in range(args.gpus)))
+    engine, _ = make_fake_engine(tmp, models=models, report=report, machine=machine)
     state = WizardState()
     wizard = EmlocWizard(state, engine)
     wizard.resize(1100, 820)

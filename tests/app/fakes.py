@@ -212,10 +212,18 @@ def make_fake_engine(tmp: Path, *, models: list[FakeModel] | None = None, report
 
     from emloc_engine.correction import CorrectionConfig
     from emloc_engine.data import DataConfig
+    from emloc_engine.distributed import ParallelConfig
     from emloc_engine.emulator import EmulatorConfig
     from emloc_engine.export import ExportConfig
     from emloc_engine.planning import PlanConfig
     from emloc_engine.training import TrainConfig
+
+    train = stage("train_lora")
+
+    def train_lora_distributed(cfg: Any, parallel: Any, progress: Any) -> Any:
+        """Data-parallel training: the same fake stage; the parallel settings are recorded."""
+        calls.add("parallel", parallel)
+        return train(cfg, progress)
 
     overrides: dict[str, Any] = {
         "detect_machine": detect_machine,
@@ -232,7 +240,9 @@ def make_fake_engine(tmp: Path, *, models: list[FakeModel] | None = None, report
         "EmulatorConfig": EmulatorConfig,
         "build_emulator": stage("build_emulator"),
         "TrainConfig": TrainConfig,
-        "train_lora": stage("train_lora"),
+        "train_lora": train,
+        "train_lora_distributed": train_lora_distributed,
+        "ParallelConfig": ParallelConfig,
         "CorrectionConfig": CorrectionConfig,
         "correct_lora": stage("correct_lora"),
         "ExportConfig": ExportConfig,
