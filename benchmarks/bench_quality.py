@@ -69,6 +69,7 @@ from emloc_engine.lowrank import (
     rank_for_ratio,
 )
 from emloc_engine.planning import PlanConfig, inference_peak, model_facts, plan_memory
+from emloc_engine.rank_allocation import allocate_ranks
 from emloc_engine.training import TrainConfig, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +207,12 @@ def spectral_allocation(model_dir: Path, calibration: Sequence[Sequence[int]], r
     eigenvalues of ``W C Wᵀ`` (the squared singular values of ``W S``, ``S Sᵀ = C``). Each rank unit
     costs ``out + in`` parameters. Greedy water-filling on the gains ``σ_{k+1}² / Σ_i σ_i²`` per
     parameter (non-increasing in ``k``, so greedy is optimal for this separable objective)
-    minimises ``Σ_m E_m(k_m) / E_m(0)`` subject to ``Σ_m k_m (out + in) ≤ ρ Σ_m out·in``. A module
-    whose rank reaches ``out·in/(out+in)`` is cheaper dense and is kept dense.
+    minimises ``Σ_m E_m(k_m) / E_m(0)`` subject to the parameters kept staying within what the
+    uniform ρ keeps, ``Σ_m rank_for_ratio(ρ, out, in) (out + in)``. A module whose rank reaches
+    ``out·in/(out+in)`` is cheaper dense and is kept dense. The greedy is the engine's
+    :func:`emloc_engine.rank_allocation.allocate_ranks` (``EmulatorConfig(allocation="spectral")``
+    does the same, streamed); before it moved there the budget was ``ρ Σ_m out·in`` and a dense
+    module was charged ``k_max (out + in)``, which could overspend by under one rank unit per module.
 
     ``C`` is accumulated in fp32 from the original model (fp32) on ``device``; spectra in fp64.
 
@@ -216,34 +221,17 @@ def spectral_allocation(model_dir: Path, calibration: Sequence[Sequence[int]], r
     """
     key = ("spectra", str(model_dir), len(calibration))
     if cache is not None and key in cache:
-        names, gains, shapes = cache[key]
+        spectra, shapes = cache[key]
     else:
-        names, gains, shapes = _spectral_gains(model_dir, calibration, device)
+        spectra, shapes = _spectra(model_dir, calibration, device)
         if cache is not None:
-            cache[key] = names, gains, shapes
-    budget = ratio * sum(o * i for o, i in shapes.values())
-    ranks = dict.fromkeys(names, 0)
-    spent = 0.0
-    for _, i, name in gains:
-        cost = sum(shapes[name])
-        if spent + cost > budget:
-            continue
-        if ranks[name] == i:  # ranks are taken in order per module (gains are non-increasing)
-            ranks[name] = i + 1
-            spent += cost
-    overrides, dense = [], []
-    for name, k in ranks.items():
-        out_f, in_f = shapes[name]
-        if k >= out_f * in_f // (out_f + in_f):
-            dense.append(name)
-        else:
-            overrides.append((name, max(1, k)))
-    return tuple(overrides), tuple(dense)
+            cache[key] = spectra, shapes
+    return allocate_ranks(spectra, shapes, ratio)
 
 
-def _spectral_gains(model_dir: Path, calibration: Sequence[Sequence[int]], device: torch.device,
-                    ) -> tuple[list[str], list[tuple[float, int, str]], dict[str, tuple[int, int]]]:
-    """Module names, the gains ``(σ_{i+1}² / Σσ² / (out+in), i, name)`` sorted best first, and the shapes."""
+def _spectra(model_dir: Path, calibration: Sequence[Sequence[int]], device: torch.device,
+             ) -> tuple[dict[str, list[float]], dict[str, tuple[int, int]]]:
+    """Per block module (in order): the descending ``σ_i²`` of ``W S``, and the shape ``(out, in)``."""
     from transformers import AutoModelForCausalLM
 
     names = _block_modules(model_dir)
@@ -272,20 +260,16 @@ def _spectral_gains(model_dir: Path, calibration: Sequence[Sequence[int]], devic
     finally:
         for h in hooks:
             h.remove()
-    gains: list[tuple[float, int, str]] = []
+    spectra: dict[str, list[float]] = {}
     shapes: dict[str, tuple[int, int]] = {}
     for name in names:
         w = model.get_submodule(name).weight.detach().double()
         c = stats.pop(name).double()
         out_f, in_f = w.shape
         shapes[name] = (out_f, in_f)
-        ev = torch.linalg.eigvalsh(w @ c @ w.T).flip(0).clamp_min(0).cpu()  # σ_i²(W S), descending
-        k_max = out_f * in_f // (out_f + in_f)
-        share = (ev / ev.sum()).tolist()[:k_max]
-        gains += [(g / (out_f + in_f), i, name) for i, g in enumerate(share)]
+        spectra[name] = torch.linalg.eigvalsh(w @ c @ w.T).flip(0).clamp_min(0).cpu().tolist()  # σ_i²(W S)
     del model
-    gains.sort(key=lambda t: (-t[0], t[1]))
-    return names, gains, shapes
+    return spectra, shapes
 
 
 # --------------------------------------------------------------------------------------------------
