@@ -21,6 +21,15 @@ The loop (``METHOD.md`` Stage 1), with memory bounded by one block:
    (:func:`emloc_engine.factorize.factorize`), write the block's shard atomically, and free the block.
    Hidden states flow through original blocks only (no compressed-error propagation).
 
+Rank allocation (``allocation="spectral"``, opt-in): before the loop above, a first streamed pass
+runs the same capture and block forward with the same statistics, but instead of factorising it
+keeps each module's whitened spectrum (eigenvalues of ``W C Wᵀ``, fp64) and frees the block; then
+:func:`emloc_engine.rank_allocation.allocate_ranks` redistributes the uniform ρ's parameter budget
+over the modules (some become dense) and the normal loop builds that plan. The chosen ranks are
+stored in ``ALLOCATION_FILE`` in the output folder, keyed by everything the pass depends on, so a
+resumed or repeated build reuses them without a second pass (and would recompute the same ones:
+the pass is deterministic on one machine).
+
 Resume: each shard's metadata carries the build fingerprint (source model, plan, calibration ids,
 device type, dtypes, solver, chunking). Blocks whose shard matches are not factorised again; their
 original block is still run (forward only) so that the next block sees the same hidden states. On
@@ -66,7 +75,8 @@ from emloc_engine.checkpoint import Checkpoint, fingerprint_model, load_config
 from emloc_engine.errors import ConfigError, DataError, InsufficientMemory
 from emloc_engine.factorize import SOLVERS, factorize
 from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
-from emloc_engine.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
+from emloc_engine.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds, sub
+from emloc_engine.rank_allocation import allocate_ranks, kept_parameters
 from emloc_engine.version import __version__
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,10 @@ log = logging.getLogger(__name__)
 BLOCK_FILE = "blocks-{:05d}.safetensors"
 REST_FILE = "rest.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+ALLOCATION_FILE = "emloc-allocation.json"
+ALLOCATIONS = ("uniform", "spectral")
+_ALLOCATION_VERSION = 1
+_SPECTRA_SHARE = 0.25  # of the progress bar, for the spectra pass of allocation="spectral"
 METHOD = "activation-aware-svd"
 WHITENING = ("projection onto the top-k left singular vectors of W·S: eigh of W·C̃·Wᵀ when out ≤ in; "
              "fp64 Cholesky root of C̃ + δI (δ from 1e-10, ×100 until PD) and eigh of (WS)ᵀ(WS) when out > in; "
@@ -116,6 +130,13 @@ class EmulatorConfig:
     factor_devices: tuple[str, ...] = field(default=(), metadata={
         "help": "More devices (cuda:1, cuda:2…) that factorise block b while the main device runs the forward "
                 "of block b+1; each module's factors are the same as on one device."})
+    allocation: str = field(default="uniform", metadata={
+        "help": "uniform: every module at k = floor(ρ·out·in/(out+in)). spectral: a first streamed pass measures "
+                "each module's whitened spectrum and the same parameter budget is redistributed where it removes "
+                "the most relative error (some modules become dense); better transfer at ρ ≥ 0.4, worse at 0.25. "
+                "User settings combine: dense patterns and ρ ≥ 1 overrides stay dense and are outside the budget, "
+                "rank overrides are kept as given and outside the budget, other ρ overrides set their module's "
+                "share of the budget."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -132,6 +153,8 @@ class EmulatorConfig:
             problems.append(f"compute_dtype must be auto or one of {', '.join(_DTYPES)} (got {self.compute_dtype!r})")
         if self.linalg_dtype not in ("auto", "float32", "float64"):
             problems.append(f"linalg_dtype must be auto, float32 or float64 (got {self.linalg_dtype!r})")
+        if self.allocation not in ALLOCATIONS:
+            problems.append(f"allocation must be one of {', '.join(ALLOCATIONS)} (got {self.allocation!r})")
         if self.solver not in SOLVERS:
             problems.append(f"solver must be one of {', '.join(SOLVERS)} (got {self.solver!r})")
         problems += [f"factor device {d!r} must be cpu or cuda:N" for d in self.factor_devices
@@ -337,7 +360,9 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
     Args:
         cfg: the settings.
         progress: receives one update per block (with ETA), ``emulator/rel_error`` and
-            ``gpu/peak_gib`` per block, and is asked for cancel between blocks.
+            ``gpu/peak_gib`` per block, and is asked for cancel between blocks. With
+            ``allocation="spectral"`` the spectra pass takes the first quarter of the bar (messages
+            start with "rank allocation") unless its result is already stored in ``out_dir``.
 
     Returns:
         An :class:`EmulatorResult`.
@@ -375,12 +400,33 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
     chunk_tokens = layout.chunk_tokens
     calib_fp = calibration_fingerprint(samples)
     source_fp = fingerprint_model(model_dir)
+    meta_path = out_dir / EMULATOR_META
+    allocation: dict[str, Any] | None = None
+    build_progress = progress
+    if cfg.allocation == "spectral":
+        key = _sha({"version": _ALLOCATION_VERSION, "format": EMULATOR_FORMAT_VERSION, "source": source_fp,
+                    "calibration": calib_fp, "plan": {n: p.rank for n, p in plan.items()},
+                    "free": sorted(_free_modules(cfg, plan)), "device": device.type, "compute": str(compute),
+                    "stats": str(stats_dtype), "chunk_tokens": chunk_tokens})
+        allocation = _read_allocation(out_dir, key)
+        if allocation is None:
+            if meta_path.exists() and not cfg.overwrite and \
+                    json.loads(meta_path.read_text(encoding="utf-8")).get("spectral_allocation", {}).get("key") != key:
+                raise ConfigError(f"{out_dir} already holds an emulator built with other settings.",
+                                  hint="Pass overwrite (--overwrite) or choose another run folder.")
+            allocation = _spectral_allocation(cfg, spec, ckpt, plan, device, compute, stats_dtype, blocks,
+                                              hf_config, samples, layout, key, sub(progress, 0.0, _SPECTRA_SHARE))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out_dir / ALLOCATION_FILE, allocation)
+            build_progress = sub(progress, _SPECTRA_SHARE, 1.0)
+        plan = _apply_allocation(plan, allocation)
     build_id = _sha({"format": EMULATOR_FORMAT_VERSION, "source": source_fp, "calibration": calib_fp,
                      "plan": {n: p.rank for n, p in plan.items()}, "device": device.type, "compute": str(compute),
                      "stats": str(stats_dtype), "linalg": str(linalg), "solver": cfg.solver,
-                     "chunk_tokens": chunk_tokens})
+                     "chunk_tokens": chunk_tokens,
+                     **({"allocation": cfg.allocation} if cfg.allocation != "uniform" else {})})
+    progress = build_progress
 
-    meta_path = out_dir / EMULATOR_META
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))
         if old.get("build_id") == build_id:
@@ -409,13 +455,134 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
         state.close()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     meta = _finish(cfg, out_dir, model_dir, spec, blocks, plan, samples, n_tokens, calib_fp, source_fp, build_id,
-                   dict(device=str(device), compute_dtype=str(compute), statistics_dtype=str(stats_dtype),
+                   allocation, dict(device=str(device), compute_dtype=str(compute), statistics_dtype=str(stats_dtype),
                         linalg_dtype=str(linalg), solver=cfg.solver, chunk_tokens=chunk_tokens,
                         memory_budget_bytes=layout.budget_bytes, offload_hidden=layout.offload_hidden,
                         wall_s=round(time.monotonic() - t0, 3), peak_vram_gib=round(peak, 3),
                         timings_s={k: round(v, 3) for k, v in state.timings.items()}))
     progress.update(1.0, f"emulator written to {out_dir}")
     return _result(out_dir, meta, ckpt, time.monotonic() - t0, peak, resumed, n_tokens, chunk_tokens, device)
+
+
+def _free_modules(cfg: EmulatorConfig, plan: dict[str, ModulePlan]) -> list[str]:
+    """Planned modules whose rank the spectral allocation may choose: those without a user rank override."""
+    return [n for n in plan if _last_match(n, cfg.rank_overrides) is None]
+
+
+def _read_allocation(out_dir: Path, key: str) -> dict[str, Any] | None:
+    """The stored spectral allocation of this build's inputs, or None (absent, unreadable or stale)."""
+    try:
+        data = json.loads((out_dir / ALLOCATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def _apply_allocation(plan: dict[str, ModulePlan], allocation: Mapping[str, Any]) -> dict[str, ModulePlan]:
+    """The plan with the allocation's ranks, without the modules it keeps dense."""
+    ranks = {str(n): int(k) for n, k in allocation["rank_overrides"]}
+    dense = set(allocation["dense"])
+    out = {}
+    for name, p in plan.items():
+        if name in dense:
+            continue
+        k = ranks.get(name)
+        out[name] = p if k is None else ModulePlan(p.name, p.block, p.path, p.ratio,
+                                                   min(k, p.out_features, p.in_features), p.in_features,
+                                                   p.out_features, p.bias)
+    if not out:
+        raise ConfigError("The spectral allocation keeps every module dense: nothing is compressed.",
+                          hint="Use a lower ratio or allocation uniform.")
+    return out
+
+
+def whitened_spectrum(w: torch.Tensor, c: torch.Tensor, device: torch.device | None = None) -> list[float]:
+    """Descending ``σ_i²`` of ``W S`` (``S Sᵀ = C``), fp64, clamped at 0; ``min(out, in)`` values.
+
+    ``out ≤ in``: eigenvalues of ``W C Wᵀ``. ``out > in``: with ``W = Q R`` (thin QR), those of
+    ``R C Rᵀ`` (in × in), which are the nonzero ones of ``W C Wᵀ = Q (R C Rᵀ) Qᵀ``. No root of ``C``
+    is formed, so a singular ``C`` is fine.
+
+    Raises:
+        DataError: ``C`` holds NaN or Inf (the activations overflowed).
+    """
+    w64 = w.to(device=device, dtype=torch.float64)
+    c64 = c.to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(c64).all()):
+        raise DataError("A calibration statistic holds NaN or Inf.",
+                        hint="The activations overflowed; use compute_dtype float32.")
+    if w64.shape[0] > w64.shape[1]:
+        w64 = torch.linalg.qr(w64, mode="r").R
+    m = w64 @ c64 @ w64.T
+    ev = torch.linalg.eigvalsh((m + m.T) / 2).flip(0).clamp_min(0.0)
+    return [float(x) for x in ev.cpu().tolist()]
+
+
+def _spectral_allocation(cfg: EmulatorConfig, spec: ArchSpec, ckpt: Checkpoint, plan: dict[str, ModulePlan],
+                         device: torch.device, compute: torch.dtype, stats: torch.dtype, blocks: int,
+                         hf_config: Any, samples: tuple[tuple[int, ...], ...], layout: MemoryLayout, key: str,
+                         progress: Progress) -> dict[str, Any]:
+    """The spectra pass and the greedy allocation over the free modules (a JSON-ready record)."""
+    t0 = time.monotonic()
+    free = _free_modules(cfg, plan)
+    progress.update(0.0, f"rank allocation: measuring the spectra of {len(free)} modules")
+    spectra = _measure(cfg, spec, ckpt, plan, device, compute, stats, blocks, hf_config, samples, layout,
+                       set(free), progress)
+    shapes = {n: (plan[n].out_features, plan[n].in_features) for n in free}
+    budget = sum(plan[n].rank * (plan[n].out_features + plan[n].in_features) for n in free)
+    overrides, dense = allocate_ranks({n: spectra[n] for n in free}, shapes, cfg.ratio, budget=budget)
+    spent = kept_parameters(shapes, overrides, dense)
+    wall = time.monotonic() - t0
+    log.info("spectral rank allocation: %d modules, %d kept dense, %d of %d parameters, %.1f s",
+             len(free), len(dense), spent, budget, wall)
+    progress.update(1.0, f"rank allocation: {len(dense)} of {len(free)} modules dense, "
+                         f"{spent:,} of {budget:,} parameters")
+    return {"key": key, "allocation": "spectral", "version": _ALLOCATION_VERSION, "budget": budget,
+            "params_spent": spent, "spectra_wall_s": round(wall, 3),
+            "rank_overrides": [[n, k] for n, k in overrides], "dense": list(dense)}
+
+
+def _measure(cfg: EmulatorConfig, spec: ArchSpec, ckpt: Checkpoint, plan: dict[str, ModulePlan],
+             device: torch.device, compute: torch.dtype, stats: torch.dtype, blocks: int, hf_config: Any,
+             samples: tuple[tuple[int, ...], ...], layout: MemoryLayout, modules: set[str],
+             progress: Progress) -> dict[str, list[float]]:
+    if not modules:
+        return {}
+    state = _BuildState(cfg, spec, ckpt, plan, device, compute, stats, torch.float64, "", blocks)
+    try:
+        return state.spectra(hf_config, samples, layout, modules, progress)
+    except torch.OutOfMemoryError as exc:
+        raise InsufficientMemory(
+            f"Out of GPU memory while measuring spectra for the rank allocation: {exc}".splitlines()[0],
+            hint="Lower --calib or --max-length, or set a smaller memory budget / chunk_tokens.") from exc
+    finally:
+        state.close()
+
+
+def measure_spectra(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> dict[str, list[float]]:
+    """The whitened spectrum (:func:`whitened_spectrum`) of every module the plan of ``cfg`` compresses,
+    streamed exactly like the build's statistics (the first pass of ``allocation="spectral"``).
+    Reads the model block by block and writes nothing.
+
+    Raises:
+        ConfigError, DataError, UnsupportedModel, ModelNotFound, InsufficientMemory, Cancelled:
+            as :func:`build_emulator`.
+    """
+    hf_dict = load_config(cfg.model_dir)
+    spec = arch_spec(hf_dict)
+    blocks = num_blocks(hf_dict)
+    ckpt = Checkpoint(cfg.model_dir)
+    plan = plan_modules(cfg, spec, ckpt, blocks)
+    device = _resolve_device(cfg.device)
+    compute, stats_dtype, _ = _resolve_dtypes(cfg, device)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(cfg.model_dir)
+    samples = _check_calibration(cfg, hf_config)
+    layout = plan_build_memory(cfg, hf_config, ckpt, device, [len(x) for x in samples],
+                               torch.finfo(compute).bits // 8)
+    return _measure(cfg, spec, ckpt, plan, device, compute, stats_dtype, blocks, hf_config, samples, layout,
+                    set(plan), progress)
 
 
 def _check_calibration(cfg: EmulatorConfig, hf_config: Any) -> tuple[tuple[int, ...], ...]:
@@ -517,16 +684,7 @@ class _BuildState:
         """Capture block inputs, then build every block; returns the blocks reused from disk."""
         progress.check_cancelled()
         self.writes.append(self.writer.submit(self._write_rest))
-        model = self._skeleton(hf_config)
-        embed_name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
-        embed = self.ckpt.get(embed_name, dtype=self.compute, device=self.device)
-        self.ckpt.close()
-        pad = hf_config.pad_token_id if isinstance(getattr(hf_config, "pad_token_id", None), int) else 0
-        self.chunks = capture_block_inputs(model, self.spec, embed, samples,
-                                           chunk_samples([len(s) for s in samples], layout.chunk_tokens),
-                                           device=self.device, dtype=self.compute, pad_id=pad,
-                                           offload=layout.offload_hidden)
-        del embed
+        model = self._capture(hf_config, samples, layout)
         progress.update(0.03, f"captured the input of block 0 ({len(self.chunks)} chunks)")
         layers = decoder_layers(model, self.spec)
         resumed: list[int] = []
@@ -556,6 +714,69 @@ class _BuildState:
                                                 f"ETA {format_seconds(clock.eta_s(frac))}")
         self._drain_writes(wait_all=True)
         return tuple(resumed)
+
+    def _capture(self, hf_config: Any, samples: tuple[tuple[int, ...], ...], layout: MemoryLayout) -> Any:
+        """The model skeleton, with ``self.chunks`` holding the input of block 0 for every chunk."""
+        model = self._skeleton(hf_config)
+        embed_name = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        embed = self.ckpt.get(embed_name, dtype=self.compute, device=self.device)
+        self.ckpt.close()
+        pad = hf_config.pad_token_id if isinstance(getattr(hf_config, "pad_token_id", None), int) else 0
+        self.chunks = capture_block_inputs(model, self.spec, embed, samples,
+                                           chunk_samples([len(s) for s in samples], layout.chunk_tokens),
+                                           device=self.device, dtype=self.compute, pad_id=pad,
+                                           offload=layout.offload_hidden)
+        return model
+
+    def spectra(self, hf_config: Any, samples: tuple[tuple[int, ...], ...], layout: MemoryLayout,
+                modules: set[str], progress: Progress) -> dict[str, list[float]]:
+        """The whitened spectrum of every module in ``modules``: the build's capture, block forward and
+        statistics, but no factorisation and nothing written; stops after the last block it needs."""
+        progress.check_cancelled()
+        model = self._capture(hf_config, samples, layout)
+        progress.update(0.05, f"rank allocation: captured the input of block 0 ({len(self.chunks)} chunks)")
+        layers = decoder_layers(model, self.spec)
+        last = max(self.plan[n].block for n in modules)
+        linalg_device = torch.device("cpu") if self.device.type == "mps" else self.device  # no fp64 on MPS
+        out: dict[str, list[float]] = {}
+        clock = EtaClock()
+        pending: Future[dict[str, torch.Tensor]] = self.reader.submit(self._read, 0)
+        for b in range(last + 1):
+            progress.check_cancelled()
+            t = time.perf_counter()
+            tensors = pending.result()
+            self.timings["read_wait"] += time.perf_counter() - t
+            if b < last:
+                pending = self.reader.submit(self._read, b + 1)
+            layer = layers[b]
+            self._load(layer, tensors)
+            mods = {p.path: p for p in self.plan.values() if p.block == b and p.name in modules}
+            groups = {g.name: g for g in self.spec.groups if any(m in mods for m in g.modules)}
+            t = time.perf_counter()
+            with recording(layer, {n: g.modules[0] for n, g in groups.items()}, self.stats) as rec:
+                run_block(layer, b, self.chunks, self.device, recorder=rec, keep_output=b < last)
+                stats = rec.stats
+            t = self._tick("forward", t)
+            for gname, group in groups.items():
+                c = stats.pop(gname)
+                for path in group.modules:
+                    if path in mods:
+                        out[mods[path].name] = whitened_spectrum(tensors[f"{path}.weight"], c, linalg_device)
+                del c
+            self._tick("factorize", t)
+            layer.to("meta")
+            del tensors, stats
+            frac = (b + 1) / (last + 1)
+            progress.update(0.05 + 0.9 * frac, f"rank allocation: block {b + 1}/{last + 1} measured, "
+                                               f"ETA {format_seconds(clock.eta_s(frac))}")
+        return out
+
+    def _load(self, layer: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Materialise one block's tensors in ``layer`` on the compute device; returns them on that device."""
+        dev = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
+        layer.load_state_dict({k: v.to(self.compute) for k, v in dev.items()}, assign=True, strict=True)
+        layer.to(self.device)
+        return dev
 
     def _drain_factor_jobs(self, wait_all: bool) -> list[tuple[int, float]]:
         """Errors of finished factor jobs (re-raising a failed one); waits while every device is busy."""
@@ -606,9 +827,7 @@ class _BuildState:
     def _block(self, layer: torch.nn.Module, b: int, tensors: dict[str, torch.Tensor], reuse: bool) -> list[float]:
         """Run block ``b`` over the calibration chunks; factorise and write it unless ``reuse``."""
         t = time.perf_counter()
-        dev = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-        layer.load_state_dict({k: v.to(self.compute) for k, v in dev.items()}, assign=True, strict=True)
-        layer.to(self.device)
+        dev = self._load(layer, tensors)
         t = self._tick("load", t)
         last = b == self.blocks - 1
         mods = {p.path: p for p in self.plan.values() if p.block == b}
@@ -667,7 +886,8 @@ class _BuildState:
 
 def _finish(cfg: EmulatorConfig, out_dir: Path, model_dir: Path, spec: ArchSpec, blocks: int,
             plan: dict[str, ModulePlan], samples: tuple[tuple[int, ...], ...], n_tokens: int, calib_fp: str,
-            source_fp: str, build_id: str, build: dict[str, Any]) -> dict[str, Any]:
+            source_fp: str, build_id: str, allocation: Mapping[str, Any] | None,
+            build: dict[str, Any]) -> dict[str, Any]:
     """Copy config/tokenizer files, write the index, then ``emloc.json`` (last)."""
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
@@ -699,6 +919,10 @@ def _finish(cfg: EmulatorConfig, out_dir: Path, model_dir: Path, spec: ArchSpec,
         "ratio": cfg.ratio,
         "plan": {"ratio_overrides": [list(x) for x in cfg.ratio_overrides], "dense_patterns": list(cfg.dense_patterns),
                  "rank_overrides": [list(x) for x in cfg.rank_overrides]},
+        "allocation": cfg.allocation,
+        **({"spectral_allocation": {k: allocation[k] for k in ("key", "version", "budget", "params_spent",
+                                                                "spectra_wall_s", "dense")}}
+           if allocation is not None else {}),
         "calibration": {"samples": len(samples), "tokens": n_tokens, "fingerprint": calib_fp,
                         "max_length": max(len(s) for s in samples)},
         "build_id": build_id,
@@ -728,4 +952,5 @@ def _result(out_dir: Path, meta: dict[str, Any], ckpt: Checkpoint, wall_s: float
                           chunk_tokens, str(device))
 
 
-__all__ = ["EmulatorConfig", "EmulatorResult", "ModulePlan", "build_emulator", "plan_modules"]
+__all__ = ["ALLOCATIONS", "EmulatorConfig", "EmulatorResult", "ModulePlan", "build_emulator", "measure_spectra",
+           "plan_modules", "whitened_spectrum"]

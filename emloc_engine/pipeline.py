@@ -63,6 +63,8 @@ class RunConfig:
     batch_size: int = field(default=4, metadata={"help": "Sequences per optimizer step."})
     lambda_: float | None = field(default=None, metadata={"help": "Correction damping λ; None = auto."})
     calib: int = field(default=64, metadata={"help": "Calibration samples for the emulator."})
+    allocation: str = field(default="uniform", metadata={
+        "help": "Emulator ranks per module: uniform or spectral (see EmulatorConfig.allocation)."})
     max_length: int = field(default=512, metadata={"help": "Tokens per sample."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     exports: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={"help": "merged, adapter, gguf."})
@@ -80,6 +82,8 @@ class RunConfig:
             problems.append(f"rank must be ≥ 1 (got {self.rank})")
         if self.steps < 1:
             problems.append(f"steps must be ≥ 1 (got {self.steps})")
+        if self.allocation not in ("uniform", "spectral"):
+            problems.append(f"allocation must be uniform or spectral (got {self.allocation!r})")
         if self.calib < 1:
             problems.append(f"calib must be ≥ 1 (got {self.calib})")
         unknown = [e for e in self.exports if e not in EXPORT_FORMATS]
@@ -252,6 +256,7 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             er = build_emulator(EmulatorConfig(model_dir=cfg.model_dir, out_dir=layout.emulator,
                                                calibration_ids=tuple(tuple(x) for x in ids), ratio=ratio,
                                                device=cfg.device, memory_budget_bytes=budget,
+                                               allocation=cfg.allocation,
                                                factor_devices=factor_devices), p)
             manifest.finish_stage("emulator", er.to_dict(), measured_peak_gib=er.peak_vram_gib)
             ran.append("emulator")

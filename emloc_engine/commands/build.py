@@ -41,6 +41,10 @@ def register(sub: Any) -> None:
                    help="Per-module keep-ratio (repeatable; last match wins; ≥ 1 keeps dense).")
     p.add_argument("--solver", choices=("eigh", "randomized"), default="eigh",
                    help="eigh (exact) or randomized (faster on big layers, error within about 0.5%%).")
+    p.add_argument("--allocation", choices=("uniform", "spectral"), default="uniform",
+                   help="Ranks per module: uniform (k from ρ for every module) or spectral (a first pass measures "
+                        "each module's whitened spectrum and spends the same parameter budget where it removes the "
+                        "most error; some modules become dense; better at ρ ≥ 0.4, worse at 0.25).")
     p.add_argument("--chunk-tokens", type=int, help="Tokens per forward chunk (default: from the memory budget).")
     p.add_argument("--budget-gib", type=float, help="GPU memory the build may use (sizes the chunks).")
     p.add_argument("--calib-file", help="JSON file with a list of token-id lists, used instead of DATA.")
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         calibration_ids=_calibration_ids(args, model_dir), ratio=args.ratio,
         ratio_overrides=tuple(args.ratio_override), dense_patterns=tuple(args.dense), device=args.device,
         factor_devices=tuple(f"cuda:{i}" for i in range(1, max(1, args.gpus))),
-        compute_dtype=args.compute_dtype, solver=args.solver, chunk_tokens=args.chunk_tokens,
+        compute_dtype=args.compute_dtype, solver=args.solver, allocation=args.allocation,
+        chunk_tokens=args.chunk_tokens,
         memory_budget_bytes=int(args.budget_gib * 2**30) if args.budget_gib else None, overwrite=args.overwrite)
     bar = TqdmProgress("emloc build")
     try:

@@ -73,3 +73,18 @@ def test_parser_options() -> None:
     assert args.dense == ["a", "b"]
     assert args.ratio_override == [("x.*", 0.7)]
     assert args.solver == "randomized" and args.budget_gib == 8.0
+
+
+def test_build_with_spectral_allocation(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["build", "m", "--out", "r"]).allocation == "uniform"
+    ids = [[(7 * i + j) % 250 + 4 for j in range(30)] for i in range(4)]
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps(ids))
+    run_dir = tmp_path / "run"
+    assert main(["build", str(tiny_llama), "--calib-file", str(calib), "--out", str(run_dir), "--ratio", "0.5",
+                 "--allocation", "spectral", "--device", "cpu"]) == 0
+    meta = read_emulator_meta(run_dir / "emulator")
+    assert meta["allocation"] == "spectral"
+    assert meta["spectral_allocation"]["params_spent"] <= meta["spectral_allocation"]["budget"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["build", "m", "--out", "r", "--allocation", "greedy"])
