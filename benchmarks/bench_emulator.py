@@ -49,7 +49,7 @@ def build_once(model_dir: Path, out: Path, args: argparse.Namespace, solver: str
         t0 = time.perf_counter()
         result = build_emulator(EmulatorConfig(model_dir=model_dir, out_dir=out, calibration_ids=calib,
                                                ratio=args.ratio, device=args.device, solver=solver,
-                                               chunk_tokens=args.chunk_tokens,
+                                               chunk_tokens=args.chunk_tokens, allocation=args.allocation,
                                                factor_devices=tuple(f"cuda:{i}" for i in range(1, args.gpus))))
         wall = time.perf_counter() - t0
     meta = read_emulator_meta(out)
@@ -57,6 +57,8 @@ def build_once(model_dir: Path, out: Path, args: argparse.Namespace, solver: str
     return {"solver": solver, "wall_s": round(wall, 2), "peak_gpu_gib": round(result.peak_vram_gib, 3),
             "peak_cpu_rss_gib": round(rss.peak_bytes / 2**30, 3), "timings_s": meta["build"]["timings_s"],
             "chunk_tokens": result.chunk_tokens, "modules": len(meta["modules"]),
+            "spectra_wall_s": (meta.get("spectral_allocation") or {}).get("spectra_wall_s"),
+            "dense_modules": len((meta.get("spectral_allocation") or {}).get("dense", ())),
             "params_kept_fraction": round(result.params_kept / result.params_original, 4),
             "rel_error_mean": sum(errs) / len(errs), "rel_error_max": max(errs),
             "errors": {n: float(m["rel_error"]) for n, m in meta["modules"].items()}}
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--linalg-library", choices=("default", "cusolver", "magma"), default="default",
                     help="torch.backends.cuda.preferred_linalg_library for eigh/QR/Cholesky.")
     ap.add_argument("--skip-inference", action="store_true", help="Do not measure the full model's inference peak.")
+    ap.add_argument("--allocation", choices=("uniform", "spectral"), default="uniform",
+                    help="Per-module ranks: uniform ρ, or spectral (a first streaming pass chooses them).")
     ap.add_argument("--gpus", type=int, default=1, help="GPUs 1..N-1 factorise blocks while GPU 0 runs the next one.")
     args = ap.parse_args()
     if args.linalg_library != "default" and torch.cuda.is_available():
@@ -112,7 +116,8 @@ def main() -> None:
         "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__, "model_dir": str(args.model_dir), "samples": args.samples,
-        "length": args.length, "ratio": args.ratio, "linalg_library": args.linalg_library}
+        "length": args.length, "ratio": args.ratio, "linalg_library": args.linalg_library,
+        "allocation": args.allocation}
     first = build_once(Path(args.model_dir), out, args, args.solver)
     errors = first.pop("errors")
     report.update(first)

@@ -98,6 +98,14 @@ def _emulator_section(inference_gib: float) -> list[str]:
             "`factor_devices` takes any number). Both builds wrote the same per-module errors (mean relative "
             f"whitened error {one['rel_error_mean']:.4f} vs {two['rel_error_mean']:.4f}). The earlier pipeline run "
             "above (63.3 s) predates the TF32 statistics GEMMs.", ""]
+    spec = _load("emulator-llama3-8b-spectral-2026-11-29.json")
+    out += [f"Opt-in per-module ranks (`--allocation spectral`, same settings, one GPU; command `{spec['command']}`): "
+            f"**{spec['wall_s']:.1f} s** in all, of which the first streaming pass that measures every module's "
+            f"whitened spectrum took {spec['spectra_wall_s']:.1f} s (one more calibration forward plus an fp64 "
+            f"eigendecomposition per module) and the build's forward and factorisation "
+            f"{spec['timings_s']['forward']:.1f} s and {spec['timings_s']['factorize']:.1f} s; peak GPU {spec['peak_gpu_gib']:.2f} GiB, peak RSS {spec['peak_cpu_rss_gib']:.2f} GiB. "
+            f"On these random weights (flat spectra) it kept {spec['dense_modules']} of 224 modules dense; the "
+            "quality effect is measured on a real model in the Quality section (`aa-calib256-alloc`).", ""]
     return out
 
 
