@@ -43,12 +43,17 @@ def test_build_from_dataset(tiny_llama: Path, tmp_path: Path, capsys: pytest.Cap
     assert "reused blocks [0, 1]" in capsys.readouterr().out
 
 
+def _calib_file(tmp_path: Path) -> Path:
+    """4 samples × 30 token ids as the JSON file `--calib-file` takes."""
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps([[(7 * i + j) % 250 + 4 for j in range(30)] for i in range(4)]))
+    return calib
+
+
 @pytest.mark.slow
 def test_build_from_token_file_and_errors(tiny_llama: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    ids = [[(7 * i + j) % 250 + 4 for j in range(30)] for i in range(4)]
-    calib = tmp_path / "calib.json"
-    calib.write_text(json.dumps(ids))
+    calib = _calib_file(tmp_path)
     run_dir = tmp_path / "run"
     assert main(["build", str(tiny_llama), "--calib-file", str(calib), "--out", str(run_dir), "--ratio", "0.3",
                  "--ratio-override", "*.mlp.*=0.6", "--device", "cpu"]) == 0
@@ -77,9 +82,7 @@ def test_parser_options() -> None:
 
 def test_build_with_spectral_allocation(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert build_parser().parse_args(["build", "m", "--out", "r"]).allocation == "uniform"
-    ids = [[(7 * i + j) % 250 + 4 for j in range(30)] for i in range(4)]
-    calib = tmp_path / "calib.json"
-    calib.write_text(json.dumps(ids))
+    calib = _calib_file(tmp_path)
     run_dir = tmp_path / "run"
     assert main(["build", str(tiny_llama), "--calib-file", str(calib), "--out", str(run_dir), "--ratio", "0.5",
                  "--allocation", "spectral", "--device", "cpu"]) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from emloc_engine.errors import Cancelled, ConfigError
 from emloc_engine.lowrank import rank_for_ratio, read_emulator_meta
 from emloc_engine.progress import RecordingProgress
 from emloc_engine.rank_allocation import allocate_ranks, dense_threshold, kept_parameters, uniform_budget
-from tests.engine.test_emulator import _calibration, _config, _tensors
+from tests.engine.test_emulator import _config, _reference_activations, _tensors
 
 
 # -- (a) the allocator -------------------------------------------------------------------------------
@@ -66,29 +65,13 @@ def test_allocator_invariants_on_random_spectra() -> None:
 
 # -- (b) streamed spectra equal an in-memory fp64 reference -------------------------------------------
 def _reference_spectra(model_dir: Path) -> dict[str, list[float]]:
-    """The full model in fp64, one sample at a time, hooks summing XᵀX; eigvalsh of W C Wᵀ."""
+    """The full model in fp64, one sample at a time (test_emulator's reference activations): C = XᵀX per
+    module, then eigvalsh of W C Wᵀ."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    spec = arch_spec(model.config)
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
-    for b in range(model.config.num_hidden_layers):
-        for m in spec.linear_modules:
-            name = spec.module_name(b, m)
-
-            def hook(mod: Any, args: tuple[Any, ...], name: str = name) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1])
-                stats[name] = stats[name] + x.T @ x if name in stats else x.T @ x
-
-            hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for s in _calibration():
-            model(torch.tensor([s]))
-    for h in hooks:
-        h.remove()
     out = {}
-    for name, c in stats.items():
+    for name, x in _reference_activations(model_dir).items():
         w = model.get_submodule(name).weight.detach()
-        out[name] = torch.linalg.eigvalsh(w @ c @ w.T).flip(0).clamp_min(0)[: min(w.shape)].tolist()
+        out[name] = torch.linalg.eigvalsh(w @ (x.T @ x) @ w.T).flip(0).clamp_min(0)[: min(w.shape)].tolist()
     return out
 
 
