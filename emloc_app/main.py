@@ -68,6 +68,8 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
     gpus = int(studio.get("gpus") or 1)
     if gpus > 1:  # the Plan page offers the same GPU count again (issue 10)
         state.configs["parallel"] = {"processes": gpus, "gpu_ids": tuple(range(gpus))}
+    if studio.get("allocation") == "spectral":  # the Plan page shows "Per-module ranks" checked again
+        state.configs["allocation"] = "spectral"
     for name in STAGE_ORDER:
         if m.is_done(name):
             state.results[name] = m.stage(name).get("result", {})

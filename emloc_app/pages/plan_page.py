@@ -47,6 +47,14 @@ PARALLEL_KEY = "parallel"
 """``state.configs[PARALLEL_KEY]``: keyword arguments of the engine's ``ParallelConfig`` (``processes``,
 ``gpu_ids``); the Run page trains data-parallel when ``processes`` > 1. Also how the Plan page
 remembers the GPU count between visits."""
+ALLOCATION_KEY = "allocation"
+"""``state.configs[ALLOCATION_KEY]``: the emulator's rank allocation, ``"uniform"`` or ``"spectral"``
+(``EmulatorConfig.allocation``); how the Plan page remembers the "Per-module ranks" choice between
+visits and when a run is reopened, and what the Run page records in the manifest."""
+SPECTRAL_BUILD_FACTOR = 2.0
+"""How much longer the emulator build takes with ``allocation="spectral"``: benchmarks/RESULTS.md
+measured 115.5 s vs 57.0 s (Llama-3-8B shapes, one H200; the extra streaming pass that measures the
+spectra took 60.3 s), so the planner's uniform-build estimate is doubled."""
 SIMILAR_MEMORY = 0.9  # GPUs whose memory differs by less than 10% count as alike
 
 
@@ -118,6 +126,7 @@ class PlanPage(BasePage):
         rl.addLayout(r1)
         rl.addWidget(self.bars)
         rl.addWidget(self._gpu_row())
+        rl.addWidget(self._allocation_box())
         rl.addWidget(self.verdict)
         rl.addWidget(self.duration)
         self.body.addWidget(rho_box)
@@ -194,6 +203,24 @@ class PlanPage(BasePage):
         self.gpu_box.hide()
         return self.gpu_box
 
+    def _allocation_box(self) -> QCheckBox:
+        """"Per-module ranks": the emulator's opt-in ``allocation="spectral"`` (emloc run --allocation spectral).
+
+        Only the build time changes on this page: the spectral plan never keeps more parameters than
+        the uniform one and its extra pass runs within the build's memory, so the bars stay as they are.
+        """
+        self.allocation = QCheckBox("Per-module ranks (slower build, measured better at ρ ≥ 0.4)")
+        self.allocation.setObjectName("allocation")
+        self.allocation.setToolTip(self.engine.field_help("EmulatorConfig").get(
+            "allocation", "A first pass measures each module's spectrum and redistributes the same parameter "
+                          "budget between modules; about twice the emulator build time."))
+        self.allocation.toggled.connect(self._settings_changed)
+        return self.allocation
+
+    def allocation_choice(self) -> str:
+        """``EmulatorConfig.allocation`` for the checkbox: "spectral" when checked, else "uniform"."""
+        return "spectral" if self.allocation.isChecked() else "uniform"
+
     def _init_gpus(self) -> None:
         """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""
         gpus = multi_gpus(self.state.machine, self.state.gpu_index)
@@ -215,6 +242,7 @@ class PlanPage(BasePage):
         s = self.state
         apply_demo_defaults(s)
         self._init_gpus()
+        self.allocation.setChecked(s.configs.get(ALLOCATION_KEY) == "spectral")
         for name, w in self.settings.items():
             w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
         idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
@@ -283,8 +311,10 @@ class PlanPage(BasePage):
         if notes:
             text += "<br>" + "<br>".join(notes)
         self.verdict.setText(text)
-        self.duration.setText(f"Estimated duration: <b>{format_seconds(estimated_seconds(plan))}</b>"
-                              " (emulator, training, correction)")
+        spectral = self.allocation.isChecked()
+        seconds = estimated_seconds(plan, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
+        self.duration.setText(f"Estimated duration: <b>{format_seconds(seconds)}</b> (emulator"
+                              + (" ×2 for per-module ranks" if spectral else "") + ", training, correction)")
         self.completeChanged.emit()
 
     def _ratio_mode_changed(self, auto: bool) -> None:
@@ -319,14 +349,16 @@ class PlanPage(BasePage):
         emulator = eng.make("EmulatorConfig", model_dir=s.model_dir, out_dir=layout.emulator,
                             calibration_ids=tuple(s.calibration_ids), ratio=ratio,
                             device="cuda:0" if n > 1 else s.device, memory_budget_bytes=s.budget_bytes,
-                            factor_devices=tuple(f"cuda:{i}" for i in range(1, n)))
+                            factor_devices=tuple(f"cuda:{i}" for i in range(1, n)),
+                            allocation=self.allocation_choice())
         train = eng.make("TrainConfig", run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
                          device="cuda" if n > 1 else s.device, **self.train_settings())
         correct = eng.make("CorrectionConfig", run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
                            emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_.currentData(),
                            device=s.device)
         return {"emulator": emulator, "train": train, "correct": correct,
-                PARALLEL_KEY: {"processes": n, "gpu_ids": tuple(range(n)) if n > 1 else ()}}
+                PARALLEL_KEY: {"processes": n, "gpu_ids": tuple(range(n)) if n > 1 else ()},
+                ALLOCATION_KEY: self.allocation_choice()}
 
     def command(self) -> str:
         """The ``emloc run`` command that does what the wizard is about to do."""
@@ -344,6 +376,8 @@ class PlanPage(BasePage):
                  "--seed", str(t["seed"])]
         if self.gpu_count() > 1:
             args += ["--gpus", str(self.gpu_count())]
+        if self.allocation.isChecked():
+            args += ["--allocation", "spectral"]
         return shlex.join(args)
 
     def _show_command(self) -> None:
@@ -388,19 +422,26 @@ class PlanPage(BasePage):
         return True
 
 
-def estimated_seconds(plan: Any) -> float | None:
-    """Sum of the planner's per-stage estimates (``est_seconds``: a number, a dict or pairs)."""
+def estimated_seconds(plan: Any, emulator_factor: float = 1.0) -> float | None:
+    """Sum of the planner's per-stage estimates (``est_seconds``: a number, a dict or pairs).
+
+    ``emulator_factor`` scales the emulator stage's estimate (the planner estimates the uniform
+    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks). A plain number has no stages to scale.
+    """
+    def scaled(name: Any, v: Any) -> float:
+        return float(v) * (emulator_factor if name == "emulator" else 1.0)
+
     est = getattr(plan, "est_seconds", None)
     if est is None:
-        vals = [float(v) for st in getattr(plan, "stages", ()) or ()
+        vals = [scaled(getattr(st, "name", None), v) for st in getattr(plan, "stages", ()) or ()
                 if (v := getattr(st, "est_seconds", None)) is not None]
         return float(sum(vals)) if vals else None
     if isinstance(est, (int, float)):
         return float(est)
     if isinstance(est, dict):
-        return float(sum(v for k, v in est.items() if k != "export"))
+        return float(sum(scaled(k, v) for k, v in est.items() if k != "export"))
     try:
-        return float(sum(v for k, v in est if k != "export"))
+        return float(sum(scaled(k, v) for k, v in est if k != "export"))
     except (TypeError, ValueError):
         return None
 

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 
 from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage
-from emloc_app.pages.plan_page import PARALLEL_KEY
+from emloc_app.pages.plan_page import ALLOCATION_KEY, PARALLEL_KEY
 from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
@@ -198,12 +198,17 @@ class RunPage(BasePage):
             "data_seed": s.data_seed, "max_samples": s.max_samples, "ratio": getattr(s.plan, "ratio", s.ratio),
             "budget_bytes": s.budget_bytes, "train": dict(s.train_settings),
             "lambda": None if s.lambda_ is None else str(s.lambda_), "device": s.device,
-            "gpus": self.gpus(),
+            "gpus": self.gpus(), "allocation": self.allocation(),
         }})
 
     def gpus(self) -> int:
         """GPUs the Plan page chose for data-parallel training (1: the ordinary trainer)."""
         return int((self.state.configs.get(PARALLEL_KEY) or {}).get("processes", 1))
+
+    def allocation(self) -> str:
+        """The emulator's rank allocation the Plan page chose ("uniform" or "spectral")."""
+        emulator = self.state.configs.get("emulator")
+        return str(getattr(emulator, "allocation", None) or self.state.configs.get(ALLOCATION_KEY) or "uniform")
 
     def _attach_logs(self) -> None:
         logger = logging.getLogger("emloc_engine")

@@ -1,0 +1,108 @@
+"""The Plan page's "Per-module ranks" checkbox: EmulatorConfig.allocation="spectral" (emloc run --allocation spectral)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emloc_app.pages.plan_page import ALLOCATION_KEY, SPECTRAL_BUILD_FACTOR, PlanPage, estimated_seconds
+from emloc_app.pages.run_page import RunPage
+from emloc_app.state import WizardState
+from emloc_engine.emulator import EmulatorConfig
+from tests.app.fakes import fake_plan, make_fake_engine
+
+
+def plan_page(qtbot, tmp_path: Path, state: WizardState):  # type: ignore[no-untyped-def]
+    engine, calls = make_fake_engine(tmp_path, machine=state.machine)
+    planned: list[Any] = []
+
+    def plan_memory(facts: Any, cfg: Any) -> Any:
+        planned.append(cfg)
+        return fake_plan(facts, cfg)
+
+    engine._objects["plan_memory"] = plan_memory
+    page = PlanPage(state, engine)
+    qtbot.addWidget(page)
+    page.initializePage()
+    return page, engine, calls, planned
+
+
+def run_all(qtbot, state: WizardState, engine: Any) -> RunPage:  # type: ignore[no-untyped-def]
+    run = RunPage(state, engine)
+    qtbot.addWidget(run)
+    run.initializePage()
+    run.start_button.click()
+    qtbot.waitUntil(run.isComplete, timeout=10000)
+    return run
+
+
+def studio_settings(state: WizardState) -> dict[str, Any]:
+    assert state.run_dir is not None
+    return json.loads((Path(state.run_dir) / "manifest.json").read_text())["settings"]["studio"]
+
+
+def test_unchecked_by_default_builds_uniform(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                             state: WizardState) -> None:
+    page, engine, calls, _ = plan_page(qtbot, tmp_path, state)
+    assert not page.allocation.isChecked()
+    assert page.allocation_choice() == "uniform"
+    assert "--allocation" not in shlex.split(page.command())
+    assert "per-module" not in page.duration.text()
+    assert page.validatePage()
+    assert state.configs["emulator"].allocation == "uniform" and state.configs[ALLOCATION_KEY] == "uniform"
+    run_all(qtbot, state, engine)
+    assert calls.get("build_emulator").allocation == "uniform"
+    assert studio_settings(state)["allocation"] == "uniform"
+    from emloc_app.main import state_from_run_dir
+
+    reopened, _ = state_from_run_dir(Path(state.run_dir))  # type: ignore[arg-type]
+    assert reopened.configs.get(ALLOCATION_KEY) is None  # type: ignore[attr-defined]
+
+
+def test_checked_builds_spectral_and_is_restored(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                 state: WizardState) -> None:
+    page, engine, calls, planned = plan_page(qtbot, tmp_path, state)
+    help_text = EmulatorConfig.__dataclass_fields__["allocation"].metadata["help"]
+    assert page.allocation.toolTip() == help_text  # the engine's field help on hover
+    before = len(planned)
+    page.allocation.setChecked(True)
+    assert len(planned) == before + 1  # re-planned: the duration changes, the plan does not
+    assert planned[-1] == planned[-2]
+    assert "×2 for per-module ranks" in page.duration.text()
+    args = shlex.split(page.command())
+    assert args[args.index("--allocation") + 1] == "spectral"
+    assert page.validatePage()
+    assert state.configs["emulator"].allocation == "spectral" and state.configs[ALLOCATION_KEY] == "spectral"
+    # coming back to the page keeps the choice
+    page.initializePage()
+    assert page.allocation.isChecked()
+    run_all(qtbot, state, engine)
+    assert calls.get("build_emulator").allocation == "spectral"
+    assert studio_settings(state)["allocation"] == "spectral"
+    # reopening the run (emloc-studio --run-dir) shows the same choice on a fresh Plan page
+    from emloc_app.main import state_from_run_dir
+
+    reopened, _ = state_from_run_dir(Path(state.run_dir))  # type: ignore[arg-type]
+    assert reopened.configs[ALLOCATION_KEY] == "spectral"  # type: ignore[attr-defined]
+    for key in ("machine", "gpu_index", "model", "model_dir", "facts", "data_path", "data_config",
+                "data_report", "calibration_ids"):
+        setattr(reopened, key, getattr(state, key))
+    (tmp_path / "again").mkdir()
+    page2, _, _, _ = plan_page(qtbot, tmp_path / "again", reopened)  # type: ignore[arg-type]
+    assert page2.allocation.isChecked()
+    assert "--allocation" in shlex.split(page2.command())
+
+
+def test_estimate_doubles_only_the_emulator_stage(state: WizardState) -> None:
+    from emloc_engine.planning import PlanConfig
+
+    plan = fake_plan({}, PlanConfig(budget_bytes=state.budget_bytes, ratio=0.4))
+    est = plan.est_seconds
+    uniform = estimated_seconds(plan)
+    assert uniform == pytest.approx(sum(v for k, v in est.items() if k != "export"))
+    assert estimated_seconds(plan, emulator_factor=SPECTRAL_BUILD_FACTOR) == pytest.approx(
+        uniform + (SPECTRAL_BUILD_FACTOR - 1) * est["emulator"])
