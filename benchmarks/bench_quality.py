@@ -829,6 +829,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="shakespeare,formats")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed, help="data split, calibration sample, LoRA init and order")
     p.add_argument("--calib", type=int, default=d.calib_samples)
     p.add_argument("--more-calib", type=int, default=d.more_calib_samples)
     p.add_argument("--max-test", type=int, default=None, help="at most this many test sequences per task")
@@ -857,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote the Quality section of {args.results_md}")
         return 0
     settings = BenchSettings(ratios=args.ratios, units=_units(args.units), lambdas=args.lambdas,
-                             steps=args.steps, lr=args.lr,
+                             steps=args.steps, lr=args.lr, seed=args.seed,
                              calib_samples=args.calib, more_calib_samples=args.more_calib, device=args.device,
                              max_test_examples=args.max_test, time_budget_s=args.time_budget)
     if args.model_dir is None:
