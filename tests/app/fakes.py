@@ -256,3 +256,21 @@ def make_fake_engine(tmp: Path, *, models: list[FakeModel] | None = None, report
 
 def raise_config_error(*a: Any, **k: Any) -> Any:
     raise ConfigError("Bad setting.", problems=["rank must be at least 1"], hint="Raise it.")
+
+
+def open_plan_page(qtbot, tmp_path: Path, state: Any):  # type: ignore[no-untyped-def]
+    """A Plan page on a fake engine for ``state.machine``; returns (page, engine, calls, the PlanConfigs planned)."""
+    from emloc_app.pages.plan_page import PlanPage
+
+    engine, calls = make_fake_engine(tmp_path, machine=state.machine)
+    planned: list[Any] = []
+
+    def plan_memory(facts: Any, cfg: Any) -> Any:
+        planned.append(cfg)
+        return fake_plan(facts, cfg)
+
+    engine._objects["plan_memory"] = plan_memory
+    page = PlanPage(state, engine)
+    qtbot.addWidget(page)
+    page.initializePage()
+    return page, engine, calls, planned

@@ -9,26 +9,12 @@ from typing import Any
 
 import pytest
 
-from emloc_app.pages.plan_page import ALLOCATION_KEY, SPECTRAL_BUILD_FACTOR, PlanPage, estimated_seconds
+from emloc_app.pages.plan_page import ALLOCATION_KEY, SPECTRAL_BUILD_FACTOR, estimated_seconds
 from emloc_app.pages.run_page import RunPage
 from emloc_app.state import WizardState
 from emloc_engine.emulator import EmulatorConfig
-from tests.app.fakes import fake_plan, make_fake_engine
-
-
-def plan_page(qtbot, tmp_path: Path, state: WizardState):  # type: ignore[no-untyped-def]
-    engine, calls = make_fake_engine(tmp_path, machine=state.machine)
-    planned: list[Any] = []
-
-    def plan_memory(facts: Any, cfg: Any) -> Any:
-        planned.append(cfg)
-        return fake_plan(facts, cfg)
-
-    engine._objects["plan_memory"] = plan_memory
-    page = PlanPage(state, engine)
-    qtbot.addWidget(page)
-    page.initializePage()
-    return page, engine, calls, planned
+from tests.app.fakes import fake_plan
+from tests.app.fakes import open_plan_page as plan_page
 
 
 def run_all(qtbot, state: WizardState, engine: Any) -> RunPage:  # type: ignore[no-untyped-def]

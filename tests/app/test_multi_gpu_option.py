@@ -10,29 +10,15 @@ from typing import Any
 
 import pytest
 
-from emloc_app.pages.plan_page import PARALLEL_KEY, PlanPage, default_gpu_count
+from emloc_app.pages.plan_page import PARALLEL_KEY, default_gpu_count
 from emloc_app.pages.run_page import RunPage
 from emloc_app.state import WizardState
 from emloc_engine.distributed import ParallelConfig
-from tests.app.fakes import GIB, FakeGpu, FakeMachine, fake_plan, make_fake_engine
+from tests.app.fakes import GIB, FakeGpu, FakeMachine
+from tests.app.fakes import open_plan_page as plan_page
 
 TWO_GPUS = FakeMachine(gpus=(FakeGpu(0, "NVIDIA H200", 140 * GIB, 138 * GIB),
                              FakeGpu(1, "NVIDIA H200", 140 * GIB, 138 * GIB)))
-
-
-def plan_page(qtbot, tmp_path: Path, state: WizardState):  # type: ignore[no-untyped-def]
-    engine, calls = make_fake_engine(tmp_path, machine=state.machine)
-    planned: list[Any] = []
-
-    def plan_memory(facts: Any, cfg: Any) -> Any:
-        planned.append(cfg)
-        return fake_plan(facts, cfg)
-
-    engine._objects["plan_memory"] = plan_memory
-    page = PlanPage(state, engine)
-    qtbot.addWidget(page)
-    page.initializePage()
-    return page, engine, calls, planned
 
 
 def test_two_cuda_gpus_offer_the_control_and_plan_per_gpu(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
