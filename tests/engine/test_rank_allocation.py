@@ -170,6 +170,16 @@ def test_spectral_resume_gives_identical_factors(tiny_llama: Path, tmp_path: Pat
         build_emulator(_config(tiny_llama, out))
 
 
+def test_spectral_with_factor_devices_equals_one_device(tiny_llama: Path, tmp_path: Path) -> None:
+    """`--allocation spectral` with `--gpus N` (factorisation on other devices): the same allocation and the
+    same factors, bit for bit, as on one device (here the 'other device' is a CPU worker)."""
+    one = build_emulator(_config(tiny_llama, tmp_path / "one", allocation="spectral"))
+    two = build_emulator(_config(tiny_llama, tmp_path / "two", allocation="spectral", factor_devices=("cpu",)))
+    assert one.params_kept == two.params_kept
+    a, b = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_cancel_during_the_spectra_pass_writes_nothing(tiny_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "e"
     with pytest.raises(Cancelled):
