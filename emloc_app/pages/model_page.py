@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, QSortFilterProxyModel, Qt
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QModelIndex,
+    QObject,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+)
 from PySide6.QtGui import QBrush, QColor, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -123,8 +130,8 @@ def scan_models(req: ScanRequest, progress: Any, engine: EngineFacade) -> list[M
 class ModelTable(QAbstractTableModel):
     """The catalog rows as a table (sortable through a proxy)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
         self.rows: list[ModelRow] = []
 
     def set_rows(self, rows: list[ModelRow]) -> None:
@@ -182,8 +189,10 @@ class ModelPage(BasePage):
         self.setTitle("Choose a model")
         self.setSubTitle("Models already on this disk (Hugging Face cache, added folders, LM Studio/Ollama "
                          "stores). Nothing is copied or downloaded.")
-        self.table_model = ModelTable()
-        self.proxy = QSortFilterProxyModel()
+        # parented to the page: their lifetime ends with it, in Qt's order, not whenever Python's garbage
+        # collector drops the attributes (an unparented proxy could outlive or predecease the view using it)
+        self.table_model = ModelTable(self)
+        self.proxy = QSortFilterProxyModel(self)
         self.proxy.setSourceModel(self.table_model)
         self.proxy.setFilterCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
         self.proxy.setFilterKeyColumn(-1)

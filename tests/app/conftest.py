@@ -14,9 +14,20 @@ from tests.app.fakes import GIB, FakeMachine, FakeModel, FakeReport, make_fake_e
 
 @pytest.fixture(autouse=True)
 def _no_threads_left(qapp: object) -> Iterator[None]:
+    """After each test (and after qtbot has closed its widgets): no stage thread running, and every object the
+    test scheduled for deletion deleted now, so none is destroyed or delivered to in a later test's event loop
+    (a rare segfault in a later Model-page test came from such leftovers)."""
     yield
     assert shutdown_workers(10000), "a stage thread did not finish"
     assert not running_workers()
+    import gc
+
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    for _ in range(3):
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        QCoreApplication.processEvents()
+        gc.collect()
 
 
 @pytest.fixture
