@@ -20,6 +20,15 @@ from emloc_engine.training import TrainConfig
 from tests.app.fakes import GIB, FakeGpu, FakeMachine, FakeModel, FakeProblem, FakeReport, make_fake_engine
 
 
+def open_model_page(qtbot, state: WizardState, engine: Any, until: Any) -> ModelPage:  # type: ignore[no-untyped-def]
+    """A Model page shown and initialised; waits (5 s at most) until ``until(page)`` holds."""
+    page = ModelPage(state, engine)
+    qtbot.addWidget(page)
+    page.initializePage()
+    qtbot.waitUntil(lambda: until(page), timeout=5000)
+    return page
+
+
 def test_machine_page_defaults_budget_to_selected_gpu(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     machine = FakeMachine(gpus=(FakeGpu(0, "A", 24 * GIB, 20 * GIB), FakeGpu(1, "B", 48 * GIB, 40 * GIB)))
     engine, calls = make_fake_engine(tmp_path, machine=machine)
@@ -71,10 +80,7 @@ def test_model_page_badges_search_and_selection(qtbot, tmp_path: Path) -> None: 
 
     engine._objects["plan_memory"] = plan
     state = WizardState(machine=FakeMachine(), gpu_index=0, budget_bytes=20 * GIB)
-    page = ModelPage(state, engine)
-    qtbot.addWidget(page)
-    page.initializePage()
-    qtbot.waitUntil(lambda: page.table_model.rowCount() == 5, timeout=5000)
+    page = open_model_page(qtbot, state, engine, until=lambda page: page.table_model.rowCount() == 5)
     badges = {r.name: r.badge for r in page.table_model.rows}
     assert badges["org/big-70B"] == "too large"
     assert badges["org/gguf-model"] == "needs conversion"
@@ -99,10 +105,8 @@ def test_model_page_badges_search_and_selection(qtbot, tmp_path: Path) -> None: 
 def test_model_page_prepares_demo_when_nothing_else(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     engine, _ = make_fake_engine(tmp_path, models=[])
     state = WizardState(machine=FakeMachine(), gpu_index=None, budget_bytes=24 * GIB)
-    page = ModelPage(state, engine)
-    qtbot.addWidget(page)
-    page.initializePage()
-    qtbot.waitUntil(page.isComplete, timeout=5000)  # demo preselected, prepared in a worker, judged
+    # demo preselected, prepared in a worker, judged
+    page = open_model_page(qtbot, state, engine, until=ModelPage.isComplete)
     row = page.selected()
     assert row.is_demo and row.path == tmp_path / "demo-model"
     assert page.validatePage() and state.model_dir == tmp_path / "demo-model"
@@ -110,10 +114,8 @@ def test_model_page_prepares_demo_when_nothing_else(qtbot, tmp_path: Path) -> No
 
 def test_model_page_add_folder_rescans(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     engine, calls = make_fake_engine(tmp_path)
-    page = ModelPage(WizardState(machine=FakeMachine(), gpu_index=0, budget_bytes=24 * GIB), engine)
-    qtbot.addWidget(page)
-    page.initializePage()
-    qtbot.waitUntil(lambda: page.table_model.rowCount() == 2, timeout=5000)
+    state = WizardState(machine=FakeMachine(), gpu_index=0, budget_bytes=24 * GIB)
+    page = open_model_page(qtbot, state, engine, until=lambda page: page.table_model.rowCount() == 2)
     qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
     page.add_model_folder(tmp_path / "more")
     qtbot.waitUntil(lambda: calls.names().count("find_models") == 2 and not page.busy(), timeout=5000)
@@ -249,10 +251,7 @@ def test_model_page_converts_a_gguf_and_selects_the_result(qtbot, tmp_path: Path
 
     engine._objects["convert_for_catalog"] = convert
     state = WizardState(machine=FakeMachine(), gpu_index=0, budget_bytes=20 * GIB)
-    page = ModelPage(state, engine)
-    qtbot.addWidget(page)
-    page.initializePage()
-    qtbot.waitUntil(lambda: page.table_model.rowCount() == 3, timeout=5000)
+    page = open_model_page(qtbot, state, engine, until=lambda page: page.table_model.rowCount() == 3)
     page.select_row(next(i for i, r in enumerate(page.table_model.rows) if r.name == gguf.name))
     assert page.convert.isEnabled() and not page.isComplete()
     page.convert.click()
