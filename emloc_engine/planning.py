@@ -25,7 +25,8 @@ Every constant lives in :class:`PlannerConstants` so it can be recalibrated from
 
 Fit rule: the budget defaults to the inference peak (the promise: fine-tuning fits in what
 inference needs). The ρ-dependent stages (emulator build, training) must fit
-``budget × (1 − safety_margin)``; the margin absorbs prediction error. The correction's λ search
+``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`); the margin absorbs
+prediction error, so it is taken from the predicted part only. The correction's λ search
 runs the original model on held-out data, i.e. it *is* inference, so it is checked against the
 GPU, not the margin-reduced budget, and a note says when it needs more than the budget.
 The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ max_ratio`` that fits.
@@ -43,6 +44,7 @@ from emloc_engine.errors import ConfigError
 from emloc_engine.model_facts import DTYPE_BYTES, ModelFacts
 
 GIB = 1024**3
+DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
 RUNTIME_LABEL = "CUDA context & allocator"
 
 
@@ -67,7 +69,7 @@ class PlannerConstants:
     train_act_qkv: float = 3.0  # q, k, v, attention output and its logsumexp
     train_logits_bytes: float = 14.0  # per logit: bf16 logits 2 + fp32 copy 4 + log-softmax 4 + its grad 4
     eval_logits_bytes: float = 10.0  # per logit, loss without grad: bf16 2 + fp32 4 + log-softmax 4
-    loss_chunk_tokens: int = 1024  # emloc_engine.training computes the loss in checkpointed chunks of this many tokens
+    loss_chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES  # emloc_engine.training sizes its checkpointed loss chunks to this (loss_chunk_tokens)
     lora_param_bytes: int = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
     adam_state_bytes: int = 8  # AdamW exp_avg + exp_avg_sq in fp32
     stats_bytes: int = 4  # calibration statistics C = Σ XᵀX in fp32
@@ -305,6 +307,30 @@ def emulator_parameters(facts: ModelFacts, ratio: float, dense_modules: tuple[st
     return total
 
 
+def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES) -> int:
+    """Tokens per checkpointed loss chunk of :func:`emloc_engine.training.lm_loss_sum`.
+
+    The largest power of two in [32, 1024] whose logits (bf16 + fp32 copy + log-softmax + its grad,
+    14 bytes per logit) stay within ``chunk_bytes``: 64 tokens for a 49k vocabulary, 32 for 128k+.
+    Shared by the trainer and the planner so the prediction is the code's.
+    """
+    tokens = 1024
+    while tokens > 32 and tokens * vocab_size * 14 > chunk_bytes:
+        tokens //= 2
+    return tokens
+
+
+def margin_limit(budget: int, cfg: PlanConfig) -> int:
+    """What the ρ-dependent stages may use: the budget less the safety margin of its predicted part.
+
+    The margin absorbs prediction error, so it applies to what is predicted from tensor sizes, not
+    to the CUDA context, which inference (the budget) and training pay alike. On a 135M model the
+    context is two thirds of the inference peak; a margin on it left no room for training at all.
+    """
+    fixed = min(budget, _runtime(0, cfg))
+    return int(budget - cfg.safety_margin * (budget - fixed))
+
+
 def _runtime(tensor_bytes: int, cfg: PlanConfig) -> int:
     c = cfg.constants
     context = c.cuda_context_bytes if cfg.device in ("cuda", "rocm") else 0
@@ -368,7 +394,7 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     """LoRA training on the emulator at ρ (ρ = 1: on the original model).
 
     ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, n_logit·V·c_logits) + runtime`` where
-    ``n_logit = min(B·T, loss_chunk_tokens)`` for our trainer (the loss is computed in
+    ``n_logit = min(B·T, loss_chunk_tokens(V))`` for our trainer (the loss is computed in
     checkpointed chunks, :func:`emloc_engine.training.lm_loss_sum`) and ``B·T`` for plain
     peft/transformers training (``chunked_loss=False``, the full-model LoRA comparison). With
     gradient checkpointing off, every block's activations are kept: ``L·train_layer``.
@@ -379,9 +405,10 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     params = emulator_parameters(facts, ratio, cfg.dense_modules)
     n_lora = lora_parameters(facts, cfg)
     layer = _layer_act(facts, tokens, b, c.train_act_h, c.train_act_i, c.train_act_qkv)
-    logit_rows = min(tokens, c.loss_chunk_tokens) if chunked_loss else tokens
+    chunk = loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes)
+    logit_rows = min(tokens, chunk) if chunked_loss else tokens
     logits = int(logit_rows * facts.vocab_size * c.train_logits_bytes)
-    if chunked_loss and tokens > c.loss_chunk_tokens:  # the final hidden states feed every chunk
+    if chunked_loss and tokens > chunk:  # the final hidden states feed every chunk
         logits += tokens * facts.hidden_size * b
     if cfg.grad_checkpointing:
         kept = facts.num_layers * tokens * facts.hidden_size * b
@@ -536,7 +563,7 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
         notes.append(f"Budget {budget / GIB:.1f} GiB is more than the GPU's {cfg.gpu_total_bytes / GIB:.1f} GiB; "
                      "planning for the GPU instead.")
         budget = cfg.gpu_total_bytes
-    limit = int(budget * (1.0 - cfg.safety_margin))
+    limit = margin_limit(budget, cfg)
     gpu_limit = cfg.gpu_total_bytes
     inference = replace(inference, limit_bytes=cfg.gpu_total_bytes)
     full = replace(full, limit_bytes=limit)
@@ -566,15 +593,16 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
         last = stages
         if all(s.fits for s in stages):
             train = stages[1]
-            reason = (f"ρ = {ratio:.2f}: training on the emulator needs {train.peak_gib:.1f} GiB of the "
-                      f"{limit / GIB:.1f} GiB allowed ({budget / GIB:.1f} GiB budget − {cfg.safety_margin:.0%} margin).")
+            reason = (f"ρ = {ratio:.2f}: training on the emulator needs {train.peak_gib:.2f} GiB of the "
+                      f"{limit / GIB:.2f} GiB allowed ({budget / GIB:.2f} GiB budget − {cfg.safety_margin:.0%} margin "
+                      f"on its predicted part).")
             return make(ratio, True, stages, reason)
     worst = max((s for s in last if not s.fits), key=lambda s: s.peak_bytes - (s.limit_bytes or 0))
     at = grid[-1]
     big = max(worst.parts, key=lambda p: p[1])
     reason = (f"Nothing fits: at ρ = {at:.2f} the {worst.name} stage needs {worst.peak_gib:.1f} GiB but only "
               f"{(worst.limit_bytes or 0) / GIB:.1f} GiB is allowed ({budget / GIB:.1f} GiB budget − "
-              f"{cfg.safety_margin:.0%} margin); its largest part is {big[0]} ({big[1] / GIB:.1f} GiB).")
+              f"{cfg.safety_margin:.0%} margin on its predicted part); its largest part is {big[0]} ({big[1] / GIB:.1f} GiB).")
     return make(None, False, last, reason, _suggest(facts, cfg) if suggest else ())
 
 
@@ -606,7 +634,9 @@ def _suggest(facts: ModelFacts, cfg: PlanConfig) -> tuple[str, ...]:
             if len(out) >= 3:
                 break
     floor = _stages_at(facts, replace(cfg, ratio=None), cfg.min_ratio, 0, None)
-    need = int(max(s.peak_bytes for s in floor[:2]) / (1.0 - cfg.safety_margin))
+    peak = max(s.peak_bytes for s in floor[:2])
+    fixed = _runtime(0, cfg)
+    need = int(fixed + (peak - fixed) / (1.0 - cfg.safety_margin))
     dense = (facts.embedding_parameters + facts.lm_head_parameters) * compute_bytes(facts, cfg)
     out.append(f"Or a smaller model, or a budget of at least {need / GIB:.1f} GiB with these settings "
                f"(embeddings and lm_head alone take {dense / GIB:.1f} GiB; logits grow with context × vocabulary).")

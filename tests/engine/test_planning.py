@@ -19,6 +19,8 @@ from emloc_engine.planning import (
     emulator_build_peak,
     emulator_parameters,
     format_plan,
+    loss_chunk_tokens,
+    margin_limit,
     inference_peak,
     plan_memory,
     rank_for_ratio,
@@ -98,10 +100,21 @@ def test_chosen_ratio_fits_and_is_the_largest(name: str, context: int) -> None:
     for s in plan.stages:
         assert s.fits
         if s.name in ("emulator", "train"):
-            assert s.peak_bytes <= plan.budget_bytes * (1 - cfg.safety_margin)
+            context = cfg.constants.cuda_context_bytes  # the margin is taken from the predicted part only
+            assert s.peak_bytes <= plan.budget_bytes - cfg.safety_margin * (plan.budget_bytes - context)
     if plan.ratio + cfg.ratio_step <= cfg.max_ratio + 1e-9:
         bigger = plan_memory(facts, replace(cfg, ratio=round(plan.ratio + cfg.ratio_step, 6)))
         assert not bigger.fits
+
+
+def test_loss_chunks_stay_under_64_mib_of_logits_and_the_margin_spares_the_context() -> None:
+    assert [loss_chunk_tokens(v) for v in (256, 49_152, 128_256, 262_144)] == [1024, 64, 32, 32]
+    assert all(t * v * 14 <= 64 * 2**20 for t, v in ((64, 49_152), (32, 128_256)))
+    cfg = PlanConfig()
+    context = cfg.constants.cuda_context_bytes
+    assert margin_limit(10 * GIB, cfg) == int(10 * GIB - 0.1 * (10 * GIB - context))
+    assert margin_limit(10 * GIB, replace(cfg, device="cpu")) == int(10 * GIB * 0.9)
+    assert margin_limit(context // 2, cfg) == context // 2  # a budget below the context: nothing to take
 
 
 def test_default_budget_is_inference_and_8b_plan_picks_a_ratio() -> None:
@@ -184,10 +197,26 @@ def test_planning_imports_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_loss_chunk_matches_the_trainer_and_bounds_logit_memory() -> None:
+def test_loss_chunk_matches_the_trainer_and_bounds_logit_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import torch.utils.checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from emloc_engine import training
 
-    assert PlanConfig().constants.loss_chunk_tokens == training._LOSS_CHUNK_TOKENS
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49_152, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    calls: list[int] = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def spy(fn, h, y, **kw):  # type: ignore[no-untyped-def]
+        calls.append(int(y.numel()))
+        return real(fn, h, y, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    ids = torch.randint(0, 49_152, (2, 100))
+    training.lm_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    assert calls and max(calls) == loss_chunk_tokens(49_152) == 64 and sum(calls) == 2 * 99
     long = PlanConfig(context_length=8192)
     chunked = training_peak(LLAMA3, long, 0.5)
     plain = training_peak(LLAMA3, long, 0.5, chunked_loss=False)
