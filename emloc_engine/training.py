@@ -15,8 +15,9 @@ the loss normalised by the number of label tokens of the whole optimizer step, g
 non-reentrant gradient checkpointing, autocast to bf16 (fp16 with a loss scaler) on CUDA.
 
 Memory: the language-model head is evaluated on label positions only, in chunks of
-``_LOSS_CHUNK_TOKENS`` under activation checkpointing, so the ``tokens × vocab`` logits (0.5 GiB
-per 1024 tokens of a 128k vocabulary, in fp32) never exist for the whole batch at once.
+``planning.loss_chunk_tokens(vocab)`` tokens (≤ 64 MiB of logits: 32 tokens for a 128k vocabulary,
+64 for 49k) under activation checkpointing, so the ``tokens × vocab`` logits (0.5 GiB per 1024
+tokens of a 128k vocabulary, in fp32) never exist for the whole batch at once.
 
 Checkpoints: ``RUN_DIR/checkpoints/step-N/`` holds ``adapter_config.json``,
 ``adapter_model.safetensors`` (itself a loadable adapter) and ``training_state.pt``; each folder is
@@ -51,6 +52,7 @@ from emloc_engine.layout import RunLayout
 from emloc_engine.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
 
 if TYPE_CHECKING:
+    from emloc_engine.anchoring import Anchors
     from emloc_engine.data import DataConfig
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,6 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 TRAINING_META = "emloc_training.json"
 STATE_FILE = "training_state.pt"
-_LOSS_CHUNK_TOKENS = 1024
 _SCHEDULES = ("cosine", "linear", "constant")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -240,12 +241,16 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Sequence[ExampleLike],
                       progress: Progress = NULL_PROGRESS, *, pad_id: int = 0,
-                      data_fingerprint: str = "", data_parallel: DataParallel | None = None) -> TrainResult:
+                      data_fingerprint: str = "", data_parallel: DataParallel | None = None,
+                      anchors: Anchors | None = None) -> TrainResult:
     """:func:`train_lora` on already tokenised examples (``cfg.data`` is not read).
 
     The pipeline and tests use it when they hold the examples already. ``data_fingerprint``
     identifies the data for resume: a checkpoint made on other data is refused.
     ``data_parallel`` is set by :mod:`emloc_engine.distributed` in each worker process.
+    ``anchors`` (:mod:`emloc_engine.anchoring`) add per-example block offsets during training so the
+    emulator reproduces the original's hidden states on these examples; they must cover every
+    example the run visits and are not used for evaluation.
     """
     if not train:
         raise ConfigError("The training split is empty.", hint="Use a dataset with more samples.")
@@ -257,7 +262,11 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
     try:
         session = _Session.open(cfg, device, weight_dtype, amp_dtype, len(train), data_fingerprint, progress,
                                 data_parallel)
-        return session.run(train, eval_, pad_id, t_start)
+        if anchors is None:
+            return session.run(train, eval_, pad_id, t_start)
+        session.anchors = anchors
+        with anchors.attached(session.peft_model.get_base_model()):
+            return session.run(train, eval_, pad_id, t_start)
     except torch.OutOfMemoryError as exc:
         traceback.clear_frames(exc.__traceback__)  # the frames hold activations: let them go now
         raise InsufficientMemory(
@@ -350,7 +359,7 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def lm_loss_sum(causal_lm: Any, batch: dict[str, torch.Tensor],
-                chunk_tokens: int = _LOSS_CHUNK_TOKENS) -> torch.Tensor:
+                chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over label positions (fp32 scalar).
 
     .. math:: L = \\sum_{t:\\,y_{t+1} \\ne -100} -\\log \\mathrm{softmax}(W_{head} h_t)_{y_{t+1}}
@@ -366,6 +375,10 @@ def lm_loss_sum(causal_lm: Any, batch: dict[str, torch.Tensor],
     keep = targets != IGNORE_INDEX
     h, y = hidden[:, :-1][keep], targets[keep]
     head = causal_lm.get_output_embeddings()
+    if chunk_tokens is None:
+        from emloc_engine.planning import loss_chunk_tokens
+
+        chunk_tokens = loss_chunk_tokens(int(head.weight.shape[0]))
     softcap = getattr(config, "final_logit_softcapping", None)
     scaling = getattr(config, "logits_scaling", None)
 
@@ -442,6 +455,7 @@ class _Session:
     grad_norm_history: list[tuple[int, float]] = field(default_factory=list)
     last_saved_step: int = -1
     data_parallel: DataParallel | None = None
+    anchors: Anchors | None = None
 
     @classmethod
     def open(cls, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype, amp_dtype: torch.dtype | None,
@@ -517,7 +531,9 @@ class _Session:
                                                        sum(int(b["attention_mask"].sum()) for b in batches))
             n_labels = max(1, n_labels)
             loss_sum = torch.zeros((), device=self.device)
-            for batch in batches:
+            for mb, batch in zip(micro_batches, batches, strict=True):
+                if self.anchors is not None:
+                    self.anchors.select(mb, batch["input_ids"].shape[1], self.device)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.autocast():
                     part = lm_loss_sum(self.peft_model.get_base_model(), batch)
@@ -606,6 +622,8 @@ class _Session:
     def evaluate(self, eval_: Sequence[ExampleLike], pad_id: int) -> float:
         """Mean next-token loss over (at most ``max_eval_batches``) eval micro-batches, dropout off."""
         self.peft_model.eval()
+        if self.anchors is not None:  # offsets exist for training examples only
+            self.anchors.clear()
         total, count = 0.0, 0
         try:
             bs = self.cfg.batch_size

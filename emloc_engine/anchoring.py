@@ -1,0 +1,198 @@
+"""Anchored training: the emulator, on the training examples, reproduces the original's hidden states.
+
+Why: LoRA trained on a plain emulator spends much of its capacity repairing the emulator (on a
+135M model at ρ ≤ 0.8 the emulator *with* its trained LoRA stays worse than the original without
+any), and that repair does not transfer to the original (see benchmarks/RESULTS.md, Quality).
+
+What: for every training example ``i`` and decoder block ``l`` we store the block's *local* error
+on the original's own input,
+
+    c_l(i) = h_l(i) − block_l^E(h_{l−1}(i)),        h = the ORIGINAL model's hidden states,
+
+and during training add ``c_l`` to block ``l``'s output (a forward hook). With a zero adapter the
+anchored emulator then reproduces the original's hidden states exactly at every block on these
+examples, so the training loss starts at the original's loss, and the gradient reaching each
+adapter is computed at the original's activations. What the adapter learns is the task, not a
+repair of the emulator. ``where="output"`` anchors only the last block (the logits match, the
+inner activations do not).
+
+Cost: one inference pass of the original and one of the emulator over the examples the run will
+visit (:func:`visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype
+(CPU memory; one micro-batch at a time on the device, the size of the checkpointed activations).
+
+Anchors are a training-time device only: the adapter file, the correction and the merge are
+unchanged. Evaluation on the emulator runs without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emloc_engine.errors import ConfigError
+
+WHERE = ("blocks", "output")
+
+
+def decoder_layers(causal_lm: Any) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM (``model.layers`` for every supported family)."""
+    base = getattr(causal_lm, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ConfigError(f"{type(causal_lm).__name__} has no model.layers: anchored training needs decoder blocks.")
+    return layers
+
+
+def _out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace(out: Any, new: torch.Tensor) -> Any:
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def visited_examples(n_examples: int, batch_size: int, seed: int, micro_batches: int) -> list[int]:
+    """Sorted indices of the examples that ``micro_batches`` micro-batches of training visit."""
+    from emloc_engine.training import micro_batch_indices
+
+    seen: set[int] = set()
+    for m in range(micro_batches):
+        seen.update(micro_batch_indices(n_examples, batch_size, seed, m))
+    return sorted(seen)
+
+
+@dataclass
+class Anchors:
+    """Per-example block offsets: ``offsets[i]`` is ``(len(layers), T_i, hidden)`` (CPU, compute dtype)."""
+
+    layers: tuple[int, ...]
+    offsets: dict[int, torch.Tensor] = field(default_factory=dict)
+    _current: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.offsets.values())
+
+    def select(self, indices: Sequence[int], width: int, device: torch.device | None = None) -> None:
+        """Make the next forward add the offsets of these examples (right-padded to ``width``)."""
+        missing = [i for i in indices if i not in self.offsets]
+        if missing:
+            raise ConfigError(f"No anchors for training examples {missing[:5]}.",
+                              hint="Compute anchors for every example the run visits (visited_examples).")
+        first = self.offsets[indices[0]]
+        batch = first.new_zeros((len(self.layers), len(indices), width, first.shape[-1]))
+        for row, i in enumerate(indices):
+            t = self.offsets[i]
+            batch[:, row, :t.shape[1]] = t
+        batch = batch.to(device) if device is not None else batch
+        self._current = {layer: batch[k] for k, layer in enumerate(self.layers)}
+
+    def clear(self) -> None:
+        self._current = {}
+
+    @contextlib.contextmanager
+    def attached(self, causal_lm: Any) -> Iterator[Anchors]:
+        """Forward hooks that add the selected offsets to the anchored blocks' outputs."""
+        layers = decoder_layers(causal_lm)
+        handles = []
+
+        def hook_for(layer: int) -> Any:
+            def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+                c = self._current.get(layer)
+                if c is None:
+                    return None
+                h = _out(out)
+                if c.shape[:2] != h.shape[:2]:
+                    raise ConfigError(f"Anchor of block {layer} has shape {tuple(c.shape)}, the batch "
+                                      f"{tuple(h.shape)}: select() the micro-batch before the forward.")
+                return _replace(out, h + c.to(h.dtype))
+            return hook
+
+        try:
+            for layer in self.layers:
+                handles.append(layers[layer].register_forward_hook(hook_for(layer)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.clear()
+
+
+@torch.no_grad()
+def compute_anchors(original: Any, emulator: Any, examples: Sequence[Any], indices: Sequence[int], *,
+                    where: str = "blocks", device: torch.device | str = "cpu",
+                    store_dtype: torch.dtype | None = None) -> Anchors:
+    """Offsets ``c_l = h_l − block_l^E(h_{l−1})`` for ``examples[i]``, ``i`` in ``indices``.
+
+    ``original`` and ``emulator`` are causal LMs in eval mode on ``device``, in the dtype training
+    will use (so that the anchored emulator reproduces the original's hidden states in that dtype).
+    Each example runs alone (no padding). ``where="blocks"`` anchors every block; ``"output"`` only
+    the last one (its offset is then the whole accumulated error of the emulator at the last block).
+    Offsets are computed in fp32 (fp64 for fp64 models) and stored in ``store_dtype`` (default: the emulator's dtype).
+    """
+    if where not in WHERE:
+        raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
+    device = torch.device(device)
+    orig_layers, emu_layers = decoder_layers(original), decoder_layers(emulator)
+    if len(orig_layers) != len(emu_layers):
+        raise ConfigError(f"The emulator has {len(emu_layers)} blocks, the original {len(orig_layers)}.")
+    n = len(orig_layers)
+    anchored = tuple(range(n)) if where == "blocks" else (n - 1,)
+    store = store_dtype or next(emulator.parameters()).dtype
+    anchors = Anchors(anchored)
+    targets: dict[int, torch.Tensor] = {}
+    offsets: dict[int, torch.Tensor] = {}
+
+    def record(layer: int) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
+            targets[layer] = _out(out).detach()
+        return hook
+
+    def anchor(layer: int) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            h = _out(out)
+            if layer not in anchored:
+                return None
+            target = targets[layer]
+            wide = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 models
+            offsets[layer] = (target.to(wide) - h.to(wide))[0].to(store)  # stays on the device until the example ends
+            return _replace(out, target.to(h.dtype))
+        return hook
+
+    handles = [orig_layers[k].register_forward_hook(record(k)) for k in anchored]
+    handles += [emu_layers[k].register_forward_hook(anchor(k)) for k in anchored]
+    try:
+        for i in indices:
+            ids = torch.tensor([list(examples[i].input_ids)], dtype=torch.long, device=device)
+            targets.clear()
+            offsets.clear()
+            original.model(input_ids=ids, use_cache=False)
+            emulator.model(input_ids=ids, use_cache=False)
+            # One device→host copy per example: a sync per block made this 40× slower on a shared GPU.
+            anchors.offsets[int(i)] = torch.stack([offsets[k] for k in anchored]).cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    return anchors
+
+
+def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence[Any], indices: Sequence[int], *,
+                         where: str, device: torch.device, dtype: torch.dtype) -> Anchors:
+    """Load the original and the emulator (one after the other would halve the peak; both fit a
+    model that runs inference), compute the anchors, free both."""
+    from transformers import AutoModelForCausalLM
+
+    from emloc_engine.lowrank import load_emulator
+
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    emulator = load_emulator(emulator_dir, dtype=dtype, device=device).eval()
+    try:
+        return compute_anchors(original, emulator, examples, indices, where=where, device=device)
+    finally:
+        del original, emulator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,102 @@
+"""Anchored training (emloc_engine.anchoring): the anchored emulator is the original on its examples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from emloc_engine.anchoring import Anchors, compute_anchors, visited_examples
+from emloc_engine.errors import ConfigError
+from emloc_engine.lowrank import load_emulator
+from emloc_engine.training import collate, micro_batch_indices, train_on_examples
+from tests.emulator_factory import write_svd_emulator
+from tests.engine.test_training import cfg_for, examples
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
+    emu = write_svd_emulator(model_dir, tmp_path_factory.mktemp("anchor") / "emulator", ratio=0.3)
+    return model_dir, emu
+
+
+def _models(pair: tuple[Path, Path]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model_dir, emu = pair
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    return original, load_emulator(emu, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("where", ["blocks", "output"])
+def test_anchored_emulator_reproduces_the_original_on_a_padded_batch(pair: tuple[Path, Path], where: str) -> None:
+    original, emulator = _models(pair)
+    data = examples(pair[0])
+    anchors = compute_anchors(original, emulator, data, [1, 3, 4], where=where)
+    batch = collate([data[i] for i in (3, 1, 4)], pad_id=0)
+    with torch.no_grad():
+        want = original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True)
+        plain = emulator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with anchors.attached(emulator):
+            anchors.select([3, 1, 4], batch["input_ids"].shape[1])
+            got = emulator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True)
+    mask = batch["attention_mask"].bool()
+    assert (got.logits - want.logits)[mask].abs().max() < 1e-9
+    assert (plain - want.logits)[mask].abs().max() > 1e-2  # the emulator alone is far from it
+    if where == "blocks":  # every block's output, not only the last
+        for h_got, h_want in zip(got.hidden_states[1:-1], want.hidden_states[1:-1], strict=True):
+            assert (h_got - h_want)[mask].abs().max() < 1e-9
+    assert anchors.layers == ((0, 1) if where == "blocks" else (1,))
+
+
+def test_hooks_are_removed_and_missing_examples_are_named(pair: tuple[Path, Path]) -> None:
+    original, emulator = _models(pair)
+    data = examples(pair[0])
+    anchors = compute_anchors(original, emulator, data, [0], where="blocks")
+    ids = collate([data[0]], 0)["input_ids"]
+    with torch.no_grad():
+        before = emulator(input_ids=ids).logits
+        with anchors.attached(emulator):
+            with pytest.raises(ConfigError, match=r"examples \[2\]"):
+                anchors.select([0, 2], ids.shape[1])
+        after = emulator(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_visited_examples_are_those_of_the_training_order() -> None:
+    got = visited_examples(10, 3, seed=5, micro_batches=5)
+    want = sorted({i for m in range(5) for i in micro_batch_indices(10, 3, 5, m)})
+    assert got == want and len(got) == 10  # 5 batches of 3 cover two epochs of 10
+
+
+def test_anchored_training_starts_at_the_original_loss(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """First step's loss on the anchored emulator = the original's loss on that micro-batch."""
+    model_dir, emu = pair
+    data = examples(model_dir)
+    cfg = cfg_for(tmp_path / "run", emu, steps=2, grad_accum=1, batch_size=2, dropout=0.0, eval_every=0,
+                  save_every=0, warmup_steps=0)
+    original32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    emulator32 = load_emulator(emu, dtype=torch.float32).eval()
+    idx = visited_examples(len(data), cfg.batch_size, cfg.seed, cfg.steps)
+    anchors = compute_anchors(original32, emulator32, data, idx, where="blocks")
+    first = micro_batch_indices(len(data), cfg.batch_size, cfg.seed, 0)
+    batch = collate([data[i] for i in first], 0)
+    with torch.no_grad():
+        ref = original32(**batch).loss.item()
+        emu_loss = emulator32(**batch).loss.item()
+    res = train_on_examples(cfg, data, data[:2], pad_id=0, anchors=anchors)
+    assert res.loss_history[0][1] == pytest.approx(ref, abs=1e-4)
+    assert abs(emu_loss - ref) > 1e-2
+    assert isinstance(anchors, Anchors) and anchors.nbytes() > 0
