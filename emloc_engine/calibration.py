@@ -18,6 +18,7 @@ of the unpadded sample; padded positions are excluded from every statistic by ``
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,10 @@ from torch import nn
 
 from emloc_engine.architectures import ArchSpec
 from emloc_engine.errors import UnsupportedModel
+
+# TF32 statistics GEMMs for half-precision activations (see StatisticsRecorder._accumulate);
+# EMLOC_STATS_TF32=0 turns them off (plain fp32 GEMMs) where a GPU library computes them wrongly.
+_TF32_STATS = os.environ.get("EMLOC_STATS_TF32", "1") != "0"
 
 
 @dataclass
@@ -190,7 +195,7 @@ class StatisticsRecorder:
         # torch.mm(..., out_dtype=fp32), gave a non-PSD C on an H200 with torch 2.11: measured
         # 2026-11-29, see benchmarks/RESULTS.md. The upcast costs one fp32 copy of the chunk.)
         xd = x.to(self._dtype)
-        if xd.is_cuda and self._dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
+        if xd.is_cuda and self._dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and _TF32_STATS:
             # bf16/fp16 values are exact in TF32 (≥ their mantissa bits), every product of two is
             # exact in fp32 and accumulation stays fp32: TF32 tensor cores give the fp32 result
             # at several times the speed. Only for half-precision activations; fp32 ones keep fp32.
