@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import Task, demo_shakespeare_task, formats_task
 from emloc_engine.adapters import read_adapter
+from emloc_engine.anchoring import anchors_for_training, visited_examples
 from emloc_engine.architectures import arch_spec, num_blocks
 from emloc_engine.checkpoint import Checkpoint, load_config
 from emloc_engine.correction import CorrectionConfig, correct_lora, corrected_weights, prepare_adapter
@@ -70,11 +71,22 @@ from emloc_engine.lowrank import (
 )
 from emloc_engine.planning import PlanConfig, inference_peak, model_facts, plan_memory
 from emloc_engine.rank_allocation import allocate_ranks
-from emloc_engine.training import TrainConfig, train_lora
+from emloc_engine.training import TrainConfig, pad_token_id, resolve_device_dtype, train_lora, train_on_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Quality (SmolLM2-135M-Instruct)"
-VARIANTS = ("activation-aware", "plain-svd", "aa-calib256", "aa-calib256-alloc", "aa-seq256", "aa-gptq256")
+BUILDS = ("activation-aware", "plain-svd", "aa-calib256", "aa-calib256-alloc", "aa-seq256", "aa-gptq256")
+# A suffix trains with anchors (emloc_engine.anchoring): "-anchor" at every block, "-anchorout" at the last.
+ANCHOR_SUFFIXES = {"-anchor": "blocks", "-anchorout": "output"}
+VARIANTS = (*BUILDS, *(b + suffix for suffix in ANCHOR_SUFFIXES for b in BUILDS if b != "plain-svd"))
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """(emulator build, anchor placement or None) of a variant name."""
+    for suffix, where in ANCHOR_SUFFIXES.items():
+        if variant.endswith(suffix):
+            return variant[:-len(suffix)], where
+    return variant, None
 PRIMARY = "activation-aware"
 
 
@@ -113,6 +125,7 @@ class BenchSettings:
                 *[("aa-calib256", r) for r in self.ratios])
 
     def variant_calib(self, variant: str) -> int:
+        variant = split_variant(variant)[0]
         return self.more_calib_samples if variant.endswith(("calib256", "256-alloc", "seq256", "gptq256")) \
             else self.calib_samples
 
@@ -449,15 +462,30 @@ def planner_choice(model_dir: Path, settings: BenchSettings, device: torch.devic
             "stages": {s.name: s.peak_bytes for s in plan.stages}, "full_lora_peak_bytes": plan.full_lora_peak_bytes}
 
 
-def _train(run: Run, task: Task, emulator_dir: Path, unit_dir: Path) -> dict[str, Any]:
+def _train(run: Run, task: Task, emulator_dir: Path, unit_dir: Path, anchor: str | None = None) -> dict[str, Any]:
     s = run.settings
     cfg = TrainConfig(run_dir=unit_dir, data=task.data, emulator_dir=emulator_dir, rank=s.rank, alpha=s.alpha,
                       dropout=s.dropout, steps=s.steps, lr=s.lr, batch_size=s.batch_size,
                       warmup_steps=s.warmup_steps, schedule="cosine", grad_checkpointing=s.grad_checkpointing,
                       eval_every=0, save_every=0, keep_checkpoints=1, resume=False, device=s.device, seed=s.seed)
-    res = train_lora(cfg)
+    extra: dict[str, Any] = {}
+    if anchor is None:
+        res = train_lora(cfg)
+    else:  # the engine's loop on the same examples, with anchors for every example it will visit
+        t = time.monotonic()
+        tokenizer = load_tokenizer(emulator_dir)
+        data = prepare_dataset(task.data, tokenizer)
+        device, weight_dtype, _ = resolve_device_dtype(s.device, "auto")
+        visited = visited_examples(len(data.train), s.batch_size, s.seed, s.steps)
+        anchors = anchors_for_training(run.model_dir, emulator_dir, data.train, visited, where=anchor,
+                                       device=device, dtype=weight_dtype)
+        extra = {"anchor": anchor, "anchor_s": time.monotonic() - t, "anchor_examples": len(visited),
+                 "anchor_gib": anchors.nbytes() / 2**30}
+        res = train_on_examples(cfg, data.train, data.eval, pad_id=pad_token_id(tokenizer), anchors=anchors)
+        del anchors
     return {"adapter_dir": res.adapter_dir, "wall_s": res.wall_s, "final_train_loss": res.loss_history[-1][1],
-            "val_loss_on_emulator": res.final_eval_loss, "tokens_per_s": res.tokens_per_s}
+            "first_train_loss": res.loss_history[0][1], "val_loss_on_emulator": res.final_eval_loss,
+            "tokens_per_s": res.tokens_per_s, **extra}
 
 
 def _build(run: Run, task: Task, variant: str, ratio: float, unit_dir: Path,
@@ -513,9 +541,10 @@ def run_unit(run: Run, task: Task, variant: str, ratio: float, scorer: Scorer, v
     if unit_dir.exists():
         shutil.rmtree(unit_dir)
     unit_dir.mkdir(parents=True)
-    emu_dir, info = _build(run, task, variant, ratio, unit_dir, calib_cache, tokenizer)
+    build, anchor = split_variant(variant)
+    emu_dir, info = _build(run, task, build, ratio, unit_dir, calib_cache, tokenizer)
     result: dict[str, Any] = {"variant": variant, "ratio": ratio, "build": info}
-    result["train"] = _train(run, task, emu_dir, unit_dir)
+    result["train"] = _train(run, task, emu_dir, unit_dir, anchor)
     adapter_dir = Path(result["train"].pop("adapter_dir"))
     result["on_emulator"] = score_on_emulator(scorer, emu_dir, adapter_dir, s, dtype)
     t = time.monotonic()
@@ -700,7 +729,7 @@ def render_section(data: Mapping[str, Any]) -> str:
     s = data["settings"]
     v = data["versions"]
     planner = data["planner"]
-    out = [f"### {data['date']} · {data['device']}", "",
+    out = [f"### {data['date']} · {data['device']} · planner's ρ {planner.get('ratio')}", "",
            f"Command: `{data['command']}`  ",
            f"Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
            f"emloc_engine {v['emloc_engine']} (commit {v['git_commit']}); model `{data['model_name']}`.  ",
@@ -708,7 +737,9 @@ def render_section(data: Mapping[str, Any]) -> str:
            f"every decoder linear; {s['steps']} steps × {s['batch_size']} sequences of ≤ {s['max_length']} tokens, "
            f"lr {s['lr']:g} (warmup {s['warmup_steps']}, cosine); calibration {s['calib_samples']} × {s['max_length']} "
            f"tokens ({s['more_calib_samples']} for `aa-calib256*`, `aa-seq256`, `aa-gptq256`); λ = auto chooses among "
-           f"{', '.join(s['auto_grid'])} on the validation split. Wall time {data.get('wall_s', math.nan):.0f} s "
+           f"{', '.join(s['auto_grid'])} on the validation split. A `-anchor` suffix: LoRA trained with the emulator "
+           "anchored to the original at every block (`emloc_engine.anchoring`); `-anchorout`: at the last block only. "
+           f"Wall time {data.get('wall_s', math.nan):.0f} s "
            "(summed over the commands below, which ran side by side, one per GPU).  ",
            f"Planner: budget = inference peak of the original at batch 1 × {s['max_length']} tokens = "
            f"{planner['budget_bytes'] / 2**30:.2f} GiB → ρ = {planner['ratio']} ({planner['reason']})", ""]
@@ -758,7 +789,7 @@ def render_section(data: Mapping[str, Any]) -> str:
 
 
 def merge_runs(datas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Join runs of one date, device and training settings (e.g. one task or a few units per GPU) into one.
+    """Join runs of one date, device, planner's ρ and training settings (e.g. one task or a few units per GPU) into one.
 
     Units of the same task are pooled (a later run's unit replaces an earlier one of the same variant
     and ρ, and is no longer listed as skipped); zero-shot and full-LoRA scores come from the first run.
@@ -767,7 +798,8 @@ def merge_runs(datas: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: list[dict[str, Any]] = []
 
     def key(x: Mapping[str, Any]) -> Any:
-        return x["date"], x["device"], {k: v for k, v in x["settings"].items() if k not in ignored}
+        return (x["date"], x["device"], x["planner"].get("ratio"),
+                {k: v for k, v in x["settings"].items() if k not in ignored})
 
     for d in datas:
         same = next((m for m in merged if key(m) == key(d)), None)
