@@ -7,6 +7,7 @@ see the final name after the rename, and leftovers are named ``*.partial``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -93,13 +94,21 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(target.name + unique + ".old" + PARTIAL_SUFFIX)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        old = target.with_name(target.name + unique + ".old" + PARTIAL_SUFFIX)
+        for attempt in range(100):
+            # Move a finished target aside, then rename ours in. Another writer may rename its folder
+            # onto the target between the two (ENOTEMPTY/EEXIST): move that one aside too and retry.
+            if target.exists():
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 99:
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
