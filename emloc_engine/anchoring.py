@@ -16,9 +16,16 @@ adapter is computed at the original's activations. What the adapter learns is th
 repair of the emulator. ``where="output"`` anchors only the last block (the logits match, the
 inner activations do not).
 
-Cost: one inference pass of the original and one of the emulator over the examples the run will
-visit (:func:`visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype
-(CPU memory; one micro-batch at a time on the device, the size of the checkpointed activations).
+Cost: one inference pass of the original and then one of the emulator (never both models on the
+device: :func:`anchors_for_training`) over the examples the run will visit
+(:func:`visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype (CPU memory:
+:func:`anchor_bytes`; one micro-batch at a time on the device, the size of the checkpointed
+activations). ``TrainConfig.anchor = "auto"`` anchors when the offsets take at most a quarter of
+the available RAM (:func:`resolve_mode`).
+
+Measured (benchmarks/RESULTS.md, Quality, SmolLM2-135M on Shakespeare, one seed): the share of
+the full-LoRA gain that reaches the original rose from 32% / 53% / 72% to 73% / 82% / 90% at
+ρ = 0.4 / 0.6 / 0.8; anchoring only the last block ("output") gave 55% at ρ = 0.6 (no gain).
 
 Anchors are a training-time device only: the adapter file, the correction and the merge are
 unchanged. Evaluation on the emulator runs without them.
@@ -180,19 +187,149 @@ def compute_anchors(original: Any, emulator: Any, examples: Sequence[Any], indic
     return anchors
 
 
+MODES = ("auto", "blocks", "none")
+AUTO_RAM_FRACTION = 0.25  # "auto" anchors when the offsets take at most this share of the available RAM
+
+
+def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], num_layers: int, hidden: int,
+                 bytes_per: int = 2) -> int:
+    """CPU memory of the block offsets of ``examples[indices]``: ``L · Σ T_i · h · bytes``."""
+    return num_layers * hidden * bytes_per * sum(len(examples[i].input_ids) for i in indices)
+
+
+def resolve_mode(mode: str, nbytes: int, available_bytes: int, *, can_anchor: bool, why_not: str = "") -> tuple[str, str]:
+    """``(blocks|none, note)`` for a requested mode; ``blocks`` that cannot be honoured raises ConfigError."""
+    if mode not in MODES:
+        raise ConfigError(f"Anchoring must be one of {', '.join(MODES)} (got {mode!r}).")
+    gib = nbytes / 2**30
+    if mode == "none":
+        return "none", "anchoring off"
+    if not can_anchor:
+        if mode == "blocks":
+            raise ConfigError(f"Anchored training is not possible here: {why_not}.", hint="Use --anchor none.")
+        return "none", f"anchoring off: {why_not}"
+    if mode == "blocks":
+        if nbytes > available_bytes:
+            raise ConfigError(f"Anchored training needs {gib:.1f} GiB of RAM for its offsets; "
+                              f"{available_bytes / 2**30:.1f} GiB is available.",
+                              hint="Use fewer --steps, a smaller --batch-size or --max-length, or --anchor none.")
+        return "blocks", f"anchored at every block ({gib:.2f} GiB of offsets)"
+    if nbytes <= AUTO_RAM_FRACTION * available_bytes:
+        return "blocks", f"anchored at every block ({gib:.2f} GiB of offsets)"
+    return "none", (f"anchoring off: its offsets would take {gib:.1f} GiB, more than a quarter of the "
+                    f"{available_bytes / 2**30:.1f} GiB of available RAM")
+
+
+def _groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into groups of at most ``max_tokens`` padded tokens (≥ 1 each)."""
+    order = sorted((int(i) for i in indices), key=lambda i: -len(examples[i].input_ids))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(examples[groups[-1][0]].input_ids) * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _batch(examples: Sequence[Any], group: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(examples[i].input_ids) for i in group)
+    ids = torch.zeros((len(group), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(group):
+        n = len(examples[i].input_ids)
+        ids[row, :n] = torch.tensor(list(examples[i].input_ids))
+        mask[row, :n] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
 def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence[Any], indices: Sequence[int], *,
-                         where: str, device: torch.device, dtype: torch.dtype) -> Anchors:
-    """Load the original and the emulator (one after the other would halve the peak; both fit a
-    model that runs inference), compute the anchors, free both."""
+                         where: str = "blocks", device: torch.device, dtype: torch.dtype,
+                         max_tokens: int | None = None) -> Anchors:
+    """Anchors of ``examples[indices]``, with never more than one model on the device.
+
+    Phase 1 runs the ORIGINAL model (inference on right-padded groups of ≤ ``max_tokens`` tokens:
+    causal attention never lets a real token see the padding) and keeps the outputs of the
+    anchored blocks on the CPU; phase 2 runs the emulator alone on the same groups and turns each
+    target into its offset (``c_l = h_l − block_l^E(h_{l−1})``). By default a group's block outputs
+    take at most 256 MiB on the device (4096 tokens at most, one example at least): less than the KV
+    cache plus logits that inference of one example of the same length needs.
+    """
     from transformers import AutoModelForCausalLM
 
     from emloc_engine.lowrank import load_emulator
 
-    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    emulator = load_emulator(emulator_dir, dtype=dtype, device=device).eval()
+    if where not in WHERE:
+        raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
+    if max_tokens is None:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        text = getattr(cfg, "text_config", None) or cfg
+        per_token = (int(text.num_hidden_layers) if where == "blocks" else 1) * int(text.hidden_size) * \
+            torch.tensor([], dtype=dtype).element_size()
+        max_tokens = min(4096, (256 * 2**20) // per_token)
+    groups = _groups(examples, indices, max_tokens)
+    kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
+    layers = decoder_layers(original)
+    n = len(layers)
+    anchored = tuple(range(n)) if where == "blocks" else (n - 1,)
+    outs: dict[int, torch.Tensor] = {}
+
+    def record(layer: int) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
+            outs[layer] = _out(out)
+        return hook
+
+    handles = [layers[k].register_forward_hook(record(k)) for k in anchored]
+    targets: list[torch.Tensor] = []  # per group: (blocks, B, T, h) on the CPU
     try:
-        return compute_anchors(original, emulator, examples, indices, where=where, device=device)
+        for group in groups:
+            outs.clear()
+            ids, mask = _batch(examples, group, device)
+            original.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            targets.append(torch.stack([outs[k] for k in anchored]).cpu())
     finally:
-        del original, emulator
+        for h in handles:
+            h.remove()
+        del original, layers, outs
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    emulator = load_emulator(emulator_dir, dtype=dtype, device=device).eval()
+    emu_layers = decoder_layers(emulator)
+    if len(emu_layers) != n:
+        raise ConfigError(f"The emulator has {len(emu_layers)} blocks, the original {n}.")
+    current: dict[int, torch.Tensor] = {}
+    offsets: dict[int, torch.Tensor] = {}
+
+    def anchor(layer: int) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            h, target = _out(out), current[layer]
+            wide = torch.promote_types(h.dtype, torch.float32)
+            offsets[layer] = (target.to(wide) - h.to(wide)).to(h.dtype)
+            return _replace(out, target.to(h.dtype))
+        return hook
+
+    handles = [emu_layers[k].register_forward_hook(anchor(k)) for k in anchored]
+    result = Anchors(anchored)
+    try:
+        for g, group in enumerate(groups):
+            stacked = targets[g].to(device)
+            targets[g] = torch.empty(0)  # free the CPU copy as we go
+            current = {k: stacked[j] for j, k in enumerate(anchored)}
+            offsets.clear()
+            ids, mask = _batch(examples, group, device)
+            emulator.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            batch = torch.stack([offsets[k] for k in anchored]).cpu()  # (blocks, B, T, h)
+            for row, i in enumerate(group):
+                result.offsets[i] = batch[:, row, :len(examples[i].input_ids)].clone()
+    finally:
+        for h in handles:
+            h.remove()
+        del emulator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result

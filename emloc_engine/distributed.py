@@ -135,6 +135,9 @@ def train_lora_distributed(cfg: TrainConfig, parallel: ParallelConfig,
 
     if parallel.processes == 1:
         return train_lora(cfg, progress)
+    if cfg.anchor == "blocks":
+        raise ConfigError("Anchored training runs on one GPU (its offsets are not split across processes yet).",
+                          hint="Use --gpus 1, or --anchor none (or auto, which turns it off on several GPUs).")
     resolve_devices(cfg.device, parallel)  # refuse impossible device settings before reading data
     read_emulator_meta(cfg.resolved_emulator_dir)
     tokenizer = load_tokenizer(cfg.resolved_emulator_dir)

@@ -71,9 +71,12 @@ class RunConfig:
     gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f16, bf16, q8_0 or f32."})
     seed: int = field(default=0, metadata={"help": "Seed for the split, sampling and initialisation."})
     gpus: int = field(default=1, metadata={"help": "GPUs for data-parallel training (Stage 2); 1 = one process."})
+    anchor: str = field(default="auto", metadata={"help": "Anchored training: auto, blocks or none (TrainConfig.anchor)."})
 
     def __post_init__(self) -> None:
         problems = []
+        if self.anchor not in ("auto", "blocks", "none"):
+            problems.append(f"anchor must be auto, blocks or none (got {self.anchor!r})")
         if self.gpus < 1:
             problems.append(f"gpus must be ≥ 1 (got {self.gpus})")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
@@ -271,7 +274,8 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             manifest.start_stage("train", predicted_peak_gib=predicted.get("train"))
             train_cfg = TrainConfig(run_dir=layout.root, data=data_cfg, rank=cfg.rank, alpha=cfg.alpha,
                                     steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                    device=cfg.device, seed=cfg.seed)
+                                    device=cfg.device, seed=cfg.seed,
+                                    anchor="none" if cfg.gpus > 1 and cfg.anchor == "auto" else cfg.anchor)
             if cfg.gpus > 1:
                 from emloc_engine.distributed import ParallelConfig, train_lora_distributed
 
@@ -282,7 +286,9 @@ def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResul
             manifest.finish_stage("train", {"steps": tr.steps_done, "final_eval_loss": tr.final_eval_loss,
                                             "loss_history": list(tr.loss_history),
                                             "eval_history": list(tr.eval_history),
-                                            "tokens_per_s": tr.tokens_per_s, "wall_s": tr.wall_s},
+                                            "tokens_per_s": tr.tokens_per_s, "wall_s": tr.wall_s,
+                                            "anchor": tr.anchor, "anchor_note": tr.anchor_note,
+                                            "anchor_s": tr.anchor_s},
                                   measured_peak_gib=tr.peak_vram_gib)
             ran.append("train")
 

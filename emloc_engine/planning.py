@@ -140,6 +140,9 @@ class PlanConfig:
     train_steps: int = field(default=100, metadata={"help": "Optimizer steps, for the time estimate."})
     auto_lambda: bool = field(default=True, metadata={
         "help": "Correction chooses λ on held-out data (runs the original model, like inference)."})
+    anchored: bool = field(default=True, metadata={
+        "help": "Anchored training (emloc_engine.anchoring): the micro-batch's block offsets on the GPU, and "
+                "one pass of the original, then of the emulator, over the visited examples (one GPU only)."})
     eval_batches: int = field(default=16, metadata={"help": "Held-out sequences per λ candidate."})
     lambda_candidates: int = field(default=5, metadata={"help": "Number of λ values tried."})
     min_ratio: float = field(default=0.05, metadata={"help": "Smallest ρ considered."})
@@ -423,7 +426,18 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
              ("logits & loss" if transient == logits else "block recompute", transient)]
     flops = 3.0 * _forward_flops(facts, params, tokens, cfg.context_length) * (4 / 3 if cfg.grad_checkpointing else 1)
     seconds = cfg.train_steps * flops / (flops_per_second(cfg) * c.train_mfu) + params * b / c.disk_bytes_per_s
+    if name == "train" and anchored_training(cfg):
+        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * facts.hidden_size * b))
+        visited = cfg.train_steps * cfg.batch_size * cfg.context_length  # at most: one pass of each model over them
+        seconds += (_forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
+                    + _forward_flops(facts, params, visited, cfg.context_length)) / (flops_per_second(cfg) * c.infer_mfu)
+        seconds += facts.num_parameters * b / c.disk_bytes_per_s
     return _stage(name, parts, cfg, seconds)
+
+
+def anchored_training(cfg: PlanConfig) -> bool:
+    """Whether the train stage anchors (``TrainConfig.anchor="auto"`` on one GPU; plain full LoRA never does)."""
+    return cfg.anchored and cfg.num_gpus == 1
 
 
 def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget_bytes: int | None = None) -> StagePeak:

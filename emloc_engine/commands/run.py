@@ -38,6 +38,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed for the split, sampling and initialisation.")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="Train data-parallel on N GPUs of this machine (N CPU processes with --device cpu).")
+    p.add_argument("--anchor", choices=("auto", "blocks", "none"), default="auto",
+                   help="Anchor the emulator to the original at every block while training (more of the gain "
+                        "reaches the original); auto = when its offsets fit a quarter of the free RAM, one GPU.")
 
 
 def register(sub: Any) -> None:
@@ -105,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         lambda_=parse_lambda(args.lambda_), calib=args.calib, allocation=args.allocation,
         max_length=args.max_length, device=args.device,
-        exports=exports, gguf_type=args.gguf_type, seed=args.seed, gpus=args.gpus)
+        exports=exports, gguf_type=args.gguf_type, seed=args.seed, gpus=args.gpus,
+        anchor=args.anchor)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,6 +57,9 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32.")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, dropout, data order and split.")
     p.add_argument("--restart", action="store_true", help="Ignore and delete existing checkpoints; start over.")
+    p.add_argument("--anchor", choices=("auto", "blocks", "none"), default="auto",
+                   help="Anchor the emulator to the original at every block on the training examples (needs the "
+                        "source model folder; more of the gain reaches the original); auto = when it fits RAM.")
     p.set_defaults(func=run)
 
 
@@ -76,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_checkpointing=not args.no_grad_checkpointing,
         eval_every=args.eval_every, save_every=args.save_every, resume=not args.restart, device=args.device,
-        dtype=args.dtype, seed=args.seed)
+        dtype=args.dtype, seed=args.seed, anchor=args.anchor)
 
 
 @contextlib.contextmanager

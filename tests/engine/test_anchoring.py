@@ -100,3 +100,74 @@ def test_anchored_training_starts_at_the_original_loss(pair: tuple[Path, Path], 
     assert res.loss_history[0][1] == pytest.approx(ref, abs=1e-4)
     assert abs(emu_loss - ref) > 1e-2
     assert isinstance(anchors, Anchors) and anchors.nbytes() > 0
+
+
+def test_two_phase_anchors_equal_the_one_pass_ones(pair: tuple[Path, Path]) -> None:
+    """anchors_for_training never holds both models, and gets the same offsets."""
+    from emloc_engine.anchoring import anchors_for_training
+
+    original, emulator = _models(pair)
+    data = examples(pair[0])
+    ref = compute_anchors(original, emulator, data, [0, 2, 5], where="blocks")
+    got = anchors_for_training(pair[0], pair[1], data, [0, 2, 5], device=torch.device("cpu"), dtype=torch.float64)
+    assert got.layers == ref.layers and sorted(got.offsets) == [0, 2, 5]
+    for i in (0, 2, 5):
+        assert (got.offsets[i] - ref.offsets[i]).abs().max() < 1e-12
+
+
+def test_mode_resolution_names_the_reason() -> None:
+    from emloc_engine.anchoring import resolve_mode
+
+    gib = 2**30
+    assert resolve_mode("auto", gib, 8 * gib, can_anchor=True)[0] == "blocks"
+    mode, note = resolve_mode("auto", 3 * gib, 8 * gib, can_anchor=True)
+    assert mode == "none" and "3.0 GiB" in note and "quarter" in note
+    assert resolve_mode("blocks", 3 * gib, 8 * gib, can_anchor=True)[0] == "blocks"
+    with pytest.raises(ConfigError, match="9.0 GiB of RAM"):
+        resolve_mode("blocks", 9 * gib, 8 * gib, can_anchor=True)
+    assert resolve_mode("auto", 0, gib, can_anchor=False, why_not="no source")[1] == "anchoring off: no source"
+    with pytest.raises(ConfigError, match="no source"):
+        resolve_mode("blocks", 0, gib, can_anchor=False, why_not="no source")
+    assert resolve_mode("none", 0, gib, can_anchor=True)[0] == "none"
+
+
+def test_train_lora_anchors_by_default_and_refuses_without_the_source(pair: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from emloc_engine.data import DataConfig
+    from emloc_engine.training import train_lora
+
+    model_dir, emu = pair
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                            ("the cat sat on the mat.", "a bird in the hand.", "to be or not to be.",
+                             "all that glitters.", "the quick brown fox.", "jumps over the dog.") * 3))
+    base = cfg_for(tmp_path / "run", emu, steps=2, eval_every=0, save_every=0, warmup_steps=0)
+    cfg = type(base)(**{**base.__dict__, "data": DataConfig(path=data, max_length=32)})
+    res = train_lora(cfg)
+    assert res.anchor == "blocks" and "anchored at every block" in res.anchor_note and res.anchor_s > 0
+    off = train_lora(type(cfg)(**{**cfg.__dict__, "anchor": "none", "run_dir": tmp_path / "run2"}))
+    assert off.anchor == "none" and off.loss_history[0][1] != res.loss_history[0][1]
+    # an emulator whose source folder is gone: auto trains without anchors, blocks says why not
+    orphan = tmp_path / "orphan"
+    shutil.copytree(emu, orphan)
+    meta = json.loads((orphan / "emloc.json").read_text())
+    meta["source_model"]["path"] = str(tmp_path / "moved-away")
+    (orphan / "emloc.json").write_text(json.dumps(meta))
+    auto = train_lora(type(cfg)(**{**cfg.__dict__, "emulator_dir": orphan, "run_dir": tmp_path / "run3"}))
+    assert auto.anchor == "none" and "moved-away" in auto.anchor_note
+    with pytest.raises(ConfigError, match="moved-away"):
+        train_lora(type(cfg)(**{**cfg.__dict__, "emulator_dir": orphan, "run_dir": tmp_path / "run4",
+                                "anchor": "blocks"}))
+
+
+def test_groups_sort_by_length_and_respect_the_token_cap() -> None:
+    from types import SimpleNamespace
+
+    from emloc_engine.anchoring import _groups
+
+    ex = [SimpleNamespace(input_ids=[0] * n) for n in (5, 3, 8, 2, 12)]
+    assert _groups(ex, [0, 1, 2, 3, 4], 10) == [[4], [2], [0, 1], [3]]  # 12 alone (over the cap, still one)
+    assert _groups(ex, [1, 3], 100) == [[1, 3]]

@@ -27,8 +27,15 @@ def test_run_accepts_the_documented_options() -> None:
     args = build_parser().parse_args(
         ["run", "m", "d", "--out", "r", "--ratio", "0.4", "--rank", "8", "--alpha", "16", "--steps", "5",
          "--lr", "1e-3", "--lambda", "inf", "--calib", "8", "--max-length", "64", "--device", "cpu",
-         "--export", "merged,adapter"])
+         "--export", "merged,adapter", "--anchor", "none"])
     assert args.ratio == 0.4 and args.lambda_ == "inf" and args.export == "merged,adapter"
+    assert args.anchor == "none" and build_parser().parse_args(["run", "m", "d", "--out", "r"]).anchor == "auto"
+    train = build_parser().parse_args(["train", "r", "demo", "--anchor", "blocks"])
+    from emloc_engine.commands.train import config_from_args
+
+    assert config_from_args(train).anchor == "blocks"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "r", "d", "--anchor", "sometimes"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "m", "d", "--out", "r", "--ratio", "0.4", "--budget-gib", "8"])
 

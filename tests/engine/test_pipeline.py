@@ -65,6 +65,7 @@ def test_run_end_to_end_then_resume_then_guard(tiny_llama: Path, tmp_path: Path)
     assert all(m.is_done(s) for s in ("emulator", "train", "correct", "export"))
     assert m.data["settings"]["ratio"] == 0.5 and "plan" in m.data["settings"]
     assert "predicted_peak_gib" in m.stage("train") and "measured_peak_gib" in m.stage("train")
+    assert m.stage("train")["result"]["anchor"] == "blocks"  # auto: the tiny model's offsets fit RAM
     # The corrected adapter on the original equals the merged folder.
     orig = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(orig, run / "adapter-corrected").eval()
