@@ -70,6 +70,8 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
         state.configs["parallel"] = {"processes": gpus, "gpu_ids": tuple(range(gpus))}
     if studio.get("allocation") == "spectral":  # the Plan page shows "Per-module ranks" checked again
         state.configs["allocation"] = "spectral"
+    if studio.get("anchor") == "none":  # the Plan page shows "Anchor training" unchecked again
+        state.configs["anchor"] = "none"
     for name in STAGE_ORDER:
         if m.is_done(name):
             state.results[name] = m.stage(name).get("result", {})

@@ -51,6 +51,12 @@ ALLOCATION_KEY = "allocation"
 """``state.configs[ALLOCATION_KEY]``: the emulator's rank allocation, ``"uniform"`` or ``"spectral"``
 (``EmulatorConfig.allocation``); how the Plan page remembers the "Per-module ranks" choice between
 visits and when a run is reopened, and what the Run page records in the manifest."""
+ANCHOR_KEY = "anchor"
+"""``state.configs[ANCHOR_KEY]``: the trainer's anchoring, ``"auto"`` or ``"none"`` (``TrainConfig.anchor``);
+how the Plan page remembers the "Anchor training" choice between visits and when a run is reopened, and
+what the Run page records in the manifest. ``"blocks"`` (anchor or fail) is left to the command line."""
+ANCHOR_ONE_GPU = ("Anchored training runs on one GPU: with several GPUs the trainer's auto turns it off "
+                  "(emloc run --gpus N). Set GPUs to 1 to anchor.")
 SPECTRAL_BUILD_FACTOR = 2.0
 """How much longer the emulator build takes with ``allocation="spectral"``: benchmarks/RESULTS.md
 measured 115.5 s vs 57.0 s (Llama-3-8B shapes, one H200; the extra streaming pass that measures the
@@ -127,6 +133,7 @@ class PlanPage(BasePage):
         rl.addWidget(self.bars)
         rl.addWidget(self._gpu_row())
         rl.addWidget(self._allocation_box())
+        rl.addWidget(self._anchor_box())
         rl.addWidget(self.verdict)
         rl.addWidget(self.duration)
         self.body.addWidget(rho_box)
@@ -221,6 +228,36 @@ class PlanPage(BasePage):
         """``EmulatorConfig.allocation`` for the checkbox: "spectral" when checked, else "uniform"."""
         return "spectral" if self.allocation.isChecked() else "uniform"
 
+    def _anchor_box(self) -> QCheckBox:
+        """"Anchor training": ``TrainConfig.anchor`` "auto" (checked, the default) or "none" (emloc run --anchor none).
+
+        The planner adds the anchors of the micro-batch to the train stage's bar and one pass of the
+        original and of the emulator to its time (``PlanConfig.anchored``), so toggling re-plans.
+        """
+        self.anchor = QCheckBox("Anchor training to the original (measured: far more of the gain reaches it)")
+        self.anchor.setObjectName("anchor")
+        self.anchor.setChecked(True)
+        self._anchor_help = self.engine.field_help("TrainConfig").get(
+            "anchor", "The emulator is anchored to the original's hidden states on the training examples, so the "
+                      "LoRA learns the task rather than repairs of the emulator; costs one pass of the original "
+                      "over the examples and their offsets in RAM. auto turns it off when they do not fit.")
+        self.anchor.setToolTip(self._anchor_help)
+        self.anchor.toggled.connect(self._settings_changed)
+        return self.anchor
+
+    def anchor_choice(self) -> str:
+        """``TrainConfig.anchor`` for the checkbox: "auto" when checked, else "none".
+
+        Checked stays "auto" with several GPUs too: the trainer's auto turns anchoring off there.
+        """
+        return "auto" if self.anchor.isChecked() else "none"
+
+    def _update_anchor_box(self) -> None:
+        """Anchoring runs on one GPU: the checkbox is disabled (its choice kept) while GPUs > 1."""
+        several = self.gpu_count() > 1
+        self.anchor.setEnabled(not several)
+        self.anchor.setToolTip(f"{ANCHOR_ONE_GPU}\n\n{self._anchor_help}" if several else self._anchor_help)
+
     def _init_gpus(self) -> None:
         """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""
         gpus = multi_gpus(self.state.machine, self.state.gpu_index)
@@ -243,6 +280,8 @@ class PlanPage(BasePage):
         apply_demo_defaults(s)
         self._init_gpus()
         self.allocation.setChecked(s.configs.get(ALLOCATION_KEY) == "spectral")
+        self.anchor.setChecked(s.configs.get(ANCHOR_KEY) != "none")
+        self._update_anchor_box()
         for name, w in self.settings.items():
             w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
         idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
@@ -272,7 +311,8 @@ class PlanPage(BasePage):
             context_length=self.state.max_length, batch_size=int(self.settings["batch_size"].value()),
             lora_rank=int(self.settings["rank"].value()), ratio=ratio, device=device,
             gpu_name=getattr(gpu, "name", None), calibration_samples=self.state.n_calibration,
-            train_steps=int(self.settings["steps"].value()), auto_lambda=self.lambda_.currentData() is None)
+            train_steps=int(self.settings["steps"].value()), auto_lambda=self.lambda_.currentData() is None,
+            anchored=self.anchor.isChecked())
 
     def replan(self) -> None:
         if self._loading:
@@ -328,6 +368,7 @@ class PlanPage(BasePage):
 
     def _settings_changed(self) -> None:
         if not self._loading:
+            self._update_anchor_box()
             self.replan()
 
     # -- widgets -> configs ------------------------------------------------------------------
@@ -352,13 +393,13 @@ class PlanPage(BasePage):
                             factor_devices=tuple(f"cuda:{i}" for i in range(1, n)),
                             allocation=self.allocation_choice())
         train = eng.make("TrainConfig", run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
-                         device="cuda" if n > 1 else s.device, **self.train_settings())
+                         device="cuda" if n > 1 else s.device, anchor=self.anchor_choice(), **self.train_settings())
         correct = eng.make("CorrectionConfig", run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
                            emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_.currentData(),
                            device=s.device)
         return {"emulator": emulator, "train": train, "correct": correct,
                 PARALLEL_KEY: {"processes": n, "gpu_ids": tuple(range(n)) if n > 1 else ()},
-                ALLOCATION_KEY: self.allocation_choice()}
+                ALLOCATION_KEY: self.allocation_choice(), ANCHOR_KEY: self.anchor_choice()}
 
     def command(self) -> str:
         """The ``emloc run`` command that does what the wizard is about to do."""
@@ -378,6 +419,8 @@ class PlanPage(BasePage):
             args += ["--gpus", str(self.gpu_count())]
         if self.allocation.isChecked():
             args += ["--allocation", "spectral"]
+        if not self.anchor.isChecked():  # auto is the default
+            args += ["--anchor", "none"]
         return shlex.join(args)
 
     def _show_command(self) -> None:

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 
 from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage
-from emloc_app.pages.plan_page import ALLOCATION_KEY, PARALLEL_KEY
+from emloc_app.pages.plan_page import ALLOCATION_KEY, ANCHOR_KEY, PARALLEL_KEY
 from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
@@ -198,7 +198,7 @@ class RunPage(BasePage):
             "data_seed": s.data_seed, "max_samples": s.max_samples, "ratio": getattr(s.plan, "ratio", s.ratio),
             "budget_bytes": s.budget_bytes, "train": dict(s.train_settings),
             "lambda": None if s.lambda_ is None else str(s.lambda_), "device": s.device,
-            "gpus": self.gpus(), "allocation": self.allocation(),
+            "gpus": self.gpus(), "allocation": self.allocation(), "anchor": self.anchor(),
         }})
 
     def gpus(self) -> int:
@@ -209,6 +209,11 @@ class RunPage(BasePage):
         """The emulator's rank allocation the Plan page chose ("uniform" or "spectral")."""
         emulator = self.state.configs.get("emulator")
         return str(getattr(emulator, "allocation", None) or self.state.configs.get(ALLOCATION_KEY) or "uniform")
+
+    def anchor(self) -> str:
+        """The trainer's anchoring the Plan page chose ("auto" or "none"; what ran is in the train result)."""
+        train = self.state.configs.get("train")
+        return str(getattr(train, "anchor", None) or self.state.configs.get(ANCHOR_KEY) or "auto")
 
     def _attach_logs(self) -> None:
         logger = logging.getLogger("emloc_engine")
@@ -270,6 +275,9 @@ class RunPage(BasePage):
         self.manifest.finish_stage(name, result=summarize(result),
                                    **({"measured_peak_gib": peak} if peak is not None else {}))
         self.stages.finish(name, "done")
+        note = str(getattr(result, "anchor_note", "") or "") if name == "train" else ""
+        if note:  # what anchoring did (e.g. "auto" turned it off): says why the gain differs between runs
+            self.append_log(f"Anchoring: {note}")
 
     def _stage_cancelled(self) -> None:
         name = self.current
