@@ -467,7 +467,8 @@ def _train(run: Run, task: Task, emulator_dir: Path, unit_dir: Path, anchor: str
     cfg = TrainConfig(run_dir=unit_dir, data=task.data, emulator_dir=emulator_dir, rank=s.rank, alpha=s.alpha,
                       dropout=s.dropout, steps=s.steps, lr=s.lr, batch_size=s.batch_size,
                       warmup_steps=s.warmup_steps, schedule="cosine", grad_checkpointing=s.grad_checkpointing,
-                      eval_every=0, save_every=0, keep_checkpoints=1, resume=False, device=s.device, seed=s.seed)
+                      eval_every=0, save_every=0, keep_checkpoints=1, resume=False, device=s.device, seed=s.seed,
+                      anchor="none")  # variants without the suffix measure unanchored training (the engine's auto would anchor)
     extra: dict[str, Any] = {}
     if anchor is None:
         res = train_lora(cfg)
