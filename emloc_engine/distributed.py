@@ -106,6 +106,13 @@ class ParallelConfig:
 # Public entry points.
 
 
+def check_anchor(cfg: TrainConfig, parallel: ParallelConfig) -> None:
+    """Refuse ``anchor="blocks"`` on several processes (``auto`` quietly trains unanchored there)."""
+    if parallel.processes > 1 and cfg.anchor == "blocks":
+        raise ConfigError("Anchored training runs on one GPU (its offsets are not split across processes yet).",
+                          hint="Use --gpus 1, or --anchor none (or auto, which turns it off on several GPUs).")
+
+
 def train_lora_distributed(cfg: TrainConfig, parallel: ParallelConfig,
                            progress: Progress = NULL_PROGRESS) -> TrainResult:
     """:func:`~emloc_engine.training.train_lora`, data-parallel over ``parallel.processes`` processes.
@@ -135,15 +142,16 @@ def train_lora_distributed(cfg: TrainConfig, parallel: ParallelConfig,
 
     if parallel.processes == 1:
         return train_lora(cfg, progress)
-    if cfg.anchor == "blocks":
-        raise ConfigError("Anchored training runs on one GPU (its offsets are not split across processes yet).",
-                          hint="Use --gpus 1, or --anchor none (or auto, which turns it off on several GPUs).")
+    check_anchor(cfg, parallel)
     resolve_devices(cfg.device, parallel)  # refuse impossible device settings before reading data
     read_emulator_meta(cfg.resolved_emulator_dir)
     tokenizer = load_tokenizer(cfg.resolved_emulator_dir)
     data = prepare_dataset(cfg.data, tokenizer)
-    return train_examples_distributed(cfg, parallel, data.train, data.eval, progress, pad_id=pad_token_id(tokenizer),
-                                      data_fingerprint=str(getattr(data.report, "fingerprint", "")))
+    result = train_examples_distributed(cfg, parallel, data.train, data.eval, progress,
+                                        pad_id=pad_token_id(tokenizer),
+                                        data_fingerprint=str(getattr(data.report, "fingerprint", "")))
+    note = "anchoring off" if cfg.anchor == "none" else f"anchoring off: training on {parallel.processes} processes"
+    return dataclasses.replace(result, anchor="none", anchor_note=note)
 
 
 def train_examples_distributed(cfg: TrainConfig, parallel: ParallelConfig, train: Sequence[ExampleLike],

@@ -104,11 +104,12 @@ def _graceful_ctrl_c(token: CancelToken) -> Iterator[None]:
 
 def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
     """The :class:`~emloc_engine.distributed.ParallelConfig` of ``--gpus N`` (None for one GPU); checks devices."""
-    from emloc_engine.distributed import ParallelConfig, resolve_devices
+    from emloc_engine.distributed import ParallelConfig, check_anchor, resolve_devices
 
     parallel = ParallelConfig(processes=args.gpus)
     if parallel.processes == 1:
         return None
+    check_anchor(cfg, parallel)
     resolve_devices(cfg.device, parallel)
     return parallel
 

@@ -29,6 +29,8 @@ def make_adapter(model_dir: Path, out: Path, *, rank: int = 4, alpha: float = 8.
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif "lora_A" in name:  # peft's own init draws from the global RNG: order-dependent results
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / p.shape[1] ** 0.5)
     peft_model.save_pretrained(str(out))
     return out
 

@@ -19,8 +19,9 @@ def test_cli_export_end_to_end(tiny_llama: Path, tmp_path: Path, capsys: pytest.
     make_adapter(tiny_llama, RunLayout(run).adapter_corrected)
     RunManifest.open(run).set_input("model", tiny_llama, "fp")  # --model defaults to the recorded one
     code = main(["export", str(run), "--formats", "merged,adapter,gguf", "--gguf-type", "q8_0"])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert code == 0, cap.out + cap.err
     assert "verified merged" in out and "verified gguf" in out and "verified adapter" in out
     assert (run / "merged" / "config.json").exists() and (run / "model.gguf").exists()
     stage = json.loads((run / "manifest.json").read_text())["stages"]["export"]

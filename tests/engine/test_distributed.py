@@ -251,6 +251,8 @@ def test_cli_refuses_impossible_gpu_settings_before_touching_the_run(llama_emula
     assert "must be at least 1 (got 0)" in capsys.readouterr().err
     assert main(["train", str(run), str(data), *CLI_ARGS, "--gpus", "2", "--device", "cuda:1"]) == 2
     assert "--gpus 2 cannot run on the single device cuda:1" in capsys.readouterr().err
+    assert main(["train", str(run), str(data), *CLI_ARGS, "--gpus", "2", "--device", "cpu", "--anchor", "blocks"]) == 2
+    assert "Anchored training runs on one GPU" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["emulator"]
 
 
@@ -265,6 +267,7 @@ def test_cli_trains_on_two_processes(llama_emulator: tuple[Path, Path], tmp_path
     assert f"adapter: {run / 'adapter'}" in capsys.readouterr().out
     record = RunManifest.open(run).stage("train")
     assert record["status"] == "done" and record["result"]["steps"] == 2
+    assert record["result"]["anchor"] == "none" and "2 processes" in record["result"]["anchor_note"]
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
     run_log = RunLayout(run).log_file.read_text()  # rank 0's records reach the caller's run log
