@@ -76,8 +76,9 @@ from emloc_engine.training import TrainConfig, pad_token_id, resolve_device_dtyp
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Quality (SmolLM2-135M-Instruct)"
 BUILDS = ("activation-aware", "plain-svd", "aa-calib256", "aa-calib256-alloc", "aa-seq256", "aa-gptq256")
-# A suffix trains with anchors (emloc_engine.anchoring): "-anchor" at every block, "-anchorout" at the last.
-ANCHOR_SUFFIXES = {"-anchor": "blocks", "-anchorout": "output"}
+# A suffix trains with anchors (emloc_engine.anchoring): "-anchor" at every block, "-anchorout" at the last,
+# "-anchorlin" at every linear layer.
+ANCHOR_SUFFIXES = {"-anchor": "blocks", "-anchorout": "output", "-anchorlin": "linears"}
 VARIANTS = (*BUILDS, *(b + suffix for suffix in ANCHOR_SUFFIXES for b in BUILDS if b != "plain-svd"))
 
 
@@ -739,7 +740,8 @@ def render_section(data: Mapping[str, Any]) -> str:
            f"lr {s['lr']:g} (warmup {s['warmup_steps']}, cosine); calibration {s['calib_samples']} × {s['max_length']} "
            f"tokens ({s['more_calib_samples']} for `aa-calib256*`, `aa-seq256`, `aa-gptq256`); λ = auto chooses among "
            f"{', '.join(s['auto_grid'])} on the validation split. A `-anchor` suffix: LoRA trained with the emulator "
-           "anchored to the original at every block (`emloc_engine.anchoring`); `-anchorout`: at the last block only. "
+           "anchored to the original at every block (`emloc_engine.anchoring`); `-anchorout`: at the last block only; "
+           "`-anchorlin`: at every linear layer. "
            f"Wall time {data.get('wall_s', math.nan):.0f} s "
            "(summed over the commands below, which ran side by side, one per GPU).  ",
            f"Planner: budget = inference peak of the original at batch 1 × {s['max_length']} tokens = "

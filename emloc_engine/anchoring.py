@@ -43,7 +43,7 @@ import torch
 
 from emloc_engine.errors import ConfigError
 
-WHERE = ("blocks", "output")
+WHERE = ("blocks", "output", "linears")
 
 
 def decoder_layers(causal_lm: Any) -> torch.nn.ModuleList:
@@ -53,6 +53,40 @@ def decoder_layers(causal_lm: Any) -> torch.nn.ModuleList:
     if layers is None:
         raise ConfigError(f"{type(causal_lm).__name__} has no model.layers: anchored training needs decoder blocks.")
     return layers
+
+
+def anchor_points(causal_lm: Any, where: str) -> tuple[str, ...]:
+    """Module paths whose outputs get offsets: every block, the last block, or every block linear.
+
+    ``linears`` anchors each linear layer of each block (q/k/v/o, gate/up/down, or Phi-3's fused
+    ones): with a zero adapter *every* activation, not only the residual stream between blocks, is
+    the original's, so every adapter reads the original's input.
+    """
+    if where not in WHERE:
+        raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
+    n = len(decoder_layers(causal_lm))
+    if where == "blocks":
+        return tuple(f"model.layers.{i}" for i in range(n))
+    if where == "output":
+        return (f"model.layers.{n - 1}",)
+    from emloc_engine.architectures import arch_spec
+
+    spec = arch_spec(causal_lm.config)
+    return tuple(f"model.layers.{i}.{m}" for i in range(n) for m in spec.linear_modules)
+
+
+def anchor_width(config: Any, where: str) -> int:
+    """Offset values per token for a placement (``Σ`` output widths of the anchored modules)."""
+    from emloc_engine.model_facts import facts_from_config
+
+    text = getattr(config, "text_config", None) or config
+    layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+    if where == "blocks":
+        return layers * hidden
+    if where == "output":
+        return hidden
+    facts = facts_from_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return layers * sum(m.out_features for m in facts.modules)
 
 
 def _out(out: Any) -> torch.Tensor:
@@ -75,11 +109,22 @@ def visited_examples(n_examples: int, batch_size: int, seed: int, micro_batches:
 
 @dataclass
 class Anchors:
-    """Per-example block offsets: ``offsets[i]`` is ``(len(layers), T_i, hidden)`` (CPU, compute dtype)."""
+    """Per-example offsets: ``offsets[i]`` is ``(T_i, Σ widths)`` (CPU, compute dtype); the columns of
+    anchor point ``points[k]`` are ``[starts[k], starts[k] + widths[k])``."""
 
-    layers: tuple[int, ...]
+    points: tuple[str, ...]
+    widths: tuple[int, ...]
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)
-    _current: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    where: str = "blocks"
+    _current: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        out, at = [], 0
+        for w in self.widths:
+            out.append(at)
+            at += w
+        return tuple(out)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.offsets.values())
@@ -91,37 +136,36 @@ class Anchors:
             raise ConfigError(f"No anchors for training examples {missing[:5]}.",
                               hint="Compute anchors for every example the run visits (visited_examples).")
         first = self.offsets[indices[0]]
-        batch = first.new_zeros((len(self.layers), len(indices), width, first.shape[-1]))
+        batch = first.new_zeros((len(indices), width, first.shape[-1]))
         for row, i in enumerate(indices):
             t = self.offsets[i]
-            batch[:, row, :t.shape[1]] = t
+            batch[row, :t.shape[0]] = t
         batch = batch.to(device) if device is not None else batch
-        self._current = {layer: batch[k] for k, layer in enumerate(self.layers)}
+        self._current = {p: batch[..., a:a + w] for p, a, w in zip(self.points, self.starts, self.widths, strict=True)}
 
     def clear(self) -> None:
         self._current = {}
 
     @contextlib.contextmanager
     def attached(self, causal_lm: Any) -> Iterator[Anchors]:
-        """Forward hooks that add the selected offsets to the anchored blocks' outputs."""
-        layers = decoder_layers(causal_lm)
+        """Forward hooks that add the selected offsets to the anchored modules' outputs."""
         handles = []
 
-        def hook_for(layer: int) -> Any:
+        def hook_for(point: str) -> Any:
             def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-                c = self._current.get(layer)
+                c = self._current.get(point)
                 if c is None:
                     return None
                 h = _out(out)
-                if c.shape[:2] != h.shape[:2]:
-                    raise ConfigError(f"Anchor of block {layer} has shape {tuple(c.shape)}, the batch "
+                if c.shape != h.shape:
+                    raise ConfigError(f"Anchor of {point} has shape {tuple(c.shape)}, the batch "
                                       f"{tuple(h.shape)}: select() the micro-batch before the forward.")
                 return _replace(out, h + c.to(h.dtype))
             return hook
 
         try:
-            for layer in self.layers:
-                handles.append(layers[layer].register_forward_hook(hook_for(layer)))
+            for point in self.points:
+                handles.append(causal_lm.get_submodule(point).register_forward_hook(hook_for(point)))
             yield self
         finally:
             for h in handles:
@@ -133,45 +177,39 @@ class Anchors:
 def compute_anchors(original: Any, emulator: Any, examples: Sequence[Any], indices: Sequence[int], *,
                     where: str = "blocks", device: torch.device | str = "cpu",
                     store_dtype: torch.dtype | None = None) -> Anchors:
-    """Offsets ``c_l = h_l − block_l^E(h_{l−1})`` for ``examples[i]``, ``i`` in ``indices``.
+    """Offsets ``c = f(x) − f^E(x)`` of every anchor point for ``examples[i]``, ``i`` in ``indices``.
 
-    ``original`` and ``emulator`` are causal LMs in eval mode on ``device``, in the dtype training
-    will use (so that the anchored emulator reproduces the original's hidden states in that dtype).
-    Each example runs alone (no padding). ``where="blocks"`` anchors every block; ``"output"`` only
-    the last one (its offset is then the whole accumulated error of the emulator at the last block).
-    Offsets are computed in fp32 (fp64 for fp64 models) and stored in ``store_dtype`` (default: the emulator's dtype).
+    ``x`` is the ORIGINAL's input of the anchored module (``h_{l−1}`` for a block). ``original`` and
+    ``emulator`` are causal LMs in eval mode on ``device``, in the dtype training will use (so that
+    the anchored emulator reproduces the original's activations in that dtype). Each example runs
+    alone (no padding): the reference for :func:`anchors_for_training`. Offsets are computed in fp32
+    (fp64 for fp64 models) and stored in ``store_dtype`` (default: the emulator's dtype).
     """
-    if where not in WHERE:
-        raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
     device = torch.device(device)
-    orig_layers, emu_layers = decoder_layers(original), decoder_layers(emulator)
-    if len(orig_layers) != len(emu_layers):
-        raise ConfigError(f"The emulator has {len(emu_layers)} blocks, the original {len(orig_layers)}.")
-    n = len(orig_layers)
-    anchored = tuple(range(n)) if where == "blocks" else (n - 1,)
+    points = anchor_points(original, where)
+    if anchor_points(emulator, where) != points:
+        raise ConfigError("The emulator and the original have different blocks.")
     store = store_dtype or next(emulator.parameters()).dtype
-    anchors = Anchors(anchored)
-    targets: dict[int, torch.Tensor] = {}
-    offsets: dict[int, torch.Tensor] = {}
+    targets: dict[str, torch.Tensor] = {}
+    offsets: dict[str, torch.Tensor] = {}
 
-    def record(layer: int) -> Any:
+    def record(point: str) -> Any:
         def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-            targets[layer] = _out(out).detach()
+            targets[point] = _out(out).detach()
         return hook
 
-    def anchor(layer: int) -> Any:
+    def anchor(point: str) -> Any:
         def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-            h = _out(out)
-            if layer not in anchored:
-                return None
-            target = targets[layer]
+            h, target = _out(out), targets[point]
             wide = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 models
-            offsets[layer] = (target.to(wide) - h.to(wide))[0].to(store)  # stays on the device until the example ends
+            offsets[point] = (target.to(wide) - h.to(wide))[0].to(store)  # on the device until the example ends
             return _replace(out, target.to(h.dtype))
         return hook
 
-    handles = [orig_layers[k].register_forward_hook(record(k)) for k in anchored]
-    handles += [emu_layers[k].register_forward_hook(anchor(k)) for k in anchored]
+    handles = [original.get_submodule(p).register_forward_hook(record(p)) for p in points]
+    handles += [emulator.get_submodule(p).register_forward_hook(anchor(p)) for p in points]
+    widths: tuple[int, ...] = ()
+    anchors: dict[int, torch.Tensor] = {}
     try:
         for i in indices:
             ids = torch.tensor([list(examples[i].input_ids)], dtype=torch.long, device=device)
@@ -179,43 +217,46 @@ def compute_anchors(original: Any, emulator: Any, examples: Sequence[Any], indic
             offsets.clear()
             original.model(input_ids=ids, use_cache=False)
             emulator.model(input_ids=ids, use_cache=False)
+            widths = tuple(offsets[p].shape[-1] for p in points)
             # One device→host copy per example: a sync per block made this 40× slower on a shared GPU.
-            anchors.offsets[int(i)] = torch.stack([offsets[k] for k in anchored]).cpu()
+            anchors[int(i)] = torch.cat([offsets[p] for p in points], dim=-1).cpu()
     finally:
         for h in handles:
             h.remove()
-    return anchors
+    return Anchors(points, widths, anchors, where)
 
 
-MODES = ("auto", "blocks", "none")
+MODES = ("auto", "blocks", "linears", "none")
 AUTO_RAM_FRACTION = 0.25  # "auto" anchors when the offsets take at most this share of the available RAM
 
 
-def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], num_layers: int, hidden: int,
-                 bytes_per: int = 2) -> int:
-    """CPU memory of the block offsets of ``examples[indices]``: ``L · Σ T_i · h · bytes``."""
-    return num_layers * hidden * bytes_per * sum(len(examples[i].input_ids) for i in indices)
+def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], width: int, bytes_per: int = 2) -> int:
+    """CPU memory of the offsets of ``examples[indices]``: ``Σ T_i · width · bytes`` (:func:`anchor_width`)."""
+    return width * bytes_per * sum(len(examples[i].input_ids) for i in indices)
 
 
 def resolve_mode(mode: str, nbytes: int, available_bytes: int, *, can_anchor: bool, why_not: str = "") -> tuple[str, str]:
-    """``(blocks|none, note)`` for a requested mode; ``blocks`` that cannot be honoured raises ConfigError."""
+    """``(blocks|linears|none, note)`` for a requested mode (auto = blocks when it fits a quarter of
+    the RAM); an explicit placement that cannot be honoured raises ConfigError."""
     if mode not in MODES:
         raise ConfigError(f"Anchoring must be one of {', '.join(MODES)} (got {mode!r}).")
     gib = nbytes / 2**30
     if mode == "none":
         return "none", "anchoring off"
     if not can_anchor:
-        if mode == "blocks":
+        if mode != "auto":
             raise ConfigError(f"Anchored training is not possible here: {why_not}.", hint="Use --anchor none.")
         return "none", f"anchoring off: {why_not}"
-    if mode == "blocks":
+    placement = "linears" if mode == "linears" else "blocks"
+    where = "every linear layer" if placement == "linears" else "every block"
+    if mode != "auto":
         if nbytes > available_bytes:
             raise ConfigError(f"Anchored training needs {gib:.1f} GiB of RAM for its offsets; "
                               f"{available_bytes / 2**30:.1f} GiB is available.",
                               hint="Use fewer --steps, a smaller --batch-size or --max-length, or --anchor none.")
-        return "blocks", f"anchored at every block ({gib:.2f} GiB of offsets)"
+        return placement, f"anchored at {where} ({gib:.2f} GiB of offsets)"
     if nbytes <= AUTO_RAM_FRACTION * available_bytes:
-        return "blocks", f"anchored at every block ({gib:.2f} GiB of offsets)"
+        return placement, f"anchored at {where} ({gib:.2f} GiB of offsets)"
     return "none", (f"anchoring off: its offsets would take {gib:.1f} GiB, more than a quarter of the "
                     f"{available_bytes / 2**30:.1f} GiB of available RAM")
 
@@ -251,85 +292,80 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
 
     Phase 1 runs the ORIGINAL model (inference on right-padded groups of ≤ ``max_tokens`` tokens:
     causal attention never lets a real token see the padding) and keeps the outputs of the
-    anchored blocks on the CPU; phase 2 runs the emulator alone on the same groups and turns each
-    target into its offset (``c_l = h_l − block_l^E(h_{l−1})``). By default a group's block outputs
-    take at most 256 MiB on the device (4096 tokens at most, one example at least): less than the KV
-    cache plus logits that inference of one example of the same length needs.
+    anchor points on the CPU; phase 2 runs the emulator alone on the same groups, replacing each
+    point's output by the original's (so every later point sees the original's input) and keeping
+    the difference as its offset. By default a group's recorded outputs take at most 256 MiB on the
+    device (4096 tokens at most, one example at least): for blocks, less than the KV cache plus
+    logits that inference of one example of the same length needs.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from emloc_engine.lowrank import load_emulator
 
     if where not in WHERE:
         raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
     if max_tokens is None:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(model_dir)
-        text = getattr(cfg, "text_config", None) or cfg
-        per_token = (int(text.num_hidden_layers) if where == "blocks" else 1) * int(text.hidden_size) * \
+        per_token = anchor_width(AutoConfig.from_pretrained(model_dir), where) * \
             torch.tensor([], dtype=dtype).element_size()
         max_tokens = min(4096, (256 * 2**20) // per_token)
     groups = _groups(examples, indices, max_tokens)
     kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
-    layers = decoder_layers(original)
-    n = len(layers)
-    anchored = tuple(range(n)) if where == "blocks" else (n - 1,)
-    outs: dict[int, torch.Tensor] = {}
+    points = anchor_points(original, where)
+    outs: dict[str, torch.Tensor] = {}
 
-    def record(layer: int) -> Any:
+    def record(point: str) -> Any:
         def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-            outs[layer] = _out(out)
+            outs[point] = _out(out).cpu()
         return hook
 
-    handles = [layers[k].register_forward_hook(record(k)) for k in anchored]
-    targets: list[torch.Tensor] = []  # per group: (blocks, B, T, h) on the CPU
+    handles = [original.get_submodule(p).register_forward_hook(record(p)) for p in points]
+    targets: list[dict[str, torch.Tensor]] = []  # per group, per point: (B, T, width) on the CPU
     try:
         for group in groups:
             outs.clear()
             ids, mask = _batch(examples, group, device)
             original.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            targets.append(torch.stack([outs[k] for k in anchored]).cpu())
+            targets.append(dict(outs))
     finally:
         for h in handles:
             h.remove()
-        del original, layers, outs
+        del original, outs
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     emulator = load_emulator(emulator_dir, dtype=dtype, device=device).eval()
-    emu_layers = decoder_layers(emulator)
-    if len(emu_layers) != n:
-        raise ConfigError(f"The emulator has {len(emu_layers)} blocks, the original {n}.")
-    current: dict[int, torch.Tensor] = {}
-    offsets: dict[int, torch.Tensor] = {}
+    if anchor_points(emulator, where) != points:
+        raise ConfigError("The emulator and the original have different blocks.")
+    current: dict[str, torch.Tensor] = {}
+    offsets: dict[str, torch.Tensor] = {}
 
-    def anchor(layer: int) -> Any:
+    def anchor(point: str) -> Any:
         def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-            h, target = _out(out), current[layer]
+            h, target = _out(out), current[point].to(device)
             wide = torch.promote_types(h.dtype, torch.float32)
-            offsets[layer] = (target.to(wide) - h.to(wide)).to(h.dtype)
+            offsets[point] = (target.to(wide) - h.to(wide)).to(h.dtype).cpu()
             return _replace(out, target.to(h.dtype))
         return hook
 
-    handles = [emu_layers[k].register_forward_hook(anchor(k)) for k in anchored]
-    result = Anchors(anchored)
+    handles = [emulator.get_submodule(p).register_forward_hook(anchor(p)) for p in points]
+    result: dict[int, torch.Tensor] = {}
+    widths: tuple[int, ...] = ()
     try:
         for g, group in enumerate(groups):
-            stacked = targets[g].to(device)
-            targets[g] = torch.empty(0)  # free the CPU copy as we go
-            current = {k: stacked[j] for j, k in enumerate(anchored)}
+            current = targets[g]
+            targets[g] = {}  # free the CPU copy as we go
             offsets.clear()
             ids, mask = _batch(examples, group, device)
             emulator.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            batch = torch.stack([offsets[k] for k in anchored]).cpu()  # (blocks, B, T, h)
+            widths = tuple(offsets[p].shape[-1] for p in points)
+            batch = torch.cat([offsets[p] for p in points], dim=-1)  # (B, T, Σ widths)
             for row, i in enumerate(group):
-                result.offsets[i] = batch[:, row, :len(examples[i].input_ids)].clone()
+                result[i] = batch[row, :len(examples[i].input_ids)].clone()
     finally:
         for h in handles:
             h.remove()
         del emulator
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return result
+    return Anchors(points, widths, result, where)

@@ -107,8 +107,8 @@ class ParallelConfig:
 
 
 def check_anchor(cfg: TrainConfig, parallel: ParallelConfig) -> None:
-    """Refuse ``anchor="blocks"`` on several processes (``auto`` quietly trains unanchored there)."""
-    if parallel.processes > 1 and cfg.anchor == "blocks":
+    """Refuse an explicit anchor placement on several processes (``auto`` quietly trains unanchored there)."""
+    if parallel.processes > 1 and cfg.anchor in ("blocks", "linears"):
         raise ConfigError("Anchored training runs on one GPU (its offsets are not split across processes yet).",
                           hint="Use --gpus 1, or --anchor none (or auto, which turns it off on several GPUs).")
 

@@ -71,12 +71,12 @@ class RunConfig:
     gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f16, bf16, q8_0 or f32."})
     seed: int = field(default=0, metadata={"help": "Seed for the split, sampling and initialisation."})
     gpus: int = field(default=1, metadata={"help": "GPUs for data-parallel training (Stage 2); 1 = one process."})
-    anchor: str = field(default="auto", metadata={"help": "Anchored training: auto, blocks or none (TrainConfig.anchor)."})
+    anchor: str = field(default="auto", metadata={"help": "Anchored training: auto, blocks, linears or none (TrainConfig.anchor)."})
 
     def __post_init__(self) -> None:
         problems = []
-        if self.anchor not in ("auto", "blocks", "none"):
-            problems.append(f"anchor must be auto, blocks or none (got {self.anchor!r})")
+        if self.anchor not in ("auto", "blocks", "linears", "none"):
+            problems.append(f"anchor must be auto, blocks, linears or none (got {self.anchor!r})")
         if self.gpus < 1:
             problems.append(f"gpus must be ≥ 1 (got {self.gpus})")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:

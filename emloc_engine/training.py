@@ -138,8 +138,9 @@ class TrainConfig:
     anchor: str = field(default="auto", metadata={
         "help": "Anchor the emulator to the original at every block on the training examples, so the adapter "
                 "learns the task rather than repairs of the emulator (measured: far more of the gain reaches the "
-                "original). auto = on when the offsets fit a quarter of the free RAM and one GPU trains; "
-                "blocks = on; none = off."})
+                "original). auto = at every block when the offsets fit a quarter of the free RAM and one GPU "
+                "trains; blocks = at every block; linears = at every linear layer (every activation exact, "
+                "about 5-9x the offsets); none = off."})
 
     def __post_init__(self) -> None:
         checks = [
@@ -161,7 +162,8 @@ class TrainConfig:
             (bool(_DEVICE_RE.match(self.device)), f"device must be auto, cpu, mps, cuda or cuda:N (got {self.device!r})."),
             (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)} (got {self.dtype!r})."),
             (all(isinstance(t, str) and t for t in self.target_modules), "target module names must be non-empty."),
-            (self.anchor in ("auto", "blocks", "none"), f"anchor must be auto, blocks or none (got {self.anchor!r})."),
+            (self.anchor in ("auto", "blocks", "linears", "none"),
+             f"anchor must be auto, blocks, linears or none (got {self.anchor!r})."),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
@@ -239,7 +241,7 @@ def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainRes
     anchors, note, seconds = prepare_anchors(cfg, meta, data.train, progress)
     result = train_on_examples(cfg, data.train, data.eval, progress, pad_id=pad_token_id(tokenizer),
                                data_fingerprint=str(getattr(data.report, "fingerprint", "")), anchors=anchors)
-    return replace(result, anchor="blocks" if anchors is not None else "none", anchor_note=note, anchor_s=seconds)
+    return replace(result, anchor="none" if anchors is None else anchors.where, anchor_note=note, anchor_s=seconds)
 
 
 def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequence[ExampleLike],
@@ -248,7 +250,7 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     import psutil
     from transformers import AutoConfig
 
-    from emloc_engine.anchoring import anchor_bytes, anchors_for_training, resolve_mode, visited_examples
+    from emloc_engine.anchoring import anchor_bytes, anchor_width, anchors_for_training, resolve_mode, visited_examples
 
     if cfg.anchor == "none":
         return None, "anchoring off", 0.0
@@ -259,18 +261,17 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     nbytes = 0
     device, weight_dtype, _ = resolve_device_dtype(cfg.device, cfg.dtype)
     visited = visited_examples(len(train), cfg.batch_size, cfg.seed, cfg.steps * cfg.grad_accum)
+    placement = "linears" if cfg.anchor == "linears" else "blocks"
     if can:
-        config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir)
-        text = getattr(config, "text_config", None) or config
-        nbytes = anchor_bytes(train, visited, int(text.num_hidden_layers), int(text.hidden_size),
-                              torch.tensor([], dtype=weight_dtype).element_size())
+        width = anchor_width(AutoConfig.from_pretrained(cfg.resolved_emulator_dir), placement)
+        nbytes = anchor_bytes(train, visited, width, torch.tensor([], dtype=weight_dtype).element_size())
     mode, note = resolve_mode(cfg.anchor, nbytes, psutil.virtual_memory().available, can_anchor=can, why_not=why)
     log.info("Training: %s.", note)
     if mode == "none":
         return None, note, 0.0
     t0 = time.perf_counter()
     progress.update(0.0, f"anchoring: the original's hidden states on {len(visited)} examples")
-    anchors = anchors_for_training(source, cfg.resolved_emulator_dir, train, visited, device=device,
+    anchors = anchors_for_training(source, cfg.resolved_emulator_dir, train, visited, where=mode, device=device,
                                    dtype=weight_dtype)
     return anchors, note, time.perf_counter() - t0
 
@@ -306,7 +307,7 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
     session = None
     try:
         session = _Session.open(cfg, device, weight_dtype, amp_dtype, len(train), data_fingerprint, progress,
-                                data_parallel, anchored=anchors is not None)
+                                data_parallel, anchor="none" if anchors is None else anchors.where)
         if anchors is None:
             return session.run(train, eval_, pad_id, t_start)
         session.anchors = anchors
@@ -473,9 +474,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int,
 
 
 def _resume_settings(cfg: TrainConfig, n_train: int, data_fingerprint: str, targets: Sequence[str],
-                     anchored: bool = False) -> dict[str, Any]:
+                     anchor: str = "none") -> dict[str, Any]:
     """Settings that decide the trajectory: a checkpoint resumes only when they are unchanged."""
-    return {"anchor": "blocks" if anchored else "none","rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": list(targets),
+    return {"anchor": anchor, "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+            "target_modules": list(targets),
             "use_rslora": cfg.use_rslora, "lr": cfg.lr, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "schedule": cfg.schedule, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
             "seed": cfg.seed, "n_train": n_train, "data_fingerprint": data_fingerprint}
@@ -506,7 +508,7 @@ class _Session:
     @classmethod
     def open(cls, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype, amp_dtype: torch.dtype | None,
              n_train: int, data_fingerprint: str, progress: Progress,
-             data_parallel: DataParallel | None = None, anchored: bool = False) -> _Session:
+             data_parallel: DataParallel | None = None, anchor: str = "none") -> _Session:
         from emloc_engine.architectures import arch_spec
         from emloc_engine.lora_layers import attach_lora, lora_config, resolve_targets
         from emloc_engine.lowrank import load_emulator, read_emulator_meta
@@ -545,7 +547,7 @@ class _Session:
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.effective_warmup(), cfg.steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         session = cls(cfg, device, amp_dtype, peft_model, optimizer, scheduler, scaler,
-                      _resume_settings(cfg, n_train, data_fingerprint, targets, anchored), source, progress,
+                      _resume_settings(cfg, n_train, data_fingerprint, targets, anchor), source, progress,
                       data_parallel=data_parallel)
         session.restore_or_clear()
         return session

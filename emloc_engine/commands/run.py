@@ -38,7 +38,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed for the split, sampling and initialisation.")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="Train data-parallel on N GPUs of this machine (N CPU processes with --device cpu).")
-    p.add_argument("--anchor", choices=("auto", "blocks", "none"), default="auto",
+    p.add_argument("--anchor", choices=("auto", "blocks", "linears", "none"), default="auto",
                    help="Anchor the emulator to the original at every block while training (more of the gain "
                         "reaches the original); auto = when its offsets fit a quarter of the free RAM, one GPU.")
 

@@ -57,7 +57,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32.")
     p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, dropout, data order and split.")
     p.add_argument("--restart", action="store_true", help="Ignore and delete existing checkpoints; start over.")
-    p.add_argument("--anchor", choices=("auto", "blocks", "none"), default="auto",
+    p.add_argument("--anchor", choices=("auto", "blocks", "linears", "none"), default="auto",
                    help="Anchor the emulator to the original at every block on the training examples (needs the "
                         "source model folder; more of the gain reaches the original); auto = when it fits RAM.")
     p.set_defaults(func=run)

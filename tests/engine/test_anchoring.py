@@ -38,7 +38,7 @@ def _models(pair: tuple[Path, Path]) -> tuple[torch.nn.Module, torch.nn.Module]:
     return original, load_emulator(emu, dtype=torch.float64).eval()
 
 
-@pytest.mark.parametrize("where", ["blocks", "output"])
+@pytest.mark.parametrize("where", ["blocks", "output", "linears"])
 def test_anchored_emulator_reproduces_the_original_on_a_padded_batch(pair: tuple[Path, Path], where: str) -> None:
     original, emulator = _models(pair)
     data = examples(pair[0])
@@ -55,10 +55,12 @@ def test_anchored_emulator_reproduces_the_original_on_a_padded_batch(pair: tuple
     mask = batch["attention_mask"].bool()
     assert (got.logits - want.logits)[mask].abs().max() < 1e-9
     assert (plain - want.logits)[mask].abs().max() > 1e-2  # the emulator alone is far from it
-    if where == "blocks":  # every block's output, not only the last
+    if where != "output":  # every block's output, not only the last
         for h_got, h_want in zip(got.hidden_states[1:-1], want.hidden_states[1:-1], strict=True):
             assert (h_got - h_want)[mask].abs().max() < 1e-9
-    assert anchors.layers == ((0, 1) if where == "blocks" else (1,))
+    want_points = {"blocks": 2, "output": 1, "linears": 2 * 7}[where]
+    assert len(anchors.points) == want_points and anchors.where == where
+    assert anchors.offsets[1].shape == (len(data[1].input_ids), sum(anchors.widths))
 
 
 def test_hooks_are_removed_and_missing_examples_are_named(pair: tuple[Path, Path]) -> None:
@@ -110,7 +112,7 @@ def test_two_phase_anchors_equal_the_one_pass_ones(pair: tuple[Path, Path]) -> N
     data = examples(pair[0])
     ref = compute_anchors(original, emulator, data, [0, 2, 5], where="blocks")
     got = anchors_for_training(pair[0], pair[1], data, [0, 2, 5], device=torch.device("cpu"), dtype=torch.float64)
-    assert got.layers == ref.layers and sorted(got.offsets) == [0, 2, 5]
+    assert got.points == ref.points and got.widths == ref.widths and sorted(got.offsets) == [0, 2, 5]
     for i in (0, 2, 5):
         assert (got.offsets[i] - ref.offsets[i]).abs().max() < 1e-12
 
@@ -171,3 +173,40 @@ def test_groups_sort_by_length_and_respect_the_token_cap() -> None:
     ex = [SimpleNamespace(input_ids=[0] * n) for n in (5, 3, 8, 2, 12)]
     assert _groups(ex, [0, 1, 2, 3, 4], 10) == [[4], [2], [0, 1], [3]]  # 12 alone (over the cap, still one)
     assert _groups(ex, [1, 3], 100) == [[1, 3]]
+
+
+def test_linear_anchors_make_every_adapter_input_the_originals(pair: tuple[Path, Path]) -> None:
+    """Block anchors leave o_proj/down_proj inputs inexact (they come from compressed q/k/v, gate/up);
+    linear anchors make them exact, and two-phase batching gives the same offsets as one at a time."""
+    from emloc_engine.anchoring import anchor_width, anchors_for_training
+
+    original, emulator = _models(pair)
+    data = examples(pair[0])
+    batch = collate([data[i] for i in (0, 2)], pad_id=0)
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def grab(model: torch.nn.Module, key: str) -> list:
+        return [model.get_submodule(f"model.layers.{b}.{m}").register_forward_pre_hook(
+            lambda _m, a, k=f"{key}{b}{m}": seen.setdefault(k, []).append(a[0]))
+            for b in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")]
+
+    for where in ("blocks", "linears"):
+        anchors = compute_anchors(original, emulator, data, [0, 2], where=where)
+        handles = grab(original, "o") + grab(emulator, where)
+        with torch.no_grad(), anchors.attached(emulator):
+            anchors.select([0, 2], batch["input_ids"].shape[1])
+            original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            emulator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for h in handles:
+            h.remove()
+    mask = batch["attention_mask"].bool()
+    for b in range(2):
+        for m in ("self_attn.o_proj", "mlp.down_proj"):
+            ref = seen[f"o{b}{m}"][0]
+            assert (seen[f"linears{b}{m}"][0] - ref)[mask].abs().max() < 1e-9
+            assert (seen[f"blocks{b}{m}"][0] - ref)[mask].abs().max() > 1e-4
+    two = anchors_for_training(pair[0], pair[1], data, [0, 2, 5], where="linears", device=torch.device("cpu"),
+                               dtype=torch.float64)
+    one = compute_anchors(original, emulator, data, [0, 2, 5], where="linears")
+    assert all((two.offsets[i] - one.offsets[i]).abs().max() < 1e-12 for i in (0, 2, 5))
+    assert sum(two.widths) == anchor_width(original.config, "linears")
