@@ -310,7 +310,8 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
         max_tokens = min(4096, (256 * 2**20) // per_token)
     groups = _groups(examples, indices, max_tokens)
     kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
-    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).to(device).eval()
+    original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    original = original.to(device).eval()
     points = anchor_points(original, where)
     outs: dict[str, torch.Tensor] = {}
 
@@ -330,7 +331,8 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
     finally:
         for h in handles:
             h.remove()
-        del original, outs
+        outs.clear()
+        del original
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -274,3 +274,23 @@ def open_plan_page(qtbot, tmp_path: Path, state: Any):  # type: ignore[no-untype
     qtbot.addWidget(page)
     page.initializePage()
     return page, engine, calls, planned
+
+
+def run_all(qtbot: Any, state: Any, engine: Any) -> Any:
+    """A Run page that has run every stage with ``engine`` (returns once it is complete)."""
+    from emloc_app.pages.run_page import RunPage
+
+    run = RunPage(state, engine)
+    qtbot.addWidget(run)
+    run.initializePage()
+    run.start_button.click()
+    qtbot.waitUntil(run.isComplete, timeout=10000)
+    return run
+
+
+def studio_settings(state: Any) -> dict[str, Any]:
+    """The app's own settings recorded in the run's manifest."""
+    import json
+
+    assert state.run_dir is not None
+    return json.loads((Path(state.run_dir) / "manifest.json").read_text())["settings"]["studio"]

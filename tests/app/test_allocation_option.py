@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from emloc_app.pages.plan_page import ALLOCATION_KEY, SPECTRAL_BUILD_FACTOR, estimated_seconds
-from emloc_app.pages.run_page import RunPage
 from emloc_app.state import WizardState
 from emloc_engine.emulator import EmulatorConfig
-from tests.app.fakes import fake_plan
+from tests.app.fakes import fake_plan, run_all, studio_settings
 from tests.app.fakes import open_plan_page as plan_page
-
-
-def run_all(qtbot, state: WizardState, engine: Any) -> RunPage:  # type: ignore[no-untyped-def]
-    run = RunPage(state, engine)
-    qtbot.addWidget(run)
-    run.initializePage()
-    run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
-    return run
-
-
-def studio_settings(state: WizardState) -> dict[str, Any]:
-    assert state.run_dir is not None
-    return json.loads((Path(state.run_dir) / "manifest.json").read_text())["settings"]["studio"]
 
 
 def test_unchecked_by_default_builds_uniform(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]

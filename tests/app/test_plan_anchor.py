@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from emloc_app.pages.plan_page import ANCHOR_KEY, ANCHOR_ONE_GPU
-from emloc_app.pages.run_page import RunPage
 from emloc_app.state import WizardState
 from emloc_engine.training import TrainConfig
-from tests.app.fakes import GIB, FakeGpu, FakeMachine, Result
+from tests.app.fakes import GIB, FakeGpu, FakeMachine, Result, run_all, studio_settings
 from tests.app.fakes import open_plan_page as plan_page
 
 TWO_GPUS = FakeMachine(gpus=(FakeGpu(0, "NVIDIA H200", 140 * GIB, 138 * GIB),
@@ -25,20 +24,6 @@ class AnchoredResult(Result):
 
     anchor: str = "blocks"
     anchor_note: str = "anchoring on: 12.0 MiB of offsets"
-
-
-def run_all(qtbot, state: WizardState, engine: Any) -> RunPage:  # type: ignore[no-untyped-def]
-    run = RunPage(state, engine)
-    qtbot.addWidget(run)
-    run.initializePage()
-    run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
-    return run
-
-
-def studio_settings(state: WizardState) -> dict[str, Any]:
-    assert state.run_dir is not None
-    return json.loads((Path(state.run_dir) / "manifest.json").read_text())["settings"]["studio"]
 
 
 def test_checked_by_default_trains_auto(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
