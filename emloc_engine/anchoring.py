@@ -28,7 +28,8 @@ the full-LoRA gain that reaches the original rose from 32% / 53% / 72% to 73% / 
 ρ = 0.4 / 0.6 / 0.8; anchoring only the last block ("output") gave 55% at ρ = 0.6 (no gain).
 
 Anchors are a training-time device only: the adapter file, the correction and the merge are
-unchanged. Evaluation on the emulator runs without them.
+unchanged. The trainer's eval loss uses offsets of its eval examples too, so it tracks the anchored
+emulator (≈ the original with the adapter), not the bare emulator.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Anchors:
     widths: tuple[int, ...]
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)
     where: str = "blocks"
+    eval_base: int | None = None  # eval example j has key eval_base + j (emloc_engine.training.prepare_anchors)
     _current: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property

@@ -238,19 +238,32 @@ def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainRes
     meta = read_emulator_meta(cfg.resolved_emulator_dir)  # a missing emulator says "emloc build", not "no tokenizer"
     tokenizer = load_tokenizer(cfg.resolved_emulator_dir)
     data = prepare_dataset(cfg.data, tokenizer)
-    anchors, note, seconds = prepare_anchors(cfg, meta, data.train, progress)
+    anchors, note, seconds = prepare_anchors(cfg, meta, data.train, progress, data.eval)
     result = train_on_examples(cfg, data.train, data.eval, progress, pad_id=pad_token_id(tokenizer),
                                data_fingerprint=str(getattr(data.report, "fingerprint", "")), anchors=anchors)
     return replace(result, anchor="none" if anchors is None else anchors.where, anchor_note=note, anchor_s=seconds)
 
 
 def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequence[ExampleLike],
-                    progress: Progress = NULL_PROGRESS) -> tuple[Anchors | None, str, float]:
-    """The anchors ``cfg.anchor`` asks for (:mod:`emloc_engine.anchoring`), the decision's note, seconds."""
+                    progress: Progress = NULL_PROGRESS,
+                    eval_: Sequence[ExampleLike] = ()) -> tuple[Anchors | None, str, float]:
+    """The anchors ``cfg.anchor`` asks for (:mod:`emloc_engine.anchoring`), the decision's note, seconds.
+
+    The eval examples that :meth:`_Session.evaluate` scores get offsets too (keyed after the training
+    examples, ``Anchors.eval_base``), so the eval loss is that of the anchored emulator: on those
+    examples the original plus the adapter as the emulator sees it, not the bare emulator's loss,
+    which anchored training no longer lowers.
+    """
     import psutil
     from transformers import AutoConfig
 
-    from emloc_engine.anchoring import anchor_bytes, anchor_width, anchors_for_training, resolve_mode, visited_examples
+    from emloc_engine.anchoring import (
+        anchor_bytes,
+        anchor_width,
+        anchors_for_training,
+        resolve_mode,
+        visited_examples,
+    )
 
     if cfg.anchor == "none":
         return None, "anchoring off", 0.0
@@ -260,19 +273,23 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
         can, why = False, f"the emulator's source model folder {str(source) or '(not recorded)'} is not readable"
     nbytes = 0
     device, weight_dtype, _ = resolve_device_dtype(cfg.device, cfg.dtype)
+    n_eval = min(len(eval_), cfg.batch_size * cfg.max_eval_batches)
+    examples = [*train, *eval_[:n_eval]] if n_eval else train
     visited = visited_examples(len(train), cfg.batch_size, cfg.seed, cfg.steps * cfg.grad_accum)
+    visited += [len(train) + j for j in range(n_eval)]
     placement = "linears" if cfg.anchor == "linears" else "blocks"
     if can:
         width = anchor_width(AutoConfig.from_pretrained(cfg.resolved_emulator_dir), placement)
-        nbytes = anchor_bytes(train, visited, width, torch.tensor([], dtype=weight_dtype).element_size())
+        nbytes = anchor_bytes(examples, visited, width, torch.tensor([], dtype=weight_dtype).element_size())
     mode, note = resolve_mode(cfg.anchor, nbytes, psutil.virtual_memory().available, can_anchor=can, why_not=why)
     log.info("Training: %s.", note)
     if mode == "none":
         return None, note, 0.0
     t0 = time.perf_counter()
     progress.update(0.0, f"anchoring: the original's hidden states on {len(visited)} examples")
-    anchors = anchors_for_training(source, cfg.resolved_emulator_dir, train, visited, where=mode, device=device,
+    anchors = anchors_for_training(source, cfg.resolved_emulator_dir, examples, visited, where=mode, device=device,
                                    dtype=weight_dtype)
+    anchors.eval_base = len(train) if n_eval else None
     return anchors, note, time.perf_counter() - t0
 
 
@@ -670,8 +687,9 @@ class _Session:
     def evaluate(self, eval_: Sequence[ExampleLike], pad_id: int) -> float:
         """Mean next-token loss over (at most ``max_eval_batches``) eval micro-batches, dropout off."""
         self.peft_model.eval()
-        if self.anchors is not None:  # offsets exist for training examples only
-            self.anchors.clear()
+        anchors = self.anchors
+        if anchors is not None:
+            anchors.clear()
         total, count = 0.0, 0
         try:
             bs = self.cfg.batch_size
@@ -680,11 +698,16 @@ class _Session:
                 starts = starts[self.data_parallel.rank::self.data_parallel.world_size]
             for start in starts:
                 batch = collate(eval_[start:start + bs], pad_id)
+                if anchors is not None and anchors.eval_base is not None:  # see prepare_anchors
+                    rows = range(start, min(start + bs, len(eval_)))
+                    anchors.select([anchors.eval_base + j for j in rows], batch["input_ids"].shape[1], self.device)
                 count += label_tokens(batch)
                 with self.autocast():
                     total += float(lm_loss_sum(self.peft_model.get_base_model(),
                                                {k: v.to(self.device) for k, v in batch.items()}))
         finally:
+            if anchors is not None:
+                anchors.clear()
             self.peft_model.train()
         if self.data_parallel is not None:
             sums = torch.tensor([total, float(count)], dtype=torch.float64)

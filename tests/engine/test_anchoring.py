@@ -200,3 +200,33 @@ def test_linear_anchors_make_every_adapter_input_the_originals(pair: tuple[Path,
     one = compute_anchors(original, emulator, data, [0, 2, 5], where="linears")
     assert all((two.offsets[i] - one.offsets[i]).abs().max() < 1e-12 for i in (0, 2, 5))
     assert sum(two.widths) == anchor_width(original.config, "linears")
+
+
+def test_eval_loss_is_the_anchored_emulators(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """With a zero adapter the trainer's eval loss equals the ORIGINAL's loss on the eval examples
+    (the bare emulator's is far off); the eval offsets come from the same two-phase pass."""
+    import json
+
+    from emloc_engine.data import DataConfig, load_tokenizer, prepare_dataset
+    from emloc_engine.training import label_tokens, lm_loss_sum, train_lora
+
+    model_dir, emu = pair
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i}: to be or not to be, that is {i}."}) + "\n"
+                            for i in range(30)))
+    base = cfg_for(tmp_path / "run", emu, steps=1, eval_every=0, save_every=0, warmup_steps=0, lr=1e-12)
+    cfg = type(base)(**{**base.__dict__, "data": DataConfig(path=data, max_length=32, eval_fraction=0.2)})
+    res = train_lora(cfg)
+    split = prepare_dataset(cfg.data, load_tokenizer(emu)).eval
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    emulator = load_emulator(emu, dtype=torch.float32).eval()
+    losses, count = [0.0, 0.0], 0
+    with torch.no_grad():
+        for start in range(0, len(split), cfg.batch_size):
+            batch = collate(split[start:start + cfg.batch_size], 0)
+            count += label_tokens(batch)
+            for k, model in enumerate((original, emulator)):
+                losses[k] += float(lm_loss_sum(model, batch))
+    want, bare = losses[0] / count, losses[1] / count
+    assert res.anchor == "blocks" and res.final_eval_loss == pytest.approx(want, abs=1e-4)
+    assert abs(bare - want) > 1e-2
