@@ -174,7 +174,8 @@ def choose_ratio(cfg: RunConfig) -> tuple[float, dict[str, Any]]:
             budget_bytes=budget, gpu_total_bytes=device_total, context_length=cfg.max_length,
             batch_size=cfg.batch_size, lora_rank=cfg.rank, ratio=cfg.ratio,
             device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib, train_steps=cfg.steps,
-            auto_lambda=cfg.lambda_ is None, num_gpus=cfg.gpus))
+            auto_lambda=cfg.lambda_ is None, num_gpus=cfg.gpus, anchored=cfg.anchor != "none",
+            anchor_linears=cfg.anchor == "linears"))
 
     result = plan(cfg.budget_bytes)
     budget_note = "inference peak" if cfg.budget_bytes is None else "user budget"

@@ -143,6 +143,9 @@ class PlanConfig:
     anchored: bool = field(default=True, metadata={
         "help": "Anchored training (emloc_engine.anchoring): the micro-batch's block offsets on the GPU, and "
                 "one pass of the original, then of the emulator, over the visited examples (one GPU only)."})
+    anchor_linears: bool = field(default=False, metadata={
+        "help": "Anchors at every linear layer (--anchor linears) instead of every block: offsets of every "
+                "linear's output width per token on the GPU."})
     eval_batches: int = field(default=16, metadata={"help": "Held-out sequences per λ candidate."})
     lambda_candidates: int = field(default=5, metadata={"help": "Number of λ values tried."})
     min_ratio: float = field(default=0.05, metadata={"help": "Smallest ρ considered."})
@@ -427,7 +430,8 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     flops = 3.0 * _forward_flops(facts, params, tokens, cfg.context_length) * (4 / 3 if cfg.grad_checkpointing else 1)
     seconds = cfg.train_steps * flops / (flops_per_second(cfg) * c.train_mfu) + params * b / c.disk_bytes_per_s
     if name == "train" and anchored_training(cfg):
-        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * facts.hidden_size * b))
+        width = sum(m.out_features for m in facts.modules) if cfg.anchor_linears else facts.hidden_size
+        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * width * b))
         visited = cfg.train_steps * cfg.batch_size * cfg.context_length  # at most: one pass of each model over them
         seconds += (_forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
                     + _forward_flops(facts, params, visited, cfg.context_length)) / (flops_per_second(cfg) * c.infer_mfu)

@@ -138,9 +138,9 @@ class TrainConfig:
     anchor: str = field(default="auto", metadata={
         "help": "Anchor the emulator to the original at every block on the training examples, so the adapter "
                 "learns the task rather than repairs of the emulator (measured: far more of the gain reaches the "
-                "original). auto = at every block when the offsets fit a quarter of the free RAM and one GPU "
-                "trains; blocks = at every block; linears = at every linear layer (every activation exact, "
-                "about 5-9x the offsets); none = off."})
+                "original). auto = at every block when the offsets fit a quarter of the free RAM (one GPU only); "
+                "blocks = at every block; linears = at every linear layer (every adapter reads the original's "
+                "input, measured a little better, but 5-9x the offsets, on the GPU too); none = off."})
 
     def __post_init__(self) -> None:
         checks = [
@@ -271,16 +271,16 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     can, why = True, ""
     if not (source / "config.json").is_file():
         can, why = False, f"the emulator's source model folder {str(source) or '(not recorded)'} is not readable"
-    nbytes = 0
     device, weight_dtype, _ = resolve_device_dtype(cfg.device, cfg.dtype)
     n_eval = min(len(eval_), cfg.batch_size * cfg.max_eval_batches)
     examples = [*train, *eval_[:n_eval]] if n_eval else train
     visited = visited_examples(len(train), cfg.batch_size, cfg.seed, cfg.steps * cfg.grad_accum)
     visited += [len(train) + j for j in range(n_eval)]
-    placement = "linears" if cfg.anchor == "linears" else "blocks"
+    nbytes = {"linears": 0, "blocks": 0}
     if can:
-        width = anchor_width(AutoConfig.from_pretrained(cfg.resolved_emulator_dir), placement)
-        nbytes = anchor_bytes(examples, visited, width, torch.tensor([], dtype=weight_dtype).element_size())
+        config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir)
+        size = torch.tensor([], dtype=weight_dtype).element_size()
+        nbytes = {p: anchor_bytes(examples, visited, anchor_width(config, p), size) for p in nbytes}
     mode, note = resolve_mode(cfg.anchor, nbytes, psutil.virtual_memory().available, can_anchor=can, why_not=why)
     log.info("Training: %s.", note)
     if mode == "none":

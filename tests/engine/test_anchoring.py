@@ -111,16 +111,21 @@ def test_mode_resolution_names_the_reason() -> None:
     from emloc_engine.anchoring import resolve_mode
 
     gib = 2**30
-    assert resolve_mode("auto", gib, 8 * gib, can_anchor=True)[0] == "blocks"
-    mode, note = resolve_mode("auto", 3 * gib, 8 * gib, can_anchor=True)
+    sizes = {"linears": 9 * gib, "blocks": gib}
+    assert resolve_mode("auto", sizes, 400 * gib, can_anchor=True)[0] == "blocks"  # auto never takes linears
+    mode, note = resolve_mode("auto", sizes, 8 * gib, can_anchor=True)
+    assert mode == "blocks" and "every block" in note and "1.00 GiB" in note
+    assert resolve_mode("linears", sizes, 10 * gib, can_anchor=True)[0] == "linears"
+    mode, note = resolve_mode("auto", {"linears": 27 * gib, "blocks": 3 * gib}, 8 * gib, can_anchor=True)
     assert mode == "none" and "3.0 GiB" in note and "quarter" in note
-    assert resolve_mode("blocks", 3 * gib, 8 * gib, can_anchor=True)[0] == "blocks"
-    with pytest.raises(ConfigError, match=r"9\.0 GiB of RAM"):
-        resolve_mode("blocks", 9 * gib, 8 * gib, can_anchor=True)
-    assert resolve_mode("auto", 0, gib, can_anchor=False, why_not="no source")[1] == "anchoring off: no source"
+    assert resolve_mode("blocks", {"linears": 0, "blocks": 3 * gib}, 8 * gib, can_anchor=True)[0] == "blocks"
+    with pytest.raises(ConfigError, match=r"9\.0 GiB of RAM") as err:
+        resolve_mode("linears", sizes, 8 * gib, can_anchor=True)
+    assert "--anchor blocks" in err.value.hint
+    assert resolve_mode("auto", sizes, gib, can_anchor=False, why_not="no source")[1] == "anchoring off: no source"
     with pytest.raises(ConfigError, match="no source"):
-        resolve_mode("blocks", 0, gib, can_anchor=False, why_not="no source")
-    assert resolve_mode("none", 0, gib, can_anchor=True)[0] == "none"
+        resolve_mode("blocks", sizes, gib, can_anchor=False, why_not="no source")
+    assert resolve_mode("none", sizes, gib, can_anchor=True)[0] == "none"
 
 
 def test_train_lora_anchors_by_default_and_refuses_without_the_source(pair: tuple[Path, Path],
@@ -217,6 +222,8 @@ def test_eval_loss_is_the_anchored_emulators(pair: tuple[Path, Path], tmp_path: 
     base = cfg_for(tmp_path / "run", emu, steps=1, eval_every=0, save_every=0, warmup_steps=0, lr=1e-12)
     cfg = type(base)(**{**base.__dict__, "data": DataConfig(path=data, max_length=32, eval_fraction=0.2)})
     res = train_lora(cfg)
+    lin = train_lora(type(cfg)(**{**cfg.__dict__, "anchor": "linears", "run_dir": tmp_path / "run-lin"}))
+    assert lin.anchor == "linears" and lin.final_eval_loss == pytest.approx(res.final_eval_loss, abs=1e-4)
     split = prepare_dataset(cfg.data, load_tokenizer(emu)).eval
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     emulator = load_emulator(emu, dtype=torch.float32).eval()

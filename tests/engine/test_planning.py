@@ -234,3 +234,15 @@ def test_stage1_on_two_gpus_moves_the_factorisation_off_gpu0() -> None:
     parts = dict(two.parts)
     assert "factorisation workspace" not in parts
     assert parts["statistics ΣXᵀX (fp32)"] == 2 * dict(one.parts)["statistics ΣXᵀX (fp32)"]
+
+
+def test_anchors_add_the_micro_batch_offsets_to_training() -> None:
+    cfg = PlanConfig(context_length=1024, lora_rank=16)
+    plain = training_peak(LLAMA3, replace(cfg, anchored=False), 0.5)
+    blocks = training_peak(LLAMA3, cfg, 0.5)
+    linears = training_peak(LLAMA3, replace(cfg, anchor_linears=True), 0.5)
+    part = dict(blocks.parts)["anchors of the micro-batch"]
+    assert part == 32 * 1024 * 4096 * 2 and "anchors of the micro-batch" not in dict(plain.parts)
+    assert dict(linears.parts)["anchors of the micro-batch"] == 32 * 1024 * (3 * 4096 + 2 * 1024 + 2 * 14336) * 2
+    assert plain.peak_bytes < blocks.peak_bytes < linears.peak_bytes
+    assert blocks.est_seconds > plain.est_seconds  # the two passes over the visited examples
