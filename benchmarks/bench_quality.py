@@ -71,7 +71,13 @@ from emloc_engine.lowrank import (
 )
 from emloc_engine.planning import PlanConfig, inference_peak, model_facts, plan_memory
 from emloc_engine.rank_allocation import allocate_ranks
-from emloc_engine.training import TrainConfig, pad_token_id, resolve_device_dtype, train_lora, train_on_examples
+from emloc_engine.training import (
+    TrainConfig,
+    pad_token_id,
+    resolve_device_dtype,
+    train_lora,
+    train_on_examples,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Quality (SmolLM2-135M-Instruct)"
@@ -765,7 +771,9 @@ def render_section(data: Mapping[str, Any]) -> str:
         planner_ratio = planner.get("ratio")
         for u in sorted(rec["units"], key=lambda u: (VARIANTS.index(u["variant"]) if u["variant"] in VARIANTS
                                                      else 99, u["ratio"])):
-            tag = " (planner)" if planner_ratio is not None and u["ratio"] == planner_ratio else ""
+            # the planner's ρ counts block-level anchors; linear-level ones need more GPU memory (a lower ρ)
+            tag = " (planner)" if planner_ratio is not None and u["ratio"] == planner_ratio \
+                and split_variant(u["variant"])[1] != "linears" else ""
             cells = [_cell(rec, u["lambda"].get(x)) for x in lams]
             out.append(f"| {u['variant']} | {u['ratio']:g}{tag} | {100 * u['build']['linear_params_kept']:.0f}% | "
                        f"{_cell(rec, u['on_emulator'])} | " + " | ".join(cells)
