@@ -294,3 +294,20 @@ def studio_settings(state: Any) -> dict[str, Any]:
 
     assert state.run_dir is not None
     return json.loads((Path(state.run_dir) / "manifest.json").read_text())["settings"]["studio"]
+
+
+def reopen_plan_page(qtbot: Any, tmp_path: Path, state: Any) -> tuple[Any, Any, list[Any]]:
+    """Reopen ``state``'s finished run as ``emloc-studio --run-dir`` does and open a fresh Plan page on it.
+
+    Returns ``(reopened state, page, planned configs)``; the earlier pages' inputs (machine, model,
+    data) are copied over, as the wizard's earlier pages would have set them.
+    """
+    from emloc_app.main import state_from_run_dir
+
+    reopened, _ = state_from_run_dir(Path(state.run_dir))
+    for key in ("machine", "gpu_index", "model", "model_dir", "facts", "data_path", "data_config",
+                "data_report", "calibration_ids"):
+        setattr(reopened, key, getattr(state, key))
+    (tmp_path / "again").mkdir()
+    page, _, _, planned = open_plan_page(qtbot, tmp_path / "again", reopened)
+    return reopened, page, planned

@@ -10,7 +10,7 @@ import pytest
 from emloc_app.pages.plan_page import ALLOCATION_KEY, SPECTRAL_BUILD_FACTOR, estimated_seconds
 from emloc_app.state import WizardState
 from emloc_engine.emulator import EmulatorConfig
-from tests.app.fakes import fake_plan, run_all, studio_settings
+from tests.app.fakes import fake_plan, reopen_plan_page, run_all, studio_settings
 from tests.app.fakes import open_plan_page as plan_page
 
 
@@ -53,15 +53,8 @@ def test_checked_builds_spectral_and_is_restored(qtbot, tmp_path: Path,  # type:
     assert calls.get("build_emulator").allocation == "spectral"
     assert studio_settings(state)["allocation"] == "spectral"
     # reopening the run (emloc-studio --run-dir) shows the same choice on a fresh Plan page
-    from emloc_app.main import state_from_run_dir
-
-    reopened, _ = state_from_run_dir(Path(state.run_dir))  # type: ignore[arg-type]
-    assert reopened.configs[ALLOCATION_KEY] == "spectral"  # type: ignore[attr-defined]
-    for key in ("machine", "gpu_index", "model", "model_dir", "facts", "data_path", "data_config",
-                "data_report", "calibration_ids"):
-        setattr(reopened, key, getattr(state, key))
-    (tmp_path / "again").mkdir()
-    page2, _, _, _ = plan_page(qtbot, tmp_path / "again", reopened)  # type: ignore[arg-type]
+    reopened, page2, _ = reopen_plan_page(qtbot, tmp_path, state)
+    assert reopened.configs[ALLOCATION_KEY] == "spectral"
     assert page2.allocation.isChecked()
     assert "--allocation" in shlex.split(page2.command())
 

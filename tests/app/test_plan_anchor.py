@@ -11,7 +11,7 @@ from typing import Any
 from emloc_app.pages.plan_page import ANCHOR_KEY, ANCHOR_ONE_GPU
 from emloc_app.state import WizardState
 from emloc_engine.training import TrainConfig
-from tests.app.fakes import GIB, FakeGpu, FakeMachine, Result, run_all, studio_settings
+from tests.app.fakes import GIB, FakeGpu, FakeMachine, Result, reopen_plan_page, run_all, studio_settings
 from tests.app.fakes import open_plan_page as plan_page
 
 TWO_GPUS = FakeMachine(gpus=(FakeGpu(0, "NVIDIA H200", 140 * GIB, 138 * GIB),
@@ -113,15 +113,8 @@ def test_reopen_restores_unchecked(qtbot, tmp_path: Path, state: WizardState) ->
     page.anchor.setChecked(False)
     assert page.validatePage()
     run_all(qtbot, state, engine)
-    from emloc_app.main import state_from_run_dir
-
-    reopened, _ = state_from_run_dir(Path(state.run_dir))  # type: ignore[arg-type]
-    assert reopened.configs[ANCHOR_KEY] == "none"  # type: ignore[attr-defined]
-    for key in ("machine", "gpu_index", "model", "model_dir", "facts", "data_path", "data_config",
-                "data_report", "calibration_ids"):
-        setattr(reopened, key, getattr(state, key))
-    (tmp_path / "again").mkdir()
-    page2, _, _, planned2 = plan_page(qtbot, tmp_path / "again", reopened)  # type: ignore[arg-type]
+    reopened, page2, planned2 = reopen_plan_page(qtbot, tmp_path, state)
+    assert reopened.configs[ANCHOR_KEY] == "none"
     assert not page2.anchor.isChecked()
     assert planned2[-1].anchored is False
     assert "--anchor" in shlex.split(page2.command())
