@@ -28,7 +28,10 @@ inference needs). The ρ-dependent stages (emulator build, training) must fit
 ``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`); the margin absorbs
 prediction error, so it is taken from the predicted part only. The correction's λ search
 runs the original model on held-out data, i.e. it *is* inference, so it is checked against the
-GPU, not the margin-reduced budget, and a note says when it needs more than the budget.
+GPU, not the margin-reduced budget, and a note says when it needs more than the budget. The same
+holds for the first pass of anchored training (:mod:`emloc_engine.anchoring`): the original model
+alone, batch of ≤ 256 MiB of recorded block outputs, no KV cache and no logits — below the
+inference peak; the train stage's *measured* peak includes it, its prediction is the training loop.
 The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ max_ratio`` that fits.
 """
 
