@@ -177,59 +177,6 @@ class Anchors:
             self.clear()
 
 
-@torch.no_grad()
-def compute_anchors(original: Any, emulator: Any, examples: Sequence[Any], indices: Sequence[int], *,
-                    where: str = "blocks", device: torch.device | str = "cpu",
-                    store_dtype: torch.dtype | None = None) -> Anchors:
-    """Offsets ``c = f(x) − f^E(x)`` of every anchor point for ``examples[i]``, ``i`` in ``indices``.
-
-    ``x`` is the ORIGINAL's input of the anchored module (``h_{l−1}`` for a block). ``original`` and
-    ``emulator`` are causal LMs in eval mode on ``device``, in the dtype training will use (so that
-    the anchored emulator reproduces the original's activations in that dtype). Each example runs
-    alone (no padding): the reference for :func:`anchors_for_training`. Offsets are computed in fp32
-    (fp64 for fp64 models) and stored in ``store_dtype`` (default: the emulator's dtype).
-    """
-    device = torch.device(device)
-    points = anchor_points(original, where)
-    if anchor_points(emulator, where) != points:
-        raise ConfigError("The emulator and the original have different blocks.")
-    store = store_dtype or next(emulator.parameters()).dtype
-    targets: dict[str, torch.Tensor] = {}
-    offsets: dict[str, torch.Tensor] = {}
-
-    def record(point: str) -> Any:
-        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-            targets[point] = _out(out).detach()
-        return hook
-
-    def anchor(point: str) -> Any:
-        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-            h, target = _out(out), targets[point]
-            wide = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 models
-            offsets[point] = (target.to(wide) - h.to(wide))[0].to(store)  # on the device until the example ends
-            return _replace(out, target.to(h.dtype))
-        return hook
-
-    handles = [original.get_submodule(p).register_forward_hook(record(p)) for p in points]
-    handles += [emulator.get_submodule(p).register_forward_hook(anchor(p)) for p in points]
-    widths: tuple[int, ...] = ()
-    anchors: dict[int, torch.Tensor] = {}
-    try:
-        for i in indices:
-            ids = torch.tensor([list(examples[i].input_ids)], dtype=torch.long, device=device)
-            targets.clear()
-            offsets.clear()
-            original.model(input_ids=ids, use_cache=False)
-            emulator.model(input_ids=ids, use_cache=False)
-            widths = tuple(offsets[p].shape[-1] for p in points)
-            # One device→host copy per example: a sync per block made this 40× slower on a shared GPU.
-            anchors[int(i)] = torch.cat([offsets[p] for p in points], dim=-1).cpu()
-    finally:
-        for h in handles:
-            h.remove()
-    return Anchors(points, widths, anchors, where)
-
-
 MODES = ("auto", "blocks", "linears", "none")
 AUTO_RAM_FRACTION = 0.25  # "auto" anchors when the offsets take at most this share of the available RAM
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from emloc_engine.anchoring import Anchors, compute_anchors, visited_examples
+from emloc_engine.anchoring import Anchors, anchors_for_training, visited_examples
 from emloc_engine.errors import ConfigError
 from emloc_engine.lowrank import load_emulator
 from emloc_engine.training import collate, micro_batch_indices, train_on_examples
@@ -29,11 +29,17 @@ def _models(pair: tuple[Path, Path]) -> tuple[torch.nn.Module, torch.nn.Module]:
     return original, load_emulator(emu, dtype=torch.float64).eval()
 
 
+def _anchors(pair: tuple[Path, Path], data: list, indices: list[int], where: str = "blocks",
+             dtype: torch.dtype = torch.float64, max_tokens: int | None = None) -> Anchors:
+    return anchors_for_training(pair[0], pair[1], data, indices, where=where, device=torch.device("cpu"),
+                                dtype=dtype, max_tokens=max_tokens)
+
+
 @pytest.mark.parametrize("where", ["blocks", "output", "linears"])
 def test_anchored_emulator_reproduces_the_original_on_a_padded_batch(pair: tuple[Path, Path], where: str) -> None:
     original, emulator = _models(pair)
     data = examples(pair[0])
-    anchors = compute_anchors(original, emulator, data, [1, 3, 4], where=where)
+    anchors = _anchors(pair, data, [1, 3, 4], where)
     batch = collate([data[i] for i in (3, 1, 4)], pad_id=0)
     with torch.no_grad():
         want = original(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -55,9 +61,9 @@ def test_anchored_emulator_reproduces_the_original_on_a_padded_batch(pair: tuple
 
 
 def test_hooks_are_removed_and_missing_examples_are_named(pair: tuple[Path, Path]) -> None:
-    original, emulator = _models(pair)
+    _, emulator = _models(pair)
     data = examples(pair[0])
-    anchors = compute_anchors(original, emulator, data, [0], where="blocks")
+    anchors = _anchors(pair, data, [0])
     ids = collate([data[0]], 0)["input_ids"]
     with torch.no_grad():
         before = emulator(input_ids=ids).logits
@@ -82,7 +88,7 @@ def test_anchored_training_starts_at_the_original_loss(pair: tuple[Path, Path], 
     original32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     emulator32 = load_emulator(emu, dtype=torch.float32).eval()
     idx = visited_examples(len(data), cfg.batch_size, cfg.seed, cfg.steps)
-    anchors = compute_anchors(original32, emulator32, data, idx, where="blocks")
+    anchors = _anchors(pair, data, idx, dtype=torch.float32)
     first = micro_batch_indices(len(data), cfg.batch_size, cfg.seed, 0)
     batch = collate([data[i] for i in first], 0)
     with torch.no_grad():
@@ -94,14 +100,11 @@ def test_anchored_training_starts_at_the_original_loss(pair: tuple[Path, Path], 
     assert isinstance(anchors, Anchors) and anchors.nbytes() > 0
 
 
-def test_two_phase_anchors_equal_the_one_pass_ones(pair: tuple[Path, Path]) -> None:
-    """anchors_for_training never holds both models, and gets the same offsets."""
-    from emloc_engine.anchoring import anchors_for_training
-
-    original, emulator = _models(pair)
+def test_batched_anchors_equal_one_example_at_a_time(pair: tuple[Path, Path]) -> None:
+    """Right-padded groups (the default) give the offsets of one example per forward."""
     data = examples(pair[0])
-    ref = compute_anchors(original, emulator, data, [0, 2, 5], where="blocks")
-    got = anchors_for_training(pair[0], pair[1], data, [0, 2, 5], device=torch.device("cpu"), dtype=torch.float64)
+    ref = _anchors(pair, data, [0, 2, 5], max_tokens=1)
+    got = _anchors(pair, data, [0, 2, 5])
     assert got.points == ref.points and got.widths == ref.widths and sorted(got.offsets) == [0, 2, 5]
     for i in (0, 2, 5):
         assert (got.offsets[i] - ref.offsets[i]).abs().max() < 1e-12
@@ -173,7 +176,7 @@ def test_groups_sort_by_length_and_respect_the_token_cap() -> None:
 def test_linear_anchors_make_every_adapter_input_the_originals(pair: tuple[Path, Path]) -> None:
     """Block anchors leave o_proj/down_proj inputs inexact (they come from compressed q/k/v, gate/up);
     linear anchors make them exact, and two-phase batching gives the same offsets as one at a time."""
-    from emloc_engine.anchoring import anchor_width, anchors_for_training
+    from emloc_engine.anchoring import anchor_width
 
     original, emulator = _models(pair)
     data = examples(pair[0])
@@ -186,7 +189,7 @@ def test_linear_anchors_make_every_adapter_input_the_originals(pair: tuple[Path,
             for b in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")]
 
     for where in ("blocks", "linears"):
-        anchors = compute_anchors(original, emulator, data, [0, 2], where=where)
+        anchors = _anchors(pair, data, [0, 2], where)
         handles = grab(original, "o") + grab(emulator, where)
         with torch.no_grad(), anchors.attached(emulator):
             anchors.select([0, 2], batch["input_ids"].shape[1])
@@ -200,9 +203,8 @@ def test_linear_anchors_make_every_adapter_input_the_originals(pair: tuple[Path,
             ref = seen[f"o{b}{m}"][0]
             assert (seen[f"linears{b}{m}"][0] - ref)[mask].abs().max() < 1e-9
             assert (seen[f"blocks{b}{m}"][0] - ref)[mask].abs().max() > 1e-4
-    two = anchors_for_training(pair[0], pair[1], data, [0, 2, 5], where="linears", device=torch.device("cpu"),
-                               dtype=torch.float64)
-    one = compute_anchors(original, emulator, data, [0, 2, 5], where="linears")
+    two = _anchors(pair, data, [0, 2, 5], "linears")
+    one = _anchors(pair, data, [0, 2, 5], "linears", max_tokens=1)
     assert all((two.offsets[i] - one.offsets[i]).abs().max() < 1e-12 for i in (0, 2, 5))
     assert sum(two.widths) == anchor_width(original.config, "linears")
 
