@@ -30,8 +30,9 @@ prediction error, so it is taken from the predicted part only. The correction's 
 runs the original model on held-out data, i.e. it *is* inference, so it is checked against the
 GPU, not the margin-reduced budget, and a note says when it needs more than the budget. The same
 holds for the first pass of anchored training (:mod:`emloc_engine.anchoring`): the original model
-alone, batch of ≤ 256 MiB of recorded block outputs, no KV cache and no logits — below the
-inference peak; the train stage's *measured* peak includes it, its prediction is the training loop.
+alone, groups of ≤ 256 MiB of recorded block outputs (copied to the CPU as they are made), no KV
+cache and no logits, so it should stay below the inference peak — by this arithmetic; not yet
+measured on a GPU. The train stage's *measured* peak includes it, its prediction is the training loop.
 The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ max_ratio`` that fits.
 """
 

@@ -286,3 +286,33 @@ def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: 
     assert not (tmp_path / "out" / "emloc.json").exists()
     with pytest.raises(ConfigError, match="factor device"):
         _config(tiny_llama, tmp_path / "x", factor_devices=("tpu",))
+
+
+@pytest.mark.parametrize(("failure", "hint"), [("the calibration statistic holds NaN or Inf", "overflowed"),
+                                               ("the calibration statistic is not positive semi-definite",
+                                                "EMLOC_STATS_TF32=0")])
+def test_unusable_statistics_name_the_fix_for_their_cause(tiny_llama: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          failure: str, hint: str) -> None:
+    import emloc_engine.emulator as emulator_module
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise FloatingPointError(failure)
+
+    monkeypatch.setattr(emulator_module, "factorize", broken)
+    with pytest.raises(DataError) as err:
+        build_emulator(_config(tiny_llama, tmp_path / "out"))
+    assert hint in (err.value.hint or "") and "model.layers.0." in str(err.value)
+
+
+def test_tf32_statistics_switch_is_read_from_the_environment() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import emloc_engine.calibration as c; print(c._TF32_STATS)"
+    env = {**os.environ, "EMLOC_STATS_TF32": "0"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env["EMLOC_STATS_TF32"] = "1"
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")
