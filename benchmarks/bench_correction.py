@@ -35,12 +35,22 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.adapters import read_adapter
-from emloc_engine.architectures import arch_spec, num_blocks
-from emloc_engine.checkpoint import Checkpoint, load_config
-from emloc_engine.correction import CorrectionConfig, correct_lora, corrected_weights, prepare_adapter
-from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
-from emloc_engine.memory import RssSampler
+from emloc_engine.core.architectures import arch_spec, num_blocks
+from emloc_engine.core.memory import RssSampler
+from emloc_engine.stages.correction.corrector import (
+    CorrectionConfig,
+    correct_lora,
+    corrected_weights,
+    prepare_adapter,
+)
+from emloc_engine.weights.adapters import read_adapter
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import (
+    EMULATOR_FORMAT,
+    EMULATOR_FORMAT_VERSION,
+    EMULATOR_META,
+    rank_for_ratio,
+)
 
 TINY_CONFIG: dict[str, Any] = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256,
                                    intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -1,7 +1,7 @@
 """Multi-GPU Stage 2 benchmark: data-parallel LoRA training on N GPUs against one GPU.
 
 Trains the same emulator on the same global batches (``batch × grad_accum`` sequences per
-optimizer step) with 1 process and with N processes (``emloc_engine.distributed``: one per GPU,
+optimizer step) with 1 process and with N processes (``emloc_engine.stages.training.distributed``: one per GPU,
 NCCL, summed LoRA gradients), and reports per configuration: median tokens/s of the steps after
 ``--warmup`` (global throughput, rank 0's step time), wall time including process start and
 emulator loading, the largest GPU peak, the final loss, and the largest difference of the adapter
@@ -36,15 +36,15 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_training import _examples, write_random_emulator
-from emloc_engine.checkpoint import load_config
-from emloc_engine.errors import InsufficientMemory
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.core.errors import InsufficientMemory
+from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.weights.checkpoint import load_config
 
 
 def bench(emulator_dir: Path, run_dir: Path, gpus: int, args: argparse.Namespace, data: list[Any]) -> dict[str, Any]:
     from emloc_engine.data import DataConfig
-    from emloc_engine.distributed import ParallelConfig, train_examples_distributed
-    from emloc_engine.training import TrainConfig
+    from emloc_engine.stages.training.distributed import ParallelConfig, train_examples_distributed
+    from emloc_engine.stages.training.trainer import TrainConfig
 
     cfg = TrainConfig(run_dir=run_dir, data=DataConfig(path=run_dir / "none.jsonl"), emulator_dir=emulator_dir,
                       rank=args.rank, alpha=2.0 * args.rank, dropout=0.0, steps=args.warmup + args.steps, lr=1e-4,

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.emulator import EmulatorConfig, build_emulator
-from emloc_engine.lowrank import read_emulator_meta
-from emloc_engine.memory import RssSampler
+from emloc_engine.core.memory import RssSampler
+from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
+from emloc_engine.weights.lowrank import read_emulator_meta
 
 
 def random_calibration(vocab: int, samples: int, length: int, seed: int = 0) -> tuple[tuple[int, ...], ...]:

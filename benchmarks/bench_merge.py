@@ -62,8 +62,8 @@ def make_adapter(model_dir: Path, out: Path, rank: int, alpha: float) -> int:
     """A random fp32 peft LoRA adapter (nonzero B) on every linear module of every block."""
     from peft import LoraConfig
 
-    from emloc_engine.architectures import arch_spec, num_blocks
-    from emloc_engine.checkpoint import Checkpoint, load_config
+    from emloc_engine.core.architectures import arch_spec, num_blocks
+    from emloc_engine.weights.checkpoint import Checkpoint, load_config
 
     cfg = load_config(model_dir)
     spec, ck = arch_spec(cfg), Checkpoint(model_dir)
@@ -83,8 +83,8 @@ def make_adapter(model_dir: Path, out: Path, rank: int, alpha: float) -> int:
 
 def spot_check(model_dir: Path, merged_dir: Path, adapter_dir: Path, module: str) -> float:
     """max |merged − bf16(W + s·B·A)| for one module, in units of the bf16 spacing (≤ 1 expected)."""
-    from emloc_engine.checkpoint import Checkpoint
-    from emloc_engine.merge import read_lora_deltas
+    from emloc_engine.stages.export.merge import read_lora_deltas
+    from emloc_engine.weights.checkpoint import Checkpoint
 
     _, deltas = read_lora_deltas(adapter_dir)
     d = deltas[module]
@@ -111,8 +111,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from emloc_engine.export import ExportConfig, RssSampler, merge_and_export
-    from emloc_engine.layout import RunLayout
+    from emloc_engine.core.layout import RunLayout
+    from emloc_engine.stages.export.exporter import ExportConfig, RssSampler, merge_and_export
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-merge-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ does not depend on weight values) and each context length, this measures
 * inference: one forward of ``B×T`` tokens with a KV cache (``use_cache=True``), no grad;
 * plain LoRA on the full model: peft + transformers loss, gradient checkpointing, AdamW, 2 steps;
 * EMLoC training on the emulator at each ρ: every block linear replaced by a random
-  :class:`~emloc_engine.lowrank.LowRankLinear` of rank ``k(ρ)``, LoRA attached exactly like
-  :mod:`emloc_engine.training` does (``lora_layers.attach_lora``, non-reentrant checkpointing,
+  :class:`~emloc_engine.weights.lowrank.LowRankLinear` of rank ``k(ρ)``, LoRA attached exactly like
+  :mod:`emloc_engine.stages.training.trainer` does (``lora_layers.attach_lora``, non-reentrant checkpointing,
   bf16 autocast, fused AdamW, chunked ``lm_loss_sum``), 2 steps;
 
 and prints each with the planner's prediction (:attr:`StagePeak.allocated_bytes`) and the error.
@@ -35,8 +35,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.model_facts import REFERENCE_CONFIGS, ModelFacts, facts_from_config, load_config_json
-from emloc_engine.planning import GIB, PlanConfig, inference_peak, rank_for_ratio, training_peak
+from emloc_engine.catalog.model_facts import (
+    REFERENCE_CONFIGS,
+    ModelFacts,
+    facts_from_config,
+    load_config_json,
+)
+from emloc_engine.run.planning import GIB, PlanConfig, inference_peak, rank_for_ratio, training_peak
 
 DEFAULT_ARCHS = ("Llama-3-8B", "Qwen2.5-7B", "Mistral-7B")
 
@@ -66,7 +71,7 @@ def predictions(facts: ModelFacts, context: int, batch: int, rank: int, ratio: f
 
 
 def _checkpointing(model: Any, on: bool) -> None:
-    """Non-reentrant activation checkpointing, switched the way emloc_engine.training does it."""
+    """Non-reentrant activation checkpointing, switched the way emloc_engine.stages.training.trainer does it."""
     if on:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:  # transformers >= 5
@@ -126,7 +131,7 @@ class Bench:
     def full_lora(self, context: int) -> int | None:
         from peft import LoraConfig, get_peft_model
 
-        from emloc_engine.architectures import arch_spec
+        from emloc_engine.core.architectures import arch_spec
 
         torch = self.torch
         targets = list(arch_spec(self.hf_config).short_names)
@@ -156,8 +161,8 @@ class Bench:
 
     def compress(self, ratio: float) -> None:
         """Swap every block linear (dense or low-rank) for a random LowRankLinear of rank k(ρ)."""
-        from emloc_engine.architectures import arch_spec
-        from emloc_engine.lowrank import LowRankLinear
+        from emloc_engine.core.architectures import arch_spec
+        from emloc_engine.weights.lowrank import LowRankLinear
 
         torch = self.torch
         spec = arch_spec(self.hf_config)
@@ -180,16 +185,16 @@ class Bench:
         gc.collect()
 
     def _shape(self, name: str) -> tuple[int, int]:
-        from emloc_engine.model_facts import _config_modules
+        from emloc_engine.catalog.model_facts import _config_modules
 
         cfg = self.hf_config.to_dict()
         m = next(x for x in _config_modules(cfg, (name,)))
         return m.out_features, m.in_features
 
     def emulator_train(self, context: int) -> int | None:
-        from emloc_engine.architectures import arch_spec
-        from emloc_engine.lora_layers import attach_lora, lora_config
-        from emloc_engine.training import lm_loss_sum
+        from emloc_engine.core.architectures import arch_spec
+        from emloc_engine.stages.training.lora_layers import attach_lora, lora_config
+        from emloc_engine.stages.training.trainer import lm_loss_sum
 
         torch = self.torch
         peft_model = attach_lora(self.model, lora_config(self.rank, 2.0 * self.rank, 0.05,

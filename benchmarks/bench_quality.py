@@ -53,36 +53,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import Task, demo_shakespeare_task, formats_task
-from emloc_engine.adapters import read_adapter
-from emloc_engine.anchoring import anchors_for_training, visited_examples
-from emloc_engine.architectures import arch_spec, num_blocks
-from emloc_engine.checkpoint import Checkpoint, load_config
-from emloc_engine.correction import CorrectionConfig, correct_lora, corrected_weights, prepare_adapter
+from emloc_engine.core.architectures import arch_spec, num_blocks
 from emloc_engine.data import calibration_token_ids, load_tokenizer, prepare_dataset
-from emloc_engine.emulator import EmulatorConfig, build_emulator
-from emloc_engine.evaluation import inference_dtype, load_model_with_adapter, set_lora_weights
-from emloc_engine.lora_layers import attach_lora, lora_config
-from emloc_engine.lowrank import (
-    EMULATOR_FORMAT,
-    EMULATOR_FORMAT_VERSION,
-    EMULATOR_META,
-    load_emulator,
-    rank_for_ratio,
+from emloc_engine.run.planning import PlanConfig, inference_peak, model_facts, plan_memory
+from emloc_engine.stages.correction.corrector import (
+    CorrectionConfig,
+    correct_lora,
+    corrected_weights,
+    prepare_adapter,
 )
-from emloc_engine.planning import PlanConfig, inference_peak, model_facts, plan_memory
-from emloc_engine.rank_allocation import allocate_ranks
-from emloc_engine.training import (
+from emloc_engine.stages.correction.evaluation import (
+    inference_dtype,
+    load_model_with_adapter,
+    set_lora_weights,
+)
+from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
+from emloc_engine.stages.emulator.rank_allocation import allocate_ranks
+from emloc_engine.stages.training.anchoring import anchors_for_training, visited_examples
+from emloc_engine.stages.training.lora_layers import attach_lora, lora_config
+from emloc_engine.stages.training.trainer import (
     TrainConfig,
     pad_token_id,
     resolve_device_dtype,
     train_lora,
     train_on_examples,
 )
+from emloc_engine.weights.adapters import read_adapter
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import (
+    EMULATOR_FORMAT,
+    EMULATOR_FORMAT_VERSION,
+    EMULATOR_META,
+    load_emulator,
+    rank_for_ratio,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Quality (SmolLM2-135M-Instruct)"
 BUILDS = ("activation-aware", "plain-svd", "aa-calib256", "aa-calib256-alloc", "aa-seq256", "aa-gptq256")
-# A suffix trains with anchors (emloc_engine.anchoring): "-anchor" at every block, "-anchorout" at the last,
+# A suffix trains with anchors (emloc_engine.stages.training.anchoring): "-anchor" at every block, "-anchorout" at the last,
 # "-anchorlin" at every linear layer.
 ANCHOR_SUFFIXES = {"-anchor": "blocks", "-anchorout": "output", "-anchorlin": "linears"}
 VARIANTS = (*BUILDS, *(b + suffix for suffix in ANCHOR_SUFFIXES for b in BUILDS if b != "plain-svd"))
@@ -230,14 +239,14 @@ def spectral_allocation(model_dir: Path, calibration: Sequence[Sequence[int]], r
     minimises ``Σ_m E_m(k_m) / E_m(0)`` subject to the parameters kept staying within what the
     uniform ρ keeps, ``Σ_m rank_for_ratio(ρ, out, in) (out + in)``. A module whose rank reaches
     ``out·in/(out+in)`` is cheaper dense and is kept dense. The greedy is the engine's
-    :func:`emloc_engine.rank_allocation.allocate_ranks` (``EmulatorConfig(allocation="spectral")``
+    :func:`emloc_engine.stages.emulator.rank_allocation.allocate_ranks` (``EmulatorConfig(allocation="spectral")``
     does the same, streamed); before it moved there the budget was ``ρ Σ_m out·in`` and a dense
     module was charged ``k_max (out + in)``, which could overspend by under one rank unit per module.
 
     ``C`` is accumulated in fp32 from the original model (fp32) on ``device``; spectra in fp64.
 
     Returns:
-        ``(rank_overrides, dense_patterns)`` for :class:`~emloc_engine.emulator.EmulatorConfig`.
+        ``(rank_overrides, dense_patterns)`` for :class:`~emloc_engine.stages.emulator.builder.EmulatorConfig`.
     """
     key = ("spectra", str(model_dir), len(calibration))
     if cache is not None and key in cache:
@@ -436,7 +445,7 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from emloc_engine.version import __version__
+    from emloc_engine.core.version import __version__
 
     commit = os.environ.get("EMLOC_BENCH_COMMIT", "unknown")  # set where the copy has no .git
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -746,7 +755,7 @@ def render_section(data: Mapping[str, Any]) -> str:
            f"lr {s['lr']:g} (warmup {s['warmup_steps']}, cosine); calibration {s['calib_samples']} × {s['max_length']} "
            f"tokens ({s['more_calib_samples']} for `aa-calib256*`, `aa-seq256`, `aa-gptq256`); λ = auto chooses among "
            f"{', '.join(s['auto_grid'])} on the validation split. A `-anchor` suffix: LoRA trained with the emulator "
-           "anchored to the original at every block (`emloc_engine.anchoring`); `-anchorout`: at the last block only; "
+           "anchored to the original at every block (`emloc_engine.stages.training.anchoring`); `-anchorout`: at the last block only; "
            "`-anchorlin`: at every linear layer. "
            f"Wall time {data.get('wall_s', math.nan):.0f} s "
            "(summed over the commands below, which ran side by side, one per GPU).  ",
@@ -905,7 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              calib_samples=args.calib, more_calib_samples=args.more_calib, device=args.device,
                              max_test_examples=args.max_test, time_budget_s=args.time_budget)
     if args.model_dir is None:
-        from emloc_engine.demo import ensure_demo_model
+        from emloc_engine.catalog.demo import ensure_demo_model
 
         model_dir = ensure_demo_model()
     else:

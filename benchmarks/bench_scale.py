@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.manifest import RunManifest
-from emloc_engine.pipeline import _SLICES, RunConfig, run_pipeline
+from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.orchestrator import _SLICES, RunConfig, run_pipeline
 
 WORDS = ["thou", "art", "the", "king", "of", "france", "and", "I", "am", "but", "a", "poor", "player", "upon", "this", "stage", "who", "struts", "and", "frets", "his", "hour", "then", "is", "heard", "no", "more", "it", "is", "a", "tale", "told", "by", "an", "idiot", "full", "of", "sound", "and", "fury"]
 

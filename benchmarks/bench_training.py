@@ -6,7 +6,7 @@ for every linear layer of the blocks; embeddings, norms and lm_head copied from 
 and memory do not depend on the values, and this takes seconds instead of an activation-aware SVD
 of 8B parameters. ``--emulator-dir`` uses real emulators instead (``NAME=DIR``, repeatable).
 
-Every configuration runs the engine's own training loop (``emloc_engine.training.train_on_examples``)
+Every configuration runs the engine's own training loop (``emloc_engine.stages.training.trainer.train_on_examples``)
 with the same settings: sequence length ``--seq`` (1024), every token a label, gradient
 checkpointing, bf16 weights and autocast on CUDA (fp32 on CPU), LoRA r=16 on every linear layer of
 the blocks, AdamW. "full" is peft LoRA on the ORIGINAL model through the same loop (an emulator
@@ -40,11 +40,16 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.architectures import arch_spec, num_blocks
-from emloc_engine.checkpoint import Checkpoint, load_config
-from emloc_engine.errors import InsufficientMemory
-from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.core.architectures import arch_spec, num_blocks
+from emloc_engine.core.errors import InsufficientMemory
+from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import (
+    EMULATOR_FORMAT,
+    EMULATOR_FORMAT_VERSION,
+    EMULATOR_META,
+    rank_for_ratio,
+)
 
 GIB = 2**30
 
@@ -127,7 +132,7 @@ def _free() -> None:
 
 def bench_train(emulator_dir: Path, run_dir: Path, batch: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     from emloc_engine.data import DataConfig
-    from emloc_engine.training import TrainConfig, train_on_examples
+    from emloc_engine.stages.training.trainer import TrainConfig, train_on_examples
 
     _free()
     baseline = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else 0.0

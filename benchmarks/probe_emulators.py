@@ -12,7 +12,7 @@ close the emulator itself is to the original, with no training at all:
 Variants (``--variants``; ρ from ``--rhos``):
 
 ``aa-calib32`` / ``aa-calib256`` / ``aa-calib1024``
-    the engine's activation-aware emulator (:func:`~emloc_engine.emulator.build_emulator`) with 32, 256
+    the engine's activation-aware emulator (:func:`~emloc_engine.stages.emulator.builder.build_emulator`) with 32, 256
     or 1024 calibration windows (``calibration_token_ids(task.data, tok, n, seed=0)``).
 ``aa-calib256-alloc``
     plus the spectral rank allocation of :func:`benchmarks.bench_quality.spectral_allocation`.
@@ -59,12 +59,12 @@ from benchmarks.bench_quality import (
     write_plain_svd_emulator,
 )
 from benchmarks.tasks import demo_shakespeare_task
-from emloc_engine.architectures import arch_spec, num_blocks
-from emloc_engine.checkpoint import Checkpoint, load_config
+from emloc_engine.core.architectures import arch_spec, num_blocks
 from emloc_engine.data import calibration_token_ids, load_tokenizer, prepare_dataset
-from emloc_engine.emulator import EmulatorConfig, build_emulator
-from emloc_engine.factorize import factorize
-from emloc_engine.lowrank import EMULATOR_META, load_emulator, rank_for_ratio
+from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
+from emloc_engine.stages.emulator.factorize import factorize
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import EMULATOR_META, load_emulator, rank_for_ratio
 
 DEFAULT_VARIANTS = ("aa-calib32", "aa-calib256", "aa-calib1024", "aa-calib256-alloc", "aa-calib256-ends",
                     "seq256", "gptq256", "seq32")
@@ -162,7 +162,7 @@ def write_sequential_emulator(model_dir: Path, out_dir: Path, calibration: Seque
     minimiser is ``W* = (W XᵀX̂ + εW)(X̂ᵀX̂ + εI)⁻¹`` (fp64, ``ε = ridge · mean diag Ĉ``; the ridge
     ``ε‖W' − W‖²`` pulls towards the original weight, not towards 0), and because the
     least-squares residual is orthogonal to the column space of ``X̂``, the rank-``k`` optimum is the
-    activation-aware truncation of ``W*`` with ``Ĉ = X̂ᵀX̂`` (:func:`emloc_engine.factorize.factorize`).
+    activation-aware truncation of ``W*`` with ``Ĉ = X̂ᵀX̂`` (:func:`emloc_engine.stages.emulator.factorize.factorize`).
     With ``cross=False`` (GPTQ-style) the target is ``W X̂``: ``factorize(W, Ĉ, k)``.
 
     Ranks: ``k = floor(ρ·out·in/(out+in))`` like the engine, or ``rank_overrides[name]``. Factors are
@@ -375,7 +375,7 @@ def build_variant(variant: str, ratio: float, model_dir: Path, out: Path, calib:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from emloc_engine.demo import ensure_demo_model
+    from emloc_engine.catalog.demo import ensure_demo_model
 
     model_dir = Path(args.model_dir) if args.model_dir else Path(ensure_demo_model())
     task = demo_shakespeare_task(max_length=128, seed=0)

@@ -1,6 +1,6 @@
 """'This GPU runs this model; EMLoC trains it at ρ = … in … minutes' — the planner's answer, as a table.
 
-Pure arithmetic (``emloc_engine.planning``), no GPU: the budget is the model's own inference peak
+Pure arithmetic (``emloc_engine.run.planning``), no GPU: the budget is the model's own inference peak
 on that GPU (the promise: if you can run it, you can fine-tune it). Memory predictions were within
 +0.3…+5.8% of the H200 measurements in the Scale section; time estimates assume the GPU's dense
 bf16 rate at the utilisations in ``PlannerConstants`` and are rough (±50%).
@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_md import write_section
 
-from emloc_engine.model_facts import reference_facts
-from emloc_engine.planning import PlanConfig, plan_memory
+from emloc_engine.catalog.model_facts import reference_facts
+from emloc_engine.run.planning import PlanConfig, plan_memory
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- plans:begin -->", "<!-- plans:end -->"
@@ -56,7 +56,7 @@ def render() -> str:
             minutes = sum(plan.est_seconds.get(s, 0.0) for s in ("emulator", "train", "correct")) / 60
             out.append(f"| {gpu} | {name} | yes ({infer:.1f}) | {plan.ratio:.2f} | {train:.1f} | "
                        f"{full:.1f} ({'yes' if full <= gib else 'no'}) | {'< 1' if minutes < 1 else f'{minutes:.0f}'} |")
-    out += ["", "The training column includes anchored training (one GPU; `emloc_engine.anchoring`): the "
+    out += ["", "The training column includes anchored training (one GPU; `emloc_engine.stages.training.anchoring`): the "
             "micro-batch's block offsets on the GPU and one pass of the original and of the emulator over the "
             "visited examples in the time. Losses are computed in chunks of ≤ 64 MiB of logits, and the 10% "
             "safety margin is taken from the predicted part of the budget, not from the CUDA context that "

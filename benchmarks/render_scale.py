@@ -1,7 +1,7 @@
 """Render the GPU scale results (``benchmarks/results/*.json``) into ``benchmarks/RESULTS.md``.
 
 Numbers come from the JSON files the benchmark commands printed on the device; the planner's
-predictions are recomputed here from the same settings (pure arithmetic, ``emloc_engine.planning``).
+predictions are recomputed here from the same settings (pure arithmetic, ``emloc_engine.run.planning``).
 Only the part of RESULTS.md between the ``scale`` markers is rewritten.
 
     python benchmarks/render_scale.py
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_md import write_section
 
-from emloc_engine.model_facts import reference_facts
-from emloc_engine.planning import (
+from emloc_engine.catalog.model_facts import reference_facts
+from emloc_engine.run.planning import (
     DEFAULT_CONSTANTS,
     PlanConfig,
     correction_peak,
@@ -269,7 +269,7 @@ def render() -> str:
             "dominates: the emulator's two GEMMs per layer make it slower than full LoRA there in this run, "
             "and batch-1 speeds moved by ±30% between the two machines, so read batch 1 for memory, not speed.", "",
             "### Planner accuracy (predicted `max_memory_allocated` vs measured)", "",
-            "Predictions recomputed by `benchmarks/render_scale.py` from `emloc_engine.planning` with the "
+            "Predictions recomputed by `benchmarks/render_scale.py` from `emloc_engine.run.planning` with the "
             "settings of each measurement.", ""]
     out += _planner_rows(probe, training, scale)
     out += _three_arch_planner()

@@ -1,7 +1,7 @@
 """The quality benchmark's two downstream tasks, built only from data shipped in packages or generated.
 
 * ``shakespeare``: domain adaptation. Train on plain-text chunks of 32 plays (the demo dataset
-  ``shakespeare-text`` of :mod:`emloc_engine.demo`), score the mean next-token loss (and perplexity)
+  ``shakespeare-text`` of :mod:`emloc_engine.catalog.demo`), score the mean next-token loss (and perplexity)
   on a play never seen in training (The Tempest).
 * ``formats``: an exact-match task under greedy decoding, generated with a seeded RNG. Each prompt
   asks for one of three deterministic rewrites with a single correct answer:
@@ -150,7 +150,7 @@ def demo_shakespeare_task(*, max_length: int = 128, seed: int = 0) -> Task:
     Raises:
         DemoAssetsMissing: the ``shakespeare`` package is not installed.
     """
-    from emloc_engine.demo import HELDOUT_PLAY, TRAIN_PLAYS, ensure_demo_datasets
+    from emloc_engine.catalog.demo import HELDOUT_PLAY, TRAIN_PLAYS, ensure_demo_datasets
 
     ds = next(d for d in ensure_demo_datasets() if d.name == "shakespeare-text")
     assert ds.heldout_path is not None

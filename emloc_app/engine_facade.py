@@ -14,34 +14,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from emloc_engine.errors import EngineError
+from emloc_engine.core.errors import EngineError
 
 # attribute name -> (module, object name)
 ENGINE_OBJECTS: dict[str, tuple[str, str]] = {
-    "detect_machine": ("emloc_engine.hardware", "detect_machine"),
-    "find_models": ("emloc_engine.discovery", "find_models"),
-    "add_model_folder": ("emloc_engine.discovery", "add_model_folder"),
-    "model_facts": ("emloc_engine.planning", "model_facts"),
-    "plan_memory": ("emloc_engine.planning", "plan_memory"),
-    "PlanConfig": ("emloc_engine.planning", "PlanConfig"),
+    "detect_machine": ("emloc_engine.machine.hardware", "detect_machine"),
+    "find_models": ("emloc_engine.catalog.discovery", "find_models"),
+    "add_model_folder": ("emloc_engine.catalog.discovery", "add_model_folder"),
+    "model_facts": ("emloc_engine.run.planning", "model_facts"),
+    "plan_memory": ("emloc_engine.run.planning", "plan_memory"),
+    "PlanConfig": ("emloc_engine.run.planning", "PlanConfig"),
     "DataConfig": ("emloc_engine.data", "DataConfig"),
     "FORMATS": ("emloc_engine.data", "FORMATS"),
     "load_tokenizer": ("emloc_engine.data", "load_tokenizer"),
     "inspect_dataset": ("emloc_engine.data", "inspect_dataset"),
     "calibration_token_ids": ("emloc_engine.data", "calibration_token_ids"),
-    "EmulatorConfig": ("emloc_engine.emulator", "EmulatorConfig"),
-    "build_emulator": ("emloc_engine.emulator", "build_emulator"),
-    "TrainConfig": ("emloc_engine.training", "TrainConfig"),
-    "train_lora": ("emloc_engine.training", "train_lora"),
-    "train_lora_distributed": ("emloc_engine.distributed", "train_lora_distributed"),
-    "ParallelConfig": ("emloc_engine.distributed", "ParallelConfig"),
-    "CorrectionConfig": ("emloc_engine.correction", "CorrectionConfig"),
-    "correct_lora": ("emloc_engine.correction", "correct_lora"),
-    "ExportConfig": ("emloc_engine.export", "ExportConfig"),
-    "merge_and_export": ("emloc_engine.export", "merge_and_export"),
-    "ensure_demo_model": ("emloc_engine.demo", "ensure_demo_model"),
-    "ensure_demo_datasets": ("emloc_engine.demo", "ensure_demo_datasets"),
-    "convert_for_catalog": ("emloc_engine.gguf_import", "convert_for_catalog"),
+    "EmulatorConfig": ("emloc_engine.stages.emulator.builder", "EmulatorConfig"),
+    "build_emulator": ("emloc_engine.stages.emulator.builder", "build_emulator"),
+    "TrainConfig": ("emloc_engine.stages.training.trainer", "TrainConfig"),
+    "train_lora": ("emloc_engine.stages.training.trainer", "train_lora"),
+    "train_lora_distributed": ("emloc_engine.stages.training.distributed", "train_lora_distributed"),
+    "ParallelConfig": ("emloc_engine.stages.training.distributed", "ParallelConfig"),
+    "CorrectionConfig": ("emloc_engine.stages.correction.corrector", "CorrectionConfig"),
+    "correct_lora": ("emloc_engine.stages.correction.corrector", "correct_lora"),
+    "ExportConfig": ("emloc_engine.stages.export.exporter", "ExportConfig"),
+    "merge_and_export": ("emloc_engine.stages.export.exporter", "merge_and_export"),
+    "ensure_demo_model": ("emloc_engine.catalog.demo", "ensure_demo_model"),
+    "ensure_demo_datasets": ("emloc_engine.catalog.demo", "ensure_demo_datasets"),
+    "convert_for_catalog": ("emloc_engine.catalog.gguf_import", "convert_for_catalog"),
     # not engine, but heavy (torch, transformers, peft): loaded lazily the same way
     "generate_side_by_side": ("emloc_app.generation", "generate_side_by_side"),
 }

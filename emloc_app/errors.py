@@ -1,6 +1,6 @@
 """Engine errors shown on the page that caused them, with a Retry button.
 
-Bad input and engine errors (:class:`~emloc_engine.errors.EngineError`) stay on the page as an
+Bad input and engine errors (:class:`~emloc_engine.core.errors.EngineError`) stay on the page as an
 :class:`ErrorBanner`; anything else is a bug and goes to the error dialog
 (:func:`emloc_app.error_dialog.show_error_dialog`). :func:`route_error` makes that choice.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from emloc_engine.errors import EngineError
+from emloc_engine.core.errors import EngineError
 
 
 def error_text(exc: BaseException) -> str:

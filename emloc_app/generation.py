@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.errors import Cancelled, ModelNotFound
+from emloc_engine.core.errors import Cancelled, ModelNotFound
 
 _cache: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _lock = threading.Lock()

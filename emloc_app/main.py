@@ -10,8 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from emloc_engine import paths
-from emloc_engine.version import __version__
+from emloc_engine.core import paths
+from emloc_engine.core.version import __version__
 
 log = logging.getLogger("emloc_app")
 
@@ -46,8 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
     """A ``WizardState`` prefilled from a run folder's manifest; and whether every stage is done."""
     from emloc_app.state import STAGE_ORDER, TRAIN_DEFAULTS, WizardState
-    from emloc_engine.errors import RunStateError
-    from emloc_engine.manifest import RunManifest
+    from emloc_engine.core.errors import RunStateError
+    from emloc_engine.run.manifest import RunManifest
 
     state = WizardState(run_dir=run_dir)
     if not (run_dir / "manifest.json").exists():
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = None
     start = Page.Machine
     if args.run_dir is not None:
-        from emloc_engine.errors import EngineError
+        from emloc_engine.core.errors import EngineError
 
         try:
             state, done = state_from_run_dir(args.run_dir.expanduser().resolve())

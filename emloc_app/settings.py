@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings
 
-from emloc_engine import paths
+from emloc_engine.core import paths
 
 MAX_RECENT = 10
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from PySide6.QtCore import QCoreApplication, QObject, Qt, QThread, Signal, Slot
 
-from emloc_engine.errors import Cancelled
+from emloc_engine.core.errors import Cancelled
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Public stage functions are re-exported here as they land (``__all__``).
 """
 
-from emloc_engine.errors import (
+from emloc_engine.core.errors import (
     Cancelled,
     ConfigError,
     DataError,
@@ -14,8 +14,8 @@ from emloc_engine.errors import (
     RunStateError,
     UnsupportedModel,
 )
-from emloc_engine.progress import NULL_PROGRESS, NullProgress, Progress, RecordingProgress, sub
-from emloc_engine.version import __version__
+from emloc_engine.core.progress import NULL_PROGRESS, NullProgress, Progress, RecordingProgress, sub
+from emloc_engine.core.version import __version__
 
 __all__ = [
     "NULL_PROGRESS",

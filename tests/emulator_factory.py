@@ -1,6 +1,6 @@
 """A plain-SVD emulator writer for tests of the stages that consume emulators.
 
-It writes the emulator folder format (see ``emloc_engine.lowrank``) without calibration: each
+It writes the emulator folder format (see ``emloc_engine.weights.lowrank``) without calibration: each
 compressed module is the truncated SVD of its weight. Tests of training, correction and export
 use it so they do not depend on the activation-aware builder; the builder's own tests check that
 its output loads the same way.
@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from emloc_engine.architectures import arch_spec, num_blocks
-from emloc_engine.checkpoint import Checkpoint, load_config
-from emloc_engine.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META, rank_for_ratio
+from emloc_engine.core.architectures import arch_spec, num_blocks
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import (
+    EMULATOR_FORMAT,
+    EMULATOR_FORMAT_VERSION,
+    EMULATOR_META,
+    rank_for_ratio,
+)
 
 
 def write_svd_emulator(model_dir: Path, out_dir: Path, ratio: float = 0.5,

@@ -121,7 +121,7 @@ def test_sequential_emulator_at_full_rank_is_the_original(tmp_path: Path) -> Non
     from transformers import AutoModelForCausalLM
 
     from benchmarks.probe_emulators import write_sequential_emulator
-    from emloc_engine.lowrank import load_emulator, read_emulator_meta
+    from emloc_engine.weights.lowrank import load_emulator, read_emulator_meta
 
     model_dir = build_tiny_model("llama", tmp_path / "hub")
     gen = torch.Generator().manual_seed(0)

@@ -32,8 +32,8 @@ from PySide6.QtWidgets import (
 from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage, human_bytes, human_count
 from emloc_app.state import WizardState
-from emloc_engine import paths
-from emloc_engine.errors import EngineError
+from emloc_engine.core import paths
+from emloc_engine.core.errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import GIB, BasePage, gib
 from emloc_app.state import TRAIN_DEFAULTS, WizardState, apply_demo_defaults
 from emloc_app.widgets.vram_bar import VramBar
-from emloc_engine import paths
-from emloc_engine.errors import ConfigError, EngineError
-from emloc_engine.layout import RunLayout
-from emloc_engine.progress import format_seconds
+from emloc_engine.core import paths
+from emloc_engine.core.errors import ConfigError, EngineError
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.progress import format_seconds
 
 LABELS = {
     "rank": "LoRA &rank", "alpha": "LoRA &alpha", "dropout": "&Dropout", "steps": "&Steps",

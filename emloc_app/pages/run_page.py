@@ -26,9 +26,9 @@ from emloc_app.pages.plan_page import ALLOCATION_KEY, ANCHOR_KEY, PARALLEL_KEY
 from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
-from emloc_engine.errors import EngineError, RunStateError
-from emloc_engine.manifest import RunManifest
-from emloc_engine.runlog import attach_run_log, detach_run_log
+from emloc_engine.core.errors import EngineError, RunStateError
+from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.runlog import attach_run_log, detach_run_log
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from emloc_app.engine_facade import EngineFacade
 from emloc_app.generation import GenerateRequest
 from emloc_app.pages.common import BasePage
 from emloc_app.state import WizardState
-from emloc_engine.errors import ConfigError, EngineError
-from emloc_engine.layout import RunLayout
+from emloc_engine.core.errors import ConfigError, EngineError
+from emloc_engine.core.layout import RunLayout
 
 EXPORTS = (
     ("merged", "Merged model folder", "A full Hugging Face model (16-bit safetensors) with the adapter merged in."),

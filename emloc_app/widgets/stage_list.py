@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from PySide6.QtWidgets import QGridLayout, QLabel, QProgressBar, QSizePolicy, QWidget
 
-from emloc_engine.progress import EtaClock, format_seconds
+from emloc_engine.core.progress import EtaClock, format_seconds
 
 SYMBOLS = {"pending": "○", "running": "◐", "done": "✔", "failed": "✖", "cancelled": "■", "skipped": "✔"}
 

@@ -23,10 +23,10 @@ import random
 from dataclasses import replace
 from typing import Any
 
+from emloc_engine.core.errors import ConfigError, DataError
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.pipeline import prepare_dataset
 from emloc_engine.data.render import Example
-from emloc_engine.errors import ConfigError, DataError
 
 
 def calibration_token_ids(cfg: DataConfig, tokenizer: Any, n: int = 64, seed: int = 0) -> list[list[int]]:

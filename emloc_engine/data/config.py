@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emloc_engine.errors import ConfigError
+from emloc_engine.core.errors import ConfigError
 
 FORMATS: Mapping[str, str] = types.MappingProxyType({
     "messages": 'JSON/JSONL/CSV/Parquet rows with "messages": [{"role": "system|user|assistant|tool", '

@@ -1,7 +1,7 @@
 """One pass over a dataset file: read, check, render, split. No model weights are ever loaded here.
 
 :func:`inspect_dataset` reports (never raises for content problems); :func:`prepare_dataset` does the
-same pass, keeps the examples, and raises one :class:`~emloc_engine.errors.DataError` listing every
+same pass, keeps the examples, and raises one :class:`~emloc_engine.core.errors.DataError` listing every
 fatal problem. Records are streamed; only the rendered examples (token tuples) are kept, and only
 by :func:`prepare_dataset`.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emloc_engine.core.errors import ConfigError, ModelNotFound
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.formats import (
     CHARS_PER_TOKEN,
@@ -45,7 +46,6 @@ from emloc_engine.data.validation import (
     ProblemLog,
     split_sizes,
 )
-from emloc_engine.errors import ConfigError, ModelNotFound
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from emloc_engine.errors import DataError
+from emloc_engine.core.errors import DataError
 
 MAX_PROBLEMS_IN_ERROR = 200
 """A :class:`DataError` message lists at most this many problems (``report.problems`` has them all)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_app.engine_facade import EngineFacade
-from emloc_engine.errors import ConfigError
+from emloc_engine.core.errors import ConfigError
 
 GIB = 1024**3
 
@@ -210,13 +210,13 @@ def make_fake_engine(tmp: Path, *, models: list[FakeModel] | None = None, report
                 progress.emit_text(word, side)
         return {s: f"Hello from {s}" for s in req.sides}
 
-    from emloc_engine.correction import CorrectionConfig
     from emloc_engine.data import DataConfig
-    from emloc_engine.distributed import ParallelConfig
-    from emloc_engine.emulator import EmulatorConfig
-    from emloc_engine.export import ExportConfig
-    from emloc_engine.planning import PlanConfig
-    from emloc_engine.training import TrainConfig
+    from emloc_engine.run.planning import PlanConfig
+    from emloc_engine.stages.correction.corrector import CorrectionConfig
+    from emloc_engine.stages.emulator.builder import EmulatorConfig
+    from emloc_engine.stages.export.exporter import ExportConfig
+    from emloc_engine.stages.training.distributed import ParallelConfig
+    from emloc_engine.stages.training.trainer import TrainConfig
 
     train = stage("train_lora")
 

@@ -9,7 +9,7 @@ import pytest
 
 from emloc_app.pages.plan_page import ALLOCATION_KEY, SPECTRAL_BUILD_FACTOR, estimated_seconds
 from emloc_app.state import WizardState
-from emloc_engine.emulator import EmulatorConfig
+from emloc_engine.stages.emulator.builder import EmulatorConfig
 from tests.app.fakes import fake_plan, reopen_plan_page, run_all, studio_settings
 from tests.app.fakes import open_plan_page as plan_page
 
@@ -60,7 +60,7 @@ def test_checked_builds_spectral_and_is_restored(qtbot, tmp_path: Path,  # type:
 
 
 def test_estimate_doubles_only_the_emulator_stage(state: WizardState) -> None:
-    from emloc_engine.planning import PlanConfig
+    from emloc_engine.run.planning import PlanConfig
 
     plan = fake_plan({}, PlanConfig(budget_bytes=state.budget_bytes, ratio=0.4))
     est = plan.est_seconds

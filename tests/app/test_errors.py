@@ -12,7 +12,7 @@ from emloc_app import error_dialog
 from emloc_app.errors import ErrorBanner, route_error
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.state import WizardState
-from emloc_engine.errors import DataError, InsufficientMemory
+from emloc_engine.core.errors import DataError, InsufficientMemory
 from tests.app.fakes import make_fake_engine
 
 

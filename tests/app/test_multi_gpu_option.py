@@ -13,7 +13,7 @@ import pytest
 from emloc_app.pages.plan_page import PARALLEL_KEY, default_gpu_count
 from emloc_app.pages.run_page import RunPage
 from emloc_app.state import WizardState
-from emloc_engine.distributed import ParallelConfig
+from emloc_engine.stages.training.distributed import ParallelConfig
 from tests.app.fakes import GIB, FakeGpu, FakeMachine
 from tests.app.fakes import open_plan_page as plan_page
 

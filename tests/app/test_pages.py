@@ -14,9 +14,9 @@ from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
 from emloc_app.pages.plan_page import PlanPage
 from emloc_app.state import WizardState
-from emloc_engine.correction import CorrectionConfig
-from emloc_engine.emulator import EmulatorConfig
-from emloc_engine.training import TrainConfig
+from emloc_engine.stages.correction.corrector import CorrectionConfig
+from emloc_engine.stages.emulator.builder import EmulatorConfig
+from emloc_engine.stages.training.trainer import TrainConfig
 from tests.app.fakes import GIB, FakeGpu, FakeMachine, FakeModel, FakeProblem, FakeReport, make_fake_engine
 
 

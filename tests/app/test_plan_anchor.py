@@ -10,7 +10,7 @@ from typing import Any
 
 from emloc_app.pages.plan_page import ANCHOR_KEY, ANCHOR_ONE_GPU
 from emloc_app.state import WizardState
-from emloc_engine.training import TrainConfig
+from emloc_engine.stages.training.trainer import TrainConfig
 from tests.app.fakes import GIB, FakeGpu, FakeMachine, Result, reopen_plan_page, run_all, studio_settings
 from tests.app.fakes import open_plan_page as plan_page
 
@@ -73,8 +73,8 @@ def test_unchecked_trains_none_and_replans(qtbot, tmp_path: Path, state: WizardS
 
 def test_real_planner_puts_the_anchors_on_the_train_bar(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                         state: WizardState) -> None:
-    from emloc_engine.model_facts import reference_facts
-    from emloc_engine.planning import plan_memory
+    from emloc_engine.catalog.model_facts import reference_facts
+    from emloc_engine.run.planning import plan_memory
 
     state.facts = reference_facts("Llama-3-8B")
     state.ratio = 0.5

@@ -14,7 +14,7 @@ from emloc_app.pages.plan_page import PlanPage
 from emloc_app.pages.run_page import RunPage
 from emloc_app.pages.try_page import TryPage
 from emloc_app.state import WizardState
-from emloc_engine.errors import InsufficientMemory
+from emloc_engine.core.errors import InsufficientMemory
 from tests.app.fakes import make_fake_engine
 
 

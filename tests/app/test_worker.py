@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from emloc_app.worker import PROGRESS_INTERVAL_S, StageWorker, start_stage
-from emloc_engine.errors import ConfigError
-from emloc_engine.progress import Progress
+from emloc_engine.core.errors import ConfigError
+from emloc_engine.core.progress import Progress
 
 
 def three_updates(result: Any = None, exc: BaseException | None = None):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Worker bodies for the supervisor tests of :mod:`emloc_engine.distributed`.
+"""Worker bodies for the supervisor tests of :mod:`emloc_engine.stages.training.distributed`.
 
 They live in their own small module because each spawned worker imports the module of its
 target by name: this one imports only torch and the engine's light modules.
@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from emloc_engine.distributed import Collectives
-from emloc_engine.errors import ConfigError
+from emloc_engine.core.errors import ConfigError
+from emloc_engine.stages.training.distributed import Collectives
 
 
 def fail_on_rank_1(comm: Collectives, how: str) -> None:

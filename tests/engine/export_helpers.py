@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from emloc_engine.architectures import arch_spec
-from emloc_engine.checkpoint import load_config
+from emloc_engine.core.architectures import arch_spec
+from emloc_engine.weights.checkpoint import load_config
 
 PROMPTS = ([5, 70, 100, 3, 200, 17, 44], [9, 8, 7, 6, 250, 251])
 

@@ -1,4 +1,4 @@
-"""Anchored training (emloc_engine.anchoring): the anchored emulator is the original on its examples."""
+"""Anchored training (emloc_engine.stages.training.anchoring): the anchored emulator is the original on its examples."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from emloc_engine.anchoring import Anchors, anchors_for_training, visited_examples
-from emloc_engine.errors import ConfigError
-from emloc_engine.lowrank import load_emulator
-from emloc_engine.training import collate, micro_batch_indices, train_on_examples
+from emloc_engine.core.errors import ConfigError
+from emloc_engine.stages.training.anchoring import Anchors, anchors_for_training, visited_examples
+from emloc_engine.stages.training.trainer import collate, micro_batch_indices, train_on_examples
+from emloc_engine.weights.lowrank import load_emulator
 from tests.emulator_factory import write_svd_emulator
 from tests.engine.test_training import cfg_for, examples
 
@@ -111,7 +111,7 @@ def test_batched_anchors_equal_one_example_at_a_time(pair: tuple[Path, Path]) ->
 
 
 def test_mode_resolution_names_the_reason() -> None:
-    from emloc_engine.anchoring import resolve_mode
+    from emloc_engine.stages.training.anchoring import resolve_mode
 
     gib = 2**30
     sizes = {"linears": 9 * gib, "blocks": gib}
@@ -137,7 +137,7 @@ def test_train_lora_anchors_by_default_and_refuses_without_the_source(pair: tupl
     import shutil
 
     from emloc_engine.data import DataConfig
-    from emloc_engine.training import train_lora
+    from emloc_engine.stages.training.trainer import train_lora
 
     _, emu = pair
     data = tmp_path / "d.jsonl"
@@ -166,7 +166,7 @@ def test_train_lora_anchors_by_default_and_refuses_without_the_source(pair: tupl
 def test_groups_sort_by_length_and_respect_the_token_cap() -> None:
     from types import SimpleNamespace
 
-    from emloc_engine.anchoring import _groups
+    from emloc_engine.stages.training.anchoring import _groups
 
     ex = [SimpleNamespace(input_ids=[0] * n) for n in (5, 3, 8, 2, 12)]
     assert _groups(ex, [0, 1, 2, 3, 4], 10) == [[4], [2], [0, 1], [3]]  # 12 alone (over the cap, still one)
@@ -176,7 +176,7 @@ def test_groups_sort_by_length_and_respect_the_token_cap() -> None:
 def test_linear_anchors_make_every_adapter_input_the_originals(pair: tuple[Path, Path]) -> None:
     """Block anchors leave o_proj/down_proj inputs inexact (they come from compressed q/k/v, gate/up);
     linear anchors make them exact, and two-phase batching gives the same offsets as one at a time."""
-    from emloc_engine.anchoring import anchor_width
+    from emloc_engine.stages.training.anchoring import anchor_width
 
     original, emulator = _models(pair)
     data = examples(pair[0])
@@ -215,7 +215,7 @@ def test_eval_loss_is_the_anchored_emulators(pair: tuple[Path, Path], tmp_path: 
     import json
 
     from emloc_engine.data import DataConfig, load_tokenizer, prepare_dataset
-    from emloc_engine.training import label_tokens, lm_loss_sum, train_lora
+    from emloc_engine.stages.training.trainer import label_tokens, lm_loss_sum, train_lora
 
     model_dir, emu = pair
     data = tmp_path / "d.jsonl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from emloc_engine.cli import COMMANDS, build_parser, main, version_text
+from emloc_engine.cli.main import COMMANDS, build_parser, main, version_text
 
 
 def test_version_mentions_torch(capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,7 +31,7 @@ def test_run_accepts_the_documented_options() -> None:
     assert args.ratio == 0.4 and args.lambda_ == "inf" and args.export == "merged,adapter"
     assert args.anchor == "none" and build_parser().parse_args(["run", "m", "d", "--out", "r"]).anchor == "auto"
     train = build_parser().parse_args(["train", "r", "demo", "--anchor", "blocks"])
-    from emloc_engine.commands.train import config_from_args
+    from emloc_engine.cli.commands.train import config_from_args
 
     assert config_from_args(train).anchor == "blocks"
     with pytest.raises(SystemExit):

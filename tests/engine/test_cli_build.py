@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from emloc_engine.cli import build_parser, main
-from emloc_engine.lowrank import load_emulator, read_emulator_meta
+from emloc_engine.cli.main import build_parser, main
+from emloc_engine.weights.lowrank import load_emulator, read_emulator_meta
 
 
 def _chat_jsonl(path: Path, n: int = 24) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from emloc_engine.adapters import CORRECTION_META
-from emloc_engine.cli import main
-from emloc_engine.manifest import RunManifest
+from emloc_engine.cli.main import main
+from emloc_engine.run.manifest import RunManifest
+from emloc_engine.weights.adapters import CORRECTION_META
 from tests.emulator_factory import write_svd_emulator
 from tests.lora_factory import write_random_adapter
 

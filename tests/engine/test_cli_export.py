@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from emloc_engine.cli import main
-from emloc_engine.layout import RunLayout
-from emloc_engine.manifest import RunManifest
+from emloc_engine.cli.main import main
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.run.manifest import RunManifest
 from tests.engine.export_helpers import hf_logits, make_adapter, max_diff, peft_logits
 
 

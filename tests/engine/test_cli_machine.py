@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emloc_engine.cli import main
+from emloc_engine.cli.main import main
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> dict:  # type: ignore[type-arg]

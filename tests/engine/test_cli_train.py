@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from emloc_engine.cli import main
-from emloc_engine.manifest import RunManifest
+from emloc_engine.cli.main import main
+from emloc_engine.run.manifest import RunManifest
 from tests.emulator_factory import write_svd_emulator
 
 
@@ -81,7 +81,7 @@ def test_bad_settings_and_missing_emulator_exit_2(run_dir: Path, data_file: Path
 
 def test_ctrl_c_stops_at_step_boundary_with_checkpoint(run_dir: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    import emloc_engine.training as training
+    import emloc_engine.stages.training.trainer as training
 
     real, calls = training.lm_loss_sum, []
 

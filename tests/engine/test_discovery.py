@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from emloc_engine import discovery, paths
-from emloc_engine.discovery import (
+from emloc_engine.catalog import discovery
+from emloc_engine.catalog.discovery import (
     add_model_folder,
     added_model_folders,
     assess_fit,
@@ -23,8 +23,9 @@ from emloc_engine.discovery import (
     remove_model_folder,
     scan_models,
 )
-from emloc_engine.errors import ModelNotFound
-from emloc_engine.hardware import GIB, GpuInfo, MachineInfo
+from emloc_engine.core import paths
+from emloc_engine.core.errors import ModelNotFound
+from emloc_engine.machine.hardware import GIB, GpuInfo, MachineInfo
 from tests.tiny_models import build_tiny_model
 
 TINY_CFG: dict[str, Any] = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8,

@@ -18,9 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emloc_engine.cli import main
+from emloc_engine.cli.main import main
+from emloc_engine.core.errors import Cancelled, ConfigError, DataError
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.data import DataConfig, Example
-from emloc_engine.distributed import (
+from emloc_engine.run.manifest import RunManifest
+from emloc_engine.stages.training.distributed import (
     Collectives,
     PackedExamples,
     ParallelConfig,
@@ -32,11 +36,12 @@ from emloc_engine.distributed import (
     shard_micro_batches,
     train_examples_distributed,
 )
-from emloc_engine.errors import Cancelled, ConfigError, DataError
-from emloc_engine.layout import RunLayout
-from emloc_engine.manifest import RunManifest
-from emloc_engine.progress import RecordingProgress
-from emloc_engine.training import TrainConfig, list_checkpoints, micro_batch_indices, train_on_examples
+from emloc_engine.stages.training.trainer import (
+    TrainConfig,
+    list_checkpoints,
+    micro_batch_indices,
+    train_on_examples,
+)
 from tests.emulator_factory import write_svd_emulator
 from tests.engine import distributed_targets as targets
 
@@ -289,7 +294,7 @@ def test_dropout_seed_depends_on_seed_step_and_rank_only() -> None:
 
 
 def test_planner_counts_the_training_peak_per_gpu(llama_emulator: tuple[Path, Path]) -> None:
-    from emloc_engine.planning import PlanConfig, model_facts, training_peak
+    from emloc_engine.run.planning import PlanConfig, model_facts, training_peak
 
     facts = model_facts(llama_emulator[0])
     per_gpu = training_peak(facts, PlanConfig(batch_size=4, num_gpus=2, context_length=64), 0.5)

@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from emloc_engine.architectures import arch_spec
-from emloc_engine.checkpoint import load_config
-from emloc_engine.emulator import BLOCK_FILE, EmulatorConfig, build_emulator
-from emloc_engine.errors import Cancelled, ConfigError, DataError, UnsupportedModel
-from emloc_engine.factorize import factorize, whitened_error
-from emloc_engine.lowrank import LowRankLinear, load_emulator, read_emulator_meta
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.core.architectures import arch_spec
+from emloc_engine.core.errors import Cancelled, ConfigError, DataError, UnsupportedModel
+from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.stages.emulator.builder import BLOCK_FILE, EmulatorConfig, build_emulator
+from emloc_engine.stages.emulator.factorize import factorize, whitened_error
+from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.lowrank import LowRankLinear, load_emulator, read_emulator_meta
 
 LENGTHS = (40, 33, 20, 40, 12, 27)
 
@@ -159,7 +159,7 @@ def test_resume_gives_identical_factors(tiny_llama: Path, tmp_path: Path, how: s
         with pytest.raises(Cancelled):  # updates: start, capture, block 1 -> cancelled before block 2
             build_emulator(_config(tiny_llama, out), RecordingProgress(cancel_after_updates=3))
     else:
-        import emloc_engine.emulator as emulator_module
+        import emloc_engine.stages.emulator.builder as emulator_module
 
         calls = {"n": 0}
         real = emulator_module.factorize
@@ -235,8 +235,8 @@ def test_unsupported_architecture(tiny_llama: Path, tmp_path: Path) -> None:
 def test_memory_plan_for_an_8b_model_stays_under_half_its_inference_peak() -> None:
     from types import SimpleNamespace
 
-    from emloc_engine.checkpoint import TensorInfo
-    from emloc_engine.emulator import plan_build_memory
+    from emloc_engine.stages.emulator.builder import plan_build_memory
+    from emloc_engine.weights.checkpoint import TensorInfo
 
     h, inter, kv, vocab, blocks = 4096, 14336, 1024, 128256, 32
     infos = [TensorInfo("model.embed_tokens.weight", Path("a"), "BF16", (vocab, h)),
@@ -275,7 +275,7 @@ def test_factor_devices_overlap_blocks_with_identical_factors(tiny_model_dir: Pa
 
 def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import emloc_engine.emulator as emulator_module
+    import emloc_engine.stages.emulator.builder as emulator_module
 
     def broken(*args: Any, **kw: Any) -> Any:
         raise FloatingPointError("the calibration statistic holds NaN or Inf")
@@ -294,7 +294,7 @@ def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: 
 def test_unusable_statistics_name_the_fix_for_their_cause(tiny_llama: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           failure: str, hint: str) -> None:
-    import emloc_engine.emulator as emulator_module
+    import emloc_engine.stages.emulator.builder as emulator_module
 
     def broken(*args: Any, **kw: Any) -> Any:
         raise FloatingPointError(failure)
@@ -310,7 +310,7 @@ def test_tf32_statistics_switch_is_read_from_the_environment() -> None:
     import subprocess
     import sys
 
-    code = "import emloc_engine.calibration as c; print(c._TF32_STATS)"
+    code = "import emloc_engine.stages.emulator.calibration as c; print(c._TF32_STATS)"
     env = {**os.environ, "EMLOC_STATS_TF32": "0"}
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     env["EMLOC_STATS_TF32"] = "1"

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from emloc_engine import export as export_mod
-from emloc_engine import merge as merge_mod
-from emloc_engine.errors import Cancelled, ConfigError, MergeError
-from emloc_engine.export import ExportConfig, merge_and_export
-from emloc_engine.layout import RunLayout
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.core.errors import Cancelled, ConfigError, MergeError
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.stages.export import exporter as export_mod
+from emloc_engine.stages.export import merge as merge_mod
+from emloc_engine.stages.export.exporter import ExportConfig, merge_and_export
 from tests.engine.export_helpers import copy_model, hf_logits, make_adapter, max_diff, peft_logits
 from tests.tiny_models import build_tiny_model
 
@@ -157,7 +157,7 @@ def test_full_disk_during_merge_leaves_nothing_complete(tiny_llama: Path, tmp_pa
 
 def test_full_disk_during_gguf_leaves_no_gguf(tiny_llama: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from emloc_engine import gguf_export
+    from emloc_engine.stages.export import gguf_export
 
     run = _run_with_adapter(tiny_llama, tmp_path)
 
@@ -228,7 +228,7 @@ def test_model_card_without_manifest(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_missing_adapter_and_bad_settings(tiny_llama: Path, tmp_path: Path) -> None:
-    from emloc_engine.errors import ModelNotFound
+    from emloc_engine.core.errors import ModelNotFound
 
     with pytest.raises(ModelNotFound, match="No adapter"):
         merge_and_export(ExportConfig(tmp_path / "empty_run", tiny_llama, formats=("merged",)))

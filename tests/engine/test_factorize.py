@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emloc_engine.factorize import factorize, normalized_statistics, whitened_error, whitening_root
+from emloc_engine.stages.emulator.factorize import (
+    factorize,
+    normalized_statistics,
+    whitened_error,
+    whitening_root,
+)
 
 SHAPES = [(24, 40), (40, 24), (32, 32)]
 

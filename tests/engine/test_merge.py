@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from emloc_engine.errors import MergeError
-from emloc_engine.merge import (
+from emloc_engine.core.errors import MergeError
+from emloc_engine.stages.export.merge import (
     LoraDelta,
     ShardWriter,
     iter_shard_tensors,

@@ -10,11 +10,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from emloc_engine.cli import main
-from emloc_engine.errors import Cancelled, ConfigError, RunStateError
-from emloc_engine.manifest import RunManifest
-from emloc_engine.pipeline import RunConfig, parse_lambda, run_pipeline
-from emloc_engine.progress import RecordingProgress
+from emloc_engine.cli.main import main
+from emloc_engine.core.errors import Cancelled, ConfigError, RunStateError
+from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.orchestrator import RunConfig, parse_lambda, run_pipeline
 
 
 def _data(path: Path, n: int = 24, offset: int = 0) -> Path:
@@ -130,8 +130,8 @@ def test_gguf_is_dropped_up_front_for_families_it_cannot_write(tmp_path: Path) -
 
 
 def test_run_reads_a_toml_file_and_the_command_line_wins(tmp_path: Path) -> None:
-    from emloc_engine.cli import build_parser
-    from emloc_engine.commands.run import apply_config_file
+    from emloc_engine.cli.main import build_parser
+    from emloc_engine.cli.commands.run import apply_config_file
 
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ndata = "d.jsonl"\nout = "runs/x"\nratio = 0.4\nrank = 8\n'

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from emloc_engine.errors import ConfigError, UnsupportedModel
-from emloc_engine.model_facts import REFERENCE_CONFIGS, facts_from_config, read_model_facts, reference_facts
-from emloc_engine.planning import (
+from emloc_engine.catalog.model_facts import (
+    REFERENCE_CONFIGS,
+    facts_from_config,
+    read_model_facts,
+    reference_facts,
+)
+from emloc_engine.core.errors import ConfigError, UnsupportedModel
+from emloc_engine.run.planning import (
     GIB,
     RUNTIME_LABEL,
     PlanConfig,
@@ -78,7 +83,7 @@ def test_peaks_are_monotone_in_context_and_batch(name: str) -> None:
 
 
 def test_emulator_parameters_follow_the_rank_formula() -> None:
-    from emloc_engine.lowrank import rank_for_ratio as lowrank_rank
+    from emloc_engine.weights.lowrank import rank_for_ratio as lowrank_rank
 
     for m in LLAMA3.modules:
         for r in (0.1, 0.37, 0.5, 0.9):
@@ -169,8 +174,8 @@ def test_bad_settings_raise_config_error(bad: dict[str, object]) -> None:
 
 def test_facts_from_headers_match_the_checkpoint(tiny_model_dir: Path) -> None:
     """Config-only and header-based facts agree on every family (the config formula is right)."""
-    from emloc_engine.checkpoint import Checkpoint
-    from emloc_engine.model_facts import load_config_json
+    from emloc_engine.catalog.model_facts import load_config_json
+    from emloc_engine.weights.checkpoint import Checkpoint
 
     facts = read_model_facts(tiny_model_dir)
     ck = Checkpoint(tiny_model_dir)
@@ -192,7 +197,7 @@ def test_unknown_architecture_is_unsupported() -> None:
 
 
 def test_planning_imports_no_torch() -> None:
-    code = "import sys, emloc_engine.planning, emloc_engine.model_facts; print('torch' in sys.modules)"
+    code = "import sys, emloc_engine.run.planning, emloc_engine.catalog.model_facts; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -202,7 +207,7 @@ def test_loss_chunk_matches_the_trainer_and_bounds_logit_memory(monkeypatch: pyt
     import torch.utils.checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from emloc_engine import training
+    from emloc_engine.stages.training import trainer as training
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=49_152, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
@@ -224,8 +229,8 @@ def test_loss_chunk_matches_the_trainer_and_bounds_logit_memory(monkeypatch: pyt
 
 
 def test_stage1_on_two_gpus_moves_the_factorisation_off_gpu0() -> None:
-    from emloc_engine.model_facts import reference_facts
-    from emloc_engine.planning import PlanConfig, emulator_build_peak
+    from emloc_engine.catalog.model_facts import reference_facts
+    from emloc_engine.run.planning import PlanConfig, emulator_build_peak
 
     facts = reference_facts("Llama-3-8B")
     one = emulator_build_peak(facts, PlanConfig(context_length=1024, gpu_name="H200"), 0.4)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emloc_engine.architectures import SUPPORTED_MODEL_TYPES, arch_spec
-from emloc_engine.atomic import atomic_dir, atomic_path, write_json_atomic
-from emloc_engine.checkpoint import Checkpoint, fingerprint_model, read_safetensors_header
-from emloc_engine.errors import Cancelled, DataError, ModelNotFound, RunStateError, UnsupportedModel
-from emloc_engine.layout import RunLayout
-from emloc_engine.manifest import RunManifest
-from emloc_engine.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
+from emloc_engine.core.architectures import SUPPORTED_MODEL_TYPES, arch_spec
+from emloc_engine.core.atomic import atomic_dir, atomic_path, write_json_atomic
+from emloc_engine.core.errors import Cancelled, DataError, ModelNotFound, RunStateError, UnsupportedModel
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
+from emloc_engine.run.manifest import RunManifest
+from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model, read_safetensors_header
 
 
 def test_sub_progress_maps_onto_a_slice() -> None:

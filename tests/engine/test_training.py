@@ -16,20 +16,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from emloc_engine.architectures import arch_spec
-from emloc_engine.checkpoint import Checkpoint, load_config
+from emloc_engine.core.architectures import arch_spec
+from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
+from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.data import DataConfig, Example
-from emloc_engine.errors import Cancelled, ConfigError, InsufficientMemory
-from emloc_engine.lora_layers import (
+from emloc_engine.stages.training.lora_layers import (
     LowRankLoraLinear,
     attach_lora,
     lora_config,
     lora_modules,
     resolve_targets,
 )
-from emloc_engine.lowrank import LowRankLinear, load_emulator
-from emloc_engine.progress import RecordingProgress
-from emloc_engine.training import (
+from emloc_engine.stages.training.trainer import (
     TrainConfig,
     collate,
     label_tokens,
@@ -39,6 +37,8 @@ from emloc_engine.training import (
     train_lora,
     train_on_examples,
 )
+from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.lowrank import LowRankLinear, load_emulator
 from tests.emulator_factory import write_svd_emulator
 
 TEXTS = ("the cat sat on the mat.", "a bird in the hand.", "to be or not to be.", "all that glitters.",
@@ -314,7 +314,7 @@ def test_changed_settings_refuse_resume_unless_restarted(llama_run: tuple[Path, 
 
 def test_out_of_memory_names_the_settings_to_lower(llama_run: tuple[Path, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import emloc_engine.training as training
+    import emloc_engine.stages.training.trainer as training
 
     def oom(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

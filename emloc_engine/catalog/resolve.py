@@ -1,0 +1,70 @@
+"""Turn what a user types (a folder, ``org/name``, ``demo``) into a model folder or dataset file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from emloc_engine.core.errors import DataError, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(text: str | Path) -> Path:
+    """A model folder from a path, a cached repo id (``org/name``), ``demo``, or a GGUF file.
+
+    A GGUF (given as a path, or found in LM Studio's/Ollama's store by name) is converted once into
+    the app's data folder (:func:`emloc_engine.catalog.gguf_import.convert_for_catalog`).
+
+    Raises:
+        ModelNotFound: nothing matches; the message lists how to find what is available.
+    """
+    s = str(text)
+    p = Path(s).expanduser()
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from emloc_engine.catalog.gguf_import import convert_for_catalog
+
+        log.info("Converting %s to a trainable bf16 folder (once).", p)
+        return convert_for_catalog(p)
+    if s == "demo":
+        from emloc_engine.catalog.demo import ensure_demo_model
+
+        return ensure_demo_model()
+    from emloc_engine.catalog.discovery import find_models
+
+    matches = [m for m in find_models() if s in (m.name, str(m.path)) or m.name.endswith("/" + s)]
+    usable = [m for m in matches if m.supported and not m.needs_conversion]
+    if usable:
+        return Path(usable[0].path)
+    convertible = [m for m in matches if m.supported and m.needs_conversion]
+    if convertible:
+        from emloc_engine.catalog.gguf_import import convert_for_catalog
+
+        log.info("Converting %s to a trainable bf16 folder (once).", convertible[0].path)
+        return convert_for_catalog(Path(convertible[0].path))
+    if matches:
+        m = matches[0]
+        raise ModelNotFound(f"Model {s!r} was found but cannot be used: {m.problem or 'needs conversion'}.")
+    raise ModelNotFound(f"No model folder or cached model named {s!r}.",
+                        hint="Pass a folder holding config.json and *.safetensors, or see `emloc models`.")
+
+
+def resolve_data(text: str | Path) -> Path:
+    """A dataset file from a path or ``demo`` (the default demo dataset).
+
+    Raises:
+        DataError: the file does not exist.
+    """
+    s = str(text)
+    if s == "demo":
+        from emloc_engine.catalog.demo import ensure_demo_datasets
+
+        sets = ensure_demo_datasets()
+        default = [d for d in sets if d.default] or sets
+        return Path(default[0].path)
+    p = Path(s).expanduser()
+    if not p.is_file():
+        raise DataError(f"Dataset file {p} does not exist.", hint="Pass a .jsonl/.json/.csv/.parquet/.txt file or 'demo'.")
+    return p

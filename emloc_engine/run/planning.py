@@ -1,0 +1,697 @@
+"""Predict peak GPU memory of every stage and pick the compression ratio ρ: pure arithmetic, no torch.
+
+Notation (all from :class:`~emloc_engine.catalog.model_facts.ModelFacts` and :class:`PlanConfig`):
+``L`` blocks, ``h`` hidden size, ``I`` MLP width, ``a``/``g`` query/KV heads of width ``d``,
+``V`` vocabulary, ``P`` parameters, ``b`` bytes per element of the compute dtype, ``B`` batch,
+``T`` context length, ``r`` LoRA rank, ``n_L`` LoRA parameters ``= L·Σ r(in+out)`` over targets.
+
+Peaks (bytes; each is a sum of named parts, which the app draws as a bar)::
+
+    inference   = P·b + KV + max(act_layer, logits) + runtime
+                  KV = 2·L·B·T·g·d·b;  act_layer = B·T·b·(c_h·h + c_I·I + c_q·(a+2g)·d);  logits = B·T·V·b
+    train(ρ)    = W(ρ)·b + n_L·(p + p + 8) + ckpt + max(train_layer, min(B·T, chunk)·V·c_logits) + runtime
+                  W(ρ) = dense + L·Σ k(out+in), k = floor(ρ·out·in/(out+in));  ckpt = L·B·T·h·b
+    build       = block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, workspace) + runtime
+                  (chunks and hidden states sized from the budget as emloc_engine.stages.emulator.builder does)
+    correct     = max(one module: 3·out·in·4,  λ evaluation: P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime
+    full LoRA   = train(ρ = 1) with the original weights and unchunked logits (plain peft + transformers)
+
+``runtime = CUDA context + slack × tensors`` stands for what ``torch.cuda.max_memory_allocated``
+does not see (context, cuBLAS workspaces, allocator rounding). :attr:`StagePeak.allocated_bytes`
+is the prediction of ``max_memory_allocated``; :attr:`StagePeak.peak_bytes` what the GPU needs.
+
+Every constant lives in :class:`PlannerConstants` so it can be recalibrated from
+``benchmarks/bench_planner.py`` measurements without touching the formulas.
+
+Fit rule: the budget defaults to the inference peak (the promise: fine-tuning fits in what
+inference needs). The ρ-dependent stages (emulator build, training) must fit
+``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`); the margin absorbs
+prediction error, so it is taken from the predicted part only. The correction's λ search
+runs the original model on held-out data, i.e. it *is* inference, so it is checked against the
+GPU, not the margin-reduced budget, and a note says when it needs more than the budget. The same
+holds for the first pass of anchored training (:mod:`emloc_engine.stages.training.anchoring`): the original model
+alone, groups of ≤ 256 MiB of recorded block outputs (copied to the CPU as they are made), no KV
+cache and no logits, so it should stay below the inference peak — by this arithmetic; not yet
+measured on a GPU. The train stage's *measured* peak includes it, its prediction is the training loop.
+The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ max_ratio`` that fits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from emloc_engine.catalog.model_facts import DTYPE_BYTES, ModelFacts
+from emloc_engine.core.errors import ConfigError
+
+GIB = 1024**3
+DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
+RUNTIME_LABEL = "CUDA context & allocator"
+
+
+@dataclass(frozen=True)
+class PlannerConstants:
+    """Calibration constants of the memory and time model (one place; see module docstring).
+
+    Activation coefficients count tensors of width ``h``, ``I`` or ``(a+2g)·d`` alive per token.
+    The defaults are derived from what PyTorch keeps for a Llama block (bf16, SDPA/flash attention,
+    peft LoRA with dropout, RMSNorm upcast to fp32) and checked against H200 measurements of
+    Llama-3-8B (inference 15.2 GiB, full-model LoRA 17.2 GiB at B=1, T=1024, checkpointing).
+    """
+
+    cuda_context_bytes: int = 512 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles on an H100/H200
+    allocator_slack: float = 0.03  # caching-allocator rounding and fragmentation, fraction of tensors
+    infer_act_h: float = 4.0  # residual, norm out (fp32 + bf16), attention out
+    infer_act_i: float = 3.0  # gate, up, act(gate)·up
+    infer_act_qkv: float = 2.0  # q, k, v (+ rotary copies)
+    infer_logits_bytes: float = 1.0  # × b: lm_head output in the compute dtype, no upcast
+    train_act_h: float = 20.0  # recomputed block: norms (fp32), residuals, LoRA dropout copies, grads in flight
+    train_act_i: float = 6.0  # gate, up, act, product, their grads
+    train_act_qkv: float = 3.0  # q, k, v, attention output and its logsumexp
+    train_logits_bytes: float = 14.0  # per logit: bf16 logits 2 + fp32 copy 4 + log-softmax 4 + its grad 4
+    eval_logits_bytes: float = 10.0  # per logit, loss without grad: bf16 2 + fp32 4 + log-softmax 4
+    loss_chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES  # emloc_engine.stages.training.trainer sizes its checkpointed loss chunks to this (loss_chunk_tokens)
+    lora_param_bytes: int = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
+    adam_state_bytes: int = 8  # AdamW exp_avg + exp_avg_sq in fp32
+    stats_bytes: int = 4  # calibration statistics C = Σ XᵀX in fp32
+    factor_in2_copies: float = 3.0  # eigh of C: C, eigenvectors, S⁻¹ (in × in, fp32)
+    factor_outin_copies: float = 3.0  # W fp32, W·S, U (out × in, fp32)
+    factor_bytes: int = 4  # factorisation dtype
+    build_hidden_copies: float = 2.0  # calibration inputs and outputs of the current block
+    correction_module_copies: float = 3.0  # W fp32, Wᴱ = u·v fp32, W − Wᴱ
+    # --- time model (rough: ±50%) ---
+    # Calibrated 2026-11-29 on the H200 (Llama-3-8B shapes, batch 1, seq 1024): the engine's trainer
+    # reached 2350 tokens/s on the ρ=0.4 emulator ≈ 7% of the dense bf16 peak (small GEMMs at batch 1).
+    train_mfu: float = 0.08  # fraction of dense bf16 peak that LoRA training reaches
+    infer_mfu: float = 0.5  # prefill/eval forward
+    # Effective rate for the reference cost model below (eigh of every C + SVD of every W). Our
+    # factoriser does one eigh of min(out, in) per module, so this is calibrated, not a hardware
+    # rate: the 8B build's factorisation took 23.7 s on the H200 (2026-11-29).
+    linalg_flops_gpu: float = 5e13
+    stats_flops_gpu: float = 6e13  # Σ XᵀX GEMMs (fp32; TF32 for bf16 activations since, unmeasured)
+    stats_flops_cpu: float = 1e11
+    linalg_flops_cpu: float = 5e10
+    cpu_matmul_flops: float = 5e11  # bf16/fp32 matmul on a desktop CPU
+    unknown_gpu_flops: float = 1e14
+    disk_bytes_per_s: float = 1.5e9  # NVMe sequential read
+    eigh_flop_coef: float = 10.0  # eigh(n) ≈ 10·n³
+    svd_flop_coef: float = 8.0  # svd(m×n) ≈ 8·m·n·min(m,n)
+
+
+DEFAULT_CONSTANTS = PlannerConstants()
+
+# Dense bf16 tensor-core peak (FLOP/s) by GPU name fragment; first match wins.
+GPU_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("A6000", 155e12),
+    ("RTX 5090", 210e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12),
+    ("RTX 3080", 60e12), ("V100", 125e12), ("T4", 65e12), ("MI300", 1307e12), ("MI250", 362e12),
+    ("Apple", 1.5e13),
+)
+
+STAGES = ("emulator", "train", "correct", "export")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What to plan for. Every field has help text (CLI help and GUI tooltip)."""
+
+    budget_bytes: int | None = field(default=None, metadata={
+        "help": "GPU memory EMLoC may use; default: what inference of the original model needs."})
+    gpu_total_bytes: int | None = field(default=None, metadata={
+        "help": "Memory of the GPU (or RAM for the CPU); a budget above it is lowered to it."})
+    context_length: int = field(default=512, metadata={"help": "Tokens per training sequence (T)."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences per optimizer micro-step (B)."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r; adapter memory grows linearly with it."})
+    ratio: float | None = field(default=None, metadata={
+        "help": "Keep-ratio ρ of the emulator; None = the largest that fits."})
+    safety_margin: float = field(default=0.1, metadata={
+        "help": "Fraction of the budget kept free to absorb prediction error (0.1 = 10%)."})
+    target_modules: tuple[str, ...] = field(default=(), metadata={
+        "help": "LoRA targets (leaf names like q_proj, or fnmatch patterns); empty = every block linear."})
+    dense_modules: tuple[str, ...] = field(default=(), metadata={
+        "help": "fnmatch patterns of full module names kept dense in the emulator."})
+    grad_checkpointing: bool = field(default=True, metadata={"help": "Recompute block activations in backward."})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": "bfloat16 | float16 | float32; auto = storage dtype if 16-bit, else bfloat16."})
+    device: str = field(default="cuda", metadata={"help": "cuda | rocm | mps | cpu (no CUDA context on cpu/mps)."})
+    gpu_name: str | None = field(default=None, metadata={"help": "GPU name, for the time estimates."})
+    calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences for the emulator."})
+    calibration_batch: int = field(default=8, metadata={"help": "Calibration sequences per forward chunk."})
+    train_steps: int = field(default=100, metadata={"help": "Optimizer steps, for the time estimate."})
+    auto_lambda: bool = field(default=True, metadata={
+        "help": "Correction chooses λ on held-out data (runs the original model, like inference)."})
+    anchored: bool = field(default=True, metadata={
+        "help": "Anchored training (emloc_engine.stages.training.anchoring): the micro-batch's block offsets on the GPU, and "
+                "one pass of the original, then of the emulator, over the visited examples (one GPU only)."})
+    anchor_linears: bool = field(default=False, metadata={
+        "help": "Anchors at every linear layer (--anchor linears) instead of every block: offsets of every "
+                "linear's output width per token on the GPU."})
+    eval_batches: int = field(default=16, metadata={"help": "Held-out sequences per λ candidate."})
+    lambda_candidates: int = field(default=5, metadata={"help": "Number of λ values tried."})
+    min_ratio: float = field(default=0.05, metadata={"help": "Smallest ρ considered."})
+    max_ratio: float = field(default=0.9, metadata={"help": "Largest ρ considered."})
+    ratio_step: float = field(default=0.05, metadata={"help": "Grid step of the ρ search."})
+    constants: PlannerConstants = field(default=DEFAULT_CONSTANTS, metadata={"help": "Calibration constants."})
+    num_gpus: int = field(default=1, metadata={
+        "help": "GPUs that train data-parallel (emloc train --gpus N); peaks are per GPU. Each holds the "
+                "whole emulator and a ⌈B/N⌉-sequence share of every micro-batch; training time is divided by N."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("context_length", "batch_size", "lora_rank", "calibration_samples", "calibration_batch",
+                     "train_steps", "eval_batches", "lambda_candidates", "num_gpus"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            problems.append(f"ratio must be in (0, 1] (got {self.ratio}).")
+        if not 0.0 < self.min_ratio <= self.max_ratio <= 1.0:
+            problems.append(f"need 0 < min_ratio ≤ max_ratio ≤ 1 (got {self.min_ratio}, {self.max_ratio}).")
+        if not 0.0 < self.ratio_step < 1.0:
+            problems.append(f"ratio_step must be in (0, 1) (got {self.ratio_step}).")
+        if not 0.0 <= self.safety_margin < 1.0:
+            problems.append(f"safety_margin must be in [0, 1) (got {self.safety_margin}).")
+        for name in ("budget_bytes", "gpu_total_bytes"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                problems.append(f"{name} must be positive (got {v}).")
+        if self.compute_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            problems.append(f"compute_dtype must be auto, bfloat16, float16 or float32 (got {self.compute_dtype!r}).")
+        if self.device not in ("cuda", "rocm", "mps", "cpu"):
+            problems.append(f"device must be cuda, rocm, mps or cpu (got {self.device!r}).")
+        if problems:
+            raise ConfigError("Invalid memory plan settings.", problems=problems)
+
+
+@dataclass(frozen=True)
+class StagePeak:
+    """Predicted peak of one stage: the named parts add up to ``peak_bytes``.
+
+    Attributes:
+        limit_bytes: what this stage must stay under; ``fits`` says whether it does.
+        est_seconds: rough wall time (see :class:`PlannerConstants` for the FLOP-rate assumptions).
+    """
+
+    name: str
+    peak_bytes: int
+    parts: tuple[tuple[str, int], ...]
+    est_seconds: float = 0.0
+    limit_bytes: int | None = None
+    device: str = "cuda"
+
+    @property
+    def fits(self) -> bool:
+        return self.limit_bytes is None or self.peak_bytes <= self.limit_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The prediction of ``torch.cuda.max_memory_allocated`` (runtime overhead excluded)."""
+        return self.peak_bytes - sum(b for label, b in self.parts if label == RUNTIME_LABEL)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
+                "parts": [[label, b] for label, b in self.parts], "est_seconds": round(self.est_seconds, 1),
+                "limit_bytes": self.limit_bytes, "fits": self.fits, "device": self.device}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The outcome: the ratio, whether everything fits, per-stage peaks, and what to change if not."""
+
+    ratio: float | None
+    fits: bool
+    budget_bytes: int
+    limit_bytes: int
+    stages: tuple[StagePeak, ...]
+    inference: StagePeak
+    full_lora: StagePeak
+    reason: str
+    suggestions: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    model_name: str = ""
+    config: PlanConfig = field(default_factory=PlanConfig)
+
+    @property
+    def inference_peak_bytes(self) -> int:
+        return self.inference.peak_bytes
+
+    @property
+    def full_lora_peak_bytes(self) -> int:
+        return self.full_lora.peak_bytes
+
+    @property
+    def est_seconds(self) -> dict[str, float]:
+        return {s.name: s.est_seconds for s in self.stages}
+
+    def stage(self, name: str) -> StagePeak:
+        for s in (*self.stages, self.inference, self.full_lora):
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name, "ratio": self.ratio, "fits": self.fits, "budget_bytes": self.budget_bytes,
+            "limit_bytes": self.limit_bytes, "safety_margin": self.config.safety_margin,
+            "context_length": self.config.context_length, "batch_size": self.config.batch_size,
+            "lora_rank": self.config.lora_rank, "inference": self.inference.to_dict(),
+            "full_lora": self.full_lora.to_dict(), "stages": [s.to_dict() for s in self.stages],
+            "reason": self.reason, "suggestions": list(self.suggestions), "notes": list(self.notes),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def rank_for_ratio(ratio: float, out_features: int, in_features: int) -> int:
+    """``k = floor(ρ · out · in / (out + in))``, at least 1 (same as :func:`emloc_engine.weights.lowrank.rank_for_ratio`)."""
+    return max(1, int(ratio * out_features * in_features // (out_features + in_features)))
+
+
+def compute_bytes(facts: ModelFacts, cfg: PlanConfig) -> int:
+    """Bytes per element of the compute dtype (``auto``: storage dtype if 16-bit, else bf16)."""
+    if cfg.compute_dtype != "auto":
+        return DTYPE_BYTES[cfg.compute_dtype]
+    return facts.dtype_bytes if facts.dtype in ("bfloat16", "float16") else 2
+
+
+def _targets(facts: ModelFacts, cfg: PlanConfig) -> list[tuple[int, int]]:
+    """(out, in) of every LoRA-targeted module of one block."""
+    if not cfg.target_modules:
+        return [(m.out_features, m.in_features) for m in facts.modules]
+    out = []
+    for m in facts.modules:
+        leaf = m.name.rsplit(".", 1)[-1]
+        if any(fnmatch.fnmatchcase(leaf, p) or fnmatch.fnmatchcase(m.name, p) for p in cfg.target_modules):
+            out.append((m.out_features, m.in_features))
+    return out
+
+
+def lora_parameters(facts: ModelFacts, cfg: PlanConfig) -> int:
+    """``n_L = L · Σ_targets r·(in + out)``."""
+    return facts.num_layers * sum(cfg.lora_rank * (o + i) for o, i in _targets(facts, cfg))
+
+
+def emulator_parameters(facts: ModelFacts, ratio: float, dense_modules: tuple[str, ...] = ()) -> int:
+    """Parameters of the emulator at keep-ratio ρ: dense part + ``Σ k·(out+in)`` (≈ ρ × linear)."""
+    if ratio >= 1.0:
+        return facts.num_parameters
+    total = facts.dense_parameters
+    for m in facts.modules:
+        per = rank_for_ratio(ratio, m.out_features, m.in_features) * (m.out_features + m.in_features)
+        if not dense_modules:
+            total += facts.num_layers * per
+            continue
+        for i in range(facts.num_layers):
+            full = f"model.layers.{i}.{m.name}"
+            dense = any(fnmatch.fnmatchcase(full, p) for p in dense_modules)
+            total += m.numel if dense or per >= m.numel else per
+    return total
+
+
+def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES) -> int:
+    """Tokens per checkpointed loss chunk of :func:`emloc_engine.stages.training.trainer.lm_loss_sum`.
+
+    The largest power of two in [32, 1024] whose logits (bf16 + fp32 copy + log-softmax + its grad,
+    14 bytes per logit) stay within ``chunk_bytes``: 64 tokens for a 49k vocabulary, 32 for 128k+.
+    Shared by the trainer and the planner so the prediction is the code's.
+    """
+    tokens = 1024
+    while tokens > 32 and tokens * vocab_size * 14 > chunk_bytes:
+        tokens //= 2
+    return tokens
+
+
+def margin_limit(budget: int, cfg: PlanConfig) -> int:
+    """What the ρ-dependent stages may use: the budget less the safety margin of its predicted part.
+
+    The margin absorbs prediction error, so it applies to what is predicted from tensor sizes, not
+    to the CUDA context, which inference (the budget) and training pay alike. On a 135M model the
+    context is two thirds of the inference peak; a margin on it left no room for training at all.
+    """
+    fixed = min(budget, _runtime(0, cfg))
+    return int(budget - cfg.safety_margin * (budget - fixed))
+
+
+def _runtime(tensor_bytes: int, cfg: PlanConfig) -> int:
+    c = cfg.constants
+    context = c.cuda_context_bytes if cfg.device in ("cuda", "rocm") else 0
+    return int(context + c.allocator_slack * tensor_bytes)
+
+
+def _stage(name: str, parts: list[tuple[str, int]], cfg: PlanConfig, seconds: float,
+           device: str | None = None) -> StagePeak:
+    tensors = sum(b for _, b in parts)
+    dev = device or cfg.device
+    runtime = _runtime(tensors, replace(cfg, device=dev)) if tensors else 0
+    full = [(label, int(b)) for label, b in parts] + [(RUNTIME_LABEL, runtime)]
+    return StagePeak(name, sum(b for _, b in full), tuple(full), est_seconds=seconds, device=dev)
+
+
+def _layer_act(facts: ModelFacts, tokens: int, b: int, ch: float, ci: float, cq: float) -> int:
+    qkv = (facts.num_heads + 2 * facts.num_kv_heads) * facts.head_dim
+    return int(tokens * b * (ch * facts.hidden_size + ci * facts.intermediate_size + cq * qkv))
+
+
+def flops_per_second(cfg: PlanConfig) -> float:
+    """Dense bf16 peak of the planned device (see :data:`GPU_PEAK_FLOPS`)."""
+    if cfg.device == "cpu":
+        return cfg.constants.cpu_matmul_flops
+    name = (cfg.gpu_name or "").upper()
+    for frag, flops in GPU_PEAK_FLOPS:
+        if frag.upper() in name:
+            return flops
+    return cfg.constants.unknown_gpu_flops
+
+
+def _forward_flops(facts: ModelFacts, params: int, tokens: int, context: int) -> float:
+    """``2·P_active + 4·L·T·a·d`` per token (matmuls + attention scores/values; embeddings excluded)."""
+    active = params - facts.embedding_parameters
+    return tokens * (2.0 * active + 4.0 * facts.num_layers * context * facts.num_heads * facts.head_dim)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage peaks
+
+
+def inference_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
+    """Inference of the original model: one forward of ``B×T`` tokens with a KV cache.
+
+    ``P·b + 2·L·B·T·g·d·b + max(act_layer, B·T·V·b) + runtime``.
+    """
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    tokens = cfg.batch_size * cfg.context_length
+    weights = facts.num_parameters * b
+    kv = 2 * facts.num_layers * tokens * facts.num_kv_heads * facts.head_dim * b
+    act = _layer_act(facts, tokens, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    logits = int(tokens * facts.vocab_size * b * c.infer_logits_bytes + tokens * facts.hidden_size * b)
+    seconds = _forward_flops(facts, facts.num_parameters, tokens, cfg.context_length) / (
+        flops_per_second(cfg) * c.infer_mfu) + weights / c.disk_bytes_per_s
+    return _stage("inference", [("weights", weights), ("KV cache", kv),
+                                ("activations & logits", max(act, logits))], cfg, seconds)
+
+
+def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = "train",
+                  chunked_loss: bool = True) -> StagePeak:
+    """LoRA training on the emulator at ρ (ρ = 1: on the original model).
+
+    ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, n_logit·V·c_logits) + runtime`` where
+    ``n_logit = min(B·T, loss_chunk_tokens(V))`` for our trainer (the loss is computed in
+    checkpointed chunks, :func:`emloc_engine.stages.training.trainer.lm_loss_sum`) and ``B·T`` for plain
+    peft/transformers training (``chunked_loss=False``, the full-model LoRA comparison). With
+    gradient checkpointing off, every block's activations are kept: ``L·train_layer``.
+    """
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    # Data-parallel (emloc_engine.stages.training.distributed): every GPU holds the whole emulator and its share of the batch.
+    tokens = math.ceil(cfg.batch_size / cfg.num_gpus) * cfg.context_length
+    params = emulator_parameters(facts, ratio, cfg.dense_modules)
+    n_lora = lora_parameters(facts, cfg)
+    layer = _layer_act(facts, tokens, b, c.train_act_h, c.train_act_i, c.train_act_qkv)
+    chunk = loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes)
+    logit_rows = min(tokens, chunk) if chunked_loss else tokens
+    logits = int(logit_rows * facts.vocab_size * c.train_logits_bytes)
+    if chunked_loss and tokens > chunk:  # the final hidden states feed every chunk
+        logits += tokens * facts.hidden_size * b
+    if cfg.grad_checkpointing:
+        kept = facts.num_layers * tokens * facts.hidden_size * b
+        transient = max(layer, logits)
+    else:
+        kept = facts.num_layers * layer
+        transient = logits
+    label = "weights" if ratio >= 1.0 else f"emulator weights (ρ={ratio:.2f})"
+    parts = [(label, params * b), ("LoRA weights + grads (fp32)", n_lora * 2 * c.lora_param_bytes),
+             ("AdamW states (fp32)", n_lora * c.adam_state_bytes),
+             ("checkpointed activations" if cfg.grad_checkpointing else "activations", kept),
+             ("logits & loss" if transient == logits else "block recompute", transient)]
+    flops = 3.0 * _forward_flops(facts, params, tokens, cfg.context_length) * (4 / 3 if cfg.grad_checkpointing else 1)
+    seconds = cfg.train_steps * flops / (flops_per_second(cfg) * c.train_mfu) + params * b / c.disk_bytes_per_s
+    if name == "train" and anchored_training(cfg):
+        width = sum(m.out_features for m in facts.modules) if cfg.anchor_linears else facts.hidden_size
+        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * width * b))
+        visited = cfg.train_steps * cfg.batch_size * cfg.context_length  # at most: one pass of each model over them
+        seconds += (_forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
+                    + _forward_flops(facts, params, visited, cfg.context_length)) / (flops_per_second(cfg) * c.infer_mfu)
+        seconds += facts.num_parameters * b / c.disk_bytes_per_s
+    return _stage(name, parts, cfg, seconds)
+
+
+def anchored_training(cfg: PlanConfig) -> bool:
+    """Whether the train stage anchors (``TrainConfig.anchor="auto"`` on one GPU; plain full LoRA never does)."""
+    return cfg.anchored and cfg.num_gpus == 1
+
+
+def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget_bytes: int | None = None) -> StagePeak:
+    """Streaming emulator construction (:mod:`emloc_engine.stages.emulator.builder`): one block on the GPU at a time.
+
+    ``block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, factor workspace) + runtime``.
+    With a budget the builder sizes its forward chunks to a quarter of it
+    (``chunk = max(T, budget/4 / ((8h + 4I)·b + 8h))`` tokens) and keeps the calibration hidden
+    states (``N·T·h·b``, inputs and outputs) on the GPU only when they take less than a quarter;
+    otherwise they live in CPU RAM and one chunk at a time visits the GPU. The factorisation
+    workspace of the largest module is ``(3·in² + 3·out·in)·4`` (fp32 eigh + SVD).
+    """
+    from emloc_engine.core.architectures import arch_spec
+
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    n_tokens = cfg.calibration_samples * cfg.context_length
+    h, inter = facts.hidden_size, facts.intermediate_size
+    if budget_bytes is None:
+        chunk_tokens = min(cfg.calibration_batch, cfg.calibration_samples) * cfg.context_length
+        offload = False
+    else:
+        per_token = (8 * h + 4 * inter) * max(b, 2) + 8 * h
+        chunk_tokens = max(cfg.context_length, min(budget_bytes // 4 // per_token, 1 << 17))
+        offload = n_tokens * h * 4 > budget_bytes // 4
+    chunk_tokens = min(chunk_tokens, n_tokens)
+    block = facts.block_parameters * b
+    compressed = int(min(1.0, ratio) * facts.linear_parameters_per_block * b)
+    hidden = int(c.build_hidden_copies * (chunk_tokens if offload else n_tokens) * h * b)
+    shapes = {m.name: m for m in facts.modules}
+    try:
+        groups = [[shapes[n] for n in g.modules if n in shapes] for g in arch_spec({"model_type": facts.model_type}).groups]
+    except Exception:
+        groups = [[m] for m in facts.modules]
+    stats = sum(g[0].in_features ** 2 * c.stats_bytes for g in groups if g)
+    chunk = _layer_act(facts, chunk_tokens, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    workspace = max(int((c.factor_in2_copies * m.in_features ** 2 + c.factor_outin_copies * m.numel) * c.factor_bytes)
+                    for m in facts.modules)
+    embed = facts.embedding_parameters * b  # materialised once, to embed the calibration tokens
+    lin_flops = sum(c.eigh_flop_coef * g[0].in_features ** 3 for g in groups if g) + sum(
+        c.svd_flop_coef * m.numel * min(m.out_features, m.in_features) for m in facts.modules)
+    linalg = c.linalg_flops_cpu if cfg.device == "cpu" else c.linalg_flops_gpu
+    fwd = _forward_flops(facts, facts.num_parameters, n_tokens, cfg.context_length)
+    stats_flops = facts.num_layers * n_tokens * sum(2 * g[0].in_features ** 2 for g in groups if g)
+    stats_rate = c.stats_flops_cpu if cfg.device == "cpu" else c.stats_flops_gpu
+    seconds = (facts.num_layers * lin_flops / linalg + fwd / (flops_per_second(cfg) * c.infer_mfu)
+               + stats_flops / stats_rate + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s)
+    if cfg.num_gpus > 1:
+        # GPUs 1..N-1 factorise finished blocks (each holds one block's W and C plus the workspace);
+        # GPU 0 keeps one more block's statistics in flight and only the forward's transient memory,
+        # and the linear algebra overlaps the forward of the next block.
+        workspace = 0
+        stats *= 2
+        seconds -= min(facts.num_layers * lin_flops / linalg, fwd / (flops_per_second(cfg) * c.infer_mfu)
+                       + stats_flops / stats_rate)
+    per_block = block + compressed + stats + max(workspace, chunk)
+    if embed + hidden // 2 > per_block:
+        parts = [("embeddings (capture)", embed), ("calibration hidden states", hidden // 2)]
+    else:
+        parts = [("one block (original)", block), ("one block (compressed)", compressed),
+                 ("calibration hidden states", hidden), ("statistics ΣXᵀX (fp32)", stats),
+                 ("factorisation workspace" if workspace >= chunk else "calibration forward", max(workspace, chunk))]
+    return _stage("emulator", parts, cfg, seconds)
+
+
+def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePeak:
+    """LoRA correction: one module at a time, then (``auto_lambda``) held-out loss per λ with the original model.
+
+    ``max(3·out·in·4, P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime`` (eval batch 1).
+    """
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    n_lora = lora_parameters(facts, cfg)
+    largest = max(m.numel for m in facts.modules)
+    module = int(c.correction_module_copies * largest * 4 + n_lora * c.lora_param_bytes / facts.num_layers)
+    flops = facts.num_layers * sum(2.0 * m.numel * (rank_for_ratio(ratio, m.out_features, m.in_features)
+                                                    + cfg.lora_rank) for m in facts.modules)
+    seconds = flops / (flops_per_second(cfg) * c.train_mfu) + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s
+    if not cfg.auto_lambda:
+        return _stage("correct", [("one module (fp32)", module)], cfg, seconds)
+    t = cfg.context_length
+    act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    logits = int(t * facts.vocab_size * c.eval_logits_bytes)
+    seconds += cfg.lambda_candidates * cfg.eval_batches * _forward_flops(facts, facts.num_parameters, t, t) / (
+        flops_per_second(cfg) * c.infer_mfu)
+    evaluation = facts.num_parameters * b + n_lora * c.lora_param_bytes + max(act, logits)
+    if module >= evaluation:
+        return _stage("correct", [("one module (fp32)", module)], cfg, seconds)
+    return _stage("correct", [("weights (λ evaluation)", facts.num_parameters * b),
+                              ("adapter", n_lora * c.lora_param_bytes),
+                              ("activations & loss", max(act, logits))], cfg, seconds)
+
+
+def export_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
+    """Merge and export run on the CPU, shard by shard: no GPU memory."""
+    seconds = 3.0 * facts.num_parameters * facts.dtype_bytes / cfg.constants.disk_bytes_per_s
+    return StagePeak("export", 0, (("GPU not used (merge on the CPU)", 0),), est_seconds=seconds, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing ρ
+
+
+def _ratio_grid(cfg: PlanConfig) -> list[float]:
+    n = math.floor((cfg.max_ratio - cfg.min_ratio) / cfg.ratio_step + 1e-9)
+    return [round(cfg.min_ratio + i * cfg.ratio_step, 6) for i in range(n, -1, -1)]
+
+
+def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, gpu_limit: int | None) -> tuple[StagePeak, ...]:
+    build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=limit or None), limit_bytes=limit)
+    train = replace(training_peak(facts, cfg, ratio), limit_bytes=limit)
+    correct = correction_peak(facts, cfg, ratio)
+    # λ evaluation is inference of the original model: checked against the GPU, not the reduced budget.
+    correct = replace(correct, limit_bytes=gpu_limit if cfg.auto_lambda else limit)
+    return build, train, correct, export_peak(facts, cfg)
+
+
+def plan_memory(facts: ModelFacts, cfg: PlanConfig | None = None) -> MemoryPlan:
+    """Predict every stage's peak and choose the largest ρ whose stages all fit.
+
+    Args:
+        facts: shapes of the model (:func:`model_facts`).
+        cfg: what to plan for; ``cfg.ratio`` set = evaluate that ratio only.
+
+    Returns:
+        A :class:`MemoryPlan`. ``fits`` is False (with ``reason`` and ``suggestions``) when no ρ
+        on the grid fits, when the model does not fit the GPU even for inference, or when the
+        given ratio does not fit.
+    """
+    return _plan(facts, cfg or PlanConfig(), suggest=True)
+
+
+def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
+    inference = inference_peak(facts, cfg)
+    full = training_peak(facts, cfg, 1.0, name="full_lora", chunked_loss=False)
+    notes: list[str] = []
+    budget = cfg.budget_bytes or inference.peak_bytes
+    if cfg.gpu_total_bytes is not None and budget > cfg.gpu_total_bytes:
+        notes.append(f"Budget {budget / GIB:.1f} GiB is more than the GPU's {cfg.gpu_total_bytes / GIB:.1f} GiB; "
+                     "planning for the GPU instead.")
+        budget = cfg.gpu_total_bytes
+    limit = margin_limit(budget, cfg)
+    gpu_limit = cfg.gpu_total_bytes
+    inference = replace(inference, limit_bytes=cfg.gpu_total_bytes)
+    full = replace(full, limit_bytes=limit)
+    grid = [cfg.ratio] if cfg.ratio is not None else _ratio_grid(cfg)
+
+    def make(ratio: float | None, fits: bool, stages: tuple[StagePeak, ...], reason: str,
+             suggestions: tuple[str, ...] = ()) -> MemoryPlan:
+        extra = list(notes)
+        corr = next((s for s in stages if s.name == "correct"), None)
+        if corr is not None and cfg.auto_lambda and corr.peak_bytes > budget:
+            extra.append(f"The correction's λ search runs the original model and needs {corr.peak_gib:.1f} GiB, "
+                         f"more than the {budget / GIB:.1f} GiB budget; set λ explicitly (no search) to stay within it.")
+        if full.fits:
+            extra.append(f"Plain LoRA on the full model ({full.peak_gib:.1f} GiB) also fits this budget.")
+        return MemoryPlan(ratio, fits, budget, limit, stages, inference, full, reason, suggestions, tuple(extra),
+                          facts.name, cfg)
+
+    if gpu_limit is not None and inference.peak_bytes > gpu_limit:
+        stages = _stages_at(facts, cfg, grid[-1], limit, gpu_limit)
+        reason = (f"{facts.name} does not fit this GPU even for inference: it needs {inference.peak_gib:.1f} GiB "
+                  f"(weights {facts.num_parameters * compute_bytes(facts, cfg) / GIB:.1f} GiB) and the GPU has "
+                  f"{gpu_limit / GIB:.1f} GiB.")
+        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else ())
+    last: tuple[StagePeak, ...] = ()
+    for ratio in grid:
+        stages = _stages_at(facts, cfg, ratio, limit, gpu_limit)
+        last = stages
+        if all(s.fits for s in stages):
+            train = stages[1]
+            reason = (f"ρ = {ratio:.2f}: training on the emulator needs {train.peak_gib:.2f} GiB of the "
+                      f"{limit / GIB:.2f} GiB allowed ({budget / GIB:.2f} GiB budget − {cfg.safety_margin:.0%} margin "
+                      f"on its predicted part).")
+            return make(ratio, True, stages, reason)
+    worst = max((s for s in last if not s.fits), key=lambda s: s.peak_bytes - (s.limit_bytes or 0))
+    at = grid[-1]
+    big = max(worst.parts, key=lambda p: p[1])
+    reason = (f"Nothing fits: at ρ = {at:.2f} the {worst.name} stage needs {worst.peak_gib:.1f} GiB but only "
+              f"{(worst.limit_bytes or 0) / GIB:.1f} GiB is allowed ({budget / GIB:.1f} GiB budget − "
+              f"{cfg.safety_margin:.0%} margin on its predicted part); its largest part is {big[0]} ({big[1] / GIB:.1f} GiB).")
+    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else ())
+
+
+def _suggest(facts: ModelFacts, cfg: PlanConfig) -> tuple[str, ...]:
+    """Variants of the settings that would fit, cheapest change first."""
+    out: list[str] = []
+    budget_cfg = replace(cfg, ratio=None, budget_bytes=cfg.budget_bytes, gpu_total_bytes=cfg.gpu_total_bytes)
+    variants: list[tuple[str, PlanConfig]] = []
+    if cfg.batch_size > 1:
+        variants.append(("batch size 1", replace(budget_cfg, batch_size=1)))
+    t = cfg.context_length // 2
+    while t >= 128:
+        variants.append((f"context {t} tokens", replace(budget_cfg, context_length=t)))
+        t //= 2
+    for r in (8, 4):
+        if r < cfg.lora_rank:
+            variants.append((f"LoRA rank {r}", replace(budget_cfg, lora_rank=r)))
+    if cfg.ratio is not None:
+        variants.insert(0, ("an automatic ratio", budget_cfg))
+    if cfg.auto_lambda:
+        variants.append(("a fixed λ (no held-out search)", replace(budget_cfg, auto_lambda=False)))
+    if cfg.gpu_total_bytes and (cfg.budget_bytes or 0) < cfg.gpu_total_bytes:
+        variants.append((f"the whole GPU ({cfg.gpu_total_bytes / GIB:.1f} GiB) as the budget",
+                         replace(budget_cfg, budget_bytes=cfg.gpu_total_bytes)))
+    for label, v in variants:
+        p = _plan(facts, v, suggest=False)
+        if p.fits:
+            out.append(f"With {label} it fits at ρ = {p.ratio:.2f}.")
+            if len(out) >= 3:
+                break
+    floor = _stages_at(facts, replace(cfg, ratio=None), cfg.min_ratio, 0, None)
+    peak = max(s.peak_bytes for s in floor[:2])
+    fixed = _runtime(0, cfg)
+    need = int(fixed + (peak - fixed) / (1.0 - cfg.safety_margin))
+    dense = (facts.embedding_parameters + facts.lm_head_parameters) * compute_bytes(facts, cfg)
+    out.append(f"Or a smaller model, or a budget of at least {need / GIB:.1f} GiB with these settings "
+               f"(embeddings and lm_head alone take {dense / GIB:.1f} GiB; logits grow with context × vocabulary).")
+    return tuple(out)
+
+
+def model_facts(model_dir: Path) -> ModelFacts:
+    """:class:`ModelFacts` of a model folder from config and safetensors headers only (no weights).
+
+    Raises:
+        ModelNotFound: missing/bad config or shard headers.
+        UnsupportedModel: unknown architecture.
+    """
+    from emloc_engine.catalog.model_facts import read_model_facts
+
+    return read_model_facts(Path(model_dir))
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a text table (``emloc plan``)."""
+    rows = [("stage", "peak GiB", "limit GiB", "fits", "time", "largest parts")]
+    from emloc_engine.core.progress import format_seconds
+
+    for s in (plan.inference, *plan.stages, plan.full_lora):
+        top = sorted((p for p in s.parts if p[1] > 0), key=lambda p: -p[1])[:3]
+        rows.append((s.name, f"{s.peak_gib:.2f}", f"{s.limit_bytes / GIB:.2f}" if s.limit_bytes else "-",
+                     "yes" if s.fits else "NO", format_seconds(s.est_seconds),
+                     ", ".join(f"{label} {b / GIB:.2f}" for label, b in top)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    head = (f"{plan.model_name}: budget {plan.budget_bytes / GIB:.2f} GiB, allowed {plan.limit_bytes / GIB:.2f} GiB "
+            f"(margin {plan.config.safety_margin:.0%}); T={plan.config.context_length}, B={plan.config.batch_size}, "
+            f"r={plan.config.lora_rank}")
+    tail = [f"Chosen ρ: {plan.ratio:.2f}" if plan.ratio is not None else "Chosen ρ: none", plan.reason]
+    tail += [f"  - {s}" for s in plan.suggestions] + [f"Note: {n}" for n in plan.notes]
+    return "\n".join([head, *lines, *tail])

@@ -1,0 +1,1 @@
+"""The four stages of a run, each a frozen config -> function(config, progress) -> frozen result."""

@@ -1,0 +1,1 @@
+"""Stage 1: the emulator, by activation-aware SVD, streamed one decoder block at a time."""

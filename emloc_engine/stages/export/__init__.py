@@ -1,0 +1,1 @@
+"""Stage 4: merge, adapter and GGUF exports, each verified by loading it back."""

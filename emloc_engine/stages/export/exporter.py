@@ -1,0 +1,594 @@
+"""Stage 4: merge the (corrected) LoRA adapter into the original model and export it.
+
+Three exports, each optional (``formats``):
+
+* ``merged`` -> ``RUN_DIR/merged/``: a Hugging Face folder. Every original shard is streamed tensor by
+  tensor: read, ``W + s·B·A`` added in fp32 where the adapter has a module (:func:`merge_weight`,
+  checked for NaN/Inf before anything is written), written in the source dtype into a shard of the
+  same name and split, then ``model.safetensors.index.json``, config, generation config, tokenizer,
+  chat template, licence files and a model card. Peak CPU memory is about one tensor (plus an fp32
+  copy of the largest adapted weight), never a shard or the model.
+* ``adapter`` -> the portable peft adapter. The run layout already holds it
+  (``RUN_DIR/adapter-corrected/``), so it is not copied: it is loaded with
+  ``PeftModel.from_pretrained(original, path)``, checked, and given a model card (``README.md``,
+  replacing peft's template). An adapter given from outside the run folder is copied into
+  ``RUN_DIR/adapter-export/`` instead, so nothing outside the run is written.
+* ``gguf`` -> ``RUN_DIR/model.gguf`` streamed from the merged folder (:mod:`emloc_engine.stages.export.gguf_export`);
+  it implies ``merged`` when no merged folder exists yet.
+
+Every export is written under a temporary name and renamed when complete; a non-empty target is
+refused unless ``overwrite``; nothing is ever written inside the source model folder or the Hugging
+Face cache. With ``verify`` each export is loaded back (transformers, peft, transformers' GGUF reader)
+and its logits on a few prompts are compared with the original model + adapter through peft; the
+largest absolute difference per export is reported, and one beyond :data:`TOLERANCES` raises.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emloc_engine.core.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from emloc_engine.core.errors import ConfigError, MergeError, ModelNotFound
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.memory import RssSampler
+from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
+from emloc_engine.stages.export.merge import (
+    SAFETENSORS_DTYPES,
+    LoraDelta,
+    ShardWriter,
+    merge_state_dict,
+    merge_weight,
+    read_lora_deltas,
+    read_shard_index,
+    read_tensor,
+)
+from emloc_engine.stages.export.model_card import collect_facts, render_card
+from emloc_engine.weights.checkpoint import load_config
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("merged", "adapter", "gguf")
+DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ",
+                   "Once upon a time, in a small village by the sea,")
+# Largest allowed |logit difference| as a fraction of max(1, max |reference logit|), by the storage
+# type of the export: fp32 is exact up to summation order; fp16/bf16 round every weight (2^-11 / 2^-8
+# relative); Q8_0 rounds to 8 bits per block of 32. Wrong tensor layouts give differences of order 1.
+TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
+              "q8_0": 1e-1}
+_NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export from a run, and how."""
+
+    run_dir: Path = field(metadata={"help": "The run folder (exports are written inside it)."})
+    model_dir: Path = field(metadata={"help": "The original model folder the adapter was trained for."})
+    adapter_dir: Path | None = field(default=None, metadata={
+        "help": "The peft adapter to merge; default RUN_DIR/adapter-corrected, else RUN_DIR/adapter."})
+    formats: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={
+        "help": "Any of merged (Hugging Face folder), adapter (portable peft adapter), gguf (llama.cpp)."})
+    gguf_type: str = field(default="f16", metadata={"help": "GGUF weight type: f16, bf16, q8_0 or f32."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace exports that already exist."})
+    verify: bool = field(default=True, metadata={
+        "help": "Load every export back and compare its logits with original + adapter (needs RAM for the model)."})
+    device: str = field(default="cpu", metadata={"help": "Device for verification: cpu, cuda or auto."})
+    prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, metadata={"help": "Prompts used to compare logits."})
+
+    def __post_init__(self) -> None:
+        from emloc_engine.stages.export.gguf_export import GGUF_TYPES
+
+        problems = []
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown or not self.formats:
+            problems.append(f"formats {list(self.formats)}: choose one or more of {', '.join(EXPORT_FORMATS)}")
+        if self.gguf_type not in GGUF_TYPES:
+            problems.append(f"gguf_type {self.gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+        if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
+            problems.append(f"device {self.device!r}: choose cpu, cuda or auto")
+        if self.verify and not self.prompts:
+            problems.append("verification needs at least one prompt")
+        if problems:
+            raise ConfigError("Invalid export settings:", problems=problems)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written, how it checked out, and what it cost.
+
+    Attributes:
+        verification: ``(export, max |logit − reference logit|)`` per verified export.
+        tolerances: ``(export, allowed difference)`` in the same order.
+        adapter_effect: max |logit change| the adapter causes on the original (0 means it does nothing).
+        peak_rss_gib: the process's peak resident memory while exporting (sampled), verification included.
+        merge_peak_rss_gib: the same during the streaming merge alone (about one tensor).
+    """
+
+    merged_dir: Path | None
+    adapter_dir: Path | None
+    gguf_path: Path | None
+    verification: tuple[tuple[str, float], ...]
+    peak_rss_gib: float
+    tolerances: tuple[tuple[str, float], ...] = ()
+    adapter_effect: float | None = None
+    merged_modules: int = 0
+    merge_s: float = 0.0
+    gguf_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+    merge_peak_rss_gib: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary for the manifest and the CLI."""
+        return {
+            "merged_dir": str(self.merged_dir) if self.merged_dir else None,
+            "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
+            "gguf_path": str(self.gguf_path) if self.gguf_path else None,
+            "verification": [[n, d] for n, d in self.verification],
+            "tolerances": [[n, d] for n, d in self.tolerances],
+            "adapter_effect": self.adapter_effect, "merged_modules": self.merged_modules,
+            "peak_rss_gib": round(self.peak_rss_gib, 3), "merge_s": round(self.merge_s, 2),
+            "gguf_s": round(self.gguf_s, 2), "verify_s": round(self.verify_s, 2), "wall_s": round(self.wall_s, 2),
+            "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3),
+        }
+
+
+# -- where we may write --------------------------------------------------------------------------------
+def _hf_cache_roots() -> list[Path]:
+    roots = []
+    for env in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(env):
+            roots.append(Path(os.environ[env]))
+    if os.environ.get("HF_HOME"):
+        roots.append(Path(os.environ["HF_HOME"]))
+    roots.append(Path.home() / ".cache" / "huggingface")
+    try:
+        from huggingface_hub import constants
+
+        roots.append(Path(constants.HF_HUB_CACHE))
+    except Exception:  # pragma: no cover - huggingface_hub is a dependency
+        pass
+    return roots
+
+
+def _inside(path: Path, root: Path) -> bool:
+    for p in {path.absolute(), path.resolve()}:
+        for r in {root.absolute(), root.resolve()}:
+            if p == r or r in p.parents:
+                return True
+    return False
+
+
+def check_output_location(out: Path, model_dir: Path) -> None:
+    """Refuse to write ``out`` inside the source model folder (or its HF cache repo) or any HF cache.
+
+    Raises:
+        MergeError: naming the protected folder and what to do instead.
+    """
+    protected = [Path(model_dir)]
+    for parent in Path(model_dir).resolve().parents:  # the whole models--org--name repo of a snapshot
+        if parent.name.startswith("models--"):
+            protected.append(parent)
+    for root in protected:
+        if _inside(Path(out), root) or _inside(root, Path(out)):
+            raise MergeError(f"Refusing to write {out}: it is inside (or contains) the source model folder {root}.",
+                             hint="Put the run folder somewhere else (the source model is never modified).")
+    for root in _hf_cache_roots():
+        if _inside(Path(out), root):
+            raise MergeError(f"Refusing to write {out}: it is inside the Hugging Face cache {root}.",
+                             hint="Put the run folder outside the cache (default: emloc's own runs folder).")
+
+
+def resolve_adapter_dir(run_dir: Path, adapter_dir: Path | None) -> Path:
+    """The adapter to export: the one given, else ``adapter-corrected/``, else ``adapter/``.
+
+    Raises:
+        ModelNotFound: none exists.
+    """
+    if adapter_dir is not None:
+        return Path(adapter_dir)
+    layout = RunLayout(Path(run_dir))
+    for cand in (layout.adapter_corrected, layout.adapter):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise ModelNotFound(f"No adapter in {run_dir} (neither adapter-corrected/ nor adapter/).",
+                        hint="Run `emloc train` and `emloc correct` first, or pass --adapter DIR.")
+
+
+def _tied(config: dict[str, Any]) -> bool:
+    default = str(config.get("model_type", "")).startswith("gemma")
+    return bool(config.get("tie_word_embeddings", default))
+
+
+def _check_adapter_fits(model_dir: Path, deltas: dict[str, LoraDelta], names: set[str]) -> None:
+    missing = [m for m in deltas if f"{m}.weight" not in names]
+    if missing:
+        raise MergeError(f"The adapter adapts {len(missing)} module(s) that {model_dir} does not have:",
+                         problems=missing[:10], hint="Pass the base model the adapter was trained on (--model).")
+
+
+def _check_tied_head(config: dict[str, Any], adapter_dir: Path) -> None:
+    """Refuse an adapter on lm_head when the model ties lm_head to the input embeddings.
+
+    A merged tied model has one matrix for both; adding ``s·B·A`` to it would also change the input
+    embeddings, which the adapter never did. (peft also saves the tied base matrix in such adapters.)
+    """
+    if not _tied(config):
+        return
+    weights = adapter_dir / "adapter_model.safetensors"
+    names = [e.name for e in read_shard_index(weights)[0]] if weights.is_file() else []
+    if any(".lm_head.lora_" in n or ".embed_tokens.lora_" in n for n in names):
+        raise MergeError("The adapter adapts lm_head, but this model ties lm_head to the input embeddings: "
+                         "merging would change both.",
+                         hint="Train without lm_head in target_modules (the default), or use the adapter unmerged.")
+
+
+# -- merged folder -------------------------------------------------------------------------------------
+def _copy_side_files(model_dir: Path, out: Path) -> None:
+    """Config, generation config, tokenizer, chat template, licence... everything but weights and README."""
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.name in _NON_WEIGHT_SKIP or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+            continue
+        if p.is_file():
+            shutil.copy2(p, out / p.name)  # follows the HF cache's symlinks into blobs
+        elif p.is_dir() and p.name == "additional_chat_templates":
+            shutil.copytree(p, out / p.name)
+
+
+def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path,
+                        progress: Progress = NULL_PROGRESS) -> int:
+    """Stream every shard of ``model_dir`` into ``out`` with the LoRA deltas added; returns modules merged.
+
+    Shard names, split and tensor order are the source's; each merged weight is computed in fp32 and
+    stored in its source dtype. Writes ``model.safetensors.index.json`` too.
+
+    Raises:
+        MergeError: a corrupt/truncated shard or a non-finite merge (names the tensor).
+        OSError: the disk is full (the caller's temporary folder is then removed).
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    indexes = [read_shard_index(f) for f in files]  # validates every header before writing anything
+    total = sum(e.nbytes for entries, _ in indexes for e in entries) or 1
+    done, merged, weight_map = 0, 0, {}
+    for f, (entries, meta) in zip(files, indexes):
+        specs = [(e.name, SAFETENSORS_DTYPES[e.dtype], e.shape) for e in entries]
+        with open(f, "rb") as src, ShardWriter(out / f.name, specs, {"format": "pt", **meta}) as dst:
+            for e in entries:
+                progress.check_cancelled()
+                t = read_tensor(src, e, f.name)
+                module = e.name[: -len(".weight")] if e.name.endswith(".weight") else None
+                if module in deltas:
+                    t = merge_weight(e.name, t, deltas[module])
+                    merged += 1
+                dst.write(e.name, t)
+                weight_map[e.name] = f.name
+                done += e.nbytes
+                progress.update(done / total, f"Merging {f.name}")
+                del t
+    write_json_atomic(out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total if weight_map else 0}, "weight_map": weight_map})
+    return merged
+
+
+def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path, card: str,
+                   progress: Progress) -> int:
+    with atomic_dir(target, overwrite=cfg.overwrite) as tmp:
+        n = write_merged_shards(cfg.model_dir, deltas, tmp, progress)
+        _copy_side_files(cfg.model_dir, tmp)
+        write_text_atomic(tmp / "README.md", card)
+    return n
+
+
+# -- verification ----------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _prompt_ids(model_dir: Path, prompts: tuple[str, ...]) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    texts = list(prompts)
+    if getattr(tok, "chat_template", None):
+        texts.append(str(tok.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
+                                                 add_generation_prompt=True)))
+    return [torch.tensor([tok(t, add_special_tokens=True)["input_ids"][:64]]) for t in texts]
+
+
+@torch.no_grad()
+def _logits(model: Any, ids: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [model(input_ids=x.to(device)).logits.float().cpu() for x in ids]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _free(*objs: Any) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _placement(dev: torch.device) -> dict[str, Any]:
+    """Load verification models straight onto a GPU, never as a full copy in CPU memory first."""
+    return {"device_map": {"": dev.index or 0}} if dev.type == "cuda" else {}
+
+
+def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
+    """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
+    the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
+    from emloc_engine.weights.checkpoint import Checkpoint
+
+    ck = Checkpoint(model_dir)
+    store = SAFETENSORS_DTYPES.get(ck.dominant_dtype(), torch.float32)
+    if not store.is_floating_point:
+        return store
+    fp32_bytes = ck.num_parameters() * 4
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return torch.float32 if fp32_bytes * 1.3 + 2 * 2**30 <= free or fp32_bytes <= 4 * 2**30 else store
+
+
+@dataclass
+class _Verification:
+    diffs: list[tuple[str, float]] = field(default_factory=list)
+    tols: list[tuple[str, float]] = field(default_factory=list)
+    effect: float | None = None
+    # In reduced precision (bf16/fp16 verification), how far peft's own in-memory merge in that
+    # dtype lands from the unmerged reference: pure rounding, the floor any merged export shares.
+    floor: float = 0.0
+
+    def add(self, name: str, diff: float, tol: float) -> None:
+        self.diffs.append((name, diff))
+        self.tols.append((name, tol))
+
+
+def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torch.dtype,
+               ids: list[torch.Tensor], dev: torch.device, ver: _Verification) -> list[torch.Tensor]:
+    """Logits of original + adapter through peft (unmerged); checks peft's own merge on the way."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base: Any = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=dtype, local_files_only=True,
+                                                     **_placement(dev))
+    base = base.to(dev)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    try:
+        attached = sum(1 for _, m in model.named_modules() if "default" in getattr(m, "lora_A", {}))
+        if attached != n_modules:
+            raise MergeError(f"peft attached the adapter to {attached} modules, but it has {n_modules}.",
+                             hint="The adapter's module names do not match this model; pass the right --model.")
+        ref = _logits(model, ids, dev)
+        with model.disable_adapter():
+            ver.effect = _max_diff(ref, _logits(model, ids, dev))
+        store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+        reduced = store if store in (torch.bfloat16, torch.float16) else dtype
+        if "adapter" in cfg.formats or reduced != torch.float32:
+            model.merge_adapter(safe_merge=True)
+            merged_diff = _max_diff(ref, _logits(model, ids, dev))
+            if reduced != torch.float32:
+                # What a merged file in the storage dtype can at best reproduce: peft's own merge,
+                # each merged weight rounded to that dtype (the "rounding floor" of the export).
+                with torch.no_grad():
+                    for _, mod in model.named_modules():
+                        if "default" in getattr(mod, "lora_A", {}):
+                            w = mod.get_base_layer().weight
+                            w.copy_(w.to(reduced).to(w.dtype))
+                ver.floor = max(merged_diff, _max_diff(ref, _logits(model, ids, dev)))
+            if "adapter" in cfg.formats:
+                ver.add("adapter", merged_diff, max(_tol(str(dtype).split(".")[-1], ref), 1.5 * ver.floor))
+        return ref
+    finally:
+        _free(model, base)
+
+
+def _tol(kind: str, ref: list[torch.Tensor]) -> float:
+    scale = max(1.0, max(float(r.abs().max()) for r in ref))
+    return TOLERANCES[kind] * scale
+
+
+def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path | None, gguf: Path | None,
+            progress: Progress) -> _Verification:
+    from transformers import AutoModelForCausalLM
+
+    dev = _device(cfg.device)
+    dtype = _verify_dtype(cfg.model_dir, dev)
+    ids = _prompt_ids(cfg.model_dir, cfg.prompts)
+    ver = _Verification()
+    progress.update(0.0, "Verifying: original + adapter (peft)")
+    ref = _reference(cfg, adapter_dir, n_modules, dtype, ids, dev, ver)
+    store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+    if merged is not None:
+        progress.check_cancelled()
+        progress.update(0.4, "Verifying: merged folder (transformers)")
+        m: Any = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype, local_files_only=True,
+                                                      **_placement(dev))
+        m = m.to(dev).eval()
+        ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
+                max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
+        _free(m)
+    if gguf is not None:
+        progress.check_cancelled()
+        progress.update(0.7, "Verifying: GGUF (transformers' GGUF reader)")
+        g: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                      local_files_only=True)
+        g = g.to(dev).eval()
+        ver.add("gguf", _max_diff(ref, _logits(g, ids, dev)), max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor))
+        _free(g)
+    progress.update(1.0, "Verified")
+    return ver
+
+
+def _storage_dtype(model_dir: Path) -> str:
+    from emloc_engine.weights.checkpoint import Checkpoint
+
+    return Checkpoint(model_dir).dominant_dtype()
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+@contextmanager
+def _timer(out: list[float]) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        out.append(time.monotonic() - t0)
+
+
+def _preflight(cfg: ExportConfig, layout: RunLayout, formats: set[str], adapter_dir: Path) -> None:
+    for target in (layout.merged, layout.gguf, layout.root / "adapter-export"):
+        check_output_location(target, cfg.model_dir)
+    hint = "Pass overwrite (CLI: --overwrite) to replace it, or export into another run folder."
+    if "merged" in formats and layout.merged.exists() and any(layout.merged.iterdir()) and not cfg.overwrite:
+        raise MergeError(f"{layout.merged} already exists and is not empty.", hint=hint)
+    if "gguf" in formats and layout.gguf.exists() and not cfg.overwrite:
+        raise MergeError(f"{layout.gguf} already exists.", hint=hint)
+    if "gguf" in formats:
+        from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
+
+        problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
+        if problem:
+            raise MergeError(f"Cannot export GGUF: {problem}.", hint="Export merged (and adapter) only.")
+    if not _inside(adapter_dir, layout.root):
+        check_output_location(layout.root / "adapter-export", adapter_dir)
+
+
+def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> ExportResult:
+    """Merge the adapter into the original model and write the requested exports, verified.
+
+    Args:
+        cfg: the run, the original model, the adapter and the formats.
+        progress: merge 0–60 %, GGUF 60–80 %, verification 80–100 %; cancel between tensors.
+
+    Returns:
+        Paths of the exports, the verification differences, peak RSS and timings.
+
+    Raises:
+        ModelNotFound: no model or adapter.
+        UnsupportedModel: an adapter feature or model family that cannot be exported.
+        MergeError: a refused target (exists, inside the source model or the HF cache), a corrupt
+            shard, a non-finite merge, or an export whose logits differ beyond tolerance.
+        OSError: a full disk; nothing that looks complete is left behind.
+    """
+    t0 = time.monotonic()
+    layout = RunLayout(Path(cfg.run_dir))
+    formats = set(cfg.formats)
+    if "gguf" in formats and not (layout.merged / "config.json").is_file():
+        formats.add("merged")  # the GGUF is streamed from the merged folder
+    model_dir = Path(cfg.model_dir)
+    config = load_config(model_dir)
+    adapter_dir = resolve_adapter_dir(layout.root, cfg.adapter_dir)
+    _preflight(cfg, layout, formats, adapter_dir)
+    _check_tied_head(config, adapter_dir)
+    _, deltas = read_lora_deltas(adapter_dir)
+    from emloc_engine.weights.checkpoint import Checkpoint
+
+    _check_adapter_fits(model_dir, deltas, set(Checkpoint(model_dir).names()))
+    merged_dir = gguf_path = out_adapter = None
+    merge_peak = 0.0
+    n_merged, t_merge, t_gguf, t_verify = 0, [0.0], [0.0], [0.0]
+    with RssSampler() as rss:
+        if "merged" in formats:
+            card = render_card(collect_facts(layout.root, model_dir, adapter_dir, "merged model"))
+            with _timer(t_merge), RssSampler() as merge_rss:
+                n_merged = _export_merged(cfg, deltas, layout.merged, card, sub(progress, 0.0, 0.6))
+            merge_peak = merge_rss.peak_bytes / 2**30
+            merged_dir = layout.merged
+            log.info("Merged %d modules into %s in %.1f s", n_merged, merged_dir, t_merge[-1])
+        if "gguf" in formats:
+            from emloc_engine.stages.export.gguf_export import GgufConfig, export_gguf
+
+            with _timer(t_gguf):
+                export_gguf(GgufConfig(layout.merged, layout.gguf, cfg.gguf_type,
+                                       name=f"{model_dir.name}-emloc", overwrite=cfg.overwrite),
+                            sub(progress, 0.6, 0.8))
+            gguf_path = layout.gguf
+        if "adapter" in formats:
+            out_adapter = _export_adapter(cfg, layout, adapter_dir)
+        ver = _Verification()
+        if cfg.verify:
+            with _timer(t_verify):
+                ver = _verify(cfg, out_adapter or adapter_dir, len(deltas), merged_dir, gguf_path,
+                              sub(progress, 0.8, 1.0))
+            _write_verified_cards(cfg, layout, adapter_dir, merged_dir, out_adapter, ver)
+            _raise_if_beyond(ver)
+    progress.update(1.0, "Export done")
+    return ExportResult(merged_dir, out_adapter, gguf_path, tuple(ver.diffs), rss.peak_bytes / 2**30,
+                        tuple(ver.tols), ver.effect, n_merged, t_merge[-1], t_gguf[-1], t_verify[-1],
+                        time.monotonic() - t0, merge_peak)
+
+
+def _export_adapter(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path) -> Path:
+    """The adapter inside the run keeps its place; one from outside is copied to ``adapter-export/``."""
+    card = render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "LoRA adapter"))
+    if _inside(adapter_dir, layout.root):
+        write_text_atomic(adapter_dir / "README.md", card)
+        return adapter_dir
+    target = layout.root / "adapter-export"
+    with atomic_dir(target, overwrite=cfg.overwrite) as tmp:
+        for p in adapter_dir.iterdir():
+            if p.is_file() and p.name != "README.md":
+                shutil.copy2(p, tmp / p.name)
+        write_text_atomic(tmp / "README.md", card)
+    return target
+
+
+def _write_verified_cards(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path, merged: Path | None,
+                          out_adapter: Path | None, ver: _Verification) -> None:
+    """Rewrite the cards with the verification table (small files, atomic)."""
+    v = tuple(ver.diffs)
+    if merged is not None:
+        write_text_atomic(merged / "README.md",
+                          render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "merged model", v)))
+    if out_adapter is not None:
+        write_text_atomic(out_adapter / "README.md",
+                          render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "LoRA adapter", v)))
+    write_json_atomic(layout.root / "export_verification.json",
+                      {"verification": [[n, d] for n, d in ver.diffs], "tolerances": [[n, t] for n, t in ver.tols],
+                       "adapter_effect": ver.effect, "reduced_precision_floor": ver.floor})
+
+
+def _raise_if_beyond(ver: _Verification) -> None:
+    bad = [f"{n}: max |Δlogit| {d:.4g} > tolerance {t:.4g}" for (n, d), (_, t) in zip(ver.diffs, ver.tols)
+           if not d <= t]
+    if bad:
+        raise MergeError("Export verification failed: the export does not reproduce original + adapter.",
+                         problems=bad, hint="The files are kept for inspection; do not use them. "
+                                            "Report this with RUN_DIR/logs/emloc.log.")
+
+
+def export_summary(result: ExportResult) -> str:
+    """A few human-readable lines for the CLI."""
+    lines = []
+    for label, p in (("merged", result.merged_dir), ("adapter", result.adapter_dir), ("gguf", result.gguf_path)):
+        if p is not None:
+            lines.append(f"{label:8s} {p}")
+    for (n, d), (_, t) in zip(result.verification, result.tolerances):
+        lines.append(f"verified {n}: max |Δlogit| = {d:.3g} (tolerance {t:.3g})")
+    lines.append(f"peak RSS {result.peak_rss_gib:.2f} GiB, {result.wall_s:.1f} s")
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_PROMPTS", "EXPORT_FORMATS", "TOLERANCES", "ExportConfig", "ExportResult", "RssSampler",
+           "check_output_location", "export_summary", "merge_and_export", "merge_state_dict",
+           "resolve_adapter_dir", "write_merged_shards"]

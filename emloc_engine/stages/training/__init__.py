@@ -1,0 +1,1 @@
+"""Stage 2: LoRA on the emulator (one process, or data-parallel), anchored to the original."""

@@ -1,0 +1,331 @@
+"""Anchored training: the emulator, on the training examples, reproduces the original's hidden states.
+
+Why: LoRA trained on a plain emulator spends much of its capacity repairing the emulator (on a
+135M model at ρ ≤ 0.8 the emulator *with* its trained LoRA stays worse than the original without
+any), and that repair does not transfer to the original (see benchmarks/RESULTS.md, Quality).
+
+What: for every training example ``i`` and decoder block ``l`` we store the block's *local* error
+on the original's own input,
+
+    c_l(i) = h_l(i) − block_l^E(h_{l−1}(i)),        h = the ORIGINAL model's hidden states,
+
+and during training add ``c_l`` to block ``l``'s output (a forward hook). With a zero adapter the
+anchored emulator then reproduces the original's hidden states exactly at every block on these
+examples, so the training loss starts at the original's loss, and the gradient reaching each
+adapter is computed at the original's activations. What the adapter learns is the task, not a
+repair of the emulator. ``where="output"`` anchors only the last block (the logits match, the
+inner activations do not); ``where="linears"`` anchors every linear layer's output, so even the
+inputs of o_proj and down_proj (computed from compressed layers inside a block) are the original's.
+
+Cost: one inference pass of the original and then one of the emulator (never both models on the
+device: :func:`anchors_for_training`) over the examples the run will visit
+(:func:`visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype (CPU memory:
+:func:`anchor_bytes`; one micro-batch at a time on the device, the size of the checkpointed
+activations). ``TrainConfig.anchor = "auto"`` anchors when the offsets take at most a quarter of
+the available RAM (:func:`resolve_mode`).
+
+Measured (benchmarks/RESULTS.md, Quality, SmolLM2-135M on Shakespeare, one seed, λ auto): the
+share of the full-LoRA gain that reaches the original rose from 32% / 53% / 72% to 73% / 83% / 89%
+at ρ = 0.4 / 0.6 / 0.8; anchoring only the last block ("output") gave 55% at ρ = 0.6 (no gain);
+every linear ("linears") 80% at ρ = 0.5 against 77% for blocks, at 9× the offsets.
+
+Anchors are a training-time device only: the adapter file, the correction and the merge are
+unchanged. The trainer's eval loss uses offsets of its eval examples too, so it tracks the anchored
+emulator (≈ the original with the adapter), not the bare emulator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emloc_engine.core.errors import ConfigError
+
+WHERE = ("blocks", "output", "linears")
+
+
+def decoder_layers(causal_lm: Any) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM (``model.layers`` for every supported family)."""
+    base = getattr(causal_lm, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ConfigError(f"{type(causal_lm).__name__} has no model.layers: anchored training needs decoder blocks.")
+    return layers
+
+
+def anchor_points(causal_lm: Any, where: str) -> tuple[str, ...]:
+    """Module paths whose outputs get offsets: every block, the last block, or every block linear.
+
+    ``linears`` anchors each linear layer of each block (q/k/v/o, gate/up/down, or Phi-3's fused
+    ones): with a zero adapter *every* activation, not only the residual stream between blocks, is
+    the original's, so every adapter reads the original's input.
+    """
+    if where not in WHERE:
+        raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
+    n = len(decoder_layers(causal_lm))
+    if where == "blocks":
+        return tuple(f"model.layers.{i}" for i in range(n))
+    if where == "output":
+        return (f"model.layers.{n - 1}",)
+    from emloc_engine.core.architectures import arch_spec
+
+    spec = arch_spec(causal_lm.config)
+    return tuple(f"model.layers.{i}.{m}" for i in range(n) for m in spec.linear_modules)
+
+
+def anchor_width(config: Any, where: str) -> int:
+    """Offset values per token for a placement (``Σ`` output widths of the anchored modules)."""
+    from emloc_engine.catalog.model_facts import facts_from_config
+
+    text = getattr(config, "text_config", None) or config
+    layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+    if where == "blocks":
+        return layers * hidden
+    if where == "output":
+        return hidden
+    facts = facts_from_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return layers * sum(m.out_features for m in facts.modules)
+
+
+def _out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace(out: Any, new: torch.Tensor) -> Any:
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def visited_examples(n_examples: int, batch_size: int, seed: int, micro_batches: int) -> list[int]:
+    """Sorted indices of the examples that ``micro_batches`` micro-batches of training visit."""
+    from emloc_engine.stages.training.trainer import micro_batch_indices
+
+    seen: set[int] = set()
+    for m in range(micro_batches):
+        seen.update(micro_batch_indices(n_examples, batch_size, seed, m))
+    return sorted(seen)
+
+
+@dataclass
+class Anchors:
+    """Per-example offsets: ``offsets[i]`` is ``(T_i, Σ widths)`` (CPU, compute dtype); the columns of
+    anchor point ``points[k]`` are ``[starts[k], starts[k] + widths[k])``."""
+
+    points: tuple[str, ...]
+    widths: tuple[int, ...]
+    offsets: dict[int, torch.Tensor] = field(default_factory=dict)
+    where: str = "blocks"
+    eval_base: int | None = None  # eval example j has key eval_base + j (emloc_engine.stages.training.trainer.prepare_anchors)
+    _current: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        out, at = [], 0
+        for w in self.widths:
+            out.append(at)
+            at += w
+        return tuple(out)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.offsets.values())
+
+    def select(self, indices: Sequence[int], width: int, device: torch.device | None = None) -> None:
+        """Make the next forward add the offsets of these examples (right-padded to ``width``)."""
+        missing = [i for i in indices if i not in self.offsets]
+        if missing:
+            raise ConfigError(f"No anchors for training examples {missing[:5]}.",
+                              hint="Compute anchors for every example the run visits (visited_examples).")
+        first = self.offsets[indices[0]]
+        batch = first.new_zeros((len(indices), width, first.shape[-1]))
+        for row, i in enumerate(indices):
+            t = self.offsets[i]
+            batch[row, :t.shape[0]] = t
+        batch = batch.to(device) if device is not None else batch
+        self._current = {p: batch[..., a:a + w] for p, a, w in zip(self.points, self.starts, self.widths, strict=True)}
+
+    def clear(self) -> None:
+        self._current = {}
+
+    @contextlib.contextmanager
+    def attached(self, causal_lm: Any) -> Iterator[Anchors]:
+        """Forward hooks that add the selected offsets to the anchored modules' outputs."""
+        handles = []
+
+        def hook_for(point: str) -> Any:
+            def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+                c = self._current.get(point)
+                if c is None:
+                    return None
+                h = _out(out)
+                if c.shape != h.shape:
+                    raise ConfigError(f"Anchor of {point} has shape {tuple(c.shape)}, the batch "
+                                      f"{tuple(h.shape)}: select() the micro-batch before the forward.")
+                return _replace(out, h + c.to(h.dtype))
+            return hook
+
+        try:
+            for point in self.points:
+                handles.append(causal_lm.get_submodule(point).register_forward_hook(hook_for(point)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.clear()
+
+
+MODES = ("auto", "blocks", "linears", "none")
+AUTO_RAM_FRACTION = 0.25  # "auto" anchors when the offsets take at most this share of the available RAM
+
+
+def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], width: int, bytes_per: int = 2) -> int:
+    """CPU memory of the offsets of ``examples[indices]``: ``Σ T_i · width · bytes`` (:func:`anchor_width`)."""
+    return width * bytes_per * sum(len(examples[i].input_ids) for i in indices)
+
+
+def resolve_mode(mode: str, nbytes: Mapping[str, int], available_bytes: int, *, can_anchor: bool,
+                 why_not: str = "") -> tuple[str, str]:
+    """``(linears|blocks|none, note)`` for a requested mode, given the offsets' size per placement.
+
+    ``auto`` anchors at every block when those offsets fit a quarter of the available RAM, else not
+    at all. It never picks ``linears``: measured 3 points better at the same ρ on SmolLM2-135M, but
+    its micro-batch offsets on the GPU are 5–9× the block ones (2.8 GB per 1024 tokens of an 8B
+    model, where blocks need 0.27 GB), which would cost more ρ than it gains. An explicit placement
+    that cannot be honoured raises ConfigError.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"Anchoring must be one of {', '.join(MODES)} (got {mode!r}).")
+    if mode == "none":
+        return "none", "anchoring off"
+    if not can_anchor:
+        if mode != "auto":
+            raise ConfigError(f"Anchored training is not possible here: {why_not}.", hint="Use --anchor none.")
+        return "none", f"anchoring off: {why_not}"
+    label = {"linears": "every linear layer", "blocks": "every block"}
+    if mode != "auto":
+        gib = nbytes[mode] / 2**30
+        if nbytes[mode] > available_bytes:
+            raise ConfigError(f"Anchored training needs {gib:.1f} GiB of RAM for its offsets; "
+                              f"{available_bytes / 2**30:.1f} GiB is available.",
+                              hint="Use fewer --steps, a smaller --batch-size or --max-length, "
+                                   "--anchor blocks (about a fifth of it) or --anchor none.")
+        return mode, f"anchored at {label[mode]} ({gib:.2f} GiB of offsets)"
+    if nbytes["blocks"] <= AUTO_RAM_FRACTION * available_bytes:
+        return "blocks", f"anchored at {label['blocks']} ({nbytes['blocks'] / 2**30:.2f} GiB of offsets)"
+    return "none", (f"anchoring off: its offsets would take {nbytes['blocks'] / 2**30:.1f} GiB, more than a "
+                    f"quarter of the {available_bytes / 2**30:.1f} GiB of available RAM")
+
+
+def _groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into groups of at most ``max_tokens`` padded tokens (≥ 1 each)."""
+    order = sorted((int(i) for i in indices), key=lambda i: -len(examples[i].input_ids))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(examples[groups[-1][0]].input_ids) * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _batch(examples: Sequence[Any], group: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(examples[i].input_ids) for i in group)
+    ids = torch.zeros((len(group), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(group):
+        n = len(examples[i].input_ids)
+        ids[row, :n] = torch.tensor(list(examples[i].input_ids))
+        mask[row, :n] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence[Any], indices: Sequence[int], *,
+                         where: str = "blocks", device: torch.device, dtype: torch.dtype,
+                         max_tokens: int | None = None) -> Anchors:
+    """Anchors of ``examples[indices]``, with never more than one model on the device.
+
+    Phase 1 runs the ORIGINAL model (inference on right-padded groups of ≤ ``max_tokens`` tokens:
+    causal attention never lets a real token see the padding) and keeps the outputs of the
+    anchor points on the CPU; phase 2 runs the emulator alone on the same groups, replacing each
+    point's output by the original's (so every later point sees the original's input) and keeping
+    the difference as its offset. By default a group's recorded outputs take at most 256 MiB on the
+    device (4096 tokens at most, one example at least): for blocks, less than the KV cache plus
+    logits that inference of one example of the same length needs.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from emloc_engine.weights.lowrank import load_emulator
+
+    if where not in WHERE:
+        raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
+    if max_tokens is None:
+        per_token = anchor_width(AutoConfig.from_pretrained(model_dir), where) * \
+            torch.tensor([], dtype=dtype).element_size()
+        max_tokens = min(4096, (256 * 2**20) // per_token)
+    groups = _groups(examples, indices, max_tokens)
+    kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
+    original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    original = original.to(device).eval()
+    points = anchor_points(original, where)
+    outs: dict[str, torch.Tensor] = {}
+
+    def record(point: str) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
+            outs[point] = _out(out).cpu()
+        return hook
+
+    handles = [original.get_submodule(p).register_forward_hook(record(p)) for p in points]
+    targets: list[dict[str, torch.Tensor]] = []  # per group, per point: (B, T, width) on the CPU
+    try:
+        for group in groups:
+            outs.clear()
+            ids, mask = _batch(examples, group, device)
+            original.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            targets.append(dict(outs))
+    finally:
+        for h in handles:
+            h.remove()
+        outs.clear()
+        del original
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    emulator = load_emulator(emulator_dir, dtype=dtype, device=device).eval()
+    if anchor_points(emulator, where) != points:
+        raise ConfigError("The emulator and the original have different blocks.")
+    current: dict[str, torch.Tensor] = {}
+    offsets: dict[str, torch.Tensor] = {}
+
+    def anchor(point: str) -> Any:
+        def hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            h, target = _out(out), current[point].to(device)
+            wide = torch.promote_types(h.dtype, torch.float32)
+            offsets[point] = (target.to(wide) - h.to(wide)).to(h.dtype).cpu()
+            return _replace(out, target.to(h.dtype))
+        return hook
+
+    handles = [emulator.get_submodule(p).register_forward_hook(anchor(p)) for p in points]
+    result: dict[int, torch.Tensor] = {}
+    widths: tuple[int, ...] = ()
+    try:
+        for g, group in enumerate(groups):
+            current = targets[g]
+            targets[g] = {}  # free the CPU copy as we go
+            offsets.clear()
+            ids, mask = _batch(examples, group, device)
+            emulator.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            widths = tuple(offsets[p].shape[-1] for p in points)
+            batch = torch.cat([offsets[p] for p in points], dim=-1)  # (B, T, Σ widths)
+            for row, i in enumerate(group):
+                result[i] = batch[row, :len(examples[i].input_ids)].clone()
+    finally:
+        for h in handles:
+            h.remove()
+        del emulator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return Anchors(points, widths, result, where)

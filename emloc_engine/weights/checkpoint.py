@@ -1,0 +1,203 @@
+"""Read tensors from a model's safetensors shards one at a time, never the whole model.
+
+``Checkpoint`` indexes the shards from their headers only (``model.safetensors.index.json`` or
+the headers of every ``*.safetensors`` file) and opens a shard with ``safe_open`` when one of its
+tensors is asked for. Peak memory is the tensors the caller holds, not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts of one stored tensor (no data read)."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES.get(self.dtype, 2)
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON).
+
+    Raises:
+        ModelNotFound: the file is truncated or its header is not valid JSON.
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ModelNotFound(f"{path} is truncated (no safetensors header).", hint="Download it again.")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ModelNotFound(f"{path} has an implausible header length {n}.", hint="Download it again.")
+            body = fh.read(n)
+        if len(body) != n:
+            raise ModelNotFound(f"{path} is truncated inside its header.", hint="Download it again.")
+        header: dict[str, Any] = json.loads(body)
+        return header
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelNotFound(f"Cannot read safetensors header of {path}: {exc}", hint="Download it again.") from exc
+
+
+class Checkpoint:
+    """A read-only view of the safetensors shards in a model folder."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise ModelNotFound(f"Model folder {self.model_dir} does not exist.")
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            if any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pt")):
+                raise UnsupportedModel(
+                    f"{self.model_dir} holds only pickle (.bin) weights.",
+                    hint="Convert it to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True)).",
+                )
+            raise ModelNotFound(f"No *.safetensors files in {self.model_dir}.")
+        self._infos: dict[str, TensorInfo] = {}
+        self.file_metadata: dict[Path, dict[str, str]] = {}
+        for f in files:
+            header = read_safetensors_header(f)
+            self.file_metadata[f] = header.pop("__metadata__", {}) or {}
+            for name, entry in header.items():
+                self._infos[name] = TensorInfo(name, f, entry["dtype"], tuple(entry["shape"]))
+        self._handles: dict[Path, Any] = {}
+
+    # -- headers -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise ModelNotFound(f"Tensor {name!r} is not in the checkpoint {self.model_dir}.") from None
+
+    def infos(self) -> Iterable[TensorInfo]:
+        return self._infos.values()
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({i.file for i in self._infos.values()})
+
+    def names_in(self, file: Path) -> list[str]:
+        return [n for n, i in self._infos.items() if i.file == file]
+
+    def num_parameters(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+    def dominant_dtype(self) -> str:
+        """The storage dtype holding most parameters (``"BF16"``, ``"F16"``, ``"F32"``...)."""
+        count: dict[str, int] = {}
+        for i in self._infos.values():
+            count[i.dtype] = count.get(i.dtype, 0) + i.numel
+        return max(count, key=lambda k: count[k])
+
+    # -- data ----------------------------------------------------------------------------------
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Load one tensor (from disk, on the CPU, then moved/cast).
+
+        Raises:
+            ModelNotFound: unknown tensor name, or the shard is truncated or corrupt (names the tensor).
+        """
+        info = self.info(name)
+        try:
+            t = self._handle(info.file).get_tensor(name)
+        except Exception as exc:
+            raise ModelNotFound(
+                f"Cannot read tensor {name!r} from {info.file.name}: {exc}",
+                hint="The shard is truncated or corrupt; download the model again.",
+            ) from exc
+        if dtype is not None or str(device) != "cpu":
+            t = t.to(device=device, dtype=dtype or t.dtype)
+        return t
+
+    def get_many(self, names: Iterable[str], dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return {n: self.get(n, dtype, device) for n in names}
+
+    def with_prefix(self, prefix: str) -> Iterator[str]:
+        """Tensor names starting with ``prefix`` (e.g. ``"model.layers.3."``)."""
+        return (n for n in self._infos if n.startswith(prefix))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def fingerprint_files(paths: Iterable[Path], *, head_bytes: int = 1 << 20) -> str:
+    """A cheap content fingerprint: sha256 over names, sizes and the first/last MiB of each file.
+
+    Reading whole multi-GB shards would take minutes; headers + size + both ends change whenever
+    the content of a safetensors file does in practice (the header lists every tensor's offsets).
+    """
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        st = p.stat()
+        h.update(p.name.encode())
+        h.update(str(st.st_size).encode())
+        with open(p, "rb") as fh:
+            h.update(fh.read(head_bytes))
+            if st.st_size > 2 * head_bytes:
+                fh.seek(-head_bytes, 2)
+                h.update(fh.read(head_bytes))
+    return h.hexdigest()[:16]
+
+
+def fingerprint_model(model_dir: Path) -> str:
+    """Fingerprint of a model folder's config and weights (see :func:`fingerprint_files`)."""
+    d = Path(model_dir)
+    files = [*d.glob("*.safetensors"), *d.glob("config.json")]
+    return fingerprint_files(files)
+
+
+def load_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder as a dict.
+
+    Raises:
+        ModelNotFound: missing or unreadable config.
+    """
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise ModelNotFound(f"{model_dir} has no config.json.", hint="Pick the snapshot folder that holds config.json.")
+    try:
+        cfg: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelNotFound(f"{path} is not valid JSON: {exc}") from exc
+    return cfg
