@@ -12,12 +12,20 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from emloc_engine.core.errors import Cancelled, ModelNotFound
+from emloc_engine.core.progress import Progress
 
 _cache: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 _lock = threading.Lock()
+
+
+class TextProgress(Progress, Protocol):
+    """The engine's ``Progress``, plus a stream of text (the app's ``StageWorker`` is one)."""
+
+    def emit_text(self, chunk: str, channel: str = "") -> None:
+        """Stream a piece of generated text; ``channel`` says which pane."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> Any:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-def generate_side_by_side(req: GenerateRequest, progress: Any) -> dict[str, str]:
+def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[str, str]:
     """Answer ``req.prompt`` with each side in turn, streaming text as ``progress.emit_text(chunk, side)``.
 
     Returns:

@@ -9,9 +9,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from emloc_engine.core import paths
 from emloc_engine.core.version import __version__
+
+if TYPE_CHECKING:
+    from emloc_app.state import WizardState
 
 log = logging.getLogger("emloc_app")
 
@@ -43,9 +47,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
+def state_from_run_dir(run_dir: Path) -> tuple[WizardState, bool]:
     """A ``WizardState`` prefilled from a run folder's manifest; and whether every stage is done."""
-    from emloc_app.state import STAGE_ORDER, TRAIN_DEFAULTS, WizardState
+    from emloc_app.state import STAGE_ORDER, WizardState
     from emloc_engine.core.errors import RunStateError
     from emloc_engine.run.manifest import RunManifest
 
@@ -60,21 +64,18 @@ def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
     data = studio.get("data_path") or inputs.get("data", {}).get("path")
     state.model_dir = Path(model) if model else None
     state.data_path = Path(data) if data and data != "None" else None
-    for key in ("data_format", "max_length", "eval_fraction", "train_on", "data_seed", "max_samples",
-                "budget_bytes"):
-        if studio.get(key) is not None:
-            setattr(state, key, studio[key])
-    state.train_settings = {**TRAIN_DEFAULTS, **studio.get("train", {})}
-    gpus = int(studio.get("gpus") or 1)
-    if gpus > 1:  # the Plan page offers the same GPU count again (issue 10)
-        state.configs["parallel"] = {"processes": gpus, "gpu_ids": tuple(range(gpus))}
-    if studio.get("allocation") == "spectral":  # the Plan page shows "Per-module ranks" checked again
-        state.configs["allocation"] = "spectral"
-    if studio.get("anchor") == "none":  # the Plan page shows "Anchor training" unchecked again
-        state.configs["anchor"] = "none"
-    for name in STAGE_ORDER:
-        if m.is_done(name):
-            state.results[name] = m.stage(name).get("result", {})
+    state.data_format = str(studio.get("data_format") or state.data_format)
+    state.max_length = int(studio.get("max_length") or state.max_length)
+    state.eval_fraction = float(studio.get("eval_fraction", state.eval_fraction))
+    state.train_on = str(studio.get("train_on") or state.train_on)
+    state.data_seed = int(studio.get("data_seed") or 0)
+    state.max_samples = int(studio["max_samples"]) if studio.get("max_samples") else None
+    state.budget_bytes = int(studio["budget_bytes"]) if studio.get("budget_bytes") else None
+    state.train_settings = {str(k): v for k, v in studio.get("train", {}).items() if isinstance(v, (int, float))}
+    state.gpus = int(studio.get("gpus") or 1)  # the Plan page offers the same GPU count again (issue 10)
+    state.allocation = str(studio.get("allocation") or "uniform")  # "Per-module ranks" checked again
+    state.anchor = "none" if studio.get("anchor") == "none" else "auto"  # "Anchor training" unchecked again
+    state.done = {name for name in STAGE_ORDER if m.is_done(name)}
     return state, state.all_stages_done()
 
 
@@ -143,10 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from emloc_app.error_dialog import install_excepthooks
     from emloc_app.wizard import EmlocWizard, Page
 
-    theme.apply_theme(app)  # type: ignore[arg-type]
+    theme.apply_theme(cast(QApplication, app))  # instance() is typed QCoreApplication; it is this QApplication
     install_excepthooks(path)
 
-    state = None
+    state: WizardState | None = None
     start = Page.Machine
     if args.run_dir is not None:
         from emloc_engine.core.errors import EngineError
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"emloc-studio: {exc}", file=sys.stderr)
             return 2
         start = Page.Try if done else Page.Machine
-    wizard = EmlocWizard(state)  # type: ignore[arg-type]
+    wizard = EmlocWizard(state)
     wizard.setStartId(int(start))
     wizard.show()
     if args.smoke_test:

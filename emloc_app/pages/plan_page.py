@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from typing import Any
+from pathlib import Path
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
@@ -26,14 +26,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
-from emloc_app.pages.common import GIB, BasePage, gib
-from emloc_app.state import TRAIN_DEFAULTS, WizardState, apply_demo_defaults
+from emloc_app.pages.common import GIB, BasePage, field_defaults, field_help, gib
+from emloc_app.pages.model_page import is_demo
+from emloc_app.state import StageConfigs, WizardState
 from emloc_app.widgets.vram_bar import VramBar
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import format_seconds
+from emloc_engine.machine.hardware import GpuInfo, MachineInfo
+from emloc_engine.run.planning import MemoryPlan, PlanConfig, model_facts, plan_memory
 
 LABELS = {
     "rank": "LoRA &rank", "alpha": "LoRA &alpha", "dropout": "&Dropout", "steps": "&Steps",
@@ -41,20 +43,14 @@ LABELS = {
     "warmup_steps": "&Warm-up steps", "eval_every": "&Evaluate every", "save_every": "Check&point every",
     "seed": "S&eed",
 }
+"""The training settings on the page (``TrainConfig`` fields, in grid order); defaults and tooltips are the engine's."""
+DEMO_OVERRIDES: dict[str, int | float] = {"steps": 60, "lr": 5e-4, "eval_every": 20, "save_every": 20}
+"""The demo (SmolLM2-135M on the Shakespeare dialogue set, often on a laptop CPU) should show a visible
+change in minutes: fewer, larger steps. Measured while building the demo: 40 peft LoRA steps at lr 5e-4
+turned "The king is a just ruler…" into "King John: / I have been in the king's court…". Applied only
+while the user has not changed the engine's defaults."""
 LAMBDA_CHOICES = (("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0),
                   ("exact (∞)", math.inf), ("none (0)", 0.0))
-PARALLEL_KEY = "parallel"
-"""``state.configs[PARALLEL_KEY]``: keyword arguments of the engine's ``ParallelConfig`` (``processes``,
-``gpu_ids``); the Run page trains data-parallel when ``processes`` > 1. Also how the Plan page
-remembers the GPU count between visits."""
-ALLOCATION_KEY = "allocation"
-"""``state.configs[ALLOCATION_KEY]``: the emulator's rank allocation, ``"uniform"`` or ``"spectral"``
-(``EmulatorConfig.allocation``); how the Plan page remembers the "Per-module ranks" choice between
-visits and when a run is reopened, and what the Run page records in the manifest."""
-ANCHOR_KEY = "anchor"
-"""``state.configs[ANCHOR_KEY]``: the trainer's anchoring, ``"auto"`` or ``"none"`` (``TrainConfig.anchor``);
-how the Plan page remembers the "Anchor training" choice between visits and when a run is reopened, and
-what the Run page records in the manifest. ``"blocks"`` (anchor or fail) is left to the command line."""
 ANCHOR_ONE_GPU = ("Anchored training runs on one GPU: with several GPUs the trainer's auto turns it off "
                   "(emloc run --gpus N). Set GPUs to 1 to anchor.")
 SPECTRAL_BUILD_FACTOR = 2.0
@@ -64,18 +60,31 @@ spectra took 60.3 s), so the planner's uniform-build estimate is doubled."""
 SIMILAR_MEMORY = 0.9  # GPUs whose memory differs by less than 10% count as alike
 
 
-def multi_gpus(machine: Any, gpu_index: int | None) -> tuple[Any, ...]:
+def train_defaults() -> dict[str, int | float]:
+    """``TrainConfig``'s defaults of the settings on the page (imports the trainer, hence torch)."""
+    from emloc_engine.stages.training.trainer import TrainConfig
+
+    defaults = field_defaults(TrainConfig)
+    out: dict[str, int | float] = {}
+    for name in LABELS:
+        value = defaults[name]
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"TrainConfig.{name} has a non-numeric default {value!r}")
+        out[name] = value
+    return out
+
+
+def multi_gpus(machine: MachineInfo | None, gpu_index: int | None) -> tuple[GpuInfo, ...]:
     """The GPUs the run may spread over: every CUDA GPU, when there are ≥ 2 and a GPU was chosen.
 
     Empty on the CPU, MPS, ROCm (untested there), a single GPU, or when the user chose the CPU.
     """
-    gpus = tuple(getattr(machine, "gpus", ()) or ())
-    if getattr(machine, "backend", None) != "cuda" or gpu_index is None or len(gpus) < 2:
+    if machine is None or machine.backend != "cuda" or gpu_index is None or len(machine.gpus) < 2:
         return ()
-    return tuple(sorted(gpus, key=lambda g: g.index))
+    return tuple(sorted(machine.gpus, key=lambda g: g.index))
 
 
-def default_gpu_count(gpus: tuple[Any, ...]) -> int:
+def default_gpu_count(gpus: tuple[GpuInfo, ...]) -> int:
     """All of ``gpus`` when they are alike (same name, memory within 10%), else 1.
 
     Data-parallel training runs in step with the slowest GPU and every GPU holds the whole
@@ -83,8 +92,8 @@ def default_gpu_count(gpus: tuple[Any, ...]) -> int:
     """
     if len(gpus) < 2:
         return 1
-    totals = [int(g.total_bytes) for g in gpus]
-    alike = len({str(g.name) for g in gpus}) == 1 and min(totals) >= SIMILAR_MEMORY * max(totals)
+    totals = [g.total_bytes for g in gpus]
+    alike = len({g.name for g in gpus}) == 1 and min(totals) >= SIMILAR_MEMORY * max(totals)
     return len(gpus) if alike else 1
 
 
@@ -97,8 +106,8 @@ def lambda_text(lam: float | None) -> str:
 class PlanPage(BasePage):
     """Shows the planner's choice and lets the user override ρ and the training settings."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Plan")
         self.setSubTitle("How much of each layer the emulator keeps (ρ), what every stage will need, "
                          "and how training runs.")
@@ -138,37 +147,16 @@ class PlanPage(BasePage):
         rl.addWidget(self.duration)
         self.body.addWidget(rho_box)
 
-        # training settings, tooltips from the engine's help metadata
-        help_ = engine.field_help("TrainConfig")
+        # training settings: widgets made on the first visit, from TrainConfig's fields (defaults, help)
         self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
-        box = QGroupBox("LoRA and training")
-        grid = QGridLayout(box)
-        for i, (name, default) in enumerate(TRAIN_DEFAULTS.items()):
-            w = _spin_for(name, default)
-            w.setObjectName(name)
-            w.setToolTip(help_.get(name, ""))
-            w.valueChanged.connect(self._settings_changed)
-            label = QLabel(LABELS.get(name, name))
-            label.setBuddy(w)
-            label.setToolTip(w.toolTip())
-            grid.addWidget(label, i // 3, (i % 3) * 2)
-            grid.addWidget(w, i // 3, (i % 3) * 2 + 1)
-            self.settings[name] = w
+        self.settings_box = QGroupBox("LoRA and training")
+        self.settings_grid = QGridLayout(self.settings_box)
         self.lambda_ = QComboBox()
         self.lambda_.setObjectName("lambda")
         for text, value in LAMBDA_CHOICES:
             self.lambda_.addItem(text, value)
         self.lambda_.currentIndexChanged.connect(self._settings_changed)
-        self.lambda_.setToolTip(engine.field_help("CorrectionConfig").get(
-            "lambda_", "Damping λ of the LoRA correction: auto picks it on held-out data."))
-        n = len(TRAIN_DEFAULTS)
-        lam_label = QLabel("Correction &λ")
-        lam_label.setBuddy(self.lambda_)
-        grid.addWidget(lam_label, n // 3, (n % 3) * 2)
-        grid.addWidget(self.lambda_, n // 3, (n % 3) * 2 + 1)
-        for c in (1, 3, 5):
-            grid.setColumnStretch(c, 1)
-        self.body.addWidget(box)
+        self.body.addWidget(self.settings_box)
 
         self.show_command = QPushButton("Show &command…")
         self.show_command.setToolTip("The equivalent `emloc run …` command, for scripts and servers.")
@@ -178,8 +166,10 @@ class PlanPage(BasePage):
         row.addWidget(self.show_command)
         self.body.addLayout(row)
         self.body.addStretch(1)
-        self.plan: Any = None
+        self.plan: MemoryPlan | None = None
         self._loading = False
+        self._anchor_help = ""
+        self._defaults: dict[str, int | float] = {}
 
     def _gpu_row(self) -> QWidget:
         """The "GPUs" control: a spin box 1..N, shown only when ≥ 2 CUDA GPUs are detected.
@@ -218,9 +208,6 @@ class PlanPage(BasePage):
         """
         self.allocation = QCheckBox("Per-module ranks (slower build, measured better at ρ ≥ 0.4)")
         self.allocation.setObjectName("allocation")
-        self.allocation.setToolTip(self.engine.field_help("EmulatorConfig").get(
-            "allocation", "A first pass measures each module's spectrum and redistributes the same parameter "
-                          "budget between modules; about twice the emulator build time."))
         self.allocation.toggled.connect(self._settings_changed)
         return self.allocation
 
@@ -237,11 +224,6 @@ class PlanPage(BasePage):
         self.anchor = QCheckBox("Anchor training to the original (measured: far more of the gain reaches it)")
         self.anchor.setObjectName("anchor")
         self.anchor.setChecked(True)
-        self._anchor_help = self.engine.field_help("TrainConfig").get(
-            "anchor", "The emulator is anchored to the original's hidden states on the training examples, so the "
-                      "LoRA learns the task rather than repairs of the emulator; costs one pass of the original "
-                      "over the examples and their offsets in RAM. auto turns it off when they do not fit.")
-        self.anchor.setToolTip(self._anchor_help)
         self.anchor.toggled.connect(self._settings_changed)
         return self.anchor
 
@@ -262,10 +244,10 @@ class PlanPage(BasePage):
         """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""
         gpus = multi_gpus(self.state.machine, self.state.gpu_index)
         n = len(gpus)
-        saved = (self.state.configs.get(PARALLEL_KEY) or {}).get("processes")
+        saved = self.state.gpus
         self.gpus.setRange(1, max(1, n))
-        self.gpus.setValue(min(int(saved), n) if saved and n else default_gpu_count(gpus))
-        self.gpus_of.setText(f"of {n} ({', '.join(sorted({str(g.name) for g in gpus}))}); "
+        self.gpus.setValue(min(saved, n) if saved and n else default_gpu_count(gpus))
+        self.gpus_of.setText(f"of {n} ({', '.join(sorted({g.name for g in gpus}))}); "
                              "data-parallel training, memory shown per GPU" if n else "")
         self.gpu_box.setVisible(n >= 2)
 
@@ -273,17 +255,66 @@ class PlanPage(BasePage):
         """GPUs the run uses (1 unless the GPU control is offered and set higher)."""
         return int(self.gpus.value()) if multi_gpus(self.state.machine, self.state.gpu_index) else 1
 
+    # -- the engine's fields -----------------------------------------------------------------
+    def _load_engine_fields(self) -> None:
+        """On the first visit: the training settings' widgets and every tooltip, from the engine's config fields.
+
+        Not in ``__init__``: the stage modules import torch, and the wizard builds every page at start-up.
+        """
+        if self.settings:
+            return
+        from emloc_engine.stages.correction.corrector import CorrectionConfig
+        from emloc_engine.stages.emulator.builder import EmulatorConfig
+        from emloc_engine.stages.training.trainer import TrainConfig
+
+        self._defaults = train_defaults()
+        help_ = field_help(TrainConfig)
+        for i, (name, default) in enumerate(self._defaults.items()):
+            w = _spin_for(name, default)
+            w.setObjectName(name)
+            w.setToolTip(help_[name])
+            w.valueChanged.connect(self._settings_changed)
+            label = QLabel(LABELS[name])
+            label.setBuddy(w)
+            label.setToolTip(w.toolTip())
+            self.settings_grid.addWidget(label, i // 3, (i % 3) * 2)
+            self.settings_grid.addWidget(w, i // 3, (i % 3) * 2 + 1)
+            self.settings[name] = w
+        self.lambda_.setToolTip(field_help(CorrectionConfig)["lambda_"])
+        n = len(self._defaults)
+        lam_label = QLabel("Correction &λ")
+        lam_label.setBuddy(self.lambda_)
+        self.settings_grid.addWidget(lam_label, n // 3, (n % 3) * 2)
+        self.settings_grid.addWidget(self.lambda_, n // 3, (n % 3) * 2 + 1)
+        for c in (1, 3, 5):
+            self.settings_grid.setColumnStretch(c, 1)
+        self.allocation.setToolTip(field_help(EmulatorConfig)["allocation"])
+        self._anchor_help = help_["anchor"]
+        self.anchor.setToolTip(self._anchor_help)
+
+    def initial_settings(self) -> dict[str, int | float]:
+        """The engine's defaults, the demo's quicker ones while untouched, then what the user set before."""
+        s, defaults = self.state, self._defaults
+        untouched = not s.train_settings or s.train_settings == defaults
+        if untouched and s.model is not None and is_demo(s.model):
+            return {**defaults, **DEMO_OVERRIDES}
+        return {**defaults, **s.train_settings}
+
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
         self._loading = True
+        self._load_engine_fields()
         s = self.state
-        apply_demo_defaults(s)
         self._init_gpus()
-        self.allocation.setChecked(s.configs.get(ALLOCATION_KEY) == "spectral")
-        self.anchor.setChecked(s.configs.get(ANCHOR_KEY) != "none")
+        self.allocation.setChecked(s.allocation == "spectral")
+        self.anchor.setChecked(s.anchor != "none")
         self._update_anchor_box()
-        for name, w in self.settings.items():
-            w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
+        for name, value in self.initial_settings().items():
+            w = self.settings[name]
+            if isinstance(w, QSpinBox):
+                w.setValue(int(value))
+            else:
+                w.setValue(value)
         idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
             v is not None and s.lambda_ is not None and math.isinf(v) and math.isinf(s.lambda_))), 0)
         self.lambda_.setCurrentIndex(idx)
@@ -295,56 +326,56 @@ class PlanPage(BasePage):
         self.replan()
 
     # -- planning (pure arithmetic in the engine: fast enough for the GUI thread) --------------
-    def plan_config(self) -> Any:
-        gpu = next((g for g in getattr(self.state.machine, "gpus", ()) or ()
-                    if g.index == self.state.gpu_index), None)
-        backend = getattr(self.state.machine, "backend", "cuda")
-        device = "cpu" if gpu is None and self.state.machine is not None else (
-            backend if backend in ("cuda", "rocm", "mps") else "cuda")
+    def lambda_choice(self) -> float | None:
+        """λ of the combo box (None: chosen on held-out data)."""
+        value: object = self.lambda_.currentData()
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def plan_config(self) -> PlanConfig:
+        s = self.state
+        gpu = s.gpu
         ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
         n = self.gpu_count()
         total = gpu.total_bytes if gpu is not None else None
         if n > 1:  # GPUs 0..n-1; the smallest of them bounds every one's share
-            total = min(g.total_bytes for g in multi_gpus(self.state.machine, self.state.gpu_index)[:n])
-        return self.engine.make(
-            "PlanConfig", budget_bytes=self.state.budget_bytes, gpu_total_bytes=total, num_gpus=n,
-            context_length=self.state.max_length, batch_size=int(self.settings["batch_size"].value()),
-            lora_rank=int(self.settings["rank"].value()), ratio=ratio, device=device,
-            gpu_name=getattr(gpu, "name", None), calibration_samples=self.state.n_calibration,
-            train_steps=int(self.settings["steps"].value()), auto_lambda=self.lambda_.currentData() is None,
-            anchored=self.anchor.isChecked())
+            total = min(g.total_bytes for g in multi_gpus(s.machine, s.gpu_index)[:n])
+        return PlanConfig(
+            budget_bytes=s.budget_bytes, gpu_total_bytes=total, num_gpus=n, context_length=s.max_length,
+            batch_size=int(self.settings["batch_size"].value()), lora_rank=int(self.settings["rank"].value()),
+            ratio=ratio, device=s.plan_device, gpu_name=gpu.name if gpu is not None else None,
+            calibration_samples=s.n_calibration, train_steps=int(self.settings["steps"].value()),
+            auto_lambda=self.lambda_choice() is None, anchored=self.anchor.isChecked())
 
     def replan(self) -> None:
-        if self._loading:
+        if self._loading or not self.settings:  # not shown yet
             return
         self.banner.clear()
         try:
-            facts = self.state.facts if self.state.facts is not None else self.engine.model_facts(self.state.model_dir)
-            self.state.facts = facts
-            plan = self.engine.plan_memory(facts, self.plan_config())
+            if self.state.facts is None:
+                if self.state.model_dir is None:
+                    raise ConfigError("No model chosen.", hint="Choose one on the Model page.")
+                self.state.facts = model_facts(self.state.model_dir)
+            plan = plan_memory(self.state.facts, self.plan_config())
         except EngineError as exc:
             self.plan = None
             self.banner.show_error(exc)
             self.completeChanged.emit()
             return
         self.plan = plan
-        ratio = float(getattr(plan, "ratio", 0.5) or 0.5)
+        ratio = plan.ratio if plan.ratio is not None else 0.5
         if self.auto_ratio.isChecked():
             self.slider.blockSignals(True)
             self.slider.setValue(round(ratio * 100))
             self.slider.blockSignals(False)
         self.ratio_label.setText(f"{ratio:.2f}")
         self.bars.set_plan(plan)
-        fits = bool(getattr(plan, "fits", True))
-        reason = str(getattr(plan, "reason", "") or "")
-        budget = getattr(plan, "budget_bytes", None) or self.state.budget_bytes
-        if fits:
-            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(budget)}. {reason}"
+        if plan.fits:
+            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(plan.budget_bytes)}. {plan.reason}"
         else:
-            tips = "; ".join(str(t) for t in getattr(plan, "suggestions", ()) or ())
-            text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> ({gib(budget)}). "
-                    f"{reason}" + (f"<br>Try: {tips}" if tips else ""))
-        notes = [str(n) for n in getattr(plan, "notes", ()) or ()]
+            tips = "; ".join(plan.suggestions)
+            text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> "
+                    f"({gib(plan.budget_bytes)}). {plan.reason}" + (f"<br>Try: {tips}" if tips else ""))
+        notes = list(plan.notes)
         if self.gpu_count() > 1:
             notes.insert(0, f"Memory per GPU: {self.gpu_count()} GPUs train data-parallel, each on a share "
                             "of every batch.")
@@ -372,34 +403,42 @@ class PlanPage(BasePage):
             self.replan()
 
     # -- widgets -> configs ------------------------------------------------------------------
-    def train_settings(self) -> dict[str, Any]:
+    def train_settings(self) -> dict[str, int | float]:
         return {name: (int(w.value()) if isinstance(w, QSpinBox) else float(w.value()))
                 for name, w in self.settings.items()}
 
-    def build_configs(self, run_dir: Any) -> dict[str, Any]:
+    def build_configs(self, run_dir: Path) -> StageConfigs:
         """The engine configs of the three stages (raises ``ConfigError`` for bad settings).
 
         With N > 1 GPUs, as ``emloc run --gpus N`` does: the emulator builds on ``cuda:0`` and
-        factorises on ``cuda:1..N-1``, training runs on GPUs 0..N−1 (``configs[PARALLEL_KEY]``),
-        correction stays on one GPU.
+        factorises on ``cuda:1..N-1``, training runs on GPUs 0..N−1, correction stays on one GPU.
         """
-        s, eng = self.state, self.engine
+        from emloc_engine.stages.correction.corrector import CorrectionConfig
+        from emloc_engine.stages.emulator.builder import EmulatorConfig
+        from emloc_engine.stages.training.trainer import TrainConfig
+
+        s = self.state
+        if s.model_dir is None or s.data_config is None:
+            raise ConfigError("The model or the data is not chosen yet.", hint="Go back to the Model and Data pages.")
         layout = RunLayout(run_dir)
-        ratio = float(getattr(self.plan, "ratio", None) or self.slider.value() / 100)
+        ratio = self.plan.ratio if self.plan is not None and self.plan.ratio is not None else self.slider.value() / 100
         n = self.gpu_count()
-        emulator = eng.make("EmulatorConfig", model_dir=s.model_dir, out_dir=layout.emulator,
-                            calibration_ids=tuple(s.calibration_ids), ratio=ratio,
-                            device="cuda:0" if n > 1 else s.device, memory_budget_bytes=s.budget_bytes,
-                            factor_devices=tuple(f"cuda:{i}" for i in range(1, n)),
-                            allocation=self.allocation_choice())
-        train = eng.make("TrainConfig", run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
-                         device="cuda" if n > 1 else s.device, anchor=self.anchor_choice(), **self.train_settings())
-        correct = eng.make("CorrectionConfig", run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
-                           emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_.currentData(),
-                           device=s.device)
-        return {"emulator": emulator, "train": train, "correct": correct,
-                PARALLEL_KEY: {"processes": n, "gpu_ids": tuple(range(n)) if n > 1 else ()},
-                ALLOCATION_KEY: self.allocation_choice(), ANCHOR_KEY: self.anchor_choice()}
+        emulator = EmulatorConfig(model_dir=s.model_dir, out_dir=layout.emulator, calibration_ids=s.calibration_ids,
+                                  ratio=ratio, device="cuda:0" if n > 1 else s.device,
+                                  memory_budget_bytes=s.budget_bytes,
+                                  factor_devices=tuple(f"cuda:{i}" for i in range(1, n)),
+                                  allocation=self.allocation_choice())
+        t = self.train_settings()
+        train = TrainConfig(run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
+                            device="cuda" if n > 1 else s.device, anchor=self.anchor_choice(),
+                            rank=int(t["rank"]), alpha=t["alpha"], dropout=t["dropout"], steps=int(t["steps"]),
+                            lr=t["lr"], batch_size=int(t["batch_size"]), grad_accum=int(t["grad_accum"]),
+                            warmup_steps=int(t["warmup_steps"]), eval_every=int(t["eval_every"]),
+                            save_every=int(t["save_every"]), seed=int(t["seed"]))
+        correct = CorrectionConfig(run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
+                                   emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_choice(),
+                                   device=s.device)
+        return StageConfigs(emulator, train, correct, gpus=n)
 
     def command(self) -> str:
         """The ``emloc run`` command that does what the wizard is about to do."""
@@ -411,7 +450,7 @@ class PlanPage(BasePage):
         else:
             args += ["--ratio", f"{self.slider.value() / 100:.2f}"]
         args += ["--rank", str(t["rank"]), "--alpha", f"{t['alpha']:g}", "--steps", str(t["steps"]),
-                 "--lr", f"{t['lr']:g}", "--lambda", lambda_text(self.lambda_.currentData()),
+                 "--lr", f"{t['lr']:g}", "--lambda", lambda_text(self.lambda_choice()),
                  "--calib", str(s.n_calibration), "--max-length", str(s.max_length),
                  "--device", "cpu" if s.device == "cpu" else ("cuda" if s.device.startswith("cuda") else "auto"),
                  "--seed", str(t["seed"])]
@@ -449,9 +488,12 @@ class PlanPage(BasePage):
         s = self.state
         run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
         s.train_settings = self.train_settings()
-        s.lambda_ = self.lambda_.currentData()
+        s.lambda_ = self.lambda_choice()
         s.ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
         s.plan = self.plan
+        s.gpus = self.gpu_count()
+        s.allocation = self.allocation_choice()
+        s.anchor = self.anchor_choice()
         try:
             configs = self.build_configs(run_dir)
         except ConfigError as exc:
@@ -465,31 +507,17 @@ class PlanPage(BasePage):
         return True
 
 
-def estimated_seconds(plan: Any, emulator_factor: float = 1.0) -> float | None:
-    """Sum of the planner's per-stage estimates (``est_seconds``: a number, a dict or pairs).
+def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
+    """Sum of the planner's per-stage estimates of the emulator, training and correction (export excluded).
 
     ``emulator_factor`` scales the emulator stage's estimate (the planner estimates the uniform
-    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks). A plain number has no stages to scale.
+    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks).
     """
-    def scaled(name: Any, v: Any) -> float:
-        return float(v) * (emulator_factor if name == "emulator" else 1.0)
-
-    est = getattr(plan, "est_seconds", None)
-    if est is None:
-        vals = [scaled(getattr(st, "name", None), v) for st in getattr(plan, "stages", ()) or ()
-                if (v := getattr(st, "est_seconds", None)) is not None]
-        return float(sum(vals)) if vals else None
-    if isinstance(est, (int, float)):
-        return float(est)
-    if isinstance(est, dict):
-        return float(sum(scaled(k, v) for k, v in est.items() if k != "export"))
-    try:
-        return float(sum(scaled(k, v) for k, v in est if k != "export"))
-    except (TypeError, ValueError):
-        return None
+    return sum(v * (emulator_factor if name == "emulator" else 1.0)
+               for name, v in plan.est_seconds.items() if name != "export")
 
 
-def _spin_for(name: str, default: Any) -> QSpinBox | QDoubleSpinBox:
+def _spin_for(name: str, default: int | float) -> QSpinBox | QDoubleSpinBox:
     if isinstance(default, int):
         w = QSpinBox()
         w.setRange(0 if name in ("warmup_steps", "seed") else 1, 10_000_000)

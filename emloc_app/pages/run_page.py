@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (
@@ -20,20 +20,52 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage
-from emloc_app.pages.plan_page import ALLOCATION_KEY, ANCHOR_KEY, PARALLEL_KEY
-from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
+from emloc_app.state import STAGE_ORDER, STAGE_TITLES, StageConfigs, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
 from emloc_engine.core.errors import EngineError, RunStateError
+from emloc_engine.core.progress import Progress
 from emloc_engine.run.manifest import RunManifest
 from emloc_engine.run.runlog import attach_run_log, detach_run_log
 
+if TYPE_CHECKING:
+    from emloc_app.state import StageResult
+    from emloc_engine.stages.correction.corrector import CorrectionConfig, CorrectionResult
+    from emloc_engine.stages.emulator.builder import EmulatorConfig, EmulatorResult
+    from emloc_engine.stages.training.trainer import TrainConfig, TrainResult
+
 log = logging.getLogger(__name__)
 
-STAGE_FUNCTIONS = {"emulator": "build_emulator", "train": "train_lora", "correct": "correct_lora"}
 MAX_LOG_LINES = 5000
+
+
+# The stage functions, imported when a stage starts (they import torch). Tests replace these module
+# attributes with fakes (monkeypatch.setattr).
+def build_emulator(cfg: EmulatorConfig, progress: Progress) -> EmulatorResult:
+    from emloc_engine.stages.emulator.builder import build_emulator as build
+
+    return build(cfg, progress)
+
+
+def train_lora(cfg: TrainConfig, progress: Progress) -> TrainResult:
+    from emloc_engine.stages.training.trainer import train_lora as train
+
+    return train(cfg, progress)
+
+
+def train_lora_parallel(configs: StageConfigs, progress: Progress) -> TrainResult:
+    """Data-parallel training on GPUs 0..N−1, as ``emloc run --gpus N``."""
+    from emloc_engine.stages.training.distributed import ParallelConfig, train_lora_distributed
+
+    parallel = ParallelConfig(processes=configs.gpus, gpu_ids=tuple(range(configs.gpus)))
+    return train_lora_distributed(configs.train, parallel, progress)
+
+
+def correct_lora(cfg: CorrectionConfig, progress: Progress) -> CorrectionResult:
+    from emloc_engine.stages.correction.corrector import correct_lora as correct
+
+    return correct(cfg, progress)
 
 
 class LogBridge(QObject):
@@ -53,25 +85,22 @@ class QtLogHandler(logging.Handler):
             self.bridge.line.emit(self.format(record))
 
 
-def summarize(result: Any) -> dict[str, Any]:
-    """A JSON-friendly summary of a stage result for the manifest."""
-    if not dataclasses.is_dataclass(result) or isinstance(result, type):
-        return {}
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(result):
-        v = getattr(result, f.name)
+def summarize(result: StageResult) -> dict[str, object]:
+    """A JSON-friendly summary of a stage result for the manifest: its scalar and path fields."""
+    out: dict[str, object] = {}
+    for name, v in dataclasses.asdict(result).items():
         if isinstance(v, (int, float, str, bool)) or v is None:
-            out[f.name] = v
+            out[name] = v
         elif isinstance(v, Path):
-            out[f.name] = str(v)
+            out[name] = str(v)
     return out
 
 
 class RunPage(BasePage):
     """Runs the stages in order; each stage is skipped if the run's manifest says it is done."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Fine-tune")
         self.setSubTitle("Build the emulator, train the LoRA on it, then correct the LoRA for the original "
                          "model. Cancel stops at the next step and can be resumed.")
@@ -126,12 +155,11 @@ class RunPage(BasePage):
         self.banner.clear()
         run_dir = self.state.run_dir
         self.where.setText(f"Run folder: {run_dir}" if run_dir else "")
-        done = self.done_in_manifest()
+        self.state.done |= self.done_in_manifest()
         started = False
         for name in STAGE_ORDER:
-            if name in done or name in self.state.results:
+            if name in self.state.done:
                 self.stages.finish(name, "skipped")
-                self.state.results.setdefault(name, done.get(name, {}))
             elif self.stages.state(name) not in ("pending",):
                 started = True
         interrupted = self._manifest_has_interrupted() or started
@@ -142,28 +170,25 @@ class RunPage(BasePage):
         self.resume_button.setEnabled(True)
         self.completeChanged.emit()
 
-    def done_in_manifest(self) -> dict[str, Any]:
-        """``{stage: result summary}`` of the stages the run folder's manifest marks as done."""
+    def _manifest(self) -> RunManifest | None:
         run_dir = self.state.run_dir
-        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
-            return {}
+        if run_dir is None or not (run_dir / "manifest.json").exists():
+            return None
         try:
-            m = RunManifest.open(Path(run_dir))
+            return RunManifest.open(run_dir)
         except RunStateError as exc:
             self.banner.show_error(exc, retry=False)
-            return {}
-        return {n: m.stage(n).get("result", {}) for n in STAGE_ORDER if m.is_done(n)}
+            return None
+
+    def done_in_manifest(self) -> set[str]:
+        """The stages the run folder's manifest marks as done."""
+        m = self._manifest()
+        return set() if m is None else {n for n in STAGE_ORDER if m.is_done(n)}
 
     def _manifest_has_interrupted(self) -> bool:
-        run_dir = self.state.run_dir
-        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
-            return False
-        try:
-            m = RunManifest.open(Path(run_dir))
-        except RunStateError:
-            return False
-        return any(m.stage(n).get("status") in ("running", "cancelled", "failed") or m.is_done(n)
-                   for n in STAGE_ORDER)
+        m = self._manifest()
+        return m is not None and any(
+            m.stage(n).get("status") in ("running", "cancelled", "failed") or m.is_done(n) for n in STAGE_ORDER)
 
     # -- running -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,49 +196,34 @@ class RunPage(BasePage):
         if self.current is not None:
             return
         s = self.state
-        if s.run_dir is None or any(n not in s.configs for n in STAGE_ORDER if n not in s.results):
+        if s.run_dir is None or s.configs is None:
             self.banner.show_error(EngineError("The run is not planned yet.", hint="Go back to the Plan page."),
                                    retry=False)
             return
         self.banner.clear()
-        self.manifest = RunManifest.open(Path(s.run_dir))
-        self._record_inputs()
+        self.manifest = RunManifest.open(s.run_dir)
+        self._record_inputs(s.configs)
         self._attach_logs()
-        self._queue = [n for n in STAGE_ORDER if n not in s.results]
+        self._queue = [n for n in STAGE_ORDER if n not in s.done]
         self.start_button.setEnabled(False)
         self.resume_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._next()
 
-    def _record_inputs(self) -> None:
+    def _record_inputs(self, configs: StageConfigs) -> None:
         s, m = self.state, self.manifest
         assert m is not None
-        report_fp = str(getattr(s.data_report, "fingerprint", "") or "")
-        m.set_input("model", str(s.model_dir), str(getattr(s.model, "revision", "") or ""))
+        m.set_input("model", str(s.model_dir), (s.model.revision or "") if s.model is not None else "")
         if s.data_path is not None:
-            m.set_input("data", str(s.data_path), report_fp)
+            m.set_input("data", str(s.data_path), s.data_report.fingerprint if s.data_report is not None else "")
         m.update_settings({"studio": {
             "model_dir": str(s.model_dir), "data_path": str(s.data_path), "data_format": s.data_format,
             "max_length": s.max_length, "eval_fraction": s.eval_fraction, "train_on": s.train_on,
-            "data_seed": s.data_seed, "max_samples": s.max_samples, "ratio": getattr(s.plan, "ratio", s.ratio),
+            "data_seed": s.data_seed, "max_samples": s.max_samples, "ratio": configs.emulator.ratio,
             "budget_bytes": s.budget_bytes, "train": dict(s.train_settings),
             "lambda": None if s.lambda_ is None else str(s.lambda_), "device": s.device,
-            "gpus": self.gpus(), "allocation": self.allocation(), "anchor": self.anchor(),
+            "gpus": configs.gpus, "allocation": configs.emulator.allocation, "anchor": configs.train.anchor,
         }})
-
-    def gpus(self) -> int:
-        """GPUs the Plan page chose for data-parallel training (1: the ordinary trainer)."""
-        return int((self.state.configs.get(PARALLEL_KEY) or {}).get("processes", 1))
-
-    def allocation(self) -> str:
-        """The emulator's rank allocation the Plan page chose ("uniform" or "spectral")."""
-        emulator = self.state.configs.get("emulator")
-        return str(getattr(emulator, "allocation", None) or self.state.configs.get(ALLOCATION_KEY) or "uniform")
-
-    def anchor(self) -> str:
-        """The trainer's anchoring the Plan page chose ("auto" or "none"; what ran is in the train result)."""
-        train = self.state.configs.get("train")
-        return str(getattr(train, "anchor", None) or self.state.configs.get(ANCHOR_KEY) or "auto")
 
     def _attach_logs(self) -> None:
         logger = logging.getLogger("emloc_engine")
@@ -231,7 +241,8 @@ class RunPage(BasePage):
             self._run_log = None
 
     def _next(self) -> None:
-        if not self._queue:
+        configs = self.state.configs
+        if not self._queue or configs is None:
             self._all_done()
             return
         name = self._queue.pop(0)
@@ -241,43 +252,44 @@ class RunPage(BasePage):
         assert self.manifest is not None
         predicted = self._predicted_peak_gib(name)
         self.manifest.start_stage(name, **({"predicted_peak_gib": predicted} if predicted is not None else {}))
-        fn = getattr(self.engine, STAGE_FUNCTIONS[name])
-        if name == "train" and self.gpus() > 1:  # data-parallel, as `emloc run --gpus N`
-            distributed, make_parallel = self.engine.train_lora_distributed, self.engine.ParallelConfig
-            kwargs = dict(self.state.configs[PARALLEL_KEY])
-
-            def stage(config: Any, progress: Any) -> Any:
-                return distributed(config, make_parallel(**kwargs), progress)
+        progress, metric, cancel = self._on_progress, self.plot.on_metric, self._stage_cancelled
+        if name == "emulator":
+            self.run_task(name, build_emulator, configs.emulator, self._stage_done, on_progress=progress,
+                          on_metric=metric, on_cancel=cancel)
+        elif name == "train" and configs.gpus > 1:
+            self.run_task(name, train_lora_parallel, configs, self._train_done, on_progress=progress,
+                          on_metric=metric, on_cancel=cancel)
+        elif name == "train":
+            self.run_task(name, train_lora, configs.train, self._train_done, on_progress=progress,
+                          on_metric=metric, on_cancel=cancel)
         else:
-            def stage(config: Any, progress: Any) -> Any:
-                return fn(config, progress)
-
-        self.worker = self.run_task(name, stage, self.state.configs[name], self._stage_done,
-                                    on_progress=self._on_progress, on_metric=self.plot.on_metric,
-                                    on_cancel=self._stage_cancelled)
+            self.run_task(name, correct_lora, configs.correct, self._stage_done, on_progress=progress,
+                          on_metric=metric, on_cancel=cancel)
 
     def _predicted_peak_gib(self, name: str) -> float | None:
         """The planner's peak for this stage (stored beside the measured one, so drift shows)."""
+        plan = self.state.plan
         try:
-            return float(self.state.plan.stage(name).peak_bytes) / 2**30
-        except (AttributeError, KeyError, TypeError):
+            return plan.stage(name).peak_bytes / 2**30 if plan is not None else None
+        except KeyError:
             return None
 
     def _on_progress(self, fraction: float, message: str) -> None:
         if self.current is not None:
             self.stages.set_progress(self.current, fraction, message)
 
-    def _stage_done(self, result: Any) -> None:
+    def _stage_done(self, result: EmulatorResult | TrainResult | CorrectionResult) -> None:
         name = self.current
         assert name is not None and self.manifest is not None
         self.state.results[name] = result
-        peak = getattr(result, "peak_vram_gib", None)
-        self.manifest.finish_stage(name, result=summarize(result),
-                                   **({"measured_peak_gib": peak} if peak is not None else {}))
+        self.state.done.add(name)
+        self.manifest.finish_stage(name, result=summarize(result), measured_peak_gib=result.peak_vram_gib)
         self.stages.finish(name, "done")
-        note = str(getattr(result, "anchor_note", "") or "") if name == "train" else ""
-        if note:  # what anchoring did (e.g. "auto" turned it off): says why the gain differs between runs
-            self.append_log(f"Anchoring: {note}")
+
+    def _train_done(self, result: TrainResult) -> None:
+        self._stage_done(result)
+        if result.anchor_note:  # what anchoring did (e.g. "auto" turned it off): says why the gain differs
+            self.append_log(f"Anchoring: {result.anchor_note}")
 
     def _stage_cancelled(self) -> None:
         name = self.current
@@ -295,9 +307,9 @@ class RunPage(BasePage):
     def task_finished(self, name: str) -> None:
         if name in STAGE_ORDER and name == self.current:
             self.current = None
-            if name in self.state.results and self._queue:
+            if name in self.state.done and self._queue:
                 self._next()
-            elif name in self.state.results:
+            elif name in self.state.done:
                 self._all_done()
             else:
                 self._stopped()
