@@ -276,35 +276,20 @@ def _check_lambda(value: float, what: str) -> None:
                           hint="Use 0 (no correction), 3 (the paper's value), inf (exact) or auto.")
 
 
-@dataclass(frozen=True)
-class CorrectionConfig:
-    """Settings of the LoRA correction (Stage 3)."""
+@dataclass(frozen=True, kw_only=True)
+class CorrectionOptions:
+    """The knobs of Stage 3 a user sets (``RunConfig.correct``)."""
 
-    run_dir: Path = field(metadata={"help": "Run folder holding emulator/ and adapter/."})
-    model_dir: Path | None = field(default=None, metadata={
-        "help": "Original model folder (default: the emulator's recorded source model)."})
-    adapter_dir: Path | None = field(default=None, metadata={
-        "help": "Trained adapter to correct (default: RUN_DIR/adapter)."})
-    emulator_dir: Path | None = field(default=None, metadata={
-        "help": "Emulator the adapter was trained on (default: RUN_DIR/emulator)."})
-    out_dir: Path | None = field(default=None, metadata={
-        "help": "Where the corrected adapter goes (default: RUN_DIR/adapter-corrected)."})
     lambda_: float | None = field(default=None, metadata={
         "help": "Damping λ: None = chosen on held-out data; inf = exact correction; 0 = no correction."})
     lambda_grid: tuple[float, ...] = field(default=DEFAULT_GRID, metadata={
         "help": "Candidate λ values tried when λ is chosen automatically."})
-    data: DataConfig | None = field(default=None, metadata={
-        "help": "Dataset whose eval split chooses λ (default: the run manifest's dataset)."})
-    eval_examples: tuple[TokenExample, ...] = field(default=(), metadata={
-        "help": "Pre-tokenised held-out examples for choosing λ (used instead of data when given)."})
-    device: str = field(default="auto", metadata={"help": "Where to compute: auto, cpu, cuda, cuda:N."})
     dtype: str = field(default="auto", metadata={
         "help": "Dtype of the original model during evaluation: auto (bf16 on GPU, fp32 on CPU), float32, "
                 "bfloat16, float16."})
     max_eval_batches: int = field(default=64, metadata={"help": "At most this many eval batches per λ."})
     eval_batch_size: int = field(default=1, metadata={
         "help": "Examples per eval batch; 1 keeps λ selection within the inference peak."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing corrected adapter."})
 
     def __post_init__(self) -> None:
         if self.lambda_ is not None:
@@ -318,6 +303,31 @@ class CorrectionConfig:
                               f"(got {self.max_eval_batches}, {self.eval_batch_size}).")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"Unknown dtype {self.dtype!r}.", hint="Use auto, float32, bfloat16 or float16.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorrectionConfig(CorrectionOptions):
+    """Settings of the LoRA correction (Stage 3): the options plus the folders, the eval data and the device."""
+
+    run_dir: Path = field(metadata={"help": "Run folder holding emulator/ and adapter/."})
+    model_dir: Path | None = field(default=None, metadata={
+        "help": "Original model folder (default: the emulator's recorded source model)."})
+    adapter_dir: Path | None = field(default=None, metadata={
+        "help": "Trained adapter to correct (default: RUN_DIR/adapter)."})
+    emulator_dir: Path | None = field(default=None, metadata={
+        "help": "Emulator the adapter was trained on (default: RUN_DIR/emulator)."})
+    out_dir: Path | None = field(default=None, metadata={
+        "help": "Where the corrected adapter goes (default: RUN_DIR/adapter-corrected)."})
+    data: DataConfig | None = field(default=None, metadata={
+        "help": "Dataset whose eval split chooses λ (default: the run manifest's dataset)."})
+    eval_examples: tuple[TokenExample, ...] = field(default=(), metadata={
+        "help": "Pre-tokenised held-out examples for choosing λ (used instead of data when given)."})
+    device: str = field(default="auto", metadata={"help": "Where to compute: auto, cpu, cuda, cuda:N."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing corrected adapter."})
+
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
             raise ConfigError(f"Unknown device {self.device!r}.", hint="Use auto, cpu, cuda or cuda:N.")
 

@@ -100,13 +100,13 @@ class DataParallel(Protocol):
     def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None: ...
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of LoRA training on the emulator (each field's ``help`` is the GUI tooltip and CLI help)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """The knobs of LoRA training a user sets (each field's ``help`` is the CLI help and the app's tooltip).
 
-    run_dir: Path = field(metadata={"help": "Run folder: reads emulator/, writes adapter/ and checkpoints/."})
-    data: DataConfig = field(metadata={"help": "The training data (file, format, max length, split)."})
-    emulator_dir: Path | None = field(default=None, metadata={"help": "Emulator folder (default RUN_DIR/emulator)."})
+    :class:`TrainConfig` adds where the run lives and what it reads; ``RunConfig.train`` holds these alone.
+    """
+
     rank: int = field(default=16, metadata={"help": "LoRA rank r; adapter and optimizer memory grow linearly with it."})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r (alpha/√r with rsLoRA)."})
     dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input during training."})
@@ -129,12 +129,8 @@ class TrainConfig:
     max_eval_batches: int = field(default=32, metadata={"help": "At most this many eval micro-batches per evaluation."})
     save_every: int = field(default=25, metadata={"help": "Checkpoint every N steps (0 = only at the end or on cancel)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many of the newest checkpoints to keep."})
-    resume: bool = field(default=True, metadata={
-        "help": "Continue from the newest checkpoint in RUN_DIR/checkpoints (off = start over and delete them)."})
-    device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu."})
     dtype: str = field(default="auto", metadata={
         "help": "Weights/compute dtype: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bfloat16, float16, float32."})
-    seed: int = field(default=0, metadata={"help": "Seed of the LoRA initialisation, dropout and data order."})
     anchor: str = field(default="auto", metadata={
         "help": "Anchor the emulator to the original at every block on the training examples, so the adapter "
                 "learns the task rather than repairs of the emulator (measured: far more of the gain reaches the "
@@ -143,6 +139,11 @@ class TrainConfig:
                 "input, measured a little better, but 5-9x the offsets, on the GPU too); none = off."})
 
     def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError("Invalid training settings.", problems=problems)
+
+    def _problems(self) -> list[str]:
         checks = [
             (self.rank >= 1, f"LoRA rank must be at least 1 (got {self.rank})."),
             (self.alpha > 0, f"LoRA alpha must be positive (got {self.alpha})."),
@@ -159,15 +160,30 @@ class TrainConfig:
             (self.max_eval_batches >= 1, f"max_eval_batches must be at least 1 (got {self.max_eval_batches})."),
             (self.save_every >= 0, f"save_every cannot be negative (got {self.save_every})."),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1 (got {self.keep_checkpoints})."),
-            (bool(_DEVICE_RE.match(self.device)), f"device must be auto, cpu, mps, cuda or cuda:N (got {self.device!r})."),
             (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)} (got {self.dtype!r})."),
             (all(isinstance(t, str) and t for t in self.target_modules), "target module names must be non-empty."),
             (self.anchor in ("auto", "blocks", "linears", "none"),
              f"anchor must be auto, blocks, linears or none (got {self.anchor!r})."),
         ]
-        problems = [msg for ok, msg in checks if not ok]
-        if problems:
-            raise ConfigError("Invalid training settings.", problems=problems)
+        return [msg for ok, msg in checks if not ok]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainOptions):
+    """Settings of Stage 2: the options plus the run folder, the data, the device and the seed."""
+
+    run_dir: Path = field(metadata={"help": "Run folder: reads emulator/, writes adapter/ and checkpoints/."})
+    data: DataConfig = field(metadata={"help": "The training data (file, format, max length, split)."})
+    emulator_dir: Path | None = field(default=None, metadata={"help": "Emulator folder (default RUN_DIR/emulator)."})
+    resume: bool = field(default=True, metadata={
+        "help": "Continue from the newest checkpoint in RUN_DIR/checkpoints (off = start over and delete them)."})
+    device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu."})
+    seed: int = field(default=0, metadata={"help": "Seed of the LoRA initialisation, dropout and data order."})
+
+    def _problems(self) -> list[str]:
+        device_ok = bool(_DEVICE_RE.match(self.device))
+        return [*super()._problems(),
+                *([] if device_ok else [f"device must be auto, cpu, mps, cuda or cuda:N (got {self.device!r})."])]
 
     @property
     def layout(self) -> RunLayout:
