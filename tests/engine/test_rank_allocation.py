@@ -194,8 +194,8 @@ def test_a_cancel_during_the_spectra_pass_writes_nothing(tiny_llama: Path, tmp_p
 
 # -- CLI / run settings ----------------------------------------------------------------------------------
 def test_run_option_and_toml_key(tmp_path: Path) -> None:
-    from emloc_engine.cli.main import build_parser
     from emloc_engine.cli.commands.run import apply_config_file
+    from emloc_engine.cli.main import build_parser
     from emloc_engine.run.orchestrator import RunConfig
 
     assert build_parser().parse_args(["run", "m", "d", "--out", "o"]).allocation == "uniform"

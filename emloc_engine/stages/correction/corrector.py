@@ -74,9 +74,10 @@ from emloc_engine.weights.lowrank import read_emulator_meta
 if TYPE_CHECKING:
     from emloc_engine.data import DataConfig
 
+from emloc_engine.stages.correction.options import CorrectionOptions
+
 log = logging.getLogger(__name__)
 CORRECTION_FORMAT = "emloc-correction"
-DEFAULT_GRID = (0.0, 0.5, 1.0, 3.0, math.inf)
 _TIE_RTOL = 1e-9
 
 
@@ -270,41 +271,6 @@ def choose_lambda(table: Sequence[tuple[float, float]]) -> float:
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
-def _check_lambda(value: float, what: str) -> None:
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"{what} must be a number ≥ 0 or inf (got {value}).",
-                          hint="Use 0 (no correction), 3 (the paper's value), inf (exact) or auto.")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CorrectionOptions:
-    """The knobs of Stage 3 a user sets (``RunConfig.correct``)."""
-
-    lambda_: float | None = field(default=None, metadata={
-        "help": "Damping λ: None = chosen on held-out data; inf = exact correction; 0 = no correction."})
-    lambda_grid: tuple[float, ...] = field(default=DEFAULT_GRID, metadata={
-        "help": "Candidate λ values tried when λ is chosen automatically."})
-    dtype: str = field(default="auto", metadata={
-        "help": "Dtype of the original model during evaluation: auto (bf16 on GPU, fp32 on CPU), float32, "
-                "bfloat16, float16."})
-    max_eval_batches: int = field(default=64, metadata={"help": "At most this many eval batches per λ."})
-    eval_batch_size: int = field(default=1, metadata={
-        "help": "Examples per eval batch; 1 keeps λ selection within the inference peak."})
-
-    def __post_init__(self) -> None:
-        if self.lambda_ is not None:
-            _check_lambda(float(self.lambda_), "λ")
-        if not self.lambda_grid:
-            raise ConfigError("The λ grid is empty.", hint="Give at least one λ, e.g. 0, 1, 3, inf.")
-        for lam in self.lambda_grid:
-            _check_lambda(float(lam), "Every λ of the grid")
-        if self.max_eval_batches < 1 or self.eval_batch_size < 1:
-            raise ConfigError("max_eval_batches and eval_batch_size must be at least 1 "
-                              f"(got {self.max_eval_batches}, {self.eval_batch_size}).")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"Unknown dtype {self.dtype!r}.", hint="Use auto, float32, bfloat16 or float16.")
-
-
 @dataclass(frozen=True, kw_only=True)
 class CorrectionConfig(CorrectionOptions):
     """Settings of the LoRA correction (Stage 3): the options plus the folders, the eval data and the device."""
