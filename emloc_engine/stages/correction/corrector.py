@@ -285,7 +285,7 @@ class CorrectionConfig(CorrectionOptions):
     out_dir: Path | None = field(default=None, metadata={
         "help": "Where the corrected adapter goes (default: RUN_DIR/adapter-corrected)."})
     data: DataConfig | None = field(default=None, metadata={
-        "help": "Dataset whose eval split chooses λ (default: the run manifest's dataset)."})
+        "help": "Dataset whose eval split chooses λ (the run's dataset when run by the orchestrator)."})
     eval_examples: tuple[TokenExample, ...] = field(default=(), metadata={
         "help": "Pre-tokenised held-out examples for choosing λ (used instead of data when given)."})
     device: str = field(default="auto", metadata={"help": "Where to compute: auto, cpu, cuda, cuda:N."})
@@ -380,17 +380,6 @@ class _Paths:
     out_dir: Path
 
 
-def _manifest_data(run_dir: Path) -> dict[str, Any]:
-    path = RunLayout(run_dir).manifest
-    if not path.exists():
-        return {}
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}
-    return data
-
-
 def _resolve_paths(cfg: CorrectionConfig) -> _Paths:
     layout = RunLayout(Path(cfg.run_dir))
     adapter_dir = Path(cfg.adapter_dir or layout.adapter)
@@ -399,8 +388,7 @@ def _resolve_paths(cfg: CorrectionConfig) -> _Paths:
     model_dir = cfg.model_dir
     if model_dir is None:
         meta = read_emulator_meta(emulator_dir)
-        recorded = meta.get("source_model", {}).get("path") or \
-            _manifest_data(layout.root).get("inputs", {}).get("model", {}).get("path")
+        recorded = meta.get("source_model", {}).get("path")
         if not recorded:
             raise ModelNotFound(f"The emulator {emulator_dir} does not record its source model.",
                                 hint="Pass the original model folder with --model.")
@@ -515,10 +503,8 @@ def _eval_examples(cfg: CorrectionConfig, paths: _Paths) -> tuple[TokenExample, 
         return tuple(cfg.eval_examples)
     data_cfg = cfg.data
     if data_cfg is None:
-        data_cfg = _data_from_manifest(paths.run_dir)
-    if data_cfg is None:
         raise ConfigError("Choosing λ automatically needs held-out data, and none was given or recorded "
-                          "in the run manifest.",
+                          "in the run's settings.",
                           hint="Pass --data DATA (the training dataset), or set λ: --lambda 0 (no correction), "
                                "3 (the paper's value) or inf (exact).")
     from emloc_engine.data import load_tokenizer, prepare_dataset
@@ -528,30 +514,6 @@ def _eval_examples(cfg: CorrectionConfig, paths: _Paths) -> tuple[TokenExample, 
         raise ConfigError(f"The dataset {data_cfg.path} has no eval split to choose λ on.",
                           hint="Raise its eval fraction, or set λ by hand (--lambda 0|3|inf).")
     return examples
-
-
-def _data_from_manifest(run_dir: Path) -> DataConfig | None:
-    """The run's dataset from the manifest (written by ``emloc run``).
-
-    The path is ``settings.data.path``, ``settings.data_path`` or ``inputs.data.path`` (first found);
-    ``DataConfig`` fields found in ``settings.data`` or at the top of ``settings`` (``max_length``,
-    ``seed``...) are used too, so the eval split is the one training held out.
-    """
-    manifest = _manifest_data(run_dir)
-    settings: dict[str, Any] = manifest.get("settings", {})
-    raw = settings.get("data")
-    nested: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    path = nested.get("path") or settings.get("data_path") or manifest.get("inputs", {}).get("data", {}).get("path")
-    if not path or not Path(path).exists():
-        return None
-    from emloc_engine.data import DataConfig
-
-    fields = set(DataConfig.__dataclass_fields__) - {"path"}
-    kwargs = {k: v for k, v in {**settings, **nested}.items() if k in fields and v is not None}
-    if "column_map" in kwargs:
-        kwargs["column_map"] = tuple(tuple(p) for p in kwargs["column_map"])
-    log.info("Choosing λ on the eval split of the run's dataset %s", path)
-    return DataConfig(path=Path(path), **kwargs)
 
 
 def _select_lambda(cfg: CorrectionConfig, paths: _Paths, prepared: dict[str, PreparedModule],

@@ -35,7 +35,7 @@ class CorrectionOptions:
 
     def __post_init__(self) -> None:
         if self.lambda_ is not None:
-            check_lambda(float(self.lambda_), "λ")
+            check_lambda(float(self.lambda_), "λ (--lambda)")
         if not self.lambda_grid:
             raise ConfigError("The λ grid is empty.", hint="Give at least one λ, e.g. 0, 1, 3, inf.")
         for lam in self.lambda_grid:
