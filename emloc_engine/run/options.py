@@ -52,6 +52,7 @@ class Option:
     help: str
     default: Any
     type: Any  # the field's annotation
+    choices: tuple[str, ...] | None = None
 
     @property
     def flag(self) -> str:
@@ -95,7 +96,9 @@ def _walk(cls: type, prefix: str) -> Iterable[Option]:
             default = f.default_factory()
         else:
             default = None
-        yield Option(path, name, str(f.metadata.get("help", "")), default, tp)
+        choices = f.metadata.get("choices")
+        yield Option(path, name, str(f.metadata.get("help", "")), default, tp,
+                     tuple(choices) if choices is not None else None)
 
 
 def run_options() -> tuple[Option, ...]:
@@ -166,8 +169,10 @@ def parse_value(opt: Option, raw: Any) -> Any:
             return str(raw).strip().lower() in ("1", "true", "yes", "on")
         if kind == "list":
             inner = typing.get_args(_strip_optional(opt.type))[0]
-            items = raw if isinstance(raw, (list, tuple)) else [s for s in str(raw).split(",") if s.strip()]
-            return tuple(_scalar("", inner, str(s).strip()) for s in items)
+            parts = raw if isinstance(raw, (list, tuple)) else [raw]
+            # typed as "a,b" or "a b" (nargs), or a TOML list; empty text means none
+            items = [s for part in parts for s in str(part).split(",") if s.strip()]
+            return tuple(_scalar("", inner, s.strip()) for s in items)
         if kind == "pairs":
             _, v_type = typing.get_args(typing.get_args(_strip_optional(opt.type))[0])
             items = list(raw.items()) if isinstance(raw, Mapping) else [str(s).split("=", 1) for s in raw]
@@ -215,8 +220,13 @@ def add_options(parser: argparse.ArgumentParser, sections: Sequence[str] | None 
             group.add_argument(*flags, dest=dest, action="append", default=argparse.SUPPRESS,
                                metavar="NAME=VALUE", help=help_text + " Repeat for more.")
         else:
-            metavar = "A,B,…" if opt.kind == "list" else opt.name.upper().replace("-", "_")
-            group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+            if opt.kind == "list":
+                group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, nargs="*", metavar="A,B",
+                                   help=help_text)
+            else:
+                group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, choices=opt.choices,
+                                   metavar=opt.name.upper().replace("-", "_") if opt.choices is None else None,
+                                   help=help_text)
 
 
 def typed_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,9 +280,12 @@ def build_config(base: RunConfig | None, values: Mapping[str, Any], *, model_dir
         if path not in opts:
             raise ConfigError(f"Unknown setting {path!r}.")
         parsed[path] = parse_value(opts[path], raw)
-    if "ratio" in parsed and parsed["ratio"] is not None:
+    if parsed.get("ratio") is not None and parsed.get("budget_bytes") is not None:
+        raise ConfigError("Give either --ratio or --budget-gib, not both.",
+                          hint="--budget-gib lets the planner pick the largest ρ that fits; --ratio fixes ρ.")
+    if parsed.get("ratio") is not None:  # a ratio given now replaces a recorded budget, and vice versa
         tree["budget_bytes"] = None
-    if "budget_bytes" in parsed and parsed["budget_bytes"] is not None:
+    if parsed.get("budget_bytes") is not None:
         tree["ratio"] = None
     for path, value in parsed.items():
         node = tree

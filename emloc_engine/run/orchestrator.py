@@ -291,6 +291,7 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
     check_run_location(cfg.run_dir, cfg.model_dir)
     tokenizer = load_tokenizer(cfg.model_dir)
     report = inspect_dataset(cfg.data, tokenizer)
+    report.raise_if_fatal()  # every bad line listed, before the folder exists
     model_fp = fingerprint_model(cfg.model_dir)
     ran: list[str] = []
     skipped: list[str] = []

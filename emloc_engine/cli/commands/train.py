@@ -94,6 +94,7 @@ def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.core.progress import TqdmProgress
+    from emloc_engine.data.pipeline import fingerprint
     from emloc_engine.run.manifest import read_manifest
     from emloc_engine.run.orchestrator import open_run, run_stage
     from emloc_engine.weights.lowrank import read_emulator_meta
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 session.manifest.config = replace(session.manifest.config, data=cfg.data,
                                                   train=_options(cfg), seed=cfg.seed)
             result = run_stage(session, "train", work)
+            session.record_input("data", cfg.data.path, fingerprint(cfg.data))
     finally:
         progress.close()
     out = sys.stdout

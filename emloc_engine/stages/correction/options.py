@@ -26,7 +26,7 @@ class CorrectionOptions:
         "help": "Damping λ: None = chosen on held-out data; inf = exact correction; 0 = no correction."})
     lambda_grid: tuple[float, ...] = field(default=DEFAULT_GRID, metadata={
         "help": "Candidate λ values tried when λ is chosen automatically."})
-    dtype: str = field(default="auto", metadata={
+    dtype: str = field(default="auto", metadata={"choices": EVAL_DTYPES,
         "help": "Dtype of the original model during evaluation: auto (bf16 on GPU, fp32 on CPU), float32, "
                 "bfloat16, float16."})
     max_eval_batches: int = field(default=64, metadata={"help": "At most this many eval batches per λ."})

@@ -21,17 +21,17 @@ class EmulatorOptions:
         "help": "Module name patterns (fnmatch on full names, e.g. '*.31.mlp.down_proj') kept dense."})
     rank_overrides: tuple[tuple[str, int], ...] = field(default=(), metadata={
         "help": "(pattern, k) fixing the rank of matching modules (clamped to min(out, in))."})
-    compute_dtype: str = field(default="auto", metadata={
+    compute_dtype: str = field(default="auto", metadata={"choices": ("auto", *COMPUTE_DTYPES),
         "help": "dtype of the block forward: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, float64."})
-    linalg_dtype: str = field(default="auto", metadata={
+    linalg_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "float64"),
         "help": "dtype of the factorisation: auto (fp32 on CUDA, fp64 on CPU), float32 or float64."})
-    solver: str = field(default="eigh", metadata={
+    solver: str = field(default="eigh", metadata={"choices": SOLVERS,
         "help": "eigh (exact) or randomized (subspace iteration; faster on big layers, slightly worse)."})
     chunk_tokens: int | None = field(default=None, metadata={
         "help": "Padded tokens per forward chunk (default: from the memory budget)."})
     min_calibration_tokens: int | None = field(default=None, metadata={
         "help": "Fewest real calibration tokens accepted (default: the model's hidden size)."})
-    allocation: str = field(default="uniform", metadata={
+    allocation: str = field(default="uniform", metadata={"choices": ALLOCATIONS,
         "help": "uniform: every module at k = floor(ρ·out·in/(out+in)). spectral: a first streamed pass measures "
                 "each module's whitened spectrum and the same parameter budget is redistributed where it removes "
                 "the most relative error (some modules become dense); better transfer at ρ ≥ 0.4, worse at 0.25. "

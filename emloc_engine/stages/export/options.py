@@ -18,7 +18,7 @@ class ExportOptions:
 
     formats: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={
         "help": "Any of merged (Hugging Face folder), adapter (portable peft adapter), gguf (llama.cpp)."})
-    gguf_type: str = field(default="f16", metadata={"help": "GGUF weight type: f16, bf16, q8_0 or f32."})
+    gguf_type: str = field(default="f16", metadata={"choices": GGUF_TYPES, "help": "GGUF weight type: f16, bf16, q8_0 or f32."})
     verify: bool = field(default=True, metadata={
         "help": "Load every export back and compare its logits with original + adapter (needs RAM for the model)."})
     prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, metadata={"help": "Prompts used to compare logits."})

@@ -32,7 +32,7 @@ class TrainOptions:
         "help": "Micro-batches per optimizer step (effective batch = batch_size × grad_accum)."})
     warmup_steps: int = field(default=10, metadata={
         "help": "Linear warmup steps (if not fewer than steps, a tenth of the steps is used)."})
-    schedule: str = field(default="cosine", metadata={"help": "Learning-rate decay after warmup: cosine, linear or constant."})
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES, "help": "Learning-rate decay after warmup: cosine, linear or constant."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the LoRA weights."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (0 = no clipping)."})
     grad_checkpointing: bool = field(default=True, metadata={
@@ -41,9 +41,9 @@ class TrainOptions:
     max_eval_batches: int = field(default=32, metadata={"help": "At most this many eval micro-batches per evaluation."})
     save_every: int = field(default=25, metadata={"help": "Checkpoint every N steps (0 = only at the end or on cancel)."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many of the newest checkpoints to keep."})
-    dtype: str = field(default="auto", metadata={
+    dtype: str = field(default="auto", metadata={"choices": TRAIN_DTYPES,
         "help": "Weights/compute dtype: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bfloat16, float16, float32."})
-    anchor: str = field(default="auto", metadata={
+    anchor: str = field(default="auto", metadata={"choices": ANCHORS,
         "help": "Anchor the emulator to the original at every block on the training examples, so the adapter "
                 "learns the task rather than repairs of the emulator (measured: far more of the gain reaches the "
                 "original). auto = at every block when the offsets fit a quarter of the free RAM (one GPU only); "
