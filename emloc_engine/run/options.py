@@ -175,9 +175,10 @@ def parse_value(opt: Option, raw: Any) -> Any:
             return tuple(_scalar("", inner, s.strip()) for s in items)
         if kind == "pairs":
             _, v_type = typing.get_args(typing.get_args(_strip_optional(opt.type))[0])
-            items = list(raw.items()) if isinstance(raw, Mapping) else [str(s).split("=", 1) for s in raw]
+            entries: list[Sequence[Any]] = (list(raw.items()) if isinstance(raw, Mapping)
+                                            else [str(s).split("=", 1) for s in raw])
             pairs = []
-            for item in items:
+            for item in entries:
                 if len(item) != 2 or not str(item[0]).strip():
                     raise ValueError(f"{item!r} is not NAME=VALUE")
                 pairs.append((str(item[0]).strip(), _scalar("", v_type, str(item[1]).strip())))
