@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-SOLVERS = ("eigh", "randomized")
+from emloc_engine.stages.emulator.options import SOLVERS
+
 _SHIFT_START = 1e-10
 _SHIFT_MAX = 1e-1
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.version import __version__
 
 
@@ -66,16 +65,22 @@ def base_model_name(model_dir: Path) -> str:
 
 def collect_facts(run_dir: Path, model_dir: Path, adapter_dir: Path | None, kind: str,
                   verification: tuple[tuple[str, float], ...] = ()) -> CardFacts:
-    """Gather the card's facts from the run folder and the adapter, tolerating anything missing."""
-    manifest = _read_json(RunLayout(Path(run_dir)).manifest)
-    settings = manifest.get("settings", {}) if isinstance(manifest.get("settings"), dict) else {}
-    stages = manifest.get("stages", {}) if isinstance(manifest.get("stages"), dict) else {}
-    train = (stages.get("train") or {}).get("result", {}) or {}
-    correct = (stages.get("correct") or {}).get("result", {}) or {}
+    """Gather the card's facts from the run's manifest and the adapter, tolerating anything missing."""
+    from emloc_engine.core.errors import RunStateError
+    from emloc_engine.run.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(Path(run_dir))
+    except RunStateError:
+        manifest = None
+    cfg = manifest.config if manifest is not None else None
+    train = manifest.stage("train").result if manifest is not None else {}
+    correct = manifest.stage("correct").result if manifest is not None else {}
+    ratio = (manifest.plan or {}).get("ratio") if manifest is not None else None
     corr = _read_json(Path(adapter_dir) / "emloc_correction.json") if adapter_dir else {}
     acfg = _read_json(Path(adapter_dir) / "adapter_config.json") if adapter_dir else {}
-    data = (manifest.get("inputs", {}).get("data") or {}).get("path") or settings.get("data_path")
-    lam = _num(corr.get("lambda", correct.get("lambda")))
+    data = manifest.inputs["data"].path if manifest is not None and "data" in manifest.inputs else None
+    lam = _num(corr.get("lambda", correct.get("lambda_")))
     table_src = corr.get("lambda_table", correct.get("lambda_table")) or []
     table: list[tuple[float, float]] = []
     for row in table_src:
@@ -83,14 +88,14 @@ def collect_facts(run_dir: Path, model_dir: Path, adapter_dir: Path | None, kind
         a, b = _num(pair[0]), _num(pair[1])
         if a is not None and b is not None:
             table.append((a, b))
-    rank = acfg.get("r", settings.get("rank"))
-    alpha = acfg.get("lora_alpha", settings.get("alpha"))
+    rank = acfg.get("r", cfg.train.rank if cfg is not None else None)
+    alpha = acfg.get("lora_alpha", cfg.train.alpha if cfg is not None else None)
+    steps = train.get("steps_done")
     return CardFacts(
         base_model=base_model_name(model_dir), base_model_path=str(model_dir), kind=kind,
-        data=str(data) if data else None, ratio=_num(settings.get("ratio")), lambda_=lam,
+        data=str(data) if data else None, ratio=_num(ratio), lambda_=lam,
         lambda_mode=corr.get("lambda_mode") or correct.get("lambda_mode"), lambda_table=tuple(table),
-        steps=int(train["steps"]) if isinstance(train.get("steps"), int) else
-        (int(settings["steps"]) if isinstance(settings.get("steps"), int) else None),
+        steps=int(steps) if isinstance(steps, int) else (cfg.train.steps if cfg is not None else None),
         rank=int(rank) if isinstance(rank, int) else None, alpha=_num(alpha),
         final_eval_loss=_num(train.get("final_eval_loss")), verification=verification,
     )
