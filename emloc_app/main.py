@@ -48,34 +48,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def state_from_run_dir(run_dir: Path) -> tuple[WizardState, bool]:
-    """A ``WizardState`` prefilled from a run folder's manifest; and whether every stage is done."""
+    """A ``WizardState`` prefilled from a run folder's manifest (its ``RunConfig``); and whether every stage is done.
+
+    Raises:
+        RunStateError: the folder has no manifest, or an unreadable one.
+    """
     from emloc_app.state import STAGE_ORDER, WizardState
     from emloc_engine.core.errors import RunStateError
-    from emloc_engine.run.manifest import RunManifest
+    from emloc_engine.run.manifest import read_manifest
 
-    state = WizardState(run_dir=run_dir)
-    if not (run_dir / "manifest.json").exists():
+    manifest = read_manifest(run_dir)
+    if manifest is None:
         raise RunStateError(f"{run_dir} is not a run folder (no manifest.json).",
                             hint="Choose the folder that contains manifest.json.")
-    m = RunManifest.open(run_dir)
-    studio = m.data.get("settings", {}).get("studio", {})
-    inputs = m.data.get("inputs", {})
-    model = studio.get("model_dir") or inputs.get("model", {}).get("path")
-    data = studio.get("data_path") or inputs.get("data", {}).get("path")
-    state.model_dir = Path(model) if model else None
-    state.data_path = Path(data) if data and data != "None" else None
-    state.data_format = str(studio.get("data_format") or state.data_format)
-    state.max_length = int(studio.get("max_length") or state.max_length)
-    state.eval_fraction = float(studio.get("eval_fraction", state.eval_fraction))
-    state.train_on = str(studio.get("train_on") or state.train_on)
-    state.data_seed = int(studio.get("data_seed") or 0)
-    state.max_samples = int(studio["max_samples"]) if studio.get("max_samples") else None
-    state.budget_bytes = int(studio["budget_bytes"]) if studio.get("budget_bytes") else None
-    state.train_settings = {str(k): v for k, v in studio.get("train", {}).items() if isinstance(v, (int, float))}
-    state.gpus = int(studio.get("gpus") or 1)  # the Plan page offers the same GPU count again (issue 10)
-    state.allocation = str(studio.get("allocation") or "uniform")  # "Per-module ranks" checked again
-    state.anchor = "none" if studio.get("anchor") == "none" else "auto"  # "Anchor training" unchecked again
-    state.done = {name for name in STAGE_ORDER if m.is_done(name)}
+    state = WizardState(run_dir=run_dir, config=manifest.config)
+    state.done = {name for name in STAGE_ORDER if manifest.stage(name).done}
+    cfg = manifest.config
+    if cfg is None:  # a folder of per-stage commands, or of an older version: only the inputs are known
+        model, data = manifest.inputs.get("model"), manifest.inputs.get("data")
+        state.model_dir = Path(model.path) if model is not None else None
+        state.data_path = Path(data.path) if data is not None else None
+        return state, state.all_stages_done()
+    state.model_dir, state.data_path = cfg.model_dir, cfg.data.path
+    state.data_format, state.max_length, state.eval_fraction = cfg.data.format, cfg.data.max_length, cfg.data.eval_fraction
+    state.train_on, state.max_samples = cfg.data.train_on, cfg.data.max_samples
+    state.budget_bytes = cfg.budget_bytes
     return state, state.all_stages_done()
 
 

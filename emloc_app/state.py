@@ -1,9 +1,9 @@
 """The wizard's answers and results, outside Qt (a plain dataclass pages read and write).
 
-Every field holds the engine's own type (``MachineInfo``, ``ModelInfo``, ``DataReport``, ``MemoryPlan``,
-the stage configs and results), so mypy follows a value from the page that makes it to the page that
-reads it. Only the light engine modules are imported here; the stage modules (torch) are named for the
-type checker alone.
+Every field holds the engine's own type (``MachineInfo``, ``ModelInfo``, ``DataReport``, the run's
+``RunConfig`` and ``RunPlan``, the stage results), so mypy follows a value from the page that makes it
+to the page that reads it. Only torch-free engine modules are imported here; the stage modules are
+named for the type checker alone.
 """
 
 from __future__ import annotations
@@ -15,36 +15,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 from emloc_engine.catalog.discovery import ModelInfo
-from emloc_engine.catalog.model_facts import ModelFacts
 from emloc_engine.data import DataConfig, DataReport
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
-from emloc_engine.run.planning import MemoryPlan
+from emloc_engine.run.config import RunConfig
 
 if TYPE_CHECKING:
-    from emloc_engine.stages.correction.corrector import CorrectionConfig, CorrectionResult
-    from emloc_engine.stages.emulator.builder import EmulatorConfig, EmulatorResult
+    from emloc_engine.run.orchestrator import RunResult
+    from emloc_engine.run.plan import RunPlan
+    from emloc_engine.stages.correction.corrector import CorrectionResult
+    from emloc_engine.stages.emulator.builder import EmulatorResult
     from emloc_engine.stages.export.exporter import ExportResult
-    from emloc_engine.stages.training.trainer import TrainConfig, TrainResult
+    from emloc_engine.stages.training.trainer import TrainResult
 
     StageResult: TypeAlias = EmulatorResult | TrainResult | CorrectionResult | ExportResult
 
 STAGE_ORDER = ("emulator", "train", "correct")
+"""The stages the Run page runs; the export is chosen format by format on the Try page."""
 STAGE_TITLES = {
     "emulator": "Build the emulator",
     "train": "Train LoRA on the emulator",
     "correct": "Correct the LoRA for the original model",
     "export": "Export",
 }
-
-
-@dataclass(frozen=True)
-class StageConfigs:
-    """What the Plan page built for the Run page: one engine config per stage, and the GPUs that train."""
-
-    emulator: EmulatorConfig
-    train: TrainConfig
-    correct: CorrectionConfig
-    gpus: int = 1  # > 1: data-parallel training on GPUs 0..gpus-1 (emloc run --gpus N)
 
 
 @dataclass
@@ -58,7 +50,6 @@ class WizardState:
     # 2 Model
     model: ModelInfo | None = None
     model_dir: Path | None = None
-    facts: ModelFacts | None = None
     # 3 Data
     data_path: Path | None = None
     data_format: str = "auto"
@@ -66,23 +57,15 @@ class WizardState:
     eval_fraction: float = 0.1
     train_on: str = "assistant"
     max_samples: int | None = None
-    data_seed: int = 0
     data_config: DataConfig | None = None
     data_report: DataReport | None = None
-    calibration_ids: tuple[tuple[int, ...], ...] = ()
-    n_calibration: int = 64
     # 4 Plan
-    ratio: float | None = None  # None: the planner's choice
-    plan: MemoryPlan | None = None
-    train_settings: dict[str, float] = field(default_factory=dict)  # TrainConfig field -> value; {}: defaults
-    lambda_: float | None = None  # None: auto
-    allocation: str = "uniform"  # EmulatorConfig.allocation: "uniform" or "spectral"
-    anchor: str = "auto"  # TrainConfig.anchor: "auto" or "none" ("blocks"/"linears" are the CLI's)
-    gpus: int | None = None  # GPUs that train; None: the Plan page's default for this machine
-    configs: StageConfigs | None = None
+    config: RunConfig | None = None  # the run's settings: built by the Plan page, or read from a reopened run
+    run_plan: RunPlan | None = None  # plan_run(config): ρ, the memory plan and every stage's config
     # 5 Run
     run_dir: Path | None = None
     done: set[str] = field(default_factory=set)  # stages the run folder has finished (this session or before)
+    run_result: RunResult | None = None
     results: dict[str, StageResult] = field(default_factory=dict)  # stages finished in this session
     # 6 Try & export
     exports: dict[str, ExportResult] = field(default_factory=dict)
@@ -103,14 +86,6 @@ class WizardState:
             backend = self.machine.backend if self.machine is not None else "cuda"
             return f"cuda:{self.gpu_index}" if backend in ("cuda", "rocm") else "auto"
         return "auto"
-
-    @property
-    def plan_device(self) -> str:
-        """The planner's device (``PlanConfig.device``): cpu, cuda, rocm or mps."""
-        if self.machine is not None and self.gpu is None:
-            return "cpu"
-        backend = self.machine.backend if self.machine is not None else "cuda"
-        return backend if backend in ("cuda", "rocm", "mps") else "cuda"
 
     @property
     def model_name(self) -> str:

@@ -1,19 +1,15 @@
-"""What every page shares: the state, an error banner, the workers it owns, and engine field help."""
+"""What every page shares: the state, an error banner, and the workers it owns."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget, QWizardPage
 
 from emloc_app.errors import ErrorBanner, route_error
 from emloc_app.state import WizardState
 from emloc_app.worker import StageWorker, start_stage
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -26,16 +22,6 @@ def gib(n_bytes: float | None, digits: int = 1) -> str:
     if n_bytes is None:
         return "?"
     return f"{n_bytes / GIB:.{digits}f} GiB"
-
-
-def field_help(cls: type[DataclassInstance]) -> dict[str, str]:
-    """``{field: metadata["help"]}`` of an engine config class: the tooltips (and the CLI's help)."""
-    return {f.name: str(f.metadata["help"]) for f in dataclasses.fields(cls) if "help" in f.metadata}
-
-
-def field_defaults(cls: type[DataclassInstance]) -> dict[str, object]:
-    """``{field: default}`` of an engine config class, for the fields that have a plain default."""
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def human_bytes(n: float | None) -> str:

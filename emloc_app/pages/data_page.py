@@ -26,38 +26,33 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.pages.common import BasePage, field_help
+from emloc_app.pages.common import BasePage
 from emloc_app.state import WizardState
 from emloc_engine.catalog.demo import DemoDataset, ensure_demo_datasets
 from emloc_engine.core.progress import Progress
-from emloc_engine.data import (
-    FORMATS,
-    DataConfig,
-    DataProblem,
-    DataReport,
-    calibration_token_ids,
-    inspect_dataset,
-    load_tokenizer,
-)
+from emloc_engine.data import FORMATS, DataConfig, DataReport, inspect_dataset, load_tokenizer
+from emloc_engine.run.options import option_help
 
 FILE_FILTER = "Datasets (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """The page's widgets: every :class:`~emloc_engine.data.DataConfig` field the page sets except the path."""
+    """The page's widgets: the :class:`~emloc_engine.data.DataConfig` fields the page sets.
+
+    The path comes from the file box, the split's seed is the run's (``RunConfig.seed``, on the Plan page).
+    """
 
     format: str = "auto"
     max_length: int = 512
     eval_fraction: float = 0.1
     train_on: str = "assistant"
-    seed: int = 0
     max_samples: int | None = None
 
-    def config(self, path: Path) -> DataConfig:
+    def config(self, path: Path, seed: int = 0) -> DataConfig:
         """The engine's config for ``path`` (raises ``ConfigError`` for bad settings)."""
         return DataConfig(path=path, format=self.format, max_length=self.max_length,
-                          eval_fraction=self.eval_fraction, train_on=self.train_on, seed=self.seed,
+                          eval_fraction=self.eval_fraction, train_on=self.train_on, seed=seed,
                           max_samples=self.max_samples)
 
 
@@ -68,7 +63,7 @@ class InspectRequest:
     model_dir: Path | None
     data_path: Path | None  # None: use the default demo dataset
     settings: DataSettings
-    n_calibration: int = 64
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,12 +71,14 @@ class Inspection:
     data_path: Path
     config: DataConfig
     report: DataReport
-    calibration_ids: tuple[tuple[int, ...], ...]
     demo: tuple[DemoDataset, ...] = ()
 
 
 def inspect(req: InspectRequest, progress: Progress) -> Inspection:
-    """Load the tokenizer, inspect the file, and take calibration samples if nothing is fatal."""
+    """Load the model's tokenizer and check every sample of the file, rendered as the model will see it.
+
+    The calibration samples are taken by the run itself (``RunConfig.calib``), from the same data.
+    """
     demo: tuple[DemoDataset, ...] = ()
     path = req.data_path
     if path is None:
@@ -94,16 +91,11 @@ def inspect(req: InspectRequest, progress: Progress) -> Inspection:
     progress.update(0.2, "Loading the tokenizer…")
     tokenizer = load_tokenizer(req.model_dir) if req.model_dir else None
     progress.check_cancelled()
-    config = req.settings.config(path)
+    config = req.settings.config(path, req.seed)
     progress.update(0.4, "Checking every sample…")
     report = inspect_dataset(config, tokenizer)
-    calib: tuple[tuple[int, ...], ...] = ()
-    if tokenizer is not None and report.ok:
-        progress.update(0.8, "Taking calibration samples…")
-        calib = tuple(tuple(int(t) for t in ids)
-                      for ids in calibration_token_ids(config, tokenizer, n=req.n_calibration))
     progress.update(1.0, "Done")
-    return Inspection(path, config, report, calib, demo)
+    return Inspection(path, config, report, demo)
 
 
 class DataPage(BasePage):
@@ -130,8 +122,7 @@ class DataPage(BasePage):
         for i in range(self.format.count()):
             text = FORMATS.get(self.format.itemText(i), "detect from the first record's fields")
             self.format.setItemData(i, text, Qt.ItemDataRole.ToolTipRole)
-        help_ = field_help(DataConfig)
-        self.format.setToolTip(help_["format"])
+        self.format.setToolTip(option_help("data.format"))
         self.format.currentIndexChanged.connect(self.schedule_inspect)
         self.detected = QLabel()
         self.eval_fraction = _double(0.0, 0.5, 0.01, state.eval_fraction)
@@ -141,13 +132,12 @@ class DataPage(BasePage):
         self.train_on = QComboBox()
         self.train_on.addItem("assistant replies only", "assistant")
         self.train_on.addItem("every token", "all")
-        self.seed = _int(0, 2**31 - 1, state.data_seed)
         widgets: tuple[tuple[str, QDoubleSpinBox | QSpinBox | QComboBox], ...] = (
             ("eval_fraction", self.eval_fraction), ("max_length", self.max_length),
-            ("max_samples", self.max_samples), ("train_on", self.train_on), ("seed", self.seed))
+            ("max_samples", self.max_samples), ("train_on", self.train_on))
         for name, w in widgets:
             w.setObjectName(name)
-            w.setToolTip(help_[name])
+            w.setToolTip(option_help(f"data.{name}"))
             if isinstance(w, QComboBox):
                 w.currentIndexChanged.connect(self.schedule_inspect)
             else:
@@ -168,7 +158,7 @@ class DataPage(BasePage):
         split = QGroupBox("Split and length")
         sform = QHBoxLayout(split)
         for text, w in (("E&val fraction", self.eval_fraction), ("Max &tokens", self.max_length),
-                        ("Max sa&mples", self.max_samples), ("Loss o&n", self.train_on), ("S&eed", self.seed)):
+                        ("Max sa&mples", self.max_samples), ("Loss o&n", self.train_on)):
             sform.addWidget(_buddy(text, w))
             sform.addWidget(w)
         sform.addStretch(1)
@@ -225,10 +215,9 @@ class DataPage(BasePage):
         self.max_length.setValue(s.max_length)
         self.max_samples.setValue(s.max_samples or 0)
         self.train_on.setCurrentIndex(max(0, self.train_on.findData(s.train_on)))
-        self.seed.setValue(s.data_seed)
         self._loading = False
         if s.data_report is not None and s.data_config is not None:
-            self._show(Inspection(s.data_config.path, s.data_config, s.data_report, s.calibration_ids))
+            self._show(Inspection(s.data_config.path, s.data_config, s.data_report))
         else:
             self.start_inspect()
 
@@ -237,12 +226,12 @@ class DataPage(BasePage):
         """The DataConfig settings the widgets show."""
         return DataSettings(format=self.format.currentText(), max_length=self.max_length.value(),
                             eval_fraction=self.eval_fraction.value(), train_on=str(self.train_on.currentData()),
-                            seed=self.seed.value(), max_samples=self.max_samples.value() or None)
+                            max_samples=self.max_samples.value() or None)
 
     def request(self) -> InspectRequest:
         text = self.path.text().strip()
-        return InspectRequest(self.state.model_dir, Path(text).expanduser() if text else None, self.settings(),
-                              self.state.n_calibration)
+        seed = self.state.config.seed if self.state.config is not None else 0
+        return InspectRequest(self.state.model_dir, Path(text).expanduser() if text else None, self.settings(), seed)
 
     def schedule_inspect(self) -> None:
         if not self._loading:
@@ -330,13 +319,10 @@ class DataPage(BasePage):
         self.banner.clear()
         self.start_inspect()
 
-    def fatal_problems(self) -> list[DataProblem]:
-        return [] if self.inspection is None else self.inspection.report.fatal_problems
-
     # -- wizard protocol ---------------------------------------------------------------------
     def isComplete(self) -> bool:
         return (self.inspection is not None and not self.busy("inspect") and not self._timer.isActive()
-                and not self.fatal_problems() and bool(self.inspection.calibration_ids))
+                and self.inspection.report.ok and self.inspection.report.n_train > 0)
 
     def validatePage(self) -> bool:
         if self.inspection is None:
@@ -345,10 +331,9 @@ class DataPage(BasePage):
         s.data_path = self.inspection.data_path
         s.data_format = f.format
         s.max_length, s.eval_fraction = f.max_length, f.eval_fraction
-        s.train_on, s.data_seed, s.max_samples = f.train_on, f.seed, f.max_samples
+        s.train_on, s.max_samples = f.train_on, f.max_samples
         s.data_config = self.inspection.config
         s.data_report = self.inspection.report
-        s.calibration_ids = self.inspection.calibration_ids
         return True
 
 

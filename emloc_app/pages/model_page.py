@@ -441,8 +441,6 @@ class ModelPage(BasePage):
         changed = self.state.model_dir != row.path
         self.state.model = row.info
         self.state.model_dir = row.path
-        self.state.facts = row.facts
-        self.state.plan = row.plan
         if changed:  # data inspection depends on the tokenizer of the model
             self.state.data_report = None
         return True

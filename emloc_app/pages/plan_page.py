@@ -1,10 +1,17 @@
-"""Page 4: the memory plan (ρ, bars against the budget), LoRA and training settings, duration."""
+"""Page 4: the run's settings (one ``RunConfig``) and the engine's plan of it (ρ, bars against the budget, duration).
+
+The page builds one :class:`~emloc_engine.run.config.RunConfig` from its widgets and the earlier pages and
+asks :func:`~emloc_engine.run.plan.plan_run` for ρ and every stage's config; it builds no stage config
+itself. Defaults and tooltips are the engine's option fields; "Show command…" is the engine's
+``command_line`` of the same config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
@@ -26,31 +33,39 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.pages.common import GIB, BasePage, field_defaults, field_help, gib
+from emloc_app.pages.common import BasePage, gib
 from emloc_app.pages.model_page import is_demo
-from emloc_app.state import StageConfigs, WizardState
+from emloc_app.state import WizardState
 from emloc_app.widgets.vram_bar import VramBar
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ConfigError, EngineError
-from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import format_seconds
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
-from emloc_engine.run.planning import MemoryPlan, PlanConfig, model_facts, plan_memory
+from emloc_engine.run.config import RunConfig
+from emloc_engine.run.options import command_line, option_help
+from emloc_engine.run.plan import plan_run
+from emloc_engine.run.planning import MemoryPlan
+from emloc_engine.stages.correction.options import CorrectionOptions
+from emloc_engine.stages.emulator.options import EmulatorOptions
+from emloc_engine.stages.export.options import ExportOptions
+from emloc_engine.stages.training.options import TrainOptions
 
-LABELS = {
+if TYPE_CHECKING:
+    from emloc_engine.run.plan import RunPlan
+
+TRAIN_LABELS = {
     "rank": "LoRA &rank", "alpha": "LoRA &alpha", "dropout": "&Dropout", "steps": "&Steps",
     "lr": "&Learning rate", "batch_size": "&Batch size", "grad_accum": "&Gradient accumulation",
     "warmup_steps": "&Warm-up steps", "eval_every": "&Evaluate every", "save_every": "Check&point every",
-    "seed": "S&eed",
 }
-"""The training settings on the page (``TrainConfig`` fields, in grid order); defaults and tooltips are the engine's."""
+"""The ``TrainOptions`` fields on the page, in grid order (then the run's seed and λ)."""
 DEMO_OVERRIDES: dict[str, int | float] = {"steps": 60, "lr": 5e-4, "eval_every": 20, "save_every": 20}
 """The demo (SmolLM2-135M on the Shakespeare dialogue set, often on a laptop CPU) should show a visible
 change in minutes: fewer, larger steps. Measured while building the demo: 40 peft LoRA steps at lr 5e-4
 turned "The king is a just ruler…" into "King John: / I have been in the king's court…". Applied only
-while the user has not changed the engine's defaults."""
-LAMBDA_CHOICES = (("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0),
-                  ("exact (∞)", math.inf), ("none (0)", 0.0))
+while the training settings are the engine's defaults."""
+LAMBDA_CHOICES: tuple[tuple[str, float | None], ...] = (
+    ("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0), ("exact (∞)", math.inf), ("none (0)", 0.0))
 ANCHOR_ONE_GPU = ("Anchored training runs on one GPU: with several GPUs the trainer's auto turns it off "
                   "(emloc run --gpus N). Set GPUs to 1 to anchor.")
 SPECTRAL_BUILD_FACTOR = 2.0
@@ -58,20 +73,6 @@ SPECTRAL_BUILD_FACTOR = 2.0
 measured 115.5 s vs 57.0 s (Llama-3-8B shapes, one H200; the extra streaming pass that measures the
 spectra took 60.3 s), so the planner's uniform-build estimate is doubled."""
 SIMILAR_MEMORY = 0.9  # GPUs whose memory differs by less than 10% count as alike
-
-
-def train_defaults() -> dict[str, int | float]:
-    """``TrainConfig``'s defaults of the settings on the page (imports the trainer, hence torch)."""
-    from emloc_engine.stages.training.trainer import TrainConfig
-
-    defaults = field_defaults(TrainConfig)
-    out: dict[str, int | float] = {}
-    for name in LABELS:
-        value = defaults[name]
-        if not isinstance(value, (int, float)):
-            raise TypeError(f"TrainConfig.{name} has a non-numeric default {value!r}")
-        out[name] = value
-    return out
 
 
 def multi_gpus(machine: MachineInfo | None, gpu_index: int | None) -> tuple[GpuInfo, ...]:
@@ -97,10 +98,26 @@ def default_gpu_count(gpus: tuple[GpuInfo, ...]) -> int:
     return len(gpus) if alike else 1
 
 
-def lambda_text(lam: float | None) -> str:
-    if lam is None:
-        return "auto"
-    return "inf" if math.isinf(lam) else f"{lam:g}"
+def planning_machine(machine: MachineInfo, gpu: GpuInfo | None, gpus: int) -> MachineInfo:
+    """``machine`` as ``plan_run`` should see it: the GPU whose memory bounds the run first.
+
+    ``plan_run`` plans for the first GPU of the machine; the run uses the GPU chosen on the Machine page,
+    or GPUs 0..N−1 with several, where the smallest bounds every one's share.
+    """
+    if gpus > 1:
+        bound = min(sorted(machine.gpus, key=lambda g: g.index)[:gpus], key=lambda g: g.total_bytes)
+        return dataclasses.replace(machine, gpus=(bound,))
+    return dataclasses.replace(machine, gpus=(gpu,)) if gpu is not None else machine
+
+
+def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
+    """Sum of the planner's per-stage estimates of the emulator, training and correction (export excluded).
+
+    ``emulator_factor`` scales the emulator stage's estimate (the planner estimates the uniform
+    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks).
+    """
+    return sum(v * (emulator_factor if name == "emulator" else 1.0)
+               for name, v in plan.est_seconds.items() if name != "export")
 
 
 class PlanPage(BasePage):
@@ -118,12 +135,11 @@ class PlanPage(BasePage):
         self.auto_ratio.toggled.connect(self._ratio_mode_changed)
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setObjectName("ratio")
-        self.slider.setRange(5, 100)
+        self.slider.setRange(5, 95)
         self.slider.setPageStep(5)
         self.slider.setTickInterval(10)
         self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
-        self.slider.setToolTip("ρ: fraction of each compressed layer's parameters the emulator keeps. "
-                               "Lower needs less memory; higher trains on a more faithful emulator.")
+        self.slider.setToolTip(option_help("ratio"))
         self.slider.valueChanged.connect(self._ratio_changed)
         self.ratio_label = QLabel()
         self.ratio_label.setObjectName("BigNumber")
@@ -146,17 +162,7 @@ class PlanPage(BasePage):
         rl.addWidget(self.verdict)
         rl.addWidget(self.duration)
         self.body.addWidget(rho_box)
-
-        # training settings: widgets made on the first visit, from TrainConfig's fields (defaults, help)
-        self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
-        self.settings_box = QGroupBox("LoRA and training")
-        self.settings_grid = QGridLayout(self.settings_box)
-        self.lambda_ = QComboBox()
-        self.lambda_.setObjectName("lambda")
-        for text, value in LAMBDA_CHOICES:
-            self.lambda_.addItem(text, value)
-        self.lambda_.currentIndexChanged.connect(self._settings_changed)
-        self.body.addWidget(self.settings_box)
+        self.body.addWidget(self._settings_box())
 
         self.show_command = QPushButton("Show &command…")
         self.show_command.setToolTip("The equivalent `emloc run …` command, for scripts and servers.")
@@ -166,10 +172,44 @@ class PlanPage(BasePage):
         row.addWidget(self.show_command)
         self.body.addLayout(row)
         self.body.addStretch(1)
-        self.plan: MemoryPlan | None = None
+        self.run_plan: RunPlan | None = None
         self._loading = False
-        self._anchor_help = ""
-        self._defaults: dict[str, int | float] = {}
+        self._run_dir = paths.runs_dir() / "run"  # named on each visit (initializePage)
+
+    # -- widgets ----------------------------------------------------------------------------
+    def _settings_box(self) -> QGroupBox:
+        """The training settings: ``TrainOptions`` fields (their defaults' types pick the spin box), seed, λ."""
+        defaults = dataclasses.asdict(TrainOptions())
+        self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        box = QGroupBox("LoRA and training")
+        grid = QGridLayout(box)
+        cells: list[tuple[str, QWidget]] = []  # (label, widget) in grid order
+        for name, text in TRAIN_LABELS.items():
+            w = _spin_for(name, defaults[name])
+            w.setObjectName(name)
+            w.setToolTip(option_help(f"train.{name}"))
+            w.valueChanged.connect(self._settings_changed)
+            self.settings[name] = w
+            cells.append((text, w))
+        self.seed = _spin_for("seed", RunConfig.__dataclass_fields__["seed"].default)
+        self.seed.setToolTip(option_help("seed"))
+        self.lambda_ = QComboBox()
+        for text, value in LAMBDA_CHOICES:
+            self.lambda_.addItem(text, value)
+        self.lambda_.setToolTip(option_help("correct.lambda_"))
+        self.lambda_.currentIndexChanged.connect(self._settings_changed)
+        cells += [("S&eed", self.seed), ("Correction &λ", self.lambda_)]
+        self.seed.setObjectName("seed")
+        self.lambda_.setObjectName("lambda")
+        for i, (text, widget) in enumerate(cells):
+            label = QLabel(text)
+            label.setBuddy(widget)
+            label.setToolTip(widget.toolTip())
+            grid.addWidget(label, i // 3, (i % 3) * 2)
+            grid.addWidget(widget, i // 3, (i % 3) * 2 + 1)
+        for c in (1, 3, 5):
+            grid.setColumnStretch(c, 1)
+        return box
 
     def _gpu_row(self) -> QWidget:
         """The "GPUs" control: a spin box 1..N, shown only when ≥ 2 CUDA GPUs are detected.
@@ -181,10 +221,7 @@ class PlanPage(BasePage):
         self.gpus = QSpinBox()
         self.gpus.setObjectName("gpus")
         self.gpus.setRange(1, 1)
-        self.gpus.setToolTip("GPUs that train the LoRA data-parallel (emloc run --gpus N): each holds the "
-                             "whole emulator and a share of every batch, so the bars show the memory of one "
-                             "GPU and training takes about 1/N of the time. The emulator build also "
-                             "factorises on the extra GPUs.")
+        self.gpus.setToolTip(option_help("gpus") + " The bars show the memory of one GPU.")
         self.gpus.valueChanged.connect(self._settings_changed)
         self.gpus_of = QLabel()
         label = QLabel("&GPUs")
@@ -208,31 +245,38 @@ class PlanPage(BasePage):
         """
         self.allocation = QCheckBox("Per-module ranks (slower build, measured better at ρ ≥ 0.4)")
         self.allocation.setObjectName("allocation")
+        self.allocation.setToolTip(option_help("emulator.allocation"))
         self.allocation.toggled.connect(self._settings_changed)
         return self.allocation
 
     def allocation_choice(self) -> str:
-        """``EmulatorConfig.allocation`` for the checkbox: "spectral" when checked, else "uniform"."""
+        """``EmulatorOptions.allocation`` for the checkbox: "spectral" when checked, else "uniform"."""
         return "spectral" if self.allocation.isChecked() else "uniform"
 
     def _anchor_box(self) -> QCheckBox:
-        """"Anchor training": ``TrainConfig.anchor`` "auto" (checked, the default) or "none" (emloc run --anchor none).
+        """"Anchor training": ``TrainOptions.anchor`` "auto" (checked, the default) or "none" (emloc run --anchor none).
 
         The planner adds the anchors of the micro-batch to the train stage's bar and one pass of the
-        original and of the emulator to its time (``PlanConfig.anchored``), so toggling re-plans.
+        original and of the emulator to its time, so toggling re-plans.
         """
         self.anchor = QCheckBox("Anchor training to the original (measured: far more of the gain reaches it)")
         self.anchor.setObjectName("anchor")
         self.anchor.setChecked(True)
+        self._anchor_help = option_help("train.anchor")
+        self.anchor.setToolTip(self._anchor_help)
         self.anchor.toggled.connect(self._settings_changed)
         return self.anchor
 
     def anchor_choice(self) -> str:
-        """``TrainConfig.anchor`` for the checkbox: "auto" when checked, else "none".
+        """``TrainOptions.anchor`` for the checkbox: "auto" when checked, else "none".
 
         Checked stays "auto" with several GPUs too: the trainer's auto turns anchoring off there.
+        A run made with "blocks" or "linears" (the CLI's) keeps it while the box stays checked.
         """
-        return "auto" if self.anchor.isChecked() else "none"
+        if not self.anchor.isChecked():
+            return "none"
+        recorded = self.state.config.train.anchor if self.state.config is not None else "auto"
+        return recorded if recorded != "none" else "auto"
 
     def _update_anchor_box(self) -> None:
         """Anchoring runs on one GPU: the checkbox is disabled (its choice kept) while GPUs > 1."""
@@ -240,11 +284,10 @@ class PlanPage(BasePage):
         self.anchor.setEnabled(not several)
         self.anchor.setToolTip(f"{ANCHOR_ONE_GPU}\n\n{self._anchor_help}" if several else self._anchor_help)
 
-    def _init_gpus(self) -> None:
+    def _init_gpus(self, saved: int | None) -> None:
         """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""
         gpus = multi_gpus(self.state.machine, self.state.gpu_index)
         n = len(gpus)
-        saved = self.state.gpus
         self.gpus.setRange(1, max(1, n))
         self.gpus.setValue(min(saved, n) if saved and n else default_gpu_count(gpus))
         self.gpus_of.setText(f"of {n} ({', '.join(sorted({g.name for g in gpus}))}); "
@@ -255,127 +298,128 @@ class PlanPage(BasePage):
         """GPUs the run uses (1 unless the GPU control is offered and set higher)."""
         return int(self.gpus.value()) if multi_gpus(self.state.machine, self.state.gpu_index) else 1
 
-    # -- the engine's fields -----------------------------------------------------------------
-    def _load_engine_fields(self) -> None:
-        """On the first visit: the training settings' widgets and every tooltip, from the engine's config fields.
-
-        Not in ``__init__``: the stage modules import torch, and the wizard builds every page at start-up.
-        """
-        if self.settings:
-            return
-        from emloc_engine.stages.correction.corrector import CorrectionConfig
-        from emloc_engine.stages.emulator.builder import EmulatorConfig
-        from emloc_engine.stages.training.trainer import TrainConfig
-
-        self._defaults = train_defaults()
-        help_ = field_help(TrainConfig)
-        for i, (name, default) in enumerate(self._defaults.items()):
-            w = _spin_for(name, default)
-            w.setObjectName(name)
-            w.setToolTip(help_[name])
-            w.valueChanged.connect(self._settings_changed)
-            label = QLabel(LABELS[name])
-            label.setBuddy(w)
-            label.setToolTip(w.toolTip())
-            self.settings_grid.addWidget(label, i // 3, (i % 3) * 2)
-            self.settings_grid.addWidget(w, i // 3, (i % 3) * 2 + 1)
-            self.settings[name] = w
-        self.lambda_.setToolTip(field_help(CorrectionConfig)["lambda_"])
-        n = len(self._defaults)
-        lam_label = QLabel("Correction &λ")
-        lam_label.setBuddy(self.lambda_)
-        self.settings_grid.addWidget(lam_label, n // 3, (n % 3) * 2)
-        self.settings_grid.addWidget(self.lambda_, n // 3, (n % 3) * 2 + 1)
-        for c in (1, 3, 5):
-            self.settings_grid.setColumnStretch(c, 1)
-        self.allocation.setToolTip(field_help(EmulatorConfig)["allocation"])
-        self._anchor_help = help_["anchor"]
-        self.anchor.setToolTip(self._anchor_help)
-
-    def initial_settings(self) -> dict[str, int | float]:
-        """The engine's defaults, the demo's quicker ones while untouched, then what the user set before."""
-        s, defaults = self.state, self._defaults
-        untouched = not s.train_settings or s.train_settings == defaults
-        if untouched and s.model is not None and is_demo(s.model):
-            return {**defaults, **DEMO_OVERRIDES}
-        return {**defaults, **s.train_settings}
-
-    # -- state in ----------------------------------------------------------------------------
-    def initializePage(self) -> None:
-        self._loading = True
-        self._load_engine_fields()
-        s = self.state
-        self._init_gpus()
-        self.allocation.setChecked(s.allocation == "spectral")
-        self.anchor.setChecked(s.anchor != "none")
-        self._update_anchor_box()
-        for name, value in self.initial_settings().items():
-            w = self.settings[name]
-            if isinstance(w, QSpinBox):
-                w.setValue(int(value))
-            else:
-                w.setValue(value)
-        idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
-            v is not None and s.lambda_ is not None and math.isinf(v) and math.isinf(s.lambda_))), 0)
-        self.lambda_.setCurrentIndex(idx)
-        self.auto_ratio.setChecked(s.ratio is None)
-        self.slider.setEnabled(s.ratio is not None)
-        if s.ratio is not None:
-            self.slider.setValue(round(s.ratio * 100))
-        self._loading = False
-        self.replan()
-
-    # -- planning (pure arithmetic in the engine: fast enough for the GUI thread) --------------
     def lambda_choice(self) -> float | None:
         """λ of the combo box (None: chosen on held-out data)."""
         value: object = self.lambda_.currentData()
         return float(value) if isinstance(value, (int, float)) else None
 
-    def plan_config(self) -> PlanConfig:
+    def _select_lambda(self, lam: float | None) -> None:
+        """Select ``lam`` in the combo box, adding it when it is not one of the choices (a CLI run's)."""
+        for i in range(self.lambda_.count()):
+            value: object = self.lambda_.itemData(i)
+            if value == lam or (isinstance(value, float) and lam is not None and math.isinf(value) and math.isinf(lam)):
+                self.lambda_.setCurrentIndex(i)
+                return
+        self.lambda_.addItem(f"{lam:g} (this run's)", lam)
+        self.lambda_.setCurrentIndex(self.lambda_.count() - 1)
+
+    # -- state in ----------------------------------------------------------------------------
+    def initial_train(self) -> dict[str, int | float]:
+        """The training settings to show: what the run has, or the engine's defaults (the demo's quicker ones)."""
+        s, defaults = self.state, TrainOptions()
+        train = s.config.train if s.config is not None else defaults
+        values = {name: value for name, value in dataclasses.asdict(train).items() if name in TRAIN_LABELS}
+        if train == defaults and s.model is not None and is_demo(s.model):
+            values.update(DEMO_OVERRIDES)
+        return values
+
+    def initializePage(self) -> None:
+        self._loading = True
+        s, cfg = self.state, self.state.config
+        self._run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
+        self._init_gpus(cfg.gpus if cfg is not None else None)
+        self.allocation.setChecked(cfg is not None and cfg.emulator.allocation == "spectral")
+        self.anchor.setChecked(cfg is None or cfg.train.anchor != "none")
+        self._update_anchor_box()
+        for name, value in self.initial_train().items():
+            w = self.settings[name]
+            if isinstance(w, QSpinBox):
+                w.setValue(int(value))
+            else:
+                w.setValue(value)
+        self.seed.setValue(cfg.seed if cfg is not None else 0)
+        self._select_lambda(cfg.correct.lambda_ if cfg is not None else None)
+        ratio = cfg.ratio if cfg is not None else None
+        self.auto_ratio.setChecked(ratio is None)
+        self.slider.setEnabled(ratio is not None)
+        if ratio is not None:
+            self.slider.setValue(round(ratio * 100))
+        self._loading = False
+        self.replan()
+
+    # -- widgets -> RunConfig -> plan_run ------------------------------------------------------
+    def train_options(self, base: TrainOptions) -> TrainOptions:
+        """``base`` (the run's or the defaults) with the page's settings; fields not on the page are kept."""
+        w = self.settings
+        return dataclasses.replace(
+            base, rank=int(w["rank"].value()), alpha=float(w["alpha"].value()), dropout=float(w["dropout"].value()),
+            steps=int(w["steps"].value()), lr=float(w["lr"].value()), batch_size=int(w["batch_size"].value()),
+            grad_accum=int(w["grad_accum"].value()), warmup_steps=int(w["warmup_steps"].value()),
+            eval_every=int(w["eval_every"].value()), save_every=int(w["save_every"].value()),
+            anchor=self.anchor_choice())
+
+    def run_config(self) -> RunConfig:
+        """The run's settings: the earlier pages' answers and this page's widgets.
+
+        Raises:
+            ConfigError: a choice the engine refuses (named), or the model or data not chosen yet.
+        """
         s = self.state
-        gpu = s.gpu
-        ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
+        if s.model_dir is None or s.data_config is None:
+            raise ConfigError("The model or the data is not chosen yet.", hint="Go back to the Model and Data pages.")
+        base = s.config  # what the run (or an earlier visit) set, including settings this page does not show
+        auto = self.auto_ratio.isChecked()
         n = self.gpu_count()
-        total = gpu.total_bytes if gpu is not None else None
-        if n > 1:  # GPUs 0..n-1; the smallest of them bounds every one's share
-            total = min(g.total_bytes for g in multi_gpus(s.machine, s.gpu_index)[:n])
-        return PlanConfig(
-            budget_bytes=s.budget_bytes, gpu_total_bytes=total, num_gpus=n, context_length=s.max_length,
-            batch_size=int(self.settings["batch_size"].value()), lora_rank=int(self.settings["rank"].value()),
-            ratio=ratio, device=s.plan_device, gpu_name=gpu.name if gpu is not None else None,
-            calibration_samples=s.n_calibration, train_steps=int(self.settings["steps"].value()),
-            auto_lambda=self.lambda_choice() is None, anchored=self.anchor.isChecked())
+        cfg = RunConfig(
+            model_dir=s.model_dir, data=s.data_config, run_dir=self._run_dir,
+            ratio=None if auto else self.slider.value() / 100, budget_bytes=s.budget_bytes if auto else None,
+            device="cuda" if n > 1 else s.device, gpus=n, seed=int(self.seed.value()),
+            emulator=dataclasses.replace(base.emulator if base is not None else EmulatorOptions(),
+                                         allocation=self.allocation_choice()),
+            train=self.train_options(base.train if base is not None else TrainOptions()),
+            correct=dataclasses.replace(base.correct if base is not None else CorrectionOptions(),
+                                        lambda_=self.lambda_choice()),
+            export=base.export if base is not None else ExportOptions())
+        return cfg if base is None else dataclasses.replace(cfg, calib=base.calib)
 
     def replan(self) -> None:
-        if self._loading or not self.settings:  # not shown yet
+        """Plan the run the widgets describe (pure arithmetic and file headers: fast enough for the GUI thread)."""
+        if self._loading:
             return
         self.banner.clear()
         try:
-            if self.state.facts is None:
-                if self.state.model_dir is None:
-                    raise ConfigError("No model chosen.", hint="Choose one on the Model page.")
-                self.state.facts = model_facts(self.state.model_dir)
-            plan = plan_memory(self.state.facts, self.plan_config())
-        except EngineError as exc:
-            self.plan = None
-            self.banner.show_error(exc)
+            cfg = self.run_config()
+            machine = self.state.machine
+            plan = plan_run(cfg, planning_machine(machine, self.state.gpu, cfg.gpus) if machine is not None else None)
+        except EngineError as exc:  # InsufficientMemory lists the settings that would fit
+            self.run_plan = None
+            self.bars.set_rows([], None)
+            self.verdict.setText("")
+            self.duration.setText("")
+            self.banner.show_error(exc, retry=not isinstance(exc, ConfigError))
             self.completeChanged.emit()
             return
-        self.plan = plan
-        ratio = plan.ratio if plan.ratio is not None else 0.5
+        self.run_plan = plan
+        self._show_plan(plan)
+        self.completeChanged.emit()
+
+    def _show_plan(self, plan: RunPlan) -> None:
+        memory = plan.memory
         if self.auto_ratio.isChecked():
             self.slider.blockSignals(True)
-            self.slider.setValue(round(ratio * 100))
+            self.slider.setValue(round(plan.ratio * 100))
             self.slider.blockSignals(False)
-        self.ratio_label.setText(f"{ratio:.2f}")
-        self.bars.set_plan(plan)
-        if plan.fits:
-            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(plan.budget_bytes)}. {plan.reason}"
+        self.ratio_label.setText(f"{plan.ratio:.2f}")
+        self.bars.set_plan(memory)
+        if memory.fits:
+            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(memory.budget_bytes)}. {memory.reason}"
         else:
-            tips = "; ".join(plan.suggestions)
+            tips = "; ".join(memory.suggestions)
             text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> "
-                    f"({gib(plan.budget_bytes)}). {plan.reason}" + (f"<br>Try: {tips}" if tips else ""))
-        notes = list(plan.notes)
+                    f"({gib(memory.budget_bytes)}). {memory.reason}" + (f"<br>Try: {tips}" if tips else ""))
+        notes = [*memory.notes, *plan.notes]
+        if plan.budget_note not in ("user budget", "inference peak"):
+            notes.append(f"Budget: {plan.budget_note}.")
         if self.gpu_count() > 1:
             notes.insert(0, f"Memory per GPU: {self.gpu_count()} GPUs train data-parallel, each on a share "
                             "of every batch.")
@@ -383,10 +427,9 @@ class PlanPage(BasePage):
             text += "<br>" + "<br>".join(notes)
         self.verdict.setText(text)
         spectral = self.allocation.isChecked()
-        seconds = estimated_seconds(plan, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
+        seconds = estimated_seconds(memory, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
         self.duration.setText(f"Estimated duration: <b>{format_seconds(seconds)}</b> (emulator"
                               + (" ×2 for per-module ranks" if spectral else "") + ", training, correction)")
-        self.completeChanged.emit()
 
     def _ratio_mode_changed(self, auto: bool) -> None:
         self.slider.setEnabled(not auto)
@@ -402,70 +445,21 @@ class PlanPage(BasePage):
             self._update_anchor_box()
             self.replan()
 
-    # -- widgets -> configs ------------------------------------------------------------------
-    def train_settings(self) -> dict[str, int | float]:
-        return {name: (int(w.value()) if isinstance(w, QSpinBox) else float(w.value()))
-                for name, w in self.settings.items()}
-
-    def build_configs(self, run_dir: Path) -> StageConfigs:
-        """The engine configs of the three stages (raises ``ConfigError`` for bad settings).
-
-        With N > 1 GPUs, as ``emloc run --gpus N`` does: the emulator builds on ``cuda:0`` and
-        factorises on ``cuda:1..N-1``, training runs on GPUs 0..N−1, correction stays on one GPU.
-        """
-        from emloc_engine.stages.correction.corrector import CorrectionConfig
-        from emloc_engine.stages.emulator.builder import EmulatorConfig
-        from emloc_engine.stages.training.trainer import TrainConfig
-
-        s = self.state
-        if s.model_dir is None or s.data_config is None:
-            raise ConfigError("The model or the data is not chosen yet.", hint="Go back to the Model and Data pages.")
-        layout = RunLayout(run_dir)
-        ratio = self.plan.ratio if self.plan is not None and self.plan.ratio is not None else self.slider.value() / 100
-        n = self.gpu_count()
-        emulator = EmulatorConfig(model_dir=s.model_dir, out_dir=layout.emulator, calibration_ids=s.calibration_ids,
-                                  ratio=ratio, device="cuda:0" if n > 1 else s.device,
-                                  memory_budget_bytes=s.budget_bytes,
-                                  factor_devices=tuple(f"cuda:{i}" for i in range(1, n)),
-                                  allocation=self.allocation_choice())
-        t = self.train_settings()
-        train = TrainConfig(run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
-                            device="cuda" if n > 1 else s.device, anchor=self.anchor_choice(),
-                            rank=int(t["rank"]), alpha=t["alpha"], dropout=t["dropout"], steps=int(t["steps"]),
-                            lr=t["lr"], batch_size=int(t["batch_size"]), grad_accum=int(t["grad_accum"]),
-                            warmup_steps=int(t["warmup_steps"]), eval_every=int(t["eval_every"]),
-                            save_every=int(t["save_every"]), seed=int(t["seed"]))
-        correct = CorrectionConfig(run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
-                                   emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_choice(),
-                                   device=s.device)
-        return StageConfigs(emulator, train, correct, gpus=n)
-
+    # -- "Show command…" ----------------------------------------------------------------------
     def command(self) -> str:
-        """The ``emloc run`` command that does what the wizard is about to do."""
-        s, t = self.state, self.train_settings()
-        run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
-        args = ["emloc", "run", str(s.model_dir), str(s.data_path), "--out", str(run_dir)]
-        if self.auto_ratio.isChecked() and s.budget_bytes:
-            args += ["--budget-gib", f"{s.budget_bytes / GIB:.1f}"]
-        else:
-            args += ["--ratio", f"{self.slider.value() / 100:.2f}"]
-        args += ["--rank", str(t["rank"]), "--alpha", f"{t['alpha']:g}", "--steps", str(t["steps"]),
-                 "--lr", f"{t['lr']:g}", "--lambda", lambda_text(self.lambda_choice()),
-                 "--calib", str(s.n_calibration), "--max-length", str(s.max_length),
-                 "--device", "cpu" if s.device == "cpu" else ("cuda" if s.device.startswith("cuda") else "auto"),
-                 "--seed", str(t["seed"])]
-        if self.gpu_count() > 1:
-            args += ["--gpus", str(self.gpu_count())]
-        if self.allocation.isChecked():
-            args += ["--allocation", "spectral"]
-        if not self.anchor.isChecked():  # auto is the default
-            args += ["--anchor", "none"]
-        return shlex.join(args)
+        """The ``emloc run`` command of the planned settings (the engine's ``command_line``)."""
+        cfg = self.run_plan.config if self.run_plan is not None else self.run_config()
+        return shlex.join(command_line(cfg))
 
     def _show_command(self) -> None:
+        try:
+            command = self.command()
+        except EngineError as exc:
+            self.banner.show_error(exc, retry=False)
+            return
         dlg = QDialog(self)
         dlg.setWindowTitle("Equivalent command")
-        text = QPlainTextEdit(self.command())
+        text = QPlainTextEdit(command)
         text.setReadOnly(True)
         text.setObjectName("Preview")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
@@ -482,45 +476,22 @@ class PlanPage(BasePage):
 
     # -- wizard protocol ---------------------------------------------------------------------
     def isComplete(self) -> bool:
-        return self.plan is not None
+        return self.run_plan is not None
 
     def validatePage(self) -> bool:
+        self.replan()  # the plan of exactly what the widgets show now
+        if self.run_plan is None:
+            return False
         s = self.state
-        run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
-        s.train_settings = self.train_settings()
-        s.lambda_ = self.lambda_choice()
-        s.ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
-        s.plan = self.plan
-        s.gpus = self.gpu_count()
-        s.allocation = self.allocation_choice()
-        s.anchor = self.anchor_choice()
-        try:
-            configs = self.build_configs(run_dir)
-        except ConfigError as exc:
-            self.banner.show_error(exc, retry=False)
-            return False
-        except EngineError as exc:
-            self.banner.show_error(exc)
-            return False
-        s.configs = configs
-        s.run_dir = run_dir
+        s.config, s.run_plan, s.run_dir = self.run_plan.config, self.run_plan, self.run_plan.config.run_dir
         return True
 
 
-def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
-    """Sum of the planner's per-stage estimates of the emulator, training and correction (export excluded).
-
-    ``emulator_factor`` scales the emulator stage's estimate (the planner estimates the uniform
-    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks).
-    """
-    return sum(v * (emulator_factor if name == "emulator" else 1.0)
-               for name, v in plan.est_seconds.items() if name != "export")
-
-
-def _spin_for(name: str, default: int | float) -> QSpinBox | QDoubleSpinBox:
+def _spin_for(name: str, default: object) -> QSpinBox | QDoubleSpinBox:
+    """A spin box for an option: integer or decimal after its default's type, with a sensible range."""
     if isinstance(default, int):
         w = QSpinBox()
-        w.setRange(0 if name in ("warmup_steps", "seed") else 1, 10_000_000)
+        w.setRange(0 if name in ("warmup_steps", "seed") else 1, 2**31 - 1)
         w.setValue(default)
         return w
     d = QDoubleSpinBox()
@@ -533,7 +504,5 @@ def _spin_for(name: str, default: int | float) -> QSpinBox | QDoubleSpinBox:
         d.setSingleStep(0.05)
     else:
         d.setRange(0.01, 10_000.0)
-    d.setValue(float(default))
+    d.setValue(float(default) if isinstance(default, float) else 0.0)
     return d
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,15 @@ from PySide6.QtWidgets import (
 )
 
 from emloc_app.generation import GenerateRequest, generate_side_by_side
-from emloc_app.pages.common import BasePage, field_help
+from emloc_app.pages.common import BasePage
 from emloc_app.state import WizardState
 from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import Progress
+from emloc_engine.run.options import option_help
+from emloc_engine.run.orchestrator import export_record, open_run, run_stage
+from emloc_engine.run.plan import options_of
+from emloc_engine.stages.export.options import GGUF_TYPES, ExportOptions
 
 if TYPE_CHECKING:
     from emloc_engine.stages.export.exporter import ExportConfig, ExportResult
@@ -37,14 +42,21 @@ EXPORTS = (
     ("gguf", "GGUF", "One file for llama.cpp, Ollama and LM Studio."),
 )
 DEFAULT_PROMPT = "Write two sentences about the sea."
-GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
 
 
-def merge_and_export(cfg: ExportConfig, progress: Progress) -> ExportResult:
-    """The engine's export, imported when an export starts (it imports torch); tests replace this attribute."""
-    from emloc_engine.stages.export.exporter import merge_and_export as export
+def export(cfg: ExportConfig, progress: Progress) -> ExportResult:
+    """One export through the orchestrator's per-stage path, as ``emloc export`` does.
 
-    return export(cfg, progress)
+    ``open_run`` checks where the run folder is and holds its lock; ``run_stage`` records the export in
+    the manifest. (``run_stages(plan, stages=("export",))`` would skip the stage once any format was
+    exported, so a second format could not be added.)
+    """
+    from emloc_engine.stages.export.exporter import merge_and_export
+
+    with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
+        result: ExportResult = run_stage(session, "export", lambda: merge_and_export(cfg, progress),
+                                         result_json=export_record)
+    return result
 
 
 class TryPage(BasePage):
@@ -113,6 +125,8 @@ class TryPage(BasePage):
         self.gguf_type = QComboBox()
         self.gguf_type.setObjectName("gguf_type")
         self.gguf_type.addItems(list(GGUF_TYPES))
+        self.gguf_type.setCurrentText(ExportOptions().gguf_type)
+        self.gguf_type.setToolTip(option_help("export.gguf_type"))
         for i, (fmt, title, tip) in enumerate(EXPORTS):
             b = QPushButton(f"Export {title if fmt == 'gguf' else title.lower()}")
             b.setObjectName(f"export_{fmt}")
@@ -143,10 +157,8 @@ class TryPage(BasePage):
 
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
-        if not self.gguf_type.toolTip():  # the export module imports torch: read its help on the first visit
-            from emloc_engine.stages.export.exporter import ExportConfig
-
-            self.gguf_type.setToolTip(field_help(ExportConfig)["gguf_type"])
+        if self.state.config is not None:
+            self.gguf_type.setCurrentText(self.state.config.export.gguf_type)
         layout = self.layout_()
         corrected = layout is not None and layout.adapter_corrected.exists()
         self.adapter_choice.setCurrentIndex(0 if corrected or layout is None else 1)
@@ -216,13 +228,16 @@ class TryPage(BasePage):
 
     # -- export ------------------------------------------------------------------------------
     def export_config(self, fmt: str) -> ExportConfig:
+        """The run's export settings for one format, wired as ``emloc export`` wires them."""
         from emloc_engine.stages.export.exporter import ExportConfig
 
         s = self.state
         if s.run_dir is None or s.model_dir is None:
             raise ConfigError("No finished run to export.", hint="Run the fine-tune first.")
-        return ExportConfig(run_dir=s.run_dir, model_dir=s.model_dir, formats=(fmt,),
-                            gguf_type=self.gguf_type.currentText(), overwrite=True)
+        base = s.config.export if s.config is not None else ExportOptions()
+        options = dataclasses.replace(base, formats=(fmt,), gguf_type=self.gguf_type.currentText())
+        return ExportConfig(**options_of(options), run_dir=s.run_dir, model_dir=s.model_dir, overwrite=True,
+                            device=s.config.device if s.config is not None else "cpu")
 
     def start_export(self, fmt: str) -> None:
         if self._exporting is not None:
@@ -238,7 +253,7 @@ class TryPage(BasePage):
             b.setEnabled(False)
         self.export_bars[fmt].setValue(0)
         self.export_status[fmt].setText("starting…")
-        self.run_task(f"export-{fmt}", merge_and_export, cfg, lambda r: self._exported(fmt, r),
+        self.run_task(f"export-{fmt}", export, cfg, lambda r: self._exported(fmt, r),
                       on_progress=lambda f, m: self._export_progress(fmt, f, m),
                       on_cancel=lambda: self.export_status[fmt].setText("cancelled"))
 

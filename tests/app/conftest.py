@@ -39,13 +39,12 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
 
 @pytest.fixture
 def state(tmp_path: Path) -> WizardState:
-    """The state as it is after the Data page: machine, model, data and calibration ids."""
+    """The state as it is after the Data page: machine, model and data."""
     data = tmp_path / "data.jsonl"
     data.write_text('{"messages": []}\n')
     model_dir = tmp_path / "model"
     model = model_info("meta-llama/Llama-3.1-8B-Instruct", model_dir)
     return WizardState(
-        machine=machine(), gpu_index=0, budget_bytes=20 * GIB, model=model, model_dir=model_dir, facts=model.facts,
-        data_path=data, data_config=DataConfig(path=data), data_report=report(),
-        calibration_ids=((1, 2, 3),) * 4, run_dir=tmp_path / "run",
+        machine=machine(), gpu_index=0, budget_bytes=20 * GIB, model=model, model_dir=model_dir,
+        data_path=data, data_config=DataConfig(path=data), data_report=report(), run_dir=tmp_path / "run",
     )

@@ -17,7 +17,6 @@ from typing import Any
 from emloc_engine.catalog.demo import DemoDataset
 from emloc_engine.catalog.discovery import ModelInfo
 from emloc_engine.catalog.model_facts import ModelFacts, reference_facts
-from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import Progress
 from emloc_engine.data import DataConfig, DataProblem, DataReport
 from emloc_engine.data.validation import LengthStats
@@ -97,8 +96,18 @@ class Calls:
     def names(self) -> list[str]:
         return [n for n, _ in self.items]
 
+    def stages(self) -> list[str]:
+        """The stage functions called, in order."""
+        return [n for n in self.names() if n in ("build_emulator", "train_lora", "correct_lora", "merge_and_export")]
+
     def get(self, name: str) -> Any:
         return next(a for n, a in self.items if n == name)
+
+
+def _write_marker(path: Path) -> None:
+    """The file by which the orchestrator knows a stage's output is complete (as the real stage writes it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
 
 
 def _three_updates(name: str, progress: Progress, calls: Calls, fail: dict[str, BaseException],
@@ -184,12 +193,20 @@ class FakeEngine:
     def calibration_token_ids(self, cfg: DataConfig, tokenizer: object, n: int = 64, seed: int = 0) -> list[list[int]]:
         return [[1, 2, 3]] * 4
 
+    def fingerprint_model(self, model_dir: Path) -> str:
+        return "model-fingerprint"
+
+    def checked_exports(self, cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Every export asked for is possible (the real check reads the model's config and tokenizer)."""
+        return tuple(cfg.export.formats), ()
+
     # -- stages ----------------------------------------------------------------------------
     def build_emulator(self, cfg: Any, progress: Progress) -> Any:
         from emloc_engine.stages.emulator.builder import EmulatorResult
 
         self.calls.add("build_emulator", cfg)
         _three_updates("build_emulator", progress, self.calls, self.fail)
+        _write_marker(cfg.out_dir / "emloc.json")
         return EmulatorResult(emulator_dir=cfg.out_dir, modules={}, params_kept=1, params_original=2, wall_s=1.0,
                               peak_vram_gib=1.0, resumed_blocks=(), calibration_tokens=12, chunk_tokens=12,
                               device="cpu")
@@ -199,6 +216,7 @@ class FakeEngine:
 
         self.calls.add("train_lora", cfg)
         _three_updates("train_lora", progress, self.calls, self.fail, metrics=True)
+        _write_marker(cfg.run_dir / "adapter" / "adapter_config.json")
         return TrainResult(adapter_dir=cfg.run_dir / "adapter", steps_done=3,
                            loss_history=((1, 2.0), (2, 1.7), (3, 1.4)), eval_history=(), final_eval_loss=1.5,
                            peak_vram_gib=1.0, tokens_per_s=100.0, wall_s=1.0, resumed_from_step=None,
@@ -214,6 +232,7 @@ class FakeEngine:
 
         self.calls.add("correct_lora", cfg)
         _three_updates("correct_lora", progress, self.calls, self.fail)
+        _write_marker(cfg.run_dir / "adapter-corrected" / "adapter_config.json")
         return CorrectionResult(adapter_dir=cfg.run_dir / "adapter-corrected", source_adapter_dir=cfg.run_dir / "adapter",
                                 source_fingerprint="ad", lambda_=1.0, lambda_mode="auto",
                                 lambda_table=((0.0, 2.0), (1.0, 1.5)), modules=(), correction_s=1.0, eval_s=1.0,
@@ -237,20 +256,25 @@ class FakeEngine:
     # -- putting them in place ---------------------------------------------------------------
     def install(self, patch: Patch) -> FakeEngine:
         """Replace the engine functions the app calls with these fakes (``patch(owner, name, value)``)."""
-        from emloc_app.pages import data_page, machine_page, model_page, plan_page, try_page
-        from emloc_engine.run import planning
+        import emloc_engine.data
+        from emloc_app.pages import data_page, machine_page, model_page, try_page
+        from emloc_engine.run import plan, planning
         from emloc_engine.stages.correction import corrector
         from emloc_engine.stages.emulator import builder
         from emloc_engine.stages.export import exporter
         from emloc_engine.stages.training import distributed, trainer
+        from emloc_engine.weights import checkpoint
 
         for module, names in (
             (machine_page, ("detect_machine",)),
             (model_page, ("detect_machine", "find_models", "add_model_folder", "ensure_demo_model",
                           "inspect_model_dir")),
-            (planning, ("plan_memory",)),  # the catalog's assess_fit plans through it
-            (plan_page, ("plan_memory", "model_facts")),
-            (data_page, ("ensure_demo_datasets", "load_tokenizer", "inspect_dataset", "calibration_token_ids")),
+            (planning, ("plan_memory", "model_facts")),  # assess_fit and plan_run plan through them
+            (plan, ("checked_exports",)),
+            (data_page, ("ensure_demo_datasets", "load_tokenizer", "inspect_dataset")),
+            # what the orchestrator checks and reads before the stages (imported when a run starts)
+            (emloc_engine.data, ("load_tokenizer", "inspect_dataset", "calibration_token_ids")),
+            (checkpoint, ("fingerprint_model",)),
             (builder, ("build_emulator",)),
             (trainer, ("train_lora",)),
             (distributed, ("train_lora_distributed",)),
@@ -261,10 +285,6 @@ class FakeEngine:
             for name in names:
                 patch(module, name, getattr(self, name))
         return self
-
-
-def raise_config_error(*a: Any, **k: Any) -> Any:
-    raise ConfigError("Bad setting.", problems=["rank must be at least 1"], hint="Raise it.")
 
 
 def open_plan_page(qtbot: Any, state: Any) -> Any:
@@ -289,12 +309,13 @@ def run_all(qtbot: Any, state: Any) -> Any:
     return run
 
 
-def studio_settings(state: Any) -> dict[str, Any]:
-    """The app's own settings recorded in the run's manifest."""
+def manifest_json(state: Any) -> dict[str, Any]:
+    """The run's manifest as the orchestrator wrote it (plain JSON)."""
     import json
 
     assert state.run_dir is not None
-    return json.loads((Path(state.run_dir) / "manifest.json").read_text())["settings"]["studio"]
+    data: dict[str, Any] = json.loads((Path(state.run_dir) / "manifest.json").read_text())
+    return data
 
 
 def reopen_plan_page(qtbot: Any, state: Any) -> tuple[Any, Any]:
@@ -306,7 +327,6 @@ def reopen_plan_page(qtbot: Any, state: Any) -> tuple[Any, Any]:
     from emloc_app.main import state_from_run_dir
 
     reopened, _ = state_from_run_dir(Path(state.run_dir))
-    for key in ("machine", "gpu_index", "model", "model_dir", "facts", "data_path", "data_config",
-                "data_report", "calibration_ids"):
+    for key in ("machine", "gpu_index", "model", "model_dir", "data_path", "data_config", "data_report"):
         setattr(reopened, key, getattr(state, key))
     return reopened, open_plan_page(qtbot, reopened)

@@ -10,7 +10,7 @@ from emloc_app.pages.plan_page import SPECTRAL_BUILD_FACTOR, estimated_seconds
 from emloc_app.state import WizardState
 from emloc_engine.run.planning import PlanConfig
 from emloc_engine.stages.emulator.builder import EmulatorConfig
-from tests.app.fakes import FakeEngine, fake_plan, reopen_plan_page, run_all, studio_settings
+from tests.app.fakes import FakeEngine, fake_plan, manifest_json, reopen_plan_page, run_all
 from tests.app.fakes import open_plan_page as plan_page
 
 
@@ -21,15 +21,13 @@ def test_unchecked_by_default_builds_uniform(qtbot, fake: FakeEngine, state: Wiz
     assert "--allocation" not in shlex.split(page.command())
     assert "per-module" not in page.duration.text()
     assert page.validatePage()
-    assert state.configs is not None and state.configs.emulator.allocation == "uniform"
+    assert state.run_plan is not None and state.run_plan.emulator.allocation == "uniform"
     run_all(qtbot, state)
     assert fake.calls.get("build_emulator").allocation == "uniform"
-    assert studio_settings(state)["allocation"] == "uniform"
-    from emloc_app.main import state_from_run_dir
-
-    assert state.run_dir is not None
-    reopened, _ = state_from_run_dir(state.run_dir)
-    assert reopened.allocation == "uniform"
+    assert manifest_json(state)["config"]["emulator"]["allocation"] == "uniform"
+    reopened, page2 = reopen_plan_page(qtbot, state)
+    assert reopened.config is not None and reopened.config.emulator.allocation == "uniform"
+    assert not page2.allocation.isChecked()
 
 
 def test_checked_builds_spectral_and_is_restored(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
@@ -45,24 +43,23 @@ def test_checked_builds_spectral_and_is_restored(qtbot, fake: FakeEngine, state:
     args = shlex.split(page.command())
     assert args[args.index("--allocation") + 1] == "spectral"
     assert page.validatePage()
-    assert state.configs is not None and state.configs.emulator.allocation == "spectral"
-    assert state.allocation == "spectral"
+    assert state.run_plan is not None and state.run_plan.emulator.allocation == "spectral"
     # coming back to the page keeps the choice
     page.initializePage()
     assert page.allocation.isChecked()
     run_all(qtbot, state)
     assert fake.calls.get("build_emulator").allocation == "spectral"
-    assert studio_settings(state)["allocation"] == "spectral"
+    assert manifest_json(state)["config"]["emulator"]["allocation"] == "spectral"
     # reopening the run (emloc-studio --run-dir) shows the same choice on a fresh Plan page
     reopened, page2 = reopen_plan_page(qtbot, state)
-    assert reopened.allocation == "spectral"
+    assert reopened.config is not None and reopened.config.emulator.allocation == "spectral"
     assert page2.allocation.isChecked()
     assert "--allocation" in shlex.split(page2.command())
 
 
 def test_estimate_doubles_only_the_emulator_stage(state: WizardState) -> None:
-    assert state.facts is not None
-    plan = fake_plan(state.facts, PlanConfig(budget_bytes=state.budget_bytes, ratio=0.4))
+    assert state.model is not None and state.model.facts is not None
+    plan = fake_plan(state.model.facts, PlanConfig(budget_bytes=state.budget_bytes, ratio=0.4))
     est = plan.est_seconds
     uniform = estimated_seconds(plan)
     assert uniform == pytest.approx(sum(v for k, v in est.items() if k != "export"))

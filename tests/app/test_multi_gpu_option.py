@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 
 import pytest
@@ -13,7 +12,7 @@ from emloc_app.pages.run_page import RunPage
 from emloc_app.state import WizardState
 from emloc_engine.machine.hardware import MachineInfo
 from emloc_engine.stages.training.distributed import ParallelConfig
-from tests.app.fakes import GIB, FakeEngine, gpu, machine
+from tests.app.fakes import GIB, FakeEngine, gpu, machine, manifest_json, reopen_plan_page
 from tests.app.fakes import open_plan_page as plan_page
 
 TWO_GPUS = machine(gpus=(gpu(0, "NVIDIA H200", 140, 138), gpu(1, "NVIDIA H200", 140, 138)))
@@ -35,18 +34,18 @@ def test_two_cuda_gpus_offer_the_control_and_plan_per_gpu(qtbot, fake: FakeEngin
     # the command line says the same
     args = shlex.split(page.command())
     assert args[args.index("--gpus") + 1] == "2" and args[args.index("--device") + 1] == "cuda"
-    # the stage configs: the emulator factorises on GPU 1, training runs on GPUs 0 and 1
+    # the stage configs (plan_run's): the emulator factorises on GPU 1, training runs on both
     assert page.validatePage()
-    assert state.configs is not None
-    emu, train = state.configs.emulator, state.configs.train
-    assert emu.device == "cuda:0" and emu.factor_devices == ("cuda:1",)
-    assert train.device == "cuda"
-    assert state.configs.gpus == 2 and state.gpus == 2
+    assert state.config is not None and state.run_plan is not None
+    emu, train = state.run_plan.emulator, state.run_plan.train
+    assert emu.device == "cuda" and emu.factor_devices == ("cuda:1",)
+    assert train.device == "cuda" and state.run_plan.parallel == ParallelConfig(processes=2)
+    assert state.config.gpus == 2
     # coming back to the page keeps the user's choice
     page.gpus.setValue(1)
     assert page.validatePage()
     page.initializePage()
-    assert page.gpus.value() == 1 and state.configs.gpus == 1
+    assert page.gpus.value() == 1 and state.config.gpus == 1
 
 
 def test_run_page_trains_data_parallel_with_the_chosen_gpus(qtbot, fake: FakeEngine,  # type: ignore[no-untyped-def]
@@ -59,18 +58,15 @@ def test_run_page_trains_data_parallel_with_the_chosen_gpus(qtbot, fake: FakeEng
     run.initializePage()
     run.start_button.click()
     qtbot.waitUntil(run.isComplete, timeout=10000)
-    assert state.configs is not None
-    assert fake.calls.get("train_lora") is state.configs.train
-    assert fake.calls.get("parallel") == ParallelConfig(processes=2, gpu_ids=(0, 1))
+    assert state.run_plan is not None
+    assert fake.calls.get("train_lora") is state.run_plan.train
+    assert fake.calls.get("parallel") == ParallelConfig(processes=2)
     assert fake.calls.get("build_emulator").factor_devices == ("cuda:1",)
-    assert state.run_dir is not None
-    studio = json.loads((state.run_dir / "manifest.json").read_text())["settings"]["studio"]
-    assert studio["gpus"] == 2
+    assert manifest_json(state)["config"]["gpus"] == 2
     # reopening the run (emloc-studio --run-dir) offers the same GPU count again
-    from emloc_app.main import state_from_run_dir
-
-    reopened, _ = state_from_run_dir(state.run_dir)
-    assert reopened.gpus == 2
+    reopened, page2 = reopen_plan_page(qtbot, state)
+    assert reopened.config is not None and reopened.config.gpus == 2
+    assert page2.gpus.value() == 2
 
 
 @pytest.mark.parametrize("machine_, gpu_index", [
@@ -87,15 +83,16 @@ def test_no_control_without_several_cuda_gpus(qtbot, fake: FakeEngine, state: Wi
     assert fake.planned[-1].num_gpus == 1
     assert "--gpus" not in shlex.split(page.command())
     assert page.validatePage()
-    assert state.configs is not None
-    assert state.configs.gpus == 1 and state.configs.emulator.factor_devices == ()
-    assert state.configs.train.device == state.device
+    assert state.config is not None and state.run_plan is not None
+    assert state.config.gpus == 1 and state.run_plan.emulator.factor_devices == () and state.run_plan.parallel is None
+    assert state.run_plan.train.device == state.device
     run = RunPage(state)
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
     qtbot.waitUntil(run.isComplete, timeout=10000)
-    assert fake.calls.names() == ["build_emulator", "train_lora", "correct_lora"]  # the ordinary trainer
+    assert fake.calls.stages() == ["build_emulator", "train_lora", "correct_lora"]
+    assert "parallel" not in fake.calls.names()  # the ordinary trainer
 
 
 def test_mixed_gpus_default_to_one(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 from emloc_app.pages.data_page import DataPage
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
-from emloc_app.pages.plan_page import DEMO_OVERRIDES, PlanPage, train_defaults
+from emloc_app.pages.plan_page import DEMO_OVERRIDES, PlanPage
 from emloc_app.state import WizardState
+from emloc_engine.run.config import RunConfig
 from emloc_engine.stages.correction.corrector import CorrectionConfig
 from emloc_engine.stages.emulator.builder import EmulatorConfig
+from emloc_engine.stages.training.options import TrainOptions
 from emloc_engine.stages.training.trainer import TrainConfig
 from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info, problem, report
 
@@ -92,7 +95,7 @@ def test_model_page_badges_search_and_selection(qtbot, tmp_path: Path, monkeypat
     page.search.setText("")
     page.select_row(3)
     assert page.validatePage()
-    assert state.model_dir == tmp_path / "llama" and state.model is models[3] and state.facts is models[3].facts
+    assert state.model_dir == tmp_path / "llama" and state.model is models[3]
 
 
 def test_model_page_prepares_demo_when_nothing_else(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -139,7 +142,7 @@ def test_data_page_report_preview_and_config(qtbot, tmp_path: Path, state: Wizar
     assert page.validatePage()
     cfg = state.data_config
     assert (cfg.format, cfg.eval_fraction, cfg.max_length, cfg.path) == ("alpaca", 0.2, 256, state.data_path)
-    assert state.calibration_ids and state.max_length == 256
+    assert state.max_length == 256
 
 
 def test_data_page_blocks_on_fatal_problems_and_uses_demo_data(qtbot, tmp_path: Path, state: WizardState,  # type: ignore[no-untyped-def]
@@ -172,26 +175,29 @@ def test_plan_page_ratio_bars_and_configs(qtbot, fake: FakeEngine, state: Wizard
     assert page.bars.rows[0].label.startswith("Inference")
     assert len(page.bars.rows) == 5  # inference, 3 stages, full LoRA reference
     assert "Estimated duration" in page.duration.text()
-    # defaults and tooltips come from the engine's TrainConfig fields
-    fields = TrainConfig.__dataclass_fields__
+    # defaults and tooltips come from the engine's option fields
+    fields = TrainOptions.__dataclass_fields__
     assert page.settings["rank"].toolTip() == fields["rank"].metadata["help"]
     assert page.settings["steps"].value() == fields["steps"].default
     assert page.settings["lr"].value() == pytest.approx(fields["lr"].default)
+    assert page.seed.toolTip() == RunConfig.__dataclass_fields__["seed"].metadata["help"]
     assert page.lambda_.toolTip() == CorrectionConfig.__dataclass_fields__["lambda_"].metadata["help"]
     page.auto_ratio.setChecked(False)
     page.slider.setValue(30)
-    assert page.plan.ratio == pytest.approx(0.30)
+    assert page.run_plan is not None and page.run_plan.ratio == pytest.approx(0.30)
     page.settings["rank"].setValue(8)
     page.settings["steps"].setValue(50)
     page.lambda_.setCurrentIndex(2)  # exact
     assert page.validatePage()
-    assert state.configs is not None
-    emu, train, corr = state.configs.emulator, state.configs.train, state.configs.correct
+    # one RunConfig; the engine's plan_run built every stage's config from it
+    assert state.config is not None and state.run_plan is not None and state.run_plan.config is state.config
+    emu, train, corr = state.run_plan.emulator, state.run_plan.train, state.run_plan.correct
     assert isinstance(emu, EmulatorConfig) and emu.ratio == pytest.approx(0.30) and emu.device == "cuda:0"
-    assert emu.out_dir == state.run_dir / "emulator" and emu.calibration_ids == state.calibration_ids
+    assert emu.out_dir == state.run_dir / "emulator"
     assert isinstance(train, TrainConfig) and (train.rank, train.steps) == (8, 50) and train.data == state.data_config
-    assert isinstance(corr, CorrectionConfig) and math.isinf(corr.lambda_)
-    assert state.ratio == pytest.approx(0.30) and state.train_settings["rank"] == 8
+    assert isinstance(corr, CorrectionConfig) and corr.lambda_ is not None and math.isinf(corr.lambda_)
+    assert state.config.ratio == pytest.approx(0.30) and state.config.budget_bytes is None
+    assert state.config.train.rank == 8
 
 
 def test_plan_page_bad_setting_stays_on_the_page(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
@@ -204,14 +210,16 @@ def test_plan_page_bad_setting_stays_on_the_page(qtbot, fake: FakeEngine, state:
 
 def test_plan_page_show_command(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
     page = make_plan_page(qtbot, state)
-    args = shlex.split(page.command())
+    args = shlex.split(page.command())  # the engine's command_line: only what differs from the defaults
     assert args[:4] == ["emloc", "run", str(state.model_dir), str(state.data_path)]
-    assert args[args.index("--budget-gib") + 1] == "20.0"
-    assert args[args.index("--lambda") + 1] == "auto" and args[args.index("--device") + 1] == "cuda"
+    assert args[args.index("--budget-gib") + 1] == "20" and args[args.index("--device") + 1] == "cuda:0"
+    assert "--lambda" not in args and "--rank" not in args
     page.auto_ratio.setChecked(False)
     page.slider.setValue(60)
+    page.settings["rank"].setValue(8)
     args = shlex.split(page.command())
-    assert args[args.index("--ratio") + 1] == "0.60" and "--budget-gib" not in args
+    assert args[args.index("--ratio") + 1] == "0.6" and "--budget-gib" not in args
+    assert args[args.index("--rank") + 1] == "8"
     page.show_command.click()
     assert page._command_dialog.isVisible()
     page._command_dialog.close()
@@ -221,10 +229,11 @@ def test_plan_page_uses_quick_settings_for_the_demo_until_changed(qtbot, tmp_pat
                                                                   fake: FakeEngine, state: WizardState) -> None:
     state.model = model_info("demo: SmolLM2-135M-Instruct", tmp_path / "demo", source="demo")
     page = make_plan_page(qtbot, state)
-    assert page.settings["steps"].value() == DEMO_OVERRIDES["steps"] != train_defaults()["steps"]
+    assert page.settings["steps"].value() == DEMO_OVERRIDES["steps"] != TrainOptions().steps
     assert page.settings["lr"].value() == pytest.approx(DEMO_OVERRIDES["lr"])
-    assert page.settings["rank"].value() == train_defaults()["rank"]  # the rest are the engine's
-    state.train_settings = {**train_defaults(), "steps": 7}  # the user's choice is never overridden
+    assert page.settings["rank"].value() == TrainOptions().rank  # the rest are the engine's
+    assert page.validatePage() and state.config is not None and state.config.train.steps == DEMO_OVERRIDES["steps"]
+    state.config = dataclasses.replace(state.config, train=TrainOptions(steps=7))  # the user's choice is kept
     page.initializePage()
     assert page.settings["steps"].value() == 7
 

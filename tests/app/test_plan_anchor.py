@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from emloc_app.pages import plan_page as plan_module
 from emloc_app.pages.plan_page import ANCHOR_ONE_GPU
 from emloc_app.state import WizardState
+from emloc_engine.run import planning
 from emloc_engine.run.planning import plan_memory as real_plan_memory  # before the fixtures replace it
 from emloc_engine.stages.training import trainer
 from emloc_engine.stages.training.trainer import TrainConfig
-from tests.app.fakes import FakeEngine, gpu, machine, reopen_plan_page, run_all, studio_settings
+from tests.app.fakes import FakeEngine, gpu, machine, manifest_json, reopen_plan_page, run_all
 from tests.app.fakes import open_plan_page as plan_page
 
 TWO_GPUS = machine(gpus=(gpu(0, "NVIDIA H200", 140, 138), gpu(1, "NVIDIA H200", 140, 138)))
@@ -31,7 +29,7 @@ def test_checked_by_default_trains_auto(qtbot, fake: FakeEngine, state: WizardSt
     assert fake.planned[-1].anchored is True
     assert "--anchor" not in shlex.split(page.command())  # auto is the CLI's default
     assert page.validatePage()
-    assert state.configs is not None and state.configs.train.anchor == "auto" and state.anchor == "auto"
+    assert state.run_plan is not None and state.run_plan.train.anchor == "auto"
 
     def train_lora(cfg: Any, progress: Any) -> Any:  # a train result that says what anchoring did
         return dataclasses.replace(fake.train_lora(cfg, progress), anchor="blocks",
@@ -40,14 +38,12 @@ def test_checked_by_default_trains_auto(qtbot, fake: FakeEngine, state: WizardSt
     monkeypatch.setattr(trainer, "train_lora", train_lora)
     run = run_all(qtbot, state)
     assert fake.calls.get("train_lora").anchor == "auto"
-    assert studio_settings(state)["anchor"] == "auto"
+    manifest = manifest_json(state)
+    assert manifest["config"]["train"]["anchor"] == "auto"
     assert "Anchoring: anchoring on: 12.0 MiB of offsets" in run.log_pane.toPlainText()
-    manifest = json.loads((Path(state.run_dir) / "manifest.json").read_text())  # type: ignore[arg-type]
     assert manifest["stages"]["train"]["result"]["anchor_note"] == "anchoring on: 12.0 MiB of offsets"
-    from emloc_app.main import state_from_run_dir
-
-    reopened, _ = state_from_run_dir(Path(state.run_dir))  # type: ignore[arg-type]
-    assert reopened.anchor == "auto"  # = checked
+    reopened, page2 = reopen_plan_page(qtbot, state)
+    assert reopened.config is not None and reopened.config.train.anchor == "auto" and page2.anchor.isChecked()
 
 
 def test_unchecked_trains_none_and_replans(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
@@ -60,35 +56,31 @@ def test_unchecked_trains_none_and_replans(qtbot, fake: FakeEngine, state: Wizar
     args = shlex.split(page.command())
     assert args[args.index("--anchor") + 1] == "none"
     assert page.validatePage()
-    assert state.configs is not None and state.configs.train.anchor == "none" and state.anchor == "none"
+    assert state.run_plan is not None and state.run_plan.train.anchor == "none"
     page.initializePage()  # coming back to the page keeps the choice
     assert not page.anchor.isChecked() and planned[-1].anchored is False
     run = run_all(qtbot, state)
     assert fake.calls.get("train_lora").anchor == "none"
-    assert studio_settings(state)["anchor"] == "none"
+    assert manifest_json(state)["config"]["train"]["anchor"] == "none"
     assert "Anchoring:" not in run.log_pane.toPlainText()  # the fake result has no note
 
 
 def test_real_planner_puts_the_anchors_on_the_train_bar(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from emloc_engine.catalog.model_facts import reference_facts
-
-    state.facts = reference_facts("Llama-3-8B")
-    state.ratio = 0.5
+    monkeypatch.setattr(planning, "plan_memory", real_plan_memory)  # on the fake's Llama-3-8B facts
     page = plan_page(qtbot, state)
-    monkeypatch.setattr(plan_module, "plan_memory", real_plan_memory)
-    page.replan()
-    assert page.plan is not None
+    page.auto_ratio.setChecked(False)
+    page.slider.setValue(50)
 
-    def train_parts() -> dict[str, int]:
-        assert page.plan is not None
-        return dict(page.plan.stage("train").parts)
+    def train_stage() -> Any:
+        assert page.run_plan is not None
+        return page.run_plan.memory.stage("train")
 
-    assert "anchors of the micro-batch" in train_parts()
-    peak_anchored = page.plan.stage("train").peak_bytes
+    assert "anchors of the micro-batch" in dict(train_stage().parts)
+    peak_anchored = train_stage().peak_bytes
     page.anchor.setChecked(False)
-    assert "anchors of the micro-batch" not in train_parts()
-    assert page.plan.stage("train").peak_bytes < peak_anchored
+    assert "anchors of the micro-batch" not in dict(train_stage().parts)
+    assert train_stage().peak_bytes < peak_anchored
 
 
 def test_several_gpus_disable_it(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
@@ -105,8 +97,9 @@ def test_several_gpus_disable_it(qtbot, fake: FakeEngine, state: WizardState) ->
     page.gpus.setValue(2)
     assert not page.anchor.isEnabled()
     assert page.validatePage()
-    assert state.configs is not None
-    assert state.configs.train.anchor == "auto"  # the trainer's auto turns it off on several GPUs
+    assert state.config is not None and state.run_plan is not None
+    assert state.config.train.anchor == "auto"  # the user's choice, kept for one GPU
+    assert state.run_plan.train.anchor == "none"  # plan_run: anchors need one process
 
 
 def test_reopen_restores_unchecked(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
@@ -115,7 +108,7 @@ def test_reopen_restores_unchecked(qtbot, fake: FakeEngine, state: WizardState) 
     assert page.validatePage()
     run_all(qtbot, state)
     reopened, page2 = reopen_plan_page(qtbot, state)
-    assert reopened.anchor == "none"
+    assert reopened.config is not None and reopened.config.train.anchor == "none"
     assert not page2.anchor.isChecked()
     assert fake.planned[-1].anchored is False
     assert "--anchor" in shlex.split(page2.command())

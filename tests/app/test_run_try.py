@@ -41,17 +41,16 @@ def test_run_page_runs_stages_in_order_with_plots(qtbot, tmp_path: Path, state: 
     assert not page.start_button.isHidden() and page.resume_button.isHidden() and not page.isComplete()
     page.start_button.click()
     qtbot.waitUntil(page.isComplete, timeout=10000)
-    assert calls.names() == ["build_emulator", "train_lora", "correct_lora"]
-    assert state.configs is not None and calls.get("train_lora") is state.configs.train
+    assert calls.stages() == ["build_emulator", "train_lora", "correct_lora"]
+    assert state.run_plan is not None and calls.get("train_lora") is state.run_plan.train  # run_stages ran the plan
     assert [page.stages.state(n) for n in ("emulator", "train", "correct")] == ["done"] * 3
     assert page.plot.points["train/loss"] == [(1, 2.0), (2, 1.7), (3, 1.4)]
     stages = manifest(state)["stages"]
     assert all(stages[n]["status"] == "done" for n in ("emulator", "train", "correct"))
     assert stages["emulator"]["predicted_peak_gib"] == 15.0  # the plan's peak, kept beside the measured one
-    assert state.plan is not None
-    assert stages["train"]["predicted_peak_gib"] == state.plan.stage("train").peak_bytes / 2**30
+    assert stages["train"]["predicted_peak_gib"] == state.run_plan.memory.stage("train").peak_bytes / 2**30
     assert type(state.results["train"]).__name__ == "TrainResult" and state.done == {"emulator", "train", "correct"}
-    assert manifest(state)["settings"]["studio"]["train"]["rank"] == 16
+    assert manifest(state)["config"]["train"]["rank"] == 16  # the orchestrator recorded the RunConfig
     assert "All stages done" in page.log_pane.toPlainText()
 
 
@@ -86,8 +85,8 @@ def test_run_page_cancel_then_resume(qtbot, tmp_path: Path, state: WizardState, 
     assert again.stages.state("emulator") == "skipped"
     again.resume_button.click()
     qtbot.waitUntil(again.isComplete, timeout=10000)
-    assert calls.names().count("build_emulator") == 1
-    assert calls.names()[-2:] == ["train_lora", "correct_lora"]
+    assert calls.stages() == ["build_emulator", "train_lora", "correct_lora"]  # the emulator once: resumed
+    assert again.stages.state("emulator") == "skipped" and again.stages.state("train") == "done"
 
 
 def test_run_page_failure_shows_inline_and_retry_resumes(qtbot, tmp_path: Path, state: WizardState,  # type: ignore[no-untyped-def]
@@ -102,7 +101,7 @@ def test_run_page_failure_shows_inline_and_retry_resumes(qtbot, tmp_path: Path, 
     del fake.fail["correct_lora"]
     page.banner.retry.click()
     qtbot.waitUntil(page.isComplete, timeout=10000)
-    assert calls.names().count("train_lora") == 1
+    assert calls.stages() == ["build_emulator", "train_lora", "correct_lora", "correct_lora"]
 
 
 def try_page(qtbot, state: WizardState) -> TryPage:  # type: ignore[no-untyped-def]
@@ -136,6 +135,8 @@ def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine
     qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
     cfg = calls.get("merge_and_export")
     assert cfg.formats == ("gguf",) and cfg.gguf_type == "q8_0" and cfg.run_dir == state.run_dir
+    assert manifest(state)["stages"]["export"]["status"] == "done"  # recorded by the orchestrator's run_stage
+    assert "gguf" in state.exports
     assert page.export_bars["gguf"].value() == 1000 and "verified" in page.export_status["gguf"].text()
     assert page.gguf_type.toolTip()  # the engine's help of ExportConfig.gguf_type
     assert page.export_buttons["merged"].isEnabled()
