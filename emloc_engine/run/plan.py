@@ -24,7 +24,7 @@ from emloc_engine.run.config import RunConfig
 
 if TYPE_CHECKING:
     from emloc_engine.machine.hardware import MachineInfo
-    from emloc_engine.run.planning import MemoryPlan
+    from emloc_engine.run.planning import MemoryPlan, PlanConfig
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.emulator.builder import EmulatorConfig
     from emloc_engine.stages.export.exporter import ExportConfig
@@ -101,6 +101,29 @@ def checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(e for e in formats if e != "gguf"), (note,)
 
 
+def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None) -> PlanConfig:
+    """The one translation of a run's settings into the planner's :class:`PlanConfig`.
+
+    Args:
+        cfg: the run's settings.
+        machine: what the run will compute on (the first GPU unless the device is the CPU).
+        budget_bytes: the budget to plan for (default: the run's own, else the model's inference peak).
+    """
+    from emloc_engine.run.planning import PlanConfig
+
+    use_gpu = cfg.device != "cpu" and bool(machine.gpus)
+    return PlanConfig(
+        budget_bytes=budget_bytes if budget_bytes is not None else cfg.budget_bytes,
+        gpu_total_bytes=machine.gpus[0].total_bytes if use_gpu else machine.ram_total_bytes,
+        context_length=cfg.data.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.rank,
+        ratio=cfg.ratio, device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib,
+        train_steps=cfg.train.steps, auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus,
+        anchored=cfg.train.anchor != "none", anchor_linears=cfg.train.anchor == "linears",
+        eval_batches=cfg.correct.max_eval_batches, target_modules=cfg.train.target_modules,
+        dense_modules=cfg.emulator.dense_patterns, grad_checkpointing=cfg.train.grad_checkpointing,
+        gpu_name=machine.gpus[0].name if use_gpu else None)
+
+
 def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, PlanRecord]:
     """The memory plan of ``cfg`` on ``machine`` and its record (ρ from the planner unless given).
 
@@ -110,23 +133,11 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
     from emloc_engine.run import planning
 
     facts = planning.model_facts(cfg.model_dir)
-    use_gpu = cfg.device != "cpu" and bool(machine.gpus)
-    device_total = machine.gpus[0].total_bytes if use_gpu else machine.ram_total_bytes
-
-    def plan(budget: int | None) -> MemoryPlan:
-        return planning.plan_memory(facts, planning.PlanConfig(
-            budget_bytes=budget, gpu_total_bytes=device_total, context_length=cfg.data.max_length,
-            batch_size=cfg.train.batch_size, lora_rank=cfg.train.rank, ratio=cfg.ratio,
-            device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib, train_steps=cfg.train.steps,
-            auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus, anchored=cfg.train.anchor != "none",
-            anchor_linears=cfg.train.anchor == "linears", eval_batches=cfg.correct.max_eval_batches,
-            target_modules=cfg.train.target_modules, dense_modules=cfg.emulator.dense_patterns,
-            grad_checkpointing=cfg.train.grad_checkpointing))
-
-    memory = plan(cfg.budget_bytes)
+    plan_cfg = plan_config_for(cfg, machine)
+    memory = planning.plan_memory(facts, plan_cfg)
     note = "inference peak" if cfg.budget_bytes is None else "user budget"
     if not memory.fits and cfg.budget_bytes is None and cfg.ratio is None:
-        memory = plan(device_total)
+        memory = planning.plan_memory(facts, dataclasses.replace(plan_cfg, budget_bytes=plan_cfg.gpu_total_bytes))
         note = "whole device (the inference-peak budget left no room for fixed costs)"
     if cfg.ratio is None and (memory.ratio is None or not memory.fits):
         raise InsufficientMemory(f"No compression ratio fits: {memory.reason}", problems=list(memory.suggestions),
@@ -134,7 +145,7 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
     ratio = cfg.ratio if cfg.ratio is not None else float(memory.ratio or 0.0)
     record = PlanRecord(
         ratio=ratio, fits=memory.fits, reason=memory.reason, budget_note=note,
-        budget_gib=memory.budget_bytes / 2**30, limit_bytes=memory.limit_bytes, device="cuda" if use_gpu else "cpu",
+        budget_gib=memory.budget_bytes / 2**30, limit_bytes=memory.limit_bytes, device=plan_cfg.device,
         predicted_peaks_gib={s.name: s.peak_bytes / 2**30 for s in memory.stages},
         inference_peak_gib=memory.inference_peak_bytes / 2**30,
         full_lora_peak_gib=memory.full_lora_peak_bytes / 2**30, est_seconds=memory.est_seconds)

@@ -271,7 +271,7 @@ def choose_lambda(table: Sequence[tuple[float, float]]) -> float:
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class CorrectionConfig(CorrectionOptions):
     """Settings of the LoRA correction (Stage 3): the options plus the folders, the eval data and the device."""
 

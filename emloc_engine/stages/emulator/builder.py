@@ -101,7 +101,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt"}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class EmulatorConfig(EmulatorOptions):
     """Settings of Stage 1: the options plus the source model, the output folder, ρ and the device."""
 

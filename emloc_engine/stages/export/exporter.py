@@ -68,7 +68,7 @@ _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class ExportConfig(ExportOptions):
     """What to export from a run, and how: the options plus the run, the original model and the device."""
 

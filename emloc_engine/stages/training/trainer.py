@@ -100,7 +100,7 @@ class DataParallel(Protocol):
     def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None: ...
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class TrainConfig(TrainOptions):
     """Settings of Stage 2: the options plus the run folder, the data, the device and the seed."""
 
