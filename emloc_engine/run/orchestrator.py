@@ -255,6 +255,21 @@ def _stored_lambda(rec: StageRecord) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def run_facts(manifest: Manifest) -> Any:
+    """The facts a model card states about the run (data, ρ, steps, final eval loss), from its manifest."""
+    from emloc_engine.stages.export.model_card import RunFacts
+
+    train = manifest.stage("train").result
+    ratio = (manifest.plan or {}).get("ratio")
+    if ratio is None and manifest.config is not None:
+        ratio = manifest.config.ratio
+    steps, loss = train.get("steps_done"), train.get("final_eval_loss")
+    return RunFacts(data=manifest.inputs["data"].path if "data" in manifest.inputs else None,
+                    ratio=float(ratio) if isinstance(ratio, (int, float)) else None,
+                    steps=steps if isinstance(steps, int) else None,
+                    final_eval_loss=float(loss) if isinstance(loss, (int, float)) else None)
+
+
 def export_record(result: Any) -> dict[str, Any]:
     """The export stage's manifest record: every result field plus ``paths`` (what exists and was verified)."""
     paths = {k: str(getattr(result, k)) for k in ("merged_dir", "adapter_dir", "gguf_path") if getattr(result, k)}
@@ -350,7 +365,7 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
             from emloc_engine.stages.export.exporter import merge_and_export
 
             assert plan.export is not None
-            return merge_and_export(plan.export, p)
+            return merge_and_export(replace(plan.export, run_facts=run_facts(m)), p)
 
         step("emulator", emulator)
         step("train", train)

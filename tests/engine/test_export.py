@@ -208,23 +208,20 @@ def test_verification_beyond_tolerance_fails_loudly(tiny_llama: Path, tmp_path: 
 
 
 def test_model_card_records_run_facts(tiny_llama: Path, tmp_path: Path) -> None:
-    run = _run_with_adapter(tiny_llama, tmp_path, rank=4, alpha=8.0)
-    from emloc_engine.data.config import DataConfig
-    from emloc_engine.run.config import RunConfig
-    from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, write_manifest
-    from emloc_engine.stages.training.options import TrainOptions
+    from emloc_engine.stages.export.model_card import RunFacts
 
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=Path("/data/shakespeare.txt")), run_dir=run,
-                    train=TrainOptions(steps=123))
-    write_manifest(Manifest(
-        root=run, config=cfg, plan={"ratio": 0.4}, inputs={"data": InputRecord("/data/shakespeare.txt", "x")},
-        stages={"train": StageRecord(status="done", result={"steps_done": 120, "final_eval_loss": 3.91}),
-                "correct": StageRecord(status="done", result={
-                    "lambda_": 1.0, "lambda_table": [[0.0, 4.06], [1.0, 4.05], ["inf", 4.37]]})}))
-    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False))
+    run = _run_with_adapter(tiny_llama, tmp_path, rank=4, alpha=8.0)
+    corrected = run / "adapter-corrected"
+    (corrected / "emloc_correction.json").write_text(json.dumps({
+        "lambda": 1.0, "lambda_mode": "auto",
+        "lambda_table": [{"lambda": 0.0, "eval_loss": 4.06}, {"lambda": 1.0, "eval_loss": 4.05},
+                         {"lambda": "inf", "eval_loss": 4.37}]}))
+    facts = RunFacts(data="/data/shakespeare.txt", ratio=0.4, steps=120, final_eval_loss=3.91)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False,
+                                        run_facts=facts))
     card = (res.merged_dir / "README.md").read_text()
     for text in ("base_model: emloc-test/tiny-llama", "/data/shakespeare.txt", "| 0.4 |", "| 120 |",
-                 "| 1 |", "3.91", "| ∞ | 4.3700 |", "4 / 8"):
+                 "| 1 (auto) |", "3.91", "| ∞ | 4.3700 |", "4 / 8"):
         assert text in card, text
 
 

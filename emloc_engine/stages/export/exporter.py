@@ -53,7 +53,7 @@ from emloc_engine.stages.export.merge import (
     read_shard_index,
     read_tensor,
 )
-from emloc_engine.stages.export.model_card import collect_facts, render_card
+from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
 from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, ExportOptions
 from emloc_engine.weights.checkpoint import load_config
 
@@ -78,6 +78,8 @@ class ExportConfig(ExportOptions):
         "help": "The peft adapter to merge; default RUN_DIR/adapter-corrected, else RUN_DIR/adapter."})
     overwrite: bool = field(default=False, metadata={"help": "Replace exports that already exist."})
     device: str = field(default="cpu", metadata={"help": "Device for verification: cpu, cuda or auto."})
+    run_facts: RunFacts = field(default_factory=RunFacts, metadata={
+        "help": "What the run recorded (data, ρ, steps, eval loss), for the model card."})
 
     def _problems(self) -> list[str]:
         problems = super()._problems()
@@ -493,7 +495,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     n_merged, t_merge, t_gguf, t_verify = 0, [0.0], [0.0], [0.0]
     with RssSampler() as rss:
         if "merged" in formats:
-            card = render_card(collect_facts(layout.root, model_dir, adapter_dir, "merged model"))
+            card = render_card(collect_facts(cfg.run_facts, model_dir, adapter_dir, "merged model"))
             with _timer(t_merge), RssSampler() as merge_rss:
                 n_merged = _export_merged(cfg, deltas, layout.merged, card, sub(progress, 0.0, 0.6))
             merge_peak = merge_rss.peak_bytes / 2**30
@@ -524,7 +526,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
 
 def _export_adapter(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path) -> Path:
     """The adapter inside the run keeps its place; one from outside is copied to ``adapter-export/``."""
-    card = render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "LoRA adapter"))
+    card = render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "LoRA adapter"))
     if _inside(adapter_dir, layout.root):
         write_text_atomic(adapter_dir / "README.md", card)
         return adapter_dir
@@ -543,10 +545,10 @@ def _write_verified_cards(cfg: ExportConfig, layout: RunLayout, adapter_dir: Pat
     v = tuple(ver.diffs)
     if merged is not None:
         write_text_atomic(merged / "README.md",
-                          render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "merged model", v)))
+                          render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "merged model", v)))
     if out_adapter is not None:
         write_text_atomic(out_adapter / "README.md",
-                          render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "LoRA adapter", v)))
+                          render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "LoRA adapter", v)))
     write_json_atomic(layout.root / "export_verification.json",
                       {"verification": [[n, d] for n, d in ver.diffs], "tolerances": [[n, t] for n, t in ver.tols],
                        "adapter_effect": ver.effect, "reduced_precision_floor": ver.floor})

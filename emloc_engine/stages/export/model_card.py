@@ -63,41 +63,33 @@ def base_model_name(model_dir: Path) -> str:
     return Path(model_dir).name
 
 
-def collect_facts(run_dir: Path, model_dir: Path, adapter_dir: Path | None, kind: str,
-                  verification: tuple[tuple[str, float], ...] = ()) -> CardFacts:
-    """Gather the card's facts from the run's manifest and the adapter, tolerating anything missing."""
-    from emloc_engine.core.errors import RunStateError
-    from emloc_engine.run.manifest import read_manifest
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run knows and the card states (the orchestrator fills it from the manifest; None: not recorded)."""
 
-    try:
-        manifest = read_manifest(Path(run_dir))
-    except RunStateError:
-        manifest = None
-    cfg = manifest.config if manifest is not None else None
-    train = manifest.stage("train").result if manifest is not None else {}
-    correct = manifest.stage("correct").result if manifest is not None else {}
-    ratio = (manifest.plan or {}).get("ratio") if manifest is not None else None
+    data: str | None = None
+    ratio: float | None = None
+    steps: int | None = None
+    final_eval_loss: float | None = None
+
+
+def collect_facts(run: RunFacts, model_dir: Path, adapter_dir: Path | None, kind: str,
+                  verification: tuple[tuple[str, float], ...] = ()) -> CardFacts:
+    """Gather the card's facts from the run's facts and the adapter folder, tolerating anything missing."""
     corr = _read_json(Path(adapter_dir) / "emloc_correction.json") if adapter_dir else {}
     acfg = _read_json(Path(adapter_dir) / "adapter_config.json") if adapter_dir else {}
-    data = manifest.inputs["data"].path if manifest is not None and "data" in manifest.inputs else None
-    lam = _num(corr.get("lambda", correct.get("lambda_")))
-    table_src = corr.get("lambda_table", correct.get("lambda_table")) or []
     table: list[tuple[float, float]] = []
-    for row in table_src:
+    for row in corr.get("lambda_table") or []:
         pair = (row.get("lambda"), row.get("eval_loss")) if isinstance(row, dict) else tuple(row)[:2]
         a, b = _num(pair[0]), _num(pair[1])
         if a is not None and b is not None:
             table.append((a, b))
-    rank = acfg.get("r", cfg.train.rank if cfg is not None else None)
-    alpha = acfg.get("lora_alpha", cfg.train.alpha if cfg is not None else None)
-    steps = train.get("steps_done")
+    rank = acfg.get("r")
     return CardFacts(
-        base_model=base_model_name(model_dir), base_model_path=str(model_dir), kind=kind,
-        data=str(data) if data else None, ratio=_num(ratio), lambda_=lam,
-        lambda_mode=corr.get("lambda_mode") or correct.get("lambda_mode"), lambda_table=tuple(table),
-        steps=int(steps) if isinstance(steps, int) else (cfg.train.steps if cfg is not None else None),
-        rank=int(rank) if isinstance(rank, int) else None, alpha=_num(alpha),
-        final_eval_loss=_num(train.get("final_eval_loss")), verification=verification,
+        base_model=base_model_name(model_dir), base_model_path=str(model_dir), kind=kind, data=run.data,
+        ratio=run.ratio, lambda_=_num(corr.get("lambda")), lambda_mode=corr.get("lambda_mode"),
+        lambda_table=tuple(table), steps=run.steps, rank=int(rank) if isinstance(rank, int) else None,
+        alpha=_num(acfg.get("lora_alpha")), final_eval_loss=run.final_eval_loss, verification=verification,
     )
 
 
