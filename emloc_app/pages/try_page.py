@@ -29,7 +29,7 @@ from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import Progress
 from emloc_engine.run.options import option_help
-from emloc_engine.run.orchestrator import export_record, open_run, run_stage
+from emloc_engine.run.orchestrator import export_record, open_run, run_facts, run_stage
 from emloc_engine.run.plan import options_of
 from emloc_engine.stages.export.options import GGUF_TYPES, ExportOptions
 
@@ -47,14 +47,15 @@ DEFAULT_PROMPT = "Write two sentences about the sea."
 def export(cfg: ExportConfig, progress: Progress) -> ExportResult:
     """One export through the orchestrator's per-stage path, as ``emloc export`` does.
 
-    ``open_run`` checks where the run folder is and holds its lock; ``run_stage`` records the export in
-    the manifest. (``run_stages(plan, stages=("export",))`` would skip the stage once any format was
-    exported, so a second format could not be added.)
+    ``open_run`` checks where the run folder is and holds its lock; the run's facts (for the model card)
+    come from its manifest; ``run_stage`` records the export. (``run_stages(plan, stages=("export",))``
+    would skip the stage once any format was exported, so a second format could not be added.)
     """
     from emloc_engine.stages.export.exporter import merge_and_export
 
     with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
-        result: ExportResult = run_stage(session, "export", lambda: merge_and_export(cfg, progress),
+        final = dataclasses.replace(cfg, run_facts=run_facts(session.manifest))
+        result: ExportResult = run_stage(session, "export", lambda: merge_and_export(final, progress),
                                          result_json=export_record)
     return result
 

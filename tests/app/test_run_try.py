@@ -135,6 +135,7 @@ def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine
     qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
     cfg = calls.get("merge_and_export")
     assert cfg.formats == ("gguf",) and cfg.gguf_type == "q8_0" and cfg.run_dir == state.run_dir
+    assert cfg.run_facts is not None  # the model card's facts, from the manifest (as emloc export)
     assert manifest(state)["stages"]["export"]["status"] == "done"  # recorded by the orchestrator's run_stage
     assert "gguf" in state.exports
     assert page.export_bars["gguf"].value() == 1000 and "verified" in page.export_status["gguf"].text()
