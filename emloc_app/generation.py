@@ -53,8 +53,9 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> tuple[A
     if not (Path(model_dir) / "config.json").exists():
         raise ModelNotFound(f"No model in {model_dir}.", hint="Choose the model again on the Model page.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
     model = model.to(device)
     if adapter_dir is not None:
         from peft import PeftModel

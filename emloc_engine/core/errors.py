@@ -46,6 +46,10 @@ class UnsupportedModel(EngineError):
     """The model's architecture or checkpoint format is not supported."""
 
 
+class UntrustedCode(UnsupportedModel):
+    """The model folder needs its own Python code to load (``auto_map``); the engine never runs it."""
+
+
 class InsufficientMemory(EngineError):
     """The work does not fit in the memory budget; the hint says which setting to lower."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.core.errors import ConfigError, ModelNotFound
+from emloc_engine.core.trust import refuse_remote_code
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.formats import (
     CHARS_PER_TOKEN,
@@ -62,8 +63,22 @@ class PreparedData:
     report: DataReport
 
 
+def _local_folder(model: Path | str) -> Path | None:
+    """The folder of a model folder or of a repo id in the Hugging Face cache (``None`` if not found)."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(model), "config.json")
+    except Exception:  # not a repo id: transformers reports it below
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def load_tokenizer(model_dir: Path | str) -> Any:
-    """The model's tokenizer only (no weights), from local files.
+    """The model's tokenizer only (no weights), from local files; the folder's own code is never run.
 
     Args:
         model_dir: a model folder, or a repo id already in the Hugging Face cache.
@@ -72,12 +87,16 @@ def load_tokenizer(model_dir: Path | str) -> Any:
         A ``transformers`` tokenizer.
 
     Raises:
-        ModelNotFound: no tokenizer files there (the folder is not a model, or the repo is not cached).
+        ModelNotFound: the tokenizer cannot be read (the folder is not a model, or the repo is not cached).
+        UntrustedCode: the folder would need its own Python code to load (checked before loading).
     """
+    folder = _local_folder(model_dir)
+    if folder is not None:
+        refuse_remote_code(folder)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelNotFound(f"Cannot load the tokenizer of {model_dir}: {exc}",
                             hint="point at a model folder with tokenizer files, or a repo id already "

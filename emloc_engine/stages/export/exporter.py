@@ -6,7 +6,8 @@ Three exports, each optional (``formats``):
   tensor: read, ``W + s·B·A`` added in fp32 where the adapter has a module (:func:`merge_weight`,
   checked for NaN/Inf before anything is written), written in the source dtype into a shard of the
   same name and split, then ``model.safetensors.index.json``, config, generation config, tokenizer,
-  chat template, licence files and a model card. Peak CPU memory is about one tensor (plus an fp32
+  chat template, licence files and a model card (never the source's ``*.py`` code, and configs
+  without ``auto_map``). Peak CPU memory is about one tensor (plus an fp32
   copy of the largest adapted weight), never a shard or the model.
 * ``adapter`` -> the portable peft adapter. The run layout already holds it
   (``RUN_DIR/adapter-corrected/``), so it is not copied: it is loaded with
@@ -26,6 +27,7 @@ largest absolute difference per export is reported, and one beyond :data:`TOLERA
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -66,6 +68,7 @@ TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "
               "q8_0": 1e-1}
 _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+_CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 
 @dataclass(frozen=True)
@@ -223,14 +226,38 @@ def _check_tied_head(config: dict[str, Any], adapter_dir: Path) -> None:
 
 # -- merged folder -------------------------------------------------------------------------------------
 def _copy_side_files(model_dir: Path, out: Path) -> None:
-    """Config, generation config, tokenizer, chat template, licence... everything but weights and README."""
+    """Config, generation config, tokenizer, chat template, licence... everything but weights and README.
+
+    Never code: ``*.py`` files are left out and ``auto_map`` is removed from the configs
+    (:data:`~emloc_engine.core.trust.AUTO_MAP_FILES`), so the merged folder loads with transformers'
+    own implementation everywhere and cannot make anyone else's loader run the source's code.
+    """
+    from emloc_engine.core.trust import AUTO_MAP_FILES
+
     for p in sorted(Path(model_dir).iterdir()):
         if p.name in _NON_WEIGHT_SKIP or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
             continue
-        if p.is_file():
+        if p.suffix in _CODE_SUFFIXES:
+            log.info("Not copying %s into the export: a model folder's code is never carried along.", p.name)
+        elif p.is_file() and p.name in AUTO_MAP_FILES:
+            _copy_without_auto_map(p, out / p.name)
+        elif p.is_file():
             shutil.copy2(p, out / p.name)  # follows the HF cache's symlinks into blobs
         elif p.is_dir() and p.name == "additional_chat_templates":
             shutil.copytree(p, out / p.name)
+
+
+def _copy_without_auto_map(src: Path, dst: Path) -> None:
+    """Copy a JSON config, dropping its ``auto_map`` (the pointer to the source folder's own code)."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict) or "auto_map" not in data:
+        shutil.copy2(src, dst)
+        return
+    del data["auto_map"]
+    dst.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path,
@@ -287,7 +314,7 @@ def _device(name: str) -> torch.device:
 def _prompt_ids(model_dir: Path, prompts: tuple[str, ...]) -> list[torch.Tensor]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     texts = list(prompts)
     if getattr(tok, "chat_template", None):
         texts.append(str(tok.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
@@ -356,6 +383,7 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
     from transformers import AutoModelForCausalLM
 
     base: Any = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False,
                                                      **_placement(dev))
     base = base.to(dev)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -408,6 +436,7 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
         progress.check_cancelled()
         progress.update(0.4, "Verifying: merged folder (transformers)")
         m: Any = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype, local_files_only=True,
+                                                      trust_remote_code=False,
                                                       **_placement(dev))
         m = m.to(dev).eval()
         ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
@@ -417,6 +446,7 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
         progress.check_cancelled()
         progress.update(0.7, "Verifying: GGUF (transformers' GGUF reader)")
         g: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                      trust_remote_code=False,
                                                       local_files_only=True)
         g = g.to(dev).eval()
         ver.add("gguf", _max_diff(ref, _logits(g, ids, dev)), max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor))

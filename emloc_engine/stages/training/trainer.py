@@ -226,7 +226,7 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     visited += [len(train) + j for j in range(n_eval)]
     nbytes = {"linears": 0, "blocks": 0}
     if can:
-        config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir)
+        config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir, trust_remote_code=False)
         size = torch.tensor([], dtype=weight_dtype).element_size()
         nbytes = {p: anchor_bytes(examples, visited, anchor_width(config, p), size) for p in nbytes}
     mode, note = resolve_mode(cfg.anchor, nbytes, psutil.virtual_memory().available, can_anchor=can, why_not=why)
