@@ -58,6 +58,10 @@ class MergeError(EngineError):
     """Merging or exporting failed; the message names the tensor or module that broke it."""
 
 
+class DiskFull(EngineError):
+    """Writing an output ran out of disk space (or hit a file-size limit); names the folder and the space."""
+
+
 class RunStateError(EngineError):
     """The run folder is in a state that forbids the request (e.g. correcting twice)."""
 

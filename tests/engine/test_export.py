@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from emloc_engine.core.errors import Cancelled, ConfigError, MergeError
+from emloc_engine.core.errors import Cancelled, ConfigError, DiskFull, MergeError
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.stages.export import exporter as export_mod
@@ -149,9 +149,12 @@ def test_full_disk_during_merge_leaves_nothing_complete(tiny_llama: Path, tmp_pa
         real(fh, tensor)
 
     monkeypatch.setattr(merge_mod, "_write_tensor_bytes", flaky)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(DiskFull) as info:  # a message naming the folder and the space, not a traceback
         merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False))
-    assert info.value.errno == errno.ENOSPC and calls["n"] == 6
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert calls["n"] == 6
+    assert str(run) in str(info.value) and "free on that disk" in str(info.value)
+    assert "it needs about" in str(info.value) and "Fix:" in str(info.value)
     assert _leftovers(run) == []
 
 
@@ -165,7 +168,7 @@ def test_full_disk_during_gguf_leaves_no_gguf(tiny_llama: Path, tmp_path: Path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gguf_export, "_write_array", full)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match="it needs about"):
         merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("gguf",), verify=False))
     assert not (run / "model.gguf").exists() and not (run / "model.gguf.partial").exists()
 

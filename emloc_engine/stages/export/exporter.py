@@ -269,7 +269,8 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
 
     Raises:
         MergeError: a corrupt/truncated shard or a non-finite merge (names the tensor).
-        OSError: the disk is full (the caller's temporary folder is then removed).
+        OSError: the disk is full (the caller's :func:`~emloc_engine.core.atomic.atomic_dir` removes its
+            temporary folder and raises :class:`~emloc_engine.core.errors.DiskFull`).
     """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     indexes = [read_shard_index(f) for f in files]  # validates every header before writing anything
@@ -297,7 +298,8 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
 
 def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path, card: str,
                    progress: Progress) -> int:
-    with atomic_dir(target, overwrite=cfg.overwrite) as tmp:
+    size = sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
+    with atomic_dir(target, overwrite=cfg.overwrite, needed_bytes=size) as tmp:
         n = write_merged_shards(cfg.model_dir, deltas, tmp, progress)
         _copy_side_files(cfg.model_dir, tmp)
         write_text_atomic(tmp / "README.md", card)
@@ -504,7 +506,8 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
         UnsupportedModel: an adapter feature or model family that cannot be exported.
         MergeError: a refused target (exists, inside the source model or the HF cache), a corrupt
             shard, a non-finite merge, or an export whose logits differ beyond tolerance.
-        OSError: a full disk; nothing that looks complete is left behind.
+        DiskFull: a full disk (the message names the folder, the space needed and free); nothing that
+            looks complete is left behind.
     """
     t0 = time.monotonic()
     layout = RunLayout(Path(cfg.run_dir))
