@@ -27,6 +27,7 @@ from emloc_engine.data.formats import (
     container_of,
     iter_record_samples,
     iter_text_chunks,
+    not_text_problem,
 )
 from emloc_engine.data.render import (
     FALLBACK_CHAT_TEMPLATE,
@@ -155,6 +156,9 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
                        "to read it as plain text", "unknown_format")
         return
     if container == "txt":
+        if (not_text := not_text_problem(path)) is not None:
+            problems.error(None, not_text, "not_text")  # once for the file, not once per line
+            return
         if cfg.format not in ("auto", "txt", "text"):
             problems.error(None, f"{path.name} is plain text but --format {cfg.format} was given; use "
                            "--format txt, or a .jsonl/.csv file for records", "unknown_format")
@@ -168,6 +172,9 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
     if cfg.format == "txt":
         problems.error(None, f"--format txt reads plain text files, but {path.name} is {container}",
                        "unknown_format")
+        return
+    if container != "parquet" and (not_text := not_text_problem(path)):
+        problems.error(None, not_text, "not_text")  # once for the file, not once per line
         return
     state = ReadState(cfg.format)
     try:
@@ -210,7 +217,8 @@ def _take(sample: Sample, cfg: DataConfig, tokenizer: Any, scan: _Scan, keep: bo
             scan.previews.append(sample.preview())
         return True
     try:
-        rendered = render_sample(sample, tokenizer, _template_for(sample, tokenizer, scan), cfg.train_on)
+        rendered = render_sample(sample, tokenizer, _template_for(sample, tokenizer, scan), cfg.train_on,
+                                 cfg.max_length)
     except TemplateFailure as exc:
         problems.error(sample.line, str(exc), "template_error", item=sample.item)
         return False
@@ -230,7 +238,12 @@ def _take(sample: Sample, cfg: DataConfig, tokenizer: Any, scan: _Scan, keep: bo
                       item=sample.item)
         return False
     full = len(rendered.input_ids)
-    if full > cfg.max_length:
+    if rendered.clipped:  # only the beginning was tokenised (render.bound_sample)
+        scan.n_truncated += 1
+        problems.warn(sample.line, f"{sample.char_length()} characters, far more than max_length "
+                      f"{cfg.max_length} tokens hold: truncated to the first {cfg.max_length} tokens",
+                      "truncated", item=sample.item)
+    elif full > cfg.max_length:
         scan.n_truncated += 1
         problems.warn(sample.line, f"{full} tokens > max_length {cfg.max_length}: truncated (the last "
                       f"{full - cfg.max_length} tokens are dropped)", "truncated", item=sample.item)
