@@ -64,6 +64,21 @@ class PreparedData:
     report: DataReport
 
 
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+"""Any one of these holds a tokenizer's vocabulary (``tokenizer.json`` is the usual one)."""
+
+
+def missing_tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files a model folder lacks: ``tokenizer_config.json`` (special tokens, chat template)
+    and ``tokenizer.json`` (or another vocabulary file, :data:`TOKENIZER_VOCAB_FILES`)."""
+    missing = []
+    if not any((folder / f).is_file() for f in TOKENIZER_VOCAB_FILES) and not any(folder.glob("*.tiktoken")):
+        missing.append("tokenizer.json")
+    if not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    return missing
+
+
 def _local_folder(model: Path | str) -> Path | None:
     """The folder of a model folder or of a repo id in the Hugging Face cache (``None`` if not found)."""
     p = Path(model).expanduser()
@@ -88,12 +103,20 @@ def load_tokenizer(model_dir: Path | str) -> Any:
         A ``transformers`` tokenizer.
 
     Raises:
-        ModelNotFound: the tokenizer cannot be read (the folder is not a model, or the repo is not cached).
+        ModelNotFound: tokenizer files are missing (named, with the folder), or the tokenizer cannot
+            be read (the folder is not a model, or the repo is not cached).
         UntrustedCode: the folder would need its own Python code to load (checked before loading).
     """
     folder = _local_folder(model_dir)
     if folder is not None:
         refuse_remote_code(folder)
+        missing = missing_tokenizer_files(folder)
+        if missing:
+            raise ModelNotFound(
+                f"The tokenizer files {' and '.join(missing)} are missing from {folder}.",
+                hint="Download them with the model (e.g. `hf download ORG/NAME " + " ".join(missing) + "`) "
+                     "or copy them from the original model's folder; an interrupted download also leaves "
+                     "them out.")
     from transformers import AutoTokenizer
 
     try:
