@@ -3,7 +3,8 @@
 Nothing is copied and no weights are read: each model is described from ``config.json`` and the
 safetensors headers (:mod:`emloc_engine.catalog.model_facts`). A model that cannot be used is still
 listed, with what is wrong (incomplete download, missing shard, broken symlink, pickle-only
-``.bin`` weights, unknown architecture, bad ``config.json``), so the user sees why it is greyed out.
+``.bin`` weights, unknown architecture, bad ``config.json``, a folder that would need its own Python
+code), so the user sees why it is greyed out.
 
 * Hugging Face cache: ``huggingface_hub.scan_cache_dir`` (honours ``HF_HUB_CACHE`` / ``HF_HOME``
   read at call time); every cached revision is listed. Repos it reports as corrupted (in its
@@ -36,6 +37,7 @@ from emloc_engine.catalog.model_facts import (
 from emloc_engine.core import paths
 from emloc_engine.core.atomic import write_json_atomic
 from emloc_engine.core.errors import EngineError, ModelNotFound
+from emloc_engine.core.trust import remote_code_problem
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,11 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
         model_type = str(config.get("model_type")) if config.get("model_type") else None
         archs = config.get("architectures") or [None]
         architecture = str(archs[0]) if archs[0] else None
+        untrusted = remote_code_problem(folder)
+        if untrusted:  # listed, never loaded: nothing below may import the folder's code
+            return [ModelInfo(name, folder, revision, source, model_type, architecture, None, None, size, False,
+                              "; ".join([f"{untrusted}; use a model of a supported family", *problems]),
+                              refs=refs)]
         has_st = any(folder.glob("*.safetensors"))
         if not has_st:
             if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):

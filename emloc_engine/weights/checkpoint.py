@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+from emloc_engine.core.trust import refuse_remote_code
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
@@ -192,10 +193,13 @@ def load_config(model_dir: Path) -> dict[str, Any]:
 
     Raises:
         ModelNotFound: missing or unreadable config.
+        UntrustedCode: the folder would need its own Python code to load (``auto_map``); every stage
+            reads the config through here first, so such a folder is refused before anything loads.
     """
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise ModelNotFound(f"{model_dir} has no config.json.", hint="Pick the snapshot folder that holds config.json.")
+    refuse_remote_code(Path(model_dir))
     try:
         cfg: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

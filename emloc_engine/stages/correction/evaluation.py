@@ -84,7 +84,8 @@ def load_model_with_adapter(model_dir: Path, adapter_dir: Path, *, device: torch
     if device.type != "cpu":
         kwargs["device_map"] = {"": str(device)}
     try:
-        base = AutoModelForCausalLM.from_pretrained(Path(model_dir), local_files_only=True, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(Path(model_dir), local_files_only=True, trust_remote_code=False,
+                                                    **kwargs)
         model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFound(f"Cannot load {model_dir} with the adapter {adapter_dir}: {exc}") from exc

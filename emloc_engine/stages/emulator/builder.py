@@ -364,7 +364,7 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
 
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     samples = _check_calibration(cfg, hf_config)
     n_tokens = sum(len(s) for s in samples)
     layout = plan_build_memory(cfg, hf_config, ckpt, device, [len(x) for x in samples],
@@ -549,7 +549,7 @@ def measure_spectra(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> 
     compute, stats_dtype, _ = _resolve_dtypes(cfg, device)
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(cfg.model_dir)
+    hf_config = AutoConfig.from_pretrained(cfg.model_dir, trust_remote_code=False)
     samples = _check_calibration(cfg, hf_config)
     layout = plan_build_memory(cfg, hf_config, ckpt, device, [len(x) for x in samples],
                                torch.finfo(compute).bits // 8)
@@ -631,7 +631,7 @@ class _BuildState:
         from transformers import AutoModelForCausalLM
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.compute)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.compute, trust_remote_code=False)
         model.eval()
         return model
 
@@ -865,7 +865,7 @@ def _finish(cfg: EmulatorConfig, out_dir: Path, model_dir: Path, spec: ArchSpec,
     """Copy config/tokenizer files, write the index, then ``emloc.json`` (last)."""
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
-                and f.name != EMULATOR_META:
+                and f.name != EMULATOR_META and f.suffix != ".py":  # a model folder's code is never carried
             with atomic_path(out_dir / f.name) as tmp:
                 shutil.copyfile(f, tmp)
     files = [REST_FILE, *(BLOCK_FILE.format(b) for b in range(blocks))]
