@@ -41,7 +41,8 @@ from emloc_engine.catalog.model_facts import (
     facts_from_config,
     load_config_json,
 )
-from emloc_engine.run.planning import GIB, PlanConfig, inference_peak, rank_for_ratio, training_peak
+from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.run.planning import GIB, PlanConfig, inference_peak, training_peak
 
 DEFAULT_ARCHS = ("Llama-3-8B", "Qwen2.5-7B", "Mistral-7B")
 

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import Task, demo_shakespeare_task, formats_task
 from emloc_engine.core.architectures import arch_spec, num_blocks
+from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.data import calibration_token_ids, load_tokenizer, prepare_dataset
 from emloc_engine.run.planning import PlanConfig, inference_peak, model_facts, plan_memory
 from emloc_engine.stages.correction.corrector import (
@@ -85,7 +86,6 @@ from emloc_engine.weights.lowrank import (
     EMULATOR_FORMAT_VERSION,
     EMULATOR_META,
     load_emulator,
-    rank_for_ratio,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

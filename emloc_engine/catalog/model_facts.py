@@ -16,15 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emloc_engine.core.dtypes import ELEMENT_BYTES, dtype_name, element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
-
-# safetensors dtype code -> (torch-style name, bytes per element)
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "I32": ("int32", 4), "I64": ("int64", 8), "I16": ("int16", 2), "BOOL": ("bool", 1),
-}
-DTYPE_BYTES: dict[str, int] = {name: nbytes for name, nbytes in SAFETENSORS_DTYPES.values()}
 
 # Families whose config omits tie_word_embeddings and whose default is to tie.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3_text"}
@@ -77,7 +70,7 @@ class ModelFacts:
 
     @property
     def dtype_bytes(self) -> int:
-        return DTYPE_BYTES.get(self.dtype, 2)
+        return element_bytes(self.dtype)
 
     @property
     def linear_parameters_per_block(self) -> int:
@@ -199,12 +192,12 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
             total += n
             count[st_dtype] = count.get(st_dtype, 0) + n
         dominant = max(count, key=lambda k: count[k])
-        dtype = SAFETENSORS_DTYPES.get(dominant, (dominant.lower(), 2))[0]
+        dtype = dtype_name(dominant)
         num_parameters = total
     else:
         block = sum(m.numel + (m.out_features if m.bias else 0) for m in modules) + 2 * h
         num_parameters = layers * block + vocab * h * (1 if tied else 2) + h
-    if dtype not in DTYPE_BYTES:
+    if dtype not in ELEMENT_BYTES:
         dtype = "bfloat16"
     arch = cfg.get("architectures") or [""]
     return ModelFacts(

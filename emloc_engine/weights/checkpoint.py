@@ -18,10 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 2)
+        return self.numel * element_bytes(self.dtype)
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

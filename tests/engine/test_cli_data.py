@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from emloc_engine.cli.main import build_parser, main
 from emloc_engine.cli.commands.data import WARNINGS_SHOWN_PER_KIND, data_config_from_args
+from emloc_engine.cli.main import build_parser, main
 from tests.tiny_models import make_tokenizer
 
 

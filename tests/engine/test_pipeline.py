@@ -130,8 +130,8 @@ def test_gguf_is_dropped_up_front_for_families_it_cannot_write(tmp_path: Path) -
 
 
 def test_run_reads_a_toml_file_and_the_command_line_wins(tmp_path: Path) -> None:
-    from emloc_engine.cli.main import build_parser
     from emloc_engine.cli.commands.run import apply_config_file
+    from emloc_engine.cli.main import build_parser
 
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ndata = "d.jsonl"\nout = "runs/x"\nratio = 0.4\nrank = 8\n'

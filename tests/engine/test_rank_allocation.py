@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from emloc_engine.core.architectures import arch_spec
 from emloc_engine.core.errors import Cancelled, ConfigError
 from emloc_engine.core.progress import RecordingProgress
+from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.stages.emulator.builder import ALLOCATION_FILE, BLOCK_FILE, build_emulator, measure_spectra
 from emloc_engine.stages.emulator.rank_allocation import (
     allocate_ranks,
@@ -20,7 +21,7 @@ from emloc_engine.stages.emulator.rank_allocation import (
     uniform_budget,
 )
 from emloc_engine.weights.checkpoint import Checkpoint
-from emloc_engine.weights.lowrank import rank_for_ratio, read_emulator_meta
+from emloc_engine.weights.lowrank import read_emulator_meta
 from tests.engine.test_emulator import _config, _reference_activations, _tensors
 
 
@@ -194,8 +195,8 @@ def test_a_cancel_during_the_spectra_pass_writes_nothing(tiny_llama: Path, tmp_p
 
 # -- CLI / run settings ----------------------------------------------------------------------------------
 def test_run_option_and_toml_key(tmp_path: Path) -> None:
-    from emloc_engine.cli.main import build_parser
     from emloc_engine.cli.commands.run import apply_config_file
+    from emloc_engine.cli.main import build_parser
     from emloc_engine.run.orchestrator import RunConfig
 
     assert build_parser().parse_args(["run", "m", "d", "--out", "o"]).allocation == "uniform"

@@ -63,8 +63,10 @@ from safetensors.torch import save_file
 
 from emloc_engine.core.architectures import ArchSpec, arch_spec, num_blocks
 from emloc_engine.core.atomic import atomic_path, write_json_atomic
+from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.errors import ConfigError, DataError, InsufficientMemory
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds, sub
+from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.core.version import __version__
 from emloc_engine.stages.emulator.calibration import (
     CalibrationChunk,
@@ -77,12 +79,7 @@ from emloc_engine.stages.emulator.calibration import (
 from emloc_engine.stages.emulator.factorize import SOLVERS, factorize
 from emloc_engine.stages.emulator.rank_allocation import allocate_ranks, kept_parameters
 from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model, load_config
-from emloc_engine.weights.lowrank import (
-    EMULATOR_FORMAT,
-    EMULATOR_FORMAT_VERSION,
-    EMULATOR_META,
-    rank_for_ratio,
-)
+from emloc_engine.weights.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META
 
 log = logging.getLogger(__name__)
 
@@ -911,7 +908,7 @@ def _finish(cfg: EmulatorConfig, out_dir: Path, model_dir: Path, spec: ArchSpec,
             for key in fh.keys():  # noqa: SIM118 - safe_open handles are not mappings
                 weight_map[key] = name
                 sl = fh.get_slice(key)
-                total += math.prod(sl.get_shape()) * _elem_bytes(sl.get_dtype())
+                total += math.prod(sl.get_shape()) * element_bytes(sl.get_dtype())
     write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     modules = {n: {"ratio": p.ratio, "rank": p.rank, "in_features": p.in_features, "out_features": p.out_features,
                    "bias": p.bias, "rel_error": errors.get(n)} for n, p in plan.items()}
@@ -940,12 +937,6 @@ def _finish(cfg: EmulatorConfig, out_dir: Path, model_dir: Path, spec: ArchSpec,
     }
     write_json_atomic(out_dir / EMULATOR_META, meta)
     return meta
-
-
-def _elem_bytes(dtype: str) -> int:
-    from emloc_engine.weights.checkpoint import DTYPE_BYTES
-
-    return DTYPE_BYTES.get(dtype, 2)
 
 
 def _result(out_dir: Path, meta: dict[str, Any], ckpt: Checkpoint, wall_s: float, peak: float,

@@ -28,16 +28,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
+from emloc_engine.core.dtypes import SAFETENSORS_NAMES, element_bytes
 from emloc_engine.core.errors import MergeError
 
 if TYPE_CHECKING:
     from emloc_engine.weights.adapters import LoraAdapter
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: getattr(torch, name) for code, name in SAFETENSORS_NAMES.items()}
+"""safetensors dtype code -> torch dtype."""
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -206,7 +204,7 @@ def read_shard_index(path: Path) -> tuple[list[ShardEntry], dict[str, str]]:
         if dtype not in SAFETENSORS_DTYPES:
             raise MergeError(f"Tensor {name!r} in {path.name} has unsupported dtype {dtype}.")
         numel = math.prod(shape)
-        expected = numel * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        expected = numel * element_bytes(dtype)
         if en - b != expected or b < 0:
             raise MergeError(f"Tensor {name!r} in {path.name} is corrupt: {en - b} bytes for shape {list(shape)} "
                              f"{dtype} (expected {expected}).", hint=fix)
