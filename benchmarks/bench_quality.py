@@ -80,7 +80,8 @@ from emloc_engine.stages.training.trainer import (
     train_on_examples,
 )
 from emloc_engine.weights.adapters import read_adapter
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import (
     EMULATOR_FORMAT,
     EMULATOR_FORMAT_VERSION,

@@ -27,15 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.catalog.model_facts import (
-    ModelFacts,
-    facts_from_config,
-    load_config_json,
-    read_tensor_shapes,
-)
+from emloc_engine.catalog.model_facts import ModelFacts, facts_from_config, read_tensor_shapes
 from emloc_engine.core import paths
 from emloc_engine.core.atomic import write_json_atomic
 from emloc_engine.core.errors import EngineError, ModelNotFound
+from emloc_engine.weights.headers import load_config
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +240,7 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
     num_parameters: int | None = None
     facts: ModelFacts | None = None
     try:
-        config = load_config_json(folder)
+        config = load_config(folder)
         model_type = str(config.get("model_type")) if config.get("model_type") else None
         archs = config.get("architectures") or [None]
         architecture = str(archs[0]) if archs[0] else None

@@ -1,15 +1,13 @@
 """Read tensors from a model's safetensors shards one at a time, never the whole model.
 
-``Checkpoint`` indexes the shards from their headers only (``model.safetensors.index.json`` or
-the headers of every ``*.safetensors`` file) and opens a shard with ``safe_open`` when one of its
+``Checkpoint`` indexes the shards from their headers only
+(:mod:`emloc_engine.weights.safetensors_header`) and opens a shard with ``safe_open`` when one of its
 tensors is asked for. Peak memory is the tensors the caller holds, not the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,10 @@ from safetensors import safe_open
 
 from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+
+# Kept importable from here while run/orchestrator.py (being rewritten) imports it from this module.
+from emloc_engine.weights.headers import load_config as load_config
+from emloc_engine.weights.headers import read_safetensors_header
 
 
 @dataclass(frozen=True)
@@ -43,29 +45,6 @@ class TensorInfo:
         return self.numel * element_bytes(self.dtype)
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON).
-
-    Raises:
-        ModelNotFound: the file is truncated or its header is not valid JSON.
-    """
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ModelNotFound(f"{path} is truncated (no safetensors header).", hint="Download it again.")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ModelNotFound(f"{path} has an implausible header length {n}.", hint="Download it again.")
-            body = fh.read(n)
-        if len(body) != n:
-            raise ModelNotFound(f"{path} is truncated inside its header.", hint="Download it again.")
-        header: dict[str, Any] = json.loads(body)
-        return header
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelNotFound(f"Cannot read safetensors header of {path}: {exc}", hint="Download it again.") from exc
-
-
 class Checkpoint:
     """A read-only view of the safetensors shards in a model folder."""
 
@@ -82,11 +61,8 @@ class Checkpoint:
                 )
             raise ModelNotFound(f"No *.safetensors files in {self.model_dir}.")
         self._infos: dict[str, TensorInfo] = {}
-        self.file_metadata: dict[Path, dict[str, str]] = {}
         for f in files:
-            header = read_safetensors_header(f)
-            self.file_metadata[f] = header.pop("__metadata__", {}) or {}
-            for name, entry in header.items():
+            for name, entry in read_safetensors_header(f).tensors.items():
                 self._infos[name] = TensorInfo(name, f, entry["dtype"], tuple(entry["shape"]))
         self._handles: dict[Path, Any] = {}
 
@@ -183,19 +159,3 @@ def fingerprint_model(model_dir: Path) -> str:
     d = Path(model_dir)
     files = [*d.glob("*.safetensors"), *d.glob("config.json")]
     return fingerprint_files(files)
-
-
-def load_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a model folder as a dict.
-
-    Raises:
-        ModelNotFound: missing or unreadable config.
-    """
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise ModelNotFound(f"{model_dir} has no config.json.", hint="Pick the snapshot folder that holds config.json.")
-    try:
-        cfg: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelNotFound(f"{path} is not valid JSON: {exc}") from exc
-    return cfg

@@ -17,7 +17,7 @@ from emloc_engine.core.errors import Cancelled, ConfigError, DataError, Unsuppor
 from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.stages.emulator.builder import BLOCK_FILE, EmulatorConfig, build_emulator
 from emloc_engine.stages.emulator.factorize import factorize, whitened_error
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import LowRankLinear, load_emulator, read_emulator_meta
 
 LENGTHS = (40, 33, 20, 40, 12, 27)

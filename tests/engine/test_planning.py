@@ -173,14 +173,14 @@ def test_bad_settings_raise_config_error(bad: dict[str, object]) -> None:
 
 def test_facts_from_headers_match_the_checkpoint(tiny_model_dir: Path) -> None:
     """Config-only and header-based facts agree on every family (the config formula is right)."""
-    from emloc_engine.catalog.model_facts import load_config_json
     from emloc_engine.weights.checkpoint import Checkpoint
+    from emloc_engine.weights.headers import load_config
 
     facts = read_model_facts(tiny_model_dir)
     ck = Checkpoint(tiny_model_dir)
     assert facts.source == "headers" and facts.num_parameters == ck.num_parameters()
     assert facts.dtype == "float32"
-    config_only = facts_from_config(load_config_json(tiny_model_dir))
+    config_only = facts_from_config(load_config(tiny_model_dir))
     assert config_only.num_parameters == facts.num_parameters
     assert config_only.modules == facts.modules
     for m in facts.modules:

@@ -16,7 +16,8 @@ from emloc_engine.core.errors import Cancelled, DataError, ModelNotFound, RunSta
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
 from emloc_engine.run.manifest import RunManifest
-from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model, read_safetensors_header
+from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model
+from emloc_engine.weights.headers import read_safetensors_header
 
 
 def test_sub_progress_maps_onto_a_slice() -> None:

@@ -37,7 +37,8 @@ from emloc_engine.stages.training.trainer import (
     train_lora,
     train_on_examples,
 )
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import LowRankLinear, load_emulator
 from tests.emulator_factory import write_svd_emulator
 

@@ -78,7 +78,8 @@ from emloc_engine.stages.emulator.calibration import (
 )
 from emloc_engine.stages.emulator.factorize import SOLVERS, factorize
 from emloc_engine.stages.emulator.rank_allocation import allocate_ranks, kept_parameters
-from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model, load_config
+from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META
 
 log = logging.getLogger(__name__)

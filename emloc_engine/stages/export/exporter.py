@@ -54,7 +54,7 @@ from emloc_engine.stages.export.merge import (
     read_tensor,
 )
 from emloc_engine.stages.export.model_card import collect_facts, render_card
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.headers import load_config
 
 log = logging.getLogger(__name__)
 
