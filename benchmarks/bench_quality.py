@@ -56,6 +56,7 @@ from benchmarks.tasks import Task, demo_shakespeare_task, formats_task
 from emloc_engine.core.architectures import arch_spec, num_blocks
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.data import calibration_token_ids, load_tokenizer, prepare_dataset
+from emloc_engine.machine.devices import compute_dtype
 from emloc_engine.run.planning import PlanConfig, inference_peak, model_facts, plan_memory
 from emloc_engine.stages.correction.corrector import (
     CorrectionConfig,
@@ -63,11 +64,7 @@ from emloc_engine.stages.correction.corrector import (
     corrected_weights,
     prepare_adapter,
 )
-from emloc_engine.stages.correction.evaluation import (
-    inference_dtype,
-    load_model_with_adapter,
-    set_lora_weights,
-)
+from emloc_engine.stages.correction.evaluation import load_model_with_adapter, set_lora_weights
 from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 from emloc_engine.stages.emulator.rank_allocation import allocate_ranks
 from emloc_engine.stages.training.anchoring import anchors_for_training, visited_examples
@@ -554,7 +551,7 @@ def run_unit(run: Run, task: Task, variant: str, ratio: float, scorer: Scorer, v
              calib_cache: dict[int, list[list[int]]], tokenizer: Any) -> dict[str, Any]:
     """Build → train → score on the emulator → correct (λ grid and auto) → score on the original."""
     s, device = run.settings, torch.device(run.settings.device)
-    dtype = inference_dtype(device)
+    dtype = compute_dtype(device)
     unit_dir = run.work_dir / task.name / variant / f"rho-{ratio:.3f}"
     if unit_dir.exists():
         shutil.rmtree(unit_dir)
@@ -601,7 +598,7 @@ def run_task(run: Run, task: Task) -> None:
     rec["n_test"] = sum(int(b[0].shape[0]) for b in scorer.batches)
     rec["n_test_tokens"] = sum(int((b[2][:, 1:] != -100).sum()) for b in scorer.batches)
     rec["n_val"] = len(val_examples)
-    dtype = inference_dtype(device)
+    dtype = compute_dtype(device)
     from transformers import AutoModelForCausalLM
 
     base: Any = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype)

@@ -1,7 +1,8 @@
 """Held-out loss of the ORIGINAL model plus a LoRA adapter, with cheap swaps of the LoRA weights.
 
 Used to choose the correction strength λ: the original model is loaded once (in the device's
-inference dtype: it fits the budget for inference by definition), the trained adapter is attached
+compute dtype, :func:`emloc_engine.machine.devices.compute_dtype`: it fits the budget for inference
+by definition), the trained adapter is attached
 with peft, and each candidate adapter is evaluated by copying its ``A``/``B`` into the LoRA layers
 in place. No model is reloaded between candidates.
 
@@ -33,32 +34,6 @@ class TokenExample(Protocol):
 
     @property
     def labels(self) -> Sequence[int]: ...
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> the first CUDA GPU if there is one, else the CPU; anything else as given.
-
-    Raises:
-        ConfigError: a CUDA device was asked for and none is available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {device!r} was asked for but no CUDA GPU is available.",
-                          hint="Use --device cpu or auto.")
-    return dev
-
-
-def inference_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """The dtype to run the original model in: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    if dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
 
 
 def load_model_with_adapter(model_dir: Path, adapter_dir: Path, *, device: torch.device,

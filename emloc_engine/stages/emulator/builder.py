@@ -68,6 +68,7 @@ from emloc_engine.core.errors import ConfigError, DataError, InsufficientMemory
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds, sub
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.core.version import __version__
+from emloc_engine.machine import devices
 from emloc_engine.stages.emulator.calibration import (
     CalibrationChunk,
     capture_block_inputs,
@@ -95,7 +96,7 @@ METHOD = "activation-aware-svd"
 WHITENING = ("projection onto the top-k left singular vectors of W·S: eigh of W·C̃·Wᵀ when out ≤ in; "
              "fp64 Cholesky root of C̃ + δI (δ from 1e-10, ×100 until PD) and eigh of (WS)ᵀ(WS) when out > in; "
              "C̃ = C / mean eigenvalue")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_DTYPES = devices.DTYPES
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt"}
 
 
@@ -258,25 +259,17 @@ def plan_modules(cfg: EmulatorConfig, spec: ArchSpec, ckpt: Checkpoint, blocks: 
 
 
 # -- small helpers -----------------------------------------------------------------------------------
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is visible.", hint="Use --device cpu.")
-    return dev
-
-
 def _resolve_dtypes(cfg: EmulatorConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
-    """(compute, statistics, linear algebra) dtypes."""
-    cpu = device.type == "cpu"
-    if cfg.compute_dtype == "auto":
-        compute = torch.float32 if cpu else (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported()
-                                             else torch.float16)
-    else:
-        compute = _DTYPES[cfg.compute_dtype]
-    stats = torch.float64 if cpu or compute == torch.float64 else torch.float32
-    linalg = _DTYPES[cfg.linalg_dtype] if cfg.linalg_dtype != "auto" else (torch.float64 if cpu else torch.float32)
+    """(compute, statistics, linear algebra) dtypes.
+
+    Compute: :func:`~emloc_engine.machine.devices.compute_dtype`. Statistics are summed on the
+    device, in fp64 on the CPU (or with an fp64 forward), else fp32. The factorisation runs on
+    :func:`~emloc_engine.machine.devices.linalg_device`, in fp64 when that is the CPU, else fp32.
+    """
+    compute = devices.compute_dtype(device, cfg.compute_dtype)
+    stats = torch.float64 if device.type == "cpu" or compute == torch.float64 else torch.float32
+    cpu_linalg = devices.linalg_device(device).type == "cpu"
+    linalg = _DTYPES[cfg.linalg_dtype] if cfg.linalg_dtype != "auto" else (torch.float64 if cpu_linalg else torch.float32)
     return compute, stats, linalg
 
 
@@ -390,7 +383,7 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
     blocks = num_blocks(hf_dict)
     ckpt = Checkpoint(model_dir)
     plan = plan_modules(cfg, spec, ckpt, blocks)
-    device = _resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
     compute, stats_dtype, linalg = _resolve_dtypes(cfg, device)
 
     from transformers import AutoConfig
@@ -576,7 +569,7 @@ def measure_spectra(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> 
     blocks = num_blocks(hf_dict)
     ckpt = Checkpoint(cfg.model_dir)
     plan = plan_modules(cfg, spec, ckpt, blocks)
-    device = _resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
     compute, stats_dtype, _ = _resolve_dtypes(cfg, device)
     from transformers import AutoConfig
 
@@ -740,7 +733,7 @@ class _BuildState:
         progress.update(0.05, f"rank allocation: captured the input of block 0 ({len(self.chunks)} chunks)")
         layers = decoder_layers(model, self.spec)
         last = max(self.plan[n].block for n in modules)
-        linalg_device = torch.device("cpu") if self.device.type == "mps" else self.device  # no fp64 on MPS
+        linalg_device = devices.linalg_device(self.device)
         out: dict[str, list[float]] = {}
         clock = EtaClock()
         pending: Future[dict[str, torch.Tensor]] = self.reader.submit(self._read, 0)
@@ -851,7 +844,7 @@ class _BuildState:
             # C leaves the main device with the job; the job owns the CPU copies of the weights.
             self.factor_jobs.append(self.factor_pool.submit(self._factor_job, b, groups, mods, tensors, dict(stats)))
             return []
-        factors, errors = self._factorize_groups(b, groups, mods, dev, stats, self.device)
+        factors, errors = self._factorize_groups(b, groups, mods, dev, stats, devices.linalg_device(self.device))
         self._tick("factorize", t)
         self.writes.append(self.writer.submit(self._write_block, b, tensors, factors, errors))
         return list(errors.values())

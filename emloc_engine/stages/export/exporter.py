@@ -43,6 +43,7 @@ from emloc_engine.core.errors import ConfigError, MergeError, ModelNotFound
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.memory import RssSampler
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
+from emloc_engine.machine.devices import resolve_device
 from emloc_engine.stages.export.merge import (
     SAFETENSORS_DTYPES,
     LoraDelta,
@@ -292,12 +293,6 @@ def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path
 
 
 # -- verification ----------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _prompt_ids(model_dir: Path, prompts: tuple[str, ...]) -> list[torch.Tensor]:
     from transformers import AutoTokenizer
 
@@ -411,7 +406,7 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
             progress: Progress) -> _Verification:
     from transformers import AutoModelForCausalLM
 
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device)
     dtype = _verify_dtype(cfg.model_dir, dev)
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()

@@ -50,6 +50,7 @@ from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
+from emloc_engine.machine.devices import compute_dtype, resolve_device
 
 if TYPE_CHECKING:
     from emloc_engine.data import DataConfig
@@ -349,32 +350,16 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
     """The device, the dtype of the frozen weights and the autocast dtype (``None``: no autocast).
 
-    ``auto``: CUDA if present (bf16 where supported, else fp16 with a loss scaler), else MPS (fp32),
-    else CPU (fp32). LoRA weights and optimizer state are always fp32.
+    Device and ``auto`` dtype follow :mod:`emloc_engine.machine.devices` (CUDA: bf16 where supported,
+    else fp16 with a loss scaler; MPS and CPU: fp32). LoRA weights and optimizer state are always fp32.
 
     Raises:
         ConfigError: the device is not available, or fp16/bf16 was asked for on the CPU.
     """
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {device} was requested but no CUDA GPU is visible.", hint="Use --device cpu.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("Device mps was requested but Metal is not available.", hint="Use --device cpu.")
-    if dtype == "auto":
-        if dev.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dev.type == "cpu" and dtype != "float32":
+    dev = resolve_device(device)
+    weight = compute_dtype(dev, dtype)
+    if dev.type == "cpu" and weight != torch.float32:
         raise ConfigError(f"{dtype} training is not supported on the CPU.", hint="Use --dtype float32 (or auto).")
-    weight = getattr(torch, dtype)
     return dev, weight, (weight if weight != torch.float32 else None)
 
 
