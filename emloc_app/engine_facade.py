@@ -20,7 +20,7 @@ from emloc_engine.core.errors import EngineError
 ENGINE_OBJECTS: dict[str, tuple[str, str]] = {
     "detect_machine": ("emloc_engine.machine.hardware", "detect_machine"),
     "find_models": ("emloc_engine.catalog.discovery", "find_models"),
-    "add_model_folder": ("emloc_engine.catalog.discovery", "add_model_folder"),
+    "add_model_folder": ("emloc_engine.catalog.model_folders", "add_model_folder"),
     "model_facts": ("emloc_engine.run.planning", "model_facts"),
     "plan_memory": ("emloc_engine.run.planning", "plan_memory"),
     "PlanConfig": ("emloc_engine.run.planning", "PlanConfig"),
