@@ -64,10 +64,11 @@ from emloc_engine.stages.correction.corrector import (
     corrected_weights,
     prepare_adapter,
 )
-from emloc_engine.stages.correction.evaluation import load_model_with_adapter, set_lora_weights
+from emloc_engine.stages.correction.evaluation import set_lora_weights
 from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 from emloc_engine.stages.emulator.rank_allocation import allocate_ranks
-from emloc_engine.stages.training.anchoring import anchors_for_training, visited_examples
+from emloc_engine.stages.training.anchoring import anchors_for_training
+from emloc_engine.stages.training.batches import visited_examples
 from emloc_engine.stages.training.lora_layers import attach_lora, lora_config
 from emloc_engine.stages.training.trainer import (
     TrainConfig,
@@ -79,6 +80,7 @@ from emloc_engine.stages.training.trainer import (
 from emloc_engine.weights.adapters import read_adapter
 from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.loading import load_causal_lm
 from emloc_engine.weights.lowrank import (
     EMULATOR_FORMAT,
     EMULATOR_FORMAT_VERSION,
@@ -568,7 +570,7 @@ def run_unit(run: Run, task: Task, variant: str, ratio: float, scorer: Scorer, v
                                          lambda_=None, lambda_grid=s.auto_grid, eval_examples=tuple(val_examples),
                                          device=s.device, eval_batch_size=8, max_eval_batches=16, overwrite=True))
     prepared = prepare_adapter(read_adapter(adapter_dir), run.model_dir, emu_dir, device=device)
-    model = load_model_with_adapter(run.model_dir, adapter_dir, device=device, dtype=dtype)
+    model = load_causal_lm(run.model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir)
     try:
         result["lambda"] = {}
         for lam in s.lambdas:
@@ -611,7 +613,7 @@ def run_task(run: Run, task: Task) -> None:
     dense_dir = write_dense_emulator(run.model_dir, run.work_dir / task.name / "full-lora" / "emulator")
     full = _train(run, task, dense_dir, dense_dir.parent)
     adapter_dir = Path(full.pop("adapter_dir"))
-    model = load_model_with_adapter(run.model_dir, adapter_dir, device=device, dtype=dtype)
+    model = load_causal_lm(run.model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir)
     rec["full_lora"] = {**scorer.score(model), "train": full}
     del model
     _free(device)

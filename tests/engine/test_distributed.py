@@ -24,6 +24,7 @@ from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.data import DataConfig, Example
 from emloc_engine.run.manifest import RunManifest
+from emloc_engine.stages.training.batches import micro_batch_indices
 from emloc_engine.stages.training.distributed import (
     Collectives,
     PackedExamples,
@@ -36,12 +37,7 @@ from emloc_engine.stages.training.distributed import (
     shard_micro_batches,
     train_examples_distributed,
 )
-from emloc_engine.stages.training.trainer import (
-    TrainConfig,
-    list_checkpoints,
-    micro_batch_indices,
-    train_on_examples,
-)
+from emloc_engine.stages.training.trainer import TrainConfig, list_checkpoints, train_on_examples
 from tests.emulator_factory import write_svd_emulator
 from tests.engine import distributed_targets as targets
 

@@ -55,7 +55,8 @@ from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.core.version import __version__
 from emloc_engine.machine import devices
-from emloc_engine.stages.correction.evaluation import AdapterEvaluator, TokenExample
+from emloc_engine.stages.correction.evaluation import AdapterEvaluator
+from emloc_engine.stages.training.batches import ExampleLike as TokenExample  # CorrectionConfig's name for it
 from emloc_engine.weights.adapters import (
     CORRECTION_META,
     LoraAdapter,

@@ -55,7 +55,9 @@ from emloc_engine.stages.export.merge import (
     read_tensor,
 )
 from emloc_engine.stages.export.model_card import collect_facts, render_card
+from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -320,21 +322,13 @@ def _free(*objs: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _placement(dev: torch.device) -> dict[str, Any]:
-    """Load verification models straight onto a GPU, never as a full copy in CPU memory first."""
-    return {"device_map": {"": dev.index or 0}} if dev.type == "cuda" else {}
-
-
 def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
     """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
     the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
-    from emloc_engine.weights.checkpoint import Checkpoint
-
-    ck = Checkpoint(model_dir)
-    store = SAFETENSORS_DTYPES.get(ck.dominant_dtype(), torch.float32)
+    store = _storage_dtype(model_dir)
     if not store.is_floating_point:
         return store
-    fp32_bytes = ck.num_parameters() * 4
+    fp32_bytes = Checkpoint(model_dir).num_parameters() * 4
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
     else:
@@ -361,22 +355,16 @@ class _Verification:
 def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torch.dtype,
                ids: list[torch.Tensor], dev: torch.device, ver: _Verification) -> list[torch.Tensor]:
     """Logits of original + adapter through peft (unmerged); checks peft's own merge on the way."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base: Any = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=dtype, local_files_only=True,
-                                                     **_placement(dev))
-    base = base.to(dev)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = load_causal_lm(cfg.model_dir, device=dev, dtype=dtype, adapter_dir=adapter_dir)
     try:
-        attached = sum(1 for _, m in model.named_modules() if "default" in getattr(m, "lora_A", {}))
+        attached = sum(1 for _, m in model.named_modules() if ADAPTER_NAME in getattr(m, "lora_A", {}))
         if attached != n_modules:
             raise MergeError(f"peft attached the adapter to {attached} modules, but it has {n_modules}.",
                              hint="The adapter's module names do not match this model; pass the right --model.")
         ref = _logits(model, ids, dev)
         with model.disable_adapter():
             ver.effect = _max_diff(ref, _logits(model, ids, dev))
-        store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+        store = _storage_dtype(cfg.model_dir)
         reduced = store if store in (torch.bfloat16, torch.float16) else dtype
         if "adapter" in cfg.formats or reduced != torch.float32:
             model.merge_adapter(safe_merge=True)
@@ -386,7 +374,7 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
                 # each merged weight rounded to that dtype (the "rounding floor" of the export).
                 with torch.no_grad():
                     for _, mod in model.named_modules():
-                        if "default" in getattr(mod, "lora_A", {}):
+                        if ADAPTER_NAME in getattr(mod, "lora_A", {}):
                             w = mod.get_base_layer().weight
                             w.copy_(w.to(reduced).to(w.dtype))
                 ver.floor = max(merged_diff, _max_diff(ref, _logits(model, ids, dev)))
@@ -394,7 +382,7 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
                 ver.add("adapter", merged_diff, max(_tol(str(dtype).split(".")[-1], ref), 1.5 * ver.floor))
         return ref
     finally:
-        _free(model, base)
+        _free(model)
 
 
 def _tol(kind: str, ref: list[torch.Tensor]) -> float:
@@ -412,13 +400,11 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
     ver = _Verification()
     progress.update(0.0, "Verifying: original + adapter (peft)")
     ref = _reference(cfg, adapter_dir, n_modules, dtype, ids, dev, ver)
-    store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+    store = _storage_dtype(cfg.model_dir)
     if merged is not None:
         progress.check_cancelled()
         progress.update(0.4, "Verifying: merged folder (transformers)")
-        m: Any = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype, local_files_only=True,
-                                                      **_placement(dev))
-        m = m.to(dev).eval()
+        m = load_causal_lm(merged, device=dev, dtype=dtype)
         ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
                 max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
         _free(m)
@@ -434,10 +420,9 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
     return ver
 
 
-def _storage_dtype(model_dir: Path) -> str:
-    from emloc_engine.weights.checkpoint import Checkpoint
-
-    return Checkpoint(model_dir).dominant_dtype()
+def _storage_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype holding most of the model's parameters (fp32 for one torch cannot name)."""
+    return SAFETENSORS_DTYPES.get(Checkpoint(model_dir).dominant_dtype(), torch.float32)
 
 
 # -- the stage -----------------------------------------------------------------------------------------
@@ -496,8 +481,6 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     _preflight(cfg, layout, formats, adapter_dir)
     _check_tied_head(config, adapter_dir)
     _, deltas = read_lora_deltas(adapter_dir)
-    from emloc_engine.weights.checkpoint import Checkpoint
-
     _check_adapter_fits(model_dir, deltas, set(Checkpoint(model_dir).names()))
     merged_dir = gguf_path = out_adapter = None
     merge_peak = 0.0

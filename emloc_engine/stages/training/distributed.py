@@ -59,7 +59,8 @@ from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.machine.devices import parallel_devices
 
 if TYPE_CHECKING:
-    from emloc_engine.stages.training.trainer import ExampleLike, TrainConfig, TrainResult
+    from emloc_engine.stages.training.batches import ExampleLike
+    from emloc_engine.stages.training.trainer import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
