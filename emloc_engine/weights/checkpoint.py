@@ -82,13 +82,6 @@ class Checkpoint:
     def infos(self) -> Iterable[TensorInfo]:
         return self._infos.values()
 
-    @property
-    def files(self) -> list[Path]:
-        return sorted({i.file for i in self._infos.values()})
-
-    def names_in(self, file: Path) -> list[str]:
-        return [n for n, i in self._infos.items() if i.file == file]
-
     def num_parameters(self) -> int:
         return sum(i.numel for i in self._infos.values())
 
@@ -122,10 +115,6 @@ class Checkpoint:
         if dtype is not None or str(device) != "cpu":
             t = t.to(device=device, dtype=dtype or t.dtype)
         return t
-
-    def get_many(self, names: Iterable[str], dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return {n: self.get(n, dtype, device) for n in names}
 
     def with_prefix(self, prefix: str) -> Iterator[str]:
         """Tensor names starting with ``prefix`` (e.g. ``"model.layers.3."``)."""
