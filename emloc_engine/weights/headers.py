@@ -30,6 +30,8 @@ from typing import Any
 from emloc_engine.core.errors import ModelNotFound
 
 MAX_HEADER_BYTES = 100_000_000
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+"""Suffixes of weight files in a model folder: what is never copied along as a config or tokenizer file."""
 _FIX = "Download the model again."
 
 
@@ -99,4 +101,4 @@ def load_config(model_dir: Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["MAX_HEADER_BYTES", "SafetensorsHeader", "load_config", "read_safetensors_header"]
+__all__ = ["MAX_HEADER_BYTES", "WEIGHT_SUFFIXES", "SafetensorsHeader", "load_config", "read_safetensors_header"]

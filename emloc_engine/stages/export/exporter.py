@@ -56,7 +56,7 @@ from emloc_engine.stages.export.merge import (
 )
 from emloc_engine.stages.export.model_card import collect_facts, render_card
 from emloc_engine.weights.checkpoint import Checkpoint
-from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ",
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
               "q8_0": 1e-1}
 _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,7 @@ def _check_tied_head(config: dict[str, Any], adapter_dir: Path) -> None:
 def _copy_side_files(model_dir: Path, out: Path) -> None:
     """Config, generation config, tokenizer, chat template, licence... everything but weights and README."""
     for p in sorted(Path(model_dir).iterdir()):
-        if p.name in _NON_WEIGHT_SKIP or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+        if p.name in _NON_WEIGHT_SKIP or p.name.endswith(WEIGHT_SUFFIXES) or p.name.startswith("."):
             continue
         if p.is_file():
             shutil.copy2(p, out / p.name)  # follows the HF cache's symlinks into blobs
