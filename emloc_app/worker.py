@@ -43,8 +43,10 @@ class StageWorker(QObject):
     cancelled = Signal()
     finished = Signal()
 
-    def __init__(self, stage: Callable[[Any, Any], Any], config: Any, name: str = "") -> None:
+    def __init__(self, stage: Callable[[Any, Any], Any], config: Any, name: str = "", *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self._clock = clock  # the throttle's time source (tests pass a fake one)
         self._stage = stage
         self._config = config
         self.name = name or getattr(stage, "__name__", "stage")
@@ -56,7 +58,7 @@ class StageWorker(QObject):
 
     # -- Progress protocol (called from the worker thread) ---------------------------------
     def update(self, fraction: float, message: str = "") -> None:
-        now = time.monotonic()
+        now = self._clock()
         fraction = max(0.0, min(1.0, float(fraction)))
         if now - self._last_emit < PROGRESS_INTERVAL_S and fraction < 1.0:
             self._pending = (fraction, message)

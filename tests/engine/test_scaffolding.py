@@ -99,7 +99,7 @@ def test_atomic_dir_concurrent_writers_of_one_target_both_finish(tmp_path: Path)
     import threading
 
     target = tmp_path / "demo-data"
-    both_inside = threading.Barrier(2, timeout=10)
+    both_inside = threading.Barrier(2, timeout=60)  # only a guard against a hang
     errors: list[BaseException] = []
 
     def writer(tag: str) -> None:
