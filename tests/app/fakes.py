@@ -284,7 +284,7 @@ def run_all(qtbot: Any, state: Any, engine: Any) -> Any:
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
     return run
 
 

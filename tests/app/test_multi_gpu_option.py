@@ -68,7 +68,7 @@ def test_run_page_trains_data_parallel_with_the_chosen_gpus(qtbot, tmp_path: Pat
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
     assert seen["cfg"] is state.configs["train"]
     assert seen["parallel"] == ParallelConfig(processes=2, gpu_ids=(0, 1))
     assert calls.get("build_emulator").factor_devices == ("cuda:1",)
@@ -101,7 +101,7 @@ def test_no_control_without_several_cuda_gpus(qtbot, tmp_path: Path, state: Wiza
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
     assert calls.names() == ["build_emulator", "train_lora", "correct_lora"]  # the ordinary trainer
 
 

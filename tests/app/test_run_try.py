@@ -38,7 +38,7 @@ def test_run_page_runs_stages_in_order_with_plots(qtbot, tmp_path: Path, state: 
     page, _, calls = planned(qtbot, tmp_path, state)
     assert not page.start_button.isHidden() and page.resume_button.isHidden() and not page.isComplete()
     page.start_button.click()
-    qtbot.waitUntil(page.isComplete, timeout=10000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert calls.names() == ["build_emulator", "train_lora", "correct_lora"]
     assert calls.get("train_lora") is state.configs["train"]
     assert [page.stages.state(n) for n in ("emulator", "train", "correct")] == ["done"] * 3
@@ -65,9 +65,9 @@ def test_run_page_cancel_then_resume(qtbot, tmp_path: Path, state: WizardState) 
 
     engine._objects["train_lora"] = slow_train
     page.start()
-    qtbot.waitUntil(gate.is_set, timeout=5000)
+    qtbot.waitUntil(gate.is_set, timeout=60_000)
     page.cancel_button.click()
-    qtbot.waitUntil(lambda: page.current is None and not page.busy(), timeout=5000)
+    qtbot.waitUntil(lambda: page.current is None and not page.busy(), timeout=60_000)
     assert page.stages.state("train") == "cancelled" and not page.isComplete()
     assert manifest(state)["stages"]["train"]["status"] == "cancelled"
     assert not page.resume_button.isHidden()
@@ -80,7 +80,7 @@ def test_run_page_cancel_then_resume(qtbot, tmp_path: Path, state: WizardState) 
     assert not again.resume_button.isHidden() and again.start_button.isHidden()
     assert again.stages.state("emulator") == "skipped"
     again.resume_button.click()
-    qtbot.waitUntil(again.isComplete, timeout=10000)
+    qtbot.waitUntil(again.isComplete, timeout=60_000)
     assert calls.names().count("build_emulator") == 1
     assert calls.names()[-2:] == ["train_lora", "correct_lora"]
 
@@ -89,12 +89,12 @@ def test_run_page_failure_shows_inline_and_retry_resumes(qtbot, tmp_path: Path, 
     page, engine, calls = planned(qtbot, tmp_path, state,
                                   fail={"correct_lora": InsufficientMemory("Correction needs 30 GiB.", hint="Set λ.")})
     page.start()
-    qtbot.waitUntil(lambda: not page.banner.isHidden() and not page.busy(), timeout=10000)
+    qtbot.waitUntil(lambda: not page.banner.isHidden() and not page.busy(), timeout=60_000)
     assert page.banner.title.text() == "Correction needs 30 GiB."
     assert page.stages.state("correct") == "failed" and manifest(state)["stages"]["correct"]["status"] == "failed"
     engine._objects["correct_lora"] = lambda cfg, p: calls.add("correct_lora", cfg) or "ok"
     page.banner.retry.click()
-    qtbot.waitUntil(page.isComplete, timeout=10000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert calls.names().count("train_lora") == 1
 
 
@@ -115,7 +115,7 @@ def test_try_page_streams_both_sides(qtbot, tmp_path: Path, state: WizardState) 
     assert page.generate_request().adapter_dir == state.run_dir / "adapter"
     page.adapter_choice.setCurrentIndex(0)
     page.generate.click()
-    qtbot.waitUntil(lambda: not page.busy() and page.generate.isEnabled(), timeout=5000)
+    qtbot.waitUntil(lambda: not page.busy() and page.generate.isEnabled(), timeout=60_000)
     assert page.outputs["base"].toPlainText() == "Hello from base"
     assert page.outputs["tuned"].toPlainText() == "Hello from tuned"
 
@@ -125,7 +125,7 @@ def test_try_page_exports_with_progress_and_opens_folder(qtbot, tmp_path: Path, 
     page.gguf_type.setCurrentText("q8_0")
     page.export_buttons["gguf"].click()
     assert not page.export_buttons["merged"].isEnabled()  # one export at a time
-    qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
+    qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
     cfg = calls.get("merge_and_export")
     assert cfg.formats == ("gguf",) and cfg.gguf_type == "q8_0" and cfg.run_dir == state.run_dir
     assert page.export_bars["gguf"].value() == 1000 and "verified" in page.export_status["gguf"].text()
