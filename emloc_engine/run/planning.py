@@ -12,7 +12,7 @@ Peaks (bytes; each is a sum of named parts, which the app draws as a bar)::
     train(ρ)    = W(ρ)·b + n_L·(p + p + 8) + ckpt + max(train_layer, min(B·T, chunk)·V·c_logits) + runtime
                   W(ρ) = dense + L·Σ k(out+in), k = floor(ρ·out·in/(out+in));  ckpt = L·B·T·h·b
     build       = block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, workspace) + runtime
-                  (chunks and hidden states sized from the budget as emloc_engine.stages.emulator.builder does)
+                  (chunks and hidden states sized from the budget as emloc_engine.stages.emulator.memory_plan does)
     correct     = max(one module: 3·out·in·4,  λ evaluation: P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime
     full LoRA   = train(ρ = 1) with the original weights and unchunked logits (plain peft + transformers)
 
