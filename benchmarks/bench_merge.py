@@ -131,7 +131,7 @@ def main() -> None:
     with RssSampler() as baseline:
         pass
     t0 = time.monotonic()
-    res = merge_and_export(ExportConfig(run, model_dir, formats=formats, gguf_type=args.gguf_type or "f16",
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=model_dir, formats=formats, gguf_type=args.gguf_type or "f16",
                                         verify=False, overwrite=True))
     wall = time.monotonic() - t0
     assert res.merged_dir is not None

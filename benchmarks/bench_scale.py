@@ -26,8 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.run.manifest import RunManifest
-from emloc_engine.run.orchestrator import _SLICES, RunConfig, run_pipeline
+from emloc_engine.data.config import DataConfig
+from emloc_engine.run.config import RunConfig
+from emloc_engine.run.manifest import read_manifest
+from emloc_engine.run.orchestrator import SLICES, run_stages
+from emloc_engine.run.plan import plan_run
+from emloc_engine.stages.export.options import ExportOptions
+from emloc_engine.stages.training.options import TrainOptions
 
 WORDS = ["thou", "art", "the", "king", "of", "france", "and", "I", "am", "but", "a", "poor", "player", "upon", "this", "stage", "who", "struts", "and", "frets", "his", "hour", "then", "is", "heard", "no", "more", "it", "is", "a", "tale", "told", "by", "an", "idiot", "full", "of", "sound", "and", "fury"]
 
@@ -51,7 +56,7 @@ class StageMeter:
             self.rss[self.stage] = max(self.rss.get(self.stage, 0.0), gib)
 
     def update(self, fraction: float, message: str = "") -> None:
-        for name, (a, b) in _SLICES.items():
+        for name, (a, b) in SLICES.items():
             if a <= fraction < b or (name == "export" and fraction >= a):
                 if name != self.stage and fraction > a - 1e-9 and fraction < b:
                     self.stage = name
@@ -110,33 +115,35 @@ def main() -> None:
     run_dir = args.work / "run"
     t0 = time.monotonic()
     try:
-        result = run_pipeline(RunConfig(model_dir=args.model_dir, data_path=data, run_dir=run_dir, ratio=args.ratio,
-                                        steps=args.steps, max_length=args.max_length, batch_size=args.batch_size,
-                                        device="cuda", exports=tuple(e for e in args.exports.split(",") if e)),
-                              meter)
+        cfg = RunConfig(model_dir=args.model_dir, data=DataConfig(path=data, max_length=args.max_length),
+                        run_dir=run_dir, ratio=args.ratio, device="cuda",
+                        train=TrainOptions(steps=args.steps, batch_size=args.batch_size),
+                        export=ExportOptions(formats=tuple(e for e in args.exports.split(",") if e)))
+        result = run_stages(plan_run(cfg), meter)
     finally:
         meter.close()
     out["total_s"] = time.monotonic() - t0
     out["ratio"] = result.ratio
     out["lambda"] = result.lambda_
-    m = RunManifest.open(run_dir).data
-    plan = m["settings"].get("plan", {})
-    out["plan"] = {k: plan.get(k) for k in ("budget", "budget_gib", "inference_peak_gib", "full_lora_peak_gib",
+    manifest = read_manifest(run_dir)
+    assert manifest is not None
+    plan = manifest.plan or {}
+    out["plan"] = {k: plan.get(k) for k in ("budget_note", "budget_gib", "inference_peak_gib", "full_lora_peak_gib",
                                              "predicted_peaks_gib", "est_seconds")}
     stages: dict[str, Any] = {}
-    names = [n for n in ("emulator", "train", "correct", "export") if n in m["stages"]]
+    names = [n for n in ("emulator", "train", "correct", "export") if n in manifest.stages]
     for name in names:
-        rec = m["stages"][name]
-        res = rec.get("result", {})
+        rec = manifest.stages[name]
+        res = rec.result
         stages[name] = {
             "wall_s": res.get("wall_s"),
-            "measured_peak_gib": rec.get("measured_peak_gib"),
-            "predicted_peak_gib": rec.get("predicted_peak_gib"),
+            "measured_peak_gib": rec.measured_peak_gib,
+            "predicted_peak_gib": rec.predicted_peak_gib,
             "peak_rss_gib": meter.rss.get(name),
-            "under_inference_peak": (rec.get("measured_peak_gib") or 0.0) <= out["inference_peak_gib"],
+            "under_inference_peak": (rec.measured_peak_gib or 0.0) <= out["inference_peak_gib"],
         }
         for key in ("tokens_per_s", "final_eval_loss", "correction_s", "eval_s", "merge_s", "peak_rss_gib",
-                    "lambda_table", "lambda"):
+                    "lambda_table", "lambda_"):
             if key in res:
                 stages[name][key] = res[key]
     out["stages"] = stages

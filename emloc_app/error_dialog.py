@@ -12,7 +12,6 @@ import threading
 import traceback
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from PySide6.QtCore import QObject, Qt, Signal, Slot
 from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
@@ -99,7 +98,7 @@ def install_excepthooks(log_path: Path | None = None) -> None:
         if _relay is not None and QApplication.instance() is not None:
             _relay.raised.emit(exc)
 
-    def thread_hook(args: Any) -> None:
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
         if args.exc_value is not None:
             hook(args.exc_type, args.exc_value, args.exc_traceback)
 

@@ -10,14 +10,31 @@ that reads the worker's cancel flag.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
 from emloc_engine.core.errors import Cancelled, ModelNotFound
+from emloc_engine.core.progress import Progress
 
-_cache: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModelForCausalLM
+    from transformers import BatchEncoding, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+    Pair: TypeAlias = tuple[PreTrainedModel | PeftModelForCausalLM, PreTrainedTokenizerBase]
+
+_cache: dict[tuple[str, str, str], Pair] = {}
 _lock = threading.Lock()
+
+
+class TextProgress(Progress, Protocol):
+    """The engine's ``Progress``, plus a stream of text (the app's ``StageWorker`` is one)."""
+
+    def emit_text(self, chunk: str, channel: str = "") -> None:
+        """Stream a piece of generated text; ``channel`` says which pane."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,7 @@ def _device(device: str) -> str:
     return device
 
 
-def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> tuple[Any, Any]:
+def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
     """(model with the adapter attached or plain, tokenizer), cached by (model, adapter, device)."""
     key = (str(model_dir), str(adapter_dir), device)
     with _lock:
@@ -53,30 +70,39 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> tuple[A
     if not (Path(model_dir) / "config.json").exists():
         raise ModelNotFound(f"No model in {model_dir}.", hint="Choose the model again on the Model page.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    model = model.to(device)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    base.to(device)  # type: ignore[arg-type]  # in place; transformers' @wraps(Module.to) hides self from mypy
+    model: PreTrainedModel | PeftModelForCausalLM = base
     if adapter_dir is not None:
         from peft import PeftModel
 
         if not (Path(adapter_dir) / "adapter_config.json").exists():
             raise ModelNotFound(f"No adapter in {adapter_dir}.", hint="Finish the Run page first.")
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = cast("PeftModelForCausalLM", PeftModel.from_pretrained(base, str(adapter_dir)))  # a causal LM's
     model.eval()
     with _lock:
         _cache[key] = (model, tokenizer)
     return model, tokenizer
 
 
-def _prompt_ids(tokenizer: Any, prompt: str) -> Any:
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-        return out["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
+    """The prompt's token ids (1 × T), through the chat template when the tokenizer has one."""
+    import torch
+
+    if tokenizer.chat_template:
+        # return_dict=True: a BatchEncoding (the declared return type also covers the string and list forms)
+        out = cast("BatchEncoding", tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True))
+    else:
+        out = tokenizer(prompt, return_tensors="pt")
+    ids = out["input_ids"]
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"the tokenizer returned {type(ids).__name__} for return_tensors='pt'")
+    return ids
 
 
-def generate_side_by_side(req: GenerateRequest, progress: Any) -> dict[str, str]:
+def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[str, str]:
     """Answer ``req.prompt`` with each side in turn, streaming text as ``progress.emit_text(chunk, side)``.
 
     Returns:
@@ -89,6 +115,7 @@ def generate_side_by_side(req: GenerateRequest, progress: Any) -> dict[str, str]
     import contextlib
 
     import torch
+    from peft import PeftModel
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     device = _device(req.device)
@@ -98,23 +125,28 @@ def generate_side_by_side(req: GenerateRequest, progress: Any) -> dict[str, str]
     cancel = threading.Event()
 
     class Stop(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> bool:
             return cancel.is_set()
 
     out: dict[str, str] = {}
     for i, side in enumerate(req.sides):
         progress.update(0.1 + 0.9 * i / len(req.sides), f"Generating ({side})…")
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        use_base = side == "base" and hasattr(model, "disable_adapter")
+        # the base answer: the same weights with the adapter switched off
+        adapter_off = model.disable_adapter if side == "base" and isinstance(model, PeftModel) else None
         errors: list[BaseException] = []
 
-        def work(use_base: bool = use_base, streamer: Any = streamer, errors: list[BaseException] = errors) -> None:
-            ctx = model.disable_adapter() if use_base else contextlib.nullcontext()
+        def work(adapter_off: Callable[[], AbstractContextManager[None]] | None = adapter_off,
+                 streamer: TextIteratorStreamer = streamer, errors: list[BaseException] = errors) -> None:
+            ctx = adapter_off() if adapter_off is not None else contextlib.nullcontext()
             try:
                 with torch.no_grad(), ctx:
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens,
-                                   do_sample=False, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
-                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                    # AutoModelForCausalLM's classes and PeftModelForCausalLM generate; PreTrainedModel alone
+                    # does not declare it (GenerationMixin is mixed into the concrete classes)
+                    cast("GenerationMixin", model).generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens,
+                        do_sample=False, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
+                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             except BaseException as exc:  # re-raised on the worker thread below
                 errors.append(exc)
                 streamer.end()

@@ -9,9 +9,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from emloc_engine.core import paths
 from emloc_engine.core.version import __version__
+
+if TYPE_CHECKING:
+    from emloc_app.state import WizardState
 
 log = logging.getLogger("emloc_app")
 
@@ -43,38 +47,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def state_from_run_dir(run_dir: Path) -> tuple[object, bool]:
-    """A ``WizardState`` prefilled from a run folder's manifest; and whether every stage is done."""
-    from emloc_app.state import STAGE_ORDER, TRAIN_DEFAULTS, WizardState
-    from emloc_engine.core.errors import RunStateError
-    from emloc_engine.run.manifest import RunManifest
+def state_from_run_dir(run_dir: Path) -> tuple[WizardState, bool]:
+    """A ``WizardState`` prefilled from a run folder's manifest (its ``RunConfig``); and whether every stage is done.
 
-    state = WizardState(run_dir=run_dir)
-    if not (run_dir / "manifest.json").exists():
+    Raises:
+        RunStateError: the folder has no manifest, or an unreadable one.
+    """
+    from emloc_app.state import STAGE_ORDER, WizardState
+    from emloc_engine.core.errors import RunStateError
+    from emloc_engine.run.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
+    if manifest is None:
         raise RunStateError(f"{run_dir} is not a run folder (no manifest.json).",
                             hint="Choose the folder that contains manifest.json.")
-    m = RunManifest.open(run_dir)
-    studio = m.data.get("settings", {}).get("studio", {})
-    inputs = m.data.get("inputs", {})
-    model = studio.get("model_dir") or inputs.get("model", {}).get("path")
-    data = studio.get("data_path") or inputs.get("data", {}).get("path")
-    state.model_dir = Path(model) if model else None
-    state.data_path = Path(data) if data and data != "None" else None
-    for key in ("data_format", "max_length", "eval_fraction", "train_on", "data_seed", "max_samples",
-                "budget_bytes"):
-        if studio.get(key) is not None:
-            setattr(state, key, studio[key])
-    state.train_settings = {**TRAIN_DEFAULTS, **studio.get("train", {})}
-    gpus = int(studio.get("gpus") or 1)
-    if gpus > 1:  # the Plan page offers the same GPU count again (issue 10)
-        state.configs["parallel"] = {"processes": gpus, "gpu_ids": tuple(range(gpus))}
-    if studio.get("allocation") == "spectral":  # the Plan page shows "Per-module ranks" checked again
-        state.configs["allocation"] = "spectral"
-    if studio.get("anchor") == "none":  # the Plan page shows "Anchor training" unchecked again
-        state.configs["anchor"] = "none"
-    for name in STAGE_ORDER:
-        if m.is_done(name):
-            state.results[name] = m.stage(name).get("result", {})
+    state = WizardState(run_dir=run_dir, config=manifest.config)
+    state.done = {name for name in STAGE_ORDER if manifest.stage(name).done}
+    cfg = manifest.config
+    if cfg is None:  # a folder of per-stage commands, or of an older version: only the inputs are known
+        model, data = manifest.inputs.get("model"), manifest.inputs.get("data")
+        state.model_dir = Path(model.path) if model is not None else None
+        state.data_path = Path(data.path) if data is not None else None
+        return state, state.all_stages_done()
+    state.model_dir, state.data_path = cfg.model_dir, cfg.data.path
+    state.data_format, state.max_length, state.eval_fraction = cfg.data.format, cfg.data.max_length, cfg.data.eval_fraction
+    state.train_on, state.max_samples = cfg.data.train_on, cfg.data.max_samples
+    state.budget_bytes = cfg.budget_bytes
     return state, state.all_stages_done()
 
 
@@ -143,10 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from emloc_app.error_dialog import install_excepthooks
     from emloc_app.wizard import EmlocWizard, Page
 
-    theme.apply_theme(app)  # type: ignore[arg-type]
+    theme.apply_theme(cast(QApplication, app))  # instance() is typed QCoreApplication; it is this QApplication
     install_excepthooks(path)
 
-    state = None
+    state: WizardState | None = None
     start = Page.Machine
     if args.run_dir is not None:
         from emloc_engine.core.errors import EngineError
@@ -157,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"emloc-studio: {exc}", file=sys.stderr)
             return 2
         start = Page.Try if done else Page.Machine
-    wizard = EmlocWizard(state)  # type: ignore[arg-type]
+    wizard = EmlocWizard(state)
     wizard.setStartId(int(start))
     wizard.show()
     if args.smoke_test:

@@ -45,8 +45,8 @@ class Settings:
 
     def recent_runs(self) -> list[Path]:
         """Run folders, most recent first (only those that still exist)."""
-        raw = self._qs.value("runs/recent", [])
-        items: list[str] = [raw] if isinstance(raw, str) else [str(x) for x in (raw or [])]  # type: ignore[attr-defined]
+        raw: object = self._qs.value("runs/recent", [])  # INI files give a str for one entry, a list for more
+        items = [raw] if isinstance(raw, str) else [str(x) for x in raw] if isinstance(raw, (list, tuple)) else []
         return [Path(p) for p in items if p and Path(p).exists()]
 
     def add_recent_run(self, run_dir: Path) -> None:

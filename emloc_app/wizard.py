@@ -9,7 +9,7 @@ from PySide6.QtCore import QSize
 from PySide6.QtGui import QCloseEvent, QIcon
 from PySide6.QtWidgets import QWidget, QWizard
 
-from emloc_app.engine_facade import EngineFacade
+from emloc_app.pages.common import BasePage
 from emloc_app.pages.data_page import DataPage
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
@@ -33,13 +33,12 @@ class Page(IntEnum):
 
 
 class EmlocWizard(QWizard):
-    """Thin container: pages read and write ``state``; the engine comes in through ``engine``."""
+    """Thin container: pages read and write ``state`` and call the engine themselves."""
 
-    def __init__(self, state: WizardState | None = None, engine: EngineFacade | None = None,
-                 settings: Settings | None = None, parent: QWidget | None = None) -> None:
+    def __init__(self, state: WizardState | None = None, settings: Settings | None = None,
+                 parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state or WizardState()
-        self.engine = engine or EngineFacade.real()
         self.settings = settings or Settings()
         self.setWindowTitle("EMLoC Studio")
         self.setWizardStyle(QWizard.WizardStyle.ModernStyle)
@@ -51,13 +50,15 @@ class EmlocWizard(QWizard):
         icon = Path(__file__).parent / "resources" / "icon.svg"
         if icon.exists():
             self.setWindowIcon(QIcon(str(icon)))
-        self.pages = {
-            Page.Machine: MachinePage(self.state, self.engine),
-            Page.Model: ModelPage(self.state, self.engine),
-            Page.Data: DataPage(self.state, self.engine),
-            Page.Plan: PlanPage(self.state, self.engine),
-            Page.Run: RunPage(self.state, self.engine),
-            Page.Try: TryPage(self.state, self.engine),
+        self.machine_page = MachinePage(self.state)
+        self.model_page = ModelPage(self.state)
+        self.data_page = DataPage(self.state)
+        self.plan_page = PlanPage(self.state)
+        self.run_page = RunPage(self.state)
+        self.try_page = TryPage(self.state)
+        self.pages: dict[Page, BasePage] = {
+            Page.Machine: self.machine_page, Page.Model: self.model_page, Page.Data: self.data_page,
+            Page.Plan: self.plan_page, Page.Run: self.run_page, Page.Try: self.try_page,
         }
         for pid, page in self.pages.items():
             self.setPage(int(pid), page)
@@ -83,7 +84,7 @@ class EmlocWizard(QWizard):
         if pid == Page.Plan and s.data_path is not None:
             self.settings.last_data = s.data_path
         if pid == Page.Run and s.run_dir is not None:
-            self.settings.add_recent_run(Path(s.run_dir))
+            self.settings.add_recent_run(s.run_dir)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.shutdown()

@@ -10,11 +10,12 @@ signals, which Qt queues to the GUI thread. Cancel is a ``threading.Event`` set 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar, cast
 
 from PySide6.QtCore import QCoreApplication, QObject, Qt, QThread, Signal, Slot
 
@@ -23,6 +24,9 @@ from emloc_engine.core.errors import Cancelled
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress signals per second
+
+C = TypeVar("C")
+R = TypeVar("R")
 
 
 class StageWorker(QObject):
@@ -43,18 +47,18 @@ class StageWorker(QObject):
     cancelled = Signal()
     finished = Signal()
 
-    def __init__(self, stage: Callable[[Any, Any], Any], config: Any, name: str = "", *,
+    def __init__(self, stage: Callable[[C, StageWorker], object], config: C, name: str = "", *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self._call: Callable[[StageWorker], object] = functools.partial(stage, config)
         self._clock = clock  # the throttle's time source (tests pass a fake one)
-        self._stage = stage
-        self._config = config
-        self.name = name or getattr(stage, "__name__", "stage")
+        self.name = name or "stage"
         self._cancel = threading.Event()
         self._last_emit = 0.0
         self._pending: tuple[float, str] | None = None
-        self.result: Any = None
+        self.result: object = None
         self.error: BaseException | None = None
+        self.relay: Relay | None = None  # the GUI-thread end of the signals, kept alive with the worker
 
     # -- Progress protocol (called from the worker thread) ---------------------------------
     def update(self, fraction: float, message: str = "") -> None:
@@ -91,7 +95,7 @@ class StageWorker(QObject):
     @Slot()
     def run(self) -> None:
         try:
-            result = self._stage(self._config, self)
+            result = self._call(self)
         except Cancelled:
             self._flush()
             self.cancelled.emit()
@@ -154,47 +158,55 @@ class Relay(QObject):
     connecting a lambda directly could run it on the worker thread.
     """
 
-    def __init__(self, callbacks: dict[str, Callable[..., Any] | None]) -> None:
+    def __init__(self, *, success: Callable[[object], None] | None = None,
+                 failure: Callable[[BaseException], None] | None = None,
+                 cancel: Callable[[], None] | None = None, finished: Callable[[], None] | None = None,
+                 progress: Callable[[float, str], None] | None = None,
+                 metric: Callable[[str, float, int], None] | None = None,
+                 text: Callable[[str, str], None] | None = None) -> None:
         super().__init__()
-        self.callbacks = {k: v for k, v in callbacks.items() if v is not None}
-
-    def _call(self, key: str, *args: Any) -> None:
-        cb = self.callbacks.get(key)
-        if cb is not None:
-            cb(*args)
+        self.success, self.failure, self.cancel, self.finished = success, failure, cancel, finished
+        self.progress, self.metric, self.text = progress, metric, text
 
     @Slot(object)
-    def on_succeeded(self, result: Any) -> None:
-        self._call("success", result)
+    def on_succeeded(self, result: object) -> None:
+        if self.success is not None:
+            self.success(result)
 
     @Slot(object)
-    def on_failed(self, exc: Any) -> None:
-        self._call("failure", exc)
+    def on_failed(self, exc: BaseException) -> None:
+        if self.failure is not None:
+            self.failure(exc)
 
     @Slot()
     def on_cancelled(self) -> None:
-        self._call("cancel")
+        if self.cancel is not None:
+            self.cancel()
 
     @Slot()
     def on_finished(self) -> None:
-        self._call("finished")
+        if self.finished is not None:
+            self.finished()
 
     @Slot(float, str)
     def on_progressed(self, fraction: float, message: str) -> None:
-        self._call("progress", fraction, message)
+        if self.progress is not None:
+            self.progress(fraction, message)
 
     @Slot(str, float, int)
     def on_metric(self, name: str, value: float, step: int) -> None:
-        self._call("metric", name, value, step)
+        if self.metric is not None:
+            self.metric(name, value, step)
 
     @Slot(str, str)
     def on_text(self, channel: str, chunk: str) -> None:
-        self._call("text", channel, chunk)
+        if self.text is not None:
+            self.text(channel, chunk)
 
 
 def start_stage(
-    owner: QObject | None, stage: Callable[[Any, Any], Any], config: Any, name: str = "", *,
-    on_success: Callable[[Any], None] | None = None,
+    owner: QObject | None, stage: Callable[[C, StageWorker], R], config: C, name: str = "", *,
+    on_success: Callable[[R], None] | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
     on_cancel: Callable[[], None] | None = None,
     on_finished: Callable[[], None] | None = None,
@@ -222,9 +234,14 @@ def start_stage(
     thread = QThread()
     thread.setObjectName(f"emloc-{worker.name}")
     worker.moveToThread(thread)
-    relay = Relay({"success": on_success, "failure": on_failure, "cancel": on_cancel,
-                   "finished": on_finished, "progress": on_progress, "metric": on_metric, "text": on_text})
-    worker.relay = relay  # type: ignore[attr-defined]
+
+    def succeeded(result: object) -> None:
+        if on_success is not None:
+            on_success(cast(R, result))  # the signal carries ``object``; it is what ``stage`` returned
+
+    relay = Relay(success=succeeded, failure=on_failure, cancel=on_cancel, finished=on_finished,
+                  progress=on_progress, metric=on_metric, text=on_text)
+    worker.relay = relay
     worker.succeeded.connect(relay.on_succeeded)
     worker.failed.connect(relay.on_failed)
     worker.cancelled.connect(relay.on_cancelled)

@@ -58,7 +58,7 @@ def test_wheel_contents(wheel: Path) -> None:
         names = set(zf.namelist())
         dist_info = f"emloc_studio-{__version__}.dist-info"
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
-    assert "emloc_engine/cli/main.py" in names and "emloc_engine/catalog/demo.py" in names and "emloc_app/main.py" in names
+    assert "emloc_engine/cli/main.py" in names and "emloc_engine/run/orchestrator.py" in names and "emloc_engine/catalog/demo.py" in names and "emloc_app/main.py" in names
     assert "emloc_app/resources/style.qss" in names
     assert not [n for n in names if n.startswith("tests/")]
     assert "emloc = emloc_engine.cli:main" in entry_points

@@ -40,42 +40,31 @@ def main() -> int:
     from emloc_app.state import WizardState
     from emloc_app.wizard import EmlocWizard, Page
     from emloc_app.worker import shutdown_workers
-    from tests.app.fakes import (
-        GIB,
-        FakeGpu,
-        FakeMachine,
-        FakeModel,
-        FakeProblem,
-        FakeReport,
-        make_fake_engine,
-    )
+    from tests.app.fakes import FakeEngine, gpu, machine, model_info, problem, report
 
-    models = [FakeModel("meta-llama/Llama-3.1-8B-Instruct", tmp / "llama"),
-              FakeModel("Qwen/Qwen2.5-7B-Instruct", tmp / "qwen", num_parameters=7_600_000_000,
-                        size_on_disk_bytes=15 * 2**30, model_type="qwen2"),
-              FakeModel("mistralai/Mistral-Small-24B", tmp / "mistral", num_parameters=24_000_000_000,
-                        size_on_disk_bytes=47 * 2**30, model_type="mistral"),
-              FakeModel("lmstudio: gemma-3-12b-Q4_K_M.gguf", tmp / "gemma.gguf", model_type="gemma3",
-                        needs_conversion=True, dtype="Q4_K_M", size_on_disk_bytes=7 * 2**30,
-                        problem="GGUF file: convert it to safetensors first (emloc models convert)."),
-              FakeModel("state-spaces/mamba-2.8b", tmp / "mamba", model_type="mamba", supported=False,
-                        problem="Mamba models have no attention/MLP linears EMLoC can compress.")]
-    report = FakeReport(
+    models = [model_info("meta-llama/Llama-3.1-8B-Instruct", tmp / "llama"),
+              model_info("Qwen/Qwen2.5-7B-Instruct", tmp / "qwen", num_parameters=7_600_000_000, size_gib=15,
+                         model_type="qwen2"),
+              model_info("mistralai/Mistral-Small-24B-big", tmp / "mistral", num_parameters=24_000_000_000,
+                         size_gib=47, model_type="mistral"),
+              model_info("lmstudio: gemma-3-12b-Q4_K_M.gguf", tmp / "gemma.gguf", model_type="gemma3",
+                         needs_conversion=True, dtype="Q4_K_M", size_gib=7,
+                         problem="GGUF file: convert it to safetensors first (emloc models convert)."),
+              model_info("state-spaces/mamba-2.8b", tmp / "mamba", model_type="mamba", supported=False,
+                         problem="Mamba models have no attention/MLP linears EMLoC can compress.")]
+    found = report(
         n_samples=1200, n_train=1080, n_eval=120, n_truncated=14,
         rendered_examples=tuple(
             f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQuestion {i}: how do I "
             f"reverse a list in Python?<|im_end|>\n<|im_start|>assistant\nUse my_list[::-1] or my_list.reverse()."
             "<|im_end|>" for i in range(1, 5)),
-        problems=(FakeProblem(str(tmp / "chat.jsonl"), 57, "Sample has no assistant turn; it is skipped.", False),
-                  FakeProblem(str(tmp / "chat.jsonl"), 311, "Sample is 731 tokens, longer than max_length 512; "
-                              "it is truncated.", False)))
-    machine = None
-    if args.gpus > 1:
-        machine = FakeMachine(gpus=tuple(FakeGpu(i, "NVIDIA GeForce RTX 4090", 24 * GIB, 22 * GIB)
-                                         for i in range(args.gpus)))
-    engine, _ = make_fake_engine(tmp, models=models, report=report, machine=machine)
+        problems=(problem(str(tmp / "chat.jsonl"), 57, "Sample has no assistant turn; it is skipped.", False),
+                  problem(str(tmp / "chat.jsonl"), 311, "Sample is 731 tokens, longer than max_length 512; "
+                          "it is truncated.", False)))
+    detected = machine(gpus=tuple(gpu(i) for i in range(args.gpus))) if args.gpus > 1 else None
+    FakeEngine(tmp, models=models, report=found, machine=detected).install(setattr)  # a one-shot process
     state = WizardState()
-    wizard = EmlocWizard(state, engine)
+    wizard = EmlocWizard(state)
     wizard.resize(1100, 820)
     wizard.show()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,18 @@
-"""What every page shares: the state, the engine facade, an error banner, and workers it owns."""
+"""What every page shares: the state, an error banner, and the workers it owns."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget, QWizardPage
 
-from emloc_app.engine_facade import EngineFacade
 from emloc_app.errors import ErrorBanner, route_error
 from emloc_app.state import WizardState
 from emloc_app.worker import StageWorker, start_stage
+
+C = TypeVar("C")
+R = TypeVar("R")
 
 GIB = 1024**3
 
@@ -44,15 +46,16 @@ def human_count(n: float | None) -> str:
 
 
 class BasePage(QWizardPage):
-    """A wizard page with access to the shared state and engine, and an inline error banner.
+    """A wizard page with access to the shared state and an inline error banner.
 
     Subclasses put their widgets into ``self.body`` (a ``QVBoxLayout``); the banner sits on top.
+    Pages call the engine's functions directly (the module attribute, looked up when the work
+    starts, so tests can replace a function with ``monkeypatch.setattr``).
     """
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state
-        self.engine = engine
         self.banner = ErrorBanner()
         self.banner.retry_requested.connect(self.retry)
         outer = QVBoxLayout(self)
@@ -67,13 +70,19 @@ class BasePage(QWizardPage):
         label.setWordWrap(True)
         return label
 
-    def run_task(self, name: str, fn: Callable[[Any, Any], Any], config: Any,
-                 on_success: Callable[[Any], None], *, retry: bool = True, **callbacks: Any) -> StageWorker:
+    def run_task(self, name: str, fn: Callable[[C, StageWorker], R], config: C,
+                 on_success: Callable[[R], None], *, retry: bool = True,
+                 on_progress: Callable[[float, str], None] | None = None,
+                 on_metric: Callable[[str, float, int], None] | None = None,
+                 on_cancel: Callable[[], None] | None = None,
+                 on_text: Callable[[str, str], None] | None = None) -> StageWorker:
         """Run ``fn(config, progress)`` in a worker; ``on_success(result)`` runs on this thread.
 
+        ``progress`` is the :class:`StageWorker`: the engine's ``Progress``, plus ``emit_text`` for streams.
+
         An engine error shows on the banner (Retry calls :meth:`retry`); anything else opens the
-        error dialog. The page keeps the worker until it has finished. Extra ``callbacks`` are
-        passed to :func:`start_stage` (``on_progress``, ``on_metric``, ``on_cancel``, ``on_text``).
+        error dialog. The page keeps the worker until it has finished. The other callbacks are
+        passed to :func:`start_stage`.
         """
         self.banner.clear()
         holder: dict[str, StageWorker] = {}
@@ -85,7 +94,8 @@ class BasePage(QWizardPage):
             self._forget(name, holder["w"])
 
         worker = start_stage(self, fn, config, name, on_success=on_success, on_failure=failed,
-                             on_finished=finished, **callbacks)
+                             on_finished=finished, on_progress=on_progress, on_metric=on_metric,
+                             on_cancel=on_cancel, on_text=on_text)
         holder["w"] = worker
         self.workers[name] = worker
         return worker

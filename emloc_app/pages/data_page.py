@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import (
@@ -27,11 +26,34 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage
 from emloc_app.state import WizardState
+from emloc_engine.catalog.demo import DemoDataset, ensure_demo_datasets
+from emloc_engine.core.progress import Progress
+from emloc_engine.data import FORMATS, DataConfig, DataReport, inspect_dataset, load_tokenizer
+from emloc_engine.run.options import option_help
 
 FILE_FILTER = "Datasets (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The page's widgets: the :class:`~emloc_engine.data.DataConfig` fields the page sets.
+
+    The path comes from the file box, the split's seed is the run's (``RunConfig.seed``, on the Plan page).
+    """
+
+    format: str = "auto"
+    max_length: int = 512
+    eval_fraction: float = 0.1
+    train_on: str = "assistant"
+    max_samples: int | None = None
+
+    def config(self, path: Path, seed: int = 0) -> DataConfig:
+        """The engine's config for ``path`` (raises ``ConfigError`` for bad settings)."""
+        return DataConfig(path=path, format=self.format, max_length=self.max_length,
+                          eval_fraction=self.eval_fraction, train_on=self.train_on, seed=seed,
+                          max_samples=self.max_samples)
 
 
 @dataclass(frozen=True)
@@ -40,50 +62,47 @@ class InspectRequest:
 
     model_dir: Path | None
     data_path: Path | None  # None: use the default demo dataset
-    fields: dict[str, Any]
-    n_calibration: int = 64
+    settings: DataSettings
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class Inspection:
     data_path: Path
-    config: Any
-    report: Any
-    calibration_ids: tuple[tuple[int, ...], ...]
-    demo: tuple[Any, ...] = ()
+    config: DataConfig
+    report: DataReport
+    demo: tuple[DemoDataset, ...] = ()
 
 
-def inspect(req: InspectRequest, progress: Any, engine: EngineFacade) -> Inspection:
-    """Load the tokenizer, inspect the file, and take calibration samples if nothing is fatal."""
-    demo: tuple[Any, ...] = ()
+def inspect(req: InspectRequest, progress: Progress) -> Inspection:
+    """Load the model's tokenizer and check every sample of the file, rendered as the model will see it.
+
+    The calibration samples are taken by the run itself (``RunConfig.calib``), from the same data.
+    """
+    demo: tuple[DemoDataset, ...] = ()
     path = req.data_path
     if path is None:
         progress.update(0.05, "Preparing the demo datasets…")
-        demo = tuple(engine.ensure_demo_datasets())
-        default = next((d for d in demo if getattr(d, "default", False)), demo[0] if demo else None)
+        demo = tuple(ensure_demo_datasets())
+        default = next((d for d in demo if d.default), demo[0] if demo else None)
         if default is None:
             raise FileNotFoundError("no demo dataset")
-        path = Path(default.path)
+        path = default.path
     progress.update(0.2, "Loading the tokenizer…")
-    tokenizer = engine.load_tokenizer(req.model_dir) if req.model_dir else None
+    tokenizer = load_tokenizer(req.model_dir) if req.model_dir else None
     progress.check_cancelled()
-    config = engine.make("DataConfig", path=path, **req.fields)
+    config = req.settings.config(path, req.seed)
     progress.update(0.4, "Checking every sample…")
-    report = engine.inspect_dataset(config, tokenizer)
-    calib: tuple[tuple[int, ...], ...] = ()
-    if tokenizer is not None and not any(getattr(p, "fatal", False) for p in getattr(report, "problems", ())):
-        progress.update(0.8, "Taking calibration samples…")
-        calib = tuple(tuple(int(t) for t in ids)
-                      for ids in engine.calibration_token_ids(config, tokenizer, n=req.n_calibration))
+    report = inspect_dataset(config, tokenizer)
     progress.update(1.0, "Done")
-    return Inspection(path, config, report, calib, demo)
+    return Inspection(path, config, report, demo)
 
 
 class DataPage(BasePage):
     """Pick a dataset, see it rendered with the model's chat template, fix what is wrong."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Training data")
         self.setSubTitle("JSONL/JSON/CSV/Parquet with messages, ShareGPT, Alpaca or prompt/completion "
                          "records, or plain text. Every problem is listed with its line before any training.")
@@ -99,12 +118,11 @@ class DataPage(BasePage):
         self.demo_combo.hide()
         self.format = QComboBox()
         self.format.setObjectName("format")
-        self.format.addItems(list(engine.formats()))
-        descriptions = engine.format_descriptions()
+        self.format.addItems(["auto", *FORMATS])
         for i in range(self.format.count()):
-            text = descriptions.get(self.format.itemText(i), "detect from the first record's fields")
+            text = FORMATS.get(self.format.itemText(i), "detect from the first record's fields")
             self.format.setItemData(i, text, Qt.ItemDataRole.ToolTipRole)
-        self.format.setToolTip(engine.field_help("DataConfig").get("format", "Record format of the file."))
+        self.format.setToolTip(option_help("data.format"))
         self.format.currentIndexChanged.connect(self.schedule_inspect)
         self.detected = QLabel()
         self.eval_fraction = _double(0.0, 0.5, 0.01, state.eval_fraction)
@@ -114,13 +132,12 @@ class DataPage(BasePage):
         self.train_on = QComboBox()
         self.train_on.addItem("assistant replies only", "assistant")
         self.train_on.addItem("every token", "all")
-        self.seed = _int(0, 2**31 - 1, state.data_seed)
-        help_ = engine.field_help("DataConfig")
-        for name, w in (("eval_fraction", self.eval_fraction), ("max_length", self.max_length),
-                        ("max_samples", self.max_samples), ("train_on", self.train_on), ("seed", self.seed)):
+        widgets: tuple[tuple[str, QDoubleSpinBox | QSpinBox | QComboBox], ...] = (
+            ("eval_fraction", self.eval_fraction), ("max_length", self.max_length),
+            ("max_samples", self.max_samples), ("train_on", self.train_on))
+        for name, w in widgets:
             w.setObjectName(name)
-            if name in help_:
-                w.setToolTip(help_[name])
+            w.setToolTip(option_help(f"data.{name}"))
             if isinstance(w, QComboBox):
                 w.currentIndexChanged.connect(self.schedule_inspect)
             else:
@@ -141,7 +158,7 @@ class DataPage(BasePage):
         split = QGroupBox("Split and length")
         sform = QHBoxLayout(split)
         for text, w in (("E&val fraction", self.eval_fraction), ("Max &tokens", self.max_length),
-                        ("Max sa&mples", self.max_samples), ("Loss o&n", self.train_on), ("S&eed", self.seed)):
+                        ("Max sa&mples", self.max_samples), ("Loss o&n", self.train_on)):
             sform.addWidget(_buddy(text, w))
             sform.addWidget(w)
         sform.addStretch(1)
@@ -198,29 +215,23 @@ class DataPage(BasePage):
         self.max_length.setValue(s.max_length)
         self.max_samples.setValue(s.max_samples or 0)
         self.train_on.setCurrentIndex(max(0, self.train_on.findData(s.train_on)))
-        self.seed.setValue(s.data_seed)
         self._loading = False
         if s.data_report is not None and s.data_config is not None:
-            self._show(Inspection(Path(s.data_config.path), s.data_config, s.data_report, s.calibration_ids))
+            self._show(Inspection(s.data_config.path, s.data_config, s.data_report))
         else:
             self.start_inspect()
 
     # -- widgets -> config -------------------------------------------------------------------
-    def fields(self) -> dict[str, Any]:
-        """DataConfig keyword arguments from the widgets (``path`` excluded)."""
-        return {
-            "format": self.format.currentText(),
-            "max_length": self.max_length.value(),
-            "eval_fraction": self.eval_fraction.value(),
-            "train_on": self.train_on.currentData(),
-            "seed": self.seed.value(),
-            "max_samples": self.max_samples.value() or None,
-        }
+    def settings(self) -> DataSettings:
+        """The DataConfig settings the widgets show."""
+        return DataSettings(format=self.format.currentText(), max_length=self.max_length.value(),
+                            eval_fraction=self.eval_fraction.value(), train_on=str(self.train_on.currentData()),
+                            max_samples=self.max_samples.value() or None)
 
     def request(self) -> InspectRequest:
         text = self.path.text().strip()
-        return InspectRequest(self.state.model_dir, Path(text).expanduser() if text else None, self.fields(),
-                              self.state.n_calibration)
+        seed = self.state.config.seed if self.state.config is not None else 0
+        return InspectRequest(self.state.model_dir, Path(text).expanduser() if text else None, self.settings(), seed)
 
     def schedule_inspect(self) -> None:
         if not self._loading:
@@ -234,13 +245,9 @@ class DataPage(BasePage):
             self._pending = True
             return
         self._generation += 1
-        gen, engine = self._generation, self.engine
+        gen = self._generation
         self.summary.setText("Checking the dataset…")
-
-        def run(req: InspectRequest, progress: Any) -> Inspection:
-            return inspect(req, progress, engine)
-
-        self.run_task("inspect", run, self.request(), lambda r: self._inspected(gen, r))
+        self.run_task("inspect", inspect, self.request(), lambda r: self._inspected(gen, r))
         self.completeChanged.emit()
 
     def _inspected(self, gen: int, result: Inspection) -> None:
@@ -258,29 +265,25 @@ class DataPage(BasePage):
         self.inspection = result
         if result.demo and self.demo_combo.count() == 0:
             for d in result.demo:
-                self.demo_combo.addItem(str(getattr(d, "name", Path(d.path).stem)), str(d.path))
-                self.demo_combo.setItemData(self.demo_combo.count() - 1, getattr(d, "description", ""),
-                                            Qt.ItemDataRole.ToolTipRole)
+                self.demo_combo.addItem(d.name, str(d.path))
+                self.demo_combo.setItemData(self.demo_combo.count() - 1, d.description, Qt.ItemDataRole.ToolTipRole)
             self.demo_combo.show()
         if not self.path.text().strip():
             self.path.setText(str(result.data_path))
         r = result.report
-        fmt = getattr(r, "format", "?")
-        self.detected.setText(f"detected: <b>{fmt}</b>" if self.format.currentText() == "auto" else f"using <b>{fmt}</b>")
-        stats = getattr(r, "token_stats", None) or getattr(r, "char_stats", None)
+        self.detected.setText(f"detected: <b>{r.format}</b>" if self.format.currentText() == "auto"
+                              else f"using <b>{r.format}</b>")
+        stats = r.token_stats or r.char_stats
         tokens = ""
         if stats is not None:
-            unit = getattr(stats, "unit", "tokens")
-            tokens = (f"<br>{unit} per sample: min {_num(getattr(stats, 'min', None))}, mean "
-                      f"{_num(getattr(stats, 'mean', None))}, p95 {_num(getattr(stats, 'p95', None))}, "
-                      f"max {_num(getattr(stats, 'max', None))}")
-        truncated = getattr(r, "n_truncated", 0) or 0
-        problems = list(getattr(r, "problems", ()) or ())
-        fatal = sum(1 for p in problems if getattr(p, "fatal", False))
-        text = (f"<b>{getattr(r, 'n_samples', 0)}</b> samples → {getattr(r, 'n_train', 0)} train, "
-                f"{getattr(r, 'n_eval', 0)} eval{tokens}")
-        if truncated:
-            text += f"<br>{truncated} samples are longer than {self.max_length.value()} tokens and will be truncated."
+            tokens = (f"<br>{stats.unit} per sample: min {stats.min}, mean {stats.mean:.0f}, p95 {stats.p95}, "
+                      f"max {stats.max}")
+        problems = r.problems
+        fatal = len(r.fatal_problems)
+        text = f"<b>{r.n_samples}</b> samples → {r.n_train} train, {r.n_eval} eval{tokens}"
+        if r.n_truncated:
+            text += (f"<br>{r.n_truncated} samples are longer than {self.max_length.value()} tokens and will be "
+                     "truncated.")
         if fatal:
             text += f"<br><span style='color:#d9534f'><b>{fatal} problem(s) must be fixed before training.</b></span>"
         elif problems:
@@ -290,20 +293,19 @@ class DataPage(BasePage):
         self.summary.setText(text)
         self.problems.setRowCount(len(problems))
         for i, p in enumerate(problems):
-            line = getattr(p, "line", None)
-            where = Path(str(getattr(p, "file", ""))).name + (f":{line}" if line is not None else "")
+            where = Path(p.file).name + (f":{p.line}" if p.line is not None else "")
             item = QTableWidgetItem(where)
-            item.setToolTip(str(getattr(p, "file", "")))
+            item.setToolTip(p.file)
             self.problems.setItem(i, 0, item)
-            self.problems.setItem(i, 1, QTableWidgetItem("error" if getattr(p, "fatal", False) else "warning"))
-            self.problems.setItem(i, 2, QTableWidgetItem(str(getattr(p, "message", p))))
+            self.problems.setItem(i, 1, QTableWidgetItem("error" if p.fatal else "warning"))
+            self.problems.setItem(i, 2, QTableWidgetItem(p.message))
         self.problems.setVisible(bool(problems))
-        samples = list(getattr(r, "rendered_examples", ()) or ())[:8]
+        samples = r.rendered_examples[:8]
         self.preview.setPlainText("\n\n".join(f"──── sample {i + 1} ────\n{s}" for i, s in enumerate(samples)))
         self.completeChanged.emit()
 
     def _demo_chosen(self) -> None:
-        self.path.setText(self.demo_combo.currentData())
+        self.path.setText(str(self.demo_combo.currentData()))
         self.schedule_inspect()
 
     def _browse(self) -> None:
@@ -317,32 +319,22 @@ class DataPage(BasePage):
         self.banner.clear()
         self.start_inspect()
 
-    def fatal_problems(self) -> list[Any]:
-        if self.inspection is None:
-            return []
-        return [p for p in getattr(self.inspection.report, "problems", ()) or () if getattr(p, "fatal", False)]
-
     # -- wizard protocol ---------------------------------------------------------------------
     def isComplete(self) -> bool:
         return (self.inspection is not None and not self.busy("inspect") and not self._timer.isActive()
-                and not self.fatal_problems() and bool(self.inspection.calibration_ids))
+                and self.inspection.report.ok and self.inspection.report.n_train > 0)
 
     def validatePage(self) -> bool:
         if self.inspection is None:
             return False
-        s, f = self.state, self.fields()
+        s, f = self.state, self.settings()
         s.data_path = self.inspection.data_path
-        s.data_format = f["format"]
-        s.max_length, s.eval_fraction = f["max_length"], f["eval_fraction"]
-        s.train_on, s.data_seed, s.max_samples = f["train_on"], f["seed"], f["max_samples"]
+        s.data_format = f.format
+        s.max_length, s.eval_fraction = f.max_length, f.eval_fraction
+        s.train_on, s.max_samples = f.train_on, f.max_samples
         s.data_config = self.inspection.config
         s.data_report = self.inspection.report
-        s.calibration_ids = self.inspection.calibration_ids
         return True
-
-
-def _num(v: Any) -> str:
-    return f"{v:.0f}" if isinstance(v, (int, float)) else "?"
 
 
 def _buddy(text: str, w: QWidget) -> QLabel:

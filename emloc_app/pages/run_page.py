@@ -1,14 +1,18 @@
-"""Page 5: run emulator → train → correct, one worker per stage, with live plots, log, cancel, resume."""
+"""Page 5: run emulator → train → correct through the engine's orchestrator, with live plots, log, cancel, resume.
+
+One worker runs :func:`~emloc_engine.run.orchestrator.run_stages` for the whole run. The orchestrator
+alone starts, resumes, records and finishes stages (it writes the manifest and holds the run folder's
+lock); the page renders what it reports: stage boundaries through ``RunEvents`` (turned into Qt
+signals), progress and metrics through the worker.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import QObject, Qt, Signal, Slot
 from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
@@ -20,19 +24,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
 from emloc_app.pages.common import BasePage
-from emloc_app.pages.plan_page import ALLOCATION_KEY, ANCHOR_KEY, PARALLEL_KEY
 from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
-from emloc_engine.core.errors import EngineError, RunStateError
-from emloc_engine.run.manifest import RunManifest
-from emloc_engine.run.runlog import attach_run_log, detach_run_log
+from emloc_engine.core.errors import EngineError
+from emloc_engine.core.progress import Progress
+from emloc_engine.run.manifest import Manifest, read_manifest
+from emloc_engine.run.orchestrator import SLICES, RunResult, run_stages
+from emloc_engine.run.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
-STAGE_FUNCTIONS = {"emulator": "build_emulator", "train": "train_lora", "correct": "correct_lora"}
 MAX_LOG_LINES = 5000
 
 
@@ -53,25 +56,43 @@ class QtLogHandler(logging.Handler):
             self.bridge.line.emit(self.format(record))
 
 
-def summarize(result: Any) -> dict[str, Any]:
-    """A JSON-friendly summary of a stage result for the manifest."""
-    if not dataclasses.is_dataclass(result) or isinstance(result, type):
-        return {}
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(result):
-        v = getattr(result, f.name)
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            out[f.name] = v
-        elif isinstance(v, Path):
-            out[f.name] = str(v)
-    return out
+class StageEvents(QObject):
+    """The orchestrator's ``RunEvents`` as Qt signals: called on the worker thread, received on the GUI thread.
+
+    Signals:
+        started(name): a stage began.
+        finished(name, status): done, skipped (done earlier), cancelled or failed.
+    """
+
+    started = Signal(str)
+    finished = Signal(str, str)
+
+    def stage_started(self, name: str) -> None:
+        self.started.emit(name)
+
+    def stage_finished(self, name: str, status: str) -> None:
+        self.finished.emit(name, status)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the run's worker needs (a plain value: it crosses threads)."""
+
+    plan: RunPlan
+    events: StageEvents
+    stages: tuple[str, ...] = STAGE_ORDER
+
+
+def run(req: RunRequest, progress: Progress) -> RunResult:
+    """The worker's task: :func:`run_stages` of the plan (looked up when it starts, so tests can replace it)."""
+    return run_stages(req.plan, progress, stages=req.stages, events=req.events)
 
 
 class RunPage(BasePage):
-    """Runs the stages in order; each stage is skipped if the run's manifest says it is done."""
+    """Runs the stages the run folder has not finished; the orchestrator skips the finished ones."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Fine-tune")
         self.setSubTitle("Build the emulator, train the LoRA on it, then correct the LoRA for the original "
                          "model. Cancel stops at the next step and can be resumed.")
@@ -116,25 +137,24 @@ class RunPage(BasePage):
         self.body.addWidget(split, 1)
         self.handler = QtLogHandler()
         self.handler.bridge.line.connect(self.append_log)
-        self.current: str | None = None
-        self.manifest: RunManifest | None = None
-        self._run_log: logging.Handler | None = None
-        self._queue: list[str] = []
+        self.events = StageEvents(self)
+        self.events.started.connect(self._stage_started)
+        self.events.finished.connect(self._stage_finished)
+        self.current: str | None = None  # the stage running now
 
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
         self.banner.clear()
         run_dir = self.state.run_dir
         self.where.setText(f"Run folder: {run_dir}" if run_dir else "")
-        done = self.done_in_manifest()
-        started = False
+        manifest = self._manifest()
+        if manifest is not None:
+            self.state.done |= {n for n in STAGE_ORDER if manifest.stage(n).done}
         for name in STAGE_ORDER:
-            if name in done or name in self.state.results:
+            if name in self.state.done and self.stages.state(name) == "pending":
                 self.stages.finish(name, "skipped")
-                self.state.results.setdefault(name, done.get(name, {}))
-            elif self.stages.state(name) not in ("pending",):
-                started = True
-        interrupted = self._manifest_has_interrupted() or started
+        interrupted = manifest is not None and any(manifest.stage(n).status != "pending" for n in STAGE_ORDER)
+        interrupted = interrupted or any(self.stages.state(n) in ("cancelled", "failed") for n in STAGE_ORDER)
         all_done = self.state.all_stages_done()
         self.start_button.setVisible(not interrupted and not all_done)
         self.resume_button.setVisible(interrupted and not all_done)
@@ -142,186 +162,101 @@ class RunPage(BasePage):
         self.resume_button.setEnabled(True)
         self.completeChanged.emit()
 
-    def done_in_manifest(self) -> dict[str, Any]:
-        """``{stage: result summary}`` of the stages the run folder's manifest marks as done."""
-        run_dir = self.state.run_dir
-        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
-            return {}
+    def _manifest(self) -> Manifest | None:
+        """The run folder's manifest (what the orchestrator recorded), None for a new folder."""
+        if self.state.run_dir is None:
+            return None
         try:
-            m = RunManifest.open(Path(run_dir))
-        except RunStateError as exc:
+            return read_manifest(self.state.run_dir)
+        except EngineError as exc:
             self.banner.show_error(exc, retry=False)
-            return {}
-        return {n: m.stage(n).get("result", {}) for n in STAGE_ORDER if m.is_done(n)}
-
-    def _manifest_has_interrupted(self) -> bool:
-        run_dir = self.state.run_dir
-        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
-            return False
-        try:
-            m = RunManifest.open(Path(run_dir))
-        except RunStateError:
-            return False
-        return any(m.stage(n).get("status") in ("running", "cancelled", "failed") or m.is_done(n)
-                   for n in STAGE_ORDER)
+            return None
 
     # -- running -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Run every stage that is not done yet, in order."""
-        if self.current is not None:
+        """Run (or resume) the planned run in one worker; finished stages are skipped by the orchestrator."""
+        if self.busy("run"):
             return
-        s = self.state
-        if s.run_dir is None or any(n not in s.configs for n in STAGE_ORDER if n not in s.results):
+        plan = self.state.run_plan
+        if plan is None:
             self.banner.show_error(EngineError("The run is not planned yet.", hint="Go back to the Plan page."),
                                    retry=False)
             return
-        self.banner.clear()
-        self.manifest = RunManifest.open(Path(s.run_dir))
-        self._record_inputs()
-        self._attach_logs()
-        self._queue = [n for n in STAGE_ORDER if n not in s.results]
+        self._attach_log()
         self.start_button.setEnabled(False)
         self.resume_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self._next()
+        self.run_task("run", run, RunRequest(plan, self.events), self._run_done, on_progress=self._on_progress,
+                      on_metric=self.plot.on_metric, on_cancel=self._cancelled)
 
-    def _record_inputs(self) -> None:
-        s, m = self.state, self.manifest
-        assert m is not None
-        report_fp = str(getattr(s.data_report, "fingerprint", "") or "")
-        m.set_input("model", str(s.model_dir), str(getattr(s.model, "revision", "") or ""))
-        if s.data_path is not None:
-            m.set_input("data", str(s.data_path), report_fp)
-        m.update_settings({"studio": {
-            "model_dir": str(s.model_dir), "data_path": str(s.data_path), "data_format": s.data_format,
-            "max_length": s.max_length, "eval_fraction": s.eval_fraction, "train_on": s.train_on,
-            "data_seed": s.data_seed, "max_samples": s.max_samples, "ratio": getattr(s.plan, "ratio", s.ratio),
-            "budget_bytes": s.budget_bytes, "train": dict(s.train_settings),
-            "lambda": None if s.lambda_ is None else str(s.lambda_), "device": s.device,
-            "gpus": self.gpus(), "allocation": self.allocation(), "anchor": self.anchor(),
-        }})
-
-    def gpus(self) -> int:
-        """GPUs the Plan page chose for data-parallel training (1: the ordinary trainer)."""
-        return int((self.state.configs.get(PARALLEL_KEY) or {}).get("processes", 1))
-
-    def allocation(self) -> str:
-        """The emulator's rank allocation the Plan page chose ("uniform" or "spectral")."""
-        emulator = self.state.configs.get("emulator")
-        return str(getattr(emulator, "allocation", None) or self.state.configs.get(ALLOCATION_KEY) or "uniform")
-
-    def anchor(self) -> str:
-        """The trainer's anchoring the Plan page chose ("auto" or "none"; what ran is in the train result)."""
-        train = self.state.configs.get("train")
-        return str(getattr(train, "anchor", None) or self.state.configs.get(ANCHOR_KEY) or "auto")
-
-    def _attach_logs(self) -> None:
+    def _attach_log(self) -> None:
         logger = logging.getLogger("emloc_engine")
         if self.handler not in logger.handlers:
             logger.addHandler(self.handler)
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
-        if self._run_log is None and self.state.run_dir is not None:
-            self._run_log = attach_run_log(Path(self.state.run_dir))
 
-    def _detach_logs(self) -> None:
+    def _detach_log(self) -> None:
         logging.getLogger("emloc_engine").removeHandler(self.handler)
-        if self._run_log is not None:
-            detach_run_log(self._run_log)
-            self._run_log = None
 
-    def _next(self) -> None:
-        if not self._queue:
-            self._all_done()
+    @Slot(str)
+    def _stage_started(self, name: str) -> None:
+        if name not in self.stages.rows:
             return
-        name = self._queue.pop(0)
         self.current = name
         self.stages.start(name)
         self.append_log(f"── {STAGE_TITLES[name]} ──")
-        assert self.manifest is not None
-        predicted = self._predicted_peak_gib(name)
-        self.manifest.start_stage(name, **({"predicted_peak_gib": predicted} if predicted is not None else {}))
-        fn = getattr(self.engine, STAGE_FUNCTIONS[name])
-        if name == "train" and self.gpus() > 1:  # data-parallel, as `emloc run --gpus N`
-            distributed, make_parallel = self.engine.train_lora_distributed, self.engine.ParallelConfig
-            kwargs = dict(self.state.configs[PARALLEL_KEY])
 
-            def stage(config: Any, progress: Any) -> Any:
-                return distributed(config, make_parallel(**kwargs), progress)
-        else:
-            def stage(config: Any, progress: Any) -> Any:
-                return fn(config, progress)
-
-        self.worker = self.run_task(name, stage, self.state.configs[name], self._stage_done,
-                                    on_progress=self._on_progress, on_metric=self.plot.on_metric,
-                                    on_cancel=self._stage_cancelled)
-
-    def _predicted_peak_gib(self, name: str) -> float | None:
-        """The planner's peak for this stage (stored beside the measured one, so drift shows)."""
-        try:
-            return float(self.state.plan.stage(name).peak_bytes) / 2**30
-        except (AttributeError, KeyError, TypeError):
-            return None
+    @Slot(str, str)
+    def _stage_finished(self, name: str, status: str) -> None:
+        if name not in self.stages.rows:
+            return
+        if status in ("done", "skipped"):
+            self.state.done.add(name)
+        self.stages.finish(name, status)
+        if name == self.current:
+            self.current = None
 
     def _on_progress(self, fraction: float, message: str) -> None:
+        """The orchestrator reports the whole run's fraction; the running stage's row shows its own."""
         if self.current is not None:
-            self.stages.set_progress(self.current, fraction, message)
+            a, b = SLICES[self.current]
+            self.stages.set_progress(self.current, min(1.0, max(0.0, (fraction - a) / (b - a))), message)
 
-    def _stage_done(self, result: Any) -> None:
-        name = self.current
-        assert name is not None and self.manifest is not None
-        self.state.results[name] = result
-        peak = getattr(result, "peak_vram_gib", None)
-        self.manifest.finish_stage(name, result=summarize(result),
-                                   **({"measured_peak_gib": peak} if peak is not None else {}))
-        self.stages.finish(name, "done")
-        note = str(getattr(result, "anchor_note", "") or "") if name == "train" else ""
-        if note:  # what anchoring did (e.g. "auto" turned it off): says why the gain differs between runs
-            self.append_log(f"Anchoring: {note}")
+    def _run_done(self, result: RunResult) -> None:
+        from emloc_engine.stages.training.trainer import (
+            TrainResult,  # loaded: the run just trained (or skipped)
+        )
 
-    def _stage_cancelled(self) -> None:
-        name = self.current
-        if name is not None and self.manifest is not None:
-            self.manifest.fail_stage(name, "cancelled", "Cancelled by the user.")
-            self.stages.finish(name, "cancelled")
+        self.state.run_result = result
+        self.state.results.update(result.results)
+        train = result.results.get("train")
+        if isinstance(train, TrainResult) and train.anchor_note:
+            # what anchoring did (e.g. "auto" turned it off): says why the gain differs between runs
+            self.append_log(f"Anchoring: {train.anchor_note}")
+        for note in result.notes:
+            self.append_log(note)
+
+    def _cancelled(self) -> None:
         self.append_log("Cancelled. Press Resume to continue from where it stopped.")
 
-    def on_task_failed(self, name: str, exc: BaseException, retry: bool = True) -> None:
-        if self.manifest is not None and name in STAGE_ORDER:
-            self.manifest.fail_stage(name, "failed", str(exc))
-            self.stages.finish(name, "failed")
-        super().on_task_failed(name, exc, retry)
-
     def task_finished(self, name: str) -> None:
-        if name in STAGE_ORDER and name == self.current:
+        if name == "run":
             self.current = None
-            if name in self.state.results and self._queue:
-                self._next()
-            elif name in self.state.results:
-                self._all_done()
+            self._detach_log()
+            self.cancel_button.setEnabled(False)
+            self.start_button.hide()
+            if self.state.all_stages_done():
+                self.resume_button.hide()
+                self.append_log("All stages done. Next: try the model and export it.")
             else:
-                self._stopped()
+                self.resume_button.show()
+                self.resume_button.setEnabled(True)
         super().task_finished(name)
-
-    def _stopped(self) -> None:
-        self._queue = []
-        self._detach_logs()
-        self.cancel_button.setEnabled(False)
-        self.start_button.hide()
-        self.resume_button.show()
-        self.resume_button.setEnabled(True)
-
-    def _all_done(self) -> None:
-        self._detach_logs()
-        self.cancel_button.setEnabled(False)
-        self.start_button.hide()
-        self.resume_button.hide()
-        self.append_log("All stages done. Next: try the model and export it.")
-        self.completeChanged.emit()
 
     def cancel(self) -> None:
         """Ask the running stage to stop at its next check (the run stays resumable)."""
-        worker = self.workers.get(self.current or "")
+        worker = self.workers.get("run")
         if worker is not None:
             worker.request_cancel()
             self.cancel_button.setEnabled(False)
@@ -336,7 +271,7 @@ class RunPage(BasePage):
 
     # -- wizard protocol ---------------------------------------------------------------------
     def isComplete(self) -> bool:
-        return self.state.all_stages_done() and self.current is None
+        return self.state.all_stages_done() and not self.busy("run")
 
     def cleanupPage(self) -> None:
         """Going Back while a stage runs cancels it (the run stays resumable)."""

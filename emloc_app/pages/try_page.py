@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QTextCursor
@@ -21,12 +22,19 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.engine_facade import EngineFacade
-from emloc_app.generation import GenerateRequest
+from emloc_app.generation import GenerateRequest, generate_side_by_side
 from emloc_app.pages.common import BasePage
 from emloc_app.state import WizardState
 from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.progress import Progress
+from emloc_engine.run.options import option_help
+from emloc_engine.run.orchestrator import export_record, open_run, run_facts, run_stage
+from emloc_engine.run.plan import options_of
+from emloc_engine.stages.export.options import GGUF_TYPES, ExportOptions
+
+if TYPE_CHECKING:
+    from emloc_engine.stages.export.exporter import ExportConfig, ExportResult
 
 EXPORTS = (
     ("merged", "Merged model folder", "A full Hugging Face model (16-bit safetensors) with the adapter merged in."),
@@ -36,11 +44,27 @@ EXPORTS = (
 DEFAULT_PROMPT = "Write two sentences about the sea."
 
 
+def export(cfg: ExportConfig, progress: Progress) -> ExportResult:
+    """One export through the orchestrator's per-stage path, as ``emloc export`` does.
+
+    ``open_run`` checks where the run folder is and holds its lock; the run's facts (for the model card)
+    come from its manifest; ``run_stage`` records the export. (``run_stages(plan, stages=("export",))``
+    would skip the stage once any format was exported, so a second format could not be added.)
+    """
+    from emloc_engine.stages.export.exporter import merge_and_export
+
+    with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
+        final = dataclasses.replace(cfg, run_facts=run_facts(session.manifest))
+        result: ExportResult = run_stage(session, "export", lambda: merge_and_export(final, progress),
+                                         result_json=export_record)
+    return result
+
+
 class TryPage(BasePage):
     """Compare answers, then export the merged model, the adapter, or a GGUF file."""
 
-    def __init__(self, state: WizardState, engine: EngineFacade, parent: QWidget | None = None) -> None:
-        super().__init__(state, engine, parent)
+    def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
+        super().__init__(state, parent)
         self.setTitle("Try and export")
         self.setSubTitle("Ask both models the same thing; then export the fine-tuned model.")
         self.prompt = QPlainTextEdit(DEFAULT_PROMPT)
@@ -101,8 +125,9 @@ class TryPage(BasePage):
         self.export_status: dict[str, QLabel] = {}
         self.gguf_type = QComboBox()
         self.gguf_type.setObjectName("gguf_type")
-        self.gguf_type.addItems(["f16", "bf16", "q8_0", "f32"])
-        self.gguf_type.setToolTip(engine.field_help("ExportConfig").get("gguf_type", "GGUF tensor type."))
+        self.gguf_type.addItems(list(GGUF_TYPES))
+        self.gguf_type.setCurrentText(ExportOptions().gguf_type)
+        self.gguf_type.setToolTip(option_help("export.gguf_type"))
         for i, (fmt, title, tip) in enumerate(EXPORTS):
             b = QPushButton(f"Export {title if fmt == 'gguf' else title.lower()}")
             b.setObjectName(f"export_{fmt}")
@@ -133,6 +158,8 @@ class TryPage(BasePage):
 
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
+        if self.state.config is not None:
+            self.gguf_type.setCurrentText(self.state.config.export.gguf_type)
         layout = self.layout_()
         corrected = layout is not None and layout.adapter_corrected.exists()
         self.adapter_choice.setCurrentIndex(0 if corrected or layout is None else 1)
@@ -143,7 +170,7 @@ class TryPage(BasePage):
                 self.export_status[fmt].setText(str(path))
 
     def layout_(self) -> RunLayout | None:
-        return RunLayout(Path(self.state.run_dir)) if self.state.run_dir else None
+        return RunLayout(self.state.run_dir) if self.state.run_dir else None
 
     def adapter_dir(self) -> Path | None:
         layout = self.layout_()
@@ -163,7 +190,7 @@ class TryPage(BasePage):
     def generate_request(self) -> GenerateRequest:
         if self.state.model_dir is None:
             raise ConfigError("No model chosen.", hint="Choose one on the Model page.")
-        return GenerateRequest(Path(self.state.model_dir), self.adapter_dir(), self.prompt.toPlainText().strip(),
+        return GenerateRequest(self.state.model_dir, self.adapter_dir(), self.prompt.toPlainText().strip(),
                                self.max_tokens.value(), self.state.device)
 
     def start_generation(self) -> None:
@@ -179,12 +206,7 @@ class TryPage(BasePage):
         self.generate.setEnabled(False)
         self.stop.setEnabled(True)
         self.gen_status.setText("Loading…")
-        fn = self.engine.generate_side_by_side
-
-        def run(r: GenerateRequest, progress: Any) -> Any:
-            return fn(r, progress)
-
-        self.run_task("generate", run, req, self._generated, on_text=self._on_text,
+        self.run_task("generate", generate_side_by_side, req, self._generated, on_text=self._on_text,
                       on_progress=lambda f, m: self.gen_status.setText(m), on_cancel=self._gen_cancelled)
 
     def _on_text(self, side: str, chunk: str) -> None:
@@ -194,7 +216,7 @@ class TryPage(BasePage):
         pane.moveCursor(QTextCursor.MoveOperation.End)
         pane.insertPlainText(chunk)
 
-    def _generated(self, result: Any) -> None:
+    def _generated(self, result: dict[str, str]) -> None:
         self.gen_status.setText("Done.")
 
     def _gen_cancelled(self) -> None:
@@ -206,11 +228,17 @@ class TryPage(BasePage):
             worker.request_cancel()
 
     # -- export ------------------------------------------------------------------------------
-    def export_config(self, fmt: str) -> Any:
+    def export_config(self, fmt: str) -> ExportConfig:
+        """The run's export settings for one format, wired as ``emloc export`` wires them."""
+        from emloc_engine.stages.export.exporter import ExportConfig
+
         s = self.state
-        return self.engine.make("ExportConfig", run_dir=Path(s.run_dir) if s.run_dir else None,
-                                model_dir=s.model_dir, formats=(fmt,), gguf_type=self.gguf_type.currentText(),
-                                overwrite=True)
+        if s.run_dir is None or s.model_dir is None:
+            raise ConfigError("No finished run to export.", hint="Run the fine-tune first.")
+        base = s.config.export if s.config is not None else ExportOptions()
+        options = dataclasses.replace(base, formats=(fmt,), gguf_type=self.gguf_type.currentText())
+        return ExportConfig(**options_of(options), run_dir=s.run_dir, model_dir=s.model_dir, overwrite=True,
+                            device=s.config.device if s.config is not None else "cpu")
 
     def start_export(self, fmt: str) -> None:
         if self._exporting is not None:
@@ -226,12 +254,7 @@ class TryPage(BasePage):
             b.setEnabled(False)
         self.export_bars[fmt].setValue(0)
         self.export_status[fmt].setText("starting…")
-        fn = self.engine.merge_and_export
-
-        def run(c: Any, progress: Any) -> Any:
-            return fn(c, progress)
-
-        self.run_task(f"export-{fmt}", run, cfg, lambda r: self._exported(fmt, r),
+        self.run_task(f"export-{fmt}", export, cfg, lambda r: self._exported(fmt, r),
                       on_progress=lambda f, m: self._export_progress(fmt, f, m),
                       on_cancel=lambda: self.export_status[fmt].setText("cancelled"))
 
@@ -239,14 +262,12 @@ class TryPage(BasePage):
         self.export_bars[fmt].setValue(int(fraction * 1000))
         self.export_status[fmt].setText(message)
 
-    def _exported(self, fmt: str, result: Any) -> None:
+    def _exported(self, fmt: str, result: ExportResult) -> None:
         self.state.exports[fmt] = result
-        path = {"merged": getattr(result, "merged_dir", None), "adapter": getattr(result, "adapter_dir", None),
-                "gguf": getattr(result, "gguf_path", None)}.get(fmt)
-        diffs = getattr(result, "verification", ()) or ()
+        path = {"merged": result.merged_dir, "adapter": result.adapter_dir, "gguf": result.gguf_path}.get(fmt)
         check = ""
-        if diffs:
-            worst = max(float(d) for _, d in diffs)
+        if result.verification:
+            worst = max(d for _, d in result.verification)
             check = f" · verified (max logit diff {worst:.2g})"
         self.export_bars[fmt].setValue(1000)
         self.export_status[fmt].setText(f"{path or 'done'}{check}")

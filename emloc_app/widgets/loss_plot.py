@@ -8,9 +8,8 @@ metrics arrive.
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from PySide6.QtCharts import QChart, QChartView, QLineSeries, QScatterSeries, QValueAxis
+from PySide6.QtCharts import QChart, QChartView, QLineSeries, QScatterSeries, QValueAxis, QXYSeries
 from PySide6.QtCore import QMargins, Qt
 from PySide6.QtGui import QColor, QPainter, QPen
 from PySide6.QtWidgets import QGridLayout, QSizePolicy, QWidget
@@ -52,7 +51,7 @@ class _Chart:
         self.ax.setRange(0, 1)
         self.ay.setRange(0, 1)
 
-    def add_point(self, series: QLineSeries, x: float, y: float) -> None:
+    def add_point(self, series: QXYSeries, x: float, y: float) -> None:
         series.append(x, y)
         self.x_max = max(self.x_max, x)
         self.y_min, self.y_max = min(self.y_min, y), max(self.y_max, y)
@@ -73,24 +72,26 @@ class LossPlot(QWidget):
         for i, c in enumerate(self.charts.values()):
             grid.addWidget(c.view, 0, i)
             grid.setColumnStretch(i, 2 if i == 0 else 1)
-        self.series: dict[str, Any] = {}
+        self.series: dict[str, QXYSeries] = {}
         self.points: dict[str, list[tuple[int, float]]] = {}
 
-    def _series(self, name: str) -> tuple[_Chart, QLineSeries] | None:
+    def _series(self, name: str) -> tuple[_Chart, QXYSeries] | None:
         spec = SERIES.get(name)
         if spec is None:
             return None
         key, label, color, scatter = spec
         chart = self.charts[key]
-        s: Any = self.series.get(label)
+        s = self.series.get(label)
         if s is None:
-            s = QScatterSeries() if scatter else QLineSeries()
-            s.setName(label)
             if scatter:
-                s.setMarkerSize(8.0)
-                s.setColor(QColor(color))
+                dots = QScatterSeries()
+                dots.setMarkerSize(8.0)
+                dots.setColor(QColor(color))
+                s = dots
             else:
+                s = QLineSeries()
                 s.setPen(QPen(QColor(color), 2))
+            s.setName(label)
             chart.chart.addSeries(s)
             s.attachAxis(chart.ax)
             s.attachAxis(chart.ay)

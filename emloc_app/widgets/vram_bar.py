@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from PySide6.QtCore import QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFontMetrics, QPainter, QPaintEvent, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
+
+from emloc_engine.run.planning import MemoryPlan
 
 GIB = 1024**3
 OK_COLOR, OVER_COLOR, REF_COLOR = QColor("#22a06b"), QColor("#d9534f"), QColor("#8c8c8c")
@@ -23,18 +24,14 @@ class MemoryRow:
     reference: bool = False  # drawn grey: for comparison only (e.g. LoRA on the full model)
 
 
-def rows_from_plan(plan: Any) -> list[MemoryRow]:
+def rows_from_plan(plan: MemoryPlan) -> list[MemoryRow]:
     """Bars for a ``MemoryPlan``: inference, each stage, and full-model LoRA for comparison."""
-    rows = [MemoryRow("Inference (what you run today)", int(getattr(plan, "inference_peak_bytes", 0) or 0))]
+    rows = [MemoryRow("Inference (what you run today)", plan.inference_peak_bytes, plan.inference.parts)]
     names = {"emulator": "Build emulator", "train": "Train on emulator", "correct": "Correct LoRA",
              "export": "Merge & export"}
-    for st in getattr(plan, "stages", ()) or ():
-        name = str(getattr(st, "name", "stage"))
-        parts = tuple((str(a), int(b)) for a, b in (getattr(st, "parts", ()) or ()))
-        rows.append(MemoryRow(names.get(name, name.capitalize()), int(getattr(st, "peak_bytes", 0)), parts))
-    full = getattr(plan, "full_lora_peak_bytes", None)
-    if full:
-        rows.append(MemoryRow("LoRA on the full model (no EMLoC)", int(full), reference=True))
+    rows += [MemoryRow(names.get(st.name, st.name.capitalize()), st.peak_bytes, st.parts) for st in plan.stages]
+    rows.append(MemoryRow("LoRA on the full model (no EMLoC)", plan.full_lora_peak_bytes, plan.full_lora.parts,
+                          reference=True))
     return rows
 
 
@@ -55,8 +52,8 @@ class VramBar(QWidget):
         self.updateGeometry()
         self.update()
 
-    def set_plan(self, plan: Any) -> None:
-        self.set_rows(rows_from_plan(plan), getattr(plan, "budget_bytes", None))
+    def set_plan(self, plan: MemoryPlan) -> None:
+        self.set_rows(rows_from_plan(plan), plan.budget_bytes)
 
     def _row_height(self) -> int:
         return QFontMetrics(self.font()).height() + 10

@@ -37,14 +37,14 @@ class DataConfig:
     """
 
     path: Path = field(metadata={"help": "Dataset file: .jsonl, .json, .csv, .tsv, .parquet or .txt."})
-    format: str = field(default="auto", metadata={
+    format: str = field(default="auto", metadata={"choices": ("auto", *FORMATS),
         "help": "Record format: auto (detected from the first record's fields), " + ", ".join(FORMATS) + "."})
     column_map: tuple[tuple[str, str], ...] = field(default=(), metadata={
         "help": "(field, column) pairs: read the canonical field (e.g. 'prompt') from that column of the "
                 "file, for CSV/Parquet/JSON files with other names."})
     max_length: int = field(default=512, metadata={
         "help": "Tokens per training sequence; longer samples are truncated (plain text is cut into pieces)."})
-    train_on: str = field(default="assistant", metadata={
+    train_on: str = field(default="assistant", metadata={"choices": TRAIN_ON,
         "help": "'assistant': loss only on assistant replies / completions (default); 'all': every token."})
     eval_fraction: float = field(default=0.1, metadata={
         "help": "Share of samples held out for the eval loss (at least one when there are 2 or more; 0 = none)."})

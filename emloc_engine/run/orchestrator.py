@@ -1,99 +1,69 @@
-"""``emloc run``: every stage end to end, resumable from the run manifest.
+"""The one orchestrator of a run: it alone starts, resumes, records and finishes stages.
 
-The pipeline is only glue: it resolves the model and the data, asks the planner for ρ when none
-is given, then calls the same stage functions the app calls — ``build_emulator``, ``train_lora``,
-``correct_lora``, ``merge_and_export`` — recording each stage, its settings, the predicted and the
-measured peak memory in ``RUN_DIR/manifest.json``. Running the same command again skips finished
-stages (each stage also resumes its own partial work: emulator blocks, training checkpoints).
-A run folder is bound to its inputs: a different model or dataset fingerprint is refused.
+``emloc run``, the per-stage commands (``emloc build|train|correct|export``) and the app's Run page
+all come here. Two entry points share one core:
+
+* :func:`run_stages` runs (or resumes) a planned run (:func:`~emloc_engine.run.plan.plan_run`): it
+  validates the inputs before the folder is touched, refuses a changed setting that would make the
+  folder's files disagree with its manifest (naming each difference, unless ``redo_from`` asks to redo
+  from a stage), skips finished stages, and runs the rest.
+* :func:`open_run` + :func:`run_stage` run one stage with a config the caller built (the per-stage
+  commands): the stage always runs (it resumes its own partial work) and later finished stages are
+  marked ``stale``.
+
+Either way: one process per run folder (:mod:`emloc_engine.run.lock`), leftovers of a dead writer
+(``*.partial``) are removed on resume, the run log goes to ``RUN_DIR/logs/emloc.log``, and the typed
+manifest (:mod:`emloc_engine.run.manifest`) records settings, input fingerprints, each stage's
+status, predicted and measured peak, result, and why it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from emloc_engine.core.errors import ConfigError, InsufficientMemory, RunStateError
+from emloc_engine.core.errors import Cancelled, RunStateError
+from emloc_engine.core.jsonable import to_json
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
-from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.config import STAGES, RunConfig, stage_of_setting
+from emloc_engine.run.location import check_run_location
+from emloc_engine.run.lock import run_folder_lock
+from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, now, read_manifest, write_manifest
+from emloc_engine.run.options import changed_settings
 from emloc_engine.run.runlog import attach_run_log, detach_run_log
 
+if TYPE_CHECKING:
+    from emloc_engine.run.plan import RunPlan
+
 log = logging.getLogger(__name__)
-
-EXPORT_FORMATS = ("merged", "adapter", "gguf")
-# Share of the progress bar per stage (emulator, train, correct, export): training dominates.
-_SLICES = {"emulator": (0.0, 0.2), "train": (0.2, 0.75), "correct": (0.75, 0.85), "export": (0.85, 1.0)}
-
-
-def parse_lambda(text: str | float | None) -> float | None:
-    """``"auto"``/None -> None (chosen on held-out data); ``"inf"`` -> ∞; else a number ≥ 0.
-
-    Raises:
-        ConfigError: anything else.
-    """
-    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).") from None
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"--lambda must be 'auto', 'inf' or a number ≥ 0 (got {text!r}).")
-    return value
+R = TypeVar("R")
+# Share of the progress bar per stage: training dominates.
+SLICES = {"emulator": (0.0, 0.2), "train": (0.2, 0.75), "correct": (0.75, 0.85), "export": (0.85, 1.0)}
+PARTIAL_SUFFIX = ".partial"
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything ``emloc run`` needs; the app builds the same object on its Plan page."""
+class RunEvents(Protocol):
+    """Stage boundaries, for a UI (called from the thread that runs the stages)."""
 
-    model_dir: Path = field(metadata={"help": "Snapshot folder of the original model (safetensors)."})
-    data_path: Path = field(metadata={"help": "The training dataset file."})
-    run_dir: Path = field(metadata={"help": "Run folder; an interrupted run resumes from its manifest."})
-    ratio: float | None = field(default=None, metadata={"help": "Keep-ratio ρ; None lets the planner choose."})
-    budget_bytes: int | None = field(default=None, metadata={"help": "GPU memory budget for the planner."})
-    rank: int = field(default=16, metadata={"help": "LoRA rank r."})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the adapter is scaled by alpha/r."})
-    steps: int = field(default=100, metadata={"help": "Optimizer steps."})
-    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule with warmup)."})
-    batch_size: int = field(default=4, metadata={"help": "Sequences per optimizer step."})
-    lambda_: float | None = field(default=None, metadata={"help": "Correction damping λ; None = auto."})
-    calib: int = field(default=64, metadata={"help": "Calibration samples for the emulator."})
-    allocation: str = field(default="uniform", metadata={
-        "help": "Emulator ranks per module: uniform or spectral (see EmulatorConfig.allocation)."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per sample."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
-    exports: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={"help": "merged, adapter, gguf."})
-    gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f16, bf16, q8_0 or f32."})
-    seed: int = field(default=0, metadata={"help": "Seed for the split, sampling and initialisation."})
-    gpus: int = field(default=1, metadata={"help": "GPUs for data-parallel training (Stage 2); 1 = one process."})
-    anchor: str = field(default="auto", metadata={"help": "Anchored training: auto, blocks, linears or none (TrainConfig.anchor)."})
+    def stage_started(self, name: str) -> None: ...
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.anchor not in ("auto", "blocks", "linears", "none"):
-            problems.append(f"anchor must be auto, blocks, linears or none (got {self.anchor!r})")
-        if self.gpus < 1:
-            problems.append(f"gpus must be ≥ 1 (got {self.gpus})")
-        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
-            problems.append(f"ratio must be in (0, 1) (got {self.ratio})")
-        if self.rank < 1:
-            problems.append(f"rank must be ≥ 1 (got {self.rank})")
-        if self.steps < 1:
-            problems.append(f"steps must be ≥ 1 (got {self.steps})")
-        if self.allocation not in ("uniform", "spectral"):
-            problems.append(f"allocation must be uniform or spectral (got {self.allocation!r})")
-        if self.calib < 1:
-            problems.append(f"calib must be ≥ 1 (got {self.calib})")
-        unknown = [e for e in self.exports if e not in EXPORT_FORMATS]
-        if unknown:
-            problems.append(f"unknown export(s) {unknown}; choose from {', '.join(EXPORT_FORMATS)}")
-        if problems:
-            raise ConfigError("Invalid run settings.", problems=problems)
+    def stage_finished(self, name: str, status: str) -> None: ...  # done, skipped, cancelled, failed
+
+
+class _NoEvents:
+    def stage_started(self, name: str) -> None:
+        pass
+
+    def stage_finished(self, name: str, status: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -109,232 +79,304 @@ class RunResult:
     exports: dict[str, str]
     wall_s: float
     notes: tuple[str, ...] = ()
+    results: dict[str, Any] = field(default_factory=dict)  # stage -> the stage's result (stages run now)
 
 
-def _json_settings(cfg: RunConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    for k, v in d.items():
-        if isinstance(v, Path):
-            d[k] = str(v)
-        elif isinstance(v, float) and math.isinf(v):
-            d[k] = "inf"
-    return d
+@dataclass
+class RunSession:
+    """An open run folder: its lock is held and its manifest is in memory (see :func:`open_run`)."""
+
+    layout: RunLayout
+    manifest: Manifest
+    events: RunEvents
+
+    def save(self) -> None:
+        write_manifest(self.manifest)
+
+    def record_input(self, name: str, path: Path, fingerprint: str) -> None:
+        self.manifest.inputs[name] = InputRecord(str(path), fingerprint)
+        self.save()
 
 
-def _check_inputs(manifest: RunManifest, name: str, path: Path, fingerprint: str) -> None:
-    old = manifest.data["inputs"].get(name)
-    if old and old.get("fingerprint") != fingerprint:
-        raise RunStateError(
-            f"The run folder {manifest.root} was started with a different {name} ({old.get('path')}).",
-            hint="Use a new --out folder for a new model or dataset.",
-        )
-    manifest.set_input(name, path, fingerprint)
+def remove_dead_partials(root: Path) -> list[Path]:
+    """Remove ``*.partial`` files and folders under ``root`` (two levels deep) and return them.
+
+    Only called while the run folder's lock is held, so no live writer owns them: they are the
+    leftovers of a crashed or killed one (gigabytes each for a real model's merge or checkpoint).
+    """
+    removed = []
+    for pattern in ("*" + PARTIAL_SUFFIX, "*/*" + PARTIAL_SUFFIX):
+        for p in sorted(root.glob(pattern)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        log.info("Removed %d leftover(s) of an interrupted write: %s", len(removed),
+                 ", ".join(str(p.relative_to(root)) for p in removed))
+    return removed
 
 
-def _checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The exports this model can have, decided before any work: a GGUF the writer cannot produce for
-    this family is dropped with a note (not discovered after training), the others are kept."""
-    if "gguf" not in cfg.exports:
-        return cfg.exports, ()
-    from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
-    from emloc_engine.weights.checkpoint import load_config
-
-    problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
-    if not problem:
-        return cfg.exports, ()
-    note = f"GGUF export skipped: {problem}"
-    log.warning(note)
-    return tuple(e for e in cfg.exports if e != "gguf"), (note,)
-
-
-def choose_ratio(cfg: RunConfig) -> tuple[float, dict[str, Any]]:
-    """ρ from the config, or from the planner for the detected machine.
-
-    The planner's default budget is the model's own inference peak (the promise: training fits in
-    what inference needs). Tiny models on big GPUs, and CPU runs, can fail that rule only because
-    of fixed costs (CUDA context, logits); when the user gave neither ρ nor a budget, the whole
-    device is used as the budget instead and the manifest says so.
-
-    Returns:
-        ``(ρ, plan record)``; the record holds the predicted peak (GiB) of every stage.
+@contextlib.contextmanager
+def open_run(run_dir: Path, *, model_dir: Path | None = None,
+             events: RunEvents | None = None) -> Iterator[RunSession]:
+    """Open ``run_dir`` for work: location checked, lock held, leftovers removed, run log attached.
 
     Raises:
-        ConfigError: nothing fits even then; the message lists what would.
+        RunStateError: the folder is protected (source model, HF cache, runtime store), in use, or its
+            manifest is unreadable.
     """
-    from emloc_engine.machine.hardware import detect_machine
-    from emloc_engine.run import planning
-
-    facts = planning.model_facts(cfg.model_dir)
-    machine = detect_machine()
-    use_gpu = cfg.device != "cpu" and bool(machine.gpus)
-    device_total = machine.gpus[0].total_bytes if use_gpu else machine.ram_total_bytes
-
-    def plan(budget: int | None) -> Any:
-        return planning.plan_memory(facts, planning.PlanConfig(
-            budget_bytes=budget, gpu_total_bytes=device_total, context_length=cfg.max_length,
-            batch_size=cfg.batch_size, lora_rank=cfg.rank, ratio=cfg.ratio,
-            device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib, train_steps=cfg.steps,
-            auto_lambda=cfg.lambda_ is None, num_gpus=cfg.gpus, anchored=cfg.anchor != "none",
-            anchor_linears=cfg.anchor == "linears"))
-
-    result = plan(cfg.budget_bytes)
-    budget_note = "inference peak" if cfg.budget_bytes is None else "user budget"
-    if not result.fits and cfg.budget_bytes is None and cfg.ratio is None:
-        result = plan(device_total)
-        budget_note = "whole device (the inference-peak budget left no room for fixed costs)"
-    info = {"ratio": result.ratio, "fits": result.fits, "reason": result.reason, "budget": budget_note,
-            "budget_gib": result.budget_bytes / 2**30, "limit_bytes": result.limit_bytes,
-            "device": "cuda" if use_gpu else "cpu",
-            "predicted_peaks_gib": {s.name: s.peak_bytes / 2**30 for s in result.stages},
-            "inference_peak_gib": result.inference_peak_bytes / 2**30,
-            "full_lora_peak_gib": result.full_lora_peak_bytes / 2**30,
-            "est_seconds": result.est_seconds}
-    if cfg.ratio is not None:
-        return cfg.ratio, info
-    if result.ratio is None or not result.fits:
-        raise InsufficientMemory(f"No compression ratio fits: {result.reason}", problems=list(result.suggestions),
-                                 hint="Give --ratio or --budget-gib explicitly, or follow a suggestion above.")
-    return float(result.ratio), info
+    run_dir = Path(run_dir)
+    if model_dir is not None:
+        check_run_location(run_dir, model_dir)
+    with run_folder_lock(run_dir):
+        manifest = read_manifest(run_dir) or Manifest(root=run_dir)
+        remove_dead_partials(run_dir)
+        handler = attach_run_log(run_dir)
+        try:
+            yield RunSession(RunLayout(run_dir), manifest, events or _NoEvents())
+        finally:
+            detach_run_log(handler)
 
 
-def run_pipeline(cfg: RunConfig, progress: Progress = NULL_PROGRESS) -> RunResult:
-    """Run (or resume) every stage of EMLoC for one model and one dataset.
+def _measured_peak(result: Any) -> float | None:
+    peak = getattr(result, "peak_vram_gib", None)
+    return float(peak) if isinstance(peak, (int, float)) else None
+
+
+def run_stage(session: RunSession, name: str, work: Callable[[], R], *,
+              predicted_peak_gib: float | None = None, result_json: Callable[[R], dict[str, Any]] | None = None) -> R:
+    """Run one stage: the only place that marks a stage started, done, cancelled or failed.
 
     Args:
-        cfg: the whole run's settings.
-        progress: receives the overall fraction, stage messages and every stage's metrics.
-
-    Returns:
-        A :class:`RunResult` with the chosen ρ and λ and the export paths.
+        session: the open run (its lock is held).
+        name: one of :data:`~emloc_engine.run.config.STAGES`.
+        work: calls the stage function with its config and progress.
+        predicted_peak_gib: the planner's peak, stored beside the measured one so drift shows.
+        result_json: the result as the manifest stores it (default: every field of the result).
 
     Raises:
-        EngineError: from any stage; the manifest records the failed stage and the run resumes.
-        Cancelled: after the current stage reached a resumable point.
+        whatever the stage raises, after recording it (``cancelled`` for Cancel/Ctrl-C, else ``failed``).
     """
-    from emloc_engine.data import DataConfig, calibration_token_ids, inspect_dataset, load_tokenizer
-    from emloc_engine.stages.correction.corrector import CorrectionConfig, correct_lora
-    from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
-    from emloc_engine.stages.export.exporter import ExportConfig, merge_and_export
-    from emloc_engine.stages.training.trainer import TrainConfig, train_lora
+    m = session.manifest
+    m.stages[name] = StageRecord(status="running", started=now(), predicted_peak_gib=predicted_peak_gib)
+    session.save()
+    session.events.stage_started(name)
+    try:
+        result = work()
+    except BaseException as exc:
+        cancelled = isinstance(exc, (Cancelled, KeyboardInterrupt))
+        status = "cancelled" if cancelled else "failed"
+        rec = m.stages[name]
+        rec.status, rec.finished = status, now()
+        rec.message = "Cancelled; run the same command again to resume." if cancelled else str(exc)
+        session.save()
+        session.events.stage_finished(name, status)
+        raise
+    rec = m.stages[name]
+    rec.status, rec.finished = "done", now()
+    rec.measured_peak_gib = _measured_peak(result)
+    rec.result = result_json(result) if result_json is not None else to_json(result)
+    for later in STAGES[STAGES.index(name) + 1:]:  # their inputs just changed
+        if m.stage(later).status not in ("pending", "stale"):
+            m.stages[later].status = "stale"
+            m.stages[later].message = f"Made from an earlier {name} output; run it again."
+    session.save()
+    session.events.stage_finished(name, "done")
+    return result
+
+
+# -- whole runs ------------------------------------------------------------------------------------
+def _refuse_changes(m: Manifest, cfg: RunConfig, redo_from: str | None) -> str | None:
+    """The first stage to redo because settings changed, or None; refuses when the user did not ask.
+
+    Raises:
+        RunStateError: listing each changed setting (old → new) and the two ways forward.
+    """
+    if m.config is None:
+        return None
+    changes = [c for c in changed_settings(m.config, cfg) if stage_of_setting(c[0])]
+    if not changes:
+        return None
+    first = min(STAGES.index(stage_of_setting(p)) for p, _, _ in changes)
+    touched = [s for s in STAGES[first:] if m.stage(s).status != "pending"]
+    if not touched:
+        return None
+    if redo_from is not None and STAGES.index(redo_from) <= first:
+        return redo_from
+    lines = [f"{path}: {_short(old)} → {_short(new)}" for path, old, new in changes]
+    raise RunStateError(
+        f"The run folder {m.root} was made with other settings ({len(changes)} differ); its "
+        f"{', '.join(touched)} output would not match them.", problems=lines,
+        hint=f"Use a new --out folder, or add --redo-from {STAGES[first]} to redo this folder from that stage "
+             f"(its later outputs are replaced).")
+
+
+def _short(value: Any) -> str:
+    text = str(to_json(value))
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _reset_from(session: RunSession, stage: str) -> None:
+    """Forget ``stage`` and every later one, and delete their outputs (``--redo-from``)."""
+    lay = session.layout
+    outputs = {"emulator": [lay.emulator], "train": [lay.adapter, lay.checkpoints],
+               "correct": [lay.adapter_corrected], "export": [lay.merged, lay.gguf, lay.root / "adapter-export"]}
+    for name in STAGES[STAGES.index(stage):]:
+        for path in outputs[name]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        session.manifest.stages.pop(name, None)
+    log.info("Redoing from %s: its outputs and every later one were removed.", stage)
+    session.save()
+
+
+def _check_inputs(m: Manifest, name: str, path: Path, fingerprint: str, redo: bool) -> None:
+    old = m.inputs.get(name)
+    if old is not None and old.fingerprint != fingerprint and not redo:
+        raise RunStateError(f"The run folder {m.root} was made with a different {name} ({old.path}).",
+                            hint="Use a new --out folder for a new model or dataset, or add --redo-from emulator.")
+
+
+def _done(session: RunSession, name: str) -> bool:
+    lay = session.layout
+    marker = {"emulator": lay.emulator / "emloc.json", "train": lay.adapter / "adapter_config.json",
+              "correct": lay.adapter_corrected / "adapter_config.json"}.get(name)
+    return session.manifest.stage(name).done and (marker is None or marker.exists())
+
+
+def _stored_lambda(rec: StageRecord) -> float | None:
+    value = rec.result.get("lambda_")
+    if value == "inf":
+        return math.inf
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def run_facts(manifest: Manifest) -> Any:
+    """The facts a model card states about the run (data, ρ, steps, final eval loss), from its manifest."""
+    from emloc_engine.stages.export.model_card import RunFacts
+
+    train = manifest.stage("train").result
+    ratio = (manifest.plan or {}).get("ratio")
+    if ratio is None and manifest.config is not None:
+        ratio = manifest.config.ratio
+    steps, loss = train.get("steps_done"), train.get("final_eval_loss")
+    return RunFacts(data=manifest.inputs["data"].path if "data" in manifest.inputs else None,
+                    ratio=float(ratio) if isinstance(ratio, (int, float)) else None,
+                    steps=steps if isinstance(steps, int) else None,
+                    final_eval_loss=float(loss) if isinstance(loss, (int, float)) else None)
+
+
+def export_record(result: Any) -> dict[str, Any]:
+    """The export stage's manifest record: every result field plus ``paths`` (what exists and was verified)."""
+    paths = {k: str(getattr(result, k)) for k in ("merged_dir", "adapter_dir", "gguf_path") if getattr(result, k)}
+    out: dict[str, Any] = {**to_json(result), "paths": paths}
+    return out
+
+
+def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Sequence[str] = STAGES,
+               events: RunEvents | None = None, redo_from: str | None = None) -> RunResult:
+    """Run (or resume) the planned run's ``stages`` in order.
+
+    Args:
+        plan: from :func:`~emloc_engine.run.plan.plan_run`.
+        progress: receives the overall fraction, stage messages and every stage's metrics.
+        stages: which stages to run (finished ones are skipped).
+        events: stage boundaries for a UI.
+        redo_from: redo this stage and every later one even if done (needed when settings changed).
+
+    Returns:
+        A :class:`RunResult` with ρ, λ, the export paths and the results of the stages run now.
+
+    Raises:
+        EngineError: bad input (before the folder is touched), a refused change, or a stage's error
+            (recorded in the manifest; the run resumes). Cancelled: after a resumable point.
+    """
+    from emloc_engine.data import calibration_token_ids, inspect_dataset, load_tokenizer
     from emloc_engine.weights.checkpoint import fingerprint_model
 
     t0 = time.monotonic()
-    layout = RunLayout(Path(cfg.run_dir))
-    manifest = RunManifest.open(layout.root)
-    handler = attach_run_log(layout.root)
+    cfg = plan.config
+    if redo_from is not None and redo_from not in STAGES:
+        raise RunStateError(f"--redo-from must be one of {', '.join(STAGES)} (got {redo_from!r}).")
+    # Everything that can be refused is checked before the folder is created or the lock taken.
+    check_run_location(cfg.run_dir, cfg.model_dir)
+    tokenizer = load_tokenizer(cfg.model_dir)
+    report = inspect_dataset(cfg.data, tokenizer)
+    report.raise_if_fatal()  # every bad line listed, before the folder exists
+    model_fp = fingerprint_model(cfg.model_dir)
     ran: list[str] = []
     skipped: list[str] = []
-    current = "setup"
-    try:
-        data_cfg = DataConfig(path=Path(cfg.data_path), max_length=cfg.max_length, seed=cfg.seed)
-        tokenizer = load_tokenizer(cfg.model_dir)
-        report = inspect_dataset(data_cfg, tokenizer)
-        _check_inputs(manifest, "model", cfg.model_dir, fingerprint_model(cfg.model_dir))
-        _check_inputs(manifest, "data", cfg.data_path, report.fingerprint)
-        exports_wanted, notes = _checked_exports(cfg)
-        ratio, plan_info = choose_ratio(cfg)
-        manifest.update_settings({**_json_settings(cfg), "ratio": ratio, "plan": plan_info,
-                                  "exports": list(exports_wanted), "notes": list(notes)})
-        predicted = plan_info.get("predicted_peaks_gib", {})
+    results: dict[str, Any] = {}
+    with open_run(cfg.run_dir, model_dir=cfg.model_dir, events=events) as session:
+        m = session.manifest
+        redo = _refuse_changes(m, cfg, redo_from) or redo_from
+        _check_inputs(m, "model", cfg.model_dir, model_fp, redo == "emulator")
+        _check_inputs(m, "data", cfg.data.path, report.fingerprint, redo == "emulator")
+        if redo is not None:
+            _reset_from(session, redo)
+        m.config, m.plan, m.notes = cfg, to_json(plan.record), list(plan.notes)
+        m.inputs["model"] = InputRecord(str(cfg.model_dir), model_fp)
+        m.inputs["data"] = InputRecord(str(cfg.data.path), report.fingerprint)
+        session.save()
+        predicted = plan.record.predicted_peaks_gib
 
-        def stage(name: str) -> Progress:
-            nonlocal current
-            current = name
-            a, b = _SLICES[name]
-            return sub(progress, a, b)
+        def step(name: str, work: Callable[[Progress], Any]) -> Any:
+            if name not in stages or (name == "export" and plan.export is None):
+                return None
+            if _done(session, name):
+                skipped.append(name)
+                session.events.stage_finished(name, "skipped")
+                return None
+            p = sub(progress, *SLICES[name])
+            result = run_stage(session, name, lambda: work(p), predicted_peak_gib=predicted.get(name),
+                               result_json=export_record if name == "export" else None)
+            ran.append(name)
+            results[name] = result
+            return result
 
-        # Stage 1: emulator
-        if manifest.is_done("emulator") and (layout.emulator / "emloc.json").exists():
-            skipped.append("emulator")
-        else:
-            p = stage("emulator")
-            manifest.start_stage("emulator", predicted_peak_gib=predicted.get("emulator"))
-            ids = calibration_token_ids(data_cfg, tokenizer, n=cfg.calib, seed=cfg.seed)
-            # The build streams one block at a time and needs little; it is held to half the
-            # inference peak (its chunks shrink to fit) so the GPU stays usable meanwhile.
-            budget = None
-            if plan_info.get("device") == "cuda":
-                budget = int(min(plan_info["limit_bytes"], 0.5 * plan_info["inference_peak_gib"] * 2**30))
-            factor_devices = (tuple(f"cuda:{i}" for i in range(1, cfg.gpus))
-                              if plan_info.get("device") == "cuda" and cfg.gpus > 1 else ())
-            er = build_emulator(EmulatorConfig(model_dir=cfg.model_dir, out_dir=layout.emulator,
-                                               calibration_ids=tuple(tuple(x) for x in ids), ratio=ratio,
-                                               device=cfg.device, memory_budget_bytes=budget,
-                                               allocation=cfg.allocation,
-                                               factor_devices=factor_devices), p)
-            manifest.finish_stage("emulator", er.to_dict(), measured_peak_gib=er.peak_vram_gib)
-            ran.append("emulator")
+        def emulator(p: Progress) -> Any:
+            from emloc_engine.stages.emulator.builder import build_emulator
 
-        # Stage 2: training
-        final_eval: float | None = None
-        if manifest.is_done("train") and (layout.adapter / "adapter_config.json").exists():
-            skipped.append("train")
-            final_eval = manifest.stage("train").get("result", {}).get("final_eval_loss")
-        else:
-            p = stage("train")
-            manifest.start_stage("train", predicted_peak_gib=predicted.get("train"))
-            train_cfg = TrainConfig(run_dir=layout.root, data=data_cfg, rank=cfg.rank, alpha=cfg.alpha,
-                                    steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                    device=cfg.device, seed=cfg.seed,
-                                    anchor="none" if cfg.gpus > 1 and cfg.anchor == "auto" else cfg.anchor)
-            if cfg.gpus > 1:
-                from emloc_engine.stages.training.distributed import ParallelConfig, train_lora_distributed
+            emu = plan.emulator
+            if not emu.calibration_ids:
+                ids = calibration_token_ids(cfg.data, tokenizer, n=cfg.calib, seed=cfg.seed)
+                emu = replace(emu, calibration_ids=tuple(tuple(x) for x in ids))
+            return build_emulator(emu, p)
 
-                tr = train_lora_distributed(train_cfg, ParallelConfig(processes=cfg.gpus), p)
-            else:
-                tr = train_lora(train_cfg, p)
-            final_eval = tr.final_eval_loss
-            manifest.finish_stage("train", {"steps": tr.steps_done, "final_eval_loss": tr.final_eval_loss,
-                                            "loss_history": list(tr.loss_history),
-                                            "eval_history": list(tr.eval_history),
-                                            "tokens_per_s": tr.tokens_per_s, "wall_s": tr.wall_s,
-                                            "anchor": tr.anchor, "anchor_note": tr.anchor_note,
-                                            "anchor_s": tr.anchor_s},
-                                  measured_peak_gib=tr.peak_vram_gib)
-            ran.append("train")
+        def train(p: Progress) -> Any:
+            if plan.parallel is not None:
+                from emloc_engine.stages.training.distributed import train_lora_distributed
 
-        # Stage 3: correction
-        lam: float | None
-        if manifest.is_done("correct") and (layout.adapter_corrected / "adapter_config.json").exists():
-            skipped.append("correct")
-            lam_rec = manifest.stage("correct").get("result", {}).get("lambda")
-            lam = math.inf if lam_rec == "inf" else lam_rec
-        else:
-            p = stage("correct")
-            manifest.start_stage("correct", predicted_peak_gib=predicted.get("correct"))
-            cr = correct_lora(CorrectionConfig(run_dir=layout.root, model_dir=cfg.model_dir, lambda_=cfg.lambda_,
-                                               data=data_cfg, device=cfg.device, overwrite=True), p)
-            lam = cr.lambda_
-            manifest.finish_stage("correct", {**cr.to_dict(), "lambda": "inf" if math.isinf(lam) else lam},
-                                  measured_peak_gib=getattr(cr, "peak_vram_gib", None))
-            ran.append("correct")
+                return train_lora_distributed(plan.train, plan.parallel, p)
+            from emloc_engine.stages.training.trainer import train_lora
 
-        # Stage 4: export
-        exports: dict[str, str] = {}
-        if exports_wanted:
-            if manifest.is_done("export"):
-                skipped.append("export")
-                exports = dict(manifest.stage("export").get("result", {}).get("paths", {}))
-            else:
-                p = stage("export")
-                manifest.start_stage("export")
-                xr = merge_and_export(ExportConfig(run_dir=layout.root, model_dir=cfg.model_dir,
-                                                   formats=exports_wanted, gguf_type=cfg.gguf_type,
-                                                   overwrite=True, device=cfg.device), p)
-                for key in ("merged_dir", "adapter_dir", "gguf_path"):
-                    value = getattr(xr, key, None)
-                    if value:
-                        exports[key] = str(value)
-                manifest.finish_stage("export", {**xr.to_dict(), "paths": exports,
-                                                 "verification": [list(v) for v in xr.verification]},
-                                      measured_peak_gib=getattr(xr, "peak_vram_gib", None))
-                ran.append("export")
+            return train_lora(plan.train, p)
+
+        def correct(p: Progress) -> Any:
+            from emloc_engine.stages.correction.corrector import correct_lora
+
+            return correct_lora(plan.correct, p)
+
+        def export(p: Progress) -> Any:
+            from emloc_engine.stages.export.exporter import merge_and_export
+
+            assert plan.export is not None
+            return merge_and_export(replace(plan.export, run_facts=run_facts(m)), p)
+
+        step("emulator", emulator)
+        step("train", train)
+        step("correct", correct)
+        step("export", export)
         progress.update(1.0, "Done")
-        return RunResult(layout.root, ratio, tuple(ran), tuple(skipped), lam, final_eval, exports,
-                         time.monotonic() - t0, notes)
-    except BaseException as exc:
-        if current in _SLICES:
-            manifest.record_interruption(current, exc)
-        raise
-    finally:
-        detach_run_log(handler)
+        train_rec, correct_rec, export_rec = m.stage("train"), m.stage("correct"), m.stage("export")
+        final_eval = train_rec.result.get("final_eval_loss")
+        return RunResult(
+            run_dir=session.layout.root, ratio=plan.ratio, stages_run=tuple(ran), stages_skipped=tuple(skipped),
+            lambda_=_stored_lambda(correct_rec) if correct_rec.done else None,
+            final_eval_loss=float(final_eval) if isinstance(final_eval, (int, float)) else None,
+            exports=dict(export_rec.result.get("paths", {})) if export_rec.done else {},
+            wall_s=time.monotonic() - t0, notes=plan.notes, results=results)

@@ -18,9 +18,6 @@ from safetensors import safe_open
 
 from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
-
-# Kept importable from here while run/orchestrator.py (being rewritten) imports it from this module.
-from emloc_engine.weights.headers import load_config as load_config
 from emloc_engine.weights.headers import read_safetensors_header
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from emloc_app.state import WizardState
 from emloc_app.worker import running_workers, shutdown_workers
-from tests.app.fakes import GIB, FakeMachine, FakeModel, FakeReport, make_fake_engine
+from emloc_engine.data import DataConfig
+from tests.app.fakes import GIB, FakeEngine, machine, model_info, report
 
 
 @pytest.fixture(autouse=True)
@@ -31,21 +32,19 @@ def _no_threads_left(qapp: object) -> Iterator[None]:
 
 
 @pytest.fixture
-def fake(tmp_path: Path):  # type: ignore[no-untyped-def]
-    return make_fake_engine(tmp_path)
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    """The default fake engine functions, installed for this test."""
+    return FakeEngine(tmp_path).install(monkeypatch.setattr)
 
 
 @pytest.fixture
 def state(tmp_path: Path) -> WizardState:
-    """The state as it is after the Data page: machine, model, data and calibration ids."""
-    from emloc_engine.data import DataConfig
-
+    """The state as it is after the Data page: machine, model and data."""
     data = tmp_path / "data.jsonl"
     data.write_text('{"messages": []}\n')
     model_dir = tmp_path / "model"
+    model = model_info("meta-llama/Llama-3.1-8B-Instruct", model_dir)
     return WizardState(
-        machine=FakeMachine(), gpu_index=0, budget_bytes=20 * GIB,
-        model=FakeModel("meta-llama/Llama-3.1-8B-Instruct", model_dir), model_dir=model_dir, facts={"x": 1},
-        data_path=data, data_config=DataConfig(path=data), data_report=FakeReport(),
-        calibration_ids=((1, 2, 3),) * 4, run_dir=tmp_path / "run",
+        machine=machine(), gpu_index=0, budget_bytes=20 * GIB, model=model, model_dir=model_dir,
+        data_path=data, data_config=DataConfig(path=data), data_report=report(), run_dir=tmp_path / "run",
     )

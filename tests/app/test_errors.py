@@ -13,7 +13,7 @@ from emloc_app.errors import ErrorBanner, route_error
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.state import WizardState
 from emloc_engine.core.errors import DataError, InsufficientMemory
-from tests.app.fakes import make_fake_engine
+from tests.app.fakes import FakeEngine
 
 
 def test_engine_error_shows_inline_with_problems_fix_and_retry(qtbot) -> None:  # type: ignore[no-untyped-def]
@@ -50,15 +50,16 @@ def test_other_exceptions_open_the_dialog_with_traceback_and_log_path(qtbot, tmp
     qtbot.waitUntil(lambda: not error_dialog.open_error_dialogs(), timeout=60_000)
 
 
-def test_page_shows_engine_error_and_retry_reruns(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    engine, _calls = make_fake_engine(tmp_path, fail={"detect_machine": InsufficientMemory("No memory.", hint="Close apps.")})
-    page = MachinePage(WizardState(), engine)
+def test_page_shows_engine_error_and_retry_reruns(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeEngine(tmp_path, fail={"detect_machine": InsufficientMemory("No memory.", hint="Close apps.")})
+    fake.install(monkeypatch.setattr)
+    page = MachinePage(WizardState())
     qtbot.addWidget(page)
     page.initializePage()
     qtbot.waitUntil(lambda: not page.banner.isHidden(), timeout=60_000)
     assert page.banner.title.text() == "No memory."
     assert not page.isComplete()
-    engine._objects["detect_machine"] = lambda: __import__("tests.app.fakes", fromlist=["x"]).FakeMachine()
+    del fake.fail["detect_machine"]
     page.banner.retry.click()
     qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.banner.isHidden()

@@ -73,15 +73,19 @@ def test_build_from_token_file_and_errors(tiny_llama: Path, tmp_path: Path,
 
 
 def test_parser_options() -> None:
-    args = build_parser().parse_args(["build", "m", "d", "--out", "r", "--dense", "a", "b", "--ratio-override",
-                                      "x.*=0.7", "--solver", "randomized", "--budget-gib", "8"])
-    assert args.dense == ["a", "b"]
-    assert args.ratio_override == [("x.*", 0.7)]
-    assert args.solver == "randomized" and args.budget_gib == 8.0
+    from emloc_engine.run.options import apply_values, top_value, typed_values
+    from emloc_engine.stages.emulator.options import EmulatorOptions
+
+    values = typed_values(build_parser().parse_args(["build", "m", "d", "--out", "r", "--dense", "a", "b",
+                                                     "--ratio-override", "x.*=0.7", "--solver", "randomized",
+                                                     "--budget-gib", "8"]))
+    options = apply_values(EmulatorOptions(), "emulator", values)
+    assert options.dense_patterns == ("a", "b")
+    assert options.ratio_overrides == (("x.*", 0.7),)
+    assert options.solver == "randomized" and top_value(values, "budget_bytes", None) == 8 * 2**30
 
 
 def test_build_with_spectral_allocation(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert build_parser().parse_args(["build", "m", "--out", "r"]).allocation == "uniform"
     calib = _calib_file(tmp_path)
     run_dir = tmp_path / "run"
     assert main(["build", str(tiny_llama), "--calib-file", str(calib), "--out", str(run_dir), "--ratio", "0.5",

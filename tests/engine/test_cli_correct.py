@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from emloc_engine.cli.main import main
-from emloc_engine.run.manifest import RunManifest
+from emloc_engine.data.config import DataConfig
+from emloc_engine.run.config import RunConfig
+from emloc_engine.run.manifest import Manifest, StageRecord, read_manifest, write_manifest
 from emloc_engine.weights.adapters import CORRECTION_META
 from tests.emulator_factory import write_svd_emulator
 from tests.lora_factory import write_random_adapter
@@ -29,8 +31,10 @@ def run_dir(tiny_llama: Path, tmp_path: Path) -> Path:
     return run
 
 
-def _stage(run: Path) -> dict[str, object]:
-    return RunManifest.open(run).stage("correct")
+def _stage(run: Path) -> StageRecord:
+    manifest = read_manifest(run)
+    assert manifest is not None
+    return manifest.stage("correct")
 
 
 @pytest.mark.slow
@@ -40,29 +44,30 @@ def test_auto_lambda_with_data(run_dir: Path, tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "<- chosen" in out and "held-out loss" in out
     stage = _stage(run_dir)
-    assert stage["status"] == "done"
-    result = stage["result"]
-    assert isinstance(result, dict) and result["lambda_mode"] == "auto"
-    assert [row["lambda"] for row in result["lambda_table"]] == [0.0, 0.5, 1.0, 3.0, "inf"]
+    assert stage.status == "done"
+    result = stage.result
+    assert result["lambda_mode"] == "auto"
+    assert [row[0] for row in result["lambda_table"]] == [0.0, 0.5, 1.0, 3.0, "inf"]
     meta = json.loads((run_dir / "adapter-corrected" / CORRECTION_META).read_text())
-    assert meta["lambda"] == result["lambda"] and len(meta["lambda_table"]) == 5
+    assert meta["lambda"] == result["lambda_"] and len(meta["lambda_table"]) == 5
     assert (run_dir / "logs" / "emloc.log").exists()
 
 
-def test_auto_lambda_uses_the_run_manifest_dataset(run_dir: Path, tmp_path: Path) -> None:
+def test_auto_lambda_uses_the_run_manifest_dataset(run_dir: Path, tmp_path: Path, tiny_llama: Path) -> None:
     data = _dataset(tmp_path / "chat.jsonl")
-    RunManifest.open(run_dir).update_settings({"data_path": str(data), "max_length": 64, "seed": 0})
+    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data, max_length=64), run_dir=run_dir)
+    write_manifest(Manifest(root=run_dir, config=cfg))
     assert main(["correct", str(run_dir), "--device", "cpu", "--max-eval-batches", "1"]) == 0
-    assert _stage(run_dir)["result"]["lambda_mode"] == "auto"  # type: ignore[index]
+    assert _stage(run_dir).result["lambda_mode"] == "auto"
 
 
 def test_fixed_lambda_then_overwrite(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["correct", str(run_dir), "--lambda", "inf", "--device", "cpu"]) == 0
     assert "λ = inf (fixed)" in capsys.readouterr().out
-    assert _stage(run_dir)["result"]["lambda"] == "inf"  # type: ignore[index]
+    assert _stage(run_dir).result["lambda_"] == "inf"
     assert main(["correct", str(run_dir), "--lambda", "3", "--device", "cpu"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert _stage(run_dir)["status"] == "failed"
+    assert _stage(run_dir).status == "failed"
     assert main(["correct", str(run_dir), "--lambda", "3", "--device", "cpu", "--overwrite"]) == 0
     assert json.loads((run_dir / "adapter-corrected" / CORRECTION_META).read_text())["lambda"] == 3.0
 

@@ -9,7 +9,7 @@ import pytest
 
 from emloc_engine.cli.main import main
 from emloc_engine.core.layout import RunLayout
-from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.manifest import InputRecord, Manifest, write_manifest
 from tests.engine.export_helpers import hf_logits, make_adapter, max_diff, peft_logits
 
 
@@ -17,7 +17,7 @@ from tests.engine.export_helpers import hf_logits, make_adapter, max_diff, peft_
 def test_cli_export_end_to_end(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     make_adapter(tiny_llama, RunLayout(run).adapter_corrected)
-    RunManifest.open(run).set_input("model", tiny_llama, "fp")  # --model defaults to the recorded one
+    write_manifest(Manifest(root=run, inputs={"model": InputRecord(str(tiny_llama), "fp")}))  # --model defaults to it
     code = main(["export", str(run), "--formats", "merged,adapter,gguf", "--gguf-type", "q8_0"])
     cap = capsys.readouterr()
     out = cap.out

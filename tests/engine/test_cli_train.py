@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from emloc_engine.cli.main import main
-from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.manifest import read_manifest
 from tests.emulator_factory import write_svd_emulator
 
 
@@ -52,11 +52,12 @@ def test_train_end_to_end_then_resume_and_restart(run_dir: Path, data_file: Path
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(tiny_llama)
-    manifest = RunManifest.open(run_dir)
+    manifest = read_manifest(run_dir)
+    assert manifest is not None
     record = manifest.stage("train")
-    assert record["status"] == "done" and record["result"]["steps"] == 4
-    assert len(record["result"]["loss_history"]) == 4
-    assert manifest.data["inputs"]["data"]["path"] == str(data_file)
+    assert record.status == "done" and record.result["steps_done"] == 4
+    assert len(record.result["loss_history"]) == 4
+    assert manifest.inputs["data"].path == str(data_file)
 
     assert main(["train", str(run_dir), str(data_file), *ARGS]) == 0  # done already: resumes at the end
     assert "(resumed from step 4)" in capsys.readouterr().out
@@ -102,4 +103,5 @@ def test_ctrl_c_stops_at_step_boundary_with_checkpoint(run_dir: Path, data_file:
         signal.signal(signal.SIGINT, inherited)
     assert "Stopping after this step" in capsys.readouterr().err
     assert (run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors").exists()
-    assert RunManifest.open(run_dir).stage("train")["status"] == "cancelled"
+    manifest = read_manifest(run_dir)
+    assert manifest is not None and manifest.stage("train").status == "cancelled"

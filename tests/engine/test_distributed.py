@@ -24,7 +24,7 @@ from emloc_engine.core.errors import Cancelled, ConfigError, DataError
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.data import DataConfig, Example
-from emloc_engine.run.manifest import RunManifest
+from emloc_engine.run.manifest import read_manifest
 from emloc_engine.stages.training.batches import micro_batch_indices
 from emloc_engine.stages.training.distributed import (
     Collectives,
@@ -271,9 +271,11 @@ def test_cli_trains_on_two_processes(llama_emulator: tuple[Path, Path], tmp_path
     data = write_qa(tmp_path / "qa.jsonl")
     assert main(["train", str(run), str(data), *CLI_ARGS, "--gpus", "2", "--device", "cpu"]) == 0
     assert f"adapter: {run / 'adapter'}" in capsys.readouterr().out
-    record = RunManifest.open(run).stage("train")
-    assert record["status"] == "done" and record["result"]["steps"] == 2
-    assert record["result"]["anchor"] == "none" and "2 processes" in record["result"]["anchor_note"]
+    manifest = read_manifest(run)
+    assert manifest is not None
+    record = manifest.stage("train")
+    assert record.status == "done" and record.result["steps_done"] == 2
+    assert record.result["anchor"] == "none" and "2 processes" in record.result["anchor_note"]
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
     run_log = RunLayout(run).log_file.read_text()  # rank 0's records reach the caller's run log

@@ -33,7 +33,7 @@ def _leftovers(run: Path) -> list[str]:
 
 def test_merged_logits_equal_peft_on_every_family(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = _run_with_adapter(tiny_model_dir, tmp_path)
-    res = merge_and_export(ExportConfig(run, tiny_model_dir, formats=("merged",), verify=False))
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_model_dir, formats=("merged",), verify=False))
     ref = peft_logits(tiny_model_dir, RunLayout(run).adapter_corrected)
     base = hf_logits(tiny_model_dir)
     merged = hf_logits(res.merged_dir)  # plain transformers, no peft
@@ -48,7 +48,7 @@ def test_merged_logits_equal_peft_on_every_family(tiny_model_dir: Path, tmp_path
 @pytest.mark.slow
 def test_verification_reports_each_export(tiny_llama: Path, tmp_path: Path) -> None:
     run = _run_with_adapter(tiny_llama, tmp_path)
-    res = merge_and_export(ExportConfig(run, tiny_llama, gguf_type="f16"))
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, gguf_type="f16"))
     got = dict(res.verification)
     assert set(got) == {"adapter", "merged", "gguf"}
     tol = dict(res.tolerances)
@@ -68,7 +68,7 @@ def test_bf16_sharded_source_keeps_split_and_dtype(tmp_path: Path) -> None:
     shards = sorted(p.name for p in src.glob("*.safetensors"))
     assert len(shards) >= 3
     run = _run_with_adapter(src, tmp_path)
-    res = merge_and_export(ExportConfig(run, src, formats=("merged",), verify=False))
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=src, formats=("merged",), verify=False))
     assert res.merged_dir is not None
     assert sorted(p.name for p in res.merged_dir.glob("*.safetensors")) == shards
     src_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
@@ -86,14 +86,14 @@ def test_bf16_sharded_source_keeps_split_and_dtype(tmp_path: Path) -> None:
 
 def test_refuses_to_overwrite_then_overwrites(tiny_llama: Path, tmp_path: Path) -> None:
     run = _run_with_adapter(tiny_llama, tmp_path)
-    cfg = ExportConfig(run, tiny_llama, formats=("merged",), verify=False)
+    cfg = ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False)
     merge_and_export(cfg)
     marker = RunLayout(run).merged / "marker.txt"
     marker.write_text("old")
     with pytest.raises(MergeError, match="already exists"):
         merge_and_export(cfg)
     assert marker.exists()
-    merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",), verify=False, overwrite=True))
+    merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False, overwrite=True))
     assert not marker.exists() and (RunLayout(run).merged / "config.json").exists()
 
 
@@ -104,12 +104,12 @@ def test_refuses_to_write_into_source_folder_or_hf_cache(tiny_llama: Path, tmp_p
     make_adapter(src, RunLayout(run).adapter_corrected)
     before = sorted(p.name for p in src.iterdir())
     with pytest.raises(MergeError, match="source model folder"):
-        merge_and_export(ExportConfig(run, src, formats=("merged",), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=src, formats=("merged",), verify=False))
     assert sorted(p.name for p in src.iterdir()) == before
     cache_run = _isolated_home / "hf" / "hub" / "run"
     make_adapter(src, RunLayout(cache_run).adapter_corrected)
     with pytest.raises(MergeError, match="Hugging Face cache"):
-        merge_and_export(ExportConfig(cache_run, src, formats=("merged",), verify=False))
+        merge_and_export(ExportConfig(run_dir=cache_run, model_dir=src, formats=("merged",), verify=False))
 
 
 def test_truncated_source_shard_names_tensor_and_leaves_nothing(tiny_llama: Path, tmp_path: Path) -> None:
@@ -118,7 +118,7 @@ def test_truncated_source_shard_names_tensor_and_leaves_nothing(tiny_llama: Path
     shard = src / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-3000])
     with pytest.raises(MergeError, match=r"(?s)Tensor '[\w.]+' in model\.safetensors is truncated"):
-        merge_and_export(ExportConfig(run, src, formats=("merged",), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=src, formats=("merged",), verify=False))
     assert _leftovers(run) == []
 
 
@@ -132,7 +132,7 @@ def test_nan_in_adapter_aborts_before_anything_is_committed(tiny_llama: Path, tm
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(path))
     with pytest.raises(MergeError, match=r"(?s)model\.layers\.1\.mlp\.down_proj\.weight.*training diverged"):
-        merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False))
     assert _leftovers(run) == []
 
 
@@ -150,7 +150,7 @@ def test_full_disk_during_merge_leaves_nothing_complete(tiny_llama: Path, tmp_pa
 
     monkeypatch.setattr(merge_mod, "_write_tensor_bytes", flaky)
     with pytest.raises(OSError) as info:
-        merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False))
     assert info.value.errno == errno.ENOSPC and calls["n"] == 6
     assert _leftovers(run) == []
 
@@ -166,14 +166,14 @@ def test_full_disk_during_gguf_leaves_no_gguf(tiny_llama: Path, tmp_path: Path,
 
     monkeypatch.setattr(gguf_export, "_write_array", full)
     with pytest.raises(OSError):
-        merge_and_export(ExportConfig(run, tiny_llama, formats=("gguf",), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("gguf",), verify=False))
     assert not (run / "model.gguf").exists() and not (run / "model.gguf.partial").exists()
 
 
 def test_cancel_leaves_no_merged_folder(tiny_llama: Path, tmp_path: Path) -> None:
     run = _run_with_adapter(tiny_llama, tmp_path)
     with pytest.raises(Cancelled):
-        merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",), verify=False),
+        merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False),
                          RecordingProgress(cancel_after_updates=3))
     assert _leftovers(run) == []
 
@@ -182,14 +182,14 @@ def test_tied_lm_head_adapter_is_refused(tiny_cache: Path, tmp_path: Path) -> No
     snap = next((tiny_cache / "models--emloc-test--tiny-gemma" / "snapshots").iterdir())
     run = _run_with_adapter(snap, tmp_path, target_modules=["q_proj", "lm_head"])
     with pytest.raises(MergeError, match="ties lm_head"):
-        merge_and_export(ExportConfig(run, snap, formats=("merged",), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=snap, formats=("merged",), verify=False))
 
 
 def test_gguf_refused_for_unsupported_family_before_any_work(tiny_cache: Path, tmp_path: Path) -> None:
     snap = next((tiny_cache / "models--emloc-test--tiny-phi3" / "snapshots").iterdir())
     run = _run_with_adapter(snap, tmp_path)
     with pytest.raises(MergeError, match="GGUF export supports"):
-        merge_and_export(ExportConfig(run, snap, formats=("merged", "gguf"), verify=False))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=snap, formats=("merged", "gguf"), verify=False))
     assert _leftovers(run) == []
 
 
@@ -204,26 +204,30 @@ def test_verification_beyond_tolerance_fails_loudly(tiny_llama: Path, tmp_path: 
 
     monkeypatch.setattr(export_mod, "merge_weight", wrong)
     with pytest.raises(MergeError, match=r"(?s)verification failed.*merged: max"):
-        merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",)))
+        merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",)))
 
 
 def test_model_card_records_run_facts(tiny_llama: Path, tmp_path: Path) -> None:
+    from emloc_engine.stages.export.model_card import RunFacts
+
     run = _run_with_adapter(tiny_llama, tmp_path, rank=4, alpha=8.0)
-    (run / "manifest.json").write_text(json.dumps({
-        "schema": 1, "inputs": {"data": {"path": "/data/shakespeare.txt"}},
-        "settings": {"ratio": 0.4, "steps": 123},
-        "stages": {"train": {"result": {"steps": 120, "final_eval_loss": 3.91}},
-                   "correct": {"result": {"lambda": 1.0, "lambda_table": [[0.0, 4.06], [1.0, 4.05], ["inf", 4.37]]}}}}))
-    res = merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",), verify=False))
+    corrected = run / "adapter-corrected"
+    (corrected / "emloc_correction.json").write_text(json.dumps({
+        "lambda": 1.0, "lambda_mode": "auto",
+        "lambda_table": [{"lambda": 0.0, "eval_loss": 4.06}, {"lambda": 1.0, "eval_loss": 4.05},
+                         {"lambda": "inf", "eval_loss": 4.37}]}))
+    facts = RunFacts(data="/data/shakespeare.txt", ratio=0.4, steps=120, final_eval_loss=3.91)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False,
+                                        run_facts=facts))
     card = (res.merged_dir / "README.md").read_text()
     for text in ("base_model: emloc-test/tiny-llama", "/data/shakespeare.txt", "| 0.4 |", "| 120 |",
-                 "| 1 |", "3.91", "| ∞ | 4.3700 |", "4 / 8"):
+                 "| 1 (auto) |", "3.91", "| ∞ | 4.3700 |", "4 / 8"):
         assert text in card, text
 
 
 def test_model_card_without_manifest(tiny_llama: Path, tmp_path: Path) -> None:
     run = _run_with_adapter(tiny_llama, tmp_path)
-    res = merge_and_export(ExportConfig(run, tiny_llama, formats=("merged",), verify=False))
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False))
     assert "not recorded" in (res.merged_dir / "README.md").read_text()
 
 
@@ -233,9 +237,9 @@ def test_missing_adapter_and_bad_settings(tiny_llama: Path, tmp_path: Path) -> N
     with pytest.raises(ModelNotFound, match="No adapter"):
         merge_and_export(ExportConfig(tmp_path / "empty_run", tiny_llama, formats=("merged",)))
     with pytest.raises(ConfigError, match="formats"):
-        ExportConfig(tmp_path, tiny_llama, formats=("onnx",))
+        ExportConfig(run_dir=tmp_path, model_dir=tiny_llama, formats=("onnx",))
     with pytest.raises(ConfigError, match="gguf_type"):
-        ExportConfig(tmp_path, tiny_llama, gguf_type="q4_k")
+        ExportConfig(run_dir=tmp_path, model_dir=tiny_llama, gguf_type="q4_k")
 
 
 def test_bf16_export_is_verified_against_its_rounding_floor(tmp_path: Path) -> None:
@@ -244,7 +248,7 @@ def test_bf16_export_is_verified_against_its_rounding_floor(tmp_path: Path) -> N
     a merge that lost the adapter is still refused."""
     snap = build_tiny_model("llama", tmp_path / "hub", name="tiny-llama-bf16v", dtype=torch.bfloat16)
     run = _run_with_adapter(snap, tmp_path)
-    res = merge_and_export(ExportConfig(run, snap, formats=("merged", "adapter")))
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=snap, formats=("merged", "adapter")))
     record = json.loads((run / "export_verification.json").read_text())
     floor = record["reduced_precision_floor"]
     assert floor > 0  # bf16 rounding of the merged weights is visible in the logits

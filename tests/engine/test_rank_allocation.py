@@ -197,14 +197,19 @@ def test_a_cancel_during_the_spectra_pass_writes_nothing(tiny_llama: Path, tmp_p
 
 # -- CLI / run settings ----------------------------------------------------------------------------------
 def test_run_option_and_toml_key(tmp_path: Path) -> None:
-    from emloc_engine.cli.commands.run import apply_config_file
     from emloc_engine.cli.main import build_parser
-    from emloc_engine.run.orchestrator import RunConfig
+    from emloc_engine.run.options import build_config, toml_values, typed_values
+    from emloc_engine.stages.emulator.options import EmulatorOptions
 
-    assert build_parser().parse_args(["run", "m", "d", "--out", "o"]).allocation == "uniform"
-    assert build_parser().parse_args(["run", "m", "d", "--out", "o", "--allocation", "spectral"]).allocation == "spectral"
+    def allocation(argv: list[str]) -> str:
+        values = typed_values(build_parser().parse_args(argv))
+        return str(build_config(None, values, model_dir=Path("m"), data_path=Path("d"), run_dir=Path("r"))
+                   .emulator.allocation)
+
+    assert allocation(["run", "m", "d", "--out", "o"]) == "uniform"
+    assert allocation(["run", "m", "d", "--out", "o", "--allocation", "spectral"]) == "spectral"
     toml = tmp_path / "run.toml"
     toml.write_text('model = "m"\ndata = "d.jsonl"\nout = "runs/x"\nallocation = "spectral"\n')
-    assert apply_config_file(build_parser().parse_args(["run", "--config", str(toml)])).allocation == "spectral"
+    assert toml_values(toml)["emulator.allocation"] == "spectral"
     with pytest.raises(ConfigError, match="allocation"):
-        RunConfig(model_dir=Path("m"), data_path=Path("d"), run_dir=Path("r"), allocation="greedy")
+        EmulatorOptions(allocation="greedy")

@@ -15,7 +15,6 @@ from emloc_engine.core.atomic import atomic_dir, atomic_path, write_json_atomic
 from emloc_engine.core.errors import Cancelled, DataError, ModelNotFound, RunStateError, UnsupportedModel
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
-from emloc_engine.run.manifest import RunManifest
 from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model
 from emloc_engine.weights.headers import read_safetensors_header
 
@@ -122,20 +121,24 @@ def test_atomic_dir_concurrent_writers_of_one_target_both_finish(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-data"]
 
 
-def test_manifest_roundtrip_and_stage_states(tmp_path: Path) -> None:
-    m = RunManifest.open(tmp_path / "run")
-    m.set_input("model", "/models/x", "abc")
-    m.start_stage("emulator", predicted_peak_gib=1.5)
-    assert not m.is_done("emulator")
-    m.finish_stage("emulator", {"modules": 14}, measured_peak_gib=1.2)
-    again = RunManifest.open(tmp_path / "run")
-    assert again.is_done("emulator")
-    assert again.stage("emulator")["result"] == {"modules": 14}
-    assert again.data["inputs"]["model"]["fingerprint"] == "abc"
-    assert again.data["versions"]["torch"] == torch.__version__.split("+")[0] or again.data["versions"]["torch"]
-    (tmp_path / "run" / "manifest.json").write_text("{broken")
+def test_manifest_roundtrip(tmp_path: Path) -> None:
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, read_manifest, write_manifest
+
+    root = tmp_path / "run"
+    cfg = RunConfig(model_dir=Path("/models/x"), data=DataConfig(path=Path("/d.jsonl")), run_dir=root, ratio=0.3)
+    m = Manifest(root=root, config=cfg, inputs={"model": InputRecord("/models/x", "abc")},
+                 stages={"emulator": StageRecord(status="done", measured_peak_gib=1.2, result={"modules": 14})})
+    write_manifest(m)
+    again = read_manifest(root)
+    assert again is not None and again.config == cfg and again.stage("emulator").done
+    assert again.stage("emulator").result == {"modules": 14} and again.inputs["model"].fingerprint == "abc"
+    assert again.stage("train").status == "pending"
+    assert again.versions["torch"] == torch.__version__.split("+")[0] or again.versions["torch"]
+    (root / "manifest.json").write_text("{broken")
     with pytest.raises(RunStateError, match="not valid JSON"):
-        RunManifest.open(tmp_path / "run")
+        read_manifest(root)
 
 
 def test_run_layout_is_the_documented_one(tmp_path: Path) -> None:
@@ -197,12 +200,21 @@ def test_write_json_atomic(tmp_path: Path) -> None:
 
 
 def test_manifest_records_cancel_and_failure_apart(tmp_path: Path) -> None:
-    m = RunManifest.open(tmp_path / "run")
-    m.start_stage("train")
-    m.record_interruption("train", Cancelled())
-    assert m.stage("train")["status"] == "cancelled"
-    m.record_interruption("correct", KeyboardInterrupt())
-    m.record_interruption("export", DataError("bad row", problems=["d.jsonl:3: bad JSON"]))
-    again = RunManifest.open(tmp_path / "run")
-    assert again.stage("correct")["status"] == "cancelled"
-    assert again.stage("export")["status"] == "failed" and "d.jsonl:3" in again.stage("export")["message"]
+    from emloc_engine.run.manifest import read_manifest
+    from emloc_engine.run.orchestrator import open_run, run_stage
+
+    def fail(exc: BaseException) -> None:
+        raise exc
+
+    with open_run(tmp_path / "run") as session:
+        with pytest.raises(Cancelled):
+            run_stage(session, "train", lambda: fail(Cancelled()))
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(session, "correct", lambda: fail(KeyboardInterrupt()))
+        with pytest.raises(DataError):
+            run_stage(session, "export", lambda: fail(DataError("bad row", problems=["d.jsonl:3: bad JSON"])))
+    again = read_manifest(tmp_path / "run")
+    assert again is not None
+    assert again.stage("train").status == "cancelled" and again.stage("correct").status == "cancelled"
+    assert again.stage("export").status == "failed" and "d.jsonl:3" in again.stage("export").message
+

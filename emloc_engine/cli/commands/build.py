@@ -11,48 +11,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 HELP = "Stage 1: build the emulator by activation-aware SVD, streaming block by block."
 
 
-def _ratio_override(text: str) -> tuple[str, float]:
-    pattern, sep, value = text.rpartition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"expected PATTERN=RATIO, got {text!r}")
-    return pattern, float(value)
-
-
 def register(sub: Any) -> None:
+    from emloc_engine.run.options import add_options
+
     p: argparse.ArgumentParser = sub.add_parser("build", help=HELP, description=HELP)
     p.add_argument("model", help="Model folder, HF cache repo id (org/name) or catalog name.")
     p.add_argument("data", nargs="?", help="Dataset file (.jsonl/.json/.csv/.parquet/.txt) or 'demo'.")
     p.add_argument("--out", required=True, help="Run folder; the emulator goes to RUN_DIR/emulator.")
-    p.add_argument("--ratio", type=float, default=0.5, help="Keep-ratio ρ of the compressed layers (0 < ρ < 1).")
-    p.add_argument("--calib", type=int, default=64, help="Calibration samples.")
-    p.add_argument("--max-length", type=int, default=512, help="Tokens per calibration sample.")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-    p.add_argument("--dtype", default="auto", dest="compute_dtype",
-                   help="Compute dtype of the block forward (auto, float32, bfloat16, float16, float64).")
-    p.add_argument("--dense", nargs="+", default=[], metavar="PATTERN",
-                   help="Module name patterns kept dense (fnmatch on full names, e.g. '*.31.mlp.down_proj').")
-    p.add_argument("--ratio-override", action="append", type=_ratio_override, default=[], metavar="PATTERN=RATIO",
-                   help="Per-module keep-ratio (repeatable; last match wins; ≥ 1 keeps dense).")
-    p.add_argument("--solver", choices=("eigh", "randomized"), default="eigh",
-                   help="eigh (exact) or randomized (faster on big layers, error within about 0.5%%).")
-    p.add_argument("--allocation", choices=("uniform", "spectral"), default="uniform",
-                   help="Ranks per module: uniform (k from ρ for every module) or spectral (a first pass measures "
-                        "each module's whitened spectrum and spends the same parameter budget where it removes the "
-                        "most error; some modules become dense; better at ρ ≥ 0.4, worse at 0.25).")
-    p.add_argument("--chunk-tokens", type=int, help="Tokens per forward chunk (default: from the memory budget).")
-    p.add_argument("--budget-gib", type=float, help="GPU memory the build may use (sizes the chunks).")
     p.add_argument("--calib-file", help="JSON file with a list of token-id lists, used instead of DATA.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the calibration sample order.")
     p.add_argument("--overwrite", action="store_true", help="Replace an emulator built with other settings.")
-    p.add_argument("--gpus", type=int, default=1, metavar="N",
-                   help="Use N GPUs: GPU 0 runs the blocks, GPUs 1..N-1 factorise finished blocks meanwhile.")
+    add_options(p, ("emulator", "data"), include=("ratio", "budget_bytes", "calib", "device", "gpus", "seed"))
     p.set_defaults(func=run)
+
+
+def _calib(args: argparse.Namespace) -> int:
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.options import top_value, typed_values
+
+    return int(top_value(typed_values(args), "calib", RunConfig.__dataclass_fields__["calib"].default))
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    """The calibration data's settings (None with --calib-file)."""
+    if not args.data:
+        return None
+    from emloc_engine.catalog.resolve import resolve_data
+    from emloc_engine.data import DataConfig
+    from emloc_engine.run.options import apply_values, top_value, typed_values
+
+    values = typed_values(args)
+    data = apply_values(DataConfig(path=resolve_data(args.data)), "data", values)
+    return replace(data, seed=int(top_value(values, "seed", data.seed)))
 
 
 def _calibration_ids(args: argparse.Namespace, model_dir: Path) -> tuple[tuple[int, ...], ...]:
@@ -65,14 +61,14 @@ def _calibration_ids(args: argparse.Namespace, model_dir: Path) -> tuple[tuple[i
             raise DataError(f"Cannot read the calibration file {args.calib_file}: {exc}") from exc
         if not isinstance(ids, list) or not all(isinstance(s, list) for s in ids):
             raise DataError(f"{args.calib_file} must hold a JSON list of token-id lists.")
-        return tuple(tuple(int(t) for t in s) for s in ids[: args.calib])
+        return tuple(tuple(int(t) for t in s) for s in ids[: _calib(args)])
     if not args.data:
         raise ConfigError("emloc build needs DATA (a dataset file) or --calib-file.")
-    from emloc_engine.catalog.resolve import resolve_data
-    from emloc_engine.data import DataConfig, calibration_token_ids, load_tokenizer
+    from emloc_engine.data import calibration_token_ids, load_tokenizer
 
-    data_cfg = DataConfig(path=resolve_data(args.data), max_length=args.max_length, seed=args.seed)
-    ids = calibration_token_ids(data_cfg, load_tokenizer(model_dir), n=args.calib, seed=args.seed)
+    data_cfg = _data_config(args)
+    assert data_cfg is not None
+    ids = calibration_token_ids(data_cfg, load_tokenizer(model_dir), n=_calib(args), seed=data_cfg.seed)
     return tuple(tuple(s) for s in ids)
 
 
@@ -80,20 +76,32 @@ def run(args: argparse.Namespace) -> int:
     from emloc_engine.catalog.resolve import resolve_model
     from emloc_engine.core.layout import RunLayout
     from emloc_engine.core.progress import TqdmProgress
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.options import apply_values, top_value, typed_values
+    from emloc_engine.run.orchestrator import open_run, run_stage
     from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
+    from emloc_engine.stages.emulator.options import EmulatorOptions
 
+    values = typed_values(args)
     model_dir = resolve_model(args.model)
+    options = apply_values(EmulatorOptions(), "emulator", values)
+    gpus = int(top_value(values, "gpus", 1))
+    device = str(top_value(values, "device", "auto"))
     cfg = EmulatorConfig(
+        **{f: getattr(options, f) for f in EmulatorOptions.__dataclass_fields__},
         model_dir=model_dir, out_dir=RunLayout(Path(args.out)).emulator,
-        calibration_ids=_calibration_ids(args, model_dir), ratio=args.ratio,
-        ratio_overrides=tuple(args.ratio_override), dense_patterns=tuple(args.dense), device=args.device,
-        factor_devices=tuple(f"cuda:{i}" for i in range(1, max(1, args.gpus))),
-        compute_dtype=args.compute_dtype, solver=args.solver, allocation=args.allocation,
-        chunk_tokens=args.chunk_tokens,
-        memory_budget_bytes=int(args.budget_gib * 2**30) if args.budget_gib else None, overwrite=args.overwrite)
+        calibration_ids=_calibration_ids(args, model_dir), ratio=float(top_value(values, "ratio", None) or 0.5),
+        device=device, factor_devices=tuple(f"cuda:{i}" for i in range(1, max(1, gpus))),
+        memory_budget_bytes=top_value(values, "budget_bytes", None), overwrite=args.overwrite)
+    data = _data_config(args)
     bar = TqdmProgress("emloc build")
     try:
-        result = build_emulator(cfg, bar)
+        with open_run(Path(args.out), model_dir=model_dir) as session:
+            if data is not None and session.manifest.config is None:  # a whole run's settings, as far as known
+                session.manifest.config = RunConfig(model_dir=model_dir, data=data, run_dir=Path(args.out),
+                                                    ratio=cfg.ratio, device=device, gpus=gpus, seed=data.seed,
+                                                    calib=_calib(args), emulator=options)
+            result = run_stage(session, "emulator", lambda: build_emulator(cfg, bar))
     finally:
         bar.close()
     print(f"Emulator: {result.emulator_dir}")

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,62 +25,38 @@ HELP = "Stage 2: LoRA fine-tuning on the emulator."
 
 
 def register(sub: Any) -> None:
+    from emloc_engine.run.options import add_options
+
     p: argparse.ArgumentParser = sub.add_parser("train", help=HELP, description=HELP)
     p.add_argument("run_dir", metavar="RUN_DIR", help="Run folder holding emulator/ (from emloc build).")
     p.add_argument("data", metavar="DATA", help="Dataset file (.jsonl/.json/.csv/.parquet/.txt) or 'demo'.")
     p.add_argument("--emulator", help="Emulator folder (default RUN_DIR/emulator).")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank r.")
-    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale alpha/r, or alpha/√r with --rslora).")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout.")
-    p.add_argument("--rslora", action="store_true", help="Rank-stabilised LoRA (scale alpha/√r).")
-    p.add_argument("--targets", nargs="+", default=[], metavar="MODULE",
-                   help="Modules that get LoRA (e.g. q_proj v_proj); default: every linear layer of the blocks.")
-    p.add_argument("--steps", type=int, default=100, help="Optimizer steps.")
-    p.add_argument("--lr", type=float, default=2e-4, help="Peak learning rate.")
-    p.add_argument("--batch-size", type=int, default=4, help="Samples per micro-batch (lower it if memory runs out).")
-    p.add_argument("--grad-accum", type=int, default=1, help="Micro-batches per optimizer step.")
-    p.add_argument("--warmup-steps", type=int, default=10, help="Linear warmup steps.")
-    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="LR decay.")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay.")
-    p.add_argument("--max-length", type=int, default=512, help="Tokens per training sequence.")
-    p.add_argument("--format", default="auto", help="Dataset format (auto, messages, sharegpt, alpaca, ...).")
-    p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
-                   help="Loss on assistant replies only (default) or on every token.")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="Share of samples held out for eval loss.")
-    p.add_argument("--packing", action="store_true", help="Pack samples into max-length sequences.")
-    p.add_argument("--eval-every", type=int, default=25, help="Eval loss every N steps (0 = at the end).")
-    p.add_argument("--save-every", type=int, default=25, help="Checkpoint every N steps (0 = at the end/cancel).")
-    p.add_argument("--no-grad-checkpointing", action="store_true", help="Faster, but much more activation memory.")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu.")
-    p.add_argument("--gpus", type=int, default=1, metavar="N",
-                   help="Train data-parallel on N GPUs of this host: same adapter, checkpoints and resume; "
-                        "the effective batch (batch-size × grad-accum) is split over them.")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of initialisation, dropout, data order and split.")
     p.add_argument("--restart", action="store_true", help="Ignore and delete existing checkpoints; start over.")
-    p.add_argument("--anchor", choices=("auto", "blocks", "linears", "none"), default="auto",
-                   help="Anchor the emulator to the original at every block on the training examples (needs the "
-                        "source model folder; more of the gain reaches the original); auto = when it fits RAM.")
+    add_options(p, ("train", "data"), include=("device", "gpus", "seed"))
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`TrainConfig` the arguments describe (raises ``ConfigError`` on bad values)."""
+def config_from_args(args: argparse.Namespace, recorded: Any = None) -> Any:
+    """The :class:`TrainConfig` the arguments describe, on top of the run's recorded settings (if any).
+
+    Raises:
+        ConfigError: bad values (all listed).
+    """
     from emloc_engine.catalog.resolve import resolve_data
     from emloc_engine.data import DataConfig
+    from emloc_engine.run.options import apply_values, top_value, typed_values
+    from emloc_engine.run.plan import options_of
+    from emloc_engine.stages.training.options import TrainOptions
     from emloc_engine.stages.training.trainer import TrainConfig
 
-    data = DataConfig(path=resolve_data(args.data), format=args.format, max_length=args.max_length,
-                      train_on=args.train_on, eval_fraction=args.eval_fraction, seed=args.seed,
-                      packing=args.packing)
-    return TrainConfig(
-        run_dir=Path(args.run_dir), data=data, emulator_dir=Path(args.emulator) if args.emulator else None,
-        rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.targets),
-        use_rslora=args.rslora, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, schedule=args.schedule,
-        weight_decay=args.weight_decay, grad_checkpointing=not args.no_grad_checkpointing,
-        eval_every=args.eval_every, save_every=args.save_every, resume=not args.restart, device=args.device,
-        dtype=args.dtype, seed=args.seed, anchor=args.anchor)
+    values = typed_values(args)
+    seed = int(top_value(values, "seed", recorded.seed if recorded else 0))
+    data_base = recorded.data if recorded else DataConfig(path=Path("."))
+    data = apply_values(replace(data_base, path=resolve_data(args.data), seed=seed), "data", values)
+    options = apply_values(recorded.train if recorded else TrainOptions(), "train", values)
+    return TrainConfig(**options_of(options), run_dir=Path(args.run_dir), data=data,
+                       emulator_dir=Path(args.emulator) if args.emulator else None, resume=not args.restart,
+                       device=str(top_value(values, "device", recorded.device if recorded else "auto")), seed=seed)
 
 
 @contextlib.contextmanager
@@ -103,10 +80,11 @@ def _graceful_ctrl_c(token: CancelToken) -> Iterator[None]:
 
 
 def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
-    """The :class:`~emloc_engine.stages.training.distributed.ParallelConfig` of ``--gpus N`` (None for one GPU); checks devices."""
+    """The :class:`~emloc_engine.stages.training.distributed.ParallelConfig` of ``--gpus N`` (None for one GPU)."""
+    from emloc_engine.run.options import top_value, typed_values
     from emloc_engine.stages.training.distributed import ParallelConfig, check_anchor, resolve_devices
 
-    parallel = ParallelConfig(processes=args.gpus)
+    parallel = ParallelConfig(processes=int(top_value(typed_values(args), "gpus", 1)))
     if parallel.processes == 1:
         return None
     check_anchor(cfg, parallel)
@@ -117,35 +95,37 @@ def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.core.progress import TqdmProgress
     from emloc_engine.data.pipeline import fingerprint
-    from emloc_engine.run.manifest import RunManifest
-    from emloc_engine.run.runlog import attach_run_log, detach_run_log
-    from emloc_engine.stages.training.trainer import train_lora
+    from emloc_engine.run.manifest import read_manifest
+    from emloc_engine.run.orchestrator import open_run, run_stage
     from emloc_engine.weights.lowrank import read_emulator_meta
 
-    cfg = config_from_args(args)
+    manifest = read_manifest(Path(args.run_dir)) if Path(args.run_dir).is_dir() else None
+    recorded = manifest.config if manifest is not None else None
+    cfg = config_from_args(args, recorded)
     parallel = _parallel_from_args(args, cfg)
     read_emulator_meta(cfg.resolved_emulator_dir)  # before the run folder is touched
-    manifest = RunManifest.open(cfg.run_dir)
-    handler = attach_run_log(cfg.run_dir)
     token = CancelToken()
     progress = TqdmProgress("train", cancel=token)
-    manifest.start_stage("train")
-    try:
+
+    def work() -> Any:
         with _graceful_ctrl_c(token):
             if parallel is not None:
                 from emloc_engine.stages.training.distributed import train_lora_distributed
 
-                result = train_lora_distributed(cfg, parallel, progress)
-            else:
-                result = train_lora(cfg, progress)
-    except BaseException as exc:
-        manifest.record_interruption("train", exc)
-        raise
+                return train_lora_distributed(cfg, parallel, progress)
+            from emloc_engine.stages.training.trainer import train_lora
+
+            return train_lora(cfg, progress)
+
+    try:
+        with open_run(cfg.run_dir) as session:
+            if session.manifest.config is not None:  # the folder's settings now say what this adapter was made with
+                session.manifest.config = replace(session.manifest.config, data=cfg.data,
+                                                  train=_options(cfg), seed=cfg.seed)
+            result = run_stage(session, "train", work)
+            session.record_input("data", cfg.data.path, fingerprint(cfg.data))
     finally:
         progress.close()
-        detach_run_log(handler)
-    manifest.set_input("data", cfg.data.path, fingerprint(cfg.data))
-    manifest.finish_stage("train", result.summary(), measured_peak_gib=result.peak_vram_gib)
     out = sys.stdout
     losses = [v for _, v in result.loss_history] or [math.nan]
     resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step is not None else ""
@@ -155,3 +135,9 @@ def run(args: argparse.Namespace) -> int:
           + (f"; peak GPU {result.peak_vram_gib:.2f} GiB" if result.peak_vram_gib else ""), file=out)
     print(f"adapter: {result.adapter_dir}", file=out)
     return 0
+
+
+def _options(cfg: Any) -> Any:
+    from emloc_engine.stages.training.options import TrainOptions
+
+    return TrainOptions(**{f: getattr(cfg, f) for f in TrainOptions.__dataclass_fields__})

@@ -71,9 +71,10 @@ from emloc_engine.weights.lowrank import read_emulator_meta
 if TYPE_CHECKING:
     from emloc_engine.data import DataConfig
 
+from emloc_engine.stages.correction.options import CorrectionOptions
+
 log = logging.getLogger(__name__)
 CORRECTION_FORMAT = "emloc-correction"
-DEFAULT_GRID = (0.0, 0.5, 1.0, 3.0, math.inf)
 _TIE_RTOL = 1e-9
 
 
@@ -267,15 +268,9 @@ def choose_lambda(table: Sequence[tuple[float, float]]) -> float:
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
-def _check_lambda(value: float, what: str) -> None:
-    if math.isnan(value) or value < 0:
-        raise ConfigError(f"{what} must be a number ≥ 0 or inf (got {value}).",
-                          hint="Use 0 (no correction), 3 (the paper's value), inf (exact) or auto.")
-
-
 @dataclass(frozen=True)
-class CorrectionConfig:
-    """Settings of the LoRA correction (Stage 3)."""
+class CorrectionConfig(CorrectionOptions):
+    """Settings of the LoRA correction (Stage 3): the options plus the folders, the eval data and the device."""
 
     run_dir: Path = field(metadata={"help": "Run folder holding emulator/ and adapter/."})
     model_dir: Path | None = field(default=None, metadata={
@@ -286,35 +281,16 @@ class CorrectionConfig:
         "help": "Emulator the adapter was trained on (default: RUN_DIR/emulator)."})
     out_dir: Path | None = field(default=None, metadata={
         "help": "Where the corrected adapter goes (default: RUN_DIR/adapter-corrected)."})
-    lambda_: float | None = field(default=None, metadata={
-        "help": "Damping λ: None = chosen on held-out data; inf = exact correction; 0 = no correction."})
-    lambda_grid: tuple[float, ...] = field(default=DEFAULT_GRID, metadata={
-        "help": "Candidate λ values tried when λ is chosen automatically."})
     data: DataConfig | None = field(default=None, metadata={
-        "help": "Dataset whose eval split chooses λ (default: the run manifest's dataset)."})
+        "help": "Dataset whose eval split chooses λ (the run's dataset when run by the orchestrator)."})
     eval_examples: tuple[TokenExample, ...] = field(default=(), metadata={
         "help": "Pre-tokenised held-out examples for choosing λ (used instead of data when given)."})
     device: str = field(default="auto", metadata={"help": "Where to compute: auto, cpu, cuda, cuda:N."})
-    dtype: str = field(default="auto", metadata={
-        "help": "Dtype of the original model during evaluation: auto (bf16 on GPU, fp32 on CPU), float32, "
-                "bfloat16, float16."})
-    max_eval_batches: int = field(default=64, metadata={"help": "At most this many eval batches per λ."})
-    eval_batch_size: int = field(default=1, metadata={
-        "help": "Examples per eval batch; 1 keeps λ selection within the inference peak."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing corrected adapter."})
 
+
     def __post_init__(self) -> None:
-        if self.lambda_ is not None:
-            _check_lambda(float(self.lambda_), "λ")
-        if not self.lambda_grid:
-            raise ConfigError("The λ grid is empty.", hint="Give at least one λ, e.g. 0, 1, 3, inf.")
-        for lam in self.lambda_grid:
-            _check_lambda(float(lam), "Every λ of the grid")
-        if self.max_eval_batches < 1 or self.eval_batch_size < 1:
-            raise ConfigError("max_eval_batches and eval_batch_size must be at least 1 "
-                              f"(got {self.max_eval_batches}, {self.eval_batch_size}).")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"Unknown dtype {self.dtype!r}.", hint="Use auto, float32, bfloat16 or float16.")
+        super().__post_init__()
         if not (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")):
             raise ConfigError(f"Unknown device {self.device!r}.", hint="Use auto, cpu, cuda or cuda:N.")
 
@@ -401,17 +377,6 @@ class _Paths:
     out_dir: Path
 
 
-def _manifest_data(run_dir: Path) -> dict[str, Any]:
-    path = RunLayout(run_dir).manifest
-    if not path.exists():
-        return {}
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return {}
-    return data
-
-
 def _resolve_paths(cfg: CorrectionConfig) -> _Paths:
     layout = RunLayout(Path(cfg.run_dir))
     adapter_dir = Path(cfg.adapter_dir or layout.adapter)
@@ -420,8 +385,7 @@ def _resolve_paths(cfg: CorrectionConfig) -> _Paths:
     model_dir = cfg.model_dir
     if model_dir is None:
         meta = read_emulator_meta(emulator_dir)
-        recorded = meta.get("source_model", {}).get("path") or \
-            _manifest_data(layout.root).get("inputs", {}).get("model", {}).get("path")
+        recorded = meta.get("source_model", {}).get("path")
         if not recorded:
             raise ModelNotFound(f"The emulator {emulator_dir} does not record its source model.",
                                 hint="Pass the original model folder with --model.")
@@ -537,10 +501,8 @@ def _eval_examples(cfg: CorrectionConfig, paths: _Paths) -> tuple[TokenExample, 
         return tuple(cfg.eval_examples)
     data_cfg = cfg.data
     if data_cfg is None:
-        data_cfg = _data_from_manifest(paths.run_dir)
-    if data_cfg is None:
         raise ConfigError("Choosing λ automatically needs held-out data, and none was given or recorded "
-                          "in the run manifest.",
+                          "in the run's settings.",
                           hint="Pass --data DATA (the training dataset), or set λ: --lambda 0 (no correction), "
                                "3 (the paper's value) or inf (exact).")
     from emloc_engine.data import load_tokenizer, prepare_dataset
@@ -550,30 +512,6 @@ def _eval_examples(cfg: CorrectionConfig, paths: _Paths) -> tuple[TokenExample, 
         raise ConfigError(f"The dataset {data_cfg.path} has no eval split to choose λ on.",
                           hint="Raise its eval fraction, or set λ by hand (--lambda 0|3|inf).")
     return examples
-
-
-def _data_from_manifest(run_dir: Path) -> DataConfig | None:
-    """The run's dataset from the manifest (written by ``emloc run``).
-
-    The path is ``settings.data.path``, ``settings.data_path`` or ``inputs.data.path`` (first found);
-    ``DataConfig`` fields found in ``settings.data`` or at the top of ``settings`` (``max_length``,
-    ``seed``...) are used too, so the eval split is the one training held out.
-    """
-    manifest = _manifest_data(run_dir)
-    settings: dict[str, Any] = manifest.get("settings", {})
-    raw = settings.get("data")
-    nested: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    path = nested.get("path") or settings.get("data_path") or manifest.get("inputs", {}).get("data", {}).get("path")
-    if not path or not Path(path).exists():
-        return None
-    from emloc_engine.data import DataConfig
-
-    fields = set(DataConfig.__dataclass_fields__) - {"path"}
-    kwargs = {k: v for k, v in {**settings, **nested}.items() if k in fields and v is not None}
-    if "column_map" in kwargs:
-        kwargs["column_map"] = tuple(tuple(p) for p in kwargs["column_map"])
-    log.info("Choosing λ on the eval split of the run's dataset %s", path)
-    return DataConfig(path=Path(path), **kwargs)
 
 
 def _select_lambda(cfg: CorrectionConfig, paths: _Paths, prepared: dict[str, PreparedModule],

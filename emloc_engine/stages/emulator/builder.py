@@ -51,8 +51,8 @@ from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.machine import devices
 from emloc_engine.stages.emulator.block_loop import BlockLoop
 from emloc_engine.stages.emulator.build_context import BuildContext, ModulePlan, last_match
-from emloc_engine.stages.emulator.factorize import SOLVERS
 from emloc_engine.stages.emulator.memory_plan import plan_build_memory
+from emloc_engine.stages.emulator.options import ALLOCATIONS, EmulatorOptions
 from emloc_engine.stages.emulator.spectral import (
     ALLOCATION_VERSION,
     apply_allocation,
@@ -69,14 +69,12 @@ from emloc_engine.weights.lowrank import EMULATOR_FORMAT_VERSION, EMULATOR_META
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "spectral")
 _SPECTRA_SHARE = 0.25  # of the progress bar, for the spectra pass of allocation="spectral"
-_DTYPES = devices.DTYPES  # the dtype names EmulatorConfig accepts
 
 
 @dataclass(frozen=True)
-class EmulatorConfig:
-    """Settings of Stage 1."""
+class EmulatorConfig(EmulatorOptions):
+    """Settings of Stage 1: the options plus the source model, the output folder, ρ and the device."""
 
     model_dir: Path = field(metadata={"help": "Snapshot folder of the source model (config.json + safetensors)."})
     out_dir: Path = field(metadata={"help": "Where the emulator goes (RUN_DIR/emulator)."})
@@ -84,65 +82,32 @@ class EmulatorConfig:
         metadata={"help": "Token ids of the calibration samples (from the training data)."})
     ratio: float = field(default=0.5, metadata={
         "help": "Keep-ratio ρ in (0, 1): fraction of each compressed layer's parameters kept."})
-    ratio_overrides: tuple[tuple[str, float], ...] = field(default=(), metadata={
-        "help": "(pattern, ρ) on full module names (fnmatch; last match wins); ρ ≥ 1 keeps the module dense."})
-    dense_patterns: tuple[str, ...] = field(default=(), metadata={
-        "help": "Module name patterns (fnmatch on full names, e.g. '*.31.mlp.down_proj') kept dense."})
-    rank_overrides: tuple[tuple[str, int], ...] = field(default=(), metadata={
-        "help": "(pattern, k) fixing the rank of matching modules (clamped to min(out, in))."})
     device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto (CUDA when present)."})
-    compute_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the block forward: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, float64."})
-    linalg_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the factorisation: auto (fp32 on CUDA, fp64 on CPU), float32 or float64."})
-    solver: str = field(default="eigh", metadata={
-        "help": "eigh (exact) or randomized (subspace iteration; faster on big layers, slightly worse)."})
     memory_budget_bytes: int | None = field(default=None, metadata={
         "help": "Device memory the build may use; sizes the calibration chunks (default: 40% of the model's bytes)."})
-    chunk_tokens: int | None = field(default=None, metadata={
-        "help": "Padded tokens per forward chunk (default: from the memory budget)."})
-    min_calibration_tokens: int | None = field(default=None, metadata={
-        "help": "Fewest real calibration tokens accepted (default: the model's hidden size)."})
     overwrite: bool = field(default=False, metadata={
         "help": "Replace a complete emulator built with other settings in out_dir."})
     factor_devices: tuple[str, ...] = field(default=(), metadata={
         "help": "More devices (cuda:1, cuda:2…) that factorise block b while the main device runs the forward "
                 "of block b+1; each module's factors are the same as on one device."})
-    allocation: str = field(default="uniform", metadata={
-        "help": "uniform: every module at k = floor(ρ·out·in/(out+in)). spectral: a first streamed pass measures "
-                "each module's whitened spectrum and the same parameter budget is redistributed where it removes "
-                "the most relative error (some modules become dense); better transfer at ρ ≥ 0.4, worse at 0.25. "
-                "User settings combine: dense patterns and ρ ≥ 1 overrides stay dense and are outside the budget, "
-                "rank overrides are kept as given and outside the budget, other ρ overrides set their module's "
-                "share of the budget."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "calibration_ids", tuple(tuple(int(t) for t in s) for s in self.calibration_ids))
-        problems = []
+        super().__post_init__()
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
         if not 0.0 < self.ratio < 1.0:
-            problems.append(f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense.")
-        problems += [f"ratio override {p!r} must be > 0 (got {r})" for p, r in self.ratio_overrides if not r > 0]
-        problems += [f"rank override {p!r} must be >= 1 (got {k})" for p, k in self.rank_overrides if k < 1]
+            problems.insert(0, f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense.")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
             problems.append(f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
-        if self.compute_dtype != "auto" and self.compute_dtype not in _DTYPES:
-            problems.append(f"compute_dtype must be auto or one of {', '.join(_DTYPES)} (got {self.compute_dtype!r})")
-        if self.linalg_dtype not in ("auto", "float32", "float64"):
-            problems.append(f"linalg_dtype must be auto, float32 or float64 (got {self.linalg_dtype!r})")
-        if self.allocation not in ALLOCATIONS:
-            problems.append(f"allocation must be one of {', '.join(ALLOCATIONS)} (got {self.allocation!r})")
-        if self.solver not in SOLVERS:
-            problems.append(f"solver must be one of {', '.join(SOLVERS)} (got {self.solver!r})")
         problems += [f"factor device {d!r} must be cpu or cuda:N" for d in self.factor_devices
                      if not (d == "cpu" or d.startswith("cuda"))]
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             problems.append("memory_budget_bytes must be positive")
-        if self.chunk_tokens is not None and self.chunk_tokens < 1:
-            problems.append("chunk_tokens must be >= 1")
-        if problems:
-            raise ConfigError("Invalid emulator settings.", problems=problems)
+        return problems
 
 
 @dataclass(frozen=True)
@@ -220,7 +185,7 @@ def _resolve_dtypes(cfg: EmulatorConfig, device: torch.device) -> tuple[torch.dt
     compute = devices.compute_dtype(device, cfg.compute_dtype)
     stats = torch.float64 if device.type == "cpu" or compute == torch.float64 else torch.float32
     cpu_linalg = devices.linalg_device(device).type == "cpu"
-    linalg = _DTYPES[cfg.linalg_dtype] if cfg.linalg_dtype != "auto" else (torch.float64 if cpu_linalg else torch.float32)
+    linalg = devices.DTYPES[cfg.linalg_dtype] if cfg.linalg_dtype != "auto" else (torch.float64 if cpu_linalg else torch.float32)
     return compute, stats, linalg
 
 

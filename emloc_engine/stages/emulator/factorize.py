@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from emloc_engine.core.errors import DataError
+from emloc_engine.stages.emulator.options import SOLVERS
 
-SOLVERS = ("eigh", "randomized")
 _SHIFT_START = 1e-10
 _SHIFT_MAX = 1e-1
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from emloc_engine.core.atomic import atomic_dir, write_json_atomic, write_text_atomic
-from emloc_engine.core.errors import ConfigError, MergeError, ModelNotFound
+from emloc_engine.core.errors import MergeError, ModelNotFound
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.memory import RssSampler
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
@@ -54,16 +54,14 @@ from emloc_engine.stages.export.merge import (
     read_shard_index,
     read_tensor,
 )
-from emloc_engine.stages.export.model_card import collect_facts, render_card
+from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
+from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, ExportOptions
 from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("merged", "adapter", "gguf")
-DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ",
-                   "Once upon a time, in a small village by the sea,")
 # Largest allowed |logit difference| as a fraction of max(1, max |reference logit|), by the storage
 # type of the export: fp32 is exact up to summation order; fp16/bf16 round every weight (2^-11 / 2^-8
 # relative); Q8_0 rounds to 8 bits per block of 32. Wrong tensor layouts give differences of order 1.
@@ -73,37 +71,25 @@ _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes
 
 
 @dataclass(frozen=True)
-class ExportConfig:
-    """What to export from a run, and how."""
+class ExportConfig(ExportOptions):
+    """What to export from a run, and how: the options plus the run, the original model and the device."""
 
     run_dir: Path = field(metadata={"help": "The run folder (exports are written inside it)."})
     model_dir: Path = field(metadata={"help": "The original model folder the adapter was trained for."})
     adapter_dir: Path | None = field(default=None, metadata={
         "help": "The peft adapter to merge; default RUN_DIR/adapter-corrected, else RUN_DIR/adapter."})
-    formats: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={
-        "help": "Any of merged (Hugging Face folder), adapter (portable peft adapter), gguf (llama.cpp)."})
-    gguf_type: str = field(default="f16", metadata={"help": "GGUF weight type: f16, bf16, q8_0 or f32."})
     overwrite: bool = field(default=False, metadata={"help": "Replace exports that already exist."})
-    verify: bool = field(default=True, metadata={
-        "help": "Load every export back and compare its logits with original + adapter (needs RAM for the model)."})
     device: str = field(default="cpu", metadata={"help": "Device for verification: cpu, cuda or auto."})
-    prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, metadata={"help": "Prompts used to compare logits."})
+    run_facts: RunFacts = field(default_factory=RunFacts, metadata={
+        "help": "What the run recorded (data, ρ, steps, eval loss), for the model card."})
 
-    def __post_init__(self) -> None:
-        from emloc_engine.stages.export.gguf_export import GGUF_TYPES
-
-        problems = []
-        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
-        if unknown or not self.formats:
-            problems.append(f"formats {list(self.formats)}: choose one or more of {', '.join(EXPORT_FORMATS)}")
-        if self.gguf_type not in GGUF_TYPES:
-            problems.append(f"gguf_type {self.gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        if not self.formats:
+            problems.append(f"formats []: choose one or more of {', '.join(EXPORT_FORMATS)}")
         if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
             problems.append(f"device {self.device!r}: choose cpu, cuda or auto")
-        if self.verify and not self.prompts:
-            problems.append("verification needs at least one prompt")
-        if problems:
-            raise ConfigError("Invalid export settings:", problems=problems)
+        return problems
 
 
 @dataclass(frozen=True)
@@ -486,7 +472,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     n_merged, t_merge, t_gguf, t_verify = 0, [0.0], [0.0], [0.0]
     with RssSampler() as rss:
         if "merged" in formats:
-            card = render_card(collect_facts(layout.root, model_dir, adapter_dir, "merged model"))
+            card = render_card(collect_facts(cfg.run_facts, model_dir, adapter_dir, "merged model"))
             with _timer(t_merge), RssSampler() as merge_rss:
                 n_merged = _export_merged(cfg, deltas, layout.merged, card, sub(progress, 0.0, 0.6))
             merge_peak = merge_rss.peak_bytes / 2**30
@@ -517,7 +503,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
 
 def _export_adapter(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path) -> Path:
     """The adapter inside the run keeps its place; one from outside is copied to ``adapter-export/``."""
-    card = render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "LoRA adapter"))
+    card = render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "LoRA adapter"))
     if _inside(adapter_dir, layout.root):
         write_text_atomic(adapter_dir / "README.md", card)
         return adapter_dir
@@ -536,10 +522,10 @@ def _write_verified_cards(cfg: ExportConfig, layout: RunLayout, adapter_dir: Pat
     v = tuple(ver.diffs)
     if merged is not None:
         write_text_atomic(merged / "README.md",
-                          render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "merged model", v)))
+                          render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "merged model", v)))
     if out_adapter is not None:
         write_text_atomic(out_adapter / "README.md",
-                          render_card(collect_facts(layout.root, cfg.model_dir, adapter_dir, "LoRA adapter", v)))
+                          render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "LoRA adapter", v)))
     write_json_atomic(layout.root / "export_verification.json",
                       {"verification": [[n, d] for n, d in ver.diffs], "tolerances": [[n, t] for n, t in ver.tols],
                        "adapter_effect": ver.effect, "reduced_precision_floor": ver.floor})

@@ -38,11 +38,12 @@ from emloc_engine.core.atomic import atomic_path
 from emloc_engine.core.errors import ConfigError, MergeError, UnsupportedModel
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.stages.export.merge import ShardEntry, read_shard_index, read_tensor
+from emloc_engine.stages.export.options import GGUF_TYPES as GGUF_TYPES
 from emloc_engine.weights.headers import load_config
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
 # HF model_type -> llama.cpp architecture name, and whether q/k rows are permuted for GGML's rope.
 GGUF_FAMILIES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True),
                                               "qwen2": ("qwen2", False)}

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.version import __version__
 
 
@@ -64,35 +63,33 @@ def base_model_name(model_dir: Path) -> str:
     return Path(model_dir).name
 
 
-def collect_facts(run_dir: Path, model_dir: Path, adapter_dir: Path | None, kind: str,
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run knows and the card states (the orchestrator fills it from the manifest; None: not recorded)."""
+
+    data: str | None = None
+    ratio: float | None = None
+    steps: int | None = None
+    final_eval_loss: float | None = None
+
+
+def collect_facts(run: RunFacts, model_dir: Path, adapter_dir: Path | None, kind: str,
                   verification: tuple[tuple[str, float], ...] = ()) -> CardFacts:
-    """Gather the card's facts from the run folder and the adapter, tolerating anything missing."""
-    manifest = _read_json(RunLayout(Path(run_dir)).manifest)
-    settings = manifest.get("settings", {}) if isinstance(manifest.get("settings"), dict) else {}
-    stages = manifest.get("stages", {}) if isinstance(manifest.get("stages"), dict) else {}
-    train = (stages.get("train") or {}).get("result", {}) or {}
-    correct = (stages.get("correct") or {}).get("result", {}) or {}
+    """Gather the card's facts from the run's facts and the adapter folder, tolerating anything missing."""
     corr = _read_json(Path(adapter_dir) / "emloc_correction.json") if adapter_dir else {}
     acfg = _read_json(Path(adapter_dir) / "adapter_config.json") if adapter_dir else {}
-    data = (manifest.get("inputs", {}).get("data") or {}).get("path") or settings.get("data_path")
-    lam = _num(corr.get("lambda", correct.get("lambda")))
-    table_src = corr.get("lambda_table", correct.get("lambda_table")) or []
     table: list[tuple[float, float]] = []
-    for row in table_src:
+    for row in corr.get("lambda_table") or []:
         pair = (row.get("lambda"), row.get("eval_loss")) if isinstance(row, dict) else tuple(row)[:2]
         a, b = _num(pair[0]), _num(pair[1])
         if a is not None and b is not None:
             table.append((a, b))
-    rank = acfg.get("r", settings.get("rank"))
-    alpha = acfg.get("lora_alpha", settings.get("alpha"))
+    rank = acfg.get("r")
     return CardFacts(
-        base_model=base_model_name(model_dir), base_model_path=str(model_dir), kind=kind,
-        data=str(data) if data else None, ratio=_num(settings.get("ratio")), lambda_=lam,
-        lambda_mode=corr.get("lambda_mode") or correct.get("lambda_mode"), lambda_table=tuple(table),
-        steps=int(train["steps"]) if isinstance(train.get("steps"), int) else
-        (int(settings["steps"]) if isinstance(settings.get("steps"), int) else None),
-        rank=int(rank) if isinstance(rank, int) else None, alpha=_num(alpha),
-        final_eval_loss=_num(train.get("final_eval_loss")), verification=verification,
+        base_model=base_model_name(model_dir), base_model_path=str(model_dir), kind=kind, data=run.data,
+        ratio=run.ratio, lambda_=_num(corr.get("lambda")), lambda_mode=corr.get("lambda_mode"),
+        lambda_table=tuple(table), steps=run.steps, rank=int(rank) if isinstance(rank, int) else None,
+        alpha=_num(acfg.get("lora_alpha")), final_eval_loss=run.final_eval_loss, verification=verification,
     )
 
 

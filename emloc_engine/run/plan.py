@@ -1,0 +1,193 @@
+"""``plan_run(RunConfig, machine) -> RunPlan``: ρ and every stage's config, decided once, before any work.
+
+The planner's budget is the model's own inference peak unless the user gives one (the promise:
+training fits in what inference needs). Tiny models on big GPUs, and CPU runs, can fail that rule
+only because of fixed costs (CUDA context, logits); when the user gave neither ρ nor a budget, the
+whole device is used as the budget instead and the plan says so (``budget_note``).
+
+Every stage config the run will use is built here from the run's settings, so the CLI, the app and
+the per-stage commands cannot wire a setting differently: the emulator build is held to half the
+inference peak (its chunks shrink to fit, so the GPU stays usable meanwhile), the correction always
+replaces its own earlier output inside a run, and so on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from emloc_engine.core.errors import InsufficientMemory
+from emloc_engine.core.layout import RunLayout
+from emloc_engine.run.config import RunConfig
+
+if TYPE_CHECKING:
+    from emloc_engine.machine.hardware import MachineInfo
+    from emloc_engine.run.planning import MemoryPlan, PlanConfig
+    from emloc_engine.stages.correction.corrector import CorrectionConfig
+    from emloc_engine.stages.emulator.builder import EmulatorConfig
+    from emloc_engine.stages.export.exporter import ExportConfig
+    from emloc_engine.stages.training.distributed import ParallelConfig
+    from emloc_engine.stages.training.trainer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """What the planner decided, as the manifest stores it."""
+
+    ratio: float
+    fits: bool
+    reason: str
+    budget_note: str
+    budget_gib: float
+    limit_bytes: int
+    device: str
+    predicted_peaks_gib: dict[str, float]
+    inference_peak_gib: float
+    full_lora_peak_gib: float
+    est_seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run, decided: its settings, ρ, the memory plan and the config of every stage."""
+
+    config: RunConfig
+    ratio: float
+    record: PlanRecord
+    memory: MemoryPlan
+    emulator: EmulatorConfig
+    train: TrainConfig
+    parallel: ParallelConfig | None
+    correct: CorrectionConfig
+    export: ExportConfig | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.config.run_dir)
+
+    @property
+    def budget_note(self) -> str:
+        return self.record.budget_note
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        return self.export.formats if self.export is not None else ()
+
+
+def options_of(options: Any) -> dict[str, Any]:
+    """The fields of a stage's options object as keyword arguments (to build the stage config)."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+def checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The exports this model can have, decided before any work: a GGUF the writer cannot produce for
+    this family is dropped with a note (not discovered after training), the others are kept."""
+    formats = cfg.export.formats
+    if "gguf" not in formats:
+        return formats, ()
+    from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
+    from emloc_engine.weights.headers import load_config
+
+    problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
+    if not problem:
+        return formats, ()
+    note = f"GGUF export skipped: {problem}"
+    log.warning(note)
+    return tuple(e for e in formats if e != "gguf"), (note,)
+
+
+def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None) -> PlanConfig:
+    """The one translation of a run's settings into the planner's :class:`PlanConfig`.
+
+    Args:
+        cfg: the run's settings.
+        machine: what the run will compute on (the first GPU unless the device is the CPU).
+        budget_bytes: the budget to plan for (default: the run's own, else the model's inference peak).
+    """
+    from emloc_engine.run.planning import PlanConfig
+
+    use_gpu = cfg.device != "cpu" and bool(machine.gpus)
+    return PlanConfig(
+        budget_bytes=budget_bytes if budget_bytes is not None else cfg.budget_bytes,
+        gpu_total_bytes=machine.gpus[0].total_bytes if use_gpu else machine.ram_total_bytes,
+        context_length=cfg.data.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.rank,
+        ratio=cfg.ratio, device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib,
+        train_steps=cfg.train.steps, auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus,
+        anchored=cfg.train.anchor != "none", anchor_linears=cfg.train.anchor == "linears",
+        eval_batches=cfg.correct.max_eval_batches, target_modules=cfg.train.target_modules,
+        dense_modules=cfg.emulator.dense_patterns, grad_checkpointing=cfg.train.grad_checkpointing,
+        gpu_name=machine.gpus[0].name if use_gpu else None)
+
+
+def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, PlanRecord]:
+    """The memory plan of ``cfg`` on ``machine`` and its record (ρ from the planner unless given).
+
+    Raises:
+        InsufficientMemory: no ρ fits even with the whole device; the message lists what would.
+    """
+    from emloc_engine.run import planning
+
+    facts = planning.model_facts(cfg.model_dir)
+    plan_cfg = plan_config_for(cfg, machine)
+    memory = planning.plan_memory(facts, plan_cfg)
+    note = "inference peak" if cfg.budget_bytes is None else "user budget"
+    if not memory.fits and cfg.budget_bytes is None and cfg.ratio is None:
+        memory = planning.plan_memory(facts, dataclasses.replace(plan_cfg, budget_bytes=plan_cfg.gpu_total_bytes))
+        note = "whole device (the inference-peak budget left no room for fixed costs)"
+    if cfg.ratio is None and (memory.ratio is None or not memory.fits):
+        raise InsufficientMemory(f"No compression ratio fits: {memory.reason}", problems=list(memory.suggestions),
+                                 hint="Give --ratio or --budget-gib explicitly, or follow a suggestion above.")
+    ratio = cfg.ratio if cfg.ratio is not None else float(memory.ratio or 0.0)
+    record = PlanRecord(
+        ratio=ratio, fits=memory.fits, reason=memory.reason, budget_note=note,
+        budget_gib=memory.budget_bytes / 2**30, limit_bytes=memory.limit_bytes, device=plan_cfg.device,
+        predicted_peaks_gib={s.name: s.peak_bytes / 2**30 for s in memory.stages},
+        inference_peak_gib=memory.inference_peak_bytes / 2**30,
+        full_lora_peak_gib=memory.full_lora_peak_bytes / 2**30, est_seconds=memory.est_seconds)
+    return memory, record
+
+
+def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
+    """Decide ρ and every stage's config for ``cfg`` on ``machine`` (detected when None).
+
+    Raises:
+        InsufficientMemory: nothing fits; ConfigError: the settings cannot be wired into a stage.
+    """
+    from emloc_engine.stages.correction.corrector import CorrectionConfig
+    from emloc_engine.stages.emulator.builder import EmulatorConfig
+    from emloc_engine.stages.export.exporter import ExportConfig
+    from emloc_engine.stages.training.distributed import ParallelConfig
+    from emloc_engine.stages.training.trainer import TrainConfig
+
+    if machine is None:
+        from emloc_engine.machine.hardware import detect_machine
+
+        machine = detect_machine()
+    memory, record = plan_memory_for(cfg, machine)
+    layout = RunLayout(cfg.run_dir)
+    on_cuda = record.device == "cuda"
+    budget = int(min(record.limit_bytes, 0.5 * record.inference_peak_gib * 2**30)) if on_cuda else None
+    factor_devices = tuple(f"cuda:{i}" for i in range(1, cfg.gpus)) if on_cuda and cfg.gpus > 1 else ()
+    emulator = EmulatorConfig(**options_of(cfg.emulator), model_dir=cfg.model_dir, out_dir=layout.emulator,
+                              calibration_ids=(), ratio=record.ratio, device=cfg.device,
+                              memory_budget_bytes=budget, factor_devices=factor_devices)
+    # Anchors need one process: with several GPUs, "auto" trains unanchored (and says so).
+    train_options = options_of(cfg.train)
+    if cfg.gpus > 1 and cfg.train.anchor == "auto":
+        train_options["anchor"] = "none"
+    train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed)
+    parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
+    correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
+                               data=cfg.data, device=cfg.device, overwrite=True)
+    formats, notes = checked_exports(cfg)
+    export = None
+    if formats:
+        export = ExportConfig(**{**options_of(cfg.export), "formats": formats}, run_dir=layout.root,
+                              model_dir=cfg.model_dir, overwrite=True, device=cfg.device)
+    return RunPlan(config=cfg, ratio=record.ratio, record=record, memory=memory, emulator=emulator, train=train,
+                   parallel=parallel, correct=correct, export=export, notes=notes)

@@ -1,0 +1,41 @@
+"""What to export and how: pure data (no torch), so the CLI and the app read it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from emloc_engine.core.errors import ConfigError
+
+EXPORT_FORMATS = ("merged", "adapter", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ",
+                   "Once upon a time, in a small village by the sea,")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """What to export and how (``RunConfig.export``); an empty ``formats`` means no export stage."""
+
+    formats: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={
+        "help": "Any of merged (Hugging Face folder), adapter (portable peft adapter), gguf (llama.cpp)."})
+    gguf_type: str = field(default="f16", metadata={"choices": GGUF_TYPES, "help": "GGUF weight type: f16, bf16, q8_0 or f32."})
+    verify: bool = field(default=True, metadata={
+        "help": "Load every export back and compare its logits with original + adapter (needs RAM for the model)."})
+    prompts: tuple[str, ...] = field(default=DEFAULT_PROMPTS, metadata={"help": "Prompts used to compare logits."})
+
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError("Invalid export settings:", problems=problems)
+
+    def _problems(self) -> list[str]:
+        problems = []
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown:
+            problems.append(f"formats {list(self.formats)}: choose one or more of {', '.join(EXPORT_FORMATS)}")
+        if self.gguf_type not in GGUF_TYPES:
+            problems.append(f"gguf_type {self.gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+        if self.verify and not self.prompts:
+            problems.append("verification needs at least one prompt")
+        return problems
