@@ -70,8 +70,10 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
     if not (Path(model_dir) / "config.json").exists():
         raise ModelNotFound(f"No model in {model_dir}.", hint="Choose the model again on the Model page.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                                           trust_remote_code=False)
+    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                                      trust_remote_code=False)
     base.to(device)  # type: ignore[arg-type]  # in place; transformers' @wraps(Module.to) hides self from mypy
     model: PreTrainedModel | PeftModelForCausalLM = base
     if adapter_dir is not None:

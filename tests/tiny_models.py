@@ -77,8 +77,13 @@ def make_tokenizer() -> Any:
 
 
 def build_tiny_model(arch: str, cache_dir: Path, *, org: str = "emloc-test", name: str | None = None,
-                     seed: int | None = None, dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
-    """Create a tiny model of family ``arch`` in an HF-cache-shaped folder; return its snapshot folder."""
+                     seed: int | None = None, dtype: torch.dtype = torch.float32, weight_std: float = 0.2,
+                     **overrides: Any) -> Path:
+    """Create a tiny model of family ``arch`` in an HF-cache-shaped folder; return its snapshot folder.
+
+    ``weight_std``: the spread of every matrix; larger values give sharper attention and larger
+    activations, i.e. a model whose logits react more to rounding of its weights.
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     name = name or f"tiny-{arch}"
@@ -89,12 +94,12 @@ def build_tiny_model(arch: str, cache_dir: Path, *, org: str = "emloc-test", nam
     with torch.no_grad():
         for p in model.parameters():  # deterministic, not too small, so low-rank effects are visible
             if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, weight_std)
             else:
                 p.uniform_(0.8, 1.2) if p.numel() == config.hidden_size else p.normal_(0.0, 0.05)
     model = model.to(dtype)
     repo = Path(cache_dir) / f"models--{org}--{name}"
-    rev = hashlib.sha1(f"{arch}-{seed}-{sorted(overrides.items())}".encode()).hexdigest()
+    rev = hashlib.sha1(f"{arch}-{seed}-{weight_std}-{sorted(overrides.items())}".encode()).hexdigest()
     snap = repo / "snapshots" / rev
     snap.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(snap)

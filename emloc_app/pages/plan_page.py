@@ -98,18 +98,6 @@ def default_gpu_count(gpus: tuple[GpuInfo, ...]) -> int:
     return len(gpus) if alike else 1
 
 
-def planning_machine(machine: MachineInfo, gpu: GpuInfo | None, gpus: int) -> MachineInfo:
-    """``machine`` as ``plan_run`` should see it: the GPU whose memory bounds the run first.
-
-    ``plan_run`` plans for the first GPU of the machine; the run uses the GPU chosen on the Machine page,
-    or GPUs 0..N−1 with several, where the smallest bounds every one's share.
-    """
-    if gpus > 1:
-        bound = min(sorted(machine.gpus, key=lambda g: g.index)[:gpus], key=lambda g: g.total_bytes)
-        return dataclasses.replace(machine, gpus=(bound,))
-    return dataclasses.replace(machine, gpus=(gpu,)) if gpu is not None else machine
-
-
 def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
     """Sum of the planner's per-stage estimates of the emulator, training and correction (export excluded).
 
@@ -372,7 +360,7 @@ class PlanPage(BasePage):
         n = self.gpu_count()
         cfg = RunConfig(
             model_dir=s.model_dir, data=s.data_config, run_dir=self._run_dir,
-            ratio=None if auto else self.slider.value() / 100, budget_bytes=s.budget_bytes if auto else None,
+            ratio=None if auto else self.slider.value() / 100, budget_bytes=s.budget_bytes,
             device="cuda" if n > 1 else s.device, gpus=n, seed=int(self.seed.value()),
             emulator=dataclasses.replace(base.emulator if base is not None else EmulatorOptions(),
                                          allocation=self.allocation_choice()),
@@ -390,7 +378,7 @@ class PlanPage(BasePage):
         try:
             cfg = self.run_config()
             machine = self.state.machine
-            plan = plan_run(cfg, planning_machine(machine, self.state.gpu, cfg.gpus) if machine is not None else None)
+            plan = plan_run(cfg, machine)
         except EngineError as exc:  # InsufficientMemory lists the settings that would fit
             self.run_plan = None
             self.bars.set_rows([], None)

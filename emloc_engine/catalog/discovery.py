@@ -3,7 +3,8 @@
 Nothing is copied and no weights are read: each model is described from ``config.json`` and the
 safetensors headers (:mod:`emloc_engine.catalog.model_facts`). A model that cannot be used is still
 listed, with what is wrong (incomplete download, missing shard, broken symlink, pickle-only
-``.bin`` weights, unknown architecture, bad ``config.json``), so the user sees why it is greyed out.
+``.bin`` weights, unknown architecture, bad ``config.json``, a folder that would need its own Python
+code), so the user sees why it is greyed out.
 
 * Hugging Face cache: ``huggingface_hub.scan_cache_dir`` (honours ``HF_HUB_CACHE`` / ``HF_HOME``
   read at call time); every cached revision is listed. Repos it reports as corrupted (in its
@@ -32,7 +33,8 @@ from emloc_engine.catalog.model_facts import ModelFacts, facts_from_config, read
 from emloc_engine.catalog.model_folders import added_model_folders
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
-from emloc_engine.weights.headers import load_config
+from emloc_engine.core.trust import remote_code_problem
+from emloc_engine.weights.headers import read_config
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +194,15 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
     num_parameters: int | None = None
     facts: ModelFacts | None = None
     try:
-        config = load_config(folder)
+        config = read_config(folder)
         model_type = str(config.get("model_type")) if config.get("model_type") else None
         archs = config.get("architectures") or [None]
         architecture = str(archs[0]) if archs[0] else None
+        untrusted = remote_code_problem(folder)
+        if untrusted:  # listed, never loaded: nothing below may import the folder's code
+            return [ModelInfo(name, folder, revision, source, model_type, architecture, None, None, size, False,
+                              "; ".join([f"{untrusted}; use a model of a supported family", *problems]),
+                              refs=refs)]
         has_st = any(folder.glob("*.safetensors"))
         if not has_st:
             if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):

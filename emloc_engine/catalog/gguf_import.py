@@ -148,9 +148,10 @@ def _load_dequantised(gguf_path: Path, torch_dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                              trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch_dtype, local_files_only=True,
+        folder, gguf_file=name, dtype=torch_dtype, local_files_only=True, trust_remote_code=False,
         quantization_config=GgufConfig(dequantize=True),
     )
     return tokenizer, model
@@ -169,7 +170,7 @@ def _rebuild_plain(loaded: Any, torch_dtype: Any) -> Any:
     cfg_dict = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
     config = type(loaded.config).from_dict(cfg_dict)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=False)
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in loaded.state_dict().items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

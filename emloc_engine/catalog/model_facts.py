@@ -16,7 +16,7 @@ from typing import Any
 
 from emloc_engine.core.dtypes import ELEMENT_BYTES, dtype_name, element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
-from emloc_engine.weights.headers import load_config, read_safetensors_header
+from emloc_engine.weights.headers import read_config, read_safetensors_header
 
 # Families whose config omits tie_word_embeddings and whose default is to tie.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3_text"}
@@ -236,7 +236,7 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
         UnsupportedModel: unknown architecture.
     """
     model_dir = Path(model_dir)
-    config = load_config(model_dir)
+    config = read_config(model_dir)
     return facts_from_config(config, tensors=read_tensor_shapes(model_dir), name=model_dir.name,
                              model_dir=model_dir)
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from emloc_engine.core.errors import DataError, ModelNotFound
+from emloc_engine.core.trust import refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +19,12 @@ def resolve_model(text: str | Path) -> Path:
 
     Raises:
         ModelNotFound: nothing matches; the message lists how to find what is available.
+        UntrustedCode: the folder would need its own Python code to load (never run).
     """
     s = str(text)
     p = Path(s).expanduser()
     if p.is_dir() and (p / "config.json").exists():
+        refuse_remote_code(p)
         return p
     if p.is_file() and p.suffix.lower() == ".gguf":
         from emloc_engine.catalog.gguf_import import convert_for_catalog
@@ -37,6 +40,7 @@ def resolve_model(text: str | Path) -> Path:
     matches = [m for m in find_models() if s in (m.name, str(m.path)) or m.name.endswith("/" + s)]
     usable = [m for m in matches if m.supported and not m.needs_conversion]
     if usable:
+        refuse_remote_code(Path(usable[0].path))  # the catalog lists such folders as unusable already
         return Path(usable[0].path)
     convertible = [m for m in matches if m.supported and m.needs_conversion]
     if convertible:
@@ -46,6 +50,8 @@ def resolve_model(text: str | Path) -> Path:
         return convert_for_catalog(Path(convertible[0].path))
     if matches:
         m = matches[0]
+        if Path(m.path).is_dir():
+            refuse_remote_code(Path(m.path))  # the typed error, not only the catalog's line
         raise ModelNotFound(f"Model {s!r} was found but cannot be used: {m.problem or 'needs conversion'}.")
     raise ModelNotFound(f"No model folder or cached model named {s!r}.",
                         hint="Pass a folder holding config.json and *.safetensors, or see `emloc models`.")

@@ -1,8 +1,8 @@
 """``emloc``: every stage of EMLoC Studio, headless.
 
 Each subcommand lives in ``emloc_engine/cli/commands/<name>.py`` with ``register(subparsers)``; the
-command functions call the same stage functions the app calls. Engine errors print their message
-and exit 2; a cancel (Ctrl-C) exits 130 and leaves the run resumable.
+command functions call the same stage functions the app calls. Engine errors (a full disk included)
+print their message and exit 2; a cancel (Ctrl-C) exits 130 and leaves the run resumable.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from emloc_engine.core.atomic import as_disk_full
 from emloc_engine.core.errors import Cancelled, EngineError
 from emloc_engine.core.version import __version__
 
@@ -86,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:  # a full disk outside the engine's atomic writers
+        filename = getattr(exc, "filename", None)
+        full = as_disk_full(exc, Path(filename).parent if filename else Path.cwd())
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
         return 2
 
 

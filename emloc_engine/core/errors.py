@@ -46,12 +46,20 @@ class UnsupportedModel(EngineError):
     """The model's architecture or checkpoint format is not supported."""
 
 
+class UntrustedCode(UnsupportedModel):
+    """The model folder needs its own Python code to load (``auto_map``); the engine never runs it."""
+
+
 class InsufficientMemory(EngineError):
     """The work does not fit in the memory budget; the hint says which setting to lower."""
 
 
 class MergeError(EngineError):
     """Merging or exporting failed; the message names the tensor or module that broke it."""
+
+
+class DiskFull(EngineError):
+    """Writing an output ran out of disk space (or hit a file-size limit); names the folder and the space."""
 
 
 class RunStateError(EngineError):

@@ -25,6 +25,11 @@ record's fields after the column map is applied:
   ``max_length``-token pieces.
 
 Numbers in text fields are read as their decimal text; lists, objects and booleans are type errors.
+
+Hostile files cost bounded work: one record may hold at most :data:`MAX_RECORD_BYTES` (8 MiB) of text
+(bytes of a ``.jsonl`` line, read without holding more than that; characters of text otherwise);
+a bigger one is an error at its line and is not parsed. A file that is not text (NUL bytes, not
+UTF-8, UTF-16) is one error for the file (:func:`not_text_problem`), not one per line.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 4
 """Characters per token assumed when cutting plain text before a tokenizer exists."""
+
+MAX_RECORD_BYTES = 8 * 2**20
+"""Most text one record may hold (a ``.jsonl`` line's bytes, otherwise the sample's characters)."""
+SNIFF_BYTES = 64 * 1024
 
 ROLE_ALIASES = {
     "system": "system", "developer": "system",
@@ -218,9 +227,68 @@ def _iter_json_array(path: Path, problems: ProblemLog) -> Iterator[Record]:
             return
 
 
+def not_text_problem(path: Path) -> str | None:
+    """Why ``path`` is not a UTF-8 text file, judged from its first 64 KiB (``None`` when it is text).
+
+    NUL bytes (binary: compressed, Parquet, an image...) or a UTF-16 byte-order mark make it not text;
+    so does invalid UTF-8 in most of its first lines (Latin-1 and other legacy encodings). A few bad
+    lines in a UTF-8 file are left to the per-line checks, which name them.
+    """
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"{path.name} is UTF-16 text; save it as UTF-8"
+    if b"\x00" in head:
+        return (f"{path.name} is not text: it looks binary (NUL bytes in its first {max(1, len(head) // 1024)} "
+                "KiB); if it is Parquet or compressed, give it its own suffix (.parquet) or decompress it")
+    lines = head.split(b"\n")
+    cut = len(head) == SNIFF_BYTES  # the last line may end in the middle of a character
+    bad = [i for i, line in enumerate(lines) if not _utf8(line, final=not (cut and i == len(lines) - 1))]
+    if bad and 2 * len(bad) > len(lines):
+        return (f"{path.name} is not UTF-8 text ({len(bad)} of its first {len(lines)} lines are not, the first "
+                f"at line {bad[0] + 1}); save it as UTF-8 (most editors: Save with encoding UTF-8)")
+    return None
+
+
+def _utf8(raw: bytes, final: bool = True) -> bool:
+    import codecs
+
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw, final=final)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _too_large(size: int) -> str:
+    return (f"record of {size / 2**20:.1f} MiB, over the {MAX_RECORD_BYTES // 2**20} MiB limit for one record; "
+            "it is not read. Split it into several records (long documents: a .txt file, which is cut "
+            "into pieces)")
+
+
+def _bounded_lines(f: Any) -> Iterator[tuple[int, bytes | None, int]]:
+    """``(line number, bytes, size)`` of each line; ``bytes`` is ``None`` for a line over the limit, which
+    is skipped without ever holding more than :data:`MAX_RECORD_BYTES` of it in memory."""
+    number = 0
+    while raw := f.readline(MAX_RECORD_BYTES + 1):
+        number += 1
+        if len(raw) <= MAX_RECORD_BYTES or raw.endswith(b"\n"):
+            yield number, raw, len(raw)
+            continue
+        size = len(raw)
+        while chunk := f.readline(1 << 20):
+            size += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        yield number, None, size
+
+
 def _iter_jsonl(path: Path, problems: ProblemLog) -> Iterator[Record]:
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw, size in _bounded_lines(f):
+            if raw is None:
+                problems.error(number, _too_large(size), "too_large")
+                continue
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             if not raw.strip():
@@ -453,9 +521,14 @@ def iter_record_samples(path: Path, container: str, cfg: DataConfig, problems: P
                 return
             fmt = state.format = detected
         try:
-            yield _sample_of(fmt, obj, line, item, cfg, problems)
+            sample = _sample_of(fmt, obj, line, item, cfg, problems)
         except _Bad as bad:
             problems.error(line, str(bad), bad.code, item=item)
+            continue
+        if sample.char_length() > MAX_RECORD_BYTES:  # .json/.csv/.parquet (a .jsonl line is checked unread)
+            problems.error(line, _too_large(sample.char_length()), "too_large", item=item)
+            continue
+        yield sample
 
 
 def iter_text_chunks(path: Path, target_chars: int, problems: ProblemLog) -> Iterator[Sample]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.core.errors import ConfigError, ModelNotFound
+from emloc_engine.core.trust import refuse_remote_code
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.formats import (
     CHARS_PER_TOKEN,
@@ -26,6 +27,7 @@ from emloc_engine.data.formats import (
     container_of,
     iter_record_samples,
     iter_text_chunks,
+    not_text_problem,
 )
 from emloc_engine.data.render import (
     FALLBACK_CHAT_TEMPLATE,
@@ -62,8 +64,37 @@ class PreparedData:
     report: DataReport
 
 
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+"""Any one of these holds a tokenizer's vocabulary (``tokenizer.json`` is the usual one)."""
+
+
+def missing_tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files a model folder lacks: ``tokenizer_config.json`` (special tokens, chat template)
+    and ``tokenizer.json`` (or another vocabulary file, :data:`TOKENIZER_VOCAB_FILES`)."""
+    missing = []
+    if not any((folder / f).is_file() for f in TOKENIZER_VOCAB_FILES) and not any(folder.glob("*.tiktoken")):
+        missing.append("tokenizer.json")
+    if not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    return missing
+
+
+def _local_folder(model: Path | str) -> Path | None:
+    """The folder of a model folder or of a repo id in the Hugging Face cache (``None`` if not found)."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(model), "config.json")
+    except Exception:  # not a repo id: transformers reports it below
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def load_tokenizer(model_dir: Path | str) -> Any:
-    """The model's tokenizer only (no weights), from local files.
+    """The model's tokenizer only (no weights), from local files; the folder's own code is never run.
 
     Args:
         model_dir: a model folder, or a repo id already in the Hugging Face cache.
@@ -72,12 +103,24 @@ def load_tokenizer(model_dir: Path | str) -> Any:
         A ``transformers`` tokenizer.
 
     Raises:
-        ModelNotFound: no tokenizer files there (the folder is not a model, or the repo is not cached).
+        ModelNotFound: tokenizer files are missing (named, with the folder), or the tokenizer cannot
+            be read (the folder is not a model, or the repo is not cached).
+        UntrustedCode: the folder would need its own Python code to load (checked before loading).
     """
+    folder = _local_folder(model_dir)
+    if folder is not None:
+        refuse_remote_code(folder)
+        missing = missing_tokenizer_files(folder)
+        if missing:
+            raise ModelNotFound(
+                f"The tokenizer files {' and '.join(missing)} are missing from {folder}.",
+                hint="Download them with the model (e.g. `hf download ORG/NAME " + " ".join(missing) + "`) "
+                     "or copy them from the original model's folder; an interrupted download also leaves "
+                     "them out.")
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelNotFound(f"Cannot load the tokenizer of {model_dir}: {exc}",
                             hint="point at a model folder with tokenizer files, or a repo id already "
@@ -136,6 +179,9 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
                        "to read it as plain text", "unknown_format")
         return
     if container == "txt":
+        if (not_text := not_text_problem(path)) is not None:
+            problems.error(None, not_text, "not_text")  # once for the file, not once per line
+            return
         if cfg.format not in ("auto", "txt", "text"):
             problems.error(None, f"{path.name} is plain text but --format {cfg.format} was given; use "
                            "--format txt, or a .jsonl/.csv file for records", "unknown_format")
@@ -149,6 +195,9 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
     if cfg.format == "txt":
         problems.error(None, f"--format txt reads plain text files, but {path.name} is {container}",
                        "unknown_format")
+        return
+    if container != "parquet" and (not_text := not_text_problem(path)):
+        problems.error(None, not_text, "not_text")  # once for the file, not once per line
         return
     state = ReadState(cfg.format)
     try:
@@ -191,7 +240,8 @@ def _take(sample: Sample, cfg: DataConfig, tokenizer: Any, scan: _Scan, keep: bo
             scan.previews.append(sample.preview())
         return True
     try:
-        rendered = render_sample(sample, tokenizer, _template_for(sample, tokenizer, scan), cfg.train_on)
+        rendered = render_sample(sample, tokenizer, _template_for(sample, tokenizer, scan), cfg.train_on,
+                                 cfg.max_length)
     except TemplateFailure as exc:
         problems.error(sample.line, str(exc), "template_error", item=sample.item)
         return False
@@ -211,7 +261,12 @@ def _take(sample: Sample, cfg: DataConfig, tokenizer: Any, scan: _Scan, keep: bo
                       item=sample.item)
         return False
     full = len(rendered.input_ids)
-    if full > cfg.max_length:
+    if rendered.clipped:  # only the beginning was tokenised (render.bound_sample)
+        scan.n_truncated += 1
+        problems.warn(sample.line, f"{sample.char_length()} characters, far more than max_length "
+                      f"{cfg.max_length} tokens hold: truncated to the first {cfg.max_length} tokens",
+                      "truncated", item=sample.item)
+    elif full > cfg.max_length:
         scan.n_truncated += 1
         problems.warn(sample.line, f"{full} tokens > max_length {cfg.max_length}: truncated (the last "
                       f"{full - cfg.max_length} tokens are dropped)", "truncated", item=sample.item)

@@ -15,6 +15,12 @@ gracefully (a few tokens fewer) when a template renders earlier turns differentl
 Prompt/completion and text samples are tokenised as plain text with the tokenizer's own special
 tokens (BOS where the model uses one) and end with the EOS token; plain-text pieces cut from a
 ``.txt`` file get no EOS (they continue each other).
+
+**Only what max_length can use is tokenised.** Given ``max_length``, a sample is first cut to
+:data:`MAX_CHARS_PER_TOKEN` × ``max_length`` characters of text in total (and ``max_length`` messages):
+no token spans more than that many characters, so everything cut off would lie past ``max_length``
+tokens and be truncated anyway; and assistant turns that start past ``max_length`` are not rendered.
+A 5 MB conversation then costs what a ``max_length``-token one does, not a tokenisation of 5 MB.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from emloc_engine.data.formats import Sample
 
 IGNORE_INDEX = -100
+
+MAX_CHARS_PER_TOKEN = 32
+"""No token of a real tokenizer spans more characters than this; text beyond ``max_length`` × this is
+past ``max_length`` tokens, so it is never tokenised (see the module docstring)."""
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -62,11 +72,41 @@ class Example:
 
 @dataclass(frozen=True)
 class Rendered:
-    """A sample as ids and labels before truncation, plus why it may have no label."""
+    """A sample as ids and labels before truncation, plus why it may have no label.
+
+    ``clipped``: the text was cut before tokenising (see :func:`bound_sample`): the sample is longer
+    than ``max_length`` and ``input_ids`` hold its beginning only.
+    """
 
     input_ids: list[int]
     labels: list[int]
     no_label_reason: str = ""
+    clipped: bool = False
+
+
+def bound_sample(sample: Sample, max_length: int) -> tuple[Sample, bool]:
+    """``sample`` cut to what ``max_length`` tokens can hold, and whether anything was cut.
+
+    At most ``max_length × MAX_CHARS_PER_TOKEN`` characters of text are kept in total (message
+    contents in order, or prompt then completion/text) and at most ``max_length`` messages (each
+    renders to one token at least); the message that crosses the budget keeps its beginning.
+    """
+    budget = max_length * MAX_CHARS_PER_TOKEN
+    if sample.char_length() <= budget and len(sample.messages) <= max_length:
+        return sample, False
+    if sample.kind == "chat":
+        kept: list[dict[str, Any]] = []
+        for m in sample.messages[:max_length]:
+            if budget <= 0:
+                break
+            content = m.get("content") or ""
+            kept.append({**m, "content": content[:budget]} if len(content) > budget else m)
+            budget -= len(content)
+        return replace(sample, messages=tuple(kept)), True
+    prompt = sample.prompt[:budget]
+    rest = budget - len(prompt)
+    return replace(sample, prompt=prompt, completion=sample.completion[:max(0, rest)],
+                   text=sample.text[:max(0, rest - len(sample.completion))]), True
 
 
 class TemplateFailure(Exception):
@@ -99,7 +139,8 @@ def _eos(tokenizer: Any) -> int | None:
     return eos if isinstance(eos, int) else None
 
 
-def render_chat(sample: Sample, tokenizer: Any, template: str | None, train_on: str) -> Rendered:
+def render_chat(sample: Sample, tokenizer: Any, template: str | None, train_on: str,
+                max_length: int | None = None) -> Rendered:
     """Render a chat sample with the chat template; labels on assistant replies (or ``"all"``).
 
     Args:
@@ -107,6 +148,8 @@ def render_chat(sample: Sample, tokenizer: Any, template: str | None, train_on: 
         tokenizer: a Hugging Face tokenizer.
         template: the chat template to use (``None``: the tokenizer's own).
         train_on: ``"assistant"`` or ``"all"``.
+        max_length: when given, assistant turns that start at or past it are not rendered (they
+            would be truncated away).
 
     Returns:
         Ids and labels of the whole conversation (not truncated).
@@ -140,12 +183,19 @@ def render_chat(sample: Sample, tokenizer: Any, template: str | None, train_on: 
             if i:  # only an empty prefix may be refused; the reply then starts at the beginning
                 raise
             prompt = []
-        start, end = lcp(prompt, full), lcp(ids(i + 1, False), full)
-        end = _trim_after_end_of_turn(tokenizer, full, start, end)
+        start = lcp(prompt, full)
+        if max_length is not None and start >= max_length:
+            past_max = True  # this reply and every later one begin after the truncation point
+            break
+        end = _trim_after_end_of_turn(tokenizer, full, start, lcp(ids(i + 1, False), full))
         labels[start:end] = full[start:end]
+    else:
+        past_max = False
     reason = ""
     if not targets:
         reason = "the conversation has no assistant reply to learn from"
+    elif past_max:
+        pass  # the caller says "the reply starts after max_length"
     elif all(t == IGNORE_INDEX for t in labels):
         reason = ("the chat template renders nothing for the assistant replies after its generation "
                   "prompt (no assistant turn marker)")
@@ -200,11 +250,26 @@ def render_plain(sample: Sample, tokenizer: Any, train_on: str) -> Rendered:
     return Rendered(full, labels)
 
 
-def render_sample(sample: Sample, tokenizer: Any, template: str | None, train_on: str) -> Rendered:
-    """Render any sample (see :func:`render_chat` and :func:`render_plain`)."""
-    if sample.kind == "chat":
-        return render_chat(sample, tokenizer, template, train_on)
-    return render_plain(sample, tokenizer, train_on)
+def render_sample(sample: Sample, tokenizer: Any, template: str | None, train_on: str,
+                  max_length: int | None = None) -> Rendered:
+    """Render any sample (see :func:`render_chat` and :func:`render_plain`).
+
+    With ``max_length`` only what that many tokens can use is tokenised (:func:`bound_sample`);
+    ``clipped`` then says whether text was cut. Plain-text pieces (``chunked``) are never cut.
+    """
+    bounded, clipped = sample, False
+    if max_length is not None and not sample.chunked:
+        bounded, clipped = bound_sample(sample, max_length)
+    if bounded.kind == "chat":
+        rendered = render_chat(bounded, tokenizer, template, train_on, max_length)
+    else:
+        rendered = render_plain(bounded, tokenizer, train_on)
+    if not clipped:
+        return rendered
+    reason = rendered.no_label_reason
+    if not bounded.has_target() and sample.has_target():
+        reason = ""  # its replies were cut off with the text past max_length: the caller says so
+    return replace(rendered, clipped=True, no_label_reason=reason)
 
 
 def truncate(rendered: Rendered, max_length: int) -> Example:

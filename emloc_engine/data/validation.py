@@ -36,7 +36,7 @@ class DataProblem:
         code: a short machine-readable kind (``bad_json``, ``missing_field``, ``empty_field``,
             ``unknown_role``, ``wrong_type``, ``truncated``, ``no_labels``, ``all_masked``,
             ``no_chat_template``, ``template_error``, ``empty_file``, ``unknown_format``,
-            ``not_found``, ``no_samples``).
+            ``not_found``, ``no_samples``, ``too_large``, ``not_text``).
     """
 
     file: str

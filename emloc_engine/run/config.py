@@ -41,8 +41,8 @@ class RunConfig:
     ratio: float | None = field(default=None, metadata={
         "help": "Keep-ratio ρ of the compressed layers (0 < ρ < 1); none = the planner picks the largest that fits."})
     budget_bytes: int | None = field(default=None, metadata={
-        "help": "GPU memory every stage must keep to, in GiB; the planner picks ρ for it (default: the "
-                "model's inference peak).", "cli": "budget-gib", "unit": "GiB"})
+        "help": "GPU memory every stage must keep to, in GiB; the planner picks ρ for it, or checks a given ρ "
+                "against it (default: the model's inference peak).", "cli": "budget-gib", "unit": "GiB"})
     device: str = field(default="auto", metadata={
         "help": "Where to compute: auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N or mps."})
     gpus: int = field(default=1, metadata={
@@ -68,8 +68,6 @@ class RunConfig:
             problems.append(f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             problems.append(f"the memory budget must be positive (got {self.budget_bytes} bytes)")
-        if self.ratio is not None and self.budget_bytes is not None:
-            problems.append("give either a ratio or a budget, not both (the planner picks ρ for a budget)")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         if self.gpus < 1:

@@ -281,13 +281,6 @@ def build_config(base: RunConfig | None, values: Mapping[str, Any], *, model_dir
         if path not in opts:
             raise ConfigError(f"Unknown setting {path!r}.")
         parsed[path] = parse_value(opts[path], raw)
-    if parsed.get("ratio") is not None and parsed.get("budget_bytes") is not None:
-        raise ConfigError("Give either --ratio or --budget-gib, not both.",
-                          hint="--budget-gib lets the planner pick the largest ρ that fits; --ratio fixes ρ.")
-    if parsed.get("ratio") is not None:  # a ratio given now replaces a recorded budget, and vice versa
-        tree["budget_bytes"] = None
-    if parsed.get("budget_bytes") is not None:
-        tree["ratio"] = None
     for path, value in parsed.items():
         node = tree
         *heads, last = path.split(".")

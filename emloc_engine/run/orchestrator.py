@@ -38,6 +38,7 @@ from emloc_engine.run.location import check_run_location
 from emloc_engine.run.lock import run_folder_lock
 from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, now, read_manifest, write_manifest
 from emloc_engine.run.options import changed_settings
+from emloc_engine.run.plan import check_budget
 from emloc_engine.run.runlog import attach_run_log, detach_run_log
 
 if TYPE_CHECKING:
@@ -303,6 +304,7 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
     if redo_from is not None and redo_from not in STAGES:
         raise RunStateError(f"--redo-from must be one of {', '.join(STAGES)} (got {redo_from!r}).")
     # Everything that can be refused is checked before the folder is created or the lock taken.
+    check_budget(plan)
     check_run_location(cfg.run_dir, cfg.model_dir)
     tokenizer = load_tokenizer(cfg.model_dir)
     report = inspect_dataset(cfg.data, tokenizer)

@@ -23,7 +23,7 @@ from emloc_engine.core.layout import RunLayout
 from emloc_engine.run.config import RunConfig
 
 if TYPE_CHECKING:
-    from emloc_engine.machine.hardware import MachineInfo
+    from emloc_engine.machine.hardware import GpuInfo, MachineInfo
     from emloc_engine.run.planning import MemoryPlan, PlanConfig
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.emulator.builder import EmulatorConfig
@@ -101,6 +101,18 @@ def checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(e for e in formats if e != "gguf"), (note,)
 
 
+def bounding_gpu(machine: MachineInfo, device: str, gpus: int) -> GpuInfo | None:
+    """The GPU whose memory bounds the run first: ``cuda:N``'s, else the smallest of GPUs 0..gpus−1; None on the CPU."""
+    if device == "cpu" or not machine.gpus:
+        return None
+    by_index = sorted(machine.gpus, key=lambda g: g.index)
+    if device.startswith("cuda:"):
+        wanted = int(device.split(":", 1)[1])
+        chosen = [g for g in by_index if g.index == wanted]
+        return chosen[0] if chosen else by_index[0]
+    return min(by_index[:max(1, gpus)], key=lambda g: g.total_bytes)
+
+
 def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None) -> PlanConfig:
     """The one translation of a run's settings into the planner's :class:`PlanConfig`.
 
@@ -111,17 +123,18 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
     """
     from emloc_engine.run.planning import PlanConfig
 
-    use_gpu = cfg.device != "cpu" and bool(machine.gpus)
+    gpu = bounding_gpu(machine, cfg.device, cfg.gpus)
+    use_gpu = gpu is not None
     return PlanConfig(
         budget_bytes=budget_bytes if budget_bytes is not None else cfg.budget_bytes,
-        gpu_total_bytes=machine.gpus[0].total_bytes if use_gpu else machine.ram_total_bytes,
+        gpu_total_bytes=gpu.total_bytes if gpu is not None else machine.ram_total_bytes,
         context_length=cfg.data.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.rank,
         ratio=cfg.ratio, device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib,
         train_steps=cfg.train.steps, auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus,
         anchored=cfg.train.anchor != "none", anchor_linears=cfg.train.anchor == "linears",
         eval_batches=cfg.correct.max_eval_batches, target_modules=cfg.train.target_modules,
         dense_modules=cfg.emulator.dense_patterns, grad_checkpointing=cfg.train.grad_checkpointing,
-        gpu_name=machine.gpus[0].name if use_gpu else None)
+        gpu_name=gpu.name if gpu is not None else None)
 
 
 def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, PlanRecord]:
@@ -142,6 +155,7 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
     if cfg.ratio is None and (memory.ratio is None or not memory.fits):
         raise InsufficientMemory(f"No compression ratio fits: {memory.reason}", problems=list(memory.suggestions),
                                  hint="Give --ratio or --budget-gib explicitly, or follow a suggestion above.")
+
     ratio = cfg.ratio if cfg.ratio is not None else float(memory.ratio or 0.0)
     record = PlanRecord(
         ratio=ratio, fits=memory.fits, reason=memory.reason, budget_note=note,
@@ -150,6 +164,21 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
         inference_peak_gib=memory.inference_peak_bytes / 2**30,
         full_lora_peak_gib=memory.full_lora_peak_bytes / 2**30, est_seconds=memory.est_seconds)
     return memory, record
+
+
+def check_budget(plan: RunPlan) -> None:
+    """Refuse a fixed ρ that does not fit the budget the user gave (the budget is a promise).
+
+    A plan with a fixed ρ is still made (the app shows its bars); running it is what is refused.
+
+    Raises:
+        InsufficientMemory: naming ρ, the budget and what would fit.
+    """
+    cfg = plan.config
+    if cfg.ratio is not None and cfg.budget_bytes is not None and not plan.record.fits:
+        raise InsufficientMemory(f"ρ = {cfg.ratio} does not fit the budget of {cfg.budget_bytes / 2**30:.2f} GiB: "
+                                 f"{plan.record.reason}", problems=list(plan.memory.suggestions),
+                                 hint="Leave --ratio out to let the planner pick one that fits, or raise the budget.")
 
 
 def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:

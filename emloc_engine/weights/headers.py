@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.core.errors import ModelNotFound
+from emloc_engine.core.trust import refuse_remote_code
 
 MAX_HEADER_BYTES = 100_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
@@ -83,8 +84,11 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, header, {str(k): str(v) for k, v in metadata.items()}, 8 + n, size)
 
 
-def load_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a model folder as a dict.
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder as a dict, for describing the model (the catalog, the planner).
+
+    Nothing is loaded, so a folder that would need its own code is read too (the catalog lists it
+    with the reason); a stage that goes on to load the model calls :func:`load_config` instead.
 
     Raises:
         ModelNotFound: missing, unreadable or not a JSON object.
@@ -101,4 +105,20 @@ def load_config(model_dir: Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["MAX_HEADER_BYTES", "WEIGHT_SUFFIXES", "SafetensorsHeader", "load_config", "read_safetensors_header"]
+def load_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder that a stage is about to load.
+
+    Every stage reads the config through here first, so a folder that would need its own Python code
+    (:func:`emloc_engine.core.trust.refuse_remote_code`) is refused before anything loads.
+
+    Raises:
+        ModelNotFound: missing, unreadable or not a JSON object.
+        UntrustedCode: the folder would need its own Python code to load (``auto_map``).
+    """
+    config = read_config(model_dir)
+    refuse_remote_code(Path(model_dir))
+    return config
+
+
+__all__ = ["MAX_HEADER_BYTES", "WEIGHT_SUFFIXES", "SafetensorsHeader", "load_config", "read_config",
+           "read_safetensors_header"]

@@ -43,7 +43,7 @@ def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
     placement: dict[str, Any] = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype, local_files_only=True,
-                                                          **placement)
+                                                          trust_remote_code=False, **placement)
         if adapter_dir is not None:
             from peft import PeftModel
 

@@ -144,10 +144,10 @@ def load_emulator(emulator_dir: Path, *, dtype: torch.dtype = torch.float32,
 
     emulator_dir = Path(emulator_dir)
     meta = read_emulator_meta(emulator_dir)
-    config = AutoConfig.from_pretrained(emulator_dir)
+    config = AutoConfig.from_pretrained(emulator_dir, trust_remote_code=False)
     # Parameters on the meta device (no memory), buffers (rotary inv_freq, embed scales) real.
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         replace_with_low_rank(model, meta["modules"], dtype=dtype)
     ckpt = Checkpoint(emulator_dir)
     state = {n: ckpt.get(n, dtype=dtype if ckpt.info(n).dtype in FLOAT_CODES else None)

@@ -196,7 +196,7 @@ def test_plan_page_ratio_bars_and_configs(qtbot, fake: FakeEngine, state: Wizard
     assert emu.out_dir == state.run_dir / "emulator"
     assert isinstance(train, TrainConfig) and (train.rank, train.steps) == (8, 50) and train.data == state.data_config
     assert isinstance(corr, CorrectionConfig) and corr.lambda_ is not None and math.isinf(corr.lambda_)
-    assert state.config.ratio == pytest.approx(0.30) and state.config.budget_bytes is None
+    assert state.config.ratio == pytest.approx(0.30) and state.config.budget_bytes == state.budget_bytes
     assert state.config.train.rank == 8
 
 
@@ -218,7 +218,7 @@ def test_plan_page_show_command(qtbot, fake: FakeEngine, state: WizardState) -> 
     page.slider.setValue(60)
     page.settings["rank"].setValue(8)
     args = shlex.split(page.command())
-    assert args[args.index("--ratio") + 1] == "0.6" and "--budget-gib" not in args
+    assert args[args.index("--ratio") + 1] == "0.6" and args[args.index("--budget-gib") + 1] == "20"  # ρ checked against it
     assert args[args.index("--rank") + 1] == "8"
     page.show_command.click()
     assert page._command_dialog.isVisible()

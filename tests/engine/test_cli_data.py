@@ -109,3 +109,18 @@ def test_config_from_args_round_trip(tmp_path: Path) -> None:
     cfg = data_config_from_args(args.data, args)
     assert (cfg.format, cfg.column_map, cfg.max_length, cfg.train_on, cfg.eval_fraction, cfg.packing,
             cfg.max_samples, cfg.seed) == ("alpaca", (("output", "answer"),), 64, "all", 0.0, True, 5, 7)
+
+
+@pytest.mark.parametrize("missing", [("tokenizer.json",), ("tokenizer_config.json",),
+                                     ("tokenizer.json", "tokenizer_config.json")])
+def test_missing_tokenizer_files_are_named_not_blamed_on_the_chat_template(
+        good: Path, tok_dir: Path, missing: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupted download without tokenizer_config.json used to pass with a "no chat template"
+    warning (and train without the model's special tokens); without tokenizer.json it asked for sentencepiece."""
+    for name in missing:
+        (tok_dir / name).unlink()
+    assert main(["data", str(good), "--model", str(tok_dir)]) == 2
+    cap = capsys.readouterr()
+    err = cap.err
+    assert f"The tokenizer files {' and '.join(missing)} are missing from {tok_dir}" in err
+    assert "hf download" in err and "chat template" not in (cap.out + err).lower()

@@ -15,6 +15,7 @@ from emloc_engine.cli.main import main
 from emloc_engine.core.errors import Cancelled, ConfigError, RunStateError
 from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.data.config import DataConfig
+from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
 from emloc_engine.run.manifest import read_manifest
 from emloc_engine.run.orchestrator import run_stages
@@ -193,3 +194,33 @@ def test_toml_values_win_over_defaults_and_typed_options_win_over_toml(tmp_path:
     assert "'ratoi'" in str(exc.value.problems)
     with pytest.raises(ConfigError, match="DATA, --out"):
         config_from_args(build_parser().parse_args(["run", str(tiny_llama)]))
+
+
+def _machine(*totals_gib: float) -> MachineInfo:
+    gpus = tuple(GpuInfo(index=i, name=f"gpu{i}", total_bytes=int(t * 2**30), free_bytes=int(t * 2**30), used_bytes=0)
+                 for i, t in enumerate(totals_gib))
+    return MachineInfo(gpus=gpus, backend="cuda", cpu_cores=2, ram_total_bytes=24 * 2**30,
+                       ram_available_bytes=20 * 2**30)
+
+
+def test_the_plan_is_bounded_by_the_gpu_the_run_uses() -> None:
+    from emloc_engine.run.plan import bounding_gpu
+
+    machine = _machine(80, 24, 48)
+    assert bounding_gpu(machine, "cuda:1", 1) == machine.gpus[1]  # the chosen card, not the first
+    assert bounding_gpu(machine, "auto", 3) == machine.gpus[1]  # several: the smallest bounds every share
+    assert bounding_gpu(machine, "auto", 1) == machine.gpus[0]
+    assert bounding_gpu(machine, "cpu", 1) is None
+
+
+def test_a_fixed_ratio_over_the_users_budget_is_planned_but_not_run(tiny_llama: Path, tmp_path: Path) -> None:
+    """The budget is a promise: the plan shows that ρ does not fit (the app draws it), running it is refused."""
+    from emloc_engine.core.errors import InsufficientMemory
+
+    cfg = replace(_cfg(tiny_llama, _data(tmp_path / "d.jsonl"), tmp_path / "run"), device="auto",
+                  ratio=0.9, budget_bytes=2**20)  # 1 MiB: nothing fits
+    plan = plan_run(cfg, _machine(24))
+    assert not plan.record.fits and plan.ratio == 0.9
+    with pytest.raises(InsufficientMemory, match="does not fit the budget"):
+        run_stages(plan)
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,14 @@ from safetensors.torch import save_file
 
 from emloc_engine.core.architectures import SUPPORTED_MODEL_TYPES, arch_spec
 from emloc_engine.core.atomic import atomic_dir, atomic_path, write_json_atomic
-from emloc_engine.core.errors import Cancelled, DataError, ModelNotFound, RunStateError, UnsupportedModel
+from emloc_engine.core.errors import (
+    Cancelled,
+    DataError,
+    DiskFull,
+    ModelNotFound,
+    RunStateError,
+    UnsupportedModel,
+)
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
 from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model
@@ -67,7 +74,7 @@ def test_engine_error_lists_every_problem_and_the_fix() -> None:
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
-    with pytest.raises(OSError), atomic_path(target) as tmp:
+    with pytest.raises(DiskFull), atomic_path(target) as tmp:  # a message naming the folder, not ENOSPC
         tmp.write_bytes(b"half")
         raise OSError(28, "No space left on device")
     assert not target.exists()

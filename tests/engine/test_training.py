@@ -287,6 +287,62 @@ def test_resume_after_crash_matches_uninterrupted_run(llama_run: tuple[Path, Pat
     assert again.resumed_from_step == 8 and again.loss_history == resumed.loss_history
 
 
+class _Payload:
+    """Unpickling this runs code (writes ``marker``): what a hostile or foreign checkpoint could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('unpickled')",)
+
+
+def _spoil(state: Path, how: str, marker: Path) -> None:
+    if how == "empty":
+        state.write_bytes(b"")
+    elif how == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    else:  # "untrusted": a pickle that torch.load(weights_only=True) refuses
+        torch.save({"step": 6, "payload": _Payload(marker)}, state)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "untrusted"])
+def test_unusable_newest_checkpoint_falls_back_to_the_previous_one(
+        llama_run: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    model_dir, emu = llama_run
+    data = examples(model_dir)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(cfg_for(run, emu), data, CrashAfter(7))
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3, 6]
+    marker = tmp_path / "MARKER"
+    _spoil(run / "checkpoints" / "step-6" / "training_state.pt", how, marker)
+    with caplog.at_level("WARNING", logger="emloc_engine.stages.training.trainer"):
+        resumed = _run(cfg_for(run, emu), data)
+    assert resumed.resumed_from_step == 3 and resumed.steps_done == 8
+    assert [s for s, _ in resumed.loss_history] == list(range(1, 9))
+    assert "step-6" in caplog.text and "Trying the previous one" in caplog.text
+    assert {"empty": "is empty", "truncated": "truncated or corrupt",
+            "untrusted": "corrupt or untrusted"}[how] in caplog.text
+    assert "weights_only=False" not in caplog.text and not marker.exists()
+    assert (run / "checkpoints" / "step-6.unusable").is_dir()  # kept for inspection, out of resume's way
+
+
+def test_no_usable_checkpoint_starts_from_scratch_and_says_so(
+        llama_run: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model_dir, emu = llama_run
+    data = examples(model_dir)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(cfg_for(tmp_path, emu), data, CrashAfter(4))
+    marker = tmp_path / "MARKER"
+    _spoil(tmp_path / "checkpoints" / "step-3" / "training_state.pt", "untrusted", marker)
+    with caplog.at_level("WARNING", logger="emloc_engine.stages.training.trainer"):
+        fresh = _run(cfg_for(tmp_path, emu), data)
+    assert fresh.resumed_from_step is None and [s for s, _ in fresh.loss_history] == list(range(1, 9))
+    assert "No usable training checkpoint" in caplog.text and "starts from step 0" in caplog.text
+    assert "weights_only=False" not in caplog.text and not marker.exists()
+
+
 def test_cancel_leaves_resumable_checkpoint(llama_run: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, emu = llama_run
     data = examples(model_dir)

@@ -98,7 +98,7 @@ class BlockLoop:
         from transformers import AutoModelForCausalLM
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(self.ctx.hf_config, dtype=self.ctx.compute)
+            model = AutoModelForCausalLM.from_config(self.ctx.hf_config, dtype=self.ctx.compute, trust_remote_code=False)
         model.eval()
         return model
 

@@ -227,7 +227,7 @@ def _context(cfg: EmulatorConfig) -> BuildContext:
 
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     samples = _check_calibration(cfg, hf_config)
     layout = plan_build_memory(hf_config, ckpt, device, [len(x) for x in samples], torch.finfo(compute).bits // 8,
                                budget_bytes=cfg.memory_budget_bytes, chunk_tokens=cfg.chunk_tokens)

@@ -107,10 +107,10 @@ def source_revision(model_dir: Path) -> str | None:
 
 
 def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
-    """Config, tokenizer, chat template… every file of the source folder but weights and indexes."""
+    """Config, tokenizer, chat template… every file of the source folder but weights, indexes and code."""
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
-                and f.name != EMULATOR_META:
+                and f.name != EMULATOR_META and f.suffix != ".py":  # a model folder's code is never carried
             with atomic_path(out_dir / f.name) as tmp:
                 shutil.copyfile(f, tmp)
 

@@ -6,7 +6,8 @@ Three exports, each optional (``formats``):
   tensor: read, ``W + s·B·A`` added in fp32 where the adapter has a module (:func:`merge_weight`,
   checked for NaN/Inf before anything is written), written in the source dtype into a shard of the
   same name and split, then ``model.safetensors.index.json``, config, generation config, tokenizer,
-  chat template, licence files and a model card. Peak CPU memory is about one tensor (plus an fp32
+  chat template, licence files and a model card (never the source's ``*.py`` code, and configs
+  without ``auto_map``). Peak CPU memory is about one tensor (plus an fp32
   copy of the largest adapted weight), never a shard or the model.
 * ``adapter`` -> the portable peft adapter. The run layout already holds it
   (``RUN_DIR/adapter-corrected/``), so it is not copied: it is loaded with
@@ -20,12 +21,24 @@ Every export is written under a temporary name and renamed when complete; a non-
 refused unless ``overwrite``; nothing is ever written inside the source model folder or the Hugging
 Face cache. With ``verify`` each export is loaded back (transformers, peft, transformers' GGUF reader)
 and its logits on a few prompts are compared with the original model + adapter through peft; the
-largest absolute difference per export is reported, and one beyond :data:`TOLERANCES` raises.
+largest absolute difference per export is reported, and one beyond its tolerance raises.
+
+**Tolerances.** :data:`TOLERANCES` gives each storage type a difference relative to the largest
+logit. A GGUF stores weights in its own type (f16 by default, also for an fp32 model: what llama.cpp's
+converter writes too, half the size of f32), and how much that rounding moves the logits depends on
+the model (sharp attention and large activations amplify it), not only on the type: the default
+f16 export of an fp32 model failed at ``0.018 > 0.01``. So the GGUF is also measured against its
+*rounding floor*: the merged model with every weight rounded exactly as the GGUF stores it (f16,
+bf16 or Q8_0 blocks; 1-D tensors stay f32), whose logits differ from the reference by pure rounding.
+The GGUF's tolerance is ``max(relative tolerance, 1.5 × floor)``: a faithful file lands on the floor
+(same weights, same arithmetic), while a wrong tensor layout or a lost adapter differs by the size of
+the logits. ``--gguf-type f32`` stays exact (1e-4 relative).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import shutil
@@ -65,9 +78,11 @@ log = logging.getLogger(__name__)
 # Largest allowed |logit difference| as a fraction of max(1, max |reference logit|), by the storage
 # type of the export: fp32 is exact up to summation order; fp16/bf16 round every weight (2^-11 / 2^-8
 # relative); Q8_0 rounds to 8 bits per block of 32. Wrong tensor layouts give differences of order 1.
+# Rounded exports may also reach 1.5 × their measured rounding floor (module docstring, "Tolerances").
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
               "q8_0": 1e-1}
 _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
+_CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 
 @dataclass(frozen=True)
@@ -225,14 +240,38 @@ def _check_tied_head(config: dict[str, Any], adapter_dir: Path) -> None:
 
 # -- merged folder -------------------------------------------------------------------------------------
 def _copy_side_files(model_dir: Path, out: Path) -> None:
-    """Config, generation config, tokenizer, chat template, licence... everything but weights and README."""
+    """Config, generation config, tokenizer, chat template, licence... everything but weights and README.
+
+    Never code: ``*.py`` files are left out and ``auto_map`` is removed from the configs
+    (:data:`~emloc_engine.core.trust.AUTO_MAP_FILES`), so the merged folder loads with transformers'
+    own implementation everywhere and cannot make anyone else's loader run the source's code.
+    """
+    from emloc_engine.core.trust import AUTO_MAP_FILES
+
     for p in sorted(Path(model_dir).iterdir()):
         if p.name in _NON_WEIGHT_SKIP or p.name.endswith(WEIGHT_SUFFIXES) or p.name.startswith("."):
             continue
-        if p.is_file():
+        if p.suffix in _CODE_SUFFIXES:
+            log.info("Not copying %s into the export: a model folder's code is never carried along.", p.name)
+        elif p.is_file() and p.name in AUTO_MAP_FILES:
+            _copy_without_auto_map(p, out / p.name)
+        elif p.is_file():
             shutil.copy2(p, out / p.name)  # follows the HF cache's symlinks into blobs
         elif p.is_dir() and p.name == "additional_chat_templates":
             shutil.copytree(p, out / p.name)
+
+
+def _copy_without_auto_map(src: Path, dst: Path) -> None:
+    """Copy a JSON config, dropping its ``auto_map`` (the pointer to the source folder's own code)."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict) or "auto_map" not in data:
+        shutil.copy2(src, dst)
+        return
+    del data["auto_map"]
+    dst.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path,
@@ -244,7 +283,8 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
 
     Raises:
         MergeError: a corrupt/truncated shard or a non-finite merge (names the tensor).
-        OSError: the disk is full (the caller's temporary folder is then removed).
+        OSError: the disk is full (the caller's :func:`~emloc_engine.core.atomic.atomic_dir` removes its
+            temporary folder and raises :class:`~emloc_engine.core.errors.DiskFull`).
     """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     indexes = [read_shard_index(f) for f in files]  # validates every header before writing anything
@@ -272,7 +312,8 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
 
 def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path, card: str,
                    progress: Progress) -> int:
-    with atomic_dir(target, overwrite=cfg.overwrite) as tmp:
+    size = sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
+    with atomic_dir(target, overwrite=cfg.overwrite, needed_bytes=size) as tmp:
         n = write_merged_shards(cfg.model_dir, deltas, tmp, progress)
         _copy_side_files(cfg.model_dir, tmp)
         write_text_atomic(tmp / "README.md", card)
@@ -283,7 +324,7 @@ def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path
 def _prompt_ids(model_dir: Path, prompts: tuple[str, ...]) -> list[torch.Tensor]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     texts = list(prompts)
     if getattr(tok, "chat_template", None):
         texts.append(str(tok.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
@@ -331,6 +372,8 @@ class _Verification:
     # In reduced precision (bf16/fp16 verification), how far peft's own in-memory merge in that
     # dtype lands from the unmerged reference: pure rounding, the floor any merged export shares.
     floor: float = 0.0
+    # How far the merged model lands once its weights are rounded as the GGUF stores them (0 for f32).
+    gguf_floor: float = 0.0
 
     def add(self, name: str, diff: float, tol: float) -> None:
         self.diffs.append((name, diff))
@@ -376,7 +419,7 @@ def _tol(kind: str, ref: list[torch.Tensor]) -> float:
 
 
 def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path | None, gguf: Path | None,
-            progress: Progress) -> _Verification:
+            gguf_source: Path | None, progress: Progress) -> _Verification:
     from transformers import AutoModelForCausalLM
 
     dev = resolve_device(cfg.device)
@@ -386,23 +429,63 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
     progress.update(0.0, "Verifying: original + adapter (peft)")
     ref = _reference(cfg, adapter_dir, n_modules, dtype, ids, dev, ver)
     store = _storage_dtype(cfg.model_dir)
-    if merged is not None:
+    gguf_floor = 0.0
+    rounds = gguf is not None and cfg.gguf_type != "f32"
+    source = merged if merged is not None else (gguf_source if rounds else None)
+    if source is not None:
         progress.check_cancelled()
         progress.update(0.4, "Verifying: merged folder (transformers)")
-        m = load_causal_lm(merged, device=dev, dtype=dtype)
-        ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
-                max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
+        m = load_causal_lm(source, device=dev, dtype=dtype)
+        if merged is not None:
+            ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
+                    max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
+        if rounds:
+            gguf_floor = _gguf_rounding_floor(m, cfg.gguf_type, ids, dev, ref)
         _free(m)
     if gguf is not None:
         progress.check_cancelled()
         progress.update(0.7, "Verifying: GGUF (transformers' GGUF reader)")
         g: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                      trust_remote_code=False,
                                                       local_files_only=True)
         g = g.to(dev).eval()
-        ver.add("gguf", _max_diff(ref, _logits(g, ids, dev)), max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor))
+        ver.add("gguf", _max_diff(ref, _logits(g, ids, dev)),
+                max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor, 1.5 * gguf_floor))
+        ver.gguf_floor = gguf_floor
+        if ver.effect and gguf_floor > 0.25 * ver.effect:
+            log.warning("Rounding the weights to %s moves this model's logits by %.3g, more than a quarter of "
+                        "what the adapter changes (%.3g); --gguf-type f32 keeps them exact.", cfg.gguf_type,
+                        gguf_floor, ver.effect)
         _free(g)
     progress.update(1.0, "Verified")
     return ver
+
+
+@torch.no_grad()
+def _gguf_rounding_floor(model: Any, gguf_type: str, ids: list[torch.Tensor], dev: torch.device,
+                         ref: list[torch.Tensor]) -> float:
+    """max |Δlogit| of the merged model once every weight is rounded as the GGUF stores it (in place).
+
+    2-D tensors take the GGUF type (Q8_0 only where rows are whole blocks of 32, else F16, as
+    :func:`~emloc_engine.stages.export.gguf_export._target_type` decides); 1-D tensors stay F32.
+    The q/k row permutation of the Llama family moves whole rows, so it changes no rounding.
+    """
+    import gguf
+    import numpy as np
+
+    for p in model.parameters():  # tied embeddings appear once
+        if p.dim() < 2 or not p.is_floating_point():
+            continue
+        if gguf_type == "bf16":
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+        elif gguf_type == "q8_0" and p.shape[-1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            arr = p.detach().float().cpu().numpy()
+            back = gguf.quants.dequantize(gguf.quants.quantize(arr, q8), q8)
+            p.copy_(torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(arr.shape)).to(p))
+        else:
+            p.copy_(p.to(torch.float16).to(p.dtype))
+    return _max_diff(ref, _logits(model, ids, dev))
 
 
 def _storage_dtype(model_dir: Path) -> torch.dtype:
@@ -453,7 +536,8 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
         UnsupportedModel: an adapter feature or model family that cannot be exported.
         MergeError: a refused target (exists, inside the source model or the HF cache), a corrupt
             shard, a non-finite merge, or an export whose logits differ beyond tolerance.
-        OSError: a full disk; nothing that looks complete is left behind.
+        DiskFull: a full disk (the message names the folder, the space needed and free); nothing that
+            looks complete is left behind.
     """
     t0 = time.monotonic()
     layout = RunLayout(Path(cfg.run_dir))
@@ -491,7 +575,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
         ver = _Verification()
         if cfg.verify:
             with _timer(t_verify):
-                ver = _verify(cfg, out_adapter or adapter_dir, len(deltas), merged_dir, gguf_path,
+                ver = _verify(cfg, out_adapter or adapter_dir, len(deltas), merged_dir, gguf_path, layout.merged,
                               sub(progress, 0.8, 1.0))
             _write_verified_cards(cfg, layout, adapter_dir, merged_dir, out_adapter, ver)
             _raise_if_beyond(ver)
@@ -528,7 +612,8 @@ def _write_verified_cards(cfg: ExportConfig, layout: RunLayout, adapter_dir: Pat
                           render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "LoRA adapter", v)))
     write_json_atomic(layout.root / "export_verification.json",
                       {"verification": [[n, d] for n, d in ver.diffs], "tolerances": [[n, t] for n, t in ver.tols],
-                       "adapter_effect": ver.effect, "reduced_precision_floor": ver.floor})
+                       "adapter_effect": ver.effect, "reduced_precision_floor": ver.floor,
+                       "gguf_rounding_floor": ver.gguf_floor})
 
 
 def _raise_if_beyond(ver: _Verification) -> None:

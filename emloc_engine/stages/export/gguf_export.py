@@ -226,6 +226,16 @@ def _convert(t: torch.Tensor, p: _Planned, config: dict[str, Any]) -> np.ndarray
     return np.asarray(gguf.quants.quantize(arr, p.qtype))  # BF16 and Q8_0: uint8 blocks
 
 
+def _planned_nbytes(p: _Planned) -> int:
+    """Bytes the tensor takes in the file (F32/F16 plain, BF16/Q8_0 in blocks)."""
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if p.qtype in (q.F32, q.F16):
+        return math.prod(p.shape) * (4 if p.qtype == q.F32 else 2)
+    return _quant_nbytes(p.shape, p.qtype)
+
+
 def _quant_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
     import gguf
 
@@ -396,7 +406,8 @@ def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResu
     Raises:
         UnsupportedModel: a family, rope scaling or tokenizer this exporter does not handle.
         MergeError: the file exists (without ``overwrite``), or a source shard is corrupt.
-        OSError: the disk is full; ``model.gguf.partial`` is removed and no ``model.gguf`` appears.
+        DiskFull: the disk is full (message names the folder, the file's size and the free space);
+            ``model.gguf.partial`` is removed and no ``model.gguf`` appears.
     """
     import gguf
 
@@ -410,7 +421,7 @@ def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResu
         raise MergeError(f"{out} already exists.", hint="Pass overwrite (CLI: --overwrite) to replace it.")
     arch_name, permute = GGUF_FAMILIES[str(config["model_type"])]
     plan = _plan_tensors(model_dir, config, arch_name, permute, cfg.gguf_type)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, needed_bytes=sum(_planned_nbytes(p) for p in plan)) as tmp:
         w = _make_writer(arch_name)
         try:
             _add_hparams(w, config, arch_name, _FILE_TYPES[cfg.gguf_type], cfg.name or model_dir.name)
@@ -418,9 +429,9 @@ def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResu
             for p in plan:
                 if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                     dt = np.dtype(np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
-                    w.add_tensor_info(p.gguf_name, p.shape, dt, math.prod(p.shape) * dt.itemsize)
+                    w.add_tensor_info(p.gguf_name, p.shape, dt, _planned_nbytes(p))
                 else:
-                    w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _quant_nbytes(p.shape, p.qtype),
+                    w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _planned_nbytes(p),
                                       raw_dtype=p.qtype)
             w.open_output_file(tmp)
             w.write_header_to_file()

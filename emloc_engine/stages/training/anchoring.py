@@ -253,12 +253,12 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
     if where not in WHERE:
         raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
     if max_tokens is None:
-        per_token = anchor_width(AutoConfig.from_pretrained(model_dir), where) * \
+        per_token = anchor_width(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), where) * \
             torch.tensor([], dtype=dtype).element_size()
         max_tokens = min(4096, (256 * 2**20) // per_token)
     groups = _groups(examples, indices, max_tokens)
     kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
-    original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs)
     original = original.to(device).eval()
     points = anchor_points(original, where)
     outs: dict[str, torch.Tensor] = {}

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -218,7 +219,7 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     visited += [len(train) + j for j in range(n_eval)]
     nbytes = {"linears": 0, "blocks": 0}
     if can:
-        config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir)
+        config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir, trust_remote_code=False)
         size = torch.tensor([], dtype=weight_dtype).element_size()
         nbytes = {p: anchor_bytes(examples, visited, anchor_width(config, p), size) for p in nbytes}
     mode, note = resolve_mode(cfg.anchor, nbytes, psutil.virtual_memory().available, can_anchor=can, why_not=why)
@@ -635,16 +636,37 @@ class _Session:
             shutil.rmtree(old[1], ignore_errors=True)
 
     def restore_or_clear(self) -> None:
-        """Load the newest complete checkpoint (``resume``), or delete them all (``resume=False``)."""
+        """Load the newest usable checkpoint (``resume``), or delete them all (``resume=False``).
+
+        A checkpoint that cannot be read (empty or truncated ``training_state.pt`` or adapter weights,
+        or a state file that a safe ``torch.load(weights_only=True)`` refuses) is set aside as
+        ``step-N.unusable`` with a warning and the previous one is tried; with none left, training
+        starts from step 0 and says so. Nothing is ever loaded with ``weights_only=False``.
+        """
         found = list_checkpoints(self.cfg.layout.checkpoints)
         if not self.cfg.resume:
             for _, path in found if self.writes_files else ():
                 shutil.rmtree(path, ignore_errors=True)
             return
-        if not found:
+        for step, path in reversed(found):
+            try:
+                state, adapter = read_checkpoint(path)
+            except UnusableCheckpoint as bad:
+                log.warning("Training checkpoint %s cannot be used: %s. %s", path, bad,
+                            "Trying the previous one." if step != found[0][0] else "No other checkpoint is left.")
+                if self.writes_files:  # out of the way of resume and of the keep-newest cleanup
+                    aside = path.with_name(path.name + ".unusable")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        os.replace(path, aside)
+                continue
+            self._restore(step, path, state, adapter)
             return
-        step, path = found[-1]
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        if found:
+            log.warning("No usable training checkpoint in %s: training starts from step 0.",
+                        self.cfg.layout.checkpoints)
+
+    def _restore(self, step: int, path: Path, state: dict[str, Any], adapter: dict[str, torch.Tensor]) -> None:
         changed = [f"{k}: checkpoint has {state['settings'].get(k)!r}, now {v!r}"
                    for k, v in self.settings.items()
                    if state["settings"].get(k, "none" if k == "anchor" else None) != v]  # older checkpoints: no anchors
@@ -652,9 +674,8 @@ class _Session:
             raise ConfigError(f"Cannot resume from {path}: training settings or data changed.", problems=changed,
                               hint="Use the same settings, or start over (resume off / --restart).")
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        result = set_peft_model_state_dict(self.peft_model, load_file(str(path / "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(self.peft_model, adapter)
         unexpected = list(getattr(result, "unexpected_keys", []))
         if unexpected:
             raise ConfigError(f"Checkpoint {path} does not match this adapter.", problems=unexpected[:10])
@@ -690,6 +711,60 @@ class _Session:
         """Drop the model, optimizer and scheduler so their (GPU) memory can be freed."""
         for name in ("peft_model", "optimizer", "scheduler", "scaler"):
             setattr(self, name, None)
+
+
+class UnusableCheckpoint(Exception):
+    """A training checkpoint that cannot be read (the message says why); resume falls back past it."""
+
+
+_STATE_KEYS = ("step", "settings", "optimizer", "scheduler", "scaler", "rng_torch", "rng_cuda", "rng_python",
+               "loss_history", "eval_history", "lr_history", "grad_norm_history")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The training state and adapter weights of ``checkpoints/step-N/``, both read before either is used.
+
+    The state is loaded with ``torch.load(weights_only=True)`` only: tensors, numbers, strings and
+    containers, never arbitrary Python objects.
+
+    Raises:
+        UnusableCheckpoint: a file is empty, truncated or corrupt, lacks what a checkpoint holds, or
+            holds objects the safe load refuses (not written by EMLoC, or altered).
+    """
+    import pickle
+
+    from safetensors.torch import load_file
+
+    state_file = path / STATE_FILE
+    try:
+        if state_file.stat().st_size == 0:
+            raise UnusableCheckpoint(f"{STATE_FILE} is empty (the write was cut off)")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except UnusableCheckpoint:
+        raise
+    except pickle.UnpicklingError as exc:  # torch's refusal text advises weights_only=False: never shown
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise UnusableCheckpoint(f"{STATE_FILE} holds Python objects that a safe load refuses (it was not "
+                                     "written by EMLoC, or was altered); it is corrupt or untrusted and is "
+                                     "not loaded") from None
+        raise UnusableCheckpoint(f"{STATE_FILE} is corrupt ({_first_line(exc)})") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise UnusableCheckpoint(f"{STATE_FILE} is truncated or corrupt ({type(exc).__name__}: "
+                                 f"{_first_line(exc)})") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UnusableCheckpoint(f"{STATE_FILE} lacks {', '.join(missing[:4])}")
+    try:
+        adapter = load_file(str(path / "adapter_model.safetensors"))
+    except Exception as exc:  # SafetensorError, OSError: a cut-off or damaged file
+        raise UnusableCheckpoint(f"adapter_model.safetensors is truncated or corrupt ({_first_line(exc)})") from None
+    return state, adapter
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if "weights_only" not in line else "refused by the safe loader"
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
