@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emloc_engine.core.architectures import arch_spec, num_blocks
 from emloc_engine.core.memory import RssSampler
+from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.stages.correction.corrector import (
     CorrectionConfig,
     correct_lora,
@@ -44,12 +45,12 @@ from emloc_engine.stages.correction.corrector import (
     prepare_adapter,
 )
 from emloc_engine.weights.adapters import read_adapter
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import (
     EMULATOR_FORMAT,
     EMULATOR_FORMAT_VERSION,
     EMULATOR_META,
-    rank_for_ratio,
 )
 
 TINY_CONFIG: dict[str, Any] = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256,

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_training import _examples, write_random_emulator
 from emloc_engine.core.errors import InsufficientMemory
 from emloc_engine.core.progress import RecordingProgress
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.headers import load_config
 
 
 def bench(emulator_dir: Path, run_dir: Path, gpus: int, args: argparse.Namespace, data: list[Any]) -> dict[str, Any]:

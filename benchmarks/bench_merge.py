@@ -63,7 +63,8 @@ def make_adapter(model_dir: Path, out: Path, rank: int, alpha: float) -> int:
     from peft import LoraConfig
 
     from emloc_engine.core.architectures import arch_spec, num_blocks
-    from emloc_engine.weights.checkpoint import Checkpoint, load_config
+    from emloc_engine.weights.checkpoint import Checkpoint
+    from emloc_engine.weights.headers import load_config
 
     cfg = load_config(model_dir)
     spec, ck = arch_spec(cfg), Checkpoint(model_dir)

@@ -35,20 +35,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.catalog.model_facts import (
-    REFERENCE_CONFIGS,
-    ModelFacts,
-    facts_from_config,
-    load_config_json,
-)
-from emloc_engine.run.planning import GIB, PlanConfig, inference_peak, rank_for_ratio, training_peak
+from emloc_engine.catalog.model_facts import REFERENCE_CONFIGS, ModelFacts, facts_from_config
+from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.run.planning import GIB, PlanConfig, inference_peak, training_peak
+from emloc_engine.weights.headers import load_config
 
 DEFAULT_ARCHS = ("Llama-3-8B", "Qwen2.5-7B", "Mistral-7B")
 
 
 def _configs(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if args.model_dir:
-        cfg = load_config_json(Path(args.model_dir))
+        cfg = load_config(Path(args.model_dir))
         out = [(Path(args.model_dir).name, cfg)]
     else:
         out = [(a, dict(REFERENCE_CONFIGS[a])) for a in args.archs.split(",")]

@@ -54,7 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.tasks import Task, demo_shakespeare_task, formats_task
 from emloc_engine.core.architectures import arch_spec, num_blocks
+from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.data import calibration_token_ids, load_tokenizer, prepare_dataset
+from emloc_engine.machine.devices import compute_dtype
 from emloc_engine.run.planning import PlanConfig, inference_peak, model_facts, plan_memory
 from emloc_engine.stages.correction.corrector import (
     CorrectionConfig,
@@ -62,14 +64,11 @@ from emloc_engine.stages.correction.corrector import (
     corrected_weights,
     prepare_adapter,
 )
-from emloc_engine.stages.correction.evaluation import (
-    inference_dtype,
-    load_model_with_adapter,
-    set_lora_weights,
-)
+from emloc_engine.stages.correction.evaluation import set_lora_weights
 from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 from emloc_engine.stages.emulator.rank_allocation import allocate_ranks
-from emloc_engine.stages.training.anchoring import anchors_for_training, visited_examples
+from emloc_engine.stages.training.anchoring import anchors_for_training
+from emloc_engine.stages.training.batches import visited_examples
 from emloc_engine.stages.training.lora_layers import attach_lora, lora_config
 from emloc_engine.stages.training.trainer import (
     TrainConfig,
@@ -79,13 +78,14 @@ from emloc_engine.stages.training.trainer import (
     train_on_examples,
 )
 from emloc_engine.weights.adapters import read_adapter
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.loading import load_causal_lm
 from emloc_engine.weights.lowrank import (
     EMULATOR_FORMAT,
     EMULATOR_FORMAT_VERSION,
     EMULATOR_META,
     load_emulator,
-    rank_for_ratio,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -553,7 +553,7 @@ def run_unit(run: Run, task: Task, variant: str, ratio: float, scorer: Scorer, v
              calib_cache: dict[int, list[list[int]]], tokenizer: Any) -> dict[str, Any]:
     """Build → train → score on the emulator → correct (λ grid and auto) → score on the original."""
     s, device = run.settings, torch.device(run.settings.device)
-    dtype = inference_dtype(device)
+    dtype = compute_dtype(device)
     unit_dir = run.work_dir / task.name / variant / f"rho-{ratio:.3f}"
     if unit_dir.exists():
         shutil.rmtree(unit_dir)
@@ -570,7 +570,7 @@ def run_unit(run: Run, task: Task, variant: str, ratio: float, scorer: Scorer, v
                                          lambda_=None, lambda_grid=s.auto_grid, eval_examples=tuple(val_examples),
                                          device=s.device, eval_batch_size=8, max_eval_batches=16, overwrite=True))
     prepared = prepare_adapter(read_adapter(adapter_dir), run.model_dir, emu_dir, device=device)
-    model = load_model_with_adapter(run.model_dir, adapter_dir, device=device, dtype=dtype)
+    model = load_causal_lm(run.model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir)
     try:
         result["lambda"] = {}
         for lam in s.lambdas:
@@ -600,7 +600,7 @@ def run_task(run: Run, task: Task) -> None:
     rec["n_test"] = sum(int(b[0].shape[0]) for b in scorer.batches)
     rec["n_test_tokens"] = sum(int((b[2][:, 1:] != -100).sum()) for b in scorer.batches)
     rec["n_val"] = len(val_examples)
-    dtype = inference_dtype(device)
+    dtype = compute_dtype(device)
     from transformers import AutoModelForCausalLM
 
     base: Any = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=dtype)
@@ -613,7 +613,7 @@ def run_task(run: Run, task: Task) -> None:
     dense_dir = write_dense_emulator(run.model_dir, run.work_dir / task.name / "full-lora" / "emulator")
     full = _train(run, task, dense_dir, dense_dir.parent)
     adapter_dir = Path(full.pop("adapter_dir"))
-    model = load_model_with_adapter(run.model_dir, adapter_dir, device=device, dtype=dtype)
+    model = load_causal_lm(run.model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir)
     rec["full_lora"] = {**scorer.score(model), "train": full}
     del model
     _free(device)

@@ -43,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from emloc_engine.core.architectures import arch_spec, num_blocks
 from emloc_engine.core.errors import InsufficientMemory
 from emloc_engine.core.progress import RecordingProgress
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import (
     EMULATOR_FORMAT,
     EMULATOR_FORMAT_VERSION,
     EMULATOR_META,
-    rank_for_ratio,
 )
 
 GIB = 2**30

@@ -60,11 +60,13 @@ from benchmarks.bench_quality import (
 )
 from benchmarks.tasks import demo_shakespeare_task
 from emloc_engine.core.architectures import arch_spec, num_blocks
+from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.data import calibration_token_ids, load_tokenizer, prepare_dataset
 from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 from emloc_engine.stages.emulator.factorize import factorize
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
-from emloc_engine.weights.lowrank import EMULATOR_META, load_emulator, rank_for_ratio
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.lowrank import EMULATOR_META, load_emulator
 
 DEFAULT_VARIANTS = ("aa-calib32", "aa-calib256", "aa-calib1024", "aa-calib256-alloc", "aa-calib256-ends",
                     "seq256", "gptq256", "seq32")

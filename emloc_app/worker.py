@@ -47,9 +47,11 @@ class StageWorker(QObject):
     cancelled = Signal()
     finished = Signal()
 
-    def __init__(self, stage: Callable[[C, StageWorker], object], config: C, name: str = "") -> None:
+    def __init__(self, stage: Callable[[C, StageWorker], object], config: C, name: str = "", *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self._call: Callable[[StageWorker], object] = functools.partial(stage, config)
+        self._clock = clock  # the throttle's time source (tests pass a fake one)
         self.name = name or "stage"
         self._cancel = threading.Event()
         self._last_emit = 0.0
@@ -60,7 +62,7 @@ class StageWorker(QObject):
 
     # -- Progress protocol (called from the worker thread) ---------------------------------
     def update(self, fraction: float, message: str = "") -> None:
-        now = time.monotonic()
+        now = self._clock()
         fraction = max(0.0, min(1.0, float(fraction)))
         if now - self._last_emit < PROGRESS_INTERVAL_S and fraction < 1.0:
             self._pending = (fraction, message)

@@ -16,13 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from emloc_engine.core.architectures import arch_spec, num_blocks
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
-from emloc_engine.weights.lowrank import (
-    EMULATOR_FORMAT,
-    EMULATOR_FORMAT_VERSION,
-    EMULATOR_META,
-    rank_for_ratio,
-)
+from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META
 
 
 def write_svd_emulator(model_dir: Path, out_dir: Path, ratio: float = 0.5,

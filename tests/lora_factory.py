@@ -16,7 +16,8 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import save_file
 
 from emloc_engine.core.architectures import arch_spec, num_blocks
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 
 
 def write_random_adapter(model_dir: Path, out_dir: Path, *, r: int = 4, alpha: float = 8.0,

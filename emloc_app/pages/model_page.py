@@ -31,15 +31,10 @@ from PySide6.QtWidgets import (
 from emloc_app.pages.common import BasePage, human_bytes, human_count
 from emloc_app.state import WizardState
 from emloc_engine.catalog.demo import ensure_demo_model
-from emloc_engine.catalog.discovery import (
-    ModelInfo,
-    add_model_folder,
-    assess_fit,
-    find_models,
-    inspect_model_dir,
-)
+from emloc_engine.catalog.discovery import ModelInfo, assess_fit, find_models, inspect_model_dir
 from emloc_engine.catalog.gguf_import import convert_for_catalog
 from emloc_engine.catalog.model_facts import ModelFacts
+from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.progress import Progress

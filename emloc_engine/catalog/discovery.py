@@ -9,8 +9,8 @@ code), so the user sees why it is greyed out.
 * Hugging Face cache: ``huggingface_hub.scan_cache_dir`` (honours ``HF_HUB_CACHE`` / ``HF_HOME``
   read at call time); every cached revision is listed. Repos it reports as corrupted (in its
   ``warnings``) are scanned leniently here so they are listed with the reason.
-* Added folders: persisted in ``paths.app_data_dir()/model_folders.json`` (atomic writes). A
-  folder may be a model or hold models one level down.
+* Added folders (:mod:`emloc_engine.catalog.model_folders`): a folder may be a model or hold
+  models one or two levels down.
 * LM Studio (``LMSTUDIO_MODELS_DIR`` or ``~/.lmstudio/models``, ``~/.cache/lm-studio/models``) and
   Ollama (``OLLAMA_MODELS`` or ``~/.ollama/models``: manifests name the GGUF blob): listed with
   ``needs_conversion=True``; :func:`emloc_engine.catalog.gguf_import.convert_gguf_to_safetensors` turns one
@@ -28,20 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.catalog.model_facts import (
-    ModelFacts,
-    facts_from_config,
-    load_config_json,
-    read_tensor_shapes,
-)
+from emloc_engine.catalog.gguf_import import inspect_gguf
+from emloc_engine.catalog.model_facts import ModelFacts, facts_from_config, read_tensor_shapes
+from emloc_engine.catalog.model_folders import added_model_folders
 from emloc_engine.core import paths
-from emloc_engine.core.atomic import write_json_atomic
-from emloc_engine.core.errors import EngineError, ModelNotFound
+from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
+from emloc_engine.weights.headers import read_config
 
 log = logging.getLogger(__name__)
 
-FOLDERS_FILE = "model_folders.json"
 GIB = 1024**3
 _OLLAMA_MODEL_MEDIA = "application/vnd.ollama.image.model"
 
@@ -124,54 +120,6 @@ def ollama_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# added folders
-
-
-def _folders_file() -> Path:
-    return paths.app_data_dir() / FOLDERS_FILE
-
-
-def added_model_folders() -> list[Path]:
-    """Folders the user added to the catalog (a corrupt list file reads as empty, with a log warning)."""
-    f = _folders_file()
-    if not f.exists():
-        return []
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-        return [Path(p) for p in data.get("folders", [])]
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("Ignoring unreadable %s: %s", f, exc)
-        return []
-
-
-def add_model_folder(path: Path) -> list[Path]:
-    """Add a folder (a model, or a folder of models) to the catalog; returns the new list.
-
-    Raises:
-        ModelNotFound: the folder does not exist.
-    """
-    p = Path(path).expanduser().resolve()
-    if not p.is_dir():
-        raise ModelNotFound(f"Folder {p} does not exist.", hint="Pick an existing folder.")
-    folders = added_model_folders()
-    if p not in folders:
-        folders.append(p)
-        write_json_atomic(_folders_file(), {"folders": [str(x) for x in folders]})
-    return folders
-
-
-def remove_model_folder(path: Path) -> bool:
-    """Remove a folder from the catalog (the folder itself is untouched). True if it was listed."""
-    p = Path(path).expanduser().resolve()
-    folders = added_model_folders()
-    kept = [f for f in folders if f != p and f != Path(path)]
-    if len(kept) == len(folders):
-        return False
-    write_json_atomic(_folders_file(), {"folders": [str(x) for x in kept]})
-    return True
-
-
-# ------------------------------------------------------------------------------------------------
 # one folder
 
 
@@ -246,7 +194,7 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
     num_parameters: int | None = None
     facts: ModelFacts | None = None
     try:
-        config = load_config_json(folder)
+        config = read_config(folder)
         model_type = str(config.get("model_type")) if config.get("model_type") else None
         archs = config.get("architectures") or [None]
         architecture = str(archs[0]) if archs[0] else None
@@ -288,8 +236,6 @@ def gguf_model_info(path: Path, *, name: str | None = None, source: str = "folde
                          f"GGUF file missing ({exc})", needs_conversion=True)
     try:
         from gguf import GGUFReader
-
-        from emloc_engine.catalog.gguf_import import inspect_gguf
 
         info = inspect_gguf(path)
         n_params = sum(int(t.n_elements) for t in GGUFReader(path).tensors)

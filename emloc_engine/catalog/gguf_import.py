@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core.atomic import atomic_dir, write_json_atomic
 from emloc_engine.core.errors import ConfigError, ModelNotFound, UnsupportedModel
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
@@ -298,8 +299,6 @@ def convert_for_catalog(gguf_path: Path, progress: Progress = NULL_PROGRESS) -> 
     Raises:
         ModelNotFound, UnsupportedModel: as :func:`convert_gguf_to_safetensors`.
     """
-    from emloc_engine.catalog.discovery import add_model_folder
-
     out = converted_dir_for(gguf_path)
     if not (out / IMPORT_MARKER).exists():
         convert_gguf_to_safetensors(Path(gguf_path), out, progress=progress, overwrite=True)

@@ -1,9 +1,8 @@
 """The shape facts of a model that memory planning needs, from ``config.json`` and safetensors headers.
 
 No weights are read: a safetensors header is a few KiB of JSON at the start of each shard, and
-``config.json`` gives the widths. This module imports neither torch nor safetensors at import
-time (the header reader of :mod:`emloc_engine.weights.checkpoint` is imported when a folder is read), so
-:mod:`emloc_engine.run.planning` stays pure arithmetic.
+``config.json`` gives the widths (both read by :mod:`emloc_engine.weights.headers`). This module
+imports neither torch nor safetensors, so :mod:`emloc_engine.run.planning` stays pure arithmetic.
 
 Reference configurations of popular models (``REFERENCE_CONFIGS``) let the planner answer
 "would Llama-3-8B fit?" without the model on disk, and drive the GPU benchmark.
@@ -11,20 +10,13 @@ Reference configurations of popular models (``REFERENCE_CONFIGS``) let the plann
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emloc_engine.core.dtypes import ELEMENT_BYTES, dtype_name, element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
-
-# safetensors dtype code -> (torch-style name, bytes per element)
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "I32": ("int32", 4), "I64": ("int64", 8), "I16": ("int16", 2), "BOOL": ("bool", 1),
-}
-DTYPE_BYTES: dict[str, int] = {name: nbytes for name, nbytes in SAFETENSORS_DTYPES.values()}
+from emloc_engine.weights.headers import read_config, read_safetensors_header
 
 # Families whose config omits tie_word_embeddings and whose default is to tie.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3_text"}
@@ -77,7 +69,7 @@ class ModelFacts:
 
     @property
     def dtype_bytes(self) -> int:
-        return DTYPE_BYTES.get(self.dtype, 2)
+        return element_bytes(self.dtype)
 
     @property
     def linear_parameters_per_block(self) -> int:
@@ -199,12 +191,12 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
             total += n
             count[st_dtype] = count.get(st_dtype, 0) + n
         dominant = max(count, key=lambda k: count[k])
-        dtype = SAFETENSORS_DTYPES.get(dominant, (dominant.lower(), 2))[0]
+        dtype = dtype_name(dominant)
         num_parameters = total
     else:
         block = sum(m.numel + (m.out_features if m.bias else 0) for m in modules) + 2 * h
         num_parameters = layers * block + vocab * h * (1 if tied else 2) + h
-    if dtype not in DTYPE_BYTES:
+    if dtype not in ELEMENT_BYTES:
         dtype = "bfloat16"
     arch = cfg.get("architectures") or [""]
     return ModelFacts(
@@ -216,37 +208,16 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
     )
 
 
-def load_config_json(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a folder (torch-free).
-
-    Raises:
-        ModelNotFound: missing, unreadable or not a JSON object.
-    """
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ModelNotFound(f"{model_dir} has no config.json.", hint="Pick the folder that holds config.json.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelNotFound(f"{path} is not valid JSON ({exc}).", hint="Download the model again.") from exc
-    if not isinstance(data, dict):
-        raise ModelNotFound(f"{path} is not a JSON object.", hint="Download the model again.")
-    return data
-
-
 def read_tensor_shapes(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` from every ``*.safetensors`` header in a folder (no data read).
 
     Raises:
         ModelNotFound: a shard's header is truncated or unreadable.
     """
-    from emloc_engine.weights.checkpoint import read_safetensors_header
-
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        header = read_safetensors_header(f)
-        for key, entry in header.items():
-            if key != "__metadata__" and isinstance(entry, dict):
+        for key, entry in read_safetensors_header(f).tensors.items():
+            if isinstance(entry, dict):
                 out[key] = (str(entry.get("dtype")), tuple(int(s) for s in entry.get("shape", ())))
     return out
 
@@ -265,7 +236,7 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
         UnsupportedModel: unknown architecture.
     """
     model_dir = Path(model_dir)
-    config = load_config_json(model_dir)
+    config = read_config(model_dir)
     return facts_from_config(config, tensors=read_tensor_shapes(model_dir), name=model_dir.name,
                              model_dir=model_dir)
 

@@ -91,7 +91,7 @@ def checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if "gguf" not in formats:
         return formats, ()
     from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
-    from emloc_engine.weights.checkpoint import load_config
+    from emloc_engine.weights.headers import load_config
 
     problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
     if not problem:

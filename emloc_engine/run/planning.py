@@ -12,7 +12,7 @@ Peaks (bytes; each is a sum of named parts, which the app draws as a bar)::
     train(ρ)    = W(ρ)·b + n_L·(p + p + 8) + ckpt + max(train_layer, min(B·T, chunk)·V·c_logits) + runtime
                   W(ρ) = dense + L·Σ k(out+in), k = floor(ρ·out·in/(out+in));  ckpt = L·B·T·h·b
     build       = block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, workspace) + runtime
-                  (chunks and hidden states sized from the budget as emloc_engine.stages.emulator.builder does)
+                  (chunks and hidden states sized from the budget as emloc_engine.stages.emulator.memory_plan does)
     correct     = max(one module: 3·out·in·4,  λ evaluation: P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime
     full LoRA   = train(ρ = 1) with the original weights and unchunked logits (plain peft + transformers)
 
@@ -44,8 +44,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.catalog.model_facts import DTYPE_BYTES, ModelFacts
+from emloc_engine.catalog.model_facts import ModelFacts
+from emloc_engine.core.dtypes import ELEMENT_BYTES
 from emloc_engine.core.errors import ConfigError
+from emloc_engine.core.ranks import rank_for_ratio
 
 GIB = 1024**3
 DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
@@ -271,15 +273,10 @@ class MemoryPlan:
 # building blocks
 
 
-def rank_for_ratio(ratio: float, out_features: int, in_features: int) -> int:
-    """``k = floor(ρ · out · in / (out + in))``, at least 1 (same as :func:`emloc_engine.weights.lowrank.rank_for_ratio`)."""
-    return max(1, int(ratio * out_features * in_features // (out_features + in_features)))
-
-
 def compute_bytes(facts: ModelFacts, cfg: PlanConfig) -> int:
     """Bytes per element of the compute dtype (``auto``: storage dtype if 16-bit, else bf16)."""
     if cfg.compute_dtype != "auto":
-        return DTYPE_BYTES[cfg.compute_dtype]
+        return ELEMENT_BYTES[cfg.compute_dtype]
     return facts.dtype_bytes if facts.dtype in ("bfloat16", "float16") else 2
 
 

@@ -1,15 +1,13 @@
 """Read tensors from a model's safetensors shards one at a time, never the whole model.
 
-``Checkpoint`` indexes the shards from their headers only (``model.safetensors.index.json`` or
-the headers of every ``*.safetensors`` file) and opens a shard with ``safe_open`` when one of its
+``Checkpoint`` indexes the shards from their headers only
+(:mod:`emloc_engine.weights.safetensors_header`) and opens a shard with ``safe_open`` when one of its
 tensors is asked for. Peak memory is the tensors the caller holds, not the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
-from emloc_engine.core.trust import refuse_remote_code
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+from emloc_engine.weights.headers import read_safetensors_header
 
 
 @dataclass(frozen=True)
@@ -43,30 +39,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES.get(self.dtype, 2)
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON).
-
-    Raises:
-        ModelNotFound: the file is truncated or its header is not valid JSON.
-    """
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise ModelNotFound(f"{path} is truncated (no safetensors header).", hint="Download it again.")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ModelNotFound(f"{path} has an implausible header length {n}.", hint="Download it again.")
-            body = fh.read(n)
-        if len(body) != n:
-            raise ModelNotFound(f"{path} is truncated inside its header.", hint="Download it again.")
-        header: dict[str, Any] = json.loads(body)
-        return header
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelNotFound(f"Cannot read safetensors header of {path}: {exc}", hint="Download it again.") from exc
+        return self.numel * element_bytes(self.dtype)
 
 
 class Checkpoint:
@@ -85,11 +58,8 @@ class Checkpoint:
                 )
             raise ModelNotFound(f"No *.safetensors files in {self.model_dir}.")
         self._infos: dict[str, TensorInfo] = {}
-        self.file_metadata: dict[Path, dict[str, str]] = {}
         for f in files:
-            header = read_safetensors_header(f)
-            self.file_metadata[f] = header.pop("__metadata__", {}) or {}
-            for name, entry in header.items():
+            for name, entry in read_safetensors_header(f).tensors.items():
                 self._infos[name] = TensorInfo(name, f, entry["dtype"], tuple(entry["shape"]))
         self._handles: dict[Path, Any] = {}
 
@@ -108,13 +78,6 @@ class Checkpoint:
 
     def infos(self) -> Iterable[TensorInfo]:
         return self._infos.values()
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted({i.file for i in self._infos.values()})
-
-    def names_in(self, file: Path) -> list[str]:
-        return [n for n, i in self._infos.items() if i.file == file]
 
     def num_parameters(self) -> int:
         return sum(i.numel for i in self._infos.values())
@@ -150,10 +113,6 @@ class Checkpoint:
             t = t.to(device=device, dtype=dtype or t.dtype)
         return t
 
-    def get_many(self, names: Iterable[str], dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return {n: self.get(n, dtype, device) for n in names}
-
     def with_prefix(self, prefix: str) -> Iterator[str]:
         """Tensor names starting with ``prefix`` (e.g. ``"model.layers.3."``)."""
         return (n for n in self._infos if n.startswith(prefix))
@@ -186,22 +145,3 @@ def fingerprint_model(model_dir: Path) -> str:
     d = Path(model_dir)
     files = [*d.glob("*.safetensors"), *d.glob("config.json")]
     return fingerprint_files(files)
-
-
-def load_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a model folder as a dict.
-
-    Raises:
-        ModelNotFound: missing or unreadable config.
-        UntrustedCode: the folder would need its own Python code to load (``auto_map``); every stage
-            reads the config through here first, so such a folder is refused before anything loads.
-    """
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise ModelNotFound(f"{model_dir} has no config.json.", hint="Pick the snapshot folder that holds config.json.")
-    refuse_remote_code(Path(model_dir))
-    try:
-        cfg: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelNotFound(f"{path} is not valid JSON: {exc}") from exc
-    return cfg

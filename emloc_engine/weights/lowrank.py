@@ -18,17 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from emloc_engine.core.dtypes import FLOAT_CODES
 from emloc_engine.core.errors import ModelNotFound
 from emloc_engine.weights.checkpoint import Checkpoint
 
 EMULATOR_META = "emloc.json"
 EMULATOR_FORMAT = "emloc-emulator"
 EMULATOR_FORMAT_VERSION = 1
-
-
-def rank_for_ratio(ratio: float, out_features: int, in_features: int) -> int:
-    """``k = floor(ρ · out · in / (out + in))``, at least 1: part of the emulator file format."""
-    return max(1, int(ratio * out_features * in_features // (out_features + in_features)))
 
 
 class LowRankLinear(nn.Module):
@@ -154,7 +150,7 @@ def load_emulator(emulator_dir: Path, *, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         replace_with_low_rank(model, meta["modules"], dtype=dtype)
     ckpt = Checkpoint(emulator_dir)
-    state = {n: ckpt.get(n, dtype=dtype if ckpt.info(n).dtype in ("F32", "F16", "BF16", "F64") else None)
+    state = {n: ckpt.get(n, dtype=dtype if ckpt.info(n).dtype in FLOAT_CODES else None)
              for n in ckpt.names()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set()

@@ -305,7 +305,7 @@ def run_all(qtbot: Any, state: Any) -> Any:
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
     return run
 
 

@@ -47,7 +47,7 @@ def test_other_exceptions_open_the_dialog_with_traceback_and_log_path(qtbot, tmp
     assert str(tmp_path / "emloc-studio.log") in box.informativeText()
     assert 'raise ZeroDivisionError("boom")' in box.detailedText()
     box.done(QMessageBox.StandardButton.Close)
-    qtbot.waitUntil(lambda: not error_dialog.open_error_dialogs(), timeout=2000)
+    qtbot.waitUntil(lambda: not error_dialog.open_error_dialogs(), timeout=60_000)
 
 
 def test_page_shows_engine_error_and_retry_reruns(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -56,12 +56,12 @@ def test_page_shows_engine_error_and_retry_reruns(qtbot, tmp_path: Path, monkeyp
     page = MachinePage(WizardState())
     qtbot.addWidget(page)
     page.initializePage()
-    qtbot.waitUntil(lambda: not page.banner.isHidden(), timeout=5000)
+    qtbot.waitUntil(lambda: not page.banner.isHidden(), timeout=60_000)
     assert page.banner.title.text() == "No memory."
     assert not page.isComplete()
     del fake.fail["detect_machine"]
     page.banner.retry.click()
-    qtbot.waitUntil(page.isComplete, timeout=5000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.banner.isHidden()
 
 
@@ -76,7 +76,7 @@ def test_excepthooks_route_uncaught_errors_to_the_dialog(qtbot, tmp_path: Path) 
         t = threading.Thread(target=bad)
         t.start()
         t.join()
-        qtbot.waitUntil(lambda: len(error_dialog.open_error_dialogs()) == 1, timeout=3000)
+        qtbot.waitUntil(lambda: len(error_dialog.open_error_dialogs()) == 1, timeout=60_000)
         box = error_dialog.open_error_dialogs()[0]
         assert "from a thread" in box.text()
         box.done(0)

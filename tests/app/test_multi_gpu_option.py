@@ -57,7 +57,7 @@ def test_run_page_trains_data_parallel_with_the_chosen_gpus(qtbot, fake: FakeEng
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
     assert state.run_plan is not None
     assert fake.calls.get("train_lora") is state.run_plan.train
     assert fake.calls.get("parallel") == ParallelConfig(processes=2)
@@ -90,7 +90,7 @@ def test_no_control_without_several_cuda_gpus(qtbot, fake: FakeEngine, state: Wi
     qtbot.addWidget(run)
     run.initializePage()
     run.start_button.click()
-    qtbot.waitUntil(run.isComplete, timeout=10000)
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
     assert fake.calls.stages() == ["build_emulator", "train_lora", "correct_lora"]
     assert "parallel" not in fake.calls.names()  # the ordinary trainer
 

@@ -28,7 +28,7 @@ def open_model_page(qtbot, state: WizardState, until: Any) -> ModelPage:  # type
     page = ModelPage(state)
     qtbot.addWidget(page)
     page.initializePage()
-    qtbot.waitUntil(lambda: until(page), timeout=5000)
+    qtbot.waitUntil(lambda: until(page), timeout=60_000)
     return page
 
 
@@ -39,7 +39,7 @@ def test_machine_page_defaults_budget_to_selected_gpu(qtbot, tmp_path: Path, mon
     page = MachinePage(state)
     qtbot.addWidget(page)
     page.initializePage()
-    qtbot.waitUntil(page.isComplete, timeout=5000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.device.count() == 3  # two GPUs and the CPU
     assert page.budget.value() == pytest.approx(24.0)
     page.device.setCurrentIndex(1)
@@ -114,9 +114,9 @@ def test_model_page_add_folder_rescans(qtbot, tmp_path: Path, fake: FakeEngine) 
     calls = fake.calls
     state = WizardState(machine=machine(), gpu_index=0, budget_bytes=24 * GIB)
     page = open_model_page(qtbot, state, until=lambda page: page.table_model.rowCount() == 2)
-    qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
+    qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
     page.add_model_folder(tmp_path / "more")
-    qtbot.waitUntil(lambda: calls.names().count("find_models") == 2 and not page.busy(), timeout=5000)
+    qtbot.waitUntil(lambda: calls.names().count("find_models") == 2 and not page.busy(), timeout=60_000)
     assert ("add_model_folder", tmp_path / "more") in calls.items
 
 
@@ -128,7 +128,7 @@ def test_data_page_report_preview_and_config(qtbot, tmp_path: Path, state: Wizar
     page = DataPage(state)
     qtbot.addWidget(page)
     page.initializePage()
-    qtbot.waitUntil(page.isComplete, timeout=5000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.problems.rowCount() == 1
     assert page.problems.item(0, 0).text() == "data.jsonl:7"
     assert "What is EMLoC?" in page.preview.toPlainText()
@@ -138,7 +138,7 @@ def test_data_page_report_preview_and_config(qtbot, tmp_path: Path, state: Wizar
     page.eval_fraction.setValue(0.2)
     page.max_length.setValue(256)
     assert not page.isComplete()
-    qtbot.waitUntil(page.isComplete, timeout=5000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.validatePage()
     cfg = state.data_config
     assert (cfg.format, cfg.eval_fraction, cfg.max_length, cfg.path) == ("alpaca", 0.2, 256, state.data_path)
@@ -154,7 +154,7 @@ def test_data_page_blocks_on_fatal_problems_and_uses_demo_data(qtbot, tmp_path: 
     page = DataPage(state)
     qtbot.addWidget(page)
     page.initializePage()
-    qtbot.waitUntil(lambda: page.inspection is not None, timeout=5000)
+    qtbot.waitUntil(lambda: page.inspection is not None, timeout=60_000)
     assert page.path.text() == str(tmp_path / "demo.jsonl")  # demo dataset preselected
     assert not page.isComplete()
     assert [page.problems.item(i, 0).text() for i in range(2)] == ["d.jsonl:3", "d.jsonl"]
@@ -259,6 +259,6 @@ def test_model_page_converts_a_gguf_and_selects_the_result(qtbot, tmp_path: Path
     page.select_row(next(i for i, r in enumerate(page.table_model.rows) if r.name == gguf.name))
     assert page.convert.isEnabled() and not page.isComplete()
     page.convert.click()
-    qtbot.waitUntil(lambda: page.selected() is not None and page.selected().name == converted.name, timeout=5000)
+    qtbot.waitUntil(lambda: page.selected() is not None and page.selected().name == converted.name, timeout=60_000)
     assert seen == [gguf.path]
     assert page.isComplete() and not page.convert.isEnabled()

@@ -40,7 +40,7 @@ def test_run_page_runs_stages_in_order_with_plots(qtbot, tmp_path: Path, state: 
     calls = fake.calls
     assert not page.start_button.isHidden() and page.resume_button.isHidden() and not page.isComplete()
     page.start_button.click()
-    qtbot.waitUntil(page.isComplete, timeout=10000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert calls.stages() == ["build_emulator", "train_lora", "correct_lora"]
     assert state.run_plan is not None and calls.get("train_lora") is state.run_plan.train  # run_stages ran the plan
     assert [page.stages.state(n) for n in ("emulator", "train", "correct")] == ["done"] * 3
@@ -68,9 +68,9 @@ def test_run_page_cancel_then_resume(qtbot, tmp_path: Path, state: WizardState, 
 
     monkeypatch.setattr(trainer, "train_lora", slow_train)
     page.start()
-    qtbot.waitUntil(gate.is_set, timeout=5000)
+    qtbot.waitUntil(gate.is_set, timeout=60_000)
     page.cancel_button.click()
-    qtbot.waitUntil(lambda: page.current is None and not page.busy(), timeout=5000)
+    qtbot.waitUntil(lambda: page.current is None and not page.busy(), timeout=60_000)
     assert page.stages.state("train") == "cancelled" and not page.isComplete()
     assert manifest(state)["stages"]["train"]["status"] == "cancelled"
     assert not page.resume_button.isHidden()
@@ -84,7 +84,7 @@ def test_run_page_cancel_then_resume(qtbot, tmp_path: Path, state: WizardState, 
     assert not again.resume_button.isHidden() and again.start_button.isHidden()
     assert again.stages.state("emulator") == "skipped"
     again.resume_button.click()
-    qtbot.waitUntil(again.isComplete, timeout=10000)
+    qtbot.waitUntil(again.isComplete, timeout=60_000)
     assert calls.stages() == ["build_emulator", "train_lora", "correct_lora"]  # the emulator once: resumed
     assert again.stages.state("emulator") == "skipped" and again.stages.state("train") == "done"
 
@@ -95,12 +95,12 @@ def test_run_page_failure_shows_inline_and_retry_resumes(qtbot, tmp_path: Path, 
                          fail={"correct_lora": InsufficientMemory("Correction needs 30 GiB.", hint="Set λ.")})
     calls = fake.calls
     page.start()
-    qtbot.waitUntil(lambda: not page.banner.isHidden() and not page.busy(), timeout=10000)
+    qtbot.waitUntil(lambda: not page.banner.isHidden() and not page.busy(), timeout=60_000)
     assert page.banner.title.text() == "Correction needs 30 GiB."
     assert page.stages.state("correct") == "failed" and manifest(state)["stages"]["correct"]["status"] == "failed"
     del fake.fail["correct_lora"]
     page.banner.retry.click()
-    qtbot.waitUntil(page.isComplete, timeout=10000)
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert calls.stages() == ["build_emulator", "train_lora", "correct_lora", "correct_lora"]
 
 
@@ -121,7 +121,7 @@ def test_try_page_streams_both_sides(qtbot, fake: FakeEngine, state: WizardState
     assert page.generate_request().adapter_dir == state.run_dir / "adapter"
     page.adapter_choice.setCurrentIndex(0)
     page.generate.click()
-    qtbot.waitUntil(lambda: not page.busy() and page.generate.isEnabled(), timeout=5000)
+    qtbot.waitUntil(lambda: not page.busy() and page.generate.isEnabled(), timeout=60_000)
     assert page.outputs["base"].toPlainText() == "Hello from base"
     assert page.outputs["tuned"].toPlainText() == "Hello from tuned"
 
@@ -132,7 +132,7 @@ def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine
     page.gguf_type.setCurrentText("q8_0")
     page.export_buttons["gguf"].click()
     assert not page.export_buttons["merged"].isEnabled()  # one export at a time
-    qtbot.waitUntil(lambda: not page.busy(), timeout=5000)
+    qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
     cfg = calls.get("merge_and_export")
     assert cfg.formats == ("gguf",) and cfg.gguf_type == "q8_0" and cfg.run_dir == state.run_dir
     assert cfg.run_facts is not None  # the model card's facts, from the manifest (as emloc export)

@@ -26,7 +26,7 @@ def write_jsonl(path: Path, n: int = 24) -> Path:
     return path
 
 
-def next_page(qtbot, wizard: EmlocWizard, timeout: int = 20000) -> None:  # type: ignore[no-untyped-def]
+def next_page(qtbot, wizard: EmlocWizard, timeout: int = 60_000) -> None:  # type: ignore[no-untyped-def]
     page = wizard.currentPage()
     qtbot.waitUntil(page.isComplete, timeout=timeout)
     before = wizard.currentId()
@@ -50,7 +50,7 @@ def test_full_wizard_run_with_real_engine(qtbot, tmp_path: Path, monkeypatch) ->
     next_page(qtbot, wizard)
     # 2 Model: the tiny model from the cache is preselected over the demo model
     model_page = pages[Page.Model]
-    qtbot.waitUntil(lambda: model_page.selected() is not None and not model_page.busy(), timeout=20000)
+    qtbot.waitUntil(lambda: model_page.selected() is not None and not model_page.busy(), timeout=60_000)
     assert model_page.selected().path == snap, model_page.detail.text()
     next_page(qtbot, wizard)
     # 3 Data
@@ -92,7 +92,7 @@ def test_full_wizard_run_with_real_engine(qtbot, tmp_path: Path, monkeypatch) ->
 
 def test_smoke_test_entry_point_exits_zero(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "emloc_app.main", "--smoke-test"], capture_output=True, text=True,
-                         timeout=60, env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+                         timeout=300, env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
     assert out.returncode == 0, out.stderr
     assert "smoke test" in out.stdout
 

@@ -1,7 +1,12 @@
-"""StageWorker: success, failure and cancel paths, throttled progress, no thread left behind."""
+"""StageWorker: success, failure and cancel paths, throttled progress, no thread left behind.
+
+Timeouts only guard against a hang (the machine may be busy): assertions are on what arrived,
+never on how fast; the throttle is tested with a fake clock.
+"""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
@@ -12,6 +17,7 @@ from emloc_app.worker import PROGRESS_INTERVAL_S, StageWorker, start_stage
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import Progress
 
+HANG_MS = 60_000
 
 def three_updates(result: Any = None, exc: BaseException | None = None):  # type: ignore[no-untyped-def]
     def stage(config: Any, progress: Progress) -> Any:
@@ -49,9 +55,9 @@ def test_success_emits_three_progress_updates_and_the_result(qtbot) -> None:  # 
     results: list[Any] = []
     worker = start_stage(None, three_updates(), "cfg", "fake", on_progress=lambda f, m: progress.append((f, m)),
                          on_metric=lambda *a: metrics.append(a), on_success=results.append)
-    with qtbot.waitSignal(worker.finished, timeout=5000):
+    with qtbot.waitSignal(worker.finished, timeout=HANG_MS):
         pass
-    qtbot.waitUntil(lambda: len(results) == 1, timeout=2000)
+    qtbot.waitUntil(lambda: len(results) == 1, timeout=HANG_MS)
     assert results == [{"config": "cfg"}]
     assert [m for _, m in progress] == ["step 1", "step 2", "step 3"]
     assert progress[-1][0] == pytest.approx(1.0)
@@ -63,9 +69,9 @@ def test_failure_emits_the_exception(qtbot) -> None:  # type: ignore[no-untyped-
     succeeded: list[Any] = []
     worker = start_stage(None, three_updates(exc=ConfigError("bad rank")), None, "fake",
                          on_failure=errors.append, on_success=succeeded.append)
-    with qtbot.waitSignal(worker.finished, timeout=5000):
+    with qtbot.waitSignal(worker.finished, timeout=HANG_MS):
         pass
-    qtbot.waitUntil(lambda: len(errors) == 1, timeout=2000)
+    qtbot.waitUntil(lambda: len(errors) == 1, timeout=HANG_MS)
     assert isinstance(errors[0], ConfigError) and "bad rank" in str(errors[0])
     assert not succeeded
 
@@ -75,10 +81,10 @@ def test_cancel_is_cooperative(qtbot) -> None:  # type: ignore[no-untyped-def]
     seen: list[int] = []
 
     def slow(config: Any, progress: Progress) -> Any:
-        for i in range(1000):
+        for i in range(12_000):  # about a minute: only a cancel that never arrives lets it finish
             started.set()
             progress.check_cancelled()
-            progress.update(i / 1000)
+            progress.update(i / 12_000)
             seen.append(i)
             time.sleep(0.005)
         return "finished anyway"
@@ -87,24 +93,27 @@ def test_cancel_is_cooperative(qtbot) -> None:  # type: ignore[no-untyped-def]
     succeeded: list[Any] = []
     worker = start_stage(None, slow, None, "slow", on_cancel=lambda: cancelled.append(True),
                          on_success=succeeded.append)
-    assert started.wait(5)
-    with qtbot.waitSignal(worker.finished, timeout=5000):
+    assert started.wait(HANG_MS / 1000)
+    with qtbot.waitSignal(worker.finished, timeout=HANG_MS):
         worker.request_cancel()
-    qtbot.waitUntil(lambda: cancelled == [True], timeout=2000)
+    qtbot.waitUntil(lambda: cancelled == [True], timeout=HANG_MS)
     assert not succeeded
-    assert len(seen) < 1000
+    assert len(seen) < 12_000
 
 
 def test_progress_is_throttled_but_the_last_update_arrives(qtbot) -> None:  # type: ignore[no-untyped-def]
     got: list[float] = []
+    ticks = itertools.count()
 
     def burst(config: Any, progress: Progress) -> None:
         for i in range(2000):
             progress.update(i / 2000, "burst")
         progress.update(0.9999, "last")
 
-    worker = start_stage(None, burst, None, "burst", on_progress=lambda f, m: got.append(f))
-    with qtbot.waitSignal(worker.finished, timeout=5000):
-        pass
-    qtbot.waitUntil(lambda: bool(got) and got[-1] == pytest.approx(0.9999), timeout=2000)
-    assert len(got) < 100  # ~20/s, far fewer than 2000
+    # 2001 updates 1 ms apart on a fake clock: 2 s, so about 20 per second get through.
+    worker = StageWorker(burst, None, "burst", clock=lambda: 1000.0 + next(ticks) / 1000)
+    worker.progressed.connect(lambda f, m: got.append(f))
+    with qtbot.waitSignal(worker.finished, timeout=HANG_MS):
+        worker.run()  # on this thread: the throttle is under test here, not the QThread plumbing
+    assert got[0] == 0.0 and got[-1] == pytest.approx(0.9999)  # the first and the held-back last one
+    assert 39 <= len(got) <= 42

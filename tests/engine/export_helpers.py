@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from emloc_engine.core.architectures import arch_spec
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.headers import load_config
 
 PROMPTS = ([5, 70, 100, 3, 200, 17, 44], [9, 8, 7, 6, 250, 251])
 

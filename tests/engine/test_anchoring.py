@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from emloc_engine.core.errors import ConfigError
-from emloc_engine.stages.training.anchoring import Anchors, anchors_for_training, visited_examples
-from emloc_engine.stages.training.trainer import collate, micro_batch_indices, train_on_examples
+from emloc_engine.stages.training.anchoring import Anchors, anchors_for_training
+from emloc_engine.stages.training.batches import collate, micro_batch_indices, visited_examples
+from emloc_engine.stages.training.trainer import train_on_examples
 from emloc_engine.weights.lowrank import load_emulator
 from tests.emulator_factory import write_svd_emulator
 from tests.engine.test_training import cfg_for, examples
@@ -215,7 +216,8 @@ def test_eval_loss_is_the_anchored_emulators(pair: tuple[Path, Path], tmp_path: 
     import json
 
     from emloc_engine.data import DataConfig, load_tokenizer, prepare_dataset
-    from emloc_engine.stages.training.trainer import label_tokens, lm_loss_sum, train_lora
+    from emloc_engine.stages.training.batches import label_tokens
+    from emloc_engine.stages.training.trainer import lm_loss_sum, train_lora
 
     model_dir, emu = pair
     data = tmp_path / "d.jsonl"

@@ -93,9 +93,15 @@ def test_ctrl_c_stops_at_step_boundary_with_checkpoint(run_dir: Path, data_file:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "lm_loss_sum", loss_then_ctrl_c)
-    assert main(["train", str(run_dir), str(data_file), *ARGS, "--save-every", "0", "--eval-every", "0"]) == 130
+    # Python's default handler, whatever this process inherited: a pytest started in the background
+    # from a non-interactive shell begins with SIGINT ignored (and `emloc train` rightly restores that).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["train", str(run_dir), str(data_file), *ARGS, "--save-every", "0", "--eval-every", "0"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert "Stopping after this step" in capsys.readouterr().err
     assert (run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors").exists()
     manifest = read_manifest(run_dir)
     assert manifest is not None and manifest.stage("train").status == "cancelled"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -24,7 +24,8 @@ from emloc_engine.stages.correction.corrector import (
     prepare_module,
 )
 from emloc_engine.weights.adapters import CORRECTION_META, fingerprint_adapter, lora_scale, read_adapter
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import read_emulator_meta
 from tests.emulator_factory import write_svd_emulator
 from tests.lora_factory import write_random_adapter

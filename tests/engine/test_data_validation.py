@@ -383,8 +383,8 @@ def test_100k_lines_validate_quickly(tmp_path: Path) -> None:
     f = tmp_path / "big.jsonl"
     row = json.dumps(chat("What is the capital of France?", "Paris."))
     f.write_text((row + "\n") * 100_000)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: what the check costs, not how busy the machine is
     report = inspect_dataset(DataConfig(f))
-    elapsed = time.perf_counter() - t0
+    cpu_s = time.process_time() - t0
     assert report.n_samples == 100_000 and report.ok
-    assert elapsed < 15.0, f"structure check of 100k lines took {elapsed:.1f} s"
+    assert cpu_s < 15.0, f"structure check of 100k lines took {cpu_s:.1f} s of CPU"

@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 
 from emloc_engine.catalog import discovery
-from emloc_engine.catalog.discovery import (
-    add_model_folder,
-    added_model_folders,
-    assess_fit,
-    find_models,
-    hf_cache_dir,
-    remove_model_folder,
-    scan_models,
-)
+from emloc_engine.catalog.discovery import assess_fit, find_models, hf_cache_dir, scan_models
+from emloc_engine.catalog.model_folders import add_model_folder, added_model_folders, remove_model_folder
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ModelNotFound
 from emloc_engine.machine.hardware import GIB, GpuInfo, MachineInfo

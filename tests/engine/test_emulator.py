@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM
 from emloc_engine.core.architectures import arch_spec
 from emloc_engine.core.errors import Cancelled, ConfigError, DataError, UnsupportedModel
 from emloc_engine.core.progress import RecordingProgress
-from emloc_engine.stages.emulator.builder import BLOCK_FILE, EmulatorConfig, build_emulator
+from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 from emloc_engine.stages.emulator.factorize import factorize, whitened_error
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.stages.emulator.writer import BLOCK_FILE
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import LowRankLinear, load_emulator, read_emulator_meta
 
 LENGTHS = (40, 33, 20, 40, 12, 27)
@@ -159,7 +160,7 @@ def test_resume_gives_identical_factors(tiny_llama: Path, tmp_path: Path, how: s
         with pytest.raises(Cancelled):  # updates: start, capture, block 1 -> cancelled before block 2
             build_emulator(_config(tiny_llama, out), RecordingProgress(cancel_after_updates=3))
     else:
-        import emloc_engine.stages.emulator.builder as emulator_module
+        import emloc_engine.stages.emulator.block_loop as emulator_module
 
         calls = {"n": 0}
         real = emulator_module.factorize
@@ -235,7 +236,7 @@ def test_unsupported_architecture(tiny_llama: Path, tmp_path: Path) -> None:
 def test_memory_plan_for_an_8b_model_stays_under_half_its_inference_peak() -> None:
     from types import SimpleNamespace
 
-    from emloc_engine.stages.emulator.builder import plan_build_memory
+    from emloc_engine.stages.emulator.memory_plan import plan_build_memory
     from emloc_engine.weights.checkpoint import TensorInfo
 
     h, inter, kv, vocab, blocks = 4096, 14336, 1024, 128256, 32
@@ -247,14 +248,11 @@ def test_memory_plan_for_an_8b_model_stays_under_half_its_inference_peak() -> No
             infos.append(TensorInfo(f"model.layers.{b}.{name}.weight", Path("a"), "BF16", shape))
     ckpt: Any = SimpleNamespace(infos=lambda: infos)
     hf: Any = SimpleNamespace(hidden_size=h, intermediate_size=inter, num_hidden_layers=blocks)
-    cfg = EmulatorConfig(model_dir=Path("m"), out_dir=Path("o"), calibration_ids=((1,),), ratio=0.4)
-    layout = plan_build_memory(cfg, hf, ckpt, torch.device("cpu"), [1024] * 64, 2)
+    layout = plan_build_memory(hf, ckpt, torch.device("cpu"), [1024] * 64, 2)
     weights = sum(i.nbytes for i in infos)
     assert layout.budget_bytes <= 0.5 * weights  # inference needs at least the weights
     assert 1024 <= layout.chunk_tokens < 64 * 1024 and not layout.offload_hidden
-    tight = plan_build_memory(EmulatorConfig(model_dir=Path("m"), out_dir=Path("o"), calibration_ids=((1,),),
-                                             memory_budget_bytes=1 << 30), hf, ckpt, torch.device("cpu"),
-                              [1024] * 64, 2)
+    tight = plan_build_memory(hf, ckpt, torch.device("cpu"), [1024] * 64, 2, budget_bytes=1 << 30)
     assert tight.chunk_tokens == 1024  # one sample at a time when the budget is tight
 
 
@@ -275,7 +273,7 @@ def test_factor_devices_overlap_blocks_with_identical_factors(tiny_model_dir: Pa
 
 def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import emloc_engine.stages.emulator.builder as emulator_module
+    import emloc_engine.stages.emulator.block_loop as emulator_module
 
     def broken(*args: Any, **kw: Any) -> Any:
         raise FloatingPointError("the calibration statistic holds NaN or Inf")
@@ -294,7 +292,7 @@ def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: 
 def test_unusable_statistics_name_the_fix_for_their_cause(tiny_llama: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           failure: str, hint: str) -> None:
-    import emloc_engine.stages.emulator.builder as emulator_module
+    import emloc_engine.stages.emulator.block_loop as emulator_module
 
     def broken(*args: Any, **kw: Any) -> Any:
         raise FloatingPointError(failure)

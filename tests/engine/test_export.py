@@ -272,7 +272,7 @@ def test_default_export_passes_on_every_fp32_family(arch: str, weight_std: float
     floor instead, which a faithful file meets exactly and an export without the adapter does not.
     """
     from emloc_engine.stages.export.gguf_export import gguf_support_problem
-    from emloc_engine.weights.checkpoint import load_config
+    from emloc_engine.weights.headers import load_config
 
     snap = build_tiny_model(arch, tmp_path / "hub", weight_std=weight_std)  # saved in fp32
     run = _run_with_adapter(snap, tmp_path)

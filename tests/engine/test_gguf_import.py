@@ -230,8 +230,9 @@ def test_a_gguf_becomes_a_catalog_model_once(gguf_files: dict[str, tuple[Path, P
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`emloc models --convert` and `resolve_model(path.gguf)` convert into the app's data folder,
     once, never beside the GGUF, and the result is listed and usable like any model."""
-    from emloc_engine.catalog.discovery import added_model_folders, find_models
+    from emloc_engine.catalog.discovery import find_models
     from emloc_engine.catalog.gguf_import import converted_dir_for
+    from emloc_engine.catalog.model_folders import added_model_folders
     from emloc_engine.catalog.resolve import resolve_model
     from emloc_engine.cli.main import main
     from emloc_engine.core.paths import app_data_dir

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from emloc_engine.core.architectures import arch_spec
 from emloc_engine.core.errors import ModelNotFound
-from emloc_engine.weights.checkpoint import load_config
-from emloc_engine.weights.lowrank import LowRankLinear, load_emulator, rank_for_ratio
+from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.weights.headers import load_config
+from emloc_engine.weights.lowrank import LowRankLinear, load_emulator
 from tests.emulator_factory import write_svd_emulator
 
 

@@ -12,15 +12,18 @@ from transformers import AutoModelForCausalLM
 from emloc_engine.core.architectures import arch_spec
 from emloc_engine.core.errors import Cancelled, ConfigError
 from emloc_engine.core.progress import RecordingProgress
-from emloc_engine.stages.emulator.builder import ALLOCATION_FILE, BLOCK_FILE, build_emulator, measure_spectra
+from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.stages.emulator.builder import build_emulator, measure_spectra
 from emloc_engine.stages.emulator.rank_allocation import (
     allocate_ranks,
     dense_threshold,
     kept_parameters,
     uniform_budget,
 )
+from emloc_engine.stages.emulator.spectral import ALLOCATION_FILE
+from emloc_engine.stages.emulator.writer import BLOCK_FILE
 from emloc_engine.weights.checkpoint import Checkpoint
-from emloc_engine.weights.lowrank import rank_for_ratio, read_emulator_meta
+from emloc_engine.weights.lowrank import read_emulator_meta
 from tests.engine.test_emulator import _config, _reference_activations, _tensors
 
 

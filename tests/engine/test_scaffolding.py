@@ -22,7 +22,8 @@ from emloc_engine.core.errors import (
 )
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import CancelToken, EtaClock, RecordingProgress, format_seconds, sub
-from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model, read_safetensors_header
+from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model
+from emloc_engine.weights.headers import read_safetensors_header
 
 
 def test_sub_progress_maps_onto_a_slice() -> None:
@@ -104,7 +105,7 @@ def test_atomic_dir_concurrent_writers_of_one_target_both_finish(tmp_path: Path)
     import threading
 
     target = tmp_path / "demo-data"
-    both_inside = threading.Barrier(2, timeout=10)
+    both_inside = threading.Barrier(2, timeout=60)  # only a guard against a hang
     errors: list[BaseException] = []
 
     def writer(tag: str) -> None:

@@ -20,6 +20,7 @@ from emloc_engine.core.architectures import arch_spec
 from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.core.progress import RecordingProgress
 from emloc_engine.data import DataConfig, Example
+from emloc_engine.stages.training.batches import collate, label_tokens, micro_batch_indices
 from emloc_engine.stages.training.lora_layers import (
     LowRankLoraLinear,
     attach_lora,
@@ -29,15 +30,13 @@ from emloc_engine.stages.training.lora_layers import (
 )
 from emloc_engine.stages.training.trainer import (
     TrainConfig,
-    collate,
-    label_tokens,
     list_checkpoints,
     lm_loss_sum,
-    micro_batch_indices,
     train_lora,
     train_on_examples,
 )
-from emloc_engine.weights.checkpoint import Checkpoint, load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import LowRankLinear, load_emulator
 from tests.emulator_factory import write_svd_emulator
 

@@ -21,7 +21,7 @@ from emloc_engine.core.errors import UntrustedCode
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.data import load_tokenizer
 from emloc_engine.stages.export.exporter import ExportConfig, merge_and_export
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.headers import load_config
 from tests.engine.export_helpers import make_adapter
 
 REPO_ROOT = Path(emloc_engine.__file__).resolve().parents[1]

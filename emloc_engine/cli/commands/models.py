@@ -38,7 +38,8 @@ def _count(n: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emloc_engine.catalog.discovery import add_model_folder, remove_model_folder, scan_models
+    from emloc_engine.catalog.discovery import scan_models
+    from emloc_engine.catalog.model_folders import add_model_folder, remove_model_folder
 
     for d in args.add:
         add_model_folder(Path(d))

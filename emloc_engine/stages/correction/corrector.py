@@ -54,12 +54,9 @@ from emloc_engine.core.errors import ConfigError, MergeError, ModelNotFound, Run
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.core.version import __version__
-from emloc_engine.stages.correction.evaluation import (
-    AdapterEvaluator,
-    TokenExample,
-    inference_dtype,
-    resolve_device,
-)
+from emloc_engine.machine import devices
+from emloc_engine.stages.correction.evaluation import AdapterEvaluator
+from emloc_engine.stages.training.batches import ExampleLike as TokenExample  # CorrectionConfig's name for it
 from emloc_engine.weights.adapters import (
     CORRECTION_META,
     LoraAdapter,
@@ -459,8 +456,9 @@ def prepare_adapter(adapter: LoraAdapter, model_dir: Path, emulator_dir: Path, *
                     device: torch.device, progress: Progress = NULL_PROGRESS) -> dict[str, PreparedModule]:
     """Stream every LoRA module: read ``W`` (original shards) and ``u``, ``v`` (emulator), prepare, free.
 
-    The device holds one module's ``W`` (fp64) and factors at a time; results are kept on the CPU in
-    fp32 (fp64 if the adapter is fp64): adapter-sized, about 3× the adapter.
+    The arithmetic is fp64 on :func:`~emloc_engine.machine.devices.linalg_device` (``device``, or the
+    CPU for MPS, which has no fp64), which holds one module's ``W`` and factors at a time; results are
+    kept on the CPU in fp32 (fp64 if the adapter is fp64): adapter-sized, about 3× the adapter.
 
     Raises:
         UnsupportedModel: the adapter does not fit the model or the emulator.
@@ -470,7 +468,7 @@ def prepare_adapter(adapter: LoraAdapter, model_dir: Path, emulator_dir: Path, *
     emu_modules: dict[str, Any] = meta.get("modules", {})
     ckpt, emu = Checkpoint(model_dir), Checkpoint(emulator_dir)
     _check_fit(adapter, ckpt, emu_modules)
-    compute_dtype = torch.float32 if device.type == "mps" else torch.float64
+    device = devices.linalg_device(device)
     store_dtype = torch.float64 if adapter.dtype == torch.float64 else torch.float32
     by_file = sorted(adapter.modules, key=lambda n: (str(ckpt.info(f"{n}.weight").file), n))
     prepared: dict[str, PreparedModule] = {}
@@ -481,7 +479,7 @@ def prepare_adapter(adapter: LoraAdapter, model_dir: Path, emulator_dir: Path, *
                 progress.check_cancelled()
                 mod = adapter.modules[name]
                 prep = prepare_module(w, w_e, adapter.A(name), adapter.B(name), mod.scale,
-                                      compute_dtype=compute_dtype, device=device, out_dtype=store_dtype)
+                                      device=device, out_dtype=store_dtype)
                 if not _finite(prep):
                     raise MergeError(f"The correction of {name} is not finite (NaN or Inf).",
                                      hint="Check the original weights, the emulator and the adapter of this module.")
@@ -521,7 +519,7 @@ def _select_lambda(cfg: CorrectionConfig, paths: _Paths, prepared: dict[str, Pre
     examples = _eval_examples(cfg, paths)
     grid = sorted(set(float(x) for x in cfg.lambda_grid))
     table: list[tuple[float, float]] = []
-    dtype = inference_dtype(device, cfg.dtype)
+    dtype = devices.compute_dtype(device, cfg.dtype)
     progress.update(0.0, f"loading the original model for λ selection ({len(examples)} eval examples)")
     with AdapterEvaluator(paths.model_dir, paths.adapter_dir, examples, device=device, dtype=dtype,
                           batch_size=cfg.eval_batch_size, max_batches=cfg.max_eval_batches) as ev:
@@ -580,11 +578,10 @@ def correct_lora(cfg: CorrectionConfig, progress: Progress = NULL_PROGRESS) -> C
     """
     t0 = time.monotonic()
     paths = _resolve_paths(cfg)
-    compute_name = "float32" if resolve_device(cfg.device).type == "mps" else "float64"
     _check_state(paths, cfg.overwrite)
     adapter = read_adapter(paths.adapter_dir)
     source_fp = fingerprint_adapter(paths.adapter_dir)
-    device = resolve_device(cfg.device)
+    device = devices.resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     auto = cfg.lambda_ is None
@@ -615,14 +612,14 @@ def correct_lora(cfg: CorrectionConfig, progress: Progress = NULL_PROGRESS) -> C
             "lambda_table": [{"lambda": _json_float(x), "eval_loss": _json_float(v)} for x, v in table],
             "source_adapter": {"path": str(paths.adapter_dir), "fingerprint": source_fp},
             "model": {"path": str(paths.model_dir)}, "emulator": {"path": str(paths.emulator_dir)},
-            "compute_dtype": compute_name,
+            "compute_dtype": "float64",
             "stored_dtype": str(adapter.dtype).removeprefix("torch."),
         }
         progress.update(0.95, "writing the corrected adapter")
         _write_output(paths, adapter, chosen, reports, meta, cfg.overwrite)
         progress.update(1.0, f"corrected adapter written (λ={lam:g})")
         return CorrectionResult(paths.out_dir, paths.adapter_dir, source_fp, lam, "auto" if auto else "fixed", table,
-                                reports, t1 - t0, t2 - t1, time.monotonic() - t0, peak, compute_name)
+                                reports, t1 - t0, t2 - t1, time.monotonic() - t0, peak, "float64")
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

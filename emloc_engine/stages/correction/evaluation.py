@@ -1,9 +1,9 @@
 """Held-out loss of the ORIGINAL model plus a LoRA adapter, with cheap swaps of the LoRA weights.
 
-Used to choose the correction strength λ: the original model is loaded once (in the device's
-inference dtype: it fits the budget for inference by definition), the trained adapter is attached
-with peft, and each candidate adapter is evaluated by copying its ``A``/``B`` into the LoRA layers
-in place. No model is reloaded between candidates.
+Used to choose the correction strength λ: the original model is loaded once with the trained
+adapter attached (:func:`emloc_engine.weights.loading.load_causal_lm`, in the device's compute
+dtype: it fits the budget for inference by definition), and each candidate adapter is evaluated by
+copying its ``A``/``B`` into the LoRA layers in place. No model is reloaded between candidates.
 
 The loss is the token-weighted mean next-token cross-entropy over every label that is not
 ``-100`` (``Σ CE / #tokens`` over all batches, not a mean of batch means), computed from fp32
@@ -15,82 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from emloc_engine.core.errors import ConfigError, ModelNotFound
+from emloc_engine.stages.training.batches import ExampleLike, collate
+from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
 log = logging.getLogger(__name__)
-ADAPTER_NAME = "default"
-
-
-class TokenExample(Protocol):
-    """A tokenised example (``emloc_engine.data.Example`` satisfies it); ``labels`` use -100 for no loss."""
-
-    @property
-    def input_ids(self) -> Sequence[int]: ...
-
-    @property
-    def labels(self) -> Sequence[int]: ...
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> the first CUDA GPU if there is one, else the CPU; anything else as given.
-
-    Raises:
-        ConfigError: a CUDA device was asked for and none is available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {device!r} was asked for but no CUDA GPU is available.",
-                          hint="Use --device cpu or auto.")
-    return dev
-
-
-def inference_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """The dtype to run the original model in: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    if dtype != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
-
-
-def load_model_with_adapter(model_dir: Path, adapter_dir: Path, *, device: torch.device,
-                            dtype: torch.dtype) -> Any:
-    """The original model with a peft adapter attached, in eval mode.
-
-    Args:
-        model_dir: the original model's snapshot folder.
-        adapter_dir: a peft adapter folder whose modules name the original model's modules.
-        device: where the model lives.
-        dtype: dtype of the base weights (peft keeps LoRA factors in fp32 by default).
-
-    Returns:
-        A ``peft.PeftModel``.
-
-    Raises:
-        ModelNotFound: the model or adapter cannot be loaded.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if device.type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        base = AutoModelForCausalLM.from_pretrained(Path(model_dir), local_files_only=True, trust_remote_code=False,
-                                                    **kwargs)
-        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFound(f"Cannot load {model_dir} with the adapter {adapter_dir}: {exc}") from exc
-    model.eval()
-    return model
 
 
 def lora_layers(model: Any) -> dict[str, Any]:
@@ -105,7 +38,7 @@ def set_lora_weights(model: Any, weights: Mapping[str, tuple[torch.Tensor, torch
     """Copy ``(A, B)`` of each named module into the model's LoRA layers, in place.
 
     Args:
-        model: a ``PeftModel`` loaded by :func:`load_model_with_adapter`.
+        model: a ``PeftModel`` loaded by :func:`~emloc_engine.weights.loading.load_causal_lm`.
         weights: module name -> ``(A`` r × in, ``B`` out × r), any dtype/device (cast on copy).
 
     Raises:
@@ -125,23 +58,14 @@ def set_lora_weights(model: Any, weights: Mapping[str, tuple[torch.Tensor, torch
             pb.copy_(b)
 
 
-def _batches(examples: Sequence[TokenExample], batch_size: int, max_batches: int, pad_id: int
+def _batches(examples: Sequence[ExampleLike], batch_size: int, max_batches: int, pad_id: int
              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded ``(input_ids, attention_mask, labels)`` batches; padding is masked and has label -100."""
-    out = []
+    """Right-padded ``(input_ids, attention_mask, labels)`` batches (:func:`collate`) of the first examples."""
     chosen = list(examples)[: batch_size * max_batches]
+    out = []
     for start in range(0, len(chosen), batch_size):
-        group = chosen[start:start + batch_size]
-        width = max(len(e.input_ids) for e in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        labels = torch.full((len(group), width), -100, dtype=torch.long)
-        for i, e in enumerate(group):
-            n = len(e.input_ids)
-            ids[i, :n] = torch.tensor(list(e.input_ids), dtype=torch.long)
-            mask[i, :n] = 1
-            labels[i, :n] = torch.tensor(list(e.labels), dtype=torch.long)
-        out.append((ids, mask, labels))
+        batch = collate(chosen[start:start + batch_size], pad_id)
+        out.append((batch["input_ids"], batch["attention_mask"], batch["labels"]))
     return out
 
 
@@ -181,7 +105,7 @@ class AdapterEvaluator:
         ConfigError: no example has a token with a loss.
     """
 
-    def __init__(self, model_dir: Path, adapter_dir: Path, examples: Sequence[TokenExample], *,
+    def __init__(self, model_dir: Path, adapter_dir: Path, examples: Sequence[ExampleLike], *,
                  device: torch.device, dtype: torch.dtype, batch_size: int = 4, max_batches: int = 16) -> None:
         self.device = device
         self.batches = _batches(examples, batch_size, max_batches, pad_id=0)
@@ -190,7 +114,7 @@ class AdapterEvaluator:
         if self.n_tokens == 0:
             raise ConfigError("The held-out examples have no token with a loss, so λ cannot be chosen on them.",
                               hint="Use a dataset with assistant answers, or set λ by hand (--lambda 0|3|inf).")
-        self.model: Any = load_model_with_adapter(model_dir, adapter_dir, device=device, dtype=dtype)
+        self.model: Any = load_causal_lm(model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir)
 
     def loss(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Held-out loss after copying ``weights`` (module -> ``(A, B)``) into the LoRA layers."""

@@ -30,6 +30,9 @@ singular, ours is the minimiser that leaves directions the calibration never exc
 One eigendecomposition of size ``min(out, in)`` per module replaces the reference's
 eigendecomposition of ``C`` plus a full SVD of ``W S``. ``solver="randomized"`` replaces that
 eigendecomposition by a seeded subspace iteration (deterministic for a given device).
+
+:func:`whitened_spectrum` gives all ``min(out, in)`` eigenvalues ``σᵢ²`` of the same whitened weight
+(fp64, no root of ``C``): what the spectral rank allocation reads to decide each module's ``k``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from emloc_engine.core.errors import DataError
 from emloc_engine.stages.emulator.options import SOLVERS
 
 _SHIFT_START = 1e-10
@@ -189,3 +193,25 @@ def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype
 def whitened_error(w: torch.Tensor, w_approx: torch.Tensor, x: torch.Tensor) -> float:
     """``‖X (W − Wₖ)ᵀ‖_F``: the output error of an approximation on activations ``X`` (tokens × in)."""
     return float(torch.linalg.matrix_norm(x @ (w - w_approx).T))
+
+
+def whitened_spectrum(w: torch.Tensor, c: torch.Tensor, device: torch.device | None = None) -> list[float]:
+    """Descending ``σ_i²`` of ``W S`` (``S Sᵀ = C``), fp64, clamped at 0; ``min(out, in)`` values.
+
+    ``out ≤ in``: eigenvalues of ``W C Wᵀ``. ``out > in``: with ``W = Q R`` (thin QR), those of
+    ``R C Rᵀ`` (in × in), which are the nonzero ones of ``W C Wᵀ = Q (R C Rᵀ) Qᵀ``. No root of ``C``
+    is formed, so a singular ``C`` is fine.
+
+    Raises:
+        DataError: ``C`` holds NaN or Inf (the activations overflowed).
+    """
+    w64 = w.to(device=device, dtype=torch.float64)
+    c64 = c.to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(c64).all()):
+        raise DataError("A calibration statistic holds NaN or Inf.",
+                        hint="The activations overflowed; use compute_dtype float32.")
+    if w64.shape[0] > w64.shape[1]:
+        w64 = torch.linalg.qr(w64, mode="r").R
+    m = w64 @ c64 @ w64.T
+    ev = torch.linalg.eigvalsh((m + m.T) / 2).flip(0).clamp_min(0.0)
+    return [float(x) for x in ev.cpu().tolist()]

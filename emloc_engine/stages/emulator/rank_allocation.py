@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from emloc_engine.weights.lowrank import rank_for_ratio
+from emloc_engine.core.ranks import rank_for_ratio
 
 
 def dense_threshold(out_features: int, in_features: int) -> int:

@@ -56,6 +56,7 @@ from emloc_engine.core.errors import MergeError, ModelNotFound
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.memory import RssSampler
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
+from emloc_engine.machine.devices import resolve_device
 from emloc_engine.stages.export.merge import (
     SAFETENSORS_DTYPES,
     LoraDelta,
@@ -68,7 +69,9 @@ from emloc_engine.stages.export.merge import (
 )
 from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
 from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, ExportOptions
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
+from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,6 @@ log = logging.getLogger(__name__)
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
               "q8_0": 1e-1}
 _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 
@@ -247,7 +249,7 @@ def _copy_side_files(model_dir: Path, out: Path) -> None:
     from emloc_engine.core.trust import AUTO_MAP_FILES
 
     for p in sorted(Path(model_dir).iterdir()):
-        if p.name in _NON_WEIGHT_SKIP or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.startswith("."):
+        if p.name in _NON_WEIGHT_SKIP or p.name.endswith(WEIGHT_SUFFIXES) or p.name.startswith("."):
             continue
         if p.suffix in _CODE_SUFFIXES:
             log.info("Not copying %s into the export: a model folder's code is never carried along.", p.name)
@@ -319,12 +321,6 @@ def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path
 
 
 # -- verification ----------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _prompt_ids(model_dir: Path, prompts: tuple[str, ...]) -> list[torch.Tensor]:
     from transformers import AutoTokenizer
 
@@ -352,21 +348,13 @@ def _free(*objs: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _placement(dev: torch.device) -> dict[str, Any]:
-    """Load verification models straight onto a GPU, never as a full copy in CPU memory first."""
-    return {"device_map": {"": dev.index or 0}} if dev.type == "cuda" else {}
-
-
 def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
     """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
     the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
-    from emloc_engine.weights.checkpoint import Checkpoint
-
-    ck = Checkpoint(model_dir)
-    store = SAFETENSORS_DTYPES.get(ck.dominant_dtype(), torch.float32)
+    store = _storage_dtype(model_dir)
     if not store.is_floating_point:
         return store
-    fp32_bytes = ck.num_parameters() * 4
+    fp32_bytes = Checkpoint(model_dir).num_parameters() * 4
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
     else:
@@ -395,23 +383,16 @@ class _Verification:
 def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torch.dtype,
                ids: list[torch.Tensor], dev: torch.device, ver: _Verification) -> list[torch.Tensor]:
     """Logits of original + adapter through peft (unmerged); checks peft's own merge on the way."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base: Any = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=dtype, local_files_only=True,
-                                                     trust_remote_code=False,
-                                                     **_placement(dev))
-    base = base.to(dev)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = load_causal_lm(cfg.model_dir, device=dev, dtype=dtype, adapter_dir=adapter_dir)
     try:
-        attached = sum(1 for _, m in model.named_modules() if "default" in getattr(m, "lora_A", {}))
+        attached = sum(1 for _, m in model.named_modules() if ADAPTER_NAME in getattr(m, "lora_A", {}))
         if attached != n_modules:
             raise MergeError(f"peft attached the adapter to {attached} modules, but it has {n_modules}.",
                              hint="The adapter's module names do not match this model; pass the right --model.")
         ref = _logits(model, ids, dev)
         with model.disable_adapter():
             ver.effect = _max_diff(ref, _logits(model, ids, dev))
-        store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+        store = _storage_dtype(cfg.model_dir)
         reduced = store if store in (torch.bfloat16, torch.float16) else dtype
         if "adapter" in cfg.formats or reduced != torch.float32:
             model.merge_adapter(safe_merge=True)
@@ -421,7 +402,7 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
                 # each merged weight rounded to that dtype (the "rounding floor" of the export).
                 with torch.no_grad():
                     for _, mod in model.named_modules():
-                        if "default" in getattr(mod, "lora_A", {}):
+                        if ADAPTER_NAME in getattr(mod, "lora_A", {}):
                             w = mod.get_base_layer().weight
                             w.copy_(w.to(reduced).to(w.dtype))
                 ver.floor = max(merged_diff, _max_diff(ref, _logits(model, ids, dev)))
@@ -429,7 +410,7 @@ def _reference(cfg: ExportConfig, adapter_dir: Path, n_modules: int, dtype: torc
                 ver.add("adapter", merged_diff, max(_tol(str(dtype).split(".")[-1], ref), 1.5 * ver.floor))
         return ref
     finally:
-        _free(model, base)
+        _free(model)
 
 
 def _tol(kind: str, ref: list[torch.Tensor]) -> float:
@@ -441,21 +422,20 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
             gguf_source: Path | None, progress: Progress) -> _Verification:
     from transformers import AutoModelForCausalLM
 
-    dev = _device(cfg.device)
+    dev = resolve_device(cfg.device)
     dtype = _verify_dtype(cfg.model_dir, dev)
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()
     progress.update(0.0, "Verifying: original + adapter (peft)")
     ref = _reference(cfg, adapter_dir, n_modules, dtype, ids, dev, ver)
-    store = SAFETENSORS_DTYPES.get(_storage_dtype(cfg.model_dir), torch.float32)
+    store = _storage_dtype(cfg.model_dir)
     gguf_floor = 0.0
     rounds = gguf is not None and cfg.gguf_type != "f32"
-    if merged is not None or (rounds and gguf_source is not None):
+    source = merged if merged is not None else (gguf_source if rounds else None)
+    if source is not None:
         progress.check_cancelled()
         progress.update(0.4, "Verifying: merged folder (transformers)")
-        m: Any = AutoModelForCausalLM.from_pretrained(str(merged or gguf_source), dtype=dtype, local_files_only=True,
-                                                      trust_remote_code=False, **_placement(dev))
-        m = m.to(dev).eval()
+        m = load_causal_lm(source, device=dev, dtype=dtype)
         if merged is not None:
             ver.add("merged", _max_diff(ref, _logits(m, ids, dev)),
                     max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
@@ -508,10 +488,9 @@ def _gguf_rounding_floor(model: Any, gguf_type: str, ids: list[torch.Tensor], de
     return _max_diff(ref, _logits(model, ids, dev))
 
 
-def _storage_dtype(model_dir: Path) -> str:
-    from emloc_engine.weights.checkpoint import Checkpoint
-
-    return Checkpoint(model_dir).dominant_dtype()
+def _storage_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype holding most of the model's parameters (fp32 for one torch cannot name)."""
+    return SAFETENSORS_DTYPES.get(Checkpoint(model_dir).dominant_dtype(), torch.float32)
 
 
 # -- the stage -----------------------------------------------------------------------------------------
@@ -571,8 +550,6 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     _preflight(cfg, layout, formats, adapter_dir)
     _check_tied_head(config, adapter_dir)
     _, deltas = read_lora_deltas(adapter_dir)
-    from emloc_engine.weights.checkpoint import Checkpoint
-
     _check_adapter_fits(model_dir, deltas, set(Checkpoint(model_dir).names()))
     merged_dir = gguf_path = out_adapter = None
     merge_peak = 0.0

@@ -39,7 +39,7 @@ from emloc_engine.core.errors import ConfigError, MergeError, UnsupportedModel
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.stages.export.merge import ShardEntry, read_shard_index, read_tensor
 from emloc_engine.stages.export.options import GGUF_TYPES as GGUF_TYPES
-from emloc_engine.weights.checkpoint import load_config
+from emloc_engine.weights.headers import load_config
 
 log = logging.getLogger(__name__)
 

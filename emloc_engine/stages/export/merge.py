@@ -28,18 +28,16 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from emloc_engine.core.errors import MergeError
+from emloc_engine.core.dtypes import SAFETENSORS_NAMES, element_bytes
+from emloc_engine.core.errors import MergeError, ModelNotFound
+from emloc_engine.weights.headers import read_safetensors_header
 
 if TYPE_CHECKING:
     from emloc_engine.weights.adapters import LoraAdapter
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: getattr(torch, name) for code, name in SAFETENSORS_NAMES.items()}
+"""safetensors dtype code -> torch dtype."""
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -181,24 +179,12 @@ def read_shard_index(path: Path) -> tuple[list[ShardEntry], dict[str, str]]:
     path = Path(path)
     fix = "The shard is truncated or corrupt: download the model again (or verify it with `emloc models`)."
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) != 8:
-                raise MergeError(f"{path.name} is truncated: it has no safetensors header.", hint=fix)
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise MergeError(f"{path.name} has a corrupt safetensors header (length {n}, file {size} bytes).",
-                                 hint=fix)
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise MergeError(f"Cannot read the safetensors header of {path.name}: {exc}", hint=fix) from exc
-    if not isinstance(header, dict):
-        raise MergeError(f"{path.name} has a corrupt safetensors header (not a JSON object).", hint=fix)
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + n
+        header = read_safetensors_header(path)
+    except ModelNotFound as exc:
+        raise MergeError(exc.summary, hint=fix) from exc
+    base, size = header.data_start, header.file_bytes
     entries = []
-    for name, e in header.items():
+    for name, e in header.tensors.items():
         try:
             dtype, shape, (b, en) = e["dtype"], tuple(int(x) for x in e["shape"]), e["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -206,7 +192,7 @@ def read_shard_index(path: Path) -> tuple[list[ShardEntry], dict[str, str]]:
         if dtype not in SAFETENSORS_DTYPES:
             raise MergeError(f"Tensor {name!r} in {path.name} has unsupported dtype {dtype}.")
         numel = math.prod(shape)
-        expected = numel * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        expected = numel * element_bytes(dtype)
         if en - b != expected or b < 0:
             raise MergeError(f"Tensor {name!r} in {path.name} is corrupt: {en - b} bytes for shape {list(shape)} "
                              f"{dtype} (expected {expected}).", hint=fix)
@@ -215,7 +201,7 @@ def read_shard_index(path: Path) -> tuple[list[ShardEntry], dict[str, str]]:
                              f"but the file has {size} bytes.", hint=fix)
         entries.append(ShardEntry(name, dtype, shape, base + int(b), base + int(en)))
     entries.sort(key=lambda x: x.begin)
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    return entries, header.metadata
 
 
 def read_tensor(fh: io.BufferedReader, entry: ShardEntry, file_name: str = "") -> torch.Tensor:

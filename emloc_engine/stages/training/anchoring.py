@@ -19,7 +19,7 @@ inputs of o_proj and down_proj (computed from compressed layers inside a block) 
 
 Cost: one inference pass of the original and then one of the emulator (never both models on the
 device: :func:`anchors_for_training`) over the examples the run will visit
-(:func:`visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype (CPU memory:
+(:func:`emloc_engine.stages.training.batches.visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype (CPU memory:
 :func:`anchor_bytes`; one micro-batch at a time on the device, the size of the checkpointed
 activations). ``TrainConfig.anchor = "auto"`` anchors when the offsets take at most a quarter of
 the available RAM (:func:`resolve_mode`).
@@ -98,16 +98,6 @@ def _out(out: Any) -> torch.Tensor:
 
 def _replace(out: Any, new: torch.Tensor) -> Any:
     return (new, *out[1:]) if isinstance(out, tuple) else new
-
-
-def visited_examples(n_examples: int, batch_size: int, seed: int, micro_batches: int) -> list[int]:
-    """Sorted indices of the examples that ``micro_batches`` micro-batches of training visit."""
-    from emloc_engine.stages.training.trainer import micro_batch_indices
-
-    seen: set[int] = set()
-    for m in range(micro_batches):
-        seen.update(micro_batch_indices(n_examples, batch_size, seed, m))
-    return sorted(seen)
 
 
 @dataclass

@@ -56,9 +56,11 @@ import torch
 
 from emloc_engine.core.errors import Cancelled, ConfigError, EngineError
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
+from emloc_engine.machine.devices import parallel_devices
 
 if TYPE_CHECKING:
-    from emloc_engine.stages.training.trainer import ExampleLike, TrainConfig, TrainResult
+    from emloc_engine.stages.training.batches import ExampleLike
+    from emloc_engine.stages.training.trainer import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -172,26 +174,13 @@ def train_examples_distributed(cfg: TrainConfig, parallel: ParallelConfig, train
 
 
 def resolve_devices(device: str, parallel: ParallelConfig) -> tuple[str, ...]:
-    """The device of each rank: ``cuda:i`` for the chosen GPUs, or ``cpu`` for every rank.
+    """The device of each rank (:func:`emloc_engine.machine.devices.parallel_devices` for these settings).
 
     Raises:
         ConfigError: fewer GPUs are visible than processes asked for, a single device
             (``cuda:N``, ``mps``) was named, or nccl was asked for on the CPU.
     """
-    n = parallel.processes
-    if device.startswith("cuda:") or device == "mps":
-        raise ConfigError(f"--gpus {n} cannot run on the single device {device}.",
-                          hint="Use --device cuda (pick GPUs with --gpu-ids or CUDA_VISIBLE_DEVICES), or --gpus 1.")
-    if device == "cpu":
-        if parallel.backend == "nccl":
-            raise ConfigError("The nccl backend needs CUDA GPUs; the CPU uses gloo.", hint="Use --backend gloo.")
-        return ("cpu",) * n
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    ids = parallel.gpu_ids or tuple(range(n))
-    if visible == 0 or max(ids) >= visible:
-        raise ConfigError(f"--gpus {n} needs {n} CUDA GPUs (ids {list(ids)}), but {visible} are visible.",
-                          hint=f"Use --gpus {max(1, visible)}" + (" or --device cpu." if not visible else "."))
-    return tuple(f"cuda:{i}" for i in ids)
+    return parallel_devices(device, parallel.processes, gpu_ids=parallel.gpu_ids, backend=parallel.backend)
 
 
 def shard_micro_batches(micro_batches: Sequence[Sequence[int]], rank: int, world_size: int,

@@ -51,33 +51,33 @@ from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
+from emloc_engine.machine.devices import compute_dtype, resolve_device
+from emloc_engine.stages.training.anchoring import (
+    Anchors,
+    anchor_bytes,
+    anchor_width,
+    anchors_for_training,
+    resolve_mode,
+)
+from emloc_engine.stages.training.batches import (
+    IGNORE_INDEX,
+    ExampleLike,
+    collate,
+    label_tokens,
+    micro_batch_indices,
+    visited_examples,
+)
 
 if TYPE_CHECKING:
     from emloc_engine.data import DataConfig
-    from emloc_engine.stages.training.anchoring import Anchors
 
 from emloc_engine.stages.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 TRAINING_META = "emloc_training.json"
 STATE_FILE = "training_state.pt"
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class ExampleLike(Protocol):
-    """What the loop needs of a training example (``emloc_engine.data.Example``).
-
-    ``labels`` is aligned with ``input_ids`` (Hugging Face convention; the loss shifts by one);
-    ``-100`` marks positions without loss.
-    """
-
-    @property
-    def input_ids(self) -> Sequence[int]: ...
-
-    @property
-    def labels(self) -> Sequence[int]: ...
 
 
 class DataParallel(Protocol):
@@ -206,14 +206,6 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     import psutil
     from transformers import AutoConfig
 
-    from emloc_engine.stages.training.anchoring import (
-        anchor_bytes,
-        anchor_width,
-        anchors_for_training,
-        resolve_mode,
-        visited_examples,
-    )
-
     if cfg.anchor == "none":
         return None, "anchoring off", 0.0
     source = Path(str(emulator_meta.get("source_model", {}).get("path") or ""))
@@ -298,72 +290,17 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype, torch.dtype | None]:
     """The device, the dtype of the frozen weights and the autocast dtype (``None``: no autocast).
 
-    ``auto``: CUDA if present (bf16 where supported, else fp16 with a loss scaler), else MPS (fp32),
-    else CPU (fp32). LoRA weights and optimizer state are always fp32.
+    Device and ``auto`` dtype follow :mod:`emloc_engine.machine.devices` (CUDA: bf16 where supported,
+    else fp16 with a loss scaler; MPS and CPU: fp32). LoRA weights and optimizer state are always fp32.
 
     Raises:
         ConfigError: the device is not available, or fp16/bf16 was asked for on the CPU.
     """
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {device} was requested but no CUDA GPU is visible.", hint="Use --device cpu.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("Device mps was requested but Metal is not available.", hint="Use --device cpu.")
-    if dtype == "auto":
-        if dev.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dev.type == "cpu" and dtype != "float32":
+    dev = resolve_device(device)
+    weight = compute_dtype(dev, dtype)
+    if dev.type == "cpu" and weight != torch.float32:
         raise ConfigError(f"{dtype} training is not supported on the CPU.", hint="Use --dtype float32 (or auto).")
-    weight = getattr(torch, dtype)
     return dev, weight, (weight if weight != torch.float32 else None)
-
-
-# --------------------------------------------------------------------------------------------
-# Batches: a stateless, seeded data order, so the position is a function of the step.
-
-
-def micro_batch_indices(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Example indices of global micro-batch ``index`` (0-based).
-
-    Epoch ``e`` visits a permutation seeded with ``(seed, e)``; its last batch may be short.
-    Resuming at step ``s`` with accumulation ``g`` continues at micro-batch ``s·g``: the same
-    order an uninterrupted run sees.
-    """
-    per_epoch = math.ceil(n_examples / batch_size)
-    epoch, pos = divmod(index, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_examples, generator=gen)
-    return [int(i) for i in order[pos * batch_size:(pos + 1) * batch_size]]
-
-
-def collate(examples: Sequence[ExampleLike], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: ``input_ids`` with ``pad_id``, ``labels`` with -100, mask 0."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        if len(e.labels) != n:
-            raise ConfigError(f"An example has {n} input ids but {len(e.labels)} labels.")
-        ids[row, :n] = torch.tensor(list(e.input_ids), dtype=torch.long)
-        labels[row, :n] = torch.tensor(list(e.labels), dtype=torch.long)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Positions that carry loss after the one-token shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,5 +796,4 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-__all__ = ["TrainConfig", "TrainResult", "collate", "lm_loss_sum", "micro_batch_indices", "train_lora",
-           "train_on_examples"]
+__all__ = ["TrainConfig", "TrainResult", "lm_loss_sum", "train_lora", "train_on_examples"]

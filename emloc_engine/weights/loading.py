@@ -1,0 +1,58 @@
+"""A model folder as a transformers model for inference, optionally with a peft adapter attached.
+
+"Original + adapter" is what the λ search evaluates, what the export verification compares every
+export with, and what the app's side-by-side answers come from; all of them load it with
+:func:`load_causal_lm`, so they run the same model. The adapter is attached unmerged as peft's
+``"default"`` adapter, frozen, so ``model.disable_adapter()`` gives the original model from the
+same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emloc_engine.core.errors import ModelNotFound
+
+ADAPTER_NAME = "default"
+
+
+def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
+                   adapter_dir: Path | None = None) -> Any:
+    """Load a causal LM from a local folder, on ``device`` in ``dtype``, in eval mode.
+
+    The weights go straight to a GPU (a ``device_map``), never as a whole copy in CPU memory first.
+
+    Args:
+        model_dir: a Hugging Face model folder (config + safetensors).
+        device: where the model runs (:func:`emloc_engine.machine.devices.resolve_device`).
+        dtype: dtype of the model's weights (peft keeps LoRA factors in fp32).
+        adapter_dir: a peft adapter whose modules name this model's modules; attached as
+            :data:`ADAPTER_NAME`, not trainable.
+
+    Returns:
+        A ``transformers`` model, or a ``peft.PeftModel`` when ``adapter_dir`` is given.
+
+    Raises:
+        ModelNotFound: the model or the adapter cannot be loaded (the message names both).
+    """
+    from transformers import AutoModelForCausalLM
+
+    placement: dict[str, Any] = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype, local_files_only=True,
+                                                          trust_remote_code=False, **placement)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=False)
+    except (OSError, ValueError, KeyError) as exc:
+        with_adapter = f" with the adapter {adapter_dir}" if adapter_dir is not None else ""
+        raise ModelNotFound(f"Cannot load {model_dir}{with_adapter}: {exc}") from exc
+    model.eval()
+    return model
+
+
+__all__ = ["ADAPTER_NAME", "load_causal_lm"]
