@@ -29,12 +29,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from emloc_engine.catalog.locations import check_run_location
 from emloc_engine.core.errors import Cancelled, RunStateError
 from emloc_engine.core.jsonable import to_json
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.run.config import STAGES, RunConfig, stage_of_setting
-from emloc_engine.run.location import check_run_location
 from emloc_engine.run.lock import run_folder_lock
 from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, now, read_manifest, write_manifest
 from emloc_engine.run.options import changed_settings

@@ -40,7 +40,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -51,6 +50,7 @@ from typing import Any
 
 import torch
 
+from emloc_engine.catalog.locations import inside, protected_place
 from emloc_engine.core.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from emloc_engine.core.errors import MergeError, ModelNotFound
 from emloc_engine.core.layout import RunLayout
@@ -149,49 +149,16 @@ class ExportResult:
 
 
 # -- where we may write --------------------------------------------------------------------------------
-def _hf_cache_roots() -> list[Path]:
-    roots = []
-    for env in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(env):
-            roots.append(Path(os.environ[env]))
-    if os.environ.get("HF_HOME"):
-        roots.append(Path(os.environ["HF_HOME"]))
-    roots.append(Path.home() / ".cache" / "huggingface")
-    try:
-        from huggingface_hub import constants
-
-        roots.append(Path(constants.HF_HUB_CACHE))
-    except Exception:  # pragma: no cover - huggingface_hub is a dependency
-        pass
-    return roots
-
-
-def _inside(path: Path, root: Path) -> bool:
-    for p in {path.absolute(), path.resolve()}:
-        for r in {root.absolute(), root.resolve()}:
-            if p == r or r in p.parents:
-                return True
-    return False
-
-
 def check_output_location(out: Path, model_dir: Path) -> None:
-    """Refuse to write ``out`` inside the source model folder (or its HF cache repo) or any HF cache.
+    """Refuse to write ``out`` inside the source model folder, a HF cache or a runtime's model store.
 
     Raises:
         MergeError: naming the protected folder and what to do instead.
     """
-    protected = [Path(model_dir)]
-    for parent in Path(model_dir).resolve().parents:  # the whole models--org--name repo of a snapshot
-        if parent.name.startswith("models--"):
-            protected.append(parent)
-    for root in protected:
-        if _inside(Path(out), root) or _inside(root, Path(out)):
-            raise MergeError(f"Refusing to write {out}: it is inside (or contains) the source model folder {root}.",
-                             hint="Put the run folder somewhere else (the source model is never modified).")
-    for root in _hf_cache_roots():
-        if _inside(Path(out), root):
-            raise MergeError(f"Refusing to write {out}: it is inside the Hugging Face cache {root}.",
-                             hint="Put the run folder outside the cache (default: emloc's own runs folder).")
+    why = protected_place(out, model_dir)
+    if why is not None:
+        raise MergeError(f"Refusing to write {out}: {why}.",
+                         hint="Put the run folder somewhere else (the source model is never modified).")
 
 
 def resolve_adapter_dir(run_dir: Path, adapter_dir: Path | None) -> Path:
@@ -517,7 +484,7 @@ def _preflight(cfg: ExportConfig, layout: RunLayout, formats: set[str], adapter_
         problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
         if problem:
             raise MergeError(f"Cannot export GGUF: {problem}.", hint="Export merged (and adapter) only.")
-    if not _inside(adapter_dir, layout.root):
+    if not inside(adapter_dir, layout.root):
         check_output_location(layout.root / "adapter-export", adapter_dir)
 
 
@@ -588,7 +555,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
 def _export_adapter(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path) -> Path:
     """The adapter inside the run keeps its place; one from outside is copied to ``adapter-export/``."""
     card = render_card(collect_facts(cfg.run_facts, cfg.model_dir, adapter_dir, "LoRA adapter"))
-    if _inside(adapter_dir, layout.root):
+    if inside(adapter_dir, layout.root):
         write_text_atomic(adapter_dir / "README.md", card)
         return adapter_dir
     target = layout.root / "adapter-export"
