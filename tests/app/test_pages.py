@@ -262,3 +262,22 @@ def test_model_page_converts_a_gguf_and_selects_the_result(qtbot, tmp_path: Path
     qtbot.waitUntil(lambda: page.selected() is not None and page.selected().name == converted.name, timeout=60_000)
     assert seen == [gguf.path]
     assert page.isComplete() and not page.convert.isEnabled()
+
+
+def test_the_app_and_the_cli_build_the_same_run_config(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    """What the Plan page runs is exactly what its "Show command…" line gives `emloc run`: the app and the CLI
+    hand the orchestrator the same RunConfig, so the manifest they write records the same settings."""
+    from emloc_engine.cli.main import build_parser
+    from emloc_engine.run.options import build_config, typed_values
+
+    page = make_plan_page(qtbot, state)
+    page.auto_ratio.setChecked(False)
+    page.slider.setValue(35)
+    page.settings["rank"].setValue(8)
+    page.lambda_.setCurrentIndex(2)
+    assert page.validatePage() and state.config is not None
+    args = shlex.split(page.command())
+    parsed = build_parser().parse_args(args[1:])
+    cli = build_config(None, typed_values(parsed), model_dir=Path(parsed.model), data_path=Path(parsed.data),
+                       run_dir=Path(parsed.out))
+    assert cli == state.config
