@@ -502,7 +502,7 @@ def _train(run: Run, task: Task, emulator_dir: Path, unit_dir: Path, anchor: str
         del anchors
     return {"adapter_dir": res.adapter_dir, "wall_s": res.wall_s, "final_train_loss": res.loss_history[-1][1],
             "first_train_loss": res.loss_history[0][1], "val_loss_on_emulator": res.final_eval_loss,
-            "tokens_per_s": res.tokens_per_s, **extra}
+            "tokens_per_s": res.tokens_per_s, "peak_vram_gib": res.peak_vram_gib, **extra}
 
 
 def _build(run: Run, task: Task, variant: str, ratio: float, unit_dir: Path,

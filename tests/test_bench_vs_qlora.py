@@ -1,0 +1,84 @@
+"""EMLoC vs QLoRA benchmark on a tiny model (CPU; bitsandbytes' CPU 4-bit kernels): structure and arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import bench_quality as bq
+from benchmarks import bench_vs_qlora as bvq
+from benchmarks.tasks import shakespeare_task
+from tests.test_bench_quality import _text_files
+from tests.tiny_models import build_tiny_model
+
+
+def _fake(seed_recoveries: list[tuple[float, float, float]]) -> dict[str, Any]:
+    """A JSON as :func:`bvq.run` writes it, with chosen losses: zero-shot 4, full LoRA 3."""
+    seeds = {}
+    for i, (emloc, q4, qm) in enumerate(seed_recoveries):
+        rec = {"metric": "loss", "higher_is_better": False, "zero_shot": {"loss": 4.0},
+               "full_lora": {"loss": 3.0, "train": {"peak_vram_gib": 2.0}},
+               "units": [{"variant": bvq.EMLOC_VARIANT, "ratio": 0.5, "auto": {"loss": 4.0 - emloc},
+                          "train": {"peak_vram_gib": 1.0}}]}
+        seeds[str(i)] = {"matched_ratio": None, "emloc_ratio": 0.5, "emloc_ratio_from": "planner",
+                         "emloc": {"planner": {"ratio": 0.5}, "tasks": {"t": rec}},
+                         "qlora": {"t": {"on_4bit": {"loss": 4.0 - q4}, "merged": {"loss": 4.0 - qm},
+                                         "train": {"peak_vram_gib": None}}}}
+    return {"date": "2026-12-04", "device": "CPU", "model_name": "m", "command": "python x",
+            "qlora_recipe": bvq.qlora_recipe(bq.torch.device("cpu")), "seeds": seeds}
+
+
+def test_summary_mean_and_spread_over_seeds(tmp_path: Path) -> None:
+    data = _fake([(0.8, 0.6, 0.5), (0.9, 0.7, 0.6), (0.7, 0.5, 0.4)])
+    summ = bvq.summary(data)["t"]
+    mean, sd, n = summ["EMLoC, planner's ρ"]["recovered"]
+    assert n == 3 and mean == pytest.approx(0.8) and sd == pytest.approx(0.1)
+    assert summ["QLoRA, adapter on 4-bit base"]["recovered"][0] == pytest.approx(0.6)
+    assert summ["QLoRA, adapter on bf16 original"]["recovered"][0] == pytest.approx(0.5)
+    text = bvq.render(data)
+    assert "EMLoC keeps 80% ± 10 of what full LoRA gains; QLoRA keeps 60% ± 10" in text and "EMLoC ahead" in text
+    assert "n/a (no GPU)" in text  # QLoRA's peak is not measured on a CPU: never invented
+    worse = bvq.render(_fake([(0.2, 0.6, 0.5)]))
+    assert "QLoRA ahead" in worse  # a loss is said plainly
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Scale\n\nold table\n")
+    bvq.write_section(md, text)
+    bvq.write_section(md, text)
+    body = md.read_text()
+    assert body.count(bvq.SECTION) == 1 and body.index(bvq.SECTION) < body.index("## Scale") and "old table" in body
+
+
+@pytest.mark.slow
+def test_qlora_and_emloc_rows_from_real_runs(tmp_path: Path) -> None:
+    model_dir = build_tiny_model("llama", tmp_path / "hub")
+    train, test = _text_files(tmp_path)
+    settings = bq.BenchSettings(calib_samples=4, max_length=32, steps=3, batch_size=2, warmup_steps=0,
+                                device="cpu", eval_batch_size=4, lr=5e-3)
+    out = tmp_path / "vs.json"
+    data = bvq.run(settings, [0, 1], model_dir, [], tmp_path / "work", out, "python bench", log=lambda _: None,
+                   make_tasks=lambda seed: [shakespeare_task(train, test, max_length=32)], ratio=0.5)
+    saved = json.loads(out.read_text())
+    assert set(saved["seeds"]) == {"0", "1"} and saved["qlora_recipe"]["quant_type"] == "nf4"
+    for seed_data in saved["seeds"].values():
+        q = seed_data["qlora"]["shakespeare"]
+        assert math.isfinite(q["on_4bit"]["loss"]) and math.isfinite(q["merged"]["loss"])
+        # the 4-bit base is not the original: the same adapter scores differently on the two
+        assert q["on_4bit"]["loss"] != pytest.approx(q["merged"]["loss"], abs=1e-6)
+        assert (Path(q["train"]["adapter_dir"]) / "adapter_config.json").is_file()
+        rec = seed_data["emloc"]["tasks"]["shakespeare"]
+        assert [u["variant"] for u in rec["units"]] == [bvq.EMLOC_VARIANT]
+    # the two seeds are different runs of the same recipe
+    a, b = (saved["seeds"][s]["qlora"]["shakespeare"]["on_4bit"]["loss"] for s in ("0", "1"))
+    assert a != b
+    summ = bvq.summary(data)["shakespeare"]
+    assert summ["EMLoC, given ρ"]["recovered"][2] == 2 and summ["EMLoC, given ρ"]["ratio"][0] == 0.5
+    assert summ["QLoRA, adapter on 4-bit base"]["recovered"][2] == 2
+    rec0 = saved["seeds"]["0"]["emloc"]["tasks"]["shakespeare"]
+    expected = bq.recovered(rec0, saved["seeds"]["0"]["qlora"]["shakespeare"]["merged"])
+    rec1 = saved["seeds"]["1"]["emloc"]["tasks"]["shakespeare"]
+    expected1 = bq.recovered(rec1, saved["seeds"]["1"]["qlora"]["shakespeare"]["merged"])
+    assert summ["QLoRA, adapter on bf16 original"]["recovered"][0] == pytest.approx((expected + expected1) / 2)
