@@ -231,9 +231,45 @@ def run(settings: bq.BenchSettings, seeds: Sequence[int], model_dir: Path, task_
                                  json_path.with_name(json_path.stem + f"-emloc-seed{seed}.json"), command, log=log)
         chosen = ratio if ratio is not None else emloc["planner"].get("ratio")
         data["seeds"][str(seed)] = {"qlora": qlora, "emloc": emloc, "matched_ratio": matched,
+                                    "matched_by_task": {t.name: matched for t in tasks},
                                     "emloc_ratio": chosen, "emloc_ratio_from": "planner" if ratio is None else "given"}
         _save(data, json_path)
     return data
+
+
+def merge(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from runs that split the seeds and tasks between processes (e.g. one per GPU process).
+
+    Each seed's tasks are united; every part must come from the same model, device type and QLoRA recipe, and a
+    (seed, task) pair may appear once. The merged ``command`` lists every part's command.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    out: dict[str, Any] = {k: v for k, v in first.items() if k not in ("seeds", "command")}
+    out["command"] = " ; ".join(dict.fromkeys(str(p["command"]) for p in parts))
+    out["seeds"] = {}
+    for part in parts:
+        for key in ("model_name", "device_type", "qlora_recipe"):
+            if part.get(key) != first.get(key):
+                raise ValueError(f"cannot merge runs with different {key}: {part.get(key)!r} vs {first.get(key)!r}")
+        for seed, sd in part["seeds"].items():
+            into = out["seeds"].get(seed)
+            if into is None:
+                out["seeds"][seed] = json.loads(json.dumps(sd))
+                out["seeds"][seed].setdefault("matched_by_task",
+                                              {t: sd.get("matched_ratio") for t in sd["emloc"]["tasks"]})
+                continue
+            for task, rec in sd["emloc"]["tasks"].items():
+                if task in into["emloc"]["tasks"]:
+                    raise ValueError(f"seed {seed}, task {task} appears in two runs")
+                if sd.get("emloc_ratio") != into.get("emloc_ratio"):
+                    raise ValueError(f"seed {seed}: the runs used different EMLoC ratios")
+                into["emloc"]["tasks"][task] = rec
+                into["qlora"][task] = sd["qlora"][task]
+                into["matched_by_task"][task] = sd.get("matched_by_task", {}).get(task, sd.get("matched_ratio"))
+    out["seeds"] = dict(sorted(out["seeds"].items(), key=lambda kv: int(kv[0])))
+    return out
 
 
 def _save(data: Mapping[str, Any], path: Path) -> None:
@@ -257,11 +293,12 @@ def summary(data: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per task and method: the fraction of the full-LoRA gain (mean, sd, n) and the peaks, over seeds."""
     rows: dict[str, dict[str, dict[str, list[float]]]] = {}
     for seed_data in data["seeds"].values():
-        emloc, matched = seed_data["emloc"], seed_data.get("matched_ratio")
+        emloc = seed_data["emloc"]
         chosen = seed_data.get("emloc_ratio")
         label = "EMLoC, planner's ρ" if seed_data.get("emloc_ratio_from") == "planner" else "EMLoC, given ρ"
         for name, rec in emloc["tasks"].items():
             task_rows = rows.setdefault(name, {})
+            matched = seed_data.get("matched_by_task", {}).get(name, seed_data.get("matched_ratio"))
 
             def add(method: str, scores: Mapping[str, Any], peak: float | None, ratio: float | None = None,
                     rec: Mapping[str, Any] = rec, task_rows: dict[str, dict[str, list[float]]] = task_rows) -> None:
@@ -358,8 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-md", action="store_true")
     p.add_argument("--render", type=Path, default=None, help="only render this JSON into RESULTS.md")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="merge these result JSONs (runs split by seed/task) into --json, then render")
     args = p.parse_args(argv)
-    if args.render:
+    if args.merge:
+        data = merge([json.loads(f.read_text(encoding="utf-8")) for f in args.merge])
+        if args.json:
+            _save(data, args.json)
+    elif args.render:
         data = json.loads(args.render.read_text(encoding="utf-8"))
     else:
         settings = bq.BenchSettings(device=args.device, steps=args.steps)

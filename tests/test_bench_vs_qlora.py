@@ -82,3 +82,26 @@ def test_qlora_and_emloc_rows_from_real_runs(tmp_path: Path) -> None:
     rec1 = saved["seeds"]["1"]["emloc"]["tasks"]["shakespeare"]
     expected1 = bq.recovered(rec1, saved["seeds"]["1"]["qlora"]["shakespeare"]["merged"])
     assert summ["QLoRA, adapter on bf16 original"]["recovered"][0] == pytest.approx((expected + expected1) / 2)
+
+
+def test_merge_unites_runs_split_by_seed_and_task() -> None:
+    a, b = _fake([(0.8, 0.6, 0.5), (0.9, 0.7, 0.6)]), _fake([(0.7, 0.5, 0.4)])
+    # b ran task "u" for seed 0 with its own matched ρ; a ran task "t" for seeds 0 and 1
+    sd = b["seeds"]["0"]
+    sd["emloc"]["tasks"] = {"u": sd["emloc"]["tasks"]["t"]}
+    sd["qlora"] = {"u": sd["qlora"]["t"]}
+    sd["matched_ratio"] = 0.5
+    b["command"] = "python y"
+    merged = bvq.merge([a, b])
+    assert set(merged["seeds"]) == {"0", "1"} and merged["command"] == "python x ; python y"
+    assert set(merged["seeds"]["0"]["emloc"]["tasks"]) == {"t", "u"}
+    assert merged["seeds"]["0"]["matched_by_task"] == {"t": None, "u": 0.5}
+    summ = bvq.summary(merged)
+    assert summ["t"]["EMLoC, planner's ρ"]["recovered"][2] == 2
+    assert summ["u"]["EMLoC, QLoRA's memory"]["recovered"][0] == pytest.approx(0.7)  # u's own matched ρ
+    with pytest.raises(ValueError, match="seed 0, task t appears in two runs"):
+        bvq.merge([a, a])
+    other = _fake([(0.1, 0.1, 0.1)])
+    other["model_name"] = "other"
+    with pytest.raises(ValueError, match="different model_name"):
+        bvq.merge([a, other])
