@@ -294,3 +294,6 @@ class TryPage(BasePage):
 
     def isComplete(self) -> bool:
         return not self.busy()
+
+    def nextId(self) -> int:
+        return -1  # the last page (the Runs page has a higher id but comes first)
