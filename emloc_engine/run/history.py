@@ -152,7 +152,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
         stages_done=tuple(s for s in (*RUN_STAGES, "export") if manifest.stage(s).done),
         final_train_loss=train_loss,
         final_eval_loss=eval_loss,
-        exports=exports_of(run_dir),
+        exports=exports_of(run_dir, manifest),
         ratio=float(ratio) if isinstance(ratio, (int, float)) else None,
     )
 
@@ -203,15 +203,27 @@ def _last(points: Any) -> float | None:
     return None
 
 
-def exports_of(run_dir: Path) -> dict[str, str]:
-    """The exports present in the run folder: ``merged``, ``adapter`` (the exported copy) and ``gguf``."""
+def exports_of(run_dir: Path, manifest: Manifest | None = None) -> dict[str, str]:
+    """The exports present in the run folder: ``merged``, ``adapter`` and ``gguf`` → path.
+
+    The export record's paths (every export made, see ``run_stage``) that still exist, and the merged
+    folder and GGUF file found in their places (runs exported before the record listed them all).
+    """
     lay = RunLayout(Path(run_dir))
-    candidates = {
-        "merged": (lay.merged, lay.merged / "config.json"),
-        "adapter": (lay.root / "adapter-export", lay.root / "adapter-export" / "adapter_config.json"),
-        "gguf": (lay.gguf, lay.gguf),
-    }
-    return {fmt: str(path) for fmt, (path, marker) in candidates.items() if marker.is_file()}
+    found: dict[str, str] = {}
+    paths = (manifest.stage("export").result.get("paths") or {}) if manifest is not None else {}
+    for fmt, key in (("merged", "merged_dir"), ("adapter", "adapter_dir"), ("gguf", "gguf_path")):
+        value = paths.get(key)
+        if isinstance(value, str) and Path(value).exists():
+            found[fmt] = value
+    for fmt, path, marker in (
+        ("merged", lay.merged, lay.merged / "config.json"),
+        ("gguf", lay.gguf, lay.gguf),
+        ("adapter", lay.root / "adapter-export", lay.root / "adapter-export" / "adapter_config.json"),
+    ):
+        if fmt not in found and marker.is_file():
+            found[fmt] = str(path)
+    return {fmt: found[fmt] for fmt in ("merged", "adapter", "gguf") if fmt in found}
 
 
 def loss_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

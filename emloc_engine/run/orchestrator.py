@@ -174,6 +174,7 @@ def run_stage(session: RunSession, name: str, work: Callable[[], R], *,
         whatever the stage raises, after recording it (``cancelled`` for Cancel/Ctrl-C, else ``failed``).
     """
     m = session.manifest
+    earlier_paths = dict(m.stage(name).result.get("paths") or {})  # exports made before this one
     m.stages[name] = StageRecord(status="running", started=now(), predicted_peak_gib=predicted_peak_gib)
     session.save()
     session.events.stage_started(name)
@@ -192,6 +193,9 @@ def run_stage(session: RunSession, name: str, work: Callable[[], R], *,
     rec.status, rec.finished = "done", now()
     rec.measured_peak_gib = _measured_peak(result)
     rec.result = result_json(result) if result_json is not None else to_json(result)
+    if "paths" in rec.result:  # one format exported at a time: the record lists every export still there
+        kept = {k: v for k, v in earlier_paths.items() if isinstance(v, str) and Path(v).exists()}
+        rec.result["paths"] = {**kept, **rec.result["paths"]}
     for later in STAGES[STAGES.index(name) + 1:]:  # their inputs just changed
         if m.stage(later).status not in ("pending", "stale"):
             m.stages[later].status = "stale"

@@ -118,3 +118,23 @@ def test_display_names() -> None:
     assert display_name(MODEL) == "HuggingFaceTB/SmolLM2-135M"
     assert display_name("/x/datasets--org--chat/snapshots/1/data") == "org/chat"
     assert display_name("/data/d.jsonl") == "d.jsonl" and display_name("") == "?"
+
+
+def test_exports_made_one_at_a_time_are_all_listed(tmp_path: Path) -> None:
+    from emloc_engine.run.orchestrator import open_run, run_stage
+
+    run = make_run(tmp_path / "run", {"emulator": done(), "train": done(), "correct": done()})
+    adapter = run / "adapter-corrected"
+    adapter.mkdir()
+    with open_run(run) as session:  # as the Try page exports: the adapter, then the GGUF
+        run_stage(
+            session, "export", lambda: None, result_json=lambda _: {"paths": {"adapter_dir": str(adapter)}}
+        )
+        (run / "model.gguf").write_bytes(b"GGUF")
+        run_stage(
+            session,
+            "export",
+            lambda: None,
+            result_json=lambda _: {"paths": {"gguf_path": str(run / "model.gguf")}},
+        )
+    assert summarize_run(run).exports == {"adapter": str(adapter), "gguf": str(run / "model.gguf")}
