@@ -181,3 +181,19 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def test_emloc_data_and_run_take_a_datasets_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emloc_engine.catalog.resolve import resolve_data
+    from emloc_engine.cli.main import main
+
+    folder = tmp_path / "saved"
+    rows = chats(4)
+    rows[1] = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]}
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    assert main(["data", str(folder)]) != 0
+    out = capsys.readouterr().out
+    assert f"{folder}: row 1" in out and "has empty content" in out
+    assert resolve_data(str(folder)) == folder  # emloc run DATA accepts it too
