@@ -73,7 +73,7 @@ class TryPage(BasePage):
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
         self.setTitle("Try and export")
-        self.setSubTitle("Ask both models the same thing; then export the fine-tuned model.")
+        self.setSubTitle("Chat with the base and the fine-tuned model side by side; then export the fine-tuned model.")
         defaults = ChatSettings()
         self.system_prompt = QLineEdit()
         self.system_prompt.setObjectName("system_prompt")
@@ -83,10 +83,10 @@ class TryPage(BasePage):
         self.temperature.setRange(0.0, 2.0)
         self.temperature.setSingleStep(0.1)
         self.temperature.setDecimals(2)
-        self.temperature.setSpecialValueText("0 (same answer every time)")
+        self.temperature.setSpecialValueText("0 (fixed)")
         self.temperature.setValue(defaults.temperature)
-        self.temperature.setToolTip("Randomness of the answers: 0 always picks the most likely word; higher is "
-                                    "more varied (0.7 is usual).")
+        self.temperature.setToolTip("Randomness of the answers: 0 always picks the most likely word (the same "
+                                    "answer every time); higher is more varied (0.7 is usual).")
         self.top_p = QDoubleSpinBox()
         self.top_p.setObjectName("top_p")
         self.top_p.setRange(0.05, 1.0)

@@ -14,6 +14,12 @@ from emloc_app import theme
 COLORS = ("#3b82f6", "#ef4444", "#10b981", "#a855f7")
 
 
+def nice_step(span: float, max_ticks: int = 8) -> float:
+    """The smallest of 1, 2, 5 × 10ᵏ (at least 1: steps are whole) giving at most ``max_ticks`` intervals."""
+    magnitude = 10 ** math.floor(math.log10(max(span / max_ticks, 1.0)))
+    return float(next(m * magnitude for m in (1, 2, 5, 10) if span / (m * magnitude) <= max_ticks))
+
+
 class ComparePlot(QChartView):
     """``show_runs([(label, {"train/loss": [(step, value)], "eval/loss": [...]})])`` draws them on one chart."""
 
@@ -67,7 +73,12 @@ class ComparePlot(QChartView):
                 series.attachAxis(self.ay)
                 self.labels.append(series.name())
         if xs:
-            self.ax.setRange(0, max(max(xs), 1.0))
+            x_max = max(max(xs), 1.0)
+            step = nice_step(x_max)
+            self.ax.setTickType(QValueAxis.TickType.TicksDynamic)  # whole steps: labels never repeat
+            self.ax.setTickAnchor(0.0)
+            self.ax.setTickInterval(step)
+            self.ax.setRange(0, math.ceil(x_max / step) * step)
             pad = (max(ys) - min(ys)) * 0.08 or abs(max(ys)) * 0.1 or 1.0
             self.ay.setRange(max(0.0, min(ys) - pad) if min(ys) >= 0 else min(ys) - pad, max(ys) + pad)
             self.ay.applyNiceNumbers()

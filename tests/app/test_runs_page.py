@@ -155,6 +155,7 @@ def test_compare_two_runs_on_one_chart(qtbot, tmp_path: Path) -> None:  # type: 
     assert all(label.endswith("· train") for label in page.compare.labels)
     counts = sorted(s.count() for s in page.compare.chart().series())
     assert counts == [2, 3]
+    assert page.compare.ax.tickInterval() == 1.0 and page.compare.ax.max() == 3.0  # whole steps, none clipped
 
 
 def test_delete_asks_then_trashes_or_deletes_only_run_folders(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -112,4 +112,4 @@ def test_prompts_and_settings_are_kept_in_the_run_folder(qtbot, fake: FakeEngine
     assert again.prompt.toPlainText() == "First question"
     again.saved.activated.emit(1)
     assert again.prompt.toPlainText() == "Second question"
-    assert again.temperature.text().startswith("0 (same answer")
+    assert again.temperature.text() == "0 (fixed)"
