@@ -4,7 +4,8 @@ Runs in a worker thread. One copy of the base model is loaded (cached across tur
 adapter is attached with peft and switched off for the base answer (``disable_adapter``), so
 both answers come from the same weights. Each side keeps its own conversation; every turn is
 rendered with the model's chat template (system prompt first), answered greedily or by sampling
-(temperature, top-p), and streamed through ``transformers.TextIteratorStreamer`` from a generation
+(temperature, top-p; the oldest turns are left out when the conversation outgrows the model's context),
+and streamed through ``transformers.TextIteratorStreamer`` from a generation
 thread; Stop is a stopping criterion that reads the worker's cancel flag.
 """
 
@@ -149,6 +150,18 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]
     return ids
 
 
+def fit_context(tokenizer: PreTrainedTokenizerBase, messages: list[Message], limit: int | None) -> torch.Tensor:
+    """``conversation_ids`` of ``messages`` with the oldest turns left out until it fits ``limit`` tokens
+    (the system prompt and the last message always stay; ``None``: no limit)."""
+    ids = conversation_ids(tokenizer, messages)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while limit is not None and ids.shape[1] > limit and len(turns) > 1:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]  # a user message and its reply
+        ids = conversation_ids(tokenizer, system + turns)
+    return ids
+
+
 def _templated(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> BatchEncoding:
     # return_dict=True: a BatchEncoding (the declared return type also covers the string and list forms)
     return cast("BatchEncoding", tokenizer.apply_chat_template(
@@ -192,7 +205,9 @@ def chat_side_by_side(req: ChatRequest, progress: TextProgress) -> dict[str, str
     out: dict[str, str] = {}
     for i, side in enumerate(req.sides):
         progress.update(0.1 + 0.9 * i / len(req.sides), f"Answering ({'base' if side == 'base' else 'fine-tuned'})…")
-        ids = conversation_ids(tokenizer, req.messages(side)).to(device)
+        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit = window - st.max_new_tokens if isinstance(window, int) and window > st.max_new_tokens else None
+        ids = fit_context(tokenizer, req.messages(side), limit).to(device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         # the base answer: the same weights with the adapter switched off
         adapter_off = model.disable_adapter if side == "base" and isinstance(model, PeftModel) else None

@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     wizard = EmlocWizard(state)
     if start is not None:
         wizard.setStartId(int(start))
+    if state is not None and state.run_dir is not None:
+        wizard.settings.add_recent_run(state.run_dir)  # listed on the Runs page from now on
     wizard.show()
     if args.smoke_test:
         title = wizard.currentPage().title()

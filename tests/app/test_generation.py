@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from emloc_app.generation import ChatRequest, ChatSettings, chat_side_by_side, conversation_ids
+from emloc_app.generation import ChatRequest, ChatSettings, chat_side_by_side, conversation_ids, fit_context
 from emloc_engine.core.errors import Cancelled
 from tests.tiny_models import make_tokenizer
 
@@ -73,6 +73,23 @@ def test_a_template_without_system_role_gets_the_system_prompt_in_the_first_mess
         tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     )
     assert tok.decode(ids[0]) == "<user>Be brief.\n\nHi<assistant>"
+
+
+def test_a_long_conversation_drops_its_oldest_turns_to_fit_the_context() -> None:
+    tok = make_tokenizer()
+    messages = [{"role": "system", "content": "Sys."}]
+    for i in range(6):
+        messages += [
+            {"role": "user", "content": f"question {i} " * 5},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    messages.append({"role": "user", "content": "last one"})
+    full = conversation_ids(tok, messages).shape[1]
+    assert fit_context(tok, messages, None).shape[1] == full
+    fitted = fit_context(tok, messages, full // 2)
+    assert fitted.shape[1] <= full // 2
+    short = tok.decode(fitted[0])
+    assert short.startswith("<|im_start|>system\nSys.") and "last one" in short and "question 0" not in short
 
 
 @pytest.mark.integration
