@@ -105,7 +105,7 @@ class DataPage(BasePage):
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
         self.setTitle("Training data")
-        self.setSubTitle("JSONL/JSON/CSV/Parquet with messages, ShareGPT, Alpaca or prompt/completion "
+        self.setSubTitle("JSONL/JSON/CSV/Parquet files or Hugging Face datasets folders with messages, ShareGPT, Alpaca or prompt/completion "
                          "records, or plain text. Every problem is listed with its line before any training.")
         self.path = QLineEdit()
         self.path.setObjectName("path")
