@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.core.progress import CancelToken
+from emloc_engine.core.progress import CancelToken, Progress
 
 HELP = "Stage 2: LoRA fine-tuning on the emulator."
 
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     token = CancelToken()
     progress = TqdmProgress("train", cancel=token)
 
-    def work() -> Any:
+    def work(progress: Progress) -> Any:
         with _graceful_ctrl_c(token):
             if parallel is not None:
                 from emloc_engine.stages.training.distributed import train_lora_distributed
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             if session.manifest.config is not None:  # the folder's settings now say what this adapter was made with
                 session.manifest.config = replace(session.manifest.config, data=cfg.data,
                                                   train=_options(cfg), seed=cfg.seed)
-            result = run_stage(session, "train", work)
+            recording = session.recording("train", progress)
+            result = run_stage(session, "train", lambda: work(recording))
             session.record_input("data", cfg.data.path, fingerprint(cfg.data))
     finally:
         progress.close()
