@@ -82,6 +82,7 @@ class StreamedModel:
         dtype: compute dtype of the weights and the hidden states.
         tensors: the weights by checkpoint name, instead of reading the shards (e.g. a GGUF file
             dequantised by transformers on the CPU).
+        with_head: also load the final norm and the head (not needed for block outputs alone).
 
     Raises:
         ModelNotFound: the folder has no config or shards.
@@ -89,7 +90,7 @@ class StreamedModel:
     """
 
     def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype,
-                 tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+                 tensors: Mapping[str, torch.Tensor] | None = None, with_head: bool = True) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -109,8 +110,11 @@ class StreamedModel:
         self._tied = head is self.skeleton.get_input_embeddings().weight or bool(
             getattr(self.config.get_text_config(), "tie_word_embeddings", False))
         self._outside: dict[str, torch.Tensor] = {}
+        embed = self.skeleton.get_input_embeddings().weight
         for name, p in self.skeleton.named_parameters():
             if name.startswith(self.spec.block_prefix + ".") or (self._tied and p is head):
+                continue
+            if not with_head and p is not embed:
                 continue
             self._outside[name] = self._get(name).to(device=device, dtype=dtype)
         self._set_outside(self._outside)

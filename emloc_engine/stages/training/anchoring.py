@@ -37,7 +37,7 @@ emulator (≈ the original with the adapter), not the bare emulator.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,7 @@ class Anchors:
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)
     where: str = "blocks"
     eval_base: int | None = None  # eval example j has key eval_base + j (emloc_engine.stages.training.trainer.prepare_anchors)
+    feed: Any = None  # an AnchorFeed (anchor_chunks) that computes chunks on demand; None: every offset is here
     _current: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -136,6 +137,12 @@ class Anchors:
             batch[row, :t.shape[0]] = t
         batch = batch.to(device) if device is not None else batch
         self._current = {p: batch[..., a:a + w] for p, a, w in zip(self.points, self.starts, self.widths, strict=True)}
+
+    def ensure(self, needed: Sequence[int], upcoming: Iterable[Sequence[int]], model: Any) -> None:
+        """Have the offsets of ``needed`` at hand: with a ``feed``, computes the next chunk
+        (:class:`~emloc_engine.stages.training.anchor_chunks.AnchorFeed`); without one, a no-op."""
+        if self.feed is not None:
+            self.feed.ensure(self, needed, upcoming, model)
 
     def clear(self) -> None:
         self._current = {}
@@ -209,7 +216,7 @@ def resolve_mode(mode: str, nbytes: Mapping[str, int], available_bytes: int, *, 
                     f"quarter of the {available_bytes / 2**30:.1f} GiB of available RAM")
 
 
-def _groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
+def length_groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Indices sorted by length, cut into groups of at most ``max_tokens`` padded tokens (≥ 1 each)."""
     order = sorted((int(i) for i in indices), key=lambda i: -len(examples[i].input_ids))
     groups: list[list[int]] = []
@@ -256,7 +263,7 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
         per_token = anchor_width(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), where) * \
             torch.tensor([], dtype=dtype).element_size()
         max_tokens = min(4096, (256 * 2**20) // per_token)
-    groups = _groups(examples, indices, max_tokens)
+    groups = length_groups(examples, indices, max_tokens)
     kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
     original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs)
     original = original.to(device).eval()
