@@ -67,3 +67,67 @@ def test_streamed_anchors_equal_the_resident_ones(tiny_model_dir: Path, tmp_path
 @pytest.mark.parametrize("where", ["output", "linears"])
 def test_streamed_anchors_of_other_placements(tiny_llama: Path, tmp_path: Path, where: str) -> None:
     _check_anchors(tiny_llama, write_svd_emulator(tiny_llama, tmp_path / "emu", ratio=0.3), where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The λ search: every λ in one pass over the streamed original = the resident evaluator's table.
+
+
+def _lambda_run(tmp_path: Path, model_dir: Path) -> Path:
+    from tests.lora_factory import write_random_adapter
+
+    run = tmp_path / "run"
+    write_svd_emulator(model_dir, run / "emulator", ratio=0.3)
+    write_random_adapter(model_dir, run / "adapter", b_std=0.2)
+    return run
+
+
+def _eval_examples(n: int = 5) -> tuple:
+    from emloc_engine.data.render import Example
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = tuple(int(t) for t in torch.randint(4, 260, (8 + 3 * i,), generator=g))
+        out.append(Example(ids, tuple(-100 if j < 3 else t for j, t in enumerate(ids))))
+    return tuple(out)
+
+
+GRID = (0.0, 0.3, 3.0, float("inf"))
+
+
+def test_streamed_lambda_table_equals_the_resident_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from emloc_engine.stages.correction.corrector import corrected_weights, prepare_adapter
+    from emloc_engine.stages.correction.evaluation import AdapterEvaluator, streamed_losses
+    from emloc_engine.weights.adapters import read_adapter
+
+    run = _lambda_run(tmp_path, tiny_model_dir)
+    adapter = read_adapter(run / "adapter")
+    prepared = prepare_adapter(adapter, tiny_model_dir, run / "emulator", device=CPU)
+    candidates = [{n: (c.lora_A, c.lora_B) for n, c in corrected_weights(prepared, lam).items()} for lam in GRID]
+    examples = _eval_examples()
+    with AdapterEvaluator(tiny_model_dir, run / "adapter", examples, device=CPU, dtype=torch.float64,
+                          batch_size=2) as ev:
+        want = [ev.loss(c) for c in candidates]
+    blocks: list[int] = []
+    got, n_tokens = streamed_losses(tiny_model_dir, candidates, {n: m.scale for n, m in adapter.modules.items()},
+                                    examples, device=CPU, dtype=torch.float64, batch_size=2, on_block=blocks.append)
+    assert n_tokens == ev.n_tokens and blocks == [0, 1]  # one pass: each block once for the whole grid
+    assert len(set(want)) >= 3  # the candidates really differ
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-6)
+
+
+def test_correction_stage_streams_the_original_when_asked(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from emloc_engine.stages.correction.corrector import CorrectionConfig, correct_lora
+
+    run = _lambda_run(tmp_path, tiny_llama)
+    shutil.copytree(run, tmp_path / "run2")
+    kw = dict(device="cpu", lambda_grid=GRID, eval_examples=_eval_examples(), eval_batch_size=2)
+    resident = correct_lora(CorrectionConfig(run_dir=run, **kw))
+    streamed = correct_lora(CorrectionConfig(run_dir=tmp_path / "run2", stream_original=True, **kw))
+    assert streamed.lambda_ == resident.lambda_
+    for (lam_s, loss_s), (lam_r, loss_r) in zip(streamed.lambda_table, resident.lambda_table, strict=True):
+        assert lam_s == lam_r and loss_s == pytest.approx(loss_r, rel=1e-5)

@@ -355,10 +355,18 @@ def lm_loss_sum(causal_lm: Any, batch: dict[str, torch.Tensor],
     head, in chunks whose logits are recomputed in the backward pass instead of being stored.
     Final-logit soft-capping (Gemma 2/3) and logit scaling (Granite) are applied like the model does.
     """
-    config = causal_lm.config
     hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    return hidden_loss_sum(causal_lm, hidden, batch["labels"], chunk_tokens)
+
+
+def hidden_loss_sum(causal_lm: Any, hidden: torch.Tensor, labels: torch.Tensor,
+                    chunk_tokens: int | None = None) -> torch.Tensor:
+    """:func:`lm_loss_sum` from the decoder's final (normed) hidden states ``(B, T, hidden)``: the
+    head of ``causal_lm`` on label positions, in chunks. The streamed original
+    (:class:`~emloc_engine.weights.streamed.StreamedModel`) scores its passes with it too."""
+    config = causal_lm.config
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h, y = hidden[:, :-1][keep], targets[keep]
     head = causal_lm.get_output_embeddings()
@@ -852,4 +860,4 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-__all__ = ["TrainConfig", "TrainResult", "lm_loss_sum", "train_lora", "train_on_examples"]
+__all__ = ["TrainConfig", "TrainResult", "hidden_loss_sum", "lm_loss_sum", "train_lora", "train_on_examples"]
