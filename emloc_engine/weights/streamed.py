@@ -83,6 +83,7 @@ class StreamedModel:
         tensors: the weights by checkpoint name, instead of reading the shards (e.g. a GGUF file
             dequantised by transformers on the CPU).
         with_head: also load the final norm and the head (not needed for block outputs alone).
+        config: the model's ``PretrainedConfig`` when ``model_dir`` has none (a GGUF file's folder).
 
     Raises:
         ModelNotFound: the folder has no config or shards.
@@ -90,13 +91,14 @@ class StreamedModel:
     """
 
     def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype,
-                 tensors: Mapping[str, torch.Tensor] | None = None, with_head: bool = True) -> None:
+                 tensors: Mapping[str, torch.Tensor] | None = None, with_head: bool = True,
+                 config: Any = None) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir, self.device, self.dtype = Path(model_dir), device, dtype
         try:
-            self.config: Any = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+            self.config: Any = config or AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ModelNotFound(f"Cannot read the config of {self.model_dir}: {exc}") from exc
         self.spec: ArchSpec = arch_spec(self.config)

@@ -131,3 +131,50 @@ def test_correction_stage_streams_the_original_when_asked(tiny_llama: Path, tmp_
     assert streamed.lambda_ == resident.lambda_
     for (lam_s, loss_s), (lam_r, loss_r) in zip(streamed.lambda_table, resident.lambda_table, strict=True):
         assert lam_s == lam_r and loss_s == pytest.approx(loss_r, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export verification: the streamed numbers are the resident ones.
+
+
+def _export_pair(model_dir: Path, tmp_path: Path, formats: tuple[str, ...], monkeypatch: pytest.MonkeyPatch,
+                 dtype: torch.dtype = torch.float64) -> tuple:
+    import shutil
+
+    from emloc_engine.core.layout import RunLayout
+    from emloc_engine.stages.export import exporter
+    from emloc_engine.stages.export.exporter import ExportConfig, merge_and_export
+    from tests.engine.export_helpers import make_adapter
+
+    monkeypatch.setattr(exporter, "_verify_dtype", lambda _m, _d: dtype)
+    run = tmp_path / "resident"
+    make_adapter(model_dir, RunLayout(run).adapter_corrected)
+    shutil.copytree(run, tmp_path / "streamed")
+    resident = merge_and_export(ExportConfig(run_dir=run, model_dir=model_dir, formats=formats))
+    streamed = merge_and_export(ExportConfig(run_dir=tmp_path / "streamed", model_dir=model_dir, formats=formats,
+                                             stream_original=True))
+    return resident, streamed
+
+
+def test_streamed_verification_equals_the_resident_one(tiny_model_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    resident, streamed = _export_pair(tiny_model_dir, tmp_path, ("merged", "adapter"), monkeypatch)
+    assert resident.adapter_effect > 0.1
+    assert streamed.adapter_effect == pytest.approx(resident.adapter_effect, rel=1e-6)
+    assert [n for n, _ in streamed.verification] == [n for n, _ in resident.verification] == ["adapter", "merged"]
+    scale = resident.adapter_effect
+    for (_, got), (_, want) in zip(streamed.verification, resident.verification, strict=True):
+        assert abs(got - want) <= 1e-6 * scale  # both are rounding-sized: compare against the logits' scale
+    assert [t for _, t in streamed.tolerances] == pytest.approx([t for _, t in resident.tolerances], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_streamed_verification_of_a_gguf_export(tiny_llama: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 with an f16 GGUF: the rounding floor and the GGUF's difference match the resident path."""
+    resident, streamed = _export_pair(tiny_llama, tmp_path, ("merged", "adapter", "gguf"), monkeypatch,
+                                      dtype=torch.float32)
+    got, want = dict(streamed.verification), dict(resident.verification)
+    assert set(got) == set(want) == {"adapter", "merged", "gguf"}
+    assert got["gguf"] == pytest.approx(want["gguf"], rel=1e-3) and want["gguf"] > 1e-4
+    assert dict(streamed.tolerances)["gguf"] == pytest.approx(dict(resident.tolerances)["gguf"], rel=1e-3)
