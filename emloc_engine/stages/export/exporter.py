@@ -397,6 +397,8 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
     if cfg.stream_original:
         from emloc_engine.stages.export.streamed_verify import verify_streamed
 
+        if dev.type == "cuda":  # streamed because it does not fit: the storage dtype, judged against its floor
+            dtype = _storage_dtype(cfg.model_dir) if _storage_dtype(cfg.model_dir).is_floating_point else dtype
         return verify_streamed(cfg, adapter_dir, n_modules, merged, gguf, gguf_source, progress, dev, dtype)
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()
