@@ -1,0 +1,189 @@
+"""Bigger than the GPU: every stage with the original streamed, under a GPU memory cap (issue 17).
+
+Two parts, each under 10 minutes on one H200 (pass ``--part run``, ``--part anchors`` or ``all``):
+
+* ``run``: the same pipeline as ``emloc run`` (emulator → anchored training → correction with λ auto →
+  merged + adapter export, verified) on a random-weight model (``make_random_model.py``), with
+  ``stream_original=True`` in the training, correction and export configs, in a process whose CUDA
+  allocator is capped at ``--cap-gib`` (``torch.cuda.set_per_process_memory_fraction``: a 16 GB card
+  stands in as 15.5, "half the 8B inference peak" as 8). Per stage: wall time, measured GPU peak (torch
+  allocator), the planner's prediction, peak CPU RSS. An OOM fails the part and is reported.
+* ``anchors``: training only, on the ``run`` part's emulator, over ``--examples`` examples of
+  ``--max-length`` tokens (each visited once: steps = examples / batch), anchored (chunks of
+  ``--anchor-ram-gib``, the original streamed) against unanchored: wall time, anchoring time, chunks,
+  the most RAM the offsets held, loss at the first and last step.
+
+Prints one JSON object (also written to ``--work/bench_streamed.json``).
+
+    python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b
+    python benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/streamed --cap-gib 8 --part all
+
+With the planner of issue 17 merged, ``--ratio auto`` lets it choose ρ for ``--budget-gib`` (default: the cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_scale import WORDS, StageMeter  # noqa: E402
+from emloc_engine.data.config import DataConfig  # noqa: E402
+from emloc_engine.run.config import RunConfig  # noqa: E402
+from emloc_engine.run.manifest import read_manifest  # noqa: E402
+from emloc_engine.run.orchestrator import run_stages  # noqa: E402
+from emloc_engine.run.plan import plan_run  # noqa: E402
+from emloc_engine.stages.export.options import ExportOptions  # noqa: E402
+from emloc_engine.stages.training.options import TrainOptions  # noqa: E402
+
+GIB = 2**30
+
+
+def cap_gpu(cap_gib: float) -> dict[str, float]:
+    """Cap this process's CUDA allocator at ``cap_gib`` (what a smaller card would allow)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), 0)
+    return {"cap_gib": cap_gib, "card_gib": total / GIB}
+
+
+def write_texts(path: Path, n: int, min_chars: int, seed: int = 0) -> Path:
+    """``n`` texts of at least ``min_chars`` characters (the test tokenizer is byte-level: a char a token)."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            words: list[str] = []
+            while sum(len(w) + 1 for w in words) < min_chars:
+                words.append(rng.choice(WORDS))
+            fh.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path
+
+
+def streamed_plan(plan: Any) -> Any:
+    """The plan with every use of the original streamed (what the planner does when it does not fit)."""
+    changes: dict[str, Any] = {"train": dataclasses.replace(plan.train, stream_original=True),
+                               "correct": dataclasses.replace(plan.correct, stream_original=True)}
+    if plan.export is not None:
+        changes["export"] = dataclasses.replace(plan.export, stream_original=True)
+    if hasattr(plan, "stream_original"):
+        changes["stream_original"] = True
+    return dataclasses.replace(plan, **changes)
+
+
+def part_run(args: argparse.Namespace) -> dict[str, Any]:
+    data = write_texts(args.work / "run-data.jsonl", args.samples, args.max_length)
+    auto = args.ratio == "auto"
+    budget = args.budget_gib if args.budget_gib is not None else args.cap_gib
+    cfg = RunConfig(model_dir=args.model_dir, data=DataConfig(path=data, max_length=args.max_length),
+                    run_dir=args.work / "run", ratio=None if auto else float(args.ratio),
+                    budget_bytes=int(budget * GIB) if auto else None, device="cuda",
+                    train=TrainOptions(steps=args.steps, batch_size=args.batch_size, anchor="blocks",
+                                       anchor_ram_gib=args.anchor_ram_gib),
+                    export=ExportOptions(formats=("merged", "adapter")))
+    meter = StageMeter()
+    out: dict[str, Any] = {"steps": args.steps, "max_length": args.max_length}
+    t0 = time.monotonic()
+    try:
+        result = run_stages(streamed_plan(plan_run(cfg)), meter)
+        out.update(ratio=result.ratio, lambda_=result.lambda_)
+    except Exception as exc:  # an OOM is a result here: report it with the stage it hit
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["failed_in"] = meter.stage
+    finally:
+        meter.close()
+    out["total_s"] = time.monotonic() - t0
+    manifest = read_manifest(args.work / "run")
+    if manifest is None:
+        return out
+    plan = manifest.plan or {}
+    out["plan"] = {k: plan.get(k) for k in ("ratio", "budget_note", "budget_gib", "inference_peak_gib",
+                                             "predicted_peaks_gib", "est_seconds")}
+    stages: dict[str, Any] = {}
+    for name in ("emulator", "train", "correct", "export"):
+        if name not in manifest.stages:
+            continue
+        rec = manifest.stages[name]
+        res = rec.result or {}
+        stages[name] = {"status": rec.status, "wall_s": res.get("wall_s"), "measured_peak_gib": rec.measured_peak_gib,
+                        "predicted_peak_gib": rec.predicted_peak_gib, "peak_rss_gib": meter.rss.get(name),
+                        "within_cap": (rec.measured_peak_gib or 0.0) <= args.cap_gib}
+        for key in ("anchor", "anchor_note", "anchor_s", "anchor_peak_bytes", "anchor_chunks", "tokens_per_s",
+                    "lambda_table", "eval_s", "verification", "tolerances", "verify_s", "merge_s"):
+            if key in res:
+                stages[name][key] = res[key]
+    out["stages"] = stages
+    return out
+
+
+def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
+    from emloc_engine.stages.training.trainer import TrainConfig, train_lora
+
+    emulator = args.work / "run" / "emulator"
+    if not (emulator / "emloc.json").is_file():
+        raise SystemExit(f"No emulator at {emulator}: run --part run first.")
+    n_total = math.ceil(args.examples / 0.9) + 1  # the default eval split takes a tenth
+    data = write_texts(args.work / "anchor-data.jsonl", n_total, args.max_length, seed=1)
+    steps = math.ceil(args.examples / args.anchor_batch)
+    out: dict[str, Any] = {"examples": args.examples, "max_length": args.max_length, "batch_size": args.anchor_batch,
+                           "steps": steps, "anchor_ram_gib": args.anchor_ram_gib}
+    for mode in ("none", "blocks"):
+        cfg = TrainConfig(run_dir=args.work / f"train-{mode}", emulator_dir=emulator, device="cuda",
+                          data=DataConfig(path=data, max_length=args.max_length), steps=steps,
+                          batch_size=args.anchor_batch, anchor=mode, anchor_ram_gib=args.anchor_ram_gib,
+                          stream_original=True, eval_every=0, save_every=0, resume=False, max_eval_batches=4)
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.monotonic()
+        try:
+            res = train_lora(cfg)
+        except Exception as exc:
+            out[mode] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": time.monotonic() - t0}
+            continue
+        out[mode] = {"wall_s": time.monotonic() - t0, "train_wall_s": res.wall_s, "peak_vram_gib": res.peak_vram_gib,
+                     "tokens_per_s": res.tokens_per_s, "anchor": res.anchor, "anchor_note": res.anchor_note,
+                     "anchor_s": res.anchor_s, "anchor_peak_gib": res.anchor_peak_bytes / GIB,
+                     "anchor_chunks": res.anchor_chunks, "first_loss": res.loss_history[0][1],
+                     "last_loss": res.loss_history[-1][1], "final_eval_loss": res.final_eval_loss}
+    if "wall_s" in out.get("none", {}) and "wall_s" in out.get("blocks", {}):
+        out["anchored_extra_s"] = out["blocks"]["wall_s"] - out["none"]["wall_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--part", choices=("run", "anchors", "all"), default="all")
+    ap.add_argument("--cap-gib", type=float, default=8.0, help="CUDA allocator cap of this process.")
+    ap.add_argument("--budget-gib", type=float, default=None, help="Planner budget with --ratio auto (default: cap).")
+    ap.add_argument("--ratio", default="0.3", help="ρ, or auto (needs the issue-17 planner).")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=200, help="Texts of the run part.")
+    ap.add_argument("--examples", type=int, default=1000, help="Training examples of the anchors part.")
+    ap.add_argument("--anchor-batch", type=int, default=4)
+    ap.add_argument("--anchor-ram-gib", type=float, default=4.0)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "model_dir": str(args.model_dir), **cap_gpu(args.cap_gib)}
+    if args.part in ("run", "all"):
+        out["run"] = part_run(args)
+    if args.part in ("anchors", "all"):
+        out["anchors"] = part_anchors(args)
+    text = json.dumps(out, indent=1, default=str)
+    (args.work / "bench_streamed.json").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
