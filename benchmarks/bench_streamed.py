@@ -37,14 +37,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_scale import WORDS, StageMeter  # noqa: E402
-from emloc_engine.data.config import DataConfig  # noqa: E402
-from emloc_engine.run.config import RunConfig  # noqa: E402
-from emloc_engine.run.manifest import read_manifest  # noqa: E402
-from emloc_engine.run.orchestrator import run_stages  # noqa: E402
-from emloc_engine.run.plan import plan_run  # noqa: E402
-from emloc_engine.stages.export.options import ExportOptions  # noqa: E402
-from emloc_engine.stages.training.options import TrainOptions  # noqa: E402
+from benchmarks.bench_scale import WORDS, StageMeter
+from emloc_engine.data.config import DataConfig
+from emloc_engine.run.config import RunConfig
+from emloc_engine.run.manifest import read_manifest
+from emloc_engine.run.orchestrator import run_stages
+from emloc_engine.run.plan import plan_run
+from emloc_engine.stages.export.options import ExportOptions
+from emloc_engine.stages.training.options import TrainOptions
 
 GIB = 2**30
 
@@ -70,8 +70,10 @@ def write_texts(path: Path, n: int, min_chars: int, seed: int = 0) -> Path:
 
 def streamed_plan(plan: Any) -> Any:
     """The plan with every use of the original streamed (what the planner does when it does not fit)."""
-    changes: dict[str, Any] = {"train": dataclasses.replace(plan.train, stream_original=True),
-                               "correct": dataclasses.replace(plan.correct, stream_original=True)}
+    changes: dict[str, Any] = {
+        "train": dataclasses.replace(plan.train, stream_original=True),
+        "correct": dataclasses.replace(plan.correct, stream_original=True),
+    }
     if plan.export is not None:
         changes["export"] = dataclasses.replace(plan.export, stream_original=True)
     if hasattr(plan, "stream_original"):
@@ -83,12 +85,18 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
     data = write_texts(args.work / "run-data.jsonl", args.samples, args.max_length)
     auto = args.ratio == "auto"
     budget = args.budget_gib if args.budget_gib is not None else args.cap_gib
-    cfg = RunConfig(model_dir=args.model_dir, data=DataConfig(path=data, max_length=args.max_length),
-                    run_dir=args.work / "run", ratio=None if auto else float(args.ratio),
-                    budget_bytes=int(budget * GIB) if auto else None, device="cuda",
-                    train=TrainOptions(steps=args.steps, batch_size=args.batch_size, anchor="blocks",
-                                       anchor_ram_gib=args.anchor_ram_gib),
-                    export=ExportOptions(formats=("merged", "adapter")))
+    cfg = RunConfig(
+        model_dir=args.model_dir,
+        data=DataConfig(path=data, max_length=args.max_length),
+        run_dir=args.work / "run",
+        ratio=None if auto else float(args.ratio),
+        budget_bytes=int(budget * GIB) if auto else None,
+        device="cuda",
+        train=TrainOptions(
+            steps=args.steps, batch_size=args.batch_size, anchor="blocks", anchor_ram_gib=args.anchor_ram_gib
+        ),
+        export=ExportOptions(formats=("merged", "adapter")),
+    )
     meter = StageMeter()
     out: dict[str, Any] = {"steps": args.steps, "max_length": args.max_length}
     t0 = time.monotonic()
@@ -105,19 +113,45 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
     if manifest is None:
         return out
     plan = manifest.plan or {}
-    out["plan"] = {k: plan.get(k) for k in ("ratio", "budget_note", "budget_gib", "inference_peak_gib",
-                                             "predicted_peaks_gib", "est_seconds")}
+    out["plan"] = {
+        k: plan.get(k)
+        for k in (
+            "ratio",
+            "budget_note",
+            "budget_gib",
+            "inference_peak_gib",
+            "predicted_peaks_gib",
+            "est_seconds",
+        )
+    }
     stages: dict[str, Any] = {}
     for name in ("emulator", "train", "correct", "export"):
         if name not in manifest.stages:
             continue
         rec = manifest.stages[name]
         res = rec.result or {}
-        stages[name] = {"status": rec.status, "wall_s": res.get("wall_s"), "measured_peak_gib": rec.measured_peak_gib,
-                        "predicted_peak_gib": rec.predicted_peak_gib, "peak_rss_gib": meter.rss.get(name),
-                        "within_cap": (rec.measured_peak_gib or 0.0) <= args.cap_gib}
-        for key in ("anchor", "anchor_note", "anchor_s", "anchor_peak_bytes", "anchor_chunks", "tokens_per_s",
-                    "lambda_table", "eval_s", "verification", "tolerances", "verify_s", "merge_s"):
+        stages[name] = {
+            "status": rec.status,
+            "wall_s": res.get("wall_s"),
+            "measured_peak_gib": rec.measured_peak_gib,
+            "predicted_peak_gib": rec.predicted_peak_gib,
+            "peak_rss_gib": meter.rss.get(name),
+            "within_cap": (rec.measured_peak_gib or 0.0) <= args.cap_gib,
+        }
+        for key in (
+            "anchor",
+            "anchor_note",
+            "anchor_s",
+            "anchor_peak_bytes",
+            "anchor_chunks",
+            "tokens_per_s",
+            "lambda_table",
+            "eval_s",
+            "verification",
+            "tolerances",
+            "verify_s",
+            "merge_s",
+        ):
             if key in res:
                 stages[name][key] = res[key]
     out["stages"] = stages
@@ -133,13 +167,29 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
     n_total = math.ceil(args.examples / 0.9) + 1  # the default eval split takes a tenth
     data = write_texts(args.work / "anchor-data.jsonl", n_total, args.max_length, seed=1)
     steps = math.ceil(args.examples / args.anchor_batch)
-    out: dict[str, Any] = {"examples": args.examples, "max_length": args.max_length, "batch_size": args.anchor_batch,
-                           "steps": steps, "anchor_ram_gib": args.anchor_ram_gib}
+    out: dict[str, Any] = {
+        "examples": args.examples,
+        "max_length": args.max_length,
+        "batch_size": args.anchor_batch,
+        "steps": steps,
+        "anchor_ram_gib": args.anchor_ram_gib,
+    }
     for mode in ("none", "blocks"):
-        cfg = TrainConfig(run_dir=args.work / f"train-{mode}", emulator_dir=emulator, device="cuda",
-                          data=DataConfig(path=data, max_length=args.max_length), steps=steps,
-                          batch_size=args.anchor_batch, anchor=mode, anchor_ram_gib=args.anchor_ram_gib,
-                          stream_original=True, eval_every=0, save_every=0, resume=False, max_eval_batches=4)
+        cfg = TrainConfig(
+            run_dir=args.work / f"train-{mode}",
+            emulator_dir=emulator,
+            device="cuda",
+            data=DataConfig(path=data, max_length=args.max_length),
+            steps=steps,
+            batch_size=args.anchor_batch,
+            anchor=mode,
+            anchor_ram_gib=args.anchor_ram_gib,
+            stream_original=True,
+            eval_every=0,
+            save_every=0,
+            resume=False,
+            max_eval_batches=4,
+        )
         torch.cuda.reset_peak_memory_stats()
         t0 = time.monotonic()
         try:
@@ -147,11 +197,20 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:
             out[mode] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": time.monotonic() - t0}
             continue
-        out[mode] = {"wall_s": time.monotonic() - t0, "train_wall_s": res.wall_s, "peak_vram_gib": res.peak_vram_gib,
-                     "tokens_per_s": res.tokens_per_s, "anchor": res.anchor, "anchor_note": res.anchor_note,
-                     "anchor_s": res.anchor_s, "anchor_peak_gib": res.anchor_peak_bytes / GIB,
-                     "anchor_chunks": res.anchor_chunks, "first_loss": res.loss_history[0][1],
-                     "last_loss": res.loss_history[-1][1], "final_eval_loss": res.final_eval_loss}
+        out[mode] = {
+            "wall_s": time.monotonic() - t0,
+            "train_wall_s": res.wall_s,
+            "peak_vram_gib": res.peak_vram_gib,
+            "tokens_per_s": res.tokens_per_s,
+            "anchor": res.anchor,
+            "anchor_note": res.anchor_note,
+            "anchor_s": res.anchor_s,
+            "anchor_peak_gib": res.anchor_peak_bytes / GIB,
+            "anchor_chunks": res.anchor_chunks,
+            "first_loss": res.loss_history[0][1],
+            "last_loss": res.loss_history[-1][1],
+            "final_eval_loss": res.final_eval_loss,
+        }
     if "wall_s" in out.get("none", {}) and "wall_s" in out.get("blocks", {}):
         out["anchored_extra_s"] = out["blocks"]["wall_s"] - out["none"]["wall_s"]
     return out
@@ -163,7 +222,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--part", choices=("run", "anchors", "all"), default="all")
     ap.add_argument("--cap-gib", type=float, default=8.0, help="CUDA allocator cap of this process.")
-    ap.add_argument("--budget-gib", type=float, default=None, help="Planner budget with --ratio auto (default: cap).")
+    ap.add_argument(
+        "--budget-gib", type=float, default=None, help="Planner budget with --ratio auto (default: cap)."
+    )
     ap.add_argument("--ratio", default="0.3", help="ρ, or auto (needs the issue-17 planner).")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=512)
@@ -174,8 +235,12 @@ def main() -> None:
     ap.add_argument("--anchor-ram-gib", type=float, default=4.0)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "model_dir": str(args.model_dir), **cap_gpu(args.cap_gib)}
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "model_dir": str(args.model_dir),
+        **cap_gpu(args.cap_gib),
+    }
     if args.part in ("run", "all"):
         out["run"] = part_run(args)
     if args.part in ("anchors", "all"):

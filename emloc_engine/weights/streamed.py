@@ -90,9 +90,16 @@ class StreamedModel:
         UnsupportedModel: the architecture is not one the engine knows.
     """
 
-    def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype,
-                 tensors: Mapping[str, torch.Tensor] | None = None, with_head: bool = True,
-                 config: Any = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        with_head: bool = True,
+        config: Any = None,
+    ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,12 +112,15 @@ class StreamedModel:
         self._tensors = tensors
         self._ckpt = Checkpoint(self.model_dir) if tensors is None else None
         with init_empty_weights(include_buffers=False):
-            self.skeleton: Any = AutoModelForCausalLM.from_config(self.config, dtype=dtype, trust_remote_code=False)
+            self.skeleton: Any = AutoModelForCausalLM.from_config(
+                self.config, dtype=dtype, trust_remote_code=False
+            )
         self.skeleton.eval()
         self.num_blocks = len(self.skeleton.get_submodule(self.spec.block_prefix))
         head = self.skeleton.get_output_embeddings().weight
         self._tied = head is self.skeleton.get_input_embeddings().weight or bool(
-            getattr(self.config.get_text_config(), "tie_word_embeddings", False))
+            getattr(self.config.get_text_config(), "tie_word_embeddings", False)
+        )
         self._outside: dict[str, torch.Tensor] = {}
         embed = self.skeleton.get_input_embeddings().weight
         for name, p in self.skeleton.named_parameters():
@@ -146,7 +156,7 @@ class StreamedModel:
         """Block ``b``'s tensors on the device (cast to the compute dtype); runs on the reader thread."""
         prefix = self._block_prefix(b)
         if self._tensors is not None:
-            host = {n[len(prefix):]: t for n, t in self._tensors.items() if n.startswith(prefix)}
+            host = {n[len(prefix) :]: t for n, t in self._tensors.items() if n.startswith(prefix)}
         else:
             ckpt = Checkpoint(self.model_dir)  # one per read: its memory maps pin no more than a block
             try:
@@ -195,8 +205,9 @@ class StreamedModel:
             torch.cuda.empty_cache()
 
     # -- inputs ----------------------------------------------------------------------------------
-    def embed(self, batches: Sequence[Sequence[Sequence[int]]], n_variants: int = 1,
-              offload: bool = False) -> list[_Chunk]:
+    def embed(
+        self, batches: Sequence[Sequence[Sequence[int]]], n_variants: int = 1, offload: bool = False
+    ) -> list[_Chunk]:
         """The input of block 0 (and every layer's keyword arguments) for each batch of token-id lists."""
         from emloc_engine.stages.emulator.calibration import capture_block_inputs
 
@@ -206,20 +217,38 @@ class StreamedModel:
             groups.append(list(range(at, at + len(batch))))
             at += len(batch)
         pad = self.config.pad_token_id if isinstance(getattr(self.config, "pad_token_id", None), int) else 0
-        embed_name = next(n for n, p in self.skeleton.named_parameters()
-                          if p is self.skeleton.get_input_embeddings().weight)
+        embed_name = next(
+            n for n, p in self.skeleton.named_parameters() if p is self.skeleton.get_input_embeddings().weight
+        )
         try:
-            captured = capture_block_inputs(self.skeleton, self.spec, self._outside[embed_name], samples, groups,
-                                            device=self.device, dtype=self.dtype, pad_id=pad, offload=offload)
+            captured = capture_block_inputs(
+                self.skeleton,
+                self.spec,
+                self._outside[embed_name],
+                samples,
+                groups,
+                device=self.device,
+                dtype=self.dtype,
+                pad_id=pad,
+                offload=offload,
+            )
         finally:
             self._set_outside({embed_name: self._outside[embed_name]})  # the capture leaves it on meta
-        return [_Chunk([c.hidden] * n_variants, c.token_mask, c.layer_args, [len(samples[i]) for i in g])
-                for c, g in zip(captured, groups, strict=True)]
+        return [
+            _Chunk([c.hidden] * n_variants, c.token_mask, c.layer_args, [len(samples[i]) for i in g])
+            for c, g in zip(captured, groups, strict=True)
+        ]
 
     # -- the pass --------------------------------------------------------------------------------
-    def run(self, batches: Sequence[Sequence[Sequence[int]]], variants: Sequence[Variant],
-            finish: Callable[[int, int, torch.Tensor], None], *, offload: bool = False,
-            on_block: Callable[[int], None] | None = None) -> None:
+    def run(
+        self,
+        batches: Sequence[Sequence[Sequence[int]]],
+        variants: Sequence[Variant],
+        finish: Callable[[int, int, torch.Tensor], None],
+        *,
+        offload: bool = False,
+        on_block: Callable[[int], None] | None = None,
+    ) -> None:
         """One pass over the weights for every batch and every variant.
 
         Args:
@@ -266,10 +295,11 @@ class StreamedModel:
         return logits
 
     @contextlib.contextmanager
-    def _variant(self, layer: nn.Module, b: int, tensors: dict[str, torch.Tensor],
-                 variant: Variant) -> Iterator[None]:
+    def _variant(
+        self, layer: nn.Module, b: int, tensors: dict[str, torch.Tensor], variant: Variant
+    ) -> Iterator[None]:
         prefix = self._block_prefix(b)
-        lora = {n[len(prefix):]: w for n, w in (variant.lora or {}).items() if n.startswith(prefix)}
+        lora = {n[len(prefix) :]: w for n, w in (variant.lora or {}).items() if n.startswith(prefix)}
         handles: list[Any] = []
         changed: dict[str, torch.Tensor] = {}
         if variant.merge or variant.round_weight is not None:
@@ -278,15 +308,20 @@ class StreamedModel:
                 delta = (bb.to(self.device, self.lora_dtype) @ a.to(self.device, self.lora_dtype)) * s
                 changed[f"{path}.weight"] = w + delta.to(w.dtype)
             if variant.round_weight is not None:
-                keep = variant.round_filter or (lambda name, t: name[len(prefix):-len(".weight")] in lora)
+                keep = variant.round_filter or (lambda name, t: name[len(prefix) : -len(".weight")] in lora)
                 for key, t in tensors.items():
                     if t.dim() >= 2 and keep(prefix + key, t):
                         changed[key] = variant.round_weight(changed.get(key, t))
             layer.load_state_dict({**tensors, **changed}, assign=True, strict=True)
         elif lora:
             for path, (a, bb, s) in lora.items():
-                handles.append(layer.get_submodule(path).register_forward_hook(
-                    self._lora_hook(a.to(self.device, self.lora_dtype), bb.to(self.device, self.lora_dtype), s)))
+                handles.append(
+                    layer.get_submodule(path).register_forward_hook(
+                        self._lora_hook(
+                            a.to(self.device, self.lora_dtype), bb.to(self.device, self.lora_dtype), s
+                        )
+                    )
+                )
         try:
             yield
         finally:
@@ -300,6 +335,7 @@ class StreamedModel:
         def hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             return (out.to(a.dtype) + (x.to(a.dtype) @ a.T @ b.T) * scale).to(out.dtype)
+
         return hook
 
     @contextlib.contextmanager

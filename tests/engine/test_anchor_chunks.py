@@ -49,8 +49,20 @@ def short_examples(n: int, seed: int = 0) -> list[Example]:
 def _train(pair: tuple[Path, Path], run: Path, data: list[Example], eval_: list[Example], **kw: Any) -> Any:
     from emloc_engine.stages.training.trainer import anchor_record
 
-    cfg = cfg_for(run, pair[1], steps=6, batch_size=2, grad_accum=2, dropout=0.0, eval_every=3, save_every=0,
-                  warmup_steps=1, max_eval_batches=2, anchor="blocks", **kw)
+    cfg = cfg_for(
+        run,
+        pair[1],
+        steps=6,
+        batch_size=2,
+        grad_accum=2,
+        dropout=0.0,
+        eval_every=3,
+        save_every=0,
+        warmup_steps=1,
+        max_eval_batches=2,
+        anchor="blocks",
+        **kw,
+    )
     anchors, note, seconds = prepare_anchors(cfg, read_emulator_meta(pair[1]), data, eval_=eval_)
     result = train_on_examples(cfg, data, eval_, pad_id=0, anchors=anchors)
     return anchors, {**anchor_record(anchors, note, seconds), "result": result}
@@ -77,8 +89,15 @@ def test_ten_thousand_examples_stay_anchored_under_the_cap(pair: tuple[Path, Pat
 
 def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Path]) -> None:
     ex = [Example((5,) * n, (5,) * n) for n in (4, 4, 8, 4, 4)]
-    feed = AnchorFeed(pair[0], ex, where="blocks", device=torch.device("cpu"), dtype=torch.float32,
-                      cap_bytes=12 * 12, width=3)  # 12 tokens of 3 fp32 values
+    feed = AnchorFeed(
+        pair[0],
+        ex,
+        where="blocks",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cap_bytes=12 * 12,
+        width=3,
+    )  # 12 tokens of 3 fp32 values
     assert feed.example_bytes(2) == 96
     assert feed.plan_chunk([0], [[1, 0], [2], [3]]) == [0, 1]  # 2 (8 tokens) would pass the cap: stop there
     assert feed.plan_chunk([3, 4], [[0]]) == [3, 4, 0]

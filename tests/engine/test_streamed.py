@@ -45,7 +45,7 @@ def test_streamed_logits_equal_the_resident_model(tiny_model_dir: Path) -> None:
     streamed.run([ids], [Variant()], lambda v, c, h: got.__setitem__(c, streamed.logits(h)))
     with torch.no_grad():
         for row, s in enumerate(ids):
-            _close(got[0][row, :len(s)], ref(input_ids=torch.tensor([s])).logits[0])
+            _close(got[0][row, : len(s)], ref(input_ids=torch.tensor([s])).logits[0])
 
 
 def _check_anchors(model_dir: Path, emu_dir: Path, where: str) -> None:
@@ -104,14 +104,25 @@ def test_streamed_lambda_table_equals_the_resident_one(tiny_model_dir: Path, tmp
     run = _lambda_run(tmp_path, tiny_model_dir)
     adapter = read_adapter(run / "adapter")
     prepared = prepare_adapter(adapter, tiny_model_dir, run / "emulator", device=CPU)
-    candidates = [{n: (c.lora_A, c.lora_B) for n, c in corrected_weights(prepared, lam).items()} for lam in GRID]
+    candidates = [
+        {n: (c.lora_A, c.lora_B) for n, c in corrected_weights(prepared, lam).items()} for lam in GRID
+    ]
     examples = _eval_examples()
-    with AdapterEvaluator(tiny_model_dir, run / "adapter", examples, device=CPU, dtype=torch.float64,
-                          batch_size=2) as ev:
+    with AdapterEvaluator(
+        tiny_model_dir, run / "adapter", examples, device=CPU, dtype=torch.float64, batch_size=2
+    ) as ev:
         want = [ev.loss(c) for c in candidates]
     blocks: list[int] = []
-    got, n_tokens = streamed_losses(tiny_model_dir, candidates, {n: m.scale for n, m in adapter.modules.items()},
-                                    examples, device=CPU, dtype=torch.float64, batch_size=2, on_block=blocks.append)
+    got, n_tokens = streamed_losses(
+        tiny_model_dir,
+        candidates,
+        {n: m.scale for n, m in adapter.modules.items()},
+        examples,
+        device=CPU,
+        dtype=torch.float64,
+        batch_size=2,
+        on_block=blocks.append,
+    )
     assert n_tokens == ev.n_tokens and blocks == [0, 1]  # one pass: each block once for the whole grid
     assert len(set(want)) >= 3  # the candidates really differ
     for g, w in zip(got, want, strict=True):
@@ -137,8 +148,13 @@ def test_correction_stage_streams_the_original_when_asked(tiny_llama: Path, tmp_
 # Export verification: the streamed numbers are the resident ones.
 
 
-def _export_pair(model_dir: Path, tmp_path: Path, formats: tuple[str, ...], monkeypatch: pytest.MonkeyPatch,
-                 dtype: torch.dtype = torch.float64) -> tuple:
+def _export_pair(
+    model_dir: Path,
+    tmp_path: Path,
+    formats: tuple[str, ...],
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype = torch.float64,
+) -> tuple:
     import shutil
 
     from emloc_engine.core.layout import RunLayout
@@ -151,17 +167,25 @@ def _export_pair(model_dir: Path, tmp_path: Path, formats: tuple[str, ...], monk
     make_adapter(model_dir, RunLayout(run).adapter_corrected)
     shutil.copytree(run, tmp_path / "streamed")
     resident = merge_and_export(ExportConfig(run_dir=run, model_dir=model_dir, formats=formats))
-    streamed = merge_and_export(ExportConfig(run_dir=tmp_path / "streamed", model_dir=model_dir, formats=formats,
-                                             stream_original=True))
+    streamed = merge_and_export(
+        ExportConfig(
+            run_dir=tmp_path / "streamed", model_dir=model_dir, formats=formats, stream_original=True
+        )
+    )
     return resident, streamed
 
 
-def test_streamed_verification_equals_the_resident_one(tiny_model_dir: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streamed_verification_equals_the_resident_one(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     resident, streamed = _export_pair(tiny_model_dir, tmp_path, ("merged", "adapter"), monkeypatch)
     assert resident.adapter_effect > 0.1
     assert streamed.adapter_effect == pytest.approx(resident.adapter_effect, rel=1e-6)
-    assert [n for n, _ in streamed.verification] == [n for n, _ in resident.verification] == ["adapter", "merged"]
+    assert (
+        [n for n, _ in streamed.verification]
+        == [n for n, _ in resident.verification]
+        == ["adapter", "merged"]
+    )
     scale = resident.adapter_effect
     for (_, got), (_, want) in zip(streamed.verification, resident.verification, strict=True):
         assert abs(got - want) <= 1e-6 * scale  # both are rounding-sized: compare against the logits' scale
@@ -169,11 +193,13 @@ def test_streamed_verification_equals_the_resident_one(tiny_model_dir: Path, tmp
 
 
 @pytest.mark.slow
-def test_streamed_verification_of_a_gguf_export(tiny_llama: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streamed_verification_of_a_gguf_export(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fp32 with an f16 GGUF: the rounding floor and the GGUF's difference match the resident path."""
-    resident, streamed = _export_pair(tiny_llama, tmp_path, ("merged", "adapter", "gguf"), monkeypatch,
-                                      dtype=torch.float32)
+    resident, streamed = _export_pair(
+        tiny_llama, tmp_path, ("merged", "adapter", "gguf"), monkeypatch, dtype=torch.float32
+    )
     got, want = dict(streamed.verification), dict(resident.verification)
     assert set(got) == set(want) == {"adapter", "merged", "gguf"}
     assert got["gguf"] == pytest.approx(want["gguf"], rel=1e-3) and want["gguf"] > 1e-4

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     from emloc_engine.stages.export.exporter import ExportConfig, _Verification
 
 
-def _passes(model: StreamedModel, prompts: list[torch.Tensor], variants: list[Variant],
-            progress: Progress) -> list[list[torch.Tensor]]:
+def _passes(
+    model: StreamedModel, prompts: list[torch.Tensor], variants: list[Variant], progress: Progress
+) -> list[list[torch.Tensor]]:
     """Logits ``[variant][prompt]`` (fp32, CPU, ``(1, T, vocab)``) from one pass over ``model``'s weights."""
     out: list[list[torch.Tensor]] = [[torch.empty(0)] * len(prompts) for _ in variants]
 
@@ -40,8 +41,12 @@ def _passes(model: StreamedModel, prompts: list[torch.Tensor], variants: list[Va
         out[v][c] = model.logits(hidden).float().cpu()
 
     try:
-        model.run([[p[0].tolist()] for p in prompts], variants, finish,
-                  on_block=lambda _b: progress.check_cancelled())
+        model.run(
+            [[p[0].tolist()] for p in prompts],
+            variants,
+            finish,
+            on_block=lambda _b: progress.check_cancelled(),
+        )
     finally:
         model.close()
     return out
@@ -54,11 +59,25 @@ def gguf_rounding(gguf_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: _gguf_round(w, gguf_type)
 
 
-def verify_streamed(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path | None, gguf: Path | None,
-                    gguf_source: Path | None, progress: Progress, dev: torch.device,
-                    dtype: torch.dtype) -> _Verification:
+def verify_streamed(
+    cfg: ExportConfig,
+    adapter_dir: Path,
+    n_modules: int,
+    merged: Path | None,
+    gguf: Path | None,
+    gguf_source: Path | None,
+    progress: Progress,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> _Verification:
     """:func:`~emloc_engine.stages.export.exporter._verify`, streamed (see the module docstring)."""
-    from emloc_engine.stages.export.exporter import _max_diff, _prompt_ids, _storage_dtype, _tol, _Verification
+    from emloc_engine.stages.export.exporter import (
+        _max_diff,
+        _prompt_ids,
+        _storage_dtype,
+        _tol,
+        _Verification,
+    )
 
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()
@@ -67,8 +86,10 @@ def verify_streamed(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged
     attached = sum(1 for name in lora if f"{name}.weight" in ckpt)
     ckpt.close()
     if attached != n_modules or len(lora) != n_modules:
-        raise MergeError(f"The adapter fits {attached} modules of the model, but it has {n_modules}.",
-                         hint="The adapter's module names do not match this model; pass the right --model.")
+        raise MergeError(
+            f"The adapter fits {attached} modules of the model, but it has {n_modules}.",
+            hint="The adapter's module names do not match this model; pass the right --model.",
+        )
     store = _storage_dtype(cfg.model_dir)
     reduced = store if store in (torch.bfloat16, torch.float16) else dtype
     merge = "adapter" in cfg.formats or reduced != torch.float32
@@ -94,33 +115,51 @@ def verify_streamed(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged
         progress.update(0.4, "Verifying, streamed: merged folder")
         mvariants = [Variant()]
         if rounds:
-            mvariants.append(Variant(round_weight=gguf_rounding(cfg.gguf_type), round_filter=lambda _n, _t: True,
-                                     round_outside=True))
+            mvariants.append(
+                Variant(
+                    round_weight=gguf_rounding(cfg.gguf_type),
+                    round_filter=lambda _n, _t: True,
+                    round_outside=True,
+                )
+            )
         mlogits = _passes(StreamedModel(source, device=dev, dtype=dtype), ids, mvariants, progress)
         if merged is not None:
-            ver.add("merged", _max_diff(ref, mlogits[0]), max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor))
+            ver.add(
+                "merged",
+                _max_diff(ref, mlogits[0]),
+                max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor),
+            )
         if rounds:
             gguf_floor = _max_diff(ref, mlogits[1])
     if gguf is not None:
         progress.update(0.7, "Verifying, streamed: GGUF (transformers' GGUF reader, in CPU memory)")
-        ver.add("gguf", _max_diff(ref, _gguf_logits(gguf, ids, dev, dtype, progress)),
-                max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor, 1.5 * gguf_floor))
+        ver.add(
+            "gguf",
+            _max_diff(ref, _gguf_logits(gguf, ids, dev, dtype, progress)),
+            max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor, 1.5 * gguf_floor),
+        )
         ver.gguf_floor = gguf_floor
     progress.update(1.0, "Verified")
     return ver
 
 
-def _gguf_logits(gguf: Path, ids: list[torch.Tensor], dev: torch.device, dtype: torch.dtype,
-                 progress: Progress) -> list[torch.Tensor]:
+def _gguf_logits(
+    gguf: Path, ids: list[torch.Tensor], dev: torch.device, dtype: torch.dtype, progress: Progress
+) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    g = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
-                                             trust_remote_code=False, local_files_only=True)
+    g = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=dtype, trust_remote_code=False, local_files_only=True
+    )
     tensors = dict(g.state_dict())
     config = g.config
     del g
-    return _passes(StreamedModel(gguf.parent, device=dev, dtype=dtype, tensors=tensors, config=config),
-                   ids, [Variant()], progress)[0]
+    return _passes(
+        StreamedModel(gguf.parent, device=dev, dtype=dtype, tensors=tensors, config=config),
+        ids,
+        [Variant()],
+        progress,
+    )[0]
 
 
 __all__ = ["gguf_rounding", "verify_streamed"]

@@ -41,8 +41,9 @@ def _diff(target: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (target.to(wide) - h.to(wide)).to(h.dtype).cpu()
 
 
-def _linear_offsets(layer: nn.Module, emu: nn.Module, modules: Sequence[str], x: torch.Tensor,
-                    kwargs: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _linear_offsets(
+    layer: nn.Module, emu: nn.Module, modules: Sequence[str], x: torch.Tensor, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The original block's output, and per linear module (in ``modules`` order) original − emulator,
     the emulator's linears each replaced by the original's output (as the anchored forward sees them)."""
     outs: dict[str, torch.Tensor] = {}
@@ -51,12 +52,14 @@ def _linear_offsets(layer: nn.Module, emu: nn.Module, modules: Sequence[str], x:
     def record(name: str) -> Any:
         def hook(_m: nn.Module, _a: Any, out: Any) -> None:
             outs[name] = _out(out)
+
         return hook
 
     def replace(name: str) -> Any:
         def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
             offs[name] = _diff(outs[name], _out(out))
             return outs[name].to(_out(out).dtype)
+
         return hook
 
     handles = [layer.get_submodule(m).register_forward_hook(record(m)) for m in modules]
@@ -75,9 +78,17 @@ def _linear_offsets(layer: nn.Module, emu: nn.Module, modules: Sequence[str], x:
 
 
 @torch.no_grad()
-def streamed_offsets(model_dir: Path, emulator_lm: Any, examples: Sequence[Any], indices: Sequence[int], *,
-                     where: str, device: torch.device, dtype: torch.dtype,
-                     max_tokens: int = 4096) -> Anchors:
+def streamed_offsets(
+    model_dir: Path,
+    emulator_lm: Any,
+    examples: Sequence[Any],
+    indices: Sequence[int],
+    *,
+    where: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_tokens: int = 4096,
+) -> Anchors:
     """Offsets of ``examples[indices]`` with the original streamed from ``model_dir``, one pass.
 
     Equal to :func:`~emloc_engine.stages.training.anchoring.anchors_for_training` (the resident
@@ -100,12 +111,13 @@ def streamed_offsets(model_dir: Path, emulator_lm: Any, examples: Sequence[Any],
     emu_layers = decoder_layers(emulator_lm)
     parts: list[list[torch.Tensor]] = [[] for _ in groups]
     try:
-        chunks = original.embed([[examples[i].input_ids for i in g] for g in groups],
-                                n_variants=2 if where == "output" else 1)
+        chunks = original.embed(
+            [[examples[i].input_ids for i in g] for g in groups], n_variants=2 if where == "output" else 1
+        )
         last = original.num_blocks - 1
         for b, layer, _ in original.layers():
             mine = [p for p in points if p == f"model.layers.{b}" or p.startswith(f"model.layers.{b}.")]
-            modules = [p[len(f"model.layers.{b}."):] for p in mine]
+            modules = [p[len(f"model.layers.{b}.") :] for p in mine]
             for g, chunk in enumerate(chunks):
                 x, kw = chunk.hidden[0], chunk.layer_args[b]
                 if where == "linears":
@@ -130,7 +142,7 @@ def streamed_offsets(model_dir: Path, emulator_lm: Any, examples: Sequence[Any],
         batch = torch.cat(parts[g], dim=-1)
         parts[g] = []
         for row, i in enumerate(group):
-            offsets[i] = batch[row, :len(examples[i].input_ids)].clone()
+            offsets[i] = batch[row, : len(examples[i].input_ids)].clone()
     return Anchors(points, widths, offsets, where)
 
 
@@ -146,8 +158,17 @@ class AnchorFeed:
         width: offset values per token (:func:`~emloc_engine.stages.training.anchoring.anchor_width`).
     """
 
-    def __init__(self, model_dir: Path, examples: Sequence[Any], *, where: str, device: torch.device,
-                 dtype: torch.dtype, cap_bytes: int, width: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        examples: Sequence[Any],
+        *,
+        where: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        cap_bytes: int,
+        width: int,
+    ) -> None:
         self.model_dir, self.examples, self.where = Path(model_dir), examples, where
         self.device, self.dtype, self.cap_bytes = device, dtype, int(cap_bytes)
         self._per_token = width * torch.tensor([], dtype=dtype).element_size()
@@ -168,9 +189,11 @@ class AnchorFeed:
         chunk = list(dict.fromkeys(int(i) for i in needed))
         total = sum(self.example_bytes(i) for i in chunk)
         if total > self.cap_bytes:
-            raise ConfigError(f"The offsets of one training step take {total / 2**30:.2f} GiB, more than the "
-                              f"{self.cap_bytes / 2**30:.2f} GiB anchors may hold.",
-                              hint="Raise --anchor-ram-gib, or lower --batch-size, --grad-accum or --max-length.")
+            raise ConfigError(
+                f"The offsets of one training step take {total / 2**30:.2f} GiB, more than the "
+                f"{self.cap_bytes / 2**30:.2f} GiB anchors may hold.",
+                hint="Raise --anchor-ram-gib, or lower --batch-size, --grad-accum or --max-length.",
+            )
         seen = set(chunk)
         for batch in upcoming:
             for i in batch:
@@ -184,8 +207,9 @@ class AnchorFeed:
                 total += size
         return chunk
 
-    def ensure(self, anchors: Anchors, needed: Sequence[int], upcoming: Iterable[Sequence[int]],
-               model: Any) -> None:
+    def ensure(
+        self, anchors: Anchors, needed: Sequence[int], upcoming: Iterable[Sequence[int]], model: Any
+    ) -> None:
         """Make ``anchors`` hold the offsets of ``needed`` (computing the next chunk if not).
 
         Args:
@@ -210,8 +234,15 @@ class AnchorFeed:
         model.eval()
         try:
             with disable() if disable is not None else contextlib.nullcontext():
-                new = streamed_offsets(self.model_dir, lm, self.examples, missing, where=self.where,
-                                       device=self.device, dtype=self.dtype)
+                new = streamed_offsets(
+                    self.model_dir,
+                    lm,
+                    self.examples,
+                    missing,
+                    where=self.where,
+                    device=self.device,
+                    dtype=self.dtype,
+                )
         finally:
             model.train(was_training)
         if new.points != anchors.points:

@@ -337,9 +337,7 @@ class _TrainJob:
 
 
 def _train_worker(comm: Collectives, job: _TrainJob) -> TrainResult:
-    from emloc_engine.stages.training.trainer import train_on_examples
-
-    from emloc_engine.stages.training.trainer import anchor_record, prepare_anchors
+    from emloc_engine.stages.training.trainer import anchor_record, prepare_anchors, train_on_examples
     from emloc_engine.weights.lowrank import read_emulator_meta
 
     cfg = dataclasses.replace(job.cfg, device=comm.device)
