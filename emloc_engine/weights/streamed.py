@@ -84,6 +84,8 @@ class StreamedModel:
             dequantised by transformers on the CPU).
         with_head: also load the final norm and the head (not needed for block outputs alone).
         config: the model's ``PretrainedConfig`` when ``model_dir`` has none (a GGUF file's folder).
+        embed_weight: the input embedding when the caller already holds it on the device (the
+            emulator's, which is the original's: never compressed), so it is not loaded twice.
 
     Raises:
         ModelNotFound: the folder has no config or shards.
@@ -99,6 +101,7 @@ class StreamedModel:
         tensors: Mapping[str, torch.Tensor] | None = None,
         with_head: bool = True,
         config: Any = None,
+        embed_weight: torch.Tensor | None = None,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -127,6 +130,9 @@ class StreamedModel:
             if name.startswith(self.spec.block_prefix + ".") or (self._tied and p is head):
                 continue
             if not with_head and p is not embed:
+                continue
+            if p is embed and embed_weight is not None:
+                self._outside[name] = embed_weight.to(device=device, dtype=dtype)
                 continue
             self._outside[name] = self._get(name).to(device=device, dtype=dtype)
         self._set_outside(self._outside)
@@ -185,7 +191,10 @@ class StreamedModel:
                 if b + 1 < self.num_blocks:
                     pending = reader.submit(self._read_block, b + 1)
                 if event is not None:
-                    torch.cuda.current_stream(self.device).wait_event(event)
+                    main = torch.cuda.current_stream(self.device)
+                    main.wait_event(event)
+                    for t in tensors.values():  # made on the copy stream, used and freed on this one
+                        t.record_stream(main)
                 layer = blocks[b]
                 layer.load_state_dict(tensors, assign=True, strict=True)
                 layer.to(self.device)  # buffers (rotary tables of some families)

@@ -107,7 +107,9 @@ def streamed_offsets(
 
     points = anchor_points(emulator_lm, where)
     groups = length_groups(examples, indices, max_tokens)
-    original = StreamedModel(model_dir, device=device, dtype=dtype, with_head=False)
+    # The emulator's input embedding is the original's (never compressed): not loaded twice.
+    embed = emulator_lm.get_input_embeddings().weight.detach()
+    original = StreamedModel(model_dir, device=device, dtype=dtype, with_head=False, embed_weight=embed)
     emu_layers = decoder_layers(emulator_lm)
     parts: list[list[torch.Tensor]] = [[] for _ in groups]
     try:
