@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,29 @@ class _Chunk:
     lengths: list[int]
 
 
+@dataclass
+class PinnedBlocks:
+    """Decoder blocks kept in CPU memory (pinned on CUDA machines) across passes, in their stored dtype.
+
+    The first pass over a model fills it; later passes copy from it straight to the device, the
+    PCIe transfer floor, instead of reading the shards again. It holds the whole model's blocks:
+    use it only where that fits the RAM (:func:`cache_fits`).
+    """
+
+    blocks: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for blk in self.blocks.values() for t in blk.values())
+
+
+def cache_fits(model_dir: Path, fraction: float = 0.25) -> bool:
+    """Whether a model's weights take at most ``fraction`` of the available RAM (for :class:`PinnedBlocks`)."""
+    import psutil
+
+    weights = sum(i.nbytes for i in Checkpoint(Path(model_dir)).infos())
+    return weights <= fraction * psutil.virtual_memory().available
+
+
 def _pinned(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return out.copy_(t)
@@ -86,6 +109,8 @@ class StreamedModel:
         config: the model's ``PretrainedConfig`` when ``model_dir`` has none (a GGUF file's folder).
         embed_weight: the input embedding when the caller already holds it on the device (the
             emulator's, which is the original's: never compressed), so it is not loaded twice.
+        cache: keeps every block read in (pinned) CPU memory for the next passes, which then read
+            no disk: what repeated passes over the same original (anchor chunks) use.
 
     Raises:
         ModelNotFound: the folder has no config or shards.
@@ -102,11 +127,13 @@ class StreamedModel:
         with_head: bool = True,
         config: Any = None,
         embed_weight: torch.Tensor | None = None,
+        cache: PinnedBlocks | None = None,
     ) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir, self.device, self.dtype = Path(model_dir), device, dtype
+        self.cache = cache
         try:
             self.config: Any = config or AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         except (OSError, ValueError) as exc:
@@ -161,7 +188,10 @@ class StreamedModel:
     def _read_block(self, b: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Block ``b``'s tensors on the device (cast to the compute dtype); runs on the reader thread."""
         prefix = self._block_prefix(b)
-        if self._tensors is not None:
+        cached = self.cache.blocks.get(b) if self.cache is not None else None
+        if cached is not None:
+            host = cached
+        elif self._tensors is not None:
             host = {n[len(prefix) :]: t for n, t in self._tensors.items() if n.startswith(prefix)}
         else:
             ckpt = Checkpoint(self.model_dir)  # one per read: its memory maps pin no more than a block
@@ -170,9 +200,15 @@ class StreamedModel:
             finally:
                 ckpt.close()
         if self.copy_stream is None:
+            if self.cache is not None and cached is None:
+                self.cache.blocks[b] = {k: v.clone() for k, v in host.items()}
             return {k: v.to(device=self.device, dtype=self.dtype) for k, v in host.items()}, None
+        if cached is None:
+            host = {k: _pinned(v) for k, v in host.items()}
+            if self.cache is not None:
+                self.cache.blocks[b] = host
         with torch.cuda.stream(self.copy_stream):
-            dev = {k: _pinned(v).to(self.device, non_blocking=True).to(self.dtype) for k, v in host.items()}
+            dev = {k: v.to(self.device, non_blocking=True).to(self.dtype) for k, v in host.items()}
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return dev, event
@@ -368,4 +404,4 @@ def adapter_weights(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Te
     return {name: (adapter.A(name), adapter.B(name), float(m.scale)) for name, m in adapter.modules.items()}
 
 
-__all__ = ["LoraWeights", "StreamedModel", "Variant", "adapter_weights"]
+__all__ = ["LoraWeights", "PinnedBlocks", "StreamedModel", "Variant", "adapter_weights", "cache_fits"]

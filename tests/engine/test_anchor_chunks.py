@@ -105,3 +105,28 @@ def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Pa
 
     with pytest.raises(ConfigError, match="one training step"):
         feed.plan_chunk([2, 3, 4], [])
+
+
+def test_later_chunks_read_the_original_from_the_ram_cache(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emloc_engine.stages.training.anchor_chunks import streamed_offsets
+    from emloc_engine.weights.checkpoint import Checkpoint
+    from emloc_engine.weights.lowrank import load_emulator
+    from emloc_engine.weights.streamed import PinnedBlocks
+
+    reads: list[str] = []
+    real = Checkpoint.read_prefix
+    monkeypatch.setattr(
+        Checkpoint, "read_prefix", lambda self, prefix: reads.append(prefix) or real(self, prefix)
+    )
+    data = short_examples(6)
+    emulator = load_emulator(pair[1], dtype=torch.float32).eval()
+    cache = PinnedBlocks()
+    kw: dict[str, Any] = dict(where="blocks", device=torch.device("cpu"), dtype=torch.float32, cache=cache)
+    first = streamed_offsets(pair[0], emulator, data, [0, 1, 2], **kw)
+    assert reads == ["model.layers.0.", "model.layers.1."] and cache.nbytes() > 0
+    again = streamed_offsets(pair[0], emulator, data, [0, 1, 2], **kw)
+    assert len(reads) == 2  # the second pass read no shard
+    for i in (0, 1, 2):
+        assert torch.equal(first.offsets[i], again.offsets[i])

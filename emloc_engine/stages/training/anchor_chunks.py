@@ -15,6 +15,11 @@ the trainer already holds (its adapter disabled, in eval mode): per block ``l``,
 the original's ``h_{l−1}`` and the difference of their outputs is the offset, so one pass over the
 original's weights serves the whole chunk and the emulator never loads twice. With several
 processes each rank computes the offsets of its own examples, under ``cap / processes``.
+
+The first chunk reads the shards; when the original's weights take at most a quarter of the
+available RAM its blocks stay in (pinned) RAM (:class:`~emloc_engine.weights.streamed.PinnedBlocks`)
+and later chunks copy them straight to the device, so a long run's extra passes cost PCIe time,
+not disk reads. That RAM is the original's size, on top of the offsets' cap.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.stages.training.anchoring import Anchors, anchor_points, decoder_layers, length_groups
+from emloc_engine.weights.streamed import PinnedBlocks, StreamedModel, cache_fits
 
 
 def _out(out: Any) -> torch.Tensor:
@@ -88,6 +94,7 @@ def streamed_offsets(
     device: torch.device,
     dtype: torch.dtype,
     max_tokens: int = 4096,
+    cache: PinnedBlocks | None = None,
 ) -> Anchors:
     """Offsets of ``examples[indices]`` with the original streamed from ``model_dir``, one pass.
 
@@ -102,14 +109,15 @@ def streamed_offsets(
         device: where the blocks run.
         dtype: compute dtype (that of the emulator's weights).
         max_tokens: padded tokens per group of examples run together.
+        cache: the original's blocks kept in RAM between chunks (:class:`~emloc_engine.weights.streamed.PinnedBlocks`).
     """
-    from emloc_engine.weights.streamed import StreamedModel
-
     points = anchor_points(emulator_lm, where)
     groups = length_groups(examples, indices, max_tokens)
     # The emulator's input embedding is the original's (never compressed): not loaded twice.
     embed = emulator_lm.get_input_embeddings().weight.detach()
-    original = StreamedModel(model_dir, device=device, dtype=dtype, with_head=False, embed_weight=embed)
+    original = StreamedModel(
+        model_dir, device=device, dtype=dtype, with_head=False, embed_weight=embed, cache=cache
+    )
     emu_layers = decoder_layers(emulator_lm)
     parts: list[list[torch.Tensor]] = [[] for _ in groups]
     try:
@@ -174,10 +182,20 @@ class AnchorFeed:
         self.model_dir, self.examples, self.where = Path(model_dir), examples, where
         self.device, self.dtype, self.cap_bytes = device, dtype, int(cap_bytes)
         self._per_token = width * torch.tensor([], dtype=dtype).element_size()
+        # A run that computes several chunks reads the original once from disk: its blocks stay in
+        # (pinned) RAM when they take at most a quarter of it; later chunks copy them from there.
+        self.cache: PinnedBlocks | None = None
+        self._cache_checked = False
         self.seconds = 0.0
         self.chunks = 0
         self.computed = 0
         self.peak_bytes = 0
+
+    def _block_cache(self) -> PinnedBlocks | None:
+        if not self._cache_checked:
+            self._cache_checked = True
+            self.cache = PinnedBlocks() if cache_fits(self.model_dir) else None
+        return self.cache
 
     def example_bytes(self, i: int) -> int:
         return len(self.examples[i].input_ids) * self._per_token
@@ -244,6 +262,7 @@ class AnchorFeed:
                     where=self.where,
                     device=self.device,
                     dtype=self.dtype,
+                    cache=self._block_cache(),
                 )
         finally:
             model.train(was_training)
