@@ -204,3 +204,46 @@ def test_streamed_verification_of_a_gguf_export(
     assert set(got) == set(want) == {"adapter", "merged", "gguf"}
     assert got["gguf"] == pytest.approx(want["gguf"], rel=1e-3) and want["gguf"] > 1e-4
     assert dict(streamed.tolerances)["gguf"] == pytest.approx(dict(resident.tolerances)["gguf"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every stage of a run with the original streamed: the same run as the resident one.
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_run_with_the_original_streamed_everywhere_equals_the_resident_run(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from emloc_engine.core.progress import RecordingProgress
+    from emloc_engine.run.manifest import read_manifest
+    from emloc_engine.run.orchestrator import run_stages
+    from emloc_engine.run.plan import plan_run
+    from tests.engine.test_run_orchestrator import _cfg, _data
+
+    data = _data(tmp_path / "d.jsonl")
+    plans = {name: plan_run(_cfg(tiny_llama, data, tmp_path / name)) for name in ("resident", "streamed")}
+    p = plans["streamed"]
+    assert p.export is not None
+    plans["streamed"] = dataclasses.replace(
+        p,
+        train=dataclasses.replace(p.train, stream_original=True),
+        correct=dataclasses.replace(p.correct, stream_original=True),
+        export=dataclasses.replace(p.export, stream_original=True),
+    )
+    results = {name: run_stages(plan, RecordingProgress()) for name, plan in plans.items()}
+    assert results["streamed"].lambda_ == results["resident"].lambda_
+    got, want = (read_manifest(tmp_path / n) for n in ("streamed", "resident"))
+    assert got is not None and want is not None
+    train_got, train_want = got.stage("train").result, want.stage("train").result
+    assert train_got["anchor"] == train_want["anchor"] == "blocks"
+    assert [v for _, v in train_got["loss_history"]] == pytest.approx(
+        [v for _, v in train_want["loss_history"]], rel=1e-4
+    )
+    table_got, table_want = (m.stage("correct").result["lambda_table"] for m in (got, want))
+    assert [r[1] for r in table_got] == pytest.approx([r[1] for r in table_want], rel=1e-4)
+    assert got.stage("export").result["adapter_effect"] == pytest.approx(
+        want.stage("export").result["adapter_effect"], rel=1e-4
+    )
