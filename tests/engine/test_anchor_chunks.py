@@ -105,6 +105,29 @@ def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Pa
 
     with pytest.raises(ConfigError, match="one training step"):
         feed.plan_chunk([2, 3, 4], [])
+    # eval examples (sticky) come with the first chunk and stay, when they take at most half the cap
+    evals = AnchorFeed(
+        pair[0],
+        ex,
+        where="blocks",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cap_bytes=12 * 12,
+        width=3,
+        sticky=[4],
+    )
+    assert evals.sticky == [4] and evals.plan_chunk([0], [[1], [2]]) == [0, 4, 1]
+    too_big = AnchorFeed(
+        pair[0],
+        ex,
+        where="blocks",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cap_bytes=12 * 12,
+        width=3,
+        sticky=[2],
+    )
+    assert too_big.sticky == []  # 8 of 12 tokens: more than half the cap
 
 
 def test_later_chunks_read_the_original_from_the_ram_cache(

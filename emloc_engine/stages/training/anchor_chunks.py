@@ -178,10 +178,17 @@ class AnchorFeed:
         dtype: torch.dtype,
         cap_bytes: int,
         width: int,
+        sticky: Sequence[int] = (),
+        processes: int = 1,
     ) -> None:
         self.model_dir, self.examples, self.where = Path(model_dir), examples, where
         self.device, self.dtype, self.cap_bytes = device, dtype, int(cap_bytes)
         self._per_token = width * torch.tensor([], dtype=dtype).element_size()
+        self.processes = processes
+        # The eval examples are computed with the first chunk and kept (every evaluation reads
+        # them) when they take at most half the cap; otherwise they come and go like the rest.
+        sticky = list(dict.fromkeys(int(i) for i in sticky))
+        self.sticky = sticky if sum(self.example_bytes(i) for i in sticky) <= self.cap_bytes // 2 else []
         # A run that computes several chunks reads the original once from disk: its blocks stay in
         # (pinned) RAM when they take at most a quarter of it; later chunks copy them from there.
         self.cache: PinnedBlocks | None = None
@@ -194,20 +201,25 @@ class AnchorFeed:
     def _block_cache(self) -> PinnedBlocks | None:
         if not self._cache_checked:
             self._cache_checked = True
-            self.cache = PinnedBlocks() if cache_fits(self.model_dir) else None
+            self.cache = PinnedBlocks() if cache_fits(self.model_dir, 0.25 / self.processes) else None
         return self.cache
 
     def example_bytes(self, i: int) -> int:
         return len(self.examples[i].input_ids) * self._per_token
 
     def plan_chunk(self, needed: Sequence[int], upcoming: Iterable[Sequence[int]]) -> list[int]:
-        """``needed`` plus the next examples of ``upcoming``, in order, while they fit the cap.
+        """``needed``, the sticky (eval) examples, then the next examples of ``upcoming`` in order,
+        while they fit the cap.
 
         Raises:
             ConfigError: the examples one step needs do not fit the cap by themselves.
         """
         chunk = list(dict.fromkeys(int(i) for i in needed))
         total = sum(self.example_bytes(i) for i in chunk)
+        extra = [i for i in self.sticky if i not in set(chunk)]
+        if total + sum(self.example_bytes(i) for i in extra) <= self.cap_bytes:
+            chunk += extra
+            total += sum(self.example_bytes(i) for i in extra)
         if total > self.cap_bytes:
             raise ConfigError(
                 f"The offsets of one training step take {total / 2**30:.2f} GiB, more than the "

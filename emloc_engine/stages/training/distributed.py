@@ -345,7 +345,7 @@ def _train_worker(comm: Collectives, job: _TrainJob) -> TrainResult:
     anchors, note, seconds = None, "anchoring off", 0.0
     if job.anchored:
         anchors, note, seconds = prepare_anchors(cfg, read_emulator_meta(cfg.resolved_emulator_dir), job.train,
-                                                 comm.progress(), job.eval_, processes=comm.world_size)
+                                                 comm.progress(), job.eval_, processes=comm.world_size, rank=comm.rank)
     result = train_on_examples(cfg, job.train, job.eval_, comm.progress(), pad_id=job.pad_id,
                                data_fingerprint=job.data_fingerprint,
                                data_parallel=_TrainParallel(comm, cfg.seed, cfg.batch_size), anchors=anchors)

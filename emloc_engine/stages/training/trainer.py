@@ -201,7 +201,8 @@ def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainRes
 
 def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequence[ExampleLike],
                     progress: Progress = NULL_PROGRESS,
-                    eval_: Sequence[ExampleLike] = (), *, processes: int = 1) -> tuple[Anchors | None, str, float]:
+                    eval_: Sequence[ExampleLike] = (), *, processes: int = 1,
+                    rank: int = 0) -> tuple[Anchors | None, str, float]:
     """The anchors ``cfg.anchor`` asks for (:mod:`emloc_engine.stages.training.anchoring`), the decision's note, seconds.
 
     The eval examples that :meth:`_Session.evaluate` scores get offsets too (keyed after the training
@@ -213,7 +214,8 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     streamed) they are computed here, all at once, with the original loaded whole. Otherwise the
     returned :class:`Anchors` is empty with a :class:`~emloc_engine.stages.training.anchor_chunks.AnchorFeed`
     that computes each chunk when training reaches it, with the original streamed; with
-    ``processes`` ranks each holds at most ``anchor_ram_gib / processes``.
+    ``processes`` ranks each holds at most ``anchor_ram_gib / processes``, and rank ``rank`` keeps the
+    offsets of the eval batches it scores.
     """
     from transformers import AutoConfig
 
@@ -254,9 +256,11 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
         anchors = anchors_for_training(source, cfg.resolved_emulator_dir, examples, visited, where=mode,
                                        device=device, dtype=weight_dtype)
     else:
+        mine = range(0, n_eval, cfg.batch_size)[rank::processes]  # the eval batches this rank scores
+        sticky = [len(train) + j for start in mine for j in range(start, min(start + cfg.batch_size, n_eval))]
         anchors = Anchors(points_for_config(config, mode), (), {}, mode,
                           feed=AnchorFeed(source, examples, where=mode, device=device, dtype=weight_dtype,
-                                          cap_bytes=cap, width=widths[mode]))
+                                          cap_bytes=cap, width=widths[mode], sticky=sticky, processes=processes))
     anchors.eval_base = len(train) if n_eval else None
     return anchors, note, time.perf_counter() - t0
 
