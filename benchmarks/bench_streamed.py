@@ -91,7 +91,7 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
         run_dir=args.work / "run",
         ratio=None if auto else float(args.ratio),
         budget_bytes=int(budget * GIB) if auto else None,
-        device="cuda",
+        device=args.device,
         train=TrainOptions(
             steps=args.steps, batch_size=args.batch_size, anchor="blocks", anchor_ram_gib=args.anchor_ram_gib
         ),
@@ -178,7 +178,7 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
         cfg = TrainConfig(
             run_dir=args.work / f"train-{mode}",
             emulator_dir=emulator,
-            device="cuda",
+            device=args.device,
             data=DataConfig(path=data, max_length=args.max_length),
             steps=steps,
             batch_size=args.anchor_batch,
@@ -190,7 +190,8 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
             resume=False,
             max_eval_batches=4,
         )
-        torch.cuda.reset_peak_memory_stats()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.monotonic()
         try:
             res = train_lora(cfg)
@@ -233,13 +234,15 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=1000, help="Training examples of the anchors part.")
     ap.add_argument("--anchor-batch", type=int, default=4)
     ap.add_argument("--anchor-ram-gib", type=float, default=4.0)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script on a tiny model (no cap).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    on_gpu = args.device != "cpu"
     out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "torch": torch.__version__,
         "model_dir": str(args.model_dir),
-        **cap_gpu(args.cap_gib),
+        **(cap_gpu(args.cap_gib) if on_gpu else {}),
     }
     if args.part in ("run", "all"):
         out["run"] = part_run(args)

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from emloc_engine.core.errors import ConfigError
-from emloc_engine.stages.training.anchoring import Anchors, anchor_points, decoder_layers, length_groups
+from emloc_engine.stages.training.anchoring import (
+    Anchors,
+    anchor_points,
+    decoder_layers,
+    length_groups,
+    size_text,
+)
 from emloc_engine.weights.streamed import PinnedBlocks, StreamedModel, cache_fits
 
 
@@ -222,8 +228,8 @@ class AnchorFeed:
             total += sum(self.example_bytes(i) for i in extra)
         if total > self.cap_bytes:
             raise ConfigError(
-                f"The offsets of one training step take {total / 2**30:.2f} GiB, more than the "
-                f"{self.cap_bytes / 2**30:.2f} GiB anchors may hold.",
+                f"The offsets of one training step take {size_text(total)}, more than the "
+                f"{size_text(self.cap_bytes)} anchors may hold.",
                 hint="Raise --anchor-ram-gib, or lower --batch-size, --grad-accum or --max-length.",
             )
         seen = set(chunk)

@@ -191,6 +191,11 @@ def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], width: int, by
     return width * bytes_per * sum(len(examples[i].input_ids) for i in indices)
 
 
+def size_text(nbytes: float) -> str:
+    """``"4.00 GiB"``, or MiB below a hundredth of a GiB (small runs would all read ``0.00 GiB``)."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 100 else f"{nbytes / 2**20:.2f} MiB"
+
+
 def resolve_mode(mode: str, step_bytes: Mapping[str, int], cap_bytes: int, *, can_anchor: bool,
                  why_not: str = "", total_bytes: Mapping[str, int] | None = None) -> tuple[str, str]:
     """``(linears|blocks|none, note)`` for a requested mode.
@@ -214,22 +219,21 @@ def resolve_mode(mode: str, step_bytes: Mapping[str, int], cap_bytes: int, *, ca
         return "none", f"anchoring off: {why_not}"
     label = {"linears": "every linear layer", "blocks": "every block"}
     chosen = "blocks" if mode == "auto" else mode
-    cap = cap_bytes / 2**30
     if step_bytes[chosen] > cap_bytes:
         if mode == "auto":
-            return "none", (f"anchoring off: one step's offsets take {step_bytes[chosen] / 2**30:.2f} GiB, "
-                            f"more than the {cap:.2f} GiB anchors may hold")
-        raise ConfigError(f"Anchored training needs {step_bytes[chosen] / 2**30:.2f} GiB of RAM for the offsets "
-                          f"of one step; anchors may hold {cap:.2f} GiB.",
+            return "none", (f"anchoring off: one step's offsets take {size_text(step_bytes[chosen])}, "
+                            f"more than the {size_text(cap_bytes)} anchors may hold")
+        raise ConfigError(f"Anchored training needs {size_text(step_bytes[chosen])} of RAM for the offsets "
+                          f"of one step; anchors may hold {size_text(cap_bytes)}.",
                           hint="Raise --anchor-ram-gib, use a smaller --batch-size or --max-length, "
                                "--anchor blocks (about a fifth of it) or --anchor none.")
     total = (total_bytes or {}).get(chosen)
     if total is None:
         return chosen, f"anchored at {label[chosen]}"
     if total <= cap_bytes:
-        return chosen, f"anchored at {label[chosen]} ({total / 2**30:.2f} GiB of offsets)"
-    return chosen, (f"anchored at {label[chosen]} ({total / 2**30:.2f} GiB of offsets, computed in chunks "
-                    f"of at most {cap:.2f} GiB)")
+        return chosen, f"anchored at {label[chosen]} ({size_text(total)} of offsets)"
+    return chosen, (f"anchored at {label[chosen]} ({size_text(total)} of offsets, computed in chunks "
+                    f"of at most {size_text(cap_bytes)})")
 
 
 def length_groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
