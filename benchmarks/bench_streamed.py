@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument(
         "--budget-gib", type=float, default=None, help="Planner budget with --ratio auto (default: cap)."
     )
-    ap.add_argument("--ratio", default="0.3", help="ρ, or auto (needs the issue-17 planner).")
+    ap.add_argument("--ratio", default="0.25", help="ρ, or auto (needs the issue-17 planner).")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
