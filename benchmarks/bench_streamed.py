@@ -19,8 +19,13 @@ Three parts (``--part pass``, ``run``, ``anchors`` or ``all``), each under 10 mi
 
 Prints one JSON object (also written to ``--work/bench_streamed-PART.json``).
 
-    python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b
-    python benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/streamed --cap-gib 8 --part all
+    python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b --shards 4
+    python benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/streamed --part pass --max-length 1024
+    python benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/streamed --part run --cap-gib 8
+    python benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/streamed --part anchors --cap-gib 15.5
+
+(``anchors`` reuses the ``run`` part's emulator; its cap stands in for a 16 GB card: it measures the
+anchors' RAM and time, batch 4 × 512 tokens.)
 
 With the planner of issue 17 merged, ``--ratio auto`` lets it choose ρ for ``--budget-gib`` (default: the cap).
 """
