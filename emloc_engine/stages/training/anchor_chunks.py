@@ -127,15 +127,20 @@ def streamed_offsets(
     emu_layers = decoder_layers(emulator_lm)
     parts: list[list[torch.Tensor]] = [[] for _ in groups]
     try:
-        chunks = original.embed(
-            [[examples[i].input_ids for i in g] for g in groups], n_variants=2 if where == "output" else 1
-        )
+        variants = 2 if where == "output" else 1
+        hidden_bytes = variants * sum(len(examples[i].input_ids) for g in groups for i in g) * embed.shape[-1]
+        # Between blocks the chunk's hidden states stay on the device (1/L of its offsets) unless
+        # they pass 1 GiB; then they wait in (pinned) CPU memory, one group on the device at a time.
+        offload = device.type == "cuda" and hidden_bytes * embed.element_size() > 2**30
+        chunks = original.embed([[examples[i].input_ids for i in g] for g in groups], variants, offload)
         last = original.num_blocks - 1
         for b, layer, _ in original.layers():
             mine = [p for p in points if p == f"model.layers.{b}" or p.startswith(f"model.layers.{b}.")]
             modules = [p[len(f"model.layers.{b}.") :] for p in mine]
             for g, chunk in enumerate(chunks):
-                x, kw = chunk.hidden[0], chunk.layer_args[b]
+                x, kw = chunk.hidden[0].to(device, non_blocking=True), chunk.layer_args[b]
+                if where == "output":
+                    chunk.hidden[1] = chunk.hidden[1].to(device, non_blocking=True)
                 if where == "linears":
                     y, offs = _linear_offsets(layer, emu_layers[b], modules, x, kw)
                     parts[g] += offs
@@ -147,8 +152,8 @@ def streamed_offsets(
                         e = _out(emu_layers[b](chunk.hidden[1], **kw))
                         if b == last:
                             parts[g].append(_diff(y, e))
-                        chunk.hidden[1] = e
-                chunk.hidden[0] = y
+                        chunk.hidden[1] = e.cpu() if offload else e
+                chunk.hidden[0] = y.cpu() if offload else y
     finally:
         original.close()
     offsets: dict[int, torch.Tensor] = {}
