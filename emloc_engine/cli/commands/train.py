@@ -82,12 +82,11 @@ def _graceful_ctrl_c(token: CancelToken) -> Iterator[None]:
 def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
     """The :class:`~emloc_engine.stages.training.distributed.ParallelConfig` of ``--gpus N`` (None for one GPU)."""
     from emloc_engine.run.options import top_value, typed_values
-    from emloc_engine.stages.training.distributed import ParallelConfig, check_anchor, resolve_devices
+    from emloc_engine.stages.training.distributed import ParallelConfig, resolve_devices
 
     parallel = ParallelConfig(processes=int(top_value(typed_values(args), "gpus", 1)))
     if parallel.processes == 1:
         return None
-    check_anchor(cfg, parallel)
     resolve_devices(cfg.device, parallel)
     return parallel
 
