@@ -3,6 +3,7 @@ template) for Llama, Qwen2 and Mistral; refusals; Llama-3 rope factors."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,19 +25,57 @@ def _snap(cache: Path, arch: str) -> Path:
     return next((cache / f"models--emloc-test--tiny-{arch}" / "snapshots").iterdir())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_gguf_round_trip_logits(tiny_cache: Path, tmp_path: Path, arch: str, gguf_type: str) -> None:
     snap = _snap(tiny_cache, arch)
     out = tmp_path / "model.gguf"
     res = export_gguf(GgufConfig(snap, out, gguf_type))
     assert res.path == out and out.stat().st_size == res.file_bytes and not (tmp_path / "model.gguf.partial").exists()
-    assert res.arch == ("qwen2" if arch == "qwen2" else "llama") and res.tokenizer_model == "gpt2"
+    assert res.arch == {"mistral": "llama"}.get(arch, arch) and res.tokenizer_model == "gpt2"
     ref = hf_logits(snap)
     got = hf_logits(tmp_path, gguf_file=out.name)
     scale = max(float(r.abs().max()) for r in ref)
     diff = max_diff(ref, got)
     assert 0 < diff < REL_TOL[gguf_type] * scale, (diff, scale)
+
+
+def _rounded_like_gguf(snap: Path, gguf_type: str) -> list[torch.Tensor]:
+    """Logits of the HF model with every 2-D weight quantized and dequantized by gguf.quants (the file's rounding)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.export_helpers import logits
+
+    qt = gguf.GGMLQuantizationType[gguf_type.upper()]
+    model = AutoModelForCausalLM.from_pretrained(str(snap), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.shape[-1] % 32:  # not whole blocks: the file keeps F16
+                p.copy_(p.half().float())
+            elif p.dim() == 2:
+                arr = p.numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(arr, qt), qt).reshape(arr.shape)))
+    return logits(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_4_and_5_bit_files_hold_exactly_the_quantized_weights(tiny_cache: Path, tmp_path: Path, arch: str,
+                                                               gguf_type: str) -> None:
+    """The 4/5-bit files, read by transformers' GGUF loader, give the logits of the model with its weights
+    rounded by gguf.quants (f32 arithmetic): the layout is right and the rounding is the type's."""
+    import gguf
+
+    snap = _snap(tiny_cache, arch)
+    export_gguf(GgufConfig(snap, tmp_path / "m.gguf", gguf_type))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.ffn_down.weight"] == gguf_type.upper() and types["blk.0.attn_output.weight"] in (
+        gguf_type.upper(), "F16") and types["output_norm.weight"] == "F32"
+    got = hf_logits(tmp_path, gguf_file="m.gguf")
+    rounded = _rounded_like_gguf(snap, gguf_type)
+    assert max_diff(rounded, got) < 1e-4 * max(float(r.abs().max()) for r in rounded)
+    assert max_diff(hf_logits(snap), got) > 1e-3  # it did round
 
 
 def test_f32_gguf_is_exact_so_the_qk_permutation_is_right(tiny_llama: Path, tmp_path: Path) -> None:
@@ -111,16 +150,43 @@ def test_llama3_rope_factors_match_transformers() -> None:
     assert llama3_rope_factors({"hidden_size": 8, "num_attention_heads": 2}) is None
 
 
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+def test_gemma_is_written_with_its_norms_as_one_plus_w(tiny_cache: Path, tmp_path: Path, gguf_type: str) -> None:
+    """Gemma (which transformers' GGUF loader does not read): read back through gguf_readback, exact in f32."""
+    import gguf
+
+    from emloc_engine.stages.export.gguf_readback import load_gguf_as_hf
+    from tests.engine.export_helpers import logits
+
+    snap = _snap(tiny_cache, "gemma")
+    res = export_gguf(GgufConfig(snap, tmp_path / "g.gguf", gguf_type))
+    reader = gguf.GGUFReader(str(tmp_path / "g.gguf"))
+    assert res.arch == "gemma" and reader.fields["general.architecture"].contents() == "gemma"
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied to token_embd
+    norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+    from safetensors import safe_open
+
+    with safe_open(str(next(snap.glob("*.safetensors"))), "pt") as fh:
+        hf_norm = fh.get_tensor("model.layers.0.input_layernorm.weight").float().numpy()
+    assert np.allclose(np.asarray(norm.data), hf_norm + 1)
+    ref = hf_logits(snap) if gguf_type == "f32" else _rounded_like_gguf(snap, gguf_type)
+    assert max_diff(ref, logits(load_gguf_as_hf(tmp_path / "g.gguf", snap))) < 1e-4 * max(float(r.abs().max()) for r in ref)
+
+
 def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedModel, match="gemma"):
-        export_gguf(GgufConfig(_snap(tiny_cache, "gemma"), tmp_path / "g.gguf"))
+    gemma2 = tmp_path / "gemma2"
+    shutil.copytree(_snap(tiny_cache, "gemma"), gemma2)
+    cfg = json.loads((gemma2 / "config.json").read_text())
+    (gemma2 / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    with pytest.raises(UnsupportedModel, match="soft-capping"):
+        export_gguf(GgufConfig(gemma2, tmp_path / "g.gguf"))
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
     with pytest.raises(MergeError, match="already exists"):
         export_gguf(GgufConfig(_snap(tiny_cache, "llama"), out))
     assert out.read_bytes() == b"old"
     with pytest.raises(ConfigError):
-        GgufConfig(tmp_path, out, "q4_0")
+        GgufConfig(tmp_path, out, "q7_0")
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy2(_snap(tiny_cache, "llama") / "config.json", bare / "config.json")
