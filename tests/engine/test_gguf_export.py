@@ -193,3 +193,36 @@ def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModel, match="tokenizer"):
         export_gguf(GgufConfig(bare, tmp_path / "b.gguf"))
     assert not (tmp_path / "b.gguf").exists()
+
+
+@pytest.mark.parametrize(("arch", "extra"), [
+    ("qwen3", {"head_dim": 128}),  # transformers reads Qwen3 GGUFs with its default head_dim only
+    ("granite", {"attention_multiplier": 0.2, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                 "logits_scaling": 2.0}),
+    ("olmo2", {}),
+])
+def test_more_families_round_trip_exactly_in_f32(tmp_path: Path, arch: str, extra: dict[str, float]) -> None:
+    """Qwen3 (through transformers' GGUF loader), Granite and OLMo2 (read back by gguf_readback): f32 is exact,
+    so names, the q/k permutation (Granite) and q/k norms (Qwen3, OLMo2) are right; Granite's multipliers
+    are written under llama.cpp's keys."""
+    import gguf
+
+    from emloc_engine.stages.export.gguf_readback import load_gguf_as_hf
+    from tests.engine.export_helpers import logits
+    from tests.tiny_models import build_tiny_model
+
+    snap = build_tiny_model(arch, tmp_path / "cache", **extra)
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    res = export_gguf(GgufConfig(snap, out, "f32"))
+    assert res.arch == arch
+    ref = hf_logits(snap)
+    got = hf_logits(out.parent, gguf_file=out.name) if arch == "qwen3" else logits(load_gguf_as_hf(out, snap))
+    assert max_diff(ref, got) < 1e-4
+    fields = gguf.GGUFReader(str(out)).fields
+    if arch == "granite":
+        assert fields["granite.attention.scale"].contents() == pytest.approx(0.2)
+        assert fields["granite.logit_scale"].contents() == pytest.approx(2.0)
+    if arch == "olmo2":
+        assert {"blk.0.post_attention_norm.weight", "blk.0.attn_q_norm.weight"} <= {
+            t.name for t in gguf.GGUFReader(str(out)).tensors}
