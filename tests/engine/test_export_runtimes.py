@@ -151,3 +151,31 @@ def test_chat_settings_recognise_the_common_families(tmp_path: Path) -> None:
     odd.mkdir()
     (odd / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     assert chat_settings(odd).template is None
+
+
+def test_run_validation_refuses_what_cannot_be_exported_before_training(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from emloc_engine.core.errors import UnsupportedModel
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.plan import checked_exports
+    from emloc_engine.stages.export.options import ExportOptions
+    from tests.tiny_models import build_tiny_model
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    gemma2 = build_tiny_model("gemma2", tmp_path / "hub", head_dim=8)
+    llama = build_tiny_model("llama", tmp_path / "hub")
+
+    def cfg(model: Path, **kw: Any) -> RunConfig:
+        return RunConfig(model_dir=model, data=DataConfig(path=tmp_path / "d.jsonl"), run_dir=tmp_path / "run",
+                         export=ExportOptions(**kw))
+
+    formats, notes = checked_exports(cfg(gemma2))  # the defaults: GGUF dropped with a note
+    assert formats == ("merged", "adapter") and "soft-capping" in notes[0]
+    for fmts in (("adapter-gguf",), ("merged", "ollama"), ("gguf",)):
+        with pytest.raises(UnsupportedModel, match="soft-capping"):
+            checked_exports(cfg(gemma2, formats=fmts))
+    with pytest.raises(MissingTool, match="q5_k_m"):
+        checked_exports(cfg(llama, gguf_type="q5_k_m"))
+    assert checked_exports(cfg(llama, formats=("ollama", "adapter-gguf"), gguf_type="q4_0")) == (
+        ("ollama", "adapter-gguf"), ())

@@ -656,9 +656,8 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
 def _hand_off(cfg: ExportConfig, layout: RunLayout, formats: set[str], gguf_path: Path | None,
               adapter_gguf: Path | None) -> tuple[Path | None, Path | None, tuple[str, ...] | None]:
     """After verification: the Modelfile and the ``ollama create`` command, and the LM Studio copy."""
-    from emloc_engine.stages.export.modelfile import ollama_command, ollama_name, write_modelfile
-
     from emloc_engine.stages.export.model_card import base_model_name
+    from emloc_engine.stages.export.modelfile import ollama_command, ollama_name, write_modelfile
 
     name = ollama_name(base_model_name(cfg.model_dir).rsplit("/", 1)[-1], cfg.ollama_name)
     modelfile = command = lmstudio = None
