@@ -191,3 +191,32 @@ def write_modelfile(run_dir: Path, model_dir: Path, *, merged_gguf: Path | None,
     path = run_dir / "Modelfile"
     write_text_atomic(path, render_modelfile(from_path, adapter, chat_settings(model_dir), header))
     return path
+
+
+def add_to_ollama(cmd: tuple[str, ...], progress: Any = None) -> str:
+    """Run an ``ollama create`` command the user asked for (the app's "Add to Ollama" button).
+
+    Returns:
+        Ollama's last output line.
+
+    Raises:
+        MissingTool: ``ollama`` is no longer on PATH.
+        MergeError: ``ollama create`` failed (its last output lines are listed).
+    """
+    import subprocess
+
+    from emloc_engine.core.errors import MergeError, MissingTool
+
+    if progress is not None:
+        progress.update(0.0, "ollama create…")
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise MissingTool("Ollama is not on PATH any more.", hint="Install Ollama from https://ollama.com.") from exc
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    if done.returncode != 0:
+        raise MergeError(f"`{command_text(cmd)}` failed (exit code {done.returncode}).", problems=lines[-8:],
+                         hint="Is the Ollama server running (`ollama serve`)?")
+    if progress is not None:
+        progress.update(1.0, "Added to Ollama")
+    return lines[-1] if lines else "success"
