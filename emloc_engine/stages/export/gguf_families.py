@@ -91,6 +91,9 @@ def family_problem(config: dict[str, Any]) -> str | None:
                 "(use llama.cpp's convert_hf_to_gguf.py on the merged folder)")
     rope = rope_params(config)
     rtype = rope.get("rope_type") or rope.get("type") or "default"
+    if rtype in ("longrope", "su"):
+        return ("LongRoPE (Phi-3 128k / Phi-3.5: the rope_factors_long/short tensors and attention factor) "
+                "is not written by this GGUF exporter")
     if rtype not in ("default", "linear", "llama3", "yarn"):
         return f"rope scaling {rtype!r} is not supported by this GGUF exporter"
     return None
