@@ -163,19 +163,30 @@ def test_run_validation_refuses_what_cannot_be_exported_before_training(tmp_path
     from tests.tiny_models import build_tiny_model
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    gemma2 = build_tiny_model("gemma2", tmp_path / "hub", head_dim=8)
+    gemma3 = build_tiny_model("gemma3_text", tmp_path / "hub", head_dim=8)
     llama = build_tiny_model("llama", tmp_path / "hub")
 
     def cfg(model: Path, **kw: Any) -> RunConfig:
         return RunConfig(model_dir=model, data=DataConfig(path=tmp_path / "d.jsonl"), run_dir=tmp_path / "run",
                          export=ExportOptions(**kw))
 
-    formats, notes = checked_exports(cfg(gemma2))  # the defaults: GGUF dropped with a note
-    assert formats == ("merged", "adapter") and "soft-capping" in notes[0]
+    formats, notes = checked_exports(cfg(gemma3))  # the defaults: GGUF dropped with a note
+    assert formats == ("merged", "adapter") and "sliding-window" in notes[0]
     for fmts in (("adapter-gguf",), ("merged", "ollama"), ("gguf",)):
-        with pytest.raises(UnsupportedModel, match="soft-capping"):
-            checked_exports(cfg(gemma2, formats=fmts))
+        with pytest.raises(UnsupportedModel, match="sliding-window"):
+            checked_exports(cfg(gemma3, formats=fmts))
     with pytest.raises(MissingTool, match="q5_k_m"):
         checked_exports(cfg(llama, gguf_type="q5_k_m"))
     assert checked_exports(cfg(llama, formats=("ollama", "adapter-gguf"), gguf_type="q4_0")) == (
         ("ollama", "adapter-gguf"), ())
+
+
+def test_gemma2_exports_and_verifies(tmp_path: Path) -> None:
+    """Gemma 2 (norms as 1 + w, post-norms, soft-capping keys): merged q8_0 GGUF and adapter.gguf verified."""
+    from tests.tiny_models import build_tiny_model
+
+    snap = build_tiny_model("gemma2", tmp_path / "hub", head_dim=8, query_pre_attn_scalar=8, tie_word_embeddings=True)
+    run = _run_with_adapter(snap, tmp_path)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=snap, gguf_type="q8_0", formats=("gguf", "adapter-gguf")))
+    got, tol = dict(res.verification), dict(res.tolerances)
+    assert got["adapter-gguf"] < 1e-3 * max(1.0, res.adapter_effect or 0) and 0 < got["gguf"] <= tol["gguf"]

@@ -174,12 +174,12 @@ def test_gemma_is_written_with_its_norms_as_one_plus_w(tiny_cache: Path, tmp_pat
 
 
 def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
-    gemma2 = tmp_path / "gemma2"
-    shutil.copytree(_snap(tiny_cache, "gemma"), gemma2)
-    cfg = json.loads((gemma2 / "config.json").read_text())
-    (gemma2 / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
-    with pytest.raises(UnsupportedModel, match="soft-capping"):
-        export_gguf(GgufConfig(gemma2, tmp_path / "g.gguf"))
+    gemma3 = tmp_path / "gemma3"
+    shutil.copytree(_snap(tiny_cache, "gemma"), gemma3)
+    cfg = json.loads((gemma3 / "config.json").read_text())
+    (gemma3 / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3_text"}))
+    with pytest.raises(UnsupportedModel, match="sliding-window"):
+        export_gguf(GgufConfig(gemma3, tmp_path / "g.gguf"))
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
     with pytest.raises(MergeError, match="already exists"):
@@ -200,9 +200,10 @@ def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
     ("granite", {"attention_multiplier": 0.2, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                  "logits_scaling": 2.0}),
     ("olmo2", {}),
+    ("gemma2", {"head_dim": 8, "query_pre_attn_scalar": 8, "tie_word_embeddings": True}),
 ])
 def test_more_families_round_trip_exactly_in_f32(tmp_path: Path, arch: str, extra: dict[str, float]) -> None:
-    """Qwen3 (through transformers' GGUF loader), Granite and OLMo2 (read back by gguf_readback): f32 is exact,
+    """Qwen3 (through transformers' GGUF loader), Granite, OLMo2, Gemma 2 (read back by gguf_readback): f32 is exact,
     so names, the q/k permutation (Granite) and q/k norms (Qwen3, OLMo2) are right; Granite's multipliers
     are written under llama.cpp's keys."""
     import gguf
@@ -223,6 +224,9 @@ def test_more_families_round_trip_exactly_in_f32(tmp_path: Path, arch: str, extr
     if arch == "granite":
         assert fields["granite.attention.scale"].contents() == pytest.approx(0.2)
         assert fields["granite.logit_scale"].contents() == pytest.approx(2.0)
+    if arch == "gemma2":
+        assert fields["gemma2.attn_logit_softcapping"].contents() == pytest.approx(50.0)
+        assert fields["gemma2.attention.key_length"].contents() == 8
     if arch == "olmo2":
         assert {"blk.0.post_attention_norm.weight", "blk.0.attn_q_norm.weight"} <= {
             t.name for t in gguf.GGUFReader(str(out)).tensors}

@@ -279,7 +279,7 @@ def _add_hparams(w: Any, config: dict[str, Any], arch_name: str, file_type: int,
     w.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_rope_freq_base(_rope_theta(config))
-    if head_dim != int(config["hidden_size"]) // heads:
+    if head_dim != int(config["hidden_size"]) // heads or arch_name.startswith("gemma"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     fam = family_of(config)

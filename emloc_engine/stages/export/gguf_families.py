@@ -8,12 +8,16 @@ What llama.cpp's ``convert_hf_to_gguf.py`` does per family, kept to what changes
 * ``qwen2``, ``qwen3`` (``q_norm``/``k_norm``), ``olmo2`` (post-norms, ``q_norm``/``k_norm``): NEOX rope, no
   permutation.
 * ``gemma`` (``GemmaModel``): RMSNorm weights stored as ``1 + w`` (Gemma multiplies by ``1 + w``); the
-  head is tied to the embeddings.
+  head is tied to the embeddings; ``attention.key_length``/``value_length`` always written.
+* ``gemma2`` (``Gemma2Model``): as Gemma, plus its post-attention/post-FFN norms and
+  ``attn_logit_softcapping``, ``final_logit_softcapping``, ``attention.sliding_window``. llama.cpp scales
+  queries by ``1/√head_dim`` (``1/√(hidden/heads)`` for the 27B), so a ``query_pre_attn_scalar`` that is
+  neither is refused.
 * ``phi3`` (``Phi3MiniModel``): the fused ``qkv_proj`` and ``gate_up_proj`` stay fused (``attn_qkv``,
   ``ffn_up``); ``rope.dimension_count``, ``rope.scaling.original_context_length`` and ``attention.sliding_window``.
 
-Families training supports but these writers do not (Gemma 2/3: logit soft-capping and
-sliding-window layer patterns) are refused with the missing piece named, before any training.
+Families training supports but these writers do not (Gemma 3: local/global rope bases and its
+sliding-window layer pattern) are refused with the missing piece named, before any training.
 """
 
 from __future__ import annotations
@@ -50,14 +54,13 @@ GGUF_FAMILIES: dict[str, GgufFamily] = {
     "qwen3": GgufFamily("qwen3", False),
     "olmo2": GgufFamily("olmo2", False, transformers_reads=False),
     "gemma": GgufFamily("gemma", False, norm_plus_one=True, transformers_reads=False, tied_by_default=True),
+    # transformers' reader leaves query_pre_attn_scalar at its default: our read-back verifies instead.
+    "gemma2": GgufFamily("gemma2", False, norm_plus_one=True, transformers_reads=False, tied_by_default=True),
     "phi3": GgufFamily("phi3", False),
 }
 
 # Families training supports that the GGUF writers refuse, with the missing piece.
 MISSING_PIECES: dict[str, str] = {
-    "gemma2": "Gemma 2's attention and final logit soft-capping and alternating sliding-window layers "
-              "(gemma2.attn_logit_softcapping, final_logit_softcapping, sliding_window) are not written "
-              "by this exporter",
     "gemma3_text": "Gemma 3's local/global rope bases and sliding-window layer pattern "
                    "(gemma3.rope.freq_base_swa, attention.sliding_window_pattern) are not written by this exporter",
 }
@@ -89,6 +92,12 @@ def family_problem(config: dict[str, Any]) -> str | None:
     if mt not in GGUF_FAMILIES:
         return (f"GGUF export supports the {', '.join(sorted(GGUF_FAMILIES))} families, not {mt!r} "
                 "(use llama.cpp's convert_hf_to_gguf.py on the merged folder)")
+    if mt == "gemma2":
+        heads, head_dim = int(config["num_attention_heads"]), int(config.get("head_dim") or 256)
+        scalar = config.get("query_pre_attn_scalar")
+        if scalar is not None and int(scalar) not in (head_dim, int(config["hidden_size"]) // heads):
+            return (f"query_pre_attn_scalar={scalar} is neither head_dim nor hidden_size/heads, and llama.cpp "
+                    "scales Gemma 2 queries by one of those")
     rope = rope_params(config)
     rtype = rope.get("rope_type") or rope.get("type") or "default"
     if rtype in ("longrope", "su"):
@@ -108,6 +117,10 @@ def add_family_hparams(w: Any, config: dict[str, Any], fam: GgufFamily, head_dim
                          ("residual_multiplier", w.add_residual_scale), ("logits_scaling", w.add_logit_scale)):
             if config.get(key) is not None:
                 add(float(config[key]))
+    if fam.arch == "gemma2":
+        w.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 50.0))
+        w.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 30.0))
+        w.add_sliding_window(int(config.get("sliding_window") or 4096))
     if fam.arch == "phi3":
         heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
         rot = float(rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
