@@ -163,7 +163,8 @@ def test_run_validation_refuses_what_cannot_be_exported_before_training(tmp_path
     from tests.tiny_models import build_tiny_model
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    gemma3 = build_tiny_model("gemma3_text", tmp_path / "hub", head_dim=8)
+    gemma3 = build_tiny_model("gemma3_text", tmp_path / "hub", head_dim=8, query_pre_attn_scalar=8,
+                              layer_types=["full_attention"] * 2)  # not llama.cpp's fixed pattern
     llama = build_tiny_model("llama", tmp_path / "hub")
 
     def cfg(model: Path, **kw: Any) -> RunConfig:
@@ -181,12 +182,24 @@ def test_run_validation_refuses_what_cannot_be_exported_before_training(tmp_path
         ("ollama", "adapter-gguf"), ())
 
 
-def test_gemma2_exports_and_verifies(tmp_path: Path) -> None:
-    """Gemma 2 (norms as 1 + w, post-norms, soft-capping keys): merged q8_0 GGUF and adapter.gguf verified."""
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_gemma2_and_3_export_and_verify(tmp_path: Path, arch: str) -> None:
+    """Gemma 2/3 (norms as 1 + w, post-norms, q/k norms): merged q8_0 GGUF and adapter.gguf verified."""
     from tests.tiny_models import build_tiny_model
 
-    snap = build_tiny_model("gemma2", tmp_path / "hub", head_dim=8, query_pre_attn_scalar=8, tie_word_embeddings=True)
+    snap = build_tiny_model(arch, tmp_path / "hub", head_dim=8, query_pre_attn_scalar=8, tie_word_embeddings=True)
     run = _run_with_adapter(snap, tmp_path)
     res = merge_and_export(ExportConfig(run_dir=run, model_dir=snap, gguf_type="q8_0", formats=("gguf", "adapter-gguf")))
     got, tol = dict(res.verification), dict(res.tolerances)
     assert got["adapter-gguf"] < 1e-3 * max(1.0, res.adapter_effect or 0) and 0 < got["gguf"] <= tol["gguf"]
+
+
+@pytest.mark.parametrize("head_dim", [8, 128])
+def test_qwen3_gguf_is_verified_whatever_its_head_dim(tmp_path: Path, head_dim: int) -> None:
+    """transformers reads Qwen3 GGUFs with head_dim 128 only; other widths are read back by the exporter."""
+    from tests.tiny_models import build_tiny_model
+
+    snap = build_tiny_model("qwen3", tmp_path / "hub", head_dim=head_dim)
+    run = _run_with_adapter(snap, tmp_path)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=snap, gguf_type="f32", formats=("gguf",)))
+    assert dict(res.verification)["gguf"] < 1e-3

@@ -177,7 +177,7 @@ def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
     gemma3 = tmp_path / "gemma3"
     shutil.copytree(_snap(tiny_cache, "gemma"), gemma3)
     cfg = json.loads((gemma3 / "config.json").read_text())
-    (gemma3 / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3_text"}))
+    (gemma3 / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma3_text", "layer_types": ["full_attention"] * 2}))
     with pytest.raises(UnsupportedModel, match="sliding-window"):
         export_gguf(GgufConfig(gemma3, tmp_path / "g.gguf"))
     out = tmp_path / "m.gguf"
@@ -201,6 +201,7 @@ def test_refusals(tiny_cache: Path, tmp_path: Path) -> None:
                  "logits_scaling": 2.0}),
     ("olmo2", {}),
     ("gemma2", {"head_dim": 8, "query_pre_attn_scalar": 8, "tie_word_embeddings": True}),
+    ("gemma3_text", {"head_dim": 8, "query_pre_attn_scalar": 8, "tie_word_embeddings": True}),
 ])
 def test_more_families_round_trip_exactly_in_f32(tmp_path: Path, arch: str, extra: dict[str, float]) -> None:
     """Qwen3 (through transformers' GGUF loader), Granite, OLMo2, Gemma 2 (read back by gguf_readback): f32 is exact,
@@ -216,7 +217,7 @@ def test_more_families_round_trip_exactly_in_f32(tmp_path: Path, arch: str, extr
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
     res = export_gguf(GgufConfig(snap, out, "f32"))
-    assert res.arch == arch
+    assert res.arch == arch.removesuffix("_text")
     ref = hf_logits(snap)
     got = hf_logits(out.parent, gguf_file=out.name) if arch == "qwen3" else logits(load_gguf_as_hf(out, snap))
     assert max_diff(ref, got) < 1e-4
@@ -224,6 +225,9 @@ def test_more_families_round_trip_exactly_in_f32(tmp_path: Path, arch: str, extr
     if arch == "granite":
         assert fields["granite.attention.scale"].contents() == pytest.approx(0.2)
         assert fields["granite.logit_scale"].contents() == pytest.approx(2.0)
+    if arch == "gemma3_text":
+        assert fields["gemma3.rope.freq_base"].contents() == pytest.approx(1e6)
+        assert fields["gemma3.attention.sliding_window"].contents() == 4096
     if arch == "gemma2":
         assert fields["gemma2.attn_logit_softcapping"].contents() == pytest.approx(50.0)
         assert fields["gemma2.attention.key_length"].contents() == 8

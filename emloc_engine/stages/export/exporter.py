@@ -417,7 +417,9 @@ def _load_gguf(gguf: Path, merged: Path, dtype: torch.dtype, dev: torch.device) 
     config = load_config(merged)
     fam = family_of(config)
     heads = int(config["num_attention_heads"])
-    plain_heads = int(config.get("head_dim") or config["hidden_size"] // heads) == int(config["hidden_size"]) // heads
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    # transformers' reader takes head_dim from hidden_size/heads (Qwen3: its config default, 128)
+    plain_heads = head_dim == (128 if fam is not None and fam.arch == "qwen3" else int(config["hidden_size"]) // heads)
     if fam is not None and fam.transformers_reads and plain_heads:
         g: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
                                                       trust_remote_code=False, local_files_only=True)

@@ -16,8 +16,12 @@ What llama.cpp's ``convert_hf_to_gguf.py`` does per family, kept to what changes
 * ``phi3`` (``Phi3MiniModel``): the fused ``qkv_proj`` and ``gate_up_proj`` stay fused (``attn_qkv``,
   ``ffn_up``); ``rope.dimension_count``, ``rope.scaling.original_context_length`` and ``attention.sliding_window``.
 
-Families training supports but these writers do not (Gemma 3: local/global rope bases and its
-sliding-window layer pattern) are refused with the missing piece named, before any training.
+* ``gemma3_text`` (``Gemma3Model``): as Gemma (q/k norms too are ``1 + w``), the global layers' rope base
+  and linear scaling, ``attention.sliding_window``. llama.cpp fixes the rest: every 6th layer global, the
+  local layers' rope base 10000, the query scale as Gemma 2's; a model that differs is refused.
+
+Whatever a family needs that these writers do not write is refused with the missing piece named, before
+any training (:func:`family_problem`, called when the run is planned).
 """
 
 from __future__ import annotations
@@ -56,14 +60,12 @@ GGUF_FAMILIES: dict[str, GgufFamily] = {
     "gemma": GgufFamily("gemma", False, norm_plus_one=True, transformers_reads=False, tied_by_default=True),
     # transformers' reader leaves query_pre_attn_scalar at its default: our read-back verifies instead.
     "gemma2": GgufFamily("gemma2", False, norm_plus_one=True, transformers_reads=False, tied_by_default=True),
+    "gemma3_text": GgufFamily("gemma3", False, norm_plus_one=True, transformers_reads=False, tied_by_default=True),
     "phi3": GgufFamily("phi3", False),
 }
 
 # Families training supports that the GGUF writers refuse, with the missing piece.
-MISSING_PIECES: dict[str, str] = {
-    "gemma3_text": "Gemma 3's local/global rope bases and sliding-window layer pattern "
-                   "(gemma3.rope.freq_base_swa, attention.sliding_window_pattern) are not written by this exporter",
-}
+MISSING_PIECES: dict[str, str] = {}
 
 
 def family_of(config: dict[str, Any]) -> GgufFamily | None:
@@ -76,7 +78,10 @@ def is_tied(config: dict[str, Any]) -> bool:
 
 
 def rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The rope parameters (of the global layers, where a model has one set per layer type)."""
     rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
+        rp = rp["full_attention"]
     return dict(rp) if isinstance(rp, dict) else {}
 
 
@@ -92,12 +97,16 @@ def family_problem(config: dict[str, Any]) -> str | None:
     if mt not in GGUF_FAMILIES:
         return (f"GGUF export supports the {', '.join(sorted(GGUF_FAMILIES))} families, not {mt!r} "
                 "(use llama.cpp's convert_hf_to_gguf.py on the merged folder)")
-    if mt == "gemma2":
+    if mt in ("gemma2", "gemma3_text"):
         heads, head_dim = int(config["num_attention_heads"]), int(config.get("head_dim") or 256)
         scalar = config.get("query_pre_attn_scalar")
         if scalar is not None and int(scalar) not in (head_dim, int(config["hidden_size"]) // heads):
             return (f"query_pre_attn_scalar={scalar} is neither head_dim nor hidden_size/heads, and llama.cpp "
-                    "scales Gemma 2 queries by one of those")
+                    "scales Gemma queries by one of those")
+    if mt == "gemma3_text":
+        problem = _gemma3_problem(config)
+        if problem:
+            return problem
     rope = rope_params(config)
     rtype = rope.get("rope_type") or rope.get("type") or "default"
     if rtype in ("longrope", "su"):
@@ -105,6 +114,24 @@ def family_problem(config: dict[str, Any]) -> str | None:
                 "is not written by this GGUF exporter")
     if rtype not in ("default", "linear", "llama3", "yarn"):
         return f"rope scaling {rtype!r} is not supported by this GGUF exporter"
+    return None
+
+
+def _gemma3_problem(config: dict[str, Any]) -> str | None:
+    """What llama.cpp's Gemma 3 graph fixes that this model does differently."""
+    n = int(config["num_hidden_layers"])
+    want = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    if config.get("layer_types") and list(config["layer_types"]) != want:
+        return ("its sliding-window layer pattern differs from llama.cpp's fixed one (every 6th layer global; "
+                "the gemma3.attention.sliding_window_pattern key is not written by this exporter)")
+    rp = config.get("rope_parameters") or {}
+    local = rp.get("sliding_attention") if isinstance(rp, dict) else None
+    base = float((local or {}).get("rope_theta") or config.get("rope_local_base_freq") or 10000.0)
+    if base != 10000.0 or (local or {}).get("rope_type", "default") != "default":
+        return (f"its local layers' rope (base {base:g}) differs from llama.cpp's fixed 10000 "
+                "(gemma3.rope.freq_base_swa is not written by this exporter)")
+    if config.get("attn_logit_softcapping") is not None:
+        return "attention logit soft-capping, which llama.cpp's Gemma 3 graph does not have"
     return None
 
 
@@ -121,6 +148,10 @@ def add_family_hparams(w: Any, config: dict[str, Any], fam: GgufFamily, head_dim
         w.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 50.0))
         w.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 30.0))
         w.add_sliding_window(int(config.get("sliding_window") or 4096))
+    if fam.arch == "gemma3":
+        w.add_sliding_window(int(config.get("sliding_window") or 4096))
+        if config.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
     if fam.arch == "phi3":
         heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
         rot = float(rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
