@@ -203,3 +203,14 @@ def test_qwen3_gguf_is_verified_whatever_its_head_dim(tmp_path: Path, head_dim: 
     run = _run_with_adapter(snap, tmp_path)
     res = merge_and_export(ExportConfig(run_dir=run, model_dir=snap, gguf_type="f32", formats=("gguf",)))
     assert dict(res.verification)["gguf"] < 1e-3
+
+
+def test_chat_settings_of_a_gguf_file_come_from_its_metadata(tiny_llama: Path, tmp_path: Path) -> None:
+    from emloc_engine.stages.export.gguf_export import GgufConfig, export_gguf
+    from emloc_engine.stages.export.modelfile import base_gguf_of
+
+    out = tmp_path / "m.gguf"
+    export_gguf(GgufConfig(tiny_llama, out, "q8_0"))
+    s = chat_settings(out)
+    assert s.family == "chatml" and s.stops == ("<|im_start|>", "<|im_end|>") and s.parameters == ()
+    assert base_gguf_of(out) == out and base_gguf_of(tiny_llama) is None

@@ -99,13 +99,26 @@ def chat_template_of(model_dir: Path) -> str:
     return str(tmpl)
 
 
+def _gguf_eos(path: Path) -> str | None:
+    """The end-of-sequence token of a GGUF (``tokenizer.ggml.eos_token_id`` into its token list)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    eos, tokens = fields.get("tokenizer.ggml.eos_token_id"), fields.get("tokenizer.ggml.tokens")
+    if eos is None or tokens is None:
+        return None
+    values = tokens.contents()
+    i = int(eos.contents())
+    return str(values[i]) if isinstance(values, list) and 0 <= i < len(values) else None
+
+
 def chat_settings(model_dir: Path) -> ChatSettings:
-    """Ollama's template, stops and defaults for a base model folder."""
+    """Ollama's template, stops and defaults for a base model folder (or a GGUF file: its metadata)."""
     jinja = chat_template_of(model_dir)
     family = next((f for f in CHAT_FAMILIES if f[1] in jinja), None)
     stops = list(family[3]) if family else []
     p = Path(model_dir)
-    eos = _read_json(p / "tokenizer_config.json").get("eos_token") if p.is_dir() else None
+    eos = _read_json(p / "tokenizer_config.json").get("eos_token") if p.is_dir() else _gguf_eos(p)
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if isinstance(eos, str) and eos and eos not in stops:
         stops.append(eos)
