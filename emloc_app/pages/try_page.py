@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,16 +39,61 @@ from emloc_engine.core.progress import Progress
 from emloc_engine.run.options import option_help
 from emloc_engine.run.orchestrator import export_record, open_run, run_facts, run_stage
 from emloc_engine.run.plan import options_of
-from emloc_engine.stages.export.options import GGUF_TYPES, ExportOptions
+from emloc_engine.stages.export.options import GGUF_TYPES, K_QUANT_TYPES, ExportOptions
 
 if TYPE_CHECKING:
     from emloc_engine.stages.export.exporter import ExportConfig, ExportResult
 
-EXPORTS = (
-    ("merged", "Merged model folder", "A full Hugging Face model (16-bit safetensors) with the adapter merged in."),
-    ("adapter", "Adapter (peft)", "The corrected LoRA adapter alone, for peft / vLLM / transformers."),
-    ("gguf", "GGUF", "One file for llama.cpp, Ollama and LM Studio."),
-)
+@dataclass(frozen=True)
+class ExportChoice:
+    """One row of the export box: a plain name for what the user gets, and the run's export settings.
+
+    ``gguf_type`` fixes the GGUF type of the row; ``None`` takes the type chosen in the row's menu.
+    """
+
+    key: str
+    title: str
+    tip: str
+    formats: tuple[str, ...]
+    gguf_type: str | None = None
+    has_type_menu: bool = False
+
+
+def four_bit_type() -> str:
+    """q4_k_m when llama.cpp's llama-quantize is installed (better at the same size), else q4_0."""
+    from emloc_engine.stages.export.gguf_quantize import find_llama_quantize
+
+    return "q4_k_m" if find_llama_quantize() is not None else "q4_0"
+
+
+def export_choices() -> tuple[ExportChoice, ...]:
+    """The export rows, in the order people look for them (runtimes first)."""
+    return (
+        ExportChoice("ollama", "Add to Ollama" if shutil.which("ollama") else "Ollama Modelfile",
+                     "Writes RUN/Modelfile (your base GGUF + the adapter, or the single GGUF file) and, when "
+                     "Ollama is installed, runs `ollama create` for it: only when you click.", ("ollama",),
+                     has_type_menu=True),
+        ExportChoice("lmstudio", "Add to LM Studio", "Links the single GGUF file into LM Studio's models folder.",
+                     ("lmstudio",), has_type_menu=True),
+        ExportChoice("adapter-gguf", "Adapter for llama.cpp/Ollama",
+                     "RUN/adapter.gguf: the small corrected adapter, loaded on top of your unchanged base GGUF "
+                     "(llama-cli --lora, Ollama's ADAPTER).", ("adapter-gguf",)),
+        ExportChoice("gguf4", "Single GGUF file, 4-bit", "RUN/model.gguf with the adapter merged in, 4 bits per "
+                     "weight (q4_k_m with llama.cpp installed, else q4_0).", ("gguf",), four_bit_type()),
+        ExportChoice("gguf", "Single GGUF file", "RUN/model.gguf for llama.cpp, Ollama and LM Studio, in the "
+                     "type chosen next to it.", ("gguf",), has_type_menu=True),
+        ExportChoice("merged", "Merged model folder",
+                     "A full Hugging Face model (16-bit safetensors) with the adapter merged in.", ("merged",)),
+        ExportChoice("adapter", "Adapter (peft)", "The corrected LoRA adapter alone, for peft / vLLM / transformers.",
+                     ("adapter",)),
+    )
+
+
+# Plain names of the GGUF types in the type menu.
+TYPE_LABELS = {"f32": "32-bit (f32, exact)", "f16": "16-bit (f16)", "bf16": "16-bit (bf16)", "q8_0": "8-bit (q8_0)",
+               "q6_k": "6-bit (q6_k)", "q5_k_m": "5-bit (q5_k_m)", "q5_1": "5-bit (q5_1)", "q5_0": "5-bit (q5_0)",
+               "q4_k_m": "4-bit (q4_k_m)", "q4_1": "4-bit (q4_1)", "q4_0": "4-bit (q4_0)"}
+EXPORTS = tuple((c.key, c.title, c.tip) for c in export_choices())
 DEFAULT_PROMPT = "Write two sentences about the sea."
 log = logging.getLogger(__name__)
 
@@ -178,16 +225,28 @@ class TryPage(BasePage):
         self.export_buttons: dict[str, QPushButton] = {}
         self.export_bars: dict[str, QProgressBar] = {}
         self.export_status: dict[str, QLabel] = {}
+        self.export_sizes: dict[str, QLabel] = {}
+        self.choices = {c.key: c for c in export_choices()}
         self.gguf_type = QComboBox()
         self.gguf_type.setObjectName("gguf_type")
-        self.gguf_type.addItems(list(GGUF_TYPES))
-        self.gguf_type.setCurrentText(ExportOptions().gguf_type)
+        from emloc_engine.stages.export.gguf_quantize import find_llama_quantize
+
+        k_quants = find_llama_quantize() is not None
+        for t in GGUF_TYPES:
+            if t in TYPE_LABELS and (k_quants or t not in K_QUANT_TYPES):
+                self.gguf_type.addItem(TYPE_LABELS[t], t)
+        self.set_gguf_type(ExportOptions().gguf_type)
         self.gguf_type.setToolTip(option_help("export.gguf_type"))
-        for i, (fmt, title, tip) in enumerate(EXPORTS):
-            b = QPushButton(f"Export {title if fmt == 'gguf' else title.lower()}")
+        self.gguf_type.currentIndexChanged.connect(self.update_sizes)
+        for i, choice in enumerate(self.choices.values()):
+            fmt = choice.key
+            b = QPushButton(choice.title)
             b.setObjectName(f"export_{fmt}")
-            b.setToolTip(tip)
+            b.setToolTip(choice.tip)
             b.clicked.connect(lambda _=False, f=fmt: self.start_export(f))
+            size = QLabel("")
+            size.setObjectName(f"size_{fmt}")
+            size.setToolTip("Size of the file(s) this writes, predicted before writing.")
             bar = QProgressBar()
             bar.setRange(0, 1000)
             bar.setValue(0)
@@ -201,24 +260,54 @@ class TryPage(BasePage):
                 grid.addLayout(cell, i, 0)
             else:
                 grid.addWidget(b, i, 0)
-            grid.addWidget(bar, i, 1)
-            grid.addWidget(status, i, 2)
+            grid.addWidget(size, i, 1)
+            grid.addWidget(bar, i, 2)
+            grid.addWidget(status, i, 3)
             self.export_buttons[fmt], self.export_bars[fmt], self.export_status[fmt] = b, bar, status
+            self.export_sizes[fmt] = size
         self.open_folder = QPushButton("&Open run folder")
         self.open_folder.clicked.connect(self.open_run_folder)
-        grid.addWidget(self.open_folder, 0, 3)
-        grid.setColumnStretch(2, 1)
+        grid.addWidget(self.open_folder, 0, 4)
+        grid.setColumnStretch(3, 1)
         self.body.addWidget(exp)
         self._exporting: str | None = None
+        self.ollama_command: tuple[str, ...] | None = None
 
     # -- state in ----------------------------------------------------------------------------
+    def set_gguf_type(self, gguf_type: str) -> None:
+        i = self.gguf_type.findData(gguf_type)
+        if i >= 0:
+            self.gguf_type.setCurrentIndex(i)
+
+    def chosen_type(self, key: str) -> str:
+        choice = self.choices[key]
+        return choice.gguf_type or str(self.gguf_type.currentData() or ExportOptions().gguf_type)
+
+    def update_sizes(self) -> None:
+        """The predicted size of each row's files (engine arithmetic on the model's headers)."""
+        from emloc_engine.stages.export.sizes import human_bytes, predicted_export_bytes
+
+        for key, choice in self.choices.items():
+            label = self.export_sizes[key]
+            if self.state.model_dir is None:
+                label.setText("")
+                continue
+            try:
+                n = predicted_export_bytes(choice.formats[0], self.state.model_dir, self.adapter_dir(),
+                                           self.chosen_type(key))
+            except (EngineError, OSError, KeyError, ValueError):
+                label.setText("")
+                continue
+            approx = "≈ " if self.chosen_type(key) in K_QUANT_TYPES and choice.formats[0] != "adapter-gguf" else ""
+            label.setText(f"{approx}{human_bytes(n)}")
+
     def initializePage(self) -> None:
         if self.state.run_dir != self._chat_run:  # another run: its own prompts, a new conversation
             self._chat_run = self.state.run_dir
             self.clear_chat()
             self.load_saved()
         if self.state.config is not None:
-            self.gguf_type.setCurrentText(self.state.config.export.gguf_type)
+            self.set_gguf_type(self.state.config.export.gguf_type)
         layout = self.layout_()
         corrected = layout is not None and layout.adapter_corrected.exists()
         self.adapter_choice.setCurrentIndex(0 if corrected or layout is None else 1)
@@ -227,6 +316,7 @@ class TryPage(BasePage):
             if path is not None and path.exists():
                 self.export_bars[fmt].setValue(1000)
                 self.export_status[fmt].setText(str(path))
+        self.update_sizes()
 
     def layout_(self) -> RunLayout | None:
         return RunLayout(self.state.run_dir) if self.state.run_dir else None
@@ -243,7 +333,8 @@ class TryPage(BasePage):
         layout = self.layout_()
         if layout is None:
             return None
-        return {"merged": layout.merged, "adapter": layout.root / "adapter-export", "gguf": layout.gguf}.get(fmt)
+        return {"merged": layout.merged, "adapter": layout.root / "adapter-export", "gguf": layout.gguf,
+                "adapter-gguf": layout.adapter_gguf, "ollama": layout.modelfile}.get(fmt)
 
     # -- chat ------------------------------------------------------------------------------
     def chat_settings(self) -> ChatSettings:
@@ -367,14 +458,15 @@ class TryPage(BasePage):
 
     # -- export ------------------------------------------------------------------------------
     def export_config(self, fmt: str) -> ExportConfig:
-        """The run's export settings for one format, wired as ``emloc export`` wires them."""
+        """The run's export settings for one row, wired as ``emloc export`` wires them."""
         from emloc_engine.stages.export.exporter import ExportConfig
 
         s = self.state
         if s.run_dir is None or s.model_dir is None:
             raise ConfigError("No finished run to export.", hint="Run the fine-tune first.")
         base = s.config.export if s.config is not None else ExportOptions()
-        options = dataclasses.replace(base, formats=(fmt,), gguf_type=self.gguf_type.currentText())
+        choice = self.choices[fmt]
+        options = dataclasses.replace(base, formats=choice.formats, gguf_type=self.chosen_type(fmt))
         return ExportConfig(**options_of(options), run_dir=s.run_dir, model_dir=s.model_dir, overwrite=True,
                             device=s.config.device if s.config is not None else "cpu")
 
@@ -402,13 +494,34 @@ class TryPage(BasePage):
 
     def _exported(self, fmt: str, result: ExportResult) -> None:
         self.state.exports[fmt] = result
-        path = {"merged": result.merged_dir, "adapter": result.adapter_dir, "gguf": result.gguf_path}.get(fmt)
+        path = {"merged": result.merged_dir, "adapter": result.adapter_dir, "gguf": result.gguf_path,
+                "gguf4": result.gguf_path, "adapter-gguf": result.adapter_gguf_path,
+                "ollama": result.modelfile_path, "lmstudio": result.lmstudio_path}.get(fmt)
         check = ""
         if result.verification:
             worst = max(d for _, d in result.verification)
             check = f" · verified (max logit diff {worst:.2g})"
         self.export_bars[fmt].setValue(1000)
         self.export_status[fmt].setText(f"{path or 'done'}{check}")
+        if fmt == "ollama":
+            self._offer_ollama(result)
+
+    def _offer_ollama(self, result: ExportResult) -> None:
+        """The user clicked "Add to Ollama": run the offered ``ollama create`` now (or say how, without Ollama)."""
+        from emloc_engine.stages.export.modelfile import add_to_ollama, command_text
+
+        if not result.ollama_command:
+            self.export_status["ollama"].setText(
+                f"{result.modelfile_path} · Ollama not found; install it, then: "
+                f"ollama create NAME -f {result.modelfile_path}")
+            return
+        self.ollama_command = result.ollama_command
+        self.export_status["ollama"].setText(f"running: {command_text(result.ollama_command)}")
+        self.run_task("ollama-create", add_to_ollama, result.ollama_command, self._added_to_ollama)
+
+    def _added_to_ollama(self, message: str) -> None:
+        assert self.ollama_command is not None
+        self.export_status["ollama"].setText(f"Added to Ollama as {self.ollama_command[2]} ({message})")
 
     def task_finished(self, name: str) -> None:
         if name.startswith("export-"):

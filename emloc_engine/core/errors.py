@@ -62,6 +62,11 @@ class DiskFull(EngineError):
     """Writing an output ran out of disk space (or hit a file-size limit); names the folder and the space."""
 
 
+class MissingTool(EngineError):
+    """An outside program a requested output needs (llama.cpp's ``llama-quantize``) is not installed;
+    the message names the output and how to get the program."""
+
+
 class RunStateError(EngineError):
     """The run folder is in a state that forbids the request (e.g. correcting twice)."""
 

@@ -9,6 +9,8 @@
     RUN_DIR/adapter-corrected/     the peft adapter after LoRA correction
     RUN_DIR/merged/                the merged Hugging Face model folder
     RUN_DIR/model.gguf             the GGUF export
+    RUN_DIR/adapter.gguf           the corrected adapter as a llama.cpp LoRA adapter
+    RUN_DIR/Modelfile              the Ollama Modelfile
     RUN_DIR/checkpoints/           training checkpoints (resume)
     RUN_DIR/cache/                 calibration statistics and other resumable intermediates
     RUN_DIR/logs/emloc.log         the engine's log for this run
@@ -51,6 +53,14 @@ class RunLayout:
     @property
     def gguf(self) -> Path:
         return self.root / "model.gguf"
+
+    @property
+    def adapter_gguf(self) -> Path:
+        return self.root / "adapter.gguf"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.root / "Modelfile"
 
     @property
     def checkpoints(self) -> Path:

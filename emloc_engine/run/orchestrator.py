@@ -240,7 +240,8 @@ def _reset_from(session: RunSession, stage: str) -> None:
     """Forget ``stage`` and every later one, and delete their outputs (``--redo-from``)."""
     lay = session.layout
     outputs = {"emulator": [lay.emulator], "train": [lay.adapter, lay.checkpoints],
-               "correct": [lay.adapter_corrected], "export": [lay.merged, lay.gguf, lay.root / "adapter-export"]}
+               "correct": [lay.adapter_corrected], "export": [lay.merged, lay.gguf, lay.adapter_gguf, lay.modelfile,
+                                                                lay.root / "adapter-export"]}
     for name in STAGES[STAGES.index(stage):]:
         for path in outputs[name]:
             if path.is_dir():
@@ -290,7 +291,8 @@ def run_facts(manifest: Manifest) -> Any:
 
 def export_record(result: Any) -> dict[str, Any]:
     """The export stage's manifest record: every result field plus ``paths`` (what exists and was verified)."""
-    paths = {k: str(getattr(result, k)) for k in ("merged_dir", "adapter_dir", "gguf_path") if getattr(result, k)}
+    keys = ("merged_dir", "adapter_dir", "gguf_path", "adapter_gguf_path", "modelfile_path", "lmstudio_path")
+    paths = {k: str(getattr(result, k)) for k in keys if getattr(result, k, None)}
     out: dict[str, Any] = {**to_json(result), "paths": paths}
     return out
 

@@ -85,18 +85,30 @@ def options_of(options: Any) -> dict[str, Any]:
 
 
 def checked_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The exports this model can have, decided before any work: a GGUF the writer cannot produce for
-    this family is dropped with a note (not discovered after training), the others are kept."""
-    formats = cfg.export.formats
-    if "gguf" not in formats:
-        return formats, ()
-    from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
-    from emloc_engine.weights.headers import load_config
+    """The exports this model can have, decided before any work (never discovered after training).
 
-    problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
+    A GGUF the writers cannot produce for this family is dropped with a note when the run asked for the
+    default exports (merged, adapter, gguf); asked for explicitly (``adapter-gguf``, ``ollama``,
+    ``lmstudio``, or ``gguf`` without the defaults) the run is refused with the missing piece named.
+
+    Raises:
+        UnsupportedModel: an explicitly requested GGUF export this family cannot have.
+        MissingTool: a K-quant GGUF type without llama.cpp's ``llama-quantize``.
+    """
+    from emloc_engine.core.errors import UnsupportedModel
+    from emloc_engine.stages.export.exporter import export_problem, resolve_formats
+    from emloc_engine.stages.export.options import DEFAULT_FORMATS
+
+    formats = cfg.export.formats
+    wanted = resolve_formats(formats, cfg.model_dir)
+    if not wanted & {"gguf", "adapter-gguf"}:
+        return formats, ()
+    problem = export_problem(wanted, cfg.export.gguf_type, cfg.model_dir)
     if not problem:
         return formats, ()
-    note = f"GGUF export skipped: {problem}"
+    if tuple(formats) != DEFAULT_FORMATS:
+        raise UnsupportedModel(f"{problem}.", hint="Choose exports without GGUF (--export merged,adapter).")
+    note = f"GGUF export skipped: {problem.removeprefix('Cannot export GGUF: ')}"
     log.warning(note)
     return tuple(e for e in formats if e != "gguf"), (note,)
 

@@ -243,8 +243,16 @@ class FakeEngine:
 
         self.calls.add("merge_and_export", cfg)
         _three_updates("merge_and_export", progress, self.calls, self.fail)
+        modelfile = command = None
+        if "ollama" in cfg.formats:  # as the real stage: a Modelfile, and the command only when ollama is on PATH
+            from emloc_engine.stages.export.modelfile import ollama_command
+
+            modelfile = cfg.run_dir / "Modelfile"
+            modelfile.write_text("FROM ./model.gguf\n")
+            command = ollama_command(modelfile, cfg.ollama_name or "tiny-emloc")
         return ExportResult(merged_dir=cfg.run_dir / "merged", adapter_dir=None, gguf_path=cfg.run_dir / "model.gguf",
-                            verification=(("prompt", 1e-3),), peak_rss_gib=1.0)
+                            verification=(("prompt", 1e-3),), peak_rss_gib=1.0, modelfile_path=modelfile,
+                            ollama_command=command)
 
     def chat_side_by_side(self, req: Any, progress: Any) -> dict[str, str]:
         """Streams ``Hello from SIDE #N`` (N: the user turns in that side's conversation)."""

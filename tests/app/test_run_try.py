@@ -129,7 +129,7 @@ def test_try_page_streams_both_sides(qtbot, fake: FakeEngine, state: WizardState
 def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
                                                          monkeypatch) -> None:
     page, calls = try_page(qtbot, state), fake.calls
-    page.gguf_type.setCurrentText("q8_0")
+    page.set_gguf_type("q8_0")
     page.export_buttons["gguf"].click()
     assert not page.export_buttons["merged"].isEnabled()  # one export at a time
     qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
@@ -145,3 +145,64 @@ def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine
     monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url.toLocalFile()))
     page.open_folder.click()
     assert opened == [str(state.run_dir)]
+
+
+def _fake_ollama(tmp_path: Path, monkeypatch) -> Path:  # type: ignore[no-untyped-def]
+    """An `ollama` on PATH that records its arguments."""
+    import os
+    import stat
+
+    bindir, log = tmp_path / "bin", tmp_path / "ollama-args.txt"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "ollama"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\necho success\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_add_to_ollama_runs_the_offered_command_only_on_click(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path, monkeypatch) -> None:
+    log = _fake_ollama(tmp_path, monkeypatch)
+    page = try_page(qtbot, state)
+    assert page.export_buttons["ollama"].text() == "Add to Ollama"
+    page.export_buttons["gguf"].click()  # another export never runs ollama
+    qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
+    assert not log.exists()
+    page.export_buttons["ollama"].click()
+    qtbot.waitUntil(lambda: not page.busy() and "Added to Ollama" in page.export_status["ollama"].text(),
+                    timeout=60_000)
+    assert fake.calls.get("merge_and_export").formats == ("gguf",)
+    cfgs = [a for n, a in fake.calls.items if n == "merge_and_export"]
+    assert cfgs[-1].formats == ("ollama",)
+    assert log.read_text().split() == ["create", "tiny-emloc", "-f", str(state.run_dir / "Modelfile")]
+
+
+def test_without_ollama_the_row_writes_the_modelfile_and_says_how(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    page = try_page(qtbot, state)
+    assert page.export_buttons["ollama"].text() == "Ollama Modelfile"
+    page.export_buttons["ollama"].click()
+    qtbot.waitUntil(lambda: not page.busy() and "not found" in page.export_status["ollama"].text(), timeout=60_000)
+    assert "ollama create NAME -f" in page.export_status["ollama"].text()
+
+
+def test_export_rows_are_plain_choices_with_predicted_sizes(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
+                                                            tiny_llama: Path, monkeypatch) -> None:
+    from emloc_engine.stages.export.sizes import gguf_bytes, human_bytes
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # no llama-quantize: 4-bit is q4_0
+    state.model_dir = tiny_llama
+    page = try_page(qtbot, state)
+    titles = [page.export_buttons[k].text() for k in page.choices]
+    assert {"Adapter for llama.cpp/Ollama", "Single GGUF file, 4-bit", "Add to LM Studio"} <= set(titles)
+    assert page.export_sizes["gguf4"].text() == human_bytes(gguf_bytes(tiny_llama, "q4_0"))
+    page.set_gguf_type("f32")
+    assert page.export_sizes["gguf"].text() == human_bytes(gguf_bytes(tiny_llama, "f32"))
+    page.set_gguf_type("f16")
+    assert page.export_sizes["gguf"].text() == human_bytes(gguf_bytes(tiny_llama, "f16"))
+    page.export_buttons["gguf4"].click()
+    qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
+    cfg = fake.calls.get("merge_and_export")
+    assert cfg.formats == ("gguf",) and cfg.gguf_type == "q4_0"

@@ -52,3 +52,27 @@ def test_cli_export_errors(tiny_llama: Path, tmp_path: Path, capsys: pytest.Capt
                  "--formats", "adapter", "--no-verify"]) == 0
     assert (run / "adapter-export" / "adapter_model.safetensors").exists()
     assert "emloc" in (run / "adapter-export" / "README.md").read_text()
+
+
+def test_cli_offers_the_exact_ollama_command_and_never_runs_it(tiny_llama: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import stat
+
+    bindir, ran = tmp_path / "bin", tmp_path / "ollama-ran"
+    bindir.mkdir()
+    fake = bindir / "ollama"
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    make_adapter(tiny_llama, RunLayout(run).adapter_corrected)
+    code = main(["export", str(run), "--model", str(tiny_llama), "--formats", "ollama", "--no-verify",
+                 "--ollama-name", "tiny-chat"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"Add it to Ollama: ollama create tiny-chat -f {run / 'Modelfile'}" in out.splitlines()
+    assert (run / "Modelfile").is_file() and (run / "model.gguf").is_file() and not ran.exists()
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["export"]
+    assert stage["result"]["ollama_command"] == ["ollama", "create", "tiny-chat", "-f", str(run / "Modelfile")]

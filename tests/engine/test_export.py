@@ -188,12 +188,13 @@ def test_tied_lm_head_adapter_is_refused(tiny_cache: Path, tmp_path: Path) -> No
         merge_and_export(ExportConfig(run_dir=run, model_dir=snap, formats=("merged",), verify=False))
 
 
-def test_gguf_refused_for_unsupported_family_before_any_work(tiny_cache: Path, tmp_path: Path) -> None:
-    snap = next((tiny_cache / "models--emloc-test--tiny-phi3" / "snapshots").iterdir())
+@pytest.mark.parametrize("fmt", ["gguf", "adapter-gguf"])
+def test_gguf_refused_for_unsupported_family_before_any_work(tmp_path: Path, fmt: str) -> None:
+    snap = build_tiny_model("gemma3_text", tmp_path / "hub", head_dim=8, query_pre_attn_scalar=8, layer_types=["full_attention"] * 2)
     run = _run_with_adapter(snap, tmp_path)
-    with pytest.raises(MergeError, match="GGUF export supports"):
-        merge_and_export(ExportConfig(run_dir=run, model_dir=snap, formats=("merged", "gguf"), verify=False))
-    assert _leftovers(run) == []
+    with pytest.raises(MergeError, match="sliding-window"):
+        merge_and_export(ExportConfig(run_dir=run, model_dir=snap, formats=("merged", fmt), verify=False))
+    assert _leftovers(run) == [] and not (run / "adapter.gguf").exists()
 
 
 @pytest.mark.slow

@@ -51,6 +51,23 @@ def config_from_args(args: argparse.Namespace) -> Any:
                         data_path=resolve_data(data) if data else None, run_dir=Path(out) if out else None)
 
 
+def ollama_hint(run_dir: Path) -> str | None:
+    """The ``ollama create`` line the export recorded (printed, never run), or how to get it."""
+    from emloc_engine.run.manifest import read_manifest
+    from emloc_engine.stages.export.modelfile import command_text
+
+    m = read_manifest(Path(run_dir))
+    rec = m.stage("export") if m is not None else None
+    if rec is None or not rec.done:
+        return None
+    cmd, modelfile = rec.result.get("ollama_command"), rec.result.get("modelfile_path")
+    if cmd:
+        return f"Add it to Ollama: {command_text(tuple(cmd))}"
+    if modelfile:
+        return f"Ollama was not found on PATH; once it is installed: ollama create NAME -f {modelfile}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.core.progress import TqdmProgress
     from emloc_engine.run.orchestrator import run_stages
@@ -68,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Stages run: {', '.join(result.stages_run) or 'none'}; resumed past: {', '.join(result.stages_skipped) or 'none'}")
     for name, path in result.exports.items():
         print(f"  {name}: {path}")
+    hint = ollama_hint(result.run_dir)
+    if hint:
+        print(hint)
     for note in result.notes:
         print(f"Note: {note}")
     return 0

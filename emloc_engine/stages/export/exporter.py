@@ -15,7 +15,15 @@ Three exports, each optional (``formats``):
   replacing peft's template). An adapter given from outside the run folder is copied into
   ``RUN_DIR/adapter-export/`` instead, so nothing outside the run is written.
 * ``gguf`` -> ``RUN_DIR/model.gguf`` streamed from the merged folder (:mod:`emloc_engine.stages.export.gguf_export`);
-  it implies ``merged`` when no merged folder exists yet.
+  it implies ``merged`` when no merged folder exists yet. 4/5/8-bit types are written here, K-quants
+  through llama.cpp's ``llama-quantize`` (:mod:`~emloc_engine.stages.export.gguf_quantize`).
+* ``adapter-gguf`` -> ``RUN_DIR/adapter.gguf``: the corrected adapter as a llama.cpp LoRA adapter
+  (:mod:`~emloc_engine.stages.export.adapter_gguf`), for the user's unchanged base GGUF.
+* ``ollama`` -> ``RUN_DIR/Modelfile`` (:mod:`~emloc_engine.stages.export.modelfile`): ``FROM`` the user's
+  base GGUF + ``ADAPTER ./adapter.gguf`` when the run started from a GGUF (it implies ``adapter-gguf``),
+  else ``FROM ./model.gguf`` (it implies ``gguf``). The ``ollama create`` command is returned, never run.
+* ``lmstudio`` -> the verified GGUF linked or copied into LM Studio's models folder
+  (:mod:`~emloc_engine.stages.export.lmstudio`); it implies ``gguf``.
 
 Every export is written under a temporary name and renamed when complete; a non-empty target is
 refused unless ``overwrite``; nothing is ever written inside the source model folder or the Hugging
@@ -68,7 +76,7 @@ from emloc_engine.stages.export.merge import (
     read_tensor,
 )
 from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
-from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, ExportOptions
+from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, K_QUANT_TYPES, ExportOptions
 from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
@@ -80,7 +88,12 @@ log = logging.getLogger(__name__)
 # relative); Q8_0 rounds to 8 bits per block of 32. Wrong tensor layouts give differences of order 1.
 # Rounded exports may also reach 1.5 × their measured rounding floor (module docstring, "Tolerances").
 TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
-              "q8_0": 1e-1}
+              "q8_0": 1e-1, "q5_1": 0.2, "q5_0": 0.2, "q4_1": 0.3, "q4_0": 0.3,
+              **{k: 0.3 for k in K_QUANT_TYPES}}
+# K-quants are written by llama-quantize, whose rounding gguf.quants cannot reproduce: their rounding floor
+# is measured with the block type of the same width that gguf.quants writes, twice over (docstring).
+K_QUANT_FLOOR_PROXY = {"q6_k": "q8_0", "q5_k_m": "q5_1", "q5_k_s": "q5_1", "q4_k_m": "q4_1", "q4_k_s": "q4_1",
+                       "q3_k_m": "q4_0", "q3_k_s": "q4_0", "q3_k_l": "q4_0", "q2_k": "q4_0"}
 _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
 
@@ -135,6 +148,10 @@ class ExportResult:
     verify_s: float = 0.0
     wall_s: float = 0.0
     merge_peak_rss_gib: float = 0.0
+    adapter_gguf_path: Path | None = None
+    modelfile_path: Path | None = None
+    lmstudio_path: Path | None = None
+    ollama_command: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for the manifest and the CLI."""
@@ -148,6 +165,10 @@ class ExportResult:
             "peak_rss_gib": round(self.peak_rss_gib, 3), "merge_s": round(self.merge_s, 2),
             "gguf_s": round(self.gguf_s, 2), "verify_s": round(self.verify_s, 2), "wall_s": round(self.wall_s, 2),
             "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3),
+            "adapter_gguf_path": str(self.adapter_gguf_path) if self.adapter_gguf_path else None,
+            "modelfile_path": str(self.modelfile_path) if self.modelfile_path else None,
+            "lmstudio_path": str(self.lmstudio_path) if self.lmstudio_path else None,
+            "ollama_command": list(self.ollama_command) if self.ollama_command else None,
         }
 
 
@@ -388,10 +409,42 @@ def _tol(kind: str, ref: list[torch.Tensor]) -> float:
     return TOLERANCES[kind] * scale
 
 
-def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path | None, gguf: Path | None,
-            gguf_source: Path | None, progress: Progress) -> _Verification:
+def _load_gguf(gguf: Path, merged: Path, dtype: torch.dtype, dev: torch.device) -> Any:
+    """The GGUF as a transformers model: transformers' GGUF reader where it reads the family, else
+    :func:`~emloc_engine.stages.export.gguf_readback.load_gguf_as_hf` (dequantized tensors, mapped back)."""
     from transformers import AutoModelForCausalLM
 
+    from emloc_engine.stages.export.gguf_families import family_of
+    from emloc_engine.stages.export.gguf_readback import load_gguf_as_hf
+
+    config = load_config(merged)
+    fam = family_of(config)
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    # transformers' reader takes head_dim from hidden_size/heads (Qwen3: its config default, 128)
+    plain_heads = head_dim == (128 if fam is not None and fam.arch == "qwen3" else int(config["hidden_size"]) // heads)
+    if fam is not None and fam.transformers_reads and plain_heads:
+        g: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                      trust_remote_code=False, local_files_only=True)
+    else:
+        g = load_gguf_as_hf(gguf, merged, dtype)
+    return g.to(dev).eval()
+
+
+def _verify_adapter_gguf(cfg: ExportConfig, adapter_gguf: Path, dtype: torch.dtype, ids: list[torch.Tensor],
+                         dev: torch.device, ref: list[torch.Tensor], ver: _Verification) -> None:
+    """Base + adapter.gguf applied as llama.cpp does (alpha/r·B·A on the dequantized base) vs the reference."""
+    from emloc_engine.stages.export.adapter_gguf import apply_adapter_gguf
+
+    m = load_causal_lm(cfg.model_dir, device=dev, dtype=dtype)
+    apply_adapter_gguf(m, adapter_gguf, load_config(cfg.model_dir))
+    ver.add("adapter-gguf", _max_diff(ref, _logits(m, ids, dev)),
+            max(_tol(str(dtype).split(".")[-1], ref), 1.5 * ver.floor))
+    _free(m)
+
+
+def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path | None, gguf: Path | None,
+            gguf_source: Path | None, progress: Progress, adapter_gguf: Path | None = None) -> _Verification:
     dev = resolve_device(cfg.device)
     dtype = _verify_dtype(cfg.model_dir, dev)
     if cfg.stream_original:
@@ -421,10 +474,8 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
     if gguf is not None:
         progress.check_cancelled()
         progress.update(0.7, "Verifying: GGUF (transformers' GGUF reader)")
-        g: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
-                                                      trust_remote_code=False,
-                                                      local_files_only=True)
-        g = g.to(dev).eval()
+        assert gguf_source is not None
+        g = _load_gguf(gguf, gguf_source, dtype, dev)
         ver.add("gguf", _max_diff(ref, _logits(g, ids, dev)),
                 max(_tol(cfg.gguf_type, ref), 1.5 * ver.floor, 1.5 * gguf_floor))
         ver.gguf_floor = gguf_floor
@@ -433,6 +484,10 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
                         "what the adapter changes (%.3g); --gguf-type f32 keeps them exact.", cfg.gguf_type,
                         gguf_floor, ver.effect)
         _free(g)
+    if adapter_gguf is not None:
+        progress.check_cancelled()
+        progress.update(0.9, "Verifying: adapter.gguf (applied as llama.cpp does)")
+        _verify_adapter_gguf(cfg, adapter_gguf, dtype, ids, dev, ref, ver)
     progress.update(1.0, "Verified")
     return ver
 
@@ -442,30 +497,45 @@ def _gguf_rounding_floor(model: Any, gguf_type: str, ids: list[torch.Tensor], de
                          ref: list[torch.Tensor]) -> float:
     """max |Δlogit| of the merged model once every weight is rounded as the GGUF stores it (in place).
 
-    2-D tensors take the GGUF type (Q8_0 only where rows are whole blocks of 32, else F16, as
-    :func:`~emloc_engine.stages.export.gguf_export._target_type` decides); 1-D tensors stay F32.
+    2-D tensors take the GGUF type (a block type only where rows are whole blocks of 32, else F16, as
+    :func:`~emloc_engine.stages.export.gguf_export._target_type` decides); 1-D tensors stay F32. For a
+    K-quant the block type of the same width stands in (:data:`K_QUANT_FLOOR_PROXY`), and the floor is
+    doubled, since llama-quantize's rounding is not reproduced here.
     The q/k row permutation of the Llama family moves whole rows, so it changes no rounding.
     """
     for p in model.parameters():  # tied embeddings appear once
         if p.dim() < 2 or not p.is_floating_point():
             continue
         p.copy_(_gguf_round(p, gguf_type))
-    return _max_diff(ref, _logits(model, ids, dev))
+    return gguf_floor_factor(gguf_type) * _max_diff(ref, _logits(model, ids, dev))
+
+
+def gguf_floor_factor(gguf_type: str) -> float:
+    """2 for a K-quant (its rounding is stood in for by :data:`K_QUANT_FLOOR_PROXY`), else 1."""
+    return 2.0 if gguf_type in K_QUANT_FLOOR_PROXY else 1.0
 
 
 def _gguf_round(p: torch.Tensor, gguf_type: str) -> torch.Tensor:
-    """A 2-D weight rounded as the GGUF stores it, in its own dtype and device (see :func:`_gguf_rounding_floor`)."""
+    """A 2-D weight rounded as the GGUF stores it, in its own dtype and device (see :func:`_gguf_rounding_floor`).
+
+    The tensor's GGUF type is :func:`~emloc_engine.stages.export.gguf_export._target_type`'s (a block type only
+    where rows are whole blocks); a K-quant is stood in for by the block type of the same width.
+    """
     import gguf
     import numpy as np
 
-    if gguf_type == "bf16":
+    from emloc_engine.stages.export.gguf_export import _target_type
+
+    qt = _target_type(tuple(p.shape), K_QUANT_FLOOR_PROXY.get(gguf_type, gguf_type))
+    if qt == gguf.GGMLQuantizationType.F32:
+        return p
+    if qt == gguf.GGMLQuantizationType.BF16:
         return p.to(torch.bfloat16).to(p.dtype)
-    if gguf_type == "q8_0" and p.shape[-1] % 32 == 0:
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        arr = p.detach().float().cpu().numpy()
-        back = gguf.quants.dequantize(gguf.quants.quantize(arr, q8), q8)
-        return torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(arr.shape)).to(p)
-    return p.to(torch.float16).to(p.dtype)
+    if qt == gguf.GGMLQuantizationType.F16:
+        return p.to(torch.float16).to(p.dtype)
+    arr = p.detach().float().cpu().numpy()
+    back = gguf.quants.dequantize(gguf.quants.quantize(arr, qt), qt)
+    return torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(arr.shape)).to(p)
 
 
 def _storage_dtype(model_dir: Path) -> torch.dtype:
@@ -483,20 +553,54 @@ def _timer(out: list[float]) -> Iterator[None]:
         out.append(time.monotonic() - t0)
 
 
+def resolve_formats(formats: tuple[str, ...] | set[str], model_dir: Path) -> set[str]:
+    """The exports to write for the requested ones: ``ollama`` brings ``adapter-gguf`` (run started from a
+    GGUF) or ``gguf``; ``lmstudio`` brings ``gguf``. (``gguf`` also needs the merged folder, see below.)"""
+    from emloc_engine.stages.export.modelfile import base_gguf_of
+
+    out = set(formats)
+    if "ollama" in out:
+        out.add("adapter-gguf" if base_gguf_of(model_dir) is not None else "gguf")
+    if "lmstudio" in out:
+        out.add("gguf")
+    return out
+
+
+def export_problem(formats: set[str], gguf_type: str, model_dir: Path) -> str | None:
+    """Why these exports cannot be written for this model (checked before any training), or ``None``.
+
+    Raises:
+        MissingTool: a K-quant ``gguf_type`` without llama.cpp's ``llama-quantize`` (names the type and the fix).
+    """
+    from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
+
+    if "gguf" in formats:
+        problem = gguf_support_problem(load_config(model_dir)) or gguf_tokenizer_problem(model_dir)
+        if problem:
+            return f"Cannot export GGUF: {problem}"
+        if gguf_type in K_QUANT_TYPES:
+            from emloc_engine.stages.export.gguf_quantize import resolve_llama_quantize
+
+            resolve_llama_quantize(gguf_type)
+    if "adapter-gguf" in formats:
+        problem = gguf_support_problem(load_config(model_dir))
+        if problem:
+            return f"Cannot export the adapter as GGUF: {problem}"
+    return None
+
+
 def _preflight(cfg: ExportConfig, layout: RunLayout, formats: set[str], adapter_dir: Path) -> None:
-    for target in (layout.merged, layout.gguf, layout.root / "adapter-export"):
+    for target in (layout.merged, layout.gguf, layout.adapter_gguf, layout.root / "adapter-export"):
         check_output_location(target, cfg.model_dir)
     hint = "Pass overwrite (CLI: --overwrite) to replace it, or export into another run folder."
     if "merged" in formats and layout.merged.exists() and any(layout.merged.iterdir()) and not cfg.overwrite:
         raise MergeError(f"{layout.merged} already exists and is not empty.", hint=hint)
-    if "gguf" in formats and layout.gguf.exists() and not cfg.overwrite:
-        raise MergeError(f"{layout.gguf} already exists.", hint=hint)
-    if "gguf" in formats:
-        from emloc_engine.stages.export.gguf_export import gguf_support_problem, gguf_tokenizer_problem
-
-        problem = gguf_support_problem(load_config(cfg.model_dir)) or gguf_tokenizer_problem(cfg.model_dir)
-        if problem:
-            raise MergeError(f"Cannot export GGUF: {problem}.", hint="Export merged (and adapter) only.")
+    for fmt, path in (("gguf", layout.gguf), ("adapter-gguf", layout.adapter_gguf)):
+        if fmt in formats and path.exists() and not cfg.overwrite:
+            raise MergeError(f"{path} already exists.", hint=hint)
+    problem = export_problem(formats, cfg.gguf_type, cfg.model_dir)
+    if problem:
+        raise MergeError(f"{problem}.", hint="Export merged (and adapter) only.")
     if not inside(adapter_dir, layout.root):
         check_output_location(layout.root / "adapter-export", adapter_dir)
 
@@ -521,7 +625,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     """
     t0 = time.monotonic()
     layout = RunLayout(Path(cfg.run_dir))
-    formats = set(cfg.formats)
+    formats = resolve_formats(cfg.formats, Path(cfg.model_dir))
     if "gguf" in formats and not (layout.merged / "config.json").is_file():
         formats.add("merged")  # the GGUF is streamed from the merged folder
     model_dir = Path(cfg.model_dir)
@@ -552,17 +656,44 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
             gguf_path = layout.gguf
         if "adapter" in formats:
             out_adapter = _export_adapter(cfg, layout, adapter_dir)
+        adapter_gguf = None
+        if "adapter-gguf" in formats:
+            from emloc_engine.stages.export.adapter_gguf import AdapterGgufConfig, export_adapter_gguf
+
+            adapter_gguf = export_adapter_gguf(AdapterGgufConfig(
+                adapter_dir, model_dir, layout.adapter_gguf, name=f"{model_dir.name}-emloc-lora",
+                overwrite=cfg.overwrite)).path
         ver = _Verification()
         if cfg.verify:
             with _timer(t_verify):
                 ver = _verify(cfg, out_adapter or adapter_dir, len(deltas), merged_dir, gguf_path, layout.merged,
-                              sub(progress, 0.8, 1.0))
+                              sub(progress, 0.8, 1.0), adapter_gguf)
             _write_verified_cards(cfg, layout, adapter_dir, merged_dir, out_adapter, ver)
             _raise_if_beyond(ver)
+        handoff = _hand_off(cfg, layout, formats, gguf_path, adapter_gguf)
     progress.update(1.0, "Export done")
     return ExportResult(merged_dir, out_adapter, gguf_path, tuple(ver.diffs), rss.peak_bytes / 2**30,
                         tuple(ver.tols), ver.effect, n_merged, t_merge[-1], t_gguf[-1], t_verify[-1],
-                        time.monotonic() - t0, merge_peak)
+                        time.monotonic() - t0, merge_peak, adapter_gguf, *handoff)
+
+
+def _hand_off(cfg: ExportConfig, layout: RunLayout, formats: set[str], gguf_path: Path | None,
+              adapter_gguf: Path | None) -> tuple[Path | None, Path | None, tuple[str, ...] | None]:
+    """After verification: the Modelfile and the ``ollama create`` command, and the LM Studio copy."""
+    from emloc_engine.stages.export.model_card import base_model_name
+    from emloc_engine.stages.export.modelfile import ollama_command, ollama_name, write_modelfile
+
+    name = ollama_name(base_model_name(cfg.model_dir).rsplit("/", 1)[-1], cfg.ollama_name)
+    modelfile = command = lmstudio = None
+    if "ollama" in formats:
+        modelfile = write_modelfile(layout.root, cfg.model_dir, merged_gguf=gguf_path, adapter_gguf=adapter_gguf,
+                                    name=name)
+        command = ollama_command(modelfile, name)
+    if "lmstudio" in formats and gguf_path is not None:
+        from emloc_engine.stages.export.lmstudio import install_in_lmstudio
+
+        lmstudio = install_in_lmstudio(gguf_path, name, cfg.gguf_type, overwrite=cfg.overwrite)
+    return modelfile, lmstudio, command
 
 
 def _export_adapter(cfg: ExportConfig, layout: RunLayout, adapter_dir: Path) -> Path:
@@ -608,15 +739,24 @@ def _raise_if_beyond(ver: _Verification) -> None:
 def export_summary(result: ExportResult) -> str:
     """A few human-readable lines for the CLI."""
     lines = []
-    for label, p in (("merged", result.merged_dir), ("adapter", result.adapter_dir), ("gguf", result.gguf_path)):
+    for label, p in (("merged", result.merged_dir), ("adapter", result.adapter_dir), ("gguf", result.gguf_path),
+                     ("adapter-gguf", result.adapter_gguf_path), ("Modelfile", result.modelfile_path),
+                     ("LM Studio", result.lmstudio_path)):
         if p is not None:
             lines.append(f"{label:8s} {p}")
     for (n, d), (_, t) in zip(result.verification, result.tolerances):
         lines.append(f"verified {n}: max |Δlogit| = {d:.3g} (tolerance {t:.3g})")
     lines.append(f"peak RSS {result.peak_rss_gib:.2f} GiB, {result.wall_s:.1f} s")
+    if result.ollama_command:
+        from emloc_engine.stages.export.modelfile import command_text
+
+        lines.append(f"Add it to Ollama: {command_text(result.ollama_command)}")
+    elif result.modelfile_path is not None:
+        lines.append("Ollama was not found on PATH; once it is installed: "
+                     f"ollama create NAME -f {result.modelfile_path}")
     return "\n".join(lines)
 
 
 __all__ = ["DEFAULT_PROMPTS", "EXPORT_FORMATS", "TOLERANCES", "ExportConfig", "ExportResult", "RssSampler",
-           "check_output_location", "export_summary", "merge_and_export", "merge_state_dict",
-           "resolve_adapter_dir", "write_merged_shards"]
+           "check_output_location", "export_problem", "export_summary", "merge_and_export", "merge_state_dict",
+           "resolve_adapter_dir", "resolve_formats", "write_merged_shards"]

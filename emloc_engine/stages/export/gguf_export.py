@@ -36,17 +36,26 @@ import torch
 
 from emloc_engine.core.atomic import atomic_path
 from emloc_engine.core.errors import ConfigError, MergeError, UnsupportedModel
-from emloc_engine.core.progress import NULL_PROGRESS, Progress
+from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
+from emloc_engine.stages.export.gguf_families import GGUF_FAMILIES as GGUF_FAMILIES
+from emloc_engine.stages.export.gguf_families import (
+    GgufFamily,
+    add_family_hparams,
+    family_of,
+    family_problem,
+    is_tied,
+    rope_params,
+    rope_theta,
+)
+from emloc_engine.stages.export.gguf_quantize import quantize_with_llama_cpp, resolve_llama_quantize
 from emloc_engine.stages.export.merge import ShardEntry, read_shard_index, read_tensor
 from emloc_engine.stages.export.options import GGUF_TYPES as GGUF_TYPES
+from emloc_engine.stages.export.options import K_QUANT_TYPES
 from emloc_engine.weights.headers import load_config
 
 log = logging.getLogger(__name__)
 
 
-# HF model_type -> llama.cpp architecture name, and whether q/k rows are permuted for GGML's rope.
-GGUF_FAMILIES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True),
-                                              "qwen2": ("qwen2", False)}
 _SKIP_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
@@ -56,7 +65,7 @@ class GgufConfig:
 
     model_dir: Path = field(metadata={"help": "Hugging Face folder to convert (the merged model)."})
     out_path: Path = field(metadata={"help": "The .gguf file to write (written as .partial, then renamed)."})
-    gguf_type: str = field(default="f16", metadata={"help": "Weight type: f32, f16, bf16 or q8_0."})
+    gguf_type: str = field(default="f16", metadata={"help": "Weight type: one of GGUF_TYPES (K-quants need llama-quantize)."})
     name: str = field(default="", metadata={"help": "general.name in the file; the folder name if empty."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing file."})
 
@@ -80,15 +89,7 @@ class GgufResult:
 
 def gguf_support_problem(config: dict[str, Any]) -> str | None:
     """Why a model cannot be written as GGUF by this exporter (``None`` when it can)."""
-    mt = config.get("model_type")
-    if mt not in GGUF_FAMILIES:
-        return (f"GGUF export supports the {', '.join(sorted(GGUF_FAMILIES))} families, not {mt!r} "
-                "(use llama.cpp's convert_hf_to_gguf.py on the merged folder)")
-    rope = _rope_params(config)
-    rtype = (rope or {}).get("rope_type") or (rope or {}).get("type") or "default"
-    if rtype not in ("default", "linear", "llama3", "yarn"):
-        return f"rope scaling {rtype!r} is not supported by this GGUF exporter"
-    return None
+    return family_problem(config)
 
 
 def gguf_tokenizer_problem(model_dir: Path) -> str | None:
@@ -105,13 +106,8 @@ def gguf_tokenizer_problem(model_dir: Path) -> str | None:
     return None
 
 
-def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
-    rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return dict(rp) if isinstance(rp, dict) else {}
-
-
-def _rope_theta(config: dict[str, Any]) -> float:
-    return float(_rope_params(config).get("rope_theta") or config.get("rope_theta") or 10000.0)
+_rope_params = rope_params
+_rope_theta = rope_theta
 
 
 def permute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -158,29 +154,52 @@ class _Planned:
     entry: ShardEntry | None
     qtype: Any  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]
-    permute: str = ""  # "", "q" or "k"
+    permute: str = ""  # "", "q", "k" (rope row permutation) or "+1" (Gemma's norms stored as 1 + w)
     data: torch.Tensor | None = None  # generated tensors (rope_freqs)
 
 
 def _target_type(shape: tuple[int, ...], gguf_type: str) -> Any:
+    """The storage type of one tensor: 1-D in F32; 2-D in the chosen type, or F16 where a row is not a
+    whole number of the type's blocks (32 values for Q8_0/Q5_x/Q4_x), as llama.cpp falls back."""
     import gguf
 
     q = gguf.GGMLQuantizationType
     if len(shape) <= 1 or gguf_type == "f32":
         return q.F32
-    if gguf_type == "q8_0":
-        return q.Q8_0 if shape[-1] % 32 == 0 else q.F16
-    return q.BF16 if gguf_type == "bf16" else q.F16
+    if gguf_type in ("f16", "bf16"):
+        return q.BF16 if gguf_type == "bf16" else q.F16
+    qtype = q[gguf_type.upper()]
+    return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else q.F16
 
 
-def _plan_tensors(model_dir: Path, config: dict[str, Any], arch_name: str, permute: bool,
-                  gguf_type: str) -> list[_Planned]:
+def gguf_name_map(config: dict[str, Any]) -> Any:
+    """gguf's HF-name -> GGUF-name map for this model's architecture and block count."""
     import gguf
 
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
-    n_blocks = int(config["num_hidden_layers"])
-    name_map = gguf.get_tensor_name_map(arch, n_blocks)
-    tied = bool(config.get("tie_word_embeddings", False))
+    fam = family_of(config)
+    assert fam is not None
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch)
+    return gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
+
+
+def tensor_transform(hf_name: str, fam: GgufFamily) -> str:
+    """What the converter does to a tensor's values: "q"/"k" rope permutation, "+1" (Gemma norms), or ""."""
+    if fam.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return "q"
+    if fam.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return "k"
+    if fam.norm_plus_one and hf_name.endswith("norm.weight"):
+        return "+1"
+    return ""
+
+
+def _plan_tensors(model_dir: Path, config: dict[str, Any], gguf_type: str) -> list[_Planned]:
+    import gguf
+
+    fam = family_of(config)
+    assert fam is not None
+    name_map = gguf_name_map(config)
+    tied = is_tied(config)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise MergeError(f"No *.safetensors in {model_dir} to convert to GGUF.")
@@ -196,14 +215,10 @@ def _plan_tensors(model_dir: Path, config: dict[str, Any], arch_name: str, permu
                 continue
             gname = name_map.get_name(e.name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise UnsupportedModel(f"Tensor {e.name!r} has no GGUF name for the {arch_name} architecture.",
+                raise UnsupportedModel(f"Tensor {e.name!r} has no GGUF name for the {fam.arch} architecture.",
                                        hint="Convert the merged folder with llama.cpp's convert_hf_to_gguf.py.")
-            kind = ""
-            if permute and e.name.endswith(("q_proj.weight", "q_proj.bias")):
-                kind = "q"
-            elif permute and e.name.endswith(("k_proj.weight", "k_proj.bias")):
-                kind = "k"
-            plan.append(_Planned(gname, e.name, f, e, _target_type(e.shape, gguf_type), e.shape, kind))
+            plan.append(_Planned(gname, e.name, f, e, _target_type(e.shape, gguf_type), e.shape,
+                                 tensor_transform(e.name, fam)))
     return plan
 
 
@@ -217,17 +232,19 @@ def _convert(t: torch.Tensor, p: _Planned, config: dict[str, Any]) -> np.ndarray
     elif p.permute == "k":
         t32 = permute_qk(t32, int(config["num_attention_heads"]),
                          int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    elif p.permute == "+1":
+        t32 = t32 + 1.0
     arr = t32.contiguous().numpy()
     q = gguf.GGMLQuantizationType
     if p.qtype == q.F32:
         return arr
     if p.qtype == q.F16:
         return arr.astype(np.float16)
-    return np.asarray(gguf.quants.quantize(arr, p.qtype))  # BF16 and Q8_0: uint8 blocks
+    return np.asarray(gguf.quants.quantize(arr, p.qtype))  # BF16, Q8_0, Q5_x, Q4_x: uint8 blocks
 
 
 def _planned_nbytes(p: _Planned) -> int:
-    """Bytes the tensor takes in the file (F32/F16 plain, BF16/Q8_0 in blocks)."""
+    """Bytes the tensor takes in the file (F32/F16 plain, the others in blocks)."""
     import gguf
 
     q = gguf.GGMLQuantizationType
@@ -262,11 +279,12 @@ def _add_hparams(w: Any, config: dict[str, Any], arch_name: str, file_type: int,
     w.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     w.add_rope_freq_base(_rope_theta(config))
-    if head_dim != int(config["hidden_size"]) // heads:
+    if head_dim != int(config["hidden_size"]) // heads or arch_name.startswith("gemma"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if arch_name == "llama":
-        w.add_rope_dimension_count(head_dim)
+    fam = family_of(config)
+    assert fam is not None
+    add_family_hparams(w, config, fam, head_dim)
     rp = _rope_params(config)
     rtype = rp.get("rope_type") or rp.get("type")
     if rtype == "linear":
@@ -279,7 +297,10 @@ def _add_hparams(w: Any, config: dict[str, Any], arch_name: str, file_type: int,
             w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
 
 
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType
+# gguf.LlamaFileType (general.file_type) of each weight type.
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+               "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
+               "q6_k": 18, "bf16": 32}
 
 
 def _pre_tokenizer_name(tok: dict[str, Any]) -> str:
@@ -393,8 +414,45 @@ def _iter_tensors(plan: list[_Planned]) -> Iterator[tuple[_Planned, torch.Tensor
             fh.close()
 
 
+def _mostly_bf16(model_dir: Path) -> bool:
+    sizes: dict[str, int] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        for e in read_shard_index(f)[0]:
+            sizes[e.dtype] = sizes.get(e.dtype, 0) + e.nbytes
+    return bool(sizes) and max(sizes, key=lambda k: sizes[k]) == "BF16"
+
+
+def _write_file(path: Path, plan: list[_Planned], config: dict[str, Any], model_dir: Path, arch_name: str,
+                gguf_type: str, name: str, progress: Progress) -> str:
+    """Write one GGUF (header, metadata, tokenizer, then the tensors one at a time); returns the tokenizer kind."""
+    import gguf
+
+    w = _make_writer(arch_name)
+    try:
+        _add_hparams(w, config, arch_name, _FILE_TYPES[gguf_type], name)
+        tokenizer_model = _add_tokenizer(w, model_dir, int(config["vocab_size"]))
+        for p in plan:
+            if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dt = np.dtype(np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+                w.add_tensor_info(p.gguf_name, p.shape, dt, _planned_nbytes(p))
+            else:
+                w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _planned_nbytes(p), raw_dtype=p.qtype)
+        w.open_output_file(path)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, (p, t) in enumerate(_iter_tensors(plan)):
+            progress.check_cancelled()
+            _write_array(w, _convert(t, p, config))
+            progress.update((i + 1) / len(plan), f"GGUF {p.gguf_name}")
+        w.flush()
+    finally:
+        w.close()
+    return tokenizer_model
+
+
 def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResult:
-    """Convert a Hugging Face folder (Llama, Mistral, Qwen2) to one GGUF file, one tensor in memory.
+    """Convert a Hugging Face folder (any family of :data:`GGUF_FAMILIES`) to one GGUF file, one tensor in memory.
 
     Args:
         cfg: what to convert, where, and the weight type.
@@ -405,11 +463,11 @@ def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResu
 
     Raises:
         UnsupportedModel: a family, rope scaling or tokenizer this exporter does not handle.
+        MissingTool: a K-quant type without llama.cpp's ``llama-quantize``.
         MergeError: the file exists (without ``overwrite``), or a source shard is corrupt.
         DiskFull: the disk is full (message names the folder, the file's size and the free space);
             ``model.gguf.partial`` is removed and no ``model.gguf`` appears.
     """
-    import gguf
 
     t0 = time.monotonic()
     model_dir, out = Path(cfg.model_dir), Path(cfg.out_path)
@@ -419,30 +477,23 @@ def export_gguf(cfg: GgufConfig, progress: Progress = NULL_PROGRESS) -> GgufResu
         raise UnsupportedModel(f"Cannot write GGUF for {model_dir.name}: {problem}.")
     if out.exists() and not cfg.overwrite:
         raise MergeError(f"{out} already exists.", hint="Pass overwrite (CLI: --overwrite) to replace it.")
-    arch_name, permute = GGUF_FAMILIES[str(config["model_type"])]
-    plan = _plan_tensors(model_dir, config, arch_name, permute, cfg.gguf_type)
-    with atomic_path(out, needed_bytes=sum(_planned_nbytes(p) for p in plan)) as tmp:
-        w = _make_writer(arch_name)
-        try:
-            _add_hparams(w, config, arch_name, _FILE_TYPES[cfg.gguf_type], cfg.name or model_dir.name)
-            tokenizer_model = _add_tokenizer(w, model_dir, int(config["vocab_size"]))
-            for p in plan:
-                if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                    dt = np.dtype(np.float32 if p.qtype == gguf.GGMLQuantizationType.F32 else np.float16)
-                    w.add_tensor_info(p.gguf_name, p.shape, dt, _planned_nbytes(p))
-                else:
-                    w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _planned_nbytes(p),
-                                      raw_dtype=p.qtype)
-            w.open_output_file(tmp)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for i, (p, t) in enumerate(_iter_tensors(plan)):
-                progress.check_cancelled()
-                _write_array(w, _convert(t, p, config))
-                progress.update((i + 1) / len(plan), f"GGUF {p.gguf_name}")
-            w.flush()
-        finally:
-            w.close()
+    arch_name = GGUF_FAMILIES[str(config["model_type"])].arch
+    name = cfg.name or model_dir.name
+    if cfg.gguf_type not in K_QUANT_TYPES:
+        plan = _plan_tensors(model_dir, config, cfg.gguf_type)
+        with atomic_path(out, needed_bytes=sum(_planned_nbytes(p) for p in plan)) as tmp:
+            tokenizer_model = _write_file(tmp, plan, config, model_dir, arch_name, cfg.gguf_type, name, progress)
+    else:
+        tool = resolve_llama_quantize(cfg.gguf_type)
+        base_type = "bf16" if _mostly_bf16(model_dir) else "f16"
+        plan = _plan_tensors(model_dir, config, base_type)
+        with atomic_path(out, needed_bytes=2 * sum(_planned_nbytes(p) for p in plan)) as tmp:
+            base = tmp.with_name(tmp.name + f".{base_type}")
+            try:
+                tokenizer_model = _write_file(base, plan, config, model_dir, arch_name, base_type, name,
+                                              sub(progress, 0.0, 0.5))
+                quantize_with_llama_cpp(tool, base, tmp, cfg.gguf_type, sub(progress, 0.5, 1.0))
+            finally:
+                base.unlink(missing_ok=True)
     return GgufResult(out, arch_name, cfg.gguf_type, len(plan), out.stat().st_size, tokenizer_model,
                       time.monotonic() - t0)

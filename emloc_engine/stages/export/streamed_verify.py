@@ -130,7 +130,9 @@ def verify_streamed(
                 max(_tol(str(store).split(".")[-1], ref), 1.5 * ver.floor),
             )
         if rounds:
-            gguf_floor = _max_diff(ref, mlogits[1])
+            from emloc_engine.stages.export.exporter import gguf_floor_factor
+
+            gguf_floor = gguf_floor_factor(cfg.gguf_type) * _max_diff(ref, mlogits[1])
     if gguf is not None:
         progress.update(0.7, "Verifying, streamed: GGUF (transformers' GGUF reader, in CPU memory)")
         ver.add(
