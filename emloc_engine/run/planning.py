@@ -99,6 +99,14 @@ class PlannerConstants:
     cpu_matmul_flops: float = 5e11  # bf16/fp32 matmul on a desktop CPU
     unknown_gpu_flops: float = 1e14
     disk_bytes_per_s: float = 1.5e9  # NVMe sequential read
+    # --- streaming the original (emloc_engine.run.plan_streaming) ---
+    # Pinned RAM → GPU, measured on an H200 host (PCIe Gen5, Llama-2-13B shapes, 2026-12): 55 GB/s.
+    h2d_bytes_per_s: float = 55e9
+    # Weights read from disk when they do not stay in the page cache: deliberately conservative (a
+    # mid-range NVMe SSD reads 2-3 GB/s, a SATA SSD 0.5): 1 GB/s.
+    stream_disk_bytes_per_s: float = 1.0e9
+    stream_overhead: float = 1.3  # a streamed pass vs its transfer floor (the issue's aim: within 1.3×)
+    process_ram_bytes: int = 3 * 1024**3  # Python, torch, CUDA libraries, tokenizer: the RSS before any tensor
     eigh_flop_coef: float = 10.0  # eigh(n) ≈ 10·n³
     svd_flop_coef: float = 8.0  # svd(m×n) ≈ 8·m·n·min(m,n)
 
@@ -158,6 +166,17 @@ class PlanConfig:
     max_ratio: float = field(default=0.9, metadata={"help": "Largest ρ considered."})
     ratio_step: float = field(default=0.05, metadata={"help": "Grid step of the ρ search."})
     constants: PlannerConstants = field(default=DEFAULT_CONSTANTS, metadata={"help": "Calibration constants."})
+    ram_bytes: int | None = field(default=None, metadata={
+        "help": "RAM the run may use (available RAM); None = not checked."})
+    disk_free_bytes: int | None = field(default=None, metadata={
+        "help": "Free disk space where the run folder goes; None = not checked."})
+    anchor_ram_bytes: int = field(default=4 * GIB, metadata={
+        "help": "Most RAM the anchors' offsets take at once (--anchor-ram-gib); more are computed a chunk at a time."})
+    stream_original: bool | None = field(default=None, metadata={
+        "help": "Stream the original block by block in every stage that uses it; None = when its resident use "
+                "(weights + activations) does not fit the budget."})
+    export_formats: tuple[str, ...] = field(default=(), metadata={
+        "help": "The exports, for the disk check and the export's time (merged, adapter, gguf)."})
     num_gpus: int = field(default=1, metadata={
         "help": "GPUs that train data-parallel (emloc train --gpus N); peaks are per GPU. Each holds the "
                 "whole emulator and a ⌈B/N⌉-sequence share of every micro-batch; training time is divided by N."})
@@ -176,7 +195,9 @@ class PlanConfig:
             problems.append(f"ratio_step must be in (0, 1) (got {self.ratio_step}).")
         if not 0.0 <= self.safety_margin < 1.0:
             problems.append(f"safety_margin must be in [0, 1) (got {self.safety_margin}).")
-        for name in ("budget_bytes", "gpu_total_bytes"):
+        if self.anchor_ram_bytes <= 0:
+            problems.append(f"anchor_ram_bytes must be positive (got {self.anchor_ram_bytes}).")
+        for name in ("budget_bytes", "gpu_total_bytes", "ram_bytes"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 problems.append(f"{name} must be positive (got {v}).")
@@ -203,6 +224,8 @@ class StagePeak:
     est_seconds: float = 0.0
     limit_bytes: int | None = None
     device: str = "cuda"
+    ram_bytes: int = 0
+    streamed: bool = False
 
     @property
     def fits(self) -> bool:
@@ -220,7 +243,34 @@ class StagePeak:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
                 "parts": [[label, b] for label, b in self.parts], "est_seconds": round(self.est_seconds, 1),
-                "limit_bytes": self.limit_bytes, "fits": self.fits, "device": self.device}
+                "limit_bytes": self.limit_bytes, "fits": self.fits, "device": self.device,
+                "ram_bytes": self.ram_bytes, "streamed": self.streamed}
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A resource the run cannot do without, and by how much it is short (``need − have``).
+
+    ``resource``: ``"GPU budget"`` (below what the embeddings and head alone take), ``"RAM"`` or ``"disk"``.
+    """
+
+    resource: str
+    need_bytes: int
+    have_bytes: int
+    what: str
+
+    @property
+    def short_bytes(self) -> int:
+        return self.need_bytes - self.have_bytes
+
+    @property
+    def message(self) -> str:
+        return (f"{self.resource}: {self.what} needs {self.need_bytes / GIB:.1f} GiB, there is "
+                f"{self.have_bytes / GIB:.1f} GiB (short by {self.short_bytes / GIB:.1f} GiB).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resource": self.resource, "need_bytes": self.need_bytes, "have_bytes": self.have_bytes,
+                "what": self.what, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -239,6 +289,19 @@ class MemoryPlan:
     notes: tuple[str, ...] = ()
     model_name: str = ""
     config: PlanConfig = field(default_factory=PlanConfig)
+    stream_original: bool = False
+    shortfalls: tuple[Shortfall, ...] = ()
+    anchor_ram_bytes: int = 0
+    anchor_chunks: int = 0
+
+    @property
+    def ram_bytes(self) -> int:
+        """The most RAM one stage needs (the run needs this much; the page cache comes on top)."""
+        return max((s.ram_bytes for s in self.stages), default=0)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.est_seconds for s in self.stages)
 
     @property
     def inference_peak_bytes(self) -> int:
@@ -266,6 +329,9 @@ class MemoryPlan:
             "lora_rank": self.config.lora_rank, "inference": self.inference.to_dict(),
             "full_lora": self.full_lora.to_dict(), "stages": [s.to_dict() for s in self.stages],
             "reason": self.reason, "suggestions": list(self.suggestions), "notes": list(self.notes),
+            "stream_original": self.stream_original, "ram_bytes": self.ram_bytes,
+            "total_seconds": round(self.total_seconds, 1), "anchor_ram_bytes": self.anchor_ram_bytes,
+            "anchor_chunks": self.anchor_chunks, "shortfalls": [f.to_dict() for f in self.shortfalls],
         }
 
 

@@ -69,6 +69,7 @@ from emloc_engine.stages.export.merge import (
 )
 from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
 from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, ExportOptions
+from emloc_engine.stages.export.verify_budget import verify_placement
 from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
@@ -95,6 +96,10 @@ class ExportConfig(ExportOptions):
         "help": "The peft adapter to merge; default RUN_DIR/adapter-corrected, else RUN_DIR/adapter."})
     overwrite: bool = field(default=False, metadata={"help": "Replace exports that already exist."})
     device: str = field(default="cpu", metadata={"help": "Device for verification: cpu, cuda or auto."})
+    memory_budget_bytes: int | None = field(default=None, metadata={
+        "help": "GPU memory the verification may use (the run's budget): fp32 on the GPU when a copy fits it, "
+                "else the storage dtype, else the CPU (emloc_engine.stages.export.verify_budget); None = the "
+                "GPU's free memory."})
     run_facts: RunFacts = field(default_factory=RunFacts, metadata={
         "help": "What the run recorded (data, ρ, steps, eval loss), for the model card."})
 
@@ -318,17 +323,27 @@ def _free(*objs: Any) -> None:
 def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
     """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
     the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
+    return _verify_placement(model_dir, dev, None)[1]
+
+
+def _verify_placement(model_dir: Path, dev: torch.device, budget_bytes: int | None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the verification under the run's budget
+    (:func:`~emloc_engine.stages.export.verify_budget.verify_placement`: fp32 on the GPU, else the
+    storage dtype on the GPU, else the CPU); without a budget only the device's free memory counts."""
+    import psutil
+
     store = _storage_dtype(model_dir)
     if not store.is_floating_point:
-        return store
-    fp32_bytes = Checkpoint(model_dir).num_parameters() * 4
-    if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return torch.float32 if fp32_bytes * 1.3 + 2 * 2**30 <= free or fp32_bytes <= 4 * 2**30 else store
+        return dev, store
+    on_gpu = dev.type == "cuda"
+    free = int(torch.cuda.mem_get_info(dev)[0]) if on_gpu else int(psutil.virtual_memory().available)
+    place = verify_placement(Checkpoint(model_dir).num_parameters(), store.itemsize, on_gpu=on_gpu, free_bytes=free,
+                             budget_bytes=budget_bytes, ram_free_bytes=int(psutil.virtual_memory().available))
+    where = dev if place.device == "gpu" else torch.device("cpu")
+    if where != dev:
+        log.info("Export verification runs on the CPU: the model does not fit the %.2f GiB budget on the GPU.",
+                 (budget_bytes or 0) / 2**30)
+    return where, torch.float32 if place.fp32 else store
 
 
 @dataclass
@@ -389,8 +404,7 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
             gguf_source: Path | None, progress: Progress) -> _Verification:
     from transformers import AutoModelForCausalLM
 
-    dev = resolve_device(cfg.device)
-    dtype = _verify_dtype(cfg.model_dir, dev)
+    dev, dtype = _verify_placement(cfg.model_dir, resolve_device(cfg.device), cfg.memory_budget_bytes)
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()
     progress.update(0.0, "Verifying: original + adapter (peft)")
