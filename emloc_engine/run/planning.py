@@ -463,7 +463,7 @@ def inference_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
 
 
 def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = "train",
-                  chunked_loss: bool = True) -> StagePeak:
+                  chunked_loss: bool = True, streamed: bool = False) -> StagePeak:
     """LoRA training on the emulator at ρ (ρ = 1: on the original model).
 
     ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, n_logit·V·c_logits) + runtime`` where
@@ -471,7 +471,13 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     checkpointed chunks, :func:`emloc_engine.stages.training.trainer.lm_loss_sum`) and ``B·T`` for plain
     peft/transformers training (``chunked_loss=False``, the full-model LoRA comparison). With
     gradient checkpointing off, every block's activations are kept: ``L·train_layer``.
+
+    Anchored (``name == "train"``), the time includes computing the offsets a chunk at a time and the RAM
+    their cap (:func:`emloc_engine.run.plan_streaming.anchor_schedule`); with the original ``streamed``,
+    the peak is the larger of the loop's and the streamed anchor pass's.
     """
+    from emloc_engine.run import plan_streaming as ps
+
     c, b = cfg.constants, compute_bytes(facts, cfg)
     # Data-parallel (emloc_engine.stages.training.distributed): every GPU holds the whole emulator and its share of the batch.
     tokens = math.ceil(cfg.batch_size / cfg.num_gpus) * cfg.context_length
@@ -496,19 +502,23 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
              ("logits & loss" if transient == logits else "block recompute", transient)]
     flops = 3.0 * _forward_flops(facts, params, tokens, cfg.context_length) * (4 / 3 if cfg.grad_checkpointing else 1)
     seconds = cfg.train_steps * flops / (flops_per_second(cfg) * c.train_mfu) + params * b / c.disk_bytes_per_s
-    if name == "train" and anchored_training(cfg):
-        width = sum(m.out_features for m in facts.modules) if cfg.anchor_linears else facts.hidden_size
-        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * width * b))
-        visited = cfg.train_steps * cfg.batch_size * cfg.context_length  # at most: one pass of each model over them
-        seconds += (_forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
-                    + _forward_flops(facts, params, visited, cfg.context_length)) / (flops_per_second(cfg) * c.infer_mfu)
-        seconds += facts.num_parameters * b / c.disk_bytes_per_s
-    return _stage(name, parts, cfg, seconds)
+    anchored, anchor_ram, chunks, _ = ps.anchor_schedule(facts, cfg) if name == "train" else (False, 0, 0, 0)
+    if anchored:
+        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * ps.anchor_width(facts, cfg) * b))
+        seconds += ps.anchor_seconds(facts, cfg, ratio, streamed, chunks)
+    ram = ps.stage_ram(facts, cfg, "train", ratio=ratio, streamed=streamed, anchor_ram=anchor_ram)
+    loop = replace(_stage(name, parts, cfg, seconds), ram_bytes=ram, streamed=streamed and anchored)
+    if anchored and streamed:
+        anchor_pass = ps.streamed_anchor_peak(facts, cfg, ratio, seconds, ram)
+        if anchor_pass.peak_bytes > loop.peak_bytes:
+            return anchor_pass
+    return loop
 
 
 def anchored_training(cfg: PlanConfig) -> bool:
-    """Whether the train stage anchors (``TrainConfig.anchor="auto"`` on one GPU; plain full LoRA never does)."""
-    return cfg.anchored and cfg.num_gpus == 1
+    """Whether the train stage is planned anchored (any number of GPUs, any dataset size: the offsets are
+    held a chunk at a time under ``anchor_ram_bytes``; plain full LoRA never is)."""
+    return cfg.anchored
 
 
 def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget_bytes: int | None = None) -> StagePeak:
@@ -570,14 +580,21 @@ def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget
         parts = [("one block (original)", block), ("one block (compressed)", compressed),
                  ("calibration hidden states", hidden), ("statistics ΣXᵀX (fp32)", stats),
                  ("factorisation workspace" if workspace >= chunk else "calibration forward", max(workspace, chunk))]
-    return _stage("emulator", parts, cfg, seconds)
+    from emloc_engine.run.plan_streaming import stage_ram
+
+    ram = stage_ram(facts, cfg, "emulator", ratio=ratio, streamed=True,
+                    hidden_offloaded=int(c.build_hidden_copies * n_tokens * h * b) if offload else 0)
+    return replace(_stage("emulator", parts, cfg, seconds), ram_bytes=ram, streamed=True)
 
 
-def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePeak:
+def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: bool = False) -> StagePeak:
     """LoRA correction: one module at a time, then (``auto_lambda``) held-out loss per λ with the original model.
 
-    ``max(3·out·in·4, P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime`` (eval batch 1).
+    ``max(3·out·in·4, P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime`` (eval batch 1). With the
+    original ``streamed``, one pass scores every λ: :func:`emloc_engine.run.plan_streaming.streamed_pass_peak`.
     """
+    from emloc_engine.run import plan_streaming as ps
+
     c, b = cfg.constants, compute_bytes(facts, cfg)
     n_lora = lora_parameters(facts, cfg)
     largest = max(m.numel for m in facts.modules)
@@ -585,8 +602,18 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePe
     flops = facts.num_layers * sum(2.0 * m.numel * (rank_for_ratio(ratio, m.out_features, m.in_features)
                                                     + cfg.lora_rank) for m in facts.modules)
     seconds = flops / (flops_per_second(cfg) * c.train_mfu) + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s
+    ram = ps.stage_ram(facts, cfg, "correct", ratio=ratio, streamed=streamed)
+    one_module = replace(_stage("correct", [("one module (fp32)", module)], cfg, seconds), ram_bytes=ram)
     if not cfg.auto_lambda:
-        return _stage("correct", [("one module (fp32)", module)], cfg, seconds)
+        return one_module
+    if streamed:
+        tokens = cfg.lambda_candidates * cfg.eval_batches * cfg.context_length
+        passed = ps.streamed_pass_peak(facts, cfg, "correct", sequences=cfg.eval_batches,
+                                       variants=cfg.lambda_candidates, head=True,
+                                       extra=[("adapter", n_lora * c.lora_param_bytes)],
+                                       seconds=seconds + ps.pass_seconds(facts, cfg, tokens), ram_bytes=ram)
+        return passed if passed.peak_bytes >= one_module.peak_bytes else replace(one_module,
+                                                                                 est_seconds=passed.est_seconds)
     t = cfg.context_length
     act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
     logits = int(t * facts.vocab_size * c.eval_logits_bytes)
@@ -594,16 +621,45 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePe
         flops_per_second(cfg) * c.infer_mfu)
     evaluation = facts.num_parameters * b + n_lora * c.lora_param_bytes + max(act, logits)
     if module >= evaluation:
-        return _stage("correct", [("one module (fp32)", module)], cfg, seconds)
-    return _stage("correct", [("weights (λ evaluation)", facts.num_parameters * b),
-                              ("adapter", n_lora * c.lora_param_bytes),
-                              ("activations & loss", max(act, logits))], cfg, seconds)
+        return replace(one_module, est_seconds=seconds)
+    return replace(_stage("correct", [("weights (λ evaluation)", facts.num_parameters * b),
+                                      ("adapter", n_lora * c.lora_param_bytes),
+                                      ("activations & loss", max(act, logits))], cfg, seconds), ram_bytes=ram)
 
 
-def export_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
-    """Merge and export run on the CPU, shard by shard: no GPU memory."""
-    seconds = 3.0 * facts.num_parameters * facts.dtype_bytes / cfg.constants.disk_bytes_per_s
-    return StagePeak("export", 0, (("GPU not used (merge on the CPU)", 0),), est_seconds=seconds, device="cpu")
+def export_peak(facts: ModelFacts, cfg: PlanConfig, streamed: bool = False, budget_bytes: int | None = None) -> StagePeak:
+    """Merge (on the CPU, tensor by tensor), then the verification of every export, loaded back.
+
+    The verification runs where :func:`~emloc_engine.stages.export.verify_budget.verify_placement`
+    puts it under the budget: on the GPU in fp32 or the storage dtype, or on the CPU (0 GPU memory,
+    its model in RAM); with the original ``streamed``, one streamed pass per model (original, merged,
+    GGUF) carries every comparison.
+    """
+    from emloc_engine.run import plan_streaming as ps
+    from emloc_engine.stages.export.verify_budget import verify_placement
+
+    c = cfg.constants
+    seconds = 3.0 * facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s
+    passes = 3 if "gguf" in cfg.export_formats else 2
+    on_gpu = cfg.device in ("cuda", "rocm")
+    if streamed and on_gpu:
+        seconds += passes * ps.pass_seconds(facts, cfg, ps.EXPORT_PROMPT_TOKENS)
+        ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=True)
+        return ps.streamed_pass_peak(facts, cfg, "export", sequences=4, variants=ps.EXPORT_VARIANTS, head=True,
+                                     extra=[], seconds=seconds, ram_bytes=ram)
+    seconds += passes * ps.stored_weights_bytes(facts) / c.disk_bytes_per_s
+    room = budget_bytes if budget_bytes is not None else (cfg.gpu_total_bytes or 0)
+    place = verify_placement(facts.num_parameters, facts.dtype_bytes, on_gpu=on_gpu, free_bytes=room,
+                             budget_bytes=budget_bytes if on_gpu else None, ram_free_bytes=cfg.ram_bytes)
+    weights = facts.num_parameters * (4 if place.fp32 else facts.dtype_bytes)
+    if place.device == "cpu":
+        ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=False, cpu_verify_bytes=weights)
+        return StagePeak("export", 0, (("GPU not used (merge and verification on the CPU)", 0),), est_seconds=seconds,
+                         device="cpu", ram_bytes=ram)
+    ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=False)
+    logits = int(ps.EXPORT_PROMPT_TOKENS * facts.vocab_size * 4 * 2)
+    label = "weights (verification, fp32)" if place.fp32 else "weights (verification, as stored)"
+    return replace(_stage("export", [(label, weights), ("logits", logits)], cfg, seconds), ram_bytes=ram)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,69 +671,100 @@ def _ratio_grid(cfg: PlanConfig) -> list[float]:
     return [round(cfg.min_ratio + i * cfg.ratio_step, 6) for i in range(n, -1, -1)]
 
 
-def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, gpu_limit: int | None) -> tuple[StagePeak, ...]:
+def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, budget: int | None,
+               streamed: bool = False) -> tuple[StagePeak, ...]:
     build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=limit or None), limit_bytes=limit)
-    train = replace(training_peak(facts, cfg, ratio), limit_bytes=limit)
-    correct = correction_peak(facts, cfg, ratio)
-    # λ evaluation is inference of the original model: checked against the GPU, not the reduced budget.
-    correct = replace(correct, limit_bytes=gpu_limit if cfg.auto_lambda else limit)
-    return build, train, correct, export_peak(facts, cfg)
+    train = replace(training_peak(facts, cfg, ratio, streamed=streamed), limit_bytes=limit)
+    correct = correction_peak(facts, cfg, ratio, streamed=streamed)
+    export = export_peak(facts, cfg, streamed=streamed, budget_bytes=budget)
+    # A resident original (λ evaluation, verification) is inference: held to the budget, not the margin-reduced
+    # limit; streamed passes are our own predictions, so the margin applies to them like to training.
+    original_limit = limit if streamed else budget
+    correct = replace(correct, limit_bytes=original_limit if cfg.auto_lambda else limit)
+    export = replace(export, limit_bytes=original_limit if export.device != "cpu" else None)
+    return build, train, correct, export
 
 
 def plan_memory(facts: ModelFacts, cfg: PlanConfig | None = None) -> MemoryPlan:
-    """Predict every stage's peak and choose the largest ρ whose stages all fit.
+    """Predict every stage's peak and choose the largest ρ whose stages all fit the budget.
+
+    The original need not fit: when its resident use exceeds the budget the plan streams it
+    (``stream_original``, :mod:`emloc_engine.run.plan_streaming`) and the streamed stages are counted
+    as one block at a time. Without a budget the default is the GPU's memory less
+    :func:`~emloc_engine.machine.budget.budget_margin_bytes` (the callers pass the *free* memory's
+    default, :func:`~emloc_engine.machine.budget.default_budget_bytes`), or the inference peak when
+    no device size is known.
 
     Args:
         facts: shapes of the model (:func:`model_facts`).
         cfg: what to plan for; ``cfg.ratio`` set = evaluate that ratio only.
 
     Returns:
-        A :class:`MemoryPlan`. ``fits`` is False (with ``reason`` and ``suggestions``) when no ρ
-        on the grid fits, when the model does not fit the GPU even for inference, or when the
-        given ratio does not fit.
+        A :class:`MemoryPlan`. ``fits`` is False (with ``reason``, ``suggestions`` and ``shortfalls``)
+        when no ρ on the grid fits, when RAM or disk is too small, or when the given ratio does not fit.
     """
     return _plan(facts, cfg or PlanConfig(), suggest=True)
 
 
 def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
+    from emloc_engine.machine.budget import default_budget_bytes
+    from emloc_engine.run import plan_streaming as ps
+
     inference = inference_peak(facts, cfg)
     full = training_peak(facts, cfg, 1.0, name="full_lora", chunked_loss=False)
     notes: list[str] = []
-    budget = cfg.budget_bytes or inference.peak_bytes
+    if cfg.budget_bytes is not None:
+        budget = cfg.budget_bytes
+    elif cfg.gpu_total_bytes is not None:
+        budget = default_budget_bytes(cfg.gpu_total_bytes)
+    else:
+        budget = inference.peak_bytes
     if cfg.gpu_total_bytes is not None and budget > cfg.gpu_total_bytes:
         notes.append(f"Budget {budget / GIB:.1f} GiB is more than the GPU's {cfg.gpu_total_bytes / GIB:.1f} GiB; "
                      "planning for the GPU instead.")
         budget = cfg.gpu_total_bytes
     limit = margin_limit(budget, cfg)
-    gpu_limit = cfg.gpu_total_bytes
+    streamed = ps.decide_streaming(facts, cfg, budget)
+    anchored, anchor_ram, chunks, anchor_need = ps.anchor_schedule(facts, cfg)
     inference = replace(inference, limit_bytes=cfg.gpu_total_bytes)
     full = replace(full, limit_bytes=limit)
     grid = [cfg.ratio] if cfg.ratio is not None else _ratio_grid(cfg)
+    if streamed:
+        resident = ps.resident_original_peak(facts, cfg)
+        where = "RAM (page cache) → GPU" if ps.weights_cached(facts, cfg) else "the disk"
+        notes.append(f"The original does not fit the budget ({resident / GIB:.1f} GiB resident > {budget / GIB:.1f} GiB): "
+                     f"runs offloaded here. Anchors, the λ search and the export verification stream it block by "
+                     f"block from {where}, {ps.pass_seconds(facts, cfg, cfg.context_length):.1f} s per pass.")
+    if cfg.anchored and not anchored:
+        notes.append(f"Anchors off: one step's offsets ({anchor_need / GIB:.1f} GiB) exceed the anchor RAM cap "
+                     f"({cfg.anchor_ram_bytes / GIB:.1f} GiB); raise --anchor-ram-gib to anchor.")
+    elif anchored and chunks > 1:
+        notes.append(f"Anchors: {anchor_need / GIB:.1f} GiB of offsets over the run, computed in {chunks} chunks "
+                     f"of at most {cfg.anchor_ram_bytes / GIB:.1f} GiB of RAM (one pass of the original per chunk).")
 
     def make(ratio: float | None, fits: bool, stages: tuple[StagePeak, ...], reason: str,
-             suggestions: tuple[str, ...] = ()) -> MemoryPlan:
+             suggestions: tuple[str, ...] = (), short: tuple[Shortfall, ...] = ()) -> MemoryPlan:
         extra = list(notes)
-        corr = next((s for s in stages if s.name == "correct"), None)
-        if corr is not None and cfg.auto_lambda and corr.peak_bytes > budget:
-            extra.append(f"The correction's λ search runs the original model and needs {corr.peak_gib:.1f} GiB, "
-                         f"more than the {budget / GIB:.1f} GiB budget; set λ explicitly (no search) to stay within it.")
         if full.fits:
             extra.append(f"Plain LoRA on the full model ({full.peak_gib:.1f} GiB) also fits this budget.")
         return MemoryPlan(ratio, fits, budget, limit, stages, inference, full, reason, suggestions, tuple(extra),
-                          facts.name, cfg)
+                          facts.name, cfg, streamed, short, anchor_ram, chunks)
 
-    if gpu_limit is not None and inference.peak_bytes > gpu_limit:
-        stages = _stages_at(facts, cfg, grid[-1], limit, gpu_limit)
-        reason = (f"{facts.name} does not fit this GPU even for inference: it needs {inference.peak_gib:.1f} GiB "
-                  f"(weights {facts.num_parameters * compute_bytes(facts, cfg) / GIB:.1f} GiB) and the GPU has "
-                  f"{gpu_limit / GIB:.1f} GiB.")
-        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else ())
+    floor = ps.gpu_floor_shortfall(facts, cfg, limit)
+    if floor is not None:
+        stages = _stages_at(facts, cfg, grid[-1], limit, budget, streamed)
+        reason = f"{facts.name} cannot be trained within this budget: {floor.message}"
+        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else (), (floor,))
     last: tuple[StagePeak, ...] = ()
     for ratio in grid:
-        stages = _stages_at(facts, cfg, ratio, limit, gpu_limit)
+        stages = _stages_at(facts, cfg, ratio, limit, budget, streamed)
         last = stages
         if all(s.fits for s in stages):
             train = stages[1]
+            short = tuple(ps.shortfalls(facts, cfg, stages, ratio))
+            if short:
+                reason = f"{facts.name} cannot be trained on this machine: " + " ".join(f.message for f in short)
+                return make(ratio, False, stages, reason, (), short)
             reason = (f"ρ = {ratio:.2f}: training on the emulator needs {train.peak_gib:.2f} GiB of the "
                       f"{limit / GIB:.2f} GiB allowed ({budget / GIB:.2f} GiB budget − {cfg.safety_margin:.0%} margin "
                       f"on its predicted part).")
@@ -688,7 +775,14 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     reason = (f"Nothing fits: at ρ = {at:.2f} the {worst.name} stage needs {worst.peak_gib:.1f} GiB but only "
               f"{(worst.limit_bytes or 0) / GIB:.1f} GiB is allowed ({budget / GIB:.1f} GiB budget − "
               f"{cfg.safety_margin:.0%} margin on its predicted part); its largest part is {big[0]} ({big[1] / GIB:.1f} GiB).")
-    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else ())
+    short = Shortfall("GPU budget", _budget_needed(worst, cfg), budget, f"the {worst.name} stage at ρ = {at:.2f}")
+    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else (), (short,))
+
+
+def _budget_needed(stage: StagePeak, cfg: PlanConfig) -> int:
+    """The budget whose margin-reduced limit holds ``stage`` (inverse of :func:`margin_limit`)."""
+    fixed = _runtime(0, cfg)
+    return int(fixed + (stage.peak_bytes - fixed) / (1.0 - cfg.safety_margin))
 
 
 def _suggest(facts: ModelFacts, cfg: PlanConfig) -> tuple[str, ...]:
@@ -741,20 +835,28 @@ def model_facts(model_dir: Path) -> ModelFacts:
 
 
 def format_plan(plan: MemoryPlan) -> str:
-    """The plan as a text table (``emloc plan``)."""
-    rows = [("stage", "peak GiB", "limit GiB", "fits", "time", "largest parts")]
+    """The plan as a text table (``emloc plan``): GPU peak, limit, RAM and time of every stage."""
     from emloc_engine.core.progress import format_seconds
 
+    rows = [("stage", "peak GiB", "limit GiB", "fits", "RAM GiB", "time", "largest parts")]
     for s in (plan.inference, *plan.stages, plan.full_lora):
         top = sorted((p for p in s.parts if p[1] > 0), key=lambda p: -p[1])[:3]
-        rows.append((s.name, f"{s.peak_gib:.2f}", f"{s.limit_bytes / GIB:.2f}" if s.limit_bytes else "-",
-                     "yes" if s.fits else "NO", format_seconds(s.est_seconds),
-                     ", ".join(f"{label} {b / GIB:.2f}" for label, b in top)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+        name = s.name + (" (streamed)" if s.streamed and s.name != "emulator" else "")
+        rows.append((name, f"{s.peak_gib:.2f}", f"{s.limit_bytes / GIB:.2f}" if s.limit_bytes else "-",
+                     "yes" if s.fits else "NO", f"{s.ram_bytes / GIB:.1f}" if s.ram_bytes else "-",
+                     format_seconds(s.est_seconds), ", ".join(f"{label} {b / GIB:.2f}" for label, b in top)))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6] for r in rows]
     head = (f"{plan.model_name}: budget {plan.budget_bytes / GIB:.2f} GiB, allowed {plan.limit_bytes / GIB:.2f} GiB "
             f"(margin {plan.config.safety_margin:.0%}); T={plan.config.context_length}, B={plan.config.batch_size}, "
-            f"r={plan.config.lora_rank}")
+            f"r={plan.config.lora_rank}, steps={plan.config.train_steps}")
     tail = [f"Chosen ρ: {plan.ratio:.2f}" if plan.ratio is not None else "Chosen ρ: none", plan.reason]
+    if plan.ratio is not None:
+        tail.append(f"Original: {'streamed block by block' if plan.stream_original else 'resident on the GPU'}; "
+                    f"about {format_seconds(plan.total_seconds)} in all (training stages), RAM up to "
+                    f"{plan.ram_bytes / GIB:.1f} GiB" + (f" (anchors {plan.anchor_ram_bytes / GIB:.1f} GiB in "
+                                                          f"{plan.anchor_chunks} chunk{'s' if plan.anchor_chunks != 1 else ''})"
+                                                          if plan.anchor_chunks else "") + ".")
+    tail += [f"Cannot train: {f.message}" for f in plan.shortfalls]
     tail += [f"  - {s}" for s in plan.suggestions] + [f"Note: {n}" for n in plan.notes]
     return "\n".join([head, *lines, *tail])
