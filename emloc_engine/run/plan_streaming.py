@@ -30,7 +30,7 @@ import math
 from typing import TYPE_CHECKING
 
 from emloc_engine.run.planning import GIB, PlanConfig, Shortfall, StagePeak, _forward_flops, _layer_act, _stage, \
-    compute_bytes, emulator_parameters, flops_per_second, lora_parameters
+    compute_bytes, emulator_parameters, flops_per_second, lora_parameters, loss_chunk_tokens
 
 if TYPE_CHECKING:
     from emloc_engine.catalog.model_facts import ModelFacts
@@ -72,20 +72,34 @@ def _outside_bytes(facts: ModelFacts, cfg: PlanConfig, head: bool) -> int:
     return (facts.embedding_parameters + (facts.lm_head_parameters if head else 0)) * b
 
 
+STREAM_BATCH = 4  # sequences per batch of a streamed pass (the λ search's held-out batches)
+HIDDEN_OFFLOAD_BYTES = GIB  # a pass's hidden states move to CPU RAM past this (weights.streamed.StreamedModel.run)
+
+
 def streamed_pass_peak(facts: ModelFacts, cfg: PlanConfig, name: str, *, sequences: int, variants: int,
                        head: bool, extra: list[tuple[str, int]], seconds: float, ram_bytes: int) -> StagePeak:
-    """GPU peak of a pass with the original streamed (see the module docstring)."""
+    """GPU peak of a pass with the original streamed (see the module docstring).
+
+    Every variant carries the hidden states of every sequence through each block; past 1 GiB they
+    live in CPU RAM and one batch (4 sequences) per variant visits the GPU. One batch's activations,
+    the head in loss chunks.
+    """
     c, b = cfg.constants, compute_bytes(facts, cfg)
     t = cfg.context_length
+    batch = min(sequences, STREAM_BATCH)
     hidden = variants * sequences * t * facts.hidden_size * b
-    act = _layer_act(facts, min(sequences, 8) * t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
-    logits = int(t * facts.vocab_size * c.eval_logits_bytes) if head else 0
+    offloaded = hidden > HIDDEN_OFFLOAD_BYTES
+    on_gpu = 2 * batch * t * facts.hidden_size * b if offloaded else hidden
+    act = _layer_act(facts, batch * t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    # The head runs on the final hidden states in chunks (training.hidden_loss_sum): logits of one chunk.
+    logits = int(min(t, loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes)) * facts.vocab_size
+                 * c.eval_logits_bytes) if head else 0
     parts = [("two blocks (running + prefetched)", 2 * facts.block_parameters * b),
              ("embeddings & head" if head else "embeddings", _outside_bytes(facts, cfg, head)),
-             ("hidden states of the pass", hidden), ("activations & loss", max(act, logits)), *extra]
+             ("hidden states of the pass", on_gpu), ("activations & loss", max(act, logits)), *extra]
     stage = _stage(name, parts, cfg, seconds)
     return StagePeak(stage.name, stage.peak_bytes, stage.parts, stage.est_seconds, device=stage.device,
-                     ram_bytes=ram_bytes, streamed=True)
+                     ram_bytes=ram_bytes + (hidden if offloaded else 0), streamed=True)
 
 
 def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:

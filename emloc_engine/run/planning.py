@@ -754,7 +754,8 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     if floor is not None:
         stages = _stages_at(facts, cfg, grid[-1], limit, budget, streamed)
         reason = f"{facts.name} cannot be trained within this budget: {floor.message}"
-        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else (), (floor,))
+        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else (),
+                    (floor, *ps.shortfalls(facts, cfg, stages, grid[-1])))
     last: tuple[StagePeak, ...] = ()
     for ratio in grid:
         stages = _stages_at(facts, cfg, ratio, limit, budget, streamed)
@@ -776,7 +777,8 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
               f"{(worst.limit_bytes or 0) / GIB:.1f} GiB is allowed ({budget / GIB:.1f} GiB budget − "
               f"{cfg.safety_margin:.0%} margin on its predicted part); its largest part is {big[0]} ({big[1] / GIB:.1f} GiB).")
     short = Shortfall("GPU budget", _budget_needed(worst, cfg), budget, f"the {worst.name} stage at ρ = {at:.2f}")
-    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else (), (short,))
+    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else (),
+                (short, *ps.shortfalls(facts, cfg, last, at)))
 
 
 def _budget_needed(stage: StagePeak, cfg: PlanConfig) -> int:
