@@ -9,8 +9,10 @@ hidden states of the pass + one layer's activations + the adapter (:func:`stream
 
 **Time of a streamed pass** is bound by moving the weights: ``max(W / rate, compute) × overhead``
 where ``W`` is the stored weights and ``rate`` is the pinned-RAM → GPU rate (55 GB/s, measured on an
-H200 host) when the weights stay in the page cache (``W`` fits in 80 % of the RAM left over), else
-the disk's (1 GB/s, deliberately conservative: :class:`~emloc_engine.run.planning.PlannerConstants`).
+H200 host, PCIe Gen5; ~25 GB/s for PCIe 4.0 cards such as the RTX 4090:
+:data:`~emloc_engine.run.planning.GPU_H2D_BYTES_PER_S`) when the weights stay in the page cache (``W``
+fits in 80 % of the RAM left over by the process and the anchors), else the disk's (1 GB/s, deliberately
+conservative: a mid-range NVMe reads 2–3 GB/s, a SATA SSD 0.5; :class:`~emloc_engine.run.planning.PlannerConstants`).
 ``overhead`` = 1.3 (the aim for streamed passes vs the transfer floor).
 
 **Anchors** (:func:`anchor_schedule`): every visited example's offsets take ``L·T·h·2`` bytes
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from emloc_engine.run.planning import GIB, PlanConfig, Shortfall, StagePeak, _forward_flops, _layer_act, _stage, \
+from emloc_engine.run.planning import GIB, GPU_H2D_BYTES_PER_S, PlanConfig, Shortfall, StagePeak, _forward_flops, _layer_act, _stage, \
     compute_bytes, emulator_parameters, flops_per_second, lora_parameters, loss_chunk_tokens
 
 if TYPE_CHECKING:
@@ -52,10 +54,18 @@ def weights_cached(facts: ModelFacts, cfg: PlanConfig) -> bool:
                                                     - cfg.anchor_ram_bytes)
 
 
+def h2d_rate(cfg: PlanConfig) -> float:
+    """Pinned RAM → GPU bytes per second of the planned GPU (:data:`~emloc_engine.run.planning.GPU_H2D_BYTES_PER_S`)."""
+    name = (cfg.gpu_name or "").upper()
+    for frag, rate in GPU_H2D_BYTES_PER_S:
+        if frag.upper() in name:
+            return rate
+    return cfg.constants.h2d_bytes_per_s
+
+
 def stream_rate(facts: ModelFacts, cfg: PlanConfig) -> float:
     """Bytes per second of a streamed pass's weights: pinned RAM → GPU when cached, else the disk."""
-    c = cfg.constants
-    return c.h2d_bytes_per_s if weights_cached(facts, cfg) else c.stream_disk_bytes_per_s
+    return h2d_rate(cfg) if weights_cached(facts, cfg) else cfg.constants.stream_disk_bytes_per_s
 
 
 def pass_seconds(facts: ModelFacts, cfg: PlanConfig, tokens: int) -> float:

@@ -116,10 +116,17 @@ DEFAULT_CONSTANTS = PlannerConstants()
 # Dense bf16 tensor-core peak (FLOP/s) by GPU name fragment; first match wins.
 GPU_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("A6000", 155e12),
+    ("L40S", 362e12), ("L40", 181e12), ("RTX 6000 Ada", 182e12), ("L4", 121e12), ("A10", 125e12), ("A6000", 155e12),
     ("RTX 5090", 210e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12),
     ("RTX 3080", 60e12), ("V100", 125e12), ("T4", 65e12), ("MI300", 1307e12), ("MI250", 362e12),
     ("Apple", 1.5e13),
+)
+
+# Pinned RAM → GPU rate by GPU name fragment (first match wins); others: PlannerConstants.h2d_bytes_per_s
+# (55 GB/s, measured on an H200 host, PCIe Gen5). PCIe 4.0 ×16 cards move ~25 GB/s (32 GB/s theoretical × 0.8).
+GPU_H2D_BYTES_PER_S: tuple[tuple[str, float], ...] = (
+    ("RTX 4090", 25e9), ("RTX 4080", 25e9), ("RTX 3090", 25e9), ("RTX 3080", 25e9), ("RTX 6000 Ada", 25e9),
+    ("A6000", 25e9), ("A100", 25e9), ("L40", 25e9), ("A10", 25e9), ("L4", 25e9), ("V100", 12e9), ("T4", 12e9),
 )
 
 STAGES = ("emulator", "train", "correct", "export")
