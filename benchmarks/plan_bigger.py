@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_random_model import model_config
 
-from emloc_engine.cli.main import build_parser
 from emloc_engine.cli.commands.plan import plan_config_of
+from emloc_engine.cli.main import build_parser
 from emloc_engine.core.progress import format_seconds
 from emloc_engine.run.planning import MemoryPlan, model_facts, plan_memory
 
@@ -75,41 +75,62 @@ def row(preset: str, gpu: str, gib: float, ram: float, extra: tuple[str, ...], p
     t = {s.name: format_seconds(s.est_seconds) for s in plan.stages}
     original = "streamed" if plan.stream_original else "resident"
     anchors = f"{plan.anchor_ram_bytes / GIB:.1f} GiB × {plan.anchor_chunks}" if plan.anchor_chunks else "off"
-    return (f"| {preset} | {card} | {weights:.1f} | {plan.ratio:.2f} | {original} | {peak:.2f} of "
-            f"{plan.budget_bytes / GIB:.2f} | {plan.ram_bytes / GIB:.1f} | {anchors} | "
-            f"{t['emulator']} / {t['train']} / {t['correct']} / {t['export']} | {format_seconds(plan.total_seconds)} |")
+    return (
+        f"| {preset} | {card} | {weights:.1f} | {plan.ratio:.2f} | {original} | {peak:.2f} of "
+        f"{plan.budget_bytes / GIB:.2f} | {plan.ram_bytes / GIB:.1f} | {anchors} | "
+        f"{t['emulator']} / {t['train']} / {t['correct']} / {t['export']} | {format_seconds(plan.total_seconds)} |"
+    )
 
 
 def render(tmp: Path) -> str:
-    out = [BEGIN, "## Bigger than the GPU: plans", "",
-           f"{DATE} · planner arithmetic only (no GPU, no weights): config-only folders of "
-           "`benchmarks/make_random_model.py`'s presets, `emloc plan` with the run's defaults (512 tokens, batch 4, "
-           "LoRA r 16 on every linear, 100 steps, λ auto, anchors capped at 4 GiB of RAM), the whole card free, "
-           "the default budget = card − max(0.5 GiB, 5%). Streamed passes are predicted from bytes / bandwidth: "
-           "pinned RAM → GPU 55 GB/s (measured, H200 host, PCIe Gen5), 25 GB/s on PCIe 4.0 cards (RTX 4090, "
-           "RTX 6000 Ada), the disk at a conservative 1 GB/s when the weights do not stay in the page cache; "
-           "each pass × 1.3. The 16 and 8 GiB rows are the acceptance runs' plans (an H200 under `--gpu-memory`). "
-           "Command: `python benchmarks/plan_bigger.py --write`; one row by hand: "
-           "`emloc plan FOLDER --gpu-gib 24 --gpu-name \"RTX 4090\" --ram-gib 64`.", "",
-           "| model | card | bf16 weights GiB | ρ | original | highest stage peak GiB (of budget) | RAM GiB | "
-           "anchors (RAM × chunks) | time: emulator / train / correct / export | total |",
-           "|---|---|---:|---:|---|---|---:|---|---|---:|"]
+    out = [
+        BEGIN,
+        "## Bigger than the GPU: plans",
+        "",
+        f"{DATE} · planner arithmetic only (no GPU, no weights): config-only folders of "
+        "`benchmarks/make_random_model.py`'s presets, `emloc plan` with the run's defaults (512 tokens, batch 4, "
+        "LoRA r 16 on every linear, 100 steps, λ auto, anchors capped at 4 GiB of RAM), the whole card free, "
+        "the default budget = card − max(0.5 GiB, 5%). Streamed passes are predicted from bytes / bandwidth: "
+        "pinned RAM → GPU 55 GB/s (measured, H200 host, PCIe Gen5), 25 GB/s on PCIe 4.0 cards (RTX 4090, "
+        "RTX 6000 Ada), the disk at a conservative 1 GB/s when the weights do not stay in the page cache; "
+        "each pass × 1.3. The 16 and 8 GiB rows are the acceptance runs' plans (an H200 under `--gpu-memory`). "
+        "Command: `python benchmarks/plan_bigger.py --write`; one row by hand: "
+        '`emloc plan FOLDER --gpu-gib 24 --gpu-name "RTX 4090" --ram-gib 64`.',
+        "",
+        "| model | card | bf16 weights GiB | ρ | original | highest stage peak GiB (of budget) | RAM GiB | "
+        "anchors (RAM × chunks) | time: emulator / train / correct / export | total |",
+        "|---|---|---:|---:|---|---|---:|---|---|---:|",
+    ]
     commands = []
     for preset, gpu, gib, ram, extra in CASES:
         folder = write_config(preset, tmp / preset)
         plan = plan_case(folder, gpu, gib, ram, extra)
         out.append(row(preset, gpu, gib, ram, extra, plan))
-        commands.append("emloc " + " ".join(a if " " not in a else f'"{a}"' for a in argv_of(
-            Path(f"/tmp/{preset}"), gpu, gib, ram, extra)))
-    out += ["", "Rows as commands (after `python benchmarks/make_random_model.py --arch PRESET --out /tmp/PRESET "
-            "--config-only`):", "", "```", *commands, "```", "",
-            "Reading it: \"streamed\" means the original's resident use (weights + activations) exceeds the budget, "
-            "so the anchors, the λ search and the export verification run it block by block from the shards "
-            "(two blocks, the embeddings and head, and one batch's activations on the GPU); every stage's "
-            "predicted peak stays under the budget. The train time includes computing the anchors a chunk at a "
-            "time: each chunk is one more pass over the original, so with the weights larger than the page "
-            "cache (70B with 64 GiB of RAM) the disk bounds it; `--anchor-ram-gib` larger means fewer chunks. "
-            "Time estimates are rough (±50%; GPU rates of `PlannerConstants`).", "", END]
+        commands.append(
+            "emloc "
+            + " ".join(
+                a if " " not in a else f'"{a}"' for a in argv_of(Path(f"/tmp/{preset}"), gpu, gib, ram, extra)
+            )
+        )
+    out += [
+        "",
+        "Rows as commands (after `python benchmarks/make_random_model.py --arch PRESET --out /tmp/PRESET "
+        "--config-only`):",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        'Reading it: "streamed" means the original\'s resident use (weights + activations) exceeds the budget, '
+        "so the anchors, the λ search and the export verification run it block by block from the shards "
+        "(two blocks, the embeddings and head, and one batch's activations on the GPU); every stage's "
+        "predicted peak stays under the budget. The train time includes computing the anchors a chunk at a "
+        "time: each chunk is one more pass over the original, so with the weights larger than the page "
+        "cache (70B with 64 GiB of RAM) the disk bounds it; `--anchor-ram-gib` larger means fewer chunks. "
+        "Time estimates are rough (±50%; GPU rates of `PlannerConstants`).",
+        "",
+        END,
+    ]
     return "\n".join(out)
 
 

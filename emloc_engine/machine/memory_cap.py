@@ -27,8 +27,9 @@ def cap_devices(device: str, gpus: int) -> tuple[int, ...]:
     return ()
 
 
-def apply_gpu_memory_cap(cap_bytes: int | None, device: str = "auto", gpus: int = 1,
-                         cuda: Any = None) -> list[str]:
+def apply_gpu_memory_cap(
+    cap_bytes: int | None, device: str = "auto", gpus: int = 1, cuda: Any = None
+) -> list[str]:
     """Cap this process at ``cap_bytes`` on every CUDA device the run uses.
 
     Args:
@@ -48,8 +49,10 @@ def apply_gpu_memory_cap(cap_bytes: int | None, device: str = "auto", gpus: int 
         cuda = torch.cuda
     indices = cap_devices(device, gpus)
     if not indices or not cuda.is_available():
-        note = (f"--gpu-memory {cap_bytes / GIB:.2f} GiB is recorded but ignored: the run does not use a CUDA GPU "
-                f"(device {device}).")
+        note = (
+            f"--gpu-memory {cap_bytes / GIB:.2f} GiB is recorded but ignored: the run does not use a CUDA GPU "
+            f"(device {device})."
+        )
         log.info(note)
         return [note]
     notes = []
@@ -59,7 +62,9 @@ def apply_gpu_memory_cap(cap_bytes: int | None, device: str = "auto", gpus: int 
         total = int(cuda.get_device_properties(index).total_memory)
         fraction = memory_fraction(cap_bytes, total)
         cuda.set_per_process_memory_fraction(fraction, index)
-        notes.append(f"GPU {index}: this process is capped at {cap_bytes / GIB:.2f} GiB "
-                     f"({fraction:.4f} of {total / GIB:.1f} GiB).")
+        notes.append(
+            f"GPU {index}: this process is capped at {cap_bytes / GIB:.2f} GiB "
+            f"({fraction:.4f} of {total / GIB:.1f} GiB)."
+        )
         log.info(notes[-1])
     return notes

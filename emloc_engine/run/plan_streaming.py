@@ -31,8 +31,21 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from emloc_engine.run.planning import GIB, GPU_H2D_BYTES_PER_S, PlanConfig, Shortfall, StagePeak, _forward_flops, _layer_act, _stage, \
-    compute_bytes, emulator_parameters, flops_per_second, lora_parameters, loss_chunk_tokens
+from emloc_engine.run.planning import (
+    GIB,
+    GPU_H2D_BYTES_PER_S,
+    PlanConfig,
+    Shortfall,
+    StagePeak,
+    _forward_flops,
+    _layer_act,
+    _stage,
+    compute_bytes,
+    emulator_parameters,
+    flops_per_second,
+    lora_parameters,
+    loss_chunk_tokens,
+)
 
 if TYPE_CHECKING:
     from emloc_engine.catalog.model_facts import ModelFacts
@@ -50,8 +63,9 @@ def weights_cached(facts: ModelFacts, cfg: PlanConfig) -> bool:
     """Whether the stored weights stay in the page cache between passes (RAM unknown: assume yes)."""
     if cfg.ram_bytes is None:
         return True
-    return stored_weights_bytes(facts) <= 0.8 * max(0, cfg.ram_bytes - cfg.constants.process_ram_bytes
-                                                    - cfg.anchor_ram_bytes)
+    return stored_weights_bytes(facts) <= 0.8 * max(
+        0, cfg.ram_bytes - cfg.constants.process_ram_bytes - cfg.anchor_ram_bytes
+    )
 
 
 def h2d_rate(cfg: PlanConfig) -> float:
@@ -73,7 +87,8 @@ def pass_seconds(facts: ModelFacts, cfg: PlanConfig, tokens: int) -> float:
     c = cfg.constants
     transfer = stored_weights_bytes(facts) / stream_rate(facts, cfg)
     compute = _forward_flops(facts, facts.num_parameters, tokens, cfg.context_length) / (
-        flops_per_second(cfg) * c.infer_mfu)
+        flops_per_second(cfg) * c.infer_mfu
+    )
     return max(transfer, compute) * c.stream_overhead
 
 
@@ -83,11 +98,23 @@ def _outside_bytes(facts: ModelFacts, cfg: PlanConfig, head: bool) -> int:
 
 
 STREAM_BATCH = 4  # sequences per batch of a streamed pass (the λ search's held-out batches)
-HIDDEN_OFFLOAD_BYTES = GIB  # a pass's hidden states move to CPU RAM past this (weights.streamed.StreamedModel.run)
+HIDDEN_OFFLOAD_BYTES = (
+    GIB  # a pass's hidden states move to CPU RAM past this (weights.streamed.StreamedModel.run)
+)
 
 
-def streamed_pass_peak(facts: ModelFacts, cfg: PlanConfig, name: str, *, sequences: int, variants: int,
-                       head: bool, extra: list[tuple[str, int]], seconds: float, ram_bytes: int) -> StagePeak:
+def streamed_pass_peak(
+    facts: ModelFacts,
+    cfg: PlanConfig,
+    name: str,
+    *,
+    sequences: int,
+    variants: int,
+    head: bool,
+    extra: list[tuple[str, int]],
+    seconds: float,
+    ram_bytes: int,
+) -> StagePeak:
     """GPU peak of a pass with the original streamed (see the module docstring).
 
     Every variant carries the hidden states of every sequence through each block; past 1 GiB they
@@ -102,14 +129,32 @@ def streamed_pass_peak(facts: ModelFacts, cfg: PlanConfig, name: str, *, sequenc
     on_gpu = 2 * batch * t * facts.hidden_size * b if offloaded else hidden
     act = _layer_act(facts, batch * t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
     # The head runs on the final hidden states in chunks (training.hidden_loss_sum): logits of one chunk.
-    logits = int(min(t, loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes)) * facts.vocab_size
-                 * c.eval_logits_bytes) if head else 0
-    parts = [("two blocks (running + prefetched)", 2 * facts.block_parameters * b),
-             ("embeddings & head" if head else "embeddings", _outside_bytes(facts, cfg, head)),
-             ("hidden states of the pass", on_gpu), ("activations & loss", max(act, logits)), *extra]
+    logits = (
+        int(
+            min(t, loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes))
+            * facts.vocab_size
+            * c.eval_logits_bytes
+        )
+        if head
+        else 0
+    )
+    parts = [
+        ("two blocks (running + prefetched)", 2 * facts.block_parameters * b),
+        ("embeddings & head" if head else "embeddings", _outside_bytes(facts, cfg, head)),
+        ("hidden states of the pass", on_gpu),
+        ("activations & loss", max(act, logits)),
+        *extra,
+    ]
     stage = _stage(name, parts, cfg, seconds)
-    return StagePeak(stage.name, stage.peak_bytes, stage.parts, stage.est_seconds, device=stage.device,
-                     ram_bytes=ram_bytes + (hidden if offloaded else 0), streamed=True)
+    return StagePeak(
+        stage.name,
+        stage.peak_bytes,
+        stage.parts,
+        stage.est_seconds,
+        device=stage.device,
+        ram_bytes=ram_bytes + (hidden if offloaded else 0),
+        streamed=True,
+    )
 
 
 def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:
@@ -118,8 +163,11 @@ def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:
     t = cfg.context_length
     act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
     logits = int(t * facts.vocab_size * c.eval_logits_bytes)
-    parts = [("weights", facts.num_parameters * b), ("adapter", lora_parameters(facts, cfg) * c.lora_param_bytes),
-             ("activations & loss", max(act, logits))]
+    parts = [
+        ("weights", facts.num_parameters * b),
+        ("adapter", lora_parameters(facts, cfg) * c.lora_param_bytes),
+        ("activations & loss", max(act, logits)),
+    ]
     return _stage("original", parts, cfg, 0.0).peak_bytes
 
 
@@ -157,7 +205,9 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
     c = cfg.constants
     visited = cfg.train_steps * cfg.batch_size * cfg.context_length
     rate = flops_per_second(cfg) * c.infer_mfu
-    emu = _forward_flops(facts, emulator_parameters(facts, ratio, cfg.dense_modules), visited, cfg.context_length)
+    emu = _forward_flops(
+        facts, emulator_parameters(facts, ratio, cfg.dense_modules), visited, cfg.context_length
+    )
     orig = _forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
     if not streamed:
         return (orig + emu) / rate + stored_weights_bytes(facts) / c.disk_bytes_per_s
@@ -165,16 +215,36 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
     return max(transfer, orig / rate) * c.stream_overhead + emu / rate
 
 
-def streamed_anchor_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int) -> StagePeak:
+def streamed_anchor_peak(
+    facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int
+) -> StagePeak:
     """The anchor pass with the original streamed: its blocks, the emulator on the GPU, a micro-batch's hidden states."""
     b = compute_bytes(facts, cfg)
     emu = emulator_parameters(facts, ratio, cfg.dense_modules) * b
-    return streamed_pass_peak(facts, cfg, "train", sequences=cfg.batch_size, variants=3, head=False,
-                              extra=[(f"emulator weights (ρ={ratio:.2f})", emu)], seconds=seconds, ram_bytes=ram)
+    return streamed_pass_peak(
+        facts,
+        cfg,
+        "train",
+        sequences=cfg.batch_size,
+        variants=3,
+        head=False,
+        extra=[(f"emulator weights (ρ={ratio:.2f})", emu)],
+        seconds=seconds,
+        ram_bytes=ram,
+    )
 
 
-def stage_ram(facts: ModelFacts, cfg: PlanConfig, name: str, *, ratio: float, streamed: bool,
-              anchor_ram: int = 0, hidden_offloaded: int = 0, cpu_verify_bytes: int = 0) -> int:
+def stage_ram(
+    facts: ModelFacts,
+    cfg: PlanConfig,
+    name: str,
+    *,
+    ratio: float,
+    streamed: bool,
+    anchor_ram: int = 0,
+    hidden_offloaded: int = 0,
+    cpu_verify_bytes: int = 0,
+) -> int:
     """RAM one stage needs (see the module docstring)."""
     c, b = cfg.constants, compute_bytes(facts, cfg)
     pinned = 2 * facts.block_parameters * facts.dtype_bytes
@@ -205,7 +275,9 @@ def disk_need_bytes(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> int:
     return total
 
 
-def shortfalls(facts: ModelFacts, cfg: PlanConfig, stages: tuple[StagePeak, ...], ratio: float) -> list[Shortfall]:
+def shortfalls(
+    facts: ModelFacts, cfg: PlanConfig, stages: tuple[StagePeak, ...], ratio: float
+) -> list[Shortfall]:
     """RAM and disk the run cannot do without, when the machine has less."""
     out = []
     ram = max((s.ram_bytes for s in stages), default=0)
@@ -215,20 +287,40 @@ def shortfalls(facts: ModelFacts, cfg: PlanConfig, stages: tuple[StagePeak, ...]
     if cfg.disk_free_bytes is not None:
         need = disk_need_bytes(facts, cfg, ratio)
         if need > cfg.disk_free_bytes:
-            out.append(Shortfall("disk", need, cfg.disk_free_bytes, "the run folder (emulator, checkpoints, exports)"))
+            out.append(
+                Shortfall(
+                    "disk", need, cfg.disk_free_bytes, "the run folder (emulator, checkpoints, exports)"
+                )
+            )
     return out
 
 
 def gpu_floor_shortfall(facts: ModelFacts, cfg: PlanConfig, budget: int) -> Shortfall | None:
     """The budget is below what the embeddings and head alone take on the GPU (no ρ can help)."""
     b = compute_bytes(facts, cfg)
-    need = _stage("floor", [("embeddings & head", (facts.embedding_parameters + facts.lm_head_parameters) * b)],
-                  cfg, 0.0).peak_bytes
+    need = _stage(
+        "floor",
+        [("embeddings & head", (facts.embedding_parameters + facts.lm_head_parameters) * b)],
+        cfg,
+        0.0,
+    ).peak_bytes
     if need <= budget:
         return None
     return Shortfall("GPU budget", need, budget, "the embeddings and head alone")
 
 
-__all__ = ["GIB", "anchor_schedule", "anchor_seconds", "decide_streaming", "disk_need_bytes", "gpu_floor_shortfall",
-           "pass_seconds", "resident_original_peak", "shortfalls", "stage_ram", "streamed_anchor_peak",
-           "streamed_pass_peak", "weights_cached"]
+__all__ = [
+    "GIB",
+    "anchor_schedule",
+    "anchor_seconds",
+    "decide_streaming",
+    "disk_need_bytes",
+    "gpu_floor_shortfall",
+    "pass_seconds",
+    "resident_original_peak",
+    "shortfalls",
+    "stage_ram",
+    "streamed_anchor_peak",
+    "streamed_pass_peak",
+    "weights_cached",
+]

@@ -769,10 +769,10 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
         last = stages
         if all(s.fits for s in stages):
             train = stages[1]
-            short = tuple(ps.shortfalls(facts, cfg, stages, ratio))
-            if short:
-                reason = f"{facts.name} cannot be trained on this machine: " + " ".join(f.message for f in short)
-                return make(ratio, False, stages, reason, (), short)
+            lacking = tuple(ps.shortfalls(facts, cfg, stages, ratio))
+            if lacking:
+                reason = f"{facts.name} cannot be trained on this machine: " + " ".join(f.message for f in lacking)
+                return make(ratio, False, stages, reason, (), lacking)
             reason = (f"ρ = {ratio:.2f}: training on the emulator needs {train.peak_gib:.2f} GiB of the "
                       f"{limit / GIB:.2f} GiB allowed ({budget / GIB:.2f} GiB budget − {cfg.safety_margin:.0%} margin "
                       f"on its predicted part).")

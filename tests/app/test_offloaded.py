@@ -18,10 +18,15 @@ from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info
 from tests.app.fakes import open_plan_page as plan_page
 
 
-def test_model_page_says_a_model_bigger_than_the_gpu_runs_offloaded(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    models = [model_info("org/offload-32B", tmp_path / "o", num_parameters=32_000_000_000, size_gib=61),
-              model_info("org/big-70B", tmp_path / "big", num_parameters=70_000_000_000)]
+def test_model_page_says_a_model_bigger_than_the_gpu_runs_offloaded(
+    qtbot,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    models = [
+        model_info("org/offload-32B", tmp_path / "o", num_parameters=32_000_000_000, size_gib=61),
+        model_info("org/big-70B", tmp_path / "big", num_parameters=70_000_000_000),
+    ]
     FakeEngine(tmp_path, models=models).install(monkeypatch.setattr)
     page = ModelPage(WizardState(machine=machine(), gpu_index=0, budget_bytes=20 * GIB))
     qtbot.addWidget(page)
@@ -29,16 +34,30 @@ def test_model_page_says_a_model_bigger_than_the_gpu_runs_offloaded(qtbot, tmp_p
     qtbot.waitUntil(lambda: page.table_model.rowCount() == 3, timeout=60_000)
     rows = {r.name: r for r in page.table_model.rows}
     offloaded = rows["org/offload-32B"]
-    assert offloaded.badge == "runs offloaded here; EMLoC trains it at ρ = 0.45 in about 1 h 0 min (needs 37 GiB of RAM)"
+    assert (
+        offloaded.badge
+        == "runs offloaded here; EMLoC trains it at ρ = 0.45 in about 1 h 0 min (needs 37 GiB of RAM)"
+    )
     assert offloaded.kind == "trainable" and offloaded.usable and "does not fit" not in offloaded.badge
     assert rows["org/big-70B"].badge == "too large"  # the fake plan of this one truly does not fit
 
 
 def _info(name: str, tmp_path: Path) -> ModelInfo:
     facts = reference_facts(name)
-    return ModelInfo(name=name, path=tmp_path / name, revision=None, source="folder", model_type=facts.model_type,
-                     architecture=facts.architecture, num_parameters=facts.num_parameters, dtype="bfloat16",
-                     size_on_disk_bytes=facts.num_parameters * 2, supported=True, problem=None, facts=facts)
+    return ModelInfo(
+        name=name,
+        path=tmp_path / name,
+        revision=None,
+        source="folder",
+        model_type=facts.model_type,
+        architecture=facts.architecture,
+        num_parameters=facts.num_parameters,
+        dtype="bfloat16",
+        size_on_disk_bytes=facts.num_parameters * 2,
+        supported=True,
+        problem=None,
+        facts=facts,
+    )
 
 
 def test_judge_with_the_real_planner_offloaded_and_truly_too_small(tmp_path: Path) -> None:
@@ -49,15 +68,20 @@ def test_judge_with_the_real_planner_offloaded_and_truly_too_small(tmp_path: Pat
     assert "in about" in row.badge and "GiB of RAM" in row.badge
     assert row.plan is not None and row.plan.stream_original and row.plan.fits
     small_ram = machine(gpus=(gpu(0, "NVIDIA GeForce RTX 4090", 48, 47),))
-    small_ram = type(small_ram)(gpus=small_ram.gpus, backend="cuda", cpu_cores=8, ram_total_bytes=8 * GIB,
-                                ram_available_bytes=6 * GIB)
+    small_ram = type(small_ram)(
+        gpus=small_ram.gpus, backend="cuda", cpu_cores=8, ram_total_bytes=8 * GIB, ram_available_bytes=6 * GIB
+    )
     row = judge(_info("Llama-3-70B", tmp_path), small_ram, 512)
     assert row.badge.startswith("cannot train here: RAM short by") and not row.usable
     assert "RAM" in row.reason and "short by" in row.reason
 
 
-def test_machine_page_cap_reaches_the_runs_settings_and_command(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                              fake: FakeEngine, state: WizardState) -> None:
+def test_machine_page_cap_reaches_the_runs_settings_and_command(
+    qtbot,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    fake: FakeEngine,
+    state: WizardState,
+) -> None:
     state.budget_bytes = None  # untouched: the default follows the cap
     page = MachinePage(state)
     qtbot.addWidget(page)
@@ -73,8 +97,12 @@ def test_machine_page_cap_reaches_the_runs_settings_and_command(qtbot, tmp_path:
     assert args[args.index("--gpu-memory") + 1] == "16"
 
 
-def test_plan_page_shows_time_ram_and_that_the_original_streams(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                fake: FakeEngine, state: WizardState) -> None:
+def test_plan_page_shows_time_ram_and_that_the_original_streams(
+    qtbot,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    fake: FakeEngine,
+    state: WizardState,
+) -> None:
     state.model_dir = tmp_path / "offload-model"  # the fake plan streams a model of that name
     page = plan_page(qtbot, state)
     text = page.duration.text()

@@ -29,7 +29,9 @@ def test_default_budget_is_free_memory_less_max_half_a_gib_or_five_percent() -> 
     assert budget_margin_bytes(8 * GIB) == BUDGET_MARGIN_MIN_BYTES  # 5% of 8 GiB is 0.4 GiB < 0.5 GiB
     assert budget_margin_bytes(80 * GIB) == 4 * GIB
     assert default_budget_bytes(20 * GIB) == 19 * GIB
-    assert default_budget_bytes(80 * GIB, 16 * GIB) == 16 * GIB - int(0.05 * 16 * GIB)  # the cap, when lower, is the room
+    assert default_budget_bytes(80 * GIB, 16 * GIB) == 16 * GIB - int(
+        0.05 * 16 * GIB
+    )  # the cap, when lower, is the room
     assert default_budget_bytes(10 * GIB, 16 * GIB) == int(9.5 * GIB)  # free memory, when lower than the cap
     assert default_budget_bytes(GIB // 2) == GIB // 8  # a nearly full card: a quarter of what is left
 
@@ -90,8 +92,13 @@ def test_gpu_memory_cap_on_the_cpu_is_recorded_and_ignored_with_a_note() -> None
 def test_gpu_memory_is_one_setting_typed_in_gib(tmp_path: Path) -> None:
     opt = option("gpu_memory_bytes")
     assert opt.flag == "--gpu-memory" and opt.unit == "GiB" and "set_per_process_memory_fraction" in opt.help
-    cfg = build_config(None, {"gpu_memory_bytes": "15.5", "budget_bytes": 12}, model_dir=tmp_path / "m",
-                       data_path=tmp_path / "d.jsonl", run_dir=tmp_path / "r")
+    cfg = build_config(
+        None,
+        {"gpu_memory_bytes": "15.5", "budget_bytes": 12},
+        model_dir=tmp_path / "m",
+        data_path=tmp_path / "d.jsonl",
+        run_dir=tmp_path / "r",
+    )
     assert cfg.gpu_memory_bytes == int(15.5 * GIB) and cfg.budget_bytes == 12 * GIB
     args = command_line(cfg)
     assert args[args.index("--gpu-memory") + 1] == "15.5" and args[args.index("--budget-gib") + 1] == "12"
@@ -101,23 +108,30 @@ def test_gpu_memory_is_one_setting_typed_in_gib(tmp_path: Path) -> None:
 def test_export_verification_keeps_to_the_budget_not_the_cards_free_memory() -> None:
     n = 8_030_000_000  # Llama-3-8B: fp32 copy 29.9 GiB
     # The failure: an H200 (139 GiB free) capped to a 15.5 GiB budget; fp32 must not be chosen.
-    capped = verify_placement(n, 2, on_gpu=True, free_bytes=139 * GIB, budget_bytes=int(15.5 * GIB),
-                              ram_free_bytes=200 * GIB)
-    assert capped.device == "cpu"  # bf16 needs 1.2·15 + 0.5 GiB > 15.5 GiB: the CPU verifies, in fp32 (RAM allows)
+    capped = verify_placement(
+        n, 2, on_gpu=True, free_bytes=139 * GIB, budget_bytes=int(15.5 * GIB), ram_free_bytes=200 * GIB
+    )
+    assert (
+        capped.device == "cpu"
+    )  # bf16 needs 1.2·15 + 0.5 GiB > 15.5 GiB: the CPU verifies, in fp32 (RAM allows)
     assert capped.fp32
     roomy = verify_placement(n, 2, on_gpu=True, free_bytes=139 * GIB, budget_bytes=40 * GIB)
     assert roomy == replace(roomy, device="gpu", fp32=True)
     mid = verify_placement(n, 2, on_gpu=True, free_bytes=139 * GIB, budget_bytes=24 * GIB)
     assert mid.device == "gpu" and not mid.fp32  # bf16 on the GPU: 1.2·15 + 0.5 ≤ 24
     assert model_need_bytes(n * 2) <= 24 * GIB < model_need_bytes(n * 4)
-    low_ram = verify_placement(n, 2, on_gpu=True, free_bytes=139 * GIB, budget_bytes=8 * GIB, ram_free_bytes=20 * GIB)
+    low_ram = verify_placement(
+        n, 2, on_gpu=True, free_bytes=139 * GIB, budget_bytes=8 * GIB, ram_free_bytes=20 * GIB
+    )
     assert low_ram.device == "cpu" and not low_ram.fp32
     # Without a budget (per-stage command): the old rule on the device's free memory.
     assert verify_placement(n, 2, on_gpu=True, free_bytes=139 * GIB).fp32
     assert not verify_placement(n, 2, on_gpu=True, free_bytes=20 * GIB).fp32
 
 
-def test_exporter_places_its_verification_under_the_budget(monkeypatch: pytest.MonkeyPatch, tiny_llama: Path) -> None:
+def test_exporter_places_its_verification_under_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: Path
+) -> None:
     import torch
 
     from emloc_engine.stages.export import exporter
@@ -135,10 +149,20 @@ def test_exporter_places_its_verification_under_the_budget(monkeypatch: pytest.M
 
 
 def _machine(total_gib: float, free_gib: float, ram_gib: float = 64) -> MachineInfo:
-    gpu = GpuInfo(index=0, name="NVIDIA GeForce RTX 4090", total_bytes=int(total_gib * GIB),
-                  free_bytes=int(free_gib * GIB), used_bytes=int((total_gib - free_gib) * GIB))
-    return MachineInfo(gpus=(gpu,), backend="cuda", cpu_cores=16, ram_total_bytes=int(ram_gib * GIB),
-                       ram_available_bytes=int(ram_gib * GIB))
+    gpu = GpuInfo(
+        index=0,
+        name="NVIDIA GeForce RTX 4090",
+        total_bytes=int(total_gib * GIB),
+        free_bytes=int(free_gib * GIB),
+        used_bytes=int((total_gib - free_gib) * GIB),
+    )
+    return MachineInfo(
+        gpus=(gpu,),
+        backend="cuda",
+        cpu_cores=16,
+        ram_total_bytes=int(ram_gib * GIB),
+        ram_available_bytes=int(ram_gib * GIB),
+    )
 
 
 def _plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict[str, Any]]:
@@ -146,8 +170,9 @@ def _plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_emloc_plan_defaults_to_the_detected_gpus_free_memory(monkeypatch: pytest.MonkeyPatch,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_emloc_plan_defaults_to_the_detected_gpus_free_memory(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import emloc_engine.machine.hardware as hardware
 
     monkeypatch.setattr(hardware, "detect_machine", lambda *a, **k: _machine(24, 20))
@@ -157,7 +182,9 @@ def test_emloc_plan_defaults_to_the_detected_gpus_free_memory(monkeypatch: pytes
     assert all(s["peak_bytes"] <= out["budget_bytes"] for s in out["stages"])
     assert out["ram_bytes"] > 0 and out["total_seconds"] > 0
     code, capped = _plan_json(capsys, ["plan", "Qwen2.5-14B", "--gpu-memory", "16", "--json"])
-    assert capped["budget_bytes"] == default_budget_bytes(20 * GIB, 16 * GIB) and capped["ratio"] < out["ratio"]
+    assert (
+        capped["budget_bytes"] == default_budget_bytes(20 * GIB, 16 * GIB) and capped["ratio"] < out["ratio"]
+    )
     code, given = _plan_json(capsys, ["plan", "Qwen2.5-14B", "--budget-gib", "12", "--json"])
     assert given["budget_bytes"] == 12 * GIB
     assert main(["plan", "Qwen2.5-14B"]) == 0
@@ -186,5 +213,7 @@ def test_plan_run_budget_defaults_to_free_memory_and_the_cap(tiny_llama: Path, t
     pc = plan_config_for(capped, machine)
     assert pc.budget_bytes == int(3.5 * GIB) and pc.gpu_total_bytes == 4 * GIB
     assert plan_config_for(replace(cfg, budget_bytes=2 * GIB), machine).budget_bytes == 2 * GIB
-    cpu = MachineInfo(gpus=(), backend="cpu", cpu_cores=2, ram_total_bytes=16 * GIB, ram_available_bytes=12 * GIB)
+    cpu = MachineInfo(
+        gpus=(), backend="cpu", cpu_cores=2, ram_total_bytes=16 * GIB, ram_available_bytes=12 * GIB
+    )
     assert plan_config_for(capped, cpu).budget_bytes == default_budget_bytes(12 * GIB)  # the cap is a GPU cap

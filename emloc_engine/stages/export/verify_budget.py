@@ -40,8 +40,15 @@ def _fp32_fits_unbudgeted(fp32_bytes: int, free_bytes: int) -> bool:
     return fp32_bytes * 1.3 + 2 * GIB <= free_bytes or fp32_bytes <= 4 * GIB
 
 
-def verify_placement(num_parameters: int, storage_bytes: int, *, on_gpu: bool, free_bytes: int,
-                     budget_bytes: int | None = None, ram_free_bytes: int | None = None) -> VerifyPlacement:
+def verify_placement(
+    num_parameters: int,
+    storage_bytes: int,
+    *,
+    on_gpu: bool,
+    free_bytes: int,
+    budget_bytes: int | None = None,
+    ram_free_bytes: int | None = None,
+) -> VerifyPlacement:
     """Where the verification runs and whether in fp32 (see the module docstring for the rule).
 
     Args:
