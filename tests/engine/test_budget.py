@@ -217,3 +217,38 @@ def test_plan_run_budget_defaults_to_free_memory_and_the_cap(tiny_llama: Path, t
         gpus=(), backend="cpu", cpu_cores=2, ram_total_bytes=16 * GIB, ram_available_bytes=12 * GIB
     )
     assert plan_config_for(capped, cpu).budget_bytes == default_budget_bytes(12 * GIB)  # the cap is a GPU cap
+
+
+def test_every_stage_sets_the_cap_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run import orchestrator
+    from emloc_engine.run.config import RunConfig
+
+    calls: list[tuple[int | None, str, int]] = []
+    monkeypatch.setattr(orchestrator, "apply_gpu_memory_cap", lambda cap, device, gpus: calls.append((cap, device, gpus)))
+    cfg = RunConfig(model_dir=tmp_path / "m", data=DataConfig(path=tmp_path / "d.jsonl"), run_dir=tmp_path / "run",
+                    gpu_memory_bytes=8 * GIB, device="cuda:1")
+    with orchestrator.open_run(tmp_path / "run") as session:
+        session.manifest.config = cfg
+        orchestrator.run_stage(session, "emulator", lambda: SimpleNamespace(peak_vram_gib=1.0), result_json=lambda r: {})
+        orchestrator.run_stage(session, "train", lambda: SimpleNamespace(peak_vram_gib=1.0), result_json=lambda r: {})
+    assert calls == [(8 * GIB, "cuda:1", 1)] * 2
+
+
+def test_a_resumed_run_keeps_the_rho_its_emulator_was_built_with(tmp_path: Path) -> None:
+    """The default budget follows the free memory, so a resumed run may plan another ρ; the record keeps the built one."""
+    from types import SimpleNamespace
+
+    from emloc_engine.run.manifest import Manifest, StageRecord
+    from emloc_engine.run.orchestrator import _kept_plan
+
+    m = Manifest(root=tmp_path, plan={"ratio": 0.4})
+    plan: Any = SimpleNamespace(record=SimpleNamespace(ratio=0.35))
+    assert _kept_plan(m, plan, None) is None  # the emulator is not built yet: today's plan
+    m.stages["emulator"] = StageRecord(status="done")
+    assert _kept_plan(m, plan, None) == {"ratio": 0.4}
+    assert _kept_plan(m, plan, "emulator") is None  # redone: today's plan
+    plan.record.ratio = 0.4
+    assert _kept_plan(m, plan, None) is None
