@@ -23,16 +23,18 @@ is the prediction of ``max_memory_allocated``; :attr:`StagePeak.peak_bytes` what
 Every constant lives in :class:`PlannerConstants` so it can be recalibrated from
 ``benchmarks/bench_planner.py`` measurements without touching the formulas.
 
-Fit rule: the budget defaults to the inference peak (the promise: fine-tuning fits in what
-inference needs). The ρ-dependent stages (emulator build, training) must fit
-``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`); the margin absorbs
-prediction error, so it is taken from the predicted part only. The correction's λ search
-runs the original model on held-out data, i.e. it *is* inference, so it is checked against the
-GPU, not the margin-reduced budget, and a note says when it needs more than the budget. The same
-holds for the first pass of anchored training (:mod:`emloc_engine.stages.training.anchoring`): the original model
-alone, groups of ≤ 256 MiB of recorded block outputs (copied to the CPU as they are made), no KV
-cache and no logits, so it should stay below the inference peak — by this arithmetic; not yet
-measured on a GPU. The train stage's *measured* peak includes it, its prediction is the training loop.
+Fit rule: the budget is the GPU — the callers pass the card's free memory (or the ``--gpu-memory``
+cap) less ``max(0.5 GiB, 5 %)`` (:mod:`emloc_engine.machine.budget`); with only a card size known it is
+that size less the margin, with nothing known the inference peak. The ρ-dependent stages (emulator
+build, training) must fit ``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`);
+the margin absorbs prediction error, so it is taken from the predicted part only. Stages that use the
+original resident (the λ search, the export verification, the first pass of anchored training) are
+inference and are held to the budget itself. When that resident use does not fit the budget, the
+plan streams the original (``MemoryPlan.stream_original``, :mod:`emloc_engine.run.plan_streaming`):
+those stages are then counted as one block at a time plus the embeddings and head, held to the
+margin-reduced limit, and timed from bytes / bandwidth. RAM (per stage) and disk (the run folder) are
+checked when known; a shortfall of either, or a budget below the embeddings and head, makes the plan
+say which resource is short and by how much (:class:`Shortfall`).
 The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ max_ratio`` that fits.
 """
 
@@ -137,7 +139,8 @@ class PlanConfig:
     """What to plan for. Every field has help text (CLI help and GUI tooltip)."""
 
     budget_bytes: int | None = field(default=None, metadata={
-        "help": "GPU memory EMLoC may use; default: what inference of the original model needs."})
+        "help": "GPU memory every stage must keep to; default: the GPU's size less max(0.5 GiB, 5%) when known, "
+                "else what inference of the original model needs (the run passes its free-memory default)."})
     gpu_total_bytes: int | None = field(default=None, metadata={
         "help": "Memory of the GPU (or RAM for the CPU); a budget above it is lowered to it."})
     context_length: int = field(default=512, metadata={"help": "Tokens per training sequence (T)."})
