@@ -227,13 +227,24 @@ def test_every_stage_sets_the_cap_before_it_starts(tmp_path: Path, monkeypatch: 
     from emloc_engine.run.config import RunConfig
 
     calls: list[tuple[int | None, str, int]] = []
-    monkeypatch.setattr(orchestrator, "apply_gpu_memory_cap", lambda cap, device, gpus: calls.append((cap, device, gpus)))
-    cfg = RunConfig(model_dir=tmp_path / "m", data=DataConfig(path=tmp_path / "d.jsonl"), run_dir=tmp_path / "run",
-                    gpu_memory_bytes=8 * GIB, device="cuda:1")
+    monkeypatch.setattr(
+        orchestrator, "apply_gpu_memory_cap", lambda cap, device, gpus: calls.append((cap, device, gpus))
+    )
+    cfg = RunConfig(
+        model_dir=tmp_path / "m",
+        data=DataConfig(path=tmp_path / "d.jsonl"),
+        run_dir=tmp_path / "run",
+        gpu_memory_bytes=8 * GIB,
+        device="cuda:1",
+    )
     with orchestrator.open_run(tmp_path / "run") as session:
         session.manifest.config = cfg
-        orchestrator.run_stage(session, "emulator", lambda: SimpleNamespace(peak_vram_gib=1.0), result_json=lambda r: {})
-        orchestrator.run_stage(session, "train", lambda: SimpleNamespace(peak_vram_gib=1.0), result_json=lambda r: {})
+        orchestrator.run_stage(
+            session, "emulator", lambda: SimpleNamespace(peak_vram_gib=1.0), result_json=lambda r: {}
+        )
+        orchestrator.run_stage(
+            session, "train", lambda: SimpleNamespace(peak_vram_gib=1.0), result_json=lambda r: {}
+        )
     assert calls == [(8 * GIB, "cuda:1", 1)] * 2
 
 
@@ -252,3 +263,29 @@ def test_a_resumed_run_keeps_the_rho_its_emulator_was_built_with(tmp_path: Path)
     assert _kept_plan(m, plan, "emulator") is None  # redone: today's plan
     plan.record.ratio = 0.4
     assert _kept_plan(m, plan, None) is None
+
+
+def test_assess_fit_says_runs_offloaded_with_rho_time_and_ram(tmp_path: Path) -> None:
+    from emloc_engine.catalog.discovery import ModelInfo, assess_fit
+    from emloc_engine.catalog.model_facts import reference_facts
+
+    facts = reference_facts("Qwen2.5-14B")
+    info = ModelInfo(
+        name="Qwen2.5-14B",
+        path=tmp_path,
+        revision=None,
+        source="folder",
+        model_type="qwen2",
+        architecture="Qwen2ForCausalLM",
+        num_parameters=facts.num_parameters,
+        dtype="bfloat16",
+        size_on_disk_bytes=facts.num_parameters * 2,
+        supported=True,
+        problem=None,
+        facts=facts,
+    )
+    fit = assess_fit(info, _machine(24, 23))
+    assert fit.inference == "exceeds" and fit.training == "fits"
+    assert fit.message.startswith("Runs offloaded here") and "EMLoC trains it at ρ = " in fit.message
+    assert "in about" in fit.message and "GiB of RAM" in fit.message
+    assert fit.plan.budget_bytes == default_budget_bytes(23 * GIB)
