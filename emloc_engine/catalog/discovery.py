@@ -483,7 +483,7 @@ def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, bat
     cfg = PlanConfig(budget_bytes=budget, gpu_total_bytes=total, context_length=context_length, batch_size=batch_size,
                      lora_rank=lora_rank, safety_margin=safety_margin, device=device,
                      gpu_name=gpu.name if gpu is not None else None, train_steps=train_steps,
-                     ram_bytes=machine.ram_available_bytes or None)
+                     ram_bytes=machine.ram_total_bytes or None)
     plan = plan_memory(model.facts, cfg)
     need = plan.inference.peak_bytes
     inference = "exceeds" if need > total else "tight" if need > free or need > 0.9 * total else "fits"

@@ -153,7 +153,7 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
         total = min(total, cfg.gpu_memory_bytes)
     return PlanConfig(
         budget_bytes=budget_bytes, gpu_total_bytes=total,
-        ram_bytes=machine.ram_available_bytes or None, disk_free_bytes=disk_free_bytes,
+        ram_bytes=machine.ram_total_bytes or None, disk_free_bytes=disk_free_bytes,
         anchor_ram_bytes=int(cfg.train.anchor_ram_gib * 2**30), export_formats=cfg.export.formats,
         context_length=cfg.data.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.rank,
         ratio=cfg.ratio, device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib,

@@ -177,7 +177,8 @@ class PlanConfig:
     ratio_step: float = field(default=0.05, metadata={"help": "Grid step of the ρ search."})
     constants: PlannerConstants = field(default=DEFAULT_CONSTANTS, metadata={"help": "Calibration constants."})
     ram_bytes: int | None = field(default=None, metadata={
-        "help": "RAM the run may use (available RAM); None = not checked."})
+        "help": "RAM of the machine (its total: what other programs hold now can be closed); a stage needing "
+                "more cannot run here. Also sizes the page cache that keeps streamed weights. None = not checked."})
     disk_free_bytes: int | None = field(default=None, metadata={
         "help": "Free disk space where the run folder goes; None = not checked."})
     anchor_ram_bytes: int = field(default=4 * GIB, metadata={

@@ -289,3 +289,25 @@ def test_assess_fit_says_runs_offloaded_with_rho_time_and_ram(tmp_path: Path) ->
     assert fit.message.startswith("Runs offloaded here") and "EMLoC trains it at ρ = " in fit.message
     assert "in about" in fit.message and "GiB of RAM" in fit.message
     assert fit.plan.budget_bytes == default_budget_bytes(23 * GIB)
+
+
+def test_plan_run_refuses_a_machine_whose_ram_is_too_small_saying_by_how_much(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from emloc_engine.core.errors import InsufficientMemory
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.plan import plan_run
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    tiny_ram = MachineInfo(
+        gpus=_machine(24, 20).gpus, backend="cuda", cpu_cores=2, ram_total_bytes=GIB, ram_available_bytes=GIB
+    )
+    with pytest.raises(InsufficientMemory) as exc:
+        plan_run(cfg, tiny_ram)
+    assert any(p.startswith("RAM:") and "short by" in p for p in exc.value.problems)
+    plan = plan_run(cfg, _machine(24, 20))
+    assert plan.stream_original is False and plan.record.stream_original is False
+    assert plan.export is None or plan.export.memory_budget_bytes == plan.memory.budget_bytes

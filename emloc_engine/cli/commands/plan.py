@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
                    help="Plan for a GPU of this size, all of it free (default: the detected GPU).")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="The process cap a run would use (emloc run --gpu-memory): the default budget comes from it.")
-    p.add_argument("--ram-gib", type=float, default=None, help="RAM to plan for (default: this machine's available RAM).")
+    p.add_argument("--ram-gib", type=float, default=None, help="RAM of the machine to plan for (default: this machine's).")
     p.add_argument("--gpu-name", default=None, help="GPU name for the time estimates (e.g. 'RTX 4090').")
     p.add_argument("--context", type=int, default=data.max_length, help="Tokens per training sequence.")
     p.add_argument("--batch", type=int, default=run.batch_size, help="Sequences per step.")
@@ -79,7 +79,7 @@ def plan_config_of(args: argparse.Namespace, machine: Any = None) -> Any:
         total = gpu.total_bytes if gpu else machine.ram_total_bytes
         free = gpu.free_bytes if gpu else (machine.ram_available_bytes or machine.ram_total_bytes)
         gpu_name = args.gpu_name or (gpu.name if gpu else None)
-        ram = ram if ram is not None else (machine.ram_available_bytes or None)
+        ram = ram if ram is not None else (machine.ram_total_bytes or None)
         if gpu is None:
             cap = None  # the cap applies to GPUs only
     budget = int(args.budget_gib * GIB) if args.budget_gib else default_budget_bytes(free, cap)
