@@ -865,8 +865,9 @@ def format_plan(plan: MemoryPlan) -> str:
             f"r={plan.config.lora_rank}, steps={plan.config.train_steps}")
     tail = [f"Chosen ρ: {plan.ratio:.2f}" if plan.ratio is not None else "Chosen ρ: none", plan.reason]
     if plan.ratio is not None:
-        tail.append(f"Original: {'streamed block by block' if plan.stream_original else 'resident on the GPU'}; "
-                    f"about {format_seconds(plan.total_seconds)} in all (training stages), RAM up to "
+        where = "the GPU" if plan.config.device in ("cuda", "rocm") else plan.config.device.upper()
+        tail.append(f"Original: {'streamed block by block' if plan.stream_original else 'loaded whole on ' + where}; "
+                    f"about {format_seconds(plan.total_seconds)} for all four stages, RAM up to "
                     f"{plan.ram_bytes / GIB:.1f} GiB" + (f" (anchors {plan.anchor_ram_bytes / GIB:.1f} GiB in "
                                                           f"{plan.anchor_chunks} chunk{'s' if plan.anchor_chunks != 1 else ''})"
                                                           if plan.anchor_chunks else "") + ".")
