@@ -231,6 +231,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
     Raises:
         InsufficientMemory: nothing fits; ConfigError: the settings cannot be wired into a stage.
     """
+    from emloc_engine.run.planning import emulator_budget_bytes
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.emulator.builder import EmulatorConfig
     from emloc_engine.stages.export.exporter import ExportConfig
@@ -244,7 +245,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
     memory, record = plan_memory_for(cfg, machine)
     layout = RunLayout(cfg.run_dir)
     on_cuda = record.device == "cuda"
-    budget = int(min(record.limit_bytes, 0.5 * record.inference_peak_gib * 2**30)) if on_cuda else None
+    budget = emulator_budget_bytes(record.limit_bytes, memory.inference_peak_bytes) if on_cuda else None
     factor_devices = tuple(f"cuda:{i}" for i in range(1, cfg.gpus)) if on_cuda and cfg.gpus > 1 else ()
     emulator = EmulatorConfig(**options_of(cfg.emulator), model_dir=cfg.model_dir, out_dir=layout.emulator,
                               calibration_ids=(), ratio=record.ratio, device=cfg.device,

@@ -682,9 +682,17 @@ def _ratio_grid(cfg: PlanConfig) -> list[float]:
     return [round(cfg.min_ratio + i * cfg.ratio_step, 6) for i in range(n, -1, -1)]
 
 
+def emulator_budget_bytes(limit: int, inference_peak_bytes: int) -> int:
+    """The memory budget the emulator build sizes its chunks to: the limit, at most half the inference
+    peak (so the GPU stays usable meanwhile). :func:`emloc_engine.run.plan.plan_run` gives the build
+    this budget, and the planner predicts the build with it."""
+    return int(min(limit, 0.5 * inference_peak_bytes))
+
+
 def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, budget: int | None,
                streamed: bool = False) -> tuple[StagePeak, ...]:
-    build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=limit or None), limit_bytes=limit)
+    build_budget = emulator_budget_bytes(limit, inference_peak(facts, cfg).peak_bytes) if limit else None
+    build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=build_budget), limit_bytes=limit)
     train = replace(training_peak(facts, cfg, ratio, streamed=streamed), limit_bytes=limit)
     correct = correction_peak(facts, cfg, ratio, streamed=streamed)
     export = export_peak(facts, cfg, streamed=streamed, budget_bytes=budget)
