@@ -311,3 +311,19 @@ def test_plan_run_refuses_a_machine_whose_ram_is_too_small_saying_by_how_much(
     plan = plan_run(cfg, _machine(24, 20))
     assert plan.stream_original is False and plan.record.stream_original is False
     assert plan.export is None or plan.export.memory_budget_bytes == plan.memory.budget_bytes
+
+
+def test_streamed_planning_and_the_budget_import_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from emloc_engine.run.planning import PlanConfig, plan_memory; "
+        "from emloc_engine.catalog.model_facts import reference_facts; import emloc_engine.machine.budget; "
+        "p = plan_memory(reference_facts('Llama-3-8B'), PlanConfig(gpu_total_bytes=8 * 2**30)); "
+        "print(p.stream_original, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["True", "False"]
