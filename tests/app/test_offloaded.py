@@ -107,6 +107,9 @@ def test_plan_page_shows_time_ram_and_that_the_original_streams(
     page = plan_page(qtbot, state)
     text = page.duration.text()
     assert "Estimated duration" in text and "RAM: <b>37.0 GiB</b>" in text
+    labels = [r.label for r in page.bars.rows]
+    assert labels[0] == "Inference, whole model on the GPU" and "Train on emulator (original streamed)" in labels
+    assert "Build emulator" in labels  # the build streams anyway: no mark
     assert "anchors 4.0 GiB, 3 chunks" in text and "runs offloaded" in text
     state.model_dir = tmp_path / "model"
     page = plan_page(qtbot, state)
