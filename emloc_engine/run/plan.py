@@ -250,20 +250,20 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
     emulator = EmulatorConfig(**options_of(cfg.emulator), model_dir=cfg.model_dir, out_dir=layout.emulator,
                               calibration_ids=(), ratio=record.ratio, device=cfg.device,
                               memory_budget_bytes=budget, factor_devices=factor_devices)
-    # Anchors need one process: with several GPUs, "auto" trains unanchored (and says so).
     train_options = options_of(cfg.train)
-    if cfg.gpus > 1 and cfg.train.anchor == "auto":
-        train_options["anchor"] = "none"
-    train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed)
+    # The original does not fit the budget: every stage that uses it streams it (anchors, λ search, verification).
+    stream = memory.stream_original
+    train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed,
+                        stream_original=stream)
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
-                               data=cfg.data, device=cfg.device, overwrite=True)
+                               data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream)
     formats, notes = checked_exports(cfg)
     export = None
     if formats:
         export = ExportConfig(**{**options_of(cfg.export), "formats": formats}, run_dir=layout.root,
                               model_dir=cfg.model_dir, overwrite=True, device=cfg.device,
-                              memory_budget_bytes=memory.budget_bytes if on_cuda else None)
+                              memory_budget_bytes=memory.budget_bytes if on_cuda else None, stream_original=stream)
     if cfg.gpu_memory_bytes is not None and not on_cuda:
         notes = (*notes, f"--gpu-memory {cfg.gpu_memory_bytes / 2**30:g} GiB is recorded and ignored: the run is on the CPU.")
     return RunPlan(config=cfg, ratio=record.ratio, record=record, memory=memory, emulator=emulator, train=train,
