@@ -327,3 +327,26 @@ def test_streamed_planning_and_the_budget_import_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["True", "False"]
+
+
+def test_plan_run_streams_the_original_in_every_stage_that_uses_it_when_the_plan_says_so(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run import plan_streaming
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.plan import plan_run
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    resident = plan_run(cfg, _machine(24, 20))
+    assert not (
+        resident.stream_original or resident.train.stream_original or resident.correct.stream_original
+    )
+    monkeypatch.setattr(plan_streaming, "decide_streaming", lambda facts, cfg, budget: True)
+    streamed = plan_run(cfg, _machine(24, 20))
+    assert streamed.stream_original and streamed.record.stream_original and streamed.memory.stream_original
+    assert streamed.train.stream_original and streamed.correct.stream_original
+    assert streamed.export is not None and streamed.export.stream_original
+    assert any(n.startswith("The original does not fit") for n in streamed.notes)
