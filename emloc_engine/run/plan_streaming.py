@@ -8,11 +8,16 @@ GPU peak is two blocks (the one running and the one prefetched) + the embeddings
 hidden states of the pass + one layer's activations + the adapter (:func:`streamed_pass_peak`).
 
 **Time of a streamed pass** is bound by moving the weights: ``max(W / rate, compute) × overhead``
-where ``W`` is the stored weights and ``rate`` is the pinned-RAM → GPU rate (55 GB/s, measured on an
-H200 host, PCIe Gen5; ~25 GB/s for PCIe 4.0 cards such as the RTX 4090:
-:data:`~emloc_engine.run.planning.GPU_H2D_BYTES_PER_S`) when the weights stay in the page cache (``W``
-fits in 80 % of the RAM left over by the process and the anchors), else the disk's (1 GB/s, deliberately
-conservative: a mid-range NVMe reads 2–3 GB/s, a SATA SSD 0.5; :class:`~emloc_engine.run.planning.PlannerConstants`).
+where ``W`` is the stored weights and ``rate`` is, as the code moves them:
+
+* pinned RAM → GPU (55 GB/s, measured on an H200 host, PCIe Gen5; ~25 GB/s for PCIe 4.0 cards such
+  as the RTX 4090: :data:`~emloc_engine.run.planning.GPU_H2D_BYTES_PER_S`) for the anchor chunks after
+  the first when the original is held in pinned RAM (its weights take at most a quarter of the RAM,
+  :class:`~emloc_engine.weights.streamed.PinnedBlocks`; the train stage's RAM then includes ``W``);
+* the page cache (5 GB/s, unmeasured: one reader thread copying mapped shards into pinned buffers)
+  when ``W`` fits in 80 % of the RAM left over by the process and the anchors;
+* else the disk (1 GB/s, deliberately conservative: a mid-range NVMe reads 2–3 GB/s, a SATA SSD
+  0.5; :class:`~emloc_engine.run.planning.PlannerConstants`).
 ``overhead`` = 1.3 (the aim for streamed passes vs the transfer floor).
 
 **Anchors** (:func:`anchor_schedule`): every visited example's offsets take ``L·T·h·2`` bytes
@@ -59,6 +64,13 @@ def stored_weights_bytes(facts: ModelFacts) -> int:
     return facts.num_parameters * facts.dtype_bytes
 
 
+def weights_pinned(facts: ModelFacts, cfg: PlanConfig) -> bool:
+    """Whether the anchor passes keep the original in pinned RAM (:class:`~emloc_engine.weights.streamed.PinnedBlocks`:
+    its weights take at most a quarter of the RAM, :func:`~emloc_engine.weights.streamed.cache_fits`).
+    RAM unknown: assume yes."""
+    return cfg.ram_bytes is None or stored_weights_bytes(facts) <= 0.25 * cfg.ram_bytes
+
+
 def weights_cached(facts: ModelFacts, cfg: PlanConfig) -> bool:
     """Whether the stored weights stay in the page cache between passes (RAM unknown: assume yes)."""
     if cfg.ram_bytes is None:
@@ -77,9 +89,15 @@ def h2d_rate(cfg: PlanConfig) -> float:
     return cfg.constants.h2d_bytes_per_s
 
 
-def stream_rate(facts: ModelFacts, cfg: PlanConfig) -> float:
-    """Bytes per second of a streamed pass's weights: pinned RAM → GPU when cached, else the disk."""
-    return h2d_rate(cfg) if weights_cached(facts, cfg) else cfg.constants.stream_disk_bytes_per_s
+def stream_rate(facts: ModelFacts, cfg: PlanConfig, pinned: bool = False) -> float:
+    """Bytes per second of a streamed pass's weights: pinned RAM → GPU when they are held in pinned RAM
+    (``pinned``: the anchor chunks after the first), else from the page cache when they fit it, else the disk."""
+    c = cfg.constants
+    if pinned and weights_pinned(facts, cfg):
+        return h2d_rate(cfg)
+    if weights_cached(facts, cfg):
+        return min(h2d_rate(cfg), c.page_cache_bytes_per_s)
+    return c.stream_disk_bytes_per_s
 
 
 def pass_seconds(facts: ModelFacts, cfg: PlanConfig, tokens: int) -> float:
@@ -211,7 +229,9 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
     orig = _forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
     if not streamed:
         return (orig + emu) / rate + stored_weights_bytes(facts) / c.disk_bytes_per_s
-    transfer = chunks * stored_weights_bytes(facts) / stream_rate(facts, cfg)
+    w = stored_weights_bytes(facts)
+    # The first chunk reads the shards; later ones copy the pinned RAM copy when there is one.
+    transfer = w / stream_rate(facts, cfg) + (chunks - 1) * w / stream_rate(facts, cfg, pinned=True)
     return max(transfer, orig / rate) * c.stream_overhead + emu / rate
 
 
@@ -252,7 +272,8 @@ def stage_ram(
         return c.process_ram_bytes + hidden_offloaded + pinned
     if name == "train":
         emu = emulator_parameters(facts, ratio, cfg.dense_modules) * b
-        return c.process_ram_bytes + anchor_ram + max(emu if not streamed else 0, pinned)
+        held = stored_weights_bytes(facts) if streamed and anchor_ram and weights_pinned(facts, cfg) else 0
+        return c.process_ram_bytes + anchor_ram + held + max(emu if not streamed else 0, pinned)
     if name == "correct":
         largest = max(m.numel for m in facts.modules)
         return c.process_ram_bytes + max(3 * largest * 4, pinned)

@@ -107,6 +107,8 @@ class PlannerConstants:
     # Weights read from disk when they do not stay in the page cache: deliberately conservative (a
     # mid-range NVMe SSD reads 2-3 GB/s, a SATA SSD 0.5): 1 GB/s.
     stream_disk_bytes_per_s: float = 1.0e9
+    # Weights in the page cache, copied into pinned buffers by one reader thread: unmeasured, conservative.
+    page_cache_bytes_per_s: float = 5e9
     stream_overhead: float = 1.3  # a streamed pass vs its transfer floor (the aim: within 1.3×)
     process_ram_bytes: int = 3 * 1024**3  # Python, torch, CUDA libraries, tokenizer: the RSS before any tensor
     eigh_flop_coef: float = 10.0  # eigh(n) ≈ 10·n³

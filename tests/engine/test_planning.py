@@ -166,14 +166,20 @@ def test_model_bigger_than_the_gpu_is_trained_with_the_original_streamed() -> No
     assert plan.stage("correct").peak_bytes < weights / 3  # one block at a time, not the model
     assert any("runs offloaded here" in n for n in plan.notes)
     assert plan.ram_bytes > 0 and plan.total_seconds > 0
-    # Streamed passes are predicted from bytes / bandwidth: from the page cache at 55 GB/s ...
-    from emloc_engine.run.plan_streaming import pass_seconds
+    # Streamed passes are predicted from bytes / bandwidth: pinned RAM → GPU at 55 GB/s (anchor chunks after
+    # the first, the original held in pinned RAM), the page cache at 5 GB/s, the disk at 1 GB/s.
+    from emloc_engine.run.plan_streaming import pass_seconds, stream_rate
 
+    assert stream_rate(LLAMA3, plan.config, pinned=True) == 55e9  # 15 GiB ≤ a quarter of 64 GiB
+    assert stream_rate(LLAMA3, replace(plan.config, gpu_name="RTX 4090"), pinned=True) == 25e9  # PCIe 4.0
     cached = pass_seconds(LLAMA3, replace(plan.config, context_length=1), 1)
-    assert cached == pytest.approx(weights / 55e9 * 1.3, rel=1e-6)
-    # ... and from the disk (1 GB/s) when the weights cannot stay in the page cache.
+    assert cached == pytest.approx(weights / 5e9 * 1.3, rel=1e-6)
+    # ... and from the disk when the weights cannot stay in the page cache.
     small = replace(plan.config, context_length=1, ram_bytes=12 * GIB)
+    assert stream_rate(LLAMA3, small, pinned=True) == 1e9
     assert pass_seconds(LLAMA3, small, 1) == pytest.approx(weights / 1e9 * 1.3, rel=1e-6)
+    # Holding the original in pinned RAM for the anchor chunks is RAM the train stage needs.
+    assert plan.stage("train").ram_bytes >= weights + plan.anchor_ram_bytes
 
 
 def test_every_stage_keeps_to_the_budget_for_models_that_do_and_do_not_fit() -> None:

@@ -326,27 +326,35 @@ def _free(*objs: Any) -> None:
 def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
     """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
     the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
-    return _verify_placement(model_dir, dev, None)[1]
+    import psutil
+
+    store = _storage_dtype(model_dir)
+    if not store.is_floating_point:
+        return store
+    on_gpu = dev.type == "cuda"
+    free = int(torch.cuda.mem_get_info(dev)[0]) if on_gpu else int(psutil.virtual_memory().available)
+    place = verify_placement(Checkpoint(model_dir).num_parameters(), store.itemsize, on_gpu=on_gpu, free_bytes=free)
+    return torch.float32 if place.fp32 else store
 
 
 def _verify_placement(model_dir: Path, dev: torch.device, budget_bytes: int | None) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of the verification under the run's budget
     (:func:`~emloc_engine.stages.export.verify_budget.verify_placement`: fp32 on the GPU, else the
-    storage dtype on the GPU, else the CPU); without a budget only the device's free memory counts."""
+    storage dtype on the GPU, else the CPU); without a budget (or off the GPU) :func:`_verify_dtype`."""
     import psutil
 
     store = _storage_dtype(model_dir)
-    if not store.is_floating_point:
-        return dev, store
-    on_gpu = dev.type == "cuda"
-    free = int(torch.cuda.mem_get_info(dev)[0]) if on_gpu else int(psutil.virtual_memory().available)
-    place = verify_placement(Checkpoint(model_dir).num_parameters(), store.itemsize, on_gpu=on_gpu, free_bytes=free,
+    if budget_bytes is None or dev.type != "cuda" or not store.is_floating_point:
+        return dev, _verify_dtype(model_dir, dev)
+    free = int(torch.cuda.mem_get_info(dev)[0])
+    place = verify_placement(Checkpoint(model_dir).num_parameters(), store.itemsize, on_gpu=True, free_bytes=free,
                              budget_bytes=budget_bytes, ram_free_bytes=int(psutil.virtual_memory().available))
-    where = dev if place.device == "gpu" else torch.device("cpu")
-    if where != dev:
-        log.info("Export verification runs on the CPU: the model does not fit the %.2f GiB budget on the GPU.",
-                 (budget_bytes or 0) / 2**30)
-    return where, torch.float32 if place.fp32 else store
+    if place.device == "gpu":
+        return dev, torch.float32 if place.fp32 else store
+    log.info("Export verification runs on the CPU: the model does not fit the %.2f GiB budget on the GPU.",
+             budget_bytes / 2**30)
+    cpu = torch.device("cpu")
+    return cpu, _verify_dtype(model_dir, cpu)
 
 
 @dataclass
