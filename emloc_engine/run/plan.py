@@ -210,6 +210,19 @@ def _disk_free(run_dir: Path) -> int | None:
         return None
 
 
+def recorded_memory(plan_record: dict[str, Any] | None) -> tuple[int | None, bool]:
+    """``(GPU budget in bytes or None, stream_original)`` as a run's manifest recorded its plan.
+
+    A per-stage ``emloc export`` and the app's Try page wire the export as the run did: its verification
+    keeps to the run's budget on the GPU and streams the original when the run did.
+    """
+    if not plan_record:
+        return None, False
+    budget = plan_record.get("budget_gib")
+    on_gpu = plan_record.get("device") == "cuda" and isinstance(budget, (int, float))
+    return (int(float(budget) * 2**30) if on_gpu and budget else None), bool(plan_record.get("stream_original"))
+
+
 def check_budget(plan: RunPlan) -> None:
     """Refuse a fixed ρ that does not fit the budget the user gave (the budget is a promise).
 

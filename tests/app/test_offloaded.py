@@ -115,3 +115,25 @@ def test_plan_page_shows_time_ram_and_that_the_original_streams(
     page = plan_page(qtbot, state)
     assert "RAM" in page.duration.text() and "runs offloaded" not in page.duration.text()
     assert real_plan_memory is not None
+
+
+def test_try_page_export_keeps_to_the_runs_budget_and_streams_as_the_run_did(  # type: ignore[no-untyped-def]
+    qtbot, tmp_path: Path, fake: FakeEngine, state: WizardState
+) -> None:
+    import json
+
+    from emloc_app.pages.try_page import TryPage
+    from emloc_engine.run.config import RunConfig
+
+    assert state.run_dir is not None and state.model_dir is not None and state.data_config is not None
+    (state.run_dir / "adapter-corrected").mkdir(parents=True)
+    state.config = RunConfig(model_dir=state.model_dir, data=state.data_config, run_dir=state.run_dir, device="cuda:0")
+    # A reopened run (no plan in memory): the manifest's plan says what the run did.
+    (state.run_dir / "manifest.json").write_text(json.dumps({
+        "schema": 2, "stages": {}, "inputs": {}, "config": None,
+        "plan": {"budget_gib": 15.5, "device": "cuda", "stream_original": True}}))
+    page = TryPage(state)
+    qtbot.addWidget(page)
+    page.initializePage()
+    cfg = page.export_config("merged")
+    assert cfg.memory_budget_bytes == int(15.5 * GIB) and cfg.stream_original

@@ -350,3 +350,17 @@ def test_plan_run_streams_the_original_in_every_stage_that_uses_it_when_the_plan
     assert streamed.train.stream_original and streamed.correct.stream_original
     assert streamed.export is not None and streamed.export.stream_original
     assert any(n.startswith("The original does not fit") for n in streamed.notes)
+
+
+def test_a_per_stage_export_keeps_to_the_budget_and_streaming_the_run_recorded() -> None:
+    from emloc_engine.run.plan import recorded_memory
+
+    assert recorded_memory(None) == (None, False)
+    assert recorded_memory({"budget_gib": 15.5, "device": "cuda", "stream_original": True}) == (
+        int(15.5 * GIB),
+        True,
+    )
+    assert recorded_memory({"budget_gib": 12.0, "device": "cpu"}) == (
+        None,
+        False,
+    )  # a RAM budget binds no GPU
