@@ -40,6 +40,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                        intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                        num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0,
                        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=5120,
+                        intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        use_sliding_window=False),
+    "qwen2.5-32b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=5120,
+                        intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        use_sliding_window=False),
     "llama3-70b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192,
                        intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
@@ -68,11 +78,16 @@ def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def model_config(arch: str) -> dict[str, Any]:
+    """The config.json of a preset (bf16)."""
+    return dict(PRESETS[arch], torch_dtype="bfloat16", bos_token_id=None, eos_token_id=3, pad_token_id=0,
+                hidden_act="silu", attention_bias=PRESETS[arch]["model_type"] == "qwen2")
+
+
 def make(arch: str, out: Path, shards: int, seed: int = 0) -> dict[str, Any]:
     from tests.tiny_models import make_tokenizer
 
-    cfg = dict(PRESETS[arch], torch_dtype="bfloat16", bos_token_id=None, eos_token_id=3, pad_token_id=0,
-               hidden_act="silu", attention_bias=PRESETS[arch]["model_type"] == "qwen2")
+    cfg = model_config(arch)
     out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -111,7 +126,14 @@ def main() -> None:
     ap.add_argument("--arch", choices=sorted(PRESETS), default="llama3-8b")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--config-only", action="store_true",
+                    help="Write config.json only (for `emloc plan`: the planner reads shapes from the config).")
     args = ap.parse_args()
+    if args.config_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "config.json").write_text(json.dumps(model_config(args.arch), indent=2))
+        print(json.dumps({"arch": args.arch, "out": str(args.out), "config_only": True}))
+        return
     print(json.dumps(make(args.arch, args.out, args.shards)))
 
 

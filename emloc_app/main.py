@@ -73,6 +73,7 @@ def state_from_run_dir(run_dir: Path) -> tuple[WizardState, bool]:
     state.data_format, state.max_length, state.eval_fraction = cfg.data.format, cfg.data.max_length, cfg.data.eval_fraction
     state.train_on, state.max_samples = cfg.data.train_on, cfg.data.max_samples
     state.budget_bytes = cfg.budget_bytes
+    state.gpu_memory_bytes = cfg.gpu_memory_bytes
     return state, state.all_stages_done()
 
 

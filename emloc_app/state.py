@@ -47,6 +47,7 @@ class WizardState:
     machine: MachineInfo | None = None
     gpu_index: int | None = None  # None: compute on the CPU
     budget_bytes: int | None = None
+    gpu_memory_bytes: int | None = None  # the process cap (emloc run --gpu-memory); None: no cap
     # 2 Model
     model: ModelInfo | None = None
     model_dir: Path | None = None

@@ -16,6 +16,8 @@ from emloc_app.pages.common import GIB, BasePage, gib
 from emloc_app.state import WizardState
 from emloc_engine.core.progress import Progress
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
+from emloc_engine.run.options import option_help
+from emloc_engine.run.plan import machine_budget_bytes
 
 CPU_TEXT = (
     "<b>CPU mode.</b> Every stage also runs on the processor, using system RAM instead of GPU memory. "
@@ -30,12 +32,17 @@ def detect(_config: None, _progress: Progress) -> MachineInfo:
 
 
 class MachinePage(BasePage):
-    """GPU choice and memory budget; the budget defaults to the selected GPU's total memory."""
+    """GPU choice, memory budget and the process cap.
+
+    The budget defaults to what ``emloc run`` uses (:func:`~emloc_engine.run.plan.machine_budget_bytes`):
+    the selected GPU's free memory, or the cap when lower, less ``max(0.5 GiB, 5 %)``; on the CPU the
+    available RAM less the same margin.
+    """
 
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
         self.setTitle("Your machine")
-        self.setSubTitle("EMLoC fine-tunes within the memory that running the model needs. "
+        self.setSubTitle("EMLoC fine-tunes within the memory your GPU has free, even models that do not fit it. "
                          "Pick the device and how much of its memory to use.")
         self.summary = QLabel("Looking at this machine…")
         self.summary.setWordWrap(True)
@@ -48,9 +55,17 @@ class MachinePage(BasePage):
         self.budget.setSuffix(" GiB")
         self.budget.setRange(0.1, 4096.0)
         self.budget.setSingleStep(0.5)
-        self.budget.setToolTip("Peak memory every stage must stay under. The planner picks the "
-                               "compression ratio ρ so that training fits in it.")
+        self.budget.setToolTip(option_help("budget_bytes"))
         self.budget.valueChanged.connect(self._budget_edited)
+        self.gpu_memory = QDoubleSpinBox()
+        self.gpu_memory.setObjectName("gpu_memory")
+        self.gpu_memory.setDecimals(1)
+        self.gpu_memory.setSuffix(" GiB")
+        self.gpu_memory.setRange(0.0, 4096.0)
+        self.gpu_memory.setSingleStep(0.5)
+        self.gpu_memory.setSpecialValueText("no cap")  # 0 = off
+        self.gpu_memory.setToolTip(option_help("gpu_memory_bytes"))
+        self.gpu_memory.valueChanged.connect(self._cap_changed)
         self.cpu_note = QLabel(CPU_TEXT)
         self.cpu_note.setWordWrap(True)
         self.notes = QLabel()
@@ -65,6 +80,9 @@ class MachinePage(BasePage):
         budget_label.setBuddy(self.budget)
         form.addRow(device_label, self.device)
         form.addRow(budget_label, self.budget)
+        cap_label = QLabel("&Cap this process at:")
+        cap_label.setBuddy(self.gpu_memory)
+        form.addRow(cap_label, self.gpu_memory)
         hw = QGroupBox("Detected hardware")
         hw_layout = QVBoxLayout(hw)
         hw_layout.addWidget(self.summary)
@@ -78,7 +96,10 @@ class MachinePage(BasePage):
             "model, built from your own data, so that every stage stays within this budget; then it corrects "
             "the trained adapter so it works on the original model. The next pages show, for every model on "
             "this disk, whether it fits and how much of each layer the emulator keeps (ρ).<br><br>"
-            "Lower the budget if other programs need the GPU (or, in CPU mode, the memory) at the same time."))
+            "A model larger than the budget runs <i>offloaded</i>: its original weights stream through the GPU block "
+            "by block from disk and RAM, so it takes longer and needs RAM, and the next page says how much.<br><br>"
+            "Lower the budget if other programs need the GPU (or, in CPU mode, the memory) at the same time; "
+            "the cap makes this process stop at that much GPU memory, as a smaller card would."))
         self.body.addStretch(1)
         self._budget_touched = False
         self._filling = False
@@ -119,6 +140,10 @@ class MachinePage(BasePage):
             found = self.device.findData(self.state.gpu_index)
             index = found if found >= 0 else 0
         self.device.setCurrentIndex(index)
+        if self.state.gpu_memory_bytes:
+            self.gpu_memory.blockSignals(True)
+            self.gpu_memory.setValue(self.state.gpu_memory_bytes / GIB)
+            self.gpu_memory.blockSignals(False)
         self._filling = False
         self._device_changed()
         if self.state.budget_bytes:
@@ -135,12 +160,22 @@ class MachinePage(BasePage):
             return
         gpu = self._gpu(self.selected_index())
         self.cpu_note.setVisible(gpu is None)
+        self.gpu_memory.setEnabled(gpu is not None)
         if not self._budget_touched:
-            total = gpu.total_bytes if gpu is not None else (machine.ram_available_bytes or 8 * GIB)
+            device = f"cuda:{gpu.index}" if gpu is not None else "cpu"
+            default = machine_budget_bytes(machine, device, 1, self.cap_bytes())
             self.budget.blockSignals(True)
-            self.budget.setValue(total / GIB)
+            self.budget.setValue(default / GIB)
             self.budget.blockSignals(False)
         self.completeChanged.emit()
+
+    def cap_bytes(self) -> int | None:
+        """The process cap typed (None: no cap)."""
+        value = self.gpu_memory.value()
+        return int(value * GIB) if value > 0 else None
+
+    def _cap_changed(self) -> None:
+        self._device_changed()
 
     def _budget_edited(self) -> None:
         self._budget_touched = True
@@ -157,4 +192,5 @@ class MachinePage(BasePage):
     def validatePage(self) -> bool:
         self.state.gpu_index = self.selected_index()
         self.state.budget_bytes = int(self.budget.value() * GIB)
+        self.state.gpu_memory_bytes = self.cap_bytes() if self.selected_index() is not None else None
         return True

@@ -37,7 +37,7 @@ from emloc_engine.catalog.model_facts import ModelFacts
 from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
-from emloc_engine.core.progress import Progress
+from emloc_engine.core.progress import Progress, format_seconds
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
 from emloc_engine.run.planning import MemoryPlan
 
@@ -79,14 +79,15 @@ class ScanRequest:
     gpu_index: int | None
     budget_bytes: int | None
     context_length: int = 512
+    gpu_memory_bytes: int | None = None
 
 
 def budget_machine(machine: MachineInfo, gpu_index: int | None, budget_bytes: int | None) -> MachineInfo:
-    """``machine`` as the Model page judges it: only the device chosen on the Machine page, of the budget's size.
+    """``machine`` as the Model page judges it: only the device chosen on the Machine page.
 
-    :func:`~emloc_engine.catalog.discovery.assess_fit` judges a machine's best GPU (or its RAM) as a whole;
-    the wizard's question is "within the memory I gave EMLoC, on the device I chose", so the device is the
-    chosen one and its memory is capped at the budget.
+    :func:`~emloc_engine.catalog.discovery.assess_fit` judges a machine's best GPU (or its RAM);
+    the wizard's question is "on the device I chose, within the budget I gave" (the budget is passed
+    to it separately). On the CPU the budget also caps the RAM the plan counts as the device.
     """
     gpu: GpuInfo | None = next((g for g in machine.gpus if g.index == gpu_index), None) \
         if gpu_index is not None else None
@@ -94,8 +95,7 @@ def budget_machine(machine: MachineInfo, gpu_index: int | None, budget_bytes: in
         total = min(budget_bytes or machine.ram_total_bytes, machine.ram_total_bytes)
         return replace(machine, gpus=(), backend="cpu", ram_total_bytes=total,
                        ram_available_bytes=min(machine.ram_available_bytes, total))
-    total = min(budget_bytes or gpu.total_bytes, gpu.total_bytes)
-    return replace(machine, gpus=(replace(gpu, total_bytes=total, free_bytes=min(gpu.free_bytes, total)),))
+    return replace(machine, gpus=(gpu,))
 
 
 def is_demo(info: ModelInfo) -> bool:
@@ -103,13 +103,21 @@ def is_demo(info: ModelInfo) -> bool:
     return info.source == "demo" or info.path == paths.demo_model_dir()
 
 
-def judge(info: ModelInfo, machine: MachineInfo, context_length: int) -> ModelRow:
-    """The badge of one model: unsupported, needs conversion, too large, runs here, trainable at ρ.
+def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_bytes: int | None = None,
+          gpu_memory_bytes: int | None = None) -> ModelRow:
+    """The badge of one model: unsupported, needs conversion, too large, trainable at ρ (resident or offloaded).
+
+    A model whose original does not fit the budget is not "too large": EMLoC streams it, and the badge
+    says what is true: "runs offloaded here; EMLoC trains it at ρ … in about … (needs … GiB of RAM)".
+    "Too large" is kept for models that truly cannot be trained here, and the row's reason says which
+    resource is short (GPU budget, RAM, disk) and by how much.
 
     Args:
         info: from the catalog.
         machine: the machine as :func:`budget_machine` narrows it.
         context_length: tokens per training sequence (the Data page's max length).
+        budget_bytes: the Machine page's budget (None: the engine's default for the device).
+        gpu_memory_bytes: the Machine page's process cap.
     """
     demo = is_demo(info)
     if not info.supported:
@@ -118,16 +126,25 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int) -> ModelRo
         return ModelRow(info, info.name, info.path, "needs conversion", "convert",
                         info.problem or "GGUF/other format: convert it to safetensors first.", is_demo=demo)
     try:
-        fit = assess_fit(info, machine, context_length=context_length)
+        fit = assess_fit(info, machine, context_length=context_length,
+                         budget_bytes=budget_bytes if machine.gpus else None, gpu_memory_bytes=gpu_memory_bytes)
     except EngineError as exc:
         return ModelRow(info, info.name, info.path, "unsupported", "unsupported", exc.summary, is_demo=demo)
     plan = fit.plan if isinstance(fit.plan, MemoryPlan) else None
-    if fit.training == "fits" and plan is not None:
+    if fit.training == "fits" and plan is not None and plan.stream_original:
+        badge = (f"runs offloaded here; EMLoC trains it at ρ = {plan.ratio or 0.0:.2f} in about "
+                 f"{format_seconds(plan.total_seconds)} (needs {plan.ram_bytes / 2**30:.0f} GiB of RAM)")
+        kind = "trainable"
+    elif fit.training == "fits" and plan is not None:
         if plan.full_lora_peak_bytes <= plan.budget_bytes:
             badge = "trainable (even without compression)"
         else:
             badge = f"trainable with EMLoC at ρ = {fit.ratio:.2f}" if fit.ratio is not None else "trainable with EMLoC"
         kind = "trainable"
+    elif plan is not None and plan.shortfalls:  # truly cannot be trained here: which resource, by how much
+        short = plan.shortfalls[0]
+        badge = f"cannot train here: {short.resource} short by {short.short_bytes / 2**30:.1f} GiB"
+        kind = "runs" if fit.inference in ("fits", "tight") else "large"
     elif fit.inference in ("fits", "tight"):
         badge, kind = "runs here; training does not fit", "runs"
     elif fit.inference == "unknown":
@@ -145,7 +162,7 @@ def scan_models(req: ScanRequest, progress: Progress) -> list[ModelRow]:
     rows: list[ModelRow] = []
     for i, info in enumerate(infos):
         progress.check_cancelled()
-        rows.append(judge(info, machine, req.context_length))
+        rows.append(judge(info, machine, req.context_length, req.budget_bytes, req.gpu_memory_bytes))
         progress.update(0.1 + 0.9 * (i + 1) / max(1, len(infos)), f"Checked {info.name}")
     if not any(r.is_demo for r in rows):
         demo_dir = paths.demo_model_dir()
@@ -160,7 +177,7 @@ def prepare_demo_model(req: ScanRequest, progress: Progress) -> ModelRow:
     model_dir = ensure_demo_model(progress)
     info = inspect_model_dir(model_dir, name=DEMO_NAME, source="demo")[0]
     machine = budget_machine(req.machine or detect_machine(), req.gpu_index, req.budget_bytes)
-    row = judge(info, machine, req.context_length)
+    row = judge(info, machine, req.context_length, req.budget_bytes, req.gpu_memory_bytes)
     row.is_demo = True
     return row
 
@@ -296,7 +313,7 @@ class ModelPage(BasePage):
 
     def scan_request(self) -> ScanRequest:
         s = self.state
-        return ScanRequest(s.machine, s.gpu_index, s.budget_bytes, s.max_length)
+        return ScanRequest(s.machine, s.gpu_index, s.budget_bytes, s.max_length, s.gpu_memory_bytes)
 
     def start_scan(self) -> None:
         if self.busy("scan"):

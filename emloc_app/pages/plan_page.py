@@ -33,7 +33,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.pages.common import BasePage, gib
+from emloc_app.pages.common import GIB, BasePage, gib
 from emloc_app.pages.model_page import is_demo
 from emloc_app.state import WizardState
 from emloc_app.widgets.vram_bar import VramBar
@@ -104,6 +104,19 @@ def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
     """
     return sum(v * (emulator_factor if name == "emulator" else 1.0)
                for name, v in plan.est_seconds.items() if name != "export")
+
+
+def duration_text(memory: MemoryPlan, seconds: float, spectral: bool = False) -> str:
+    """The duration line: time of the stages, the RAM the run needs, and whether the original is streamed."""
+    text = (f"Estimated duration: <b>{format_seconds(seconds)}</b> (emulator"
+            + (" ×2 for per-module ranks" if spectral else "") + ", training, correction)")
+    text += f" · RAM: <b>{memory.ram_bytes / GIB:.1f} GiB</b>"
+    if memory.anchor_chunks:
+        text += f" (anchors {memory.anchor_ram_bytes / GIB:.1f} GiB, {memory.anchor_chunks} chunk" \
+                + ("s" if memory.anchor_chunks != 1 else "") + ")"
+    if memory.stream_original:
+        text += " · <b>runs offloaded</b>: the original streams through the GPU block by block"
+    return text
 
 
 class PlanPage(BasePage):
@@ -358,6 +371,7 @@ class PlanPage(BasePage):
         cfg = RunConfig(
             model_dir=s.model_dir, data=s.data_config, run_dir=self._run_dir,
             ratio=None if auto else self.slider.value() / 100, budget_bytes=s.budget_bytes,
+            gpu_memory_bytes=s.gpu_memory_bytes,
             device="cuda" if n > 1 else s.device, gpus=n, seed=int(self.seed.value()),
             emulator=dataclasses.replace(base.emulator if base is not None else EmulatorOptions(),
                                          allocation=self.allocation_choice()),
@@ -402,7 +416,7 @@ class PlanPage(BasePage):
             tips = "; ".join(memory.suggestions)
             text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> "
                     f"({gib(memory.budget_bytes)}). {memory.reason}" + (f"<br>Try: {tips}" if tips else ""))
-        notes = [*memory.notes, *plan.notes]
+        notes = list(dict.fromkeys([*memory.notes, *plan.notes]))
         if plan.budget_note not in ("user budget", "inference peak"):
             notes.append(f"Budget: {plan.budget_note}.")
         if self.gpu_count() > 1:
@@ -413,8 +427,7 @@ class PlanPage(BasePage):
         self.verdict.setText(text)
         spectral = self.allocation.isChecked()
         seconds = estimated_seconds(memory, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
-        self.duration.setText(f"Estimated duration: <b>{format_seconds(seconds)}</b> (emulator"
-                              + (" ×2 for per-module ranks" if spectral else "") + ", training, correction)")
+        self.duration.setText(duration_text(memory, seconds, spectral))
 
     def _ratio_mode_changed(self, auto: bool) -> None:
         self.slider.setEnabled(not auto)

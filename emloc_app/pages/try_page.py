@@ -36,9 +36,10 @@ from emloc_app.state import WizardState
 from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import Progress
+from emloc_engine.run.manifest import read_manifest
 from emloc_engine.run.options import option_help
 from emloc_engine.run.orchestrator import export_record, open_run, run_facts, run_stage
-from emloc_engine.run.plan import options_of
+from emloc_engine.run.plan import options_of, recorded_memory
 from emloc_engine.stages.export.options import GGUF_TYPES, K_QUANT_TYPES, ExportOptions
 
 if TYPE_CHECKING:
@@ -467,8 +468,17 @@ class TryPage(BasePage):
         base = s.config.export if s.config is not None else ExportOptions()
         choice = self.choices[fmt]
         options = dataclasses.replace(base, formats=choice.formats, gguf_type=self.chosen_type(fmt))
+        device = s.config.device if s.config is not None else "cpu"
+        # As the run planned it: the verification keeps to the run's budget, and streams a model that does not fit.
+        budget: int | None
+        if s.run_plan is not None:
+            budget, stream = s.run_plan.memory.budget_bytes, s.run_plan.stream_original
+        else:
+            manifest = read_manifest(s.run_dir)
+            budget, stream = recorded_memory(manifest.plan if manifest is not None else None)
         return ExportConfig(**options_of(options), run_dir=s.run_dir, model_dir=s.model_dir, overwrite=True,
-                            device=s.config.device if s.config is not None else "cpu")
+                            device=device, memory_budget_bytes=budget if device != "cpu" else None,
+                            stream_original=stream)
 
     def start_export(self, fmt: str) -> None:
         if self._exporting is not None:

@@ -26,10 +26,14 @@ class MemoryRow:
 
 def rows_from_plan(plan: MemoryPlan) -> list[MemoryRow]:
     """Bars for a ``MemoryPlan``: inference, each stage, and full-model LoRA for comparison."""
-    rows = [MemoryRow("Inference (what you run today)", plan.inference_peak_bytes, plan.inference.parts)]
+    inference = "Inference, whole model on the GPU" if plan.stream_original else "Inference (what you run today)"
+    rows = [MemoryRow(inference, plan.inference_peak_bytes, plan.inference.parts)]
     names = {"emulator": "Build emulator", "train": "Train on emulator", "correct": "Correct LoRA",
              "export": "Merge & export"}
-    rows += [MemoryRow(names.get(st.name, st.name.capitalize()), st.peak_bytes, st.parts) for st in plan.stages]
+    # The emulator build always streams the original; elsewhere "streamed" is what a big model changes.
+    rows += [MemoryRow(names.get(st.name, st.name.capitalize())
+                       + (" (original streamed)" if st.streamed and st.name != "emulator" else ""),
+                       st.peak_bytes, st.parts) for st in plan.stages]
     rows.append(MemoryRow("LoRA on the full model (no EMLoC)", plan.full_lora_peak_bytes, plan.full_lora.parts,
                           reference=True))
     return rows

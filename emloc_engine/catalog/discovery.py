@@ -444,7 +444,8 @@ class FitAssessment:
 
 
 def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, batch_size: int = 1,
-               lora_rank: int = 16, safety_margin: float = 0.1) -> FitAssessment:
+               lora_rank: int = 16, safety_margin: float = 0.1, budget_bytes: int | None = None,
+               gpu_memory_bytes: int | None = None, train_steps: int = 100) -> FitAssessment:
     """Does ``model`` fit ``machine`` for inference, and for EMLoC training at the planned ratio?
 
     Args:
@@ -454,10 +455,18 @@ def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, bat
         batch_size: sequences per step.
         lora_rank: LoRA rank.
         safety_margin: fraction of the budget kept free.
+        budget_bytes: the budget; default: the GPU's free memory (or ``gpu_memory_bytes`` when lower)
+            less the margin, as ``emloc run`` computes it (:func:`~emloc_engine.machine.budget.default_budget_bytes`).
+        gpu_memory_bytes: the process cap (``--gpu-memory``).
+        train_steps: optimizer steps, for the time estimate.
 
     Returns:
-        The badges, the chosen ρ and a one-line message; ``plan`` holds the full MemoryPlan.
+        The badges, the chosen ρ and a one-line message; ``plan`` holds the full MemoryPlan. A model
+        whose original does not fit trains with it streamed (``plan.stream_original``): the message says
+        "Runs offloaded here; EMLoC trains it at ρ … in about … (needs … GiB of RAM)".
     """
+    from emloc_engine.core.progress import format_seconds
+    from emloc_engine.machine.budget import default_budget_bytes
     from emloc_engine.run.planning import PlanConfig, plan_memory
 
     if model.facts is None:
@@ -466,20 +475,27 @@ def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, bat
     gpu = machine.best_gpu
     device = machine.backend if machine.backend in ("cuda", "rocm", "mps", "cpu") else "cpu"
     total = gpu.total_bytes if gpu is not None else machine.ram_total_bytes
-    free = gpu.free_bytes if gpu is not None else machine.ram_available_bytes
-    # The badge answers "can I train on this GPU?": the budget is the whole GPU (the CLI's
-    # ``emloc plan`` defaults to the stricter inference budget, EMLoC's promise).
-    cfg = PlanConfig(budget_bytes=total, gpu_total_bytes=total, context_length=context_length, batch_size=batch_size,
+    free = gpu.free_bytes if gpu is not None else (machine.ram_available_bytes or total)
+    cap = gpu_memory_bytes if gpu is not None else None
+    if cap is not None:
+        total, free = min(total, cap), min(free, cap)
+    budget = budget_bytes if budget_bytes is not None else default_budget_bytes(free)
+    cfg = PlanConfig(budget_bytes=budget, gpu_total_bytes=total, context_length=context_length, batch_size=batch_size,
                      lora_rank=lora_rank, safety_margin=safety_margin, device=device,
-                     gpu_name=gpu.name if gpu is not None else None)
+                     gpu_name=gpu.name if gpu is not None else None, train_steps=train_steps,
+                     ram_bytes=machine.ram_total_bytes or None)
     plan = plan_memory(model.facts, cfg)
     need = plan.inference.peak_bytes
     inference = "exceeds" if need > total else "tight" if need > free or need > 0.9 * total else "fits"
     training = "fits" if plan.fits else "exceeds"
     where = gpu.name if gpu is not None else "system RAM (no GPU)"
-    if plan.fits:
+    if plan.fits and plan.stream_original:
+        msg = (f"Runs offloaded here (inference needs {need / GIB:.1f} GiB, the budget is {budget / GIB:.1f} GiB); "
+               f"EMLoC trains it at ρ = {plan.ratio:.2f} in about {format_seconds(plan.total_seconds)} "
+               f"(needs {plan.ram_bytes / GIB:.0f} GiB of RAM).")
+    elif plan.fits:
         msg = (f"Inference {need / GIB:.1f} GiB of {total / GIB:.1f} GiB on {where}; "
-               f"EMLoC training fits at ρ = {plan.ratio:.2f}.")
+               f"EMLoC training fits at ρ = {plan.ratio:.2f} in about {format_seconds(plan.total_seconds)}.")
     else:
         msg = plan.reason
     return FitAssessment(inference, training, plan.ratio, msg, plan)

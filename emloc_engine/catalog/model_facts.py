@@ -264,6 +264,8 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
                                 tie_word_embeddings=True, max_position_embeddings=8192),
     "Qwen2.5-14B": _llama_like("qwen2", "Qwen2ForCausalLM", 5120, 13824, 48, 40, 8, 152064,
                                rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "Qwen2.5-32B": _llama_like("qwen2", "Qwen2ForCausalLM", 5120, 27648, 64, 40, 8, 152064,
+                               rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
     "Llama-3-70B": _llama_like("llama", "LlamaForCausalLM", 8192, 28672, 80, 64, 8, 128256,
                                rope_theta=500000.0, max_position_embeddings=8192),
 }

@@ -42,7 +42,12 @@ class RunConfig:
         "help": "Keep-ratio ρ of the compressed layers (0 < ρ < 1); none = the planner picks the largest that fits."})
     budget_bytes: int | None = field(default=None, metadata={
         "help": "GPU memory every stage must keep to, in GiB; the planner picks ρ for it, or checks a given ρ "
-                "against it (default: the model's inference peak).", "cli": "budget-gib", "unit": "GiB"})
+                "against it (default: the chosen GPU's free memory, or --gpu-memory when lower, minus "
+                "max(0.5 GiB, 5%)).", "cli": "budget-gib", "unit": "GiB"})
+    gpu_memory_bytes: int | None = field(default=None, metadata={
+        "help": "Cap this process's GPU memory, in GiB (torch.cuda.set_per_process_memory_fraction on every GPU "
+                "the run uses), e.g. to share the card with a chat server or to stand in for a smaller card; "
+                "the default budget then comes from it. Ignored on the CPU.", "cli": "gpu-memory", "unit": "GiB"})
     device: str = field(default="auto", metadata={
         "help": "Where to compute: auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N or mps."})
     gpus: int = field(default=1, metadata={
@@ -68,6 +73,8 @@ class RunConfig:
             problems.append(f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             problems.append(f"the memory budget must be positive (got {self.budget_bytes} bytes)")
+        if self.gpu_memory_bytes is not None and self.gpu_memory_bytes <= 0:
+            problems.append(f"the GPU memory cap must be positive (got {self.gpu_memory_bytes} bytes)")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         if self.gpus < 1:
@@ -104,6 +111,6 @@ def stage_of_setting(path: str) -> str:
         return head
     if head == "data":
         return "emulator"
-    if head in ("device", "gpus", "run_dir"):
+    if head in ("device", "gpus", "run_dir", "gpu_memory_bytes"):
         return ""
     return "emulator"

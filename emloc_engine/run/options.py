@@ -53,6 +53,7 @@ class Option:
     default: Any
     type: Any  # the field's annotation
     choices: tuple[str, ...] | None = None
+    unit: str = ""  # "GiB": typed in GiB, stored in bytes
 
     @property
     def flag(self) -> str:
@@ -98,7 +99,7 @@ def _walk(cls: type, prefix: str) -> Iterable[Option]:
             default = None
         choices = f.metadata.get("choices")
         yield Option(path, name, str(f.metadata.get("help", "")), default, tp,
-                     tuple(choices) if choices is not None else None)
+                     tuple(choices) if choices is not None else None, str(f.metadata.get("unit", "")))
 
 
 def run_options() -> tuple[Option, ...]:
@@ -158,7 +159,7 @@ def parse_value(opt: Option, raw: Any) -> Any:
     try:
         if opt.path == "correct.lambda_" and isinstance(raw, str) and raw.strip().lower() == "auto":
             return None
-        if opt.path == "budget_bytes" and raw is not None:
+        if opt.unit == "GiB" and raw is not None and not (isinstance(raw, str) and raw.strip().lower() in ("none", "")):
             return int(float(raw) * GIB)
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "") and kind != "list"
                            and _strip_optional(opt.type) is not opt.type):
@@ -210,7 +211,7 @@ def add_options(parser: argparse.ArgumentParser, sections: Sequence[str] | None 
         flags = [opt.flag, *([aliases[opt.path]] if aliases and opt.path in aliases else [])]
         title = {"": "run", "data": "data"}.get(section, section)
         group = groups.setdefault(title, parser.add_argument_group(f"{title} settings"))
-        shown = opt.default if opt.path != "budget_bytes" else None
+        shown = opt.default if opt.unit != "GiB" else None
         help_text = f"{opt.help} (default: {_show(shown)})" if shown not in (None, (), "") else opt.help
         help_text = help_text.replace("%", "%%")
         dest = "opt:" + opt.path
@@ -350,7 +351,7 @@ def command_line(cfg: RunConfig, *, model: str | None = None, data: str | None =
         elif opt.kind == "pairs":
             for k, v in value:
                 args += [opt.flag, f"{k}={_show(v)}"]
-        elif opt.path == "budget_bytes":
+        elif opt.unit == "GiB" and value is not None:
             args += [opt.flag, f"{value / GIB:g}"]
         elif value is None:
             args += [opt.flag, "auto" if opt.path == "correct.lambda_" else "none"]

@@ -36,6 +36,7 @@ from emloc_engine.core.errors import Cancelled, RunStateError
 from emloc_engine.core.jsonable import to_json
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
+from emloc_engine.machine.memory_cap import apply_gpu_memory_cap
 from emloc_engine.run.config import STAGES, RunConfig, stage_of_setting
 from emloc_engine.run.lock import run_folder_lock
 from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, now, read_manifest, write_manifest
@@ -174,6 +175,8 @@ def run_stage(session: RunSession, name: str, work: Callable[[], R], *,
         whatever the stage raises, after recording it (``cancelled`` for Cancel/Ctrl-C, else ``failed``).
     """
     m = session.manifest
+    if m.config is not None:  # --gpu-memory: this process's cap, set before the stage allocates anything
+        apply_gpu_memory_cap(m.config.gpu_memory_bytes, m.config.device, m.config.gpus)
     earlier_paths = dict(m.stage(name).result.get("paths") or {})  # exports made before this one
     m.stages[name] = StageRecord(status="running", started=now(), predicted_peak_gib=predicted_peak_gib)
     session.save()
@@ -297,6 +300,20 @@ def export_record(result: Any) -> dict[str, Any]:
     return out
 
 
+def _kept_plan(m: Manifest, plan: RunPlan, redo: str | None) -> dict[str, Any] | None:
+    """The recorded plan, when the emulator it chose ρ for is kept: the default budget follows the GPU's free
+    memory, so a resumed run may plan another ρ than the one its emulator was built with; the record keeps
+    the emulator's (an explicit ρ or budget is a setting, and a change of it is refused before this)."""
+    recorded = m.plan if isinstance(m.plan, dict) else None
+    if recorded is None or redo == "emulator" or not m.stage("emulator").done:
+        return None
+    if recorded.get("ratio") == plan.record.ratio:
+        return None
+    log.info("Keeping the recorded plan (ρ = %s): the emulator is built; today's plan would pick ρ = %s.",
+             recorded.get("ratio"), plan.record.ratio)
+    return recorded
+
+
 def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Sequence[str] = STAGES,
                events: RunEvents | None = None, redo_from: str | None = None) -> RunResult:
     """Run (or resume) the planned run's ``stages`` in order.
@@ -339,7 +356,8 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
         _check_inputs(m, "data", cfg.data.path, report.fingerprint, redo == "emulator")
         if redo is not None:
             _reset_from(session, redo)
-        m.config, m.plan, m.notes = cfg, to_json(plan.record), list(plan.notes)
+        kept = _kept_plan(m, plan, redo)
+        m.config, m.plan, m.notes = cfg, kept if kept is not None else to_json(plan.record), list(plan.notes)
         m.inputs["model"] = InputRecord(str(cfg.model_dir), model_fp)
         m.inputs["data"] = InputRecord(str(cfg.data.path), report.fingerprint)
         session.save()

@@ -1,9 +1,9 @@
 """``plan_run(RunConfig, machine) -> RunPlan``: ρ and every stage's config, decided once, before any work.
 
-The planner's budget is the model's own inference peak unless the user gives one (the promise:
-training fits in what inference needs). Tiny models on big GPUs, and CPU runs, can fail that rule
-only because of fixed costs (CUDA context, logits); when the user gave neither ρ nor a budget, the
-whole device is used as the budget instead and the plan says so (``budget_note``).
+The budget is the GPU: unless the user gives ``--budget-gib``, the chosen card's free memory (or the
+``--gpu-memory`` cap when lower) minus ``max(0.5 GiB, 5 %)`` (:func:`~emloc_engine.machine.budget.default_budget_bytes`;
+on the CPU, the available RAM). The original need not fit it: the plan then streams the original
+(``RunPlan.stream_original``) in every stage that uses it.
 
 Every stage config the run will use is built here from the run's settings, so the CLI, the app and
 the per-stage commands cannot wire a setting differently: the emulator build is held to half the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emloc_engine.core.errors import InsufficientMemory
@@ -49,6 +50,8 @@ class PlanRecord:
     inference_peak_gib: float
     full_lora_peak_gib: float
     est_seconds: dict[str, float]
+    stream_original: bool = False
+    predicted_ram_gib: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class RunPlan:
     correct: CorrectionConfig
     export: ExportConfig | None
     notes: tuple[str, ...] = ()
+    stream_original: bool = False
+    """The original does not fit the budget: every stage that uses it streams it block by block from the shards."""
 
     @property
     def layout(self) -> RunLayout:
@@ -125,21 +130,43 @@ def bounding_gpu(machine: MachineInfo, device: str, gpus: int) -> GpuInfo | None
     return min(by_index[:max(1, gpus)], key=lambda g: g.total_bytes)
 
 
-def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None) -> PlanConfig:
+def machine_budget_bytes(machine: MachineInfo, device: str = "auto", gpus: int = 1,
+                         gpu_memory_bytes: int | None = None) -> int:
+    """The default budget on ``machine``: the bounding GPU's free memory (capped by ``gpu_memory_bytes``)
+    minus the margin of :func:`~emloc_engine.machine.budget.default_budget_bytes`; on the CPU the
+    available RAM minus the margin (the cap does not apply there). The CLI and the app both use this."""
+    from emloc_engine.machine.budget import default_budget_bytes
+
+    gpu = bounding_gpu(machine, device, gpus)
+    if gpu is None:
+        return default_budget_bytes(machine.ram_available_bytes or machine.ram_total_bytes)
+    return default_budget_bytes(gpu.free_bytes, gpu_memory_bytes)
+
+
+def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None,
+                    disk_free_bytes: int | None = None) -> PlanConfig:
     """The one translation of a run's settings into the planner's :class:`PlanConfig`.
 
     Args:
         cfg: the run's settings.
         machine: what the run will compute on (the first GPU unless the device is the CPU).
-        budget_bytes: the budget to plan for (default: the run's own, else the model's inference peak).
+        budget_bytes: the budget to plan for (default: the run's own, else :func:`machine_budget_bytes`).
+        disk_free_bytes: free space where the run folder goes (None: not checked).
     """
     from emloc_engine.run.planning import PlanConfig
 
     gpu = bounding_gpu(machine, cfg.device, cfg.gpus)
     use_gpu = gpu is not None
+    if budget_bytes is None:
+        budget_bytes = cfg.budget_bytes if cfg.budget_bytes is not None else machine_budget_bytes(
+            machine, cfg.device, cfg.gpus, cfg.gpu_memory_bytes)
+    total = gpu.total_bytes if gpu is not None else machine.ram_total_bytes
+    if gpu is not None and cfg.gpu_memory_bytes is not None:
+        total = min(total, cfg.gpu_memory_bytes)
     return PlanConfig(
-        budget_bytes=budget_bytes if budget_bytes is not None else cfg.budget_bytes,
-        gpu_total_bytes=gpu.total_bytes if gpu is not None else machine.ram_total_bytes,
+        budget_bytes=budget_bytes, gpu_total_bytes=total,
+        ram_bytes=machine.ram_total_bytes or None, disk_free_bytes=disk_free_bytes,
+        anchor_ram_bytes=int(cfg.train.anchor_ram_gib * 2**30), export_formats=cfg.export.formats,
         context_length=cfg.data.max_length, batch_size=cfg.train.batch_size, lora_rank=cfg.train.rank,
         ratio=cfg.ratio, device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib,
         train_steps=cfg.train.steps, auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus,
@@ -158,14 +185,16 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
     from emloc_engine.run import planning
 
     facts = planning.model_facts(cfg.model_dir)
-    plan_cfg = plan_config_for(cfg, machine)
+    plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir))
     memory = planning.plan_memory(facts, plan_cfg)
-    note = "inference peak" if cfg.budget_bytes is None else "user budget"
-    if not memory.fits and cfg.budget_bytes is None and cfg.ratio is None:
-        memory = planning.plan_memory(facts, dataclasses.replace(plan_cfg, budget_bytes=plan_cfg.gpu_total_bytes))
-        note = "whole device (the inference-peak budget left no room for fixed costs)"
+    note = "user budget" if cfg.budget_bytes is not None else (
+        "free GPU memory − margin" if plan_cfg.device == "cuda" else "available RAM − margin")
+    if memory.shortfalls and memory.ratio is not None:
+        raise InsufficientMemory(memory.reason, problems=[f.message for f in memory.shortfalls],
+                                 hint="Free RAM or disk space, or run on a machine with more.")
     if cfg.ratio is None and (memory.ratio is None or not memory.fits):
-        raise InsufficientMemory(f"No compression ratio fits: {memory.reason}", problems=list(memory.suggestions),
+        raise InsufficientMemory(f"No compression ratio fits: {memory.reason}",
+                                 problems=[f.message for f in memory.shortfalls] + list(memory.suggestions),
                                  hint="Give --ratio or --budget-gib explicitly, or follow a suggestion above.")
 
     ratio = cfg.ratio if cfg.ratio is not None else float(memory.ratio or 0.0)
@@ -174,8 +203,36 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
         budget_gib=memory.budget_bytes / 2**30, limit_bytes=memory.limit_bytes, device=plan_cfg.device,
         predicted_peaks_gib={s.name: s.peak_bytes / 2**30 for s in memory.stages},
         inference_peak_gib=memory.inference_peak_bytes / 2**30,
-        full_lora_peak_gib=memory.full_lora_peak_bytes / 2**30, est_seconds=memory.est_seconds)
+        full_lora_peak_gib=memory.full_lora_peak_bytes / 2**30, est_seconds=memory.est_seconds,
+        stream_original=memory.stream_original,
+        predicted_ram_gib={s.name: s.ram_bytes / 2**30 for s in memory.stages})
     return memory, record
+
+
+def _disk_free(run_dir: Path) -> int | None:
+    """Free space where ``run_dir`` goes (its nearest existing parent); None when it cannot be read."""
+    import shutil
+
+    path = Path(run_dir).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return int(shutil.disk_usage(path).free)
+    except OSError:
+        return None
+
+
+def recorded_memory(plan_record: dict[str, Any] | None) -> tuple[int | None, bool]:
+    """``(GPU budget in bytes or None, stream_original)`` as a run's manifest recorded its plan.
+
+    A per-stage ``emloc export`` and the app's Try page wire the export as the run did: its verification
+    keeps to the run's budget on the GPU and streams the original when the run did.
+    """
+    if not plan_record:
+        return None, False
+    budget = plan_record.get("budget_gib")
+    on_gpu = plan_record.get("device") == "cuda" and isinstance(budget, (int, float))
+    return (int(float(budget) * 2**30) if on_gpu and budget else None), bool(plan_record.get("stream_original"))
 
 
 def check_budget(plan: RunPlan) -> None:
@@ -199,6 +256,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
     Raises:
         InsufficientMemory: nothing fits; ConfigError: the settings cannot be wired into a stage.
     """
+    from emloc_engine.run.planning import emulator_budget_bytes
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.emulator.builder import EmulatorConfig
     from emloc_engine.stages.export.exporter import ExportConfig
@@ -212,20 +270,28 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
     memory, record = plan_memory_for(cfg, machine)
     layout = RunLayout(cfg.run_dir)
     on_cuda = record.device == "cuda"
-    budget = int(min(record.limit_bytes, 0.5 * record.inference_peak_gib * 2**30)) if on_cuda else None
+    budget = emulator_budget_bytes(record.limit_bytes, memory.inference_peak_bytes) if on_cuda else None
     factor_devices = tuple(f"cuda:{i}" for i in range(1, cfg.gpus)) if on_cuda and cfg.gpus > 1 else ()
     emulator = EmulatorConfig(**options_of(cfg.emulator), model_dir=cfg.model_dir, out_dir=layout.emulator,
                               calibration_ids=(), ratio=record.ratio, device=cfg.device,
                               memory_budget_bytes=budget, factor_devices=factor_devices)
     train_options = options_of(cfg.train)
-    train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed)
+    # The original does not fit the budget: every stage that uses it streams it (anchors, λ search, verification).
+    stream = memory.stream_original
+    train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed,
+                        stream_original=stream)
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
-                               data=cfg.data, device=cfg.device, overwrite=True)
+                               data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream)
     formats, notes = checked_exports(cfg)
     export = None
     if formats:
         export = ExportConfig(**{**options_of(cfg.export), "formats": formats}, run_dir=layout.root,
-                              model_dir=cfg.model_dir, overwrite=True, device=cfg.device)
+                              model_dir=cfg.model_dir, overwrite=True, device=cfg.device,
+                              memory_budget_bytes=memory.budget_bytes if on_cuda else None, stream_original=stream)
+    if cfg.gpu_memory_bytes is not None and not on_cuda:
+        notes = (*notes, f"--gpu-memory {cfg.gpu_memory_bytes / 2**30:g} GiB is recorded and ignored: the run is on the CPU.")
     return RunPlan(config=cfg, ratio=record.ratio, record=record, memory=memory, emulator=emulator, train=train,
-                   parallel=parallel, correct=correct, export=export, notes=notes)
+                   parallel=parallel, correct=correct, export=export,
+                   notes=(*notes, *(n for n in memory.notes if n.startswith(("The original", "Anchors")))),
+                   stream_original=memory.stream_original)

@@ -23,16 +23,18 @@ is the prediction of ``max_memory_allocated``; :attr:`StagePeak.peak_bytes` what
 Every constant lives in :class:`PlannerConstants` so it can be recalibrated from
 ``benchmarks/bench_planner.py`` measurements without touching the formulas.
 
-Fit rule: the budget defaults to the inference peak (the promise: fine-tuning fits in what
-inference needs). The ρ-dependent stages (emulator build, training) must fit
-``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`); the margin absorbs
-prediction error, so it is taken from the predicted part only. The correction's λ search
-runs the original model on held-out data, i.e. it *is* inference, so it is checked against the
-GPU, not the margin-reduced budget, and a note says when it needs more than the budget. The same
-holds for the first pass of anchored training (:mod:`emloc_engine.stages.training.anchoring`): the original model
-alone, groups of ≤ 256 MiB of recorded block outputs (copied to the CPU as they are made), no KV
-cache and no logits, so it should stay below the inference peak — by this arithmetic; not yet
-measured on a GPU. The train stage's *measured* peak includes it, its prediction is the training loop.
+Fit rule: the budget is the GPU — the callers pass the card's free memory (or the ``--gpu-memory``
+cap) less ``max(0.5 GiB, 5 %)`` (:mod:`emloc_engine.machine.budget`); with only a card size known it is
+that size less the margin, with nothing known the inference peak. The ρ-dependent stages (emulator
+build, training) must fit ``budget − safety_margin × (budget − CUDA context)`` (:func:`margin_limit`);
+the margin absorbs prediction error, so it is taken from the predicted part only. Stages that use the
+original resident (the λ search, the export verification, the first pass of anchored training) are
+inference and are held to the budget itself. When that resident use does not fit the budget, the
+plan streams the original (``MemoryPlan.stream_original``, :mod:`emloc_engine.run.plan_streaming`):
+those stages are then counted as one block at a time plus the embeddings and head, held to the
+margin-reduced limit, and timed from bytes / bandwidth. RAM (per stage) and disk (the run folder) are
+checked when known; a shortfall of either, or a budget below the embeddings and head, makes the plan
+say which resource is short and by how much (:class:`Shortfall`).
 The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ max_ratio`` that fits.
 """
 
@@ -99,6 +101,16 @@ class PlannerConstants:
     cpu_matmul_flops: float = 5e11  # bf16/fp32 matmul on a desktop CPU
     unknown_gpu_flops: float = 1e14
     disk_bytes_per_s: float = 1.5e9  # NVMe sequential read
+    # --- streaming the original (emloc_engine.run.plan_streaming) ---
+    # Pinned RAM → GPU, measured on an H200 host (PCIe Gen5, Llama-2-13B shapes, 2026-12): 55 GB/s.
+    h2d_bytes_per_s: float = 55e9
+    # Weights read from disk when they do not stay in the page cache: deliberately conservative (a
+    # mid-range NVMe SSD reads 2-3 GB/s, a SATA SSD 0.5): 1 GB/s.
+    stream_disk_bytes_per_s: float = 1.0e9
+    # Weights in the page cache, copied into pinned buffers by one reader thread: unmeasured, conservative.
+    page_cache_bytes_per_s: float = 5e9
+    stream_overhead: float = 1.3  # a streamed pass vs its transfer floor (the issue's aim: within 1.3×)
+    process_ram_bytes: int = 3 * 1024**3  # Python, torch, CUDA libraries, tokenizer: the RSS before any tensor
     eigh_flop_coef: float = 10.0  # eigh(n) ≈ 10·n³
     svd_flop_coef: float = 8.0  # svd(m×n) ≈ 8·m·n·min(m,n)
 
@@ -108,10 +120,17 @@ DEFAULT_CONSTANTS = PlannerConstants()
 # Dense bf16 tensor-core peak (FLOP/s) by GPU name fragment; first match wins.
 GPU_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12), ("A6000", 155e12),
+    ("L40S", 362e12), ("L40", 181e12), ("RTX 6000 Ada", 182e12), ("L4", 121e12), ("A10", 125e12), ("A6000", 155e12),
     ("RTX 5090", 210e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12),
     ("RTX 3080", 60e12), ("V100", 125e12), ("T4", 65e12), ("MI300", 1307e12), ("MI250", 362e12),
     ("Apple", 1.5e13),
+)
+
+# Pinned RAM → GPU rate by GPU name fragment (first match wins); others: PlannerConstants.h2d_bytes_per_s
+# (55 GB/s, measured on an H200 host, PCIe Gen5). PCIe 4.0 ×16 cards move ~25 GB/s (32 GB/s theoretical × 0.8).
+GPU_H2D_BYTES_PER_S: tuple[tuple[str, float], ...] = (
+    ("RTX 4090", 25e9), ("RTX 4080", 25e9), ("RTX 3090", 25e9), ("RTX 3080", 25e9), ("RTX 6000 Ada", 25e9),
+    ("A6000", 25e9), ("A100", 25e9), ("L40", 25e9), ("A10", 25e9), ("L4", 25e9), ("V100", 12e9), ("T4", 12e9),
 )
 
 STAGES = ("emulator", "train", "correct", "export")
@@ -122,7 +141,8 @@ class PlanConfig:
     """What to plan for. Every field has help text (CLI help and GUI tooltip)."""
 
     budget_bytes: int | None = field(default=None, metadata={
-        "help": "GPU memory EMLoC may use; default: what inference of the original model needs."})
+        "help": "GPU memory every stage must keep to; default: the GPU's size less max(0.5 GiB, 5%) when known, "
+                "else what inference of the original model needs (the run passes its free-memory default)."})
     gpu_total_bytes: int | None = field(default=None, metadata={
         "help": "Memory of the GPU (or RAM for the CPU); a budget above it is lowered to it."})
     context_length: int = field(default=512, metadata={"help": "Tokens per training sequence (T)."})
@@ -158,6 +178,18 @@ class PlanConfig:
     max_ratio: float = field(default=0.9, metadata={"help": "Largest ρ considered."})
     ratio_step: float = field(default=0.05, metadata={"help": "Grid step of the ρ search."})
     constants: PlannerConstants = field(default=DEFAULT_CONSTANTS, metadata={"help": "Calibration constants."})
+    ram_bytes: int | None = field(default=None, metadata={
+        "help": "RAM of the machine (its total: what other programs hold now can be closed); a stage needing "
+                "more cannot run here. Also sizes the page cache that keeps streamed weights. None = not checked."})
+    disk_free_bytes: int | None = field(default=None, metadata={
+        "help": "Free disk space where the run folder goes; None = not checked."})
+    anchor_ram_bytes: int = field(default=4 * GIB, metadata={
+        "help": "Most RAM the anchors' offsets take at once (--anchor-ram-gib); more are computed a chunk at a time."})
+    stream_original: bool | None = field(default=None, metadata={
+        "help": "Stream the original block by block in every stage that uses it; None = when its resident use "
+                "(weights + activations) does not fit the budget."})
+    export_formats: tuple[str, ...] = field(default=(), metadata={
+        "help": "The exports, for the disk check and the export's time (merged, adapter, gguf)."})
     num_gpus: int = field(default=1, metadata={
         "help": "GPUs that train data-parallel (emloc train --gpus N); peaks are per GPU. Each holds the "
                 "whole emulator and a ⌈B/N⌉-sequence share of every micro-batch; training time is divided by N."})
@@ -176,7 +208,9 @@ class PlanConfig:
             problems.append(f"ratio_step must be in (0, 1) (got {self.ratio_step}).")
         if not 0.0 <= self.safety_margin < 1.0:
             problems.append(f"safety_margin must be in [0, 1) (got {self.safety_margin}).")
-        for name in ("budget_bytes", "gpu_total_bytes"):
+        if self.anchor_ram_bytes <= 0:
+            problems.append(f"anchor_ram_bytes must be positive (got {self.anchor_ram_bytes}).")
+        for name in ("budget_bytes", "gpu_total_bytes", "ram_bytes"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 problems.append(f"{name} must be positive (got {v}).")
@@ -203,6 +237,8 @@ class StagePeak:
     est_seconds: float = 0.0
     limit_bytes: int | None = None
     device: str = "cuda"
+    ram_bytes: int = 0
+    streamed: bool = False
 
     @property
     def fits(self) -> bool:
@@ -220,7 +256,34 @@ class StagePeak:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "peak_bytes": self.peak_bytes, "allocated_bytes": self.allocated_bytes,
                 "parts": [[label, b] for label, b in self.parts], "est_seconds": round(self.est_seconds, 1),
-                "limit_bytes": self.limit_bytes, "fits": self.fits, "device": self.device}
+                "limit_bytes": self.limit_bytes, "fits": self.fits, "device": self.device,
+                "ram_bytes": self.ram_bytes, "streamed": self.streamed}
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A resource the run cannot do without, and by how much it is short (``need − have``).
+
+    ``resource``: ``"GPU budget"`` (below what the embeddings and head alone take), ``"RAM"`` or ``"disk"``.
+    """
+
+    resource: str
+    need_bytes: int
+    have_bytes: int
+    what: str
+
+    @property
+    def short_bytes(self) -> int:
+        return self.need_bytes - self.have_bytes
+
+    @property
+    def message(self) -> str:
+        return (f"{self.resource}: {self.what} needs {self.need_bytes / GIB:.1f} GiB, there is "
+                f"{self.have_bytes / GIB:.1f} GiB (short by {self.short_bytes / GIB:.1f} GiB).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resource": self.resource, "need_bytes": self.need_bytes, "have_bytes": self.have_bytes,
+                "what": self.what, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -239,6 +302,19 @@ class MemoryPlan:
     notes: tuple[str, ...] = ()
     model_name: str = ""
     config: PlanConfig = field(default_factory=PlanConfig)
+    stream_original: bool = False
+    shortfalls: tuple[Shortfall, ...] = ()
+    anchor_ram_bytes: int = 0
+    anchor_chunks: int = 0
+
+    @property
+    def ram_bytes(self) -> int:
+        """The most RAM one stage needs (the run needs this much; the page cache comes on top)."""
+        return max((s.ram_bytes for s in self.stages), default=0)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.est_seconds for s in self.stages)
 
     @property
     def inference_peak_bytes(self) -> int:
@@ -266,6 +342,9 @@ class MemoryPlan:
             "lora_rank": self.config.lora_rank, "inference": self.inference.to_dict(),
             "full_lora": self.full_lora.to_dict(), "stages": [s.to_dict() for s in self.stages],
             "reason": self.reason, "suggestions": list(self.suggestions), "notes": list(self.notes),
+            "stream_original": self.stream_original, "ram_bytes": self.ram_bytes,
+            "total_seconds": round(self.total_seconds, 1), "anchor_ram_bytes": self.anchor_ram_bytes,
+            "anchor_chunks": self.anchor_chunks, "shortfalls": [f.to_dict() for f in self.shortfalls],
         }
 
 
@@ -397,7 +476,7 @@ def inference_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
 
 
 def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = "train",
-                  chunked_loss: bool = True) -> StagePeak:
+                  chunked_loss: bool = True, streamed: bool = False) -> StagePeak:
     """LoRA training on the emulator at ρ (ρ = 1: on the original model).
 
     ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, n_logit·V·c_logits) + runtime`` where
@@ -405,7 +484,13 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     checkpointed chunks, :func:`emloc_engine.stages.training.trainer.lm_loss_sum`) and ``B·T`` for plain
     peft/transformers training (``chunked_loss=False``, the full-model LoRA comparison). With
     gradient checkpointing off, every block's activations are kept: ``L·train_layer``.
+
+    Anchored (``name == "train"``), the time includes computing the offsets a chunk at a time and the RAM
+    their cap (:func:`emloc_engine.run.plan_streaming.anchor_schedule`); with the original ``streamed``,
+    the peak is the larger of the loop's and the streamed anchor pass's.
     """
+    from emloc_engine.run import plan_streaming as ps
+
     c, b = cfg.constants, compute_bytes(facts, cfg)
     # Data-parallel (emloc_engine.stages.training.distributed): every GPU holds the whole emulator and its share of the batch.
     tokens = math.ceil(cfg.batch_size / cfg.num_gpus) * cfg.context_length
@@ -430,19 +515,23 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
              ("logits & loss" if transient == logits else "block recompute", transient)]
     flops = 3.0 * _forward_flops(facts, params, tokens, cfg.context_length) * (4 / 3 if cfg.grad_checkpointing else 1)
     seconds = cfg.train_steps * flops / (flops_per_second(cfg) * c.train_mfu) + params * b / c.disk_bytes_per_s
-    if name == "train" and anchored_training(cfg):
-        width = sum(m.out_features for m in facts.modules) if cfg.anchor_linears else facts.hidden_size
-        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * width * b))
-        visited = cfg.train_steps * cfg.batch_size * cfg.context_length  # at most: one pass of each model over them
-        seconds += (_forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
-                    + _forward_flops(facts, params, visited, cfg.context_length)) / (flops_per_second(cfg) * c.infer_mfu)
-        seconds += facts.num_parameters * b / c.disk_bytes_per_s
-    return _stage(name, parts, cfg, seconds)
+    anchored, anchor_ram, chunks, _ = ps.anchor_schedule(facts, cfg) if name == "train" else (False, 0, 0, 0)
+    if anchored:
+        parts.append(("anchors of the micro-batch", facts.num_layers * tokens * ps.anchor_width(facts, cfg) * b))
+        seconds += ps.anchor_seconds(facts, cfg, ratio, streamed, chunks)
+    ram = ps.stage_ram(facts, cfg, "train", ratio=ratio, streamed=streamed, anchor_ram=anchor_ram)
+    loop = replace(_stage(name, parts, cfg, seconds), ram_bytes=ram, streamed=streamed and anchored)
+    if anchored and streamed:
+        anchor_pass = ps.streamed_anchor_peak(facts, cfg, ratio, seconds, ram)
+        if anchor_pass.peak_bytes > loop.peak_bytes:
+            return anchor_pass
+    return loop
 
 
 def anchored_training(cfg: PlanConfig) -> bool:
-    """Whether the train stage anchors (``TrainConfig.anchor="auto"`` on one GPU; plain full LoRA never does)."""
-    return cfg.anchored and cfg.num_gpus == 1
+    """Whether the train stage is planned anchored (any number of GPUs, any dataset size: the offsets are
+    held a chunk at a time under ``anchor_ram_bytes``; plain full LoRA never is)."""
+    return cfg.anchored
 
 
 def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget_bytes: int | None = None) -> StagePeak:
@@ -504,14 +593,21 @@ def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget
         parts = [("one block (original)", block), ("one block (compressed)", compressed),
                  ("calibration hidden states", hidden), ("statistics ΣXᵀX (fp32)", stats),
                  ("factorisation workspace" if workspace >= chunk else "calibration forward", max(workspace, chunk))]
-    return _stage("emulator", parts, cfg, seconds)
+    from emloc_engine.run.plan_streaming import stage_ram
+
+    ram = stage_ram(facts, cfg, "emulator", ratio=ratio, streamed=True,
+                    hidden_offloaded=int(c.build_hidden_copies * n_tokens * h * b) if offload else 0)
+    return replace(_stage("emulator", parts, cfg, seconds), ram_bytes=ram, streamed=True)
 
 
-def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePeak:
+def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: bool = False) -> StagePeak:
     """LoRA correction: one module at a time, then (``auto_lambda``) held-out loss per λ with the original model.
 
-    ``max(3·out·in·4, P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime`` (eval batch 1).
+    ``max(3·out·in·4, P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime`` (eval batch 1). With the
+    original ``streamed``, one pass scores every λ: :func:`emloc_engine.run.plan_streaming.streamed_pass_peak`.
     """
+    from emloc_engine.run import plan_streaming as ps
+
     c, b = cfg.constants, compute_bytes(facts, cfg)
     n_lora = lora_parameters(facts, cfg)
     largest = max(m.numel for m in facts.modules)
@@ -519,8 +615,18 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePe
     flops = facts.num_layers * sum(2.0 * m.numel * (rank_for_ratio(ratio, m.out_features, m.in_features)
                                                     + cfg.lora_rank) for m in facts.modules)
     seconds = flops / (flops_per_second(cfg) * c.train_mfu) + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s
+    ram = ps.stage_ram(facts, cfg, "correct", ratio=ratio, streamed=streamed)
+    one_module = replace(_stage("correct", [("one module (fp32)", module)], cfg, seconds), ram_bytes=ram)
     if not cfg.auto_lambda:
-        return _stage("correct", [("one module (fp32)", module)], cfg, seconds)
+        return one_module
+    if streamed:
+        tokens = cfg.lambda_candidates * cfg.eval_batches * cfg.context_length
+        passed = ps.streamed_pass_peak(facts, cfg, "correct", sequences=cfg.eval_batches,
+                                       variants=cfg.lambda_candidates, head=True,
+                                       extra=[("adapter", n_lora * c.lora_param_bytes)],
+                                       seconds=seconds + ps.pass_seconds(facts, cfg, tokens), ram_bytes=ram)
+        return passed if passed.peak_bytes >= one_module.peak_bytes else replace(one_module,
+                                                                                 est_seconds=passed.est_seconds)
     t = cfg.context_length
     act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
     logits = int(t * facts.vocab_size * c.eval_logits_bytes)
@@ -528,16 +634,45 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> StagePe
         flops_per_second(cfg) * c.infer_mfu)
     evaluation = facts.num_parameters * b + n_lora * c.lora_param_bytes + max(act, logits)
     if module >= evaluation:
-        return _stage("correct", [("one module (fp32)", module)], cfg, seconds)
-    return _stage("correct", [("weights (λ evaluation)", facts.num_parameters * b),
-                              ("adapter", n_lora * c.lora_param_bytes),
-                              ("activations & loss", max(act, logits))], cfg, seconds)
+        return replace(one_module, est_seconds=seconds)
+    return replace(_stage("correct", [("weights (λ evaluation)", facts.num_parameters * b),
+                                      ("adapter", n_lora * c.lora_param_bytes),
+                                      ("activations & loss", max(act, logits))], cfg, seconds), ram_bytes=ram)
 
 
-def export_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
-    """Merge and export run on the CPU, shard by shard: no GPU memory."""
-    seconds = 3.0 * facts.num_parameters * facts.dtype_bytes / cfg.constants.disk_bytes_per_s
-    return StagePeak("export", 0, (("GPU not used (merge on the CPU)", 0),), est_seconds=seconds, device="cpu")
+def export_peak(facts: ModelFacts, cfg: PlanConfig, streamed: bool = False, budget_bytes: int | None = None) -> StagePeak:
+    """Merge (on the CPU, tensor by tensor), then the verification of every export, loaded back.
+
+    The verification runs where :func:`~emloc_engine.stages.export.verify_budget.verify_placement`
+    puts it under the budget: on the GPU in fp32 or the storage dtype, or on the CPU (0 GPU memory,
+    its model in RAM); with the original ``streamed``, one streamed pass per model (original, merged,
+    GGUF) carries every comparison.
+    """
+    from emloc_engine.run import plan_streaming as ps
+    from emloc_engine.stages.export.verify_budget import verify_placement
+
+    c = cfg.constants
+    seconds = 3.0 * facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s
+    passes = 3 if "gguf" in cfg.export_formats else 2
+    on_gpu = cfg.device in ("cuda", "rocm")
+    if streamed and on_gpu:
+        seconds += passes * ps.pass_seconds(facts, cfg, ps.EXPORT_PROMPT_TOKENS)
+        ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=True)
+        return ps.streamed_pass_peak(facts, cfg, "export", sequences=4, variants=ps.EXPORT_VARIANTS, head=True,
+                                     extra=[], seconds=seconds, ram_bytes=ram)
+    seconds += passes * ps.stored_weights_bytes(facts) / c.disk_bytes_per_s
+    room = budget_bytes if budget_bytes is not None else (cfg.gpu_total_bytes or 0)
+    place = verify_placement(facts.num_parameters, facts.dtype_bytes, on_gpu=on_gpu, free_bytes=room,
+                             budget_bytes=budget_bytes if on_gpu else None, ram_free_bytes=cfg.ram_bytes)
+    weights = facts.num_parameters * (4 if place.fp32 else facts.dtype_bytes)
+    if place.device == "cpu":
+        ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=False, cpu_verify_bytes=weights)
+        return StagePeak("export", 0, (("GPU not used (merge and verification on the CPU)", 0),), est_seconds=seconds,
+                         device="cpu", ram_bytes=ram)
+    ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=False)
+    logits = int(ps.EXPORT_PROMPT_TOKENS * facts.vocab_size * 4 * 2)
+    label = "weights (verification, fp32)" if place.fp32 else "weights (verification, as stored)"
+    return replace(_stage("export", [(label, weights), ("logits", logits)], cfg, seconds), ram_bytes=ram)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,69 +684,109 @@ def _ratio_grid(cfg: PlanConfig) -> list[float]:
     return [round(cfg.min_ratio + i * cfg.ratio_step, 6) for i in range(n, -1, -1)]
 
 
-def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, gpu_limit: int | None) -> tuple[StagePeak, ...]:
-    build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=limit or None), limit_bytes=limit)
-    train = replace(training_peak(facts, cfg, ratio), limit_bytes=limit)
-    correct = correction_peak(facts, cfg, ratio)
-    # λ evaluation is inference of the original model: checked against the GPU, not the reduced budget.
-    correct = replace(correct, limit_bytes=gpu_limit if cfg.auto_lambda else limit)
-    return build, train, correct, export_peak(facts, cfg)
+def emulator_budget_bytes(limit: int, inference_peak_bytes: int) -> int:
+    """The memory budget the emulator build sizes its chunks to: the limit, at most half the inference
+    peak (so the GPU stays usable meanwhile). :func:`emloc_engine.run.plan.plan_run` gives the build
+    this budget, and the planner predicts the build with it."""
+    return int(min(limit, 0.5 * inference_peak_bytes))
+
+
+def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, budget: int | None,
+               streamed: bool = False) -> tuple[StagePeak, ...]:
+    build_budget = emulator_budget_bytes(limit, inference_peak(facts, cfg).peak_bytes) if limit else None
+    build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=build_budget), limit_bytes=limit)
+    train = replace(training_peak(facts, cfg, ratio, streamed=streamed), limit_bytes=limit)
+    correct = correction_peak(facts, cfg, ratio, streamed=streamed)
+    export = export_peak(facts, cfg, streamed=streamed, budget_bytes=budget)
+    # A resident original (λ evaluation, verification) is inference: held to the budget, not the margin-reduced
+    # limit; streamed passes are our own predictions, so the margin applies to them like to training.
+    original_limit = limit if streamed else budget
+    correct = replace(correct, limit_bytes=original_limit if cfg.auto_lambda else limit)
+    export = replace(export, limit_bytes=original_limit if export.device != "cpu" else None)
+    return build, train, correct, export
 
 
 def plan_memory(facts: ModelFacts, cfg: PlanConfig | None = None) -> MemoryPlan:
-    """Predict every stage's peak and choose the largest ρ whose stages all fit.
+    """Predict every stage's peak and choose the largest ρ whose stages all fit the budget.
+
+    The original need not fit: when its resident use exceeds the budget the plan streams it
+    (``stream_original``, :mod:`emloc_engine.run.plan_streaming`) and the streamed stages are counted
+    as one block at a time. Without a budget the default is the GPU's memory less
+    :func:`~emloc_engine.machine.budget.budget_margin_bytes` (the callers pass the *free* memory's
+    default, :func:`~emloc_engine.machine.budget.default_budget_bytes`), or the inference peak when
+    no device size is known.
 
     Args:
         facts: shapes of the model (:func:`model_facts`).
         cfg: what to plan for; ``cfg.ratio`` set = evaluate that ratio only.
 
     Returns:
-        A :class:`MemoryPlan`. ``fits`` is False (with ``reason`` and ``suggestions``) when no ρ
-        on the grid fits, when the model does not fit the GPU even for inference, or when the
-        given ratio does not fit.
+        A :class:`MemoryPlan`. ``fits`` is False (with ``reason``, ``suggestions`` and ``shortfalls``)
+        when no ρ on the grid fits, when RAM or disk is too small, or when the given ratio does not fit.
     """
     return _plan(facts, cfg or PlanConfig(), suggest=True)
 
 
 def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
+    from emloc_engine.machine.budget import default_budget_bytes
+    from emloc_engine.run import plan_streaming as ps
+
     inference = inference_peak(facts, cfg)
     full = training_peak(facts, cfg, 1.0, name="full_lora", chunked_loss=False)
     notes: list[str] = []
-    budget = cfg.budget_bytes or inference.peak_bytes
+    if cfg.budget_bytes is not None:
+        budget = cfg.budget_bytes
+    elif cfg.gpu_total_bytes is not None:
+        budget = default_budget_bytes(cfg.gpu_total_bytes)
+    else:
+        budget = inference.peak_bytes
     if cfg.gpu_total_bytes is not None and budget > cfg.gpu_total_bytes:
         notes.append(f"Budget {budget / GIB:.1f} GiB is more than the GPU's {cfg.gpu_total_bytes / GIB:.1f} GiB; "
                      "planning for the GPU instead.")
         budget = cfg.gpu_total_bytes
     limit = margin_limit(budget, cfg)
-    gpu_limit = cfg.gpu_total_bytes
+    streamed = ps.decide_streaming(facts, cfg, budget)
+    anchored, anchor_ram, chunks, anchor_need = ps.anchor_schedule(facts, cfg)
     inference = replace(inference, limit_bytes=cfg.gpu_total_bytes)
     full = replace(full, limit_bytes=limit)
     grid = [cfg.ratio] if cfg.ratio is not None else _ratio_grid(cfg)
+    if streamed:
+        resident = ps.resident_original_peak(facts, cfg)
+        where = "RAM (page cache) → GPU" if ps.weights_cached(facts, cfg) else "the disk"
+        notes.append(f"The original does not fit the budget ({resident / GIB:.1f} GiB resident > {budget / GIB:.1f} GiB): "
+                     f"runs offloaded here. Anchors, the λ search and the export verification stream it block by "
+                     f"block from {where}, {ps.pass_seconds(facts, cfg, cfg.context_length):.1f} s per pass.")
+    if cfg.anchored and not anchored:
+        notes.append(f"Anchors off: one step's offsets ({anchor_need / GIB:.1f} GiB) exceed the anchor RAM cap "
+                     f"({cfg.anchor_ram_bytes / GIB:.1f} GiB); raise --anchor-ram-gib to anchor.")
+    elif anchored and chunks > 1:
+        notes.append(f"Anchors: {anchor_need / GIB:.1f} GiB of offsets over the run, computed in {chunks} chunks "
+                     f"of at most {cfg.anchor_ram_bytes / GIB:.1f} GiB of RAM (one pass of the original per chunk).")
 
     def make(ratio: float | None, fits: bool, stages: tuple[StagePeak, ...], reason: str,
-             suggestions: tuple[str, ...] = ()) -> MemoryPlan:
+             suggestions: tuple[str, ...] = (), short: tuple[Shortfall, ...] = ()) -> MemoryPlan:
         extra = list(notes)
-        corr = next((s for s in stages if s.name == "correct"), None)
-        if corr is not None and cfg.auto_lambda and corr.peak_bytes > budget:
-            extra.append(f"The correction's λ search runs the original model and needs {corr.peak_gib:.1f} GiB, "
-                         f"more than the {budget / GIB:.1f} GiB budget; set λ explicitly (no search) to stay within it.")
         if full.fits:
             extra.append(f"Plain LoRA on the full model ({full.peak_gib:.1f} GiB) also fits this budget.")
         return MemoryPlan(ratio, fits, budget, limit, stages, inference, full, reason, suggestions, tuple(extra),
-                          facts.name, cfg)
+                          facts.name, cfg, streamed, short, anchor_ram, chunks)
 
-    if gpu_limit is not None and inference.peak_bytes > gpu_limit:
-        stages = _stages_at(facts, cfg, grid[-1], limit, gpu_limit)
-        reason = (f"{facts.name} does not fit this GPU even for inference: it needs {inference.peak_gib:.1f} GiB "
-                  f"(weights {facts.num_parameters * compute_bytes(facts, cfg) / GIB:.1f} GiB) and the GPU has "
-                  f"{gpu_limit / GIB:.1f} GiB.")
-        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else ())
+    floor = ps.gpu_floor_shortfall(facts, cfg, limit)
+    if floor is not None:
+        stages = _stages_at(facts, cfg, grid[-1], limit, budget, streamed)
+        reason = f"{facts.name} cannot be trained within this budget: {floor.message}"
+        return make(None, False, stages, reason, _suggest(facts, cfg) if suggest else (),
+                    (floor, *ps.shortfalls(facts, cfg, stages, grid[-1])))
     last: tuple[StagePeak, ...] = ()
     for ratio in grid:
-        stages = _stages_at(facts, cfg, ratio, limit, gpu_limit)
+        stages = _stages_at(facts, cfg, ratio, limit, budget, streamed)
         last = stages
         if all(s.fits for s in stages):
             train = stages[1]
+            lacking = tuple(ps.shortfalls(facts, cfg, stages, ratio))
+            if lacking:
+                reason = f"{facts.name} cannot be trained on this machine: " + " ".join(f.message for f in lacking)
+                return make(ratio, False, stages, reason, (), lacking)
             reason = (f"ρ = {ratio:.2f}: training on the emulator needs {train.peak_gib:.2f} GiB of the "
                       f"{limit / GIB:.2f} GiB allowed ({budget / GIB:.2f} GiB budget − {cfg.safety_margin:.0%} margin "
                       f"on its predicted part).")
@@ -622,7 +797,15 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     reason = (f"Nothing fits: at ρ = {at:.2f} the {worst.name} stage needs {worst.peak_gib:.1f} GiB but only "
               f"{(worst.limit_bytes or 0) / GIB:.1f} GiB is allowed ({budget / GIB:.1f} GiB budget − "
               f"{cfg.safety_margin:.0%} margin on its predicted part); its largest part is {big[0]} ({big[1] / GIB:.1f} GiB).")
-    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else ())
+    short = Shortfall("GPU budget", _budget_needed(worst, cfg), budget, f"the {worst.name} stage at ρ = {at:.2f}")
+    return make(None, False, last, reason, _suggest(facts, cfg) if suggest else (),
+                (short, *ps.shortfalls(facts, cfg, last, at)))
+
+
+def _budget_needed(stage: StagePeak, cfg: PlanConfig) -> int:
+    """The budget whose margin-reduced limit holds ``stage`` (inverse of :func:`margin_limit`)."""
+    fixed = _runtime(0, cfg)
+    return int(fixed + (stage.peak_bytes - fixed) / (1.0 - cfg.safety_margin))
 
 
 def _suggest(facts: ModelFacts, cfg: PlanConfig) -> tuple[str, ...]:
@@ -675,20 +858,29 @@ def model_facts(model_dir: Path) -> ModelFacts:
 
 
 def format_plan(plan: MemoryPlan) -> str:
-    """The plan as a text table (``emloc plan``)."""
-    rows = [("stage", "peak GiB", "limit GiB", "fits", "time", "largest parts")]
+    """The plan as a text table (``emloc plan``): GPU peak, limit, RAM and time of every stage."""
     from emloc_engine.core.progress import format_seconds
 
+    rows = [("stage", "peak GiB", "limit GiB", "fits", "RAM GiB", "time", "largest parts")]
     for s in (plan.inference, *plan.stages, plan.full_lora):
         top = sorted((p for p in s.parts if p[1] > 0), key=lambda p: -p[1])[:3]
-        rows.append((s.name, f"{s.peak_gib:.2f}", f"{s.limit_bytes / GIB:.2f}" if s.limit_bytes else "-",
-                     "yes" if s.fits else "NO", format_seconds(s.est_seconds),
-                     ", ".join(f"{label} {b / GIB:.2f}" for label, b in top)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+        name = s.name + (" (streamed)" if s.streamed and s.name != "emulator" else "")
+        rows.append((name, f"{s.peak_gib:.2f}", f"{s.limit_bytes / GIB:.2f}" if s.limit_bytes else "-",
+                     "yes" if s.fits else "NO", f"{s.ram_bytes / GIB:.1f}" if s.ram_bytes else "-",
+                     format_seconds(s.est_seconds), ", ".join(f"{label} {b / GIB:.2f}" for label, b in top)))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6] for r in rows]
     head = (f"{plan.model_name}: budget {plan.budget_bytes / GIB:.2f} GiB, allowed {plan.limit_bytes / GIB:.2f} GiB "
             f"(margin {plan.config.safety_margin:.0%}); T={plan.config.context_length}, B={plan.config.batch_size}, "
-            f"r={plan.config.lora_rank}")
+            f"r={plan.config.lora_rank}, steps={plan.config.train_steps}")
     tail = [f"Chosen ρ: {plan.ratio:.2f}" if plan.ratio is not None else "Chosen ρ: none", plan.reason]
+    if plan.ratio is not None:
+        where = "the GPU" if plan.config.device in ("cuda", "rocm") else plan.config.device.upper()
+        tail.append(f"Original: {'streamed block by block' if plan.stream_original else 'loaded whole on ' + where}; "
+                    f"about {format_seconds(plan.total_seconds)} for all four stages, RAM up to "
+                    f"{plan.ram_bytes / GIB:.1f} GiB" + (f" (anchors {plan.anchor_ram_bytes / GIB:.1f} GiB in "
+                                                          f"{plan.anchor_chunks} chunk{'s' if plan.anchor_chunks != 1 else ''})"
+                                                          if plan.anchor_chunks else "") + ".")
+    tail += [f"Cannot train: {f.message}" for f in plan.shortfalls]
     tail += [f"  - {s}" for s in plan.suggestions] + [f"Note: {n}" for n in plan.notes]
     return "\n".join([head, *lines, *tail])

@@ -74,12 +74,19 @@ def fake_plan(facts: ModelFacts, cfg: PlanConfig) -> MemoryPlan:
                         60.0, budget),
               StagePeak("correct", int(14 * GIB), (), 60.0, budget))
     big = "big" in facts.name
-    inference = StagePeak("inference", int((140 if big else 16.5) * GIB), (), 0.0, cfg.gpu_total_bytes)
+    offload = "offload" in facts.name  # does not run resident here; trains with the original streamed
+    if offload:
+        stages = tuple(dataclasses.replace(s, ram_bytes=int(37 * GIB), est_seconds=1200.0, streamed=True)
+                       for s in stages)
+    inference = StagePeak("inference", int((140 if big else 60 if offload else 16.5) * GIB), (), 0.0,
+                          cfg.gpu_total_bytes)
     full = StagePeak("full_lora", int((150 if big else 21) * GIB), (), 0.0, budget)
     fits = not big and all(s.fits for s in stages)
     return MemoryPlan(ratio if fits else None, fits, budget, budget, stages, inference, full,
                       reason=f"ρ = {ratio:.2f}: training needs {train / GIB:.1f} GiB." if not big else "too big",
-                      suggestions=() if fits else ("lower ρ",), model_name=facts.name, config=cfg)
+                      suggestions=() if fits else ("lower ρ",), model_name=facts.name, config=cfg,
+                      stream_original=offload, anchor_ram_bytes=4 * GIB if offload else 0,
+                      anchor_chunks=3 if offload else 0)
 
 
 class Calls:

@@ -41,17 +41,22 @@ def test_machine_page_defaults_budget_to_selected_gpu(qtbot, tmp_path: Path, mon
     page.initializePage()
     qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.device.count() == 3  # two GPUs and the CPU
-    assert page.budget.value() == pytest.approx(24.0)
+    # The engine's default, as `emloc run` computes it: free memory less max(0.5 GiB, 5%)
+    assert page.budget.value() == pytest.approx(19.0)  # 20 GiB free
     page.device.setCurrentIndex(1)
-    assert page.budget.value() == pytest.approx(48.0)
-    assert page.cpu_note.isHidden()
+    assert page.budget.value() == pytest.approx(38.0)  # 40 GiB free
+    assert page.cpu_note.isHidden() and page.gpu_memory.isEnabled()
+    page.gpu_memory.setValue(16.0)  # the process cap: the default follows it
+    assert page.budget.value() == pytest.approx(15.2)
+    page.gpu_memory.setValue(0.0)
+    assert page.budget.value() == pytest.approx(38.0)
     page.device.setCurrentIndex(2)  # CPU: budget from available RAM, explanation shown
-    assert not page.cpu_note.isHidden()
-    assert page.budget.value() == pytest.approx(48.0)  # ram_available_bytes of the fake machine
+    assert not page.cpu_note.isHidden() and not page.gpu_memory.isEnabled()
+    assert page.budget.value() == pytest.approx(45.6)  # 48 GiB of available RAM of the fake machine, less 5%
     page.device.setCurrentIndex(1)
     page.budget.setValue(30.0)
     assert page.validatePage()
-    assert state.gpu_index == 1 and state.budget_bytes == 30 * GIB
+    assert state.gpu_index == 1 and state.budget_bytes == 30 * GIB and state.gpu_memory_bytes is None
     assert state.device == "cuda:1"
     assert calls.names() == ["detect_machine"]
 
@@ -81,7 +86,7 @@ def test_model_page_badges_search_and_selection(qtbot, tmp_path: Path, monkeypat
     assert badges["org/weird"] == "unsupported"
     assert badges["meta-llama/Llama-3.1-8B-Instruct"].startswith("trainable with EMLoC at ρ = 0.45")
     # judged by the engine's assess_fit on the chosen GPU, within the budget (20 of its 24 GiB)
-    assert {(c.budget_bytes, c.gpu_total_bytes, c.device) for c in fake.planned} == {(20 * GIB, 20 * GIB, "cuda")}
+    assert {(c.budget_bytes, c.gpu_total_bytes, c.device) for c in fake.planned} == {(20 * GIB, 24 * GIB, "cuda")}
     assert any(r.is_demo for r in page.table_model.rows)
     # the trainable model is preselected (not the demo, since something else is usable)
     assert page.selected().name == "meta-llama/Llama-3.1-8B-Instruct"

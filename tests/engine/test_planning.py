@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -121,38 +122,110 @@ def test_loss_chunks_stay_under_64_mib_of_logits_and_the_margin_spares_the_conte
     assert margin_limit(context // 2, cfg) == context // 2  # a budget below the context: nothing to take
 
 
-def test_default_budget_is_inference_and_8b_plan_picks_a_ratio() -> None:
+def test_default_budget_is_the_gpu_less_the_margin_and_8b_plan_picks_a_ratio() -> None:
     plan = plan_memory(LLAMA3, replace(REF_CFG, gpu_total_bytes=24 * GIB))
-    assert plan.budget_bytes == plan.inference_peak_bytes
-    assert plan.fits and plan.ratio is not None and 0.05 <= plan.ratio < 1.0
-    assert plan.stage("train").peak_bytes <= plan.limit_bytes < plan.full_lora_peak_bytes
-    assert not plan.full_lora.fits  # plain LoRA does not fit what inference needs
+    assert plan.budget_bytes == 24 * GIB - int(0.05 * 24 * GIB)  # max(0.5 GiB, 5%) of the card
+    assert plan.fits and plan.ratio is not None and 0.05 <= plan.ratio < 1.0 and not plan.stream_original
+    assert plan.stage("train").peak_bytes <= plan.limit_bytes
     assert set(plan.est_seconds) == {"emulator", "train", "correct", "export"}
     assert all(v >= 0 for v in plan.est_seconds.values())
-    assert plan.stage("train").est_seconds > 0 and plan.stage("export").peak_bytes == 0
+    assert plan.stage("train").est_seconds > 0
+    assert all(s.peak_bytes <= plan.budget_bytes for s in plan.stages)  # every stage keeps to the budget
     json.dumps(plan.to_dict())
     table = format_plan(plan)
-    assert "Chosen ρ" in table and "train" in table
+    assert "Chosen ρ" in table and "train" in table and "RAM GiB" in table
+    # At the inference peak (the old default), plain LoRA on the full model does not fit.
+    tight = plan_memory(LLAMA3, replace(REF_CFG, budget_bytes=plan.inference_peak_bytes))
+    assert tight.fits and not tight.full_lora.fits
 
 
 def test_impossible_budget_is_explained_with_what_would_fit() -> None:
     plan = plan_memory(LLAMA3, PlanConfig(context_length=8192, budget_bytes=6 * GIB))
     assert not plan.fits and plan.ratio is None
-    assert ("train" in plan.reason or "emulator" in plan.reason) and "GiB" in plan.reason
+    assert "GiB" in plan.reason and plan.shortfalls and plan.shortfalls[0].resource == "GPU budget"
+    assert plan.shortfalls[0].short_bytes > 0
     assert any("context" in s and "fits at ρ" in s for s in plan.suggestions)
     assert any("budget of at least" in s for s in plan.suggestions)
     hopeless = plan_memory(LLAMA3, PlanConfig(budget_bytes=1 * GIB))
     assert not hopeless.fits and any("smaller model" in s for s in hopeless.suggestions)
+    # Below the embeddings and head no ρ can help; the plan says which and by how much.
+    floor = hopeless.shortfalls[0]
+    assert floor.resource == "GPU budget" and "embeddings and head" in floor.what
+    assert floor.need_bytes > 2 * LLAMA3.embedding_parameters and floor.have_bytes < 1 * GIB
+    assert "short by" in floor.message and "cannot be trained" in hopeless.reason
 
 
-def test_model_too_big_for_the_gpu_even_for_inference() -> None:
-    plan = plan_memory(LLAMA3, PlanConfig(gpu_total_bytes=8 * GIB))
-    assert not plan.fits and "even for inference" in plan.reason
-    assert not plan.inference.fits
+def test_model_bigger_than_the_gpu_is_trained_with_the_original_streamed() -> None:
+    plan = plan_memory(LLAMA3, PlanConfig(gpu_total_bytes=8 * GIB, gpu_name="H100", ram_bytes=64 * GIB))
+    assert not plan.inference.fits  # it does not run resident here ...
+    assert plan.fits and plan.stream_original and plan.ratio is not None  # ... and EMLoC trains it
+    for s in plan.stages:
+        assert s.peak_bytes <= plan.budget_bytes, s
+    assert plan.stage("correct").streamed and plan.stage("export").streamed
+    weights = LLAMA3.num_parameters * 2
+    assert plan.stage("correct").peak_bytes < weights / 3  # one block at a time, not the model
+    assert any("runs offloaded here" in n for n in plan.notes)
+    assert plan.ram_bytes > 0 and plan.total_seconds > 0
+    # Streamed passes are predicted from bytes / bandwidth: pinned RAM → GPU at 55 GB/s (anchor chunks after
+    # the first, the original held in pinned RAM), the page cache at 5 GB/s, the disk at 1 GB/s.
+    from emloc_engine.run.plan_streaming import pass_seconds, stream_rate
+
+    assert stream_rate(LLAMA3, plan.config, pinned=True) == 55e9  # 15 GiB ≤ a quarter of 64 GiB
+    assert stream_rate(LLAMA3, replace(plan.config, gpu_name="RTX 4090"), pinned=True) == 25e9  # PCIe 4.0
+    cached = pass_seconds(LLAMA3, replace(plan.config, context_length=1), 1)
+    assert cached == pytest.approx(weights / 5e9 * 1.3, rel=1e-6)
+    # ... and from the disk when the weights cannot stay in the page cache.
+    small = replace(plan.config, context_length=1, ram_bytes=12 * GIB)
+    assert stream_rate(LLAMA3, small, pinned=True) == 1e9
+    assert pass_seconds(LLAMA3, small, 1) == pytest.approx(weights / 1e9 * 1.3, rel=1e-6)
+    # Holding the original in pinned RAM for the anchor chunks is RAM the train stage needs.
+    assert plan.stage("train").ram_bytes >= weights + plan.anchor_ram_bytes
+
+
+def test_every_stage_keeps_to_the_budget_for_models_that_do_and_do_not_fit() -> None:
+    for name in ("Llama-3-8B", "Qwen2.5-14B", "Llama-3-70B"):
+        facts = reference_facts(name)
+        for gib in (8, 16, 24, 48, 80):
+            plan = plan_memory(facts, PlanConfig(gpu_total_bytes=gib * GIB, gpu_name="RTX 4090"))
+            if plan.ratio is None:
+                continue
+            assert plan.fits, (name, gib, plan.reason)
+            for s in plan.stages:
+                assert s.peak_bytes <= plan.budget_bytes, (name, gib, s.name)
+            if facts.num_parameters * 2 > plan.budget_bytes:  # its weights alone do not fit: streamed
+                assert plan.stream_original, (name, gib)
+
+
+def test_ram_and_disk_too_small_say_which_and_by_how_much() -> None:
+    cfg = PlanConfig(gpu_total_bytes=24 * GIB, ram_bytes=2 * GIB, disk_free_bytes=1 * GIB, export_formats=("merged",))
+    plan = plan_memory(LLAMA3, cfg)
+    assert not plan.fits
+    kinds = {f.resource: f for f in plan.shortfalls}
+    assert set(kinds) == {"RAM", "disk"}
+    assert kinds["RAM"].have_bytes == 2 * GIB and kinds["RAM"].short_bytes > 0
+    assert kinds["disk"].need_bytes > LLAMA3.num_parameters * 2  # the merged copy alone
+    assert "RAM" in plan.reason and "disk" in plan.reason
+
+
+def test_anchor_ram_is_capped_and_auto_stays_on_for_big_datasets() -> None:
+    cfg = PlanConfig(gpu_total_bytes=24 * GIB, context_length=512, batch_size=1, train_steps=1000,
+                     anchor_ram_bytes=4 * GIB)
+    plan = plan_memory(LLAMA3, cfg)
+    per_example = LLAMA3.num_layers * 512 * LLAMA3.hidden_size * 2  # 128 MiB per 512-token example of an 8B model
+    assert per_example == 128 * 2**20
+    assert plan.anchor_ram_bytes == 4 * GIB and plan.anchor_chunks == math.ceil(1000 * per_example / (4 * GIB))
+    assert plan.stage("train").ram_bytes >= 4 * GIB
+    unanchored = plan_memory(LLAMA3, replace(cfg, anchored=False))
+    assert unanchored.anchor_chunks == 0
+    assert plan.stage("train").est_seconds > unanchored.stage("train").est_seconds  # recomputing per chunk costs time
+    small = plan_memory(LLAMA3, replace(cfg, train_steps=10))
+    assert small.anchor_ram_bytes == 10 * per_example and small.anchor_chunks == 1
+    off = plan_memory(LLAMA3, replace(cfg, anchor_ram_bytes=64 * 2**20))  # one step's offsets exceed the cap
+    assert off.anchor_chunks == 0 and any("Anchors off" in n for n in off.notes)
 
 
 def test_fixed_ratio_is_evaluated_not_chosen() -> None:
-    cfg = replace(REF_CFG, gpu_total_bytes=24 * GIB)
+    cfg = replace(REF_CFG, gpu_total_bytes=24 * GIB, budget_bytes=16 * GIB)
     ok = plan_memory(LLAMA3, replace(cfg, ratio=0.3))
     assert ok.fits and ok.ratio == 0.3
     too_big = plan_memory(LLAMA3, replace(cfg, ratio=0.95))

@@ -116,8 +116,10 @@ def test_cancel_records_stage_and_cli_resumes(tiny_llama: Path, tmp_path: Path,
                  "--alpha", "8", "--steps", "4", "--batch-size", "2", "--calib", "6", "--max-length", "48",
                  "--device", "cpu", "--export", ""])
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "Stages run:" in out and "ρ = 0.500" in out
+    assert "Plan: ρ = 0.50 within a budget of" in captured.err and "the original is loaded whole" in captured.err
     m = read_manifest(run)
     assert m is not None and all(m.stage(s).done for s in ("emulator", "train", "correct"))
 

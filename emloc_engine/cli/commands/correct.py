@@ -25,7 +25,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`CorrectionConfig` of the options, on top of the run's recorded settings (model, data)."""
     from emloc_engine.run.manifest import read_manifest
     from emloc_engine.run.options import apply_values, top_value, typed_values
-    from emloc_engine.run.plan import options_of
+    from emloc_engine.run.plan import options_of, recorded_memory
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.correction.options import CorrectionOptions
 
@@ -43,8 +43,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     model = resolve_model(args.model) if args.model else (recorded.model_dir if recorded is not None else None)
     options = apply_values(recorded.correct if recorded is not None else CorrectionOptions(), "correct", values)
     device = str(top_value(values, "device", recorded.device if recorded is not None else "auto"))
+    _, stream = recorded_memory(manifest.plan if manifest is not None else None)  # as the run planned it
     return CorrectionConfig(**options_of(options), run_dir=run_dir, model_dir=model, data=data, device=device,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, stream_original=stream)
 
 
 def run(args: argparse.Namespace) -> int:

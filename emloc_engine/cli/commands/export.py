@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`ExportConfig` of the options, on top of the run's recorded settings."""
     from emloc_engine.run.manifest import read_manifest
     from emloc_engine.run.options import apply_values, top_value, typed_values
-    from emloc_engine.run.plan import options_of
+    from emloc_engine.run.plan import options_of, recorded_memory
     from emloc_engine.stages.export.exporter import ExportConfig
     from emloc_engine.stages.export.options import ExportOptions
 
@@ -43,9 +43,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     model = resolve_model(args.model) if args.model else _recorded_model(run_dir, recorded)
     options = apply_values(recorded.export if recorded is not None else ExportOptions(), "export", values)
     device = str(top_value(values, "device", recorded.device if recorded is not None else "cpu"))
+    budget, stream = recorded_memory(manifest.plan if manifest is not None else None)
     return ExportConfig(**options_of(options), run_dir=run_dir, model_dir=model,
                         adapter_dir=Path(args.adapter) if args.adapter else None, overwrite=args.overwrite,
-                        device=device)
+                        device=device, memory_budget_bytes=budget if device != "cpu" else None,
+                        stream_original=stream)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,18 +17,31 @@ GIB = 1024**3
 
 
 def register(sub: Any) -> None:
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.stages.training.options import TrainOptions
+
+    run, data = TrainOptions(), DataConfig(path=Path("-"))
     p: argparse.ArgumentParser = sub.add_parser("plan", help=HELP, description=HELP)
     p.add_argument("model", help="Model folder, cached repo id, 'demo', or a reference name such as Llama-3-8B.")
     p.add_argument("--budget-gib", type=float, default=None,
-                   help="GPU memory EMLoC may use (default: what inference of the model needs).")
-    p.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to plan for (default: detected).")
-    p.add_argument("--context", type=int, default=512, help="Tokens per training sequence.")
-    p.add_argument("--batch", type=int, default=1, help="Sequences per step.")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank.")
+                   help="GPU memory every stage must keep to (default: the GPU's free memory, or --gpu-memory when "
+                        "lower, minus max(0.5 GiB, 5%%); with --gpu-gib: that size minus the margin).")
+    p.add_argument("--gpu-gib", type=float, default=None,
+                   help="Plan for a GPU of this size, all of it free (default: the detected GPU).")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="The process cap a run would use (emloc run --gpu-memory): the default budget comes from it.")
+    p.add_argument("--ram-gib", type=float, default=None, help="RAM of the machine to plan for (default: this machine's).")
+    p.add_argument("--gpu-name", default=None, help="GPU name for the time estimates (e.g. 'RTX 4090').")
+    p.add_argument("--context", type=int, default=data.max_length, help="Tokens per training sequence.")
+    p.add_argument("--batch", type=int, default=run.batch_size, help="Sequences per step.")
+    p.add_argument("--rank", type=int, default=run.rank, help="LoRA rank.")
+    p.add_argument("--steps", type=int, default=run.steps, help="Optimizer steps (for the time and the anchors).")
+    p.add_argument("--anchor-ram-gib", type=float, default=run.anchor_ram_gib,
+                   help="Most RAM the anchors take at once (emloc run --anchor-ram-gib).")
     p.add_argument("--ratio", type=float, default=None, help="Evaluate this keep-ratio ρ instead of choosing one.")
     p.add_argument("--margin", type=float, default=0.1, help="Safety margin, a fraction of the budget.")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_plan)
 
 
 def _facts(model: str) -> Any:
@@ -41,22 +54,45 @@ def _facts(model: str) -> Any:
     return read_model_facts(resolve_model(model))
 
 
-def run(args: argparse.Namespace) -> int:
-    from emloc_engine.machine.hardware import detect_machine
-    from emloc_engine.run.planning import PlanConfig, format_plan, plan_memory
+def plan_config_of(args: argparse.Namespace, machine: Any = None) -> Any:
+    """The :class:`~emloc_engine.run.planning.PlanConfig` of ``emloc plan``'s arguments.
 
-    facts = _facts(args.model)
-    gpu_total: int | None = int(args.gpu_gib * GIB) if args.gpu_gib else None
-    device, gpu_name = "cuda", None
-    if gpu_total is None:
-        machine = detect_machine()
-        gpu = machine.best_gpu
-        device = machine.backend
-        gpu_total = gpu.total_bytes if gpu else machine.ram_total_bytes
-        gpu_name = gpu.name if gpu else None
-    cfg = PlanConfig(budget_bytes=int(args.budget_gib * GIB) if args.budget_gib else None, gpu_total_bytes=gpu_total,
-                     context_length=args.context, batch_size=args.batch, lora_rank=args.rank, ratio=args.ratio,
-                     safety_margin=args.margin, device=device, gpu_name=gpu_name)
-    plan = plan_memory(facts, cfg)
+    With ``--gpu-gib`` the card is hypothetical and wholly free; else the detected machine's bounding GPU
+    (its free memory makes the default budget, exactly as ``emloc run`` computes it).
+    """
+    from emloc_engine.machine.budget import default_budget_bytes
+    from emloc_engine.run.planning import PlanConfig
+
+    cap = int(args.gpu_memory * GIB) if args.gpu_memory else None
+    ram = int(args.ram_gib * GIB) if args.ram_gib else None
+    if args.gpu_gib:
+        total, free, device, gpu_name = int(args.gpu_gib * GIB), int(args.gpu_gib * GIB), "cuda", args.gpu_name
+    else:
+        if machine is None:
+            from emloc_engine.machine.hardware import detect_machine
+
+            machine = detect_machine()
+        from emloc_engine.run.plan import bounding_gpu
+
+        gpu = bounding_gpu(machine, "auto", 1)
+        device = "cuda" if gpu is not None and machine.backend in ("cuda", "rocm") else machine.backend
+        total = gpu.total_bytes if gpu else machine.ram_total_bytes
+        free = gpu.free_bytes if gpu else (machine.ram_available_bytes or machine.ram_total_bytes)
+        gpu_name = args.gpu_name or (gpu.name if gpu else None)
+        ram = ram if ram is not None else (machine.ram_total_bytes or None)
+        if gpu is None:
+            cap = None  # the cap applies to GPUs only
+    budget = int(args.budget_gib * GIB) if args.budget_gib else default_budget_bytes(free, cap)
+    return PlanConfig(budget_bytes=budget, gpu_total_bytes=min(total, cap) if cap else total,
+                      context_length=args.context, batch_size=args.batch, lora_rank=args.rank, ratio=args.ratio,
+                      safety_margin=args.margin, device=device if device in ("cuda", "rocm", "mps", "cpu") else "cpu",
+                      gpu_name=gpu_name, train_steps=args.steps, ram_bytes=ram,
+                      anchor_ram_bytes=int(args.anchor_ram_gib * GIB))
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from emloc_engine.run.planning import format_plan, plan_memory
+
+    plan = plan_memory(_facts(args.model), plan_config_of(args))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0 if plan.fits else 3

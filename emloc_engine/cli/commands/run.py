@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,17 @@ def ollama_hint(run_dir: Path) -> str | None:
     return None
 
 
+def plan_summary(plan: Any) -> str:
+    """One line before the run starts: ρ, the budget and where it came from, the original's place, time and RAM."""
+    from emloc_engine.core.progress import format_seconds
+
+    memory = plan.memory
+    where = "streamed block by block (it does not fit the budget)" if plan.stream_original else "loaded whole"
+    return (f"Plan: ρ = {plan.ratio:.2f} within a budget of {memory.budget_bytes / 2**30:.2f} GiB "
+            f"({plan.budget_note}); the original is {where}; about {format_seconds(memory.total_seconds)}, "
+            f"RAM up to {memory.ram_bytes / 2**30:.1f} GiB.")
+
+
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.core.progress import TqdmProgress
     from emloc_engine.run.orchestrator import run_stages
@@ -75,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     plan = plan_run(cfg)
+    print(plan_summary(plan), file=sys.stderr)
     bar = TqdmProgress("emloc run")
     try:
         result = run_stages(plan, bar, redo_from=args.redo_from)

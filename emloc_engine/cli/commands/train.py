@@ -36,8 +36,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace, recorded: Any = None) -> Any:
+def config_from_args(args: argparse.Namespace, recorded: Any = None, stream_original: bool = False) -> Any:
     """The :class:`TrainConfig` the arguments describe, on top of the run's recorded settings (if any).
+
+    ``stream_original``: the run's plan streams the original (its anchors are computed streamed).
 
     Raises:
         ConfigError: bad values (all listed).
@@ -56,7 +58,8 @@ def config_from_args(args: argparse.Namespace, recorded: Any = None) -> Any:
     options = apply_values(recorded.train if recorded else TrainOptions(), "train", values)
     return TrainConfig(**options_of(options), run_dir=Path(args.run_dir), data=data,
                        emulator_dir=Path(args.emulator) if args.emulator else None, resume=not args.restart,
-                       device=str(top_value(values, "device", recorded.device if recorded else "auto")), seed=seed)
+                       device=str(top_value(values, "device", recorded.device if recorded else "auto")), seed=seed,
+                       stream_original=stream_original)
 
 
 @contextlib.contextmanager
@@ -100,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(Path(args.run_dir)) if Path(args.run_dir).is_dir() else None
     recorded = manifest.config if manifest is not None else None
-    cfg = config_from_args(args, recorded)
+    from emloc_engine.run.plan import recorded_memory
+
+    _, stream = recorded_memory(manifest.plan if manifest is not None else None)  # as the run planned it
+    cfg = config_from_args(args, recorded, stream)
     parallel = _parallel_from_args(args, cfg)
     read_emulator_meta(cfg.resolved_emulator_dir)  # before the run folder is touched
     token = CancelToken()

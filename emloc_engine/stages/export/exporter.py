@@ -77,6 +77,7 @@ from emloc_engine.stages.export.merge import (
 )
 from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
 from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, K_QUANT_TYPES, ExportOptions
+from emloc_engine.stages.export.verify_budget import verify_placement
 from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
@@ -108,6 +109,10 @@ class ExportConfig(ExportOptions):
         "help": "The peft adapter to merge; default RUN_DIR/adapter-corrected, else RUN_DIR/adapter."})
     overwrite: bool = field(default=False, metadata={"help": "Replace exports that already exist."})
     device: str = field(default="cpu", metadata={"help": "Device for verification: cpu, cuda or auto."})
+    memory_budget_bytes: int | None = field(default=None, metadata={
+        "help": "GPU memory the verification may use (the run's budget): fp32 on the GPU when a copy fits it, "
+                "else the storage dtype, else the CPU (emloc_engine.stages.export.verify_budget); None = the "
+                "GPU's free memory."})
     stream_original: bool = field(default=False, metadata={
         "help": "Verify with every model streamed block by block from its shards (the original need not fit "
                 "the device; one pass per model for all prompts and comparisons); off: load each whole."})
@@ -342,17 +347,35 @@ def _free(*objs: Any) -> None:
 def _verify_dtype(model_dir: Path, dev: torch.device) -> torch.dtype:
     """fp32 when one fp32 copy of the model fits the verification device with room to spare, else
     the storage dtype (then tolerances are widened to the rounding floor, see :func:`_verify`)."""
+    import psutil
+
     store = _storage_dtype(model_dir)
     if not store.is_floating_point:
         return store
-    fp32_bytes = Checkpoint(model_dir).num_parameters() * 4
-    if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
-    else:
-        import psutil
+    on_gpu = dev.type == "cuda"
+    free = int(torch.cuda.mem_get_info(dev)[0]) if on_gpu else int(psutil.virtual_memory().available)
+    place = verify_placement(Checkpoint(model_dir).num_parameters(), store.itemsize, on_gpu=on_gpu, free_bytes=free)
+    return torch.float32 if place.fp32 else store
 
-        free = psutil.virtual_memory().available
-    return torch.float32 if fp32_bytes * 1.3 + 2 * 2**30 <= free or fp32_bytes <= 4 * 2**30 else store
+
+def _verify_placement(model_dir: Path, dev: torch.device, budget_bytes: int | None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the verification under the run's budget
+    (:func:`~emloc_engine.stages.export.verify_budget.verify_placement`: fp32 on the GPU, else the
+    storage dtype on the GPU, else the CPU); without a budget (or off the GPU) :func:`_verify_dtype`."""
+    import psutil
+
+    store = _storage_dtype(model_dir)
+    if budget_bytes is None or dev.type != "cuda" or not store.is_floating_point:
+        return dev, _verify_dtype(model_dir, dev)
+    free = int(torch.cuda.mem_get_info(dev)[0])
+    place = verify_placement(Checkpoint(model_dir).num_parameters(), store.itemsize, on_gpu=True, free_bytes=free,
+                             budget_bytes=budget_bytes, ram_free_bytes=int(psutil.virtual_memory().available))
+    if place.device == "gpu":
+        return dev, torch.float32 if place.fp32 else store
+    log.info("Export verification runs on the CPU: the model does not fit the %.2f GiB budget on the GPU.",
+             budget_bytes / 2**30)
+    cpu = torch.device("cpu")
+    return cpu, _verify_dtype(model_dir, cpu)
 
 
 @dataclass
@@ -443,16 +466,45 @@ def _verify_adapter_gguf(cfg: ExportConfig, adapter_gguf: Path, dtype: torch.dty
     _free(m)
 
 
+def _verify_adapter_gguf_tensors(cfg: ExportConfig, adapter_gguf: Path, adapter_dir: Path,
+                                 ver: _Verification) -> None:
+    """adapter.gguf read back and compared tensor by tensor with the corrected adapter (as the file stores it).
+
+    Used when the original is streamed, where applying the file to a whole base model is what does not fit; the
+    application itself (llama.cpp's ``alpha/r·B·A`` with the q/k permutation) is the resident check's.
+    """
+    import gguf as gguf_pkg
+    import numpy as np
+
+    from emloc_engine.stages.export.adapter_gguf import adapter_tensors
+
+    _, expected = adapter_tensors(adapter_dir, load_config(cfg.model_dir))
+    reader = gguf_pkg.GGUFReader(str(adapter_gguf))
+    found = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    if set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        raise MergeError(f"adapter.gguf does not hold the adapter's tensors (missing {missing[:3]}, extra {extra[:3]}).",
+                         hint="Export it again with --redo-from export.")
+    diff = max(float(np.abs(found[k].reshape(v.shape) - v).max()) for k, v in expected.items())
+    scale = max(1.0, max(float(np.abs(v).max()) for v in expected.values()))
+    ver.add("adapter-gguf", diff, 1e-6 * scale)
+
+
 def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path | None, gguf: Path | None,
             gguf_source: Path | None, progress: Progress, adapter_gguf: Path | None = None) -> _Verification:
-    dev = resolve_device(cfg.device)
-    dtype = _verify_dtype(cfg.model_dir, dev)
     if cfg.stream_original:
         from emloc_engine.stages.export.streamed_verify import verify_streamed
 
+        dev = resolve_device(cfg.device)
+        dtype = _verify_dtype(cfg.model_dir, dev)
         if dev.type == "cuda":  # streamed because it does not fit: the storage dtype, judged against its floor
             dtype = _storage_dtype(cfg.model_dir) if _storage_dtype(cfg.model_dir).is_floating_point else dtype
-        return verify_streamed(cfg, adapter_dir, n_modules, merged, gguf, gguf_source, progress, dev, dtype)
+        ver = verify_streamed(cfg, adapter_dir, n_modules, merged, gguf, gguf_source, progress, dev, dtype)
+        if adapter_gguf is not None:  # the base does not fit: the file's tensors against the adapter's, exactly
+            _verify_adapter_gguf_tensors(cfg, adapter_gguf, adapter_dir, ver)
+        return ver
+    # Loaded whole: on the GPU only within the run's budget (fp32, else the storage dtype), else on the CPU.
+    dev, dtype = _verify_placement(cfg.model_dir, resolve_device(cfg.device), cfg.memory_budget_bytes)
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()
     progress.update(0.0, "Verifying: original + adapter (peft)")

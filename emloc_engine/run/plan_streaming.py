@@ -1,0 +1,347 @@
+"""The planner's arithmetic for an original that does not fit: streamed passes, anchors in chunks, RAM and disk.
+
+**When the original is streamed.** Anchors, the λ search and the export verification use the
+original model. Resident, one such use takes ``P·b + activations + adapter`` (:func:`resident_original_peak`,
+the correction's λ evaluation). When that exceeds the budget the plan sets ``stream_original``: every
+use runs the original block by block from its shards (:mod:`emloc_engine.weights.streamed`), and its
+GPU peak is two blocks (the one running and the one prefetched) + the embeddings and head + the
+hidden states of the pass + one layer's activations + the adapter (:func:`streamed_pass_peak`).
+
+**Time of a streamed pass** is bound by moving the weights: ``max(W / rate, compute) × overhead``
+where ``W`` is the stored weights and ``rate`` is, as the code moves them:
+
+* pinned RAM → GPU (55 GB/s, measured on an H200 host, PCIe Gen5; ~25 GB/s for PCIe 4.0 cards such
+  as the RTX 4090: :data:`~emloc_engine.run.planning.GPU_H2D_BYTES_PER_S`) for the anchor chunks after
+  the first when the original is held in pinned RAM (its weights take at most a quarter of the RAM,
+  :class:`~emloc_engine.weights.streamed.PinnedBlocks`; the train stage's RAM then includes ``W``);
+* the page cache (5 GB/s, unmeasured: one reader thread copying mapped shards into pinned buffers)
+  when ``W`` fits in 80 % of the RAM left over by the process and the anchors;
+* else the disk (1 GB/s, deliberately conservative: a mid-range NVMe reads 2–3 GB/s, a SATA SSD
+  0.5; :class:`~emloc_engine.run.planning.PlannerConstants`).
+``overhead`` = 1.3 (the aim for streamed passes vs the transfer floor).
+
+**Anchors** (:func:`anchor_schedule`): every visited example's offsets take ``L·T·h·2`` bytes
+(``width`` = every linear's output with ``--anchor linears``). They are held a chunk at a time under
+``anchor_ram_bytes`` (``--anchor-ram-gib``, default 4 GiB): RAM = ``min(cap, need)``, chunks =
+``⌈need / cap⌉``. Each chunk costs one pass of the original (streamed: its transfer) and one of the
+emulator; auto stays on whatever the dataset size, and is off only when one step's offsets exceed the cap.
+
+**RAM of a stage**: the process (3 GiB), plus what the stage holds: the calibration hidden states
+(emulator), the emulator's weights on their way to the GPU and the anchors (train), two pinned blocks
+when streamed, the merge's largest tensor in fp32 three times and a CPU verification's model (export).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from emloc_engine.run.planning import (
+    GIB,
+    GPU_H2D_BYTES_PER_S,
+    PlanConfig,
+    Shortfall,
+    StagePeak,
+    _forward_flops,
+    _layer_act,
+    _stage,
+    compute_bytes,
+    emulator_parameters,
+    flops_per_second,
+    lora_parameters,
+    loss_chunk_tokens,
+)
+
+if TYPE_CHECKING:
+    from emloc_engine.catalog.model_facts import ModelFacts
+
+EXPORT_PROMPT_TOKENS = 4 * 64  # the verification prompts: a few short ones
+EXPORT_VARIANTS = 4  # original + adapter, without it, peft's merge, rounded merge (one pass carries them all)
+
+
+def stored_weights_bytes(facts: ModelFacts) -> int:
+    """The original's weights as stored on disk (what a streamed pass reads)."""
+    return facts.num_parameters * facts.dtype_bytes
+
+
+def weights_pinned(facts: ModelFacts, cfg: PlanConfig) -> bool:
+    """Whether the anchor passes keep the original in pinned RAM (:class:`~emloc_engine.weights.streamed.PinnedBlocks`:
+    its weights take at most a quarter of the RAM, :func:`~emloc_engine.weights.streamed.cache_fits`).
+    RAM unknown: assume yes."""
+    return cfg.ram_bytes is None or stored_weights_bytes(facts) <= 0.25 * cfg.ram_bytes
+
+
+def weights_cached(facts: ModelFacts, cfg: PlanConfig) -> bool:
+    """Whether the stored weights stay in the page cache between passes (RAM unknown: assume yes)."""
+    if cfg.ram_bytes is None:
+        return True
+    return stored_weights_bytes(facts) <= 0.8 * max(
+        0, cfg.ram_bytes - cfg.constants.process_ram_bytes - cfg.anchor_ram_bytes
+    )
+
+
+def h2d_rate(cfg: PlanConfig) -> float:
+    """Pinned RAM → GPU bytes per second of the planned GPU (:data:`~emloc_engine.run.planning.GPU_H2D_BYTES_PER_S`)."""
+    name = (cfg.gpu_name or "").upper()
+    for frag, rate in GPU_H2D_BYTES_PER_S:
+        if frag.upper() in name:
+            return rate
+    return cfg.constants.h2d_bytes_per_s
+
+
+def stream_rate(facts: ModelFacts, cfg: PlanConfig, pinned: bool = False) -> float:
+    """Bytes per second of a streamed pass's weights: pinned RAM → GPU when they are held in pinned RAM
+    (``pinned``: the anchor chunks after the first), else from the page cache when they fit it, else the disk."""
+    c = cfg.constants
+    if pinned and weights_pinned(facts, cfg):
+        return h2d_rate(cfg)
+    if weights_cached(facts, cfg):
+        return min(h2d_rate(cfg), c.page_cache_bytes_per_s)
+    return c.stream_disk_bytes_per_s
+
+
+def pass_seconds(facts: ModelFacts, cfg: PlanConfig, tokens: int) -> float:
+    """One streamed pass of the original over ``tokens``: ``max(W / rate, compute) × overhead``."""
+    c = cfg.constants
+    transfer = stored_weights_bytes(facts) / stream_rate(facts, cfg)
+    compute = _forward_flops(facts, facts.num_parameters, tokens, cfg.context_length) / (
+        flops_per_second(cfg) * c.infer_mfu
+    )
+    return max(transfer, compute) * c.stream_overhead
+
+
+def _outside_bytes(facts: ModelFacts, cfg: PlanConfig, head: bool) -> int:
+    b = compute_bytes(facts, cfg)
+    return (facts.embedding_parameters + (facts.lm_head_parameters if head else 0)) * b
+
+
+STREAM_BATCH = 4  # sequences per batch of a streamed pass (the λ search's held-out batches)
+HIDDEN_OFFLOAD_BYTES = (
+    GIB  # a pass's hidden states move to CPU RAM past this (weights.streamed.StreamedModel.run)
+)
+
+
+def streamed_pass_peak(
+    facts: ModelFacts,
+    cfg: PlanConfig,
+    name: str,
+    *,
+    sequences: int,
+    variants: int,
+    head: bool,
+    extra: list[tuple[str, int]],
+    seconds: float,
+    ram_bytes: int,
+) -> StagePeak:
+    """GPU peak of a pass with the original streamed (see the module docstring).
+
+    Every variant carries the hidden states of every sequence through each block; past 1 GiB they
+    live in CPU RAM and one batch (4 sequences) per variant visits the GPU. One batch's activations,
+    the head in loss chunks.
+    """
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    t = cfg.context_length
+    batch = min(sequences, STREAM_BATCH)
+    hidden = variants * sequences * t * facts.hidden_size * b
+    offloaded = hidden > HIDDEN_OFFLOAD_BYTES
+    on_gpu = 2 * batch * t * facts.hidden_size * b if offloaded else hidden
+    act = _layer_act(facts, batch * t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    # The head runs on the final hidden states in chunks (training.hidden_loss_sum): logits of one chunk.
+    logits = (
+        int(
+            min(t, loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes))
+            * facts.vocab_size
+            * c.eval_logits_bytes
+        )
+        if head
+        else 0
+    )
+    parts = [
+        ("two blocks (running + prefetched)", 2 * facts.block_parameters * b),
+        ("embeddings & head" if head else "embeddings", _outside_bytes(facts, cfg, head)),
+        ("hidden states of the pass", on_gpu),
+        ("activations & loss", max(act, logits)),
+        *extra,
+    ]
+    stage = _stage(name, parts, cfg, seconds)
+    return StagePeak(
+        stage.name,
+        stage.peak_bytes,
+        stage.parts,
+        stage.est_seconds,
+        device=stage.device,
+        ram_bytes=ram_bytes + (hidden if offloaded else 0),
+        streamed=True,
+    )
+
+
+def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:
+    """GPU peak of the original resident with the adapter, evaluating one sequence (the λ search's)."""
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    t = cfg.context_length
+    act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    logits = int(t * facts.vocab_size * c.eval_logits_bytes)
+    parts = [
+        ("weights", facts.num_parameters * b),
+        ("adapter", lora_parameters(facts, cfg) * c.lora_param_bytes),
+        ("activations & loss", max(act, logits)),
+    ]
+    return _stage("original", parts, cfg, 0.0).peak_bytes
+
+
+def decide_streaming(facts: ModelFacts, cfg: PlanConfig, budget: int) -> bool:
+    """``cfg.stream_original`` when set, else whether the resident original exceeds the budget."""
+    if cfg.stream_original is not None:
+        return cfg.stream_original
+    return resident_original_peak(facts, cfg) > budget
+
+
+def anchor_width(facts: ModelFacts, cfg: PlanConfig) -> int:
+    return sum(m.out_features for m in facts.modules) if cfg.anchor_linears else facts.hidden_size
+
+
+def anchor_schedule(facts: ModelFacts, cfg: PlanConfig) -> tuple[bool, int, int, int]:
+    """``(anchored, ram_bytes, chunks, need_bytes)`` of the anchors (see the module docstring).
+
+    ``anchored`` is False when anchoring is off, or when one step's offsets exceed the cap.
+    """
+    if not cfg.anchored:
+        return False, 0, 0, 0
+    per_example = facts.num_layers * cfg.context_length * anchor_width(facts, cfg) * 2
+    if cfg.batch_size * per_example > cfg.anchor_ram_bytes:
+        return False, 0, 0, cfg.batch_size * per_example
+    need = cfg.train_steps * cfg.batch_size * per_example
+    return True, min(cfg.anchor_ram_bytes, need), max(1, math.ceil(need / cfg.anchor_ram_bytes)), need
+
+
+def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: bool, chunks: int) -> float:
+    """Computing every visited example's offsets: one pass of each model per chunk.
+
+    Compute: a forward of the original and of the emulator over the visited tokens. Streamed, each
+    chunk also moves the original's weights once (:func:`pass_seconds`); resident, they are read once.
+    """
+    c = cfg.constants
+    visited = cfg.train_steps * cfg.batch_size * cfg.context_length
+    rate = flops_per_second(cfg) * c.infer_mfu
+    emu = _forward_flops(
+        facts, emulator_parameters(facts, ratio, cfg.dense_modules), visited, cfg.context_length
+    )
+    orig = _forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
+    if not streamed:
+        return (orig + emu) / rate + stored_weights_bytes(facts) / c.disk_bytes_per_s
+    w = stored_weights_bytes(facts)
+    # The first chunk reads the shards; later ones copy the pinned RAM copy when there is one.
+    transfer = w / stream_rate(facts, cfg) + (chunks - 1) * w / stream_rate(facts, cfg, pinned=True)
+    return max(transfer, orig / rate) * c.stream_overhead + emu / rate
+
+
+def streamed_anchor_peak(
+    facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int
+) -> StagePeak:
+    """The anchor pass with the original streamed: its blocks, the emulator on the GPU, a micro-batch's hidden states."""
+    b = compute_bytes(facts, cfg)
+    emu = emulator_parameters(facts, ratio, cfg.dense_modules) * b
+    return streamed_pass_peak(
+        facts,
+        cfg,
+        "train",
+        sequences=cfg.batch_size,
+        variants=3,
+        head=False,
+        extra=[(f"emulator weights (ρ={ratio:.2f})", emu)],
+        seconds=seconds,
+        ram_bytes=ram,
+    )
+
+
+def stage_ram(
+    facts: ModelFacts,
+    cfg: PlanConfig,
+    name: str,
+    *,
+    ratio: float,
+    streamed: bool,
+    anchor_ram: int = 0,
+    hidden_offloaded: int = 0,
+    cpu_verify_bytes: int = 0,
+) -> int:
+    """RAM one stage needs (see the module docstring)."""
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    pinned = 2 * facts.block_parameters * facts.dtype_bytes
+    if name == "emulator":
+        return c.process_ram_bytes + hidden_offloaded + pinned
+    if name == "train":
+        emu = emulator_parameters(facts, ratio, cfg.dense_modules) * b
+        held = stored_weights_bytes(facts) if streamed and anchor_ram and weights_pinned(facts, cfg) else 0
+        return c.process_ram_bytes + anchor_ram + held + max(emu if not streamed else 0, pinned)
+    if name == "correct":
+        largest = max(m.numel for m in facts.modules)
+        return c.process_ram_bytes + max(3 * largest * 4, pinned)
+    # The merge streams tensor by tensor: a merged module three times in fp32, or the embedding as stored.
+    merge = max(3 * max(m.numel for m in facts.modules) * 4, facts.embedding_parameters * facts.dtype_bytes)
+    gguf = facts.num_parameters * b if streamed and "gguf" in cfg.export_formats else 0
+    return c.process_ram_bytes + max(merge, pinned) + cpu_verify_bytes + gguf
+
+
+def disk_need_bytes(facts: ModelFacts, cfg: PlanConfig, ratio: float) -> int:
+    """What the run folder takes: emulator, checkpoints, adapters, and the exports asked for."""
+    c, b = cfg.constants, compute_bytes(facts, cfg)
+    n_lora = lora_parameters(facts, cfg)
+    total = emulator_parameters(facts, ratio, cfg.dense_modules) * b
+    total += 2 * n_lora * (c.lora_param_bytes + c.adam_state_bytes) + 2 * n_lora * c.lora_param_bytes
+    if "merged" in cfg.export_formats:
+        total += stored_weights_bytes(facts)
+    if "gguf" in cfg.export_formats:
+        total += facts.num_parameters * 2
+    return total
+
+
+def shortfalls(
+    facts: ModelFacts, cfg: PlanConfig, stages: tuple[StagePeak, ...], ratio: float
+) -> list[Shortfall]:
+    """RAM and disk the run cannot do without, when the machine has less."""
+    out = []
+    ram = max((s.ram_bytes for s in stages), default=0)
+    if cfg.ram_bytes is not None and ram > cfg.ram_bytes:
+        worst = max(stages, key=lambda s: s.ram_bytes)
+        out.append(Shortfall("RAM", ram, cfg.ram_bytes, f"the {worst.name} stage"))
+    if cfg.disk_free_bytes is not None:
+        need = disk_need_bytes(facts, cfg, ratio)
+        if need > cfg.disk_free_bytes:
+            out.append(
+                Shortfall(
+                    "disk", need, cfg.disk_free_bytes, "the run folder (emulator, checkpoints, exports)"
+                )
+            )
+    return out
+
+
+def gpu_floor_shortfall(facts: ModelFacts, cfg: PlanConfig, budget: int) -> Shortfall | None:
+    """The budget is below what the embeddings and head alone take on the GPU (no ρ can help)."""
+    b = compute_bytes(facts, cfg)
+    need = _stage(
+        "floor",
+        [("embeddings & head", (facts.embedding_parameters + facts.lm_head_parameters) * b)],
+        cfg,
+        0.0,
+    ).peak_bytes
+    if need <= budget:
+        return None
+    return Shortfall("GPU budget", need, budget, "the embeddings and head alone")
+
+
+__all__ = [
+    "GIB",
+    "anchor_schedule",
+    "anchor_seconds",
+    "decide_streaming",
+    "disk_need_bytes",
+    "gpu_floor_shortfall",
+    "pass_seconds",
+    "resident_original_peak",
+    "shortfalls",
+    "stage_ram",
+    "streamed_anchor_peak",
+    "streamed_pass_peak",
+    "weights_cached",
+]
