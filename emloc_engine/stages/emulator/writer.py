@@ -33,6 +33,7 @@ from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.version import __version__
 from emloc_engine.stages.emulator.build_context import BuildContext
 from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES
 from emloc_engine.weights.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META
 
@@ -110,7 +111,7 @@ def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
     """Config, tokenizer, chat template… every file of the source folder but weights, indexes and code."""
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
-                and f.name != EMULATOR_META and f.suffix != ".py":  # a model folder's code is never carried
+                and f.name not in (EMULATOR_META, GGUF_VIEW_MARKER) and f.suffix != ".py":  # a model folder's code is never carried
             with atomic_path(out_dir / f.name) as tmp:
                 shutil.copyfile(f, tmp)
 

@@ -70,6 +70,7 @@ from emloc_engine.stages.export.merge import (
 from emloc_engine.stages.export.model_card import RunFacts, collect_facts, render_card
 from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, ExportOptions
 from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER, is_gguf_view
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 # Rounded exports may also reach 1.5 × their measured rounding floor (module docstring, "Tolerances").
 TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
               "q8_0": 1e-1}
-_NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
+_NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes", GGUF_VIEW_MARKER}
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 
@@ -256,6 +257,10 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
         OSError: the disk is full (the caller's :func:`~emloc_engine.core.atomic.atomic_dir` removes its
             temporary folder and raises :class:`~emloc_engine.core.errors.DiskFull`).
     """
+    if is_gguf_view(Path(model_dir)):  # no shards to copy: the weights stream out of the GGUF
+        from emloc_engine.stages.export.merge_stream import write_merged_from_checkpoint
+
+        return write_merged_from_checkpoint(Path(model_dir), deltas, out, progress)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     indexes = [read_shard_index(f) for f in files]  # validates every header before writing anything
     total = sum(e.nbytes for entries, _ in indexes for e in entries) or 1
@@ -282,7 +287,7 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
 
 def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path, card: str,
                    progress: Progress) -> int:
-    size = sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
+    size = sum(i.nbytes for i in Checkpoint(cfg.model_dir).infos())
     with atomic_dir(target, overwrite=cfg.overwrite, needed_bytes=size) as tmp:
         n = write_merged_shards(cfg.model_dir, deltas, tmp, progress)
         _copy_side_files(cfg.model_dir, tmp)
