@@ -124,7 +124,7 @@ def _add(w: Any, name: str, arr: np.ndarray, kind: str, seed: int) -> None:
     elif kind == "F16" or arr.shape[-1] % block:
         w.add_tensor(name, arr.astype(np.float16))
     elif kind.endswith("_K"):
-        w.add_tensor(name, random_kquant_blocks(arr.shape, kind, seed), raw_shape=arr.shape, raw_dtype=qtype)
+        w.add_tensor(name, random_kquant_blocks(arr.shape, kind, seed), raw_dtype=qtype)
     else:
         w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
 

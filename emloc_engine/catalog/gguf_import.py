@@ -33,7 +33,7 @@ from emloc_engine.core.atomic import atomic_dir, write_json_atomic
 from emloc_engine.core.errors import ConfigError, EngineError, ModelNotFound, UnsupportedModel
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.core.version import __version__
-from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER, VIEW_DTYPES, GgufTensors
+from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER, VIEW_DTYPES, GgufTensors, tied_parameters
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ def _check_weights(gguf_path: Path, config_dict: dict[str, Any], dtype: str) -> 
     config = CONFIG_MAPPING[str(config_dict["model_type"])].from_dict(config_dict)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    missing = [n for n, _ in model.named_parameters() if n not in tensors.tensors]
+    tied = tied_parameters(model)
+    missing = [n for n, _ in model.named_parameters() if n not in tensors.tensors and n not in tied]
     if missing:
         raise UnsupportedModel(f"{gguf_path.name} has no tensor for {len(missing)} weight(s) of the model: "
                                f"{', '.join(missing[:5])}.",
@@ -257,7 +258,8 @@ def gguf_view_dir_for(gguf_path: Path) -> Path:
     return app_data_dir() / "gguf-views" / f"{stem}-{tag}"
 
 
-def _view_is_current(view: Path) -> bool:
+def view_is_current(view: Path) -> bool:
+    """Whether ``view`` is a complete model view of its GGUF as the file is now."""
     from emloc_engine.weights.gguf_source import read_view_marker
 
     if not (view / GGUF_VIEW_MARKER).is_file() or not (view / "config.json").is_file():
@@ -284,7 +286,7 @@ def convert_for_catalog(gguf_path: Path, progress: Progress = NULL_PROGRESS) -> 
         ModelNotFound, UnsupportedModel: as :func:`make_gguf_view`.
     """
     out = gguf_view_dir_for(gguf_path)
-    if not _view_is_current(out):
+    if not view_is_current(out):
         make_gguf_view(Path(gguf_path), out, progress=progress, overwrite=True)
     add_model_folder(out)
     progress.update(1.0, f"Ready: {out}")
@@ -292,4 +294,4 @@ def convert_for_catalog(gguf_path: Path, progress: Progress = NULL_PROGRESS) -> 
 
 
 __all__ = ["DTYPES", "IMPORT_MARKER", "GgufInfo", "convert_for_catalog", "gguf_view_dir_for", "inspect_gguf",
-           "make_gguf_view", "supported_gguf_architectures"]
+           "make_gguf_view", "supported_gguf_architectures", "view_is_current"]

@@ -277,6 +277,15 @@ class GgufTensors:
         self.close()
 
 
+def tied_parameters(model: Any) -> set[str]:
+    """Parameter names a model ties to another one (``lm_head.weight`` when embeddings are tied):
+    a GGUF stores them once, so they are not read but tied after loading."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys)
+
+
 def open_view_tensors(model_dir: Path) -> GgufTensors:
     """The :class:`GgufTensors` of a model view (marker and GGUF checked).
 
@@ -290,4 +299,4 @@ def open_view_tensors(model_dir: Path) -> GgufTensors:
 
 
 __all__ = ["GGUF_VIEW_MARKER", "MATERIALISED", "VIEW_DTYPES", "GgufTensor", "GgufTensors", "MaterialisedBytes",
-           "is_gguf_view", "open_view_tensors", "read_view_marker"]
+           "is_gguf_view", "open_view_tensors", "read_view_marker", "tied_parameters"]

@@ -69,16 +69,18 @@ def _load_from_gguf(model_dir: Path, device: torch.device, dtype: torch.dtype) -
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from emloc_engine.weights.checkpoint import Checkpoint
+    from emloc_engine.weights.gguf_source import tied_parameters
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
         model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    tied = tied_parameters(model)
     ckpt = Checkpoint(model_dir)
     try:
-        missing = [n for n, _ in model.named_parameters() if n not in ckpt]
+        missing = [n for n, _ in model.named_parameters() if n not in ckpt and n not in tied]
         if missing:
             raise ModelNotFound(f"The GGUF of {model_dir} has no weights for {missing[:5]}.")
-        for name, _ in list(model.named_parameters()):
+        for name in [n for n, _ in model.named_parameters() if n not in tied]:
             set_module_tensor_to_device(model, name, device, value=ckpt.get(name, dtype=dtype), dtype=dtype)
     finally:
         ckpt.close()
