@@ -277,7 +277,7 @@ def test_a_gguf_becomes_a_catalog_model_once(files: dict[str, tuple[Path, Path]]
     assert out.resolve() in [p.resolve() for p in added_model_folders()]
     listed = [m for m in find_models(include_stores=False) if Path(m.path).resolve() == out.resolve()]
     assert listed and listed[0].supported and not listed[0].needs_conversion, listed
-    assert listed[0].size_bytes == local.stat().st_size and listed[0].num_parameters
+    assert listed[0].size_on_disk_bytes == local.stat().st_size and listed[0].num_parameters
     stamp = (out / "emloc_gguf.json").stat().st_mtime_ns
     assert resolve_model(local) == out  # reused, not made again
     assert (out / "emloc_gguf.json").stat().st_mtime_ns == stamp
