@@ -191,6 +191,39 @@ def _index(path: str, size: int, mtime_ns: int, config_json: str) -> tuple[str, 
     return arch, out
 
 
+_PARALLEL_MIN_ROWS = 256
+_POOL: Any = None
+
+
+def _dequantize_rows(raw: np.ndarray, qtype: Any, dequantize: Any) -> np.ndarray:
+    """``dequantize`` of a (rows, bytes) array, split over threads by rows for large tensors.
+
+    Rows are independent blocks, and numpy releases the GIL inside its array operations, so the
+    threads run in parallel: gguf's numpy dequantizer does 20-60 M weights/s on one core, which alone
+    would make reading an 8B model take minutes. ``EMLOC_DEQUANT_THREADS`` overrides the thread count
+    (default: the CPU count, at most 8; 1 is the plain serial call).
+    """
+    global _POOL
+    rows = raw.shape[0]
+    workers = int(os.environ.get("EMLOC_DEQUANT_THREADS") or min(8, os.cpu_count() or 1))
+    if rows < _PARALLEL_MIN_ROWS or workers == 1:
+        return np.asarray(dequantize(raw, qtype), dtype=np.float32)
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emloc-dequant")
+    bounds = [int(x) for x in np.linspace(0, rows, workers + 1)]
+    first = np.asarray(dequantize(raw[:1], qtype), dtype=np.float32)
+    out = np.empty((rows, first.shape[1]), dtype=np.float32)
+
+    def part(a: int, b: int) -> None:
+        out[a:b] = dequantize(raw[a:b], qtype)
+
+    for fut in [_POOL.submit(part, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+        fut.result()
+    return out
+
+
 class GgufTensors:
     """The tensors of one GGUF file under Hugging Face names, read one at a time.
 
@@ -236,7 +269,7 @@ class GgufTensors:
         qtype = GGMLQuantizationType[t.ggml_type]
         rows = t.numel // t.shape[-1] if t.shape else 1
         try:
-            values = np.asarray(dequantize(raw.reshape(rows, -1), qtype), dtype=np.float32).reshape(t.shape)
+            values = _dequantize_rows(raw.reshape(rows, -1), qtype, dequantize).reshape(t.shape)
         except NotImplementedError as exc:
             raise UnsupportedModel(f"{self.path.name} stores {t.gguf_name} as {t.ggml_type}, which the gguf "
                                    "package cannot dequantize.", hint="Use a GGUF of another type.") from exc
