@@ -87,7 +87,7 @@ def _tensors(s: dict[str, int]) -> list[tuple[str, tuple[int, int] | tuple[int],
                 (p + "ffn_gate.weight", (s["inter"], h), "Q4_K"),
                 (p + "ffn_up.weight", (s["inter"], h), "Q4_K"),
                 (p + "ffn_down.weight", (h, s["inter"]), "Q6_K")]
-    return out + [("output_norm.weight", (h,), "F32"), ("output.weight", (s["vocab"], h), "Q6_K")]
+    return [*out, ("output_norm.weight", (h,), "F32"), ("output.weight", (s["vocab"], h), "Q6_K")]
 
 
 def write_q4km_gguf(path: Path, s: dict[str, int], seed: int = 0) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def write_q4km_gguf(path: Path, s: dict[str, int], seed: int = 0) -> dict[str, A
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for name, shape, kind in plan:
+    for _, shape, kind in plan:
         if kind == "F32":
             w.write_tensor_data(rng.uniform(0.8, 1.2, size=shape).astype(np.float32))
         else:

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.catalog.gguf_import import inspect_gguf
-from emloc_engine.weights.gguf_source import is_gguf_view, read_view_marker
 from emloc_engine.catalog.model_facts import ModelFacts, facts_from_config, read_tensor_shapes
 from emloc_engine.catalog.model_folders import added_model_folders
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
+from emloc_engine.weights.gguf_source import is_gguf_view, read_view_marker
 from emloc_engine.weights.headers import read_config
 
 log = logging.getLogger(__name__)

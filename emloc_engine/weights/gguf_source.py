@@ -30,6 +30,7 @@ can check that a streamed stage never holds more than a few blocks of them.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -149,7 +150,11 @@ def _hf_name_map(arch: str, config: dict[str, Any]) -> dict[str, str]:
     """GGUF tensor name -> Hugging Face name, from transformers' mapping over a meta-device model."""
     from accelerate import init_empty_weights
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
 
     hf_config = CONFIG_MAPPING[str(config["model_type"])].from_dict(config)
     with init_empty_weights():
@@ -219,7 +224,7 @@ def _dequantize_rows(raw: np.ndarray, qtype: Any, dequantize: Any) -> np.ndarray
     def part(a: int, b: int) -> None:
         out[a:b] = dequantize(raw[a:b], qtype)
 
-    for fut in [_POOL.submit(part, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+    for fut in [_POOL.submit(part, a, b) for a, b in itertools.pairwise(bounds) if b > a]:
         fut.result()
     return out
 

@@ -234,7 +234,7 @@ def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None
     the non-block tensors plus three blocks (block b computing, b+1 prefetched, b-1 being written)."""
     from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 
-    snap, path = _gguf(tmp_path, "llama", "Q4_0", num_hidden_layers=12)
+    _, path = _gguf(tmp_path, "llama", "Q4_0", num_hidden_layers=12)
     view = make_gguf_view(path, tmp_path / "view")
     infos = list(Checkpoint(view).infos())
     model_bytes = sum(i.nbytes for i in infos)
@@ -281,3 +281,13 @@ def test_a_gguf_becomes_a_catalog_model_once(files: dict[str, tuple[Path, Path]]
     stamp = (out / "emloc_gguf.json").stat().st_mtime_ns
     assert resolve_model(local) == out  # reused, not made again
     assert (out / "emloc_gguf.json").stat().st_mtime_ns == stamp
+
+
+def test_nothing_is_written_beside_the_gguf(files: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """A run or export folder inside the GGUF's folder (an LM Studio folder, Ollama's blobs) is refused."""
+    from emloc_engine.catalog.locations import protected_place
+
+    _, path = files["llama-Q4_0"]
+    view = make_gguf_view(path, tmp_path / "view")
+    assert "source model folder" in str(protected_place(path.parent / "run", view))
+    assert protected_place(tmp_path / "run", view) is None
