@@ -202,7 +202,8 @@ def test_every_stage_runs_from_the_gguf_and_sees_its_dequantized_weights(
     run = tmp_path / "run"
     cfg = RunConfig(model_dir=view, data=DataConfig(path=_data(tmp_path / "d.jsonl"), max_length=48), run_dir=run,
                     ratio=0.5, calib=6, device="cpu", train=TrainOptions(rank=4, alpha=8.0, steps=3, batch_size=2),
-                    correct=CorrectionOptions(lambda_=None), export=ExportOptions(formats=("merged",)))
+                    correct=CorrectionOptions(lambda_=None),
+                    export=ExportOptions(formats=("merged", "adapter", "gguf") if key == "llama-Q4_0" else ("merged",)))
     result = run_stages(plan_run(cfg), RecordingProgress())
     assert result.stages_run == ("emulator", "train", "correct", "export")
     # Every tensor any stage got equals gguf.quants.dequantize of the file (in the dtype asked for).
