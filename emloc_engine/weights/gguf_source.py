@@ -30,7 +30,6 @@ can check that a streamed stage never holds more than a few blocks of them.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -196,37 +195,27 @@ def _index(path: str, size: int, mtime_ns: int, config_json: str) -> tuple[str, 
     return arch, out
 
 
-_PARALLEL_MIN_ROWS = 256
+_PIECE_ELEMENTS = 1 << 22  # weights dequantized at once by one thread: 16 MB of fp32 scratch
 _POOL: Any = None
 
 
-def _dequantize_rows(raw: np.ndarray, qtype: Any, dequantize: Any) -> np.ndarray:
-    """``dequantize`` of a (rows, bytes) array, split over threads by rows for large tensors.
-
-    Rows are independent blocks, and numpy releases the GIL inside its array operations, so the
-    threads run in parallel: gguf's numpy dequantizer does 20-60 M weights/s on one core, which alone
-    would make reading an 8B model take minutes. ``EMLOC_DEQUANT_THREADS`` overrides the thread count
-    (default: the CPU count, at most 8; 1 is the plain serial call).
-    """
+def _pool() -> Any:
+    """Threads that dequantize pieces of one tensor. Rows are independent blocks and numpy releases the
+    GIL inside its array operations, so they run in parallel: gguf's numpy dequantizer does 20-60 M
+    weights/s on one core, which alone would make reading an 8B model take minutes.
+    ``EMLOC_DEQUANT_THREADS`` sets the count (default: the CPU count, at most 8)."""
     global _POOL
-    rows = raw.shape[0]
-    workers = int(os.environ.get("EMLOC_DEQUANT_THREADS") or min(8, os.cpu_count() or 1))
-    if rows < _PARALLEL_MIN_ROWS or workers == 1:
-        return np.asarray(dequantize(raw, qtype), dtype=np.float32)
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="emloc-dequant")
-    bounds = [int(x) for x in np.linspace(0, rows, workers + 1)]
-    first = np.asarray(dequantize(raw[:1], qtype), dtype=np.float32)
-    out = np.empty((rows, first.shape[1]), dtype=np.float32)
+        workers = int(os.environ.get("EMLOC_DEQUANT_THREADS") or min(8, os.cpu_count() or 1))
+        _POOL = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="emloc-dequant")
+    return _POOL
 
-    def part(a: int, b: int) -> None:
-        out[a:b] = dequantize(raw[a:b], qtype)
 
-    for fut in [_POOL.submit(part, a, b) for a, b in itertools.pairwise(bounds) if b > a]:
-        fut.result()
-    return out
+def _pieces(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, _PIECE_ELEMENTS // max(1, cols))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
 class GgufTensors:
@@ -265,45 +254,81 @@ class GgufTensors:
                                 hint="The file is truncated or corrupt: download it again.")
         return np.frombuffer(buf, dtype=np.uint8)
 
-    def _dequantize(self, t: GgufTensor, raw: np.ndarray) -> np.ndarray:
-        """fp32 values of the tensor in torch order, llama.cpp's layout changes undone."""
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
+    def _processor_for(self) -> Any:
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-        qtype = GGMLQuantizationType[t.ggml_type]
-        rows = t.numel // t.shape[-1] if t.shape else 1
-        try:
-            values = _dequantize_rows(raw.reshape(rows, -1), qtype, dequantize).reshape(t.shape)
-        except NotImplementedError as exc:
-            raise UnsupportedModel(f"{self.path.name} stores {t.gguf_name} as {t.ggml_type}, which the gguf "
-                                   "package cannot dequantize.", hint="Use a GGUF of another type.") from exc
         if self._processor is None:
             self._processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self._config)
-        out = self._processor.process(weights=values, name=t.gguf_name).weights
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return self._processor
+
+    def _rewritten(self, t: GgufTensor) -> bool:
+        """Whether transformers' processor of this architecture changes this tensor's values or order (the
+        Llama family's q/k rows, Gemma-2/3's norms): then it is dequantized whole and processed; every
+        other tensor is dequantized piece by piece straight into its output."""
+        from transformers.modeling_gguf_pytorch_utils import TensorProcessor
+
+        proc = self._processor_for()
+        kind = type(proc).__name__
+        if type(proc) is TensorProcessor:
+            return False
+        if kind == "LlamaTensorProcessor":
+            return ".attn_q." in t.gguf_name or ".attn_k." in t.gguf_name
+        if kind == "Gemma2TensorProcessor":
+            return "norm.weight" in t.gguf_name
+        return True
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, dequantized, on the CPU, in ``dtype`` (default: its storage dtype).
+
+        Memory: the output, plus fp32 scratch of a few pieces of 4 M weights (a tensor that the
+        architecture's processor rewrites, the q/k projections of the Llama family, is dequantized whole).
 
         Raises:
             ModelNotFound: unknown name, or the file is shorter than its header says.
             UnsupportedModel: a storage type the gguf package cannot dequantize.
         """
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
         t = self.tensors.get(name)
         if t is None:
             raise ModelNotFound(f"Tensor {name!r} is not in {self.path.name}.")
+        qtype = GGMLQuantizationType[t.ggml_type]
+        want = dtype or _TORCH[self.storage_dtype(name)]
         raw = self._read(t)
-        scratch = t.numel * 4
-        MATERIALISED.add(scratch)  # the fp32 values exist until cast below
+        rows = t.numel // t.shape[-1] if t.shape else 1
+        blocks = raw.reshape(rows, -1)
         try:
-            values = torch.from_numpy(self._dequantize(t, raw))
-            del raw
-            want = dtype or _TORCH[self.storage_dtype(name)]
-            out = values if want == torch.float32 else values.to(want)
-            del values
-        finally:
-            MATERIALISED.sub(scratch)
+            if self._rewritten(t):
+                MATERIALISED.add(t.numel * 4)  # the fp32 values exist until cast below
+                try:
+                    values = np.asarray(dequantize(blocks, qtype), dtype=np.float32).reshape(t.shape)
+                    values = self._processor_for().process(weights=values, name=t.gguf_name).weights
+                    out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(want)
+                    del values
+                finally:
+                    MATERIALISED.sub(t.numel * 4)
+            else:
+                out = torch.empty(t.shape, dtype=want)
+                flat = out.view(rows, -1) if t.shape else out.view(1, 1)
+
+                def piece(a: int, b: int) -> None:
+                    n = (b - a) * flat.shape[1] * 4
+                    MATERIALISED.add(n)
+                    try:
+                        flat[a:b].copy_(torch.from_numpy(np.asarray(dequantize(blocks[a:b], qtype), np.float32)))
+                    finally:
+                        MATERIALISED.sub(n)
+
+                spans = _pieces(rows, flat.shape[1])
+                if len(spans) == 1:
+                    piece(*spans[0])
+                else:
+                    for fut in [_pool().submit(piece, a, b) for a, b in spans]:
+                        fut.result()
+        except NotImplementedError as exc:
+            raise UnsupportedModel(f"{self.path.name} stores {t.gguf_name} as {t.ggml_type}, which the gguf "
+                                   "package cannot dequantize.", hint="Use a GGUF of another type.") from exc
         return MATERIALISED.track(out)
 
     def close(self) -> None:

@@ -252,7 +252,6 @@ def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None
     assert MATERIALISED.total >= model_bytes  # every tensor was read once
     assert peak <= rest + embed_fp32 + 3 * block, (peak, rest, block)
     assert peak < 0.5 * model_bytes, (peak, model_bytes)
-    assert gguf_source is not None
 
 
 def test_a_gguf_becomes_a_catalog_model_once(files: dict[str, tuple[Path, Path]], tmp_path: Path,
@@ -292,3 +291,19 @@ def test_nothing_is_written_beside_the_gguf(files: dict[str, tuple[Path, Path]],
     view = make_gguf_view(path, tmp_path / "view")
     assert "source model folder" in str(protected_place(path.parent / "run", view))
     assert protected_place(tmp_path / "run", view) is None
+
+
+@pytest.mark.parametrize("key", ["llama-Q4_K", "llama-Q4_0", "qwen2-F16"])
+def test_tensors_dequantized_in_pieces_on_threads_equal_the_whole(files: dict[str, tuple[Path, Path]], key: str,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors are dequantized a few rows at a time on several threads, straight into the output."""
+    _, path = files[key]
+    view = make_gguf_view(path, tmp_path / "view")
+    expected = expected_weights(path, json.loads((view / "config.json").read_text()))
+    monkeypatch.setattr(gguf_source, "_PIECE_ELEMENTS", 300)  # a few rows per piece
+    ckpt = Checkpoint(view)
+    for name, want in expected.items():
+        assert torch.equal(ckpt.get(name, dtype=torch.float32), want), name
+        got = ckpt.get(name)
+        assert torch.equal(got, want.to(got.dtype)), name
