@@ -231,8 +231,10 @@ def test_every_stage_runs_from_the_gguf_and_sees_its_dequantized_weights(
 
 
 def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None:
-    """The emulator build of a 12-block model never holds more of the GGUF's dequantized weights than
-    the non-block tensors plus three blocks (block b computing, b+1 prefetched, b-1 being written)."""
+    """The emulator build of a 12-block model never holds more of the GGUF's dequantized weights than the
+    input embedding in the compute dtype (the capture of block 0's input), one non-block tensor being
+    written and two blocks (block b computing, b+1 prefetched): about a fifth of this model (measured:
+    60 kB of 265 kB), a few percent of an 8B one."""
     from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 
     _, path = _gguf(tmp_path, "llama", "Q4_0", num_hidden_layers=12)
@@ -240,7 +242,7 @@ def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None
     infos = list(Checkpoint(view).infos())
     model_bytes = sum(i.nbytes for i in infos)
     block = sum(i.nbytes for i in infos if i.name.startswith("model.layers.0."))
-    rest = sum(i.nbytes for i in infos if not i.name.startswith("model.layers."))
+    largest_rest = max(i.nbytes for i in infos if not i.name.startswith("model.layers."))
     embed_fp32 = next(i for i in infos if i.name == "model.embed_tokens.weight").numel * 4
     g = torch.Generator().manual_seed(0)
     calib = tuple(tuple(torch.randint(4, 260, (40,), generator=g).tolist()) for _ in range(4))
@@ -250,8 +252,8 @@ def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None
                                   device="cpu", compute_dtype="float32"))
     peak = MATERIALISED.peak - before
     assert MATERIALISED.total >= model_bytes  # every tensor was read once
-    assert peak <= rest + embed_fp32 + 3 * block, (peak, rest, block)
-    assert peak < 0.5 * model_bytes, (peak, model_bytes)
+    assert peak <= embed_fp32 + largest_rest + 2 * block, (peak, largest_rest, block)
+    assert peak < 0.3 * model_bytes, (peak, model_bytes)
 
 
 def test_a_gguf_becomes_a_catalog_model_once(files: dict[str, tuple[Path, Path]], tmp_path: Path,

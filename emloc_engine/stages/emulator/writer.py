@@ -88,18 +88,24 @@ def write_block_shard(out_dir: Path, block: int, *, prefix: str, tensors: Mappin
 
 
 def write_rest_shard(ctx: BuildContext, build_id: str) -> None:
-    """Write ``rest.safetensors`` (every tensor outside the blocks) unless this build's is there already."""
+    """Write ``rest.safetensors`` (every tensor outside the blocks) unless this build's is there already;
+    streamed, one tensor in memory at a time."""
     target = ctx.out_dir / REST_FILE
     if shard_build_id(target) == build_id:
         return
+    from emloc_engine.stages.export.merge import SAFETENSORS_DTYPES, ShardWriter
+
     ckpt = Checkpoint(ctx.ckpt.model_dir)
     try:
         inside = f"{ctx.spec.block_prefix}."
-        tensors = {n: ckpt.get(n).contiguous() for n in ckpt.names() if not n.startswith(inside)}
+        infos = [i for i in ckpt.infos() if not i.name.startswith(inside)]
+        specs = [(i.name, SAFETENSORS_DTYPES[i.dtype], i.shape) for i in infos]
+        # one tensor in memory at a time: the embeddings and the head are the largest tensors of a model
+        with atomic_path(target) as tmp, ShardWriter(tmp, specs, {"format": "pt", "emloc_build": build_id}) as out:
+            for i in infos:
+                out.write(i.name, ckpt.get(i.name).contiguous())
     finally:
         ckpt.close()
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "emloc_build": build_id})
 
 
 def source_revision(model_dir: Path) -> str | None:
