@@ -182,9 +182,9 @@ def run_streamed(gguf_path: Path, work: Path, args: argparse.Namespace, vocab: i
         out = _build(view, work / "emu-streamed", args, vocab)
     disk = sum(f.stat().st_size for f in view.iterdir())
     return {"path": "streamed", "view_s": round(view_s, 1), **out, "total_s": round(view_s + out["build_s"], 1),
-            "peak_rss_gib": round(rss.peak_bytes / 2**30, 2),
-            "peak_live_dequantized_gib": round(MATERIALISED.peak / 2**30, 2),
-            "dequantized_total_gib": round(MATERIALISED.total / 2**30, 2), "disk_written_bytes": disk}
+            "peak_rss_gib": round(rss.peak_bytes / 2**30, 3),
+            "peak_live_dequantized_gib": round(MATERIALISED.peak / 2**30, 3),
+            "dequantized_total_gib": round(MATERIALISED.total / 2**30, 3), "disk_written_bytes": disk}
 
 
 def legacy_convert(gguf_path: Path, out_dir: Path) -> None:
@@ -228,8 +228,8 @@ def run_convert(gguf_path: Path, work: Path, args: argparse.Namespace, vocab: in
         shutil.rmtree(out_dir)
     return {"path": "convert", "convert_s": round(convert_s, 1), **out,
             "total_s": round(convert_s + out["build_s"], 1),
-            "peak_rss_convert_gib": round(rss_convert.peak_bytes / 2**30, 2),
-            "peak_rss_gib": round(max(rss.peak_bytes, rss_convert.peak_bytes) / 2**30, 2),
+            "peak_rss_convert_gib": round(rss_convert.peak_bytes / 2**30, 3),
+            "peak_rss_gib": round(max(rss.peak_bytes, rss_convert.peak_bytes) / 2**30, 3),
             "disk_written_bytes": disk}
 
 

@@ -309,3 +309,34 @@ def test_tensors_dequantized_in_pieces_on_threads_equal_the_whole(files: dict[st
         assert torch.equal(ckpt.get(name, dtype=torch.float32), want), name
         got = ckpt.get(name)
         assert torch.equal(got, want.to(got.dtype)), name
+
+
+def test_merged_shards_from_a_view_split_and_index(files: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """The merge from a view writes HF-named shards of bounded size with an index that loads with transformers."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from emloc_engine.stages.export.exporter import _copy_side_files, write_merged_shards
+    from emloc_engine.stages.export.merge_stream import write_merged_from_checkpoint
+
+    _, path = files["qwen2-Q4_1"]
+    view = make_gguf_view(path, tmp_path / "view")
+    out = tmp_path / "merged"
+    out.mkdir()
+    assert write_merged_from_checkpoint(view, {}, out, shard_bytes=30_000) == 0
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    _copy_side_files(view, out)
+    assert not (out / "emloc_gguf.json").exists()
+    AutoModelForCausalLM.from_pretrained(out)  # the index and the shards load with plain transformers
+    merged = {}
+    for f in shards:
+        with safe_open(str(f), "pt") as fh:
+            merged.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
+    ckpt = Checkpoint(view)
+    for name in ckpt.names():  # each tensor in its storage dtype: Q4_1 weights as bf16, norms and biases F32
+        assert torch.equal(merged[name], ckpt.get(name)), name
+    one = tmp_path / "one"
+    one.mkdir()
+    assert write_merged_shards(view, {}, one) == 0 and [p.name for p in one.glob("*.safetensors")] == [
+        "model.safetensors"]
