@@ -2,7 +2,7 @@
 
 ``write_gguf(snapshot, path, "Q4_0")`` writes a tiny Hugging Face model (:mod:`tests.tiny_models`) as a
 GGUF with the ``gguf`` package: tensor names from ``gguf.get_tensor_name_map``, the Llama family's q/k
-rotary row permutation, 1-D tensors in F32, 2-D weights quantized with ``gguf.quants.quantize`` (a
+rotary row permutation, Gemma-2/3's norms stored as ``w + 1``, 1-D tensors in F32, 2-D weights quantized with ``gguf.quants.quantize`` (a
 weight whose rows do not split into the type's blocks stays F16, as llama.cpp does), the tokenizer as a
 ``gpt2`` vocabulary with the ChatML template.
 
@@ -22,7 +22,9 @@ import torch
 
 # HF model_type -> llama.cpp architecture, and whether q/k rows are permuted (LlamaModel.permute)
 GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-             "qwen3": ("qwen3", False), "phi3": ("phi3", False)}
+             "qwen3": ("qwen3", False), "phi3": ("phi3", False), "gemma2": ("gemma2", False),
+             "gemma3_text": ("gemma3", False)}
+_PLUS_ONE_NORMS = ("gemma2", "gemma3_text")  # llama.cpp stores Gemma's (1 + w) norms as w + 1
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -78,10 +80,15 @@ def write_gguf(snap: Path, path: Path, qtype: str = "Q8_0", *, embed_qtype: str 
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    rope = c.rope_parameters
+    w.add_rope_freq_base(float(rope.get("rope_theta") or rope["full_attention"]["rope_theta"]))
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if arch_name == "llama":
         w.add_rope_dimension_count(head_dim)
+    if arch_name.startswith("gemma"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(int(getattr(c, "sliding_window", None) or 4096))
     w.add_vocab_size(c.vocab_size)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab] + [f"<unused{i}>" for i in range(c.vocab_size - len(vocab))]
@@ -104,6 +111,8 @@ def write_gguf(snap: Path, path: Path, qtype: str = "Q8_0", *, embed_qtype: str 
             arr = _permute(arr, c.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             arr = _permute(arr, c.num_key_value_heads)
+        if c.model_type in _PLUS_ONE_NORMS and name.endswith("norm.weight"):
+            arr = arr + 1
         kind = (embed_qtype or qtype) if gname.startswith(("token_embd", "output.")) else qtype
         seed += 1
         _add(w, gname, np.ascontiguousarray(arr), kind, seed)
@@ -143,7 +152,8 @@ def expected_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tens
         attn = ("self_attn.qkv_proj",) if fused else ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
         mlp = ("mlp.gate_up_proj",) if fused else ("mlp.gate_proj", "mlp.up_proj")
         for leaf in (*attn, *mlp, "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.down_proj",
-                     "input_layernorm", "post_attention_layernorm"):
+                     "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
             for suffix in (".weight", ".bias"):
                 hf = f"model.layers.{b}.{leaf}{suffix}"
                 g = name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
@@ -158,6 +168,8 @@ def expected_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tens
         data = np.asarray(t.data).reshape(rows, -1)
         values = gguf.quants.dequantize(data, t.tensor_type).reshape(shape).astype(np.float32)
         hf = hf_names[t.name]
+        if config["model_type"] in _PLUS_ONE_NORMS and hf.endswith("norm.weight"):
+            values = values - 1
         if permute and hf.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in hf else config["num_key_value_heads"]
             values = values.reshape(heads, values.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(shape)

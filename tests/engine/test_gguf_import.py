@@ -30,6 +30,9 @@ CPU = torch.device("cpu")
 IDS = torch.tensor([[5, 70, 71, 72, 100, 200, 3, 9]])
 VIEW_FILES = {"chat_template.jinja", "config.json", "emloc_gguf.json", "generation_config.json", "tokenizer.json",
               "tokenizer_config.json"}
+# Gemma-2/3: tensors and logits only (a real Gemma GGUF carries a SentencePiece vocabulary; this writer's
+# byte-level one is not what transformers expects of a Gemma file, so no training run from it)
+_GEMMA = {"head_dim": 8, "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"}
 # (family, storage type, model overrides); K-quants need rows of 256
 CASES = [("llama", "Q4_0", {}), ("mistral", "Q8_0", {}), ("qwen2", "Q4_1", {}), ("qwen3", "Q5_0", {}),
          ("phi3", "Q8_0", {}), ("llama", "Q5_1", {}), ("qwen2", "F16", {}), ("llama", "BF16", {}),
@@ -38,7 +41,8 @@ CASES = [("llama", "Q4_0", {}), ("mistral", "Q8_0", {}), ("qwen2", "Q4_1", {}), 
          ("qwen2", "Q6_K", {"hidden_size": 256, "intermediate_size": 256}),
          ("llama", "Q5_K", {"hidden_size": 256, "intermediate_size": 512}),
          ("llama", "Q3_K", {"hidden_size": 256, "intermediate_size": 512}),
-         ("llama", "Q2_K", {"hidden_size": 256, "intermediate_size": 512})]
+         ("llama", "Q2_K", {"hidden_size": 256, "intermediate_size": 512}),
+         ("gemma2", "Q8_0", _GEMMA), ("gemma3_text", "Q4_0", _GEMMA)]
 
 
 def _case_id(case: tuple[str, str, dict[str, Any]]) -> str:
@@ -86,7 +90,7 @@ def test_view_is_metadata_only_and_reads_exactly_the_dequantized_file(
             assert got.dtype == stored
         assert torch.equal(got, want.to(got.dtype)), name
     ckpt.close()
-    if qtype in ("F32", "F16", "BF16", "Q8_0"):  # quantized from the model itself: the same model
+    if qtype in ("F32", "F16", "BF16", "Q8_0"):  # quantized from the model itself: the same model (Gemma: norms -1)
         model = load_causal_lm(view, device=CPU, dtype=torch.float32)
         ref = load_causal_lm(snap, device=CPU, dtype=torch.float32)
         with torch.no_grad():
