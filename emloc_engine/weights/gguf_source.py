@@ -246,9 +246,20 @@ class GgufTensors:
 
     def _read(self, t: GgufTensor) -> np.ndarray:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         buf = bytearray(t.nbytes)
-        got = os.preadv(self._fd, [buf], t.offset)
+        if hasattr(os, "preadv"):
+            got = os.preadv(self._fd, [buf], t.offset)
+        else:  # Windows: no positional reads; this instance's descriptor is used by one thread at a time
+            os.lseek(self._fd, t.offset, os.SEEK_SET)
+            got = 0
+            view = memoryview(buf)
+            while got < t.nbytes:
+                chunk = os.read(self._fd, min(t.nbytes - got, 1 << 30))
+                if not chunk:
+                    break
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
         if got != t.nbytes:
             raise ModelNotFound(f"Tensor {t.gguf_name!r} in {self.path.name} is truncated ({got} of {t.nbytes} bytes).",
                                 hint="The file is truncated or corrupt: download it again.")

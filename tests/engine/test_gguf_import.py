@@ -344,3 +344,17 @@ def test_merged_shards_from_a_view_split_and_index(files: dict[str, tuple[Path, 
     one.mkdir()
     assert write_merged_shards(view, {}, one) == 0 and [p.name for p in one.glob("*.safetensors")] == [
         "model.safetensors"]
+
+
+def test_reads_without_positional_reads_too(files: dict[str, tuple[Path, Path]], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows has no ``os.preadv``: the source seeks and reads instead, with the same values."""
+    import os
+
+    _, path = files["llama-Q4_0"]
+    view = make_gguf_view(path, tmp_path / "view")
+    expected = expected_weights(path, json.loads((view / "config.json").read_text()))
+    monkeypatch.delattr(os, "preadv")
+    ckpt = Checkpoint(view)
+    for name in reversed(list(expected)):  # out of file order
+        assert torch.equal(ckpt.get(name, dtype=torch.float32), expected[name]), name
