@@ -466,7 +466,7 @@ def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, bat
     from emloc_engine.run.planning import PlanConfig, plan_memory
 
     if model.facts is None:
-        why = "convert it first" if model.needs_conversion else (model.problem or "no shape facts")
+        why = "prepare it to train first (emloc models --convert FILE)" if model.needs_conversion else (model.problem or "no shape facts")
         return FitAssessment("unknown", "unknown", None, f"Cannot plan: {why}.")
     gpu = machine.best_gpu
     device = machine.backend if machine.backend in ("cuda", "rocm", "mps", "cpu") else "cpu"
