@@ -208,7 +208,15 @@ def test_every_stage_runs_from_the_gguf_and_sees_its_dequantized_weights(
                     ratio=0.5, calib=6, device="cpu", train=TrainOptions(rank=4, alpha=8.0, steps=3, batch_size=2),
                     correct=CorrectionOptions(lambda_=None),
                     export=ExportOptions(formats=("merged", "adapter", "gguf") if key == "llama-Q4_0" else ("merged",)))
-    result = run_stages(plan_run(cfg), RecordingProgress())
+    plan = plan_run(cfg)
+    if key == "qwen2-Q4_1":  # the original streamed block by block from the GGUF: anchors, λ search, verification
+        import dataclasses
+
+        assert plan.export is not None
+        plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, stream_original=True),
+                                   correct=dataclasses.replace(plan.correct, stream_original=True),
+                                   export=dataclasses.replace(plan.export, stream_original=True))
+    result = run_stages(plan, RecordingProgress())
     assert result.stages_run == ("emulator", "train", "correct", "export")
     # Every tensor any stage got equals gguf.quants.dequantize of the file (in the dtype asked for).
     assert {n for n, _, _ in seen} == set(expected)
