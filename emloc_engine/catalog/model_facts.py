@@ -209,12 +209,18 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
 
 
 def read_tensor_shapes(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` from every ``*.safetensors`` header in a folder (no data read).
+    """``{name: (dtype, shape)}`` from every ``*.safetensors`` header in a folder, or from the GGUF of a
+    model view (no data read).
 
     Raises:
         ModelNotFound: a shard's header is truncated or unreadable.
     """
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    from emloc_engine.weights.gguf_source import is_gguf_view, open_view_tensors
+
+    if is_gguf_view(Path(model_dir)):  # the weights' shapes are in the GGUF; dtypes as the stages see them
+        source = open_view_tensors(Path(model_dir))
+        return {n: (source.storage_dtype(n), t.shape) for n, t in source.tensors.items()}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         for key, entry in read_safetensors_header(f).tensors.items():
             if isinstance(entry, dict):

@@ -1,7 +1,7 @@
 """The folders the user added to the model catalog, kept in ``paths.app_data_dir()/model_folders.json``.
 
 The catalog scan (:mod:`emloc_engine.catalog.discovery`) reads this list; ``emloc models --add``,
-the app's "Add folder…" and the GGUF conversion (:func:`emloc_engine.catalog.gguf_import.convert_for_catalog`)
+the app's "Add folder…" and GGUF model views (:func:`emloc_engine.catalog.gguf_import.convert_for_catalog`)
 write it. The file is replaced atomically; the folders themselves are never touched.
 """
 

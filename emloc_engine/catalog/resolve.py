@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 def resolve_model(text: str | Path) -> Path:
     """A model folder from a path, a cached repo id (``org/name``), ``demo``, or a GGUF file.
 
-    A GGUF (given as a path, or found in LM Studio's/Ollama's store by name) is converted once into
-    the app's data folder (:func:`emloc_engine.catalog.gguf_import.convert_for_catalog`).
+    A GGUF (given as a path, or found in LM Studio's/Ollama's store by name) gets a model view in the
+    app's data folder (:func:`emloc_engine.catalog.gguf_import.convert_for_catalog`): its config and
+    tokenizer, no weights; every stage reads the weights from the GGUF itself.
 
     Raises:
         ModelNotFound: nothing matches; the message lists how to find what is available.
@@ -29,7 +30,7 @@ def resolve_model(text: str | Path) -> Path:
     if p.is_file() and p.suffix.lower() == ".gguf":
         from emloc_engine.catalog.gguf_import import convert_for_catalog
 
-        log.info("Converting %s to a trainable bf16 folder (once).", p)
+        log.info("Reading %s in place (a model view of its metadata; the weights stay in the file).", p)
         return convert_for_catalog(p)
     if s == "demo":
         from emloc_engine.catalog.demo import ensure_demo_model
@@ -46,7 +47,7 @@ def resolve_model(text: str | Path) -> Path:
     if convertible:
         from emloc_engine.catalog.gguf_import import convert_for_catalog
 
-        log.info("Converting %s to a trainable bf16 folder (once).", convertible[0].path)
+        log.info("Reading %s in place (a model view of its metadata).", convertible[0].path)
         return convert_for_catalog(Path(convertible[0].path))
     if matches:
         m = matches[0]

@@ -1,8 +1,10 @@
-"""Read tensors from a model's safetensors shards one at a time, never the whole model.
+"""Read tensors of a model's weights one at a time, never the whole model: THE way stages read the original.
 
-``Checkpoint`` indexes the shards from their headers only
-(:mod:`emloc_engine.weights.safetensors_header`) and opens a shard with ``safe_open`` when one of its
-tensors is asked for. Peak memory is the tensors the caller holds, not the checkpoint.
+``Checkpoint`` indexes the safetensors shards from their headers only
+(:mod:`emloc_engine.weights.headers`) and opens a shard with ``safe_open`` when one of its
+tensors is asked for. A *model view* of a GGUF file (:mod:`emloc_engine.weights.gguf_source`) has no
+shards: its tensors are read and dequantized from the GGUF one by one, under the same names.
+Peak memory is the tensors the caller holds, not the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from safetensors import safe_open
 
 from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+from emloc_engine.weights.gguf_source import GgufTensors, is_gguf_view, open_view_tensors
 from emloc_engine.weights.headers import read_safetensors_header
 
 
@@ -43,12 +46,20 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """A read-only view of the safetensors shards in a model folder."""
+    """A read-only view of a model folder's weights: its safetensors shards, or the GGUF of a model view."""
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise ModelNotFound(f"Model folder {self.model_dir} does not exist.")
+        self._infos: dict[str, TensorInfo] = {}
+        self._handles: dict[Path, Any] = {}
+        self.gguf: GgufTensors | None = None
+        if is_gguf_view(self.model_dir):
+            self.gguf = open_view_tensors(self.model_dir)
+            for name, t in self.gguf.tensors.items():
+                self._infos[name] = TensorInfo(name, self.gguf.path, self.gguf.storage_dtype(name), t.shape)
+            return
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
             if any(self.model_dir.glob("*.bin")) or any(self.model_dir.glob("*.pt")):
@@ -57,11 +68,9 @@ class Checkpoint:
                     hint="Convert it to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True)).",
                 )
             raise ModelNotFound(f"No *.safetensors files in {self.model_dir}.")
-        self._infos: dict[str, TensorInfo] = {}
         for f in files:
             for name, entry in read_safetensors_header(f).tensors.items():
                 self._infos[name] = TensorInfo(name, f, entry["dtype"], tuple(entry["shape"]))
-        self._handles: dict[Path, Any] = {}
 
     # -- headers -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -98,10 +107,17 @@ class Checkpoint:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Load one tensor (from disk, on the CPU, then moved/cast).
 
+        From a GGUF view the tensor is dequantized straight into ``dtype`` when one is given, so
+        ``dtype=torch.float32`` gives the file's exact values (quantized tensors are otherwise stored
+        in the view's dtype, bf16 by default).
+
         Raises:
             ModelNotFound: unknown tensor name, or the shard is truncated or corrupt (names the tensor).
         """
         info = self.info(name)
+        if self.gguf is not None:
+            t = self.gguf.get(name, dtype)
+            return t if str(device) == "cpu" else t.to(device)
         try:
             t = self._handle(info.file).get_tensor(name)
         except Exception as exc:
@@ -124,6 +140,8 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        if self.gguf is not None:
+            self.gguf.close()
 
 
 def fingerprint_files(paths: Iterable[Path], *, head_bytes: int = 1 << 20) -> str:
@@ -149,4 +167,8 @@ def fingerprint_model(model_dir: Path) -> str:
     """Fingerprint of a model folder's config and weights (see :func:`fingerprint_files`)."""
     d = Path(model_dir)
     files = [*d.glob("*.safetensors"), *d.glob("config.json")]
+    if is_gguf_view(d):
+        from emloc_engine.weights.gguf_source import read_view_marker
+
+        files.append(Path(read_view_marker(d)["source"]))
     return fingerprint_files(files)

@@ -40,10 +40,16 @@ def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
     """
     from transformers import AutoModelForCausalLM
 
+    from emloc_engine.weights.gguf_source import is_gguf_view
+
     placement: dict[str, Any] = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype, local_files_only=True,
-                                                          trust_remote_code=False, **placement)
+        model: Any
+        if is_gguf_view(Path(model_dir)):
+            model = _load_from_gguf(Path(model_dir), device, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype, local_files_only=True,
+                                                         trust_remote_code=False, **placement)
         if adapter_dir is not None:
             from peft import PeftModel
 
@@ -52,6 +58,39 @@ def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
         with_adapter = f" with the adapter {adapter_dir}" if adapter_dir is not None else ""
         raise ModelNotFound(f"Cannot load {model_dir}{with_adapter}: {exc}") from exc
     model.eval()
+    return model
+
+
+def _load_from_gguf(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """A model view's model: built on the meta device, each weight dequantized from the GGUF straight
+    into ``dtype`` and moved to ``device`` before the next is read (CPU memory holds one tensor)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from emloc_engine.weights.checkpoint import Checkpoint
+    from emloc_engine.weights.gguf_source import tied_parameters
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    with init_empty_weights(include_buffers=False):
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    tied = tied_parameters(model)
+    ckpt = Checkpoint(model_dir)
+    try:
+        missing = [n for n, _ in model.named_parameters() if n not in ckpt and n not in tied]
+        if missing:
+            raise ModelNotFound(f"The GGUF of {model_dir} has no weights for {missing[:5]}.")
+        for name in [n for n, _ in model.named_parameters() if n not in tied]:
+            set_module_tensor_to_device(model, name, device, value=ckpt.get(name, dtype=dtype), dtype=dtype)
+    finally:
+        ckpt.close()
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ModelNotFound(f"The GGUF of {model_dir} left {still_meta[:5]} without weights.")
+    model.to(device)
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
     return model
 
 

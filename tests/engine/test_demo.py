@@ -1,4 +1,4 @@
-"""The embedded demo: datasets built deterministically from installed packages, model converted once."""
+"""The embedded demo: datasets built deterministically from installed packages, the model's view made once."""
 
 from __future__ import annotations
 
@@ -170,21 +170,22 @@ def test_demo_gguf_is_found_without_importing_its_package() -> None:
 @pytest.fixture
 def tiny_demo_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
     """Stand the real 98 MB GGUF in by a tiny Llama GGUF, so the model path runs in a second."""
-    from tests.engine.test_gguf_import import write_llama_gguf
+    from tests.gguf_files import write_gguf
 
     path = tmp_path_factory.mktemp("site") / "tiny.gguf"
-    write_llama_gguf(tiny_llama, path)
+    write_gguf(tiny_llama, path, "F32")
     monkeypatch.setattr(demo, "find_demo_gguf", lambda: path)
     return path
 
 
-def test_demo_model_is_converted_once(tiny_demo_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_model_view_is_made_once(tiny_demo_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = ensure_demo_model()
-    assert out == paths.demo_model_dir() and (out / "model.safetensors").is_file()
-    assert json.loads((out / "emloc_import.json").read_text())["source"] == str(tiny_demo_gguf)
+    assert out == paths.demo_model_dir() and (out / "config.json").is_file()
+    assert not list(out.glob("*.safetensors"))  # a view: the weights stay in the GGUF
+    assert json.loads((out / "emloc_gguf.json").read_text())["source"] == str(tiny_demo_gguf.resolve())
     assert demo_status().model_ready
     calls: list[Any] = []
-    monkeypatch.setattr(demo, "convert_gguf_to_safetensors", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(demo, "make_gguf_view", lambda *a, **k: calls.append(a))
     assert ensure_demo_model() == out and calls == []
     ensure_demo_model(force=True)
     assert len(calls) == 1

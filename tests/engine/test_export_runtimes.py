@@ -214,3 +214,23 @@ def test_chat_settings_of_a_gguf_file_come_from_its_metadata(tiny_llama: Path, t
     s = chat_settings(out)
     assert s.family == "chatml" and s.stops == ("<|im_start|>", "<|im_end|>") and s.parameters == ()
     assert base_gguf_of(out) == out and base_gguf_of(tiny_llama) is None
+
+
+def test_ollama_from_a_gguf_model_view_names_the_users_file(tiny_llama: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained in place from a GGUF (its model view, no weights): the Modelfile's FROM is the user's file
+    and the adapter.gguf verified against it."""
+    from emloc_engine.catalog.gguf_import import make_gguf_view
+    from tests.gguf_files import write_gguf
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    user_gguf = tmp_path / "ollama-blobs" / "base.gguf"
+    user_gguf.parent.mkdir()
+    write_gguf(tiny_llama, user_gguf, "Q8_0")
+    view = make_gguf_view(user_gguf, tmp_path / "view")
+    assert not list(view.glob("*.safetensors"))  # a view holds no weights
+    run = _run_with_adapter(tiny_llama, tmp_path)  # the same module names as the view's model
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=view, formats=("ollama",)))
+    instr = dict(parse_modelfile(res.modelfile_path.read_text()))
+    assert Path(instr["FROM"]) == user_gguf.resolve() and dict(res.verification)["adapter-gguf"] < 1e-3
+    assert sorted(p.name for p in user_gguf.parent.iterdir()) == ["base.gguf"]  # nothing written beside it

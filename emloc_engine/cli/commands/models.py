@@ -1,7 +1,8 @@
 """``emloc models [--json] [--add DIR] [--remove DIR]``: the local model catalog.
 
 Lists every revision in the Hugging Face cache, the folders you added, GGUF files in LM Studio and
-Ollama (marked "convert": ``emloc models --convert FILE`` turns one into bf16 safetensors, once) and the demo model,
+Ollama (marked "convert": ``emloc models --convert FILE`` makes its model view: config and tokenizer from the
+file's metadata, no weights; training streams them from the GGUF) and the demo model,
 each with parameters, dtype, size, and what is wrong when it cannot be used.
 """
 
@@ -24,8 +25,9 @@ def register(sub: Any) -> None:
                    help="Add a folder (a model, or a folder of models) to the catalog; kept for next time.")
     p.add_argument("--remove", metavar="DIR", action="append", default=[], help="Remove an added folder.")
     p.add_argument("--convert", metavar="GGUF", action="append", default=[],
-                   help="Convert a GGUF file (e.g. from LM Studio or Ollama) into a trainable bf16 model "
-                        "folder in the app's data folder, once, and add it to the catalog.")
+                   help="Make a GGUF file (e.g. from LM Studio or Ollama) trainable in place: a small model view "
+                        "(config, tokenizer; no weights) in the app's data folder, added to the catalog. "
+                        "Every stage reads the weights from the GGUF, one tensor at a time.")
     p.add_argument("--cache-dir", default=None, help="Hugging Face hub cache (default: HF_HUB_CACHE / HF_HOME).")
     p.add_argument("--no-stores", action="store_true", help="Skip LM Studio and Ollama.")
     p.set_defaults(func=run)
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             out = convert_for_catalog(Path(g).expanduser(), bar)
         finally:
             bar.close()
-        print(f"Converted {g} -> {out}", file=sys.stderr)
+        print(f"Ready to train {g} (model view {out}; the weights stay in the GGUF)", file=sys.stderr)
     scan = scan_models(Path(args.cache_dir) if args.cache_dir else None, include_stores=not args.no_stores)
     if args.json:
         print(json.dumps({"models": [m.to_dict() for m in scan.models], "warnings": list(scan.warnings)}, indent=2))

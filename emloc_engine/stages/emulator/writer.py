@@ -33,6 +33,7 @@ from emloc_engine.core.dtypes import element_bytes
 from emloc_engine.core.version import __version__
 from emloc_engine.stages.emulator.build_context import BuildContext
 from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES
 from emloc_engine.weights.lowrank import EMULATOR_FORMAT, EMULATOR_FORMAT_VERSION, EMULATOR_META
 
@@ -87,18 +88,24 @@ def write_block_shard(out_dir: Path, block: int, *, prefix: str, tensors: Mappin
 
 
 def write_rest_shard(ctx: BuildContext, build_id: str) -> None:
-    """Write ``rest.safetensors`` (every tensor outside the blocks) unless this build's is there already."""
+    """Write ``rest.safetensors`` (every tensor outside the blocks) unless this build's is there already;
+    streamed, one tensor in memory at a time."""
     target = ctx.out_dir / REST_FILE
     if shard_build_id(target) == build_id:
         return
+    from emloc_engine.stages.export.merge import SAFETENSORS_DTYPES, ShardWriter
+
     ckpt = Checkpoint(ctx.ckpt.model_dir)
     try:
         inside = f"{ctx.spec.block_prefix}."
-        tensors = {n: ckpt.get(n).contiguous() for n in ckpt.names() if not n.startswith(inside)}
+        infos = [i for i in ckpt.infos() if not i.name.startswith(inside)]
+        specs = [(i.name, SAFETENSORS_DTYPES[i.dtype], i.shape) for i in infos]
+        # one tensor in memory at a time: the embeddings and the head are the largest tensors of a model
+        with atomic_path(target) as tmp, ShardWriter(tmp, specs, {"format": "pt", "emloc_build": build_id}) as out:
+            for i in infos:
+                out.write(i.name, ckpt.get(i.name).contiguous())
     finally:
         ckpt.close()
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "emloc_build": build_id})
 
 
 def source_revision(model_dir: Path) -> str | None:
@@ -110,7 +117,7 @@ def _copy_side_files(model_dir: Path, out_dir: Path) -> None:
     """Config, tokenizer, chat template… every file of the source folder but weights, indexes and code."""
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
-                and f.name != EMULATOR_META and f.suffix != ".py":  # a model folder's code is never carried
+                and f.name not in (EMULATOR_META, GGUF_VIEW_MARKER) and f.suffix != ".py":  # a model folder's code is never carried
             with atomic_path(out_dir / f.name) as tmp:
                 shutil.copyfile(f, tmp)
 

@@ -79,6 +79,7 @@ from emloc_engine.stages.export.model_card import RunFacts, collect_facts, rende
 from emloc_engine.stages.export.options import DEFAULT_PROMPTS, EXPORT_FORMATS, K_QUANT_TYPES, ExportOptions
 from emloc_engine.stages.export.verify_budget import verify_placement
 from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER, is_gguf_view
 from emloc_engine.weights.headers import WEIGHT_SUFFIXES, load_config
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
@@ -95,7 +96,7 @@ TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-
 # is measured with the block type of the same width that gguf.quants writes, twice over (docstring).
 K_QUANT_FLOOR_PROXY = {"q6_k": "q8_0", "q5_k_m": "q5_1", "q5_k_s": "q5_1", "q4_k_m": "q4_1", "q4_k_s": "q4_1",
                        "q3_k_m": "q4_0", "q3_k_s": "q4_0", "q3_k_l": "q4_0", "q2_k": "q4_0"}
-_NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
+_NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes", GGUF_VIEW_MARKER}
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
 
 
@@ -282,6 +283,10 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
         OSError: the disk is full (the caller's :func:`~emloc_engine.core.atomic.atomic_dir` removes its
             temporary folder and raises :class:`~emloc_engine.core.errors.DiskFull`).
     """
+    if is_gguf_view(Path(model_dir)):  # no shards to copy: the weights stream out of the GGUF
+        from emloc_engine.stages.export.merge_stream import write_merged_from_checkpoint
+
+        return write_merged_from_checkpoint(Path(model_dir), deltas, out, progress)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     indexes = [read_shard_index(f) for f in files]  # validates every header before writing anything
     total = sum(e.nbytes for entries, _ in indexes for e in entries) or 1
@@ -308,7 +313,7 @@ def write_merged_shards(model_dir: Path, deltas: dict[str, LoraDelta], out: Path
 
 def _export_merged(cfg: ExportConfig, deltas: dict[str, LoraDelta], target: Path, card: str,
                    progress: Progress) -> int:
-    size = sum(f.stat().st_size for f in Path(cfg.model_dir).glob("*.safetensors"))
+    size = sum(i.nbytes for i in Checkpoint(cfg.model_dir).infos())
     with atomic_dir(target, overwrite=cfg.overwrite, needed_bytes=size) as tmp:
         n = write_merged_shards(cfg.model_dir, deltas, tmp, progress)
         _copy_side_files(cfg.model_dir, tmp)

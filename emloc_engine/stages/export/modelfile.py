@@ -64,15 +64,18 @@ class ChatSettings:
 
 
 def base_gguf_of(model_dir: Path) -> Path | None:
-    """The user's GGUF a run started from: the model path itself, or the file an import folder names."""
+    """The user's GGUF a run started from: the model path itself, or the file a GGUF model view (its
+    ``emloc_gguf.json`` marker) or an older import folder (``emloc_import.json``) names."""
+    from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER
+
     p = Path(model_dir)
     if p.is_file() and p.suffix == ".gguf":
         return p
-    try:
-        src = json.loads((p / "emloc_import.json").read_text(encoding="utf-8")).get("source")
-    except (OSError, ValueError):
-        return None
-    return Path(src) if src and Path(src).is_file() else None
+    for marker in (GGUF_VIEW_MARKER, "emloc_import.json"):
+        src = _read_json(p / marker).get("source")
+        if src and Path(src).is_file():
+            return Path(src)
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

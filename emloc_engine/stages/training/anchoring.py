@@ -273,8 +273,9 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
     device (4096 tokens at most, one example at least): for blocks, less than the KV cache plus
     logits that inference of one example of the same length needs.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from emloc_engine.weights.loading import load_causal_lm
     from emloc_engine.weights.lowrank import load_emulator
 
     if where not in WHERE:
@@ -284,9 +285,7 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
             torch.tensor([], dtype=dtype).element_size()
         max_tokens = min(4096, (256 * 2**20) // per_token)
     groups = length_groups(examples, indices, max_tokens)
-    kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
-    original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs)
-    original = original.to(device).eval()
+    original: Any = load_causal_lm(model_dir, device=device, dtype=dtype)  # a GGUF view too
     points = anchor_points(original, where)
     outs: dict[str, torch.Tensor] = {}
 
