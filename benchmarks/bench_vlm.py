@@ -40,30 +40,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.catalog.model_facts import read_model_facts  # noqa: E402
-from emloc_engine.data.config import DataConfig  # noqa: E402
-from emloc_engine.data.vision_pipeline import prepare_vision_dataset  # noqa: E402
-from emloc_engine.run.planning import PlanConfig, plan_memory  # noqa: E402
-from emloc_engine.vision.emulator import VlmEmulatorConfig, build_vlm_emulator, calibration_inputs  # noqa: E402
-from emloc_engine.vision.finetune import (  # noqa: E402
+from emloc_engine.catalog.model_facts import read_model_facts
+from emloc_engine.data.config import DataConfig
+from emloc_engine.data.vision_pipeline import prepare_vision_dataset
+from emloc_engine.run.planning import PlanConfig, plan_memory
+from emloc_engine.vision.emulator import VlmEmulatorConfig, build_vlm_emulator, calibration_inputs
+from emloc_engine.vision.finetune import (
     VlmTrainConfig,
     correct_vlm_adapter,
     example_batch,
     merge_vlm,
     train_vlm_lora,
 )
-from emloc_engine.vision.processor import load_processor, save_processor_parts  # noqa: E402
-from emloc_engine.vision.reference import VLM_REFERENCE_CONFIGS  # noqa: E402
+from emloc_engine.vision.processor import load_processor, save_processor_parts
+from emloc_engine.vision.reference import VLM_REFERENCE_CONFIGS
 
 GIB = 2**30
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
 
 
 def _tokenizer(extra: tuple[str, ...], named: dict[str, str], placeholder: str) -> Any:
-    from tests.tiny_vlms import _chat_template  # the ChatML template with image parts
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_vlms import _chat_template  # the ChatML template with image parts
 
     specials = ("<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra)
     vocab = {t: i for i, t in enumerate(specials)}
