@@ -280,6 +280,16 @@ def iter_vision_samples(cfg: DataConfig, problems: ProblemLog) -> Iterator[Visio
             return
 
 
+def preview_images(cfg: DataConfig, n: int) -> tuple[tuple[Path, ...], ...]:
+    """The image files of the first ``n`` usable samples (for previews beside the conversations)."""
+    out: list[tuple[Path, ...]] = []
+    for sample in iter_vision_samples(cfg, ProblemLog(str(cfg.path))):
+        out.append(sample.images)
+        if len(out) >= n:
+            break
+    return tuple(out)
+
+
 # -- rendering ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VisionExample:
@@ -381,6 +391,7 @@ __all__ = [
     "iter_vision_samples",
     "load_image",
     "parse_vision_record",
+    "preview_images",
     "processor_inputs",
     "record_has_images",
     "render_vision_sample",
