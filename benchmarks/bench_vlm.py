@@ -105,7 +105,7 @@ def make_model(name: str, folder: Path, device: str) -> tuple[Path, int]:
         tok = _tokenizer(extra, {"start_image_token": "<img>", "end_image_token": "</img>",
                                  "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
                          "<IMG_CONTEXT>")
-        processor = _without_video(tf.InternVLProcessor)(image_processor=tf.GotOcr2ImageProcessorPil(),
+        processor = _without_video(tf.InternVLProcessor)(image_processor=tf.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}),
                                                           tokenizer=tok, image_seq_length=256,
                                                           chat_template=tok.chat_template)
         side = 448

@@ -6,8 +6,9 @@ dominate it). Both depend on the image's resolution; we count them at the proces
 resolution (``preprocessor_config.json`` when present, else the vision config's ``image_size``),
 the setting a user who does not resize gets:
 
-* Qwen2-VL / Qwen2.5-VL: dynamic resolution; at ``max_pixels`` capped to 1024×1024 (a 4:3 photo of
-  a phone lands near it): patches = pixels / 14², tokens = patches / merge².
+* Qwen2-VL / Qwen2.5-VL: dynamic resolution; at the processor's ``max_pixels`` (its default
+  1003520 ≈ 1002², where a phone photo lands) capped to 1024²: patches = pixels / 14², tokens =
+  patches / merge² (a 1024×1024 image measured 70² patches, 1225 tokens).
 * LLaVA 1.5: (image_size / patch)² (+1 CLS) patches, ``image_seq_length`` tokens.
 * LLaVA-NeXT / OneVision: anyres, base tile + up to 4 tiles at the largest grid: 5 tiles.
 * InternVL: ``max_patches`` tiles (+1 thumbnail) when ``crop_to_patches``, 1 otherwise; 256 tokens
@@ -58,7 +59,7 @@ def image_counts(config: dict[str, Any], preprocessor: dict[str, Any] | None = N
     if mt in ("qwen2_vl", "qwen2_5_vl"):
         merge = int(vc.get("spatial_merge_size") or 2)
         pixels = min(
-            int(pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or 1 << 20), 1 << 20
+            int(pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or 1003520), 1 << 20
         )
         patches = pixels // (patch * patch)
         return patches, patches // (merge * merge)

@@ -14,9 +14,9 @@ def test_reference_vlms_count_their_image_tokens() -> None:
     qwen = facts_from_config(VLM_REFERENCE_CONFIGS["Qwen2.5-VL-7B"])
     assert qwen.kind == "vision-language" and qwen.hidden_size == 3584 and qwen.num_layers == 28
     assert qwen.vision is not None and qwen.vision.num_blocks == 32
-    # 1024×1024 px at 14² patches: 5349 patches, 2×2 merge: 1337 tokens; patches in 3584-wide equivalents
-    assert (qwen.vision.patches_per_image, qwen.vision.tokens_per_image) == (5349, 1337)
-    assert vision_context_tokens(qwen) == 1337 + -(-5349 * 1280 // 3584)
+    # the processor's default max_pixels 1003520 at 14² patches: 5120 patches, 2×2 merge: 1280 tokens
+    assert (qwen.vision.patches_per_image, qwen.vision.tokens_per_image) == (5120, 1280)
+    assert vision_context_tokens(qwen) == 1280 + -(-5120 * 1280 // 3584)
     intern = facts_from_config(
         VLM_REFERENCE_CONFIGS["InternVL2.5-8B"], preprocessor={"crop_to_patches": False}
     )
