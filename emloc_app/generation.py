@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from emloc_engine.core.errors import Cancelled, ModelNotFound
 from emloc_engine.core.progress import Progress
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     Pair: TypeAlias = tuple[PreTrainedModel | PeftModelForCausalLM, PreTrainedTokenizerBase]
 
 _cache: dict[tuple[str, str, str], Pair] = {}
+_processors: dict[tuple[str, str, str], object] = {}  # vision-language models: their processor
 _lock = threading.Lock()
 
 
@@ -47,6 +48,7 @@ class GenerateRequest:
     max_new_tokens: int = 128
     device: str = "auto"
     sides: tuple[str, ...] = ("base", "tuned")
+    image: Path | None = None  # a vision-language model answers about this image
 
 
 def _device(device: str) -> str:
@@ -64,16 +66,27 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
         if key in _cache:
             return _cache[key]
         _cache.clear()  # one model at a time: memory matters more than switching speed
+        _processors.clear()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").exists():
         raise ModelNotFound(f"No model in {model_dir}.", hint="Choose the model again on the Model page.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
-                                                                           trust_remote_code=False)
-    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
-                                                                      trust_remote_code=False)
+    base: PreTrainedModel
+    if is_vision_language_folder(Path(model_dir)):
+        from emloc_engine.vision.processor import load_processor
+
+        processor = load_processor(Path(model_dir))
+        tokenizer: PreTrainedTokenizerBase = processor.tokenizer
+        base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                           trust_remote_code=False)
+        with _lock:
+            _processors[key] = processor
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                    trust_remote_code=False)
     base.to(device)  # type: ignore[arg-type]  # in place; transformers' @wraps(Module.to) hides self from mypy
     model: PreTrainedModel | PeftModelForCausalLM = base
     if adapter_dir is not None:
@@ -86,6 +99,28 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
     with _lock:
         _cache[key] = (model, tokenizer)
     return model, tokenizer
+
+
+def is_vision_language_folder(model_dir: Path) -> bool:
+    """Whether a model folder holds a vision-language model (its config has a vision tower)."""
+    import json
+
+    try:
+        return "vision_config" in json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def _image_inputs(processor: object, prompt: str, image: Path, device: str) -> dict[str, torch.Tensor]:
+    """The processor's inputs for one question about one image, through the model's chat template."""
+    from emloc_engine.data.images import processor_inputs
+
+    p = cast("Any", processor)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = p.tokenizer.apply_chat_template(msgs, chat_template=p.chat_template, tokenize=False,
+                                           add_generation_prompt=True)
+    inputs = processor_inputs(processor, [str(text)], [[Path(image)]])
+    return {k: v.to(device) for k, v in inputs.items() if hasattr(v, "to")}
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
@@ -123,7 +158,15 @@ def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[
     device = _device(req.device)
     progress.update(0.05, "Loading the model…")
     model, tokenizer = load_pair(req.model_dir, req.adapter_dir, device)
-    ids = _prompt_ids(tokenizer, req.prompt).to(device)
+    processor = _processors.get((str(req.model_dir), str(req.adapter_dir), device))
+    if processor is not None and req.image is not None:
+        extra = _image_inputs(processor, req.prompt, req.image, device)
+        ids = extra.pop("input_ids")
+        if "pixel_values" in extra and extra["pixel_values"].is_floating_point():
+            extra["pixel_values"] = extra["pixel_values"].to(next(model.parameters()).dtype)
+    else:
+        extra = {}
+        ids = _prompt_ids(tokenizer, req.prompt).to(device)
     cancel = threading.Event()
 
     class Stop(StoppingCriteria):
@@ -146,7 +189,8 @@ def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[
                     # AutoModelForCausalLM's classes and PeftModelForCausalLM generate; PreTrainedModel alone
                     # does not declare it (GenerationMixin is mixed into the concrete classes)
                     cast("GenerationMixin", model).generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens,
+                        input_ids=ids, **{"attention_mask": torch.ones_like(ids), **extra},
+                        max_new_tokens=req.max_new_tokens,
                         do_sample=False, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             except BaseException as exc:  # re-raised on the worker thread below

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, QUrl
-from PySide6.QtGui import QDesktopServices, QTextCursor
+from PySide6.QtGui import QDesktopServices, QPixmap, QTextCursor
 from PySide6.QtWidgets import (
     QComboBox,
+    QFileDialog,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -22,7 +23,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.generation import GenerateRequest, generate_side_by_side
+from emloc_app.generation import GenerateRequest, generate_side_by_side, is_vision_language_folder
 from emloc_app.pages.common import BasePage
 from emloc_app.state import WizardState
 from emloc_engine.core.errors import ConfigError, EngineError
@@ -92,14 +93,25 @@ class TryPage(BasePage):
             w.setReadOnly(True)
         self.gen_status = QLabel()
         self.gen_status.setObjectName("PageHint")
+        # vision-language models: the question is about this image (shown for VLMs only)
+        self.image_path: Path | None = None
+        self.image_button = QPushButton("&Image…")
+        self.image_button.setObjectName("image_button")
+        self.image_button.clicked.connect(self._choose_image)
+        self.image_label = QLabel()
+        self.image_label.setObjectName("image_label")
+        self.image_label.setFixedSize(96, 96)
+        self.image_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
 
         chat = QGroupBox("Try it")
         cl = QVBoxLayout(chat)
         pr = QHBoxLayout()
+        pr.addWidget(self.image_label)
         pr.addWidget(self.prompt, 1)
         side = QVBoxLayout()
         side.addWidget(self.generate)
         side.addWidget(self.stop)
+        side.addWidget(self.image_button)
         pr.addLayout(side)
         cl.addLayout(pr)
         opts = QHBoxLayout()
@@ -158,6 +170,9 @@ class TryPage(BasePage):
 
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
+        vlm = self.state.model_dir is not None and is_vision_language_folder(self.state.model_dir)
+        self.image_button.setVisible(vlm)
+        self.image_label.setVisible(vlm)
         if self.state.config is not None:
             self.gguf_type.setCurrentText(self.state.config.export.gguf_type)
         layout = self.layout_()
@@ -191,7 +206,21 @@ class TryPage(BasePage):
         if self.state.model_dir is None:
             raise ConfigError("No model chosen.", hint="Choose one on the Model page.")
         return GenerateRequest(self.state.model_dir, self.adapter_dir(), self.prompt.toPlainText().strip(),
-                               self.max_tokens.value(), self.state.device)
+                               self.max_tokens.value(), self.state.device, image=self.image_path)
+
+    def _choose_image(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose an image", "",
+                                              "Images (*.png *.jpg *.jpeg *.webp *.bmp *.gif);;All files (*)")
+        if path:
+            self.set_image(Path(path))
+
+    def set_image(self, path: Path) -> None:
+        """Ask about this image (a thumbnail shows which)."""
+        self.image_path = path
+        pix = QPixmap(str(path))
+        self.image_label.setPixmap(pix.scaled(96, 96, Qt.AspectRatioMode.KeepAspectRatio,
+                                              Qt.TransformationMode.SmoothTransformation))
+        self.image_label.setToolTip(str(path))
 
     def start_generation(self) -> None:
         if self.busy("generate"):
