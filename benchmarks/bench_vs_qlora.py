@@ -231,9 +231,45 @@ def run(settings: bq.BenchSettings, seeds: Sequence[int], model_dir: Path, task_
                                  json_path.with_name(json_path.stem + f"-emloc-seed{seed}.json"), command, log=log)
         chosen = ratio if ratio is not None else emloc["planner"].get("ratio")
         data["seeds"][str(seed)] = {"qlora": qlora, "emloc": emloc, "matched_ratio": matched,
+                                    "matched_by_task": {t.name: matched for t in tasks},
                                     "emloc_ratio": chosen, "emloc_ratio_from": "planner" if ratio is None else "given"}
         _save(data, json_path)
     return data
+
+
+def merge(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from runs that split the seeds and tasks between processes (e.g. one per GPU process).
+
+    Each seed's tasks are united; every part must come from the same model, device type and QLoRA recipe, and a
+    (seed, task) pair may appear once. The merged ``command`` lists every part's command.
+    """
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    out: dict[str, Any] = {k: v for k, v in first.items() if k not in ("seeds", "command")}
+    out["command"] = " ; ".join(dict.fromkeys(str(p["command"]) for p in parts))
+    out["seeds"] = {}
+    for part in parts:
+        for key in ("model_name", "device_type", "qlora_recipe"):
+            if part.get(key) != first.get(key):
+                raise ValueError(f"cannot merge runs with different {key}: {part.get(key)!r} vs {first.get(key)!r}")
+        for seed, sd in part["seeds"].items():
+            into = out["seeds"].get(seed)
+            if into is None:
+                out["seeds"][seed] = json.loads(json.dumps(sd))
+                out["seeds"][seed].setdefault("matched_by_task",
+                                              {t: sd.get("matched_ratio") for t in sd["emloc"]["tasks"]})
+                continue
+            for task, rec in sd["emloc"]["tasks"].items():
+                if task in into["emloc"]["tasks"]:
+                    raise ValueError(f"seed {seed}, task {task} appears in two runs")
+                if sd.get("emloc_ratio") != into.get("emloc_ratio"):
+                    raise ValueError(f"seed {seed}: the runs used different EMLoC ratios")
+                into["emloc"]["tasks"][task] = rec
+                into["qlora"][task] = sd["qlora"][task]
+                into["matched_by_task"][task] = sd.get("matched_by_task", {}).get(task, sd.get("matched_ratio"))
+    out["seeds"] = dict(sorted(out["seeds"].items(), key=lambda kv: int(kv[0])))
+    return out
 
 
 def _save(data: Mapping[str, Any], path: Path) -> None:
@@ -257,11 +293,12 @@ def summary(data: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per task and method: the fraction of the full-LoRA gain (mean, sd, n) and the peaks, over seeds."""
     rows: dict[str, dict[str, dict[str, list[float]]]] = {}
     for seed_data in data["seeds"].values():
-        emloc, matched = seed_data["emloc"], seed_data.get("matched_ratio")
+        emloc = seed_data["emloc"]
         chosen = seed_data.get("emloc_ratio")
         label = "EMLoC, planner's ρ" if seed_data.get("emloc_ratio_from") == "planner" else "EMLoC, given ρ"
         for name, rec in emloc["tasks"].items():
             task_rows = rows.setdefault(name, {})
+            matched = seed_data.get("matched_by_task", {}).get(name, seed_data.get("matched_ratio"))
 
             def add(method: str, scores: Mapping[str, Any], peak: float | None, ratio: float | None = None,
                     rec: Mapping[str, Any] = rec, task_rows: dict[str, dict[str, list[float]]] = task_rows) -> None:
@@ -296,17 +333,35 @@ def _gib(stat: tuple[float, float, int]) -> str:
     return "n/a (no GPU)" if stat[2] == 0 else f"{stat[0]:.2f} GiB"
 
 
+def _emloc_row_for(methods: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
+    """The EMLoC row to compare with QLoRA, and how to say where it stands.
+
+    Where both peaks are measured, the EMLoC row that used the most memory without exceeding QLoRA's measured peak
+    (5% tolerance): the planner sizes for full-length sequences, so its "QLoRA's memory" ρ can land well below
+    QLoRA's real peak on a task with short sequences, and then the planner's own ρ may be the closer match.
+    Without measured peaks (CPU): the planner's ρ.
+    """
+    q_peak = methods.get("QLoRA, adapter on 4-bit base", {}).get("peak", (math.nan, 0.0, 0))
+    emloc = {k: v for k, v in methods.items() if k.startswith("EMLoC")}
+    measured = {k: v["peak"][0] for k, v in emloc.items() if v["peak"][2] > 0}
+    if q_peak[2] > 0 and measured:
+        fitting = {k: m for k, m in measured.items() if m <= 1.05 * q_peak[0]}
+        if fitting:
+            key = max(fitting, key=lambda k: fitting[k])
+            where = ("at the same GPU memory" if fitting[key] >= 0.9 * q_peak[0] else "at less GPU memory")
+            return key, f"{where} (EMLoC {fitting[key]:.2f} GiB at ρ {emloc[key]['ratio'][0]:.2f}, QLoRA {q_peak[0]:.2f} GiB)"
+    key = "EMLoC, planner's ρ" if "EMLoC, planner's ρ" in emloc else next(iter(emloc), "EMLoC, planner's ρ")
+    return key, f"at the {key.split(', ')[1]} (QLoRA's peak not measured here)"
+
+
 def headline(summ: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """The one sentence up front, from the numbers (EMLoC at QLoRA's memory where measured, else the planner's ρ)."""
+    """The one sentence up front, from the numbers: per task, EMLoC at no more than QLoRA's measured memory."""
     parts = []
     for task, methods in summ.items():
-        emloc_key = "EMLoC, QLoRA's memory" if "EMLoC, QLoRA's memory" in methods else next(
-            (k for k in methods if k.startswith("EMLoC")), "EMLoC, planner's ρ")
+        emloc_key, where = _emloc_row_for(methods)
         e = methods.get(emloc_key, {}).get("recovered", (math.nan, 0.0, 0))
         q = methods.get("QLoRA, adapter on 4-bit base", {}).get("recovered", (math.nan, 0.0, 0))
         m = methods.get("QLoRA, adapter on bf16 original", {}).get("recovered", (math.nan, 0.0, 0))
-        where = "at the same GPU memory" if emloc_key.endswith("memory") else \
-            f"at the {emloc_key.split(', ')[1]} (QLoRA's peak not measured here)"
         verdict = "EMLoC ahead" if e[0] > max(q[0], m[0]) else "QLoRA ahead"
         parts.append(f"**{task}**, {where}: EMLoC keeps {_pct(e)} of what full LoRA gains; QLoRA keeps {_pct(q)} "
                      f"on its 4-bit base and {_pct(m)} applied to the original ({verdict}).")
@@ -358,8 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-md", action="store_true")
     p.add_argument("--render", type=Path, default=None, help="only render this JSON into RESULTS.md")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="merge these result JSONs (runs split by seed/task) into --json, then render")
     args = p.parse_args(argv)
-    if args.render:
+    if args.merge:
+        data = merge([json.loads(f.read_text(encoding="utf-8")) for f in args.merge])
+        if args.json:
+            _save(data, args.json)
+    elif args.render:
         data = json.loads(args.render.read_text(encoding="utf-8"))
     else:
         settings = bq.BenchSettings(device=args.device, steps=args.steps)

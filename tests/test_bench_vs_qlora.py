@@ -82,3 +82,42 @@ def test_qlora_and_emloc_rows_from_real_runs(tmp_path: Path) -> None:
     rec1 = saved["seeds"]["1"]["emloc"]["tasks"]["shakespeare"]
     expected1 = bq.recovered(rec1, saved["seeds"]["1"]["qlora"]["shakespeare"]["merged"])
     assert summ["QLoRA, adapter on bf16 original"]["recovered"][0] == pytest.approx((expected + expected1) / 2)
+
+
+def test_merge_unites_runs_split_by_seed_and_task() -> None:
+    a, b = _fake([(0.8, 0.6, 0.5), (0.9, 0.7, 0.6)]), _fake([(0.7, 0.5, 0.4)])
+    # b ran task "u" for seed 0 with its own matched ρ; a ran task "t" for seeds 0 and 1
+    sd = b["seeds"]["0"]
+    sd["emloc"]["tasks"] = {"u": sd["emloc"]["tasks"]["t"]}
+    sd["qlora"] = {"u": sd["qlora"]["t"]}
+    sd["matched_ratio"] = 0.5
+    b["command"] = "python y"
+    merged = bvq.merge([a, b])
+    assert set(merged["seeds"]) == {"0", "1"} and merged["command"] == "python x ; python y"
+    assert set(merged["seeds"]["0"]["emloc"]["tasks"]) == {"t", "u"}
+    assert merged["seeds"]["0"]["matched_by_task"] == {"t": None, "u": 0.5}
+    summ = bvq.summary(merged)
+    assert summ["t"]["EMLoC, planner's ρ"]["recovered"][2] == 2
+    assert summ["u"]["EMLoC, QLoRA's memory"]["recovered"][0] == pytest.approx(0.7)  # u's own matched ρ
+    with pytest.raises(ValueError, match="seed 0, task t appears in two runs"):
+        bvq.merge([a, a])
+    other = _fake([(0.1, 0.1, 0.1)])
+    other["model_name"] = "other"
+    with pytest.raises(ValueError, match="different model_name"):
+        bvq.merge([a, other])
+
+
+def test_headline_compares_at_no_more_than_qlora_measured_memory() -> None:
+    data = _fake([(0.7, 0.8, 0.8)])
+    sd = data["seeds"]["0"]
+    rec = sd["emloc"]["tasks"]["t"]
+    # planner's ρ 0.5 used 0.57 GiB; the planner's "QLoRA's memory" ρ 0.05 only 0.48 GiB; QLoRA measured 0.68 GiB
+    rec["units"][0]["train"]["peak_vram_gib"] = 0.57
+    rec["units"].append({"variant": bvq.EMLOC_VARIANT, "ratio": 0.05, "auto": {"loss": 3.9},
+                         "train": {"peak_vram_gib": 0.48}})
+    sd["matched_ratio"] = 0.05
+    sd["qlora"]["t"]["train"]["peak_vram_gib"] = 0.68
+    text = bvq.headline(bvq.summary(data))
+    # the closer-memory row (planner's ρ, 70%) is the one compared, and the memory gap is said
+    assert "at less GPU memory (EMLoC 0.57 GiB at ρ 0.50, QLoRA 0.68 GiB)" in text
+    assert "EMLoC keeps 70%" in text and "QLoRA ahead" in text

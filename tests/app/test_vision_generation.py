@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emloc_app.generation import GenerateRequest, generate_side_by_side, is_vision_language_folder
+from emloc_app.generation import ChatRequest, ChatSettings, chat_side_by_side, is_vision_language_folder
 from tests.tiny_vlms import build_tiny_vlm, write_png
 
 
@@ -39,8 +39,10 @@ def test_image_question_answered_by_base_and_tuned(tmp_path: Path) -> None:
     peft_model.save_pretrained(tmp_path / "adapter")
     image = write_png(tmp_path / "red.png", (220, 20, 20))
     progress = _Recorder()
-    out = generate_side_by_side(GenerateRequest(snap, tmp_path / "adapter", "What colour?", max_new_tokens=6,
-                                                device="cpu", image=image), progress)
+    turn = ({"role": "user", "content": "What colour?"},)
+    req = ChatRequest(snap, tmp_path / "adapter", {"base": turn, "tuned": turn},
+                      ChatSettings(temperature=0.0, max_new_tokens=6), device="cpu", image=image)
+    out = chat_side_by_side(req, progress)
     assert set(out) == {"base", "tuned"} and out == progress.text
     assert out["base"] != out["tuned"]
 
@@ -53,7 +55,7 @@ def test_try_page_takes_an_image_for_a_vlm_only(qtbot, tmp_path: Path, state) ->
     text_page = TryPage(state)  # the state's model folder is a text model (no config: not a VLM)
     qtbot.addWidget(text_page)
     text_page.initializePage()
-    assert text_page.image_button.isHidden() and text_page.generate_request().image is None
+    assert text_page.image_button.isHidden() and text_page.chat_request("hi").image is None
     snap = build_tiny_vlm("qwen2_vl", tmp_path / "hub")
     page = TryPage(dataclasses.replace(state, model_dir=snap))
     qtbot.addWidget(page)
@@ -61,6 +63,6 @@ def test_try_page_takes_an_image_for_a_vlm_only(qtbot, tmp_path: Path, state) ->
     assert not page.image_button.isHidden()
     image = write_png(tmp_path / "blue.png", (20, 20, 220))
     page.set_image(image)
-    req = page.generate_request()
+    req = page.chat_request("What colour?")
     assert req.image == image and req.model_dir == snap
     assert page.image_label.pixmap() is not None and page.image_label.toolTip() == str(image)
