@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from emloc_engine.core.errors import Cancelled, ModelNotFound
 from emloc_engine.core.progress import Progress
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     Pair: TypeAlias = tuple[PreTrainedModel | PeftModelForCausalLM, PreTrainedTokenizerBase]
 
 _cache: dict[tuple[str, str, str], Pair] = {}
+_processors: dict[tuple[str, str, str], object] = {}  # vision-language models: their processor
 _lock = threading.Lock()
 
 
@@ -71,6 +72,7 @@ class ChatRequest:
     settings: ChatSettings = field(default_factory=ChatSettings)
     device: str = "auto"
     seed: int = 0
+    image: Path | None = None  # a vision-language model: the conversation's first user turn shows this image
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -97,16 +99,27 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
         if key in _cache:
             return _cache[key]
         _cache.clear()  # one model at a time: memory matters more than switching speed
+        _processors.clear()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").exists():
         raise ModelNotFound(f"No model in {model_dir}.", hint="Choose the model again on the Model page.")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
-                                                                           trust_remote_code=False)
-    base: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
-                                                                      trust_remote_code=False)
+    base: PreTrainedModel
+    if is_vision_language_folder(Path(model_dir)):
+        from emloc_engine.vision.processor import load_processor
+
+        processor = load_processor(Path(model_dir))
+        tokenizer: PreTrainedTokenizerBase = processor.tokenizer
+        base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                           trust_remote_code=False)
+        with _lock:
+            _processors[key] = processor
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                    trust_remote_code=False)
     base.to(device)  # type: ignore[arg-type]  # in place; transformers' @wraps(Module.to) hides self from mypy
     model: PreTrainedModel | PeftModelForCausalLM = base
     if adapter_dir is not None:
@@ -119,6 +132,34 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
     with _lock:
         _cache[key] = (model, tokenizer)
     return model, tokenizer
+
+
+def is_vision_language_folder(model_dir: Path) -> bool:
+    """Whether a model folder holds a vision-language model (its config has a vision tower)."""
+    import json
+
+    try:
+        return "vision_config" in json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def image_inputs(processor: object, messages: list[Message], image: Path, device: str) -> dict[str, Any]:
+    """The processor's inputs for a conversation whose first user turn shows ``image``."""
+    from emloc_engine.data.images import processor_inputs
+
+    p = cast("Any", processor)
+    parts: list[dict[str, Any]] = []
+    shown = False
+    for m in messages:
+        content: Any = m["content"]
+        if m["role"] == "user" and not shown:
+            content, shown = [{"type": "image"}, {"type": "text", "text": m["content"]}], True
+        parts.append({"role": m["role"], "content": content})
+    text = p.tokenizer.apply_chat_template(parts, chat_template=p.chat_template, tokenize=False,
+                                           add_generation_prompt=True)
+    inputs = processor_inputs(processor, [str(text)], [[Path(image)]])
+    return {k: v.to(device) for k, v in inputs.items() if hasattr(v, "to")}
 
 
 def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> torch.Tensor:
@@ -207,7 +248,15 @@ def chat_side_by_side(req: ChatRequest, progress: TextProgress) -> dict[str, str
         progress.update(0.1 + 0.9 * i / len(req.sides), f"Answering ({'base' if side == 'base' else 'fine-tuned'})…")
         window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         limit = window - st.max_new_tokens if isinstance(window, int) and window > st.max_new_tokens else None
-        ids = fit_context(tokenizer, req.messages(side), limit).to(device)
+        processor = _processors.get((str(req.model_dir), str(req.adapter_dir), device))
+        extra: dict[str, Any] = {}
+        if processor is not None and req.image is not None:
+            extra = image_inputs(processor, req.messages(side), req.image, device)
+            ids = extra.pop("input_ids")
+            if "pixel_values" in extra and extra["pixel_values"].is_floating_point():
+                extra["pixel_values"] = extra["pixel_values"].to(next(model.parameters()).dtype)
+        else:
+            ids = fit_context(tokenizer, req.messages(side), limit).to(device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         # the base answer: the same weights with the adapter switched off
         adapter_off = model.disable_adapter if side == "base" and isinstance(model, PeftModel) else None
@@ -216,14 +265,15 @@ def chat_side_by_side(req: ChatRequest, progress: TextProgress) -> dict[str, str
 
         def work(adapter_off: Callable[[], AbstractContextManager[None]] | None = adapter_off,
                  streamer: TextIteratorStreamer = streamer, errors: list[BaseException] = errors,
-                 ids: torch.Tensor = ids) -> None:
+                 ids: torch.Tensor = ids, extra: dict[str, Any] = extra) -> None:
             ctx = adapter_off() if adapter_off is not None else contextlib.nullcontext()
             try:
                 with torch.no_grad(), ctx:
                     # AutoModelForCausalLM's classes and PeftModelForCausalLM generate; PreTrainedModel alone
                     # does not declare it (GenerationMixin is mixed into the concrete classes)
                     cast("GenerationMixin", model).generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=st.max_new_tokens,
+                        input_ids=ids, **{"attention_mask": torch.ones_like(ids), **extra},
+                        max_new_tokens=st.max_new_tokens,
                         streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
             except BaseException as exc:  # re-raised on the worker thread below

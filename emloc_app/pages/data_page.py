@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QSize, Qt, QTimer
+from PySide6.QtGui import QIcon, QPixmap
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -17,6 +18,8 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
@@ -32,7 +35,13 @@ from emloc_app.state import WizardState
 from emloc_engine.catalog.demo import DemoDataset, ensure_demo_datasets
 from emloc_engine.core.progress import Progress
 from emloc_engine.data import FORMATS, DataConfig, DataReport, inspect_dataset, load_tokenizer
+from emloc_engine.data.images import is_image_dataset, preview_images
+from emloc_engine.data.vision_pipeline import inspect_vision_dataset
 from emloc_engine.run.options import option_help
+from emloc_engine.vision.processor import load_processor
+
+PREVIEWS = 8
+THUMB_PX = 96
 
 FILE_FILTER = "Datasets (*.jsonl *.json *.csv *.parquet *.txt);;All files (*)"
 
@@ -73,6 +82,7 @@ class Inspection:
     config: DataConfig
     report: DataReport
     demo: tuple[DemoDataset, ...] = ()
+    images: tuple[tuple[Path, ...], ...] = ()  # per previewed sample, its image files (image datasets)
 
 
 def inspect(req: InspectRequest, progress: Progress) -> Inspection:
@@ -89,10 +99,17 @@ def inspect(req: InspectRequest, progress: Progress) -> Inspection:
         if default is None:
             raise FileNotFoundError("no demo dataset")
         path = default.path
+    config = req.settings.config(path, req.seed)
+    if is_image_dataset(config):  # conversations with images: the model's processor renders them
+        progress.update(0.2, "Loading the processor…")
+        processor = load_processor(req.model_dir) if req.model_dir else None
+        progress.update(0.4, "Checking every sample and image…")
+        report = inspect_vision_dataset(config, processor)
+        progress.update(1.0, "Done")
+        return Inspection(path, config, report, demo, preview_images(config, PREVIEWS))
     progress.update(0.2, "Loading the tokenizer…")
     tokenizer = load_tokenizer(req.model_dir) if req.model_dir else None
     progress.check_cancelled()
-    config = req.settings.config(path, req.seed)
     progress.update(0.4, "Checking every sample…")
     report = inspect_dataset(config, tokenizer)
     progress.update(1.0, "Done")
@@ -190,6 +207,15 @@ class DataPage(BasePage):
         lv.setContentsMargins(0, 0, 0, 0)
         lv.addWidget(QLabel("<b>Preview</b> (rendered with the model's chat template)"))
         lv.addWidget(self.preview)
+        self.thumbs = QListWidget()  # image datasets: the previewed samples' images, in order
+        self.thumbs.setObjectName("thumbs")
+        self.thumbs.setViewMode(QListWidget.ViewMode.IconMode)
+        self.thumbs.setIconSize(QSize(THUMB_PX, THUMB_PX))
+        self.thumbs.setFlow(QListWidget.Flow.LeftToRight)
+        self.thumbs.setWrapping(False)
+        self.thumbs.setFixedHeight(THUMB_PX + 40)
+        self.thumbs.hide()
+        lv.addWidget(self.thumbs)
         right = QWidget()
         rv = QVBoxLayout(right)
         rv.setContentsMargins(0, 0, 0, 0)
@@ -307,9 +333,23 @@ class DataPage(BasePage):
             self.problems.setItem(i, 1, QTableWidgetItem("error" if p.fatal else "warning"))
             self.problems.setItem(i, 2, QTableWidgetItem(p.message))
         self.problems.setVisible(bool(problems))
-        samples = r.rendered_examples[:8]
+        samples = r.rendered_examples[:PREVIEWS]
         self.preview.setPlainText("\n\n".join(f"──── sample {i + 1} ────\n{s}" for i, s in enumerate(samples)))
+        self._show_images(result.images)
         self.completeChanged.emit()
+
+    def _show_images(self, images: tuple[tuple[Path, ...], ...]) -> None:
+        """Thumbnails of the previewed samples' images, labelled with their sample number."""
+        self.thumbs.clear()
+        for i, paths in enumerate(images):
+            for p in paths:
+                pix = QPixmap(str(p))
+                item = QListWidgetItem(QIcon(pix.scaled(THUMB_PX, THUMB_PX, Qt.AspectRatioMode.KeepAspectRatio,
+                                                        Qt.TransformationMode.SmoothTransformation)),
+                                       f"sample {i + 1}")
+                item.setToolTip(str(p))
+                self.thumbs.addItem(item)
+        self.thumbs.setVisible(self.thumbs.count() > 0)
 
     def _demo_chosen(self) -> None:
         self.path.setText(str(self.demo_combo.currentData()))

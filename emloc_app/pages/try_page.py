@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, QUrl
-from PySide6.QtGui import QDesktopServices, QTextCursor
+from PySide6.QtGui import QDesktopServices, QPixmap, QTextCursor
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
@@ -29,7 +30,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.generation import ChatRequest, ChatSettings, Message, chat_side_by_side
+from emloc_app.generation import (
+    ChatRequest,
+    ChatSettings,
+    Message,
+    chat_side_by_side,
+    is_vision_language_folder,
+)
 from emloc_app.pages.common import BasePage
 from emloc_app.saved_prompts import SavedPrompts, load_prompts, save_prompts
 from emloc_app.state import WizardState
@@ -179,6 +186,16 @@ class TryPage(BasePage):
             w.setReadOnly(True)
         self.gen_status = QLabel()
         self.gen_status.setObjectName("PageHint")
+        # vision-language models: the conversation is about this image (shown for VLMs only)
+        self.image_path: Path | None = None
+        self.image_button = QPushButton("&Image…")
+        self.image_button.setObjectName("image_button")
+        self.image_button.setToolTip("The image the conversation is about (its first message shows it).")
+        self.image_button.clicked.connect(self._choose_image)
+        self.image_label = QLabel()
+        self.image_label.setObjectName("image_label")
+        self.image_label.setFixedSize(64, 64)
+        self.image_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.conversations: dict[str, list[Message]] = {"base": [], "tuned": []}
         self._streamed: dict[str, str] = {}
         self._saved_prompts = SavedPrompts()
@@ -206,10 +223,12 @@ class TryPage(BasePage):
         panes.addWidget(self.outputs["tuned"], 1, 1)
         cl.addLayout(panes, 1)
         pr = QHBoxLayout()
+        pr.addWidget(self.image_label)
         pr.addWidget(self.prompt, 1)
         side = QVBoxLayout()
         side.addWidget(self.generate)
         side.addWidget(self.stop)
+        side.addWidget(self.image_button)
         pr.addLayout(side)
         cl.addLayout(pr)
         below = QHBoxLayout()
@@ -303,6 +322,9 @@ class TryPage(BasePage):
             label.setText(f"{approx}{human_bytes(n)}")
 
     def initializePage(self) -> None:
+        vlm = self.state.model_dir is not None and is_vision_language_folder(self.state.model_dir)
+        self.image_button.setVisible(vlm)
+        self.image_label.setVisible(vlm)
         if self.state.run_dir != self._chat_run:  # another run: its own prompts, a new conversation
             self._chat_run = self.state.run_dir
             self.clear_chat()
@@ -386,7 +408,22 @@ class TryPage(BasePage):
         turn: Message = {"role": "user", "content": prompt}
         histories = {side: (*conv, turn) for side, conv in self.conversations.items()}
         return ChatRequest(self.state.model_dir, self.adapter_dir(), histories, self.chat_settings(),
-                           self.state.device, seed=random.randrange(2**31))
+                           self.state.device, seed=random.randrange(2**31), image=self.image_path)
+
+    def _choose_image(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose an image", "",
+                                              "Images (*.png *.jpg *.jpeg *.webp *.bmp *.gif);;All files (*)")
+        if path:
+            self.set_image(Path(path))
+
+    def set_image(self, path: Path) -> None:
+        """Talk about this image (a thumbnail shows which); a new image starts a new chat."""
+        self.clear_chat()
+        self.image_path = path
+        pix = QPixmap(str(path))
+        self.image_label.setPixmap(pix.scaled(64, 64, Qt.AspectRatioMode.KeepAspectRatio,
+                                              Qt.TransformationMode.SmoothTransformation))
+        self.image_label.setToolTip(str(path))
 
     def start_generation(self) -> None:
         if self.busy("generate"):

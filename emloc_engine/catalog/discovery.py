@@ -30,11 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.catalog.gguf_import import inspect_gguf
-from emloc_engine.catalog.model_facts import ModelFacts, facts_from_config, read_tensor_shapes
+from emloc_engine.catalog.model_facts import (
+    ModelFacts,
+    facts_from_config,
+    read_preprocessor,
+    read_tensor_shapes,
+)
 from emloc_engine.catalog.model_folders import added_model_folders
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
+from emloc_engine.vision.families import is_vision_language
 from emloc_engine.weights.gguf_source import is_gguf_view, read_view_marker
 from emloc_engine.weights.headers import read_config
 
@@ -70,13 +76,16 @@ class ModelInfo:
     needs_conversion: bool = False
     refs: tuple[str, ...] = ()
     facts: ModelFacts | None = field(default=None, compare=False, repr=False)
+    kind: str = "text"
+    """``"text"`` (a causal LM) or ``"vision-language"`` (a config with a vision tower)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "revision": self.revision, "source": self.source,
                 "model_type": self.model_type, "architecture": self.architecture,
                 "num_parameters": self.num_parameters, "dtype": self.dtype,
                 "size_on_disk_bytes": self.size_on_disk_bytes, "supported": self.supported,
-                "problem": self.problem, "needs_conversion": self.needs_conversion, "refs": list(self.refs)}
+                "problem": self.problem, "needs_conversion": self.needs_conversion, "refs": list(self.refs),
+                "kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,7 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
         return [ModelInfo(name, folder, revision, source, None, None, None, None, size, False,
                           "; ".join([reason, *problems]), refs=refs)]
     model_type = architecture = dtype = None
+    kind = "text"
     num_parameters: int | None = None
     facts: ModelFacts | None = None
     try:
@@ -200,11 +210,12 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
         model_type = str(config.get("model_type")) if config.get("model_type") else None
         archs = config.get("architectures") or [None]
         architecture = str(archs[0]) if archs[0] else None
+        kind = "vision-language" if is_vision_language(config) else "text"
         untrusted = remote_code_problem(folder)
         if untrusted:  # listed, never loaded: nothing below may import the folder's code
             return [ModelInfo(name, folder, revision, source, model_type, architecture, None, None, size, False,
                               "; ".join([f"{untrusted}; use a model of a supported family", *problems]),
-                              refs=refs)]
+                              refs=refs, kind=kind)]
         view = is_gguf_view(folder)  # weights in a GGUF (checked here: gone or changed is a problem)
         if view:
             size = Path(read_view_marker(folder)["source"]).stat().st_size
@@ -216,7 +227,8 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
             else:
                 problems.append("no weight files (*.safetensors)")
         tensors = read_tensor_shapes(folder) if has_st else None
-        facts = facts_from_config(config, tensors=tensors, name=name, model_dir=folder)
+        facts = facts_from_config(config, tensors=tensors, name=name, model_dir=folder,
+                                  preprocessor=read_preprocessor(folder))
         model_type, num_parameters = facts.model_type, facts.num_parameters
         dtype = facts.dtype if tensors else None
         if facts.quantization:
@@ -226,7 +238,7 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
     except Exception as exc:  # a malformed file must not stop the scan
         problems.append(f"unreadable model files ({type(exc).__name__}: {exc})")
     return [ModelInfo(name, folder, revision, source, model_type, architecture, num_parameters, dtype, size,
-                      not problems, "; ".join(problems) or None, refs=refs, facts=facts)]
+                      not problems, "; ".join(problems) or None, refs=refs, facts=facts, kind=kind)]
 
 
 def gguf_model_info(path: Path, *, name: str | None = None, source: str = "folder",

@@ -10,17 +10,20 @@ Reference configurations of popular models (``REFERENCE_CONFIGS``) let the plann
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from emloc_engine.core.dtypes import ELEMENT_BYTES, dtype_name, element_bytes
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+from emloc_engine.vision.facts import VisionFacts, vision_facts
+from emloc_engine.vision.families import is_vision_language, vlm_spec
 from emloc_engine.weights.headers import read_config, read_safetensors_header
 
 # Families whose config omits tie_word_embeddings and whose default is to tie.
 _TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3_text"}
-_QKV_BIAS_FAMILIES = {"qwen2"}
+_QKV_BIAS_FAMILIES = {"qwen2", "qwen2_vl", "qwen2_5_vl"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class ModelFacts:
     quantization: str | None = None
     source: str = "config"
     model_dir: str | None = None
+    vision: VisionFacts | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"vision-language"`` for a model with a vision tower, else ``"text"``."""
+        return "text" if self.vision is None else "vision-language"
 
     @property
     def dtype_bytes(self) -> int:
@@ -97,7 +106,8 @@ class ModelFacts:
     @property
     def block_parameters(self) -> int:
         """Parameters of one decoder block, norms and biases included."""
-        return (self.num_parameters - self.embedding_parameters - self.lm_head_parameters
+        vision = self.vision.num_parameters if self.vision is not None else 0
+        return (self.num_parameters - vision - self.embedding_parameters - self.lm_head_parameters
                 - self.hidden_size) // max(1, self.num_layers)
 
 
@@ -147,7 +157,8 @@ def _header_modules(tensors: dict[str, tuple[str, tuple[int, ...]]], prefix: str
 
 
 def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-                      name: str = "", model_dir: Path | None = None) -> ModelFacts:
+                      name: str = "", model_dir: Path | None = None,
+                      preprocessor: dict[str, Any] | None = None) -> ModelFacts:
     """Build :class:`ModelFacts` from a config dict and (optionally) header shapes.
 
     Args:
@@ -156,6 +167,7 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
             parameter count, dtype, tying and module shapes come from it (exact).
         name: a display name.
         model_dir: where the model lives, for the record.
+        preprocessor: a VLM's ``preprocessor_config.json`` (its default image resolution).
 
     Returns:
         The facts.
@@ -166,7 +178,14 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
     from emloc_engine.core.architectures import arch_spec
 
     cfg = _text_config(config)
-    spec = arch_spec(cfg)
+    vision = None
+    if is_vision_language(config):  # the language model's facts, plus the vision tower's
+        vision = vision_facts(config, tensors, preprocessor)
+        spec = replace(arch_spec({"model_type": "llama"}), family=str(config.get("model_type")),
+                       block_prefix=vlm_spec(config).language.checkpoint_prefix)
+        cfg = dict(cfg, model_type=config.get("model_type"))
+    else:
+        spec = arch_spec(cfg)
     model_type = str(cfg.get("model_type"))
     h, layers, a = _req(cfg, "hidden_size"), _req(cfg, "num_hidden_layers"), _req(cfg, "num_attention_heads")
     kv = int(cfg.get("num_key_value_heads") or a)
@@ -180,7 +199,7 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
     source = "config"
     if tensors:
         source = "headers"
-        tied = "lm_head.weight" not in tensors
+        tied = not any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in tensors)
         modules = _header_modules(tensors, spec.block_prefix, spec.linear_modules) or modules
         count: dict[str, int] = {}
         total = 0
@@ -196,6 +215,7 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
     else:
         block = sum(m.numel + (m.out_features if m.bias else 0) for m in modules) + 2 * h
         num_parameters = layers * block + vocab * h * (1 if tied else 2) + h
+        num_parameters += vision.num_parameters if vision is not None else 0
     if dtype not in ELEMENT_BYTES:
         dtype = "bfloat16"
     arch = cfg.get("architectures") or [""]
@@ -204,7 +224,7 @@ def facts_from_config(config: dict[str, Any], *, tensors: dict[str, tuple[str, t
         hidden_size=h, num_layers=layers, num_heads=a, num_kv_heads=kv, head_dim=d, intermediate_size=inter,
         vocab_size=vocab, tie_word_embeddings=tied, dtype=dtype, num_parameters=num_parameters, modules=modules,
         max_position_embeddings=cfg.get("max_position_embeddings"), quantization=quantization, source=source,
-        model_dir=str(model_dir) if model_dir else None,
+        model_dir=str(model_dir) if model_dir else None, vision=vision,
     )
 
 
@@ -244,7 +264,17 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     return facts_from_config(config, tensors=read_tensor_shapes(model_dir), name=model_dir.name,
-                             model_dir=model_dir)
+                             model_dir=model_dir, preprocessor=read_preprocessor(model_dir))
+
+
+def read_preprocessor(model_dir: Path) -> dict[str, Any] | None:
+    """A VLM folder's ``preprocessor_config.json`` as a dict (None when absent or unreadable)."""
+    f = Path(model_dir) / "preprocessor_config.json"
+    try:
+        data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _llama_like(model_type: str, arch: str, h: int, inter: int, layers: int, heads: int, kv: int,

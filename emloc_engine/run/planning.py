@@ -724,7 +724,9 @@ def plan_memory(facts: ModelFacts, cfg: PlanConfig | None = None) -> MemoryPlan:
         A :class:`MemoryPlan`. ``fits`` is False (with ``reason``, ``suggestions`` and ``shortfalls``)
         when no ρ on the grid fits, when RAM or disk is too small, or when the given ratio does not fit.
     """
-    return _plan(facts, cfg or PlanConfig(), suggest=True)
+    from emloc_engine.run.vision_planning import vlm_plan_config  # VLMs: image tokens + vision tower
+
+    return _plan(facts, vlm_plan_config(facts, cfg or PlanConfig()), suggest=True)
 
 
 def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:

@@ -69,8 +69,16 @@ def run(args: argparse.Namespace) -> int:
         from emloc_engine.catalog.resolve import resolve_model
 
         model = str(resolve_model("demo"))
-    tokenizer = load_tokenizer(model) if model else None
-    report = inspect_dataset(cfg, tokenizer)
+    from emloc_engine.data.images import is_image_dataset
+
+    if is_image_dataset(cfg):  # conversations with images: checked with the model's processor
+        from emloc_engine.catalog.resolve import resolve_model
+        from emloc_engine.data.vision_pipeline import inspect_vision_dataset
+        from emloc_engine.vision.processor import load_processor
+
+        report = inspect_vision_dataset(cfg, load_processor(resolve_model(model)) if model else None)
+    else:
+        report = inspect_dataset(cfg, load_tokenizer(model) if model else None)
     if args.json:
         print(json.dumps(report_to_dict(report), indent=2, ensure_ascii=False))
     else:

@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
         print("No models found. Download one with `hf download ORG/NAME`, add a folder with "
               "`emloc models --add DIR`, or build the demo with `emloc demo`.")
         return 0
-    rows = [("name", "rev", "source", "type", "params", "dtype", "size", "status")]
+    rows = [("name", "rev", "source", "type", "kind", "params", "dtype", "size", "status")]
     for m in scan.models:
         status = "convert" if m.needs_conversion and m.supported else "ok" if m.supported else "NO"
-        rows.append((m.name, (m.revision or "")[:8], m.source, m.model_type or "?", _count(m.num_parameters),
+        rows.append((m.name, (m.revision or "")[:8], m.source, m.model_type or "?", m.kind, _count(m.num_parameters),
                      m.dtype or "?", f"{m.size_on_disk_bytes / GIB:.2f} GiB", status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip())

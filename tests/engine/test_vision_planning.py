@@ -1,0 +1,36 @@
+"""The planner counts a VLM's image tokens and vision tower (run/vision_planning.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from emloc_engine.catalog.model_facts import facts_from_config
+from emloc_engine.run.planning import PlanConfig, plan_memory
+from emloc_engine.run.vision_planning import vision_context_tokens
+from emloc_engine.vision.reference import VLM_REFERENCE_CONFIGS
+
+
+def test_reference_vlms_count_their_image_tokens() -> None:
+    qwen = facts_from_config(VLM_REFERENCE_CONFIGS["Qwen2.5-VL-7B"])
+    assert qwen.kind == "vision-language" and qwen.hidden_size == 3584 and qwen.num_layers == 28
+    assert qwen.vision is not None and qwen.vision.num_blocks == 32
+    # the processor's default max_pixels 1003520 at 14² patches: 5120 patches, 2×2 merge: 1280 tokens
+    assert (qwen.vision.patches_per_image, qwen.vision.tokens_per_image) == (5120, 1280)
+    assert vision_context_tokens(qwen) == 1280 + -(-5120 * 1280 // 3584)
+    intern = facts_from_config(
+        VLM_REFERENCE_CONFIGS["InternVL2.5-8B"], preprocessor={"crop_to_patches": False}
+    )
+    assert intern.vision is not None and intern.vision.tokens_per_image == 256
+    assert intern.vision.linear_parameters_per_block == 4 * 1024 * 1024 + 2 * 1024 * 4096
+
+
+def test_plan_of_a_vlm_is_the_decoders_over_its_real_context() -> None:
+    vlm = facts_from_config(VLM_REFERENCE_CONFIGS["InternVL2.5-8B"], preprocessor={"crop_to_patches": False})
+    text_only = replace(vlm, vision=None)
+    cfg = PlanConfig(context_length=512, budget_bytes=40 * 2**30, ratio=0.5)
+    with_images, without = plan_memory(vlm, cfg), plan_memory(text_only, cfg)
+    extra = vision_context_tokens(vlm)
+    assert extra == 256 + 257  # 256 image tokens; 32² + 1 patches of width 1024 = 257 tokens of width 4096
+    assert with_images.stage("train").peak_bytes > without.stage("train").peak_bytes
+    same = plan_memory(text_only, replace(cfg, context_length=512 + extra))
+    assert with_images.stage("train").peak_bytes == same.stage("train").peak_bytes
