@@ -93,13 +93,15 @@ def streamed_plan(plan: Any) -> Any:
 def part_run(args: argparse.Namespace) -> dict[str, Any]:
     data = write_texts(args.work / "run-data.jsonl", args.samples, args.max_length)
     auto = args.ratio == "auto"
-    budget = args.budget_gib if args.budget_gib is not None else args.cap_gib
     cfg = RunConfig(
         model_dir=args.model_dir,
         data=DataConfig(path=data, max_length=args.max_length),
         run_dir=args.work / "run",
         ratio=None if auto else float(args.ratio),
-        budget_bytes=int(budget * GIB) if auto else None,
+        budget_bytes=int(args.budget_gib * GIB) if auto and args.budget_gib is not None else None,
+        # auto: the engine's own path: the process capped at --cap-gib, the budget its default (cap less the
+        # margin), the plan deciding whether the original is streamed
+        gpu_memory_bytes=int(args.cap_gib * GIB) if auto and args.device != "cpu" else None,
         device=args.device,
         train=TrainOptions(
             steps=args.steps, batch_size=args.batch_size, anchor="blocks", anchor_ram_gib=args.anchor_ram_gib
@@ -110,7 +112,9 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": args.steps, "max_length": args.max_length}
     t0 = time.monotonic()
     try:
-        result = run_stages(streamed_plan(plan_run(cfg)), meter)
+        planned = plan_run(cfg)
+        result = run_stages(planned if auto else streamed_plan(planned), meter)
+        out["stream_original"] = bool(getattr(planned, "stream_original", False)) or not auto
         out.update(ratio=result.ratio, lambda_=result.lambda_)
     except Exception as exc:  # an OOM is a result here: report it with the stage it hit
         out["error"] = f"{type(exc).__name__}: {exc}"
