@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
 from emloc_app.pages.common import GIB, BasePage, gib
 from emloc_app.state import WizardState
 from emloc_engine.core.progress import Progress
+from emloc_engine.machine.budget import default_budget_bytes
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
 
 CPU_TEXT = (
@@ -30,7 +31,8 @@ def detect(_config: None, _progress: Progress) -> MachineInfo:
 
 
 class MachinePage(BasePage):
-    """GPU choice and memory budget; the budget defaults to the selected GPU's total memory."""
+    """GPU choice and memory budget; the budget defaults to what the engine's :func:`default_budget_bytes` gives
+    (the device's free memory less a margin), not its whole memory: other programs may hold part of it."""
 
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
@@ -136,11 +138,19 @@ class MachinePage(BasePage):
         gpu = self._gpu(self.selected_index())
         self.cpu_note.setVisible(gpu is None)
         if not self._budget_touched:
-            total = gpu.total_bytes if gpu is not None else (machine.ram_available_bytes or 8 * GIB)
+            budget = self.default_budget(gpu, machine)
             self.budget.blockSignals(True)
-            self.budget.setValue(total / GIB)
+            self.budget.setValue(budget / GIB)
             self.budget.blockSignals(False)
         self.completeChanged.emit()
+
+    @staticmethod
+    def default_budget(gpu: GpuInfo | None, machine: MachineInfo) -> int:
+        """The engine's default budget of the chosen device (free memory less a margin)."""
+        if gpu is not None:
+            return default_budget_bytes(gpu.free_bytes, gpu.total_bytes)
+        available = machine.ram_available_bytes or 8 * GIB
+        return default_budget_bytes(available, max(machine.ram_total_bytes, available))
 
     def _budget_edited(self) -> None:
         self._budget_touched = True

@@ -15,6 +15,7 @@ from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
 from emloc_app.pages.plan_page import DEMO_OVERRIDES, PlanPage
 from emloc_app.state import WizardState
+from emloc_engine.machine.budget import default_budget_bytes
 from emloc_engine.run.config import RunConfig
 from emloc_engine.stages.correction.corrector import CorrectionConfig
 from emloc_engine.stages.emulator.builder import EmulatorConfig
@@ -32,7 +33,7 @@ def open_model_page(qtbot, state: WizardState, until: Any) -> ModelPage:  # type
     return page
 
 
-def test_machine_page_defaults_budget_to_selected_gpu(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_machine_page_defaults_budget_to_free_memory_of_selected_gpu(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     two = machine(gpus=(gpu(0, "A", 24, 20), gpu(1, "B", 48, 40)))
     calls = FakeEngine(tmp_path, machine=two).install(monkeypatch.setattr).calls
     state = WizardState()
@@ -41,13 +42,15 @@ def test_machine_page_defaults_budget_to_selected_gpu(qtbot, tmp_path: Path, mon
     page.initializePage()
     qtbot.waitUntil(page.isComplete, timeout=60_000)
     assert page.device.count() == 3  # two GPUs and the CPU
-    assert page.budget.value() == pytest.approx(24.0)
+    # the engine's default: free memory less 5% of the total (20 of 24 GiB free -> 18.8), not the whole card
+    assert page.budget.value() == pytest.approx(default_budget_bytes(20 * GIB, 24 * GIB) / GIB, abs=0.05)
+    assert page.budget.value() == pytest.approx(18.8, abs=0.05)
     page.device.setCurrentIndex(1)
-    assert page.budget.value() == pytest.approx(48.0)
+    assert page.budget.value() == pytest.approx(37.6, abs=0.05)  # 40 of 48 free
     assert page.cpu_note.isHidden()
     page.device.setCurrentIndex(2)  # CPU: budget from available RAM, explanation shown
     assert not page.cpu_note.isHidden()
-    assert page.budget.value() == pytest.approx(48.0)  # ram_available_bytes of the fake machine
+    assert page.budget.value() == pytest.approx(44.8, abs=0.05)  # 48 GiB available of 64 GiB RAM
     page.device.setCurrentIndex(1)
     page.budget.setValue(30.0)
     assert page.validatePage()
