@@ -53,6 +53,7 @@ class Option:
     default: Any
     type: Any  # the field's annotation
     choices: tuple[str, ...] | None = None
+    bounds: tuple[float, float] | None = None  # the open interval a number must lie in (metadata "bounds")
 
     @property
     def flag(self) -> str:
@@ -96,9 +97,9 @@ def _walk(cls: type, prefix: str) -> Iterable[Option]:
             default = f.default_factory()
         else:
             default = None
-        choices = f.metadata.get("choices")
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
         yield Option(path, name, str(f.metadata.get("help", "")), default, tp,
-                     tuple(choices) if choices is not None else None)
+                     tuple(choices) if choices is not None else None, tuple(bounds) if bounds is not None else None)
 
 
 def run_options() -> tuple[Option, ...]:
