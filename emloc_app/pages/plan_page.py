@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
@@ -188,7 +189,8 @@ class PlanPage(BasePage):
         self._loading = False
         self._calib = RunConfig.__dataclass_fields__["calib"].default  # presets set it; no widget of its own
         self._estimates_key: RunConfig | None = None
-        self._run_dir = paths.runs_dir() / "run"  # named on each visit (initializePage)
+        self._run_dir = paths.runs_dir() / "run"  # named on the first visit (initializePage)
+        self._named_run_dir: Path | None = None
 
     def _toggle_advanced(self, shown: bool) -> None:
         self.advanced.setVisible(shown)
@@ -395,7 +397,7 @@ class PlanPage(BasePage):
     def initializePage(self) -> None:
         self._loading = True
         s, cfg = self.state, self.state.config
-        self._run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
+        self._run_dir = s.run_dir or self._pending_run_dir()
         self._init_gpus(cfg.gpus if cfg is not None else None)
         self._load_settings(cfg if cfg is not None else self.fresh_config())
         self._update_anchor_box()
@@ -407,6 +409,18 @@ class PlanPage(BasePage):
         self._estimates_key = None
         self._loading = False
         self.replan()
+
+    def _pending_run_dir(self) -> Path:
+        """The folder the next run will use, named once: going Back and Next again keeps it, so the folder
+        "Show command…" printed is the one the run then uses. A new name only for another model (the
+        name starts with it) or when the folder exists by now (another run took it)."""
+        s = self.state
+        named = self._named_run_dir
+        fresh = s.new_run_dir(paths.runs_dir())
+        if named is not None and named.name.rsplit("-", 2)[0] == fresh.name.rsplit("-", 2)[0] and not named.exists():
+            return named
+        self._named_run_dir = fresh
+        return fresh
 
     def _preset_chosen(self, name: str) -> None:
         """Set the widgets to the preset's settings (the engine's :func:`apply_preset`) and replan."""
