@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from PySide6.QtGui import QPalette
 
 from emloc_app.state import WizardState
 from tests.app.fakes import FakeEngine
@@ -28,3 +29,114 @@ def test_show_command_names_the_run_folder_the_run_then_uses(qtbot, fake: FakeEn
     page.initializePage()  # Back to the Data page, then Next again
     assert page.validatePage()
     assert str(state.run_dir) == shown
+
+
+def test_a_stage_row_shows_one_eta(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from emloc_app.widgets.stage_list import StageList
+
+    rows = StageList()
+    qtbot.addWidget(rows)
+    rows.set_stages([("train", "Train")])
+    rows.start("train")
+    rows.set_progress("train", 0.4, "step 24/60 · loss 2.31 · ETA 9 min 16 s")  # the trainer's own ETA
+    assert rows.rows["train"].status.text().count("ETA") == 1
+    rows.set_progress("train", 0.5, "block 15/30")  # a message without one gets the row's
+    assert rows.rows["train"].status.text().count("ETA") == 1
+
+
+def _labels_visible(plot, key: str) -> bool:  # type: ignore[no-untyped-def]
+    chart = plot.charts[key]
+    return bool(chart.ax.labelsVisible() and chart.ay.labelsVisible())
+
+
+def test_empty_plots_print_no_axis_labels_and_step_ticks_never_repeat(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from emloc_app.widgets.loss_plot import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    assert not any(_labels_visible(plot, k) for k in plot.charts)  # no "0 0 0 0 1" before any data
+    plot.on_metric("train/loss", 2.0, 1)
+    plot.on_metric("train/loss", 1.9, 2)
+    ax = plot.charts["loss"].ax
+    assert _labels_visible(plot, "loss")
+    step = (ax.max() - ax.min()) / (ax.tickCount() - 1)
+    assert step >= 1 and step == int(step)  # whole steps between ticks: no label printed twice
+    plot.clear()
+    assert not _labels_visible(plot, "loss")
+
+
+def test_the_last_eval_point_is_inside_the_plot(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from emloc_app.widgets.loss_plot import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    for step in range(1, 61):
+        plot.on_metric("train/loss", 3.0 - step / 60, step)
+    plot.on_metric("eval/loss", 2.2, 60)
+    assert plot.charts["loss"].ax.max() > 60  # the marker at the last step is not cut in half
+
+
+def test_gpu_memory_chart_is_hidden_on_the_cpu_and_shows_the_budget_on_a_gpu(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from emloc_app.widgets.loss_plot import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.show()
+    plot.configure(on_gpu=False, budget_gib=None)
+    plot.on_metric("gpu/peak_gib", 0.0, 1)  # what the trainer logs on the CPU
+    assert not plot.charts["mem"].view.isVisible() and "gpu/peak_gib" not in plot.points
+    plot.configure(on_gpu=True, budget_gib=20.0)
+    plot.on_metric("gpu/peak_gib", 17.2, 1)
+    plot.on_metric("gpu/peak_gib", 17.5, 2)
+    mem = plot.charts["mem"]
+    assert mem.view.isVisible() and plot.budget_line is not None
+    ys = {p.y() for p in plot.budget_line.points()}
+    assert ys == {20.0} and mem.ay.max() >= 20.0  # the dashed budget line, inside the axis
+
+
+def test_run_page_hides_the_gpu_chart_for_a_cpu_run(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    from emloc_app.pages.run_page import RunPage
+
+    state.gpu_index = None  # the CPU
+    page = plan_page(qtbot, state)
+    assert page.validatePage()
+    run = RunPage(state)
+    qtbot.addWidget(run)
+    run.show()
+    run.initializePage()
+    assert not run.plot.charts["mem"].view.isVisible()
+
+
+def test_charts_follow_a_dark_palette(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from PySide6.QtGui import QPalette
+
+    from emloc_app import theme
+    from emloc_app.widgets.loss_plot import LossPlot
+
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.setPalette(theme.dark_palette())
+    background = plot.charts["loss"].chart.backgroundBrush().color()
+    assert background.lightness() < 100  # not the light theme's white
+    assert background == theme.dark_palette().color(QPalette.ColorRole.Base)
+
+
+def test_unchecked_boxes_are_visible_on_a_dark_palette(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from PySide6.QtGui import QColor, QImage
+    from PySide6.QtWidgets import QCheckBox, QStyleFactory
+
+    from emloc_app import theme
+
+    box = QCheckBox("x")
+    qtbot.addWidget(box)
+    box.setStyle(theme.VisibleIndicators(QStyleFactory.create("Fusion")))
+    box.setPalette(theme.dark_palette())
+    box.resize(40, 24)
+    image = QImage(box.size(), QImage.Format.Format_ARGB32)
+    image.fill(theme.dark_palette().color(QPalette.ColorRole.Window))
+    box.render(image)
+    window = theme.dark_palette().color(QPalette.ColorRole.Window)
+    # some pixel of the indicator stands out clearly from the window behind it
+    contrast = max(abs(QColor(image.pixel(x, y)).lightness() - window.lightness())
+                   for x in range(0, 18) for y in range(image.height()))
+    assert contrast > 60
