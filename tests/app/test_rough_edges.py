@@ -140,3 +140,28 @@ def test_unchecked_boxes_are_visible_on_a_dark_palette(qtbot) -> None:  # type: 
     contrast = max(abs(QColor(image.pixel(x, y)).lightness() - window.lightness())
                    for x in range(0, 18) for y in range(image.height()))
     assert contrast > 60
+
+
+def test_data_report_heading_stays_on_top_when_there_are_no_problems(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                    state: WizardState,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from emloc_app.pages.data_page import DataPage
+    from tests.app.fakes import report
+
+    FakeEngine(tmp_path, report=report(problems=())).install(monkeypatch.setattr)
+    state.data_report = state.data_config = None
+    page = DataPage(state)
+    qtbot.addWidget(page)
+    page.resize(1200, 760)
+    page.show()
+    page.initializePage()
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
+    qtbot.wait(50)
+    assert page.problems.isHidden() and "No problems found" in page.summary.text()
+    heading = next(w for w in page.findChildren(type(page.summary)) if w.text() == "<b>Validation report</b>")
+    pane = heading.parentWidget()
+    assert pane.height() > 300
+    # heading and summary keep their own height at the top of the pane (a label stretched to fill it
+    # draws its text in the middle: the heading floated mid-pane)
+    for label in (heading, page.summary):
+        assert label.geometry().top() < 150 and label.height() <= label.sizeHint().height() + 12
