@@ -48,7 +48,7 @@ from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
 from emloc_engine.run.options import command_line, option, option_help
-from emloc_engine.run.plan import plan_run
+from emloc_engine.run.plan import plan_run, sample_tokens_of
 from emloc_engine.run.presets import PRESETS, apply_preset, matching_preset
 from emloc_engine.run.planning import MemoryPlan
 from emloc_engine.stages.correction.options import CorrectionOptions
@@ -478,7 +478,7 @@ class PlanPage(BasePage):
         try:
             cfg = self.run_config()
             machine = self.state.machine
-            plan = plan_run(cfg, machine)
+            plan = plan_run(cfg, machine, sample_tokens=self.sample_tokens(cfg))
         except EngineError as exc:  # InsufficientMemory lists the settings that would fit
             self.run_plan = None
             self.bars.set_rows([], None)
@@ -493,6 +493,10 @@ class PlanPage(BasePage):
         self._update_estimates(cfg)
         self.completeChanged.emit()
 
+    def sample_tokens(self, cfg: RunConfig) -> int | None:
+        """The inspected data's typical padded sample length (the Data page's report), for the time estimate."""
+        return sample_tokens_of(self.state.data_report, cfg.train.batch_size)
+
     def _update_estimates(self, cfg: RunConfig) -> None:
         """Each preset's predicted time and memory on this machine, re-planned only when a setting no
         preset sets has changed (ρ, the GPUs, the batch, …): three plans per keystroke would lag."""
@@ -502,7 +506,8 @@ class PlanPage(BasePage):
         self._estimates_key = key
         for p in PRESETS:
             try:
-                plan = plan_run(apply_preset(cfg, p.name), self.state.machine)
+                preset_cfg = apply_preset(cfg, p.name)
+                plan = plan_run(preset_cfg, self.state.machine, sample_tokens=self.sample_tokens(preset_cfg))
             except EngineError:
                 self.presets.set_estimate(p.name, PresetEstimate(None, None, None, False))
                 continue
