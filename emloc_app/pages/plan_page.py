@@ -521,7 +521,7 @@ class PlanPage(BasePage):
         gpu, machine = self.state.gpu, self.state.machine
         free = gpu.free_bytes if gpu is not None else (machine.ram_available_bytes if machine is not None else None)
         return PresetEstimate(seconds, peak, free - peak if free is not None else None, plan.memory.fits,
-                              "GPU memory" if plan.record.device != "cpu" else "RAM")
+                              "GPU memory" if plan.record.device != "cpu" else "RAM", plan.ratio)
 
     def _show_plan(self, plan: RunPlan) -> None:
         memory = plan.memory

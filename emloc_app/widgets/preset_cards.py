@@ -37,14 +37,21 @@ class PresetEstimate:
     left_free_bytes: int | None
     fits: bool
     memory_word: str = "GPU memory"  # "RAM" on the CPU
+    ratio: float | None = None  # ρ: what share of each layer the emulator keeps
 
     def text(self) -> str:
-        """``"about 12 min · 18.2 GiB of GPU memory · leaves 3.8 GiB free"``."""
+        """``"about 12 min · 18.2 GiB of GPU memory · leaves 3.8 GiB free · keeps 40% of each layer"``.
+
+        The share kept is shown because a preset with a larger adapter can leave less room for the
+        emulator within the same budget (the planner then keeps less of each layer).
+        """
         if self.seconds is None or self.peak_bytes is None:
             return "does not fit this budget"
         parts = [rough_duration(self.seconds), f"{self.peak_bytes / GIB:.1f} GiB of {self.memory_word}"]
         if self.left_free_bytes is not None:
             parts.append(f"leaves {max(0, self.left_free_bytes) / GIB:.1f} GiB free")
+        if self.ratio is not None:
+            parts.append(f"keeps {self.ratio:.0%} of each layer")
         return " · ".join(parts) + ("" if self.fits else " · over the budget")
 
 

@@ -192,3 +192,27 @@ def test_plan_page_predicts_the_demo_on_a_cpu_in_minutes_not_an_hour(qtbot, fake
     assert page.run_plan is not None and page.run_plan.record.device == "cpu"
     minutes = (page.estimate(page.run_plan).seconds or 0) / 60
     assert 3 <= minutes <= 12, minutes  # measured: about 10 (Faster fixes λ: no search)
+
+
+def test_demo_size_reads_the_same_before_and_after_it_is_prepared(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from emloc_app.pages import model_page
+    from emloc_app.pages.model_page import DEMO_FOLDER_BYTES, ModelPage, ModelTable
+    from tests.app.fakes import GIB, machine, model_info
+
+    fake = FakeEngine(tmp_path, models=[])
+    fake.install(monkeypatch.setattr)
+    seen: list[str] = []
+
+    def inspect(folder: Path, *, name: str | None = None, source: str = "folder") -> list[object]:
+        seen.append(ModelTable.text(page.table_model.rows[0], 1))  # the placeholder's Size, while preparing
+        info = model_info(name or folder.name, folder, num_parameters=134_515_008, source=source)
+        return [model_page.replace(info, size_on_disk_bytes=DEMO_FOLDER_BYTES)]
+
+    monkeypatch.setattr(model_page, "inspect_model_dir", inspect)
+    page = ModelPage(WizardState(machine=machine(), gpu_index=None, budget_bytes=24 * GIB))
+    qtbot.addWidget(page)
+    page.initializePage()
+    qtbot.waitUntil(page.isComplete, timeout=60_000)
+    after = ModelTable.text(page.table_model.rows[0], 1)
+    assert seen == [after] and after.endswith("MiB") and "?" not in after
