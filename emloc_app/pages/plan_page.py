@@ -49,8 +49,8 @@ from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
 from emloc_engine.run.options import command_line, option, option_help
 from emloc_engine.run.plan import plan_run, sample_tokens_of
-from emloc_engine.run.presets import PRESETS, apply_preset, matching_preset
 from emloc_engine.run.planning import MemoryPlan
+from emloc_engine.run.presets import PRESETS, apply_preset, matching_preset
 from emloc_engine.stages.correction.options import CorrectionOptions
 from emloc_engine.stages.emulator.options import EmulatorOptions
 from emloc_engine.stages.export.options import ExportOptions
@@ -73,6 +73,7 @@ LAMBDA_CHOICES: tuple[tuple[str, float | None], ...] = (
     ("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0), ("exact (∞)", math.inf), ("none (0)", 0.0))
 ANCHOR_ONE_GPU = ("Anchored training runs on one GPU: with several GPUs the trainer's auto turns it off "
                   "(emloc run --gpus N). Set GPUs to 1 to anchor.")
+DEFAULT_CALIB = int(option("calib").default)
 SPECTRAL_BUILD_FACTOR = 2.0
 """How much longer the emulator build takes with ``allocation="spectral"``: benchmarks/RESULTS.md
 measured 115.5 s vs 57.0 s (Llama-3-8B shapes, one H200; the extra streaming pass that measures the
@@ -187,7 +188,7 @@ class PlanPage(BasePage):
         self.body.addWidget(scroll, 1)
         self.run_plan: RunPlan | None = None
         self._loading = False
-        self._calib = RunConfig.__dataclass_fields__["calib"].default  # presets set it; no widget of its own
+        self._calib: int = DEFAULT_CALIB  # presets set it; no widget of its own
         self._estimates_key: RunConfig | None = None
         self._run_dir = paths.runs_dir() / "run"  # named on the first visit (initializePage)
         self._named_run_dir: Path | None = None
@@ -392,7 +393,7 @@ class PlanPage(BasePage):
         self.anchor.setChecked(cfg is None or cfg.train.anchor != "none")
         self.seed.setValue(cfg.seed if cfg is not None else 0)
         self._select_lambda(cfg.correct.lambda_ if cfg is not None else None)
-        self._calib = cfg.calib if cfg is not None else RunConfig.__dataclass_fields__["calib"].default
+        self._calib = cfg.calib if cfg is not None else DEFAULT_CALIB
 
     def initializePage(self) -> None:
         self._loading = True

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 PLAIN: dict[str, str] = {
     "ratio": "How much of each layer the smaller stand-in model keeps: more is closer to your model but needs "
-             "more memory. The planner picks the most that fits.",
+    "more memory. The planner picks the most that fits.",
     "allocation": "Lets each layer keep as much as it needs instead of the same share everywhere: a slower "
-                  "start, measured better when much is kept.",
+    "start, measured better when much is kept.",
     "anchor": "Keeps the stand-in close to your model on your examples, so more of what it learns carries over.",
     "gpus": "How many of this machine's GPUs share the training.",
     "rank": "Size of the add-on the training learns: larger can learn more and needs a little more memory.",
     "alpha": "How strongly the add-on changes the model (usually twice its size).",
     "dropout": "Randomly ignores a share of the add-on's input while training, against learning the examples "
-               "by heart.",
+    "by heart.",
     "steps": "How long it trains: more steps learn more and take longer.",
     "lr": "How big each training step is: too high is unstable, too low learns slowly.",
     "batch_size": "Examples looked at together in one step: more uses more memory.",
@@ -26,5 +26,5 @@ PLAIN: dict[str, str] = {
     "save_every": "How often progress is saved, so a stopped run can continue.",
     "seed": "Makes the run repeatable: the same seed, settings and data give the same result.",
     "lambda": "How the add-on is adjusted for your full model after training on the stand-in; auto tries "
-              "a few and keeps the best on held-out examples.",
+    "a few and keeps the best on held-out examples.",
 }

@@ -49,15 +49,36 @@ class Preset:
 
 
 PRESETS: tuple[Preset, ...] = (
-    Preset("faster", "Faster", "A first result soon: fewer, larger training steps and a smaller adapter; "
-           "it learns less from your data.",
-           {"train.steps": 60, "train.lr": 5e-4, "train.rank": 8, "train.alpha": 16.0, "train.eval_every": 20,
-            "train.save_every": 20, "correct.lambda_": 3.0, "calib": 32}),
+    Preset(
+        "faster",
+        "Faster",
+        "A first result soon: fewer, larger training steps and a smaller adapter; "
+        "it learns less from your data.",
+        {
+            "train.steps": 60,
+            "train.lr": 5e-4,
+            "train.rank": 8,
+            "train.alpha": 16.0,
+            "train.eval_every": 20,
+            "train.save_every": 20,
+            "correct.lambda_": 3.0,
+            "calib": 32,
+        },
+    ),
     Preset("balanced", "Balanced", "The recommended settings: a good adapter in a reasonable time.", {}),
-    Preset("best", "Best quality", "Longer training with a larger adapter and a closer copy of each layer; "
-           "about three times the training time.",
-           {"train.steps": 300, "train.rank": 32, "train.alpha": 64.0, "emulator.allocation": "spectral",
-            "calib": 128}),
+    Preset(
+        "best",
+        "Best quality",
+        "Longer training with a larger adapter and a closer copy of each layer; "
+        "about three times the training time.",
+        {
+            "train.steps": 300,
+            "train.rank": 32,
+            "train.alpha": 64.0,
+            "emulator.allocation": "spectral",
+            "calib": 128,
+        },
+    ),
 )
 DEFAULT_PRESET = "balanced"
 

@@ -23,9 +23,12 @@ def _minutes(text: str) -> int:
     return int(found.group(1) or 0) * 60 + int(found.group(2) or 0)
 
 
-def test_presets_lead_with_time_and_memory_and_advanced_is_folded(qtbot, fake: FakeEngine,  # type: ignore[no-untyped-def]
-                                                                  state: WizardState,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_presets_lead_with_time_and_memory_and_advanced_is_folded(
+    qtbot,
+    fake: FakeEngine,  # type: ignore[no-untyped-def]
+    state: WizardState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from emloc_engine.run import planning
 
     monkeypatch.setattr(planning, "plan_memory", real_plan_memory)  # real times and peaks (Llama-3-8B facts)
@@ -39,16 +42,22 @@ def test_presets_lead_with_time_and_memory_and_advanced_is_folded(qtbot, fake: F
     assert _minutes(texts["faster"]) < _minutes(texts["balanced"]) < _minutes(texts["best"])
     page.advanced_toggle.click()
     assert page.advanced.isVisible()
-    labels = [w.text() for w in page.advanced.findChildren(type(page.ratio_label)) if w.objectName() == "PageHint"]
+    labels = [
+        w.text() for w in page.advanced.findChildren(type(page.ratio_label)) if w.objectName() == "PageHint"
+    ]
     assert all(sentence in labels for sentence in (PLAIN["ratio"], PLAIN["rank"], PLAIN["lambda"]))
 
 
 def test_choosing_a_preset_sets_the_advanced_settings_and_editing_one_makes_it_custom(  # type: ignore[no-untyped-def]
-        qtbot, fake: FakeEngine, state: WizardState) -> None:
+    qtbot, fake: FakeEngine, state: WizardState
+) -> None:
     page = plan_page(qtbot, state)
     page.presets.buttons["best"].click()
     best = get_preset("best").overrides
-    assert page.settings["steps"].value() == best["train.steps"] and page.settings["rank"].value() == best["train.rank"]
+    assert (
+        page.settings["steps"].value() == best["train.steps"]
+        and page.settings["rank"].value() == best["train.rank"]
+    )
     assert page.allocation.isChecked()
     assert page.presets.current() == "best" and page.presets.custom.isHidden()
     assert page.validatePage() and state.config is not None and state.config.calib == best["calib"]

@@ -10,13 +10,17 @@ import pytest
 from PySide6.QtGui import QPalette
 
 from emloc_app.state import WizardState
-from emloc_engine.run.planning import plan_memory as REAL_PLAN_MEMORY  # noqa: N812  (before the fixtures replace it)
+from emloc_engine.run.planning import plan_memory as REAL_PLAN_MEMORY  # before the fixtures replace it
 from tests.app.fakes import FakeEngine
 from tests.app.fakes import open_plan_page as plan_page
 
 
-def test_show_command_names_the_run_folder_the_run_then_uses(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_show_command_names_the_run_folder_the_run_then_uses(
+    qtbot,
+    fake: FakeEngine,
+    state: WizardState,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     state.run_dir = None  # a new run: the page names its folder
     ticks = itertools.count()  # each call a second later, as when the user goes Back and Next again
 
@@ -138,14 +142,20 @@ def test_unchecked_boxes_are_visible_on_a_dark_palette(qtbot) -> None:  # type: 
     box.render(image)
     window = theme.dark_palette().color(QPalette.ColorRole.Window)
     # some pixel of the indicator stands out clearly from the window behind it
-    contrast = max(abs(QColor(image.pixel(x, y)).lightness() - window.lightness())
-                   for x in range(0, 18) for y in range(image.height()))
+    contrast = max(
+        abs(QColor(image.pixel(x, y)).lightness() - window.lightness())
+        for x in range(0, 18)
+        for y in range(image.height())
+    )
     assert contrast > 60
 
 
-def test_data_report_heading_stays_on_top_when_there_are_no_problems(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                    state: WizardState,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_report_heading_stays_on_top_when_there_are_no_problems(
+    qtbot,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    state: WizardState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from emloc_app.pages.data_page import DataPage
     from tests.app.fakes import report
 
@@ -168,9 +178,13 @@ def test_data_report_heading_stays_on_top_when_there_are_no_problems(qtbot, tmp_
         assert label.geometry().top() < 150 and label.height() <= label.sizeHint().height() + 12
 
 
-def test_plan_page_predicts_the_demo_on_a_cpu_in_minutes_not_an_hour(qtbot, fake: FakeEngine,  # type: ignore[no-untyped-def]
-                                                                      state: WizardState, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_page_predicts_the_demo_on_a_cpu_in_minutes_not_an_hour(
+    qtbot,
+    fake: FakeEngine,  # type: ignore[no-untyped-def]
+    state: WizardState,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The README's demo run took about 10 minutes on a 2-core CPU; the page said 53."""
     import dataclasses
 
@@ -194,8 +208,11 @@ def test_plan_page_predicts_the_demo_on_a_cpu_in_minutes_not_an_hour(qtbot, fake
     assert 3 <= minutes <= 12, minutes  # measured: about 10 (Faster fixes λ: no search)
 
 
-def test_demo_size_reads_the_same_before_and_after_it_is_prepared(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_size_reads_the_same_before_and_after_it_is_prepared(
+    qtbot,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from emloc_app.pages import model_page
     from emloc_app.pages.model_page import DEMO_FOLDER_BYTES, ModelPage, ModelTable
     from tests.app.fakes import GIB, machine, model_info

@@ -46,15 +46,19 @@ def test_emloc_run_preset_and_typed_options_win(tmp_path: Path) -> None:
     model.mkdir()
     (model / "config.json").write_text("{}")
     data.write_text("{}\n")
-    args = build_parser().parse_args(["run", str(model), str(data), "--out", str(tmp_path / "r"),
-                                      "--preset", "faster", "--rank", "4"])
+    args = build_parser().parse_args(
+        ["run", str(model), str(data), "--out", str(tmp_path / "r"), "--preset", "faster", "--rank", "4"]
+    )
     cfg = config_from_args(args)
     assert cfg.train.steps == get_preset("faster").overrides["train.steps"]
     assert cfg.train.rank == 4  # typed after the preset: wins
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "best"\nsteps = 7\n')
-    cfg = config_from_args(build_parser().parse_args(["run", str(model), str(data), "--out", str(tmp_path / "r"),
-                                                      "--config", str(toml)]))
+    cfg = config_from_args(
+        build_parser().parse_args(
+            ["run", str(model), str(data), "--out", str(tmp_path / "r"), "--config", str(toml)]
+        )
+    )
     assert cfg.train.rank == 32 and cfg.train.steps == 7 and cfg.emulator.allocation == "spectral"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "m", "d", "--out", "r", "--preset", "fastest"])
