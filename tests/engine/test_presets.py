@@ -28,7 +28,7 @@ def test_every_preset_names_real_settings_and_builds_a_valid_config() -> None:
         for path in p.overrides:
             option(path)  # a setting the CLI knows (KeyError otherwise)
     assert matching_preset(base) == "balanced"  # the defaults are Balanced
-    assert {"train.steps", "train.rank", "train.anchor"} <= set(preset_paths())
+    assert {"train.steps", "train.rank", "emulator.allocation"} <= set(preset_paths())
 
 
 def test_switching_presets_leaves_nothing_of_the_previous_one_and_keeps_other_settings() -> None:
