@@ -81,15 +81,22 @@ def stylesheet() -> str:
 def apply_theme(app: QApplication) -> None:
     """Fusion style, the palette of the system scheme, the app stylesheet; follow later changes."""
     app.setStyle(VisibleIndicators("Fusion"))
-    _apply_palette(app)
+    apply_palette(app, is_dark())
+    QGuiApplication.styleHints().colorSchemeChanged.connect(lambda _scheme: apply_palette(app, is_dark()))
+
+
+def light_palette(app: QApplication) -> QPalette:
+    pal = app.style().standardPalette()
+    pal.setColor(QPalette.ColorRole.Highlight, ACCENT)
+    return pal
+
+
+def apply_palette(app: QApplication, dark: bool) -> None:
+    """The dark or light palette for every widget, the stylesheet applied again on top.
+
+    Widgets already polished under a stylesheet keep the palette they had then: without setting the
+    stylesheet again, a change of theme while the app runs repainted only some of them (the pages
+    stayed light in a dark theme).
+    """
+    app.setPalette(dark_palette() if dark else light_palette(app))
     app.setStyleSheet(stylesheet())
-    QGuiApplication.styleHints().colorSchemeChanged.connect(lambda _scheme: _apply_palette(app))
-
-
-def _apply_palette(app: QApplication) -> None:
-    if is_dark():
-        app.setPalette(dark_palette())
-    else:
-        pal = app.style().standardPalette()
-        pal.setColor(QPalette.ColorRole.Highlight, ACCENT)
-        app.setPalette(pal)
