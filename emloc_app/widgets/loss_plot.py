@@ -20,8 +20,6 @@ from PySide6.QtCore import QEvent, QMargins, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
 from PySide6.QtWidgets import QGridLayout, QSizePolicy, QWidget
 
-from emloc_app import theme
-
 BUDGET_COLOR = "#d9534f"
 
 # metric name -> (chart key, series label, colour, scatter)
@@ -33,6 +31,14 @@ SERIES = {
     "gpu/allocated_gib": ("mem", "GPU memory (GiB)", "#a855f7", False),
 }
 CHARTS = {"loss": "Loss", "lr": "Learning rate", "mem": "GPU memory (GiB)"}
+
+
+def nice_step(rough: float) -> float:
+    """The smallest of 1, 2, 5 × 10ⁿ (at least 1: steps are whole) that is ≥ ``rough``."""
+    if rough <= 1:
+        return 1.0
+    power = 10 ** math.floor(math.log10(rough))
+    return float(next(m * power for m in (1, 2, 5, 10) if m * power >= rough))
 
 
 class _Chart:
@@ -77,14 +83,12 @@ class _Chart:
         self._fit_y()
 
     def _fit_x(self) -> None:
-        """0 … a little past the last step (so a marker there is whole), whole-number ticks never repeated."""
+        """0 … a little past the last step (so a marker there is whole), ticks every 1, 2 or 5 × 10ⁿ steps."""
         top = self.x_max + max(1.0, 0.04 * self.x_max)
         self.ax.setRange(0, top)
-        self.ax.applyNiceNumbers()
-        span = int(self.ax.max() - self.ax.min())
-        self.ax.setTickCount(max(2, min(6, span + 1)))
-        if span < 5:  # few steps: one tick per step
-            self.ax.setRange(0, max(1, span))
+        self.ax.setTickType(QValueAxis.TickType.TicksDynamic)
+        self.ax.setTickAnchor(0)
+        self.ax.setTickInterval(nice_step(top / 6))  # at most 7 ticks
 
     def _fit_y(self) -> None:
         lo, hi = self.y_min, self.y_max
@@ -98,8 +102,7 @@ class _Chart:
 
     def apply_palette(self, palette: QPalette) -> None:
         """Background, titles, labels and grid in the palette's colours (light or dark)."""
-        dark = theme.palette_is_dark(palette)
-        self.chart.setTheme(QChart.ChartTheme.ChartThemeDark if dark else QChart.ChartTheme.ChartThemeLight)
+        # colours set one by one: QChart.setTheme would also repaint the series in the theme's colours
         text = palette.color(QPalette.ColorRole.WindowText)
         self.chart.setBackgroundBrush(palette.color(QPalette.ColorRole.Base))
         self.chart.setTitleBrush(text)

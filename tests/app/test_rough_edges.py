@@ -64,8 +64,10 @@ def test_empty_plots_print_no_axis_labels_and_step_ticks_never_repeat(qtbot) -> 
     plot.on_metric("train/loss", 1.9, 2)
     ax = plot.charts["loss"].ax
     assert _labels_visible(plot, "loss")
-    step = (ax.max() - ax.min()) / (ax.tickCount() - 1)
-    assert step >= 1 and step == int(step)  # whole steps between ticks: no label printed twice
+    assert ax.tickInterval() >= 1 and ax.tickInterval() == int(ax.tickInterval())  # whole steps: no label twice
+    for step in range(3, 101):
+        plot.on_metric("train/loss", 1.0, step)
+    assert 100 < ax.max() < 110 and ax.tickInterval() == 20  # the axis ends near the last step
     plot.clear()
     assert not _labels_visible(plot, "loss")
 
@@ -124,6 +126,9 @@ def test_charts_follow_a_dark_palette(qtbot) -> None:  # type: ignore[no-untyped
     background = plot.charts["loss"].chart.backgroundBrush().color()
     assert background.lightness() < 100  # not the light theme's white
     assert background == theme.dark_palette().color(QPalette.ColorRole.Base)
+    plot.on_metric("train/loss", 2.0, 1)
+    plot.setPalette(theme.dark_palette())  # a theme change keeps the series' own colours
+    assert plot.series["train loss"].pen().color().name() == "#3b82f6"
 
 
 def test_unchecked_boxes_are_visible_on_a_dark_palette(qtbot) -> None:  # type: ignore[no-untyped-def]
