@@ -7,7 +7,7 @@
 ``--engine real`` (the default) runs what a new user runs: this machine detected, the demo model
 prepared, the demo data inspected with its tokenizer, the plan of the Faster preset, a short real run
 (``--steps``, 4 by default: minutes on a laptop CPU) with its live plots, and a real side-by-side answer
-on the Try page. Nothing is written outside a temporary ``EMLOC_HOME``. ``--engine fake`` shows a large
+on the Try page. Nothing is written outside a temporary ``EMLOC_HOME``, removed at the end. ``--engine fake`` shows a large
 model on a GPU (the GPU-memory chart with its budget line) without any model work.
 
 Each page is grabbed once per theme: the palette is switched (what the app does when the system
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -204,6 +205,7 @@ def main() -> int:
     finally:
         wizard.shutdown()
         shutdown_workers()
+        shutil.rmtree(tmp, ignore_errors=True)  # the demo copy and the run folder: only the PNGs are kept
     return 0
 
 
