@@ -122,7 +122,7 @@ class LossPlot(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        grid = QGridLayout(self)
+        grid = self.grid = QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
         self.charts = {key: _Chart(title) for key, title in CHARTS.items()}
         for i, c in enumerate(self.charts.values()):
@@ -144,6 +144,7 @@ class LossPlot(QWidget):
         self.on_gpu = on_gpu
         mem = self.charts["mem"]
         mem.view.setVisible(on_gpu)
+        self.grid.setColumnStretch(list(self.charts).index("mem"), 1 if on_gpu else 0)  # no empty column
         if self.budget_line is None:
             line = QLineSeries()
             pen = QPen(QColor(BUDGET_COLOR), 1.5, Qt.PenStyle.DashLine)
