@@ -1,10 +1,12 @@
-"""Side-by-side generation: the base model and the base model + (corrected) adapter, streamed.
+"""Side-by-side chat: the base model and the base model + (corrected) adapter, streamed, turn by turn.
 
-Runs in a worker thread. One copy of the base model is loaded (cached across prompts); the
+Runs in a worker thread. One copy of the base model is loaded (cached across turns); the
 adapter is attached with peft and switched off for the base answer (``disable_adapter``), so
-both answers come from the same weights. Tokens stream through
-``transformers.TextIteratorStreamer`` from a generation thread; cancel is a stopping criterion
-that reads the worker's cancel flag.
+both answers come from the same weights. Each side keeps its own conversation; every turn is
+rendered with the model's chat template (system prompt first), answered greedily or by sampling
+(temperature, top-p; the oldest turns are left out when the conversation outgrows the model's context),
+and streamed through ``transformers.TextIteratorStreamer`` from a generation
+thread; Stop is a stopping criterion that reads the worker's cancel flag.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
@@ -38,15 +40,46 @@ class TextProgress(Progress, Protocol):
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
-    """One prompt for both models."""
+class ChatSettings:
+    """How to answer: the system prompt and the sampling settings (kept per run, see :mod:`.saved_prompts`).
+
+    ``temperature`` 0 means greedy decoding (the same answer every time); above 0 the next token is sampled
+    from the ``top_p`` nucleus of the distribution divided by ``temperature``.
+    """
+
+    system_prompt: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+
+
+Message: TypeAlias = dict[str, str]
+"""``{"role": "system" | "user" | "assistant", "content": ...}``"""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """The next turn of a conversation, for each side.
+
+    Each side keeps its own conversation: the user's turns are the same, the replies are that side's own
+    (``histories[side]`` ends with the new user message). Both sides are sampled with the same ``seed``.
+    """
 
     model_dir: Path
     adapter_dir: Path | None
-    prompt: str
-    max_new_tokens: int = 128
+    histories: dict[str, tuple[Message, ...]]
+    settings: ChatSettings = field(default_factory=ChatSettings)
     device: str = "auto"
-    sides: tuple[str, ...] = ("base", "tuned")
+    seed: int = 0
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return tuple(self.histories)
+
+    def messages(self, side: str) -> list[Message]:
+        """What the model of ``side`` reads: the system prompt (if any), then the conversation."""
+        system = self.settings.system_prompt.strip()
+        return ([{"role": "system", "content": system}] if system else []) + list(self.histories[side])
 
 
 def _device(device: str) -> str:
@@ -88,30 +121,66 @@ def load_pair(model_dir: Path, adapter_dir: Path | None, device: str) -> Pair:
     return model, tokenizer
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
-    """The prompt's token ids (1 × T), through the chat template when the tokenizer has one."""
+def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> torch.Tensor:
+    """The conversation's token ids (1 × T) ending where the assistant's reply starts.
+
+    With a chat template: the template with the generation prompt (a template that refuses the system role
+    gets the system prompt in front of the first user message instead). Without one: ``User: …`` /
+    ``Assistant: …`` lines, ending with ``Assistant:``.
+    """
     import torch
 
     if tokenizer.chat_template:
-        # return_dict=True: a BatchEncoding (the declared return type also covers the string and list forms)
-        out = cast("BatchEncoding", tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True))
+        try:
+            out = _templated(tokenizer, messages)
+        except Exception:  # jinja's TemplateError "System role not supported" (Gemma and others)
+            if not messages or messages[0]["role"] != "system":
+                raise
+            system, rest = messages[0]["content"], messages[1:]
+            if rest and rest[0]["role"] == "user":
+                rest = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+            out = _templated(tokenizer, rest)
     else:
-        out = tokenizer(prompt, return_tensors="pt")
+        names = {"system": "System", "user": "User", "assistant": "Assistant"}
+        text = "".join(f"{names.get(m['role'], m['role'])}: {m['content']}\n" for m in messages) + "Assistant:"
+        out = tokenizer(text, return_tensors="pt")
     ids = out["input_ids"]
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"the tokenizer returned {type(ids).__name__} for return_tensors='pt'")
     return ids
 
 
-def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[str, str]:
-    """Answer ``req.prompt`` with each side in turn, streaming text as ``progress.emit_text(chunk, side)``.
+def fit_context(tokenizer: PreTrainedTokenizerBase, messages: list[Message], limit: int | None) -> torch.Tensor:
+    """``conversation_ids`` of ``messages`` with the oldest turns left out until it fits ``limit`` tokens
+    (the system prompt and the last message always stay; ``None``: no limit)."""
+    ids = conversation_ids(tokenizer, messages)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while limit is not None and ids.shape[1] > limit and len(turns) > 1:
+        turns = turns[2:] if len(turns) > 2 else turns[1:]  # a user message and its reply
+        ids = conversation_ids(tokenizer, system + turns)
+    return ids
+
+
+def _templated(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> BatchEncoding:
+    # return_dict=True: a BatchEncoding (the declared return type also covers the string and list forms)
+    return cast("BatchEncoding", tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True))
+
+
+def chat_side_by_side(req: ChatRequest, progress: TextProgress) -> dict[str, str]:
+    """Answer the last user message of each side's conversation, in turn, streaming the reply as
+    ``progress.emit_text(chunk, side)``.
+
+    The base side is the same weights with the adapter switched off (``disable_adapter``). Tokens come
+    from a ``TextIteratorStreamer`` filled by ``generate`` in a helper thread; Stop is a stopping
+    criterion reading the worker's cancel flag, checked between tokens.
 
     Returns:
-        ``{side: full text}``.
+        ``{side: reply}``.
 
     Raises:
-        Cancelled: the user pressed Stop (checked between tokens).
+        Cancelled: the user pressed Stop.
         ModelNotFound: the model or adapter folder is missing.
     """
     import contextlib
@@ -123,8 +192,11 @@ def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[
     device = _device(req.device)
     progress.update(0.05, "Loading the model…")
     model, tokenizer = load_pair(req.model_dir, req.adapter_dir, device)
-    ids = _prompt_ids(tokenizer, req.prompt).to(device)
     cancel = threading.Event()
+    st = req.settings
+    sampling: dict[str, object] = {"do_sample": False}
+    if st.temperature > 0:
+        sampling = {"do_sample": True, "temperature": st.temperature, "top_p": st.top_p}
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> bool:
@@ -132,23 +204,28 @@ def generate_side_by_side(req: GenerateRequest, progress: TextProgress) -> dict[
 
     out: dict[str, str] = {}
     for i, side in enumerate(req.sides):
-        progress.update(0.1 + 0.9 * i / len(req.sides), f"Generating ({side})…")
+        progress.update(0.1 + 0.9 * i / len(req.sides), f"Answering ({'base' if side == 'base' else 'fine-tuned'})…")
+        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        limit = window - st.max_new_tokens if isinstance(window, int) and window > st.max_new_tokens else None
+        ids = fit_context(tokenizer, req.messages(side), limit).to(device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         # the base answer: the same weights with the adapter switched off
         adapter_off = model.disable_adapter if side == "base" and isinstance(model, PeftModel) else None
         errors: list[BaseException] = []
+        torch.manual_seed(req.seed)  # both sides draw from the same random stream
 
         def work(adapter_off: Callable[[], AbstractContextManager[None]] | None = adapter_off,
-                 streamer: TextIteratorStreamer = streamer, errors: list[BaseException] = errors) -> None:
+                 streamer: TextIteratorStreamer = streamer, errors: list[BaseException] = errors,
+                 ids: torch.Tensor = ids) -> None:
             ctx = adapter_off() if adapter_off is not None else contextlib.nullcontext()
             try:
                 with torch.no_grad(), ctx:
                     # AutoModelForCausalLM's classes and PeftModelForCausalLM generate; PreTrainedModel alone
                     # does not declare it (GenerationMixin is mixed into the concrete classes)
                     cast("GenerationMixin", model).generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens,
-                        do_sample=False, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
-                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=st.max_new_tokens,
+                        streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()]),
+                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
             except BaseException as exc:  # re-raised on the worker thread below
                 errors.append(exc)
                 streamer.end()

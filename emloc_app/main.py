@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_excepthooks(path)
 
     state: WizardState | None = None
-    start = Page.Machine
+    start: Page | None = None  # None: the wizard's choice (the Runs page when runs exist)
     if args.run_dir is not None:
         from emloc_engine.core.errors import EngineError
 
@@ -156,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         start = Page.Try if done else Page.Machine
     wizard = EmlocWizard(state)
-    wizard.setStartId(int(start))
+    if start is not None:
+        wizard.setStartId(int(start))
+    if state is not None and state.run_dir is not None:
+        wizard.settings.add_recent_run(state.run_dir)  # listed on the Runs page from now on
     wizard.show()
     if args.smoke_test:
         title = wizard.currentPage().title()

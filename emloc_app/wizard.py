@@ -15,6 +15,7 @@ from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
 from emloc_app.pages.plan_page import PlanPage
 from emloc_app.pages.run_page import RunPage
+from emloc_app.pages.runs_page import RunsPage
 from emloc_app.pages.try_page import TryPage
 from emloc_app.settings import Settings
 from emloc_app.state import WizardState
@@ -30,6 +31,7 @@ class Page(IntEnum):
     Plan = 3
     Run = 4
     Try = 5
+    Runs = 6  # the start page when runs exist (its Next goes to Machine; the Try page is the last)
 
 
 class EmlocWizard(QWizard):
@@ -56,13 +58,16 @@ class EmlocWizard(QWizard):
         self.plan_page = PlanPage(self.state)
         self.run_page = RunPage(self.state)
         self.try_page = TryPage(self.state)
+        self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try})
         self.pages: dict[Page, BasePage] = {
             Page.Machine: self.machine_page, Page.Model: self.model_page, Page.Data: self.data_page,
             Page.Plan: self.plan_page, Page.Run: self.run_page, Page.Try: self.try_page,
+            Page.Runs: self.runs_page,
         }
         for pid, page in self.pages.items():
             self.setPage(int(pid), page)
         self.currentIdChanged.connect(self._page_changed)
+        self.setStartId(int(Page.Runs if self.runs_page.has_runs() else Page.Machine))
         if self.state.model_dir is None and self.settings.last_model is not None:
             self.state.model_dir = self.settings.last_model
         if self.state.data_path is None and self.settings.last_data is not None \

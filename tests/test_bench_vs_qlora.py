@@ -105,3 +105,19 @@ def test_merge_unites_runs_split_by_seed_and_task() -> None:
     other["model_name"] = "other"
     with pytest.raises(ValueError, match="different model_name"):
         bvq.merge([a, other])
+
+
+def test_headline_compares_at_no_more_than_qlora_measured_memory() -> None:
+    data = _fake([(0.7, 0.8, 0.8)])
+    sd = data["seeds"]["0"]
+    rec = sd["emloc"]["tasks"]["t"]
+    # planner's ρ 0.5 used 0.57 GiB; the planner's "QLoRA's memory" ρ 0.05 only 0.48 GiB; QLoRA measured 0.68 GiB
+    rec["units"][0]["train"]["peak_vram_gib"] = 0.57
+    rec["units"].append({"variant": bvq.EMLOC_VARIANT, "ratio": 0.05, "auto": {"loss": 3.9},
+                         "train": {"peak_vram_gib": 0.48}})
+    sd["matched_ratio"] = 0.05
+    sd["qlora"]["t"]["train"]["peak_vram_gib"] = 0.68
+    text = bvq.headline(bvq.summary(data))
+    # the closer-memory row (planner's ρ, 70%) is the one compared, and the memory gap is said
+    assert "at less GPU memory (EMLoC 0.57 GiB at ρ 0.50, QLoRA 0.68 GiB)" in text
+    assert "EMLoC keeps 70%" in text and "QLoRA ahead" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,14 +105,19 @@ class DataPage(BasePage):
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
         self.setTitle("Training data")
-        self.setSubTitle("JSONL/JSON/CSV/Parquet with messages, ShareGPT, Alpaca or prompt/completion "
+        self.setSubTitle("JSONL/JSON/CSV/Parquet files or Hugging Face datasets folders with messages, ShareGPT, Alpaca or prompt/completion "
                          "records, or plain text. Every problem is listed with its line before any training.")
         self.path = QLineEdit()
         self.path.setObjectName("path")
-        self.path.setPlaceholderText("Dataset file (the demo dataset when empty)")
+        self.path.setPlaceholderText("Dataset file, datasets folder or cached dataset name (the demo dataset when empty)")
         self.path.editingFinished.connect(self.schedule_inspect)
         self.browse = QPushButton("&Browse…")
         self.browse.clicked.connect(self._browse)
+        self.browse_folder = QPushButton("Fol&der…")
+        self.browse_folder.setObjectName("browse_folder")
+        self.browse_folder.setToolTip("A Hugging Face datasets folder (save_to_disk) or a folder of Parquet/Arrow "
+                                      "files. A dataset in your local datasets cache: type its name (org/name).")
+        self.browse_folder.clicked.connect(self._browse_folder)
         self.demo_combo = QComboBox()
         self.demo_combo.setToolTip("Demo datasets built from text shipped with the app")
         self.demo_combo.activated.connect(self._demo_chosen)
@@ -147,6 +153,7 @@ class DataPage(BasePage):
         file_row.addWidget(self.path, 1)
         file_row.addWidget(self.demo_combo)
         file_row.addWidget(self.browse)
+        file_row.addWidget(self.browse_folder)
         top = QFormLayout()
         top.addRow(_buddy("&File:", self.path), file_row)
         fmt_row = QHBoxLayout()
@@ -296,7 +303,7 @@ class DataPage(BasePage):
         self.summary.setText(text)
         self.problems.setRowCount(len(problems))
         for i, p in enumerate(problems):
-            where = Path(p.file).name + (f":{p.line}" if p.line is not None else "")
+            where = dataclasses.replace(p, file=Path(p.file).name).where()  # name:line, or name: row N
             item = QTableWidgetItem(where)
             item.setToolTip(p.file)
             self.problems.setItem(i, 0, item)
@@ -315,6 +322,13 @@ class DataPage(BasePage):
     def _browse(self) -> None:
         start = self.path.text() or str(Path.home())
         name, _ = QFileDialog.getOpenFileName(self, "Choose a dataset", start, FILE_FILTER)
+        if name:
+            self.path.setText(name)
+            self.schedule_inspect()
+
+    def _browse_folder(self) -> None:
+        start = self.path.text() or str(Path.home())
+        name = QFileDialog.getExistingDirectory(self, "Choose a dataset folder", start)
         if name:
             self.path.setText(name)
             self.schedule_inspect()

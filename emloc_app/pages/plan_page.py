@@ -71,8 +71,6 @@ steps at lr 5e-4 show a visible change in minutes (measured while building the d
 at lr 5e-4 turned "The king is a just ruler…" into "King John: / I have been in the king's court…")."""
 LAMBDA_CHOICES: tuple[tuple[str, float | None], ...] = (
     ("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0), ("exact (∞)", math.inf), ("none (0)", 0.0))
-ANCHOR_ONE_GPU = ("Anchored training runs on one GPU: with several GPUs the trainer's auto turns it off "
-                  "(emloc run --gpus N). Set GPUs to 1 to anchor.")
 DEFAULT_CALIB = int(option("calib").default)
 SPECTRAL_BUILD_FACTOR = 2.0
 """How much longer the emulator build takes with ``allocation="spectral"``: benchmarks/RESULTS.md
@@ -325,7 +323,7 @@ class PlanPage(BasePage):
     def anchor_choice(self) -> str:
         """``TrainOptions.anchor`` for the checkbox: "auto" when checked, else "none".
 
-        Checked stays "auto" with several GPUs too: the trainer's auto turns anchoring off there.
+        With several GPUs each one computes the offsets of its own examples (the engine's anchor_chunks).
         A run made with "blocks" or "linears" (the CLI's) keeps it while the box stays checked.
         """
         if not self.anchor.isChecked():
@@ -334,10 +332,9 @@ class PlanPage(BasePage):
         return recorded if recorded != "none" else "auto"
 
     def _update_anchor_box(self) -> None:
-        """Anchoring runs on one GPU: the checkbox is disabled (its choice kept) while GPUs > 1."""
-        several = self.gpu_count() > 1
-        self.anchor.setEnabled(not several)
-        self.anchor.setToolTip(f"{ANCHOR_ONE_GPU}\n\n{self._anchor_help}" if several else self._anchor_help)
+        """Anchoring works on any number of GPUs: the checkbox stays enabled, with the setting's help."""
+        self.anchor.setEnabled(True)
+        self.anchor.setToolTip(self._anchor_help)
 
     def _init_gpus(self, saved: int | None) -> None:
         """Offer the GPU count when the machine has several CUDA GPUs; 1 (hidden) otherwise."""

@@ -1,8 +1,11 @@
-"""Page 6: the same prompt through the base model and the fine-tuned one, side by side; exports."""
+"""Page 6: chat with the base model and the fine-tuned one side by side (multi-turn, system prompt,
+temperature / top-p / max tokens, streamed, Stop), the prompts kept in the run folder; exports."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,10 +13,12 @@ from PySide6.QtCore import Qt, QUrl
 from PySide6.QtGui import QDesktopServices, QTextCursor
 from PySide6.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -22,8 +27,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.generation import GenerateRequest, generate_side_by_side
+from emloc_app.generation import ChatRequest, ChatSettings, Message, chat_side_by_side
 from emloc_app.pages.common import BasePage
+from emloc_app.saved_prompts import SavedPrompts, load_prompts, save_prompts
 from emloc_app.state import WizardState
 from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.core.layout import RunLayout
@@ -42,6 +48,7 @@ EXPORTS = (
     ("gguf", "GGUF", "One file for llama.cpp, Ollama and LM Studio."),
 )
 DEFAULT_PROMPT = "Write two sentences about the sea."
+log = logging.getLogger(__name__)
 
 
 def export(cfg: ExportConfig, progress: Progress) -> ExportResult:
@@ -66,35 +73,90 @@ class TryPage(BasePage):
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
         self.setTitle("Try and export")
-        self.setSubTitle("Ask both models the same thing; then export the fine-tuned model.")
-        self.prompt = QPlainTextEdit(DEFAULT_PROMPT)
-        self.prompt.setObjectName("prompt")
-        self.prompt.setMaximumHeight(70)
-        self.prompt.setTabChangesFocus(True)
+        self.setSubTitle("Chat with the base and the fine-tuned model side by side; then export the fine-tuned model.")
+        defaults = ChatSettings()
+        self.system_prompt = QLineEdit()
+        self.system_prompt.setObjectName("system_prompt")
+        self.system_prompt.setPlaceholderText("System prompt (optional): how the assistant should behave")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setObjectName("temperature")
+        self.temperature.setRange(0.0, 2.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setDecimals(2)
+        self.temperature.setSpecialValueText("0 (fixed)")
+        self.temperature.setValue(defaults.temperature)
+        self.temperature.setToolTip("Randomness of the answers: 0 always picks the most likely word (the same "
+                                    "answer every time); higher is more varied (0.7 is usual).")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setObjectName("top_p")
+        self.top_p.setRange(0.05, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setValue(defaults.top_p)
+        self.top_p.setToolTip("Sample only among the most likely words that together make this share of the "
+                              "probability (1 = all words). Not used at temperature 0.")
         self.max_tokens = QSpinBox()
-        self.max_tokens.setRange(1, 4096)
-        self.max_tokens.setValue(128)
+        self.max_tokens.setObjectName("max_tokens")
+        self.max_tokens.setRange(1, 8192)
+        self.max_tokens.setValue(defaults.max_new_tokens)
         self.max_tokens.setSuffix(" tokens")
+        self.max_tokens.setToolTip("The longest answer, in tokens (about ¾ of a word each).")
         self.adapter_choice = QComboBox()
         self.adapter_choice.addItem("corrected adapter", "corrected")
         self.adapter_choice.addItem("adapter as trained (uncorrected)", "trained")
         self.adapter_choice.setToolTip("The uncorrected adapter shows what the correction step changes.")
-        self.generate = QPushButton("&Generate")
+        self.prompt = QPlainTextEdit(DEFAULT_PROMPT)
+        self.prompt.setObjectName("prompt")
+        self.prompt.setMaximumHeight(64)
+        self.prompt.setTabChangesFocus(True)
+        self.prompt.setPlaceholderText("Your message to both models")
+        self.saved = QComboBox()
+        self.saved.setObjectName("saved_prompts")
+        self.saved.setToolTip("Prompts asked of this run before (kept in the run folder, prompts.json).")
+        self.saved.activated.connect(self._saved_chosen)
+        self.generate = QPushButton("&Send")
         self.generate.setObjectName("generate")
         self.generate.setDefault(False)
         self.generate.clicked.connect(self.start_generation)
         self.stop = QPushButton("S&top")
+        self.stop.setObjectName("stop")
         self.stop.setEnabled(False)
         self.stop.clicked.connect(self.stop_generation)
+        self.new_chat = QPushButton("New &chat")
+        self.new_chat.setObjectName("new_chat")
+        self.new_chat.setToolTip("Forget the conversation so far (the saved prompts stay).")
+        self.new_chat.clicked.connect(self.clear_chat)
         self.outputs = {"base": QPlainTextEdit(), "tuned": QPlainTextEdit()}
         for name, w in self.outputs.items():
             w.setObjectName(f"output_{name}")
             w.setReadOnly(True)
         self.gen_status = QLabel()
         self.gen_status.setObjectName("PageHint")
+        self.conversations: dict[str, list[Message]] = {"base": [], "tuned": []}
+        self._streamed: dict[str, str] = {}
+        self._saved_prompts = SavedPrompts()
+        self._pending: ChatRequest | None = None
+        self._chat_run: Path | None = None
 
-        chat = QGroupBox("Try it")
+        chat = QGroupBox("Chat with both models")
         cl = QVBoxLayout(chat)
+        settings_row = QHBoxLayout()
+        settings_row.addWidget(self.system_prompt, 3)
+        knobs: tuple[tuple[str, QWidget], ...] = (
+            ("Temperature", self.temperature), ("Top-p", self.top_p), ("Up to", self.max_tokens))
+        for text, knob in knobs:
+            settings_row.addWidget(QLabel(text))
+            settings_row.addWidget(knob)
+        cl.addLayout(settings_row)
+        panes = QGridLayout()
+        panes.addWidget(QLabel("<b>Base model</b>"), 0, 0)
+        tuned_head = QHBoxLayout()
+        tuned_head.addWidget(QLabel("<b>Fine-tuned</b> with"))
+        tuned_head.addWidget(self.adapter_choice)
+        tuned_head.addStretch(1)
+        panes.addLayout(tuned_head, 0, 1)
+        panes.addWidget(self.outputs["base"], 1, 0)
+        panes.addWidget(self.outputs["tuned"], 1, 1)
+        cl.addLayout(panes, 1)
         pr = QHBoxLayout()
         pr.addWidget(self.prompt, 1)
         side = QVBoxLayout()
@@ -102,19 +164,12 @@ class TryPage(BasePage):
         side.addWidget(self.stop)
         pr.addLayout(side)
         cl.addLayout(pr)
-        opts = QHBoxLayout()
-        opts.addWidget(QLabel("Fine-tuned with"))
-        opts.addWidget(self.adapter_choice)
-        opts.addWidget(QLabel("up to"))
-        opts.addWidget(self.max_tokens)
-        opts.addWidget(self.gen_status, 1)
-        cl.addLayout(opts)
-        panes = QGridLayout()
-        panes.addWidget(QLabel("<b>Base model</b>"), 0, 0)
-        panes.addWidget(QLabel("<b>Fine-tuned</b>"), 0, 1)
-        panes.addWidget(self.outputs["base"], 1, 0)
-        panes.addWidget(self.outputs["tuned"], 1, 1)
-        cl.addLayout(panes, 1)
+        below = QHBoxLayout()
+        below.addWidget(QLabel("Earlier prompts"))
+        below.addWidget(self.saved, 2)
+        below.addWidget(self.new_chat)
+        below.addWidget(self.gen_status, 1)
+        cl.addLayout(below)
         self.body.addWidget(chat, 1)
 
         # exports
@@ -158,6 +213,10 @@ class TryPage(BasePage):
 
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
+        if self.state.run_dir != self._chat_run:  # another run: its own prompts, a new conversation
+            self._chat_run = self.state.run_dir
+            self.clear_chat()
+            self.load_saved()
         if self.state.config is not None:
             self.gguf_type.setCurrentText(self.state.config.export.gguf_type)
         layout = self.layout_()
@@ -186,46 +245,125 @@ class TryPage(BasePage):
             return None
         return {"merged": layout.merged, "adapter": layout.root / "adapter-export", "gguf": layout.gguf}.get(fmt)
 
-    # -- generation --------------------------------------------------------------------------
-    def generate_request(self) -> GenerateRequest:
+    # -- chat ------------------------------------------------------------------------------
+    def chat_settings(self) -> ChatSettings:
+        return ChatSettings(self.system_prompt.text(), self.temperature.value(), self.top_p.value(),
+                            self.max_tokens.value())
+
+    def load_saved(self) -> None:
+        """The run's saved prompts and settings (``RUN_DIR/prompts.json``) into the widgets."""
+        if self.state.run_dir is None:
+            return
+        self._saved_prompts = saved = load_prompts(self.state.run_dir)
+        st = saved.settings
+        self.system_prompt.setText(st.system_prompt)
+        self.temperature.setValue(st.temperature)
+        self.top_p.setValue(st.top_p)
+        self.max_tokens.setValue(st.max_new_tokens)
+        self.saved.clear()
+        for prompt in reversed(saved.prompts):  # newest first
+            self.saved.addItem(prompt.replace("\n", " ⏎ ")[:120], prompt)
+        self.saved.setEnabled(bool(saved.prompts))
+        if saved.prompts:
+            self.prompt.setPlainText(saved.prompts[-1])
+
+    def _saved_chosen(self, index: int) -> None:
+        prompt = self.saved.itemData(index)
+        if isinstance(prompt, str):
+            self.prompt.setPlainText(prompt)
+
+    def _remember(self, prompt: str) -> None:
+        if self.state.run_dir is None or not self.state.run_dir.is_dir():
+            return
+        saved = dataclasses.replace(self._saved_prompts.with_prompt(prompt), settings=self.chat_settings())
+        try:
+            save_prompts(self.state.run_dir, saved)
+        except OSError as exc:  # a read-only run folder: the chat works, the prompts are not kept
+            log.warning("Could not save the prompts in %s: %s", self.state.run_dir, exc)
+            return
+        self._saved_prompts = saved
+        self.saved.clear()
+        for p in reversed(saved.prompts):
+            self.saved.addItem(p.replace("\n", " ⏎ ")[:120], p)
+        self.saved.setEnabled(True)
+
+    def chat_request(self, prompt: str) -> ChatRequest:
+        """The next turn: each side's conversation so far plus ``prompt``."""
         if self.state.model_dir is None:
             raise ConfigError("No model chosen.", hint="Choose one on the Model page.")
-        return GenerateRequest(self.state.model_dir, self.adapter_dir(), self.prompt.toPlainText().strip(),
-                               self.max_tokens.value(), self.state.device)
+        turn: Message = {"role": "user", "content": prompt}
+        histories = {side: (*conv, turn) for side, conv in self.conversations.items()}
+        return ChatRequest(self.state.model_dir, self.adapter_dir(), histories, self.chat_settings(),
+                           self.state.device, seed=random.randrange(2**31))
 
     def start_generation(self) -> None:
         if self.busy("generate"):
             return
+        prompt = self.prompt.toPlainText().strip()
+        if not prompt:
+            return
         try:
-            req = self.generate_request()
+            req = self.chat_request(prompt)
         except EngineError as exc:
             self.banner.show_error(exc, retry=False)
             return
-        for w in self.outputs.values():
-            w.clear()
+        self._pending = req
+        self._streamed = {side: "" for side in req.sides}
+        for side, pane in self.outputs.items():
+            sep = "\n\n" if pane.toPlainText() else ""
+            self._append(side, f"{sep}You: {prompt}\n\n{'Base' if side == 'base' else 'Fine-tuned'}: ")
+        self._remember(prompt)
+        self.prompt.clear()
         self.generate.setEnabled(False)
         self.stop.setEnabled(True)
+        self.new_chat.setEnabled(False)
         self.gen_status.setText("Loading…")
-        self.run_task("generate", generate_side_by_side, req, self._generated, on_text=self._on_text,
+        self.run_task("generate", chat_side_by_side, req, self._generated, on_text=self._on_text,
                       on_progress=lambda f, m: self.gen_status.setText(m), on_cancel=self._gen_cancelled)
 
-    def _on_text(self, side: str, chunk: str) -> None:
-        pane = self.outputs.get(side)
-        if pane is None:
-            return
+    def _append(self, side: str, text: str) -> None:
+        pane = self.outputs[side]
         pane.moveCursor(QTextCursor.MoveOperation.End)
-        pane.insertPlainText(chunk)
+        pane.insertPlainText(text)
+        pane.ensureCursorVisible()
+
+    def _on_text(self, side: str, chunk: str) -> None:
+        if side not in self.outputs:
+            return
+        self._streamed[side] = self._streamed.get(side, "") + chunk
+        self._append(side, chunk)
+
+    def _finish_turn(self, replies: dict[str, str]) -> None:
+        """Add the turn to each side's conversation (a stopped reply as far as it came)."""
+        req = self._pending
+        if req is None:
+            return
+        for side, history in req.histories.items():
+            self.conversations[side] = [*history, {"role": "assistant", "content": replies.get(side, "")}]
+        self._pending = None
 
     def _generated(self, result: dict[str, str]) -> None:
+        self._finish_turn(result)
         self.gen_status.setText("Done.")
 
     def _gen_cancelled(self) -> None:
+        self._finish_turn(self._streamed)
+        for side in self.outputs:
+            self._append(side, " [stopped]")
         self.gen_status.setText("Stopped.")
 
     def stop_generation(self) -> None:
         worker = self.workers.get("generate")
         if worker is not None:
             worker.request_cancel()
+
+    def clear_chat(self) -> None:
+        if self.busy("generate"):
+            return
+        self.conversations = {side: [] for side in self.outputs}
+        for pane in self.outputs.values():
+            pane.clear()
+        self.gen_status.setText("")
 
     # -- export ------------------------------------------------------------------------------
     def export_config(self, fmt: str) -> ExportConfig:
@@ -281,8 +419,11 @@ class TryPage(BasePage):
             for b in self.export_buttons.values():
                 b.setEnabled(True)
         if name == "generate":
+            if self._pending is not None:  # failed: the turn is kept as far as it came
+                self._finish_turn(self._streamed)
             self.generate.setEnabled(True)
             self.stop.setEnabled(False)
+            self.new_chat.setEnabled(True)
         super().task_finished(name)
 
     def open_run_folder(self) -> None:
@@ -294,3 +435,6 @@ class TryPage(BasePage):
 
     def isComplete(self) -> bool:
         return not self.busy()
+
+    def nextId(self) -> int:
+        return -1  # the last page (the Runs page has a higher id but comes first)

@@ -58,7 +58,7 @@ def resolve_model(text: str | Path) -> Path:
 
 
 def resolve_data(text: str | Path) -> Path:
-    """A dataset file from a path or ``demo`` (the default demo dataset).
+    """A dataset file or folder (or cached dataset name) from a path, or ``demo`` (the default demo dataset).
 
     Raises:
         DataError: the file does not exist.
@@ -72,5 +72,11 @@ def resolve_data(text: str | Path) -> Path:
         return Path(default[0].path)
     p = Path(s).expanduser()
     if not p.is_file():
-        raise DataError(f"Dataset file {p} does not exist.", hint="Pass a .jsonl/.json/.csv/.parquet/.txt file or 'demo'.")
+        from emloc_engine.data.hf_datasets import looks_like_dataset
+
+        if looks_like_dataset(p):  # a datasets/Parquet/Arrow folder, or a dataset in the local cache
+            return p
+        raise DataError(f"Dataset file {p} does not exist.",
+                        hint="Pass a .jsonl/.json/.csv/.parquet/.txt file, a datasets folder, a dataset in the "
+                             "local Hugging Face cache (org/name) or 'demo'.")
     return p

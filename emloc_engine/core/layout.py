@@ -12,6 +12,8 @@
     RUN_DIR/checkpoints/           training checkpoints (resume)
     RUN_DIR/cache/                 calibration statistics and other resumable intermediates
     RUN_DIR/logs/emloc.log         the engine's log for this run
+    RUN_DIR/tensorboard/           every logged metric: TensorBoard event files and metrics.jsonl
+    RUN_DIR/prompts.json           the Try page's conversation settings and prompts (the app's)
 """
 
 from __future__ import annotations
@@ -65,3 +67,11 @@ class RunLayout:
     @property
     def log_file(self) -> Path:
         return self.logs / "emloc.log"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def prompts(self) -> Path:
+        return self.root / "prompts.json"

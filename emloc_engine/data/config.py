@@ -36,7 +36,9 @@ class DataConfig:
         ConfigError: a setting is out of range or names an unknown format, field or mode.
     """
 
-    path: Path = field(metadata={"help": "Dataset file: .jsonl, .json, .csv, .tsv, .parquet or .txt."})
+    path: Path = field(metadata={"help": "Dataset file (.jsonl, .json, .csv, .tsv, .parquet, .txt), a Hugging Face "
+                                         "datasets folder (save_to_disk) or Parquet/Arrow folder, or the name of a "
+                                         "dataset in the local datasets cache (org/name)."})
     format: str = field(default="auto", metadata={"choices": ("auto", *FORMATS),
         "help": "Record format: auto (detected from the first record's fields), " + ", ".join(FORMATS) + "."})
     column_map: tuple[tuple[str, str], ...] = field(default=(), metadata={

@@ -135,13 +135,17 @@ def container_of(path: Path, fmt: str) -> str | None:
 
 
 def iter_records(path: Path, container: str, problems: ProblemLog) -> Iterator[Record]:
-    """Every record of a JSON/CSV/TSV/Parquet file, with its location; bad ones go to ``problems``."""
+    """Every record of a JSON/CSV/TSV/Parquet file or a dataset folder, with its location; bad ones go to ``problems``."""
     if container == "json":
         yield from _iter_json(path, problems)
     elif container in ("csv", "tsv"):
         yield from _iter_csv(path, problems, "\t" if container == "tsv" else ",")
     elif container == "parquet":
         yield from _iter_parquet(path, problems)
+    elif container == "dataset":  # a datasets folder, Parquet/Arrow folder or cached dataset (hf_datasets)
+        from emloc_engine.data.hf_datasets import iter_dataset_rows
+
+        yield from iter_dataset_rows(path, problems)
     else:  # pragma: no cover - callers check the container
         raise ValueError(container)
 

@@ -29,6 +29,7 @@ from emloc_engine.data.formats import (
     iter_text_chunks,
     not_text_problem,
 )
+from emloc_engine.data.hf_datasets import looks_like_dataset, source_files
 from emloc_engine.data.render import (
     FALLBACK_CHAT_TEMPLATE,
     Example,
@@ -128,10 +129,11 @@ def load_tokenizer(model_dir: Path | str) -> Any:
 
 
 def fingerprint(cfg: DataConfig) -> str:
-    """sha256 prefix of the file's bytes and the settings that change the examples (not the path)."""
+    """sha256 prefix of the file's bytes (a dataset folder's data files) and the settings that change the
+    examples (not the path)."""
     h = hashlib.sha256()
-    if cfg.path.is_file():
-        with cfg.path.open("rb") as f:
+    for file in [cfg.path] if cfg.path.is_file() else source_files(cfg.path):  # a dataset folder: its data files
+        with file.open("rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
     settings = {"format": cfg.format, "column_map": [list(p) for p in cfg.column_map],
@@ -163,11 +165,11 @@ class _Scan:
 
 def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
     path, problems = cfg.path, scan.problems
+    if looks_like_dataset(path):  # a folder, or a dataset in the local Hugging Face caches
+        yield from _dataset_samples(cfg, scan)
+        return
     if not path.exists():
         problems.error(None, "file not found", "not_found")
-        return
-    if path.is_dir():
-        problems.error(None, "is a folder; point at one dataset file", "not_found")
         return
     if _blank(path):
         problems.error(None, "the file is empty", "empty_file")
@@ -202,6 +204,19 @@ def _samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
     state = ReadState(cfg.format)
     try:
         yield from iter_record_samples(path, container, cfg, problems, state)
+    finally:
+        scan.fmt, scan.n_records = state.format, state.n_records
+
+
+def _dataset_samples(cfg: DataConfig, scan: _Scan) -> Iterator[Sample]:
+    """Samples of a ``datasets`` folder, Parquet/Arrow folder or cached dataset (:mod:`.hf_datasets`)."""
+    if cfg.format == "txt":
+        scan.problems.error(None, f"--format txt reads plain text files, but {cfg.path} is a dataset folder",
+                            "unknown_format")
+        return
+    state = ReadState(cfg.format)
+    try:
+        yield from iter_record_samples(cfg.path, "dataset", cfg, scan.problems, state)
     finally:
         scan.fmt, scan.n_records = state.format, state.n_records
 

@@ -77,9 +77,6 @@ class RunConfig:
             problems.append(f"gpus must be ≥ 1 (got {self.gpus})")
         if self.calib < 1:
             problems.append(f"calib must be ≥ 1 (got {self.calib})")
-        if self.gpus > 1 and self.train.anchor in ("blocks", "linears"):
-            problems.append(f"anchor {self.train.anchor!r} trains on one GPU only; use --anchor auto or none "
-                            f"with --gpus {self.gpus}")
         if problems:
             raise ConfigError("Invalid run settings.", problems=problems)
 

@@ -92,3 +92,16 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
                 path.unlink()
         with _held_guard:
             _held.discard(root)
+
+
+def lock_holder(run_dir: Path) -> dict[str, object] | None:
+    """Who holds ``run_dir``'s lock now (``pid``, ``host``, ``started``), or None; reads only, takes nothing."""
+    root = Path(run_dir).resolve()
+    with _held_guard:
+        if root in _held:
+            return {"pid": os.getpid(), "host": socket.gethostname()}
+    path = root / LOCK_NAME
+    if not path.exists():
+        return None
+    owner = _read(path)
+    return None if _stale(owner) else owner

@@ -12,7 +12,9 @@ all come here. Two entry points share one core:
   marked ``stale``.
 
 Either way: one process per run folder (:mod:`emloc_engine.run.lock`), leftovers of a dead writer
-(``*.partial``) are removed on resume, the run log goes to ``RUN_DIR/logs/emloc.log``, and the typed
+(``*.partial``) are removed on resume, the run log goes to ``RUN_DIR/logs/emloc.log``, every metric
+to ``RUN_DIR/tensorboard/`` (TensorBoard event files and ``metrics.jsonl``, through
+:meth:`RunSession.recording`), and the typed
 manifest (:mod:`emloc_engine.run.manifest`) records settings, input fingerprints, each stage's
 status, predicted and measured peak, result, and why it stopped.
 """
@@ -37,6 +39,7 @@ from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.run.config import STAGES, RunConfig, stage_of_setting
 from emloc_engine.run.lock import run_folder_lock
 from emloc_engine.run.manifest import InputRecord, Manifest, StageRecord, now, read_manifest, write_manifest
+from emloc_engine.run.metrics_log import MetricsWriter, RecordingMetrics
 from emloc_engine.run.options import changed_settings
 from emloc_engine.run.plan import check_budget
 from emloc_engine.run.runlog import attach_run_log, detach_run_log
@@ -90,6 +93,13 @@ class RunSession:
     layout: RunLayout
     manifest: Manifest
     events: RunEvents
+    metrics: MetricsWriter | None = None
+
+    def recording(self, stage: str, progress: Progress) -> Progress:
+        """``progress``, whose metrics also go to ``RUN_DIR/tensorboard/`` (:mod:`emloc_engine.run.metrics_log`)."""
+        if self.metrics is None:
+            self.metrics = MetricsWriter(self.layout.tensorboard)
+        return RecordingMetrics(progress, self.metrics, stage)
 
     def save(self) -> None:
         write_manifest(self.manifest)
@@ -135,9 +145,12 @@ def open_run(run_dir: Path, *, model_dir: Path | None = None,
         manifest = read_manifest(run_dir) or Manifest(root=run_dir)
         remove_dead_partials(run_dir)
         handler = attach_run_log(run_dir)
+        session = RunSession(RunLayout(run_dir), manifest, events or _NoEvents())
         try:
-            yield RunSession(RunLayout(run_dir), manifest, events or _NoEvents())
+            yield session
         finally:
+            if session.metrics is not None:
+                session.metrics.close()
             detach_run_log(handler)
 
 
@@ -161,6 +174,7 @@ def run_stage(session: RunSession, name: str, work: Callable[[], R], *,
         whatever the stage raises, after recording it (``cancelled`` for Cancel/Ctrl-C, else ``failed``).
     """
     m = session.manifest
+    earlier_paths = dict(m.stage(name).result.get("paths") or {})  # exports made before this one
     m.stages[name] = StageRecord(status="running", started=now(), predicted_peak_gib=predicted_peak_gib)
     session.save()
     session.events.stage_started(name)
@@ -179,6 +193,9 @@ def run_stage(session: RunSession, name: str, work: Callable[[], R], *,
     rec.status, rec.finished = "done", now()
     rec.measured_peak_gib = _measured_peak(result)
     rec.result = result_json(result) if result_json is not None else to_json(result)
+    if "paths" in rec.result:  # one format exported at a time: the record lists every export still there
+        kept = {k: v for k, v in earlier_paths.items() if isinstance(v, str) and Path(v).exists()}
+        rec.result["paths"] = {**kept, **rec.result["paths"]}
     for later in STAGES[STAGES.index(name) + 1:]:  # their inputs just changed
         if m.stage(later).status not in ("pending", "stale"):
             m.stages[later].status = "stale"
@@ -333,7 +350,7 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
                 skipped.append(name)
                 session.events.stage_finished(name, "skipped")
                 return None
-            p = sub(progress, *SLICES[name])
+            p = session.recording(name, sub(progress, *SLICES[name]))
             result = run_stage(session, name, lambda: work(p), predicted_peak_gib=predicted.get(name),
                                result_json=export_record if name == "export" else None)
             ran.append(name)

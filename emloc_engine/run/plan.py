@@ -225,10 +225,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
     emulator = EmulatorConfig(**options_of(cfg.emulator), model_dir=cfg.model_dir, out_dir=layout.emulator,
                               calibration_ids=(), ratio=record.ratio, device=cfg.device,
                               memory_budget_bytes=budget, factor_devices=factor_devices)
-    # Anchors need one process: with several GPUs, "auto" trains unanchored (and says so).
     train_options = options_of(cfg.train)
-    if cfg.gpus > 1 and cfg.train.anchor == "auto":
-        train_options["anchor"] = "none"
     train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed)
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,

@@ -117,6 +117,11 @@ class Checkpoint:
         """Tensor names starting with ``prefix`` (e.g. ``"model.layers.3."``)."""
         return (n for n in self._infos if n.startswith(prefix))
 
+    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose name starts with ``prefix`` (one decoder block), keyed by the rest of its
+        name, on the CPU in its stored dtype."""
+        return {n[len(prefix):]: self.get(n) for n in self.with_prefix(prefix)}
+
     def close(self) -> None:
         self._handles.clear()
 

@@ -246,12 +246,18 @@ class FakeEngine:
         return ExportResult(merged_dir=cfg.run_dir / "merged", adapter_dir=None, gguf_path=cfg.run_dir / "model.gguf",
                             verification=(("prompt", 1e-3),), peak_rss_gib=1.0)
 
-    def generate_side_by_side(self, req: Any, progress: Any) -> dict[str, str]:
+    def chat_side_by_side(self, req: Any, progress: Any) -> dict[str, str]:
+        """Streams ``Hello from SIDE #N`` (N: the user turns in that side's conversation)."""
+        self.calls.add("chat", req)
+        out = {}
         for side in req.sides:
-            for word in ("Hello", " from", f" {side}"):
+            turns = sum(m["role"] == "user" for m in req.histories[side])
+            words = ("Hello", " from", f" {side}", f" #{turns}")
+            for word in words:
                 progress.check_cancelled()
                 progress.emit_text(word, side)
-        return {s: f"Hello from {s}" for s in req.sides}
+            out[side] = "".join(words)
+        return out
 
     # -- putting them in place ---------------------------------------------------------------
     def install(self, patch: Patch) -> FakeEngine:
@@ -280,7 +286,7 @@ class FakeEngine:
             (distributed, ("train_lora_distributed",)),
             (corrector, ("correct_lora",)),
             (exporter, ("merge_and_export",)),
-            (try_page, ("generate_side_by_side",)),
+            (try_page, ("chat_side_by_side",)),
         ):
             for name in names:
                 patch(module, name, getattr(self, name))

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from emloc_app.pages.plan_page import ANCHOR_ONE_GPU
 from emloc_app.state import WizardState
 from emloc_engine.run import planning
 from emloc_engine.run.planning import plan_memory as real_plan_memory  # before the fixtures replace it
@@ -85,23 +84,21 @@ def test_real_planner_puts_the_anchors_on_the_train_bar(qtbot, fake: FakeEngine,
     assert train_stage().peak_bytes < peak_anchored
 
 
-def test_several_gpus_disable_it(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+def test_several_gpus_anchor_too(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
     state.machine = TWO_GPUS
     page = plan_page(qtbot, state)
     planned = fake.planned
     assert page.gpus.value() == 2
-    assert not page.anchor.isEnabled() and page.anchor.isChecked()  # the choice is kept for 1 GPU
-    assert page.anchor.toolTip().startswith(ANCHOR_ONE_GPU)
+    assert page.anchor.isEnabled() and page.anchor.isChecked()  # each GPU anchors its own examples
     assert planned[-1].num_gpus == 2
     page.gpus.setValue(1)
-    assert page.anchor.isEnabled() and ANCHOR_ONE_GPU not in page.anchor.toolTip()
+    assert page.anchor.isEnabled()
     assert planned[-1].num_gpus == 1 and planned[-1].anchored is True
     page.gpus.setValue(2)
-    assert not page.anchor.isEnabled()
     assert page.validatePage()
     assert state.config is not None and state.run_plan is not None
-    assert state.config.train.anchor == "auto"  # the user's choice, kept for one GPU
-    assert state.run_plan.train.anchor == "none"  # plan_run: anchors need one process
+    assert state.config.train.anchor == "auto"
+    assert state.run_plan.train.anchor == "auto"  # plan_run keeps it on several GPUs
 
 
 def test_reopen_restores_unchecked(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]

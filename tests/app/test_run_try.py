@@ -115,15 +115,15 @@ def try_page(qtbot, state: WizardState) -> TryPage:  # type: ignore[no-untyped-d
 
 def test_try_page_streams_both_sides(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
     page = try_page(qtbot, state)
-    req = page.generate_request()
+    req = page.chat_request("Hi")
     assert req.adapter_dir == state.run_dir / "adapter-corrected" and req.model_dir == state.model_dir
     page.adapter_choice.setCurrentIndex(1)
-    assert page.generate_request().adapter_dir == state.run_dir / "adapter"
+    assert page.chat_request("Hi").adapter_dir == state.run_dir / "adapter"
     page.adapter_choice.setCurrentIndex(0)
     page.generate.click()
     qtbot.waitUntil(lambda: not page.busy() and page.generate.isEnabled(), timeout=60_000)
-    assert page.outputs["base"].toPlainText() == "Hello from base"
-    assert page.outputs["tuned"].toPlainText() == "Hello from tuned"
+    assert page.outputs["base"].toPlainText().endswith("Base: Hello from base #1")
+    assert page.outputs["tuned"].toPlainText().endswith("Fine-tuned: Hello from tuned #1")
 
 
 def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]

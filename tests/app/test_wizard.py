@@ -88,6 +88,19 @@ def test_full_wizard_run_with_real_engine(qtbot, tmp_path: Path, monkeypatch) ->
     qtbot.waitUntil(lambda: not try_page.busy(), timeout=60000)
     assert "adapter" in try_page.state.exports, try_page.banner.title.text()
     assert wizard.button(QWizard.WizardButton.FinishButton).isVisible()
+    assert list((layout_root / "tensorboard").glob("events.out.tfevents.*"))  # metrics for TensorBoard
+    # the app restarts: the Runs page comes first and reopens the finished run on the Try page
+    wizard.shutdown()
+    again = EmlocWizard()
+    qtbot.addWidget(again)
+    again.show()
+    assert again.currentId() == Page.Runs
+    runs = again.runs_page
+    assert [(r.run_dir, r.status_text(), list(r.exports)) for r in runs.runs] == [(layout_root, "finished", ["adapter"])]
+    runs.table.selectRow(0)
+    runs.open_button.click()
+    assert again.currentId() == Page.Try and again.state.run_dir == layout_root
+    assert again.try_page.saved.count() == 1  # the prompt asked before, kept in the run folder
 
 
 def test_smoke_test_entry_point_exits_zero(tmp_path: Path) -> None:

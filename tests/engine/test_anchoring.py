@@ -115,21 +115,23 @@ def test_mode_resolution_names_the_reason() -> None:
     from emloc_engine.stages.training.anchoring import resolve_mode
 
     gib = 2**30
-    sizes = {"linears": 9 * gib, "blocks": gib}
-    assert resolve_mode("auto", sizes, 400 * gib, can_anchor=True)[0] == "blocks"  # auto never takes linears
-    mode, note = resolve_mode("auto", sizes, 8 * gib, can_anchor=True)
-    assert mode == "blocks" and "every block" in note and "1.00 GiB" in note
-    assert resolve_mode("linears", sizes, 10 * gib, can_anchor=True)[0] == "linears"
-    mode, note = resolve_mode("auto", {"linears": 27 * gib, "blocks": 3 * gib}, 8 * gib, can_anchor=True)
-    assert mode == "none" and "3.0 GiB" in note and "quarter" in note
-    assert resolve_mode("blocks", {"linears": 0, "blocks": 3 * gib}, 8 * gib, can_anchor=True)[0] == "blocks"
-    with pytest.raises(ConfigError, match=r"9\.0 GiB of RAM") as err:
-        resolve_mode("linears", sizes, 8 * gib, can_anchor=True)
-    assert "--anchor blocks" in err.value.hint
-    assert resolve_mode("auto", sizes, gib, can_anchor=False, why_not="no source")[1] == "anchoring off: no source"
+    step = {"linears": 9 * gib, "blocks": gib}
+    assert resolve_mode("auto", step, 400 * gib, can_anchor=True)[0] == "blocks"  # auto never takes linears
+    mode, note = resolve_mode("auto", step, 8 * gib, can_anchor=True, total_bytes={"blocks": gib, "linears": 0})
+    assert mode == "blocks" and "every block" in note and "1.00 GiB" in note and "chunks" not in note
+    # any dataset size: offsets beyond the cap are computed in chunks, not switched off
+    mode, note = resolve_mode("auto", step, 4 * gib, can_anchor=True, total_bytes={"blocks": 125 * gib, "linears": 0})
+    assert mode == "blocks" and "125.00 GiB" in note and "chunks of at most 4.00 GiB" in note
+    assert resolve_mode("linears", step, 10 * gib, can_anchor=True)[0] == "linears"
+    mode, note = resolve_mode("auto", {"linears": 27 * gib, "blocks": 3 * gib}, 2 * gib, can_anchor=True)
+    assert mode == "none" and "3.00 GiB" in note and "one step" in note
+    with pytest.raises(ConfigError, match=r"9\.00 GiB of RAM") as err:
+        resolve_mode("linears", step, 8 * gib, can_anchor=True)
+    assert "--anchor-ram-gib" in err.value.hint
+    assert resolve_mode("auto", step, gib, can_anchor=False, why_not="no source")[1] == "anchoring off: no source"
     with pytest.raises(ConfigError, match="no source"):
-        resolve_mode("blocks", sizes, gib, can_anchor=False, why_not="no source")
-    assert resolve_mode("none", sizes, gib, can_anchor=True)[0] == "none"
+        resolve_mode("blocks", step, gib, can_anchor=False, why_not="no source")
+    assert resolve_mode("none", step, gib, can_anchor=True)[0] == "none"
 
 
 def test_train_lora_anchors_by_default_and_refuses_without_the_source(pair: tuple[Path, Path],
@@ -167,7 +169,7 @@ def test_train_lora_anchors_by_default_and_refuses_without_the_source(pair: tupl
 def test_groups_sort_by_length_and_respect_the_token_cap() -> None:
     from types import SimpleNamespace
 
-    from emloc_engine.stages.training.anchoring import _groups
+    from emloc_engine.stages.training.anchoring import length_groups as _groups
 
     ex = [SimpleNamespace(input_ids=[0] * n) for n in (5, 3, 8, 2, 12)]
     assert _groups(ex, [0, 1, 2, 3, 4], 10) == [[4], [2], [0, 1], [3]]  # 12 alone (over the cap, still one)

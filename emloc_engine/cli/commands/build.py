@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 session.manifest.config = RunConfig(model_dir=model_dir, data=data, run_dir=Path(args.out),
                                                     ratio=cfg.ratio, device=device, gpus=gpus, seed=data.seed,
                                                     calib=_calib(args), emulator=options)
-            result = run_stage(session, "emulator", lambda: build_emulator(cfg, bar))
+            recording = session.recording("emulator", bar)
+            result = run_stage(session, "emulator", lambda: build_emulator(cfg, recording))
     finally:
         bar.close()
     print(f"Emulator: {result.emulator_dir}")

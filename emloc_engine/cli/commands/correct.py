@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     progress = TqdmProgress("correct")
     try:
         with open_run(cfg.run_dir) as session:
-            result = run_stage(session, "correct", lambda: correct_lora(cfg, progress))
+            recording = session.recording("correct", progress)
+            result = run_stage(session, "correct", lambda: correct_lora(cfg, recording))
     finally:
         progress.close()
     out = sys.stdout

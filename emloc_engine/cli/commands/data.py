@@ -48,7 +48,8 @@ def data_config_from_args(path: str, args: argparse.Namespace) -> DataConfig:
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("data", help=HELP, description=HELP)
-    p.add_argument("data", help="Dataset file: .jsonl, .json, .csv, .tsv, .parquet or .txt ('demo': the demo dataset).")
+    p.add_argument("data", help="Dataset file (.jsonl, .json, .csv, .tsv, .parquet, .txt), a datasets folder "
+                   "(save_to_disk) or Parquet/Arrow folder, a dataset in the local cache (org/name), or 'demo'.")
     p.add_argument("--model", help="Model folder or cached repo id: its tokenizer and chat template are used "
                                    "(no weights are loaded).")
     add_data_arguments(p)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from emloc_engine.core.progress import CancelToken
+from emloc_engine.core.progress import CancelToken, Progress
 
 HELP = "Stage 2: LoRA fine-tuning on the emulator."
 
@@ -82,12 +82,11 @@ def _graceful_ctrl_c(token: CancelToken) -> Iterator[None]:
 def _parallel_from_args(args: argparse.Namespace, cfg: Any) -> Any:
     """The :class:`~emloc_engine.stages.training.distributed.ParallelConfig` of ``--gpus N`` (None for one GPU)."""
     from emloc_engine.run.options import top_value, typed_values
-    from emloc_engine.stages.training.distributed import ParallelConfig, check_anchor, resolve_devices
+    from emloc_engine.stages.training.distributed import ParallelConfig, resolve_devices
 
     parallel = ParallelConfig(processes=int(top_value(typed_values(args), "gpus", 1)))
     if parallel.processes == 1:
         return None
-    check_anchor(cfg, parallel)
     resolve_devices(cfg.device, parallel)
     return parallel
 
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     token = CancelToken()
     progress = TqdmProgress("train", cancel=token)
 
-    def work() -> Any:
+    def work(progress: Progress) -> Any:
         with _graceful_ctrl_c(token):
             if parallel is not None:
                 from emloc_engine.stages.training.distributed import train_lora_distributed
@@ -122,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             if session.manifest.config is not None:  # the folder's settings now say what this adapter was made with
                 session.manifest.config = replace(session.manifest.config, data=cfg.data,
                                                   train=_options(cfg), seed=cfg.seed)
-            result = run_stage(session, "train", work)
+            recording = session.recording("train", progress)
+            result = run_stage(session, "train", lambda: work(recording))
             session.record_input("data", cfg.data.path, fingerprint(cfg.data))
     finally:
         progress.close()

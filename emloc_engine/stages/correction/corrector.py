@@ -49,13 +49,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from emloc_engine.core.architectures import num_blocks
 from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import ConfigError, MergeError, ModelNotFound, RunStateError, UnsupportedModel
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.core.version import __version__
 from emloc_engine.machine import devices
-from emloc_engine.stages.correction.evaluation import AdapterEvaluator
+from emloc_engine.stages.correction.evaluation import AdapterEvaluator, streamed_losses
 from emloc_engine.stages.training.batches import ExampleLike as TokenExample  # CorrectionConfig's name for it
 from emloc_engine.weights.adapters import (
     CORRECTION_META,
@@ -66,6 +67,7 @@ from emloc_engine.weights.adapters import (
     write_adapter,
 )
 from emloc_engine.weights.checkpoint import Checkpoint
+from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import read_emulator_meta
 
 if TYPE_CHECKING:
@@ -287,6 +289,9 @@ class CorrectionConfig(CorrectionOptions):
         "help": "Pre-tokenised held-out examples for choosing λ (used instead of data when given)."})
     device: str = field(default="auto", metadata={"help": "Where to compute: auto, cpu, cuda, cuda:N."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing corrected adapter."})
+    stream_original: bool = field(default=False, metadata={
+        "help": "Score every λ in one pass with the original streamed block by block from its shards (it need "
+                "not fit the GPU); off: load it whole and swap the LoRA weights per λ (faster where it fits)."})
 
 
     def __post_init__(self) -> None:
@@ -520,6 +525,8 @@ def _select_lambda(cfg: CorrectionConfig, paths: _Paths, prepared: dict[str, Pre
     grid = sorted(set(float(x) for x in cfg.lambda_grid))
     table: list[tuple[float, float]] = []
     dtype = devices.compute_dtype(device, cfg.dtype)
+    if cfg.stream_original:
+        return _select_lambda_streamed(cfg, paths, prepared, grid, examples, device, dtype, progress)
     progress.update(0.0, f"loading the original model for λ selection ({len(examples)} eval examples)")
     with AdapterEvaluator(paths.model_dir, paths.adapter_dir, examples, device=device, dtype=dtype,
                           batch_size=cfg.eval_batch_size, max_batches=cfg.max_eval_batches) as ev:
@@ -533,6 +540,35 @@ def _select_lambda(cfg: CorrectionConfig, paths: _Paths, prepared: dict[str, Pre
             progress.log("correct/eval_loss", loss, i)
             progress.update((i + 1) / len(grid), f"λ={lam:g}: held-out loss {loss:.4f}")
             log.info("λ=%s held-out loss %.5f (%d tokens)", lam, loss, ev.n_tokens)
+    return choose_lambda(table), tuple(table)
+
+
+def _select_lambda_streamed(cfg: CorrectionConfig, paths: _Paths, prepared: dict[str, PreparedModule],
+                            grid: Sequence[float], examples: Sequence[TokenExample], device: torch.device,
+                            dtype: torch.dtype, progress: Progress
+                            ) -> tuple[float, tuple[tuple[float, float], ...]]:
+    """:func:`_select_lambda` with the original streamed: every λ of the grid in one pass over the weights."""
+    adapter = read_adapter(paths.adapter_dir)
+    scales = {n: float(m.scale) for n, m in adapter.modules.items()}
+    candidates = [{n: (c.lora_A, c.lora_B) for n, c in corrected_weights(prepared, lam).items()} for lam in grid]
+    blocks = num_blocks(load_config(paths.model_dir))
+
+    def on_block(b: int) -> None:
+        progress.check_cancelled()
+        progress.update((b + 1) / max(blocks, b + 1), f"λ search, streamed: block {b + 1} of the original")
+
+    progress.update(0.0, f"λ search: {len(grid)} candidates, the original streamed ({len(examples)} eval examples)")
+    losses, n_tokens = streamed_losses(paths.model_dir, candidates, scales, examples, device=device, dtype=dtype,
+                                       batch_size=cfg.eval_batch_size, max_batches=cfg.max_eval_batches,
+                                       on_block=on_block)
+    table = []
+    for i, (lam, loss) in enumerate(zip(grid, losses, strict=True)):
+        if not math.isfinite(loss):
+            log.warning("Held-out loss at λ=%s is not finite; it will not be chosen.", lam)
+        table.append((lam, loss))
+        progress.log("correct/eval_loss", loss, i)
+        log.info("λ=%s held-out loss %.5f (%d tokens)", lam, loss, n_tokens)
+    progress.update(1.0, "λ search done")
     return choose_lambda(table), tuple(table)
 
 

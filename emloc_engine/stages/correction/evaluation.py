@@ -89,6 +89,55 @@ def heldout_loss(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor,
     return (total / count if count else float("nan")), count
 
 
+def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
+                    scales: Mapping[str, float], examples: Sequence[ExampleLike], *, device: torch.device,
+                    dtype: torch.dtype, batch_size: int = 4, max_batches: int = 16,
+                    on_block: Any = None) -> tuple[list[float], int]:
+    """Held-out loss of the original plus each candidate adapter, all in ONE pass over the weights.
+
+    The original is streamed block by block (:class:`~emloc_engine.weights.streamed.StreamedModel`);
+    per block, every candidate carries its own hidden states through it, so the weights are read once
+    for the whole λ grid. Each loss is :func:`heldout_loss`'s (same batches, same token weighting).
+
+    Args:
+        model_dir: the original model.
+        candidates: per candidate, module name -> ``(A, B)``.
+        scales: the LoRA scale ``s`` of each module.
+        examples, batch_size, max_batches: the held-out batches, as :class:`AdapterEvaluator` takes them.
+        device, dtype: where and in which dtype the blocks run.
+        on_block: called with the block index after each block (progress, cancel).
+
+    Returns:
+        The loss of each candidate, and the number of scored tokens.
+
+    Raises:
+        ConfigError: no example has a token with a loss.
+    """
+    from emloc_engine.stages.training.trainer import hidden_loss_sum
+    from emloc_engine.weights.streamed import StreamedModel, Variant
+
+    batches = _batches(examples, batch_size, max_batches, pad_id=0)
+    n_tokens = sum(int((b[2][:, 1:] != -100).sum()) for b in batches)
+    if n_tokens == 0:
+        raise ConfigError("The held-out examples have no token with a loss, so λ cannot be chosen on them.",
+                          hint="Use a dataset with assistant answers, or set λ by hand (--lambda 0|3|inf).")
+    ids = [[row[: int(m.sum())].tolist() for row, m in zip(b[0], b[1], strict=True)] for b in batches]
+    variants = [Variant(lora={n: (a, b, float(scales[n])) for n, (a, b) in c.items()}) for c in candidates]
+    totals = [0.0] * len(variants)
+    model = StreamedModel(model_dir, device=device, dtype=dtype)
+    hidden_bytes = len(variants) * sum(b[0].numel() for b in batches) * int(model.config.hidden_size) * \
+        torch.tensor([], dtype=dtype).element_size()
+
+    def finish(v: int, c: int, hidden: torch.Tensor) -> None:
+        totals[v] += float(hidden_loss_sum(model.skeleton, hidden, batches[c][2].to(device), chunk_tokens=256))
+
+    try:
+        model.run(ids, variants, finish, offload=device.type == "cuda" and hidden_bytes > 2**30, on_block=on_block)
+    finally:
+        model.close()
+    return [t / n_tokens for t in totals], n_tokens
+
+
 class AdapterEvaluator:
     """The original model with the trained adapter attached, evaluated for candidate LoRA weights.
 

@@ -46,7 +46,7 @@ from emloc_engine.weights.checkpoint import Checkpoint
 
 def _block_tensors(ckpt: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor of one block, CPU, stored dtype, keyed by its name inside the block."""
-    return {n[len(prefix):]: ckpt.get(n) for n in ckpt.with_prefix(prefix)}
+    return ckpt.read_prefix(prefix)
 
 
 class BlockLoop:

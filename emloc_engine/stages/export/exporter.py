@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 # type of the export: fp32 is exact up to summation order; fp16/bf16 round every weight (2^-11 / 2^-8
 # relative); Q8_0 rounds to 8 bits per block of 32. Wrong tensor layouts give differences of order 1.
 # Rounded exports may also reach 1.5 × their measured rounding floor (module docstring, "Tolerances").
-TOLERANCES = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
+TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2, "f32": 1e-4, "f16": 1e-2, "bf16": 3e-2,
               "q8_0": 1e-1}
 _NON_WEIGHT_SKIP = {"model.safetensors.index.json", "README.md", ".gitattributes"}
 _CODE_SUFFIXES = (".py", ".pyc", ".so")
@@ -95,6 +95,9 @@ class ExportConfig(ExportOptions):
         "help": "The peft adapter to merge; default RUN_DIR/adapter-corrected, else RUN_DIR/adapter."})
     overwrite: bool = field(default=False, metadata={"help": "Replace exports that already exist."})
     device: str = field(default="cpu", metadata={"help": "Device for verification: cpu, cuda or auto."})
+    stream_original: bool = field(default=False, metadata={
+        "help": "Verify with every model streamed block by block from its shards (the original need not fit "
+                "the device; one pass per model for all prompts and comparisons); off: load each whole."})
     run_facts: RunFacts = field(default_factory=RunFacts, metadata={
         "help": "What the run recorded (data, ρ, steps, eval loss), for the model card."})
 
@@ -391,6 +394,12 @@ def _verify(cfg: ExportConfig, adapter_dir: Path, n_modules: int, merged: Path |
 
     dev = resolve_device(cfg.device)
     dtype = _verify_dtype(cfg.model_dir, dev)
+    if cfg.stream_original:
+        from emloc_engine.stages.export.streamed_verify import verify_streamed
+
+        if dev.type == "cuda":  # streamed because it does not fit: the storage dtype, judged against its floor
+            dtype = _storage_dtype(cfg.model_dir) if _storage_dtype(cfg.model_dir).is_floating_point else dtype
+        return verify_streamed(cfg, adapter_dir, n_modules, merged, gguf, gguf_source, progress, dev, dtype)
     ids = _prompt_ids(cfg.model_dir, cfg.prompts)
     ver = _Verification()
     progress.update(0.0, "Verifying: original + adapter (peft)")
@@ -437,22 +446,26 @@ def _gguf_rounding_floor(model: Any, gguf_type: str, ids: list[torch.Tensor], de
     :func:`~emloc_engine.stages.export.gguf_export._target_type` decides); 1-D tensors stay F32.
     The q/k row permutation of the Llama family moves whole rows, so it changes no rounding.
     """
-    import gguf
-    import numpy as np
-
     for p in model.parameters():  # tied embeddings appear once
         if p.dim() < 2 or not p.is_floating_point():
             continue
-        if gguf_type == "bf16":
-            p.copy_(p.to(torch.bfloat16).to(p.dtype))
-        elif gguf_type == "q8_0" and p.shape[-1] % 32 == 0:
-            q8 = gguf.GGMLQuantizationType.Q8_0
-            arr = p.detach().float().cpu().numpy()
-            back = gguf.quants.dequantize(gguf.quants.quantize(arr, q8), q8)
-            p.copy_(torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(arr.shape)).to(p))
-        else:
-            p.copy_(p.to(torch.float16).to(p.dtype))
+        p.copy_(_gguf_round(p, gguf_type))
     return _max_diff(ref, _logits(model, ids, dev))
+
+
+def _gguf_round(p: torch.Tensor, gguf_type: str) -> torch.Tensor:
+    """A 2-D weight rounded as the GGUF stores it, in its own dtype and device (see :func:`_gguf_rounding_floor`)."""
+    import gguf
+    import numpy as np
+
+    if gguf_type == "bf16":
+        return p.to(torch.bfloat16).to(p.dtype)
+    if gguf_type == "q8_0" and p.shape[-1] % 32 == 0:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        arr = p.detach().float().cpu().numpy()
+        back = gguf.quants.dequantize(gguf.quants.quantize(arr, q8), q8)
+        return torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(arr.shape)).to(p)
+    return p.to(torch.float16).to(p.dtype)
 
 
 def _storage_dtype(model_dir: Path) -> torch.dtype:

@@ -21,8 +21,11 @@ Cost: one inference pass of the original and then one of the emulator (never bot
 device: :func:`anchors_for_training`) over the examples the run will visit
 (:func:`emloc_engine.stages.training.batches.visited_examples`), and ``L × tokens × hidden`` offsets in the compute dtype (CPU memory:
 :func:`anchor_bytes`; one micro-batch at a time on the device, the size of the checkpointed
-activations). ``TrainConfig.anchor = "auto"`` anchors when the offsets take at most a quarter of
-the available RAM (:func:`resolve_mode`).
+activations). The offsets are held a chunk of examples at a time, under ``TrainConfig.anchor_ram_gib``
+(:mod:`emloc_engine.stages.training.anchor_chunks`): a run whose visited examples fit the cap
+computes them all once, before training (:func:`anchors_for_training`); a larger one, or one whose
+original is streamed, computes each chunk when training reaches it. ``anchor = "auto"`` anchors
+whenever one step's offsets fit the cap (:func:`resolve_mode`), on any number of GPUs.
 
 Measured (benchmarks/RESULTS.md, Quality, SmolLM2-135M on Shakespeare, one seed, λ auto): the
 share of the full-LoRA gain that reaches the original rose from 32% / 53% / 72% to 73% / 83% / 89%
@@ -37,7 +40,7 @@ emulator (≈ the original with the adapter), not the bare emulator.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,16 +68,22 @@ def anchor_points(causal_lm: Any, where: str) -> tuple[str, ...]:
     ones): with a zero adapter *every* activation, not only the residual stream between blocks, is
     the original's, so every adapter reads the original's input.
     """
+    return points_for_config(causal_lm.config, where, len(decoder_layers(causal_lm)))
+
+
+def points_for_config(config: Any, where: str, blocks: int | None = None) -> tuple[str, ...]:
+    """:func:`anchor_points` from a model config alone (``blocks``: the decoder's block count)."""
     if where not in WHERE:
         raise ConfigError(f"Anchor placement must be one of {', '.join(WHERE)} (got {where!r}).")
-    n = len(decoder_layers(causal_lm))
+    text = getattr(config, "text_config", None) or config
+    n = int(blocks if blocks is not None else text.num_hidden_layers)
     if where == "blocks":
         return tuple(f"model.layers.{i}" for i in range(n))
     if where == "output":
         return (f"model.layers.{n - 1}",)
     from emloc_engine.core.architectures import arch_spec
 
-    spec = arch_spec(causal_lm.config)
+    spec = arch_spec(config)
     return tuple(f"model.layers.{i}.{m}" for i in range(n) for m in spec.linear_modules)
 
 
@@ -110,6 +119,7 @@ class Anchors:
     offsets: dict[int, torch.Tensor] = field(default_factory=dict)
     where: str = "blocks"
     eval_base: int | None = None  # eval example j has key eval_base + j (emloc_engine.stages.training.trainer.prepare_anchors)
+    feed: Any = None  # an AnchorFeed (anchor_chunks) that computes chunks on demand; None: every offset is here
     _current: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -136,6 +146,12 @@ class Anchors:
             batch[row, :t.shape[0]] = t
         batch = batch.to(device) if device is not None else batch
         self._current = {p: batch[..., a:a + w] for p, a, w in zip(self.points, self.starts, self.widths, strict=True)}
+
+    def ensure(self, needed: Sequence[int], upcoming: Iterable[Sequence[int]], model: Any) -> None:
+        """Have the offsets of ``needed`` at hand: with a ``feed``, computes the next chunk
+        (:class:`~emloc_engine.stages.training.anchor_chunks.AnchorFeed`); without one, a no-op."""
+        if self.feed is not None:
+            self.feed.ensure(self, needed, upcoming, model)
 
     def clear(self) -> None:
         self._current = {}
@@ -168,7 +184,6 @@ class Anchors:
 
 
 MODES = ("auto", "blocks", "linears", "none")
-AUTO_RAM_FRACTION = 0.25  # "auto" anchors when the offsets take at most this share of the available RAM
 
 
 def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], width: int, bytes_per: int = 2) -> int:
@@ -176,15 +191,23 @@ def anchor_bytes(examples: Sequence[Any], indices: Sequence[int], width: int, by
     return width * bytes_per * sum(len(examples[i].input_ids) for i in indices)
 
 
-def resolve_mode(mode: str, nbytes: Mapping[str, int], available_bytes: int, *, can_anchor: bool,
-                 why_not: str = "") -> tuple[str, str]:
-    """``(linears|blocks|none, note)`` for a requested mode, given the offsets' size per placement.
+def size_text(nbytes: float) -> str:
+    """``"4.00 GiB"``, or MiB below a hundredth of a GiB (small runs would all read ``0.00 GiB``)."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 100 else f"{nbytes / 2**20:.2f} MiB"
 
-    ``auto`` anchors at every block when those offsets fit a quarter of the available RAM, else not
-    at all. It never picks ``linears``: measured 3 points better at the same ρ on SmolLM2-135M, but
-    its micro-batch offsets on the GPU are 5–9× the block ones (2.8 GB per 1024 tokens of an 8B
-    model, where blocks need 0.27 GB), which would cost more ρ than it gains. An explicit placement
-    that cannot be honoured raises ConfigError.
+
+def resolve_mode(mode: str, step_bytes: Mapping[str, int], cap_bytes: int, *, can_anchor: bool,
+                 why_not: str = "", total_bytes: Mapping[str, int] | None = None) -> tuple[str, str]:
+    """``(linears|blocks|none, note)`` for a requested mode.
+
+    Offsets are held a chunk at a time under ``cap_bytes`` (``--anchor-ram-gib``,
+    :mod:`emloc_engine.stages.training.anchor_chunks`), so the dataset size no longer matters: only
+    one optimizer step's offsets (``step_bytes`` per placement) must fit the cap. ``auto`` anchors at
+    every block whenever they do. It never picks ``linears``: measured 3 points better at the same ρ
+    on SmolLM2-135M, but its micro-batch offsets on the GPU are 5–9× the block ones (2.8 GB per 1024
+    tokens of an 8B model, where blocks need 0.27 GB), which would cost more ρ than it gains. An
+    explicit placement that cannot be honoured raises ConfigError. ``total_bytes`` (the offsets of
+    every visited example) only goes into the note.
     """
     if mode not in MODES:
         raise ConfigError(f"Anchoring must be one of {', '.join(MODES)} (got {mode!r}).")
@@ -195,21 +218,25 @@ def resolve_mode(mode: str, nbytes: Mapping[str, int], available_bytes: int, *, 
             raise ConfigError(f"Anchored training is not possible here: {why_not}.", hint="Use --anchor none.")
         return "none", f"anchoring off: {why_not}"
     label = {"linears": "every linear layer", "blocks": "every block"}
-    if mode != "auto":
-        gib = nbytes[mode] / 2**30
-        if nbytes[mode] > available_bytes:
-            raise ConfigError(f"Anchored training needs {gib:.1f} GiB of RAM for its offsets; "
-                              f"{available_bytes / 2**30:.1f} GiB is available.",
-                              hint="Use fewer --steps, a smaller --batch-size or --max-length, "
-                                   "--anchor blocks (about a fifth of it) or --anchor none.")
-        return mode, f"anchored at {label[mode]} ({gib:.2f} GiB of offsets)"
-    if nbytes["blocks"] <= AUTO_RAM_FRACTION * available_bytes:
-        return "blocks", f"anchored at {label['blocks']} ({nbytes['blocks'] / 2**30:.2f} GiB of offsets)"
-    return "none", (f"anchoring off: its offsets would take {nbytes['blocks'] / 2**30:.1f} GiB, more than a "
-                    f"quarter of the {available_bytes / 2**30:.1f} GiB of available RAM")
+    chosen = "blocks" if mode == "auto" else mode
+    if step_bytes[chosen] > cap_bytes:
+        if mode == "auto":
+            return "none", (f"anchoring off: one step's offsets take {size_text(step_bytes[chosen])}, "
+                            f"more than the {size_text(cap_bytes)} anchors may hold")
+        raise ConfigError(f"Anchored training needs {size_text(step_bytes[chosen])} of RAM for the offsets "
+                          f"of one step; anchors may hold {size_text(cap_bytes)}.",
+                          hint="Raise --anchor-ram-gib, use a smaller --batch-size or --max-length, "
+                               "--anchor blocks (about a fifth of it) or --anchor none.")
+    total = (total_bytes or {}).get(chosen)
+    if total is None:
+        return chosen, f"anchored at {label[chosen]}"
+    if total <= cap_bytes:
+        return chosen, f"anchored at {label[chosen]} ({size_text(total)} of offsets)"
+    return chosen, (f"anchored at {label[chosen]} ({size_text(total)} of offsets, computed in chunks "
+                    f"of at most {size_text(cap_bytes)})")
 
 
-def _groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
+def length_groups(examples: Sequence[Any], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Indices sorted by length, cut into groups of at most ``max_tokens`` padded tokens (≥ 1 each)."""
     order = sorted((int(i) for i in indices), key=lambda i: -len(examples[i].input_ids))
     groups: list[list[int]] = []
@@ -256,7 +283,7 @@ def anchors_for_training(model_dir: Path, emulator_dir: Path, examples: Sequence
         per_token = anchor_width(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), where) * \
             torch.tensor([], dtype=dtype).element_size()
         max_tokens = min(4096, (256 * 2**20) // per_token)
-    groups = _groups(examples, indices, max_tokens)
+    groups = length_groups(examples, indices, max_tokens)
     kwargs: dict[str, Any] = {"device_map": str(device)} if device.type == "cuda" else {}
     original: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs)
     original = original.to(device).eval()

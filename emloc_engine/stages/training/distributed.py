@@ -108,13 +108,6 @@ class ParallelConfig:
 # Public entry points.
 
 
-def check_anchor(cfg: TrainConfig, parallel: ParallelConfig) -> None:
-    """Refuse an explicit anchor placement on several processes (``auto`` quietly trains unanchored there)."""
-    if parallel.processes > 1 and cfg.anchor in ("blocks", "linears"):
-        raise ConfigError("Anchored training runs on one GPU (its offsets are not split across processes yet).",
-                          hint="Use --gpus 1, or --anchor none (or auto, which turns it off on several GPUs).")
-
-
 def train_lora_distributed(cfg: TrainConfig, parallel: ParallelConfig,
                            progress: Progress = NULL_PROGRESS) -> TrainResult:
     """:func:`~emloc_engine.stages.training.trainer.train_lora`, data-parallel over ``parallel.processes`` processes.
@@ -144,22 +137,26 @@ def train_lora_distributed(cfg: TrainConfig, parallel: ParallelConfig,
 
     if parallel.processes == 1:
         return train_lora(cfg, progress)
-    check_anchor(cfg, parallel)
     resolve_devices(cfg.device, parallel)  # refuse impossible device settings before reading data
     read_emulator_meta(cfg.resolved_emulator_dir)
     tokenizer = load_tokenizer(cfg.resolved_emulator_dir)
     data = prepare_dataset(cfg.data, tokenizer)
     result = train_examples_distributed(cfg, parallel, data.train, data.eval, progress,
                                         pad_id=pad_token_id(tokenizer),
-                                        data_fingerprint=str(getattr(data.report, "fingerprint", "")))
-    note = "anchoring off" if cfg.anchor == "none" else f"anchoring off: training on {parallel.processes} processes"
-    return dataclasses.replace(result, anchor="none", anchor_note=note)
+                                        data_fingerprint=str(getattr(data.report, "fingerprint", "")),
+                                        anchored=True)
+    return result
 
 
 def train_examples_distributed(cfg: TrainConfig, parallel: ParallelConfig, train: Sequence[ExampleLike],
                                eval_: Sequence[ExampleLike], progress: Progress = NULL_PROGRESS, *,
-                               pad_id: int = 0, data_fingerprint: str = "") -> TrainResult:
-    """:func:`train_lora_distributed` on already tokenised examples (see ``train_on_examples``)."""
+                               pad_id: int = 0, data_fingerprint: str = "", anchored: bool = False) -> TrainResult:
+    """:func:`train_lora_distributed` on already tokenised examples (see ``train_on_examples``).
+
+    ``anchored``: anchor as ``cfg.anchor`` says, each rank computing the offsets of its own examples
+    (:func:`~emloc_engine.stages.training.trainer.prepare_anchors`); off, like ``train_on_examples``
+    without anchors.
+    """
     from emloc_engine.stages.training.trainer import train_on_examples
 
     if parallel.processes == 1:
@@ -168,7 +165,7 @@ def train_examples_distributed(cfg: TrainConfig, parallel: ParallelConfig, train
         raise ConfigError("The training split is empty.", hint="Use a dataset with more samples.")
     devices = resolve_devices(cfg.device, parallel)
     job = _TrainJob(cfg=cfg, train=PackedExamples.pack(train), eval_=PackedExamples.pack(eval_), pad_id=pad_id,
-                    data_fingerprint=data_fingerprint)
+                    data_fingerprint=data_fingerprint, anchored=anchored)
     result: TrainResult = launch(_train_worker, job, parallel, devices, progress)
     return result
 
@@ -336,18 +333,27 @@ class _TrainJob:
     eval_: PackedExamples
     pad_id: int
     data_fingerprint: str
+    anchored: bool = False
 
 
 def _train_worker(comm: Collectives, job: _TrainJob) -> TrainResult:
-    from emloc_engine.stages.training.trainer import train_on_examples
+    from emloc_engine.stages.training.trainer import anchor_record, prepare_anchors, train_on_examples
+    from emloc_engine.weights.lowrank import read_emulator_meta
 
     cfg = dataclasses.replace(job.cfg, device=comm.device)
+    # Each rank computes the offsets of its own examples, a chunk at a time (anchor_chunks).
+    anchors, note, seconds = None, "anchoring off", 0.0
+    if job.anchored:
+        anchors, note, seconds = prepare_anchors(cfg, read_emulator_meta(cfg.resolved_emulator_dir), job.train,
+                                                 comm.progress(), job.eval_, processes=comm.world_size, rank=comm.rank)
     result = train_on_examples(cfg, job.train, job.eval_, comm.progress(), pad_id=job.pad_id,
                                data_fingerprint=job.data_fingerprint,
-                               data_parallel=_TrainParallel(comm, cfg.seed, cfg.batch_size))
-    peak = torch.tensor([result.peak_vram_gib], dtype=torch.float64)
+                               data_parallel=_TrainParallel(comm, cfg.seed, cfg.batch_size), anchors=anchors)
+    record = anchor_record(anchors, note, seconds)
+    peak = torch.tensor([result.peak_vram_gib, float(record.get("anchor_peak_bytes", 0))], dtype=torch.float64)
     comm.all_reduce_([peak], op="max")
-    return dataclasses.replace(result, peak_vram_gib=float(peak.item()))
+    record["anchor_peak_bytes"] = int(peak[1].item())
+    return dataclasses.replace(result, peak_vram_gib=float(peak[0].item()), **record)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,9 +46,14 @@ class TrainOptions:
     anchor: str = field(default="auto", metadata={"choices": ANCHORS,
         "help": "Anchor the emulator to the original at every block on the training examples, so the adapter "
                 "learns the task rather than repairs of the emulator (measured: far more of the gain reaches the "
-                "original). auto = at every block when the offsets fit a quarter of the free RAM (one GPU only); "
+                "original). auto = at every block whenever one step's offsets fit --anchor-ram-gib (any dataset size, "
+                "any number of GPUs); "
                 "blocks = at every block; linears = at every linear layer (every adapter reads the original's "
                 "input, measured a little better, but 5-9x the offsets, on the GPU too); none = off."})
+    anchor_ram_gib: float = field(default=4.0, metadata={
+        "help": "Most RAM the anchors' offsets take at once, in GiB: they are computed for the next chunk of "
+                "examples that fits, and dropped after use, so any dataset size stays anchored (split over "
+                "the GPUs when training on several)."})
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -74,6 +79,8 @@ class TrainOptions:
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be at least 1 (got {self.keep_checkpoints})."),
             (self.dtype in TRAIN_DTYPES, f"dtype must be one of {', '.join(TRAIN_DTYPES)} (got {self.dtype!r})."),
             (all(isinstance(t, str) and t for t in self.target_modules), "target module names must be non-empty."),
+            (self.anchor_ram_gib > 0 and math.isfinite(self.anchor_ram_gib),
+             f"anchor_ram_gib must be a positive number of GiB (got {self.anchor_ram_gib})."),
             (self.anchor in ANCHORS,
              f"anchor must be auto, blocks, linears or none (got {self.anchor!r})."),
         ]

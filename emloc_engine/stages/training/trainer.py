@@ -38,7 +38,7 @@ import re
 import shutil
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -112,6 +112,9 @@ class TrainConfig(TrainOptions):
         "help": "Continue from the newest checkpoint in RUN_DIR/checkpoints (off = start over and delete them)."})
     device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu."})
     seed: int = field(default=0, metadata={"help": "Seed of the LoRA initialisation, dropout and data order."})
+    stream_original: bool = field(default=False, metadata={
+        "help": "Run the original block by block from its shards for the anchors (it need not fit the GPU); "
+                "off: load it whole when all the anchors are computed at once (faster where it fits)."})
 
     def _problems(self) -> list[str]:
         device_ok = bool(_DEVICE_RE.match(self.device))
@@ -152,6 +155,8 @@ class TrainResult:
     anchor: str = "none"
     anchor_note: str = ""
     anchor_s: float = 0.0
+    anchor_peak_bytes: int = 0  # most RAM the offsets held at once (anchor_chunks)
+    anchor_chunks: int = 0  # chunks of offsets computed (1: all at once)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record for the run manifest."""
@@ -161,7 +166,8 @@ class TrainResult:
                 "wall_s": self.wall_s, "peak_vram_gib": self.peak_vram_gib,
                 "resumed_from_step": self.resumed_from_step, "target_modules": list(self.target_modules),
                 "trainable_params": self.trainable_params, "anchor": self.anchor, "anchor_note": self.anchor_note,
-                "anchor_s": self.anchor_s}
+                "anchor_s": self.anchor_s, "anchor_peak_bytes": self.anchor_peak_bytes,
+                "anchor_chunks": self.anchor_chunks}
 
 
 def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainResult:
@@ -190,21 +196,31 @@ def train_lora(cfg: TrainConfig, progress: Progress = NULL_PROGRESS) -> TrainRes
     anchors, note, seconds = prepare_anchors(cfg, meta, data.train, progress, data.eval)
     result = train_on_examples(cfg, data.train, data.eval, progress, pad_id=pad_token_id(tokenizer),
                                data_fingerprint=str(getattr(data.report, "fingerprint", "")), anchors=anchors)
-    return replace(result, anchor="none" if anchors is None else anchors.where, anchor_note=note, anchor_s=seconds)
+    return replace(result, **anchor_record(anchors, note, seconds))
 
 
 def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequence[ExampleLike],
                     progress: Progress = NULL_PROGRESS,
-                    eval_: Sequence[ExampleLike] = ()) -> tuple[Anchors | None, str, float]:
+                    eval_: Sequence[ExampleLike] = (), *, processes: int = 1,
+                    rank: int = 0) -> tuple[Anchors | None, str, float]:
     """The anchors ``cfg.anchor`` asks for (:mod:`emloc_engine.stages.training.anchoring`), the decision's note, seconds.
 
     The eval examples that :meth:`_Session.evaluate` scores get offsets too (keyed after the training
     examples, ``Anchors.eval_base``), so the eval loss is that of the anchored emulator: on those
     examples the original plus the adapter as the emulator sees it, not the bare emulator's loss,
     which anchored training no longer lowers.
+
+    When every visited example's offsets fit ``cfg.anchor_ram_gib`` (one process, original not
+    streamed) they are computed here, all at once, with the original loaded whole. Otherwise the
+    returned :class:`Anchors` is empty with a :class:`~emloc_engine.stages.training.anchor_chunks.AnchorFeed`
+    that computes each chunk when training reaches it, with the original streamed; with
+    ``processes`` ranks each holds at most ``anchor_ram_gib / processes``, and rank ``rank`` keeps the
+    offsets of the eval batches it scores.
     """
-    import psutil
     from transformers import AutoConfig
+
+    from emloc_engine.stages.training.anchor_chunks import AnchorFeed
+    from emloc_engine.stages.training.anchoring import points_for_config
 
     if cfg.anchor == "none":
         return None, "anchoring off", 0.0
@@ -217,21 +233,47 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
     examples = [*train, *eval_[:n_eval]] if n_eval else train
     visited = visited_examples(len(train), cfg.batch_size, cfg.seed, cfg.steps * cfg.grad_accum)
     visited += [len(train) + j for j in range(n_eval)]
-    nbytes = {"linears": 0, "blocks": 0}
+    cap = int(cfg.anchor_ram_gib * 2**30 / processes)
+    total = {"linears": 0, "blocks": 0}
+    step = dict(total)
+    widths: dict[str, int] = {}
+    config: Any = None
+    size = torch.tensor([], dtype=weight_dtype).element_size()
     if can:
         config = AutoConfig.from_pretrained(cfg.resolved_emulator_dir, trust_remote_code=False)
-        size = torch.tensor([], dtype=weight_dtype).element_size()
-        nbytes = {p: anchor_bytes(examples, visited, anchor_width(config, p), size) for p in nbytes}
-    mode, note = resolve_mode(cfg.anchor, nbytes, psutil.virtual_memory().available, can_anchor=can, why_not=why)
+        longest = max((len(e.input_ids) for e in examples), default=0)
+        per_step = min(len(examples), -(-cfg.batch_size * cfg.grad_accum // processes))
+        widths = {p: anchor_width(config, p) for p in total}
+        total = {p: anchor_bytes(examples, visited, widths[p], size) for p in total}
+        step = {p: widths[p] * size * longest * max(per_step, cfg.batch_size if n_eval else 0) for p in total}
+    mode, note = resolve_mode(cfg.anchor, step, cap, can_anchor=can, why_not=why, total_bytes=total)
     log.info("Training: %s.", note)
     if mode == "none":
         return None, note, 0.0
     t0 = time.perf_counter()
-    progress.update(0.0, f"anchoring: the original's hidden states on {len(visited)} examples")
-    anchors = anchors_for_training(source, cfg.resolved_emulator_dir, examples, visited, where=mode, device=device,
-                                   dtype=weight_dtype)
+    if processes == 1 and not cfg.stream_original and total[mode] <= cap:
+        progress.update(0.0, f"anchoring: the original's hidden states on {len(visited)} examples")
+        anchors = anchors_for_training(source, cfg.resolved_emulator_dir, examples, visited, where=mode,
+                                       device=device, dtype=weight_dtype)
+    else:
+        mine = range(0, n_eval, cfg.batch_size)[rank::processes]  # the eval batches this rank scores
+        sticky = [len(train) + j for start in mine for j in range(start, min(start + cfg.batch_size, n_eval))]
+        anchors = Anchors(points_for_config(config, mode), (), {}, mode,
+                          feed=AnchorFeed(source, examples, where=mode, device=device, dtype=weight_dtype,
+                                          cap_bytes=cap, width=widths[mode], sticky=sticky, processes=processes))
     anchors.eval_base = len(train) if n_eval else None
     return anchors, note, time.perf_counter() - t0
+
+
+def anchor_record(anchors: Anchors | None, note: str, seconds: float) -> dict[str, Any]:
+    """The anchoring fields of :class:`TrainResult` after training (time and peak RAM of the offsets)."""
+    if anchors is None:
+        return {"anchor": "none", "anchor_note": note, "anchor_s": seconds}
+    feed = anchors.feed
+    return {"anchor": anchors.where, "anchor_note": note,
+            "anchor_s": seconds + (feed.seconds if feed is not None else 0.0),
+            "anchor_peak_bytes": feed.peak_bytes if feed is not None else anchors.nbytes(),
+            "anchor_chunks": feed.chunks if feed is not None else 1}
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -317,10 +359,18 @@ def lm_loss_sum(causal_lm: Any, batch: dict[str, torch.Tensor],
     head, in chunks whose logits are recomputed in the backward pass instead of being stored.
     Final-logit soft-capping (Gemma 2/3) and logit scaling (Granite) are applied like the model does.
     """
-    config = causal_lm.config
     hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    return hidden_loss_sum(causal_lm, hidden, batch["labels"], chunk_tokens)
+
+
+def hidden_loss_sum(causal_lm: Any, hidden: torch.Tensor, labels: torch.Tensor,
+                    chunk_tokens: int | None = None) -> torch.Tensor:
+    """:func:`lm_loss_sum` from the decoder's final (normed) hidden states ``(B, T, hidden)``: the
+    head of ``causal_lm`` on label positions, in chunks. The streamed original
+    (:class:`~emloc_engine.weights.streamed.StreamedModel`) scores its passes with it too."""
+    config = causal_lm.config
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h, y = hidden[:, :-1][keep], targets[keep]
     head = causal_lm.get_output_embeddings()
@@ -477,6 +527,9 @@ class _Session:
                              for m in range((step - 1) * cfg.grad_accum, step * cfg.grad_accum)]
             if self.data_parallel is not None:
                 micro_batches = self.data_parallel.begin_step(step, micro_batches)
+            if self.anchors is not None:
+                self.anchors.ensure([i for mb in micro_batches for i in mb], self.upcoming(step, len(train)),
+                                    self.peft_model)
             batches = [collate([train[i] for i in mb], pad_id) for mb in micro_batches]
             n_labels, step_tokens = self.global_counts(sum(label_tokens(b) for b in batches),
                                                        sum(int(b["attention_mask"].sum()) for b in batches))
@@ -531,6 +584,18 @@ class _Session:
             checkpoint_dir=self.checkpoint_path(step),
         )
 
+    def upcoming(self, step: int, n_train: int) -> Iterator[list[int]]:
+        """This process's examples of each step after ``step``, in order (what the anchors compute next)."""
+        cfg, dp = self.cfg, self.data_parallel
+        for s in range(step + 1, cfg.steps + 1):
+            mbs = [micro_batch_indices(n_train, cfg.batch_size, cfg.seed, m)
+                   for m in range((s - 1) * cfg.grad_accum, s * cfg.grad_accum)]
+            if dp is not None:
+                from emloc_engine.stages.training.distributed import shard_micro_batches
+
+                mbs = shard_micro_batches(mbs, dp.rank, dp.world_size, cfg.batch_size)
+            yield [i for mb in mbs for i in mb]
+
     def global_counts(self, *counts: int) -> list[int]:
         """``counts`` summed over the data-parallel ranks (returned unchanged in one process)."""
         if self.data_parallel is None:
@@ -582,10 +647,13 @@ class _Session:
             starts = range(0, min(len(eval_), bs * self.cfg.max_eval_batches), bs)
             if self.data_parallel is not None:  # each rank evaluates a share of the eval batches
                 starts = starts[self.data_parallel.rank::self.data_parallel.world_size]
-            for start in starts:
+            for k, start in enumerate(starts):
                 batch = collate(eval_[start:start + bs], pad_id)
                 if anchors is not None and anchors.eval_base is not None:  # see prepare_anchors
-                    rows = range(start, min(start + bs, len(eval_)))
+                    base, end = anchors.eval_base, len(eval_)
+                    rows = range(start, min(start + bs, end))
+                    later = ([base + j for j in range(t, min(t + bs, end))] for t in starts[k + 1:])
+                    anchors.ensure([base + j for j in rows], later, self.peft_model)
                     anchors.select([anchors.eval_base + j for j in rows], batch["input_ids"].shape[1], self.device)
                 count += label_tokens(batch)
                 with self.autocast():
@@ -796,4 +864,4 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
 
-__all__ = ["TrainConfig", "TrainResult", "lm_loss_sum", "train_lora", "train_on_examples"]
+__all__ = ["TrainConfig", "TrainResult", "hidden_loss_sum", "lm_loss_sum", "train_lora", "train_on_examples"]

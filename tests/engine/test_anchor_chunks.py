@@ -1,0 +1,155 @@
+"""Anchors a chunk at a time (emloc_engine.stages.training.anchor_chunks): any dataset size, RAM under the cap."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from emloc_engine.data.render import Example
+from emloc_engine.stages.training.anchor_chunks import AnchorFeed
+from emloc_engine.stages.training.anchoring import anchor_width
+from emloc_engine.stages.training.trainer import prepare_anchors, train_on_examples
+from emloc_engine.weights.lowrank import read_emulator_meta
+from tests.emulator_factory import write_svd_emulator
+from tests.engine.test_training import cfg_for
+
+N_EXAMPLES = 10_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
+    return model_dir, write_svd_emulator(model_dir, tmp_path_factory.mktemp("chunks") / "emulator", ratio=0.3)
+
+
+def short_examples(n: int, seed: int = 0) -> list[Example]:
+    """``n`` short examples (5–9 tokens, loss after the first two)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = tuple(rng.randrange(4, 260) for _ in range(rng.randrange(5, 10)))
+        out.append(Example(ids, (-100, -100, *ids[2:])))
+    return out
+
+
+def _train(pair: tuple[Path, Path], run: Path, data: list[Example], eval_: list[Example], **kw: Any) -> Any:
+    from emloc_engine.stages.training.trainer import anchor_record
+
+    cfg = cfg_for(
+        run,
+        pair[1],
+        steps=6,
+        batch_size=2,
+        grad_accum=2,
+        dropout=0.0,
+        eval_every=3,
+        save_every=0,
+        warmup_steps=1,
+        max_eval_batches=2,
+        anchor="blocks",
+        **kw,
+    )
+    anchors, note, seconds = prepare_anchors(cfg, read_emulator_meta(pair[1]), data, eval_=eval_)
+    result = train_on_examples(cfg, data, eval_, pad_id=0, anchors=anchors)
+    return anchors, {**anchor_record(anchors, note, seconds), "result": result}
+
+
+def test_ten_thousand_examples_stay_anchored_under_the_cap(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A cap of ~6 examples' offsets: the run is anchored in chunks, the store never exceeds the cap,
+    and the losses equal those of the run whose offsets were all computed at once (resident original)."""
+    data, eval_ = short_examples(N_EXAMPLES), short_examples(4, seed=1)
+    per_token = anchor_width(AutoConfig.from_pretrained(pair[1]), "blocks") * 4
+    cap_bytes = 6 * 9 * per_token  # six of the longest examples
+    small, chunked = _train(pair, tmp_path / "chunked", data, eval_, anchor_ram_gib=cap_bytes / 2**30)
+    assert small.feed is not None and isinstance(small.feed, AnchorFeed)
+    assert chunked["anchor"] == "blocks" and "chunks of at most" in chunked["anchor_note"]
+    assert 0 < chunked["anchor_peak_bytes"] <= cap_bytes
+    assert chunked["anchor_chunks"] >= 3  # 6 steps × 4 examples + eval: several chunks
+    assert small.nbytes() <= cap_bytes
+    whole, ref = _train(pair, tmp_path / "whole", data, eval_)  # default cap: all at once, resident
+    assert whole.feed is None and ref["anchor_chunks"] == 1
+    got, want = chunked["result"], ref["result"]
+    assert [v for _, v in got.loss_history] == pytest.approx([v for _, v in want.loss_history], rel=1e-5)
+    assert [v for _, v in got.eval_history] == pytest.approx([v for _, v in want.eval_history], rel=1e-5)
+
+
+def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Path]) -> None:
+    ex = [Example((5,) * n, (5,) * n) for n in (4, 4, 8, 4, 4)]
+    feed = AnchorFeed(
+        pair[0],
+        ex,
+        where="blocks",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cap_bytes=12 * 12,
+        width=3,
+    )  # 12 tokens of 3 fp32 values
+    assert feed.example_bytes(2) == 96
+    assert feed.plan_chunk([0], [[1, 0], [2], [3]]) == [0, 1]  # 2 (8 tokens) would pass the cap: stop there
+    assert feed.plan_chunk([3, 4], [[0]]) == [3, 4, 0]
+    from emloc_engine.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one training step"):
+        feed.plan_chunk([2, 3, 4], [])
+    # eval examples (sticky) come with the first chunk and stay, when they take at most half the cap
+    evals = AnchorFeed(
+        pair[0],
+        ex,
+        where="blocks",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cap_bytes=12 * 12,
+        width=3,
+        sticky=[4],
+    )
+    assert evals.sticky == [4] and evals.plan_chunk([0], [[1], [2]]) == [0, 4, 1]
+    too_big = AnchorFeed(
+        pair[0],
+        ex,
+        where="blocks",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cap_bytes=12 * 12,
+        width=3,
+        sticky=[2],
+    )
+    assert too_big.sticky == []  # 8 of 12 tokens: more than half the cap
+
+
+def test_later_chunks_read_the_original_from_the_ram_cache(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emloc_engine.stages.training.anchor_chunks import streamed_offsets
+    from emloc_engine.weights.checkpoint import Checkpoint
+    from emloc_engine.weights.lowrank import load_emulator
+    from emloc_engine.weights.streamed import PinnedBlocks
+
+    reads: list[str] = []
+    real = Checkpoint.read_prefix
+    monkeypatch.setattr(
+        Checkpoint, "read_prefix", lambda self, prefix: reads.append(prefix) or real(self, prefix)
+    )
+    data = short_examples(6)
+    emulator = load_emulator(pair[1], dtype=torch.float32).eval()
+    cache = PinnedBlocks()
+    kw: dict[str, Any] = dict(where="blocks", device=torch.device("cpu"), dtype=torch.float32, cache=cache)
+    first = streamed_offsets(pair[0], emulator, data, [0, 1, 2], **kw)
+    assert reads == ["model.layers.0.", "model.layers.1."] and cache.nbytes() > 0
+    again = streamed_offsets(pair[0], emulator, data, [0, 1, 2], **kw)
+    assert len(reads) == 2  # the second pass read no shard
+    for i in (0, 1, 2):
+        assert torch.equal(first.offsets[i], again.offsets[i])
