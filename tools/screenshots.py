@@ -6,8 +6,8 @@
 
 ``--engine real`` (the default) runs what a new user runs: this machine detected, the demo model
 prepared, the demo data inspected with its tokenizer, the plan of the Faster preset, a short real run
-(``--steps``, 4 by default: minutes on a laptop CPU) with its live plots, and a real side-by-side answer
-on the Try page. Nothing is written outside a temporary ``EMLOC_HOME``, removed at the end. ``--engine fake`` shows a large
+(``--steps``, 4 by default: minutes on a laptop CPU, much longer on a busy 2-core box) with its live
+plots, a real side-by-side answer on the Try page, and the app started again on its Runs page. Nothing is written outside a temporary ``EMLOC_HOME``, removed at the end. ``--engine fake`` shows a large
 model on a GPU (the GPU-memory chart with its budget line) without any model work.
 
 Each page is grabbed once per theme: the palette is switched (what the app does when the system
@@ -137,9 +137,9 @@ def walk(wizard: Any, shooter: Shooter, *, real: bool, steps: int) -> None:
     plan.advanced_toggle.setChecked(True)
     settle(300)
     shooter.shot("4_plan_advanced")
-    if real:  # a short run: minutes on a CPU
+    if real:  # a short run: minutes on a CPU (one evaluation, at the end)
         plan.settings["steps"].setValue(steps)
-        plan.settings["eval_every"].setValue(max(1, steps // 2))
+        plan.settings["eval_every"].setValue(steps)
         plan.settings["save_every"].setValue(steps)
     plan.advanced_toggle.setChecked(False)
     wizard.next()
@@ -157,17 +157,28 @@ def walk(wizard: Any, shooter: Shooter, *, real: bool, steps: int) -> None:
     wizard.next()
     try_page = pages[Page.Try]
     settle(300)
-    if real and hasattr(try_page, "start_generation"):
-        if hasattr(try_page, "max_tokens"):
-            try_page.max_tokens.setValue(40)
-        try_page.start_generation()
-        wait_until("the answers", lambda: not try_page.busy(), 600)
-    elif hasattr(try_page, "outputs"):
-        try_page.outputs["base"].setPlainText("The sea is a large body of salt water. It covers most of the Earth.")
-        try_page.outputs["tuned"].setPlainText("Grey waves fold over the harbour wall at dusk. The gulls go quiet, "
-                                               "and the tide takes the day's footprints back.")
+    if hasattr(try_page, "max_tokens"):
+        try_page.max_tokens.setValue(40)
+    try_page.start_generation()  # the real model's answers, or the fake engine's
+    wait_until("the answers", lambda: not try_page.busy(), 600)
     settle(500)
     shooter.shot("6_try_export")
+
+
+def restart(app: Any, settings: Any, shooter: Shooter) -> Any:
+    """The app started again on the same settings: the Runs page first, listing the finished run."""
+    from emloc_app.state import WizardState
+    from emloc_app.wizard import EmlocWizard
+
+    shooter.wizard.shutdown()
+    shooter.wizard.close()
+    wizard = EmlocWizard(WizardState(), settings=settings)
+    wizard.resize(*SIZE)
+    wizard.show()
+    shooter.wizard = wizard
+    settle(800)
+    shooter.shot("0_runs")
+    return wizard
 
 
 def main() -> int:
@@ -196,12 +207,15 @@ def main() -> int:
 
     if args.engine == "fake":
         install_fakes(tmp, args.gpus)
-    wizard = EmlocWizard(WizardState(), settings=Settings(tmp / "settings.ini"))
+    settings = Settings(tmp / "settings.ini")
+    wizard = EmlocWizard(WizardState(), settings=settings)
     wizard.resize(*SIZE)
     wizard.show()
     themes = THEMES if args.theme == "both" else (args.theme,)
+    shooter = Shooter(app, wizard, args.out, themes)
     try:
-        walk(wizard, Shooter(app, wizard, args.out, themes), real=args.engine == "real", steps=args.steps)
+        walk(wizard, shooter, real=args.engine == "real", steps=args.steps)
+        wizard = restart(app, settings, shooter)
     finally:
         wizard.shutdown()
         shutdown_workers()
