@@ -172,6 +172,7 @@ def restart(app: Any, settings: Any, shooter: Shooter) -> Any:
 
     shooter.wizard.shutdown()
     shooter.wizard.close()
+    shooter.wizard.deleteLater()
     wizard = EmlocWizard(WizardState(), settings=settings)
     wizard.resize(*SIZE)
     wizard.show()
@@ -220,8 +221,15 @@ def main() -> int:
         wizard.shutdown()
         shutdown_workers()
         shutil.rmtree(tmp, ignore_errors=True)  # the demo copy and the run folder: only the PNGs are kept
+        wizard.deleteLater()
+        settle(200)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without the interpreter's final garbage collection: after a real run (torch and Qt objects
+    # alive together) it once aborted there ("none_dealloc") after every PNG had been written.
+    os._exit(code)
