@@ -219,9 +219,12 @@ class DataPage(BasePage):
         right = QWidget()
         rv = QVBoxLayout(right)
         rv.setContentsMargins(0, 0, 0, 0)
-        rv.addWidget(QLabel("<b>Validation report</b>"))
+        self.report_heading = QLabel("<b>Validation report</b>")
+        rv.addWidget(self.report_heading)
         rv.addWidget(self.summary)
         rv.addWidget(self.problems, 1)
+        rv.addStretch(0)  # takes the height when the problem table is hidden, so the report stays on top
+        self._report_layout = rv
         splitter = QSplitter(Qt.Orientation.Horizontal)
         splitter.addWidget(left)
         splitter.addWidget(right)
@@ -333,6 +336,7 @@ class DataPage(BasePage):
             self.problems.setItem(i, 1, QTableWidgetItem("error" if p.fatal else "warning"))
             self.problems.setItem(i, 2, QTableWidgetItem(p.message))
         self.problems.setVisible(bool(problems))
+        self._report_layout.setStretch(self._report_layout.count() - 1, 0 if problems else 1)
         samples = r.rendered_examples[:PREVIEWS]
         self.preview.setPlainText("\n\n".join(f"──── sample {i + 1} ────\n{s}" for i, s in enumerate(samples)))
         self._show_images(result.images)

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
 COLUMNS = ("Name", "Size", "Params", "Architecture", "Dtype", "Here")
+DEMO_FOLDER_BYTES = 272_585_491
+"""The demo model's folder once converted (bf16 weights, tokenizer, configs: measured), shown before it
+is prepared in the same format as after, so the Size column does not change ("≈270 MiB" became "260.0 MiB")."""
+DEMO_PARAMETERS = 134_515_008
 BADGE_COLORS = {"trainable": "#22a06b", "runs": "#d89614", "large": "#d9534f", "convert": "#8c8c8c",
                 "unsupported": "#8c8c8c", "demo": "#3b82f6"}
 
@@ -215,7 +219,7 @@ class ModelTable(QAbstractTableModel):
         if role == Qt.ItemDataRole.UserRole:  # sort key
             if col in (1, 2):
                 if info is None:
-                    return float(270 * 2**20 if col == 1 else 135e6)
+                    return float(DEMO_FOLDER_BYTES if col == 1 else DEMO_PARAMETERS)
                 return float(info.size_on_disk_bytes if col == 1 else info.num_parameters or 0)
             return self.text(row, col)
         if role == Qt.ItemDataRole.ForegroundRole and col == 5:
@@ -234,7 +238,8 @@ class ModelTable(QAbstractTableModel):
         if col == 5:
             return row.badge
         if info is None:
-            return {1: "≈270 MiB", 2: "135M", 3: "llama", 4: "bfloat16"}.get(col, "")
+            return {1: human_bytes(DEMO_FOLDER_BYTES), 2: human_count(DEMO_PARAMETERS), 3: "llama",
+                    4: "bfloat16"}.get(col, "")
         return {1: human_bytes(info.size_on_disk_bytes), 2: human_count(info.num_parameters),
                 3: info.model_type or info.architecture or "", 4: info.dtype or ""}.get(col, "")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
@@ -21,30 +22,35 @@ from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QDoubleSpinBox,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QPushButton,
+    QScrollArea,
     QSlider,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from emloc_app.pages.common import GIB, BasePage, gib
 from emloc_app.pages.model_page import is_demo
+from emloc_app.pages.plan_words import PLAIN
 from emloc_app.state import WizardState
+from emloc_app.widgets.preset_cards import PresetCards, PresetEstimate, rough_duration
 from emloc_app.widgets.vram_bar import VramBar
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ConfigError, EngineError
-from emloc_engine.core.progress import format_seconds
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
-from emloc_engine.run.options import command_line, option_help
-from emloc_engine.run.plan import plan_run
+from emloc_engine.run.options import command_line, option, option_help
+from emloc_engine.run.plan import plan_run, sample_tokens_of
 from emloc_engine.run.planning import MemoryPlan
+from emloc_engine.run.presets import PRESETS, apply_preset, matching_preset
 from emloc_engine.stages.correction.options import CorrectionOptions
 from emloc_engine.stages.emulator.options import EmulatorOptions
 from emloc_engine.stages.export.options import ExportOptions
@@ -59,13 +65,13 @@ TRAIN_LABELS = {
     "warmup_steps": "&Warm-up steps", "eval_every": "&Evaluate every", "save_every": "Check&point every",
 }
 """The ``TrainOptions`` fields on the page, in grid order (then the run's seed and λ)."""
-DEMO_OVERRIDES: dict[str, int | float] = {"steps": 60, "lr": 5e-4, "eval_every": 20, "save_every": 20}
-"""The demo (SmolLM2-135M on the Shakespeare dialogue set, often on a laptop CPU) should show a visible
-change in minutes: fewer, larger steps. Measured while building the demo: 40 peft LoRA steps at lr 5e-4
-turned "The king is a just ruler…" into "King John: / I have been in the king's court…". Applied only
-while the training settings are the engine's defaults."""
+DEMO_PRESET = "faster"
+"""The demo (SmolLM2-135M on the Shakespeare dialogue set, often on a laptop CPU) starts on Faster: 60
+steps at lr 5e-4 show a visible change in minutes (measured while building the demo: 40 peft LoRA steps
+at lr 5e-4 turned "The king is a just ruler…" into "King John: / I have been in the king's court…")."""
 LAMBDA_CHOICES: tuple[tuple[str, float | None], ...] = (
     ("auto (chosen on held-out data)", None), ("3 (paper default)", 3.0), ("exact (∞)", math.inf), ("none (0)", 0.0))
+DEFAULT_CALIB = int(option("calib").default)
 SPECTRAL_BUILD_FACTOR = 2.0
 """How much longer the emulator build takes with ``allocation="spectral"``: benchmarks/RESULTS.md
 measured 115.5 s vs 57.0 s (Llama-3-8B shapes, one H200; the extra streaming pass that measures the
@@ -96,6 +102,17 @@ def default_gpu_count(gpus: tuple[GpuInfo, ...]) -> int:
     return len(gpus) if alike else 1
 
 
+def ratio_slider_range() -> tuple[int, int]:
+    """The ρ slider's range in hundredths: inside the engine's open interval (``RunConfig.ratio``'s bounds)."""
+    bounds = option("ratio").bounds or (0.0, 1.0)
+    return math.floor(bounds[0] * 100) + 1, math.ceil(bounds[1] * 100) - 1
+
+
+def peak_bytes(plan: MemoryPlan) -> int:
+    """The most memory any stage of the run is predicted to need (the export merges on the CPU: left out)."""
+    return max((s.peak_bytes for s in plan.stages if s.name != "export"), default=0)
+
+
 def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
     """Sum of the planner's per-stage estimates of the emulator, training and correction (export excluded).
 
@@ -106,16 +123,16 @@ def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
                for name, v in plan.est_seconds.items() if name != "export")
 
 
-def duration_text(memory: MemoryPlan, seconds: float, spectral: bool = False) -> str:
-    """The duration line: time of the stages, the RAM the run needs, and whether the original is streamed."""
-    text = (f"Estimated duration: <b>{format_seconds(seconds)}</b> (emulator"
-            + (" ×2 for per-module ranks" if spectral else "") + ", training, correction)")
-    text += f" · RAM: <b>{memory.ram_bytes / GIB:.1f} GiB</b>"
+def ram_note(memory: MemoryPlan) -> str:
+    """The RAM the run needs (anchors' share) and whether the original is streamed, as sentences that follow
+    the time-and-memory sentence."""
+    text = f" It needs <b>{memory.ram_bytes / GIB:.1f} GiB</b> of RAM"
     if memory.anchor_chunks:
         text += f" (anchors {memory.anchor_ram_bytes / GIB:.1f} GiB, {memory.anchor_chunks} chunk" \
                 + ("s" if memory.anchor_chunks != 1 else "") + ")"
+    text += "."
     if memory.stream_original:
-        text += " · <b>runs offloaded</b>: the original streams through the GPU block by block"
+        text += " The model <b>runs offloaded</b>: the original streams through the GPU block by block."
     return text
 
 
@@ -125,71 +142,120 @@ class PlanPage(BasePage):
     def __init__(self, state: WizardState, parent: QWidget | None = None) -> None:
         super().__init__(state, parent)
         self.setTitle("Plan")
-        self.setSubTitle("How much of each layer the emulator keeps (ρ), what every stage will need, "
-                         "and how training runs.")
-        # ρ
-        self.auto_ratio = QCheckBox("Let the planner choose ρ")
-        self.auto_ratio.setObjectName("auto_ratio")
-        self.auto_ratio.setChecked(True)
-        self.auto_ratio.toggled.connect(self._ratio_mode_changed)
-        self.slider = QSlider(Qt.Orientation.Horizontal)
-        self.slider.setObjectName("ratio")
-        self.slider.setRange(5, 95)
-        self.slider.setPageStep(5)
-        self.slider.setTickInterval(10)
-        self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
-        self.slider.setToolTip(option_help("ratio"))
-        self.slider.valueChanged.connect(self._ratio_changed)
+        self.setSubTitle("Choose how the model should train; the time and memory each choice needs are "
+                         "predicted for this machine.")
+        # the choice people understand first
+        self.presets = PresetCards()
+        self.presets.chosen.connect(self._preset_chosen)
+        choice = QGroupBox("How should it train?")
+        QVBoxLayout(choice).addWidget(self.presets)
+        # what the chosen settings need
         self.ratio_label = QLabel()
         self.ratio_label.setObjectName("BigNumber")
         self.bars = VramBar()
         self.verdict = QLabel()
         self.verdict.setWordWrap(True)
         self.duration = QLabel()
-        rho_box = QGroupBox("Emulator and memory")
-        rl = QVBoxLayout(rho_box)
+        need = QGroupBox("What it needs")
+        nl = QVBoxLayout(need)
+        nl.addWidget(self.duration)
+        nl.addWidget(self.verdict)
+        nl.addWidget(self.bars)
+        # the method's settings, on request
+        self.advanced_toggle = QToolButton()
+        self.advanced_toggle.setObjectName("advanced_toggle")
+        self.advanced_toggle.setText("Advanced: the method's settings")
+        self.advanced_toggle.setCheckable(True)
+        self.advanced_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_toggle.toggled.connect(self._toggle_advanced)
+        self.advanced = QWidget()
+        self.advanced.setObjectName("advanced")
+        al = QVBoxLayout(self.advanced)
+        al.setContentsMargins(0, 0, 0, 0)
+        al.addWidget(self._method_box())
+        al.addWidget(self._settings_box())
+        self.advanced.hide()
+
+        self.show_command = QPushButton("Show &command…")
+        self.show_command.setToolTip("The equivalent `emloc run …` command, for scripts and servers.")
+        self.show_command.clicked.connect(self._show_command)
+        row = QHBoxLayout()
+        row.addWidget(self.advanced_toggle)
+        row.addStretch(1)
+        row.addWidget(self.show_command)
+        content = QWidget()
+        cl = QVBoxLayout(content)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.addWidget(choice)
+        cl.addWidget(need)
+        cl.addLayout(row)
+        cl.addWidget(self.advanced)
+        cl.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        self.body.addWidget(scroll, 1)
+        self.run_plan: RunPlan | None = None
+        self._loading = False
+        self._calib: int = DEFAULT_CALIB  # presets set it; no widget of its own
+        self._estimates_key: RunConfig | None = None
+        self._run_dir = paths.runs_dir() / "run"  # named on the first visit (initializePage)
+        self._named_run_dir: Path | None = None
+
+    def _toggle_advanced(self, shown: bool) -> None:
+        self.advanced.setVisible(shown)
+        self.advanced_toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+
+    # -- widgets ----------------------------------------------------------------------------
+    def _method_box(self) -> QGroupBox:
+        """ρ (slider or the planner's), the GPUs, per-module ranks and anchoring, each with its plain sentence."""
+        self.auto_ratio = QCheckBox("Let the planner choose ρ")
+        self.auto_ratio.setObjectName("auto_ratio")
+        self.auto_ratio.setChecked(True)
+        self.auto_ratio.toggled.connect(self._ratio_mode_changed)
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setObjectName("ratio")
+        self.slider.setRange(*ratio_slider_range())
+        self.slider.setPageStep(5)
+        self.slider.setTickInterval(10)
+        self.slider.setTickPosition(QSlider.TickPosition.TicksBelow)
+        self.slider.setToolTip(option_help("ratio"))
+        self.slider.valueChanged.connect(self._ratio_changed)
+        box = QGroupBox("Emulator (the smaller stand-in model training runs on)")
+        rl = QVBoxLayout(box)
         r1 = QHBoxLayout()
         r1.addWidget(QLabel("ρ ="))
         r1.addWidget(self.ratio_label)
         r1.addWidget(self.slider, 1)
         r1.addWidget(self.auto_ratio)
         rl.addLayout(r1)
-        rl.addWidget(self.bars)
+        rl.addWidget(self.hint(PLAIN["ratio"]))
         rl.addWidget(self._gpu_row())
         rl.addWidget(self._allocation_box())
+        rl.addWidget(self.hint(PLAIN["allocation"]))
         rl.addWidget(self._anchor_box())
-        rl.addWidget(self.verdict)
-        rl.addWidget(self.duration)
-        self.body.addWidget(rho_box)
-        self.body.addWidget(self._settings_box())
+        rl.addWidget(self.hint(PLAIN["anchor"]))
+        return box
 
-        self.show_command = QPushButton("Show &command…")
-        self.show_command.setToolTip("The equivalent `emloc run …` command, for scripts and servers.")
-        self.show_command.clicked.connect(self._show_command)
-        row = QHBoxLayout()
-        row.addWidget(self.hint("Hover any setting for what it does."), 1)
-        row.addWidget(self.show_command)
-        self.body.addLayout(row)
-        self.body.addStretch(1)
-        self.run_plan: RunPlan | None = None
-        self._loading = False
-        self._run_dir = paths.runs_dir() / "run"  # named on each visit (initializePage)
-
-    # -- widgets ----------------------------------------------------------------------------
     def _settings_box(self) -> QGroupBox:
-        """The training settings: ``TrainOptions`` fields (their defaults' types pick the spin box), seed, λ."""
+        """The training settings: ``TrainOptions`` fields (their defaults' types pick the spin box), seed, λ.
+
+        One row each: the label, the widget and one plain sentence (the engine's help is the tooltip).
+        """
         defaults = dataclasses.asdict(TrainOptions())
         self.settings: dict[str, QSpinBox | QDoubleSpinBox] = {}
         box = QGroupBox("LoRA and training")
         grid = QGridLayout(box)
-        cells: list[tuple[str, QWidget]] = []  # (label, widget) in grid order
+        cells: list[tuple[str, str, QWidget]] = []  # (label, plain-words key, widget) in grid order
         for name, text in TRAIN_LABELS.items():
             w = _spin_for(name, defaults[name])
             w.setObjectName(name)
             w.setToolTip(option_help(f"train.{name}"))
             w.valueChanged.connect(self._settings_changed)
             self.settings[name] = w
-            cells.append((text, w))
+            cells.append((text, name, w))
         self.seed = _spin_for("seed", RunConfig.__dataclass_fields__["seed"].default)
         self.seed.setToolTip(option_help("seed"))
         self.lambda_ = QComboBox()
@@ -197,17 +263,18 @@ class PlanPage(BasePage):
             self.lambda_.addItem(text, value)
         self.lambda_.setToolTip(option_help("correct.lambda_"))
         self.lambda_.currentIndexChanged.connect(self._settings_changed)
-        cells += [("S&eed", self.seed), ("Correction &λ", self.lambda_)]
+        cells += [("S&eed", "seed", self.seed), ("Correction &λ", "lambda", self.lambda_)]
         self.seed.setObjectName("seed")
         self.lambda_.setObjectName("lambda")
-        for i, (text, widget) in enumerate(cells):
+        for i, (text, key, widget) in enumerate(cells):
             label = QLabel(text)
             label.setBuddy(widget)
             label.setToolTip(widget.toolTip())
-            grid.addWidget(label, i // 3, (i % 3) * 2)
-            grid.addWidget(widget, i // 3, (i % 3) * 2 + 1)
-        for c in (1, 3, 5):
-            grid.setColumnStretch(c, 1)
+            widget.setMinimumWidth(150)
+            grid.addWidget(label, i, 0)
+            grid.addWidget(widget, i, 1)
+            grid.addWidget(self.hint(PLAIN[key]), i, 2)
+        grid.setColumnStretch(2, 1)
         return box
 
     def _gpu_row(self) -> QWidget:
@@ -312,36 +379,70 @@ class PlanPage(BasePage):
         self.lambda_.setCurrentIndex(self.lambda_.count() - 1)
 
     # -- state in ----------------------------------------------------------------------------
-    def initial_train(self) -> dict[str, int | float]:
-        """The training settings to show: what the run has, or the engine's defaults (the demo's quicker ones)."""
-        s, defaults = self.state, TrainOptions()
-        train = s.config.train if s.config is not None else defaults
-        values = {name: value for name, value in dataclasses.asdict(train).items() if name in TRAIN_LABELS}
-        if train == defaults and s.model is not None and is_demo(s.model):
-            values.update(DEMO_OVERRIDES)
-        return values
+    def fresh_config(self) -> RunConfig | None:
+        """The settings of a new run: the engine's defaults (Balanced), the demo's on :data:`DEMO_PRESET`.
+
+        None until the model and the data are chosen.
+        """
+        s = self.state
+        if s.model_dir is None or s.data_config is None:
+            return None
+        cfg = RunConfig(model_dir=s.model_dir, data=s.data_config, run_dir=self._run_dir)
+        return apply_preset(cfg, DEMO_PRESET) if s.model is not None and is_demo(s.model) else cfg
+
+    def _load_settings(self, cfg: RunConfig | None) -> None:
+        """Show ``cfg``'s settings in the widgets (None: the engine's defaults); replans nothing."""
+        train = cfg.train if cfg is not None else TrainOptions()
+        for name, value in dataclasses.asdict(train).items():
+            w = self.settings.get(name)
+            if isinstance(w, QSpinBox):
+                w.setValue(int(value))
+            elif w is not None:
+                w.setValue(float(value))
+        self.allocation.setChecked(cfg is not None and cfg.emulator.allocation == "spectral")
+        self.anchor.setChecked(cfg is None or cfg.train.anchor != "none")
+        self.seed.setValue(cfg.seed if cfg is not None else 0)
+        self._select_lambda(cfg.correct.lambda_ if cfg is not None else None)
+        self._calib = cfg.calib if cfg is not None else DEFAULT_CALIB
 
     def initializePage(self) -> None:
         self._loading = True
         s, cfg = self.state, self.state.config
-        self._run_dir = s.run_dir or s.new_run_dir(paths.runs_dir())
+        self._run_dir = s.run_dir or self._pending_run_dir()
         self._init_gpus(cfg.gpus if cfg is not None else None)
-        self.allocation.setChecked(cfg is not None and cfg.emulator.allocation == "spectral")
-        self.anchor.setChecked(cfg is None or cfg.train.anchor != "none")
+        self._load_settings(cfg if cfg is not None else self.fresh_config())
         self._update_anchor_box()
-        for name, value in self.initial_train().items():
-            w = self.settings[name]
-            if isinstance(w, QSpinBox):
-                w.setValue(int(value))
-            else:
-                w.setValue(value)
-        self.seed.setValue(cfg.seed if cfg is not None else 0)
-        self._select_lambda(cfg.correct.lambda_ if cfg is not None else None)
         ratio = cfg.ratio if cfg is not None else None
         self.auto_ratio.setChecked(ratio is None)
         self.slider.setEnabled(ratio is not None)
         if ratio is not None:
             self.slider.setValue(round(ratio * 100))
+        self._estimates_key = None
+        self._loading = False
+        self.replan()
+
+    def _pending_run_dir(self) -> Path:
+        """The folder the next run will use, named once: going Back and Next again keeps it, so the folder
+        "Show command…" printed is the one the run then uses. A new name only for another model (the
+        name starts with it) or when the folder exists by now (another run took it)."""
+        s = self.state
+        named = self._named_run_dir
+        fresh = s.new_run_dir(paths.runs_dir())
+        if named is not None and named.name.rsplit("-", 2)[0] == fresh.name.rsplit("-", 2)[0] and not named.exists():
+            return named
+        self._named_run_dir = fresh
+        return fresh
+
+    def _preset_chosen(self, name: str) -> None:
+        """Set the widgets to the preset's settings (the engine's :func:`apply_preset`) and replan."""
+        try:
+            cfg = apply_preset(self.run_config(), name)
+        except EngineError as exc:
+            self.banner.show_error(exc, retry=False)
+            return
+        self._loading = True
+        self._load_settings(cfg)
+        self._update_anchor_box()
         self._loading = False
         self.replan()
 
@@ -379,7 +480,7 @@ class PlanPage(BasePage):
             correct=dataclasses.replace(base.correct if base is not None else CorrectionOptions(),
                                         lambda_=self.lambda_choice()),
             export=base.export if base is not None else ExportOptions())
-        return cfg if base is None else dataclasses.replace(cfg, calib=base.calib)
+        return dataclasses.replace(cfg, calib=self._calib)
 
     def replan(self) -> None:
         """Plan the run the widgets describe (pure arithmetic and file headers: fast enough for the GUI thread)."""
@@ -389,7 +490,7 @@ class PlanPage(BasePage):
         try:
             cfg = self.run_config()
             machine = self.state.machine
-            plan = plan_run(cfg, machine)
+            plan = plan_run(cfg, machine, sample_tokens=self.sample_tokens(cfg))
         except EngineError as exc:  # InsufficientMemory lists the settings that would fit
             self.run_plan = None
             self.bars.set_rows([], None)
@@ -400,7 +501,39 @@ class PlanPage(BasePage):
             return
         self.run_plan = plan
         self._show_plan(plan)
+        self.presets.set_current(matching_preset(cfg))
+        self._update_estimates(cfg)
         self.completeChanged.emit()
+
+    def sample_tokens(self, cfg: RunConfig) -> int | None:
+        """The inspected data's typical padded sample length (the Data page's report), for the time estimate."""
+        return sample_tokens_of(self.state.data_report, cfg.train.batch_size)
+
+    def _update_estimates(self, cfg: RunConfig) -> None:
+        """Each preset's predicted time and memory on this machine, re-planned only when a setting no
+        preset sets has changed (ρ, the GPUs, the batch, …): three plans per keystroke would lag."""
+        key = apply_preset(cfg, "balanced")
+        if key == self._estimates_key:
+            return
+        self._estimates_key = key
+        for p in PRESETS:
+            try:
+                preset_cfg = apply_preset(cfg, p.name)
+                plan = plan_run(preset_cfg, self.state.machine, sample_tokens=self.sample_tokens(preset_cfg))
+            except EngineError:
+                self.presets.set_estimate(p.name, PresetEstimate(None, None, None, False))
+                continue
+            self.presets.set_estimate(p.name, self.estimate(plan))
+
+    def estimate(self, plan: RunPlan) -> PresetEstimate:
+        """Time and memory of a plan: the peak of its stages, and what the device then has left free."""
+        peak = peak_bytes(plan.memory)
+        spectral = plan.config.emulator.allocation == "spectral"
+        seconds = estimated_seconds(plan.memory, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
+        gpu, machine = self.state.gpu, self.state.machine
+        free = gpu.free_bytes if gpu is not None else (machine.ram_available_bytes if machine is not None else None)
+        return PresetEstimate(seconds, peak, free - peak if free is not None else None, plan.memory.fits,
+                              "GPU memory" if plan.record.device != "cpu" else "RAM", plan.ratio)
 
     def _show_plan(self, plan: RunPlan) -> None:
         memory = plan.memory
@@ -411,7 +544,8 @@ class PlanPage(BasePage):
         self.ratio_label.setText(f"{plan.ratio:.2f}")
         self.bars.set_plan(memory)
         if memory.fits:
-            text = f"<span style='color:#22a06b'><b>Fits</b></span> in {gib(memory.budget_bytes)}. {memory.reason}"
+            text = (f"<span style='color:#22a06b'><b>Fits</b></span> in the budget of {gib(memory.budget_bytes)}. "
+                    f"{memory.reason}")
         else:
             tips = "; ".join(memory.suggestions)
             text = (f"<span style='color:#d9534f'><b>Predicted to exceed the budget</b></span> "
@@ -425,9 +559,11 @@ class PlanPage(BasePage):
         if notes:
             text += "<br>" + "<br>".join(notes)
         self.verdict.setText(text)
-        spectral = self.allocation.isChecked()
-        seconds = estimated_seconds(memory, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
-        self.duration.setText(duration_text(memory, seconds, spectral))
+        est = self.estimate(plan)
+        free = (f", leaving {max(0, est.left_free_bytes) / GIB:.1f} GiB free" if est.left_free_bytes is not None
+                else "")
+        self.duration.setText(f"Takes <b>{rough_duration(est.seconds or 0.0)}</b> on this machine and at most "
+                              f"<b>{gib(est.peak_bytes)}</b> of {est.memory_word}{free}." + ram_note(memory))
 
     def _ratio_mode_changed(self, auto: bool) -> None:
         self.slider.setEnabled(not auto)

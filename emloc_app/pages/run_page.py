@@ -147,6 +147,9 @@ class RunPage(BasePage):
         self.banner.clear()
         run_dir = self.state.run_dir
         self.where.setText(f"Run folder: {run_dir}" if run_dir else "")
+        plan = self.state.run_plan
+        if plan is not None:  # the GPU-memory chart: hidden on the CPU, with the budget line on a GPU
+            self.plot.configure(on_gpu=plan.record.device != "cpu", budget_gib=plan.record.budget_gib)
         manifest = self._manifest()
         if manifest is not None:
             self.state.done |= {n for n in STAGE_ORDER if manifest.stage(n).done}

@@ -168,6 +168,8 @@ class RunsPage(BasePage):
                 item = QTableWidgetItem(text)
                 item.setToolTip(str(run.run_dir) if col != 3 else (run.message or run.status_text()))
                 self.table.setItem(row, col, item)
+        if self.runs and not self.table.selectedIndexes():
+            self.table.selectRow(0)  # the newest run is selected: its buttons work at once
         self._selection_changed()
 
     def initializePage(self) -> None:

@@ -62,8 +62,13 @@ class StageList(QWidget):
         row.status.setText("starting…")
 
     def set_progress(self, name: str, fraction: float, message: str = "") -> None:
+        """Show the stage's progress; one ETA only: the engine's when its message has one (it times the
+        steps themselves, not the loading before them), else this row's clock's."""
         row = self.rows[name]
         row.bar.setValue(round(fraction * 1000))
+        if "ETA" in message:
+            row.status.setText(message)
+            return
         eta = format_seconds(row.clock.eta_s(fraction)) if fraction > 0.01 else "?"
         row.status.setText(f"{message}  ·  ETA {eta}" if message else f"ETA {eta}")
 

@@ -41,7 +41,7 @@ from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
 from emloc_engine.vision.families import is_vision_language
-from emloc_engine.weights.gguf_source import is_gguf_view, read_view_marker
+from emloc_engine.weights.gguf_view import is_gguf_view, read_view_marker
 from emloc_engine.weights.headers import read_config
 
 log = logging.getLogger(__name__)

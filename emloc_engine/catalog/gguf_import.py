@@ -33,7 +33,7 @@ from emloc_engine.core.atomic import atomic_dir, write_json_atomic
 from emloc_engine.core.errors import ConfigError, EngineError, ModelNotFound, UnsupportedModel
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.core.version import __version__
-from emloc_engine.weights.gguf_source import GGUF_VIEW_MARKER, VIEW_DTYPES, GgufTensors, tied_parameters
+from emloc_engine.weights.gguf_view import GGUF_VIEW_MARKER, VIEW_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ def _check_weights(gguf_path: Path, config_dict: dict[str, Any], dtype: str) -> 
     from emloc_engine.core.architectures import arch_spec
 
     arch_spec(config_dict)  # the engine trains this family
+    from emloc_engine.weights.gguf_source import GgufTensors, tied_parameters
+
     tensors = GgufTensors(gguf_path, config_dict, dtype)
     config = CONFIG_MAPPING[str(config_dict["model_type"])].from_dict(config_dict)
     with init_empty_weights():

@@ -27,6 +27,8 @@ STAGES = ("emulator", "train", "correct", "export")
 """The stages of a run, in order."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RATIO_BOUNDS = (0.0, 1.0)
+"""ρ must lie strictly between these: 0 keeps nothing, 1 would keep every layer dense (no emulator)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +41,8 @@ class RunConfig:
     run_dir: Path = field(metadata={"help": "Run folder (created; an interrupted run resumes from it).",
                                     "cli": "out"})
     ratio: float | None = field(default=None, metadata={
-        "help": "Keep-ratio ρ of the compressed layers (0 < ρ < 1); none = the planner picks the largest that fits."})
+        "help": "Keep-ratio ρ of the compressed layers (0 < ρ < 1); none = the planner picks the largest that fits.",
+        "bounds": RATIO_BOUNDS})
     budget_bytes: int | None = field(default=None, metadata={
         "help": "GPU memory every stage must keep to, in GiB; the planner picks ρ for it, or checks a given ρ "
                 "against it (default: the chosen GPU's free memory, or --gpu-memory when lower, minus "
@@ -69,7 +72,7 @@ class RunConfig:
         if self.data.seed != self.seed:
             object.__setattr__(self, "data", dataclasses.replace(self.data, seed=self.seed))
         problems = []
-        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+        if self.ratio is not None and not RATIO_BOUNDS[0] < self.ratio < RATIO_BOUNDS[1]:
             problems.append(f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             problems.append(f"the memory budget must be positive (got {self.budget_bytes} bytes)")

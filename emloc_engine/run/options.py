@@ -54,6 +54,7 @@ class Option:
     type: Any  # the field's annotation
     choices: tuple[str, ...] | None = None
     unit: str = ""  # "GiB": typed in GiB, stored in bytes
+    bounds: tuple[float, float] | None = None  # the open interval a number must lie in (metadata "bounds")
 
     @property
     def flag(self) -> str:
@@ -97,9 +98,10 @@ def _walk(cls: type, prefix: str) -> Iterable[Option]:
             default = f.default_factory()
         else:
             default = None
-        choices = f.metadata.get("choices")
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
         yield Option(path, name, str(f.metadata.get("help", "")), default, tp,
-                     tuple(choices) if choices is not None else None, str(f.metadata.get("unit", "")))
+                     tuple(choices) if choices is not None else None, str(f.metadata.get("unit", "")),
+                     tuple(bounds) if bounds is not None else None)
 
 
 def run_options() -> tuple[Option, ...]:
@@ -231,13 +233,35 @@ def add_options(parser: argparse.ArgumentParser, sections: Sequence[str] | None 
                                    help=help_text)
 
 
+def add_preset_option(parser: argparse.ArgumentParser) -> None:
+    """``--preset NAME``: the settings of one of :data:`~emloc_engine.run.presets.PRESETS` (options typed win)."""
+    from emloc_engine.run.presets import PRESETS
+
+    names = ", ".join(f"{p.name} ({p.summary})" for p in PRESETS)
+    parser.add_argument("--preset", choices=[p.name for p in PRESETS], default=None,
+                        help=f"Start from a preset; options given on the command line win: {names}".replace("%", "%%"))
+
+
+def with_preset(values: Mapping[str, Any], preset: str | None) -> dict[str, Any]:
+    """``values`` (``{dotted path: raw value}``) on top of the preset's settings (``preset`` None: unchanged).
+
+    Raises:
+        ConfigError: an unknown preset name.
+    """
+    if not preset:
+        return dict(values)
+    from emloc_engine.run.presets import preset_values
+
+    return {**preset_values(str(preset)), **values}
+
+
 def typed_values(args: argparse.Namespace) -> dict[str, Any]:
     """``{dotted path: raw value}`` of the options typed on the command line."""
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt:")}
 
 
 def toml_values(path: Path) -> dict[str, Any]:
-    """``{key: value}`` of a ``--config RUN.toml`` file (keys: long option names, ``model``, ``data``, ``out``).
+    """``{key: value}`` of a ``--config RUN.toml`` file (keys: long option names, ``model``, ``data``, ``out``, ``preset``).
 
     Raises:
         ConfigError: unreadable TOML, or keys no option has (all listed).
@@ -256,7 +280,7 @@ def toml_values(path: Path) -> dict[str, Any]:
     for key, value in values.items():
         name = key.replace("_", "-")
         name = {"exports": "export", "formats": "export"}.get(name, name)
-        if name in ("model", "data", "out"):
+        if name in ("model", "data", "out", "preset"):
             out[name] = value
         elif name in by_name:
             out[by_name[name]] = value

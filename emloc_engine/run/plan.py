@@ -24,6 +24,7 @@ from emloc_engine.core.layout import RunLayout
 from emloc_engine.run.config import RunConfig
 
 if TYPE_CHECKING:
+    from emloc_engine.data import DataReport
     from emloc_engine.machine.hardware import GpuInfo, MachineInfo
     from emloc_engine.run.planning import MemoryPlan, PlanConfig
     from emloc_engine.stages.correction.corrector import CorrectionConfig
@@ -143,8 +144,21 @@ def machine_budget_bytes(machine: MachineInfo, device: str = "auto", gpus: int =
     return default_budget_bytes(gpu.free_bytes, gpu_memory_bytes)
 
 
+def sample_tokens_of(report: DataReport | None, batch_size: int) -> int | None:
+    """Tokens of a typical padded training sample of the inspected data, for the time estimate.
+
+    A batch is padded to its longest sample: with one sample per batch that is the mean length, with
+    more it is near the long end (the 95th percentile). None without token statistics (the planner
+    then counts the whole context).
+    """
+    stats = report.token_stats if report is not None else None
+    if stats is None or stats.unit != "tokens":
+        return None
+    return max(1, round(stats.mean if batch_size <= 1 else stats.p95))
+
+
 def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None,
-                    disk_free_bytes: int | None = None) -> PlanConfig:
+                    disk_free_bytes: int | None = None, sample_tokens: int | None = None) -> PlanConfig:
     """The one translation of a run's settings into the planner's :class:`PlanConfig`.
 
     Args:
@@ -152,6 +166,7 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
         machine: what the run will compute on (the first GPU unless the device is the CPU).
         budget_bytes: the budget to plan for (default: the run's own, else :func:`machine_budget_bytes`).
         disk_free_bytes: free space where the run folder goes (None: not checked).
+        sample_tokens: a typical padded sample's tokens (:func:`sample_tokens_of`), for the time estimate.
     """
     from emloc_engine.run.planning import PlanConfig
 
@@ -173,10 +188,11 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
         anchored=cfg.train.anchor != "none", anchor_linears=cfg.train.anchor == "linears",
         eval_batches=cfg.correct.max_eval_batches, target_modules=cfg.train.target_modules,
         dense_modules=cfg.emulator.dense_patterns, grad_checkpointing=cfg.train.grad_checkpointing,
-        gpu_name=gpu.name if gpu is not None else None)
+        gpu_name=gpu.name if gpu is not None else None, sample_tokens=sample_tokens)
 
 
-def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, PlanRecord]:
+def plan_memory_for(cfg: RunConfig, machine: MachineInfo,
+                    sample_tokens: int | None = None) -> tuple[MemoryPlan, PlanRecord]:
     """The memory plan of ``cfg`` on ``machine`` and its record (ρ from the planner unless given).
 
     Raises:
@@ -185,7 +201,7 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo) -> tuple[MemoryPlan, P
     from emloc_engine.run import planning
 
     facts = planning.model_facts(cfg.model_dir)
-    plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir))
+    plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir), sample_tokens=sample_tokens)
     memory = planning.plan_memory(facts, plan_cfg)
     note = "user budget" if cfg.budget_bytes is not None else (
         "free GPU memory − margin" if plan_cfg.device == "cuda" else "available RAM − margin")
@@ -250,8 +266,11 @@ def check_budget(plan: RunPlan) -> None:
                                  hint="Leave --ratio out to let the planner pick one that fits, or raise the budget.")
 
 
-def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
+def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_tokens: int | None = None) -> RunPlan:
     """Decide ρ and every stage's config for ``cfg`` on ``machine`` (detected when None).
+
+    ``sample_tokens``: a typical padded sample's tokens when the data was inspected (the time estimate
+    counts them instead of the whole context; memory always plans for the whole context).
 
     Raises:
         InsufficientMemory: nothing fits; ConfigError: the settings cannot be wired into a stage.
@@ -267,7 +286,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None) -> RunPlan:
         from emloc_engine.machine.hardware import detect_machine
 
         machine = detect_machine()
-    memory, record = plan_memory_for(cfg, machine)
+    memory, record = plan_memory_for(cfg, machine, sample_tokens)
     layout = RunLayout(cfg.run_dir)
     on_cuda = record.device == "cuda"
     budget = emulator_budget_bytes(record.limit_bytes, memory.inference_peak_bytes) if on_cuda else None

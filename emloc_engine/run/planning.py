@@ -56,6 +56,13 @@ DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
 RUNTIME_LABEL = "CUDA context & allocator"
 
 
+CPU_TRAIN_MFU = 0.22
+"""LoRA training's share of ``cpu_matmul_flops`` on a CPU, measured: the demo's 60 steps took 267 s on the
+2-core box, which this model predicts at 59.7 s × 1/CPU_TRAIN_MFU counting its ≤ 154-token samples (the GPU's
+0.08 is kernel-launch bound at batch 1; a CPU's small GEMMs are not). Before it, a demo run on the CPU was
+predicted at about 50 min for a measured 10."""
+
+
 @dataclass(frozen=True)
 class PlannerConstants:
     """Calibration constants of the memory and time model (one place; see module docstring).
@@ -90,6 +97,10 @@ class PlannerConstants:
     # Calibrated 2026-11-29 on the H200 (Llama-3-8B shapes, batch 1, seq 1024): the engine's trainer
     # reached 2350 tokens/s on the ρ=0.4 emulator ≈ 7% of the dense bf16 peak (small GEMMs at batch 1).
     train_mfu: float = 0.08  # fraction of dense bf16 peak that LoRA training reaches
+    # On the CPU the GEMMs of a small model run near the matmul rate (no kernel-launch overhead): the demo's
+    # measured 60 steps (SmolLM2-135M, ρ 0.9, batch 4 of ≤ 154-token samples) took 267 s on the 2-core box
+    # (benchmarks/RESULTS.md, 2026-11-29); counting those tokens, that is this fraction of cpu_matmul_flops.
+    cpu_train_mfu: float = CPU_TRAIN_MFU
     infer_mfu: float = 0.5  # prefill/eval forward
     # Effective rate for the reference cost model below (eigh of every C + SVD of every W). Our
     # factoriser does one eigh of min(out, in) per module, so this is calibrated, not a hardware
@@ -164,6 +175,9 @@ class PlanConfig:
     calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences for the emulator."})
     calibration_batch: int = field(default=8, metadata={"help": "Calibration sequences per forward chunk."})
     train_steps: int = field(default=100, metadata={"help": "Optimizer steps, for the time estimate."})
+    sample_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens of a typical padded training sample, for the time estimate (memory always plans "
+                "for context_length); default: context_length."})
     auto_lambda: bool = field(default=True, metadata={
         "help": "Correction chooses λ on held-out data (runs the original model, like inference)."})
     anchored: bool = field(default=True, metadata={
@@ -513,8 +527,12 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
              ("AdamW states (fp32)", n_lora * c.adam_state_bytes),
              ("checkpointed activations" if cfg.grad_checkpointing else "activations", kept),
              ("logits & loss" if transient == logits else "block recompute", transient)]
-    flops = 3.0 * _forward_flops(facts, params, tokens, cfg.context_length) * (4 / 3 if cfg.grad_checkpointing else 1)
-    seconds = cfg.train_steps * flops / (flops_per_second(cfg) * c.train_mfu) + params * b / c.disk_bytes_per_s
+    # time: samples are padded to the batch's longest, usually shorter than the context (sample_tokens)
+    length = min(cfg.sample_tokens or cfg.context_length, cfg.context_length)
+    step_tokens = math.ceil(cfg.batch_size / cfg.num_gpus) * length
+    flops = 3.0 * _forward_flops(facts, params, step_tokens, length) * (4 / 3 if cfg.grad_checkpointing else 1)
+    mfu = c.cpu_train_mfu if cfg.device == "cpu" else c.train_mfu
+    seconds = cfg.train_steps * flops / (flops_per_second(cfg) * mfu) + params * b / c.disk_bytes_per_s
     anchored, anchor_ram, chunks, _ = ps.anchor_schedule(facts, cfg) if name == "train" else (False, 0, 0, 0)
     if anchored:
         parts.append(("anchors of the micro-batch", facts.num_layers * tokens * ps.anchor_width(facts, cfg) * b))

@@ -43,12 +43,10 @@ import numpy as np
 import torch
 
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+from emloc_engine.weights.gguf_view import GGUF_VIEW_MARKER, VIEW_DTYPES, is_gguf_view, read_view_marker
 
 log = logging.getLogger(__name__)
 
-GGUF_VIEW_MARKER = "emloc_gguf.json"
-"""The file that makes a folder a model view of a GGUF: its source, size, mtime and view dtype."""
-VIEW_DTYPES = ("bfloat16", "float16", "float32")
 _PLAIN = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # GGUF types stored as plain values
 _SAFETENSORS_CODE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -115,34 +113,6 @@ class GgufTensor:
         return n
 
 
-def is_gguf_view(model_dir: Path) -> bool:
-    """Whether ``model_dir`` is a model view whose weights live in a GGUF file."""
-    d = Path(model_dir)
-    return (d / GGUF_VIEW_MARKER).is_file() and not any(d.glob("*.safetensors"))
-
-
-def read_view_marker(model_dir: Path) -> dict[str, Any]:
-    """The view's marker, with the GGUF it reads checked to be the same file (size and mtime).
-
-    Raises:
-        ModelNotFound: the marker is unreadable, or the GGUF is gone or was replaced since the view was made.
-    """
-    path = Path(model_dir) / GGUF_VIEW_MARKER
-    try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-        source = Path(marker["source"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelNotFound(f"{path} is unreadable ({exc}).", hint="Open the GGUF file again (emloc models --convert FILE).") from exc
-    try:
-        st = source.stat()
-    except OSError:
-        raise ModelNotFound(f"The GGUF file {source} of the model view {model_dir} is gone.",
-                            hint="Pick the model again from its new place.") from None
-    if st.st_size != marker.get("source_size_bytes") or st.st_mtime_ns != marker.get("source_mtime_ns"):
-        raise ModelNotFound(f"The GGUF file {source} changed since its model view {model_dir} was made.",
-                            hint="Open it again (emloc models --convert FILE, or pick it in the app); "
-                                 "a run started from the old file cannot go on with the new one.")
-    return dict(marker)
 
 
 def _hf_name_map(arch: str, config: dict[str, Any]) -> dict[str, str]:

@@ -9,6 +9,7 @@ import pytest
 from emloc_app.pages.plan_page import SPECTRAL_BUILD_FACTOR, estimated_seconds
 from emloc_app.state import WizardState
 from emloc_engine.run.planning import PlanConfig
+from emloc_engine.run.presets import PRESETS
 from emloc_engine.stages.emulator.builder import EmulatorConfig
 from tests.app.fakes import FakeEngine, fake_plan, manifest_json, reopen_plan_page, run_all
 from tests.app.fakes import open_plan_page as plan_page
@@ -36,10 +37,14 @@ def test_checked_builds_spectral_and_is_restored(qtbot, fake: FakeEngine, state:
     help_text = EmulatorConfig.__dataclass_fields__["allocation"].metadata["help"]
     assert page.allocation.toolTip() == help_text  # the engine's field help on hover
     before = len(planned)
+    assert page.run_plan is not None
+    uniform_seconds = page.estimate(page.run_plan).seconds
     page.allocation.setChecked(True)
-    assert len(planned) == before + 1  # re-planned: the duration changes, the plan does not
-    assert planned[-1] == planned[-2]
-    assert "×2 for per-module ranks" in page.duration.text()
+    # re-planned (the presets' estimates are kept: each sets the allocation itself): the duration changes,
+    # the plan does not
+    assert len(planned) == before + 1
+    assert planned[-1] == planned[before - 1 - len(PRESETS)]
+    assert page.estimate(page.run_plan).seconds > uniform_seconds
     args = shlex.split(page.command())
     assert args[args.index("--allocation") + 1] == "spectral"
     assert page.validatePage()

@@ -106,7 +106,7 @@ def test_plan_page_shows_time_ram_and_that_the_original_streams(
     state.model_dir = tmp_path / "offload-model"  # the fake plan streams a model of that name
     page = plan_page(qtbot, state)
     text = page.duration.text()
-    assert "Estimated duration" in text and "RAM: <b>37.0 GiB</b>" in text
+    assert "Takes <b>" in text and "<b>37.0 GiB</b> of RAM" in text
     labels = [r.label for r in page.bars.rows]
     assert labels[0] == "Inference, whole model on the GPU" and "Train on emulator (original streamed)" in labels
     assert "Build emulator" in labels  # the build streams anyway: no mark

@@ -13,7 +13,7 @@ import pytest
 from emloc_app.pages.data_page import DataPage
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
-from emloc_app.pages.plan_page import DEMO_OVERRIDES, PlanPage
+from emloc_app.pages.plan_page import DEMO_PRESET, PlanPage
 from emloc_app.state import WizardState
 from emloc_engine.run.config import RunConfig
 from emloc_engine.stages.correction.corrector import CorrectionConfig
@@ -32,7 +32,7 @@ def open_model_page(qtbot, state: WizardState, until: Any) -> ModelPage:  # type
     return page
 
 
-def test_machine_page_defaults_budget_to_selected_gpu(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_machine_page_defaults_budget_to_free_memory_of_selected_gpu(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     two = machine(gpus=(gpu(0, "A", 24, 20), gpu(1, "B", 48, 40)))
     calls = FakeEngine(tmp_path, machine=two).install(monkeypatch.setattr).calls
     state = WizardState()
@@ -179,7 +179,7 @@ def test_plan_page_ratio_bars_and_configs(qtbot, fake: FakeEngine, state: Wizard
     assert page.ratio_label.text() == "0.45" and page.slider.value() == 45 and not page.slider.isEnabled()
     assert page.bars.rows[0].label.startswith("Inference")
     assert len(page.bars.rows) == 5  # inference, 3 stages, full LoRA reference
-    assert "Estimated duration" in page.duration.text()
+    assert "Takes <b>about" in page.duration.text() and "GiB free" in page.duration.text()
     # defaults and tooltips come from the engine's option fields
     fields = TrainOptions.__dataclass_fields__
     assert page.settings["rank"].toolTip() == fields["rank"].metadata["help"]
@@ -232,12 +232,15 @@ def test_plan_page_show_command(qtbot, fake: FakeEngine, state: WizardState) -> 
 
 def test_plan_page_uses_quick_settings_for_the_demo_until_changed(qtbot, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                   fake: FakeEngine, state: WizardState) -> None:
+    from emloc_engine.run.presets import get_preset
+
     state.model = model_info("demo: SmolLM2-135M-Instruct", tmp_path / "demo", source="demo")
     page = make_plan_page(qtbot, state)
-    assert page.settings["steps"].value() == DEMO_OVERRIDES["steps"] != TrainOptions().steps
-    assert page.settings["lr"].value() == pytest.approx(DEMO_OVERRIDES["lr"])
-    assert page.settings["rank"].value() == TrainOptions().rank  # the rest are the engine's
-    assert page.validatePage() and state.config is not None and state.config.train.steps == DEMO_OVERRIDES["steps"]
+    quick = get_preset(DEMO_PRESET).overrides
+    assert page.settings["steps"].value() == quick["train.steps"] != TrainOptions().steps
+    assert page.settings["lr"].value() == pytest.approx(quick["train.lr"])
+    assert page.presets.current() == DEMO_PRESET
+    assert page.validatePage() and state.config is not None and state.config.train.steps == quick["train.steps"]
     state.config = dataclasses.replace(state.config, train=TrainOptions(steps=7))  # the user's choice is kept
     page.initializePage()
     assert page.settings["steps"].value() == 7

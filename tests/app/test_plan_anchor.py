@@ -11,6 +11,7 @@ import pytest
 from emloc_app.state import WizardState
 from emloc_engine.run import planning
 from emloc_engine.run.planning import plan_memory as real_plan_memory  # before the fixtures replace it
+from emloc_engine.run.presets import PRESETS
 from emloc_engine.stages.training import trainer
 from emloc_engine.stages.training.trainer import TrainConfig
 from tests.app.fakes import FakeEngine, gpu, machine, manifest_json, reopen_plan_page, run_all
@@ -50,8 +51,9 @@ def test_unchecked_trains_none_and_replans(qtbot, fake: FakeEngine, state: Wizar
     planned = fake.planned
     before = len(planned)
     page.anchor.setChecked(False)
-    assert len(planned) == before + 1 and planned[-1].anchored is False
-    assert dataclasses.replace(planned[-1], anchored=True) == planned[-2]  # nothing else changed
+    mine = planned[before]  # the page's own plan; then each preset's, re-estimated (anchoring is in none)
+    assert mine.anchored is False and len(planned) == before + 1 + len(PRESETS)
+    assert dataclasses.replace(mine, anchored=True) == planned[before - 1 - len(PRESETS)]  # nothing else changed
     args = shlex.split(page.command())
     assert args[args.index("--anchor") + 1] == "none"
     assert page.validatePage()

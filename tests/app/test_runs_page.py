@@ -80,6 +80,8 @@ def test_start_page_is_runs_only_when_runs_exist_and_rows_say_what_each_run_is(
     assert cells[0][0] == "SmolLM2" and cells[0][1] == "chat.jsonl" and cells[0][3] == "stopped at training"
     assert cells[0][4] == "3.000" and cells[0][6] == "–"
     assert cells[1][3] == "finished" and cells[1][4] == "1.500" and cells[1][6] == "gguf"
+    assert [r.run_dir.name for r in page.selected()] == ["new"]  # the newest is selected: Open works at once
+    assert page.open_button.isEnabled()
     select(page, "new")
     assert (
         page.resume_button.isEnabled()

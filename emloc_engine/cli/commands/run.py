@@ -12,7 +12,7 @@ from emloc_engine.run.config import STAGES
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a whole run: generated from :class:`~emloc_engine.run.config.RunConfig`'s fields."""
-    from emloc_engine.run.options import add_options
+    from emloc_engine.run.options import add_options, add_preset_option
 
     p.add_argument("model", nargs="?", help="Model folder, HF cache repo id (org/name), GGUF file or 'demo'.")
     p.add_argument("data", nargs="?", help="Dataset file (.jsonl/.json/.csv/.parquet/.txt) or 'demo'.")
@@ -24,6 +24,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo-from", choices=STAGES, metavar="STAGE",
                    help="Redo this stage and every later one in an existing run folder (needed to change "
                         "settings of a folder whose stages already ran): " + ", ".join(STAGES) + ".")
+    add_preset_option(p)
     add_options(p)
 
 
@@ -37,17 +38,20 @@ def register(sub: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~emloc_engine.run.config.RunConfig` the options (and ``--config RUN.toml``) describe.
 
-    Order: field defaults < the TOML file < what was typed on the command line.
+    Order: field defaults < the preset (``--preset``, else the TOML file's ``preset``) < the TOML file
+    < what was typed on the command line.
     """
     from emloc_engine.catalog.resolve import resolve_data, resolve_model
-    from emloc_engine.run.options import build_config, toml_values, typed_values
+    from emloc_engine.run.options import build_config, toml_values, typed_values, with_preset
 
     values: dict[str, Any] = toml_values(args.config) if args.config is not None else {}
     model, data, out = (args.model or values.pop("model", None), args.data or values.pop("data", None),
                         args.out or values.pop("out", None))
-    for key in ("model", "data", "out"):
+    preset = getattr(args, "preset", None) or values.pop("preset", None)
+    for key in ("model", "data", "out", "preset"):
         values.pop(key, None)
     values.update(typed_values(args))
+    values = with_preset(values, preset)
     return build_config(None, values, model_dir=resolve_model(model) if model else None,
                         data_path=resolve_data(data) if data else None, run_dir=Path(out) if out else None)
 

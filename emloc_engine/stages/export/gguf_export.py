@@ -197,7 +197,9 @@ def _plan_tensors(model_dir: Path, config: dict[str, Any], gguf_type: str) -> li
     import gguf
 
     fam = family_of(config)
-    assert fam is not None
+    if fam is None:
+        raise MergeError(f"GGUF export does not support model type {config.get('model_type')!r}.",
+                         hint="Export the merged folder or the adapter instead.")
     name_map = gguf_name_map(config)
     tied = is_tied(config)
     files = sorted(Path(model_dir).glob("*.safetensors"))
