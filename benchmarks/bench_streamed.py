@@ -106,7 +106,7 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
         train=TrainOptions(
             steps=args.steps, batch_size=args.batch_size, anchor="blocks", anchor_ram_gib=args.anchor_ram_gib
         ),
-        export=ExportOptions(formats=("merged", "adapter")),
+        export=ExportOptions(formats=tuple(args.exports.split(","))),
     )
     meter = StageMeter()
     out: dict[str, Any] = {"steps": args.steps, "max_length": args.max_length}
@@ -297,6 +297,8 @@ def main() -> None:
     )
     ap.add_argument("--ratio", default="0.25", help="ρ, or auto (needs the issue-17 planner).")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--exports", default="merged,adapter",
+                    help="Exports of the run part (a 14B on a 64 GB disk: adapter, no merged copy).")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--samples", type=int, default=200, help="Texts of the run part.")

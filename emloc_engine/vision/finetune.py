@@ -344,7 +344,8 @@ def correct_vlm_adapter(
         lam = float(lambdas[-1] if len(lambdas) == 1 else 1.0)
         choices[lam] = {n: apply_lambda(p, lam) for n, p in prepared.items()}
     else:
-        model: Any = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        model: Any = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
+                                                                      trust_remote_code=False)
         model = model.to(dev)
         peft_model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False).eval()
         lora = {

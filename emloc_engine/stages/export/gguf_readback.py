@@ -82,7 +82,7 @@ def load_gguf_as_hf(gguf_path: Path, model_dir: Path, dtype: torch.dtype = torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     missing, unexpected = model.load_state_dict(gguf_state_dict(gguf_path, model_dir), strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight") and "rotary_emb" not in m]
     if missing or unexpected:
