@@ -234,3 +234,13 @@ def test_ollama_from_a_gguf_model_view_names_the_users_file(tiny_llama: Path, tm
     instr = dict(parse_modelfile(res.modelfile_path.read_text()))
     assert Path(instr["FROM"]) == user_gguf.resolve() and dict(res.verification)["adapter-gguf"] < 1e-3
     assert sorted(p.name for p in user_gguf.parent.iterdir()) == ["base.gguf"]  # nothing written beside it
+
+
+def test_adapter_gguf_is_checked_when_the_original_is_streamed(tiny_llama: Path, tmp_path: Path) -> None:
+    """A base that does not fit is never loaded whole: adapter.gguf is read back tensor by tensor instead."""
+    run = _run_with_adapter(tiny_llama, tmp_path)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("adapter-gguf",),
+                                        stream_original=True))
+    checks = dict(res.verification)
+    assert checks["adapter-gguf"] == 0.0  # F32 tensors: exactly the corrected adapter's
+    assert res.adapter_gguf_path is not None and res.adapter_gguf_path.is_file()
