@@ -1,0 +1,214 @@
+"""Read an exported image LoRA back and compare the denoiser's output with the reference.
+
+The reference is the original denoiser with the peft adapter applied by peft itself
+(``PeftModel.from_pretrained``), the thing every export must reproduce. Each LoRA file is loaded the
+way users load it: through the family's pipeline class's ``load_lora_weights`` (which runs diffusers'
+kohya converter for kohya files), on a pipeline holding only the denoiser (text encoders and VAE are
+never loaded: they are not touched by a denoiser LoRA). A merged pipeline's denoiser is loaded with
+``from_pretrained``. All outputs come from one fixed random probe input (:func:`probe_inputs`).
+
+**Pass rule**: ``max|out − ref| ≤ tol · max|ref|`` with ``tol`` 1e-4 for fp32 denoisers and 2e-2
+for bf16/fp16 ones, *and* the adapter must change the output (``max|ref − base| > 0``), so a file
+whose LoRA silently failed to load cannot pass.
+
+The denoiser is loaded on the GPU when one is present (CPU otherwise) in its stored dtype; a 12B
+FLUX transformer needs about 24 GiB for this in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emloc_engine.core.errors import MergeError, ModelNotFound, UnsupportedModel
+from emloc_engine.images.lora_formats import DENOISER_NAME
+
+PIPELINE_FAMILY = {
+    "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+
+
+@dataclass(frozen=True)
+class PipelineFacts:
+    """What the export needs to know about a diffusers pipeline folder."""
+
+    folder: Path
+    family: str
+    pipeline_class: str
+    denoiser: str  # component name: "transformer" or "unet"
+    denoiser_class: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One read-back: how far the loaded output is from the reference, and how much the adapter moves it."""
+
+    what: str
+    max_abs_diff: float
+    ref_max_abs: float
+    adapter_effect: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.adapter_effect > 0 and self.max_abs_diff <= self.tolerance * self.ref_max_abs
+
+
+def pipeline_facts(folder: Path) -> PipelineFacts:
+    """Family and denoiser of a diffusers pipeline folder (from its ``model_index.json``).
+
+    Raises:
+        ModelNotFound: no ``model_index.json`` or no denoiser weights folder.
+        UnsupportedModel: a pipeline class other than FLUX, SD3 or SDXL.
+    """
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelNotFound(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json).",
+            hint="Point to the pipeline folder (a Hugging Face cache snapshot of the model).",
+        )
+    data = json.loads(index.read_text(encoding="utf-8"))
+    cls = str(data.get("_class_name", ""))
+    family = PIPELINE_FAMILY.get(cls)
+    if family is None:
+        raise UnsupportedModel(
+            f"{folder} holds a {cls or 'unknown'} pipeline; image LoRA export supports "
+            f"{', '.join(PIPELINE_FAMILY)}."
+        )
+    name = DENOISER_NAME[family]
+    if not (folder / name / "config.json").is_file():
+        raise ModelNotFound(
+            f"{folder / name} has no config.json: the pipeline folder is incomplete.",
+            hint="Download the model again.",
+        )
+    return PipelineFacts(folder, family, cls, name, str(data[name][1]))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_denoiser(folder: Path, facts: PipelineFacts) -> Any:
+    """The denoiser of a pipeline folder (``folder/<denoiser>``) in its stored dtype, eval mode, on the device."""
+    import diffusers
+
+    cls = getattr(diffusers, facts.denoiser_class)
+    model = cls.from_pretrained(str(Path(folder) / facts.denoiser), torch_dtype=None)
+    return model.to(_device()).eval()
+
+
+def probe_inputs(family: str, denoiser: Any, seed: int = 0) -> dict[str, Any]:
+    """A small fixed random input for one denoiser forward (4×4 latent patches, 8 text tokens)."""
+    cfg = denoiser.config
+    dev, dtype = next(denoiser.parameters()).device, next(denoiser.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dev, dtype)
+
+    t = torch.tensor([0.6], device=dev, dtype=dtype)
+    if family == "flux":
+        seq, txt = 16, 8
+        ids = torch.zeros(seq, 3)
+        ids[:, 1], ids[:, 2] = torch.arange(seq) // 4, torch.arange(seq) % 4
+        inputs = dict(
+            hidden_states=rnd(1, seq, cfg.in_channels),
+            encoder_hidden_states=rnd(1, txt, cfg.joint_attention_dim),
+            pooled_projections=rnd(1, cfg.pooled_projection_dim),
+            timestep=t,
+            img_ids=ids.to(dev, dtype),
+            txt_ids=torch.zeros(txt, 3).to(dev, dtype),
+        )
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.tensor([3.5], device=dev, dtype=dtype)
+        return inputs
+    if family == "sd3":
+        side = 4 * cfg.patch_size
+        return dict(
+            hidden_states=rnd(1, cfg.in_channels, side, side),
+            encoder_hidden_states=rnd(1, 8, cfg.joint_attention_dim),
+            pooled_projections=rnd(1, cfg.pooled_projection_dim),
+            timestep=t * 1000,
+        )
+    side = 2 ** (len(cfg.block_out_channels) + 1)
+    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return dict(
+        sample=rnd(1, cfg.in_channels, side, side),
+        timestep=t * 1000,
+        encoder_hidden_states=rnd(1, 8, cfg.cross_attention_dim),
+        added_cond_kwargs={"text_embeds": rnd(1, text_dim), "time_ids": rnd(1, 6)},
+    )
+
+
+@torch.no_grad()
+def denoise(denoiser: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """One forward of the denoiser; the output in fp32 on the CPU."""
+    out = denoiser(**inputs, return_dict=False)[0]
+    return out.detach().float().cpu()
+
+
+def tolerance_for(denoiser: Any) -> float:
+    return 1e-4 if next(denoiser.parameters()).dtype == torch.float32 else 2e-2
+
+
+@contextlib.contextmanager
+def peft_applied(denoiser: Any, adapter_dir: Path) -> Iterator[Any]:
+    """The denoiser with the peft adapter injected by peft (the reference); removed again on exit."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(denoiser, str(adapter_dir), adapter_name="emloc_reference")
+    except Exception as exc:
+        raise MergeError(
+            f"peft cannot apply the adapter {adapter_dir} to this denoiser: {exc}",
+            hint="The adapter was trained for another model; export with the pipeline it was trained on.",
+        ) from exc
+    try:
+        yield model.base_model.model
+    finally:
+        model.unload()
+
+
+@contextlib.contextmanager
+def lora_file_applied(facts: PipelineFacts, denoiser: Any, lora_file: Path) -> Iterator[Any]:
+    """The denoiser with an exported LoRA file loaded by the family's ``load_lora_weights``; unloaded on exit."""
+    import diffusers
+
+    cls = getattr(diffusers, facts.pipeline_class)
+    components = {name: None for name in cls._get_signature_keys(cls)[0]}
+    components[facts.denoiser] = denoiser
+    pipe = cls(**components)
+    try:
+        pipe.load_lora_weights(
+            str(lora_file.parent), weight_name=lora_file.name, adapter_name="emloc_readback"
+        )
+    except Exception as exc:
+        raise MergeError(
+            f"diffusers cannot load the exported {lora_file.name}: {exc}",
+            hint="This is a bug in the export; use the peft adapter folder meanwhile.",
+        ) from exc
+    try:
+        yield denoiser
+    finally:
+        denoiser.unload_lora()
+
+
+def compare(
+    what: str, out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, tolerance: float
+) -> Comparison:
+    return Comparison(
+        what,
+        float((out - ref).abs().max()),
+        float(ref.abs().max()),
+        float((ref - base).abs().max()),
+        tolerance,
+    )
