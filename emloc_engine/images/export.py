@@ -48,7 +48,7 @@ from emloc_engine.images.export_readback import (
     tolerance_for,
 )
 from emloc_engine.images.lora_formats import diffusers_state_dict, kohya_metadata, kohya_state_dict
-from emloc_engine.images.merge_pipeline import write_merged_pipeline
+from emloc_engine.images.merge_pipeline import check_adapter_fits, write_merged_pipeline
 from emloc_engine.stages.export.merge import LoraDelta, read_lora_deltas
 
 IMAGE_EXPORT_FORMATS = ("diffusers", "kohya", "merged")
@@ -213,6 +213,7 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
     """
     facts = pipeline_facts(cfg.pipeline_dir)
     _, deltas = read_lora_deltas(cfg.adapter_dir)
+    check_adapter_fits(facts.folder, facts.denoiser, deltas)
     checks: list[Comparison] = []
     paths: dict[str, Path] = {}
     denoiser = load_denoiser(facts.folder, facts) if cfg.verify else None

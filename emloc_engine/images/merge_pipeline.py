@@ -118,3 +118,31 @@ def write_merged_pipeline(
             problems=missing[:20],
             hint="The adapter was trained for another model; export with the pipeline it was trained on.",
         )
+
+
+def check_adapter_fits(pipeline_dir: Path, denoiser: str, deltas: Mapping[str, LoraDelta]) -> None:
+    """Refuse an adapter whose modules the denoiser lacks or whose shapes differ (read from the headers only).
+
+    Raises:
+        MergeError: listing every module that does not fit, before anything is loaded or written.
+    """
+    src = Path(pipeline_dir) / denoiser
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in denoiser_shards(src):
+        entries, _ = read_shard_index(shard)
+        shapes.update({e.name: e.shape for e in entries})
+    problems = []
+    for module, d in deltas.items():
+        shape = shapes.get(f"{module}.weight")
+        if shape is None:
+            problems.append(f"{module}: not in this denoiser")
+        elif shape != (int(d.B.shape[0]), int(d.A.shape[1])):
+            problems.append(
+                f"{module}: weight {list(shape)}, adapter {int(d.B.shape[0])}×{int(d.A.shape[1])}"
+            )
+    if problems:
+        raise MergeError(
+            f"The adapter does not fit {src} (modules it does not have or of other shapes):",
+            problems=problems[:20] + ([f"... {len(problems) - 20} more"] if len(problems) > 20 else []),
+            hint="The adapter was trained for another model; export with the pipeline it was trained on.",
+        )
