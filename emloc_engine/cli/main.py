@@ -19,7 +19,8 @@ from emloc_engine.core.atomic import as_disk_full
 from emloc_engine.core.errors import Cancelled, EngineError
 from emloc_engine.core.version import __version__
 
-COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "vlm", "demo")
+COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "vlm", "demo",
+            "image-export")
 
 
 def version_text() -> str:
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at DEBUG level to stderr.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"emloc_engine.cli.commands.{name}")
+        module = importlib.import_module(f"emloc_engine.cli.commands.{name.replace('-', '_')}")
         module.register(sub)
     return parser
 
