@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from emloc_engine.catalog.discovery import ModelInfo
 from emloc_engine.data import DataConfig, DataReport
+from emloc_engine.images.dataset import ImageFolderReport
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
 
@@ -60,6 +61,10 @@ class WizardState:
     max_samples: int | None = None
     data_config: DataConfig | None = None
     data_report: DataReport | None = None
+    # 3 Data, image models (a diffusers pipeline): a folder of photos with .txt captions beside them
+    image_folder: Path | None = None
+    image_trigger: str = ""
+    image_report: ImageFolderReport | None = None
     # 4 Plan
     config: RunConfig | None = None  # the run's settings: built by the Plan page, or read from a reopened run
     run_plan: RunPlan | None = None  # plan_run(config): ρ, the memory plan and every stage's config
@@ -87,6 +92,18 @@ class WizardState:
             backend = self.machine.backend if self.machine is not None else "cuda"
             return f"cuda:{self.gpu_index}" if backend in ("cuda", "rocm") else "auto"
         return "auto"
+
+    @property
+    def is_image_model(self) -> bool:
+        """An image-generation pipeline (FLUX/SD3/SDXL) rather than a language model: the wizard then shows
+        the image dataset page instead of the Data page and the gallery instead of the Try page.
+
+        The catalog says so with ``ModelInfo.kind == "image"``; a folder chosen by hand is one when it
+        holds a diffusers ``model_index.json``.
+        """
+        if self.model is not None and self.model.kind == "image":
+            return True
+        return self.model_dir is not None and (Path(self.model_dir) / "model_index.json").is_file()
 
     @property
     def model_name(self) -> str:

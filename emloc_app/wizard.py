@@ -11,6 +11,8 @@ from PySide6.QtWidgets import QWidget, QWizard
 
 from emloc_app.pages.common import BasePage
 from emloc_app.pages.data_page import DataPage
+from emloc_app.pages.gallery_page import GalleryPage
+from emloc_app.pages.image_data_page import ImageDataPage
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
 from emloc_app.pages.plan_page import PlanPage
@@ -32,6 +34,12 @@ class Page(IntEnum):
     Run = 4
     Try = 5
     Runs = 6  # the start page when runs exist (its Next goes to Machine; the Try page is the last)
+    ImageData = 7  # image models: in place of Data (its Next goes to Plan)
+    Gallery = 8  # image runs: in place of Try (the last page)
+
+
+IMAGE_PAGES = {Page.Data: Page.ImageData, Page.Try: Page.Gallery}
+"""For an image model (``WizardState.is_image_model``) the wizard shows these pages in place of the keys."""
 
 
 class EmlocWizard(QWizard):
@@ -59,10 +67,12 @@ class EmlocWizard(QWizard):
         self.run_page = RunPage(self.state)
         self.try_page = TryPage(self.state)
         self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try})
+        self.image_data_page = ImageDataPage(self.state)
+        self.gallery_page = GalleryPage(self.state)
         self.pages: dict[Page, BasePage] = {
             Page.Machine: self.machine_page, Page.Model: self.model_page, Page.Data: self.data_page,
             Page.Plan: self.plan_page, Page.Run: self.run_page, Page.Try: self.try_page,
-            Page.Runs: self.runs_page,
+            Page.Runs: self.runs_page, Page.ImageData: self.image_data_page, Page.Gallery: self.gallery_page,
         }
         for pid, page in self.pages.items():
             self.setPage(int(pid), page)
@@ -78,6 +88,13 @@ class EmlocWizard(QWizard):
             self.restoreGeometry(geometry)
         else:
             self.resize(1040, 780)
+
+    def nextId(self) -> int:
+        """The pages' own order, with the image pages in place of Data and Try for an image model."""
+        nxt = super().nextId()
+        if nxt >= 0 and self.state.is_image_model:
+            return int(IMAGE_PAGES.get(Page(nxt), Page(nxt)))
+        return nxt
 
     def page_widget(self, pid: Page) -> QWidget:
         return self.pages[pid]

@@ -25,34 +25,20 @@ tool applies it at strength 1.0 as trained.
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from emloc_engine.core.atomic import atomic_dir
-from emloc_engine.core.errors import ConfigError, MergeError
+from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
-from emloc_engine.core.version import __version__
-from emloc_engine.images.export_readback import (
-    Comparison,
-    PipelineFacts,
-    compare,
-    denoise,
-    load_denoiser,
-    lora_file_applied,
-    peft_applied,
-    pipeline_facts,
-    probe_inputs,
-    tolerance_for,
-)
-from emloc_engine.images.lora_formats import diffusers_state_dict, kohya_metadata, kohya_state_dict
-from emloc_engine.images.merge_pipeline import check_adapter_fits, write_merged_pipeline
-from emloc_engine.stages.export.merge import LoraDelta, read_lora_deltas
+
+if TYPE_CHECKING:
+    from emloc_engine.images.export_readback import Comparison
+
+# torch and diffusers load inside export_image_lora (the writers live in export_writers.py), so the app
+# can show this config without importing torch at start-up
 
 IMAGE_EXPORT_FORMATS = ("diffusers", "kohya", "merged")
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -108,94 +94,6 @@ class ImageExportResult:
     checks: tuple[Comparison, ...]
 
 
-@dataclass
-class _Reference:
-    """The probe input and the two outputs every export is compared with."""
-
-    inputs: dict[str, object]
-    base: torch.Tensor
-    ref: torch.Tensor
-    tolerance: float
-
-
-def _reference(facts: PipelineFacts, adapter_dir: Path, denoiser: object) -> _Reference:
-    inputs = probe_inputs(facts.family, denoiser)
-    base = denoise(denoiser, inputs)
-    with peft_applied(denoiser, adapter_dir) as applied:
-        ref = denoise(applied, inputs)
-    return _Reference(inputs, base, ref, tolerance_for(denoiser))
-
-
-def _check(c: Comparison, where: Path) -> Comparison:
-    if c.adapter_effect <= 0:
-        raise MergeError(
-            f"The adapter does not change the denoiser's output (all LoRA B are zero?); {c.what} "
-            "cannot be checked.",
-            hint="Export an adapter that was trained (RUN/adapter-corrected).",
-        )
-    if not c.ok:
-        raise MergeError(
-            f"The {c.what} read back from {where} differs from the original + adapter: max |diff| "
-            f"{c.max_abs_diff:.3g} > {c.tolerance:g} × {c.ref_max_abs:.3g} (the adapter moves the output "
-            f"by {c.adapter_effect:.3g}). Nothing was written.",
-            hint="This is a bug in the export; use the peft adapter folder meanwhile.",
-        )
-    return c
-
-
-def _write_lora_file(
-    cfg: ImageExportConfig,
-    facts: PipelineFacts,
-    fmt: str,
-    deltas: dict[str, LoraDelta],
-    denoiser: object | None,
-    ref: _Reference | None,
-    checks: list[Comparison],
-) -> Path:
-    import diffusers
-    from safetensors.torch import save_file
-
-    final = Path(cfg.out_dir) / fmt
-    name = DIFFUSERS_WEIGHT_NAME if fmt == "diffusers" else f"{cfg.file_stem}.safetensors"
-    with atomic_dir(final, overwrite=True) as tmp:
-        if fmt == "diffusers":
-            cls = getattr(diffusers, facts.pipeline_class)
-            layers = {f"{facts.denoiser}_lora_layers": diffusers_state_dict(deltas)}
-            cls.save_lora_weights(str(tmp), weight_name=name, **layers)
-        else:
-            config = json.loads((facts.folder / facts.denoiser / "config.json").read_text(encoding="utf-8"))
-            state = kohya_state_dict(facts.family, deltas, config)
-            save_file(state, str(tmp / name), metadata=kohya_metadata(facts.family, state, __version__))
-        if denoiser is not None and ref is not None:
-            with lora_file_applied(facts, denoiser, tmp / name) as loaded:
-                out = denoise(loaded, ref.inputs)
-            checks.append(
-                _check(compare(f"{fmt} LoRA file", out, ref.ref, ref.base, ref.tolerance), final / name)
-            )
-    return final / name
-
-
-def _write_merged(
-    cfg: ImageExportConfig,
-    facts: PipelineFacts,
-    deltas: dict[str, LoraDelta],
-    ref: _Reference | None,
-    checks: list[Comparison],
-    progress: Progress,
-) -> Path:
-    final = Path(cfg.out_dir) / "merged"
-    with atomic_dir(final, overwrite=True) as tmp:
-        write_merged_pipeline(facts.folder, facts.denoiser, deltas, tmp, sub(progress, 0.0, 0.7))
-        if ref is not None:
-            merged = load_denoiser(tmp, facts)
-            out = denoise(merged, ref.inputs)
-            del merged
-            checks.append(
-                _check(compare("merged pipeline's denoiser", out, ref.ref, ref.base, ref.tolerance), final)
-            )
-    return final
-
-
 def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS) -> ImageExportResult:
     """Write the asked formats of an image LoRA, each read back before it is renamed into place.
 
@@ -211,6 +109,13 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
         MergeError: an adapted module the model lacks, NaN/Inf, no kohya naming (:class:`UnsupportedKohya`),
             or a read-back that does not reproduce the reference.
     """
+    import torch
+
+    from emloc_engine.images.export_readback import load_denoiser, pipeline_facts
+    from emloc_engine.images.export_writers import reference, write_lora_file, write_merged
+    from emloc_engine.images.merge_pipeline import check_adapter_fits
+    from emloc_engine.stages.export.merge import read_lora_deltas
+
     facts = pipeline_facts(cfg.pipeline_dir)
     _, deltas = read_lora_deltas(cfg.adapter_dir)
     check_adapter_fits(facts.folder, facts.denoiser, deltas)
@@ -218,18 +123,18 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
     paths: dict[str, Path] = {}
     denoiser = load_denoiser(facts.folder, facts) if cfg.verify else None
     try:
-        ref = _reference(facts, cfg.adapter_dir, denoiser) if denoiser is not None else None
+        ref = reference(facts, cfg.adapter_dir, denoiser) if denoiser is not None else None
         progress.update(0.1, "reference computed" if ref else "writing")
         files = [f for f in ("diffusers", "kohya") if f in cfg.formats]
         for i, fmt in enumerate(files):
             progress.check_cancelled()
-            paths[fmt] = _write_lora_file(cfg, facts, fmt, deltas, denoiser, ref, checks)
+            paths[fmt] = write_lora_file(cfg, facts, fmt, deltas, denoiser, ref, checks)
             progress.update(0.1 + 0.3 * (i + 1) / len(files), f"{fmt} LoRA written and checked")
         denoiser = None  # the merged check loads its own denoiser: never two in memory
         gc.collect()
         if "merged" in cfg.formats:
             progress.check_cancelled()
-            paths["merged"] = _write_merged(cfg, facts, deltas, ref, checks, sub(progress, 0.4, 1.0))
+            paths["merged"] = write_merged(cfg, facts, deltas, ref, checks, sub(progress, 0.4, 1.0))
     finally:
         denoiser = None
         gc.collect()

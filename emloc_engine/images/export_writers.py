@@ -1,0 +1,127 @@
+"""The torch side of :mod:`emloc_engine.images.export`: write one output into a temporary folder and read it back.
+
+Every writer works inside :func:`~emloc_engine.core.atomic.atomic_dir`, so the check runs on the
+temporary folder and a failed check leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from emloc_engine.core.atomic import atomic_dir
+from emloc_engine.core.errors import MergeError
+from emloc_engine.core.progress import Progress, sub
+from emloc_engine.core.version import __version__
+from emloc_engine.images.export_readback import (
+    Comparison,
+    PipelineFacts,
+    compare,
+    denoise,
+    load_denoiser,
+    lora_file_applied,
+    peft_applied,
+    probe_inputs,
+    tolerance_for,
+)
+from emloc_engine.images.lora_formats import diffusers_state_dict, kohya_metadata, kohya_state_dict
+from emloc_engine.images.merge_pipeline import write_merged_pipeline
+from emloc_engine.stages.export.merge import LoraDelta
+
+if TYPE_CHECKING:
+    from emloc_engine.images.export import ImageExportConfig
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""The file name ``load_lora_weights(folder)`` looks for by default."""
+
+
+@dataclass
+class Reference:
+    """The probe input and the two outputs every export is compared with."""
+
+    inputs: dict[str, object]
+    base: torch.Tensor
+    ref: torch.Tensor
+    tolerance: float
+
+
+def reference(facts: PipelineFacts, adapter_dir: Path, denoiser: object) -> Reference:
+    inputs = probe_inputs(facts.family, denoiser)
+    base = denoise(denoiser, inputs)
+    with peft_applied(denoiser, adapter_dir) as applied:
+        ref = denoise(applied, inputs)
+    return Reference(inputs, base, ref, tolerance_for(denoiser))
+
+
+def _check(c: Comparison, where: Path) -> Comparison:
+    if c.adapter_effect <= 0:
+        raise MergeError(
+            f"The adapter does not change the denoiser's output (all LoRA B are zero?); {c.what} "
+            "cannot be checked.",
+            hint="Export an adapter that was trained (RUN/adapter-corrected).",
+        )
+    if not c.ok:
+        raise MergeError(
+            f"The {c.what} read back from {where} differs from the original + adapter: max |diff| "
+            f"{c.max_abs_diff:.3g} > {c.tolerance:g} × {c.ref_max_abs:.3g} (the adapter moves the output "
+            f"by {c.adapter_effect:.3g}). Nothing was written.",
+            hint="This is a bug in the export; use the peft adapter folder meanwhile.",
+        )
+    return c
+
+
+def write_lora_file(
+    cfg: ImageExportConfig,
+    facts: PipelineFacts,
+    fmt: str,
+    deltas: dict[str, LoraDelta],
+    denoiser: object | None,
+    ref: Reference | None,
+    checks: list[Comparison],
+) -> Path:
+    import diffusers
+    from safetensors.torch import save_file
+
+    final = Path(cfg.out_dir) / fmt
+    name = DIFFUSERS_WEIGHT_NAME if fmt == "diffusers" else f"{cfg.file_stem}.safetensors"
+    with atomic_dir(final, overwrite=True) as tmp:
+        if fmt == "diffusers":
+            cls = getattr(diffusers, facts.pipeline_class)
+            layers = {f"{facts.denoiser}_lora_layers": diffusers_state_dict(deltas)}
+            cls.save_lora_weights(str(tmp), weight_name=name, **layers)
+        else:
+            config = json.loads((facts.folder / facts.denoiser / "config.json").read_text(encoding="utf-8"))
+            state = kohya_state_dict(facts.family, deltas, config)
+            save_file(state, str(tmp / name), metadata=kohya_metadata(facts.family, state, __version__))
+        if denoiser is not None and ref is not None:
+            with lora_file_applied(facts, denoiser, tmp / name) as loaded:
+                out = denoise(loaded, ref.inputs)
+            checks.append(
+                _check(compare(f"{fmt} LoRA file", out, ref.ref, ref.base, ref.tolerance), final / name)
+            )
+    return final / name
+
+
+def write_merged(
+    cfg: ImageExportConfig,
+    facts: PipelineFacts,
+    deltas: dict[str, LoraDelta],
+    ref: Reference | None,
+    checks: list[Comparison],
+    progress: Progress,
+) -> Path:
+    final = Path(cfg.out_dir) / "merged"
+    with atomic_dir(final, overwrite=True) as tmp:
+        write_merged_pipeline(facts.folder, facts.denoiser, deltas, tmp, sub(progress, 0.0, 0.7))
+        if ref is not None:
+            merged = load_denoiser(tmp, facts)
+            out = denoise(merged, ref.inputs)
+            del merged
+            checks.append(
+                _check(compare("merged pipeline's denoiser", out, ref.ref, ref.base, ref.tolerance), final)
+            )
+    return final
