@@ -3,6 +3,7 @@
     python tools/screenshots.py OUT_DIR                      # the real engine on the demo, both themes
     python tools/screenshots.py OUT_DIR --engine fake        # the app tests' fake engine (8B model, 24 GiB GPU)
     python tools/screenshots.py OUT_DIR --theme dark --gpus 2
+    python tools/screenshots.py OUT_DIR --images             # only the image-model pages (photos, gallery)
 
 ``--engine real`` (the default) runs what a new user runs: this machine detected, the demo model
 prepared, the demo data inspected with its tokenizer, the plan of the Faster preset, a short real run
@@ -165,6 +166,49 @@ def walk(wizard: Any, shooter: Shooter, *, real: bool, steps: int) -> None:
     shooter.shot("6_try_export")
 
 
+def walk_images(wizard: Any, shooter: Shooter, tmp: Path) -> None:
+    """The image-model pages: generated photos (one too small, one broken) and sample images of a run."""
+    from PIL import Image, ImageDraw
+
+    from emloc_app.wizard import Page
+    from tests.tiny_pipelines import write_subject_images
+
+    model = tmp / "FLUX.1-dev"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    photos = tmp / "photos"
+    for i, shape in enumerate(("circle", "square", "triangle")):
+        write_subject_images(photos / shape, 3, size=(384, 320), shape=shape, colour=i, seed=i)
+        for f in (photos / shape).iterdir():
+            f.rename(photos / f"{shape}_{f.name}")
+    write_subject_images(tmp / "small", 1, size=(48, 48))
+    (tmp / "small" / "img_000.png").rename(photos / "thumbnail_from_chat.png")
+    (photos / "IMG_2041.HEIC.jpg").write_bytes(b"\x00not really an image")
+    run = tmp / "run"
+    for step in (100, 200, 300):
+        for k in range(3):
+            img = Image.new("RGB", (256, 256), (30 + 60 * k, 40 + step // 5, 90))
+            r = 40 + step // 10
+            ImageDraw.Draw(img).ellipse((128 - r, 128 - r, 128 + r, 128 + r), fill=(220, 40, 40))
+            (run / "samples" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+            img.save(run / "samples" / f"step-{step}" / f"{k}.png")
+        (run / "samples" / f"step-{step}" / "prompts.txt").write_text(
+            "sks circle on the moon\nsks circle as a watercolour\nsks circle in snow\n")
+    s = wizard.state
+    s.model_dir, s.image_folder, s.image_trigger, s.run_dir = model, photos, "sks", run
+    wizard.setStartId(int(Page.ImageData))
+    wizard.restart()
+    page = wizard.pages[Page.ImageData]
+    wait_until("the photo scan", lambda: page.scan is not None and not page.busy(), 120)
+    page.thumbs.setCurrentRow(1)
+    settle(500)
+    shooter.shot("3_image_data")
+    wizard.setStartId(int(Page.Gallery))
+    wizard.restart()
+    settle(800)
+    shooter.shot("6_gallery")
+
+
 def restart(app: Any, settings: Any, shooter: Shooter) -> Any:
     """The app started again on the same settings: the Runs page first, listing the finished run."""
     from emloc_app.state import WizardState
@@ -190,6 +234,7 @@ def main() -> int:
     p.add_argument("--theme", choices=(*THEMES, "both"), default="both")
     p.add_argument("--steps", type=int, default=4, help="Training steps of the real run (default 4).")
     p.add_argument("--gpus", type=int, default=1, help="Fake engine: this many 24 GiB GPUs (2+ shows the choice).")
+    p.add_argument("--images", action="store_true", help="Only the image-model pages (photos page, gallery).")
     args = p.parse_args()
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     tmp = Path(tempfile.mkdtemp(prefix="emloc-shots-"))
@@ -215,8 +260,11 @@ def main() -> int:
     themes = THEMES if args.theme == "both" else (args.theme,)
     shooter = Shooter(app, wizard, args.out, themes)
     try:
-        walk(wizard, shooter, real=args.engine == "real", steps=args.steps)
-        wizard = restart(app, settings, shooter)
+        if args.images:
+            walk_images(wizard, shooter, tmp)
+        else:
+            walk(wizard, shooter, real=args.engine == "real", steps=args.steps)
+            wizard = restart(app, settings, shooter)
     finally:
         wizard.shutdown()
         shutdown_workers()

@@ -140,6 +140,7 @@ class GalleryPage(BasePage):
 
     # -- lifecycle -------------------------------------------------------------------------------
     def initializePage(self) -> None:
+        self._offer_formats()
         self._follow_newest = True
         self._shown = []
         self.steps.clear()
@@ -160,6 +161,17 @@ class GalleryPage(BasePage):
 
     def nextId(self) -> int:
         return -1
+
+    def _offer_formats(self) -> None:
+        """SD3 has no kohya naming (the diffusers file is what ComfyUI/Forge load for it): not offered."""
+        index = Path(self.state.model_dir) / "model_index.json" if self.state.model_dir is not None else None
+        text = index.read_text(encoding="utf-8") if index is not None and index.is_file() else ""
+        sd3 = '"StableDiffusion3Pipeline"' in text
+        kohya = self.format_boxes["kohya"]
+        kohya.setEnabled(not sd3)
+        kohya.setChecked(not sd3)
+        kohya.setToolTip("SD3 LoRAs load in ComfyUI and Forge in the diffusers naming; no kohya file is written."
+                         if sd3 else "")
 
     # -- samples ---------------------------------------------------------------------------------
     def refresh(self) -> None:

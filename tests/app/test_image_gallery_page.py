@@ -58,6 +58,16 @@ def test_gallery_follows_the_newest_step_until_one_is_chosen(
     page.cleanupPage()
 
 
+def test_sd3_is_not_offered_a_kohya_file(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    model = tmp_path / "sd3"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    page = _gallery(qtbot, dataclasses.replace(state, run_dir=tmp_path / "run", model_dir=model))
+    assert not page.format_boxes["kohya"].isEnabled() and not page.format_boxes["kohya"].isChecked()
+    assert page.format_boxes["diffusers"].isChecked()
+    page.cleanupPage()
+
+
 def _result(cfg: ImageExportConfig) -> ImageExportResult:
     return ImageExportResult(
         cfg.out_dir,
