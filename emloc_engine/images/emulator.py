@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,9 @@ from emloc_engine.core.errors import ConfigError, ModelNotFound
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.core.version import __version__
+from emloc_engine.images.batches import calibration_batches, run_batches
 from emloc_engine.images.cache import ImageCache
-from emloc_engine.images.families import NoiseSchedule, fixed_timesteps, predict
+from emloc_engine.images.families import NoiseSchedule
 from emloc_engine.images.pipelines import (
     BLOCK_PATTERN,
     PipelineInfo,
@@ -114,65 +114,7 @@ class ImageEmulatorResult:
     peak_vram_gib: float
 
 
-# ------------------------------------------------------------------------------------ calibration
-@dataclass
-class _Batch:
-    x0: torch.Tensor
-    noise: torch.Tensor
-    indices: torch.Tensor
-    cond: dict[str, torch.Tensor]
-
-
-def calibration_batches(
-    cache: ImageCache,
-    schedule: NoiseSchedule,
-    n_images: int,
-    n_timesteps: int,
-    batch: int,
-    seed: int,
-    split: str = "train",
-) -> list[_Batch]:
-    """Fixed (image, noise level, noise) batches of ``split``, one bucket per batch (deterministic)."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen = cache.indices(split)[:n_images]
-    fractions = fixed_timesteps(n_timesteps)
-    pairs = [(i, f) for i in chosen for f in fractions]
-    by_bucket: dict[tuple[int, ...], list[tuple[int, float]]] = {}
-    for i, f in pairs:
-        by_bucket.setdefault(tuple(cache.items[i]["bucket"]), []).append((i, f))
-    out = []
-    for _bucket, rows in sorted(by_bucket.items()):
-        for s in range(0, len(rows), batch):
-            part = rows[s : s + batch]
-            idx = [i for i, _ in part]
-            x0 = cache.latents(idx, sample=False)
-            out.append(
-                _Batch(
-                    x0,
-                    torch.randn(x0.shape, generator=gen),
-                    schedule.fractions_to_indices([f for _, f in part]),
-                    cache.cond(idx),
-                )
-            )
-    return out
-
-
-def run_batches(
-    kind: Any,
-    model: Any,
-    schedule: NoiseSchedule,
-    batches: list[_Batch],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Iterator[torch.Tensor]:
-    """Yield the model's prediction for each calibration/evaluation batch (inference mode)."""
-    for b in batches:
-        x_t, t, _ = schedule.noisy_and_target(b.x0, b.noise, b.indices)
-        cond = {k: v.to(device, dtype) for k, v in b.cond.items()}
-        with torch.inference_mode():
-            yield predict(kind, model, x_t.to(device, dtype), t.to(device), cond)
-
-
+# ------------------------------------------------------------------------------------ statistics
 class _SharedStats:
     """``C = Σ XᵀX`` per module input; modules of one block that read the same tensor share one statistic."""
 
@@ -446,7 +388,5 @@ __all__ = [
     "ImageEmulatorConfig",
     "ImageEmulatorResult",
     "build_image_emulator",
-    "calibration_batches",
     "load_image_emulator",
-    "run_batches",
 ]
