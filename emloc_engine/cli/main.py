@@ -19,7 +19,7 @@ from emloc_engine.core.atomic import as_disk_full
 from emloc_engine.core.errors import Cancelled, EngineError
 from emloc_engine.core.version import __version__
 
-COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "vlm", "demo")
+COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "vlm", "image", "demo")
 
 
 def version_text() -> str:

@@ -28,7 +28,6 @@ marks a complete emulator, which later runs reuse).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from emloc_engine.images.pipelines import (
     PipelineInfo,
     compressible_modules,
     load_denoiser,
+    scheduler_config,
 )
 from emloc_engine.images.placement import streamed
 from emloc_engine.machine import devices
@@ -203,7 +203,7 @@ def build_image_emulator(cfg: ImageEmulatorConfig, progress: Progress = NULL_PRO
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cache = ImageCache(cfg.cache_dir)
-    schedule = NoiseSchedule(info.kind, _scheduler_config(info))
+    schedule = NoiseSchedule(info.kind, scheduler_config(info))
     batches = calibration_batches(
         cache, schedule, cfg.calibration_images, cfg.calibration_timesteps, cfg.calibration_batch, cfg.seed
     )
@@ -266,14 +266,6 @@ def build_image_emulator(cfg: ImageEmulatorConfig, progress: Progress = NULL_PRO
         1.0, f"emulator written ({kept / max(1, params_original):.0%} of the denoiser's parameters)"
     )
     return ImageEmulatorResult(out_dir, plan, kept, params_original, len(passes), time.monotonic() - t0, peak)
-
-
-def _scheduler_config(info: PipelineInfo) -> dict[str, Any]:
-    path = info.folder / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise ModelNotFound(f"The pipeline {info.folder} has no scheduler/scheduler_config.json.")
-    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return config
 
 
 def _emulator_state(

@@ -209,6 +209,15 @@ def load_pipeline(
     return cls.from_pretrained(info.folder, torch_dtype=dtype, local_files_only=True, **skip, **components)
 
 
+def scheduler_config(info: PipelineInfo) -> dict[str, Any]:
+    """The pipeline's ``scheduler/scheduler_config.json``."""
+    path = info.folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise ModelNotFound(f"The pipeline {info.folder} has no scheduler/scheduler_config.json.")
+    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return config
+
+
 def compressible_modules(kind: Kind, denoiser: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The denoiser's linears the emulator compresses (and LoRA adapts), by full module name."""
     pattern = COMPRESSED[kind]
@@ -262,5 +271,6 @@ __all__ = [
     "is_pipeline_folder",
     "load_denoiser",
     "load_pipeline",
+    "scheduler_config",
     "with_denoiser_dir",
 ]

@@ -36,9 +36,9 @@ from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.images.cache import ImageCache
-from emloc_engine.images.emulator import _scheduler_config, load_image_emulator
+from emloc_engine.images.emulator import load_image_emulator
 from emloc_engine.images.families import NoiseSchedule, denoising_loss
-from emloc_engine.images.pipelines import PipelineInfo
+from emloc_engine.images.pipelines import PipelineInfo, scheduler_config
 from emloc_engine.machine import devices
 from emloc_engine.weights.lowrank import read_emulator_meta
 
@@ -158,7 +158,7 @@ def train_image_lora(cfg: ImageTrainConfig, progress: Progress = NULL_PROGRESS) 
     device = devices.resolve_device(cfg.device)
     dtype = devices.compute_dtype(device, cfg.dtype)
     cache = ImageCache(cfg.cache_dir)
-    schedule = NoiseSchedule(info.kind, _scheduler_config(info))
+    schedule = NoiseSchedule(info.kind, scheduler_config(info))
     torch.manual_seed(cfg.seed)
     denoiser = load_image_emulator(cfg.emulator_dir, dtype=dtype, device=device)
     peft_model = attach_image_lora(
