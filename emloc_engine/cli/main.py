@@ -19,8 +19,8 @@ from emloc_engine.core.atomic import as_disk_full
 from emloc_engine.core.errors import Cancelled, EngineError
 from emloc_engine.core.version import __version__
 
-COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "vlm", "demo",
-            "image-export")
+COMMANDS = ("gpu", "models", "plan", "data", "build", "train", "correct", "export", "run", "vlm", "image",
+            "image-export", "demo")
 
 
 def version_text() -> str:
