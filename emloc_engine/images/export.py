@@ -59,6 +59,12 @@ class ImageExportConfig:
             "kohya naming for A1111/Forge/ComfyUI), merged (a whole pipeline folder)."
         },
     )
+    denoiser_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Where the denoiser is when not in the pipeline folder (RUN/denoiser, a converted single file)."
+        },
+    )
     name: str = field(
         default="", metadata={"help": "File name of the kohya LoRA (default: the run folder's name)."}
     )
@@ -111,30 +117,33 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
     """
     import torch
 
-    from emloc_engine.images.export_readback import load_denoiser, pipeline_facts
+    from emloc_engine.images.export_readback import load_stored_denoiser
     from emloc_engine.images.export_writers import reference, write_lora_file, write_merged
     from emloc_engine.images.merge_pipeline import check_adapter_fits
+    from emloc_engine.images.pipelines import identify_pipeline, with_denoiser_dir
     from emloc_engine.stages.export.merge import read_lora_deltas
 
-    facts = pipeline_facts(cfg.pipeline_dir)
+    info = identify_pipeline(cfg.pipeline_dir)
+    if cfg.denoiser_dir is not None:
+        info = with_denoiser_dir(info, cfg.denoiser_dir)
     _, deltas = read_lora_deltas(cfg.adapter_dir)
-    check_adapter_fits(facts.folder, facts.denoiser, deltas)
+    check_adapter_fits(info.denoiser_dir, deltas)
     checks: list[Comparison] = []
     paths: dict[str, Path] = {}
-    denoiser = load_denoiser(facts.folder, facts) if cfg.verify else None
+    denoiser = load_stored_denoiser(info) if cfg.verify else None
     try:
-        ref = reference(facts, cfg.adapter_dir, denoiser) if denoiser is not None else None
+        ref = reference(info, cfg.adapter_dir, denoiser) if denoiser is not None else None
         progress.update(0.1, "reference computed" if ref else "writing")
         files = [f for f in ("diffusers", "kohya") if f in cfg.formats]
         for i, fmt in enumerate(files):
             progress.check_cancelled()
-            paths[fmt] = write_lora_file(cfg, facts, fmt, deltas, denoiser, ref, checks)
+            paths[fmt] = write_lora_file(cfg, info, fmt, deltas, denoiser, ref, checks)
             progress.update(0.1 + 0.3 * (i + 1) / len(files), f"{fmt} LoRA written and checked")
         denoiser = None  # the merged check loads its own denoiser: never two in memory
         gc.collect()
         if "merged" in cfg.formats:
             progress.check_cancelled()
-            paths["merged"] = write_merged(cfg, facts, deltas, ref, checks, sub(progress, 0.4, 1.0))
+            paths["merged"] = write_merged(cfg, info, deltas, ref, checks, sub(progress, 0.4, 1.0))
     finally:
         denoiser = None
         gc.collect()
@@ -143,7 +152,7 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
     progress.update(1.0, "export done")
     return ImageExportResult(
         Path(cfg.out_dir),
-        facts.family,
+        info.kind,
         paths.get("diffusers"),
         paths.get("kohya"),
         paths.get("merged"),

@@ -18,7 +18,6 @@ FLUX transformer needs about 24 GiB for this in bf16.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,25 +25,8 @@ from typing import Any
 
 import torch
 
-from emloc_engine.core.errors import MergeError, ModelNotFound, UnsupportedModel
-from emloc_engine.images.lora_formats import DENOISER_NAME
-
-PIPELINE_FAMILY = {
-    "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionXLPipeline": "sdxl",
-}
-
-
-@dataclass(frozen=True)
-class PipelineFacts:
-    """What the export needs to know about a diffusers pipeline folder."""
-
-    folder: Path
-    family: str
-    pipeline_class: str
-    denoiser: str  # component name: "transformer" or "unet"
-    denoiser_class: str
+from emloc_engine.core.errors import MergeError
+from emloc_engine.images.pipelines import PipelineInfo
 
 
 @dataclass(frozen=True)
@@ -62,47 +44,16 @@ class Comparison:
         return self.adapter_effect > 0 and self.max_abs_diff <= self.tolerance * self.ref_max_abs
 
 
-def pipeline_facts(folder: Path) -> PipelineFacts:
-    """Family and denoiser of a diffusers pipeline folder (from its ``model_index.json``).
-
-    Raises:
-        ModelNotFound: no ``model_index.json`` or no denoiser weights folder.
-        UnsupportedModel: a pipeline class other than FLUX, SD3 or SDXL.
-    """
-    folder = Path(folder)
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelNotFound(
-            f"{folder} is not a diffusers pipeline folder (no model_index.json).",
-            hint="Point to the pipeline folder (a Hugging Face cache snapshot of the model).",
-        )
-    data = json.loads(index.read_text(encoding="utf-8"))
-    cls = str(data.get("_class_name", ""))
-    family = PIPELINE_FAMILY.get(cls)
-    if family is None:
-        raise UnsupportedModel(
-            f"{folder} holds a {cls or 'unknown'} pipeline; image LoRA export supports "
-            f"{', '.join(PIPELINE_FAMILY)}."
-        )
-    name = DENOISER_NAME[family]
-    if not (folder / name / "config.json").is_file():
-        raise ModelNotFound(
-            f"{folder / name} has no config.json: the pipeline folder is incomplete.",
-            hint="Download the model again.",
-        )
-    return PipelineFacts(folder, family, cls, name, str(data[name][1]))
-
-
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_denoiser(folder: Path, facts: PipelineFacts) -> Any:
-    """The denoiser of a pipeline folder (``folder/<denoiser>``) in its stored dtype, eval mode, on the device."""
-    import diffusers
+def load_stored_denoiser(info: PipelineInfo, denoiser_dir: Path | None = None) -> Any:
+    """The denoiser of ``denoiser_dir`` (default ``info.denoiser_dir``) in its stored dtype, eval mode, on the device."""
+    from emloc_engine.images.pipelines import denoiser_class
 
-    cls = getattr(diffusers, facts.denoiser_class)
-    model = cls.from_pretrained(str(Path(folder) / facts.denoiser), torch_dtype=None)
+    folder = Path(denoiser_dir) if denoiser_dir is not None else info.denoiser_dir
+    model = denoiser_class(info).from_pretrained(str(folder), torch_dtype=None, local_files_only=True)
     return model.to(_device()).eval()
 
 
@@ -179,13 +130,13 @@ def peft_applied(denoiser: Any, adapter_dir: Path) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def lora_file_applied(facts: PipelineFacts, denoiser: Any, lora_file: Path) -> Iterator[Any]:
+def lora_file_applied(info: PipelineInfo, denoiser: Any, lora_file: Path) -> Iterator[Any]:
     """The denoiser with an exported LoRA file loaded by the family's ``load_lora_weights``; unloaded on exit."""
     import diffusers
 
-    cls = getattr(diffusers, facts.pipeline_class)
+    cls = getattr(diffusers, info.pipeline_class)
     components = {name: None for name in cls._get_signature_keys(cls)[0]}
-    components[facts.denoiser] = denoiser
+    components[info.denoiser] = denoiser
     pipe = cls(**components)
     try:
         pipe.load_lora_weights(

@@ -19,10 +19,9 @@ from emloc_engine.core.progress import Progress, sub
 from emloc_engine.core.version import __version__
 from emloc_engine.images.export_readback import (
     Comparison,
-    PipelineFacts,
     compare,
     denoise,
-    load_denoiser,
+    load_stored_denoiser,
     lora_file_applied,
     peft_applied,
     probe_inputs,
@@ -30,6 +29,7 @@ from emloc_engine.images.export_readback import (
 )
 from emloc_engine.images.lora_formats import diffusers_state_dict, kohya_metadata, kohya_state_dict
 from emloc_engine.images.merge_pipeline import write_merged_pipeline
+from emloc_engine.images.pipelines import PipelineInfo
 from emloc_engine.stages.export.merge import LoraDelta
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ class Reference:
     tolerance: float
 
 
-def reference(facts: PipelineFacts, adapter_dir: Path, denoiser: object) -> Reference:
-    inputs = probe_inputs(facts.family, denoiser)
+def reference(info: PipelineInfo, adapter_dir: Path, denoiser: object) -> Reference:
+    inputs = probe_inputs(info.kind, denoiser)
     base = denoise(denoiser, inputs)
     with peft_applied(denoiser, adapter_dir) as applied:
         ref = denoise(applied, inputs)
@@ -76,7 +76,7 @@ def _check(c: Comparison, where: Path) -> Comparison:
 
 def write_lora_file(
     cfg: ImageExportConfig,
-    facts: PipelineFacts,
+    info: PipelineInfo,
     fmt: str,
     deltas: dict[str, LoraDelta],
     denoiser: object | None,
@@ -90,15 +90,15 @@ def write_lora_file(
     name = DIFFUSERS_WEIGHT_NAME if fmt == "diffusers" else f"{cfg.file_stem}.safetensors"
     with atomic_dir(final, overwrite=True) as tmp:
         if fmt == "diffusers":
-            cls = getattr(diffusers, facts.pipeline_class)
-            layers = {f"{facts.denoiser}_lora_layers": diffusers_state_dict(deltas)}
+            cls = getattr(diffusers, info.pipeline_class)
+            layers = {f"{info.denoiser}_lora_layers": diffusers_state_dict(deltas)}
             cls.save_lora_weights(str(tmp), weight_name=name, **layers)
         else:
-            config = json.loads((facts.folder / facts.denoiser / "config.json").read_text(encoding="utf-8"))
-            state = kohya_state_dict(facts.family, deltas, config)
-            save_file(state, str(tmp / name), metadata=kohya_metadata(facts.family, state, __version__))
+            config = json.loads((info.denoiser_dir / "config.json").read_text(encoding="utf-8"))
+            state = kohya_state_dict(info.kind, deltas, config)
+            save_file(state, str(tmp / name), metadata=kohya_metadata(info.kind, state, __version__))
         if denoiser is not None and ref is not None:
-            with lora_file_applied(facts, denoiser, tmp / name) as loaded:
+            with lora_file_applied(info, denoiser, tmp / name) as loaded:
                 out = denoise(loaded, ref.inputs)
             checks.append(
                 _check(compare(f"{fmt} LoRA file", out, ref.ref, ref.base, ref.tolerance), final / name)
@@ -108,7 +108,7 @@ def write_lora_file(
 
 def write_merged(
     cfg: ImageExportConfig,
-    facts: PipelineFacts,
+    info: PipelineInfo,
     deltas: dict[str, LoraDelta],
     ref: Reference | None,
     checks: list[Comparison],
@@ -116,9 +116,9 @@ def write_merged(
 ) -> Path:
     final = Path(cfg.out_dir) / "merged"
     with atomic_dir(final, overwrite=True) as tmp:
-        write_merged_pipeline(facts.folder, facts.denoiser, deltas, tmp, sub(progress, 0.0, 0.7))
+        write_merged_pipeline(info, deltas, tmp, sub(progress, 0.0, 0.7))
         if ref is not None:
-            merged = load_denoiser(tmp, facts)
+            merged = load_stored_denoiser(info, tmp / info.denoiser)
             out = denoise(merged, ref.inputs)
             del merged
             checks.append(

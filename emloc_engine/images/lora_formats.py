@@ -45,8 +45,6 @@ import torch
 from emloc_engine.core.errors import MergeError
 from emloc_engine.stages.export.merge import LoraDelta
 
-FAMILIES = ("flux", "sd3", "sdxl")
-DENOISER_NAME = {"flux": "transformer", "sd3": "transformer", "sdxl": "unet"}
 KOHYA_BASE_MODEL = {"flux": "flux1", "sdxl": "sdxl_base_v1-0"}
 
 

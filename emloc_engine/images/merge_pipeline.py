@@ -22,6 +22,7 @@ from pathlib import Path
 
 from emloc_engine.core.errors import MergeError, ModelNotFound
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
+from emloc_engine.images.pipelines import PipelineInfo
 from emloc_engine.stages.export.merge import (
     SAFETENSORS_DTYPES,
     LoraDelta,
@@ -72,8 +73,7 @@ def _copy_tree(src: Path, dst: Path, skip: str) -> None:
 
 
 def write_merged_pipeline(
-    pipeline_dir: Path,
-    denoiser: str,
+    info: PipelineInfo,
     deltas: Mapping[str, LoraDelta],
     out_dir: Path,
     progress: Progress = NULL_PROGRESS,
@@ -81,8 +81,8 @@ def write_merged_pipeline(
     """Write the merged pipeline into ``out_dir`` (a fresh temporary folder the caller renames).
 
     Args:
-        pipeline_dir: the original diffusers pipeline folder (read only).
-        denoiser: the denoiser component's folder name (``transformer`` / ``unet``).
+        info: the original pipeline (read only): its folder's other components, its denoiser's weights
+            from ``info.denoiser_dir`` (a converted single file's folder, or ``folder/<denoiser>``).
         deltas: module (relative to the denoiser) -> delta.
         out_dir: where to write.
         progress: one update per tensor group; cancel checked per shard.
@@ -90,10 +90,10 @@ def write_merged_pipeline(
     Raises:
         MergeError: an adapted module has no weight in the denoiser, a shape mismatch, or NaN/Inf.
     """
-    src = Path(pipeline_dir) / denoiser
+    src = info.denoiser_dir
     shards = denoiser_shards(src)
-    _copy_tree(Path(pipeline_dir), out_dir, skip=denoiser)
-    dst = out_dir / denoiser
+    _copy_tree(info.folder, out_dir, skip=info.denoiser)
+    dst = out_dir / info.denoiser
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "config.json", dst / "config.json")
     if (src / WEIGHTS_INDEX).is_file():
@@ -120,13 +120,13 @@ def write_merged_pipeline(
         )
 
 
-def check_adapter_fits(pipeline_dir: Path, denoiser: str, deltas: Mapping[str, LoraDelta]) -> None:
+def check_adapter_fits(denoiser_dir: Path, deltas: Mapping[str, LoraDelta]) -> None:
     """Refuse an adapter whose modules the denoiser lacks or whose shapes differ (read from the headers only).
 
     Raises:
         MergeError: listing every module that does not fit, before anything is loaded or written.
     """
-    src = Path(pipeline_dir) / denoiser
+    src = Path(denoiser_dir)
     shapes: dict[str, tuple[int, ...]] = {}
     for shard in denoiser_shards(src):
         entries, _ = read_shard_index(shard)

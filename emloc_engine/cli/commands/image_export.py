@@ -5,7 +5,8 @@ The options are :class:`~emloc_engine.images.export.ImageExportConfig`'s fields.
 with ``--format merged``, ``RUN/export/merged/`` (a whole pipeline folder).
 
 The adapter defaults to ``RUN/adapter-corrected`` (else ``RUN/adapter``); the pipeline to the one the
-run recorded in ``RUN/image_run.json`` (its ``pipeline_dir``), else ``--model``.
+run recorded in ``RUN/image_run.json`` (its ``pipeline_dir``; for a single-file checkpoint its
+``config_dir`` with the denoiser ``RUN/denoiser`` that the run converted), else ``--model``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _recorded_pipeline(run_dir: Path) -> Path:
+def _recorded_pipeline(run_dir: Path) -> tuple[Path, Path | None]:
+    """``(pipeline folder, denoiser folder or None)`` the run recorded; a single-file run's denoiser is
+    ``RUN/denoiser`` (converted once by the run) with the configs of its ``config_dir``."""
     manifest = run_dir / MANIFEST
     if manifest.is_file():
-        recorded = json.loads(manifest.read_text(encoding="utf-8")).get("pipeline_dir")
-        if recorded:
-            return Path(recorded)
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        pipeline, config_dir = recorded.get("pipeline_dir"), recorded.get("config_dir")
+        if pipeline and Path(pipeline).is_file() and config_dir not in (None, "None"):
+            return Path(config_dir), run_dir / "denoiser"
+        if pipeline:
+            return Path(pipeline), None
     raise ConfigError(f"{run_dir} records no original pipeline.", hint="Pass it with --model PIPELINE_DIR.")
 
 
@@ -69,8 +75,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from emloc_engine.images.export import ImageExportConfig
 
     run_dir = Path(args.run_dir)
+    pipeline, denoiser = (Path(args.model), None) if args.model else _recorded_pipeline(run_dir)
     return ImageExportConfig(
-        pipeline_dir=Path(args.model) if args.model else _recorded_pipeline(run_dir),
+        pipeline_dir=pipeline,
+        denoiser_dir=denoiser,
         adapter_dir=Path(args.adapter) if args.adapter else _adapter(run_dir),
         out_dir=Path(args.out) if args.out else run_dir / "export",
         formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
