@@ -25,6 +25,7 @@ tool applies it at strength 1.0 as trained.
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,6 +120,7 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
 
     from emloc_engine.images.export_readback import load_stored_denoiser
     from emloc_engine.images.export_writers import reference, write_lora_file, write_merged
+    from emloc_engine.images.lora_formats import kohya_state_dict
     from emloc_engine.images.merge_pipeline import check_adapter_fits
     from emloc_engine.images.pipelines import identify_pipeline, with_denoiser_dir
     from emloc_engine.stages.export.merge import read_lora_deltas
@@ -128,6 +130,9 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
         info = with_denoiser_dir(info, cfg.denoiser_dir)
     _, deltas = read_lora_deltas(cfg.adapter_dir)
     check_adapter_fits(info.denoiser_dir, deltas)
+    if "kohya" in cfg.formats:  # refuse a missing kohya naming before anything is loaded or written
+        config = json.loads((info.denoiser_dir / "config.json").read_text(encoding="utf-8"))
+        kohya_state_dict(info.kind, deltas, config)
     checks: list[Comparison] = []
     paths: dict[str, Path] = {}
     denoiser = load_stored_denoiser(info) if cfg.verify else None
