@@ -138,3 +138,33 @@ def test_adapter_of_another_model_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "merged").exists()
     with pytest.raises(MergeError, match="does not fit"):
         export_image_lora(ImageExportConfig(flux, adapter, tmp_path / "out", formats=("diffusers",)))
+
+
+def test_pass_rule_is_relative_to_the_adapter_effect() -> None:
+    from emloc_engine.images.export_readback import compare
+
+    ref, base = torch.ones(4), torch.ones(4) - 1e-3  # a small adapter: effect 1e-3
+    close = compare("x", ref + 5e-5, ref, base, 1e-4)
+    far = compare("x", ref + 5e-4, ref, base, 1e-4)  # within 1e-4 × |ref| but half the adapter's effect
+    assert close.ok and not far.ok
+    assert compare("x", ref + 5e-4, ref, base, 1e-3, None).ok  # merged bf16: the effect rule waived
+    assert not compare("x", ref, ref, ref, 1e-4).ok  # an adapter that changes nothing proves nothing
+
+
+def test_read_back_catches_a_file_missing_a_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import emloc_engine.images.export_writers as writers
+
+    real = writers.diffusers_state_dict
+
+    def drop_one(deltas):  # type: ignore[no-untyped-def]
+        state = real(deltas)
+        first = next(iter(deltas))
+        return {k: v for k, v in state.items() if not k.startswith(first + ".")}
+
+    monkeypatch.setattr(writers, "diffusers_state_dict", drop_one)
+    snap = build_tiny_pipeline("sd3", tmp_path / "hub")
+    adapter = make_denoiser_adapter(snap, "sd3", tmp_path / "adapter")
+    with pytest.raises(MergeError, match="differs from the original \\+ adapter") as err:
+        export_image_lora(ImageExportConfig(snap, adapter, tmp_path / "out", formats=("diffusers",)))
+    assert "Nothing was written" in str(err.value)
+    assert not (tmp_path / "out" / "diffusers").exists() and not list((tmp_path / "out").glob("*partial*"))
