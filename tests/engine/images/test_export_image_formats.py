@@ -168,3 +168,20 @@ def test_read_back_catches_a_file_missing_a_module(tmp_path: Path, monkeypatch: 
         export_image_lora(ImageExportConfig(snap, adapter, tmp_path / "out", formats=("diffusers",)))
     assert "Nothing was written" in str(err.value)
     assert not (tmp_path / "out" / "diffusers").exists() and not list((tmp_path / "out").glob("*partial*"))
+
+
+def test_cancel_between_outputs_leaves_nothing_half_written(tmp_path: Path) -> None:
+    from emloc_engine.core.errors import Cancelled
+    from emloc_engine.core.progress import RecordingProgress
+
+    snap = build_tiny_pipeline("sdxl", tmp_path / "hub")
+    adapter = make_denoiser_adapter(snap, "sdxl", tmp_path / "adapter")
+    progress = RecordingProgress(cancel_after_updates=2)  # after the reference and the first file
+    with pytest.raises(Cancelled):
+        export_image_lora(
+            ImageExportConfig(snap, adapter, tmp_path / "out", formats=("diffusers", "kohya", "merged")),
+            progress,
+        )
+    out = tmp_path / "out"
+    assert (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()  # finished before the cancel
+    assert not (out / "kohya").exists() and not (out / "merged").exists() and not list(out.glob("*partial*"))
