@@ -64,6 +64,7 @@ class WizardState:
     # 3 Data, image models (a diffusers pipeline): a folder of photos with .txt captions beside them
     image_folder: Path | None = None
     image_trigger: str = ""
+    image_prompt: str = ""  # the caption of photos without a .txt
     image_report: ImageFolderReport | None = None
     # 4 Plan
     config: RunConfig | None = None  # the run's settings: built by the Plan page, or read from a reopened run

@@ -104,6 +104,11 @@ class ImageDataPage(BasePage):
         self.trigger.setToolTip(ImageFolderConfig.__dataclass_fields__["trigger"].metadata["help"])
         self.trigger.editingFinished.connect(self.start_scan)
         form.addRow("Trigger word", self.trigger)
+        self.prompt = QLineEdit()
+        self.prompt.setPlaceholderText("e.g. a photo of sks dog (used for photos without a .txt)")
+        self.prompt.setToolTip(ImageFolderConfig.__dataclass_fields__["prompt"].metadata["help"])
+        self.prompt.editingFinished.connect(self.start_scan)
+        form.addRow("Caption for the rest", self.prompt)
         self.body.addLayout(form)
         self.summary = QLabel("No folder chosen yet.")
         self.summary.setWordWrap(True)
@@ -162,6 +167,7 @@ class ImageDataPage(BasePage):
         s = self.state
         self.folder.setText(str(s.image_folder) if s.image_folder else "")
         self.trigger.setText(s.image_trigger)
+        self.prompt.setText(s.image_prompt)
         if s.image_report is not None and s.image_folder == s.image_report.folder:
             self._show(ImageScan(s.image_report, {i.path: thumbnail(i.path) for i in s.image_report.items}))
         elif s.image_folder is not None:
@@ -175,6 +181,7 @@ class ImageDataPage(BasePage):
             return False
         self.state.image_folder = self.scan.report.folder
         self.state.image_trigger = self.trigger.text().strip()
+        self.state.image_prompt = self.prompt.text().strip()
         self.state.image_report = self.scan.report
         return True
 
@@ -186,7 +193,9 @@ class ImageDataPage(BasePage):
     # -- scanning --------------------------------------------------------------------------------
     def config(self) -> ImageFolderConfig:
         return ImageFolderConfig(
-            Path(self.folder.text().strip()).expanduser(), trigger=self.trigger.text().strip()
+            Path(self.folder.text().strip()).expanduser(),
+            trigger=self.trigger.text().strip(),
+            prompt=self.prompt.text().strip(),
         )
 
     def start_scan(self) -> None:
@@ -260,9 +269,8 @@ class ImageDataPage(BasePage):
 
     def _caption_edited(self) -> None:
         self.save.setEnabled(self.selected_path() is not None)
-        text = " ".join(self.caption.toPlainText().split())
-        if text:
-            self.trained_as.setText(f"Trained as: “{add_trigger(text, self.trigger.text().strip())}”")
+        text = " ".join(self.caption.toPlainText().split()) or self.prompt.text().strip()
+        self.trained_as.setText(f"Trained as: “{add_trigger(text, self.trigger.text().strip())}”")
 
     def save_caption(self) -> None:
         """Write the caption beside the selected photo (atomically), then scan again."""

@@ -52,6 +52,23 @@ def test_thumbnails_and_problems(qtbot, tmp_path: Path, state: WizardState) -> N
     assert page.state.image_trigger == "sks"
 
 
+def test_prompt_for_photos_without_caption(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    write_subject_images(photos, 2, size=(256, 256), captions=False)
+    page = ImageDataPage(state)
+    qtbot.addWidget(page)
+    page.initializePage()
+    page.trigger.setText("sks")
+    page.prompt.setText("a photo of my dog")
+    page.folder.setText(str(photos))
+    page.start_scan()
+    qtbot.waitUntil(lambda: page.isComplete(), timeout=60_000)
+    assert [i.caption for i in page.scan.report.items] == ["sks, a photo of my dog"] * 2  # type: ignore[union-attr]
+    page.thumbs.setCurrentRow(0)
+    assert page.caption.toPlainText() == "" and "sks, a photo of my dog" in page.trained_as.text()
+    assert page.validatePage() and page.state.image_prompt == "a photo of my dog"
+
+
 def test_caption_saved_beside_photo(qtbot, tmp_path: Path, state: WizardState) -> None:  # type: ignore[no-untyped-def]
     photos = tmp_path / "photos"
     write_subject_images(photos, 2, size=(256, 256))
