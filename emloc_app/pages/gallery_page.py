@@ -170,8 +170,11 @@ class GalleryPage(BasePage):
         kohya = self.format_boxes["kohya"]
         kohya.setEnabled(not sd3)
         kohya.setChecked(not sd3)
-        kohya.setToolTip("SD3 LoRAs load in ComfyUI and Forge in the diffusers naming; no kohya file is written."
-                         if sd3 else "")
+        kohya.setToolTip(
+            "SD3 LoRAs load in ComfyUI and Forge in the diffusers naming; no kohya file is written."
+            if sd3
+            else ""
+        )
 
     # -- samples ---------------------------------------------------------------------------------
     def refresh(self) -> None:
