@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,7 +78,17 @@ class ImageExportConfig:
         },
     )
 
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the read-back runs: auto (the GPU when the denoiser fits in its free memory, "
+            "else the CPU), cpu, or cuda[:N]."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N] (got {self.device!r}).")
         bad = [f for f in self.formats if f not in IMAGE_EXPORT_FORMATS]
         if bad or not self.formats:
             raise ConfigError(
@@ -135,7 +146,7 @@ def export_image_lora(cfg: ImageExportConfig, progress: Progress = NULL_PROGRESS
         kohya_state_dict(info.kind, deltas, config)
     checks: list[Comparison] = []
     paths: dict[str, Path] = {}
-    denoiser = load_stored_denoiser(info) if cfg.verify else None
+    denoiser = load_stored_denoiser(info, device=cfg.device) if cfg.verify else None
     try:
         ref = reference(info, cfg.adapter_dir, denoiser) if denoiser is not None else None
         progress.update(0.1, "reference computed" if ref else "writing")

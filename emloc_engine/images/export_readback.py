@@ -15,8 +15,8 @@ merged bf16/fp16 denoiser only: rounding ``W + ΔW`` to 8 mantissa bits moves th
 ``2⁻⁹·|W x|``, which a small adapter's effect need not exceed (the LoRA files keep ``ΔW`` apart and
 have no such rounding).
 
-The denoiser is loaded on the GPU when one is present (CPU otherwise) in its stored dtype; a 12B
-FLUX transformer needs about 24 GiB for this in bf16.
+The denoiser is loaded in its stored dtype on the GPU when it fits in the GPU's free memory, on the
+CPU otherwise (:func:`readback_device`); a 12B FLUX transformer needs about 24 GiB for this in bf16.
 """
 
 from __future__ import annotations
@@ -56,17 +56,26 @@ class Comparison:
         )
 
 
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def readback_device(denoiser_dir: Path, device: str = "auto") -> torch.device:
+    """Where the read-back runs: ``auto`` is the first GPU when the denoiser's weights (plus a quarter for
+    the LoRA and activations) fit in its free memory, else the CPU; ``cpu`` / ``cuda[:N]`` as given."""
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    weights = sum(f.stat().st_size for f in Path(denoiser_dir).glob("*.safetensors"))
+    free, _ = torch.cuda.mem_get_info()
+    return torch.device("cuda") if weights * 1.25 < free else torch.device("cpu")
 
 
-def load_stored_denoiser(info: PipelineInfo, denoiser_dir: Path | None = None) -> Any:
-    """The denoiser of ``denoiser_dir`` (default ``info.denoiser_dir``) in its stored dtype, eval mode, on the device."""
+def load_stored_denoiser(info: PipelineInfo, denoiser_dir: Path | None = None, device: str = "auto") -> Any:
+    """The denoiser of ``denoiser_dir`` (default ``info.denoiser_dir``) in its stored dtype, eval mode, on
+    :func:`readback_device`."""
     from emloc_engine.images.pipelines import denoiser_class
 
     folder = Path(denoiser_dir) if denoiser_dir is not None else info.denoiser_dir
     model = denoiser_class(info).from_pretrained(str(folder), torch_dtype=None, local_files_only=True)
-    return model.to(_device()).eval()
+    return model.to(readback_device(folder, device)).eval()
 
 
 def probe_inputs(family: str, denoiser: Any, seed: int = 0) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def write_merged(
     with atomic_dir(final, overwrite=True) as tmp:
         write_merged_pipeline(info, deltas, tmp, sub(progress, 0.0, 0.7))
         if ref is not None:
-            merged = load_stored_denoiser(info, tmp / info.denoiser)
+            merged = load_stored_denoiser(info, tmp / info.denoiser, cfg.device)
             exact = next(merged.parameters()).dtype == torch.float32  # see the pass rule in export_readback
             out = denoise(merged, ref.inputs)
             del merged

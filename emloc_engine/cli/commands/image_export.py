@@ -26,7 +26,8 @@ def register(sub: Any) -> None:
     from emloc_engine.images.export import IMAGE_EXPORT_FORMATS, ImageExportConfig
 
     helps = {
-        f: ImageExportConfig.__dataclass_fields__[f].metadata["help"] for f in ("formats", "name", "verify")
+        f: ImageExportConfig.__dataclass_fields__[f].metadata["help"]
+        for f in ("formats", "name", "verify", "device")
     }
     p: argparse.ArgumentParser = sub.add_parser("image-export", help=HELP, description=HELP)
     p.add_argument("run_dir", metavar="RUN", help="The image run folder.")
@@ -41,6 +42,7 @@ def register(sub: Any) -> None:
         help=f"{helps['formats']} Comma-separated, from {', '.join(IMAGE_EXPORT_FORMATS)}.",
     )
     p.add_argument("--name", default="", help=helps["name"])
+    p.add_argument("--device", default="auto", help=helps["device"])
     p.add_argument(
         "--no-verify", action="store_true", help="Do not load the outputs back. " + helps["verify"]
     )
@@ -84,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
         name=args.name or run_dir.resolve().name,
         verify=not args.no_verify,
+        device=args.device,
     )
 
 

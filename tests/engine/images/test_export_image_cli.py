@@ -24,7 +24,9 @@ def test_image_export_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (run / "image_run.json").write_text(json.dumps({"pipeline_dir": str(snap)}))
     assert main(["image-export", str(run), "--format", "diffusers,gguf"]) == 2
     assert "Unknown export format(s) gguf" in capsys.readouterr().err
-    assert main(["image-export", str(run)]) == 0
+    assert main(["image-export", str(run), "--device", "gpu"]) == 2
+    assert "device must be auto, cpu or cuda" in capsys.readouterr().err
+    assert main(["image-export", str(run), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "adapter-corrected" in out and "checked kohya LoRA file" in out
     assert (run / "export" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
