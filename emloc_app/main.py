@@ -148,14 +148,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     state: WizardState | None = None
     start: Page | None = None  # None: the wizard's choice (the Runs page when runs exist)
     if args.run_dir is not None:
+        from emloc_app.image_runs import image_state_from_run_dir, is_image_run
         from emloc_engine.core.errors import EngineError
 
+        run_dir = args.run_dir.expanduser().resolve()
         try:
-            state, done = state_from_run_dir(args.run_dir.expanduser().resolve())
+            if is_image_run(run_dir):  # an `emloc image` run: its gallery and export
+                state, done, start = image_state_from_run_dir(run_dir), True, Page.Gallery
+            else:
+                state, done = state_from_run_dir(run_dir)
+                start = Page.Try if done else Page.Machine
         except EngineError as exc:
             print(f"emloc-studio: {exc}", file=sys.stderr)
             return 2
-        start = Page.Try if done else Page.Machine
     wizard = EmlocWizard(state)
     if start is not None:
         wizard.setStartId(int(start))
