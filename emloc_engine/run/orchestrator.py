@@ -22,6 +22,7 @@ status, predicted and measured peak, result, and why it stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import shutil
@@ -342,9 +343,14 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
     # Everything that can be refused is checked before the folder is created or the lock taken.
     check_budget(plan)
     check_run_location(cfg.run_dir, cfg.model_dir)
-    tokenizer = load_tokenizer(cfg.model_dir)
-    report = inspect_dataset(cfg.data, tokenizer)
-    report.raise_if_fatal()  # every bad line listed, before the folder exists
+    if plan.vision is not None:  # a vision-language model: its processor checks every sample and image
+        from emloc_engine.run.vision_stages import check_vision_data
+
+        processor, report = check_vision_data(cfg)
+    else:
+        tokenizer = load_tokenizer(cfg.model_dir)
+        report = inspect_dataset(cfg.data, tokenizer)
+        report.raise_if_fatal()  # every bad line listed, before the folder exists
     model_fp = fingerprint_model(cfg.model_dir)
     ran: list[str] = []
     skipped: list[str] = []
@@ -362,17 +368,27 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
         m.inputs["data"] = InputRecord(str(cfg.data.path), report.fingerprint)
         session.save()
         predicted = plan.record.predicted_peaks_gib
+        vision_work = None
+        if plan.vision is not None:
+            from emloc_engine.run.vision_stages import vision_result_json
+            from emloc_engine.run.vision_stages import vision_work as vision_stage_work
+
+            vision_work = vision_stage_work(plan.vision, cfg, processor)
 
         def step(name: str, work: Callable[[Progress], Any]) -> Any:
-            if name not in stages or (name == "export" and plan.export is None):
+            if name not in stages or (name == "export" and not plan.exports):
                 return None
             if _done(session, name):
                 skipped.append(name)
                 session.events.stage_finished(name, "skipped")
                 return None
             p = session.recording(name, sub(progress, *SLICES[name]))
+            if vision_work is not None:  # the VLM stages, recorded under the text stages' keys
+                work = vision_work[name]
+            result_json = (functools.partial(vision_result_json, name) if vision_work is not None
+                           else export_record if name == "export" else None)
             result = run_stage(session, name, lambda: work(p), predicted_peak_gib=predicted.get(name),
-                               result_json=export_record if name == "export" else None)
+                               result_json=result_json)
             ran.append(name)
             results[name] = result
             return result

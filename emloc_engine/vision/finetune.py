@@ -13,9 +13,7 @@
 * :func:`merge_vlm` — ``W + s·B·A`` streamed shard by shard into a copy of the source folder with
   the same tensor names and shards (hub layout), config, processor files and chat template; it
   loads with ``AutoModelForImageTextToText``.
-* GGUF: :func:`refuse_vlm_gguf` — llama.cpp needs a separate ``mmproj`` file for the vision tower and
-  converts only some families; this engine does not write it yet, so a VLM's GGUF export is a typed
-  refusal that says what to use instead.
+* GGUF and the export stage: :mod:`emloc_engine.vision.export`.
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ from emloc_engine.weights.lowrank import read_emulator_meta
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "vlm-checkpoints"
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints, as for text (RunLayout.checkpoints)
 LAMBDAS = (0.0, 1.0, 3.0, math.inf)
 
 
@@ -58,7 +56,7 @@ class VlmTrainConfig:
     )
     emulator_dir: Path = field(metadata={"help": "The VLM emulator (RUN_DIR/emulator)."})
     data: DataConfig = field(metadata={"help": "The image dataset."})
-    out_dir: Path = field(metadata={"help": "The run folder: adapter/ and vlm-checkpoints/ go here."})
+    out_dir: Path = field(metadata={"help": "The run folder: adapter/ and checkpoints/ go here."})
     steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
     rank: int = field(default=16, metadata={"help": "LoRA rank r."})
@@ -433,20 +431,6 @@ def merge_vlm(
     return Path(out_dir)
 
 
-def refuse_vlm_gguf(model_dir: Path) -> None:
-    """GGUF export of a vision-language model: always a typed refusal (see the module docstring).
-
-    Raises:
-        UnsupportedModel: always, with what to do instead.
-    """
-    raise UnsupportedModel(
-        f"GGUF export of the vision-language model {Path(model_dir).name} is not supported.",
-        hint="Export the merged folder (it loads with transformers) and convert it with llama.cpp's "
-        "convert_hf_to_gguf.py, which writes the language model and, with --mmproj, the vision "
-        "projector for the families llama.cpp supports.",
-    )
-
-
 __all__ = [
     "VlmCorrectionResult",
     "VlmTrainConfig",
@@ -456,6 +440,5 @@ __all__ = [
     "example_batch",
     "loss_sum",
     "merge_vlm",
-    "refuse_vlm_gguf",
     "train_vlm_lora",
 ]
