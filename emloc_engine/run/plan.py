@@ -308,7 +308,9 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
                                data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream)
-    vision, formats, notes = None, (), ()
+    vision: VisionPlan | None = None
+    formats: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
     if is_vision_language_model(cfg.model_dir):  # a VLM: the same plan, the VLM stages' configs
         vision, notes = vision_plan(cfg, record.ratio, cfg.device)
     else:

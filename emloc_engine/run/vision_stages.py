@@ -37,9 +37,22 @@ from emloc_engine.stages.training.options import TrainOptions
 from emloc_engine.weights.headers import load_config
 
 # Training settings the VLM trainer honours; any other set away from its default gets a note.
-_VLM_TRAIN_KNOBS = ("rank", "alpha", "steps", "lr", "batch_size", "grad_accum", "warmup_steps", "save_every",
-                    "dtype", "eval_every", "max_eval_batches", "keep_checkpoints", "grad_checkpointing",
-                    "anchor_ram_gib")
+_VLM_TRAIN_KNOBS = (
+    "rank",
+    "alpha",
+    "steps",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "warmup_steps",
+    "save_every",
+    "dtype",
+    "eval_every",
+    "max_eval_batches",
+    "keep_checkpoints",
+    "grad_checkpointing",
+    "anchor_ram_gib",
+)
 
 
 def is_vision_language_model(model_dir: Path) -> bool:
@@ -48,7 +61,7 @@ def is_vision_language_model(model_dir: Path) -> bool:
 
     try:
         return is_vision_language(load_config(Path(model_dir)))
-    except Exception:  # noqa: BLE001 - a GGUF file or a folder without config.json: not a VLM
+    except Exception:  # a GGUF file or a folder without config.json: not a VLM
         return False
 
 
@@ -81,21 +94,32 @@ def vision_exports(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
         formats = tuple(f for f in formats if f != "gguf")
     problem = vlm_export_problem(formats, cfg.model_dir)
     if problem:
-        raise UnsupportedModel(f"{problem}.", hint="Choose exports from merged, adapter, gguf (--export merged,adapter).")
+        raise UnsupportedModel(
+            f"{problem}.", hint="Choose exports from merged, adapter, gguf (--export merged,adapter)."
+        )
     if "gguf" in formats:
-        notes = (*notes, "model.gguf holds the language model only. "
-                 + MMPROJ_NOTE.format(merged=RunLayout(cfg.run_dir).merged) + ".")
+        notes = (
+            *notes,
+            "model.gguf holds the language model only. "
+            + MMPROJ_NOTE.format(merged=RunLayout(cfg.run_dir).merged)
+            + ".",
+        )
     return formats, notes
 
 
 def _train_notes(options: TrainOptions, gpus: int) -> tuple[str, ...]:
     default = TrainOptions()
-    ignored = [f.name for f in dataclasses.fields(TrainOptions)
-               if f.name not in _VLM_TRAIN_KNOBS and getattr(options, f.name) != getattr(default, f.name)]
+    ignored = [
+        f.name
+        for f in dataclasses.fields(TrainOptions)
+        if f.name not in _VLM_TRAIN_KNOBS and getattr(options, f.name) != getattr(default, f.name)
+    ]
     ignored += ["gpus"] if gpus > 1 else []
     if not ignored:
         return ()
-    return (f"Not used for vision-language models (the VLM trainer does not have them): {', '.join(ignored)}.",)
+    return (
+        f"Not used for vision-language models (the VLM trainer does not have them): {', '.join(ignored)}.",
+    )
 
 
 def vision_plan(cfg: RunConfig, ratio: float, device: str) -> tuple[VisionPlan, tuple[str, ...]]:
@@ -110,16 +134,34 @@ def vision_plan(cfg: RunConfig, ratio: float, device: str) -> tuple[VisionPlan, 
     t = cfg.train
     layout = RunLayout(cfg.run_dir)
     train = VlmTrainConfig(
-        cfg.model_dir, layout.emulator, cfg.data, layout.root, steps=t.steps, lr=t.lr, rank=t.rank, alpha=t.alpha,
-        grad_accum=t.batch_size * t.grad_accum, warmup=min(t.warmup_steps, t.steps),
-        checkpoint_every=t.save_every if 0 < t.save_every <= t.steps else t.steps, seed=cfg.seed, device=device,
-        dtype=t.dtype)
+        cfg.model_dir,
+        layout.emulator,
+        cfg.data,
+        layout.root,
+        steps=t.steps,
+        lr=t.lr,
+        rank=t.rank,
+        alpha=t.alpha,
+        grad_accum=t.batch_size * t.grad_accum,
+        warmup=min(t.warmup_steps, t.steps),
+        checkpoint_every=t.save_every if 0 < t.save_every <= t.steps else t.steps,
+        seed=cfg.seed,
+        device=device,
+        dtype=t.dtype,
+    )
     lambdas = (cfg.correct.lambda_,) if cfg.correct.lambda_ is not None else tuple(cfg.correct.lambda_grid)
     formats, notes = vision_exports(cfg)
     export = None
     if formats:
-        export = VlmExportConfig(layout.root, cfg.model_dir, cfg.data, formats, cfg.export.gguf_type,
-                                 cfg.export.verify, device=device if device != "auto" else "cpu")
+        export = VlmExportConfig(
+            layout.root,
+            cfg.model_dir,
+            cfg.data,
+            formats,
+            cfg.export.gguf_type,
+            cfg.export.verify,
+            device=device if device != "auto" else "cpu",
+        )
     notes = (*notes, *_train_notes(t, cfg.gpus))
     return VisionPlan(ratio, cfg.calib, train, lambdas, export), notes
 
@@ -149,8 +191,12 @@ def vision_work(plan: VisionPlan, cfg: RunConfig, processor: Any) -> dict[str, C
 
         prepared = prepare_vision_dataset(cfg.data, processor)
         calibration = calibration_inputs(prepared.train, processor, plan.calib)
-        return build_vlm_emulator(VlmEmulatorConfig(cfg.model_dir, layout.emulator, calibration, ratio=plan.ratio,
-                                                    device=cfg.device), p)
+        return build_vlm_emulator(
+            VlmEmulatorConfig(
+                cfg.model_dir, layout.emulator, calibration, ratio=plan.ratio, device=cfg.device
+            ),
+            p,
+        )
 
     def train(p: Progress) -> Any:
         from emloc_engine.vision.finetune import train_vlm_lora
@@ -160,8 +206,16 @@ def vision_work(plan: VisionPlan, cfg: RunConfig, processor: Any) -> dict[str, C
     def correct(p: Progress) -> Any:
         from emloc_engine.vision.finetune import correct_vlm_adapter
 
-        return correct_vlm_adapter(cfg.model_dir, layout.emulator, layout.adapter, layout.adapter_corrected,
-                                   cfg.data, lambdas=plan.lambdas, device=cfg.device, progress=p)
+        return correct_vlm_adapter(
+            cfg.model_dir,
+            layout.emulator,
+            layout.adapter,
+            layout.adapter_corrected,
+            cfg.data,
+            lambdas=plan.lambdas,
+            device=cfg.device,
+            progress=p,
+        )
 
     def export(p: Progress) -> Any:
         from emloc_engine.vision.export import export_vlm
@@ -176,8 +230,11 @@ def vision_result_json(name: str, result: Any) -> dict[str, Any]:
     """A VLM stage's result as the manifest stores it, under the keys the text stages use
     (``steps_done``, ``final_eval_loss``, ``lambda_``, ``paths``) so every reader finds them."""
     out: dict[str, Any] = to_json(result)
-    if name == "train":
+    if name == "train":  # as the text trainer records them: [step, value] pairs
         out["final_eval_loss"] = out.pop("eval_loss", None)
+        out["loss_history"] = [[i + 1, v] for i, v in enumerate(out["losses"])]
+        if isinstance(out["final_eval_loss"], float):
+            out["eval_history"] = [[out["steps_done"], out["final_eval_loss"]]]
     if name == "correct":
         lam = float(result.lam)
         out["lambda_"] = lam if math.isfinite(lam) else "inf"
@@ -187,5 +244,12 @@ def vision_result_json(name: str, result: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["VisionPlan", "check_vision_data", "is_vision_language_model", "vision_exports", "vision_plan",
-           "vision_result_json", "vision_work"]
+__all__ = [
+    "VisionPlan",
+    "check_vision_data",
+    "is_vision_language_model",
+    "vision_exports",
+    "vision_plan",
+    "vision_result_json",
+    "vision_work",
+]

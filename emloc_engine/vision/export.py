@@ -115,9 +115,11 @@ def vlm_gguf_problem(model_dir: Path) -> str | None:
 
     config = load_config(Path(model_dir))
     if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
-        return (f"the {config['model_type']} language model uses M-RoPE (llama.cpp's qwen2vl architecture), "
-                "which this GGUF exporter does not write; convert RUN_DIR/merged with llama.cpp's "
-                "convert_hf_to_gguf.py (and --mmproj for the vision part)")
+        return (
+            f"the {config['model_type']} language model uses M-RoPE (llama.cpp's qwen2vl architecture), "
+            "which this GGUF exporter does not write; convert RUN_DIR/merged with llama.cpp's "
+            "convert_hf_to_gguf.py (and --mmproj for the vision part)"
+        )
     problem = gguf_support_problem(language_model_config(config)) or gguf_tokenizer_problem(Path(model_dir))
     return f"its language model: {problem}" if problem else None
 
@@ -126,8 +128,10 @@ def vlm_export_problem(formats: tuple[str, ...] | list[str], model_dir: Path) ->
     """Why these exports cannot be made for this VLM (None when they can); checked before any work."""
     other = [f for f in formats if f not in VLM_EXPORTS]
     if other:
-        return (f"{', '.join(other)} export of a vision-language model is not supported: it would give the "
-                "runtime the language model without its vision part")
+        return (
+            f"{', '.join(other)} export of a vision-language model is not supported: it would give the "
+            "runtime the language model without its vision part"
+        )
     if "gguf" in formats:
         problem = vlm_gguf_problem(model_dir)
         if problem:
@@ -153,7 +157,7 @@ def write_language_model(merged_dir: Path, out_dir: Path) -> Path:
             out: dict[str, torch.Tensor] = {}
             with safe_open(str(shard), framework="pt") as fh:
                 for name in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    new = next((to + name[len(fr):] for fr, to in _LM_PREFIXES if name.startswith(fr)), None)
+                    new = next((to + name[len(fr) :] for fr, to in _LM_PREFIXES if name.startswith(fr)), None)
                     if new is not None:
                         out[new] = fh.get_tensor(name).contiguous()
             if out:
@@ -162,10 +166,14 @@ def write_language_model(merged_dir: Path, out_dir: Path) -> Path:
         if n == 0:
             raise MergeError(f"{merged_dir} has no language-model tensors to write as GGUF.")
         (tmp / "config.json").write_text(
-            json.dumps(language_model_config(load_config(merged_dir)), indent=2), encoding="utf-8")
+            json.dumps(language_model_config(load_config(merged_dir)), indent=2), encoding="utf-8"
+        )
         for f in merged_dir.iterdir():
-            if f.is_file() and f.suffix not in (".safetensors", ".py") and f.name not in (
-                    "config.json", "model.safetensors.index.json"):
+            if (
+                f.is_file()
+                and f.suffix not in (".safetensors", ".py")
+                and f.name not in ("config.json", "model.safetensors.index.json")
+            ):
                 shutil.copyfile(f, tmp / f.name)
     return Path(out_dir)
 
@@ -214,10 +222,11 @@ def _verify_merged(cfg: VlmExportConfig, adapter_dir: Path, merged: Path) -> tup
                 out.append(model(**batch, use_cache=False).logits.float().cpu())
         return out
 
-    base: Any = AutoModelForImageTextToText.from_pretrained(cfg.model_dir, **kw).to(dev)
-    ref = logits(PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval())
+    base: Any = AutoModelForImageTextToText.from_pretrained(cfg.model_dir, **kw)
+    ref = logits(PeftModel.from_pretrained(base.to(dev), str(adapter_dir), is_trainable=False).eval())
     del base
-    got = logits(AutoModelForImageTextToText.from_pretrained(merged, **kw).to(dev).eval())
+    merged_model: Any = AutoModelForImageTextToText.from_pretrained(merged, **kw)
+    got = logits(merged_model.to(dev).eval())
     diff = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
     scale = max(float(r.abs().max()) for r in ref)
     # The merged shards keep the source's dtype: a bf16/f16 model rounds W + ΔW once more than peft does.
@@ -242,7 +251,9 @@ def export_vlm(cfg: VlmExportConfig, progress: Progress = NULL_PROGRESS) -> VlmE
 
     t0 = time.monotonic()
     lay = RunLayout(cfg.run_dir)
-    adapter = lay.adapter_corrected if (lay.adapter_corrected / "adapter_config.json").is_file() else lay.adapter
+    adapter = (
+        lay.adapter_corrected if (lay.adapter_corrected / "adapter_config.json").is_file() else lay.adapter
+    )
     merged = gguf = None
     checks: list[tuple[str, float]] = []
     tols: list[tuple[str, float]] = []
@@ -256,30 +267,47 @@ def export_vlm(cfg: VlmExportConfig, progress: Progress = NULL_PROGRESS) -> VlmE
     if "gguf" in cfg.formats:
         assert merged is not None
         gguf = _write_lm_gguf(cfg, lay, merged, checks, tols, sub(progress, 0.6, 1.0))
-    bad = [f"{n}: max |Δ| {d:.4g} > tolerance {t:.4g}" for (n, d), (_, t) in zip(checks, tols, strict=True)
-           if not d <= t]
+    bad = [
+        f"{n}: max |Δ| {d:.4g} > tolerance {t:.4g}"
+        for (n, d), (_, t) in zip(checks, tols, strict=True)
+        if not d <= t
+    ]
     if bad:
-        raise MergeError("Export verification failed: the export does not reproduce original + adapter.",
-                         problems=bad, hint="The files are kept for inspection; do not use them.")
+        raise MergeError(
+            "Export verification failed: the export does not reproduce original + adapter.",
+            problems=bad,
+            hint="The files are kept for inspection; do not use them.",
+        )
     progress.update(1.0, "exported")
     return VlmExportResult(
         merged_dir=merged if "merged" in cfg.formats else None,
         adapter_dir=adapter if "adapter" in cfg.formats else None,
-        gguf_path=gguf, verification=tuple(checks), tolerances=tuple(tols),
+        gguf_path=gguf,
+        verification=tuple(checks),
+        tolerances=tuple(tols),
         mmproj_note=MMPROJ_NOTE.format(merged=lay.merged) if gguf is not None else "",
-        wall_s=time.monotonic() - t0)
+        wall_s=time.monotonic() - t0,
+    )
 
 
-def _write_lm_gguf(cfg: VlmExportConfig, lay: RunLayout, merged: Path, checks: list[tuple[str, float]],
-                   tols: list[tuple[str, float]], progress: Progress) -> Path:
+def _write_lm_gguf(
+    cfg: VlmExportConfig,
+    lay: RunLayout,
+    merged: Path,
+    checks: list[tuple[str, float]],
+    tols: list[tuple[str, float]],
+    progress: Progress,
+) -> Path:
     """The language model of ``merged`` as ``RUN_DIR/model.gguf`` (the temporary text folder is removed)."""
     from emloc_engine.stages.export.gguf_export import GgufConfig, export_gguf
 
     lm_dir = lay.root / "language-model.partial"  # a killed export's leftover is removed on resume
     try:
         write_language_model(merged, lm_dir)
-        result = export_gguf(GgufConfig(lm_dir, lay.gguf, cfg.gguf_type, name=f"{cfg.model_dir.name}-emloc",
-                                        overwrite=True), sub(progress, 0.0, 0.8))
+        result = export_gguf(
+            GgufConfig(lm_dir, lay.gguf, cfg.gguf_type, name=f"{cfg.model_dir.name}-emloc", overwrite=True),
+            sub(progress, 0.0, 0.8),
+        )
         if cfg.verify:
             diff, tol = _gguf_readback(result.path, lm_dir, cfg.gguf_type)
             checks.append(("gguf", diff))
