@@ -48,6 +48,7 @@ from emloc_engine.run.runlog import attach_run_log, detach_run_log
 
 if TYPE_CHECKING:
     from emloc_engine.run.plan import RunPlan
+    from emloc_engine.stages.export.exporter import ExportConfig
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -299,6 +300,40 @@ def export_record(result: Any) -> dict[str, Any]:
     paths = {k: str(getattr(result, k)) for k in keys if getattr(result, k, None)}
     out: dict[str, Any] = {**to_json(result), "paths": paths}
     return out
+
+
+def export_in_run(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> Any:
+    """One export of a finished run through the per-stage path (``emloc export``, the app's Try page).
+
+    The run folder's lock is held and ``run_stage`` records the export; a vision-language model's export
+    goes to :func:`~emloc_engine.vision.export.export_vlm` (its verification samples are the run's data).
+    (``run_stages(plan, stages=("export",))`` would skip the stage once any format was exported, so a second
+    format could not be added.)
+
+    Returns:
+        The :class:`~emloc_engine.stages.export.exporter.ExportResult` (a VLM's: ``VlmExportResult``).
+
+    Raises:
+        EngineError: an export this model cannot have, a failed verification, a folder in use.
+    """
+    from emloc_engine.run.vision_stages import is_vision_language_model
+
+    with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
+        m = session.manifest
+        if is_vision_language_model(cfg.model_dir):
+            from emloc_engine.run.vision_stages import vision_result_json
+            from emloc_engine.vision.export import VlmExportConfig, export_vlm
+
+            if m.config is None:
+                raise RunStateError(f"{cfg.run_dir} has no recorded run settings (its data) to verify against.")
+            vlm = VlmExportConfig(cfg.run_dir, cfg.model_dir, m.config.data, tuple(cfg.formats), cfg.gguf_type,
+                                  cfg.verify, device=cfg.device if cfg.device != "auto" else "cpu")
+            return run_stage(session, "export", lambda: export_vlm(vlm, progress),
+                             result_json=functools.partial(vision_result_json, "export"))
+        from emloc_engine.stages.export.exporter import merge_and_export
+
+        final = replace(cfg, run_facts=run_facts(m))
+        return run_stage(session, "export", lambda: merge_and_export(final, progress), result_json=export_record)
 
 
 def _kept_plan(m: Manifest, plan: RunPlan, redo: str | None) -> dict[str, Any] | None:

@@ -89,7 +89,8 @@ class VlmExportConfig:
 
 @dataclass(frozen=True)
 class VlmExportResult:
-    """What was written and how it checked out (``verification``: ``(export, max |Δ|)``)."""
+    """What was written and how it checked out (``verification``: ``(export, max |Δ|)``: logits for the merged
+    folder, tensors relative to their largest value for the GGUF; ``tolerances`` in the same order)."""
 
     merged_dir: Path | None
     adapter_dir: Path | None
@@ -98,6 +99,13 @@ class VlmExportResult:
     tolerances: tuple[tuple[str, float], ...]
     mmproj_note: str
     wall_s: float
+    peak_rss_gib: float = 0.0
+    # Never written for a VLM (see the module docstring); named as the text export names them, so the
+    # CLI summary, the manifest record and the app read both results alike.
+    adapter_gguf_path: Path | None = None
+    modelfile_path: Path | None = None
+    lmstudio_path: Path | None = None
+    ollama_command: tuple[str, ...] | None = None
 
 
 def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
