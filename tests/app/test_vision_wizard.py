@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from emloc_app.wizard import EmlocWizard, Page
-from tests.app.test_wizard import next_page
+from emloc_app.wizard import Page
+from tests.app.test_wizard import inspect_data, next_page, plan_and_run, wizard_on_data_page
 from tests.engine.test_vision_emulator import visual_dataset
 from tests.tiny_vlms import build_tiny_vlm, write_png
 
@@ -17,39 +17,17 @@ from tests.tiny_vlms import build_tiny_vlm, write_png
 def test_full_wizard_run_of_a_vlm_with_real_engine(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     cache = tmp_path / "hub"
     snap = build_tiny_vlm("llava", cache)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     data = visual_dataset(tmp_path / "data")
-    wizard = EmlocWizard()
-    qtbot.addWidget(wizard)
-    wizard.show()
-    pages = wizard.pages
-    next_page(qtbot, wizard)  # Machine
-    model_page = pages[Page.Model]
-    qtbot.waitUntil(lambda: model_page.selected() is not None and not model_page.busy(), timeout=60_000)
-    assert model_page.selected().path == snap, model_page.detail.text()
-    next_page(qtbot, wizard)
-    data_page = pages[Page.Data]  # the image data, checked with the VLM's processor
-    data_page.path.setText(str(data))
-    data_page.max_length.setValue(256)
-    data_page.schedule_inspect()
-    next_page(qtbot, wizard)
-    assert wizard.state.data_report is not None and wizard.state.data_report.format == "vision-chat"
-    plan = pages[Page.Plan]
-    for name, value in (("steps", 2), ("batch_size", 1), ("warmup_steps", 1), ("save_every", 1)):
-        plan.settings[name].setValue(value)
-    plan.auto_ratio.setChecked(False)
-    plan.slider.setValue(50)
-    next_page(qtbot, wizard)
-    run = pages[Page.Run]  # the orchestrator runs the VLM stages
-    run.start_button.click()
-    qtbot.waitUntil(lambda: run.isComplete() or not run.banner.isHidden(), timeout=180_000)
-    assert run.banner.isHidden(), run.banner.title.text() + run.banner.message.text()
-    assert run.plot.points.get("train/loss"), "no training loss was plotted"
-    root = wizard.state.run_dir
+    wizard = wizard_on_data_page(qtbot, cache, snap, monkeypatch)
+    assert inspect_data(qtbot, wizard, data, 256).format == "vision-chat"  # checked with the VLM's processor
+    # the orchestrator runs the VLM stages, as for text
+    root = plan_and_run(
+        qtbot, wizard, {"steps": 2, "batch_size": 1, "warmup_steps": 1, "save_every": 1}, 180_000
+    )
     assert (root / "adapter-corrected" / "adapter_config.json").exists()
     next_page(qtbot, wizard)
     assert wizard.currentId() == Page.Try
-    try_page = pages[Page.Try]  # an image and a question: base and fine-tuned answers
+    try_page = wizard.pages[Page.Try]  # an image and a question: base and fine-tuned answers
     assert try_page.image_button.isVisibleTo(try_page)
     try_page.set_image(write_png(tmp_path / "q.png", (20, 200, 20)))
     try_page.max_tokens.setValue(3)

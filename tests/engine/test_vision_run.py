@@ -133,41 +133,32 @@ def test_the_gguf_holds_the_language_model_as_its_text_family(tmp_path: Path) ->
 
 def test_vlm_exports_are_decided_before_any_work(tmp_path: Path) -> None:
     data = visual_dataset(tmp_path / "data", n=4)
+
+    def plan(model: Path, run: str, formats: tuple[str, ...] | None = None) -> object:
+        export = ExportOptions() if formats is None else ExportOptions(formats=formats)
+        cfg = RunConfig(
+            model_dir=model,
+            data=DataConfig(path=data),
+            run_dir=tmp_path / run,
+            ratio=0.5,
+            device="cpu",
+            export=export,
+        )
+        return plan_run(cfg)
+
     qwen = build_tiny_vlm("qwen2_vl", tmp_path / "hub")
     # default exports: the GGUF of a Qwen2-VL is dropped with a note naming the family and the fix
-    plan = plan_run(
-        RunConfig(
-            model_dir=qwen, data=DataConfig(path=data), run_dir=tmp_path / "r1", ratio=0.5, device="cpu"
-        )
-    )
-    assert plan.exports == ("merged", "adapter")
-    assert any("qwen2_vl" in n and "convert_hf_to_gguf" in n for n in plan.notes)
+    planned = plan(qwen, "r1")
+    assert planned.exports == ("merged", "adapter")  # type: ignore[attr-defined]
+    assert any("qwen2_vl" in n and "convert_hf_to_gguf" in n for n in planned.notes)  # type: ignore[attr-defined]
     # asked for explicitly: refused, before the run folder exists
     with pytest.raises(UnsupportedModel, match="qwen2_vl") as exc:
-        plan_run(
-            RunConfig(
-                model_dir=qwen,
-                data=DataConfig(path=data),
-                run_dir=tmp_path / "r2",
-                ratio=0.5,
-                device="cpu",
-                export=ExportOptions(formats=("gguf",)),
-            )
-        )
+        plan(qwen, "r2", ("gguf",))
     assert "M-RoPE" in str(exc.value)
     llava = build_tiny_vlm("llava", tmp_path / "hub")
     for fmt in ("ollama", "adapter-gguf", "lmstudio"):
         with pytest.raises(UnsupportedModel, match="without its vision part"):
-            plan_run(
-                RunConfig(
-                    model_dir=llava,
-                    data=DataConfig(path=data),
-                    run_dir=tmp_path / "r3",
-                    ratio=0.5,
-                    device="cpu",
-                    export=ExportOptions(formats=(fmt,)),
-                )
-            )
+            plan(llava, "r3", (fmt,))
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
