@@ -212,3 +212,7 @@ def test_cli_run_and_its_vlm_alias(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (out / "emulator" / "emloc.json").stat().st_mtime_ns == built  # the emulator is kept
     m = read_manifest(out)
     assert m is not None and m.stage("train").result["steps_done"] == 3
+    # a per-stage export adds a format to the finished run (the manifest lists both)
+    assert main(["export", str(out), "--export", "adapter"]) == 0
+    m = read_manifest(out)
+    assert m is not None and set(m.stage("export").result["paths"]) == {"merged_dir", "adapter_dir"}
