@@ -9,11 +9,13 @@ metrics, run history and run folder (``emulator/``, ``checkpoints/``, ``adapter/
 
 * emulator: ρ from the plan for the language model's and the vision tower's block linears (the paper
   compresses both at one ratio); ``calib`` of the user's image samples.
-* training: ``train.steps``, ``lr``, ``rank``, ``alpha``, ``warmup_steps``, ``save_every``, ``dtype``
-  and the run's seed. A VLM sample carries its own images, so samples go one at a time:
+* training: ``train.steps``, ``lr``, ``rank``, ``alpha``, ``warmup_steps``, ``save_every``, ``dtype``,
+  ``anchor`` and ``anchor_ram_gib`` (:mod:`emloc_engine.vision.anchors`: every block of both towers;
+  ``linears`` anchors blocks, with a note) and the run's seed. A VLM sample carries its own images, so samples go one at a time:
   ``batch_size × grad_accum`` samples make one optimizer step (the same samples per step as text).
   Text-only knobs the VLM trainer does not have (dropout, rsLoRA, target modules, schedule other than
-  cosine, weight decay, gradient clipping, anchoring, several GPUs) are named in the plan's notes when
+  cosine, weight decay, gradient clipping, evaluation during training — it evaluates at the end —,
+  gradient checkpointing, checkpoints kept, several GPUs) are named in the plan's notes when
   set to something else than their default, never silently dropped.
 * correction: ``correct.lambda_`` (None: λ chosen on the held-out samples from ``lambda_grid``).
 * export: :mod:`emloc_engine.vision.export` (merged, adapter, the language model's GGUF; no mmproj).
@@ -47,10 +49,7 @@ _VLM_TRAIN_KNOBS = (
     "warmup_steps",
     "save_every",
     "dtype",
-    "eval_every",
-    "max_eval_batches",
-    "keep_checkpoints",
-    "grad_checkpointing",
+    "anchor",
     "anchor_ram_gib",
 )
 
@@ -148,6 +147,8 @@ def vision_plan(cfg: RunConfig, ratio: float, device: str) -> tuple[VisionPlan, 
         seed=cfg.seed,
         device=device,
         dtype=t.dtype,
+        anchor="blocks" if t.anchor == "linears" else t.anchor,
+        anchor_ram_gib=t.anchor_ram_gib,
     )
     lambdas = (cfg.correct.lambda_,) if cfg.correct.lambda_ is not None else tuple(cfg.correct.lambda_grid)
     formats, notes = vision_exports(cfg)
@@ -163,6 +164,8 @@ def vision_plan(cfg: RunConfig, ratio: float, device: str) -> tuple[VisionPlan, 
             device=device if device != "auto" else "cpu",
         )
     notes = (*notes, *_train_notes(t, cfg.gpus))
+    if t.anchor == "linears":
+        notes = (*notes, "Anchors: a vision-language model is anchored at every block (blocks), not every linear.")
     return VisionPlan(ratio, cfg.calib, train, lambdas, export), notes
 
 
