@@ -219,7 +219,7 @@ def _verify_merged(cfg: VlmExportConfig, adapter_dir: Path, merged: Path) -> tup
     processor = load_processor(cfg.model_dir)
     prepared = prepare_vision_dataset(cfg.data, processor)
     examples = (prepared.eval + prepared.train)[:VERIFY_SAMPLES]
-    kw: dict[str, Any] = dict(dtype=torch.float32, local_files_only=True, trust_remote_code=False)
+    kw: dict[str, Any] = dict(dtype=torch.float32, local_files_only=True)
 
     def logits(model: Any) -> list[torch.Tensor]:
         out = []
@@ -230,10 +230,10 @@ def _verify_merged(cfg: VlmExportConfig, adapter_dir: Path, merged: Path) -> tup
                 out.append(model(**batch, use_cache=False).logits.float().cpu())
         return out
 
-    base: Any = AutoModelForImageTextToText.from_pretrained(cfg.model_dir, **kw)
+    base: Any = AutoModelForImageTextToText.from_pretrained(cfg.model_dir, trust_remote_code=False, **kw)
     ref = logits(PeftModel.from_pretrained(base.to(dev), str(adapter_dir), is_trainable=False).eval())
     del base
-    merged_model: Any = AutoModelForImageTextToText.from_pretrained(merged, **kw)
+    merged_model: Any = AutoModelForImageTextToText.from_pretrained(merged, trust_remote_code=False, **kw)
     got = logits(merged_model.to(dev).eval())
     diff = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
     scale = max(float(r.abs().max()) for r in ref)
