@@ -23,6 +23,7 @@ Prints one JSON object (also written to ``--out``). The H200 run takes about 5â€
     python benchmarks/bench_vlm.py --model Qwen2.5-VL-7B --work /tmp/vlm-bench
     python benchmarks/bench_vlm.py --model InternVL2.5-8B --work /tmp/vlm-bench
     python benchmarks/bench_vlm.py --model tiny --work /tmp/vlm-tiny --device cpu   # a CPU smoke run
+    python benchmarks/bench_vlm.py --model Qwen2.5-VL-7B --work /tmp/vlm-bench --anchor blocks  # anchored training
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--calib", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--anchor", default="none", choices=("none", "blocks", "auto"),
+                    help="Anchored training (its recording pass runs the original: the inference peak).")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     times["emulator"] = time.monotonic() - t
     t = time.monotonic()
     train = train_vlm_lora(VlmTrainConfig(model_dir, emu.emulator_dir, data, run, steps=args.steps, lr=1e-4,
-                                          rank=16, alpha=32, device=args.device, checkpoint_every=args.steps))
+                                          rank=16, alpha=32, device=args.device, checkpoint_every=args.steps,
+                                          anchor=args.anchor))
     times["train"] = time.monotonic() - t
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_COMMON: dict[str, Any] = dict(
+TEXT_CONFIG: dict[str, Any] = dict(  # the decoder every tiny model shares (tests/tiny_vlms.py's language models too)
     vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=64,
@@ -47,7 +47,7 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
     """A ``PretrainedConfig`` of the given family: 2 blocks, width 32 (48 for Phi-3's fused projections)."""
     from transformers import AutoConfig
 
-    kw = dict(_COMMON)
+    kw = dict(TEXT_CONFIG)
     if arch == "gemma":
         kw.update(head_dim=8, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
     if arch == "phi3":
@@ -58,22 +58,45 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
     return AutoConfig.for_model(arch, **kw)
 
 
-def make_tokenizer() -> Any:
-    """A byte-level tokenizer that needs no files, with a ChatML template (``<|im_end|>`` ends a turn)."""
+def make_tokenizer(extra_specials: tuple[str, ...] = (), *, named: dict[str, str] | None = None,
+                   chat_template: str = CHAT_TEMPLATE) -> Any:
+    """A byte-level tokenizer that needs no files, with a ChatML template (``<|im_end|>`` ends a turn).
+
+    ``extra_specials`` (a VLM's image tokens) get the ids after :data:`SPECIALS`; ``named`` gives some of them
+    attribute names (``image_token``...) as a processor expects.
+    """
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    specials = (*SPECIALS, *extra_specials)
+    vocab = {t: i for i, t in enumerate(specials)}
     for ch in sorted(ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
+    assert len(vocab) <= VOCAB
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(list(SPECIALS))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>")
-    tok.chat_template = CHAT_TEMPLATE
+    tk.add_special_tokens(list(specials))
+    extra: dict[str, Any] = {"extra_special_tokens": named} if named else {}
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>", **extra)
+    tok.chat_template = chat_template
     return tok
+
+
+def write_snapshot(model: Any, cache_dir: Path, org: str, name: str, rev: str, *, max_new_tokens: int) -> Path:
+    """Save ``model`` and its generation config as ``cache_dir/models--ORG--NAME/snapshots/REV`` with
+    ``refs/main`` (the hub cache's layout); returns the snapshot folder (the caller adds its tokenizer)."""
+    from transformers import GenerationConfig
+
+    repo = Path(cache_dir) / f"models--{org}--{name}"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(snap)
+    GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=max_new_tokens).save_pretrained(snap)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(rev)
+    return snap
 
 
 def build_tiny_model(arch: str, cache_dir: Path, *, org: str = "emloc-test", name: str | None = None,
@@ -84,7 +107,7 @@ def build_tiny_model(arch: str, cache_dir: Path, *, org: str = "emloc-test", nam
     ``weight_std``: the spread of every matrix; larger values give sharper attention and larger
     activations, i.e. a model whose logits react more to rounding of its weights.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     name = name or f"tiny-{arch}"
     config = tiny_config(arch, **overrides)
@@ -98,13 +121,7 @@ def build_tiny_model(arch: str, cache_dir: Path, *, org: str = "emloc-test", nam
             else:
                 p.uniform_(0.8, 1.2) if p.numel() == config.hidden_size else p.normal_(0.0, 0.05)
     model = model.to(dtype)
-    repo = Path(cache_dir) / f"models--{org}--{name}"
     rev = hashlib.sha1(f"{arch}-{seed}-{weight_std}-{sorted(overrides.items())}".encode()).hexdigest()
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(snap)
-    GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=16).save_pretrained(snap)
+    snap = write_snapshot(model, cache_dir, org, name, rev, max_new_tokens=16)
     make_tokenizer().save_pretrained(snap)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(rev)
     return snap

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tests.tiny_models import EOS_ID, PAD_ID, SPECIALS, VOCAB
+from tests.tiny_models import SPECIALS, TEXT_CONFIG, make_tokenizer, write_snapshot
 
 VLM_FAMILIES = (
     "qwen2_vl",
@@ -34,20 +34,7 @@ VLM_FAMILIES = (
     "gemma3",
 )
 
-_TEXT: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=None,
-    eos_token_id=EOS_ID,
-    pad_token_id=PAD_ID,
-)
+_TEXT: dict[str, Any] = dict(TEXT_CONFIG, max_position_embeddings=512)  # image tokens make longer contexts
 # A small ViT shared by the CLIP / SigLIP / InternViT towers: 2 blocks, width 32.
 _VIT: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -95,25 +82,8 @@ def token_id(family: str, token: str) -> int:
 
 def make_vlm_tokenizer(family: str, named: dict[str, str] | None = None) -> Any:
     """The byte-level test tokenizer with the family's image tokens as specials (no files needed)."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
     extra, image = _TOKENS[family]
-    specials = (*SPECIALS, *extra)
-    vocab = {t: i for i, t in enumerate(specials)}
-    for ch in sorted(ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    assert len(vocab) <= VOCAB
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(list(specials))
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>", extra_special_tokens=named or {}
-    )
-    tok.chat_template = _chat_template(image)
-    return tok
+    return make_tokenizer(extra, named=named, chat_template=_chat_template(image))
 
 
 # -- configs ------------------------------------------------------------------------------------------
@@ -379,7 +349,7 @@ def build_tiny_vlm(
     tweak: Callable[[Any], None] | None = None,
 ) -> Path:
     """Create a tiny VLM of ``family`` in an HF-cache-shaped folder; return its snapshot folder."""
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers import AutoModelForImageTextToText
 
     from emloc_engine.vision.processor import save_processor_parts
 
@@ -392,15 +362,9 @@ def build_tiny_vlm(
     model = AutoModelForImageTextToText.from_config(config)
     _fill(model, weight_std)
     model = model.to(dtype)
-    repo = Path(cache_dir) / f"models--{org}--{name}"
     rev = hashlib.sha1(f"{family}-{seed}-{weight_std}".encode()).hexdigest()
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(snap)
-    GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=8).save_pretrained(snap)
+    snap = write_snapshot(model, cache_dir, org, name, rev, max_new_tokens=8)
     save_processor_parts(_processor(family), snap)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(rev)
     return snap
 
 

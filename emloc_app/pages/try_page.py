@@ -45,7 +45,7 @@ from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import Progress
 from emloc_engine.run.manifest import read_manifest
 from emloc_engine.run.options import option_help
-from emloc_engine.run.orchestrator import export_record, open_run, run_facts, run_stage
+from emloc_engine.run.orchestrator import export_in_run
 from emloc_engine.run.plan import options_of, recorded_memory
 from emloc_engine.stages.export.options import GGUF_TYPES, K_QUANT_TYPES, ExportOptions
 
@@ -107,18 +107,9 @@ log = logging.getLogger(__name__)
 
 
 def export(cfg: ExportConfig, progress: Progress) -> ExportResult:
-    """One export through the orchestrator's per-stage path, as ``emloc export`` does.
-
-    ``open_run`` checks where the run folder is and holds its lock; the run's facts (for the model card)
-    come from its manifest; ``run_stage`` records the export. (``run_stages(plan, stages=("export",))``
-    would skip the stage once any format was exported, so a second format could not be added.)
-    """
-    from emloc_engine.stages.export.exporter import merge_and_export
-
-    with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
-        final = dataclasses.replace(cfg, run_facts=run_facts(session.manifest))
-        result: ExportResult = run_stage(session, "export", lambda: merge_and_export(final, progress),
-                                         result_json=export_record)
+    """One export through the orchestrator's per-stage path, as ``emloc export`` does
+    (:func:`~emloc_engine.run.orchestrator.export_in_run`; a VLM's result has the same path fields)."""
+    result: ExportResult = export_in_run(cfg, progress)
     return result
 
 
@@ -291,6 +282,7 @@ class TryPage(BasePage):
         grid.setColumnStretch(3, 1)
         self.body.addWidget(exp)
         self._exporting: str | None = None
+        self._unavailable: dict[str, str] = {}  # export rows this model cannot have -> why (VLMs)
         self.ollama_command: tuple[str, ...] | None = None
 
     # -- state in ----------------------------------------------------------------------------
@@ -325,6 +317,8 @@ class TryPage(BasePage):
         vlm = self.state.model_dir is not None and is_vision_language_folder(self.state.model_dir)
         self.image_button.setVisible(vlm)
         self.image_label.setVisible(vlm)
+        self._unavailable = self.unavailable_exports() if vlm else {}
+        self._enable_exports()
         if self.state.run_dir != self._chat_run:  # another run: its own prompts, a new conversation
             self._chat_run = self.state.run_dir
             self.clear_chat()
@@ -340,6 +334,25 @@ class TryPage(BasePage):
                 self.export_bars[fmt].setValue(1000)
                 self.export_status[fmt].setText(str(path))
         self.update_sizes()
+
+    def unavailable_exports(self) -> dict[str, str]:
+        """Export rows a vision-language model cannot have, and why (the engine's own refusal)."""
+        from emloc_engine.vision.export import vlm_export_problem
+
+        assert self.state.model_dir is not None
+        out = {}
+        for key, choice in self.choices.items():
+            problem = vlm_export_problem(choice.formats, self.state.model_dir)
+            if problem:
+                out[key] = problem
+        return out
+
+    def _enable_exports(self) -> None:
+        """Every export button on, except the rows this model cannot have (their tooltip says why)."""
+        for key, b in self.export_buttons.items():
+            why = self._unavailable.get(key)
+            b.setEnabled(why is None)
+            b.setToolTip(f"Not for this model: {why}." if why else self.choices[key].tip)
 
     def layout_(self) -> RunLayout | None:
         return RunLayout(self.state.run_dir) if self.state.run_dir else None
@@ -576,8 +589,7 @@ class TryPage(BasePage):
             if fmt not in self.state.exports and self.export_status[fmt].text() not in ("cancelled",):
                 self.export_status[fmt].setText("failed")
             self._exporting = None
-            for b in self.export_buttons.values():
-                b.setEnabled(True)
+            self._enable_exports()
         if name == "generate":
             if self._pending is not None:  # failed: the turn is kept as far as it came
                 self._finish_turn(self._streamed)

@@ -82,10 +82,10 @@ def arch_spec(config: dict[str, Any] | Any) -> ArchSpec:
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in _SPECS:
         vision = config.get("vision_config") if isinstance(config, dict) else getattr(config, "vision_config", None)
-        if vision is not None:  # a VLM: its stages have their own command (emloc_engine.vision.run)
+        if vision is not None:  # a VLM: the orchestrator runs its own stages (emloc_engine.run.vision_stages)
             raise UnsupportedModel(
                 f"{model_type!r} is a vision-language model; this stage handles text models only.",
-                hint="Fine-tune it with `emloc vlm MODEL DATA --out RUN` (images + conversations).",
+                hint="Fine-tune it with `emloc run MODEL DATA --out RUN` (images + conversations).",
             )
         raise UnsupportedModel(
             f"Model type {model_type!r} is not supported.",

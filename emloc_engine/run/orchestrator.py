@@ -22,6 +22,7 @@ status, predicted and measured peak, result, and why it stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import shutil
@@ -47,6 +48,7 @@ from emloc_engine.run.runlog import attach_run_log, detach_run_log
 
 if TYPE_CHECKING:
     from emloc_engine.run.plan import RunPlan
+    from emloc_engine.stages.export.exporter import ExportConfig
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -300,6 +302,40 @@ def export_record(result: Any) -> dict[str, Any]:
     return out
 
 
+def export_in_run(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> Any:
+    """One export of a finished run through the per-stage path (``emloc export``, the app's Try page).
+
+    The run folder's lock is held and ``run_stage`` records the export; a vision-language model's export
+    goes to :func:`~emloc_engine.vision.export.export_vlm` (its verification samples are the run's data).
+    (``run_stages(plan, stages=("export",))`` would skip the stage once any format was exported, so a second
+    format could not be added.)
+
+    Returns:
+        The :class:`~emloc_engine.stages.export.exporter.ExportResult` (a VLM's: ``VlmExportResult``).
+
+    Raises:
+        EngineError: an export this model cannot have, a failed verification, a folder in use.
+    """
+    from emloc_engine.run.vision_stages import is_vision_language_model
+
+    with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
+        m = session.manifest
+        if is_vision_language_model(cfg.model_dir):
+            from emloc_engine.run.vision_stages import vision_result_json
+            from emloc_engine.vision.export import VlmExportConfig, export_vlm
+
+            if m.config is None:
+                raise RunStateError(f"{cfg.run_dir} has no recorded run settings (its data) to verify against.")
+            vlm = VlmExportConfig(cfg.run_dir, cfg.model_dir, m.config.data, tuple(cfg.formats), cfg.gguf_type,
+                                  cfg.verify, device=cfg.device if cfg.device != "auto" else "cpu")
+            return run_stage(session, "export", lambda: export_vlm(vlm, progress),
+                             result_json=functools.partial(vision_result_json, "export"))
+        from emloc_engine.stages.export.exporter import merge_and_export
+
+        final = replace(cfg, run_facts=run_facts(m))
+        return run_stage(session, "export", lambda: merge_and_export(final, progress), result_json=export_record)
+
+
 def _kept_plan(m: Manifest, plan: RunPlan, redo: str | None) -> dict[str, Any] | None:
     """The recorded plan, when the emulator it chose ρ for is kept: the default budget follows the GPU's free
     memory, so a resumed run may plan another ρ than the one its emulator was built with; the record keeps
@@ -342,9 +378,14 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
     # Everything that can be refused is checked before the folder is created or the lock taken.
     check_budget(plan)
     check_run_location(cfg.run_dir, cfg.model_dir)
-    tokenizer = load_tokenizer(cfg.model_dir)
-    report = inspect_dataset(cfg.data, tokenizer)
-    report.raise_if_fatal()  # every bad line listed, before the folder exists
+    if plan.vision is not None:  # a vision-language model: its processor checks every sample and image
+        from emloc_engine.run.vision_stages import check_vision_data
+
+        processor, report = check_vision_data(cfg)
+    else:
+        tokenizer = load_tokenizer(cfg.model_dir)
+        report = inspect_dataset(cfg.data, tokenizer)
+        report.raise_if_fatal()  # every bad line listed, before the folder exists
     model_fp = fingerprint_model(cfg.model_dir)
     ran: list[str] = []
     skipped: list[str] = []
@@ -362,17 +403,27 @@ def run_stages(plan: RunPlan, progress: Progress = NULL_PROGRESS, *, stages: Seq
         m.inputs["data"] = InputRecord(str(cfg.data.path), report.fingerprint)
         session.save()
         predicted = plan.record.predicted_peaks_gib
+        vision_work = None
+        if plan.vision is not None:
+            from emloc_engine.run.vision_stages import vision_result_json
+            from emloc_engine.run.vision_stages import vision_work as vision_stage_work
+
+            vision_work = vision_stage_work(plan.vision, cfg, processor)
 
         def step(name: str, work: Callable[[Progress], Any]) -> Any:
-            if name not in stages or (name == "export" and plan.export is None):
+            if name not in stages or (name == "export" and not plan.exports):
                 return None
             if _done(session, name):
                 skipped.append(name)
                 session.events.stage_finished(name, "skipped")
                 return None
             p = session.recording(name, sub(progress, *SLICES[name]))
+            if vision_work is not None:  # the VLM stages, recorded under the text stages' keys
+                work = vision_work[name]
+            result_json = (functools.partial(vision_result_json, name) if vision_work is not None
+                           else export_record if name == "export" else None)
             result = run_stage(session, name, lambda: work(p), predicted_peak_gib=predicted.get(name),
-                               result_json=export_record if name == "export" else None)
+                               result_json=result_json)
             ran.append(name)
             results[name] = result
             return result

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from emloc_engine.data import DataReport
     from emloc_engine.machine.hardware import GpuInfo, MachineInfo
     from emloc_engine.run.planning import MemoryPlan, PlanConfig
+    from emloc_engine.run.vision_stages import VisionPlan
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.emulator.builder import EmulatorConfig
     from emloc_engine.stages.export.exporter import ExportConfig
@@ -71,6 +72,8 @@ class RunPlan:
     notes: tuple[str, ...] = ()
     stream_original: bool = False
     """The original does not fit the budget: every stage that uses it streams it block by block from the shards."""
+    vision: VisionPlan | None = None
+    """A vision-language model: its stages' configs (:mod:`emloc_engine.run.vision_stages`); the text ones unused."""
 
     @property
     def layout(self) -> RunLayout:
@@ -82,6 +85,8 @@ class RunPlan:
 
     @property
     def exports(self) -> tuple[str, ...]:
+        if self.vision is not None:
+            return tuple(self.vision.export.formats) if self.vision.export is not None else ()
         return self.export.formats if self.export is not None else ()
 
 
@@ -276,6 +281,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
         InsufficientMemory: nothing fits; ConfigError: the settings cannot be wired into a stage.
     """
     from emloc_engine.run.planning import emulator_budget_bytes
+    from emloc_engine.run.vision_stages import is_vision_language_model, vision_plan
     from emloc_engine.stages.correction.corrector import CorrectionConfig
     from emloc_engine.stages.emulator.builder import EmulatorConfig
     from emloc_engine.stages.export.exporter import ExportConfig
@@ -302,7 +308,13 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
                                data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream)
-    formats, notes = checked_exports(cfg)
+    vision: VisionPlan | None = None
+    formats: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    if is_vision_language_model(cfg.model_dir):  # a VLM: the same plan, the VLM stages' configs
+        vision, notes = vision_plan(cfg, record.ratio, cfg.device)
+    else:
+        formats, notes = checked_exports(cfg)
     export = None
     if formats:
         export = ExportConfig(**{**options_of(cfg.export), "formats": formats}, run_dir=layout.root,
@@ -313,4 +325,4 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
     return RunPlan(config=cfg, ratio=record.ratio, record=record, memory=memory, emulator=emulator, train=train,
                    parallel=parallel, correct=correct, export=export,
                    notes=(*notes, *(n for n in memory.notes if n.startswith(("The original", "Anchors")))),
-                   stream_original=memory.stream_original)
+                   stream_original=memory.stream_original, vision=vision)

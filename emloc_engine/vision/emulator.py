@@ -52,7 +52,7 @@ from emloc_engine.core.version import __version__
 from emloc_engine.machine import devices
 from emloc_engine.stages.emulator.calibration import recording
 from emloc_engine.stages.emulator.factorize import factorize
-from emloc_engine.stages.emulator.writer import METHOD, _copy_side_files, source_revision
+from emloc_engine.stages.emulator.writer import METHOD, _copy_side_files, block_tensors, source_revision
 from emloc_engine.vision.families import Tower, VisionLanguageSpec, vlm_spec
 from emloc_engine.vision.names import module_keys_of
 from emloc_engine.weights.checkpoint import Checkpoint, fingerprint_model
@@ -361,17 +361,7 @@ class _Build:
     ) -> None:
         from safetensors.torch import save_file
 
-        out: dict[str, torch.Tensor] = {}
-        for key, t in tensors.items():
-            module, _, leaf = key.rpartition(".")
-            if module in factors:
-                if leaf == "bias":
-                    out[f"{prefix}{module}.u.bias"] = t.contiguous()
-                continue
-            out[prefix + key] = t.contiguous()
-        for module, (u, v) in factors.items():
-            out[f"{prefix}{module}.u.weight"] = u.contiguous()
-            out[f"{prefix}{module}.v.weight"] = v.contiguous()
+        out = block_tensors(prefix, tensors, factors)
         with atomic_path(self.out_dir / SHARD.format(tower=name, block=b)) as tmp:
             save_file(out, str(tmp), metadata={"format": "pt"})
 

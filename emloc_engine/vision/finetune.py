@@ -13,20 +13,19 @@
 * :func:`merge_vlm` — ``W + s·B·A`` streamed shard by shard into a copy of the source folder with
   the same tensor names and shards (hub layout), config, processor files and chat template; it
   loads with ``AutoModelForImageTextToText``.
-* GGUF: :func:`refuse_vlm_gguf` — llama.cpp needs a separate ``mmproj`` file for the vision tower and
-  converts only some families; this engine does not write it yet, so a VLM's GGUF export is a typed
-  refusal that says what to use instead.
+* GGUF and the export stage: :mod:`emloc_engine.vision.export`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 
 from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import ConfigError, UnsupportedModel
-from emloc_engine.core.progress import NULL_PROGRESS, Progress
+from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.images import VisionExample, processor_inputs
 from emloc_engine.data.render import IGNORE_INDEX
@@ -45,8 +44,9 @@ from emloc_engine.weights.lowrank import read_emulator_meta
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "vlm-checkpoints"
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints, as for text (RunLayout.checkpoints)
 LAMBDAS = (0.0, 1.0, 3.0, math.inf)
+VLM_ANCHORS = ("none", "blocks", "auto")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class VlmTrainConfig:
     )
     emulator_dir: Path = field(metadata={"help": "The VLM emulator (RUN_DIR/emulator)."})
     data: DataConfig = field(metadata={"help": "The image dataset."})
-    out_dir: Path = field(metadata={"help": "The run folder: adapter/ and vlm-checkpoints/ go here."})
+    out_dir: Path = field(metadata={"help": "The run folder: adapter/ and checkpoints/ go here."})
     steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
     rank: int = field(default=16, metadata={"help": "LoRA rank r."})
@@ -69,6 +69,12 @@ class VlmTrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the adapter init and the data order."})
     device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto."})
     dtype: str = field(default="auto", metadata={"help": "Emulator weights: auto (bf16 on GPUs), float32…"})
+    anchor: str = field(
+        default="none",
+        metadata={"choices": VLM_ANCHORS, "help": "Anchored training (emloc_engine.vision.anchors): blocks, "
+                  "auto (blocks when the anchors fit anchor_ram_gib, else none with a note) or none."},
+    )
+    anchor_ram_gib: float = field(default=4.0, metadata={"help": "RAM the anchors may take, in GiB."})
     stop_after: int | None = field(
         default=None,
         metadata={"help": "Stop (resumably) after this many steps of this call (tests, time-boxed runs)."},
@@ -84,6 +90,8 @@ class VlmTrainConfig:
         ]
         if not self.lr > 0:
             problems.append(f"lr must be positive (got {self.lr})")
+        if self.anchor not in VLM_ANCHORS:
+            problems.append(f"anchor must be one of {', '.join(VLM_ANCHORS)} (got {self.anchor!r})")
         if problems:
             raise ConfigError("Invalid VLM training settings.", problems=problems)
 
@@ -97,6 +105,8 @@ class VlmTrainResult:
     resumed_from: int
     wall_s: float
     peak_vram_gib: float
+    anchor: str = "none"
+    anchor_note: str = ""
 
 
 def example_batch(
@@ -132,14 +142,22 @@ def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
 
 
 def eval_loss(
-    model: Any, processor: Any, examples: Sequence[VisionExample], device: torch.device, dtype: torch.dtype
+    model: Any,
+    processor: Any,
+    examples: Sequence[VisionExample],
+    device: torch.device,
+    dtype: torch.dtype,
+    select: Callable[[int | None], None] | None = None,
 ) -> float | None:
-    """Mean loss per labelled token over ``examples`` (None when there are none)."""
+    """Mean loss per labelled token over ``examples`` (None when there are none); ``select(j)`` is called
+    before example ``j`` (anchored training: its offsets)."""
     if not examples:
         return None
     total, n = 0.0, 0
     with torch.no_grad():
-        for ex in examples:
+        for j, ex in enumerate(examples):
+            if select is not None:
+                select(j)
             s, k = loss_sum(model, example_batch(processor, ex, device, dtype))
             total, n = total + float(s), n + k
     return total / max(1, n)
@@ -181,8 +199,11 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
     processor = load_processor(cfg.model_dir)
     data = prepare_vision_dataset(cfg.data, processor)
     meta = read_emulator_meta(cfg.emulator_dir)
-    torch.manual_seed(cfg.seed)
+    records, anchor_note = _original_records(cfg, data, processor, device, dtype, progress)
     model = load_vlm_emulator(cfg.emulator_dir, dtype=dtype, device=device)
+    anchors = _anchors(model, records, data, processor, device, dtype, progress)
+    raw_model = model  # the anchors hook its blocks (the same modules once peft wraps the model)
+    torch.manual_seed(cfg.seed)
     targets = sorted(meta["modules"])
     model = attach_lora(
         model, lora_config(cfg.rank, cfg.alpha, 0.0, targets, False, str(cfg.model_dir.resolve()))
@@ -206,52 +227,142 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     step = start
-    while step < cfg.steps and (cfg.stop_after is None or step - resumed_from < cfg.stop_after):
-        progress.check_cancelled()
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * _lr(step, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        total, n = 0.0, 0
-        batch_losses = []
-        for _ in range(cfg.grad_accum):
-            if not order:
-                order = list(range(len(data.train)))
-                order_rng.shuffle(order)
-            s, k = loss_sum(model, example_batch(processor, data.train[order.pop()], device, dtype))
-            batch_losses.append((s, k))
-            n += k
-        for s, _k in batch_losses:
-            (s / max(1, n)).backward()
-            total += float(s.detach())
-        optimizer.step()
-        step += 1
-        losses.append(total / max(1, n))
-        progress.log("train/loss", losses[-1], step)
-        progress.update(step / cfg.steps, f"step {step}/{cfg.steps}, loss {losses[-1]:.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(
-                ckpt_dir / f"step-{step}",
-                {
-                    "step": step,
-                    "losses": losses,
-                    "lora": get_peft_model_state_dict(model),
-                    "optimizer": optimizer.state_dict(),
-                    "order_rng": order_rng.getstate(),
-                    "torch_rng": torch.get_rng_state(),
-                },
-                order,
-            )
-    model.eval()
-    adapter_dir = cfg.out_dir / "adapter"
-    final_eval = None
-    if step >= cfg.steps:
-        final_eval = eval_loss(model, processor, data.eval, device, dtype)
-        with atomic_dir(adapter_dir, overwrite=True) as tmp:
-            model.save_pretrained(str(tmp))
+    hooks = contextlib.ExitStack()
+    if anchors is not None:
+        hooks.enter_context(anchors.attached(raw_model))
+    with hooks:  # the anchors' hooks come off however training ends
+        while step < cfg.steps and (cfg.stop_after is None or step - resumed_from < cfg.stop_after):
+            progress.check_cancelled()
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * _lr(step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            picks = []
+            for _ in range(cfg.grad_accum):
+                if not order:
+                    order = list(range(len(data.train)))
+                    order_rng.shuffle(order)
+                picks.append(order.pop())
+            # the step's labelled tokens are known before any forward: each sample's graph is freed at once
+            n = sum(label_count(data.train[k]) for k in picks)
+            total = 0.0
+            for k in picks:
+                if anchors is not None:
+                    anchors.select(k)
+                s, _ = loss_sum(model, example_batch(processor, data.train[k], device, dtype))
+                (s / max(1, n)).backward()
+                total += float(s.detach())
+            optimizer.step()
+            step += 1
+            losses.append(total / max(1, n))
+            progress.log("train/loss", losses[-1], step)
+            progress.update(step / cfg.steps, f"step {step}/{cfg.steps}, loss {losses[-1]:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(
+                    ckpt_dir / f"step-{step}",
+                    {
+                        "step": step,
+                        "losses": losses,
+                        "lora": get_peft_model_state_dict(model),
+                        "optimizer": optimizer.state_dict(),
+                        "order_rng": order_rng.getstate(),
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                    order,
+                )
+        model.eval()
+        adapter_dir = cfg.out_dir / "adapter"
+        final_eval = None
+        if step >= cfg.steps:
+            base = len(data.train)  # eval sample j's anchors are at base + j
+            select = (lambda j: anchors.select(base + j)) if anchors is not None else None
+            final_eval = eval_loss(model, processor, data.eval, device, dtype, select)
+            with atomic_dir(adapter_dir, overwrite=True) as tmp:
+                model.save_pretrained(str(tmp))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return VlmTrainResult(
-        adapter_dir, tuple(losses), final_eval, step, resumed_from, time.monotonic() - t0, peak
+        adapter_dir,
+        tuple(losses),
+        final_eval,
+        step,
+        resumed_from,
+        time.monotonic() - t0,
+        peak,
+        "blocks" if anchors is not None else "none",
+        anchor_note,
     )
+
+
+def label_count(ex: VisionExample) -> int:
+    """The labelled tokens of an example that carry loss (every label but the first: next-token targets)."""
+    return sum(1 for t in ex.labels[1:] if t != IGNORE_INDEX)
+
+
+def _original_records(
+    cfg: VlmTrainConfig,
+    data: Any,
+    processor: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Progress,
+) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None, str]:
+    """The original's block inputs and outputs on every train and eval sample (anchored training), and a note.
+
+    The original is loaded, run and freed before the emulator loads. With ``anchor="auto"`` a dataset whose
+    records outgrow ``anchor_ram_gib`` is trained without anchors (the note says why).
+
+    Raises:
+        AnchorsTooLarge: ``anchor="blocks"`` and the records do not fit.
+    """
+    if cfg.anchor == "none":
+        return None, ""
+    from transformers import AutoModelForImageTextToText
+
+    from emloc_engine.vision.anchors import AnchorsTooLarge, record_original
+
+    examples = (*data.train, *data.eval)
+    model: Any = AutoModelForImageTextToText.from_pretrained(
+        cfg.model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False
+    )
+    model = model.to(device).eval()
+    try:
+        records = record_original(
+            model,
+            len(examples),
+            lambda i: example_batch(processor, examples[i], device, dtype),
+            int(cfg.anchor_ram_gib * 2**30),
+            sub(progress, 0.0, 0.0),
+        )
+    except AnchorsTooLarge as exc:
+        if cfg.anchor == "blocks":
+            raise
+        log.warning("Training without anchors: %s", exc.summary)
+        return None, f"not anchored: {exc.summary}"
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records, f"every block of both towers anchored on {len(examples)} samples"
+
+
+def _anchors(
+    model: Any,
+    records: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None,
+    data: Any,
+    processor: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Progress,
+) -> Any:
+    """The :class:`~emloc_engine.vision.anchors.VlmAnchors` of the recorded samples (None without records)."""
+    if records is None:
+        return None
+    from emloc_engine.vision.anchors import VlmAnchors, emulator_offsets
+
+    examples = (*data.train, *data.eval)
+    offsets = emulator_offsets(
+        model, lambda i: example_batch(processor, examples[i], device, dtype), records, sub(progress, 0.0, 0.0)
+    )
+    return VlmAnchors(offsets)
 
 
 def _save_checkpoint(folder: Path, state: dict[str, Any], order: list[int]) -> None:
@@ -433,20 +544,6 @@ def merge_vlm(
     return Path(out_dir)
 
 
-def refuse_vlm_gguf(model_dir: Path) -> None:
-    """GGUF export of a vision-language model: always a typed refusal (see the module docstring).
-
-    Raises:
-        UnsupportedModel: always, with what to do instead.
-    """
-    raise UnsupportedModel(
-        f"GGUF export of the vision-language model {Path(model_dir).name} is not supported.",
-        hint="Export the merged folder (it loads with transformers) and convert it with llama.cpp's "
-        "convert_hf_to_gguf.py, which writes the language model and, with --mmproj, the vision "
-        "projector for the families llama.cpp supports.",
-    )
-
-
 __all__ = [
     "VlmCorrectionResult",
     "VlmTrainConfig",
@@ -456,6 +553,5 @@ __all__ = [
     "example_batch",
     "loss_sum",
     "merge_vlm",
-    "refuse_vlm_gguf",
     "train_vlm_lora",
 ]

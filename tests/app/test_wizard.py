@@ -34,46 +34,62 @@ def next_page(qtbot, wizard: EmlocWizard, timeout: int = 60_000) -> None:  # typ
     assert wizard.currentId() == before + 1, f"stuck on page {before}: {page.banner.title.text()}"
 
 
+def wizard_on_data_page(qtbot, cache: Path, snap: Path, monkeypatch) -> EmlocWizard:  # type: ignore[no-untyped-def]
+    """A wizard whose HF cache holds ``snap``, past the Machine page (this CI box: CPU or whatever is detected)
+    and the Model page (the tiny model from the cache is preselected over the demo model)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    wizard = EmlocWizard()
+    qtbot.addWidget(wizard)
+    wizard.show()
+    next_page(qtbot, wizard)
+    model_page = wizard.pages[Page.Model]
+    qtbot.waitUntil(lambda: model_page.selected() is not None and not model_page.busy(), timeout=60_000)
+    assert model_page.selected().path == snap, model_page.detail.text()
+    next_page(qtbot, wizard)
+    return wizard
+
+
+def inspect_data(qtbot, wizard: EmlocWizard, data: Path, max_length: int):  # type: ignore[no-untyped-def]
+    """Give the Data page ``data``, wait for its check and go on; returns the data report."""
+    data_page = wizard.pages[Page.Data]
+    data_page.path.setText(str(data))
+    data_page.max_length.setValue(max_length)
+    data_page.schedule_inspect()
+    next_page(qtbot, wizard)
+    assert wizard.state.data_report is not None
+    return wizard.state.data_report
+
+
+def plan_and_run(qtbot, wizard: EmlocWizard, settings: dict[str, int], timeout: int = 120_000) -> Path:  # type: ignore[no-untyped-def]
+    """Plan a short training at ρ 0.5 and run it with the real engine; returns the run folder."""
+    plan = wizard.pages[Page.Plan]
+    for name, value in settings.items():
+        plan.settings[name].setValue(value)
+    plan.auto_ratio.setChecked(False)
+    plan.slider.setValue(50)
+    next_page(qtbot, wizard)
+    run = wizard.pages[Page.Run]
+    run.start_button.click()
+    qtbot.waitUntil(lambda: run.isComplete() or not run.banner.isHidden(), timeout=timeout)
+    assert run.banner.isHidden(), run.banner.title.text() + run.banner.message.text()
+    assert run.plot.points.get("train/loss"), "no training loss was plotted"
+    assert wizard.state.run_dir is not None
+    return wizard.state.run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_full_wizard_run_with_real_engine(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     cache = tmp_path / "hub"
     snap = build_tiny_model("llama", cache)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     data = write_jsonl(tmp_path / "chat.jsonl")
-    wizard = EmlocWizard()
-    qtbot.addWidget(wizard)
-    wizard.show()
+    wizard = wizard_on_data_page(qtbot, cache, snap, monkeypatch)
     pages = wizard.pages
-
-    # 1 Machine (this CI box: CPU or whatever is detected)
-    next_page(qtbot, wizard)
-    # 2 Model: the tiny model from the cache is preselected over the demo model
-    model_page = pages[Page.Model]
-    qtbot.waitUntil(lambda: model_page.selected() is not None and not model_page.busy(), timeout=60_000)
-    assert model_page.selected().path == snap, model_page.detail.text()
-    next_page(qtbot, wizard)
     # 3 Data
-    data_page = pages[Page.Data]
-    data_page.path.setText(str(data))
-    data_page.max_length.setValue(64)
-    data_page.schedule_inspect()
-    next_page(qtbot, wizard)
-    assert wizard.state.data_report is not None and wizard.state.data_report.n_samples == 24
-    # 4 Plan: a short training
-    plan = pages[Page.Plan]
-    for name, value in (("steps", 4), ("batch_size", 2), ("warmup_steps", 1), ("eval_every", 2), ("save_every", 2)):
-        plan.settings[name].setValue(value)
-    plan.auto_ratio.setChecked(False)
-    plan.slider.setValue(50)
-    next_page(qtbot, wizard)
-    # 5 Run: real emulator, training and correction
-    run = pages[Page.Run]
-    run.start_button.click()
-    qtbot.waitUntil(lambda: run.isComplete() or not run.banner.isHidden(), timeout=120000)
-    assert run.banner.isHidden(), run.banner.title.text() + run.banner.message.text()
-    assert run.plot.points.get("train/loss"), "no training loss was plotted"
-    layout_root = wizard.state.run_dir
+    assert inspect_data(qtbot, wizard, data, 64).n_samples == 24
+    # 4 Plan: a short training; 5 Run: real emulator, training and correction
+    layout_root = plan_and_run(qtbot, wizard, {"steps": 4, "batch_size": 2, "warmup_steps": 1, "eval_every": 2,
+                                               "save_every": 2})
     assert (layout_root / "adapter-corrected" / "adapter_config.json").exists()
     next_page(qtbot, wizard)
     # 6 Try & export

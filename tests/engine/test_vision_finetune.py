@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from emloc_engine.core.errors import UnsupportedModel
 from emloc_engine.data.config import DataConfig
 from emloc_engine.data.vision_pipeline import prepare_vision_dataset
 from emloc_engine.vision.emulator import VlmEmulatorConfig, build_vlm_emulator, calibration_inputs
@@ -17,7 +16,6 @@ from emloc_engine.vision.finetune import (
     VlmTrainConfig,
     correct_vlm_adapter,
     merge_vlm,
-    refuse_vlm_gguf,
     train_vlm_lora,
 )
 from emloc_engine.vision.processor import load_processor
@@ -144,29 +142,3 @@ def test_training_resumes_exactly(tmp_path: Path) -> None:
     x, y = read_adapter(straight.adapter_dir), read_adapter(second.adapter_dir)
     for k, t in x.tensors.items():
         assert torch.allclose(t, y.tensors[k], atol=1e-6), k
-
-
-def test_gguf_export_of_a_vlm_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedModel, match="vision-language") as err:
-        refuse_vlm_gguf(tmp_path / "m")
-    assert "mmproj" in (err.value.hint or "")
-
-
-def test_cli_vlm_runs_every_stage_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from emloc_engine.cli.main import main
-    from emloc_engine.core.architectures import arch_spec
-
-    snap = build_tiny_vlm("gemma3", tmp_path / "hub")
-    data = visual_dataset(tmp_path / "data")
-    argv = ["vlm", str(snap), str(data), "--out", str(tmp_path / "run"), "--steps", "2", "--device", "cpu",
-            "--calibration-samples", "4", "--rank", "4", "--lam", "1.0", "--max-length", "256"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "merged:" in out and (tmp_path / "run" / "merged" / "config.json").exists()
-    built = (tmp_path / "run" / "emulator" / "emloc.json").stat().st_mtime_ns
-    assert main([*argv, "--steps", "3"]) == 0  # more steps: training resumes, the emulator is reused
-    assert (tmp_path / "run" / "emulator" / "emloc.json").stat().st_mtime_ns == built
-    assert "vlm-checkpoints" in {p.name for p in (tmp_path / "run").iterdir()}
-    with pytest.raises(UnsupportedModel, match="vision-language") as err:
-        arch_spec(json.loads((snap / "config.json").read_text()))
-    assert "emloc vlm" in (err.value.hint or "")

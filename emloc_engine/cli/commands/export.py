@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from emloc_engine.core.progress import TqdmProgress
-    from emloc_engine.run.orchestrator import export_record, open_run, run_facts, run_stage
-    from emloc_engine.stages.export.exporter import export_summary, merge_and_export
+    from emloc_engine.run.orchestrator import export_in_run
+    from emloc_engine.stages.export.exporter import export_summary
 
     cfg = config_from_args(args)
     progress = TqdmProgress("export")
     try:
-        with open_run(cfg.run_dir, model_dir=cfg.model_dir) as session:
-            final = replace(cfg, run_facts=run_facts(session.manifest))
-            result = run_stage(session, "export", lambda: merge_and_export(final, progress), result_json=export_record)
+        result = export_in_run(cfg, progress)
     finally:
         progress.close()
     print(export_summary(result), file=sys.stdout)

@@ -56,6 +56,25 @@ def shard_build_id(path: Path) -> str | None:
         return None
 
 
+def block_tensors(prefix: str, tensors: Mapping[str, torch.Tensor],
+                  factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A block's tensors as the emulator stores them: compressed module M as ``M.u.weight`` (out × k),
+    ``M.v.weight`` (k × in) and its bias as ``M.u.bias``; every other tensor as is; names prefixed, all
+    contiguous (what safetensors writes)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if module in factors:
+            if leaf == "bias":
+                out[f"{prefix}{module}.u.bias"] = t.contiguous()
+            continue
+        out[prefix + key] = t.contiguous()
+    for module, (u, v) in factors.items():
+        out[f"{prefix}{module}.u.weight"] = u.contiguous()
+        out[f"{prefix}{module}.v.weight"] = v.contiguous()
+    return out
+
+
 def write_block_shard(out_dir: Path, block: int, *, prefix: str, tensors: Mapping[str, torch.Tensor],
                       factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], errors: Mapping[str, float],
                       build_id: str) -> None:
@@ -70,17 +89,7 @@ def write_block_shard(out_dir: Path, block: int, *, prefix: str, tensors: Mappin
         errors: compressed module -> relative error, stored in the metadata.
         build_id: the build fingerprint, stored in the metadata.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        module, _, leaf = key.rpartition(".")
-        if module in factors:
-            if leaf == "bias":
-                out[f"{prefix}{module}.u.bias"] = t.contiguous()
-            continue
-        out[prefix + key] = t.contiguous()
-    for module, (u, v) in factors.items():
-        out[f"{prefix}{module}.u.weight"] = u
-        out[f"{prefix}{module}.v.weight"] = v
+    out = block_tensors(prefix, tensors, factors)
     meta = {"format": "pt", "emloc_build": build_id, "emloc_block": str(block),
             "emloc_errors": json.dumps({prefix + m: e for m, e in errors.items()})}
     with atomic_path(out_dir / BLOCK_FILE.format(block)) as tmp:
@@ -182,5 +191,5 @@ def finish_emulator(ctx: BuildContext, *, settings: Mapping[str, Any], source_fp
     return meta
 
 
-__all__ = ["BLOCK_FILE", "INDEX_FILE", "METHOD", "REST_FILE", "WHITENING", "finish_emulator", "shard_build_id",
-           "source_revision", "write_block_shard", "write_rest_shard"]
+__all__ = ["BLOCK_FILE", "INDEX_FILE", "METHOD", "REST_FILE", "WHITENING", "block_tensors", "finish_emulator",
+           "shard_build_id", "source_revision", "write_block_shard", "write_rest_shard"]
