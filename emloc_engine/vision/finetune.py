@@ -215,7 +215,7 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
     start, losses = 0, []
     latest = _latest_checkpoint(ckpt_dir)
     if latest is not None:
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)  # never unpickles code
         set_peft_model_state_dict(model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         order_rng.setstate(state["order_rng"])
