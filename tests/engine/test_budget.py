@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from emloc_engine.cli.main import main
+from emloc_engine.core.errors import ConfigError
 from emloc_engine.machine.budget import (
     BUDGET_MARGIN_MIN_BYTES,
     budget_margin_bytes,
@@ -72,8 +73,9 @@ def test_gpu_memory_cap_sets_the_fraction_of_every_used_card() -> None:
     apply_gpu_memory_cap(8 * GIB, "cuda:1", 1, cuda=one)
     assert one.fractions == {1: pytest.approx(0.1)}
     big = FakeCuda()
-    apply_gpu_memory_cap(500 * GIB, "cuda", 1, cuda=big)
-    assert big.fractions == {0: 1.0}  # a cap above the card is no cap
+    notes = apply_gpu_memory_cap(500 * GIB, "cuda", 1, cuda=big)
+    assert big.fractions == {0: 1.0}  # a cap above the card is no cap, and the note says so
+    assert "500.00 GiB" in notes[0] and "141.0 GiB" in notes[0] and "caps nothing" in notes[0]
     none = FakeCuda()
     assert apply_gpu_memory_cap(None, "cuda", 1, cuda=none) == [] and none.fractions == {}
     assert memory_fraction(GIB, 4 * GIB) == 0.25
@@ -364,3 +366,57 @@ def test_a_per_stage_export_keeps_to_the_budget_and_streaming_the_run_recorded()
         None,
         False,
     )  # a RAM budget binds no GPU
+
+
+@pytest.mark.parametrize("typed", ["abc", "24GB", "-5", "0", "inf", "nan"])
+def test_a_size_in_gib_that_is_not_a_positive_number_is_refused_naming_the_option(
+    typed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(
+            None,
+            {"gpu_memory_bytes": typed},
+            model_dir=tmp_path / "m",
+            data_path=tmp_path / "d.jsonl",
+            run_dir=tmp_path / "r",
+        )
+    assert f"--gpu-memory takes a positive number of GiB, e.g. --gpu-memory 24 (got {typed!r})" in str(
+        err.value
+    )
+    assert "--gpu-memory 24" in err.value.hint
+    with pytest.raises(SystemExit):  # emloc plan: argparse's error, same words
+        main(["plan", "Llama-3-8B", "--gpu-gib", "24", "--gpu-memory", typed])
+    assert "--gpu-memory takes a positive number of GiB" in capsys.readouterr().err
+
+
+def test_run_config_names_the_option_and_gib_of_a_non_positive_size(tmp_path: Path) -> None:
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig(
+            model_dir=tmp_path,
+            data=DataConfig(path=tmp_path / "d.jsonl"),
+            run_dir=tmp_path / "r",
+            gpu_memory_bytes=-5 * GIB,
+            budget_bytes=0,
+        )
+    assert "the GPU memory cap (--gpu-memory) must be positive (got -5 GiB)" in err.value.problems
+    assert "the memory budget (--budget-gib) must be positive (got 0 GiB)" in err.value.problems
+
+
+def test_plan_run_says_when_the_gpu_memory_cap_is_larger_than_the_card(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.plan import plan_run
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    too_big = plan_run(replace(cfg, gpu_memory_bytes=80 * GIB), _machine(24, 20))
+    note = next(n for n in too_big.notes if n.startswith("--gpu-memory"))
+    assert "80 GiB" in note and "RTX 4090's 24.0 GiB" in note and "caps nothing" in note
+    fine = plan_run(replace(cfg, gpu_memory_bytes=16 * GIB), _machine(24, 20))
+    assert not any(n.startswith("--gpu-memory") for n in fine.notes)
