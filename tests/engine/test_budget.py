@@ -167,6 +167,16 @@ def _machine(total_gib: float, free_gib: float, ram_gib: float = 64) -> MachineI
     )
 
 
+def _tiny_run_config(model_dir: Path, tmp_path: Path) -> Any:
+    """A RunConfig of ``model_dir`` on a one-line dataset, run folder ``tmp_path/run``."""
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    return RunConfig(model_dir=model_dir, data=DataConfig(path=data), run_dir=tmp_path / "run")
+
+
 def _plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict[str, Any]]:
     code = main(argv)
     return code, json.loads(capsys.readouterr().out)
@@ -201,13 +211,9 @@ def test_emloc_plan_says_when_ram_is_too_small(capsys: pytest.CaptureFixture[str
 
 
 def test_plan_run_budget_defaults_to_free_memory_and_the_cap(tiny_llama: Path, tmp_path: Path) -> None:
-    from emloc_engine.data.config import DataConfig
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import machine_budget_bytes, plan_config_for
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     machine = _machine(24, 10)
     assert machine_budget_bytes(machine) == int(9.5 * GIB)
     assert plan_config_for(cfg, machine).budget_bytes == int(9.5 * GIB)
@@ -297,13 +303,9 @@ def test_plan_run_refuses_a_machine_whose_ram_is_too_small_saying_by_how_much(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
     from emloc_engine.core.errors import InsufficientMemory
-    from emloc_engine.data.config import DataConfig
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import plan_run
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     tiny_ram = MachineInfo(
         gpus=_machine(24, 20).gpus, backend="cuda", cpu_cores=2, ram_total_bytes=GIB, ram_available_bytes=GIB
     )
@@ -334,14 +336,10 @@ def test_streamed_planning_and_the_budget_import_no_torch() -> None:
 def test_plan_run_streams_the_original_in_every_stage_that_uses_it_when_the_plan_says_so(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emloc_engine.data.config import DataConfig
     from emloc_engine.run import plan_streaming
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import plan_run
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     resident = plan_run(cfg, _machine(24, 20))
     assert not (
         resident.stream_original or resident.train.stream_original or resident.correct.stream_original
@@ -408,13 +406,9 @@ def test_run_config_names_the_option_and_gib_of_a_non_positive_size(tmp_path: Pa
 def test_plan_run_says_when_the_gpu_memory_cap_is_larger_than_the_card(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    from emloc_engine.data.config import DataConfig
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import plan_run
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     too_big = plan_run(replace(cfg, gpu_memory_bytes=80 * GIB), _machine(24, 20))
     note = next(n for n in too_big.notes if n.startswith("--gpu-memory"))
     assert "80 GiB" in note and "RTX 4090's 24.0 GiB" in note and "caps nothing" in note
