@@ -203,7 +203,8 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo,
     facts = planning.model_facts(cfg.model_dir)
     plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir), sample_tokens=sample_tokens)
     memory = planning.plan_memory(facts, plan_cfg)
-    note = "user budget" if cfg.budget_bytes is not None else (
+    note = ("user budget" if memory.budget_bytes >= cfg.budget_bytes else "user budget, capped at the device's size") \
+        if cfg.budget_bytes is not None else (
         "free GPU memory − margin" if plan_cfg.device == "cuda" else "available RAM − margin")
     if memory.shortfalls and memory.ratio is not None:
         raise InsufficientMemory(memory.reason, problems=[f.message for f in memory.shortfalls],
@@ -317,5 +318,5 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
                          "memory); give a smaller value to cap this process.")
     return RunPlan(config=cfg, ratio=record.ratio, record=record, memory=memory, emulator=emulator, train=train,
                    parallel=parallel, correct=correct, export=export,
-                   notes=(*notes, *(n for n in memory.notes if n.startswith(("The original", "Anchors")))),
+                   notes=(*notes, *(n for n in memory.notes if n.startswith(("The original", "Anchors", "Budget")))),
                    stream_original=memory.stream_original)

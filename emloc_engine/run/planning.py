@@ -771,8 +771,9 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     else:
         budget = inference.peak_bytes
     if cfg.gpu_total_bytes is not None and budget > cfg.gpu_total_bytes:
-        notes.append(f"Budget {budget / GIB:.1f} GiB is more than the GPU's {cfg.gpu_total_bytes / GIB:.1f} GiB; "
-                     "planning for the GPU instead.")
+        device = "the GPU" if cfg.device != "cpu" else "this machine's RAM"
+        notes.append(f"Budget {budget / GIB:.1f} GiB is more than {device} ({cfg.gpu_total_bytes / GIB:.1f} GiB); "
+                     f"planning for {device} instead.")
         budget = cfg.gpu_total_bytes
     limit = margin_limit(budget, cfg)
     streamed = ps.decide_streaming(facts, cfg, budget)

@@ -414,3 +414,16 @@ def test_plan_run_says_when_the_gpu_memory_cap_is_larger_than_the_card(
     assert "80 GiB" in note and "RTX 4090's 24.0 GiB" in note and "caps nothing" in note
     fine = plan_run(replace(cfg, gpu_memory_bytes=16 * GIB), _machine(24, 20))
     assert not any(n.startswith("--gpu-memory") for n in fine.notes)
+
+
+def test_a_budget_above_the_device_is_capped_and_says_so(tiny_llama: Path, tmp_path: Path) -> None:
+    from emloc_engine.run.plan import plan_run
+
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
+    plan = plan_run(replace(cfg, budget_bytes=100 * GIB), _machine(24, 20))
+    assert (
+        plan.memory.budget_bytes == 24 * GIB
+        and plan.budget_note == "user budget, capped at the device's size"
+    )
+    assert "Budget 100.0 GiB is more than the GPU (24.0 GiB); planning for the GPU instead." in plan.notes
+    assert plan_run(replace(cfg, budget_bytes=16 * GIB), _machine(24, 20)).budget_note == "user budget"

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     plan = plan_run(cfg)
     print(plan_summary(plan), file=sys.stderr)
-    early = [n for n in plan.notes if n.startswith("--gpu-memory")]  # about a setting: say it before the wait
+    early = [n for n in plan.notes if n.startswith(("--gpu-memory", "Budget"))]  # about a setting: before the wait
     for note in early:
         print(f"Note: {note}", file=sys.stderr)
     bar = TqdmProgress("emloc run")
