@@ -130,10 +130,16 @@ class Bench:
 
         from emloc_engine.core.architectures import arch_spec
 
-        torch = self.torch
         targets = list(arch_spec(self.hf_config).short_names)
         peft_model = get_peft_model(self.model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, lora_dropout=0.05,
                                                            target_modules=targets, task_type="CAUSAL_LM"))
+        return self._train_peak(peft_model, context, lambda batch: peft_model(**batch).loss, mask=False)
+
+    def _train_peak(self, peft_model: Any, context: int, loss_of: Any, mask: bool) -> int | None:
+        """``self.steps`` AdamW steps of ``peft_model`` with checkpointing on a random ``B×T`` batch
+        (``input_ids``, ``labels``, and with ``mask`` an all-ones ``attention_mask``), loss ``loss_of(batch)``;
+        returns the peak memory, then removes the LoRA layers again."""
+        torch = self.torch
         base = peft_model.get_base_model()
         base.config.use_cache = False
         _checkpointing(base, True)
@@ -142,9 +148,12 @@ class Bench:
                                 fused=self.device.type == "cuda")
         self._reset()
         ids = self._ids(context)
+        batch = {"input_ids": ids, "labels": ids}
+        if mask:
+            batch["attention_mask"] = torch.ones_like(ids)
         for _ in range(self.steps):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
-                loss = peft_model(input_ids=ids, labels=ids).loss
+                loss = loss_of(batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -193,31 +202,11 @@ class Bench:
         from emloc_engine.stages.training.lora_layers import attach_lora, lora_config
         from emloc_engine.stages.training.trainer import lm_loss_sum
 
-        torch = self.torch
         peft_model = attach_lora(self.model, lora_config(self.rank, 2.0 * self.rank, 0.05,
                                                          arch_spec(self.hf_config).short_names, False))
         base = peft_model.get_base_model()
-        base.config.use_cache = False
-        _checkpointing(base, True)
-        peft_model.train()
-        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4,
-                                fused=self.device.type == "cuda")
-        self._reset()
-        ids = self._ids(context)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        for _ in range(self.steps):
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
-                loss = lm_loss_sum(base, batch) / ids.numel()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-        peak = self._peak()
-        del opt
-        self.model = peft_model.unload()
-        _checkpointing(base, False)
-        self.model.eval()
-        return peak
+        return self._train_peak(peft_model, context, lambda b: lm_loss_sum(base, b) / b["input_ids"].numel(),
+                                mask=True)
 
     def close(self) -> None:
         del self.model

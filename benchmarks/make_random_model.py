@@ -21,39 +21,33 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# What a family's checkpoints share; a preset adds its shapes (and overrides what differs).
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, rope_theta=1000000.0,
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], rope_theta=1000000.0,
+                    max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None),
+}
+
+
+def _preset(family: str, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+            **extra: Any) -> dict[str, Any]:
+    """A preset's config fields: its family's, then its shapes, then ``extra``."""
+    return dict(_FAMILIES[family], hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False, **extra)
+
+
+_LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama3-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
-                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=3584,
-                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
-                       max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                       use_sliding_window=False),
-    "mistral-7b": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0,
-                       max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       sliding_window=None),
-    "llama2-13b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=5120,
-                       intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "qwen2.5-14b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=5120,
-                        intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
-                        num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0,
-                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                        use_sliding_window=False),
-    "qwen2.5-32b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=5120,
-                        intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                        num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0,
-                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                        use_sliding_window=False),
-    "llama3-70b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192,
-                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama3-8b": _preset("llama", 4096, 14336, 32, 32, 8, **_LLAMA3),
+    "qwen2.5-7b": _preset("qwen2", 3584, 18944, 28, 28, 4),
+    "mistral-7b": _preset("mistral", 4096, 14336, 32, 32, 8, vocab_size=32768),
+    "llama2-13b": _preset("llama", 5120, 13824, 40, 40, 40, vocab_size=32000, rope_theta=10000.0,
+                          max_position_embeddings=4096),
+    "qwen2.5-14b": _preset("qwen2", 5120, 13824, 48, 40, 8),
+    "qwen2.5-32b": _preset("qwen2", 5120, 27648, 64, 40, 8),
+    "llama3-70b": _preset("llama", 8192, 28672, 80, 64, 8, **_LLAMA3),
 }
 
 

@@ -77,6 +77,30 @@ def state_from_run_dir(run_dir: Path) -> tuple[WizardState, bool]:
     return state, state.all_stages_done()
 
 
+def _command(name: str) -> str:
+    """How to type one of our commands: its path in this Python's bin folder when it is there
+    (``make run`` does not put ``.venv/bin`` on PATH), else its bare name."""
+    script = Path(sys.executable).parent / name
+    return str(script) if script.is_file() else name
+
+
+def no_display() -> str | None:
+    """On Linux, explain a session without a display (an SSH login, a container) instead of Qt's
+    abort ("could not load the Qt platform plugin"). None when there is a display, or when
+    ``QT_QPA_PLATFORM`` chooses the platform."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return None
+    if any(os.environ.get(v) for v in ("DISPLAY", "WAYLAND_DISPLAY")):
+        return None
+    if os.environ.get("XDG_SESSION_TYPE") in ("x11", "wayland"):
+        return None  # a desktop session: let Qt find its display
+    return ("EMLoC Studio opens a window, but this session has no display (DISPLAY and WAYLAND_DISPLAY "
+            "are not set: an SSH login or a container?).\n"
+            "  Start it in a desktop session, over `ssh -X`, or on a virtual display: "
+            f"xvfb-run {_command('emloc-studio')}\n"
+            f"Everything also runs without a window: {_command('emloc')} --help")
+
+
 _X11_PACKAGES = ("libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 "
                  "libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0")
 
@@ -113,7 +137,7 @@ def missing_x11_library() -> str | None:
             "  Debian/Ubuntu: sudo apt install " + _X11_PACKAGES + "\n"
             "  Fedora:        sudo dnf install xcb-util-cursor xcb-util-wm xcb-util-image xcb-util-keysyms "
             "xcb-util-renderutil libxkbcommon-x11\n"
-            "Everything also runs without a window: emloc --help")
+            f"Everything also runs without a window: {_command('emloc')} --help")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.smoke_test:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    hint = missing_x11_library()
+    hint = no_display() or missing_x11_library()
     if hint:
         print(hint, file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from emloc_engine.data import DataConfig, DataReport
 from emloc_engine.images.dataset import ImageFolderReport
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
+from emloc_engine.run.history import RUN_STAGES
 
 if TYPE_CHECKING:
     from emloc_engine.run.orchestrator import RunResult
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
     StageResult: TypeAlias = EmulatorResult | TrainResult | CorrectionResult | ExportResult
 
-STAGE_ORDER = ("emulator", "train", "correct")
-"""The stages the Run page runs; the export is chosen format by format on the Try page."""
+STAGE_ORDER = RUN_STAGES
+"""The stages the Run page runs (the engine's list); the export is chosen format by format on the Try page."""
 STAGE_TITLES = {
     "emulator": "Build the emulator",
     "train": "Train LoRA on the emulator",

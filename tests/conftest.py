@@ -62,7 +62,20 @@ def tiny_model_dir(request: pytest.FixtureRequest, tiny_cache: Path) -> Path:
     return _snapshot(tiny_cache, str(request.param))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_cache: Path) -> Path:
-    """The snapshot folder of the tiny Llama."""
+    """The snapshot folder of the tiny Llama (session-wide, so module fixtures can build on it)."""
     return _snapshot(tiny_cache, "llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module, restored after it: tiny matrices run faster on one thread than
+    on two, far faster on a busy machine.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -147,7 +147,7 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_byt
         kind = "trainable"
     elif plan is not None and plan.shortfalls:  # truly cannot be trained here: which resource, by how much
         short = plan.shortfalls[0]
-        badge = f"cannot train here: {short.resource} short by {short.short_bytes / 2**30:.1f} GiB"
+        badge = f"cannot train here: {short.resource} short by {short.short_text}"
         kind = "runs" if fit.inference in ("fits", "tight") else "large"
     elif fit.inference in ("fits", "tight"):
         badge, kind = "runs here; training does not fit", "runs"

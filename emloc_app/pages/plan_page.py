@@ -123,14 +123,17 @@ def estimated_seconds(plan: MemoryPlan, emulator_factor: float = 1.0) -> float:
                for name, v in plan.est_seconds.items() if name != "export")
 
 
-def ram_note(memory: MemoryPlan) -> str:
+def ram_note(memory: MemoryPlan, on_cpu: bool = False) -> str:
     """The RAM the run needs (anchors' share) and whether the original is streamed, as sentences that follow
-    the time-and-memory sentence."""
-    text = f" It needs <b>{memory.ram_bytes / GIB:.1f} GiB</b> of RAM"
-    if memory.anchor_chunks:
-        text += f" (anchors {memory.anchor_ram_bytes / GIB:.1f} GiB, {memory.anchor_chunks} chunk" \
-                + ("s" if memory.anchor_chunks != 1 else "") + ")"
-    text += "."
+    the time-and-memory sentence. ``on_cpu``: that sentence already gave the RAM (the device is the RAM),
+    so only the anchors' share follows."""
+    chunks = (f"{memory.anchor_chunks} chunk" + ("s" if memory.anchor_chunks != 1 else "")) if memory.anchor_chunks \
+        else ""
+    if on_cpu:
+        text = f" The anchors take {memory.anchor_ram_bytes / GIB:.1f} GiB of it ({chunks})." if chunks else ""
+    else:
+        text = f" It needs <b>{memory.ram_bytes / GIB:.1f} GiB</b> of RAM"
+        text += (f" (anchors {memory.anchor_ram_bytes / GIB:.1f} GiB, {chunks})" if chunks else "") + "."
     if memory.stream_original:
         text += " The model <b>runs offloaded</b>: the original streams through the GPU block by block."
     return text
@@ -528,12 +531,15 @@ class PlanPage(BasePage):
     def estimate(self, plan: RunPlan) -> PresetEstimate:
         """Time and memory of a plan: the peak of its stages, and what the device then has left free."""
         peak = peak_bytes(plan.memory)
+        on_cpu = plan.record.device == "cpu"
+        if on_cpu:  # the device is the RAM: what the whole run holds (the original, anchors), not one stage's tensors
+            peak = max(peak, plan.memory.ram_bytes)
         spectral = plan.config.emulator.allocation == "spectral"
         seconds = estimated_seconds(plan.memory, emulator_factor=SPECTRAL_BUILD_FACTOR if spectral else 1.0)
         gpu, machine = self.state.gpu, self.state.machine
         free = gpu.free_bytes if gpu is not None else (machine.ram_available_bytes if machine is not None else None)
         return PresetEstimate(seconds, peak, free - peak if free is not None else None, plan.memory.fits,
-                              "GPU memory" if plan.record.device != "cpu" else "RAM", plan.ratio)
+                              "RAM" if on_cpu else "GPU memory", plan.ratio)
 
     def _show_plan(self, plan: RunPlan) -> None:
         memory = plan.memory
@@ -563,7 +569,8 @@ class PlanPage(BasePage):
         free = (f", leaving {max(0, est.left_free_bytes) / GIB:.1f} GiB free" if est.left_free_bytes is not None
                 else "")
         self.duration.setText(f"Takes <b>{rough_duration(est.seconds or 0.0)}</b> on this machine and at most "
-                              f"<b>{gib(est.peak_bytes)}</b> of {est.memory_word}{free}." + ram_note(memory))
+                              f"<b>{gib(est.peak_bytes)}</b> of {est.memory_word}{free}."
+                              + ram_note(memory, on_cpu=plan.record.device == "cpu"))
 
     def _ratio_mode_changed(self, auto: bool) -> None:
         self.slider.setEnabled(not auto)

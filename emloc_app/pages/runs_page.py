@@ -17,7 +17,7 @@ engine's :class:`~emloc_engine.run.history.RunSummary` of its manifest.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,24 +305,15 @@ class RunsPage(BasePage):
         except RunStateError as exc:
             self.banner.show_error(exc, retry=False)
             return
-        answer = QMessageBox.question(
-            self,
-            "Delete run",
+        if not self._confirm_delete(
+            QMessageBox.question,
             f"Move the run folder\n{folder}\n({run.model}, {run.status_text()}) to the trash?",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
-            QMessageBox.StandardButton.Cancel,
-        )
-        if answer != QMessageBox.StandardButton.Yes:
+        ):
             return
         if not move_to_trash(folder):
-            answer = QMessageBox.warning(
-                self,
-                "Delete run",
-                f"This system has no trash for {folder}.\nDelete the folder for good?",
-                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
-                QMessageBox.StandardButton.Cancel,
-            )
-            if answer != QMessageBox.StandardButton.Yes:
+            if not self._confirm_delete(
+                QMessageBox.warning, f"This system has no trash for {folder}.\nDelete the folder for good?"
+            ):
                 return
             try:
                 delete_run(folder)
@@ -334,6 +325,12 @@ class RunsPage(BasePage):
         if self.state.run_dir is not None and Path(self.state.run_dir).resolve() == folder:
             self.state.run_dir = None
         self.refresh()
+
+    def _confirm_delete(self, ask: Callable[..., QMessageBox.StandardButton], text: str) -> bool:
+        """Ask Yes/Cancel (Cancel the default) with ``QMessageBox.question`` or ``.warning``: True on Yes."""
+        buttons = QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel
+        answer = ask(self, "Delete run", text, buttons, QMessageBox.StandardButton.Cancel)
+        return bool(answer == QMessageBox.StandardButton.Yes)
 
     def isComplete(self) -> bool:
         return True  # "New run" is always possible, also while an opened run is being planned

@@ -54,6 +54,14 @@ def resolve_model(text: str | Path) -> Path:
         if Path(m.path).is_dir():
             refuse_remote_code(Path(m.path))  # the typed error, not only the catalog's line
         raise ModelNotFound(f"Model {s!r} was found but cannot be used: {m.problem or 'needs conversion'}.")
+    if p.is_dir():
+        raise ModelNotFound(f"{p} is a folder but not a model folder: it has no config.json.",
+                            hint="Pass the folder that holds config.json and the *.safetensors shards (in a Hugging "
+                                 "Face cache: snapshots/REVISION), or a .gguf file; `emloc models` lists the models "
+                                 "found on this machine.")
+    if p.suffix.lower() == ".gguf":
+        raise ModelNotFound(f"There is no GGUF file at {p}.",
+                            hint="Check the path; `emloc models` lists the GGUF files of LM Studio and Ollama too.")
     raise ModelNotFound(f"No model folder or cached model named {s!r}.",
                         hint="Pass a folder holding config.json and *.safetensors, or see `emloc models`.")
 

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from emloc_engine.core.atomic import as_disk_full
 from emloc_engine.core.errors import Cancelled, EngineError
@@ -50,8 +51,16 @@ def _quiet_libraries(verbose: bool) -> None:
         pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistyped option gets the one line that says what is wrong and where the options are
+    listed, not the whole usage (``emloc run``'s is some 35 lines, with the error below it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nAll options: {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="emloc",
         description="EMLoC Studio: fine-tune the model you already run, on the GPU you already have.",
     )

@@ -87,6 +87,12 @@ def arch_spec(config: dict[str, Any] | Any) -> ArchSpec:
                 f"{model_type!r} is a vision-language model; this stage handles text models only.",
                 hint="Fine-tune it with `emloc run MODEL DATA --out RUN` (images + conversations).",
             )
+        if model_type is None:
+            raise UnsupportedModel(
+                "The model's config.json names no model_type, so its architecture is unknown.",
+                hint="Use the config.json the model was published with (it has \"model_type\": \"llama\" or "
+                     f"another family: {', '.join(SUPPORTED_MODEL_TYPES)}).",
+            )
         raise UnsupportedModel(
             f"Model type {model_type!r} is not supported.",
             hint=f"Supported decoder families: {', '.join(SUPPORTED_MODEL_TYPES)}.",

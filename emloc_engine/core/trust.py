@@ -16,23 +16,15 @@ exports, see :mod:`emloc_engine.stages.export.exporter`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from emloc_engine.core.architectures import SUPPORTED_MODEL_TYPES
 from emloc_engine.core.errors import UntrustedCode
+from emloc_engine.core.json_files import read_json_object
 
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 """The files of a model folder in which an ``auto_map`` points transformers at the folder's own code."""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}  # unreadable files are reported by whoever reads them for real
-    return data if isinstance(data, dict) else {}
 
 
 def _classes(auto_map: Any) -> list[str]:
@@ -57,7 +49,7 @@ def remote_code_refs(folder: Path) -> dict[str, list[str]]:
     """
     out: dict[str, list[str]] = {}
     for name in AUTO_MAP_FILES:
-        auto_map = _read_json(Path(folder) / name).get("auto_map")
+        auto_map = read_json_object(Path(folder) / name).get("auto_map")
         if auto_map:
             out[name] = _classes(auto_map) or [str(auto_map)]
     return out
@@ -75,7 +67,7 @@ def remote_code_problem(folder: Path) -> str | None:
     refs = remote_code_refs(folder)
     if not refs:
         return None
-    model_type = _read_json(Path(folder) / "config.json").get("model_type")
+    model_type = read_json_object(Path(folder) / "config.json").get("model_type")
     if model_type in SUPPORTED_MODEL_TYPES:
         return None  # transformers' own implementation is used; the folder's code is never imported
     named = "; ".join(f"{f} auto_map → {', '.join(c[:3])}" for f, c in refs.items())

@@ -14,6 +14,7 @@ On the CPU (no GPU) the room is the available RAM, with the same margin.
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 GIB: Final = 1024**3
@@ -21,6 +22,31 @@ BUDGET_MARGIN_MIN_BYTES: Final = GIB // 2
 """Smallest margin left free below the room (0.5 GiB)."""
 BUDGET_MARGIN_FRACTION: Final = 0.05
 """Margin as a fraction of the room (5 %), when that is more than the minimum."""
+
+
+def gib_to_bytes(text: str | float, flag: str) -> int:
+    """A memory size given in GiB (``--gpu-memory 24``, ``budget_gib = 20.5`` in a run file), in bytes.
+
+    Only a plain positive number is taken: no unit (``24GB`` is refused rather than guessed at, since
+    GB and GiB differ by 7 %), no ``inf`` or ``nan``.
+
+    Args:
+        text: the value as typed (or a TOML number).
+        flag: the option's name, for the message (``--gpu-memory``).
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        ValueError: naming ``flag``, the value and what it takes.
+    """
+    try:
+        gib = float(text)
+    except (TypeError, ValueError):
+        gib = math.nan
+    if not math.isfinite(gib) or gib <= 0:
+        raise ValueError(f"{flag} takes a positive number of GiB, e.g. {flag} 24 (got {text!r})")
+    return int(gib * GIB)
 
 
 def budget_margin_bytes(room_bytes: int) -> int:

@@ -62,6 +62,13 @@ def apply_gpu_memory_cap(
         total = int(cuda.get_device_properties(index).total_memory)
         fraction = memory_fraction(cap_bytes, total)
         cuda.set_per_process_memory_fraction(fraction, index)
+        if cap_bytes >= total:
+            notes.append(
+                f"GPU {index}: --gpu-memory {cap_bytes / GIB:.2f} GiB is not less than the card's "
+                f"{total / GIB:.1f} GiB, so it caps nothing; give a smaller value to cap this process."
+            )
+            log.warning(notes[-1])
+            continue
         notes.append(
             f"GPU {index}: this process is capped at {cap_bytes / GIB:.2f} GiB "
             f"({fraction:.4f} of {total / GIB:.1f} GiB)."

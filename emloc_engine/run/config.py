@@ -75,9 +75,9 @@ class RunConfig:
         if self.ratio is not None and not RATIO_BOUNDS[0] < self.ratio < RATIO_BOUNDS[1]:
             problems.append(f"ratio must be in (0, 1) (got {self.ratio}); 1 would keep everything dense")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
-            problems.append(f"the memory budget must be positive (got {self.budget_bytes} bytes)")
+            problems.append(f"the memory budget (--budget-gib) must be positive (got {self.budget_bytes / 2**30:g} GiB)")
         if self.gpu_memory_bytes is not None and self.gpu_memory_bytes <= 0:
-            problems.append(f"the GPU memory cap must be positive (got {self.gpu_memory_bytes} bytes)")
+            problems.append(f"the GPU memory cap (--gpu-memory) must be positive (got {self.gpu_memory_bytes / 2**30:g} GiB)")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
         if self.gpus < 1:

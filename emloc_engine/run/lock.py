@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from emloc_engine.core.errors import RunStateError
+from emloc_engine.core.json_files import read_json_object
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -33,14 +34,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def _read(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _stale(owner: dict[str, object]) -> bool:
@@ -72,7 +65,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = _read(path)
+                owner = read_json_object(path)
                 if not _stale(owner):
                     raise RunStateError(
                         f"The run folder {root} is in use by process {owner.get('pid')} on {owner.get('host')} "
@@ -88,7 +81,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(OSError):
-            if _read(path).get("pid") == os.getpid():
+            if read_json_object(path).get("pid") == os.getpid():
                 path.unlink()
         with _held_guard:
             _held.discard(root)
@@ -103,5 +96,5 @@ def lock_holder(run_dir: Path) -> dict[str, object] | None:
     path = root / LOCK_NAME
     if not path.exists():
         return None
-    owner = _read(path)
+    owner = read_json_object(path)
     return None if _stale(owner) else owner

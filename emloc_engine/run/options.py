@@ -27,6 +27,7 @@ from typing import Any, Union
 
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.jsonable import to_json
+from emloc_engine.machine.budget import gib_to_bytes
 from emloc_engine.run.config import RunConfig
 
 GIB = 2**30
@@ -162,7 +163,11 @@ def parse_value(opt: Option, raw: Any) -> Any:
         if opt.path == "correct.lambda_" and isinstance(raw, str) and raw.strip().lower() == "auto":
             return None
         if opt.unit == "GiB" and raw is not None and not (isinstance(raw, str) and raw.strip().lower() in ("none", "")):
-            return int(float(raw) * GIB)
+            try:
+                return gib_to_bytes(raw, opt.flag)
+            except ValueError as exc:
+                raise ConfigError(f"{exc}.", hint=f"Type a number of GiB ({opt.flag} 24), or leave it out for the "
+                                              "default.") from None
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "") and kind != "list"
                            and _strip_optional(opt.type) is not opt.type):
             return None

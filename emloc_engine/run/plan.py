@@ -208,7 +208,8 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo,
     facts = planning.model_facts(cfg.model_dir)
     plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir), sample_tokens=sample_tokens)
     memory = planning.plan_memory(facts, plan_cfg)
-    note = "user budget" if cfg.budget_bytes is not None else (
+    note = ("user budget" if memory.budget_bytes >= cfg.budget_bytes else "user budget, capped at the device's size") \
+        if cfg.budget_bytes is not None else (
         "free GPU memory − margin" if plan_cfg.device == "cuda" else "available RAM − margin")
     if memory.shortfalls and memory.ratio is not None:
         raise InsufficientMemory(memory.reason, problems=[f.message for f in memory.shortfalls],
@@ -322,7 +323,12 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
                               memory_budget_bytes=memory.budget_bytes if on_cuda else None, stream_original=stream)
     if cfg.gpu_memory_bytes is not None and not on_cuda:
         notes = (*notes, f"--gpu-memory {cfg.gpu_memory_bytes / 2**30:g} GiB is recorded and ignored: the run is on the CPU.")
+    elif cfg.gpu_memory_bytes is not None and (gpu := bounding_gpu(machine, cfg.device, cfg.gpus)) is not None \
+            and cfg.gpu_memory_bytes >= gpu.total_bytes:
+        notes = (*notes, f"--gpu-memory {cfg.gpu_memory_bytes / 2**30:g} GiB is not less than the {gpu.name}'s "
+                         f"{gpu.total_bytes / 2**30:.1f} GiB: it caps nothing (the budget comes from the card's free "
+                         "memory); give a smaller value to cap this process.")
     return RunPlan(config=cfg, ratio=record.ratio, record=record, memory=memory, emulator=emulator, train=train,
                    parallel=parallel, correct=correct, export=export,
-                   notes=(*notes, *(n for n in memory.notes if n.startswith(("The original", "Anchors")))),
+                   notes=(*notes, *(n for n in memory.notes if n.startswith(("The original", "Anchors", "Budget")))),
                    stream_original=memory.stream_original, vision=vision)

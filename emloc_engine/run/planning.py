@@ -274,6 +274,11 @@ class StagePeak:
                 "ram_bytes": self.ram_bytes, "streamed": self.streamed}
 
 
+def _size_text(n_bytes: int) -> str:
+    """``"12.3 GiB"``, or ``"300 MiB"`` below 1 GiB (a shortfall of 30 MiB must not read "0.0 GiB")."""
+    return f"{n_bytes / GIB:.1f} GiB" if abs(n_bytes) >= GIB else f"{n_bytes / 2**20:.0f} MiB"
+
+
 @dataclass(frozen=True)
 class Shortfall:
     """A resource the run cannot do without, and by how much it is short (``need − have``).
@@ -291,9 +296,14 @@ class Shortfall:
         return self.need_bytes - self.have_bytes
 
     @property
+    def short_text(self) -> str:
+        """How much is missing, in words (``"2.5 GiB"``; below 1 GiB in MiB, so it never reads "0.0 GiB")."""
+        return _size_text(self.short_bytes)
+
+    @property
     def message(self) -> str:
-        return (f"{self.resource}: {self.what} needs {self.need_bytes / GIB:.1f} GiB, there is "
-                f"{self.have_bytes / GIB:.1f} GiB (short by {self.short_bytes / GIB:.1f} GiB).")
+        return (f"{self.resource}: {self.what} needs {_size_text(self.need_bytes)}, there is "
+                f"{_size_text(self.have_bytes)} (short by {self.short_text}).")
 
     def to_dict(self) -> dict[str, Any]:
         return {"resource": self.resource, "need_bytes": self.need_bytes, "have_bytes": self.have_bytes,
@@ -761,8 +771,9 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     else:
         budget = inference.peak_bytes
     if cfg.gpu_total_bytes is not None and budget > cfg.gpu_total_bytes:
-        notes.append(f"Budget {budget / GIB:.1f} GiB is more than the GPU's {cfg.gpu_total_bytes / GIB:.1f} GiB; "
-                     "planning for the GPU instead.")
+        device = "the GPU" if cfg.device != "cpu" else "this machine's RAM"
+        notes.append(f"Budget {budget / GIB:.1f} GiB is more than {device} ({cfg.gpu_total_bytes / GIB:.1f} GiB); "
+                     f"planning for {device} instead.")
         budget = cfg.gpu_total_bytes
     limit = margin_limit(budget, cfg)
     streamed = ps.decide_streaming(facts, cfg, budget)

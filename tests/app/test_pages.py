@@ -289,3 +289,30 @@ def test_the_app_and_the_cli_build_the_same_run_config(qtbot, fake: FakeEngine, 
     cli = build_config(None, typed_values(parsed), model_dir=Path(parsed.model), data_path=Path(parsed.data),
                        run_dir=Path(parsed.out))
     assert cli == state.config
+
+
+def test_plan_page_on_the_cpu_gives_one_ram_figure(qtbot, fake: FakeEngine, state: WizardState, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On the CPU the device is the RAM: the page says what the whole run holds (the original, the anchors),
+    not one stage's tensors next to a larger "It needs … of RAM"."""
+    from tests.app import fakes
+
+    real = fakes.fake_plan
+
+    def with_ram(facts, cfg):  # type: ignore[no-untyped-def]
+        plan = real(facts, cfg)  # training holds 30 GiB of RAM in all, more than any stage's tensors
+        stages = tuple(dataclasses.replace(s, ram_bytes=30 * GIB) if s.name == "train" else s for s in plan.stages)
+        return dataclasses.replace(plan, stages=stages, anchor_ram_bytes=4 * GIB, anchor_chunks=2)
+
+    monkeypatch.setattr(fakes, "fake_plan", with_ram)
+    state.machine = dataclasses.replace(machine(gpus=(), backend="cpu"), ram_available_bytes=64 * GIB)
+    state.gpu_index = None
+    page = make_plan_page(qtbot, state)
+    plan = page.run_plan
+    assert plan is not None and plan.record.device == "cpu"
+    ram = 30 * GIB
+    assert max(s.peak_bytes for s in plan.memory.stages) < ram
+    est = page.estimate(plan)
+    assert est.memory_word == "RAM" and est.peak_bytes == ram and est.left_free_bytes == 64 * GIB - ram
+    text = page.duration.text()
+    assert "at most <b>30.0 GiB</b> of RAM, leaving 34.0 GiB free." in text and "It needs" not in text
+    assert "The anchors take 4.0 GiB of it (2 chunks)." in text

@@ -8,8 +8,6 @@ from typing import Any
 from PySide6.QtWidgets import QMessageBox
 
 from emloc_app.pages import runs_page
-from emloc_app.pages.plan_page import PlanPage
-from emloc_app.pages.run_page import RunPage
 from emloc_app.settings import Settings
 from emloc_app.state import WizardState
 from emloc_app.wizard import EmlocWizard, Page
@@ -21,6 +19,7 @@ from emloc_engine.run.config import RunConfig
 from emloc_engine.run.manifest import Manifest, StageRecord, write_manifest
 from emloc_engine.run.metrics_log import MetricsWriter
 from tests.app.fakes import FakeEngine, machine
+from tests.app.test_run_try import planned
 
 
 def make_run(root: Path, *, finished: bool, losses: list[float], created: str) -> Path:
@@ -114,16 +113,9 @@ def test_open_a_finished_run_goes_to_try_and_back_returns(qtbot, tmp_path: Path,
 def test_resume_a_failed_run_from_the_runs_page(
     qtbot, tmp_path: Path, state: WizardState, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    fake = FakeEngine(tmp_path, fail={"correct_lora": InsufficientMemory("Correction needs 30 GiB.")})
-    fake.install(monkeypatch.setattr)
     monkeypatch.setattr(hardware, "detect_machine", lambda: machine())
-    plan = PlanPage(state)
-    qtbot.addWidget(plan)
-    plan.initializePage()
-    assert plan.validatePage()
-    first = RunPage(state)
-    qtbot.addWidget(first)
-    first.initializePage()
+    fail = {"correct_lora": InsufficientMemory("Correction needs 30 GiB.")}
+    first, fake = planned(qtbot, tmp_path, state, monkeypatch, fail=fail)
     first.start()
     qtbot.waitUntil(lambda: not first.busy() and first.stages.state("correct") == "failed", timeout=60_000)
     assert state.run_dir is not None

@@ -147,3 +147,23 @@ def test_missing_xcb_cursor_is_explained(monkeypatch) -> None:  # type: ignore[n
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert app_main.missing_x11_library() is None
+
+
+def test_no_display_is_explained_before_qt_aborts(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An SSH login without X forwarding: Qt would abort (core dump); we say why and what to do."""
+    from emloc_app import main as app_main
+
+    for var in ("QT_QPA_PLATFORM", "DISPLAY", "WAYLAND_DISPLAY", "XDG_SESSION_TYPE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(app_main.sys, "platform", "linux")
+    assert app_main.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no display" in err and "xvfb-run " in err and "emloc-studio\n" in err and "emloc --help" in err
+    monkeypatch.setenv("XDG_SESSION_TYPE", "wayland")
+    assert app_main.no_display() is None
+    monkeypatch.delenv("XDG_SESSION_TYPE")
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert app_main.no_display() is None
+    monkeypatch.delenv("DISPLAY")
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    assert app_main.no_display() is None

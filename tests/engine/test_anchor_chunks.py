@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,15 @@ from emloc_engine.weights.lowrank import read_emulator_meta
 from tests.emulator_factory import write_svd_emulator
 from tests.engine.test_training import cfg_for
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_EXAMPLES = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def pair(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
-    return model_dir, write_svd_emulator(model_dir, tmp_path_factory.mktemp("chunks") / "emulator", ratio=0.3)
+def pair(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    emu = write_svd_emulator(tiny_llama, tmp_path_factory.mktemp("chunks") / "emulator", ratio=0.3)
+    return tiny_llama, emu
 
 
 def short_examples(n: int, seed: int = 0) -> list[Example]:
@@ -89,44 +82,31 @@ def test_ten_thousand_examples_stay_anchored_under_the_cap(pair: tuple[Path, Pat
 
 def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Path]) -> None:
     ex = [Example((5,) * n, (5,) * n) for n in (4, 4, 8, 4, 4)]
-    feed = AnchorFeed(
-        pair[0],
-        ex,
-        where="blocks",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        cap_bytes=12 * 12,
-        width=3,
-    )  # 12 tokens of 3 fp32 values
-    assert feed.example_bytes(2) == 96
-    assert feed.plan_chunk([0], [[1, 0], [2], [3]]) == [0, 1]  # 2 (8 tokens) would pass the cap: stop there
-    assert feed.plan_chunk([3, 4], [[0]]) == [3, 4, 0]
+
+    def feed(**kw: Any) -> AnchorFeed:  # 12 tokens of 3 fp32 values
+        return AnchorFeed(
+            pair[0],
+            ex,
+            where="blocks",
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            cap_bytes=12 * 12,
+            width=3,
+            **kw,
+        )
+
+    plain = feed()
+    assert plain.example_bytes(2) == 96
+    assert plain.plan_chunk([0], [[1, 0], [2], [3]]) == [0, 1]  # 2 (8 tokens) would pass the cap: stop there
+    assert plain.plan_chunk([3, 4], [[0]]) == [3, 4, 0]
     from emloc_engine.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="one training step"):
-        feed.plan_chunk([2, 3, 4], [])
+        plain.plan_chunk([2, 3, 4], [])
     # eval examples (sticky) come with the first chunk and stay, when they take at most half the cap
-    evals = AnchorFeed(
-        pair[0],
-        ex,
-        where="blocks",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        cap_bytes=12 * 12,
-        width=3,
-        sticky=[4],
-    )
+    evals = feed(sticky=[4])
     assert evals.sticky == [4] and evals.plan_chunk([0], [[1], [2]]) == [0, 4, 1]
-    too_big = AnchorFeed(
-        pair[0],
-        ex,
-        where="blocks",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        cap_bytes=12 * 12,
-        width=3,
-        sticky=[2],
-    )
+    too_big = feed(sticky=[2])
     assert too_big.sticky == []  # 8 of 12 tokens: more than half the cap
 
 

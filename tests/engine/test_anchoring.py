@@ -18,10 +18,9 @@ from tests.engine.test_training import cfg_for, examples
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
-    emu = write_svd_emulator(model_dir, tmp_path_factory.mktemp("anchor") / "emulator", ratio=0.3)
-    return model_dir, emu
+def pair(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    emu = write_svd_emulator(tiny_llama, tmp_path_factory.mktemp("anchor") / "emulator", ratio=0.3)
+    return tiny_llama, emu
 
 
 def _models(pair: tuple[Path, Path]) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from emloc_engine.cli.main import main
+from emloc_engine.core.errors import ConfigError
 from emloc_engine.machine.budget import (
     BUDGET_MARGIN_MIN_BYTES,
     budget_margin_bytes,
@@ -72,8 +73,9 @@ def test_gpu_memory_cap_sets_the_fraction_of_every_used_card() -> None:
     apply_gpu_memory_cap(8 * GIB, "cuda:1", 1, cuda=one)
     assert one.fractions == {1: pytest.approx(0.1)}
     big = FakeCuda()
-    apply_gpu_memory_cap(500 * GIB, "cuda", 1, cuda=big)
-    assert big.fractions == {0: 1.0}  # a cap above the card is no cap
+    notes = apply_gpu_memory_cap(500 * GIB, "cuda", 1, cuda=big)
+    assert big.fractions == {0: 1.0}  # a cap above the card is no cap, and the note says so
+    assert "500.00 GiB" in notes[0] and "141.0 GiB" in notes[0] and "caps nothing" in notes[0]
     none = FakeCuda()
     assert apply_gpu_memory_cap(None, "cuda", 1, cuda=none) == [] and none.fractions == {}
     assert memory_fraction(GIB, 4 * GIB) == 0.25
@@ -165,6 +167,16 @@ def _machine(total_gib: float, free_gib: float, ram_gib: float = 64) -> MachineI
     )
 
 
+def _tiny_run_config(model_dir: Path, tmp_path: Path) -> Any:
+    """A RunConfig of ``model_dir`` on a one-line dataset, run folder ``tmp_path/run``."""
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    return RunConfig(model_dir=model_dir, data=DataConfig(path=data), run_dir=tmp_path / "run")
+
+
 def _plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict[str, Any]]:
     code = main(argv)
     return code, json.loads(capsys.readouterr().out)
@@ -199,13 +211,9 @@ def test_emloc_plan_says_when_ram_is_too_small(capsys: pytest.CaptureFixture[str
 
 
 def test_plan_run_budget_defaults_to_free_memory_and_the_cap(tiny_llama: Path, tmp_path: Path) -> None:
-    from emloc_engine.data.config import DataConfig
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import machine_budget_bytes, plan_config_for
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     machine = _machine(24, 10)
     assert machine_budget_bytes(machine) == int(9.5 * GIB)
     assert plan_config_for(cfg, machine).budget_bytes == int(9.5 * GIB)
@@ -295,13 +303,9 @@ def test_plan_run_refuses_a_machine_whose_ram_is_too_small_saying_by_how_much(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
     from emloc_engine.core.errors import InsufficientMemory
-    from emloc_engine.data.config import DataConfig
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import plan_run
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     tiny_ram = MachineInfo(
         gpus=_machine(24, 20).gpus, backend="cuda", cpu_cores=2, ram_total_bytes=GIB, ram_available_bytes=GIB
     )
@@ -332,14 +336,10 @@ def test_streamed_planning_and_the_budget_import_no_torch() -> None:
 def test_plan_run_streams_the_original_in_every_stage_that_uses_it_when_the_plan_says_so(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from emloc_engine.data.config import DataConfig
     from emloc_engine.run import plan_streaming
-    from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import plan_run
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "hello world"}\n')
-    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=data), run_dir=tmp_path / "run")
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
     resident = plan_run(cfg, _machine(24, 20))
     assert not (
         resident.stream_original or resident.train.stream_original or resident.correct.stream_original
@@ -364,3 +364,66 @@ def test_a_per_stage_export_keeps_to_the_budget_and_streaming_the_run_recorded()
         None,
         False,
     )  # a RAM budget binds no GPU
+
+
+@pytest.mark.parametrize("typed", ["abc", "24GB", "-5", "0", "inf", "nan"])
+def test_a_size_in_gib_that_is_not_a_positive_number_is_refused_naming_the_option(
+    typed: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(
+            None,
+            {"gpu_memory_bytes": typed},
+            model_dir=tmp_path / "m",
+            data_path=tmp_path / "d.jsonl",
+            run_dir=tmp_path / "r",
+        )
+    assert f"--gpu-memory takes a positive number of GiB, e.g. --gpu-memory 24 (got {typed!r})" in str(
+        err.value
+    )
+    assert "--gpu-memory 24" in err.value.hint
+    with pytest.raises(SystemExit):  # emloc plan: argparse's error, same words
+        main(["plan", "Llama-3-8B", "--gpu-gib", "24", "--gpu-memory", typed])
+    assert "--gpu-memory takes a positive number of GiB" in capsys.readouterr().err
+
+
+def test_run_config_names_the_option_and_gib_of_a_non_positive_size(tmp_path: Path) -> None:
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.run.config import RunConfig
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig(
+            model_dir=tmp_path,
+            data=DataConfig(path=tmp_path / "d.jsonl"),
+            run_dir=tmp_path / "r",
+            gpu_memory_bytes=-5 * GIB,
+            budget_bytes=0,
+        )
+    assert "the GPU memory cap (--gpu-memory) must be positive (got -5 GiB)" in err.value.problems
+    assert "the memory budget (--budget-gib) must be positive (got 0 GiB)" in err.value.problems
+
+
+def test_plan_run_says_when_the_gpu_memory_cap_is_larger_than_the_card(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from emloc_engine.run.plan import plan_run
+
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
+    too_big = plan_run(replace(cfg, gpu_memory_bytes=80 * GIB), _machine(24, 20))
+    note = next(n for n in too_big.notes if n.startswith("--gpu-memory"))
+    assert "80 GiB" in note and "RTX 4090's 24.0 GiB" in note and "caps nothing" in note
+    fine = plan_run(replace(cfg, gpu_memory_bytes=16 * GIB), _machine(24, 20))
+    assert not any(n.startswith("--gpu-memory") for n in fine.notes)
+
+
+def test_a_budget_above_the_device_is_capped_and_says_so(tiny_llama: Path, tmp_path: Path) -> None:
+    from emloc_engine.run.plan import plan_run
+
+    cfg = _tiny_run_config(tiny_llama, tmp_path)
+    plan = plan_run(replace(cfg, budget_bytes=100 * GIB), _machine(24, 20))
+    assert (
+        plan.memory.budget_bytes == 24 * GIB
+        and plan.budget_note == "user budget, capped at the device's size"
+    )
+    assert "Budget 100.0 GiB is more than the GPU (24.0 GiB); planning for the GPU instead." in plan.notes
+    assert plan_run(replace(cfg, budget_bytes=16 * GIB), _machine(24, 20)).budget_note == "user budget"

@@ -70,3 +70,13 @@ def test_every_setting_is_one_option_with_help_and_the_shown_command_reproduces_
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_a_mistyped_option_gets_one_line_and_where_the_options_are(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "demo", "demo", "--preset", "fastest"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    first, second = err.splitlines()  # no 35-line usage above the error
+    assert first.startswith("emloc run: error: argument --preset: invalid choice: 'fastest'") and "faster" in first
+    assert second == "All options: emloc run --help"

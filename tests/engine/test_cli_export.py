@@ -76,3 +76,23 @@ def test_cli_offers_the_exact_ollama_command_and_never_runs_it(tiny_llama: Path,
     assert (run / "Modelfile").is_file() and (run / "model.gguf").is_file() and not ran.exists()
     stage = json.loads((run / "manifest.json").read_text())["stages"]["export"]
     assert stage["result"]["ollama_command"] == ["ollama", "create", "tiny-chat", "-f", str(run / "Modelfile")]
+
+
+def test_unknown_export_formats_and_a_missing_run_folder_are_named_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emloc_engine.core.errors import ConfigError
+    from emloc_engine.stages.export.options import ExportOptions
+
+    with pytest.raises(ConfigError) as err:
+        ExportOptions(formats=("merged", "ggu", "onnx"))
+    assert err.value.problems == [
+        "unknown export format 'ggu' (--export): the formats are merged, adapter, gguf, adapter-gguf, ollama, "
+        "lmstudio; did you mean 'gguf'?",
+        "unknown export format 'onnx' (--export): the formats are merged, adapter, gguf, adapter-gguf, ollama, "
+        "lmstudio",
+    ]
+    assert "--export merged,adapter,gguf" in err.value.hint
+    assert main(["export", str(tmp_path / "no-such-run"), "--no-verify"]) == 2
+    text = capsys.readouterr().err
+    assert f"There is no run folder at {tmp_path / 'no-such-run'}" in text and "emloc run --out" in text

@@ -250,3 +250,23 @@ def test_fit_badges(tiny_llama: Path) -> None:
     unknown = assess_fit(discovery.ModelInfo("x", Path("x.gguf"), None, "ollama", None, None, None, None, 0, True,
                                              None, needs_conversion=True), _machine(80))
     assert unknown.inference == "unknown" and "convert" in unknown.message
+
+
+def test_a_wrong_model_path_is_named_for_what_it_is(tmp_path: Path) -> None:
+    from emloc_engine.catalog.resolve import resolve_model
+    from emloc_engine.core.architectures import arch_spec
+    from emloc_engine.core.errors import UnsupportedModel
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    with pytest.raises(ModelNotFound) as err:
+        resolve_model(empty)
+    assert f"{empty} is a folder but not a model folder: it has no config.json" in str(err.value)
+    assert "snapshots/REVISION" in err.value.hint
+    with pytest.raises(ModelNotFound, match=r"There is no GGUF file at .*missing\.gguf"):
+        resolve_model(tmp_path / "missing.gguf")
+    with pytest.raises(ModelNotFound, match="No model folder or cached model named"):
+        resolve_model("no-such-org/no-such-model")
+    with pytest.raises(UnsupportedModel) as unsupported:
+        arch_spec({"hidden_size": 8})
+    assert "names no model_type" in str(unsupported.value) and "llama" in unsupported.value.hint

@@ -59,9 +59,9 @@ def examples(model_dir: Path) -> list[Example]:
 
 
 @pytest.fixture(scope="module")
-def llama_emulator(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
-    return model_dir, write_svd_emulator(model_dir, tmp_path_factory.mktemp("emu") / "emulator", ratio=0.5)
+def llama_emulator(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    emu = write_svd_emulator(tiny_llama, tmp_path_factory.mktemp("emu") / "emulator", ratio=0.5)
+    return tiny_llama, emu
 
 
 def cfg_for(run_dir: Path, emu: Path, **kw: Any) -> TrainConfig:

@@ -155,6 +155,15 @@ def test_impossible_budget_is_explained_with_what_would_fit() -> None:
     assert "short by" in floor.message and "cannot be trained" in hopeless.reason
 
 
+def test_a_shortfall_under_a_gib_is_said_in_mib() -> None:
+    from emloc_engine.run.planning import Shortfall
+
+    small = Shortfall("RAM", need_bytes=GIB + 30 * 2**20, have_bytes=GIB, what="the train stage")
+    assert small.short_text == "30 MiB"
+    assert small.message == "RAM: the train stage needs 1.0 GiB, there is 1.0 GiB (short by 30 MiB)."
+    assert Shortfall("disk", 5 * GIB, 2 * GIB, "the exports").short_text == "3.0 GiB"
+
+
 def test_model_bigger_than_the_gpu_is_trained_with_the_original_streamed() -> None:
     plan = plan_memory(LLAMA3, PlanConfig(gpu_total_bytes=8 * GIB, gpu_name="H100", ram_bytes=64 * GIB))
     assert not plan.inference.fits  # it does not run resident here ...

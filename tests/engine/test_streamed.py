@@ -7,7 +7,6 @@ the streamed path equal the resident path's to 1e-6 relative. And anchors comput
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,9 @@ from emloc_engine.weights.streamed import StreamedModel, Variant
 from tests.emulator_factory import write_svd_emulator
 from tests.engine.test_training import examples
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-6) -> None:

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,8 @@ from emloc_engine.weights.headers import load_config
 from emloc_engine.weights.lowrank import LowRankLinear, load_emulator
 from tests.emulator_factory import write_svd_emulator
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXTS = ("the cat sat on the mat.", "a bird in the hand.", "to be or not to be.", "all that glitters.",
          "the quick brown fox.", "jumps over the dog.")
 
@@ -68,22 +69,12 @@ def make_dense(emu_dir: Path, model_dir: Path, module: str) -> None:
     (emu_dir / "emloc.json").write_text(json.dumps(meta))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster than two, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def llama_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def llama_run(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(original model dir, emulator dir) of the tiny Llama at ρ = 0.5, down_proj of block 1 kept dense."""
-    model_dir = next((tiny_cache / "models--emloc-test--tiny-llama" / "snapshots").iterdir())
-    emu = write_svd_emulator(model_dir, tmp_path_factory.mktemp("emu") / "emulator", ratio=0.5)
-    make_dense(emu, model_dir, "model.layers.1.mlp.down_proj")
-    return model_dir, emu
+    emu = write_svd_emulator(tiny_llama, tmp_path_factory.mktemp("emu") / "emulator", ratio=0.5)
+    make_dense(emu, tiny_llama, "model.layers.1.mlp.down_proj")
+    return tiny_llama, emu
 
 
 def cfg_for(run_dir: Path, emu: Path, **kw: Any) -> TrainConfig:

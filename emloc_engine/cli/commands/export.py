@@ -21,6 +21,10 @@ def _recorded_model(run_dir: Path, recorded: Any) -> Path:
 
     if recorded is not None:
         return Path(recorded.model_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"There is no run folder at {run_dir}, so there is nothing to export.",
+                          hint="Give the folder `emloc run --out` wrote (it holds manifest.json), or export an "
+                               "adapter of your own with --model MODEL --adapter DIR.")
     manifest = read_manifest(run_dir) if run_dir.is_dir() else None
     if manifest is not None and "model" in manifest.inputs:
         return Path(manifest.inputs["model"].path)

@@ -16,6 +16,21 @@ HELP = "Predict peak memory of inference and of every EMLoC stage, and pick the 
 GIB = 1024**3
 
 
+def _gib(flag: str) -> Any:
+    """An argparse ``type`` for a size in GiB: a positive finite number, else an error naming ``flag``."""
+
+    def parse(text: str) -> float:
+        from emloc_engine.machine.budget import gib_to_bytes
+
+        try:
+            gib_to_bytes(text, flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return float(text)
+
+    return parse
+
+
 def register(sub: Any) -> None:
     from emloc_engine.data.config import DataConfig
     from emloc_engine.stages.training.options import TrainOptions
@@ -23,14 +38,14 @@ def register(sub: Any) -> None:
     run, data = TrainOptions(), DataConfig(path=Path("-"))
     p: argparse.ArgumentParser = sub.add_parser("plan", help=HELP, description=HELP)
     p.add_argument("model", help="Model folder, cached repo id, 'demo', or a reference name such as Llama-3-8B.")
-    p.add_argument("--budget-gib", type=float, default=None,
+    p.add_argument("--budget-gib", type=_gib("--budget-gib"), default=None,
                    help="GPU memory every stage must keep to (default: the GPU's free memory, or --gpu-memory when "
                         "lower, minus max(0.5 GiB, 5%%); with --gpu-gib: that size minus the margin).")
-    p.add_argument("--gpu-gib", type=float, default=None,
+    p.add_argument("--gpu-gib", type=_gib("--gpu-gib"), default=None,
                    help="Plan for a GPU of this size, all of it free (default: the detected GPU).")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+    p.add_argument("--gpu-memory", type=_gib("--gpu-memory"), default=None, metavar="GIB",
                    help="The process cap a run would use (emloc run --gpu-memory): the default budget comes from it.")
-    p.add_argument("--ram-gib", type=float, default=None, help="RAM of the machine to plan for (default: this machine's).")
+    p.add_argument("--ram-gib", type=_gib("--ram-gib"), default=None, help="RAM of the machine to plan for (default: this machine's).")
     p.add_argument("--gpu-name", default=None, help="GPU name for the time estimates (e.g. 'RTX 4090').")
     p.add_argument("--context", type=int, default=data.max_length, help="Tokens per training sequence.")
     p.add_argument("--batch", type=int, default=run.batch_size, help="Sequences per step.")

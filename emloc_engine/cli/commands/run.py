@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     plan = plan_run(cfg)
     print(plan_summary(plan), file=sys.stderr)
+    early = [n for n in plan.notes if n.startswith(("--gpu-memory", "Budget"))]  # about a setting: before the wait
+    for note in early:
+        print(f"Note: {note}", file=sys.stderr)
     bar = TqdmProgress("emloc run")
     try:
         result = run_stages(plan, bar, redo_from=args.redo_from)
@@ -106,5 +109,6 @@ def run(args: argparse.Namespace) -> int:
     if hint:
         print(hint)
     for note in result.notes:
-        print(f"Note: {note}")
+        if note not in early:
+            print(f"Note: {note}")
     return 0

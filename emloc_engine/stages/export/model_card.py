@@ -7,12 +7,12 @@ an older run), and the card then says "not recorded" rather than failing.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emloc_engine.core.json_files import read_json_object
 from emloc_engine.core.version import __version__
 
 
@@ -34,14 +34,6 @@ class CardFacts:
     final_eval_loss: float | None = None
     verification: tuple[tuple[str, float], ...] = ()
     extra: tuple[tuple[str, str], ...] = field(default=())
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _num(x: Any) -> float | None:
@@ -76,8 +68,8 @@ class RunFacts:
 def collect_facts(run: RunFacts, model_dir: Path, adapter_dir: Path | None, kind: str,
                   verification: tuple[tuple[str, float], ...] = ()) -> CardFacts:
     """Gather the card's facts from the run's facts and the adapter folder, tolerating anything missing."""
-    corr = _read_json(Path(adapter_dir) / "emloc_correction.json") if adapter_dir else {}
-    acfg = _read_json(Path(adapter_dir) / "adapter_config.json") if adapter_dir else {}
+    corr = read_json_object(Path(adapter_dir) / "emloc_correction.json") if adapter_dir else {}
+    acfg = read_json_object(Path(adapter_dir) / "adapter_config.json") if adapter_dir else {}
     table: list[tuple[float, float]] = []
     for row in corr.get("lambda_table") or []:
         pair = (row.get("lambda"), row.get("eval_loss")) if isinstance(row, dict) else tuple(row)[:2]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.core.atomic import write_text_atomic
+from emloc_engine.core.json_files import read_json_object
 
 _CHATML = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
            "<|im_start|>assistant\n")
@@ -72,18 +73,10 @@ def base_gguf_of(model_dir: Path) -> Path | None:
     if p.is_file() and p.suffix == ".gguf":
         return p
     for marker in (GGUF_VIEW_MARKER, "emloc_import.json"):
-        src = _read_json(p / marker).get("source")
+        src = read_json_object(p / marker).get("source")
         if src and Path(src).is_file():
             return Path(src)
     return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def chat_template_of(model_dir: Path) -> str:
@@ -96,7 +89,7 @@ def chat_template_of(model_dir: Path) -> str:
         return str(field.contents()) if field is not None else ""
     if (p / "chat_template.jinja").is_file():
         return (p / "chat_template.jinja").read_text(encoding="utf-8")
-    tmpl = _read_json(p / "tokenizer_config.json").get("chat_template") or ""
+    tmpl = read_json_object(p / "tokenizer_config.json").get("chat_template") or ""
     if isinstance(tmpl, list):  # named templates: the default one
         tmpl = next((t.get("template", "") for t in tmpl if t.get("name") == "default"), "")
     return str(tmpl)
@@ -121,11 +114,11 @@ def chat_settings(model_dir: Path) -> ChatSettings:
     family = next((f for f in CHAT_FAMILIES if f[1] in jinja), None)
     stops = list(family[3]) if family else []
     p = Path(model_dir)
-    eos = _read_json(p / "tokenizer_config.json").get("eos_token") if p.is_dir() else _gguf_eos(p)
+    eos = read_json_object(p / "tokenizer_config.json").get("eos_token") if p.is_dir() else _gguf_eos(p)
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if isinstance(eos, str) and eos and eos not in stops:
         stops.append(eos)
-    gen = _read_json(p / "generation_config.json") if p.is_dir() else {}
+    gen = read_json_object(p / "generation_config.json") if p.is_dir() else {}
     params = tuple((name, float(gen[key])) for key, name in _GEN_PARAMS if isinstance(gen.get(key), int | float))
     return ChatSettings(family[0] if family else None, family[2] if family else None, tuple(stops), params)
 

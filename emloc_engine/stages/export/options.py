@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 from emloc_engine.core.errors import ConfigError
@@ -40,13 +41,17 @@ class ExportOptions:
     def __post_init__(self) -> None:
         problems = self._problems()
         if problems:
-            raise ConfigError("Invalid export settings:", problems=problems)
+            hint = ("Name formats from the list, e.g. --export merged,adapter,gguf (export = [\"merged\"] in a run "
+                    "file)." if any(p.startswith("unknown export format") for p in problems) else "")
+            raise ConfigError("Invalid export settings:", problems=problems, hint=hint)
 
     def _problems(self) -> list[str]:
         problems = []
-        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
-        if unknown:
-            problems.append(f"formats {list(self.formats)}: choose one or more of {', '.join(EXPORT_FORMATS)}")
+        for name in (f for f in self.formats if f not in EXPORT_FORMATS):
+            close = difflib.get_close_matches(name, EXPORT_FORMATS, n=1)
+            guess = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown export format {name!r} (--export): the formats are "
+                            f"{', '.join(EXPORT_FORMATS)}{guess}")
         if self.gguf_type not in GGUF_TYPES:
             problems.append(f"gguf_type {self.gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
         if self.verify and not self.prompts:
