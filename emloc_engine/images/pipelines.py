@@ -180,7 +180,7 @@ def load_denoiser(
     info: PipelineInfo, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Any:
     """The ORIGINAL denoiser (eval mode, no gradients), from ``info.denoiser_dir``."""
-    model = denoiser_class(info).from_pretrained(info.denoiser_dir, torch_dtype=dtype, local_files_only=True)
+    model = denoiser_class(info).from_pretrained(info.denoiser_dir, dtype=dtype, local_files_only=True)
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -206,7 +206,7 @@ def load_pipeline(
         and info.denoiser not in skip
     ):
         components[info.denoiser] = load_denoiser(info, dtype=dtype)
-    return cls.from_pretrained(info.folder, torch_dtype=dtype, local_files_only=True, **skip, **components)
+    return cls.from_pretrained(info.folder, dtype=dtype, local_files_only=True, **skip, **components)
 
 
 def scheduler_config(info: PipelineInfo) -> dict[str, Any]:
@@ -246,7 +246,7 @@ def convert_single_file(file: Path, config_dir: Path, out_dir: Path) -> Pipeline
             config=str(info.folder),
             subfolder=info.denoiser,
             local_files_only=True,
-            torch_dtype=torch.bfloat16,
+            dtype=torch.bfloat16,
         )
     except Exception as exc:  # diffusers raises many types for files it cannot map
         raise UnsupportedModel(
