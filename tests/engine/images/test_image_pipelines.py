@@ -31,7 +31,7 @@ def test_kinds_and_denoisers(pipelines: dict[str, PipelineInfo]) -> None:
 
 
 def test_refusals(pipelines: dict[str, PipelineInfo], tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFound, match="model_index.json"):
+    with pytest.raises(ModelNotFound, match=r"model_index\.json"):
         identify_pipeline(tmp_path)
     other = tmp_path / "other"
     shutil.copytree(pipelines["sdxl"].folder, other)
