@@ -48,6 +48,9 @@ def test_full_rank_emulator_reproduces_the_denoiser(
         strict=True,
     ):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+    assert (
+        torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    )  # no grad mode leaked by generators
 
 
 def test_compressed_emulator_is_smaller_and_shares_statistics(
