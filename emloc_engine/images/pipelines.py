@@ -240,13 +240,23 @@ def convert_single_file(file: Path, config_dir: Path, out_dir: Path) -> Pipeline
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return with_denoiser_dir(info, out_dir)
     cls = denoiser_class(info)
+    from emloc_engine.weights.headers import read_safetensors_header
+
+    stored = {"F32": torch.float32, "F16": torch.float16}
+    counts: dict[str, int] = {}
+    if Path(file).suffix == ".safetensors":
+        for entry in read_safetensors_header(Path(file)).tensors.values():
+            counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+    dtype = stored.get(
+        max(counts, key=lambda k: counts[k]) if counts else "", torch.bfloat16
+    )  # keep the file's dtype
     try:
         model = cls.from_single_file(
             str(file),
             config=str(info.folder),
             subfolder=info.denoiser,
             local_files_only=True,
-            dtype=torch.bfloat16,
+            dtype=dtype,
         )
     except Exception as exc:  # diffusers raises many types for files it cannot map
         raise UnsupportedModel(

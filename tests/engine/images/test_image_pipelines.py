@@ -90,3 +90,22 @@ def test_cache_reused_unless_images_change(
             device="cpu",
         )
     ).reused
+
+
+def test_single_file_with_a_config_folder(pipelines: dict[str, PipelineInfo], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from emloc_engine.images.pipelines import convert_single_file
+
+    info = pipelines["flux"]
+    state = load_file(str(next(info.denoiser_dir.glob("*.safetensors"))))
+    single = tmp_path / "my-flux.safetensors"
+    save_file(state, str(single))
+    converted = convert_single_file(single, info.folder, tmp_path / "run" / "denoiser")
+    assert converted.kind == "flux" and converted.denoiser_dir == tmp_path / "run" / "denoiser"
+    a, b = load_denoiser(converted).state_dict(), load_denoiser(info).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "not-flux.safetensors"
+    save_file({"x": torch.zeros(2)}, str(bad))
+    with pytest.raises(UnsupportedModel, match="could not read"):
+        convert_single_file(bad, info.folder, tmp_path / "run2" / "denoiser")
