@@ -150,6 +150,46 @@ def identify_pipeline(folder: Path) -> PipelineInfo:
     return info
 
 
+@dataclass(frozen=True)
+class FoundPipeline:
+    """A diffusers pipeline snapshot in a Hugging Face cache: usable (``info``) or why not (``problem``)."""
+
+    repo_id: str
+    folder: Path
+    info: PipelineInfo | None
+    problem: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind if self.info is not None else "unsupported"
+
+
+def find_pipelines(hub_dirs: list[Path] | None = None) -> list[FoundPipeline]:
+    """Every pipeline snapshot (``refs/main``, else the newest) of the Hugging Face caches, by repo id.
+
+    ``hub_dirs`` default to the caches the text catalog reads (``HF_HUB_CACHE`` / ``HF_HOME``...).
+    """
+    from emloc_engine.catalog.locations import hf_cache_roots
+
+    found = []
+    roots = hub_dirs if hub_dirs is not None else hf_cache_roots()
+    hubs = list(dict.fromkeys(p.resolve() for r in roots for p in (Path(r), Path(r) / "hub") if p.is_dir()))
+    for hub in hubs:
+        for repo in sorted(hub.glob("models--*")):
+            snaps = [p for p in (repo / "snapshots").glob("*") if (p / MODEL_INDEX).is_file()]
+            if not snaps:
+                continue
+            ref = repo / "refs" / "main"
+            main = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+            snap = main if main in snaps else max(snaps, key=lambda p: p.stat().st_mtime)
+            repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
+            try:
+                found.append(FoundPipeline(repo_id, snap, identify_pipeline(snap)))
+            except (ModelNotFound, UnsupportedModel) as exc:
+                found.append(FoundPipeline(repo_id, snap, None, exc.summary))
+    return found
+
+
 def check_denoiser_dir(denoiser_dir: Path) -> None:
     """Raise :class:`ModelNotFound` unless ``denoiser_dir`` has a config and safetensors weights."""
     if not (denoiser_dir / "config.json").is_file():
@@ -272,11 +312,13 @@ __all__ = [
     "COMPRESSED",
     "KINDS",
     "PIPELINE_CLASSES",
+    "FoundPipeline",
     "Kind",
     "PipelineInfo",
     "compressible_modules",
     "convert_single_file",
     "denoiser_class",
+    "find_pipelines",
     "identify_pipeline",
     "is_pipeline_folder",
     "load_denoiser",

@@ -109,3 +109,21 @@ def test_single_file_with_a_config_folder(pipelines: dict[str, PipelineInfo], tm
     save_file({"x": torch.zeros(2)}, str(bad))
     with pytest.raises(UnsupportedModel, match="could not read"):
         convert_single_file(bad, info.folder, tmp_path / "run2" / "denoiser")
+
+
+def test_find_pipelines_in_a_cache(pipelines: dict[str, PipelineInfo], tmp_path: Path) -> None:
+    from emloc_engine.images.pipelines import find_pipelines
+
+    hub = pipelines["flux"].folder.parents[2]
+    other = hub / "models--someone--sd15" / "snapshots" / "abc"
+    other.mkdir(parents=True)
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    found = {f.repo_id: f for f in find_pipelines([hub])}
+    assert {k: f.kind for k, f in found.items()} == {
+        "emloc-test/tiny-flux": "flux",
+        "emloc-test/tiny-sd3": "sd3",
+        "emloc-test/tiny-sdxl": "sdxl",
+        "someone/sd15": "unsupported",
+    }
+    assert "StableDiffusionPipeline" in found["someone/sd15"].problem
+    shutil.rmtree(other.parents[1])
