@@ -6,7 +6,8 @@ compressed linear of the emulator (the adapter spans the whole composite ``u·v`
 embeddings with the family's loss (:mod:`.families`: flow matching for FLUX/SD3, noise prediction
 for SDXL). Each step draws a batch from one aspect bucket; with class images cached (prior
 preservation) it adds ``prior_loss_weight`` × the same loss on a batch of class images. AdamW, a
-constant learning rate after a linear warmup (the DreamBooth scripts' default), LoRA weights in fp32.
+constant learning rate after a linear warmup, weight decay 1e-4 and gradients clipped at norm 1 (the
+DreamBooth scripts' defaults), LoRA weights in fp32.
 
 Outputs in the run folder:
 
