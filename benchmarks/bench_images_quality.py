@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,8 +52,6 @@ def _items(folder: Path) -> Any:
 
 def pretrain(info: PipelineInfo, work: Path, steps: int, lr: float) -> PipelineInfo:
     """Fully train the denoiser on many shapes/colours (not the new subject's pair); save a new pipeline folder."""
-    import shutil
-
     folder = work / "pretrained"
     if not (folder / "model_index.json").is_file():
         data = work / "pretrain-images"
@@ -159,6 +158,7 @@ def main() -> None:
     results["base"] = loss_with(None)
     for name, ratio, full in (("full_lora", 1.0, True), ("emloc", args.ratio, False)):
         run = work / f"run-{name}"
+        shutil.rmtree(run, ignore_errors=True)  # a rerun with other settings must not resume old checkpoints
         build_image_emulator(
             ImageEmulatorConfig(
                 info, cache, run / "emulator", ratio=ratio, full_rank=full, calibration_images=8, device="cpu"
