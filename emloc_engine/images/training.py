@@ -178,7 +178,7 @@ def train_image_lora(cfg: ImageTrainConfig, progress: Progress = NULL_PROGRESS) 
     start, losses = 0, []
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = torch.load(latest / "state.pt", weights_only=True)  # a checkpoint folder never runs code
         set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
