@@ -39,13 +39,19 @@ def stream_units(model: nn.Module) -> list[nn.Module]:
 
 
 def _to(module: nn.Module, device: torch.device) -> None:
-    module.to(device)
+    # The hooks fire inside the callers' inference mode; moving there would turn the parameters into
+    # inference tensors, which autograd later refuses. Move in normal mode.
+    with torch.inference_mode(False), torch.no_grad():
+        module.to(device)
 
 
 @contextlib.contextmanager
-def streamed(model: nn.Module, device: torch.device, *, enabled: bool = True) -> Iterator[nn.Module]:
-    """Within the block, ``model`` runs on ``device`` with its blocks streamed from the CPU."""
-    if device.type == "cpu" or not enabled:
+def streamed(model: nn.Module, device: torch.device, *, enabled: bool | None = None) -> Iterator[nn.Module]:
+    """Within the block, ``model`` runs on ``device`` with its blocks streamed from the CPU.
+
+    ``enabled`` defaults to streaming on any device but the CPU (tests force it on the CPU).
+    """
+    if not (device.type != "cpu" if enabled is None else enabled):
         model.to(device)
         yield model
         return
@@ -68,8 +74,9 @@ def streamed(model: nn.Module, device: torch.device, *, enabled: bool = True) ->
     finally:
         for h in handles:
             h.remove()
-        model.to("cpu")
-        torch.cuda.empty_cache()
+        _to(model, torch.device("cpu"))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 __all__ = ["stream_units", "streamed"]
