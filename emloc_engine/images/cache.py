@@ -146,7 +146,8 @@ def build_cache(cfg: CacheConfig, progress: Progress = NULL_PROGRESS) -> CacheRe
             return CacheResult(cfg.out_dir, True, _bucket_counts(meta["items"]), time.monotonic() - t0)
     device = devices.resolve_device(cfg.device)
     info = cfg.pipeline
-    pipe = load_pipeline(info, without=(info.denoiser,))
+    # text encoders in the compute dtype (bf16 on GPUs: T5-XXL is 9.5 GB there); the VAE is cast to fp32 below
+    pipe = load_pipeline(info, without=(info.denoiser,), dtype=devices.compute_dtype(device, "auto"))
     try:
         return _encode(cfg, pipe, device, fp, progress, t0)
     finally:

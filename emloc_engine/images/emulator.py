@@ -28,6 +28,7 @@ marks a complete emulator, which later runs reuse).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from emloc_engine.core.errors import ConfigError, ModelNotFound
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.core.version import __version__
-from emloc_engine.images.batches import calibration_batches, run_batches
+from emloc_engine.images.batches import calibration_batches, predict_batch
 from emloc_engine.images.cache import ImageCache
 from emloc_engine.images.families import NoiseSchedule
 from emloc_engine.images.pipelines import (
@@ -115,8 +116,16 @@ class ImageEmulatorResult:
 
 
 # ------------------------------------------------------------------------------------ statistics
+class _PassDone(Exception):  # control flow: every module of this pass has seen its input
+    pass
+
+
 class _SharedStats:
-    """``C = Σ XᵀX`` per module input; modules of one block that read the same tensor share one statistic."""
+    """``C = Σ XᵀX`` per module input; modules of one block that read the same tensor share one statistic.
+
+    Once every module of the pass has run in a forward, the forward is stopped (:class:`_PassDone`):
+    the later blocks would only cost time.
+    """
 
     def __init__(self, model: nn.Module, names: list[str], stats_dtype: torch.dtype) -> None:
         self.stats: dict[str, torch.Tensor] = {}
@@ -124,33 +133,41 @@ class _SharedStats:
         self._dtype = stats_dtype
         self._seen: list[tuple[torch.Tensor, str]] = []
         self._block = ""
+        self._ran: set[str] = set()
+        self._total = len(names)
         self._handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            m = BLOCK_PATTERN.match(name)
-            block = m.group(1) if m else ""
-            if block != self._block:
-                self._seen.clear()
-                self._block = block
-            for tensor, group in self._seen:
-                if tensor is x:
-                    self.group_of.setdefault(name, group)
-                    return
-            self._seen.append((x, name))
-            self.group_of.setdefault(name, name)
-            group = self.group_of[name]
-            x2 = x.reshape(-1, x.shape[-1]).to(self._dtype)
-            prod = x2.T @ x2
-            if group in self.stats:
-                self.stats[group].add_(prod)
-            else:
-                self.stats[group] = prod
+            self._accumulate(name, args[0])
+            self._ran.add(name)
+            if len(self._ran) == self._total:
+                raise _PassDone
 
         return hook
 
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        m = BLOCK_PATTERN.match(name)
+        block = m.group(1) if m else ""
+        if block != self._block:
+            self._seen.clear()
+            self._block = block
+        for tensor, group in self._seen:
+            if tensor is x:
+                self.group_of.setdefault(name, group)
+                return
+        self._seen.append((x, name))
+        self.group_of.setdefault(name, name)
+        group = self.group_of[name]
+        x2 = x.reshape(-1, x.shape[-1]).to(self._dtype)
+        prod = x2.T @ x2
+        if group in self.stats:
+            self.stats[group].add_(prod)
+        else:
+            self.stats[group] = prod
+
     def end_forward(self) -> None:
+        self._ran.clear()
         self._seen.clear()
         self._block = ""
 
@@ -218,7 +235,9 @@ def build_image_emulator(cfg: ImageEmulatorConfig, progress: Progress = NULL_PRO
         for p, names in enumerate(passes):
             rec = _SharedStats(live, names, stats_dtype)
             try:
-                for _ in run_batches(info.kind, live, schedule, batches, device, dtype):
+                for batch in batches:
+                    with contextlib.suppress(_PassDone):
+                        predict_batch(info.kind, live, schedule, batch, device, dtype)
                     rec.end_forward()
                     progress.check_cancelled()
             finally:

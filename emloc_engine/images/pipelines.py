@@ -150,6 +150,46 @@ def identify_pipeline(folder: Path) -> PipelineInfo:
     return info
 
 
+@dataclass(frozen=True)
+class FoundPipeline:
+    """A diffusers pipeline snapshot in a Hugging Face cache: usable (``info``) or why not (``problem``)."""
+
+    repo_id: str
+    folder: Path
+    info: PipelineInfo | None
+    problem: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind if self.info is not None else "unsupported"
+
+
+def find_pipelines(hub_dirs: list[Path] | None = None) -> list[FoundPipeline]:
+    """Every pipeline snapshot (``refs/main``, else the newest) of the Hugging Face caches, by repo id.
+
+    ``hub_dirs`` default to the caches the text catalog reads (``HF_HUB_CACHE`` / ``HF_HOME``...).
+    """
+    from emloc_engine.catalog.locations import hf_cache_roots
+
+    found = []
+    roots = hub_dirs if hub_dirs is not None else hf_cache_roots()
+    hubs = list(dict.fromkeys(p.resolve() for r in roots for p in (Path(r), Path(r) / "hub") if p.is_dir()))
+    for hub in hubs:
+        for repo in sorted(hub.glob("models--*")):
+            snaps = [p for p in (repo / "snapshots").glob("*") if (p / MODEL_INDEX).is_file()]
+            if not snaps:
+                continue
+            ref = repo / "refs" / "main"
+            main = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+            snap = main if main in snaps else max(snaps, key=lambda p: p.stat().st_mtime)
+            repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
+            try:
+                found.append(FoundPipeline(repo_id, snap, identify_pipeline(snap)))
+            except (ModelNotFound, UnsupportedModel) as exc:
+                found.append(FoundPipeline(repo_id, snap, None, exc.summary))
+    return found
+
+
 def check_denoiser_dir(denoiser_dir: Path) -> None:
     """Raise :class:`ModelNotFound` unless ``denoiser_dir`` has a config and safetensors weights."""
     if not (denoiser_dir / "config.json").is_file():
@@ -180,7 +220,7 @@ def load_denoiser(
     info: PipelineInfo, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Any:
     """The ORIGINAL denoiser (eval mode, no gradients), from ``info.denoiser_dir``."""
-    model = denoiser_class(info).from_pretrained(info.denoiser_dir, torch_dtype=dtype, local_files_only=True)
+    model = denoiser_class(info).from_pretrained(info.denoiser_dir, dtype=dtype, local_files_only=True)
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -206,7 +246,7 @@ def load_pipeline(
         and info.denoiser not in skip
     ):
         components[info.denoiser] = load_denoiser(info, dtype=dtype)
-    return cls.from_pretrained(info.folder, torch_dtype=dtype, local_files_only=True, **skip, **components)
+    return cls.from_pretrained(info.folder, dtype=dtype, local_files_only=True, **skip, **components)
 
 
 def scheduler_config(info: PipelineInfo) -> dict[str, Any]:
@@ -240,13 +280,23 @@ def convert_single_file(file: Path, config_dir: Path, out_dir: Path) -> Pipeline
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return with_denoiser_dir(info, out_dir)
     cls = denoiser_class(info)
+    from emloc_engine.weights.headers import read_safetensors_header
+
+    stored = {"F32": torch.float32, "F16": torch.float16}
+    counts: dict[str, int] = {}
+    if Path(file).suffix == ".safetensors":
+        for entry in read_safetensors_header(Path(file)).tensors.values():
+            counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+    dtype = stored.get(
+        max(counts, key=lambda k: counts[k]) if counts else "", torch.bfloat16
+    )  # keep the file's dtype
     try:
         model = cls.from_single_file(
             str(file),
             config=str(info.folder),
             subfolder=info.denoiser,
             local_files_only=True,
-            torch_dtype=torch.bfloat16,
+            dtype=dtype,
         )
     except Exception as exc:  # diffusers raises many types for files it cannot map
         raise UnsupportedModel(
@@ -262,11 +312,13 @@ __all__ = [
     "COMPRESSED",
     "KINDS",
     "PIPELINE_CLASSES",
+    "FoundPipeline",
     "Kind",
     "PipelineInfo",
     "compressible_modules",
     "convert_single_file",
     "denoiser_class",
+    "find_pipelines",
     "identify_pipeline",
     "is_pipeline_folder",
     "load_denoiser",

@@ -1,0 +1,464 @@
+"""Image-model memory benchmark (issue 23): every EMLoC stage's GPU peak and time under a memory cap, and plain LoRA's.
+
+Random bf16 weights of the real shapes (speed and memory do not depend on the values), built from
+configs, nothing downloaded:
+
+* ``flux-dev``: FLUX.1-dev's transformer (19 double + 38 single blocks, 3072 wide, guidance
+  embedding; 11.9 B parameters, written straight to safetensors shards without initialising a
+  module), its VAE, CLIP-L; T5 is 4096 wide with 2 layers unless ``--full-text-encoders`` (T5-XXL's
+  24 layers: 4.7 B parameters, only the cache stage uses it).
+* ``sdxl``: SDXL base's UNet (2.6 B), VAE, CLIP-L and OpenCLIP-bigG text encoders (real sizes).
+* ``tiny-flux`` / ``tiny-sdxl``: the test pipelines (a CPU smoke run of this script).
+
+Stages, one after the other on one GPU, each under ``torch.cuda.set_per_process_memory_fraction``
+(``--cap-gib``; an out-of-memory error is recorded as ``"oom"``, not raised):
+
+1. ``inference``: the original denoiser resident in bf16, one forward at the resolution (what "can
+   run the model" means);
+2. ``cache``: text encoders (bf16) and VAE (fp32) encode the images and captions once;
+3. ``emulator``: activation-aware SVD at ``--ratio`` (original streamed block by block);
+4. ``train``: LoRA (rank 16) on the emulator, ``--steps`` steps, batch 1, gradient checkpointing;
+5. ``correct``: λ search with the original streamed block by block;
+6. ``plain_lora``: the same LoRA on the ORIGINAL denoiser resident in bf16 with gradient
+   checkpointing, ``--steps`` steps, first under the cap, then (if that ran out of memory) without it,
+   to report its real peak.
+
+Prints one JSON object (also written to ``--out``). Commands (H200 or H100; about 15-25 minutes for
+flux-dev, most of it writing and reading the 24 GB random transformer):
+
+    python benchmarks/bench_images.py --model flux-dev --cap-gib 24 --resolution 1024 --work /tmp/img-bench
+    python benchmarks/bench_images.py --model sdxl --cap-gib 12 --resolution 1024 --work /tmp/img-bench
+    python benchmarks/bench_images.py --model tiny-flux --device cpu --resolution 32 --work /tmp/img-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from emloc_engine.images.cache import CacheConfig, ImageCache, build_cache
+from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_adapter
+from emloc_engine.images.dataset import ImageFolderConfig, scan_image_folder
+from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator
+from emloc_engine.images.families import NoiseSchedule, denoising_loss
+from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline, load_denoiser, scheduler_config
+from emloc_engine.images.training import ImageTrainConfig, attach_image_lora, train_image_lora
+from tests.tiny_pipelines import (
+    CLIP_VOCAB,
+    T5_VOCAB,
+    build_tiny_pipeline,
+    make_clip_tokenizer,
+    make_t5_tokenizer,
+    write_subject_images,
+)
+
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=1024,
+)
+SHARD_BYTES = 5 * 2**30
+
+
+def _random_denoiser(cls: Any, config: dict[str, Any], folder: Path) -> None:
+    """Write ``cls(**config)``'s tensors as random bf16 safetensors shards + index, never building the module."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    with init_empty_weights():
+        model = cls(**config)
+    model.save_config(folder)
+    gen = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    shards: list[dict[str, torch.Tensor]] = []
+    size = 0
+    for name, p in model.state_dict().items():
+        std = 0.02 if p.dim() >= 2 else 0.0
+        t = (
+            (torch.randn(p.shape, generator=gen) * std).to(torch.bfloat16)
+            if std
+            else torch.ones(p.shape, dtype=torch.bfloat16)
+        )
+        if name.endswith("bias"):
+            t.zero_()
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= SHARD_BYTES:
+            shards.append(shard)
+            shard, size = {}, 0
+    if shard:
+        shards.append(shard)
+    weight_map = {}
+    for i, part in enumerate(shards):
+        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    index = {
+        "metadata": {"total_size": sum(t.numel() * 2 for s in shards for t in s.values())},
+        "weight_map": weight_map,
+    }
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
+    """The pipeline folder of ``model`` (reused when complete)."""
+    if model.startswith("tiny-"):
+        return build_tiny_pipeline(model.removeprefix("tiny-"), work / "hub", weight_std=0.1)
+    import diffusers
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    folder = work / model
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    clip_l = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="quick_gelu",
+    )
+    if model == "flux-dev":
+        denoiser = ("transformer", diffusers.FluxTransformer2DModel, FLUX_DEV)
+        t5 = T5Config(
+            vocab_size=T5_VOCAB,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24 if full_text else 2,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+        parts = dict(
+            text_encoder=CLIPTextModel(clip_l).to(torch.bfloat16),
+            text_encoder_2=T5EncoderModel(t5).to(torch.bfloat16),
+            tokenizer=make_clip_tokenizer(),
+            tokenizer_2=make_t5_tokenizer(),
+            vae=diffusers.AutoencoderKL(
+                **VAE,
+                latent_channels=16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
+            ),
+        )
+        pipe_cls: Any = diffusers.FluxPipeline
+    else:
+        big_g = CLIPTextConfig(
+            vocab_size=CLIP_VOCAB,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            max_position_embeddings=77,
+            projection_dim=1280,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_act="gelu",
+        )
+        denoiser = ("unet", diffusers.UNet2DConditionModel, SDXL_UNET)
+        parts = dict(
+            text_encoder=CLIPTextModel(clip_l).to(torch.bfloat16),
+            text_encoder_2=CLIPTextModelWithProjection(big_g).to(torch.bfloat16),
+            tokenizer=make_clip_tokenizer(),
+            tokenizer_2=make_clip_tokenizer(),
+            vae=diffusers.AutoencoderKL(**VAE, latent_channels=4, scaling_factor=0.13025),
+            scheduler=diffusers.EulerDiscreteScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                timestep_spacing="leading",
+                steps_offset=1,
+            ),
+        )
+        pipe_cls = diffusers.StableDiffusionXLPipeline
+    name, cls, config = denoiser
+    (folder / name).mkdir(exist_ok=True)
+    _random_denoiser(cls, config, folder / name)
+    index: dict[str, Any] = {
+        "_class_name": pipe_cls.__name__,
+        "_diffusers_version": diffusers.__version__,
+        name: ["diffusers", cls.__name__],
+    }
+    for comp, part in parts.items():
+        part.save_pretrained(folder / comp)
+        lib = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
+        index[comp] = [lib, type(part).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dict[str, Any]) -> Any:
+    """Run one stage; record its peak GiB and seconds, or ``"oom"``."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.monotonic()
+    try:
+        out = fn()
+    except torch.cuda.OutOfMemoryError as exc:
+        results[name] = {
+            "peak_gib": "oom",
+            "wall_s": round(time.monotonic() - t0, 1),
+            "error": str(exc)[:200],
+        }
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    results[name] = {"peak_gib": round(peak, 3), "wall_s": round(time.monotonic() - t0, 1)}
+    print(name, results[name], flush=True)
+    return out
+
+
+def inference(info: PipelineInfo, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+    model = load_denoiser(info, dtype=dtype, device=device)
+    cache = ImageCache(cache_dir)
+    sched = NoiseSchedule(info.kind, scheduler_config(info))
+    idx = cache.indices("train")[:1]
+    x0 = cache.latents(idx, sample=False).to(device, dtype)
+    cond = {k: v.to(device, dtype) for k, v in cache.cond(idx).items()}
+    with torch.inference_mode():
+        denoising_loss(
+            info.kind, model, sched, x0, torch.randn_like(x0), sched.fractions_to_indices([0.5]), cond
+        )
+    del model
+
+
+def plain_lora(
+    info: PipelineInfo,
+    cache_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: int,
+    targets: list[str],
+) -> float:
+    model = load_denoiser(info, dtype=dtype, device=device)
+    if device.type == "cuda":
+        model.enable_gradient_checkpointing()
+    peft_model = attach_image_lora(model, targets, 16, 16.0, str(info.folder))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    cache = ImageCache(cache_dir)
+    sched = NoiseSchedule(info.kind, scheduler_config(info))
+    base = peft_model.get_base_model()
+    base.train()
+    loss = math.nan
+    for step in range(steps):
+        idx = [cache.indices("train")[step % len(cache.indices("train"))]]
+        x0 = cache.latents(idx).to(device, dtype)
+        cond = {k: v.to(device, dtype) for k, v in cache.cond(idx).items()}
+        out = denoising_loss(info.kind, base, sched, x0, torch.randn_like(x0), sched.sample_indices(1), cond)
+        out.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(out)
+    del peft_model, model, opt
+    return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("flux-dev", "sdxl", "tiny-flux", "tiny-sdxl"), required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--cap-gib", type=float, default=None, help="GPU memory cap (default: none)")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--full-text-encoders", action="store_true")
+    ap.add_argument("--skip-plain", action="store_true", help="do not measure plain LoRA")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "model": args.model,
+        "resolution": args.resolution,
+        "ratio": args.ratio,
+        "cap_gib": args.cap_gib,
+        "steps": args.steps,
+    }
+    t0 = time.monotonic()
+    info = identify_pipeline(build_pipeline(args.model, work, args.full_text_encoders))
+    results["build_s"] = round(time.monotonic() - t0, 1)
+    if device.type == "cuda":
+        results["device"] = torch.cuda.get_device_name(device)
+        if args.cap_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+    images = write_subject_images(work / "images", args.images, size=(args.resolution, args.resolution))
+    items = scan_image_folder(ImageFolderConfig(images[0].parent, trigger="sks", min_side_px=16)).items
+    run = work / f"run-{args.model}"
+    cache = measure(
+        "cache",
+        lambda: build_cache(
+            CacheConfig(
+                info,
+                run / "cache",
+                items,
+                sample_prompts=(),
+                resolution=args.resolution,
+                max_sequence_length=512,
+                device=args.device,
+            )
+        ),
+        device,
+        results,
+    )
+    cache_dir = run / "cache"
+    measure("inference", lambda: inference(info, cache_dir, device, dtype), device, results)
+    emu = measure(
+        "emulator",
+        lambda: build_image_emulator(
+            ImageEmulatorConfig(
+                info,
+                cache_dir,
+                run / "emulator",
+                ratio=args.ratio,
+                calibration_images=args.images,
+                calibration_timesteps=4,
+                calibration_batch=1,
+                device=args.device,
+            )
+        ),
+        device,
+        results,
+    )
+    if emu is not None:
+        results["emulator"].update(
+            params_kept=emu.params_kept, params_original=emu.params_original, passes=emu.passes
+        )
+    trained = measure(
+        "train",
+        lambda: train_image_lora(
+            ImageTrainConfig(
+                info,
+                cache_dir,
+                run / "emulator",
+                run,
+                steps=args.steps,
+                rank=16,
+                alpha=16.0,
+                checkpoint_every=args.steps,
+                device=args.device,
+            )
+        ),
+        device,
+        results,
+    )
+    if trained is not None:
+        results["train"]["losses"] = [round(x, 4) for x in trained.losses]
+        measure(
+            "correct",
+            lambda: correct_image_adapter(
+                ImageCorrectionConfig(
+                    info,
+                    cache_dir,
+                    run / "emulator",
+                    run / "adapter",
+                    run / "adapter-corrected",
+                    eval_images=args.images,
+                    eval_batch=1,
+                    device=args.device,
+                )
+            ),
+            device,
+            results,
+        )
+    if not args.skip_plain and emu is not None:
+        targets = sorted(emu.modules)
+        measure(
+            "plain_lora",
+            lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
+            device,
+            results,
+        )
+        if results["plain_lora"]["peak_gib"] == "oom" and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            measure(
+                "plain_lora_uncapped",
+                lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
+                device,
+                results,
+            )
+    del cache
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""``emloc image``: every stage end to end, stopped and resumed; settings that would mix runs are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emloc_engine.cli.main import main
+from emloc_engine.core.errors import ConfigError
+from emloc_engine.images.pipelines import PipelineInfo
+from emloc_engine.images.run import ImageRunConfig, run_images
+from tests.engine.images.conftest import SEQ
+
+
+def _cfg(info: PipelineInfo, images: Path, run: Path, **kw: object) -> ImageRunConfig:
+    base: dict[str, object] = dict(
+        min_side_px=16,
+        resolution=32,
+        max_sequence_length=SEQ,
+        steps=4,
+        rank=4,
+        lr=1e-3,
+        checkpoint_every=2,
+        sample_every=2,
+        sample_steps=2,
+        calibration_images=2,
+        calibration_timesteps=2,
+        device="cpu",
+    )
+    base.update(kw)
+    return ImageRunConfig(info.folder, images, run, trigger="sks", **base)  # type: ignore[arg-type]
+
+
+def test_run_stops_and_resumes_to_the_same_adapters(
+    pipelines: dict[str, PipelineInfo], subject_dir: Path, tmp_path: Path
+) -> None:
+    info = pipelines["sd3"]
+    whole = run_images(_cfg(info, subject_dir, tmp_path / "a"))
+    assert whole.finished and whole.kind == "sd3" and len(whole.lambda_table) == 4
+    part = run_images(_cfg(info, subject_dir, tmp_path / "b", stop_after=2))
+    assert not part.finished and part.steps_done == 2 and not (tmp_path / "b" / "adapter-corrected").exists()
+    rest = run_images(_cfg(info, subject_dir, tmp_path / "b"))
+    assert rest.finished and rest.lam == whole.lam and rest.losses == pytest.approx(whole.losses, rel=1e-5)
+    for sub in ("adapter", "adapter-corrected"):
+        a, b = (
+            load_file(str(r / sub / "adapter_model.safetensors")) for r in (tmp_path / "a", tmp_path / "b")
+        )
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    meta = json.loads((tmp_path / "b" / "cache" / "cache.json").read_text())
+    assert [it["split"] for it in meta["items"]].count("eval") == 1  # 6 images: one held out
+    assert sorted(p.name for p in (tmp_path / "b" / "samples").iterdir()) == ["step-2", "step-4"]
+    with pytest.raises(ConfigError, match="other settings"):
+        run_images(_cfg(info, subject_dir, tmp_path / "b", ratio=0.3))
+
+
+def test_cli(
+    pipelines: dict[str, PipelineInfo], subject_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "image",
+        str(pipelines["sdxl"].folder),
+        str(subject_dir),
+        "--trigger",
+        "sks",
+        "--out",
+        str(tmp_path / "run"),
+        "--min-side-px",
+        "16",
+        "--resolution",
+        "32",
+        "--steps",
+        "2",
+        "--rank",
+        "4",
+        "--sample-every",
+        "0",
+        "--calibration-images",
+        "2",
+        "--lam",
+        "inf",
+        "--device",
+        "cpu",
+        "--sample-prompts",
+        "sks circle",
+        "a dog",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "λ = inf" in out and "adapter-corrected" in out
+    assert json.loads((tmp_path / "run" / "cache" / "cache.json").read_text())["sample_prompts"] == [
+        "sks circle",
+        "a dog",
+    ]
+    assert main(["image", str(tmp_path), str(subject_dir), "--out", str(tmp_path / "r2")]) == 2
