@@ -274,7 +274,7 @@ def activation_profile(
     """Count a batch-1 training step's saved activations at ``resolution`` (``model``: a meta denoiser)."""
     from emloc_engine.images.families import predict
 
-    model.to(dtype)
+    nn.Module.to(model, dtype)  # diffusers' own .to() warns about fp32-kept modules (none on meta)
     x, cond, tokens = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
     counter = _SavedCounter()
     t = torch.empty(1, device="meta", dtype=dtype)
