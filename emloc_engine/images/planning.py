@@ -408,7 +408,52 @@ def format_plan_table(plans: list[ImagePlan]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------ a run's ρ
+def plan_for_run(
+    run: Any, budget_bytes: int | None = None, gpu_memory_bytes: int | None = None, machine: Any = None
+) -> ImagePlan:
+    """The plan of an :class:`~emloc_engine.images.run.ImageRunConfig` on ``machine`` (default: this one).
+
+    The budget is the text runs' (``budget_bytes``, else :func:`~emloc_engine.run.plan.machine_budget_bytes`
+    with the ``gpu_memory_bytes`` cap); a single-file denoiser is planned from its ``config_dir``.
+    """
+    from emloc_engine.run.plan import bounding_gpu, machine_budget_bytes
+
+    if machine is None:
+        from emloc_engine.machine.hardware import detect_machine
+
+        machine = detect_machine()
+    if budget_bytes is None:
+        budget_bytes = machine_budget_bytes(machine, run.device, 1, gpu_memory_bytes)
+    on_gpu = bounding_gpu(machine, run.device, 1) is not None
+    folder = run.config_dir if Path(run.pipeline_dir).is_file() and run.config_dir else run.pipeline_dir
+    return plan_images(
+        ImagePlanConfig(
+            folder,
+            int(budget_bytes),
+            resolution=run.resolution,
+            batch_size=run.batch_size,
+            rank=run.rank,
+            device="cuda" if on_gpu else "cpu",
+            max_sequence_length=run.max_sequence_length,
+        )
+    )
+
+
+def stored_ratio(run_dir: Path) -> float | None:
+    """The ρ an existing run folder was started with (a resumed run keeps it), or None."""
+    import json
+
+    path = Path(run_dir) / "image_run.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get("ratio")
+    return float(value) if value not in (None, "None") else None
+
+
 __all__ = [
+    "plan_for_run",
+    "stored_ratio",
     "BATCHES",
     "RESOLUTIONS",
     "ImagePlan",

@@ -106,3 +106,37 @@ def test_plan_table_lists_every_option(pipelines: dict[str, PipelineInfo]) -> No
     assert [(p.config.resolution, p.config.batch_size) for p in plans] == [(32, 1), (32, 2), (64, 1), (64, 2)]
     text = format_plan_table(plans)
     assert text.count("\n") == 4 and "0.9" in text
+
+
+def test_emloc_plan_on_a_pipeline_prints_the_image_plan(
+    pipelines: dict[str, PipelineInfo], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emloc_engine.cli.main import main
+
+    folder = str(pipelines["sdxl"].folder)
+    assert main(["plan", folder, "--gpu-gib", "4", "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "resolution  batch" in out and "ρ = 0.9" in out and "train" in out
+    for res in ("512", "768", "1024"):
+        assert f"\n{res:>10}  " in out
+    assert main(["plan", folder, "--budget-gib", "0.0001", "--gpu-gib", "4", "--resolution", "64"]) == 3
+    assert "Nothing fits" in capsys.readouterr().out
+
+
+def test_emloc_image_ratio_auto_refuses_and_resumes_with_the_first_ratio(
+    pipelines: dict[str, PipelineInfo], subject_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from emloc_engine.cli.main import main
+    from emloc_engine.images.planning import stored_ratio
+
+    run = tmp_path / "run"
+    args = ["image", str(pipelines["sdxl"].folder), str(subject_dir), "--out", str(run), "--min-side-px", "16",
+            "--resolution", "32", "--device", "cpu", "--budget-gib", "0.0001"]
+    assert main(args) != 0
+    assert "GiB more than the budget allows" in capsys.readouterr().err
+    assert not (run / "image_run.json").exists()
+    run.mkdir()
+    (run / "image_run.json").write_text(json.dumps({"ratio": "0.3"}))
+    assert stored_ratio(run) == 0.3 and stored_ratio(tmp_path) is None
