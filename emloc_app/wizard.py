@@ -66,7 +66,8 @@ class EmlocWizard(QWizard):
         self.plan_page = PlanPage(self.state)
         self.run_page = RunPage(self.state)
         self.try_page = TryPage(self.state)
-        self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try})
+        self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try,
+                                                                     "gallery": Page.Gallery})
         self.image_data_page = ImageDataPage(self.state)
         self.gallery_page = GalleryPage(self.state)
         self.pages: dict[Page, BasePage] = {
