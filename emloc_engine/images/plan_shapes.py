@@ -28,7 +28,6 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,12 +239,20 @@ def meta_inputs(
     if info.kind == "flux":
         side -= side % 2
         channels, tokens = int(cfg["in_channels"]) // 4, (side // 2) ** 2
-        text, width, pooled = max_sequence_length, int(cfg["joint_attention_dim"]), int(cfg["pooled_projection_dim"])
+        text, width, pooled = (
+            max_sequence_length,
+            int(cfg["joint_attention_dim"]),
+            int(cfg["pooled_projection_dim"]),
+        )
     elif info.kind == "sd3":
         patch = int(cfg.get("patch_size", 2))
         side -= side % patch
         channels, tokens = int(cfg["in_channels"]), (side // patch) ** 2
-        text, width, pooled = 77 + max_sequence_length, int(cfg["joint_attention_dim"]), int(cfg["pooled_projection_dim"])
+        text, width, pooled = (
+            77 + max_sequence_length,
+            int(cfg["joint_attention_dim"]),
+            int(cfg["pooled_projection_dim"]),
+        )
     else:
         down = 2 ** (len(cfg["block_out_channels"]) - 1)
         side -= side % down

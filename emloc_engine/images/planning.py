@@ -147,7 +147,9 @@ class ImagePlan:
     def raise_if_unfit(self) -> None:
         """Raise :class:`InsufficientMemory` with the plan's reason unless it fits."""
         if not self.fits:
-            raise InsufficientMemory(self.reason, hint="Lower the resolution or the batch, or give more memory.")
+            raise InsufficientMemory(
+                self.reason, hint="Lower the resolution or the batch, or give more memory."
+            )
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -217,7 +219,9 @@ class _Facts:
 
 
 def _facts(cfg: ImagePlanConfig, info: PipelineInfo, elem: int) -> _Facts:
-    shapes, profile = _profiled(info.folder.resolve(), cfg.resolution, cfg.rank, elem, cfg.max_sequence_length)
+    shapes, profile = _profiled(
+        info.folder.resolve(), cfg.resolution, cfg.rank, elem, cfg.max_sequence_length
+    )
     text = [n for n in TEXT_ENCODERS if n in info.components]
     widths = [
         int(c.get("d_model") or c.get("hidden_size") or 0) for c in (component_config(info, n) for n in text)
@@ -253,7 +257,7 @@ def _stage(name: str, parts: list[tuple[str, int]], cuda: bool) -> ImageStagePea
     c = PlannerConstants()
     tensors = sum(b for _, b in parts)
     runtime = (c.cuda_context_bytes if cuda else 0) + int(c.allocator_slack * tensors)
-    return ImageStagePeak(name, tuple((label, int(b)) for label, b in parts) + (("runtime", runtime),))
+    return ImageStagePeak(name, (*((label, int(b)) for label, b in parts), ("runtime", runtime)))
 
 
 def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> list[ImageStagePeak]:
@@ -278,7 +282,11 @@ def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> lis
         ("held-out forward", forward_bytes(f.profile, cfg.eval_batch)),
         ("fp64 preparation", 3 * biggest[0] * biggest[1] * 8),
     ]
-    return [_stage("cache", cache, cuda), _stage("emulator", emulator, cuda), _stage("correct", correct, cuda)]
+    return [
+        _stage("cache", cache, cuda),
+        _stage("emulator", emulator, cuda),
+        _stage("correct", correct, cuda),
+    ]
 
 
 def _train_stage(cfg: ImagePlanConfig, f: _Facts, ratio: float, elem: int, cuda: bool) -> ImageStagePeak:
@@ -401,7 +409,11 @@ def format_plan_table(plans: list[ImagePlan]) -> str:
     for p in plans:
         worst = max(p.stages, key=lambda s: s.peak_bytes)
         rho = f"{p.ratio:<5g}" if p.ratio is not None else "none "
-        note = worst.name if p.fits else f"{worst.name}: {(worst.peak_bytes - p.limit_bytes) / GIB:.1f} GiB short"
+        note = (
+            worst.name
+            if p.fits
+            else f"{worst.name}: {(worst.peak_bytes - p.limit_bytes) / GIB:.1f} GiB short"
+        )
         lines.append(
             f"{p.config.resolution:>10}  {p.config.batch_size:>5}  {rho}  {p.peak_bytes / GIB:8.2f}  {note}"
         )
@@ -452,8 +464,6 @@ def stored_ratio(run_dir: Path) -> float | None:
 
 
 __all__ = [
-    "plan_for_run",
-    "stored_ratio",
     "BATCHES",
     "RESOLUTIONS",
     "ImagePlan",
@@ -463,6 +473,8 @@ __all__ = [
     "format_image_plan",
     "format_plan_table",
     "lora_params",
+    "plan_for_run",
     "plan_images",
     "plan_table",
+    "stored_ratio",
 ]

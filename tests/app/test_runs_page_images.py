@@ -18,8 +18,15 @@ def make_image_run(root: Path, pipeline: Path, *, finished: bool) -> Path:
     root.mkdir(parents=True)
     pipeline.mkdir(parents=True, exist_ok=True)
     (pipeline / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    settings = {"pipeline_dir": str(pipeline), "images_dir": str(root.parent / "photos"), "run_dir": str(root),
-                "trigger": "zxq", "prompt": "", "config_dir": "None", "ratio": "0.4"}
+    settings = {
+        "pipeline_dir": str(pipeline),
+        "images_dir": str(root.parent / "photos"),
+        "run_dir": str(root),
+        "trigger": "zxq",
+        "prompt": "",
+        "config_dir": "None",
+        "ratio": "0.4",
+    }
     (root / "image_run.json").write_text(json.dumps(settings))
     markers = ["cache/cache.json", "emulator/emloc.json", "adapter/adapter_model.safetensors"]
     if finished:
@@ -37,7 +44,11 @@ def test_history_summarises_image_runs(tmp_path: Path) -> None:
     part = make_image_run(tmp_path / "runs" / "img-part", tmp_path / "sdxl", finished=False)
     s = summarize_image_run(done)
     assert s.kind == "image (sdxl)" and s.is_image and s.finished and s.ratio == 0.4
-    assert s.model == "sdxl" and s.data == "photos" and s.exports == {"diffusers": str(done / "export" / "diffusers")}
+    assert (
+        s.model == "sdxl"
+        and s.data == "photos"
+        and s.exports == {"diffusers": str(done / "export" / "diffusers")}
+    )
     p = summarize_image_run(part)
     assert p.status == "stopped" and p.stage == "correct" and p.status_text() == "stopped at correction"
     assert {r.run_dir.name for r in find_runs([tmp_path / "runs"])} == {"img-done", "img-part"}
@@ -58,5 +69,7 @@ def test_runs_page_lists_image_runs_and_opens_the_gallery(qtbot, tmp_path: Path,
     assert page.open_button.isEnabled() and not page.resume_button.isEnabled()
     page.open_button.click()
     assert wizard.currentId() == Page.Gallery
-    assert wizard.state.run_dir == image and wizard.state.is_image_model and wizard.state.image_trigger == "zxq"
+    assert (
+        wizard.state.run_dir == image and wizard.state.is_image_model and wizard.state.image_trigger == "zxq"
+    )
     assert settings.recent_runs() == [image]

@@ -52,11 +52,20 @@ def register(sub: Any) -> None:
         if conv is not None:
             kw["type"] = conv
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="GPU memory every stage must keep to, for --ratio auto (default: the GPU's free memory, "
-                        "or --gpu-memory when lower, minus max(0.5 GiB, 5%%)).")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
-                   help="Cap this process's GPU memory at GIB (the budget of --ratio auto comes from it).")
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="GPU memory every stage must keep to, for --ratio auto (default: the GPU's free memory, "
+        "or --gpu-memory when lower, minus max(0.5 GiB, 5%%)).",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="Cap this process's GPU memory at GIB (the budget of --ratio auto comes from it).",
+    )
     p.set_defaults(func=run)
 
 

@@ -41,13 +41,17 @@ def test_sizes_from_configs_equal_the_loaded_models(kind: str, pipelines: dict[s
     shapes = denoiser_shapes(info)
     denoiser = load_denoiser(info)
     assert shapes.params == _numel(denoiser)
-    linears = {n: (m.out_features, m.in_features) for n, m in denoiser.named_modules() if n in shapes.compressed}
+    linears = {
+        n: (m.out_features, m.in_features) for n, m in denoiser.named_modules() if n in shapes.compressed
+    }
     assert linears == shapes.compressed and len(linears) > 0
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(info.folder, local_files_only=True)
     assert component_params(info, "vae") == _numel(pipe.vae)
-    assert component_params(info, "text_encoder") == sum(p.numel() for p in pipe.text_encoder.state_dict().values())
+    assert component_params(info, "text_encoder") == sum(
+        p.numel() for p in pipe.text_encoder.state_dict().values()
+    )
 
 
 def test_emulator_and_lora_parameters_match_the_built_emulator(
@@ -56,13 +60,23 @@ def test_emulator_and_lora_parameters_match_the_built_emulator(
     info = pipelines["flux"]
     res = build_image_emulator(
         ImageEmulatorConfig(
-            info, caches["flux"], tmp_path / "emu", 0.3, calibration_images=1, calibration_timesteps=1, device="cpu"
+            info,
+            caches["flux"],
+            tmp_path / "emu",
+            0.3,
+            calibration_images=1,
+            calibration_timesteps=1,
+            device="cpu",
         )
     )
     shapes = denoiser_shapes(info)
     assert emulator_params(shapes, 0.3) == _numel(load_image_emulator(res.emulator_dir))
     assert emulator_params(shapes, 0.3) < emulator_params(shapes, 0.6) < shapes.params
-    assert lora_params(shapes, 8) == 2 * lora_params(shapes, 4) == sum(8 * (o + i) for o, i in shapes.compressed.values())
+    assert (
+        lora_params(shapes, 8)
+        == 2 * lora_params(shapes, 4)
+        == sum(8 * (o + i) for o, i in shapes.compressed.values())
+    )
 
 
 @pytest.mark.parametrize("kind", ["flux", "sdxl"])
@@ -132,8 +146,21 @@ def test_emloc_image_ratio_auto_refuses_and_resumes_with_the_first_ratio(
     from emloc_engine.images.planning import stored_ratio
 
     run = tmp_path / "run"
-    args = ["image", str(pipelines["sdxl"].folder), str(subject_dir), "--out", str(run), "--min-side-px", "16",
-            "--resolution", "32", "--device", "cpu", "--budget-gib", "0.0001"]
+    args = [
+        "image",
+        str(pipelines["sdxl"].folder),
+        str(subject_dir),
+        "--out",
+        str(run),
+        "--min-side-px",
+        "16",
+        "--resolution",
+        "32",
+        "--device",
+        "cpu",
+        "--budget-gib",
+        "0.0001",
+    ]
     assert main(args) != 0
     assert "GiB more than the budget allows" in capsys.readouterr().err
     assert not (run / "image_run.json").exists()
