@@ -39,6 +39,11 @@ STAGE_WORDS = {
 _FIELD = {f.name: f for f in dataclasses.fields(ImageRunConfig)}
 
 
+def _default(name: str) -> int:
+    """An ``ImageRunConfig`` field's default (the engine's, never re-declared here)."""
+    return int(_FIELD[name].default)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class ImagePlanRequest:
     """What the planning worker needs (a plain value: it crosses threads)."""
@@ -86,15 +91,15 @@ class ImagePlanPage(BasePage):
         self.resolution.setToolTip(_FIELD["resolution"].metadata["help"])
         self.batch = QSpinBox()
         self.batch.setRange(1, 16)
-        self.batch.setValue(int(_FIELD["batch_size"].default))
+        self.batch.setValue(_default("batch_size"))
         self.batch.setToolTip(_FIELD["batch_size"].metadata["help"])
         self.steps = QSpinBox()
         self.steps.setRange(1, 100_000)
-        self.steps.setValue(int(_FIELD["steps"].default))
+        self.steps.setValue(_default("steps"))
         self.steps.setToolTip(_FIELD["steps"].metadata["help"])
         self.sample_every = QSpinBox()
         self.sample_every.setRange(0, 100_000)
-        self.sample_every.setValue(int(_FIELD["sample_every"].default))
+        self.sample_every.setValue(_default("sample_every"))
         self.sample_every.setToolTip(_FIELD["sample_every"].metadata["help"] + " They appear in the gallery.")
         self.trigger = QLineEdit()
         self.trigger.setToolTip(_FIELD["trigger"].metadata["help"])

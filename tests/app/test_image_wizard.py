@@ -69,3 +69,36 @@ def test_image_run_through_the_wizard(qtbot, tmp_path: Path, monkeypatch) -> Non
     gallery = wizard.gallery_page
     qtbot.waitUntil(lambda: gallery.steps.count() > 0, timeout=10_000)
     assert wizard.nextId() == -1
+
+
+def test_image_run_page_shows_each_stage_and_cancels(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from emloc_app.pages import image_run_page
+    from emloc_engine.images.run import ImageRunConfig
+
+    reached = threading.Event()
+
+    def fake_run(cfg: ImageRunConfig, progress):  # type: ignore[no-untyped-def]
+        progress.update(0.05, "encoding")
+        while True:  # the cache is done, the emulator half built (sent again: the worker throttles updates)
+            threading.Event().wait(0.06)
+            progress.update(0.2, "calibrating")
+            reached.set()
+            progress.check_cancelled()
+
+    monkeypatch.setattr(image_run_page, "run", fake_run)
+    state = WizardState()
+    state.image_run = ImageRunConfig(tmp_path / "pipe", tmp_path / "photos", tmp_path / "run", ratio=0.4)
+    page = image_run_page.ImageRunPage(state)
+    qtbot.addWidget(page)
+    page.initializePage()
+    assert "ρ = 0.40" in page.where.text()
+    page.start_button.click()
+    qtbot.waitUntil(lambda: reached.is_set() and page.stages.state("emulator") == "running", timeout=10_000)
+    assert page.stages.state("cache") == "done" and page.stages.state("train") == "pending"
+    assert page.stages.rows["emulator"].bar.value() == 500
+    page.cancel_button.click()
+    qtbot.waitUntil(lambda: not page.busy("run"), timeout=10_000)
+    assert page.stages.state("emulator") == "cancelled" and "Cancelled" in page.where.text()
+    assert page.start_button.isEnabled() and not page.isComplete()
