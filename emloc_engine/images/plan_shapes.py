@@ -15,7 +15,10 @@
   to the adapter's fp32, and the rank-r intermediate. Saved bytes are attributed to the gradient
   checkpointing units (:data:`CHECKPOINT_UNITS`: the transformer blocks of FLUX/SD3; the UNet's
   resnets and transformer blocks), so the planner can count a checkpointed step: every unit's
-  inputs, plus one unit's activations recomputed during the backward.
+  inputs, plus one unit's activations recomputed during the backward. A second, no-grad forward
+  on the meta device measures the most memory a forward without gradients holds at once (every
+  tensor an op makes counted while it lives, each storage once): what calibration, the λ search and
+  inference need (the UNet's skip connections included).
 
 Every count is linear in the batch (the planner multiplies); it depends on the resolution through the
 latent tokens, ``(res/16)²`` for FLUX and SD3 (2×2 patches of the /8 latent) and the UNet's feature
@@ -25,6 +28,7 @@ maps for SDXL, which the forward itself follows.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.images.pipelines import COMPRESSED, PipelineInfo, denoiser_class
@@ -137,6 +143,8 @@ class ActivationProfile:
     total_bytes: int
     max_unit_out_bytes: int
     latent_tokens: int
+    forward_bytes: int = 0
+    """The most a no-grad forward holds at once (inputs included): calibration, the λ search, inference."""
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -161,6 +169,43 @@ class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
             return _FusedAttention.apply(q, k, v)
         return func(*args, **kwargs)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by live tensors an op made (each storage once), on any device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.now = 0
+        self.peak = 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        entry = self.live.get(key)
+        if entry is None:
+            self.live[key] = [storage.nbytes(), 1]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        else:
+            entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.now -= entry[0]
+                del self.live[key]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
 
 class _SavedCounter:
@@ -298,6 +343,11 @@ def activation_profile(
                 hint="Choose a lower resolution.",
             ) from exc
     del out
+    live = _LiveBytes()
+    with torch.no_grad(), _FusedAttentionMode(), live:
+        x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
+        out = predict(info.kind, model, x.detach(), torch.empty(1, device="meta", dtype=dtype), cond)
+        del out, x, cond
     units = {k: v for k, v in counter.by_unit.items() if k}
     outside = counter.by_unit.get("", 0)
     return ActivationProfile(
@@ -307,6 +357,7 @@ def activation_profile(
         total_bytes=outside + sum(units.values()),
         max_unit_out_bytes=counter.max_out,
         latent_tokens=tokens,
+        forward_bytes=live.peak,
     )
 
 

@@ -17,7 +17,7 @@ adds the CUDA context and 3 % allocator slack, :class:`~emloc_engine.run.plannin
   blocks and the largest block in ``b``; the calibration statistics of the largest pass (fp32, whole
   blocks up to ``stats_budget_gib``, as :func:`~.emulator._passes` groups them); one module's
   factorisation (fp32 ``W`` twice and ``3 · in²``); a no-grad forward of ``calibration_batch``
-  images (:func:`forward_bytes`).
+  images (:func:`forward_bytes`: the peak of live tensors of a batch-1 meta forward, times the batch).
 * **train** (:mod:`.training`): the emulator resident in ``b`` (dense weights + ``k(out+in)+out``
   per compressed linear, ``k = ⌊ρ·out·in/(out+in)⌋``); LoRA ``r(out+in)`` per linear in fp32 with
   its gradient and AdamW's two moments (16 bytes a parameter); activations ``B ×`` the saved
@@ -174,8 +174,8 @@ def vae_feature_bytes(vae: dict[str, Any], resolution: int, elem: int) -> int:
 
 
 def forward_bytes(profile: ActivationProfile, batch: int) -> int:
-    """A no-grad forward's live tensors: one block's working set and every block's inputs (UNet skips)."""
-    return batch * (profile.max_unit_bytes + profile.unit_input_bytes)
+    """A no-grad forward's peak of live tensors (measured at batch 1 on the meta device) for ``batch``."""
+    return batch * profile.forward_bytes
 
 
 def train_activation_bytes(profile: ActivationProfile, batch: int, checkpointing: bool) -> int:

@@ -88,6 +88,9 @@ def test_peaks_grow_with_resolution_and_batch(kind: str, pipelines: dict[str, Pi
     for name in ("emulator", "train", "correct"):
         assert small.stage(name).peak_bytes < big.stage(name).peak_bytes
     assert big.stage("train").peak_bytes < batch.stage("train").peak_bytes
+    # a no-grad forward holds less than a training step keeps, and grows with the resolution
+    fwd = {p: dict(p.stage("correct").parts)["held-out forward"] for p in (small, big)}
+    assert 0 < fwd[small] < fwd[big] < dict(big.stage("train").parts)["activations"] * 4
     assert batch.latent_tokens == 4 * big.latent_tokens
     # FLUX: tokens are the 2×2 patches of the latent (VAE /2 here): (64/2/2)² = 256
     if kind == "flux":
