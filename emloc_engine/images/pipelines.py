@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+from emloc_engine.core.errors import MissingTool, ModelNotFound, UnsupportedModel
 
 Kind = Literal["flux", "sd3", "sdxl"]
 KINDS: tuple[Kind, ...] = ("flux", "sd3", "sdxl")
@@ -94,6 +94,17 @@ class PipelineInfo:
         return self.kind in ("flux", "sd3")
 
 
+def require_diffusers() -> None:
+    """Raise :class:`MissingTool` when the optional ``diffusers`` package (the ``images`` extra) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        raise MissingTool(
+            "Image models need the diffusers package, which is not installed.",
+            hint="pip install 'emloc-studio[images]' (make run / make test install it).",
+        )
+
+
 def is_pipeline_folder(folder: Path) -> bool:
     """Whether ``folder`` has a ``model_index.json`` (a diffusers pipeline, supported or not)."""
     return (Path(folder) / MODEL_INDEX).is_file()
@@ -106,6 +117,7 @@ def identify_pipeline(folder: Path) -> PipelineInfo:
         ModelNotFound: no such folder, no ``model_index.json``, or the denoiser's weights are missing.
         UnsupportedModel: another pipeline class, or a component that needs code from the model.
     """
+    require_diffusers()
     folder = Path(folder)
     if folder.is_file() and folder.suffix in (".safetensors", ".ckpt", ".gguf"):
         raise UnsupportedModel(
@@ -323,6 +335,7 @@ __all__ = [
     "is_pipeline_folder",
     "load_denoiser",
     "load_pipeline",
+    "require_diffusers",
     "scheduler_config",
     "with_denoiser_dir",
 ]

@@ -138,11 +138,14 @@ def resolve_pipeline(cfg: ImageRunConfig) -> PipelineInfo:
 
 
 def _check_settings(cfg: ImageRunConfig) -> None:
+    """Refuse a rerun whose settings would change what the run folder already holds.
+
+    The settings are recorded once the cache is written (a first call that stops at a data problem
+    records nothing, so the user may fix the data and change any setting).
+    """
     path = cfg.run_dir / RUN_SETTINGS
     current = {k: str(v) for k, v in asdict(cfg).items()}
     if not path.is_file():
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, current)
         return
     first = json.loads(path.read_text(encoding="utf-8"))
     fixed = (
@@ -207,6 +210,8 @@ def run_images(cfg: ImageRunConfig, progress: Progress = NULL_PROGRESS) -> Image
         ),
         sub(progress, 0.0, 0.1),
     )
+    if not (cfg.run_dir / RUN_SETTINGS).is_file():
+        write_json_atomic(cfg.run_dir / RUN_SETTINGS, {k: str(v) for k, v in asdict(cfg).items()})
     emulator_dir = cfg.run_dir / "emulator"
     if (emulator_dir / EMULATOR_META).is_file():
         if float(read_emulator_meta(emulator_dir)["ratio"]) != cfg.ratio:

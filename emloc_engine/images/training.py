@@ -6,7 +6,8 @@ compressed linear of the emulator (the adapter spans the whole composite ``u·v`
 embeddings with the family's loss (:mod:`.families`: flow matching for FLUX/SD3, noise prediction
 for SDXL). Each step draws a batch from one aspect bucket; with class images cached (prior
 preservation) it adds ``prior_loss_weight`` × the same loss on a batch of class images. AdamW, a
-constant learning rate after a linear warmup (the DreamBooth scripts' default), LoRA weights in fp32.
+constant learning rate after a linear warmup, weight decay 1e-4 and gradients clipped at norm 1 (the
+DreamBooth scripts' defaults), LoRA weights in fp32.
 
 Outputs in the run folder:
 
@@ -177,7 +178,7 @@ def train_image_lora(cfg: ImageTrainConfig, progress: Progress = NULL_PROGRESS) 
     start, losses = 0, []
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = torch.load(latest / "state.pt", weights_only=True)  # a checkpoint folder never runs code
         set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])

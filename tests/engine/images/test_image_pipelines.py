@@ -127,3 +127,17 @@ def test_find_pipelines_in_a_cache(pipelines: dict[str, PipelineInfo], tmp_path:
     }
     assert "StableDiffusionPipeline" in found["someone/sd15"].problem
     shutil.rmtree(other.parents[1])
+
+
+def test_missing_diffusers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.util
+
+    from emloc_engine.core.errors import MissingTool
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a)
+    )
+    with pytest.raises(MissingTool, match="diffusers") as err:
+        identify_pipeline(tmp_path)
+    assert "emloc-studio[images]" in str(err.value)

@@ -96,3 +96,33 @@ def test_cli(
         "a dog",
     ]
     assert main(["image", str(tmp_path), str(subject_dir), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_prior_preservation_and_data_problems(
+    pipelines: dict[str, PipelineInfo], subject_dir: Path, tmp_path: Path
+) -> None:
+    from emloc_engine.core.errors import DataError
+    from tests.tiny_pipelines import write_subject_images
+
+    info = pipelines["flux"]
+    with pytest.raises(DataError, match="smaller than 64"):
+        run_images(_cfg(info, subject_dir, tmp_path / "run", min_side_px=64))
+    assert not (tmp_path / "run" / "image_run.json").exists()  # nothing recorded: any setting may change
+    classes = tmp_path / "classes"
+    write_subject_images(classes, 3, shape="square", colour=2, captions=False)
+    with_prior = run_images(
+        _cfg(
+            info,
+            subject_dir,
+            tmp_path / "run",
+            class_dir=classes,
+            class_prompt="a square",
+            steps=2,
+            sample_every=0,
+        )
+    )
+    without = run_images(_cfg(info, subject_dir, tmp_path / "plain", steps=2, sample_every=0))
+    meta = json.loads((tmp_path / "run" / "cache" / "cache.json").read_text())
+    class_items = [it for it in meta["items"] if it["split"] == "class"]
+    assert len(class_items) == 3 and {meta["prompts"][it["caption"]] for it in class_items} == {"a square"}
+    assert with_prior.finished and with_prior.losses[0] != pytest.approx(without.losses[0])
