@@ -325,6 +325,38 @@ def plain_lora(
     return loss
 
 
+def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The image planner's prediction for this benchmark's settings, to check against the measured peaks.
+
+    ``predicted_allocated_gib`` leaves out the CUDA context (not in ``max_memory_allocated``, which the
+    stages' ``peak_gib`` are); ``planned_ratio`` is the ρ the planner picks under ``--cap-gib`` as budget.
+    """
+    from dataclasses import replace
+
+    from emloc_engine.images.planning import ImagePlanConfig, plan_images
+    from emloc_engine.run.planning import PlannerConstants
+
+    budget = int((args.cap_gib or 1024) * 2**30)
+    cfg = ImagePlanConfig(
+        info.folder,
+        budget,
+        resolution=args.resolution,
+        rank=16,
+        ratio=args.ratio,
+        device=device.type,
+        calibration_batch=1,
+        eval_batch=1,
+    )
+    plan = plan_images(cfg)
+    context = PlannerConstants().cuda_context_bytes / 2**30 if device.type == "cuda" else 0.0
+    peaks = plan.predicted_peaks_gib()
+    return {
+        "predicted_gib": peaks,
+        "predicted_allocated_gib": {k: round(v - context, 3) for k, v in peaks.items()},
+        "planned_ratio": plan_images(replace(cfg, ratio=None)).ratio,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("flux-dev", "sdxl", "tiny-flux", "tiny-sdxl"), required=True)
@@ -358,6 +390,7 @@ def main() -> None:
         if args.cap_gib:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+    results.update(predicted(info, args, device))
     images = write_subject_images(work / "images", args.images, size=(args.resolution, args.resolution))
     items = scan_image_folder(ImageFolderConfig(images[0].parent, trigger="sks", min_side_px=16)).items
     run = work / f"run-{args.model}"

@@ -22,6 +22,8 @@ from emloc_engine.run.config import RunConfig
 from emloc_engine.run.history import RUN_STAGES
 
 if TYPE_CHECKING:
+    from emloc_engine.images.planning import ImagePlan
+    from emloc_engine.images.run import ImageRunConfig
     from emloc_engine.run.orchestrator import RunResult
     from emloc_engine.run.plan import RunPlan
     from emloc_engine.stages.correction.corrector import CorrectionResult
@@ -67,6 +69,8 @@ class WizardState:
     image_trigger: str = ""
     image_prompt: str = ""  # the caption of photos without a .txt
     image_report: ImageFolderReport | None = None
+    image_run: ImageRunConfig | None = None  # the image Plan page's settings, ρ included (run by the Run page)
+    image_plan: ImagePlan | None = None
     # 4 Plan
     config: RunConfig | None = None  # the run's settings: built by the Plan page, or read from a reopened run
     run_plan: RunPlan | None = None  # plan_run(config): ρ, the memory plan and every stage's config

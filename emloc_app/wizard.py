@@ -13,6 +13,8 @@ from emloc_app.pages.common import BasePage
 from emloc_app.pages.data_page import DataPage
 from emloc_app.pages.gallery_page import GalleryPage
 from emloc_app.pages.image_data_page import ImageDataPage
+from emloc_app.pages.image_plan_page import ImagePlanPage
+from emloc_app.pages.image_run_page import ImageRunPage
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
 from emloc_app.pages.plan_page import PlanPage
@@ -36,9 +38,12 @@ class Page(IntEnum):
     Runs = 6  # the start page when runs exist (its Next goes to Machine; the Try page is the last)
     ImageData = 7  # image models: in place of Data (its Next goes to Plan)
     Gallery = 8  # image runs: in place of Try (the last page)
+    ImagePlan = 9  # image models: in place of Plan (its Next goes to ImageRun)
+    ImageRun = 10  # image models: in place of Run (its Next goes to Gallery)
 
 
-IMAGE_PAGES = {Page.Data: Page.ImageData, Page.Try: Page.Gallery}
+IMAGE_PAGES = {Page.Data: Page.ImageData, Page.Plan: Page.ImagePlan, Page.Run: Page.ImageRun,
+               Page.Try: Page.Gallery}
 """For an image model (``WizardState.is_image_model``) the wizard shows these pages in place of the keys."""
 
 
@@ -66,13 +71,17 @@ class EmlocWizard(QWizard):
         self.plan_page = PlanPage(self.state)
         self.run_page = RunPage(self.state)
         self.try_page = TryPage(self.state)
-        self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try})
+        self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try,
+                                                                     "gallery": Page.Gallery})
         self.image_data_page = ImageDataPage(self.state)
         self.gallery_page = GalleryPage(self.state)
+        self.image_plan_page = ImagePlanPage(self.state)
+        self.image_run_page = ImageRunPage(self.state)
         self.pages: dict[Page, BasePage] = {
             Page.Machine: self.machine_page, Page.Model: self.model_page, Page.Data: self.data_page,
             Page.Plan: self.plan_page, Page.Run: self.run_page, Page.Try: self.try_page,
             Page.Runs: self.runs_page, Page.ImageData: self.image_data_page, Page.Gallery: self.gallery_page,
+            Page.ImagePlan: self.image_plan_page, Page.ImageRun: self.image_run_page,
         }
         for pid, page in self.pages.items():
             self.setPage(int(pid), page)

@@ -156,7 +156,7 @@ class RunsPage(BasePage):
         for row, run in enumerate(self.runs):
             exports = ", ".join(run.exports) or "–"
             cells = (
-                run.model,
+                run.model if not run.is_image else f"{run.model} · {run.kind}",
                 run.data,
                 run.created_local(),
                 run.status_text(),
@@ -186,7 +186,9 @@ class RunsPage(BasePage):
         one = len(chosen) == 1
         usable = one and chosen[0].status not in ("unreadable", "running")
         self.open_button.setEnabled(usable)
-        self.resume_button.setEnabled(usable and chosen[0].status in ("stopped", "failed"))
+        self.resume_button.setEnabled(
+            usable and chosen[0].status in ("stopped", "failed") and not chosen[0].is_image
+        )
         self.compare_button.setEnabled(len(chosen) == 2)
         self.delete_button.setEnabled(one and chosen[0].status != "running")
         if one:
@@ -232,6 +234,9 @@ class RunsPage(BasePage):
         """Go to the Try page (finished) or the planned Run page (unfinished; ``resume`` also starts it)."""
         if self.busy("plan"):
             return
+        if run.is_image:
+            self.open_image_run(run)
+            return
         try:
             self.adopt(run)
         except EngineError as exc:
@@ -252,6 +257,21 @@ class RunsPage(BasePage):
             return
         self.detail.setText("Planning the run on this machine…")
         self.run_task("plan", plan_again, cfg, lambda planned: self._planned(planned, resume), retry=False)
+
+    def open_image_run(self, run: RunSummary) -> None:
+        """An ``emloc image`` run: its gallery (samples, export), with the state read from ``image_run.json``."""
+        from emloc_app.image_runs import image_state_from_run_dir
+
+        try:
+            opened = image_state_from_run_dir(run.run_dir)
+        except EngineError as exc:
+            self.banner.show_error(exc, retry=False)
+            return
+        keep = {"machine": self.state.machine, "gpu_index": self.state.gpu_index}
+        for f in dataclasses.fields(WizardState):
+            setattr(self.state, f.name, keep.get(f.name, getattr(opened, f.name)))
+        self.settings.add_recent_run(run.run_dir)
+        self.go(self.targets.get("gallery", self.targets["try"]))
 
     def _planned(self, planned: Planned, resume: bool) -> None:
         self.state.machine = planned.machine

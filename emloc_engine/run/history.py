@@ -12,6 +12,11 @@ A run's **status** in plain words:
 * ``failed`` — the first stage not done failed (``message`` says why);
 * ``running`` — another process (or this one) holds the folder's lock now;
 * ``unreadable`` — the manifest exists but cannot be read (``message``).
+
+Image runs (``emloc image``, :mod:`emloc_engine.images.run`) have ``RUN/image_run.json`` and no
+manifest; :func:`summarize_image_run` reads them from their files (``kind`` ``image (flux)`` …):
+finished once ``adapter-corrected/`` exists, else stopped at the first stage whose output is missing
+(cache, emulator, training, correction).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 RUN_STAGES = ("emulator", "train", "correct")
 """The stages a run needs to be finished (exports are extras, chosen format by format)."""
 STAGE_WORDS = {
+    "cache": "encoding the images",
     "emulator": "building the emulator",
     "train": "training",
     "correct": "correction",
@@ -78,6 +84,12 @@ class RunSummary:
     final_eval_loss: float | None = None
     exports: dict[str, str] = field(default_factory=dict)
     ratio: float | None = None
+    kind: str = "text"
+    """``text``, or ``image (flux|sd3|sdxl)`` for a run of ``emloc image``."""
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind.startswith("image")
 
     @property
     def finished(self) -> bool:
@@ -112,6 +124,68 @@ def display_name(path: str) -> str:
 def is_run_folder(path: Path) -> bool:
     """Whether ``path`` is a folder with an EMLoC run manifest (readable or not)."""
     return Path(path).is_dir() and RunLayout(Path(path)).manifest.is_file()
+
+
+IMAGE_RUN_SETTINGS = "image_run.json"  # emloc_engine.images.run.RUN_SETTINGS (that module imports torch)
+IMAGE_STAGES = (
+    ("cache", "cache/cache.json"),
+    ("emulator", "emulator/emloc.json"),
+    ("train", "adapter/adapter_model.safetensors"),
+    ("correct", "adapter-corrected/adapter_model.safetensors"),
+)
+"""An image run's stages and the file that marks each done."""
+
+
+def is_image_run_folder(path: Path) -> bool:
+    """Whether ``path`` is the folder of an ``emloc image`` run (``image_run.json``, no manifest)."""
+    return (Path(path) / IMAGE_RUN_SETTINGS).is_file() and not RunLayout(Path(path)).manifest.is_file()
+
+
+def summarize_image_run(run_dir: Path) -> RunSummary:
+    """An image run folder as the Runs page lists it (module docstring)."""
+    run_dir = Path(run_dir)
+    settings_path = run_dir / IMAGE_RUN_SETTINGS
+    created = _dt.datetime.fromtimestamp(settings_path.stat().st_mtime, _dt.UTC).isoformat()
+    try:
+        recorded = json.loads(settings_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return RunSummary(run_dir, created=created, status="unreadable", message=str(exc), kind="image")
+    family = "?"
+    try:
+        family = str(json.loads((run_dir / "emulator" / "emloc.json").read_text(encoding="utf-8"))["family"])
+    except (OSError, ValueError, KeyError):
+        family = _pipeline_family(str(recorded.get("pipeline_dir", "")), str(recorded.get("config_dir", "")))
+    done = tuple(name for name, marker in IMAGE_STAGES if (run_dir / marker).is_file())
+    missing = [name for name, _ in IMAGE_STAGES if name not in done]
+    ratio = recorded.get("ratio")
+    exports = {p.name: str(p) for p in sorted((run_dir / "export").glob("*")) if p.is_dir()}
+    return RunSummary(
+        run_dir=run_dir,
+        model=display_name(str(recorded.get("pipeline_dir", ""))),
+        model_path=str(recorded.get("pipeline_dir", "")),
+        data=display_name(str(recorded.get("images_dir", ""))),
+        data_path=str(recorded.get("images_dir", "")),
+        created=created,
+        updated=created,
+        status="finished" if not missing else "stopped",
+        stage=missing[0] if missing else None,
+        stages_done=done,
+        exports=exports,
+        ratio=float(ratio) if ratio not in (None, "None") else None,
+        kind=f"image ({family})",
+    )
+
+
+def _pipeline_family(*folders: str) -> str:
+    from emloc_engine.images.pipelines import PIPELINE_CLASSES
+
+    for folder in folders:
+        try:
+            cls = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+        except (OSError, ValueError, KeyError):
+            continue
+        return PIPELINE_CLASSES.get(str(cls), "?")
+    return "?"
 
 
 def in_use(run_dir: Path) -> bool:
@@ -259,10 +333,10 @@ def find_runs(parents: Iterable[Path] = (), folders: Iterable[Path] = ()) -> lis
     candidates += [Path(f) for f in folders]
     for folder in candidates:
         key = folder.resolve()
-        if key in seen or not is_run_folder(folder):
+        if key in seen or not (is_run_folder(folder) or is_image_run_folder(folder)):
             continue
         try:
-            seen[key] = summarize_run(folder)
+            seen[key] = summarize_run(folder) if is_run_folder(folder) else summarize_image_run(folder)
         except (RunStateError, OSError) as exc:  # vanished meanwhile
             log.info("Skipping %s: %s", folder, exc)
     return sorted(seen.values(), key=lambda r: (r.created, str(r.run_dir)), reverse=True)

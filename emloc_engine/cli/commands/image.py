@@ -46,10 +46,54 @@ def register(sub: Any) -> None:
             continue
         conv, extra = _parser_of(str(f.type))
         kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], **extra}
+        if f.name == "ratio":  # planned unless given (emloc_engine.images.planning)
+            conv, kw["default"] = _ratio, "auto"
+            kw["help"] += " auto (default): the largest that fits the budget (emloc plan PIPELINE shows it)."
         if conv is not None:
             kw["type"] = conv
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="GPU memory every stage must keep to, for --ratio auto (default: the GPU's free memory, "
+        "or --gpu-memory when lower, minus max(0.5 GiB, 5%%)).",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="Cap this process's GPU memory at GIB (the budget of --ratio auto comes from it).",
+    )
     p.set_defaults(func=run)
+
+
+def _ratio(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+def _auto_ratio(cfg: Any, args: argparse.Namespace) -> Any:
+    """``cfg`` with ρ chosen by the image planner (a resumed run keeps its first ρ).
+
+    Raises:
+        InsufficientMemory: no ρ fits; the message says which stage and by how much.
+    """
+    from dataclasses import replace
+
+    from emloc_engine.images.planning import format_image_plan, plan_for_run, stored_ratio
+
+    first = stored_ratio(cfg.run_dir)
+    if first is not None:
+        return replace(cfg, ratio=first)
+    gib = 1024**3
+    budget = int(args.budget_gib * gib) if args.budget_gib else None
+    cap = int(args.gpu_memory * gib) if args.gpu_memory else None
+    plan = plan_for_run(cfg, budget, cap)
+    print(format_image_plan(plan))
+    plan.raise_if_unfit()
+    assert plan.ratio is not None
+    return replace(cfg, ratio=plan.ratio)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,9 +104,18 @@ def run(args: argparse.Namespace) -> int:
         f.name: getattr(args, f.name) for f in dataclasses.fields(ImageRunConfig) if f.name not in _POSITIONAL
     }
     values["sample_prompts"] = tuple(values["sample_prompts"] or ())
+    auto = values["ratio"] == "auto"
+    if auto:
+        values["ratio"] = 0.5  # replaced by the plan below
     cfg = ImageRunConfig(
         pipeline_dir=Path(args.pipeline), images_dir=Path(args.images), run_dir=Path(args.out), **values
     )
+    if auto:
+        cfg = _auto_ratio(cfg, args)
+    if args.gpu_memory:
+        from emloc_engine.machine.memory_cap import apply_gpu_memory_cap
+
+        apply_gpu_memory_cap(int(args.gpu_memory * 1024**3), cfg.device)
     bar = TqdmProgress("emloc image")
     try:
         result = run_images(cfg, bar)

@@ -48,13 +48,16 @@ def register(sub: Any) -> None:
     p.add_argument("--ram-gib", type=_gib("--ram-gib"), default=None, help="RAM of the machine to plan for (default: this machine's).")
     p.add_argument("--gpu-name", default=None, help="GPU name for the time estimates (e.g. 'RTX 4090').")
     p.add_argument("--context", type=int, default=data.max_length, help="Tokens per training sequence.")
-    p.add_argument("--batch", type=int, default=run.batch_size, help="Sequences per step.")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"Sequences per step (default {run.batch_size}; images per step for an image model, default 1).")
     p.add_argument("--rank", type=int, default=run.rank, help="LoRA rank.")
     p.add_argument("--steps", type=int, default=run.steps, help="Optimizer steps (for the time and the anchors).")
     p.add_argument("--anchor-ram-gib", type=float, default=run.anchor_ram_gib,
                    help="Most RAM the anchors take at once (emloc run --anchor-ram-gib).")
     p.add_argument("--ratio", type=float, default=None, help="Evaluate this keep-ratio ρ instead of choosing one.")
     p.add_argument("--margin", type=float, default=0.1, help="Safety margin, a fraction of the budget.")
+    p.add_argument("--resolution", type=int, default=1024,
+                   help="Image models: the training resolution of the detailed plan (the table shows 512-1024).")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     p.set_defaults(func=run_plan)
 
@@ -77,6 +80,7 @@ def plan_config_of(args: argparse.Namespace, machine: Any = None) -> Any:
     """
     from emloc_engine.machine.budget import default_budget_bytes
     from emloc_engine.run.planning import PlanConfig
+    from emloc_engine.stages.training.options import TrainOptions
 
     cap = int(args.gpu_memory * GIB) if args.gpu_memory else None
     ram = int(args.ram_gib * GIB) if args.ram_gib else None
@@ -99,15 +103,44 @@ def plan_config_of(args: argparse.Namespace, machine: Any = None) -> Any:
             cap = None  # the cap applies to GPUs only
     budget = int(args.budget_gib * GIB) if args.budget_gib else default_budget_bytes(free, cap)
     return PlanConfig(budget_bytes=budget, gpu_total_bytes=min(total, cap) if cap else total,
-                      context_length=args.context, batch_size=args.batch, lora_rank=args.rank, ratio=args.ratio,
+                      context_length=args.context, batch_size=args.batch or TrainOptions().batch_size, lora_rank=args.rank, ratio=args.ratio,
                       safety_margin=args.margin, device=device if device in ("cuda", "rocm", "mps", "cpu") else "cpu",
                       gpu_name=gpu_name, train_steps=args.steps, ram_bytes=ram,
                       anchor_ram_bytes=int(args.anchor_ram_gib * GIB))
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from emloc_engine.images.pipelines import is_pipeline_folder
     from emloc_engine.run.planning import format_plan, plan_memory
 
+    if is_pipeline_folder(Path(args.model)):
+        return run_image_plan(args)
     plan = plan_memory(_facts(args.model), plan_config_of(args))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits else 3
+
+
+def run_image_plan(args: argparse.Namespace) -> int:
+    """``emloc plan PIPELINE_DIR``: the image planner's table (resolution × batch) and the detailed plan."""
+    from emloc_engine.images.planning import (
+        ImagePlanConfig,
+        format_image_plan,
+        format_plan_table,
+        plan_images,
+        plan_table,
+    )
+
+    base = plan_config_of(args)
+    cfg = ImagePlanConfig(Path(args.model), base.budget_bytes, resolution=args.resolution, batch_size=args.batch or 1,
+                          rank=args.rank, ratio=args.ratio, device="cpu" if base.device == "cpu" else "cuda",
+                          safety_margin=args.margin)
+    plan = plan_images(cfg)
+    if args.json:
+        print(json.dumps({"kind": plan.kind, "ratio": plan.ratio, "fits": plan.fits, "reason": plan.reason,
+                          "limit_gib": plan.limit_bytes / GIB, "predicted_peaks_gib": plan.predicted_peaks_gib()},
+                         indent=2))
+    else:
+        print(format_plan_table(plan_table(cfg)))
+        print()
+        print(format_image_plan(plan))
     return 0 if plan.fits else 3
