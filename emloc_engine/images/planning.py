@@ -44,8 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from emloc_engine.core.errors import ConfigError, InsufficientMemory
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
@@ -243,6 +241,8 @@ def _profiled(
     folder: Path, resolution: int, rank: int, elem: int, max_sequence_length: int
 ) -> tuple[DenoiserShapes, ActivationProfile]:
     """The denoiser's shapes and a batch-1 step's activations (cached: a FLUX.1 meta forward takes ~2 s)."""
+    import torch  # here, not at import: the app's start-up must not load torch
+
     info = identify_pipeline(folder)
     model = meta_denoiser(info)
     shapes = denoiser_shapes(info, model)
