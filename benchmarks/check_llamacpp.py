@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from emloc_engine.stages.export.adapter_gguf import AdapterGgufConfig, export_adapter_gguf
 from emloc_engine.stages.export.gguf_export import GgufConfig, export_gguf
@@ -207,12 +208,70 @@ def top1(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return same / sum(len(r) for r in ref)
 
 
+BEGIN, END = "<!-- llamacpp:begin -->", "<!-- llamacpp:end -->"
+COMMAND = "python benchmarks/check_llamacpp.py --work /tmp/llcpp-check --out benchmarks/results/llamacpp-check-cpu-2026-12-05.json"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2g} %" if x < 0.01 else f"{100 * x:.1f} %"
+
+
+def render(result: dict[str, Any], source: str, date: str) -> str:
+    """The RESULTS.md section, made from one recorded JSON (never typed in)."""
+    lines = [
+        BEGIN,
+        "## GGUF files in llama.cpp itself (issue 18)",
+        "",
+        f"{date} · {result['machine']} · llama-cpp-python {result['llama_cpp_python']} (llama.cpp built from source) · "
+        f"torch {result['torch']}  ",
+        f"Command: `{COMMAND}`  ",
+        f"Numbers: `{source}`. *rel err*: max |llama.cpp logit − reference| / max |reference logit| over fixed "
+        "prompts (reference: transformers for merged files, peft for adapters). *effect*: (base + adapter) − base in "
+        "llama.cpp against the same difference in peft.",
+        "",
+        "| model | file | rel err | adapter effect: cosine | effect rel err | top-1 agrees |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        cos = f"{r['effect_cosine']:.6f}" if "effect_cosine" in r else "—"
+        eff = _pct(r["effect_rel_err"]) if "effect_rel_err" in r else "—"
+        top = _pct(r["top1_agree"]) if "top1_agree" in r else "—"
+        lines.append(f"| {r['model']} | {r['file']} | {_pct(r['rel_err'])} | {cos} | {eff} | {top} |")
+    lines += [
+        "",
+        "Reading: merged files match transformers in f32/f16 (quantization error only in q8_0); adapter.gguf applied by "
+        "llama.cpp reproduces peft's effect. On the unchanged Q4_1 demo file llama.cpp's own Q4_1 arithmetic (the "
+        "base alone is off by the *base* error below) dominates the adapter's effect, so the effect cosine there "
+        "measures the runtime's noise, not the adapter file.",
+        "",
+    ]
+    for r in result["rows"]:
+        if "base_rel_err" in r:
+            lines.append(
+                f"- {r['model']}, {r['file']}: base alone rel err {_pct(r['base_rel_err'])}, "
+                f"base top-1 agrees {_pct(r['base_top1_agree'])}."
+            )
+    lines.append(END)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument(
+        "--render", type=Path, metavar="JSON", help="write RESULTS.md's section from a recorded JSON"
+    )
+    ap.add_argument("--date", default="2026-12-05", help="with --render: the day the JSON was measured")
     args = ap.parse_args()
+    if args.render:
+        from results_md import write_section
+
+        write_section(render(json.loads(args.render.read_text()), str(args.render), args.date), BEGIN, END)
+        return
+    if args.work is None:
+        ap.error("--work is required (a scratch folder), unless --render is given")
     import llama_cpp
 
     torch.manual_seed(0)
