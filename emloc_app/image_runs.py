@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 from emloc_app.state import WizardState
-
-IMAGE_RUN_SETTINGS = "image_run.json"  # emloc_engine.images.run.RUN_SETTINGS (that module imports torch)
+from emloc_engine.images.options import RUN_SETTINGS as IMAGE_RUN_SETTINGS
 
 
 def is_image_run(run_dir: Path) -> bool:

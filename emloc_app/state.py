@@ -22,8 +22,8 @@ from emloc_engine.run.config import RunConfig
 from emloc_engine.run.history import RUN_STAGES
 
 if TYPE_CHECKING:
+    from emloc_engine.images.options import ImageRunConfig
     from emloc_engine.images.planning import ImagePlan
-    from emloc_engine.images.run import ImageRunConfig
     from emloc_engine.run.orchestrator import RunResult
     from emloc_engine.run.plan import RunPlan
     from emloc_engine.stages.correction.corrector import CorrectionResult

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget, QWizardPage
+from PySide6.QtWidgets import QFileDialog, QLabel, QLineEdit, QVBoxLayout, QWidget, QWizardPage
 
 from emloc_app.errors import ErrorBanner, route_error
 from emloc_app.state import WizardState
@@ -43,6 +44,17 @@ def human_count(n: float | None) -> str:
             v = n / div
             return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
     return str(int(n))
+
+
+def choose_folder(parent: QWidget, title: str, path_edit: QLineEdit) -> bool:
+    """Ask for a folder (starting at ``path_edit``'s text, else home) and put it into ``path_edit``.
+
+    Returns whether one was chosen (the page then looks at it again).
+    """
+    name = QFileDialog.getExistingDirectory(parent, title, path_edit.text() or str(Path.home()))
+    if name:
+        path_edit.setText(name)
+    return bool(name)
 
 
 class BasePage(QWizardPage):

@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.pages.common import BasePage
+from emloc_app.pages.common import BasePage, choose_folder
 from emloc_app.state import WizardState
 from emloc_engine.catalog.demo import DemoDataset, ensure_demo_datasets
 from emloc_engine.core.progress import Progress
@@ -367,10 +367,7 @@ class DataPage(BasePage):
             self.schedule_inspect()
 
     def _browse_folder(self) -> None:
-        start = self.path.text() or str(Path.home())
-        name = QFileDialog.getExistingDirectory(self, "Choose a dataset folder", start)
-        if name:
-            self.path.setText(name)
+        if choose_folder(self, "Choose a dataset folder", self.path):
             self.schedule_inspect()
 
     def retry(self) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QIcon, QImage, QImageReader, QPixmap
 from PySide6.QtWidgets import (
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
@@ -36,7 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.pages.common import BasePage
+from emloc_app.pages.common import BasePage, choose_folder
 from emloc_app.state import WizardState
 from emloc_engine.core.atomic import write_text_atomic
 from emloc_engine.core.errors import ConfigError
@@ -294,10 +293,7 @@ class ImageDataPage(BasePage):
         self.start_scan()
 
     def _browse(self) -> None:
-        start = self.folder.text() or str(Path.home())
-        name = QFileDialog.getExistingDirectory(self, "Choose the folder with your photos", start)
-        if name:
-            self.folder.setText(name)
+        if choose_folder(self, "Choose the folder with your photos", self.folder):
             self.start_scan()
 
     def retry(self) -> None:

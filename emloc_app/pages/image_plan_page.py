@@ -1,7 +1,7 @@
 """The Plan page of an image run (in place of the text Plan page): resolution, batch, steps, trigger word,
 and the image planner's peak and ρ in plain words.
 
-The page builds one :class:`~emloc_engine.images.run.ImageRunConfig` from its widgets and the earlier
+The page builds one :class:`~emloc_engine.images.options.ImageRunConfig` from its widgets and the earlier
 pages (pipeline, photo folder, caption prompt, device) and asks
 :func:`~emloc_engine.images.planning.plan_for_run` (in a worker: a FLUX.1 plan runs the transformer on
 the meta device, about 2 s) for every stage's peak and the largest ρ that fits the budget, which is
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QSpinBox, QWidget
@@ -24,12 +24,10 @@ from emloc_app.state import WizardState
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import Progress
-from emloc_engine.images import planning
-from emloc_engine.images.planning import ImagePlan
-from emloc_engine.images.run import ImageRunConfig
+from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig  # RESOLUTIONS: tests offer smaller ones
 
-RESOLUTIONS = planning.RESOLUTIONS
-"""The resolutions offered (tests offer smaller ones)."""
+if TYPE_CHECKING:
+    from emloc_engine.images.planning import ImagePlan
 STAGE_WORDS = {
     "cache": "encoding your photos",
     "emulator": "building the emulator",
@@ -55,8 +53,13 @@ class ImagePlanRequest:
 
 
 def plan(req: ImagePlanRequest, progress: Progress) -> ImagePlan:
-    """The worker's task (looked up when it starts, so tests can replace it)."""
-    return planning.plan_for_run(req.run, req.budget_bytes, req.gpu_memory_bytes, req.machine)
+    """The worker's task (looked up when it starts, so tests can replace it).
+
+    The planner (torch, on the meta device) is imported here, in the worker, never at the app's start-up.
+    """
+    from emloc_engine.images.planning import plan_for_run
+
+    return plan_for_run(req.run, req.budget_bytes, req.gpu_memory_bytes, req.machine)
 
 
 def plan_words(p: ImagePlan) -> str:

@@ -9,6 +9,8 @@ run finishes, Next goes to the gallery.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from PySide6.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from emloc_app.pages.common import BasePage
@@ -17,8 +19,9 @@ from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.progress import Progress
-from emloc_engine.images import run as image_run
-from emloc_engine.images.run import ImageRunConfig, ImageRunResult
+
+if TYPE_CHECKING:
+    from emloc_engine.images.options import ImageRunConfig, ImageRunResult
 
 IMAGE_SLICES = (
     ("cache", "Encode the photos and captions", 0.0, 0.1),
@@ -30,8 +33,13 @@ IMAGE_SLICES = (
 
 
 def run(cfg: ImageRunConfig, progress: Progress) -> ImageRunResult:
-    """The worker's task (looked up when it starts, so tests can replace it)."""
-    return image_run.run_images(cfg, progress)
+    """The worker's task (looked up when it starts, so tests can replace it).
+
+    The stage modules (torch, diffusers) are imported here, in the worker, never at the app's start-up.
+    """
+    from emloc_engine.images.run import run_images
+
+    return run_images(cfg, progress)
 
 
 class ImageRunPage(BasePage):

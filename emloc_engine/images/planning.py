@@ -46,6 +46,7 @@ from typing import Any
 
 from emloc_engine.core.errors import ConfigError, InsufficientMemory
 from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
 from emloc_engine.images.plan_shapes import (
     ActivationProfile,
@@ -59,8 +60,6 @@ from emloc_engine.images.plan_shapes import (
 from emloc_engine.run.planning import PlannerConstants
 
 GIB = 1024**3
-RESOLUTIONS = (512, 768, 1024)
-"""The resolutions the app and ``emloc plan`` offer."""
 BATCHES = (1, 2, 4)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments
@@ -422,9 +421,12 @@ def format_plan_table(plans: list[ImagePlan]) -> str:
 
 # ------------------------------------------------------------------------------------ a run's ρ
 def plan_for_run(
-    run: Any, budget_bytes: int | None = None, gpu_memory_bytes: int | None = None, machine: Any = None
+    run: ImageRunConfig,
+    budget_bytes: int | None = None,
+    gpu_memory_bytes: int | None = None,
+    machine: Any = None,
 ) -> ImagePlan:
-    """The plan of an :class:`~emloc_engine.images.run.ImageRunConfig` on ``machine`` (default: this one).
+    """The plan of an image run's settings on ``machine`` (default: this one).
 
     The budget is the text runs' (``budget_bytes``, else :func:`~emloc_engine.run.plan.machine_budget_bytes`
     with the ``gpu_memory_bytes`` cap); a single-file denoiser is planned from its ``config_dir``.

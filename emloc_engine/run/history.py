@@ -33,6 +33,7 @@ from typing import Any
 
 from emloc_engine.core.errors import EngineError, RunStateError
 from emloc_engine.core.layout import RunLayout
+from emloc_engine.images.options import RUN_SETTINGS as IMAGE_RUN_SETTINGS
 from emloc_engine.run.lock import lock_holder, run_folder_lock
 from emloc_engine.run.manifest import Manifest, read_manifest
 from emloc_engine.run.metrics_log import read_metrics
@@ -126,7 +127,6 @@ def is_run_folder(path: Path) -> bool:
     return Path(path).is_dir() and RunLayout(Path(path)).manifest.is_file()
 
 
-IMAGE_RUN_SETTINGS = "image_run.json"  # emloc_engine.images.run.RUN_SETTINGS (that module imports torch)
 IMAGE_STAGES = (
     ("cache", "cache/cache.json"),
     ("emulator", "emulator/emloc.json"),

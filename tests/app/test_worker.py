@@ -36,14 +36,14 @@ def test_worker_implements_progress_protocol() -> None:
 
 
 def test_start_up_imports_no_torch() -> None:
-    """The wizard is built at start-up; the stage modules (torch) are imported when they are first used."""
+    """The wizard is built at start-up; the stage modules (torch, diffusers) are imported when they are first used."""
     import subprocess
     import sys
 
     code = ("import os, sys; os.environ['QT_QPA_PLATFORM'] = 'offscreen'\n"
             "from PySide6.QtWidgets import QApplication; app = QApplication([])\n"
             "from emloc_app.wizard import EmlocWizard; w = EmlocWizard()\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft'))[:3])")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'diffusers'))[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -1,6 +1,6 @@
 """``emloc image PIPELINE IMAGES --trigger WORD --out RUN``: personalise an image model, resumable.
 
-The options are :class:`~emloc_engine.images.run.ImageRunConfig`'s fields (generated from them:
+The options are :class:`~emloc_engine.images.options.ImageRunConfig`'s fields (generated from them:
 name, type, default and help come from the one place the settings are defined).
 """
 
@@ -33,7 +33,7 @@ def _parser_of(type_text: str) -> tuple[Any, dict[str, Any]]:
 
 
 def register(sub: Any) -> None:
-    from emloc_engine.images.run import ImageRunConfig
+    from emloc_engine.images.options import ImageRunConfig  # torch-free: `emloc --help` stays fast
 
     p: argparse.ArgumentParser = sub.add_parser("image", help=HELP, description=HELP)
     p.add_argument(

@@ -1,0 +1,111 @@
+"""An image run's settings and result: pure data (no torch, no diffusers), so the CLI and the app read them cheaply.
+
+:class:`ImageRunConfig` is what ``emloc image`` takes (its options are generated from the fields) and
+what the app's image Plan page builds; :class:`ImageRunResult` is what
+:func:`~emloc_engine.images.run.run_images` returns. The stage modules (:mod:`.run`, :mod:`.planning`)
+import torch and diffusers at the top; they re-export these and are imported only when a stage runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emloc_engine.core.errors import ConfigError
+from emloc_engine.images.dataset import CaptionMode
+
+RUN_SETTINGS = "image_run.json"
+"""The settings of a run's first call, in the run folder (marks an image run folder)."""
+RESOLUTIONS = (512, 768, 1024)
+"""The training resolutions the app and ``emloc plan`` offer."""
+
+
+@dataclass(frozen=True)
+class ImageRunConfig:
+    """A whole image run; every field is also a CLI option of ``emloc image`` (generated from here)."""
+
+    pipeline_dir: Path = field(
+        metadata={
+            "help": "Diffusers pipeline folder (FLUX.1, SD3, SDXL) or a single-file denoiser with --config-dir."
+        }
+    )
+    images_dir: Path = field(
+        metadata={"help": "Folder of the subject's images, captions as .txt beside them."}
+    )
+    run_dir: Path = field(metadata={"help": "The run folder (created; a rerun resumes)."})
+    trigger: str = field(
+        default="sks", metadata={"help": "The made-up word that names the subject; added to every caption."}
+    )
+    prompt: str = field(
+        default="", metadata={"help": "Caption for images without a .txt (default 'a photo of TRIGGER')."}
+    )
+    caption_mode: CaptionMode = field(
+        default="files-or-prompt", metadata={"help": "files, files-or-prompt or prompt."}
+    )
+    min_side_px: int = field(
+        default=256, metadata={"help": "Images smaller than this on their short side are refused."}
+    )
+    holdout_images: int = field(
+        default=-1, metadata={"help": "Images held out to choose λ (-1: one in five from 5 images on)."}
+    )
+    class_dir: Path | None = field(
+        default=None, metadata={"help": "Class images for prior preservation (optional)."}
+    )
+    class_prompt: str = field(default="a photo", metadata={"help": "Caption of every class image."})
+    sample_prompts: tuple[str, ...] = field(
+        default=(), metadata={"help": "Prompts drawn every sample_every steps (default: the first caption)."}
+    )
+    config_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Pipeline folder giving the configs, text encoders and VAE of a single-file checkpoint."
+        },
+    )
+    resolution: int = field(
+        default=1024, metadata={"help": "Training resolution in pixels (buckets keep about this² pixels)."}
+    )
+    max_sequence_length: int = field(default=512, metadata={"help": "T5 tokens per caption (FLUX, SD3)."})
+    ratio: float = field(default=0.5, metadata={"help": "Keep-ratio ρ of the denoiser's compressed linears."})
+    calibration_images: int = field(default=8, metadata={"help": "Images used to calibrate the emulator."})
+    calibration_timesteps: int = field(default=4, metadata={"help": "Noise levels per calibration image."})
+    steps: int = field(default=500, metadata={"help": "Training steps."})
+    lr: float = field(default=1e-4, metadata={"help": "Learning rate."})
+    rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    batch_size: int = field(default=1, metadata={"help": "Images per step (from one aspect bucket)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the class images' loss."})
+    checkpoint_every: int = field(default=100, metadata={"help": "Resumable checkpoint every N steps."})
+    sample_every: int = field(default=100, metadata={"help": "Sample images every N steps (0: never)."})
+    sample_steps: int = field(default=28, metadata={"help": "Denoising steps per sample image."})
+    lam: float | None = field(
+        default=None, metadata={"help": "Correction λ (default: chosen on held-out images)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of everything random."})
+    device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto."})
+    stop_after: int | None = field(
+        default=None, metadata={"help": "Stop training (resumably) after this many steps of this call."}
+    )
+
+    def __post_init__(self) -> None:
+        for k in ("pipeline_dir", "images_dir", "run_dir"):
+            object.__setattr__(self, k, Path(getattr(self, k)))
+        if self.holdout_images < -1:
+            raise ConfigError(f"holdout_images must be -1 (auto) or more (got {self.holdout_images}).")
+
+
+@dataclass(frozen=True)
+class ImageRunResult:
+    run_dir: Path
+    kind: str
+    adapter_dir: Path
+    corrected_dir: Path
+    lam: float
+    lambda_table: tuple[tuple[float, float], ...]
+    losses: tuple[float, ...]
+    samples: tuple[Path, ...]
+    steps_done: int
+    finished: bool
+
+
+__all__ = ["RESOLUTIONS", "RUN_SETTINGS", "ImageRunConfig", "ImageRunResult"]
