@@ -177,7 +177,7 @@ def summarize_image_run(run_dir: Path) -> RunSummary:
 
 
 def _pipeline_family(*folders: str) -> str:
-    from emloc_engine.images.pipelines import PIPELINE_CLASSES
+    from emloc_engine.images.pipeline_index import PIPELINE_CLASSES
 
     for folder in folders:
         try:
