@@ -9,6 +9,7 @@ same facts :func:`emloc_engine.images.pipelines.identify_pipeline` uses, from he
   that is not valid JSON (an interrupted download or a hand edit), another pipeline class, or a
   component that would need code shipped with the model.
 * :func:`check_denoiser_dir` checks that the denoiser sub-folder has a config and safetensors weights.
+* :func:`single_file_family` says which family a single-file checkpoint is, from its header.
 * :func:`pipeline_problems` lists everything wrong with a pipeline folder in one line each (the
   catalog's "why is it greyed out"), never raising.
 
@@ -136,6 +137,34 @@ def check_denoiser_dir(denoiser_dir: Path) -> None:
         )
 
 
+SINGLE_FILE_KEYS: dict[Kind, tuple[str, ...]] = {
+    "flux": ("double_blocks.0.img_attn.norm.key_norm.scale",),
+    "sd3": ("joint_blocks.0.context_block.adaLN_modulation.1.bias",),
+    "sdxl": ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",),
+}
+"""A tensor name only that family's original-format checkpoint has (diffusers'
+``single_file_utils.CHECKPOINT_KEY_NAMES``), with or without the ``model.diffusion_model.`` prefix."""
+_PREFIX = "model.diffusion_model."
+
+
+def single_file_family(file: Path) -> Kind | None:
+    """The family of a single-file checkpoint (FLUX.1, SD3 or SDXL, as ComfyUI/Forge keep them), or None.
+
+    Reads the safetensors header only. None for anything else: a LoRA, a VAE, a text encoder, another
+    family, an unreadable file (the catalog does not list those).
+    """
+    from emloc_engine.weights.headers import read_safetensors_header
+
+    try:
+        names = read_safetensors_header(Path(file)).tensors.keys()
+    except EngineError:
+        return None
+    for kind, keys in SINGLE_FILE_KEYS.items():
+        if any(k in names or _PREFIX + k in names for k in keys):
+            return kind
+    return None
+
+
 def _error_line(exc: EngineError) -> str:
     detail = f" ({'; '.join(exc.problems)})" if exc.problems else ""
     return exc.summary + detail + (f" Fix: {exc.hint}" if exc.hint else "")
@@ -182,10 +211,12 @@ __all__ = [
     "KINDS",
     "MODEL_INDEX",
     "PIPELINE_CLASSES",
+    "SINGLE_FILE_KEYS",
     "Kind",
     "PipelineIndex",
     "check_denoiser_dir",
     "is_pipeline_folder",
     "pipeline_problems",
     "read_pipeline_index",
+    "single_file_family",
 ]
