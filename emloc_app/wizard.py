@@ -110,7 +110,7 @@ class EmlocWizard(QWizard):
 
     def _page_changed(self, pid: int) -> None:
         s = self.state
-        if pid == Page.Data and s.model_dir is not None:
+        if pid in (Page.Data, Page.ImageData) and s.model_dir is not None:
             self.settings.last_model = s.model_dir
         if pid == Page.Plan and s.data_path is not None:
             self.settings.last_data = s.data_path

@@ -36,7 +36,7 @@ PIPELINE_CLASSES: dict[str, Kind] = {
     "StableDiffusionXLPipeline": "sdxl",
 }
 DENOISER: dict[Kind, str] = {"flux": "transformer", "sd3": "transformer", "sdxl": "unet"}
-FAMILY_NAMES: dict[Kind, str] = {"flux": "FLUX.1", "sd3": "Stable Diffusion 3", "sdxl": "SDXL"}
+FAMILY_NAMES: dict[str, str] = {"flux": "FLUX.1", "sd3": "Stable Diffusion 3", "sdxl": "SDXL"}
 """The families as users name them (the catalog's architecture column)."""
 _LIBRARIES = ("diffusers", "transformers", None)
 _REFETCH = (
