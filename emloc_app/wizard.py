@@ -72,7 +72,8 @@ class EmlocWizard(QWizard):
         self.run_page = RunPage(self.state)
         self.try_page = TryPage(self.state)
         self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try,
-                                                                     "gallery": Page.Gallery})
+                                                                     "gallery": Page.Gallery,
+                                                                     "image_run": Page.ImageRun})
         self.image_data_page = ImageDataPage(self.state)
         self.gallery_page = GalleryPage(self.state)
         self.image_plan_page = ImagePlanPage(self.state)
