@@ -333,7 +333,9 @@ def find_runs(parents: Iterable[Path] = (), folders: Iterable[Path] = ()) -> lis
     candidates: list[Path] = []
     for parent in parents:
         if Path(parent).is_dir():
-            candidates += sorted(p for p in Path(parent).iterdir() if p.is_dir() and not p.name.startswith("."))
+            candidates += sorted(
+                p for p in Path(parent).iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
     candidates += [Path(f) for f in folders]
     for folder in candidates:
         key = folder.resolve()

@@ -75,7 +75,9 @@ def test_runs_page_lists_image_runs_and_opens_the_gallery(qtbot, tmp_path: Path,
     assert settings.recent_runs() == [image]
 
 
-def test_runs_page_deletes_an_image_run_after_asking(qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine) -> None:  # type: ignore[no-untyped-def]
+def test_runs_page_deletes_an_image_run_after_asking(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
     from PySide6.QtWidgets import QMessageBox
 
     from emloc_app.pages import runs_page
@@ -114,13 +116,17 @@ def _fake_image_run(monkeypatch) -> list:  # type: ignore[no-untyped-def]
         for f in (0.2, 0.6, 1.0):
             progress.update(f, "step")
         run = cfg.run_dir
-        return ImageRunResult(run, "sdxl", run / "adapter", run / "adapter-corrected", 0.5, (), (1.0,), (), 3, True)
+        return ImageRunResult(
+            run, "sdxl", run / "adapter", run / "adapter-corrected", 0.5, (), (1.0,), (), 3, True
+        )
 
     monkeypatch.setattr(image_run_page, "run", fake_run)
     return got
 
 
-def test_runs_page_resumes_an_image_run_with_its_recorded_settings(qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine) -> None:  # type: ignore[no-untyped-def]
+def test_runs_page_resumes_an_image_run_with_its_recorded_settings(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
     got = _fake_image_run(monkeypatch)
     image = make_image_run(paths.runs_dir() / "img", tmp_path / "sdxl", finished=False)
     wizard = wizard_on(qtbot, Settings(tmp_path / "s.ini"))
@@ -141,7 +147,9 @@ def test_runs_page_resumes_an_image_run_with_its_recorded_settings(qtbot, tmp_pa
     assert wizard.currentId() == Page.Gallery
 
 
-def test_opening_an_unfinished_image_run_shows_its_run_page_ready_to_resume(qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine) -> None:  # type: ignore[no-untyped-def]
+def test_opening_an_unfinished_image_run_shows_its_run_page_ready_to_resume(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
     got = _fake_image_run(monkeypatch)
     make_image_run(paths.runs_dir() / "img", tmp_path / "sdxl", finished=False)
     wizard = wizard_on(qtbot, Settings(tmp_path / "s.ini"))
