@@ -212,6 +212,9 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
             return [gguf_model_info(g, name=f"{name}/{g.name}", source=source, revision=revision) for g in ggufs]
+        singles = single_file_infos(folder, source=source, label=name, revision=revision)
+        if singles:  # e.g. only flux1-dev.safetensors downloaded from a pipeline repo
+            return singles
         reason = "no config.json (not a transformers model folder)"
         if (folder / "config.json").is_symlink():
             reason = "config.json is a broken symlink (download it again)"
@@ -311,7 +314,8 @@ def inspect_pipeline_dir(folder: Path, *, name: str | None = None, source: str =
                      dtype, size, not problems, "; ".join(problems) or None, refs=refs, kind="image")
 
 
-def single_file_infos(folder: Path, *, source: str = "folder", label: str | None = None) -> list[ModelInfo]:
+def single_file_infos(folder: Path, *, source: str = "folder", label: str | None = None,
+                      revision: str | None = None) -> list[ModelInfo]:
     """The single-file image checkpoints (FLUX.1, SD3, SDXL) directly in ``folder``, listed greyed out.
 
     The app trains diffusers pipeline folders; a single file needs one of the same family beside it for
@@ -330,7 +334,7 @@ def single_file_infos(folder: Path, *, source: str = "folder", label: str | None
         why = (f"single-file {kind} checkpoint: the app trains diffusers pipeline folders; train this file with "
                f"`emloc image {f} PHOTOS --config-dir PIPELINE` (PIPELINE: a diffusers {kind} pipeline folder, "
                "for its configs, text encoders and VAE), or choose such a pipeline here")
-        out.append(ModelInfo(f"{label}/{f.name}" if label else f.name, f, None, source, kind, None, None, None,
+        out.append(ModelInfo(f"{label}/{f.name}" if label else f.name, f, revision, source, kind, None, None, None,
                              size, False, why, kind="image"))
     return out
 

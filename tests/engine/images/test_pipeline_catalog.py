@@ -116,6 +116,19 @@ def test_single_file_checkpoints_are_listed_with_the_command_that_trains_them(tm
     )
 
 
+def test_a_cache_snapshot_with_only_the_single_file_lists_that_file(tmp_path: Path) -> None:
+    snap = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    save_file(
+        {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, snap / "flux1-dev.safetensors"
+    )
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc")
+    [info] = scan_models(tmp_path / "hub", include_stores=False, include_added=False).models
+    assert info.name == "black-forest-labs/FLUX.1-dev/flux1-dev.safetensors" and info.revision == "abc"
+    assert info.kind == "image" and info.model_type == "flux" and "--config-dir" in (info.problem or "")
+
+
 def test_the_catalog_imports_neither_torch_nor_diffusers() -> None:
     code = (
         "import sys\nfrom emloc_engine.catalog import discovery\n"
