@@ -51,10 +51,15 @@ from emloc_engine.core import paths
 from emloc_engine.core.dtypes import dtype_name
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
-from emloc_engine.images.pipeline_index import is_pipeline_folder, pipeline_problems, single_file_family
+from emloc_engine.images.pipeline_index import (
+    is_pipeline_folder,
+    pipeline_problems,
+    single_file_family,
+    weight_files,
+)
 from emloc_engine.vision.families import is_vision_language
 from emloc_engine.weights.gguf_view import is_gguf_view, read_view_marker
-from emloc_engine.weights.headers import read_config
+from emloc_engine.weights.headers import read_config, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -269,19 +274,17 @@ def _diffusers_problem() -> list[str]:
 
 
 def _weight_facts(folder: Path) -> tuple[int | None, str | None]:
-    """Parameters and dominant dtype of the ``*.safetensors`` in ``folder`` (headers only)."""
-    shapes = read_tensor_shapes(folder)
-    if not shapes:
-        return None, None
+    """Parameters and dominant dtype of a pipeline component's weights (headers only, no variants)."""
     counts: dict[str, int] = {}
-    total = 0
-    for dtype, shape in shapes.values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-        counts[dtype] = counts.get(dtype, 0) + n
-    return total, dtype_name(max(counts, key=lambda k: counts[k]))
+    for f in weight_files(folder):
+        for entry in read_safetensors_header(f).tensors.values():
+            n = 1
+            for d in entry.get("shape", ()):
+                n *= int(d)
+            counts[str(entry.get("dtype"))] = counts.get(str(entry.get("dtype")), 0) + n
+    if not counts:
+        return None, None
+    return sum(counts.values()), dtype_name(max(counts, key=lambda k: counts[k]))
 
 
 def inspect_pipeline_dir(folder: Path, *, name: str | None = None, source: str = "folder",

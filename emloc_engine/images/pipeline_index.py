@@ -126,11 +126,31 @@ def read_pipeline_index(folder: Path) -> PipelineIndex:
     return PipelineIndex(folder, kind, cls, DENOISER[kind], components)
 
 
+def weight_files(component_dir: Path) -> list[Path]:
+    """The ``*.safetensors`` diffusers loads from a component folder without a ``variant``, sorted.
+
+    ``diffusion_pytorch_model.safetensors`` and its shards (``…-00001-of-00003.safetensors``); variant
+    files (``diffusion_pytorch_model.fp16.safetensors``, ``….fp16-00001-of-00002.safetensors``) are not
+    read by the stages (they load the main weights) and are left out.
+    """
+    return sorted(
+        f for f in Path(component_dir).glob("*.safetensors") if "." not in f.name[: -len(".safetensors")]
+    )
+
+
 def check_denoiser_dir(denoiser_dir: Path) -> None:
-    """Raise :class:`ModelNotFound` unless ``denoiser_dir`` has a config and safetensors weights."""
+    """Raise :class:`ModelNotFound` unless ``denoiser_dir`` has a config and (non-variant) safetensors weights."""
     if not (denoiser_dir / "config.json").is_file():
         raise ModelNotFound(f"The denoiser folder {denoiser_dir} has no config.json.")
-    if not any(denoiser_dir.glob("*.safetensors")):
+    if not weight_files(denoiser_dir):
+        variants = sorted(f.name for f in denoiser_dir.glob("*.safetensors"))
+        if variants:
+            raise ModelNotFound(
+                f"The denoiser folder {denoiser_dir} has only variant weights ({', '.join(variants[:2])}); "
+                "the main weights are read.",
+                hint=f"Download the {denoiser_dir.name}/ weights without a variant (e.g. `hf download REPO "
+                f"--include '{denoiser_dir.name}/*'`).",
+            )
         raise ModelNotFound(
             f"The denoiser folder {denoiser_dir} has no .safetensors weights.",
             hint="Download the pipeline with safetensors weights (pickle .bin files are not read).",
@@ -219,4 +239,5 @@ __all__ = [
     "pipeline_problems",
     "read_pipeline_index",
     "single_file_family",
+    "weight_files",
 ]

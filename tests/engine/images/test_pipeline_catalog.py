@@ -93,6 +93,27 @@ def test_a_broken_model_index_is_listed_with_the_file_and_the_fix(hub: Path, tmp
     assert "Download the pipeline again" in err.value.hint
 
 
+def test_variant_weights_are_not_counted_and_variant_only_is_explained(hub: Path, tmp_path: Path) -> None:
+    both, only = tmp_path / "models" / "both", tmp_path / "models" / "only-fp16"
+    for folder in (both, only):
+        shutil.copytree(_snapshot(hub, "sdxl"), folder)
+        main = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        shutil.copy(main, main.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    (only / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    reference = scan_models(hub, include_stores=False, include_added=False).models
+    params = next(m.num_parameters for m in reference if m.name == "emloc-test/tiny-sdxl")
+    found = {m.name: m for m in scan_models(tmp_path / "no-cache", [tmp_path / "models"], False).models}
+    assert found["models/both"].supported and found["models/both"].num_parameters == params
+    problem = found["models/only-fp16"].problem or ""
+    assert (
+        not found["models/only-fp16"].supported
+        and "only variant weights" in problem
+        and "--include" in problem
+    )
+    with pytest.raises(ModelNotFound, match="only variant weights"):
+        identify_pipeline(only)
+
+
 def test_single_file_checkpoints_are_listed_with_the_command_that_trains_them(tmp_path: Path) -> None:
     unet = tmp_path / "comfy" / "models" / "unet"
     unet.mkdir(parents=True)
