@@ -150,6 +150,16 @@ def test_a_cache_snapshot_with_only_the_single_file_lists_that_file(tmp_path: Pa
     assert info.kind == "image" and info.model_type == "flux" and "--config-dir" in (info.problem or "")
 
 
+def test_naming_an_image_model_for_a_text_command_says_the_image_command(hub: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from emloc_engine.catalog.resolve import resolve_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    with pytest.raises(ModelNotFound, match="is an image model") as err:
+        resolve_model("emloc-test/tiny-flux")
+    assert f"emloc image {_snapshot(hub, 'flux')} PHOTOS" in err.value.hint
+    assert resolve_model("emloc-test/tiny-llama") == _snapshot(hub, "llama")
+
+
 def test_the_catalog_imports_neither_torch_nor_diffusers() -> None:
     code = (
         "import sys\nfrom emloc_engine.catalog import discovery\n"
