@@ -135,6 +135,9 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_byt
         gpu_memory_bytes: the Machine page's process cap.
     """
     demo = is_demo(info)
+    if info.kind == "image" and not info.supported and Path(info.path).is_file():  # a single-file checkpoint
+        return ModelRow(info, info.name, info.path, "single file: train it with emloc image --config-dir",
+                        "unsupported", info.problem or "", is_demo=demo)
     if not info.supported:
         return ModelRow(info, info.name, info.path, "unsupported", "unsupported", info.problem or "", is_demo=demo)
     if info.kind == "image":

@@ -6,18 +6,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from emloc_app.pages.model_page import COL_ARCH, COL_HERE, COL_KIND, ModelTable
 from emloc_app.state import WizardState
 from emloc_app.wizard import EmlocWizard, Page
+from emloc_engine.catalog.model_folders import add_model_folder
 from tests.app.fakes import machine
 from tests.tiny_models import build_tiny_model
 from tests.tiny_pipelines import build_tiny_pipeline
 
 
-def test_the_model_page_lists_an_image_pipeline_and_leads_to_the_photos_page(qtbot) -> None:  # type: ignore[no-untyped-def]
+def test_the_model_page_lists_an_image_pipeline_and_leads_to_the_photos_page(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     hub = Path(os.environ["HF_HUB_CACHE"])  # the test's own cache (tests/conftest.py)
     pipeline = build_tiny_pipeline("sdxl", hub)
     build_tiny_model("llama", hub)
+    unet = tmp_path / "unet"  # ComfyUI's folder of single-file checkpoints, added to the catalog
+    unet.mkdir()
+    save_file(
+        {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, unet / "flux1-dev.safetensors"
+    )
+    add_model_folder(unet)
     state = WizardState(machine=machine(gpus=(), backend="cpu"), gpu_index=None)
     wizard = EmlocWizard(state=state)
     qtbot.addWidget(wizard)
@@ -25,8 +35,15 @@ def test_the_model_page_lists_an_image_pipeline_and_leads_to_the_photos_page(qtb
     wizard.restart()
     wizard.show()
     page = wizard.model_page
-    qtbot.waitUntil(lambda: not page.busy("scan") and page.table_model.rowCount() >= 3, timeout=60_000)
+    qtbot.waitUntil(lambda: not page.busy("scan") and page.table_model.rowCount() >= 4, timeout=60_000)
     rows = {r.name: r for r in page.table_model.rows}
+    single = rows["unet/flux1-dev.safetensors"]
+    assert (
+        ModelTable.text(single, COL_KIND) == "image model" and ModelTable.text(single, COL_ARCH) == "FLUX.1"
+    )
+    assert single.badge == "single file: train it with emloc image --config-dir" and not single.usable
+    page.select_row(page.table_model.rows.index(single))
+    assert not page.isComplete() and "--config-dir" in page.detail.text()
     image, text = rows["emloc-test/tiny-sdxl"], rows["emloc-test/tiny-llama"]
     cells = [ModelTable.text(image, c) for c in (COL_KIND, COL_ARCH, COL_HERE)]
     assert cells == ["image model", "SDXL", "image model (SDXL): trains on your photos"]
