@@ -21,7 +21,6 @@ from types import NoneType, UnionType
 from typing import Any
 
 from emloc_engine.core.errors import RunStateError
-from emloc_engine.run.history import IMAGE_RUN_SETTINGS
 
 if typing.TYPE_CHECKING:
     from emloc_engine.images.run import ImageRunConfig
@@ -57,9 +56,9 @@ def read_image_run_config(run_dir: Path) -> ImageRunConfig:
         RunStateError: no ``image_run.json``, or it cannot be read as the settings of an image run
             (the message names the file; the fix is a new run).
     """
-    from emloc_engine.images.run import ImageRunConfig
+    from emloc_engine.images.run import RUN_SETTINGS, ImageRunConfig
 
-    path = Path(run_dir) / IMAGE_RUN_SETTINGS
+    path = Path(run_dir) / RUN_SETTINGS
     hint = "Start a new image run (the photos and the pipeline are untouched)."
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
