@@ -72,7 +72,8 @@ class EmlocWizard(QWizard):
         self.run_page = RunPage(self.state)
         self.try_page = TryPage(self.state)
         self.runs_page = RunsPage(self.state, self.settings, {"new": Page.Machine, "run": Page.Run, "try": Page.Try,
-                                                                     "gallery": Page.Gallery})
+                                                                     "gallery": Page.Gallery,
+                                                                     "image_run": Page.ImageRun})
         self.image_data_page = ImageDataPage(self.state)
         self.gallery_page = GalleryPage(self.state)
         self.image_plan_page = ImagePlanPage(self.state)
@@ -110,7 +111,7 @@ class EmlocWizard(QWizard):
 
     def _page_changed(self, pid: int) -> None:
         s = self.state
-        if pid == Page.Data and s.model_dir is not None:
+        if pid in (Page.Data, Page.ImageData) and s.model_dir is not None:
             self.settings.last_model = s.model_dir
         if pid == Page.Plan and s.data_path is not None:
             self.settings.last_data = s.data_path

@@ -1,4 +1,11 @@
-"""Page 2: the models on this disk, with what EMLoC can do with each one here."""
+"""Page 2: the models on this disk, with what EMLoC can do with each one here.
+
+Text models, vision-language models and image models (diffusers pipelines: FLUX.1, SD3, SDXL) are in
+one table; the Kind column says which. Choosing an image model leads to the photos page (the wizard's
+image pages: photos, plan, run, gallery) instead of the Data page. An image model's memory depends on
+the training resolution, chosen on its Plan page, so its badge here says so rather than a ρ; the
+image Plan page gives the peak and ρ.
+"""
 
 from __future__ import annotations
 
@@ -38,19 +45,23 @@ from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.progress import Progress, format_seconds
+from emloc_engine.images.pipeline_index import FAMILY_NAMES
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
 from emloc_engine.run.planning import MemoryPlan
 
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "SmolLM2-135M-Instruct (demo)"
-COLUMNS = ("Name", "Size", "Params", "Architecture", "Dtype", "Here")
+COLUMNS = ("Name", "Kind", "Size", "Params", "Architecture", "Dtype", "Here")
+COL_NAME, COL_KIND, COL_SIZE, COL_PARAMS, COL_ARCH, COL_DTYPE, COL_HERE = range(len(COLUMNS))
+KIND_LABELS = {"text": "text", "vision-language": "vision-language", "image": "image model"}
+"""``ModelInfo.kind`` as the Kind column says it."""
 DEMO_FOLDER_BYTES = 272_585_491
 """The demo model's folder once converted (bf16 weights, tokenizer, configs: measured), shown before it
 is prepared in the same format as after, so the Size column does not change ("≈270 MiB" became "260.0 MiB")."""
 DEMO_PARAMETERS = 134_515_008
 BADGE_COLORS = {"trainable": "#22a06b", "runs": "#d89614", "large": "#d9534f", "convert": "#8c8c8c",
-                "unsupported": "#8c8c8c", "demo": "#3b82f6"}
+                "unsupported": "#8c8c8c", "demo": "#3b82f6", "image": "#22a06b"}
 
 
 @dataclass
@@ -61,7 +72,7 @@ class ModelRow:
     name: str
     path: Path | None
     badge: str
-    kind: str  # key of BADGE_COLORS
+    kind: str  # key of BADGE_COLORS (the verdict; the model's own kind is ``info.kind``)
     reason: str = ""
     facts: ModelFacts | None = None
     plan: MemoryPlan | None = None
@@ -69,7 +80,7 @@ class ModelRow:
 
     @property
     def usable(self) -> bool:
-        return self.kind in ("trainable", "demo") or (self.kind == "runs" and self.plan is not None)
+        return self.kind in ("trainable", "demo", "image") or (self.kind == "runs" and self.plan is not None)
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,16 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_byt
         gpu_memory_bytes: the Machine page's process cap.
     """
     demo = is_demo(info)
+    if info.kind == "image" and not info.supported and Path(info.path).is_file():  # a single-file checkpoint
+        return ModelRow(info, info.name, info.path, "single file: train it with emloc image --config-dir",
+                        "unsupported", info.problem or "", is_demo=demo)
     if not info.supported:
         return ModelRow(info, info.name, info.path, "unsupported", "unsupported", info.problem or "", is_demo=demo)
+    if info.kind == "image":
+        family = FAMILY_NAMES.get(info.model_type or "", "image")
+        return ModelRow(info, info.name, info.path, f"image model ({family}): trains on your photos", "image",
+                        "Its memory depends on the image size; the Plan page picks the emulator that fits.",
+                        is_demo=demo)
     if info.needs_conversion:
         return ModelRow(info, info.name, info.path, "needs conversion", "convert",
                         info.problem or "GGUF: prepare it to train (seconds: only its metadata is read; the weights stay in the file).", is_demo=demo)
@@ -217,12 +236,12 @@ class ModelTable(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             return self.text(row, col)
         if role == Qt.ItemDataRole.UserRole:  # sort key
-            if col in (1, 2):
+            if col in (COL_SIZE, COL_PARAMS):
                 if info is None:
-                    return float(DEMO_FOLDER_BYTES if col == 1 else DEMO_PARAMETERS)
-                return float(info.size_on_disk_bytes if col == 1 else info.num_parameters or 0)
+                    return float(DEMO_FOLDER_BYTES if col == COL_SIZE else DEMO_PARAMETERS)
+                return float(info.size_on_disk_bytes if col == COL_SIZE else info.num_parameters or 0)
             return self.text(row, col)
-        if role == Qt.ItemDataRole.ForegroundRole and col == 5:
+        if role == Qt.ItemDataRole.ForegroundRole and col == COL_HERE:
             return QBrush(QColor(BADGE_COLORS.get(row.kind, "#8c8c8c")))
         if role == Qt.ItemDataRole.ToolTipRole:
             where = str(row.path) if row.path else "not prepared yet"
@@ -233,15 +252,18 @@ class ModelTable(QAbstractTableModel):
     def text(row: ModelRow, col: int) -> str:
         """The cell's display text."""
         info = row.info
-        if col == 0:
+        if col == COL_NAME:
             return row.name
-        if col == 5:
+        if col == COL_HERE:
             return row.badge
         if info is None:
-            return {1: human_bytes(DEMO_FOLDER_BYTES), 2: human_count(DEMO_PARAMETERS), 3: "llama",
-                    4: "bfloat16"}.get(col, "")
-        return {1: human_bytes(info.size_on_disk_bytes), 2: human_count(info.num_parameters),
-                3: info.model_type or info.architecture or "", 4: info.dtype or ""}.get(col, "")
+            return {COL_KIND: KIND_LABELS["text"], COL_SIZE: human_bytes(DEMO_FOLDER_BYTES),
+                    COL_PARAMS: human_count(DEMO_PARAMETERS), COL_ARCH: "llama", COL_DTYPE: "bfloat16"}.get(col, "")
+        arch = info.model_type or info.architecture or ""
+        if info.kind == "image":  # the family as users name it; the pipeline class in the tooltip
+            arch = FAMILY_NAMES.get(arch, arch)
+        return {COL_KIND: KIND_LABELS.get(info.kind, info.kind), COL_SIZE: human_bytes(info.size_on_disk_bytes),
+                COL_PARAMS: human_count(info.num_parameters), COL_ARCH: arch, COL_DTYPE: info.dtype or ""}.get(col, "")
 
 
 class ModelPage(BasePage):
@@ -291,7 +313,7 @@ class ModelPage(BasePage):
         self.view.verticalHeader().hide()
         self.view.setAlternatingRowColors(True)
         header = self.view.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(COL_NAME, QHeaderView.ResizeMode.Stretch)
         for c in range(1, len(COLUMNS)):
             header.setSectionResizeMode(c, QHeaderView.ResizeMode.ResizeToContents)
         self.view.selectionModel().selectionChanged.connect(self._selection_changed)
@@ -449,6 +471,8 @@ class ModelPage(BasePage):
     # -- wizard protocol ---------------------------------------------------------------------
     def isComplete(self) -> bool:
         row = self.selected()
+        if row is not None and row.kind == "image":  # planned on the image Plan page
+            return not self.busy("demo")
         return row is not None and row.facts is not None and row.kind in ("trainable", "runs") \
             and not self.busy("demo")
 
@@ -459,6 +483,7 @@ class ModelPage(BasePage):
         changed = self.state.model_dir != row.path
         self.state.model = row.info
         self.state.model_dir = row.path
-        if changed:  # data inspection depends on the tokenizer of the model
+        if changed:  # data inspection depends on the tokenizer of the model; an image run on the pipeline
             self.state.data_report = None
+            self.state.image_run = self.state.image_plan = None
         return True

@@ -7,11 +7,16 @@ engine's :class:`~emloc_engine.run.history.RunSummary` of its manifest.
 * **Open** a finished run: the Try & export page, on that run. An unfinished one: the Run page, planned
   again from its recorded settings on this machine, with Resume ready.
 * **Resume**: the same, and the run continues at once (finished stages are skipped by the orchestrator).
+* Image runs (``emloc image``, the app's image pages) go the same way to their own pages: a finished one
+  opens the gallery; an unfinished one the image Run page with the settings it was started with
+  (:func:`~emloc_engine.images.run_record.read_image_run_config`; ρ and the resolution are fixed by
+  what the folder holds), and Resume starts it (the cache, emulator and training checkpoints are reused).
 * **Compare curves**: two selected runs' train and eval loss on one chart (from their ``metrics.jsonl``,
   else the training result in the manifest).
 * **Delete…**: after a confirmation, the folder goes to the system trash; where there is no trash, a
-  second confirmation deletes it for good. Only EMLoC run folders that no run is using are touched
-  (:func:`~emloc_engine.run.history.check_deletable`).
+  second confirmation deletes it for good (renamed to a hidden name first, then removed:
+  :func:`~emloc_engine.run.history.delete_run`). Only EMLoC run folders (text or image) that no run is
+  using are touched (:func:`~emloc_engine.run.history.check_deletable`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QFile, Qt
 from PySide6.QtWidgets import (
@@ -46,6 +52,9 @@ from emloc_engine.run.config import RunConfig
 from emloc_engine.run.history import RunSummary, check_deletable, delete_run, find_runs, loss_curves
 from emloc_engine.run.plan import RunPlan
 
+if TYPE_CHECKING:
+    from emloc_engine.images.run import ImageRunConfig
+
 COLUMNS = ("Model", "Data", "Started", "Status", "Train loss", "Eval loss", "Exports")
 
 
@@ -58,6 +67,14 @@ def move_to_trash(path: Path) -> bool:
 class Planned:
     machine: MachineInfo
     plan: RunPlan
+
+
+def image_config_again(run_dir: Path, progress: Progress) -> ImageRunConfig:
+    """An image run's recorded settings, for the image Run page (the worker's task: it imports torch)."""
+    from emloc_engine.images.run_record import read_image_run_config
+
+    progress.update(0.5, "Reading the run's settings…")
+    return read_image_run_config(run_dir)
 
 
 def plan_again(cfg: RunConfig, progress: Progress) -> Planned:
@@ -81,7 +98,8 @@ class RunsPage(BasePage):
     Args:
         state: the wizard's state; opening a run fills it from the run's manifest.
         settings: the app's settings (recent runs).
-        targets: page ids to go to: ``new`` (a new run), ``run`` (the Run page), ``try`` (Try & export).
+        targets: page ids to go to: ``new`` (a new run), ``run`` (the Run page), ``try`` (Try & export);
+            for image runs ``gallery`` and ``image_run`` (the image Run page).
     """
 
     def __init__(
@@ -186,9 +204,7 @@ class RunsPage(BasePage):
         one = len(chosen) == 1
         usable = one and chosen[0].status not in ("unreadable", "running")
         self.open_button.setEnabled(usable)
-        self.resume_button.setEnabled(
-            usable and chosen[0].status in ("stopped", "failed") and not chosen[0].is_image
-        )
+        self.resume_button.setEnabled(usable and chosen[0].status in ("stopped", "failed"))
         self.compare_button.setEnabled(len(chosen) == 2)
         self.delete_button.setEnabled(one and chosen[0].status != "running")
         if one:
@@ -204,21 +220,26 @@ class RunsPage(BasePage):
         return self._target
 
     def adopt(self, run: RunSummary) -> None:
-        """Fill the wizard's state from the run's manifest (the machine found so far is kept)."""
+        """Fill the wizard's state from the run's manifest, or an image run's ``image_run.json`` (the machine
+        found so far is kept)."""
+        from emloc_app.image_runs import image_state_from_run_dir
         from emloc_app.main import state_from_run_dir
 
-        opened, _ = state_from_run_dir(run.run_dir)
+        opened = image_state_from_run_dir(run.run_dir) if run.is_image else state_from_run_dir(run.run_dir)[0]
         keep = {"machine": self.state.machine, "gpu_index": self.state.gpu_index}
         for f in dataclasses.fields(WizardState):
             setattr(self.state, f.name, getattr(opened, f.name))
         for name, value in keep.items():
             setattr(self.state, name, value)
-        device = opened.config.device if opened.config is not None else ""
+        self.adopt_device(opened.config.device if opened.config is not None else "")
+        self.settings.add_recent_run(run.run_dir)
+
+    def adopt_device(self, device: str) -> None:
+        """The Machine page's device from a run's recorded one (``cuda:N`` or ``cpu``; else unchanged)."""
         if device.startswith("cuda:"):
             self.state.gpu_index = int(device.split(":")[1])
         elif device == "cpu":
             self.state.gpu_index = None
-        self.settings.add_recent_run(run.run_dir)
 
     def open_selected(self) -> None:
         chosen = self.selected()
@@ -231,11 +252,8 @@ class RunsPage(BasePage):
             self.open_run(chosen[0], resume=True)
 
     def open_run(self, run: RunSummary, *, resume: bool = False) -> None:
-        """Go to the Try page (finished) or the planned Run page (unfinished; ``resume`` also starts it)."""
+        """Go to the Try page or gallery (finished) or the planned Run page (unfinished; ``resume`` also starts it)."""
         if self.busy("plan"):
-            return
-        if run.is_image:
-            self.open_image_run(run)
             return
         try:
             self.adopt(run)
@@ -243,7 +261,12 @@ class RunsPage(BasePage):
             self.banner.show_error(exc, retry=False)
             return
         if run.finished and not resume:
-            self.go(self.targets["try"])
+            self.go(self.targets.get("gallery", self.targets["try"]) if run.is_image else self.targets["try"])
+            return
+        if run.is_image:
+            self.detail.setText("Reading the run's settings…")
+            self.run_task("plan", image_config_again, run.run_dir,
+                          lambda cfg: self._image_planned(cfg, resume), retry=False)
             return
         cfg = self.state.config
         if cfg is None:
@@ -258,31 +281,25 @@ class RunsPage(BasePage):
         self.detail.setText("Planning the run on this machine…")
         self.run_task("plan", plan_again, cfg, lambda planned: self._planned(planned, resume), retry=False)
 
-    def open_image_run(self, run: RunSummary) -> None:
-        """An ``emloc image`` run: its gallery (samples, export), with the state read from ``image_run.json``."""
-        from emloc_app.image_runs import image_state_from_run_dir
-
-        try:
-            opened = image_state_from_run_dir(run.run_dir)
-        except EngineError as exc:
-            self.banner.show_error(exc, retry=False)
-            return
-        keep = {"machine": self.state.machine, "gpu_index": self.state.gpu_index}
-        for f in dataclasses.fields(WizardState):
-            setattr(self.state, f.name, keep.get(f.name, getattr(opened, f.name)))
-        self.settings.add_recent_run(run.run_dir)
-        self.go(self.targets.get("gallery", self.targets["try"]))
-
     def _planned(self, planned: Planned, resume: bool) -> None:
         self.state.machine = planned.machine
         self.state.run_plan = planned.plan
         self.state.config = planned.plan.config
-        self.go(self.targets["run"])
-        if resume:
+        self.go_and_start(self.targets["run"], resume)
+
+    def _image_planned(self, cfg: ImageRunConfig, resume: bool) -> None:
+        self.state.image_run = cfg
+        self.adopt_device(cfg.device)
+        self.go_and_start(self.targets.get("image_run", self.targets["run"]), resume)
+
+    def go_and_start(self, page_id: int, start: bool) -> None:
+        """Go to a Run page (text or image); with ``start``, start (resume) it there."""
+        self.go(page_id)
+        if start:
             page = self.wizard().currentPage() if self.wizard() is not None else None
-            start = getattr(page, "start", None)
-            if callable(start):
-                start()
+            begin = getattr(page, "start", None)
+            if callable(begin):
+                begin()
 
     def go(self, page_id: int) -> None:
         """Leave for ``page_id`` (the wizard's Back comes back here)."""

@@ -17,6 +17,16 @@ code), so the user sees why it is greyed out.
   view (config and tokenizer from the file's metadata, no weights: every stage streams them from the
   GGUF), which then goes through the pipeline like any other model.
 * The demo model (``paths.demo_model_dir()``) when it has been built.
+* Image pipelines (FLUX.1, Stable Diffusion 3, SDXL in diffusers layout: a folder with
+  ``model_index.json``), in the Hugging Face cache and in added folders, with ``kind="image"``
+  (:func:`inspect_pipeline_dir`, torch-free: :mod:`emloc_engine.images.pipeline_index`). Their
+  parameters and dtype are the denoiser's (the part EMLoC compresses and trains). A pipeline folder
+  is never searched for models inside it (its ``text_encoder/`` is not a language model to list).
+  Without the ``images`` extra (diffusers) they are listed greyed out with the install command.
+  Single-file checkpoints (``flux1-dev.safetensors`` as ComfyUI/Forge keep them) in added folders
+  are listed too, greyed out with the command that trains them: reading one needs a diffusers
+  pipeline folder of the same family for its configs, text encoders and VAE (``emloc image FILE
+  --config-dir PIPELINE``); the app trains pipeline folders.
 """
 
 from __future__ import annotations
@@ -38,11 +48,18 @@ from emloc_engine.catalog.model_facts import (
 )
 from emloc_engine.catalog.model_folders import added_model_folders
 from emloc_engine.core import paths
+from emloc_engine.core.dtypes import dtype_name
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
+from emloc_engine.images.pipeline_index import (
+    is_pipeline_folder,
+    pipeline_problems,
+    single_file_family,
+    weight_files,
+)
 from emloc_engine.vision.families import is_vision_language
 from emloc_engine.weights.gguf_view import is_gguf_view, read_view_marker
-from emloc_engine.weights.headers import read_config
+from emloc_engine.weights.headers import read_config, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +94,8 @@ class ModelInfo:
     refs: tuple[str, ...] = ()
     facts: ModelFacts | None = field(default=None, compare=False, repr=False)
     kind: str = "text"
-    """``"text"`` (a causal LM) or ``"vision-language"`` (a config with a vision tower)."""
+    """``"text"`` (a causal LM), ``"vision-language"`` (a config with a vision tower) or ``"image"`` (a
+    diffusers pipeline: FLUX.1, SD3, SDXL; ``model_type`` is its family, ``architecture`` its pipeline class)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "revision": self.revision, "source": self.source,
@@ -192,10 +210,16 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
     except OSError as exc:
         return [ModelInfo(name, folder, revision, source, None, None, None, None, 0, False,
                           f"cannot read the folder ({exc})", refs=refs)]
+    if is_pipeline_folder(folder):
+        return [inspect_pipeline_dir(folder, name=name, source=source, revision=revision, size_on_disk_bytes=size,
+                                     refs=refs, extra_problems=problems)]
     if not (folder / "config.json").exists():
         ggufs = sorted(folder.glob("*.gguf"))
         if ggufs:
             return [gguf_model_info(g, name=f"{name}/{g.name}", source=source, revision=revision) for g in ggufs]
+        singles = single_file_infos(folder, source=source, label=name, revision=revision)
+        if singles:  # e.g. only flux1-dev.safetensors downloaded from a pipeline repo
+            return singles
         reason = "no config.json (not a transformers model folder)"
         if (folder / "config.json").is_symlink():
             reason = "config.json is a broken symlink (download it again)"
@@ -239,6 +263,83 @@ def inspect_model_dir(folder: Path, *, name: str | None = None, source: str = "f
         problems.append(f"unreadable model files ({type(exc).__name__}: {exc})")
     return [ModelInfo(name, folder, revision, source, model_type, architecture, num_parameters, dtype, size,
                       not problems, "; ".join(problems) or None, refs=refs, facts=facts, kind=kind)]
+
+
+def _diffusers_problem() -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        return ["image models need the diffusers package: pip install 'emloc-studio[images]'"]
+    return []
+
+
+def _weight_facts(folder: Path) -> tuple[int | None, str | None]:
+    """Parameters and dominant dtype of a pipeline component's weights (headers only, no variants)."""
+    counts: dict[str, int] = {}
+    for f in weight_files(folder):
+        for entry in read_safetensors_header(f).tensors.values():
+            n = 1
+            for d in entry.get("shape", ()):
+                n *= int(d)
+            counts[str(entry.get("dtype"))] = counts.get(str(entry.get("dtype")), 0) + n
+    if not counts:
+        return None, None
+    return sum(counts.values()), dtype_name(max(counts, key=lambda k: counts[k]))
+
+
+def inspect_pipeline_dir(folder: Path, *, name: str | None = None, source: str = "folder",
+                         revision: str | None = None, size_on_disk_bytes: int | None = None,
+                         refs: tuple[str, ...] = (), extra_problems: Iterable[str] = ()) -> ModelInfo:
+    """Describe a diffusers pipeline folder (``kind="image"``) from ``model_index.json`` and headers. Never raises.
+
+    A broken ``model_index.json`` (not JSON), another pipeline class, code shipped with the model or a
+    denoiser without weights is listed unsupported with the reason (which file, what to do).
+    """
+    folder = Path(folder)
+    problems = list(extra_problems)
+    try:
+        size = size_on_disk_bytes if size_on_disk_bytes is not None else _dir_size(folder)
+    except OSError:
+        size = 0
+    index, found = pipeline_problems(folder)
+    problems += found
+    num_parameters = dtype = None
+    if index is not None:
+        try:
+            num_parameters, dtype = _weight_facts(folder / index.denoiser)
+        except EngineError as exc:
+            problems.append(exc.summary + (f" {exc.hint}" if exc.hint else ""))
+        except Exception as exc:  # a malformed header must not stop the scan
+            problems.append(f"unreadable denoiser weights ({type(exc).__name__}: {exc})")
+        problems += _diffusers_problem()
+    return ModelInfo(name or folder.name, folder, revision, source,
+                     index.kind if index else None, index.pipeline_class if index else None, num_parameters,
+                     dtype, size, not problems, "; ".join(problems) or None, refs=refs, kind="image")
+
+
+def single_file_infos(folder: Path, *, source: str = "folder", label: str | None = None,
+                      revision: str | None = None) -> list[ModelInfo]:
+    """The single-file image checkpoints (FLUX.1, SD3, SDXL) directly in ``folder``, listed greyed out.
+
+    The app trains diffusers pipeline folders; a single file needs one of the same family beside it for
+    its configs, text encoders and VAE, so the row says the command that trains it. Other
+    ``.safetensors`` files (LoRAs, VAEs, text encoders) are not listed.
+    """
+    out: list[ModelInfo] = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        kind = single_file_family(f)
+        if kind is None:
+            continue
+        try:
+            size = f.stat().st_size
+        except OSError:
+            continue
+        why = (f"single-file {kind} checkpoint: the app trains diffusers pipeline folders; train this file with "
+               f"`emloc image {f} PHOTOS --config-dir PIPELINE` (PIPELINE: a diffusers {kind} pipeline folder, "
+               "for its configs, text encoders and VAE), or choose such a pipeline here")
+        out.append(ModelInfo(f"{label}/{f.name}" if label else f.name, f, revision, source, kind, None, None, None,
+                             size, False, why, kind="image"))
+    return out
 
 
 def gguf_model_info(path: Path, *, name: str | None = None, source: str = "folder",
@@ -335,17 +436,32 @@ def _lenient_repo(repo_path: Path, warnings: list[str]) -> list[ModelInfo]:
     return out
 
 
+def _is_model_dir(folder: Path) -> bool:
+    """A model folder: a diffusers pipeline, a transformers model, or GGUF files."""
+    return is_pipeline_folder(folder) or (folder / "config.json").exists() or any(folder.glob("*.gguf"))
+
+
 def _candidate_dirs(folder: Path) -> Iterator[Path]:
-    """A model folder itself, or its model subfolders (one and two levels down)."""
-    if (folder / "config.json").exists() or any(folder.glob("*.gguf")):
+    """A model folder itself, or its model subfolders (one and two levels down); never inside a model folder."""
+    if _is_model_dir(folder):
         yield folder
         return
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if (sub / "config.json").exists() or any(sub.glob("*.gguf")):
+        if _is_model_dir(sub):
             yield sub
         else:
-            yield from (s for s in sorted(sub.iterdir()) if s.is_dir() and
-                        ((s / "config.json").exists() or any(s.glob("*.gguf"))))
+            yield from (s for s in sorted(sub.iterdir()) if s.is_dir() and _is_model_dir(s))
+
+
+def _single_file_dirs(folder: Path) -> Iterator[Path]:
+    """Where single-file checkpoints may be: the folder and its subfolders (ComfyUI's ``models/unet/``), not
+    model folders (a pipeline's own files are its components)."""
+    if _is_model_dir(folder):
+        return
+    yield folder
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not _is_model_dir(sub):
+            yield sub
 
 
 def scan_folders(folders: Iterable[Path], source: str = "folder") -> tuple[list[ModelInfo], list[str]]:
@@ -362,6 +478,9 @@ def scan_folders(folders: Iterable[Path], source: str = "folder") -> tuple[list[
                 rel = d.relative_to(folder).as_posix() if d != folder else ""
                 label = f"{folder.name}/{rel}" if rel else folder.name
                 models += inspect_model_dir(d, name=label, source=source)
+            for d in _single_file_dirs(folder):
+                rel = d.relative_to(folder).as_posix() if d != folder else ""
+                models += single_file_infos(d, source=source, label=f"{folder.name}/{rel}" if rel else folder.name)
         except OSError as exc:
             warnings.append(f"Cannot read {folder}: {exc}")
     return models, warnings

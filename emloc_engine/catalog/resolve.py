@@ -18,8 +18,11 @@ def resolve_model(text: str | Path) -> Path:
     app's data folder (:func:`emloc_engine.catalog.gguf_import.convert_for_catalog`): its config and
     tokenizer, no weights; every stage reads the weights from the GGUF itself.
 
+    Image pipelines of the catalog (``kind="image"``) are not language models: naming one raises
+    :class:`ModelNotFound` with the ``emloc image`` command that trains it.
+
     Raises:
-        ModelNotFound: nothing matches; the message lists how to find what is available.
+        ModelNotFound: nothing matches, or only an image model does; the message says what to do.
         UntrustedCode: the folder would need its own Python code to load (never run).
     """
     s = str(text)
@@ -39,6 +42,14 @@ def resolve_model(text: str | Path) -> Path:
     from emloc_engine.catalog.discovery import find_models
 
     matches = [m for m in find_models() if s in (m.name, str(m.path)) or m.name.endswith("/" + s)]
+    images = [m for m in matches if m.kind == "image"]
+    matches = [m for m in matches if m.kind != "image"]  # the language-model commands resolve through here
+    if images and not matches:
+        m = images[0]
+        raise ModelNotFound(f"{s!r} is an image model ({m.architecture or m.model_type or 'a diffusers pipeline'}), "
+                            "not a language model.",
+                            hint=f"Fine-tune it with `emloc image {m.path} PHOTOS --trigger WORD --out RUN` (its memory "
+                                 f"plan: `emloc plan {m.path}`), or choose it in the app.")
     usable = [m for m in matches if m.supported and not m.needs_conversion]
     if usable:
         refuse_remote_code(Path(usable[0].path))  # the catalog lists such folders as unusable already

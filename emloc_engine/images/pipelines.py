@@ -38,21 +38,21 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from emloc_engine.core.errors import MissingTool, ModelNotFound, UnsupportedModel
+from emloc_engine.images.pipeline_index import (  # model_index.json alone, torch-free
+    KINDS,
+    MODEL_INDEX,
+    PIPELINE_CLASSES,
+    Kind,
+    check_denoiser_dir,
+    is_pipeline_folder,
+    read_pipeline_index,
+)
 
-Kind = Literal["flux", "sd3", "sdxl"]
-KINDS: tuple[Kind, ...] = ("flux", "sd3", "sdxl")
-MODEL_INDEX = "model_index.json"
-PIPELINE_CLASSES: dict[str, Kind] = {
-    "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionXLPipeline": "sdxl",
-}
-DENOISER: dict[Kind, str] = {"flux": "transformer", "sd3": "transformer", "sdxl": "unet"}
 _ATTN = r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 COMPRESSED: dict[Kind, re.Pattern[str]] = {
     "flux": re.compile(
@@ -66,7 +66,6 @@ COMPRESSED: dict[Kind, re.Pattern[str]] = {
 }
 BLOCK_PATTERN = re.compile(r"^(.*transformer_blocks\.\d+)\.")
 """The block a module belongs to (statistics of modules that share an input are shared within it)."""
-_LIBRARIES = ("diffusers", "transformers", None)
 
 
 @dataclass(frozen=True)
@@ -105,11 +104,6 @@ def require_diffusers() -> None:
         )
 
 
-def is_pipeline_folder(folder: Path) -> bool:
-    """Whether ``folder`` has a ``model_index.json`` (a diffusers pipeline, supported or not)."""
-    return (Path(folder) / MODEL_INDEX).is_file()
-
-
 def identify_pipeline(folder: Path) -> PipelineInfo:
     """Read ``folder/model_index.json`` and say which supported pipeline it is.
 
@@ -126,38 +120,10 @@ def identify_pipeline(folder: Path) -> PipelineInfo:
             hint="Give a diffusers pipeline folder of the same family as config_dir (--config-dir); its "
             "configs, text encoders and VAE are used with this file's weights.",
         )
-    index_path = folder / MODEL_INDEX
-    if not index_path.is_file():
-        raise ModelNotFound(
-            f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX}).",
-            hint="Choose the snapshot folder of a FLUX.1, Stable Diffusion 3 or SDXL pipeline.",
-        )
-    index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
-    cls = str(index.get("_class_name", ""))
-    kind = PIPELINE_CLASSES.get(cls)
-    if kind is None:
-        raise UnsupportedModel(
-            f"{folder.name} holds a {cls or 'unknown'} pipeline; image fine-tuning supports "
-            f"{', '.join(PIPELINE_CLASSES)}.",
-            hint="Choose a FLUX.1, Stable Diffusion 3.x or SDXL pipeline folder.",
-        )
-    components: dict[str, tuple[str, str]] = {}
-    foreign = []
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
-            continue
-        lib, comp_cls = spec
-        if lib not in _LIBRARIES:
-            foreign.append(f"{name}: {lib}.{comp_cls}")
-        components[name] = (str(lib), str(comp_cls))
-    if foreign:
-        raise UnsupportedModel(
-            f"{folder.name} needs code shipped with the model to load; it is never run.",
-            problems=foreign,
-            hint="Use a pipeline whose components all come from diffusers and transformers.",
-        )
-    denoiser = DENOISER[kind]
-    info = PipelineInfo(folder, kind, cls, denoiser, components, folder / denoiser)
+    index = read_pipeline_index(folder)
+    info = PipelineInfo(
+        folder, index.kind, index.pipeline_class, index.denoiser, index.components, folder / index.denoiser
+    )
     check_denoiser_dir(info.denoiser_dir)
     return info
 
@@ -200,17 +166,6 @@ def find_pipelines(hub_dirs: list[Path] | None = None) -> list[FoundPipeline]:
             except (ModelNotFound, UnsupportedModel) as exc:
                 found.append(FoundPipeline(repo_id, snap, None, exc.summary))
     return found
-
-
-def check_denoiser_dir(denoiser_dir: Path) -> None:
-    """Raise :class:`ModelNotFound` unless ``denoiser_dir`` has a config and safetensors weights."""
-    if not (denoiser_dir / "config.json").is_file():
-        raise ModelNotFound(f"The denoiser folder {denoiser_dir} has no config.json.")
-    if not any(denoiser_dir.glob("*.safetensors")):
-        raise ModelNotFound(
-            f"The denoiser folder {denoiser_dir} has no .safetensors weights.",
-            hint="Download the pipeline with safetensors weights (pickle .bin files are not read).",
-        )
 
 
 def with_denoiser_dir(info: PipelineInfo, denoiser_dir: Path) -> PipelineInfo:

@@ -2,7 +2,10 @@
 
 :func:`summarize_run` reads one folder, :func:`find_runs` every run folder under some parents plus some
 folders named directly (the app: its runs folder and its recent runs), newest first. Nothing here
-writes, except :func:`delete_run`, which removes only a folder that is an EMLoC run folder not in use.
+writes, except :func:`delete_run`, which removes only a folder that is an EMLoC run folder (text or image)
+not in use: it is first renamed to a hidden temporary name beside it (one step: the run leaves every list at
+once, and an interrupted delete leaves no half-deleted run that looks like one), then removed. Hidden
+folders (names starting with ``.``) are never listed as runs.
 
 A run's **status** in plain words:
 
@@ -24,9 +27,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +181,7 @@ def summarize_image_run(run_dir: Path) -> RunSummary:
 
 
 def _pipeline_family(*folders: str) -> str:
-    from emloc_engine.images.pipelines import PIPELINE_CLASSES
+    from emloc_engine.images.pipeline_index import PIPELINE_CLASSES
 
     for folder in folders:
         try:
@@ -329,7 +333,9 @@ def find_runs(parents: Iterable[Path] = (), folders: Iterable[Path] = ()) -> lis
     candidates: list[Path] = []
     for parent in parents:
         if Path(parent).is_dir():
-            candidates += sorted(p for p in Path(parent).iterdir() if p.is_dir())
+            candidates += sorted(
+                p for p in Path(parent).iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
     candidates += [Path(f) for f in folders]
     for folder in candidates:
         key = folder.resolve()
@@ -345,30 +351,47 @@ def find_runs(parents: Iterable[Path] = (), folders: Iterable[Path] = ()) -> lis
 def delete_run(run_dir: Path) -> None:
     """Delete the run folder ``run_dir`` for good (the app moves it to the trash when it can instead).
 
+    The folder is renamed to ``.NAME.deleting-PID`` beside it (under its lock), then removed.
+
     Raises:
-        RunStateError: the folder is not an EMLoC run folder (no manifest.json), or a run is using it.
+        RunStateError: the folder is not an EMLoC run folder (no manifest.json or image_run.json), or a run
+            is using it.
     """
     run_dir = check_deletable(run_dir)
+    doomed = run_dir.with_name(f".{run_dir.name}.deleting-{os.getpid()}")
     with run_folder_lock(run_dir):
-        shutil.rmtree(run_dir)
+        run_dir.rename(doomed)
+    shutil.rmtree(doomed)
     log.info("Deleted the run folder %s", run_dir)
 
 
 def check_deletable(run_dir: Path) -> Path:
-    """``run_dir`` resolved, after checking that it is an EMLoC run folder no run is using.
+    """``run_dir`` resolved, after checking that it is an EMLoC run folder (text or image) no run is using.
 
     Raises:
         RunStateError: not a run folder, or in use.
     """
     run_dir = Path(run_dir).resolve()
-    if not is_run_folder(run_dir):
-        raise RunStateError(f"{run_dir} is not an EMLoC run folder (no manifest.json); it is not deleted.")
-    try:
-        json.loads(RunLayout(run_dir).manifest.read_text(encoding="utf-8"))["schema"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    if is_image_run_folder(run_dir):
+        _check_record(run_dir / IMAGE_RUN_SETTINGS, lambda d: "pipeline_dir" in d and "run_dir" in d)
+    elif is_run_folder(run_dir):
+        _check_record(RunLayout(run_dir).manifest, lambda d: "schema" in d)
+    else:
         raise RunStateError(
-            f"{run_dir}/manifest.json is not an EMLoC manifest; the folder is not deleted."
-        ) from exc
+            f"{run_dir} is not an EMLoC run folder (no manifest.json or image_run.json); it is not deleted."
+        )
     if in_use(run_dir):
         raise RunStateError(f"The run folder {run_dir} is in use by a run.", hint="Stop that run first.")
     return run_dir
+
+
+def _check_record(path: Path, looks_right: Callable[[dict[str, Any]], bool]) -> None:
+    """Refuse to delete a folder whose run record is not EMLoC's (someone else's ``manifest.json``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(data, dict) and looks_right(data)
+    except (OSError, ValueError) as exc:
+        raise RunStateError(f"{path} is not an EMLoC run record; the folder is not deleted.") from exc
+    if not ok:
+        name = "manifest" if path.name == "manifest.json" else "run record"
+        raise RunStateError(f"{path} is not an EMLoC {name}; the folder is not deleted.")

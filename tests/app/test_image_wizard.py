@@ -1,8 +1,8 @@
 """An image run through the wizard with the REAL engine on a tiny SDXL pipeline and generated photos:
 Photos → Plan → Run → Gallery (the image pages in place of Data, Plan, Run, Try); the run folder holds the corrected adapter.
 
-The Model page does not list diffusers pipelines yet (the catalog reads language models), so the walk
-starts with the state the Model page leaves for a pipeline folder chosen by hand (``model_dir``).
+The walk starts at the photos page with the state the Model page leaves for a pipeline folder
+(``model_dir``); choosing the pipeline on the Model page is tested in ``test_model_page_images.py``.
 """
 
 from __future__ import annotations

@@ -73,3 +73,89 @@ def test_runs_page_lists_image_runs_and_opens_the_gallery(qtbot, tmp_path: Path,
         wizard.state.run_dir == image and wizard.state.is_image_model and wizard.state.image_trigger == "zxq"
     )
     assert settings.recent_runs() == [image]
+
+
+def test_runs_page_deletes_an_image_run_after_asking(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
+    from PySide6.QtWidgets import QMessageBox
+
+    from emloc_app.pages import runs_page
+
+    runs = paths.runs_dir()
+    keep = make_run(runs / "text", finished=True, losses=[2.0], created="2026-11-01T10:00:00+00:00")
+    image = make_image_run(runs / "img", tmp_path / "sdxl", finished=False)
+    wizard = wizard_on(qtbot, Settings(tmp_path / "s.ini"))
+    page = wizard.runs_page
+    answers = [QMessageBox.StandardButton.Cancel]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: answers.pop(0))
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    trashed: list[Path] = []
+    monkeypatch.setattr(runs_page, "move_to_trash", lambda p: trashed.append(p) or False)  # no trash here
+    select(page, "img")
+    assert page.delete_button.isEnabled()
+    page.delete_button.click()  # Cancel: nothing happens
+    assert image.exists() and not trashed
+    answers.append(QMessageBox.StandardButton.Yes)
+    page.delete_button.click()
+    assert trashed == [image.resolve()] and not image.exists() and keep.exists()
+    assert page.banner.isHidden() and [p.name for p in runs.iterdir()] == ["text"]  # no temporary left
+    assert [r.run_dir.name for r in page.runs] == ["text"]
+    assert (tmp_path / "sdxl" / "model_index.json").is_file()  # the pipeline is untouched
+
+
+def _fake_image_run(monkeypatch) -> list:  # type: ignore[no-untyped-def]
+    """The image Run page's task replaced: records the config, returns a finished run."""
+    from emloc_app.pages import image_run_page
+    from emloc_engine.images.run import ImageRunResult
+
+    got: list = []
+
+    def fake_run(cfg, progress):  # type: ignore[no-untyped-def]
+        got.append(cfg)
+        for f in (0.2, 0.6, 1.0):
+            progress.update(f, "step")
+        run = cfg.run_dir
+        return ImageRunResult(
+            run, "sdxl", run / "adapter", run / "adapter-corrected", 0.5, (), (1.0,), (), 3, True
+        )
+
+    monkeypatch.setattr(image_run_page, "run", fake_run)
+    return got
+
+
+def test_runs_page_resumes_an_image_run_with_its_recorded_settings(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
+    got = _fake_image_run(monkeypatch)
+    image = make_image_run(paths.runs_dir() / "img", tmp_path / "sdxl", finished=False)
+    wizard = wizard_on(qtbot, Settings(tmp_path / "s.ini"))
+    page = wizard.runs_page
+    select(page, "img")
+    assert page.resume_button.isEnabled() and page.open_button.isEnabled()
+    page.resume_button.click()
+    qtbot.waitUntil(lambda: wizard.currentId() == Page.ImageRun, timeout=60_000)
+    run = wizard.image_run_page
+    qtbot.waitUntil(run.isComplete, timeout=60_000)  # started at once, and finished
+    assert len(got) == 1
+    cfg = got[0]
+    assert (cfg.run_dir, cfg.pipeline_dir, cfg.ratio, cfg.trigger) == (image, tmp_path / "sdxl", 0.4, "zxq")
+    assert cfg.config_dir is None and cfg.stop_after is None
+    assert wizard.state.image_run == cfg and wizard.state.is_image_model and wizard.state.run_dir == image
+    assert page.banner.isHidden()
+    wizard.next()
+    assert wizard.currentId() == Page.Gallery
+
+
+def test_opening_an_unfinished_image_run_shows_its_run_page_ready_to_resume(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
+    got = _fake_image_run(monkeypatch)
+    make_image_run(paths.runs_dir() / "img", tmp_path / "sdxl", finished=False)
+    wizard = wizard_on(qtbot, Settings(tmp_path / "s.ini"))
+    select(wizard.runs_page, "img")
+    wizard.runs_page.open_button.click()
+    qtbot.waitUntil(lambda: wizard.currentId() == Page.ImageRun, timeout=60_000)
+    run = wizard.image_run_page
+    assert run.start_button.isEnabled() and not run.busy("run") and not got
+    assert "ρ = 0.40" in run.where.text()

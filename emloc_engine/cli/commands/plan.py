@@ -110,7 +110,7 @@ def plan_config_of(args: argparse.Namespace, machine: Any = None) -> Any:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from emloc_engine.images.pipelines import is_pipeline_folder
+    from emloc_engine.images.pipeline_index import is_pipeline_folder
     from emloc_engine.run.planning import format_plan, plan_memory
 
     if is_pipeline_folder(Path(args.model)):
