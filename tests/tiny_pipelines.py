@@ -118,23 +118,28 @@ def _vae(latent_channels: int, **kw: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- families
+# The FLUX transformer's config at test size (FLUX.1-dev's layout: 1 double + 1 single block, width 32);
+# benchmarks/bench_image_export.py's ``--shape tiny`` builds the same one.
+TINY_FLUX_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
 def _flux(guidance_embeds: bool) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     return dict(
-        transformer=FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=guidance_embeds,
-            axes_dims_rope=(4, 6, 6),
-        ),
+        transformer=FluxTransformer2DModel(**dict(TINY_FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)),
         text_encoder=CLIPTextModel(_clip_config()),
         text_encoder_2=_t5_encoder(32),
         tokenizer=make_clip_tokenizer(),
