@@ -55,11 +55,11 @@ from emloc_engine.images.families import NoiseSchedule, denoising_loss
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline, load_denoiser, scheduler_config
 from emloc_engine.images.training import ImageTrainConfig, attach_image_lora, train_image_lora
 from tests.tiny_pipelines import (
-    CLIP_VOCAB,
-    T5_VOCAB,
     build_tiny_pipeline,
+    clip_text_config,
     make_clip_tokenizer,
     make_t5_tokenizer,
+    t5_encoder_config,
     write_subject_images,
 )
 
@@ -111,45 +111,30 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
     if model.startswith("tiny-"):
         return build_tiny_pipeline(model.removeprefix("tiny-"), work / "hub", weight_std=0.1)
     import diffusers
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     folder = work / model
     if (folder / "model_index.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    clip_l = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB,
+    clip_l = clip_text_config(
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
         num_attention_heads=12,
-        max_position_embeddings=77,
         projection_dim=768,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
         hidden_act="quick_gelu",
     )
     if model == "flux-dev":
         denoiser = ("transformer", diffusers.FluxTransformer2DModel, FLUX_DEV)
-        t5 = T5Config(
-            vocab_size=T5_VOCAB,
+        t5 = t5_encoder_config(
             d_model=4096,
             d_kv=64,
             d_ff=10240,
             num_layers=24 if full_text else 2,
             num_heads=64,
             feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
         )
         parts = dict(
             text_encoder=CLIPTextModel(clip_l).to(torch.bfloat16),
@@ -175,17 +160,12 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
         )
         pipe_cls: Any = diffusers.FluxPipeline
     else:
-        big_g = CLIPTextConfig(
-            vocab_size=CLIP_VOCAB,
+        big_g = clip_text_config(
             hidden_size=1280,
             intermediate_size=5120,
             num_hidden_layers=32,
             num_attention_heads=20,
-            max_position_embeddings=77,
             projection_dim=1280,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
             hidden_act="gelu",
         )
         denoiser = ("unet", diffusers.UNet2DConditionModel, SDXL_UNET)

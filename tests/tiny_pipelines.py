@@ -64,40 +64,44 @@ CLIP_VOCAB = 2 + 2 * 256
 T5_VOCAB = 4 + 2 * (len(string.ascii_letters + string.digits + string.punctuation))
 
 
-def _clip_config(projection_dim: int = 32) -> Any:
+def clip_text_config(**size: Any) -> Any:
+    """A ``CLIPTextConfig`` over :func:`make_clip_tokenizer`'s vocabulary and special ids; ``size`` sets
+    the widths, depth, projection and activation (tiny here, CLIP-L / bigG in benchmarks/bench_images.py)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **size,
+    )
+
+
+def t5_encoder_config(**size: Any) -> Any:
+    """A ``T5Config`` over :func:`make_t5_tokenizer`'s vocabulary and special ids; ``size`` sets the rest."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=T5_VOCAB, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **size)
+
+
+def _clip_config(projection_dim: int = 32) -> Any:
+    return clip_text_config(
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_TOKENS,
         projection_dim=projection_dim,
         hidden_act="gelu",
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
     )
 
 
 def _t5_encoder(d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
-    cfg = T5Config(
-        vocab_size=T5_VOCAB,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(cfg)
+    size = dict(d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4, relative_attention_num_buckets=8)
+    return T5EncoderModel(t5_encoder_config(**size))
 
 
 def _vae(latent_channels: int, **kw: Any) -> Any:
