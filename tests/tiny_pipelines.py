@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from tests.tiny_models import save_in_hub_cache
+
 KINDS = ("flux", "sd3", "sdxl")
 CLIP_MAX_TOKENS = 77
 T5_MAX_TOKENS = 32
@@ -279,14 +281,10 @@ def build_tiny_pipeline(
     """Save the tiny pipeline of ``kind`` in an HF-cache-shaped folder; return its snapshot folder."""
     name = name or f"tiny-{kind}"
     pipe = tiny_pipeline(kind, seed=seed, guidance_embeds=guidance_embeds, weight_std=weight_std)
-    repo = Path(cache_dir) / f"models--{org}--{name}"
     rev = hashlib.sha1(f"{kind}-{seed}-{guidance_embeds}-{weight_std}".encode()).hexdigest()
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(snap, safe_serialization=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(rev)
-    return snap
+    return save_in_hub_cache(
+        cache_dir, org, name, rev, lambda snap: pipe.save_pretrained(snap, safe_serialization=True)
+    )
 
 
 # --------------------------------------------------------------------------------------- images
