@@ -327,6 +327,18 @@ def open_plan_page(qtbot: Any, state: Any) -> Any:
     return page
 
 
+def open_try_page(qtbot: Any, state: Any) -> Any:
+    """A Try page shown for ``state``'s run, with its corrected adapter's folder made (fakes already installed)."""
+    from emloc_app.pages.try_page import TryPage
+
+    assert state.run_dir is not None
+    (state.run_dir / "adapter-corrected").mkdir(parents=True, exist_ok=True)
+    page = TryPage(state)
+    qtbot.addWidget(page)
+    page.initializePage()
+    return page
+
+
 def run_all(qtbot: Any, state: Any) -> Any:
     """A Run page that has run every stage (returns once it is complete)."""
     from emloc_app.pages.run_page import RunPage

@@ -12,7 +12,7 @@ from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage, judge
 from emloc_app.state import WizardState
 from emloc_engine.run.planning import plan_memory as real_plan_memory  # before the fixtures replace it
-from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info, reference_model_info
+from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info, open_try_page, reference_model_info
 from tests.app.fakes import open_plan_page as plan_page
 
 
@@ -102,7 +102,6 @@ def test_try_page_export_keeps_to_the_runs_budget_and_streams_as_the_run_did(  #
 ) -> None:
     import json
 
-    from emloc_app.pages.try_page import TryPage
     from emloc_engine.run.config import RunConfig
 
     assert state.run_dir is not None and state.model_dir is not None and state.data_config is not None
@@ -112,8 +111,6 @@ def test_try_page_export_keeps_to_the_runs_budget_and_streams_as_the_run_did(  #
     (state.run_dir / "manifest.json").write_text(json.dumps({
         "schema": 2, "stages": {}, "inputs": {}, "config": None,
         "plan": {"budget_gib": 15.5, "device": "cuda", "stream_original": True}}))
-    page = TryPage(state)
-    qtbot.addWidget(page)
-    page.initializePage()
+    page = open_try_page(qtbot, state)
     cfg = page.export_config("merged")
     assert cfg.memory_budget_bytes == int(15.5 * GIB) and cfg.stream_original
