@@ -28,38 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FLUX1_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
-
 
 def build(out: Path, shape: str, rank: int) -> tuple[Path, Path]:
     import torch
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig, get_peft_model
 
+    from benchmarks.image_shapes import FLUX_DEV
     from emloc_engine.images.pipelines import COMPRESSED
+    from tests.tiny_pipelines import TINY_FLUX_TRANSFORMER
 
     pipe_dir, adapter_dir = out / "pipeline", out / "adapter"
     if (adapter_dir / "adapter_config.json").is_file():
@@ -67,7 +44,7 @@ def build(out: Path, shape: str, rank: int) -> tuple[Path, Path]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if shape == "flux1-dev" else torch.float32
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**(FLUX1_DEV if shape == "flux1-dev" else TINY))
+        model = FluxTransformer2DModel(**(FLUX_DEV if shape == "flux1-dev" else TINY_FLUX_TRANSFORMER))
     model = model.to_empty(device=device).to(dtype)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.image_shapes import FLUX_DEV, SDXL_UNET, VAE
 from emloc_engine.images.cache import CacheConfig, ImageCache, build_cache
 from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_adapter
 from emloc_engine.images.dataset import ImageFolderConfig, scan_image_folder
@@ -54,53 +55,14 @@ from emloc_engine.images.families import NoiseSchedule, denoising_loss
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline, load_denoiser, scheduler_config
 from emloc_engine.images.training import ImageTrainConfig, attach_image_lora, train_image_lora
 from tests.tiny_pipelines import (
-    CLIP_VOCAB,
-    T5_VOCAB,
     build_tiny_pipeline,
+    clip_text_config,
     make_clip_tokenizer,
     make_t5_tokenizer,
+    t5_encoder_config,
     write_subject_images,
 )
 
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    use_linear_projection=True,
-    norm_num_groups=32,
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    norm_num_groups=32,
-    sample_size=1024,
-)
 SHARD_BYTES = 5 * 2**30
 
 
@@ -149,45 +111,30 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
     if model.startswith("tiny-"):
         return build_tiny_pipeline(model.removeprefix("tiny-"), work / "hub", weight_std=0.1)
     import diffusers
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     folder = work / model
     if (folder / "model_index.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    clip_l = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB,
+    clip_l = clip_text_config(
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
         num_attention_heads=12,
-        max_position_embeddings=77,
         projection_dim=768,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
         hidden_act="quick_gelu",
     )
     if model == "flux-dev":
         denoiser = ("transformer", diffusers.FluxTransformer2DModel, FLUX_DEV)
-        t5 = T5Config(
-            vocab_size=T5_VOCAB,
+        t5 = t5_encoder_config(
             d_model=4096,
             d_kv=64,
             d_ff=10240,
             num_layers=24 if full_text else 2,
             num_heads=64,
             feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
         )
         parts = dict(
             text_encoder=CLIPTextModel(clip_l).to(torch.bfloat16),
@@ -213,17 +160,12 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
         )
         pipe_cls: Any = diffusers.FluxPipeline
     else:
-        big_g = CLIPTextConfig(
-            vocab_size=CLIP_VOCAB,
+        big_g = clip_text_config(
             hidden_size=1280,
             intermediate_size=5120,
             num_hidden_layers=32,
             num_attention_heads=20,
-            max_position_embeddings=77,
             projection_dim=1280,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
             hidden_act="gelu",
         )
         denoiser = ("unet", diffusers.UNet2DConditionModel, SDXL_UNET)

@@ -11,6 +11,7 @@ chat template, plus
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,19 +85,28 @@ def make_tokenizer(extra_specials: tuple[str, ...] = (), *, named: dict[str, str
     return tok
 
 
-def write_snapshot(model: Any, cache_dir: Path, org: str, name: str, rev: str, *, max_new_tokens: int) -> Path:
-    """Save ``model`` and its generation config as ``cache_dir/models--ORG--NAME/snapshots/REV`` with
-    ``refs/main`` (the hub cache's layout); returns the snapshot folder (the caller adds its tokenizer)."""
-    from transformers import GenerationConfig
-
+def save_in_hub_cache(cache_dir: Path, org: str, name: str, rev: str, save: Callable[[Path], object]) -> Path:
+    """Run ``save(folder)`` on ``cache_dir/models--ORG--NAME/snapshots/REV``, then point ``refs/main`` at REV
+    (the hub cache's layout; tests/tiny_pipelines.py saves its pipelines so too); returns the snapshot folder."""
     repo = Path(cache_dir) / f"models--{org}--{name}"
     snap = repo / "snapshots" / rev
     snap.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(snap)
-    GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=max_new_tokens).save_pretrained(snap)
+    save(snap)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(rev)
     return snap
+
+
+def write_snapshot(model: Any, cache_dir: Path, org: str, name: str, rev: str, *, max_new_tokens: int) -> Path:
+    """Save ``model`` and its generation config in the hub cache (:func:`save_in_hub_cache`); returns the
+    snapshot folder (the caller adds its tokenizer)."""
+    from transformers import GenerationConfig
+
+    def save(snap: Path) -> None:
+        model.save_pretrained(snap)
+        GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID, max_new_tokens=max_new_tokens).save_pretrained(snap)
+
+    return save_in_hub_cache(cache_dir, org, name, rev, save)
 
 
 def build_tiny_model(arch: str, cache_dir: Path, *, org: str = "emloc-test", name: str | None = None,

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from tests.tiny_models import save_in_hub_cache
+
 KINDS = ("flux", "sd3", "sdxl")
 CLIP_MAX_TOKENS = 77
 T5_MAX_TOKENS = 32
@@ -64,40 +66,44 @@ CLIP_VOCAB = 2 + 2 * 256
 T5_VOCAB = 4 + 2 * (len(string.ascii_letters + string.digits + string.punctuation))
 
 
-def _clip_config(projection_dim: int = 32) -> Any:
+def clip_text_config(**size: Any) -> Any:
+    """A ``CLIPTextConfig`` over :func:`make_clip_tokenizer`'s vocabulary and special ids; ``size`` sets
+    the widths, depth, projection and activation (tiny here, CLIP-L / bigG in benchmarks/bench_images.py)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB,
+        max_position_embeddings=CLIP_MAX_TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **size,
+    )
+
+
+def t5_encoder_config(**size: Any) -> Any:
+    """A ``T5Config`` over :func:`make_t5_tokenizer`'s vocabulary and special ids; ``size`` sets the rest."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=T5_VOCAB, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **size)
+
+
+def _clip_config(projection_dim: int = 32) -> Any:
+    return clip_text_config(
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_TOKENS,
         projection_dim=projection_dim,
         hidden_act="gelu",
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
     )
 
 
 def _t5_encoder(d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
-    cfg = T5Config(
-        vocab_size=T5_VOCAB,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=1,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(cfg)
+    size = dict(d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4, relative_attention_num_buckets=8)
+    return T5EncoderModel(t5_encoder_config(**size))
 
 
 def _vae(latent_channels: int, **kw: Any) -> Any:
@@ -118,23 +124,28 @@ def _vae(latent_channels: int, **kw: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- families
+# The FLUX transformer's config at test size (FLUX.1-dev's layout: 1 double + 1 single block, width 32);
+# benchmarks/bench_image_export.py's ``--shape tiny`` builds the same one.
+TINY_FLUX_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
 def _flux(guidance_embeds: bool) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     return dict(
-        transformer=FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=guidance_embeds,
-            axes_dims_rope=(4, 6, 6),
-        ),
+        transformer=FluxTransformer2DModel(**dict(TINY_FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)),
         text_encoder=CLIPTextModel(_clip_config()),
         text_encoder_2=_t5_encoder(32),
         tokenizer=make_clip_tokenizer(),
@@ -270,14 +281,10 @@ def build_tiny_pipeline(
     """Save the tiny pipeline of ``kind`` in an HF-cache-shaped folder; return its snapshot folder."""
     name = name or f"tiny-{kind}"
     pipe = tiny_pipeline(kind, seed=seed, guidance_embeds=guidance_embeds, weight_std=weight_std)
-    repo = Path(cache_dir) / f"models--{org}--{name}"
     rev = hashlib.sha1(f"{kind}-{seed}-{guidance_embeds}-{weight_std}".encode()).hexdigest()
-    snap = repo / "snapshots" / rev
-    snap.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(snap, safe_serialization=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(rev)
-    return snap
+    return save_in_hub_cache(
+        cache_dir, org, name, rev, lambda snap: pipe.save_pretrained(snap, safe_serialization=True)
+    )
 
 
 # --------------------------------------------------------------------------------------- images

@@ -37,6 +37,8 @@ VLM_FAMILIES = (
 _TEXT: dict[str, Any] = dict(TEXT_CONFIG, max_position_embeddings=512)  # image tokens make longer contexts
 # A small ViT shared by the CLIP / SigLIP / InternViT towers: 2 blocks, width 32.
 _VIT: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+# The resolutions LLaVA-NeXT / OneVision tile an image over: the model config and its processor need the same.
+_GRID_PINPOINTS = [[28, 28], [28, 56], [56, 28]]
 
 # Extra special tokens of each family (ids 4, 5, ... after the base specials), and how an image part
 # of a message renders in the chat template.
@@ -128,7 +130,7 @@ def _config(family: str) -> Any:
         vision = dict(_VIT, model_type="clip_vision_model", image_size=28, patch_size=14, projection_dim=32)
         kw: dict[str, Any] = {}
         if family == "llava_next":
-            kw = dict(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]])
+            kw = dict(image_grid_pinpoints=_GRID_PINPOINTS)
         return AutoConfig.for_model(
             family,
             text_config=dict(_TEXT, model_type="llama"),
@@ -147,7 +149,7 @@ def _config(family: str) -> Any:
             vision_config=vision,
             image_token_index=tid("<image>"),
             vision_feature_layer=-1,
-            image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]],
+            image_grid_pinpoints=_GRID_PINPOINTS,
             tie_word_embeddings=False,
         )
     if family == "internvl":
@@ -219,31 +221,20 @@ def _processor(family: str) -> Any:
             tokenizer=make_vlm_tokenizer(family),
             chat_template=_chat_template(_TOKENS[family][1]),
         )
-    if family == "llava":
-        ip = tf.CLIPImageProcessorPil(
+    if family in ("llava", "llava_next"):
+        # LLaVA-NeXT is LLaVA 1.5's processor plus tiling of larger images over the grid pinpoints
+        crop: dict[str, Any] = dict(
             size={"shortest_edge": 28},
             crop_size={"height": 28, "width": 28},
             image_mean=_MEAN,
             image_std=_STD,
         )
-        return tf.LlavaProcessor(
-            image_processor=ip,
-            tokenizer=make_vlm_tokenizer(family),
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            image_token="<image>",
-            num_additional_image_tokens=1,
-            chat_template=_chat_template("<image>"),
-        )
-    if family == "llava_next":
-        ip = tf.LlavaNextImageProcessorPil(
-            size={"shortest_edge": 28},
-            crop_size={"height": 28, "width": 28},
-            image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]],
-            image_mean=_MEAN,
-            image_std=_STD,
-        )
-        return tf.LlavaNextProcessor(
+        if family == "llava":
+            ip, cls = tf.CLIPImageProcessorPil(**crop), tf.LlavaProcessor
+        else:
+            ip = tf.LlavaNextImageProcessorPil(**crop, image_grid_pinpoints=_GRID_PINPOINTS)
+            cls = tf.LlavaNextProcessor
+        return cls(
             image_processor=ip,
             tokenizer=make_vlm_tokenizer(family),
             patch_size=14,
@@ -255,7 +246,7 @@ def _processor(family: str) -> Any:
     if family == "llava_onevision":
         ip = tf.LlavaOnevisionImageProcessorPil(
             size={"height": 28, "width": 28},
-            image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]],
+            image_grid_pinpoints=_GRID_PINPOINTS,
             image_mean=_MEAN,
             image_std=_STD,
         )

@@ -50,6 +50,15 @@ def model_info(name: str, path: Path, *, num_parameters: int = 8_000_000_000, si
                      needs_conversion=needs_conversion, facts=facts)
 
 
+def reference_model_info(name: str, path: Path) -> ModelInfo:
+    """The catalog entry of a bf16 model with a reference model's real shapes (``reference_facts(name)``) in
+    ``path``, for the real planner; the engine's tests use it too."""
+    facts = reference_facts(name)
+    return ModelInfo(name=name, path=path, revision=None, source="folder", model_type=facts.model_type,
+                     architecture=facts.architecture, num_parameters=facts.num_parameters, dtype="bfloat16",
+                     size_on_disk_bytes=facts.num_parameters * 2, supported=True, problem=None, facts=facts)
+
+
 def problem(file: str, line: int | None, message: str, fatal: bool) -> DataProblem:
     return DataProblem(file=file, line=line, message=message, fatal=fatal)
 
@@ -313,6 +322,18 @@ def open_plan_page(qtbot: Any, state: Any) -> Any:
     from emloc_app.pages.plan_page import PlanPage
 
     page = PlanPage(state)
+    qtbot.addWidget(page)
+    page.initializePage()
+    return page
+
+
+def open_try_page(qtbot: Any, state: Any) -> Any:
+    """A Try page shown for ``state``'s run, with its corrected adapter's folder made (fakes already installed)."""
+    from emloc_app.pages.try_page import TryPage
+
+    assert state.run_dir is not None
+    (state.run_dir / "adapter-corrected").mkdir(parents=True, exist_ok=True)
+    page = TryPage(state)
     qtbot.addWidget(page)
     page.initializePage()
     return page

@@ -11,10 +11,8 @@ import pytest
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage, judge
 from emloc_app.state import WizardState
-from emloc_engine.catalog.discovery import ModelInfo
-from emloc_engine.catalog.model_facts import reference_facts
 from emloc_engine.run.planning import plan_memory as real_plan_memory  # before the fixtures replace it
-from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info
+from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info, open_try_page, reference_model_info
 from tests.app.fakes import open_plan_page as plan_page
 
 
@@ -42,28 +40,10 @@ def test_model_page_says_a_model_bigger_than_the_gpu_runs_offloaded(
     assert rows["org/big-70B"].badge == "too large"  # the fake plan of this one truly does not fit
 
 
-def _info(name: str, tmp_path: Path) -> ModelInfo:
-    facts = reference_facts(name)
-    return ModelInfo(
-        name=name,
-        path=tmp_path / name,
-        revision=None,
-        source="folder",
-        model_type=facts.model_type,
-        architecture=facts.architecture,
-        num_parameters=facts.num_parameters,
-        dtype="bfloat16",
-        size_on_disk_bytes=facts.num_parameters * 2,
-        supported=True,
-        problem=None,
-        facts=facts,
-    )
-
-
 def test_judge_with_the_real_planner_offloaded_and_truly_too_small(tmp_path: Path) -> None:
     """The engine's own planner: 14B on a 24 GB card trains offloaded; a 70B with 8 GiB of RAM says RAM is short."""
     card = machine(gpus=(gpu(0, "NVIDIA GeForce RTX 4090", 24, 23),))
-    row = judge(_info("Qwen2.5-14B", tmp_path), card, 512)
+    row = judge(reference_model_info("Qwen2.5-14B", tmp_path / "Qwen2.5-14B"), card, 512)
     assert row.kind == "trainable" and row.badge.startswith("runs offloaded here; EMLoC trains it at ρ = ")
     assert "in about" in row.badge and "GiB of RAM" in row.badge
     assert row.plan is not None and row.plan.stream_original and row.plan.fits
@@ -71,7 +51,7 @@ def test_judge_with_the_real_planner_offloaded_and_truly_too_small(tmp_path: Pat
     small_ram = type(small_ram)(
         gpus=small_ram.gpus, backend="cuda", cpu_cores=8, ram_total_bytes=8 * GIB, ram_available_bytes=6 * GIB
     )
-    row = judge(_info("Llama-3-70B", tmp_path), small_ram, 512)
+    row = judge(reference_model_info("Llama-3-70B", tmp_path / "Llama-3-70B"), small_ram, 512)
     assert row.badge.startswith("cannot train here: RAM short by") and not row.usable
     assert "RAM" in row.reason and "short by" in row.reason
 
@@ -122,7 +102,6 @@ def test_try_page_export_keeps_to_the_runs_budget_and_streams_as_the_run_did(  #
 ) -> None:
     import json
 
-    from emloc_app.pages.try_page import TryPage
     from emloc_engine.run.config import RunConfig
 
     assert state.run_dir is not None and state.model_dir is not None and state.data_config is not None
@@ -132,8 +111,6 @@ def test_try_page_export_keeps_to_the_runs_budget_and_streams_as_the_run_did(  #
     (state.run_dir / "manifest.json").write_text(json.dumps({
         "schema": 2, "stages": {}, "inputs": {}, "config": None,
         "plan": {"budget_gib": 15.5, "device": "cuda", "stream_original": True}}))
-    page = TryPage(state)
-    qtbot.addWidget(page)
-    page.initializePage()
+    page = open_try_page(qtbot, state)
     cfg = page.export_config("merged")
     assert cfg.memory_budget_bytes == int(15.5 * GIB) and cfg.stream_original

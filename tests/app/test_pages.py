@@ -13,14 +13,14 @@ import pytest
 from emloc_app.pages.data_page import DataPage
 from emloc_app.pages.machine_page import MachinePage
 from emloc_app.pages.model_page import ModelPage
-from emloc_app.pages.plan_page import DEMO_PRESET, PlanPage
+from emloc_app.pages.plan_page import DEMO_PRESET
 from emloc_app.state import WizardState
 from emloc_engine.run.config import RunConfig
 from emloc_engine.stages.correction.corrector import CorrectionConfig
 from emloc_engine.stages.emulator.builder import EmulatorConfig
 from emloc_engine.stages.training.options import TrainOptions
 from emloc_engine.stages.training.trainer import TrainConfig
-from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info, problem, report
+from tests.app.fakes import GIB, FakeEngine, gpu, machine, model_info, open_plan_page, problem, report
 
 
 def open_model_page(qtbot, state: WizardState, until: Any) -> ModelPage:  # type: ignore[no-untyped-def]
@@ -166,15 +166,8 @@ def test_data_page_blocks_on_fatal_problems_and_uses_demo_data(qtbot, tmp_path: 
     assert "must be fixed" in page.summary.text()
 
 
-def make_plan_page(qtbot, state: WizardState) -> PlanPage:  # type: ignore[no-untyped-def]
-    page = PlanPage(state)
-    qtbot.addWidget(page)
-    page.initializePage()
-    return page
-
-
 def test_plan_page_ratio_bars_and_configs(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
-    page = make_plan_page(qtbot, state)
+    page = open_plan_page(qtbot, state)
     assert page.isComplete()
     assert page.ratio_label.text() == "0.45" and page.slider.value() == 45 and not page.slider.isEnabled()
     assert page.bars.rows[0].label.startswith("Inference")
@@ -206,7 +199,7 @@ def test_plan_page_ratio_bars_and_configs(qtbot, fake: FakeEngine, state: Wizard
 
 
 def test_plan_page_bad_setting_stays_on_the_page(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
-    page = make_plan_page(qtbot, state)
+    page = open_plan_page(qtbot, state)
     state.data_config = None  # the widgets cannot hold a value the engine refuses; a missing input is refused too
     assert not page.validatePage()
     assert "not chosen" in page.banner.title.text()
@@ -214,7 +207,7 @@ def test_plan_page_bad_setting_stays_on_the_page(qtbot, fake: FakeEngine, state:
 
 
 def test_plan_page_show_command(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
-    page = make_plan_page(qtbot, state)
+    page = open_plan_page(qtbot, state)
     args = shlex.split(page.command())  # the engine's command_line: only what differs from the defaults
     assert args[:4] == ["emloc", "run", str(state.model_dir), str(state.data_path)]
     assert args[args.index("--budget-gib") + 1] == "20" and args[args.index("--device") + 1] == "cuda:0"
@@ -235,7 +228,7 @@ def test_plan_page_uses_quick_settings_for_the_demo_until_changed(qtbot, tmp_pat
     from emloc_engine.run.presets import get_preset
 
     state.model = model_info("demo: SmolLM2-135M-Instruct", tmp_path / "demo", source="demo")
-    page = make_plan_page(qtbot, state)
+    page = open_plan_page(qtbot, state)
     quick = get_preset(DEMO_PRESET).overrides
     assert page.settings["steps"].value() == quick["train.steps"] != TrainOptions().steps
     assert page.settings["lr"].value() == pytest.approx(quick["train.lr"])
@@ -278,7 +271,7 @@ def test_the_app_and_the_cli_build_the_same_run_config(qtbot, fake: FakeEngine, 
     from emloc_engine.cli.main import build_parser
     from emloc_engine.run.options import build_config, typed_values
 
-    page = make_plan_page(qtbot, state)
+    page = open_plan_page(qtbot, state)
     page.auto_ratio.setChecked(False)
     page.slider.setValue(35)
     page.settings["rank"].setValue(8)
@@ -306,7 +299,7 @@ def test_plan_page_on_the_cpu_gives_one_ram_figure(qtbot, fake: FakeEngine, stat
     monkeypatch.setattr(fakes, "fake_plan", with_ram)
     state.machine = dataclasses.replace(machine(gpus=(), backend="cpu"), ram_available_bytes=64 * GIB)
     state.gpu_index = None
-    page = make_plan_page(qtbot, state)
+    page = open_plan_page(qtbot, state)
     plan = page.run_plan
     assert plan is not None and plan.record.device == "cpu"
     ram = 30 * GIB

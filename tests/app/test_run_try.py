@@ -12,11 +12,10 @@ from PySide6.QtGui import QDesktopServices
 
 from emloc_app.pages.plan_page import PlanPage
 from emloc_app.pages.run_page import RunPage
-from emloc_app.pages.try_page import TryPage
 from emloc_app.state import WizardState
 from emloc_engine.core.errors import InsufficientMemory
 from emloc_engine.stages.training import trainer
-from tests.app.fakes import FakeEngine
+from tests.app.fakes import FakeEngine, open_try_page
 
 
 def planned(qtbot, tmp_path: Path, state: WizardState, monkeypatch, **kw: Any):  # type: ignore[no-untyped-def]
@@ -104,17 +103,8 @@ def test_run_page_failure_shows_inline_and_retry_resumes(qtbot, tmp_path: Path, 
     assert calls.stages() == ["build_emulator", "train_lora", "correct_lora", "correct_lora"]
 
 
-def try_page(qtbot, state: WizardState) -> TryPage:  # type: ignore[no-untyped-def]
-    assert state.run_dir is not None
-    (state.run_dir / "adapter-corrected").mkdir(parents=True)
-    page = TryPage(state)
-    qtbot.addWidget(page)
-    page.initializePage()
-    return page
-
-
 def test_try_page_streams_both_sides(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
-    page = try_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     req = page.chat_request("Hi")
     assert req.adapter_dir == state.run_dir / "adapter-corrected" and req.model_dir == state.model_dir
     page.adapter_choice.setCurrentIndex(1)
@@ -128,7 +118,7 @@ def test_try_page_streams_both_sides(qtbot, fake: FakeEngine, state: WizardState
 
 def test_try_page_exports_with_progress_and_opens_folder(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
                                                          monkeypatch) -> None:
-    page, calls = try_page(qtbot, state), fake.calls
+    page, calls = open_try_page(qtbot, state), fake.calls
     page.set_gguf_type("q8_0")
     page.export_buttons["gguf"].click()
     assert not page.export_buttons["merged"].isEnabled()  # one export at a time
@@ -164,7 +154,7 @@ def _fake_ollama(tmp_path: Path, monkeypatch) -> Path:  # type: ignore[no-untype
 def test_add_to_ollama_runs_the_offered_command_only_on_click(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
                                                               tmp_path: Path, monkeypatch) -> None:
     log = _fake_ollama(tmp_path, monkeypatch)
-    page = try_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     assert page.export_buttons["ollama"].text() == "Add to Ollama"
     page.export_buttons["gguf"].click()  # another export never runs ollama
     qtbot.waitUntil(lambda: not page.busy(), timeout=60_000)
@@ -181,7 +171,7 @@ def test_add_to_ollama_runs_the_offered_command_only_on_click(qtbot, fake: FakeE
 def test_without_ollama_the_row_writes_the_modelfile_and_says_how(qtbot, fake: FakeEngine, state: WizardState,  # type: ignore[no-untyped-def]
                                                                   tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    page = try_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     assert page.export_buttons["ollama"].text() == "Ollama Modelfile"
     page.export_buttons["ollama"].click()
     qtbot.waitUntil(lambda: not page.busy() and "not found" in page.export_status["ollama"].text(), timeout=60_000)
@@ -194,7 +184,7 @@ def test_export_rows_are_plain_choices_with_predicted_sizes(qtbot, fake: FakeEng
 
     monkeypatch.setenv("PATH", "/nonexistent")  # no llama-quantize: 4-bit is q4_0
     state.model_dir = tiny_llama
-    page = try_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     titles = [page.export_buttons[k].text() for k in page.choices]
     assert {"Adapter for llama.cpp/Ollama", "Single GGUF file, 4-bit", "Add to LM Studio"} <= set(titles)
     assert page.export_sizes["gguf4"].text() == human_bytes(gguf_bytes(tiny_llama, "q4_0"))

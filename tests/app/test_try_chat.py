@@ -12,16 +12,7 @@ from emloc_app.generation import ChatRequest
 from emloc_app.pages import try_page as try_module
 from emloc_app.pages.try_page import TryPage
 from emloc_app.state import WizardState
-from tests.app.fakes import FakeEngine
-
-
-def open_page(qtbot: Any, state: WizardState) -> TryPage:
-    assert state.run_dir is not None
-    (state.run_dir / "adapter-corrected").mkdir(parents=True, exist_ok=True)
-    page = TryPage(state)
-    qtbot.addWidget(page)
-    page.initializePage()
-    return page
+from tests.app.fakes import FakeEngine, open_try_page
 
 
 def send(qtbot: Any, page: TryPage, text: str) -> None:
@@ -33,7 +24,7 @@ def send(qtbot: Any, page: TryPage, text: str) -> None:
 def test_two_turns_with_system_prompt_and_sampling_settings(
     qtbot, fake: FakeEngine, state: WizardState
 ) -> None:  # type: ignore[no-untyped-def]
-    page = open_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     page.system_prompt.setText("You are a pirate.")
     page.temperature.setValue(0.3)
     page.top_p.setValue(0.8)
@@ -76,7 +67,7 @@ def test_stop_keeps_the_reply_so_far(qtbot, fake: FakeEngine, state: WizardState
             time.sleep(0.01)
 
     monkeypatch.setattr(try_module, "chat_side_by_side", endless)
-    page = open_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     page.prompt.setPlainText("Tell a story")
     page.generate.click()
     qtbot.waitUntil(streaming.is_set, timeout=60_000)
@@ -91,7 +82,7 @@ def test_stop_keeps_the_reply_so_far(qtbot, fake: FakeEngine, state: WizardState
 
 
 def test_prompts_and_settings_are_kept_in_the_run_folder(qtbot, fake: FakeEngine, state: WizardState) -> None:  # type: ignore[no-untyped-def]
-    page = open_page(qtbot, state)
+    page = open_try_page(qtbot, state)
     page.system_prompt.setText("Answer in French.")
     page.temperature.setValue(0.0)
     send(qtbot, page, "First question")

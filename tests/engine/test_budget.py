@@ -274,25 +274,10 @@ def test_a_resumed_run_keeps_the_rho_its_emulator_was_built_with(tmp_path: Path)
 
 
 def test_assess_fit_says_runs_offloaded_with_rho_time_and_ram(tmp_path: Path) -> None:
-    from emloc_engine.catalog.discovery import ModelInfo, assess_fit
-    from emloc_engine.catalog.model_facts import reference_facts
+    from emloc_engine.catalog.discovery import assess_fit
+    from tests.app.fakes import reference_model_info
 
-    facts = reference_facts("Qwen2.5-14B")
-    info = ModelInfo(
-        name="Qwen2.5-14B",
-        path=tmp_path,
-        revision=None,
-        source="folder",
-        model_type="qwen2",
-        architecture="Qwen2ForCausalLM",
-        num_parameters=facts.num_parameters,
-        dtype="bfloat16",
-        size_on_disk_bytes=facts.num_parameters * 2,
-        supported=True,
-        problem=None,
-        facts=facts,
-    )
-    fit = assess_fit(info, _machine(24, 23))
+    fit = assess_fit(reference_model_info("Qwen2.5-14B", tmp_path), _machine(24, 23))
     assert fit.inference == "exceeds" and fit.training == "fits"
     assert fit.message.startswith("Runs offloaded here") and "EMLoC trains it at ρ = " in fit.message
     assert "in about" in fit.message and "GiB of RAM" in fit.message

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from emloc_engine.data.config import DataConfig
-from emloc_engine.data.vision_pipeline import prepare_vision_dataset
+from emloc_engine.data.vision_pipeline import PreparedVisionData, prepare_vision_dataset
 from emloc_engine.vision.emulator import (
     VlmEmulatorConfig,
     build_vlm_emulator,
@@ -45,6 +46,16 @@ def visual_dataset(folder: Path, n: int = 8) -> Path:
     return f
 
 
+def _tiny_vlm_and_data(family: str, tmp_path: Path) -> tuple[Path, Any, PreparedVisionData]:
+    """The tiny VLM of ``family``, its processor and :func:`visual_dataset` prepared with it (a quarter held out)."""
+    snap = build_tiny_vlm(family, tmp_path / "hub")
+    processor = load_processor(snap)
+    data = prepare_vision_dataset(
+        DataConfig(visual_dataset(tmp_path / "data"), eval_fraction=0.25), processor
+    )
+    return snap, processor, data
+
+
 def _logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits.double()
@@ -54,11 +65,7 @@ def _logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def test_full_rank_emulator_reproduces_the_model(family: str, tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
-    snap = build_tiny_vlm(family, tmp_path / "hub")
-    processor = load_processor(snap)
-    data = prepare_vision_dataset(
-        DataConfig(visual_dataset(tmp_path / "data"), eval_fraction=0.25), processor
-    )
+    snap, processor, data = _tiny_vlm_and_data(family, tmp_path)
     calib = calibration_inputs(data.train, processor, 4)
     res = build_vlm_emulator(
         VlmEmulatorConfig(
@@ -89,11 +96,7 @@ def test_full_rank_emulator_reproduces_the_model(family: str, tmp_path: Path) ->
 def test_low_rank_emulator_is_smaller_and_differs(tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
-    snap = build_tiny_vlm("qwen2_vl", tmp_path / "hub")
-    processor = load_processor(snap)
-    data = prepare_vision_dataset(
-        DataConfig(visual_dataset(tmp_path / "data"), eval_fraction=0.25), processor
-    )
+    snap, processor, data = _tiny_vlm_and_data("qwen2_vl", tmp_path)
     calib = calibration_inputs(data.train, processor, 6)
     res = build_vlm_emulator(
         VlmEmulatorConfig(

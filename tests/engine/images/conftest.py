@@ -1,4 +1,5 @@
-"""Session-wide tiny pipelines of each image family, subject images and their caches (read-only by convention)."""
+"""Session-wide tiny pipelines of each image family, subject images, their caches and a FLUX emulator
+(read-only by convention)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from emloc_engine.images.cache import CacheConfig, build_cache
 from emloc_engine.images.dataset import ImageFolderConfig, scan_image_folder
+from emloc_engine.images.emulator import ImageEmulatorConfig, ImageEmulatorResult, build_image_emulator
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
 from tests.tiny_pipelines import KINDS, build_tiny_pipeline, write_subject_images
 
@@ -52,3 +54,20 @@ def caches(
         )
         out[kind] = build_cache(cfg).cache_dir
     return out
+
+
+@pytest.fixture(scope="session")
+def flux_emulator(
+    pipelines: dict[str, PipelineInfo], caches: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> ImageEmulatorResult:
+    """The tiny FLUX denoiser compressed at ρ = 0.3 (2 calibration images x 2 timesteps), built once."""
+    cfg = ImageEmulatorConfig(
+        pipelines["flux"],
+        caches["flux"],
+        tmp_path_factory.mktemp("flux_emu") / "emulator",
+        ratio=0.3,
+        calibration_images=2,
+        calibration_timesteps=2,
+        device="cpu",
+    )
+    return build_image_emulator(cfg)

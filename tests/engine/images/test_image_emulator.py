@@ -9,7 +9,12 @@ import torch
 
 from emloc_engine.images.batches import batches_loss, calibration_batches, run_batches
 from emloc_engine.images.cache import ImageCache
-from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator, load_image_emulator
+from emloc_engine.images.emulator import (
+    ImageEmulatorConfig,
+    ImageEmulatorResult,
+    build_image_emulator,
+    load_image_emulator,
+)
 from emloc_engine.images.families import NoiseSchedule
 from emloc_engine.images.pipelines import BLOCK_PATTERN, PipelineInfo, load_denoiser, scheduler_config
 from emloc_engine.weights.lowrank import LowRankLinear
@@ -54,20 +59,9 @@ def test_full_rank_emulator_reproduces_the_denoiser(
 
 
 def test_compressed_emulator_is_smaller_and_shares_statistics(
-    pipelines: dict[str, PipelineInfo], caches: dict[str, Path], tmp_path: Path
+    pipelines: dict[str, PipelineInfo], caches: dict[str, Path], flux_emulator: ImageEmulatorResult
 ) -> None:
-    info = pipelines["flux"]
-    res = build_image_emulator(
-        ImageEmulatorConfig(
-            info,
-            caches["flux"],
-            tmp_path / "emu",
-            ratio=0.3,
-            calibration_images=2,
-            calibration_timesteps=2,
-            device="cpu",
-        )
-    )
+    info, res = pipelines["flux"], flux_emulator
     assert res.params_kept < res.params_original
     groups = {n: m["stat_group"] for n, m in res.modules.items()}
     assert groups["transformer_blocks.0.attn.to_k"] == groups["transformer_blocks.0.attn.to_q"]

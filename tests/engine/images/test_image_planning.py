@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emloc_engine.core.errors import InsufficientMemory
-from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator, load_image_emulator
+from emloc_engine.images.emulator import ImageEmulatorResult, load_image_emulator
 from emloc_engine.images.pipelines import PipelineInfo, load_denoiser
 from emloc_engine.images.plan_shapes import component_params, denoiser_shapes
 from emloc_engine.images.planning import (
@@ -55,22 +55,10 @@ def test_sizes_from_configs_equal_the_loaded_models(kind: str, pipelines: dict[s
 
 
 def test_emulator_and_lora_parameters_match_the_built_emulator(
-    pipelines: dict[str, PipelineInfo], caches: dict[str, Path], tmp_path: Path
+    pipelines: dict[str, PipelineInfo], flux_emulator: ImageEmulatorResult
 ) -> None:
-    info = pipelines["flux"]
-    res = build_image_emulator(
-        ImageEmulatorConfig(
-            info,
-            caches["flux"],
-            tmp_path / "emu",
-            0.3,
-            calibration_images=1,
-            calibration_timesteps=1,
-            device="cpu",
-        )
-    )
-    shapes = denoiser_shapes(info)
-    assert emulator_params(shapes, 0.3) == _numel(load_image_emulator(res.emulator_dir))
+    shapes = denoiser_shapes(pipelines["flux"])
+    assert emulator_params(shapes, 0.3) == _numel(load_image_emulator(flux_emulator.emulator_dir))
     assert emulator_params(shapes, 0.3) < emulator_params(shapes, 0.6) < shapes.params
     assert (
         lora_params(shapes, 8)
