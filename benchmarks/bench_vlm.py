@@ -169,6 +169,11 @@ def _peak(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
 
 
+def _say(line: str) -> None:
+    """One stage's numbers as soon as it ends (a run cut short by a time limit still leaves them)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="Qwen2.5-VL-7B", choices=[*VLM_REFERENCE_CONFIGS, "tiny"])
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.monotonic()
     infer = inference_peak(model_dir, processor, prepared.train[0], device)
     times["inference"] = time.monotonic() - t
+    _say(f"inference peak {infer:.2f} GiB in {times['inference']:.0f} s ({tokens} tokens)")
     text_tokens = max(1, tokens - (facts.vision.tokens_per_image if facts.vision else 0))
     plan = plan_memory(facts, PlanConfig(context_length=text_tokens, lora_rank=16))
     rho = plan.ratio or 0.5
@@ -205,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                                                calibration_inputs(prepared.train, processor, args.calib),
                                                ratio=rho, device=args.device))
     times["emulator"] = time.monotonic() - t
+    _say(f"emulator at rho {rho}: peak {emu.peak_vram_gib:.2f} GiB in {times['emulator']:.0f} s")
     t = time.monotonic()
     train = train_vlm_lora(VlmTrainConfig(model_dir, emu.emulator_dir, data, run, steps=args.steps, lr=1e-4,
                                           rank=16, alpha=32, device=args.device, checkpoint_every=args.steps,
                                           anchor=args.anchor))
     times["train"] = time.monotonic() - t
+    _say(f"train: peak {train.peak_vram_gib:.2f} GiB in {times['train']:.0f} s")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                                device=args.device)
     correct_peak = _peak(device)
     times["correct"] = time.monotonic() - t
+    _say(f"correct: peak {correct_peak:.2f} GiB in {times['correct']:.0f} s")
     t = time.monotonic()
     merge_vlm(model_dir, corr.adapter_dir, run / "merged", emu.emulator_dir)
     times["merge"] = time.monotonic() - t
