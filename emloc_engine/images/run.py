@@ -36,6 +36,7 @@ from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulat
 from emloc_engine.images.options import RUN_SETTINGS, ImageRunConfig, ImageRunResult
 from emloc_engine.images.pipelines import PipelineInfo, convert_single_file, identify_pipeline
 from emloc_engine.images.training import ImageTrainConfig, train_image_lora
+from emloc_engine.run.lock import run_folder_lock
 from emloc_engine.weights.lowrank import EMULATOR_META, read_emulator_meta
 
 
@@ -82,7 +83,14 @@ def run_images(cfg: ImageRunConfig, progress: Progress = NULL_PROGRESS) -> Image
     Raises:
         ConfigError, DataError, ModelNotFound, UnsupportedModel, MergeError: from the stages.
         Cancelled: between images, blocks or steps; a rerun resumes.
+        RunStateError: another process (or run) is writing this run folder.
     """
+    with run_folder_lock(cfg.run_dir):
+        return _run_images(cfg, progress)
+
+
+def _run_images(cfg: ImageRunConfig, progress: Progress) -> ImageRunResult:
+    """:func:`run_images` with the run folder's lock held (the Runs page cannot delete it meanwhile)."""
     _check_settings(cfg)
     info = resolve_pipeline(cfg)
     prompt = cfg.prompt or (f"a photo of {cfg.trigger}" if cfg.trigger else "")

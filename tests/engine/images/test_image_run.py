@@ -126,3 +126,20 @@ def test_prior_preservation_and_data_problems(
     class_items = [it for it in meta["items"] if it["split"] == "class"]
     assert len(class_items) == 3 and {meta["prompts"][it["caption"]] for it in class_items} == {"a square"}
     assert with_prior.finished and with_prior.losses[0] != pytest.approx(without.losses[0])
+
+
+def test_a_run_folder_in_use_is_refused_and_left_alone(
+    pipelines: dict[str, PipelineInfo], subject_dir: Path, tmp_path: Path
+) -> None:
+    """The Runs page (or a second ``emloc image``) sees a running image run through the folder's lock."""
+    from emloc_engine.core.errors import RunStateError
+    from emloc_engine.run.history import delete_run
+    from emloc_engine.run.lock import run_folder_lock
+
+    run = tmp_path / "r"
+    with run_folder_lock(run):
+        with pytest.raises(RunStateError, match="in use"):
+            run_images(_cfg(pipelines["sd3"], subject_dir, run))
+        with pytest.raises(RunStateError):
+            delete_run(run)
+    assert run.is_dir() and not (run / "cache").exists()
