@@ -131,8 +131,8 @@ def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled tokens, and their count.
 
     As for text (:func:`~emloc_engine.stages.training.trainer.hidden_loss_sum`): the model runs up to its
-    final hidden states, and the head sees the labelled positions only, a few dozen at a time (checkpointed
-    chunks when gradients are on). The ``tokens × vocab`` logits of the whole sample (2 GiB in fp32 for
+    final hidden states, and the head sees the labelled positions only, a few dozen at a time
+    (``loss_chunk_tokens``: ≤ 64 MiB of logits; checkpointed chunks when gradients are on). The ``tokens × vocab`` logits of the whole sample (2 GiB in fp32 for
     1,300 tokens of Qwen2.5-VL's 152k vocabulary, with their log-softmax) never exist.
     ``model``: the VLM, or a peft model around it.
     """
@@ -464,7 +464,11 @@ def correct_vlm_adapter(
         model: Any = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
                                                                       trust_remote_code=False)
         model = model.to(dev)
-        peft_model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False).eval()
+        # the adapter in the model's dtype, as inference would run it: an fp32 copy of it, and fp32 copies of
+        # every adapted layer's input, would put the λ search above the model's inference peak
+        peft_model = PeftModel.from_pretrained(
+            model, str(adapter.path), is_trainable=False, autocast_adapter_dtype=False
+        ).eval()
         lora = {
             n.removeprefix("base_model.model."): m
             for n, m in peft_model.named_modules()
