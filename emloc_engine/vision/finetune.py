@@ -3,8 +3,10 @@
 * :func:`train_vlm_lora` — peft LoRA on every compressed module of the emulator (vision tower and
   language model; the adapter is on the whole composite ``u·v``, as for text: the same
   :mod:`~emloc_engine.stages.training.lora_layers`), AdamW, cosine schedule with warmup, loss on the
-  labelled (assistant) tokens, checkpoints every ``checkpoint_every`` steps and exact resume
-  (LoRA weights, optimizer state, the data order and RNG state come back). One sample per step
+  labelled (assistant) tokens in chunks, activation checkpointing of both towers' blocks (as for text:
+  :mod:`~emloc_engine.stages.training.activation_checkpointing`; a tower without LoRA builds no graph), checkpoints every
+  ``checkpoint_every`` steps and exact resume (LoRA weights, optimizer state, the data order and RNG
+  state come back). One sample per step
   (its images fix its shape), ``grad_accum`` samples per update.
 * :func:`correct_vlm_adapter` — :func:`~emloc_engine.stages.correction.corrector.correct_module`
   for every module that carries LoRA, the vision tower's included, in fp64 against the original
@@ -75,6 +77,11 @@ class VlmTrainConfig:
                   "auto (blocks when the anchors fit anchor_ram_gib, else none with a note) or none."},
     )
     anchor_ram_gib: float = field(default=4.0, metadata={"help": "RAM the anchors may take, in GiB."})
+    grad_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute every block's activations (both towers) in the backward pass instead of "
+                  "keeping them: a step keeps only the blocks' inputs."},
+    )
     stop_after: int | None = field(
         default=None,
         metadata={"help": "Stop (resumably) after this many steps of this call (tests, time-boxed runs)."},
@@ -212,10 +219,10 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
     model = attach_lora(
         model, lora_config(cfg.rank, cfg.alpha, 0.0, targets, False, str(cfg.model_dir.resolve()))
     )
-    # every block of both towers keeps only its inputs until the backward recomputes it, as for text
-    enable_activation_checkpointing(model.get_base_model())
+    if cfg.grad_checkpointing:  # every block of both towers keeps only its inputs, as for text
+        enable_activation_checkpointing(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")  # as for text
     ckpt_dir = cfg.out_dir / CHECKPOINTS
     order_rng = random.Random(cfg.seed)
     start, losses = 0, []
