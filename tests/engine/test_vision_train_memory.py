@@ -25,11 +25,12 @@ import pytest
 import torch
 
 from emloc_engine.data.config import DataConfig
+from emloc_engine.data.render import IGNORE_INDEX
 from emloc_engine.data.vision_pipeline import prepare_vision_dataset
 from emloc_engine.vision.emulator import VlmEmulatorConfig, build_vlm_emulator, calibration_inputs
-from emloc_engine.vision.finetune import VlmTrainConfig, train_vlm_lora
+from emloc_engine.vision.finetune import VlmTrainConfig, loss_sum, train_vlm_lora
 from emloc_engine.vision.processor import load_processor
-from tests.tiny_vlms import build_tiny_vlm, write_png
+from tests.tiny_vlms import VLM_FAMILIES, build_tiny_vlm, write_png
 
 LAYERS = 4
 
@@ -180,3 +181,30 @@ def test_a_training_step_keeps_block_inputs_not_activations(
         assert saved.get("vision", 0) == 0, saved
     else:  # an adapted tower is checkpointed too
         assert saved.get("vision", 0) < 2 * LAYERS * patches * width * 4, saved
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_chunked_loss_equals_the_models_own_loss(family: str, tmp_path: Path) -> None:
+    """The head on label positions in chunks (every family's ``.model`` + ``lm_head``) = the model's loss."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    snap = build_tiny_vlm(family, tmp_path / "hub")
+    processor = load_processor(snap)
+    model = AutoModelForImageTextToText.from_pretrained(snap, dtype=torch.float32).train()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour? " * 8}]}]
+    text = processor.tokenizer.apply_chat_template(
+        msgs, chat_template=processor.chat_template, tokenize=False
+    )
+    image = Image.open(write_png(tmp_path / "a.png")).convert("RGB")
+    batch = dict(processor(text=[text], images=[image], return_tensors="pt"))
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] // 2] = IGNORE_INDEX
+    expected = model(**batch, labels=labels, use_cache=False).loss * int(
+        (labels[:, 1:] != IGNORE_INDEX).sum()
+    )
+    got, n = loss_sum(model, dict(batch, labels=labels))
+    assert n == int((labels[:, 1:] != IGNORE_INDEX).sum()) > 0
+    assert torch.allclose(got, expected, rtol=1e-5), (got.item(), expected.item())
+    with torch.no_grad():
+        assert torch.allclose(loss_sum(model, dict(batch, labels=labels))[0], expected, rtol=1e-5)
