@@ -13,8 +13,8 @@ Measured, one after the other on one GPU (torch allocator peaks, ``max_memory_al
 2. emulator build (:func:`emloc_engine.vision.emulator.build_vlm_emulator`) at the planner's ρ for
    this budget (the inference peak), both towers compressed, ``--calib`` samples;
 3. training (:func:`emloc_engine.vision.finetune.train_vlm_lora`), ``--steps`` steps, rank 16,
-   gradient checkpointing;
-4. correction with the λ search (original model + adapter, held-out loss);
+   activation checkpointing of both towers, the loss on label positions in chunks;
+4. correction with the λ search (original model + adapter resident, held-out loss in chunks);
 5. merge (CPU only: 0 GPU bytes).
 
 Prints one JSON object (also written to ``--out``). The H200 run takes about 5–7 minutes per model
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     times["inference"] = time.monotonic() - t
     _say(f"inference peak {infer:.2f} GiB in {times['inference']:.0f} s ({tokens} tokens)")
     text_tokens = max(1, tokens - (facts.vision.tokens_per_image if facts.vision else 0))
-    plan = plan_memory(facts, PlanConfig(context_length=text_tokens, lora_rank=16))
+    # what this run does: one sample per step, anchored only with --anchor (the planner adds the image tokens)
+    plan = plan_memory(facts, PlanConfig(context_length=text_tokens, lora_rank=16, anchored=args.anchor != "none"))
     rho = plan.ratio or 0.5
     run = work / "run"
     t = time.monotonic()

@@ -37,6 +37,7 @@ import math
 from typing import TYPE_CHECKING
 
 from emloc_engine.run.planning import (
+    EVAL_CHUNK_TOKENS,
     GIB,
     GPU_H2D_BYTES_PER_S,
     PlanConfig,
@@ -180,7 +181,7 @@ def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:
     c, b = cfg.constants, compute_bytes(facts, cfg)
     t = cfg.context_length
     act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
-    logits = int(t * facts.vocab_size * c.eval_logits_bytes)
+    logits = int(min(t, EVAL_CHUNK_TOKENS) * facts.vocab_size * c.eval_logits_bytes)
     parts = [
         ("weights", facts.num_parameters * b),
         ("adapter", lora_parameters(facts, cfg) * c.lora_param_bytes),

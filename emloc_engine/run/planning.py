@@ -53,6 +53,9 @@ from emloc_engine.core.ranks import rank_for_ratio
 
 GIB = 1024**3
 DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
+# The held-out evaluations without gradients (the correction's λ search, text and VLM) run the head on label
+# positions only, this many tokens at a time: their logits are EVAL_CHUNK_TOKENS × vocab, whatever the length.
+EVAL_CHUNK_TOKENS = 256
 RUNTIME_LABEL = "CUDA context & allocator"
 
 
@@ -657,7 +660,7 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: 
                                                                                  est_seconds=passed.est_seconds)
     t = cfg.context_length
     act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
-    logits = int(t * facts.vocab_size * c.eval_logits_bytes)
+    logits = int(min(t, EVAL_CHUNK_TOKENS) * facts.vocab_size * c.eval_logits_bytes)
     seconds += cfg.lambda_candidates * cfg.eval_batches * _forward_flops(facts, facts.num_parameters, t, t) / (
         flops_per_second(cfg) * c.infer_mfu)
     evaluation = facts.num_parameters * b + n_lora * c.lora_param_bytes + max(act, logits)

@@ -10,12 +10,12 @@ metrics, run history and run folder (``emulator/``, ``checkpoints/``, ``adapter/
 * emulator: ρ from the plan for the language model's and the vision tower's block linears (the paper
   compresses both at one ratio); ``calib`` of the user's image samples.
 * training: ``train.steps``, ``lr``, ``rank``, ``alpha``, ``warmup_steps``, ``save_every``, ``dtype``,
-  ``anchor`` and ``anchor_ram_gib`` (:mod:`emloc_engine.vision.anchors`: every block of both towers;
+  ``anchor``, ``anchor_ram_gib``, ``grad_checkpointing`` (both towers' blocks) (:mod:`emloc_engine.vision.anchors`: every block of both towers;
   ``linears`` anchors blocks, with a note) and the run's seed. A VLM sample carries its own images, so samples go one at a time:
   ``batch_size × grad_accum`` samples make one optimizer step (the same samples per step as text).
   Text-only knobs the VLM trainer does not have (dropout, rsLoRA, target modules, schedule other than
   cosine, weight decay, gradient clipping, evaluation during training — it evaluates at the end —,
-  gradient checkpointing, checkpoints kept, several GPUs) are named in the plan's notes when
+  checkpoints kept, several GPUs) are named in the plan's notes when
   set to something else than their default, never silently dropped.
 * correction: ``correct.lambda_`` (None: λ chosen on the held-out samples from ``lambda_grid``).
 * export: :mod:`emloc_engine.vision.export` (merged, adapter, the language model's GGUF; no mmproj).
@@ -51,6 +51,7 @@ _VLM_TRAIN_KNOBS = (
     "dtype",
     "anchor",
     "anchor_ram_gib",
+    "grad_checkpointing",
 )
 
 
@@ -149,6 +150,7 @@ def vision_plan(cfg: RunConfig, ratio: float, device: str) -> tuple[VisionPlan, 
         dtype=t.dtype,
         anchor="blocks" if t.anchor == "linears" else t.anchor,
         anchor_ram_gib=t.anchor_ram_gib,
+        grad_checkpointing=t.grad_checkpointing,
     )
     lambdas = (cfg.correct.lambda_,) if cfg.correct.lambda_ is not None else tuple(cfg.correct.lambda_grid)
     formats, notes = vision_exports(cfg)

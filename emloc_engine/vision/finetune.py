@@ -3,8 +3,10 @@
 * :func:`train_vlm_lora` — peft LoRA on every compressed module of the emulator (vision tower and
   language model; the adapter is on the whole composite ``u·v``, as for text: the same
   :mod:`~emloc_engine.stages.training.lora_layers`), AdamW, cosine schedule with warmup, loss on the
-  labelled (assistant) tokens, checkpoints every ``checkpoint_every`` steps and exact resume
-  (LoRA weights, optimizer state, the data order and RNG state come back). One sample per step
+  labelled (assistant) tokens in chunks, activation checkpointing of both towers' blocks (as for text:
+  :mod:`~emloc_engine.stages.training.activation_checkpointing`; a tower without LoRA builds no graph), checkpoints every
+  ``checkpoint_every`` steps and exact resume (LoRA weights, optimizer state, the data order and RNG
+  state come back). One sample per step
   (its images fix its shape), ``grad_accum`` samples per update.
 * :func:`correct_vlm_adapter` — :func:`~emloc_engine.stages.correction.corrector.correct_module`
   for every module that carries LoRA, the vision tower's included, in fp64 against the original
@@ -75,6 +77,11 @@ class VlmTrainConfig:
                   "auto (blocks when the anchors fit anchor_ram_gib, else none with a note) or none."},
     )
     anchor_ram_gib: float = field(default=4.0, metadata={"help": "RAM the anchors may take, in GiB."})
+    grad_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute every block's activations (both towers) in the backward pass instead of "
+                  "keeping them: a step keeps only the blocks' inputs."},
+    )
     stop_after: int | None = field(
         default=None,
         metadata={"help": "Stop (resumably) after this many steps of this call (tests, time-boxed runs)."},
@@ -128,17 +135,20 @@ def example_batch(
 
 
 def loss_sum(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the labelled tokens, and their count."""
+    """Summed next-token cross-entropy over the labelled tokens, and their count.
+
+    As for text (:func:`~emloc_engine.stages.training.trainer.hidden_loss_sum`): the model runs up to its
+    final hidden states, and the head sees the labelled positions only, a few dozen at a time
+    (``loss_chunk_tokens``: ≤ 64 MiB of logits; checkpointed chunks when gradients are on). The ``tokens × vocab`` logits of the whole sample (2 GiB in fp32 for
+    1,300 tokens of Qwen2.5-VL's 152k vocabulary, with their log-softmax) never exist.
+    ``model``: the VLM, or a peft model around it.
+    """
+    from emloc_engine.stages.training.trainer import hidden_loss_sum
+
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits.float()
-    target = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        target.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((target != IGNORE_INDEX).sum())
+    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = vlm.model(**batch, use_cache=False).last_hidden_state
+    return hidden_loss_sum(vlm, hidden, labels), int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def eval_loss(
@@ -189,6 +199,7 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
     from peft.utils import get_peft_model_state_dict
 
     from emloc_engine.data.vision_pipeline import prepare_vision_dataset
+    from emloc_engine.stages.training.activation_checkpointing import enable_activation_checkpointing
     from emloc_engine.stages.training.lora_layers import attach_lora, lora_config
     from emloc_engine.vision.emulator import load_vlm_emulator
     from emloc_engine.vision.processor import load_processor
@@ -208,8 +219,10 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
     model = attach_lora(
         model, lora_config(cfg.rank, cfg.alpha, 0.0, targets, False, str(cfg.model_dir.resolve()))
     )
+    if cfg.grad_checkpointing:  # every block of both towers keeps only its inputs, as for text
+        enable_activation_checkpointing(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.type == "cuda")  # as for text
     ckpt_dir = cfg.out_dir / CHECKPOINTS
     order_rng = random.Random(cfg.seed)
     start, losses = 0, []
@@ -458,7 +471,11 @@ def correct_vlm_adapter(
         model: Any = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
                                                                       trust_remote_code=False)
         model = model.to(dev)
-        peft_model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False).eval()
+        # the adapter in the model's dtype, as inference would run it: an fp32 copy of it, and fp32 copies of
+        # every adapted layer's input, would put the λ search above the model's inference peak
+        peft_model = PeftModel.from_pretrained(
+            model, str(adapter.path), is_trainable=False, autocast_adapter_dtype=False
+        ).eval()
         lora = {
             n.removeprefix("base_model.model."): m
             for n, m in peft_model.named_modules()

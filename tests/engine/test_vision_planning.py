@@ -34,3 +34,15 @@ def test_plan_of_a_vlm_is_the_decoders_over_its_real_context() -> None:
     assert with_images.stage("train").peak_bytes > without.stage("train").peak_bytes
     same = plan_memory(text_only, replace(cfg, context_length=512 + extra))
     assert with_images.stage("train").peak_bytes == same.stage("train").peak_bytes
+
+
+def test_vlm_stages_are_planned_as_they_run_original_resident_and_chunked_loss() -> None:
+    """The VLM stages never stream the original (the λ search loads it whole) and evaluate the loss in chunks:
+    the plan says so, and its correction is the inference peak plus the adapter, not plus the image-long logits."""
+    qwen = facts_from_config(VLM_REFERENCE_CONFIGS["Qwen2.5-VL-7B"])
+    plan = plan_memory(qwen, PlanConfig(context_length=45, lora_rank=16, anchored=False))
+    assert plan.fits and not plan.stream_original
+    correct, train = plan.stage("correct"), plan.stage("train")
+    assert dict(correct.parts)["weights (λ evaluation)"] == qwen.num_parameters * 2
+    assert correct.peak_bytes <= plan.inference.peak_bytes
+    assert "checkpointed activations" in dict(train.parts) and train.peak_bytes <= plan.inference.peak_bytes

@@ -77,6 +77,7 @@ def heldout_loss(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor,
     The head runs on label positions only, in chunks of 256 tokens (``training.lm_loss_sum``), so
     the full tokens × vocab logits never exist: the peak stays at the model's inference peak.
     """
+    from emloc_engine.run.planning import EVAL_CHUNK_TOKENS
     from emloc_engine.stages.training.trainer import lm_loss_sum
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -84,7 +85,7 @@ def heldout_loss(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor,
     with torch.no_grad():
         for ids, mask, labels in batches:
             batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-            total += float(lm_loss_sum(causal_lm, batch, chunk_tokens=256))
+            total += float(lm_loss_sum(causal_lm, batch, chunk_tokens=EVAL_CHUNK_TOKENS))
             count += int((labels[:, 1:] != -100).sum())
     return (total / count if count else float("nan")), count
 
@@ -113,6 +114,7 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
     Raises:
         ConfigError: no example has a token with a loss.
     """
+    from emloc_engine.run.planning import EVAL_CHUNK_TOKENS
     from emloc_engine.stages.training.trainer import hidden_loss_sum
     from emloc_engine.weights.streamed import StreamedModel, Variant
 
@@ -129,7 +131,7 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
         torch.tensor([], dtype=dtype).element_size()
 
     def finish(v: int, c: int, hidden: torch.Tensor) -> None:
-        totals[v] += float(hidden_loss_sum(model.skeleton, hidden, batches[c][2].to(device), chunk_tokens=256))
+        totals[v] += float(hidden_loss_sum(model.skeleton, hidden, batches[c][2].to(device), chunk_tokens=EVAL_CHUNK_TOKENS))
 
     try:
         model.run(ids, variants, finish, offload=device.type == "cuda" and hidden_bytes > 2**30, on_block=on_block)

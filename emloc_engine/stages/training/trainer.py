@@ -52,6 +52,7 @@ from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
 from emloc_engine.machine.devices import compute_dtype, resolve_device
+from emloc_engine.stages.training.activation_checkpointing import enable_activation_checkpointing
 from emloc_engine.stages.training.anchoring import (
     Anchors,
     anchor_bytes,
@@ -484,12 +485,7 @@ class _Session:
         causal_lm: Any = peft_model.get_base_model()
         causal_lm.config.use_cache = False
         if cfg.grad_checkpointing:
-            # Non-reentrant: no need for inputs that require grad; it also preserves dropout RNG.
-            enable = getattr(causal_lm, "activation_checkpointing_enable", None)
-            if enable is not None:  # transformers >= 5.x
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:  # pragma: no cover - older transformers
-                causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(causal_lm)
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
