@@ -223,7 +223,7 @@ def test_demo_size_reads_the_same_before_and_after_it_is_prepared(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from emloc_app.pages import model_page
-    from emloc_app.pages.model_page import DEMO_FOLDER_BYTES, ModelPage, ModelTable
+    from emloc_app.pages.model_page import COL_SIZE, DEMO_FOLDER_BYTES, ModelPage, ModelTable
     from tests.app.fakes import GIB, machine, model_info
 
     fake = FakeEngine(tmp_path, models=[])
@@ -231,7 +231,7 @@ def test_demo_size_reads_the_same_before_and_after_it_is_prepared(
     seen: list[str] = []
 
     def inspect(folder: Path, *, name: str | None = None, source: str = "folder") -> list[object]:
-        seen.append(ModelTable.text(page.table_model.rows[0], 1))  # the placeholder's Size, while preparing
+        seen.append(ModelTable.text(page.table_model.rows[0], COL_SIZE))  # the placeholder's Size, while preparing
         info = model_info(name or folder.name, folder, num_parameters=134_515_008, source=source)
         return [model_page.replace(info, size_on_disk_bytes=DEMO_FOLDER_BYTES)]
 
@@ -240,5 +240,5 @@ def test_demo_size_reads_the_same_before_and_after_it_is_prepared(
     qtbot.addWidget(page)
     page.initializePage()
     qtbot.waitUntil(page.isComplete, timeout=60_000)
-    after = ModelTable.text(page.table_model.rows[0], 1)
+    after = ModelTable.text(page.table_model.rows[0], COL_SIZE)
     assert seen == [after] and after.endswith("MiB") and "?" not in after
