@@ -124,6 +124,14 @@ class BasePage(QWizardPage):
     def on_task_failed(self, name: str, exc: BaseException, retry: bool = True) -> None:
         route_error(exc, self.banner, retry=retry)
 
+    def cancel_task(self, name: str) -> bool:
+        """Ask the worker ``name`` to stop at its next check; False when none runs."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return False
+        worker.request_cancel()
+        return True
+
     def busy(self, name: str | None = None) -> bool:
         return (name in self.workers) if name else bool(self.workers)
 

@@ -146,9 +146,7 @@ class ImageRunPage(BasePage):
 
     def cancel(self) -> None:
         """Ask the run to stop at its next check (the run folder resumes)."""
-        worker = self.workers.get("run")
-        if worker is not None:
-            worker.request_cancel()
+        if self.cancel_task("run"):
             self.cancel_button.setEnabled(False)
 
     def cleanupPage(self) -> None:

@@ -259,9 +259,7 @@ class RunPage(BasePage):
 
     def cancel(self) -> None:
         """Ask the running stage to stop at its next check (the run stays resumable)."""
-        worker = self.workers.get("run")
-        if worker is not None:
-            worker.request_cancel()
+        if self.cancel_task("run"):
             self.cancel_button.setEnabled(False)
             self.append_log("Cancelling at the next safe point…")
 

@@ -495,9 +495,7 @@ class TryPage(BasePage):
         self.gen_status.setText("Stopped.")
 
     def stop_generation(self) -> None:
-        worker = self.workers.get("generate")
-        if worker is not None:
-            worker.request_cancel()
+        self.cancel_task("generate")
 
     def clear_chat(self) -> None:
         if self.busy("generate"):
