@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 import json
 import shutil
 import sys
@@ -204,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"inference peak {infer:.2f} GiB in {times['inference']:.0f} s ({tokens} tokens)")
     text_tokens = max(1, tokens - (facts.vision.tokens_per_image if facts.vision else 0))
     # what this run does: one sample per step, anchored only with --anchor (the planner adds the image tokens)
-    plan = plan_memory(facts, PlanConfig(context_length=text_tokens, lora_rank=16, anchored=args.anchor != "none"))
+    plan_cfg = PlanConfig(context_length=text_tokens, lora_rank=16, anchored=args.anchor != "none")
+    plan = plan_memory(facts, plan_cfg)
+    fits, reason = plan.fits, plan.reason
+    if plan.ratio is None:  # the plan says it does not fit: measure at ρ 0.5 anyway, and say so in the JSON
+        _say(f"planner: does not fit ({reason}); measuring at rho 0.5")
+        plan = plan_memory(facts, replace(plan_cfg, ratio=0.5))
     rho = plan.ratio or 0.5
     run = work / "run"
     t = time.monotonic()
@@ -236,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "model": args.model,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tokens_per_sample": tokens, "image_tokens": facts.vision.tokens_per_image if facts.vision else None,
-        "planner_ratio": rho, "planner_inference_gib": plan.inference.peak_gib,
+        "planner_ratio": rho, "planner_fits": fits, "planner_reason": reason,
+        "planner_inference_gib": plan.inference.peak_gib,
         "planner_stage_gib": {s.name: s.peak_gib for s in plan.stages},
         "inference_peak_gib": infer, "stage_peak_gib": stages,
         "within_inference": {k: v <= infer for k, v in stages.items()},

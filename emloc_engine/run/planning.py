@@ -13,7 +13,8 @@ Peaks (bytes; each is a sum of named parts, which the app draws as a bar)::
                   W(ρ) = dense + L·Σ k(out+in), k = floor(ρ·out·in/(out+in));  ckpt = L·B·T·h·b
     build       = block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, workspace) + runtime
                   (chunks and hidden states sized from the budget as emloc_engine.stages.emulator.memory_plan does)
-    correct     = max(one module: 3·out·in·4,  λ evaluation: P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime
+    correct     = max(one module: 3·out·in·4,  λ evaluation: (P−E)·b + n_L·p + max(act_layer, T·V·c_eval),
+                      text loading: P·b) + runtime   (E: an untied input-embedding table, kept in RAM)
     full LoRA   = train(ρ = 1) with the original weights and unchunked logits (plain peft + transformers)
 
 ``runtime = CUDA context + slack × tensors`` stands for what ``torch.cuda.max_memory_allocated``
@@ -663,10 +664,18 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: 
     logits = int(min(t, EVAL_CHUNK_TOKENS) * facts.vocab_size * c.eval_logits_bytes)
     seconds += cfg.lambda_candidates * cfg.eval_batches * _forward_flops(facts, facts.num_parameters, t, t) / (
         flops_per_second(cfg) * c.infer_mfu)
-    evaluation = facts.num_parameters * b + n_lora * c.lora_param_bytes + max(act, logits)
-    if module >= evaluation:
+    # an untied embedding table stays in RAM during the λ evaluation (:mod:`emloc_engine.weights.cpu_embeddings`);
+    # a text model is loaded whole onto the GPU first (a VLM is loaded on the CPU and moved without it)
+    in_ram = 0 if facts.tie_word_embeddings else facts.embedding_parameters * b
+    weights = facts.num_parameters * b - in_ram
+    loading = facts.num_parameters * b if facts.vision is None else 0
+    evaluation = weights + n_lora * c.lora_param_bytes + max(act, logits)
+    if module >= max(evaluation, loading):
         return replace(one_module, est_seconds=seconds)
-    return replace(_stage("correct", [("weights (λ evaluation)", facts.num_parameters * b),
+    if loading > evaluation:
+        return replace(_stage("correct", [("weights (loading, before the embeddings go to RAM)", loading)], cfg,
+                              seconds), ram_bytes=ram)
+    return replace(_stage("correct", [("weights (λ evaluation; input embeddings in RAM)", weights),
                                       ("adapter", n_lora * c.lora_param_bytes),
                                       ("activations & loss", max(act, logits))], cfg, seconds), ram_bytes=ram)
 

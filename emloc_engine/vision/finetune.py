@@ -436,6 +436,7 @@ def correct_vlm_adapter(
     from emloc_engine.stages.correction.corrector import apply_lambda, prepare_module
     from emloc_engine.vision.processor import load_processor
     from emloc_engine.weights.adapters import read_adapter, write_adapter
+    from emloc_engine.weights.cpu_embeddings import keep_input_embeddings_on_cpu
 
     model_dir, emulator_dir = Path(model_dir), Path(emulator_dir)
     adapter = read_adapter(Path(adapter_dir))
@@ -470,6 +471,9 @@ def correct_vlm_adapter(
     else:
         model: Any = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True,
                                                                       trust_remote_code=False)
+        # the embedding table stays in RAM (looked-up rows go to the GPU): with it, original + adapter would
+        # exceed the model's own inference peak (InternVL2.5-8B shapes: 15.38 vs 15.14 GiB on an H100)
+        keep_input_embeddings_on_cpu(model, dev)
         model = model.to(dev)
         # the adapter in the model's dtype, as inference would run it: an fp32 copy of it, and fp32 copies of
         # every adapted layer's input, would put the λ search above the model's inference peak

@@ -20,7 +20,7 @@ ADAPTER_NAME = "default"
 
 
 def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
-                   adapter_dir: Path | None = None) -> Any:
+                   adapter_dir: Path | None = None, input_embeddings_on_cpu: bool = False) -> Any:
     """Load a causal LM from a local folder, on ``device`` in ``dtype``, in eval mode.
 
     The weights go straight to a GPU (a ``device_map``), never as a whole copy in CPU memory first.
@@ -31,6 +31,8 @@ def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
         dtype: dtype of the model's weights (peft keeps LoRA factors in fp32).
         adapter_dir: a peft adapter whose modules name this model's modules; attached as
             :data:`ADAPTER_NAME`, not trainable.
+        input_embeddings_on_cpu: after loading, move an untied input-embedding table back to the CPU
+            (:mod:`emloc_engine.weights.cpu_embeddings`); for evaluations without gradients.
 
     Returns:
         A ``transformers`` model, or a ``peft.PeftModel`` when ``adapter_dir`` is given.
@@ -50,6 +52,10 @@ def load_causal_lm(model_dir: Path, *, device: torch.device, dtype: torch.dtype,
         else:
             model = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype, local_files_only=True,
                                                          trust_remote_code=False, **placement)
+        if input_embeddings_on_cpu:
+            from emloc_engine.weights.cpu_embeddings import keep_input_embeddings_on_cpu
+
+            keep_input_embeddings_on_cpu(model, device)
         if adapter_dir is not None:
             from peft import PeftModel
 

@@ -165,7 +165,9 @@ class AdapterEvaluator:
         if self.n_tokens == 0:
             raise ConfigError("The held-out examples have no token with a loss, so λ cannot be chosen on them.",
                               hint="Use a dataset with assistant answers, or set λ by hand (--lambda 0|3|inf).")
-        self.model: Any = load_causal_lm(model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir)
+        # the embedding table in RAM: original + adapter then stays under the model's inference peak
+        self.model: Any = load_causal_lm(model_dir, device=device, dtype=dtype, adapter_dir=adapter_dir,
+                                         input_embeddings_on_cpu=True)
 
     def loss(self, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Held-out loss after copying ``weights`` (module -> ``(A, B)``) into the LoRA layers."""
