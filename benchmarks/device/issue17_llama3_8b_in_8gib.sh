@@ -1,5 +1,6 @@
 #!/bin/bash
 # GPU acceptance, call 1: Llama-3-8B shapes inside 8 GiB (issue 17), then anchors at 1,000 x 512 tokens
+# SKIP_RUN=1: only the anchors (the run part was measured on 2026-12-05)
 set -u
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev4/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EMLOC_HOME=/tmp/emloc-home HF_HUB_OFFLINE=1
@@ -9,6 +10,7 @@ free -g | head -2; df -h /tmp | tail -1
 T0=$(date +%s)
 python3 benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b --shards 4 2>&1 | tail -2
 echo "model built in $(( $(date +%s) - T0 )) s"
+if [ -z "${SKIP_RUN:-}" ]; then
 timeout ${RUN_T:-440} python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part run --ratio auto --cap-gib 8 --exports ${EXPORTS:-merged,adapter} > $OUT/streamed-run-8b.json 2> /tmp/run8.err; echo "run rc=$? at $(( $(date +%s) - T0 )) s"
 tail -5 /tmp/run8.err
 python3 - <<'PY'
@@ -17,6 +19,7 @@ d=json.load(open(os.environ['OUT']+'/streamed-run-8b.json'))['run']
 print({k:d.get(k) for k in ('stream_original','ratio','lambda_','total_s','error','failed_in','plan')})
 for s,v in d.get('stages',{}).items(): print(s,{k:v.get(k) for k in ('status','wall_s','measured_peak_gib','predicted_peak_gib','peak_rss_gib','within_cap','anchor_chunks')})
 PY
+fi
 REM=$(( 560 - ( $(date +%s) - T0 ) ))
 echo "anchors part gets $REM s"
 if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 > $OUT/streamed-anchors-8b.json 2> /tmp/anc.err; echo "anchors rc=$?"; tail -3 /tmp/anc.err; fi
