@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
