@@ -22,6 +22,8 @@ import torch
 class CpuInputEmbeddings(torch.nn.Module):
     """Looks ids up in a CPU-resident embedding module and moves the rows to ``device``."""
 
+    _table: Any
+
     def __init__(self, table: torch.nn.Module, device: torch.device | str) -> None:
         super().__init__()
         object.__setattr__(self, "_table", table.to("cpu"))  # not a submodule: .to()/.parameters() skip it
@@ -30,15 +32,18 @@ class CpuInputEmbeddings(torch.nn.Module):
     @property
     def table(self) -> torch.nn.Module:
         """The wrapped embedding module (on the CPU)."""
-        return self._table  # type: ignore[no-any-return]
+        table: torch.nn.Module = self._table
+        return table
 
     @property
     def weight(self) -> torch.Tensor:
         """The table's weight (on the CPU), for code that reads ``get_input_embeddings().weight``."""
-        return self._table.weight  # type: ignore[no-any-return]
+        weight: torch.Tensor = self._table.weight
+        return weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._table(input_ids.to("cpu")).to(self.device)
+        rows: torch.Tensor = self._table(input_ids.to("cpu"))
+        return rows.to(self.device)
 
 
 def tied_embeddings(model: Any) -> bool:
