@@ -76,6 +76,7 @@ class WizardState:
     run_plan: RunPlan | None = None  # plan_run(config): ρ, the memory plan and every stage's config
     # 5 Run
     run_dir: Path | None = None
+    device_note: str = ""  # a reopened run's recorded device is not on this machine: where it continues instead
     done: set[str] = field(default_factory=set)  # stages the run folder has finished (this session or before)
     run_result: RunResult | None = None
     results: dict[str, StageResult] = field(default_factory=dict)  # stages finished in this session

@@ -79,7 +79,10 @@ class ImageRunPage(BasePage):
     def initializePage(self) -> None:
         self.banner.clear()
         cfg = self.state.image_run
-        self.where.setText(f"Run folder: {cfg.run_dir} · ρ = {cfg.ratio:.2f}" if cfg is not None else "")
+        self.where.setText(
+            (f"Run folder: {cfg.run_dir} · ρ = {cfg.ratio:.2f}" if cfg is not None else "")
+            + (f"<br>{self.state.device_note}" if self.state.device_note else "")
+        )
         self.plot.configure(on_gpu=False, budget_gib=None)
         self.start_button.setEnabled(cfg is not None and not self.busy("run"))
         self.completeChanged.emit()

@@ -146,7 +146,8 @@ class RunPage(BasePage):
     def initializePage(self) -> None:
         self.banner.clear()
         run_dir = self.state.run_dir
-        self.where.setText(f"Run folder: {run_dir}" if run_dir else "")
+        self.where.setText((f"Run folder: {run_dir}" if run_dir else "")
+                           + (f"<br>{self.state.device_note}" if self.state.device_note else ""))
         plan = self.state.run_plan
         if plan is not None:  # the GPU-memory chart: hidden on the CPU, with the budget line on a GPU
             self.plot.configure(on_gpu=plan.record.device != "cpu", budget_gib=plan.record.budget_gib)

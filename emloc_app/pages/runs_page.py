@@ -67,25 +67,43 @@ def move_to_trash(path: Path) -> bool:
 class Planned:
     machine: MachineInfo
     plan: RunPlan
+    device_note: str = ""  # the recorded device is not here: where the run continues instead
 
 
-def image_config_again(run_dir: Path, progress: Progress) -> ImageRunConfig:
-    """An image run's recorded settings, for the image Run page (the worker's task: it imports torch)."""
+@dataclass(frozen=True)
+class ImageReopened:
+    machine: MachineInfo
+    config: ImageRunConfig
+    device_note: str = ""
+
+
+def image_config_again(run_dir: Path, progress: Progress) -> ImageReopened:
+    """An image run's recorded settings, on a device of this machine, for the image Run page (the worker's task:
+    it imports torch)."""
     from emloc_engine.images.run_record import read_image_run_config
+    from emloc_engine.machine.hardware import detect_machine
+    from emloc_engine.machine.resume_device import resume_device
 
-    progress.update(0.5, "Reading the run's settings…")
-    return read_image_run_config(run_dir)
+    progress.update(0.2, "Reading the run's settings…")
+    cfg = read_image_run_config(run_dir)
+    progress.update(0.5, "Detecting this machine…")
+    machine = detect_machine()
+    where = resume_device(cfg.device, machine)
+    return ImageReopened(machine, dataclasses.replace(cfg, device=where.device), where.note)
 
 
 def plan_again(cfg: RunConfig, progress: Progress) -> Planned:
-    """The run's recorded settings planned on this machine (as the Plan page would), for the Run page."""
+    """The run's recorded settings planned on this machine (as the Plan page would), for the Run page; a recorded
+    GPU this machine lacks is replaced (:func:`~emloc_engine.machine.resume_device.resume_device`)."""
     from emloc_engine.machine.hardware import detect_machine
+    from emloc_engine.machine.resume_device import resume_device
     from emloc_engine.run.plan import plan_run
 
     progress.update(0.1, "Detecting this machine…")
     machine = detect_machine()
+    where = resume_device(cfg.device, machine)
     progress.update(0.5, "Planning the run's memory…")
-    return Planned(machine, plan_run(cfg, machine))
+    return Planned(machine, plan_run(dataclasses.replace(cfg, device=where.device), machine), where.note)
 
 
 def _loss(value: float | None) -> str:
@@ -285,11 +303,15 @@ class RunsPage(BasePage):
         self.state.machine = planned.machine
         self.state.run_plan = planned.plan
         self.state.config = planned.plan.config
+        self.state.device_note = planned.device_note
+        self.adopt_device(planned.plan.config.device)
         self.go_and_start(self.targets["run"], resume)
 
-    def _image_planned(self, cfg: ImageRunConfig, resume: bool) -> None:
-        self.state.image_run = cfg
-        self.adopt_device(cfg.device)
+    def _image_planned(self, reopened: ImageReopened, resume: bool) -> None:
+        self.state.machine = reopened.machine
+        self.state.image_run = reopened.config
+        self.state.device_note = reopened.device_note
+        self.adopt_device(reopened.config.device)
         self.go_and_start(self.targets.get("image_run", self.targets["run"]), resume)
 
     def go_and_start(self, page_id: int, start: bool) -> None:

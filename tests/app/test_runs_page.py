@@ -180,3 +180,20 @@ def test_delete_asks_then_trashes_or_deletes_only_run_folders(qtbot, tmp_path: P
     answers.append(QMessageBox.StandardButton.Yes)
     page.delete_button.click()
     assert keep.exists() and "not an EMLoC manifest" in page.banner.title.text()
+
+
+def test_a_text_run_recorded_on_a_gpu_this_machine_lacks_is_planned_for_one_it_has(
+    tiny_llama: Path, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from emloc_engine.core.progress import RecordingProgress
+    from tests.app.fakes import gpu
+
+    here = machine((gpu(0, free_gib=3), gpu(1, name="NVIDIA RTX A6000", total_gib=48, free_gib=40)))
+    monkeypatch.setattr(hardware, "detect_machine", lambda: here)
+    cfg = RunConfig(model_dir=tiny_llama, data=DataConfig(path=tmp_path / "chat.jsonl"), run_dir=tmp_path / "run",
+                    device="cuda:4")
+    planned = runs_page.plan_again(cfg, RecordingProgress())
+    assert planned.plan.config.device == "cuda:1" and planned.machine == here
+    assert "GPU 4" in planned.device_note and "GPU 1 (NVIDIA RTX A6000)" in planned.device_note
+    kept = runs_page.plan_again(planned.plan.config, RecordingProgress())
+    assert kept.plan.config.device == "cuda:1" and kept.device_note == ""

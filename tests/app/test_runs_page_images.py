@@ -8,12 +8,13 @@ from pathlib import Path
 from emloc_app.settings import Settings
 from emloc_app.wizard import Page
 from emloc_engine.core import paths
+from emloc_engine.machine import hardware
 from emloc_engine.run.history import find_runs, summarize_image_run
-from tests.app.fakes import FakeEngine
+from tests.app.fakes import FakeEngine, gpu, machine
 from tests.app.test_runs_page import make_run, select, wizard_on
 
 
-def make_image_run(root: Path, pipeline: Path, *, finished: bool) -> Path:
+def make_image_run(root: Path, pipeline: Path, *, finished: bool, device: str = "auto") -> Path:
     """An image run folder as ``run_images`` leaves it (the marker files of the stages done)."""
     root.mkdir(parents=True)
     pipeline.mkdir(parents=True, exist_ok=True)
@@ -26,6 +27,7 @@ def make_image_run(root: Path, pipeline: Path, *, finished: bool) -> Path:
         "prompt": "",
         "config_dir": "None",
         "ratio": "0.4",
+        "device": device,
     }
     (root / "image_run.json").write_text(json.dumps(settings))
     markers = ["cache/cache.json", "emulator/emloc.json", "adapter/adapter_model.safetensors"]
@@ -121,6 +123,7 @@ def _fake_image_run(monkeypatch) -> list:  # type: ignore[no-untyped-def]
         )
 
     monkeypatch.setattr(image_run_page, "run", fake_run)
+    monkeypatch.setattr(hardware, "detect_machine", lambda: machine())  # one GPU, index 0
     return got
 
 
@@ -159,3 +162,23 @@ def test_opening_an_unfinished_image_run_shows_its_run_page_ready_to_resume(
     run = wizard.image_run_page
     assert run.start_button.isEnabled() and not run.busy("run") and not got
     assert "ρ = 0.40" in run.where.text()
+
+
+def test_resuming_an_image_run_whose_gpu_is_gone_continues_on_a_gpu_of_this_machine(
+    qtbot, tmp_path: Path, monkeypatch, fake: FakeEngine
+) -> None:  # type: ignore[no-untyped-def]
+    got = _fake_image_run(monkeypatch)
+    here = machine((gpu(0, free_gib=6), gpu(2, name="NVIDIA RTX A6000", total_gib=48, free_gib=40)))
+    monkeypatch.setattr(hardware, "detect_machine", lambda: here)
+    make_image_run(paths.runs_dir() / "img", tmp_path / "sdxl", finished=False, device="cuda:1")
+    wizard = wizard_on(qtbot, Settings(tmp_path / "s.ini"))
+    select(wizard.runs_page, "img")
+    wizard.runs_page.open_button.click()
+    qtbot.waitUntil(lambda: wizard.currentId() == Page.ImageRun, timeout=60_000)
+    run = wizard.image_run_page
+    assert wizard.state.image_run is not None and wizard.state.image_run.device == "cuda:2"
+    assert wizard.state.gpu_index == 2 and wizard.state.machine == here
+    assert "GPU 1" in run.where.text() and "GPU 2 (NVIDIA RTX A6000)" in run.where.text()
+    run.start()
+    qtbot.waitUntil(run.isComplete, timeout=60_000)
+    assert [cfg.device for cfg in got] == ["cuda:2"]
