@@ -1,8 +1,9 @@
 """Opening an image run folder (``emloc image`` writes ``RUN/image_run.json``, not ``manifest.json``).
 
 ``emloc-studio --run-dir RUN`` on such a folder opens the gallery: the run's sample images and the
-export. The state gets the run's pipeline (``config_dir`` for a single-file checkpoint, whose
-pipeline folder holds the text encoders and VAE), its photo folder and trigger word.
+export. The state gets the run's pipeline (for a single-file checkpoint the file as ``model_dir`` and
+the pipeline folder that holds its configs, text encoders and VAE as ``config_dir``, as the Model page
+leaves them), its photo folder and trigger word.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def image_state_from_run_dir(run_dir: Path) -> WizardState:
         return Path(value) if value not in (None, "", "None") else None
 
     pipeline, config_dir = path("pipeline_dir"), path("config_dir")
-    model = config_dir if pipeline is not None and pipeline.is_file() and config_dir is not None else pipeline
-    state = WizardState(run_dir=Path(run_dir), model_dir=model, image_folder=path("images_dir"))
+    if pipeline is not None and pipeline.is_dir():
+        config_dir = None  # emloc image ignores --config-dir for a pipeline folder
+    state = WizardState(run_dir=Path(run_dir), model_dir=pipeline, config_dir=config_dir,
+                        image_folder=path("images_dir"))
     state.image_trigger = str(recorded.get("trigger", ""))
     prompt = recorded.get("prompt")
     state.image_prompt = "" if prompt in (None, "None") else str(prompt)

@@ -55,6 +55,8 @@ class WizardState:
     # 2 Model
     model: ModelInfo | None = None
     model_dir: Path | None = None
+    config_dir: Path | None = None  # a single-file image checkpoint (model_dir): the pipeline folder for its
+    # configs, text encoders and VAE (ImageRunConfig.config_dir); None for folders
     # 3 Data
     data_path: Path | None = None
     data_format: str = "auto"
@@ -110,7 +112,27 @@ class WizardState:
         """
         if self.model is not None and self.model.kind == "image":
             return True
-        return self.model_dir is not None and (Path(self.model_dir) / "model_index.json").is_file()
+        folder = self.pipeline_folder
+        return folder is not None and (folder / "model_index.json").is_file()
+
+    @property
+    def single_file(self) -> Path | None:
+        """The chosen single-file image checkpoint (``model_dir`` is then a file), else None.
+
+        A reopened run whose file has moved since still counts as one when it has a ``config_dir``.
+        """
+        if self.model_dir is None:
+            return None
+        model = Path(self.model_dir)
+        return model if model.is_file() or (self.config_dir is not None and not model.is_dir()) else None
+
+    @property
+    def pipeline_folder(self) -> Path | None:
+        """The diffusers pipeline folder of an image model: ``model_dir``, or for a single-file checkpoint
+        the ``config_dir`` that supplies its configs, text encoders and VAE (None until chosen)."""
+        if self.model_dir is None:
+            return None
+        return self.config_dir if self.single_file is not None else Path(self.model_dir)
 
     @property
     def model_name(self) -> str:

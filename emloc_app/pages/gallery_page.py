@@ -164,7 +164,8 @@ class GalleryPage(BasePage):
 
     def _offer_formats(self) -> None:
         """SD3 has no kohya naming (the diffusers file is what ComfyUI/Forge load for it): not offered."""
-        index = Path(self.state.model_dir) / "model_index.json" if self.state.model_dir is not None else None
+        folder = self.state.pipeline_folder
+        index = folder / "model_index.json" if folder is not None else None
         text = index.read_text(encoding="utf-8") if index is not None and index.is_file() else ""
         sd3 = '"StableDiffusion3Pipeline"' in text
         kohya = self.format_boxes["kohya"]
@@ -229,12 +230,21 @@ class GalleryPage(BasePage):
     def export_config(self) -> ImageExportConfig | None:
         s = self.state
         adapter = run_adapter(s.run_dir) if s.run_dir is not None else None
-        if s.run_dir is None or s.model_dir is None or adapter is None:
+        folder = s.pipeline_folder
+        if s.run_dir is None or folder is None or adapter is None:
             self.export_status.setText("This run has no trained adapter yet.")
             return None
         formats = tuple(f for f, cb in self.format_boxes.items() if cb.isChecked())
+        # a single-file checkpoint: its pipeline folder's text encoders and VAE, the file's denoiser as the
+        # run converted it once (RUN/denoiser), so the merge and the read-back use the weights trained on
+        denoiser = Path(s.run_dir) / "denoiser" if s.single_file is not None else None
         return ImageExportConfig(
-            Path(s.model_dir), adapter, Path(s.run_dir) / "export", formats=formats, name=Path(s.run_dir).name
+            folder,
+            adapter,
+            Path(s.run_dir) / "export",
+            formats=formats,
+            denoiser_dir=denoiser,
+            name=Path(s.run_dir).name,
         )
 
     def start_export(self) -> None:

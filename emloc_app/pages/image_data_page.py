@@ -277,7 +277,7 @@ class ImageDataPage(BasePage):
         if path is None:
             return
         target = caption_file(path)
-        model = self.state.model_dir
+        model = self.state.pipeline_folder
         if model is not None and target.resolve().is_relative_to(Path(model).resolve()):
             self.on_task_failed(
                 "caption",

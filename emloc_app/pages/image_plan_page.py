@@ -2,7 +2,8 @@
 and the image planner's peak and ρ in plain words.
 
 The page builds one :class:`~emloc_engine.images.options.ImageRunConfig` from its widgets and the earlier
-pages (pipeline, photo folder, caption prompt, device) and asks
+pages (pipeline, photo folder, caption prompt, device; for a single-file checkpoint the file as
+``pipeline_dir`` and the Model page's pipeline folder as ``config_dir``) and asks
 :func:`~emloc_engine.images.planning.plan_for_run` (in a worker: a FLUX.1 plan runs the transformer on
 the meta device, about 2 s) for every stage's peak and the largest ρ that fits the budget, which is
 the Machine page's (the same rule as text runs). Changing the resolution or the batch plans again.
@@ -135,8 +136,16 @@ class ImagePlanPage(BasePage):
             raise ConfigError("Choose the model and the photos first.", hint="Go back to the earlier pages.")
         if s.run_dir is None:
             s.run_dir = s.new_run_dir(paths.runs_dir())
+        single = s.single_file
+        if single is not None and s.config_dir is None:
+            raise ConfigError(
+                f"{single.name} is a single-file checkpoint and has no pipeline folder chosen for its configs, "
+                "text encoders and VAE.",
+                hint="Go back to the Model page and choose its pipeline folder.",
+            )
         return ImageRunConfig(
             pipeline_dir=Path(s.model_dir),
+            config_dir=s.config_dir if single is not None else None,
             images_dir=Path(s.image_folder),
             run_dir=s.run_dir,
             trigger=self.trigger.text().strip() or str(_FIELD["trigger"].default),

@@ -79,8 +79,14 @@ class ImageRunPage(BasePage):
     def initializePage(self) -> None:
         self.banner.clear()
         cfg = self.state.image_run
+        single = (
+            f"<br>Single file {cfg.pipeline_dir.name} with the configs, text encoders and VAE of {cfg.config_dir} "
+            "(its denoiser is converted once into the run folder)."
+            if cfg is not None and cfg.config_dir is not None and not cfg.pipeline_dir.is_dir()
+            else ""
+        )
         self.where.setText(
-            (f"Run folder: {cfg.run_dir} · ρ = {cfg.ratio:.2f}" if cfg is not None else "")
+            (f"Run folder: {cfg.run_dir} · ρ = {cfg.ratio:.2f}{single}" if cfg is not None else "")
             + (f"<br>{self.state.device_note}" if self.state.device_note else "")
         )
         self.plot.configure(on_gpu=False, budget_gib=None)

@@ -5,6 +5,19 @@ one table; the Kind column says which. Choosing an image model leads to the phot
 image pages: photos, plan, run, gallery) instead of the Data page. An image model's memory depends on
 the training resolution, chosen on its Plan page, so its badge here says so rather than a ρ; the
 image Plan page gives the peak and ρ.
+
+Single-file image checkpoints (``flux1-dev.safetensors`` as ComfyUI/Forge keep them, found in added
+folders or cache snapshots) are choosable too. Such a file holds only the denoiser's weights; its
+configs, text encoders and VAE come from a diffusers pipeline folder of the same family (the run's
+``config_dir``; the denoiser is converted once into the run folder). Decision: when a single-file row
+is selected, a row appears under the table, "Pipeline folder for its configs, text encoders and VAE",
+with a combo box offering the catalog's usable pipelines of the same family (Hugging Face cache and
+added folders; the first is preselected, or the one chosen before) and a "Choose folder…" button (the
+data pages' folder chooser, which writes into the combo box's text; a path may also be typed). The
+chosen folder is checked at once (:func:`~emloc_engine.images.pipeline_index.check_config_dir`:
+header and JSON only); a wrong family or a broken folder shows its message and fix on the page's
+error banner and Next stays disabled. A folder that passes is kept in the list. Next stores the file
+as ``WizardState.model_dir`` and the folder as ``WizardState.config_dir``.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from PySide6.QtCore import (
 from PySide6.QtGui import QBrush, QColor, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QAbstractItemView,
+    QComboBox,
     QFileDialog,
     QHBoxLayout,
     QHeaderView,
@@ -35,7 +49,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from emloc_app.pages.common import BasePage, human_bytes, human_count
+from emloc_app.pages.common import BasePage, choose_folder, human_bytes, human_count
 from emloc_app.state import WizardState
 from emloc_engine.catalog.demo import ensure_demo_model
 from emloc_engine.catalog.discovery import ModelInfo, assess_fit, find_models, inspect_model_dir
@@ -45,7 +59,7 @@ from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core import paths
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.progress import Progress, format_seconds
-from emloc_engine.images.pipeline_index import FAMILY_NAMES
+from emloc_engine.images.pipeline_index import FAMILY_NAMES, check_config_dir
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo, detect_machine
 from emloc_engine.run.planning import MemoryPlan
 
@@ -61,7 +75,7 @@ DEMO_FOLDER_BYTES = 272_585_491
 is prepared in the same format as after, so the Size column does not change ("≈270 MiB" became "260.0 MiB")."""
 DEMO_PARAMETERS = 134_515_008
 BADGE_COLORS = {"trainable": "#22a06b", "runs": "#d89614", "large": "#d9534f", "convert": "#8c8c8c",
-                "unsupported": "#8c8c8c", "demo": "#3b82f6", "image": "#22a06b"}
+                "unsupported": "#8c8c8c", "demo": "#3b82f6", "image": "#22a06b", "single-file": "#22a06b"}
 
 
 @dataclass
@@ -80,7 +94,13 @@ class ModelRow:
 
     @property
     def usable(self) -> bool:
-        return self.kind in ("trainable", "demo", "image") or (self.kind == "runs" and self.plan is not None)
+        return self.kind in ("trainable", "demo", "image", "single-file") or (
+            self.kind == "runs" and self.plan is not None)
+
+    @property
+    def family(self) -> str | None:
+        """An image model's family (``"flux"``, ``"sd3"``, ``"sdxl"``), else None."""
+        return self.info.model_type if self.info is not None and self.info.kind == "image" else None
 
 
 @dataclass(frozen=True)
@@ -135,9 +155,11 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_byt
         gpu_memory_bytes: the Machine page's process cap.
     """
     demo = is_demo(info)
-    if info.kind == "image" and not info.supported and Path(info.path).is_file():  # a single-file checkpoint
-        return ModelRow(info, info.name, info.path, "single file: train it with emloc image --config-dir",
-                        "unsupported", info.problem or "", is_demo=demo)
+    if info.kind == "image" and Path(info.path).is_file() and info.model_type in FAMILY_NAMES:  # a single file
+        family = FAMILY_NAMES[info.model_type or ""]
+        return ModelRow(info, info.name, info.path, f"single file ({family}): choose its pipeline folder below",
+                        "single-file", f"The file holds the denoiser's weights; its configs, text encoders and "
+                        f"VAE come from a diffusers {family} pipeline folder.", is_demo=demo)
     if not info.supported:
         return ModelRow(info, info.name, info.path, "unsupported", "unsupported", info.problem or "", is_demo=demo)
     if info.kind == "image":
@@ -175,6 +197,13 @@ def judge(info: ModelInfo, machine: MachineInfo, context_length: int, budget_byt
     else:
         badge, kind = "too large", "large"
     return ModelRow(info, info.name, info.path, badge, kind, fit.message, info.facts, plan, demo)
+
+
+def same_family_pipelines(rows: list[ModelRow], family: str) -> list[ModelRow]:
+    """The usable diffusers pipeline folders of ``family`` among ``rows`` (what a single file may take its
+    configs, text encoders and VAE from)."""
+    return [r for r in rows if r.kind == "image" and r.family == family and r.path is not None
+            and Path(r.path).is_dir()]
 
 
 def scan_models(req: ScanRequest, progress: Progress) -> list[ModelRow]:
@@ -320,6 +349,7 @@ class ModelPage(BasePage):
         self.detail = QLabel()
         self.detail.setWordWrap(True)
         self.detail.setObjectName("PageHint")
+        self._build_config_row()
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.hide()
@@ -327,12 +357,108 @@ class ModelPage(BasePage):
         self.body.addLayout(top)
         self.body.addWidget(self.view, 1)
         self.body.addWidget(self.detail)
+        self.body.addWidget(self.config_row)
         row = QHBoxLayout()
         row.addWidget(self.status)
         row.addWidget(self.progress, 1)
         self.body.addLayout(row)
         self._preparing = False
         self._select_after_scan: Path | None = None
+
+    # -- a single file's pipeline folder (config_dir) ------------------------------------------------
+    def _build_config_row(self) -> None:
+        """The row under the table for a single-file checkpoint: its pipeline folder (module docstring)."""
+        self.config_row = QWidget()
+        self.config_row.setObjectName("configRow")
+        self.config_choice = QComboBox()
+        self.config_choice.setObjectName("configDir")
+        self.config_choice.setEditable(True)
+        self.config_choice.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.config_choice.setToolTip("A diffusers pipeline folder of the same family (it holds model_index.json): "
+                                      "its configs, text encoders and VAE are used with the file's weights.")
+        line = self.config_choice.lineEdit()
+        assert line is not None
+        line.setPlaceholderText("a diffusers pipeline folder of the same family")
+        self.config_choice.currentIndexChanged.connect(self._check_config_dir)
+        line.editingFinished.connect(self._check_config_dir)
+        self.choose_config = QPushButton("Choose &folder…")
+        self.choose_config.clicked.connect(self._browse_config_dir)
+        label = QLabel("Pipeline folder for its configs, text encoders and VAE:")
+        label.setBuddy(self.config_choice)
+        layout = QHBoxLayout(self.config_row)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(label)
+        layout.addWidget(self.config_choice, 1)
+        layout.addWidget(self.choose_config)
+        self.config_row.hide()
+        self.config_dir: Path | None = None  # the checked folder for the selected single file, else None
+        self._config_error: EngineError | None = None
+        self._chosen_config_dirs: list[Path] = []  # folders chosen by hand that passed the check
+
+    def _fill_config_choice(self, row: ModelRow) -> None:
+        """Offer the same family's pipelines (and folders chosen before); preselect the state's or the first."""
+        family = row.family or ""
+        offered = [(r.name, Path(r.path)) for r in same_family_pipelines(self.table_model.rows, family)
+                   if r.path is not None]
+        known = {p.resolve() for _, p in offered}
+        offered += [(str(p), p) for p in self._chosen_config_dirs if p.resolve() not in known]
+        wanted = self.state.config_dir if self.state.model_dir == row.path else None
+        if wanted is not None and wanted.resolve() not in {p.resolve() for _, p in offered}:
+            offered.append((str(wanted), wanted))
+        self.config_choice.blockSignals(True)
+        self.config_choice.clear()
+        for name, path in offered:
+            self.config_choice.addItem(name, str(path))
+            self.config_choice.setItemData(self.config_choice.count() - 1, str(path), Qt.ItemDataRole.ToolTipRole)
+        pick = next((i for i, (_, p) in enumerate(offered) if wanted is not None and p == wanted), 0)
+        self.config_choice.setCurrentIndex(pick if offered else -1)
+        if not offered:
+            self.config_choice.setEditText("")
+        self.config_choice.blockSignals(False)
+        self._check_config_dir()
+
+    def config_dir_choice(self) -> Path | None:
+        """The folder the combo box names: an offered pipeline's path, or the typed/chosen path."""
+        text = self.config_choice.currentText().strip()
+        i = self.config_choice.currentIndex()
+        if i >= 0 and self.config_choice.itemText(i) == text:
+            return Path(str(self.config_choice.itemData(i)))
+        return Path(text).expanduser() if text else None
+
+    def _check_config_dir(self) -> None:
+        """Check the chosen folder for the selected single file; its error goes to the banner."""
+        row = self.selected()
+        self.config_dir = None
+        if self._config_error is not None and self.banner.exception is self._config_error:
+            self.banner.clear()
+        self._config_error = None
+        folder = self.config_dir_choice()
+        if row is not None and row.kind == "single-file" and row.path is not None and folder is not None:
+            try:
+                check_config_dir(row.path, folder)
+            except EngineError as exc:
+                self._config_error = exc
+                self.banner.show_error(exc, retry=False)
+            else:
+                self.config_dir = folder
+        self.completeChanged.emit()
+
+    def _browse_config_dir(self) -> None:
+        line = self.config_choice.lineEdit()
+        if line is not None and choose_folder(self, "Choose the pipeline folder (it holds model_index.json)", line):
+            self.use_config_dir(Path(line.text()))
+
+    def use_config_dir(self, folder: Path) -> None:
+        """Take ``folder`` as the selected single file's pipeline folder (as "Choose folder…" does), check it,
+        and keep it in the list when it passes."""
+        self.config_choice.setEditText(str(folder))
+        self._check_config_dir()
+        if self.config_dir is not None and self.config_choice.findData(str(folder)) < 0:
+            self._chosen_config_dirs.append(folder)
+            self.config_choice.blockSignals(True)
+            self.config_choice.addItem(str(folder), str(folder))
+            self.config_choice.setCurrentIndex(self.config_choice.count() - 1)
+            self.config_choice.blockSignals(False)
 
     # -- scanning ----------------------------------------------------------------------------
     def initializePage(self) -> None:
@@ -375,7 +501,8 @@ class ModelPage(BasePage):
         wanted = self.state.model_dir
         pick = next((i for i, r in enumerate(rows) if wanted and r.path == wanted), None)
         if pick is None:
-            usable = [i for i, r in enumerate(rows) if r.usable and not r.is_demo]
+            usable = sorted((i for i, r in enumerate(rows) if r.usable and not r.is_demo),
+                            key=lambda i: rows[i].kind == "single-file")  # those need a folder chosen too
             demo = next((i for i, r in enumerate(rows) if r.is_demo), None)
             pick = usable[0] if usable else demo
         if pick is not None:
@@ -413,6 +540,12 @@ class ModelPage(BasePage):
             if row.is_demo and row.facts is None and not self._preparing:
                 self.prepare_demo()
         self.convert.setEnabled(row is not None and row.kind == "convert" and not self._preparing)
+        single = row is not None and row.kind == "single-file"
+        self.config_row.setVisible(single)
+        if single and row is not None:
+            self._fill_config_choice(row)
+        else:
+            self._check_config_dir()  # forgets the folder and its error
         self.completeChanged.emit()
 
     # -- GGUF conversion -----------------------------------------------------------------
@@ -473,6 +606,8 @@ class ModelPage(BasePage):
         row = self.selected()
         if row is not None and row.kind == "image":  # planned on the image Plan page
             return not self.busy("demo")
+        if row is not None and row.kind == "single-file":  # and its pipeline folder checked
+            return self.config_dir is not None and not self.busy("demo")
         return row is not None and row.facts is not None and row.kind in ("trainable", "runs") \
             and not self.busy("demo")
 
@@ -480,9 +615,11 @@ class ModelPage(BasePage):
         row = self.selected()
         if row is None or row.path is None or row.info is None or not self.isComplete():
             return False
-        changed = self.state.model_dir != row.path
+        config_dir = self.config_dir if row.kind == "single-file" else None
+        changed = self.state.model_dir != row.path or self.state.config_dir != config_dir
         self.state.model = row.info
         self.state.model_dir = row.path
+        self.state.config_dir = config_dir
         if changed:  # data inspection depends on the tokenizer of the model; an image run on the pipeline
             self.state.data_report = None
             self.state.image_run = self.state.image_plan = None

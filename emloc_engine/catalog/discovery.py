@@ -319,10 +319,11 @@ def inspect_pipeline_dir(folder: Path, *, name: str | None = None, source: str =
 
 def single_file_infos(folder: Path, *, source: str = "folder", label: str | None = None,
                       revision: str | None = None) -> list[ModelInfo]:
-    """The single-file image checkpoints (FLUX.1, SD3, SDXL) directly in ``folder``, listed greyed out.
+    """The single-file image checkpoints (FLUX.1, SD3, SDXL) directly in ``folder``.
 
-    The app trains diffusers pipeline folders; a single file needs one of the same family beside it for
-    its configs, text encoders and VAE, so the row says the command that trains it. Other
+    A single file needs a diffusers pipeline folder of the same family for its configs, text encoders
+    and VAE, so it is not ``supported`` on its own (a command given only the file would fail); the
+    problem says how to give the folder (the app's Model page asks for it). Other
     ``.safetensors`` files (LoRAs, VAEs, text encoders) are not listed.
     """
     out: list[ModelInfo] = []
@@ -334,9 +335,9 @@ def single_file_infos(folder: Path, *, source: str = "folder", label: str | None
             size = f.stat().st_size
         except OSError:
             continue
-        why = (f"single-file {kind} checkpoint: the app trains diffusers pipeline folders; train this file with "
-               f"`emloc image {f} PHOTOS --config-dir PIPELINE` (PIPELINE: a diffusers {kind} pipeline folder, "
-               "for its configs, text encoders and VAE), or choose such a pipeline here")
+        why = (f"single-file {kind} checkpoint: it needs a diffusers {kind} pipeline folder for its configs, "
+               "text encoders and VAE; choose one for it on the app's Model page, or train it with "
+               f"`emloc image {f} PHOTOS --config-dir PIPELINE`")
         out.append(ModelInfo(f"{label}/{f.name}" if label else f.name, f, revision, source, kind, None, None, None,
                              size, False, why, kind="image"))
     return out

@@ -10,6 +10,8 @@ same facts :func:`emloc_engine.images.pipelines.identify_pipeline` uses, from he
   component that would need code shipped with the model.
 * :func:`check_denoiser_dir` checks that the denoiser sub-folder has a config and safetensors weights.
 * :func:`single_file_family` says which family a single-file checkpoint is, from its header.
+* :func:`check_config_dir` checks that a pipeline folder can supply a single file's configs, text
+  encoders and VAE (same family, readable), before anything loads.
 * :func:`pipeline_problems` lists everything wrong with a pipeline folder in one line each (the
   catalog's "why is it greyed out"), never raising.
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from emloc_engine.core.errors import EngineError, ModelNotFound, UnsupportedModel
+from emloc_engine.core.errors import ConfigError, EngineError, ModelNotFound, UnsupportedModel
 
 Kind = Literal["flux", "sd3", "sdxl"]
 KINDS: tuple[Kind, ...] = ("flux", "sd3", "sdxl")
@@ -185,6 +187,60 @@ def single_file_family(file: Path) -> Kind | None:
     return None
 
 
+def check_config_dir(single_file: Path, config_dir: Path) -> PipelineIndex:
+    """Check that ``config_dir`` can supply the configs, text encoders and VAE of ``single_file``.
+
+    The pipeline folder must be a readable diffusers pipeline (``model_index.json``, a denoiser with its
+    config and weights, no missing shards) of the same family as the file: diffusers reads the file's
+    weights with that folder's denoiser config, and a FLUX.1 file with an SDXL folder cannot be read.
+    Reads the file's safetensors header and the folder's JSON only (no torch): the app checks the
+    folder as soon as it is chosen, the planner and ``emloc image`` before they start.
+
+    Args:
+        single_file: a single-file checkpoint (FLUX.1, SD3 or SDXL, as ComfyUI/Forge keep them).
+        config_dir: the diffusers pipeline folder chosen for it.
+
+    Returns:
+        The folder's pipeline index.
+
+    Raises:
+        ModelNotFound: the file or the folder is missing, or the folder has no ``model_index.json``.
+        ConfigError: the file is not a FLUX.1/SD3/SDXL checkpoint, the folder is broken (every problem
+            listed) or of another family; each message names the folder and what to choose instead.
+    """
+    single_file, config_dir = Path(single_file), Path(config_dir)
+    if not single_file.is_file():
+        raise ModelNotFound(f"The checkpoint {single_file} does not exist.", hint="Choose the file again.")
+    family = single_file_family(single_file)
+    if family is None:
+        raise ConfigError(
+            f"{single_file.name} is not a FLUX.1, Stable Diffusion 3 or SDXL single-file checkpoint.",
+            hint="Choose the model's own checkpoint (not a LoRA, VAE or text encoder file).",
+        )
+    name = FAMILY_NAMES[family]
+    wanted = (
+        f"Choose a diffusers {name} pipeline folder (the one that holds {MODEL_INDEX}, e.g. a Hugging Face "
+        f"cache snapshot of a {name} model): its configs, text encoders and VAE go with this file's weights."
+    )
+    if not config_dir.is_dir() or not is_pipeline_folder(config_dir):
+        raise ModelNotFound(
+            f"{config_dir} is not a diffusers pipeline folder (no {MODEL_INDEX}).", hint=wanted
+        )
+    index, problems = pipeline_problems(config_dir)
+    if index is not None and index.kind != family:
+        raise ConfigError(
+            f"{config_dir} is a {FAMILY_NAMES[index.kind]} pipeline; {single_file.name} is a {name} checkpoint.",
+            hint=wanted,
+        )
+    if index is None or problems:
+        raise ConfigError(
+            f"The pipeline folder {config_dir} cannot supply the configs of {single_file.name}.",
+            problems=problems,
+            hint=wanted,
+        )
+    return index
+
+
 def _error_line(exc: EngineError) -> str:
     detail = f" ({'; '.join(exc.problems)})" if exc.problems else ""
     return exc.summary + detail + (f" Fix: {exc.hint}" if exc.hint else "")
@@ -234,6 +290,7 @@ __all__ = [
     "SINGLE_FILE_KEYS",
     "Kind",
     "PipelineIndex",
+    "check_config_dir",
     "check_denoiser_dir",
     "is_pipeline_folder",
     "pipeline_problems",

@@ -47,6 +47,7 @@ from typing import Any
 from emloc_engine.core.errors import ConfigError, InsufficientMemory
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig
+from emloc_engine.images.pipeline_index import check_config_dir
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
 from emloc_engine.images.plan_shapes import (
     ActivationProfile,
@@ -440,7 +441,11 @@ def plan_for_run(
     if budget_bytes is None:
         budget_bytes = machine_budget_bytes(machine, run.device, 1, gpu_memory_bytes)
     on_gpu = bounding_gpu(machine, run.device, 1) is not None
-    folder = run.config_dir if Path(run.pipeline_dir).is_file() and run.config_dir else run.pipeline_dir
+    folder = run.pipeline_dir
+    if Path(run.pipeline_dir).is_file() and run.config_dir is not None:
+        # same family, so the folder's denoiser has the file's shapes
+        check_config_dir(run.pipeline_dir, run.config_dir)
+        folder = run.config_dir
     return plan_images(
         ImagePlanConfig(
             folder,

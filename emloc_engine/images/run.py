@@ -34,6 +34,7 @@ from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_
 from emloc_engine.images.dataset import ImageFolderConfig, ImageItem, scan_image_folder
 from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator
 from emloc_engine.images.options import RUN_SETTINGS, ImageRunConfig, ImageRunResult
+from emloc_engine.images.pipeline_index import check_config_dir
 from emloc_engine.images.pipelines import PipelineInfo, convert_single_file, identify_pipeline
 from emloc_engine.images.training import ImageTrainConfig, train_image_lora
 from emloc_engine.run.lock import run_folder_lock
@@ -44,6 +45,7 @@ def resolve_pipeline(cfg: ImageRunConfig) -> PipelineInfo:
     """The pipeline of the run: a folder, or a single file converted once into ``RUN/denoiser``."""
     p = cfg.pipeline_dir
     if p.is_file() and cfg.config_dir is not None:
+        check_config_dir(p, cfg.config_dir)  # a clear message before diffusers tries to map the file
         return convert_single_file(p, cfg.config_dir, cfg.run_dir / "denoiser")
     return identify_pipeline(p)
 
