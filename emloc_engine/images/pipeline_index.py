@@ -160,12 +160,14 @@ def check_denoiser_dir(denoiser_dir: Path) -> None:
 
 
 SINGLE_FILE_KEYS: dict[Kind, tuple[str, ...]] = {
-    "flux": ("double_blocks.0.img_attn.norm.key_norm.scale",),
+    "flux": ("double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight"),
     "sd3": ("joint_blocks.0.context_block.adaLN_modulation.1.bias",),
     "sdxl": ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",),
 }
 """A tensor name only that family's original-format checkpoint has (diffusers'
-``single_file_utils.CHECKPOINT_KEY_NAMES``), with or without the ``model.diffusion_model.`` prefix."""
+``single_file_utils.CHECKPOINT_KEY_NAMES``), with or without the ``model.diffusion_model.`` prefix;
+for FLUX.1 also a key of its diffusers-format transformer saved as one file (``single_transformer_blocks``
+is FLUX's alone), which ``from_single_file`` reads as well."""
 _PREFIX = "model.diffusion_model."
 
 
@@ -193,6 +195,9 @@ def check_config_dir(single_file: Path, config_dir: Path) -> PipelineIndex:
     The pipeline folder must be a readable diffusers pipeline (``model_index.json``, a denoiser with its
     config and weights, no missing shards) of the same family as the file: diffusers reads the file's
     weights with that folder's denoiser config, and a FLUX.1 file with an SDXL folder cannot be read.
+    A file whose family the header does not tell (e.g. an SDXL UNet saved in diffusers naming; the
+    catalog does not list those, ``emloc image`` takes them) is checked against the folder only, and
+    diffusers says whether it can read it.
     Reads the file's safetensors header and the folder's JSON only (no torch): the app checks the
     folder as soon as it is chosen, the planner and ``emloc image`` before they start.
 
@@ -205,29 +210,24 @@ def check_config_dir(single_file: Path, config_dir: Path) -> PipelineIndex:
 
     Raises:
         ModelNotFound: the file or the folder is missing, or the folder has no ``model_index.json``.
-        ConfigError: the file is not a FLUX.1/SD3/SDXL checkpoint, the folder is broken (every problem
-            listed) or of another family; each message names the folder and what to choose instead.
+        ConfigError: the folder is broken (every problem listed) or of another family than the file;
+            each message names the folder and what to choose instead.
     """
     single_file, config_dir = Path(single_file), Path(config_dir)
     if not single_file.is_file():
         raise ModelNotFound(f"The checkpoint {single_file} does not exist.", hint="Choose the file again.")
     family = single_file_family(single_file)
-    if family is None:
-        raise ConfigError(
-            f"{single_file.name} is not a FLUX.1, Stable Diffusion 3 or SDXL single-file checkpoint.",
-            hint="Choose the model's own checkpoint (not a LoRA, VAE or text encoder file).",
-        )
-    name = FAMILY_NAMES[family]
+    name = FAMILY_NAMES[family] if family is not None else "FLUX.1, Stable Diffusion 3 or SDXL"
     wanted = (
         f"Choose a diffusers {name} pipeline folder (the one that holds {MODEL_INDEX}, e.g. a Hugging Face "
-        f"cache snapshot of a {name} model): its configs, text encoders and VAE go with this file's weights."
+        "cache snapshot of such a model): its configs, text encoders and VAE go with this file's weights."
     )
     if not config_dir.is_dir() or not is_pipeline_folder(config_dir):
         raise ModelNotFound(
             f"{config_dir} is not a diffusers pipeline folder (no {MODEL_INDEX}).", hint=wanted
         )
     index, problems = pipeline_problems(config_dir)
-    if index is not None and index.kind != family:
+    if index is not None and family is not None and index.kind != family:
         raise ConfigError(
             f"{config_dir} is a {FAMILY_NAMES[index.kind]} pipeline; {single_file.name} is a {name} checkpoint.",
             hint=wanted,

@@ -63,6 +63,7 @@ def _check_settings(cfg: ImageRunConfig) -> None:
     first = json.loads(path.read_text(encoding="utf-8"))
     fixed = (
         "pipeline_dir",
+        "config_dir",  # a single file's text encoders and VAE encoded the cache
         "ratio",
         "calibration_images",
         "calibration_timesteps",

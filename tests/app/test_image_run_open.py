@@ -31,7 +31,14 @@ def test_image_run_state(tmp_path: Path) -> None:
     single = tmp_path / "flux1-dev.safetensors"
     single.write_bytes(b"x")
     (run / "image_run.json").write_text(json.dumps({"pipeline_dir": str(single), "config_dir": str(tmp_path / "flux")}))
-    assert image_state_from_run_dir(run).model_dir == tmp_path / "flux"  # a single file: its config folder
+    back = image_state_from_run_dir(run)  # a single file: the file, and its pipeline folder as config_dir
+    assert back.model_dir == single and back.config_dir == tmp_path / "flux" and back.single_file == single
+    assert back.pipeline_folder == tmp_path / "flux" and back.is_image_model
+    single.unlink()  # moved since: still a single-file run (the gallery exports with the run's denoiser)
+    assert image_state_from_run_dir(run).pipeline_folder == tmp_path / "flux"
+    (run / "image_run.json").write_text(json.dumps({"pipeline_dir": str(tmp_path / "flux"),
+                                                    "config_dir": str(tmp_path / "other")}))
+    assert image_state_from_run_dir(run).config_dir is None  # a folder's run: config_dir is not used
 
 
 def test_studio_opens_the_gallery(tmp_path: Path) -> None:

@@ -41,9 +41,11 @@ def test_the_model_page_lists_an_image_pipeline_and_leads_to_the_photos_page(qtb
     assert (
         ModelTable.text(single, COL_KIND) == "image model" and ModelTable.text(single, COL_ARCH) == "FLUX.1"
     )
-    assert single.badge == "single file: train it with emloc image --config-dir" and not single.usable
+    # choosable with a FLUX.1 pipeline folder (none here: tests/app/test_model_page_single_file.py has one)
+    assert single.badge == "single file (FLUX.1): choose its pipeline folder below" and single.usable
     page.select_row(page.table_model.rows.index(single))
-    assert not page.isComplete() and "--config-dir" in page.detail.text()
+    assert not page.isComplete() and "diffusers FLUX.1 pipeline folder" in page.detail.text()
+    assert not page.config_row.isHidden() and page.config_choice.count() == 0 and page.config_dir is None
     image, text = rows["emloc-test/tiny-sdxl"], rows["emloc-test/tiny-llama"]
     cells = [ModelTable.text(image, c) for c in (COL_KIND, COL_ARCH, COL_HERE)]
     assert cells == ["image model", "SDXL", "image model (SDXL): trains on your photos"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,33 @@ def test_a_run_folder_in_use_is_refused_and_left_alone(
         with pytest.raises(RunStateError):
             delete_run(run)
     assert run.is_dir() and not (run / "cache").exists()
+
+
+def test_a_single_file_runs_with_its_pipeline_folder_and_keeps_it(
+    pipelines: dict[str, PipelineInfo], subject_dir: Path, tmp_path: Path
+) -> None:
+    """``pipeline_dir`` = one file, ``config_dir`` = a FLUX.1 folder: its denoiser is converted into the run folder;
+    a folder of another family is refused before anything is written, and a resume must keep the folder."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    flux = pipelines["flux"]
+    single = tmp_path / "my-flux.safetensors"
+    save_file(load_file(str(next(flux.denoiser_dir.glob("*.safetensors")))), str(single))
+    wrong = replace(
+        _cfg(flux, subject_dir, tmp_path / "wrong"), pipeline_dir=single, config_dir=pipelines["sdxl"].folder
+    )
+    with pytest.raises(
+        ConfigError, match=r"is a SDXL pipeline; my-flux\.safetensors is a FLUX\.1 checkpoint"
+    ):
+        run_images(wrong)
+    assert not (tmp_path / "wrong" / "denoiser").exists()
+    cfg = replace(
+        _cfg(flux, subject_dir, tmp_path / "run", stop_after=1), pipeline_dir=single, config_dir=flux.folder
+    )
+    part = run_images(cfg)
+    assert part.steps_done == 1 and (tmp_path / "run" / "denoiser" / "config.json").is_file()
+    other = shutil.copytree(flux.folder, tmp_path / "flux-copy")
+    with pytest.raises(ConfigError, match="config_dir"):
+        run_images(replace(cfg, config_dir=other, stop_after=None))

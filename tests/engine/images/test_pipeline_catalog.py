@@ -1,6 +1,7 @@
 """Image pipelines in the model catalog: FLUX/SD3/SDXL folders of the HF cache and of added folders are
 listed with ``kind="image"`` beside text models; broken ones are listed with the file and the fix; single-file
-checkpoints are listed greyed out with the command that trains them; the catalog stays torch-free."""
+checkpoints are listed with how to give their pipeline folder, which is checked for its family; the catalog stays
+torch-free."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from safetensors.torch import save_file
 
 from emloc_engine.catalog.discovery import scan_models
 from emloc_engine.catalog.model_folders import add_model_folder
-from emloc_engine.core.errors import ModelNotFound
-from emloc_engine.images.pipeline_index import read_pipeline_index, single_file_family
+from emloc_engine.core.errors import ConfigError, ModelNotFound
+from emloc_engine.images.pipeline_index import check_config_dir, read_pipeline_index, single_file_family
 from emloc_engine.images.pipelines import identify_pipeline, load_denoiser
 from tests.tiny_models import build_tiny_model
 from tests.tiny_pipelines import KINDS, build_tiny_pipeline
@@ -135,6 +136,37 @@ def test_single_file_checkpoints_are_listed_with_the_command_that_trains_them(tm
     assert "--config-dir" in (flux.problem or "") and str(unet / "flux1-dev.safetensors") in (
         flux.problem or ""
     )
+
+
+def test_a_single_files_pipeline_folder_is_checked_for_its_family(hub: Path, tmp_path: Path) -> None:
+    flux, sdxl = _snapshot(hub, "flux"), _snapshot(hub, "sdxl")
+    original = tmp_path / "flux1-dev.safetensors"  # BFL naming, as ComfyUI keeps it
+    save_file(
+        {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, original
+    )
+    diffusers_named = tmp_path / "flux-transformer.safetensors"  # the diffusers transformer as one file
+    save_file({"single_transformer_blocks.0.proj_mlp.weight": torch.zeros(2, 2)}, diffusers_named)
+    assert single_file_family(diffusers_named) == "flux"
+    assert (
+        check_config_dir(original, flux).kind == "flux"
+        and check_config_dir(diffusers_named, flux).kind == "flux"
+    )
+    with pytest.raises(ConfigError) as wrong:
+        check_config_dir(original, sdxl)
+    assert wrong.value.summary == f"{sdxl} is a SDXL pipeline; flux1-dev.safetensors is a FLUX.1 checkpoint."
+    assert "diffusers FLUX.1 pipeline folder" in wrong.value.hint and "model_index.json" in wrong.value.hint
+    with pytest.raises(ModelNotFound, match="is not a diffusers pipeline folder"):
+        check_config_dir(original, tmp_path)
+    broken = tmp_path / "broken"  # a FLUX.1 pipeline whose transformer weights are missing
+    shutil.copytree(flux, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ConfigError, match="cannot supply the configs") as missing:
+        check_config_dir(original, broken)
+    assert any("no .safetensors weights" in p for p in missing.value.problems)
+    unknown = tmp_path / "unet.safetensors"  # a family the header does not tell: the folder alone is checked
+    save_file({"conv_in.weight": torch.zeros(2)}, unknown)
+    assert check_config_dir(unknown, sdxl).kind == "sdxl"
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        check_config_dir(tmp_path / "gone.safetensors", flux)
 
 
 def test_a_cache_snapshot_with_only_the_single_file_lists_that_file(tmp_path: Path) -> None:
