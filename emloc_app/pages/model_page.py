@@ -453,12 +453,16 @@ class ModelPage(BasePage):
         and keep it in the list when it passes."""
         self.config_choice.setEditText(str(folder))
         self._check_config_dir()
-        if self.config_dir is not None and self.config_choice.findData(str(folder)) < 0:
+        if self.config_dir is None:
+            return
+        i = self.config_choice.findData(str(folder))
+        if i < 0:  # kept in the list (an offered pipeline is shown by its name again)
             self._chosen_config_dirs.append(folder)
-            self.config_choice.blockSignals(True)
             self.config_choice.addItem(str(folder), str(folder))
-            self.config_choice.setCurrentIndex(self.config_choice.count() - 1)
-            self.config_choice.blockSignals(False)
+            i = self.config_choice.count() - 1
+        self.config_choice.blockSignals(True)
+        self.config_choice.setCurrentIndex(i)
+        self.config_choice.blockSignals(False)
 
     # -- scanning ----------------------------------------------------------------------------
     def initializePage(self) -> None:

@@ -189,6 +189,11 @@ def single_file_family(file: Path) -> Kind | None:
     return None
 
 
+def _a(name: str) -> str:
+    """``name`` with its article as it is read aloud: "an SDXL" (S-D-X-L), "a FLUX.1", "a Stable Diffusion 3"."""
+    return f"{'an' if name == 'SDXL' else 'a'} {name}"
+
+
 def check_config_dir(single_file: Path, config_dir: Path) -> PipelineIndex:
     """Check that ``config_dir`` can supply the configs, text encoders and VAE of ``single_file``.
 
@@ -229,7 +234,7 @@ def check_config_dir(single_file: Path, config_dir: Path) -> PipelineIndex:
     index, problems = pipeline_problems(config_dir)
     if index is not None and family is not None and index.kind != family:
         raise ConfigError(
-            f"{config_dir} is a {FAMILY_NAMES[index.kind]} pipeline; {single_file.name} is a {name} checkpoint.",
+            f"{config_dir} is {_a(FAMILY_NAMES[index.kind])} pipeline; {single_file.name} is {_a(name)} checkpoint.",
             hint=wanted,
         )
     if index is None or problems:

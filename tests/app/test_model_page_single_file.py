@@ -7,6 +7,7 @@ tiny pipelines built from configs)."""
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_a_single_file_is_chosen_with_a_same_family_pipeline(qtbot, tmp_path: Pa
     page.use_config_dir(sdxl)
     assert not page.isComplete() and page.config_dir is None and not page.banner.isHidden()
     title, fix = page.banner.title.text(), page.banner.message.text()
-    assert title == f"{sdxl} is a SDXL pipeline; my-flux.safetensors is a FLUX.1 checkpoint."
+    assert title == f"{sdxl} is an SDXL pipeline; my-flux.safetensors is a FLUX.1 checkpoint."
     assert "Fix: Choose a diffusers FLUX.1 pipeline folder" in fix
     assert page.config_choice.findData(str(sdxl)) < 0  # a refused folder is not kept in the list
     # a folder without model_index.json, and a broken one (its index is not JSON), say so
@@ -88,6 +89,12 @@ def test_a_single_file_is_chosen_with_a_same_family_pipeline(qtbot, tmp_path: Pa
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(flux))
     page.choose_config.click()
     assert page.config_dir == flux and page.isComplete() and page.banner.isHidden()
+    assert page.config_choice.currentText() == "emloc-test/tiny-flux"  # the offered pipeline, by its name
+    copy = shutil.copytree(flux, tmp_path / "my-flux-pipeline")  # a folder of its own: kept in the list
+    page.use_config_dir(copy)
+    assert page.config_dir == copy and page.config_choice.itemText(1) == str(copy)
+    page.config_choice.setCurrentIndex(0)
+    assert page.config_dir == flux and page.isComplete()
     wizard.next()
     assert wizard.currentId() == Page.ImageData
     assert state.model_dir == single and state.config_dir == flux and state.single_file == single
@@ -122,7 +129,7 @@ def test_the_plan_page_builds_and_plans_the_run_of_a_single_file(qtbot, tmp_path
     plan = image_plan_page.plan(ImagePlanRequest(cfg, 8 * 2**30, None, cpu), NULL_PROGRESS)
     assert plan.fits and plan.params > 0
     wrong = replace(cfg, config_dir=sdxl)
-    with pytest.raises(ConfigError, match="is a SDXL pipeline"):
+    with pytest.raises(ConfigError, match="is an SDXL pipeline"):
         image_plan_page.plan(ImagePlanRequest(wrong, 8 * 2**30, None, cpu), NULL_PROGRESS)
     state.config_dir = None  # no folder chosen (a state from before): said on the page, never run without
     with pytest.raises(ConfigError, match="no pipeline folder chosen"):

@@ -162,7 +162,7 @@ def test_a_single_file_runs_with_its_pipeline_folder_and_keeps_it(
         _cfg(flux, subject_dir, tmp_path / "wrong"), pipeline_dir=single, config_dir=pipelines["sdxl"].folder
     )
     with pytest.raises(
-        ConfigError, match=r"is a SDXL pipeline; my-flux\.safetensors is a FLUX\.1 checkpoint"
+        ConfigError, match=r"is an SDXL pipeline; my-flux\.safetensors is a FLUX\.1 checkpoint"
     ):
         run_images(wrong)
     assert not (tmp_path / "wrong" / "denoiser").exists()

@@ -153,7 +153,7 @@ def test_a_single_files_pipeline_folder_is_checked_for_its_family(hub: Path, tmp
     )
     with pytest.raises(ConfigError) as wrong:
         check_config_dir(original, sdxl)
-    assert wrong.value.summary == f"{sdxl} is a SDXL pipeline; flux1-dev.safetensors is a FLUX.1 checkpoint."
+    assert wrong.value.summary == f"{sdxl} is an SDXL pipeline; flux1-dev.safetensors is a FLUX.1 checkpoint."
     assert "diffusers FLUX.1 pipeline folder" in wrong.value.hint and "model_index.json" in wrong.value.hint
     with pytest.raises(ModelNotFound, match="is not a diffusers pipeline folder"):
         check_config_dir(original, tmp_path)
