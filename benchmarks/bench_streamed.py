@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_scale import WORDS, StageMeter
 from emloc_engine.data.config import DataConfig
+from emloc_engine.data.validation import split_sizes
 from emloc_engine.run.config import RunConfig
 from emloc_engine.run.manifest import read_manifest
 from emloc_engine.run.orchestrator import run_stages
@@ -112,7 +113,8 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": args.steps, "max_length": args.max_length}
     t0 = time.monotonic()
     try:
-        planned = plan_run(cfg)
+        # the run's held-out sequences are known here: the streamed λ search keeps them on the GPU (≤ 1 GiB)
+        planned = plan_run(cfg, eval_sequences=split_sizes(args.samples, cfg.data.eval_fraction)[1])
         result = run_stages(planned if auto else streamed_plan(planned), meter)
         out["stream_original"] = bool(getattr(planned, "stream_original", False)) or not auto
         out.update(ratio=result.ratio, lambda_=result.lambda_)
@@ -134,6 +136,7 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
             "budget_gib",
             "inference_peak_gib",
             "predicted_peaks_gib",
+            "predicted_allocated_gib",
             "est_seconds",
         )
     }
@@ -148,6 +151,8 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s": res.get("wall_s"),
             "measured_peak_gib": rec.measured_peak_gib,
             "predicted_peak_gib": rec.predicted_peak_gib,
+            # what max_memory_allocated is compared to: the peak less the CUDA context and allocator slack
+            "predicted_allocated_gib": (plan.get("predicted_allocated_gib") or {}).get(name),
             "peak_rss_gib": meter.rss.get(name),
             "within_cap": (rec.measured_peak_gib or 0.0) <= args.cap_gib,
         }

@@ -54,6 +54,9 @@ class PlanRecord:
     est_seconds: dict[str, float]
     stream_original: bool = False
     predicted_ram_gib: dict[str, float] = dataclasses.field(default_factory=dict)
+    predicted_allocated_gib: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per stage, the prediction of ``torch.cuda.max_memory_allocated`` (the peak less the CUDA context and
+    allocator slack, which the allocator's statistics never see): what a measured stage peak compares to."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,8 @@ def sample_tokens_of(report: DataReport | None, batch_size: int) -> int | None:
 
 
 def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | None = None,
-                    disk_free_bytes: int | None = None, sample_tokens: int | None = None) -> PlanConfig:
+                    disk_free_bytes: int | None = None, sample_tokens: int | None = None,
+                    eval_sequences: int | None = None) -> PlanConfig:
     """The one translation of a run's settings into the planner's :class:`PlanConfig`.
 
     Args:
@@ -172,6 +176,8 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
         budget_bytes: the budget to plan for (default: the run's own, else :func:`machine_budget_bytes`).
         disk_free_bytes: free space where the run folder goes (None: not checked).
         sample_tokens: a typical padded sample's tokens (:func:`sample_tokens_of`), for the time estimate.
+        eval_sequences: held-out sequences of the data when known (the data report's ``n_eval``): the streamed
+            λ search keeps that many on the GPU; None plans for the worst case.
     """
     from emloc_engine.run.planning import PlanConfig
 
@@ -191,13 +197,15 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
         ratio=cfg.ratio, device="cuda" if use_gpu else "cpu", calibration_samples=cfg.calib,
         train_steps=cfg.train.steps, auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus,
         anchored=cfg.train.anchor != "none", anchor_linears=cfg.train.anchor == "linears",
-        eval_batches=cfg.correct.max_eval_batches, target_modules=cfg.train.target_modules,
+        eval_batches=cfg.correct.max_eval_batches, eval_batch_size=cfg.correct.eval_batch_size,
+        train_eval_batches=cfg.train.max_eval_batches,
+        eval_sequences=eval_sequences, target_modules=cfg.train.target_modules,
         dense_modules=cfg.emulator.dense_patterns, grad_checkpointing=cfg.train.grad_checkpointing,
         gpu_name=gpu.name if gpu is not None else None, sample_tokens=sample_tokens)
 
 
-def plan_memory_for(cfg: RunConfig, machine: MachineInfo,
-                    sample_tokens: int | None = None) -> tuple[MemoryPlan, PlanRecord]:
+def plan_memory_for(cfg: RunConfig, machine: MachineInfo, sample_tokens: int | None = None,
+                    eval_sequences: int | None = None) -> tuple[MemoryPlan, PlanRecord]:
     """The memory plan of ``cfg`` on ``machine`` and its record (ρ from the planner unless given).
 
     Raises:
@@ -206,7 +214,8 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo,
     from emloc_engine.run import planning
 
     facts = planning.model_facts(cfg.model_dir)
-    plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir), sample_tokens=sample_tokens)
+    plan_cfg = plan_config_for(cfg, machine, disk_free_bytes=_disk_free(cfg.run_dir), sample_tokens=sample_tokens,
+                               eval_sequences=eval_sequences)
     memory = planning.plan_memory(facts, plan_cfg)
     note = ("user budget" if memory.budget_bytes >= cfg.budget_bytes else "user budget, capped at the device's size") \
         if cfg.budget_bytes is not None else (
@@ -227,7 +236,8 @@ def plan_memory_for(cfg: RunConfig, machine: MachineInfo,
         inference_peak_gib=memory.inference_peak_bytes / 2**30,
         full_lora_peak_gib=memory.full_lora_peak_bytes / 2**30, est_seconds=memory.est_seconds,
         stream_original=memory.stream_original,
-        predicted_ram_gib={s.name: s.ram_bytes / 2**30 for s in memory.stages})
+        predicted_ram_gib={s.name: s.ram_bytes / 2**30 for s in memory.stages},
+        predicted_allocated_gib={s.name: s.allocated_bytes / 2**30 for s in memory.stages})
     return memory, record
 
 
@@ -272,11 +282,14 @@ def check_budget(plan: RunPlan) -> None:
                                  hint="Leave --ratio out to let the planner pick one that fits, or raise the budget.")
 
 
-def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_tokens: int | None = None) -> RunPlan:
+def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_tokens: int | None = None,
+             eval_sequences: int | None = None) -> RunPlan:
     """Decide ρ and every stage's config for ``cfg`` on ``machine`` (detected when None).
 
     ``sample_tokens``: a typical padded sample's tokens when the data was inspected (the time estimate
     counts them instead of the whole context; memory always plans for the whole context).
+    ``eval_sequences``: the data's held-out sequences when known (the streamed λ search's hidden states;
+    None: the worst case).
 
     Raises:
         InsufficientMemory: nothing fits; ConfigError: the settings cannot be wired into a stage.
@@ -293,7 +306,7 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
         from emloc_engine.machine.hardware import detect_machine
 
         machine = detect_machine()
-    memory, record = plan_memory_for(cfg, machine, sample_tokens)
+    memory, record = plan_memory_for(cfg, machine, sample_tokens, eval_sequences)
     layout = RunLayout(cfg.run_dir)
     on_cuda = record.device == "cuda"
     budget = emulator_budget_bytes(record.limit_bytes, memory.inference_peak_bytes) if on_cuda else None

@@ -3,9 +3,20 @@
 **When the original is streamed.** Anchors, the λ search and the export verification use the
 original model. Resident, one such use takes ``P·b + activations + adapter`` (:func:`resident_original_peak`,
 the correction's λ evaluation). When that exceeds the budget the plan sets ``stream_original``: every
-use runs the original block by block from its shards (:mod:`emloc_engine.weights.streamed`), and its
-GPU peak is two blocks (the one running and the one prefetched) + the embeddings and head + the
-hidden states of the pass + one layer's activations + the adapter (:func:`streamed_pass_peak`).
+use runs the original block by block from its shards (:mod:`emloc_engine.weights.streamed`). Every term
+of a streamed stage's GPU peak is what the code holds there (derived term by term against the H100
+measurement of Llama-3-8B shapes in 8 GiB, benchmarks/RESULTS.md):
+
+* λ search and export verification (:func:`streamed_pass_peak`): two blocks (running + prefetched), the
+  embeddings and head, the hidden states of every held-out sequence × variant (on the GPU up to 1 GiB:
+  the worst case when the data's eval count is unknown), one batch's activations with the adapter hook's
+  fp32 copies, one block's adapter (the candidates wait on the CPU); or, at the head, the last block and
+  one loss chunk's logits;
+* anchored training's pass (:func:`streamed_anchor_peak`): the emulator (whose embedding the original
+  shares), the adapter and its AdamW states (later chunks run mid-training), two blocks, the chunk's
+  hidden states and one 4096-token group's activations.
+
+Each also counts cuBLAS's 32 MiB workspace, which ``max_memory_allocated`` sees.
 
 **Time of a streamed pass** is bound by moving the weights: ``max(W / rate, compute) × overhead``
 where ``W`` is the stored weights and ``rate`` is, as the code moves them:
@@ -37,26 +48,32 @@ import math
 from typing import TYPE_CHECKING
 
 from emloc_engine.run.planning import (
+    ANCHOR_GROUP_TOKENS,
     EVAL_CHUNK_TOKENS,
     GIB,
     GPU_H2D_BYTES_PER_S,
+    HIDDEN_OFFLOAD,
     PlanConfig,
     Shortfall,
     StagePeak,
     _forward_flops,
     _layer_act,
     _stage,
+    _targets,
     compute_bytes,
     emulator_parameters,
     flops_per_second,
     lora_parameters,
-    loss_chunk_tokens,
 )
 
 if TYPE_CHECKING:
     from emloc_engine.catalog.model_facts import ModelFacts
 
-EXPORT_PROMPT_TOKENS = 4 * 64  # the verification prompts: a few short ones
+EXPORT_PROMPT_LENGTH = (
+    64  # the verification truncates every prompt to this (stages.export.exporter._prompt_ids)
+)
+EXPORT_PROMPTS = 4  # the default prompts and the chat-templated first one, one batch each
+EXPORT_PROMPT_TOKENS = EXPORT_PROMPTS * EXPORT_PROMPT_LENGTH
 EXPORT_VARIANTS = 4  # original + adapter, without it, peft's merge, rounded merge (one pass carries them all)
 
 
@@ -116,10 +133,45 @@ def _outside_bytes(facts: ModelFacts, cfg: PlanConfig, head: bool) -> int:
     return (facts.embedding_parameters + (facts.lm_head_parameters if head else 0)) * b
 
 
-STREAM_BATCH = 4  # sequences per batch of a streamed pass (the λ search's held-out batches)
-HIDDEN_OFFLOAD_BYTES = (
-    GIB  # a pass's hidden states move to CPU RAM past this (weights.streamed.StreamedModel.run)
-)
+def cublas_workspace(cfg: PlanConfig) -> int:
+    """cuBLAS's workspace on a GPU (:attr:`~emloc_engine.run.planning.PlannerConstants.cublas_workspace_bytes`), 0 elsewhere."""
+    return cfg.constants.cublas_workspace_bytes if cfg.device in ("cuda", "rocm") else 0
+
+
+def hidden_on_device(total_bytes: int, batch_bytes: int) -> int:
+    """Bytes of a streamed pass's hidden states on the GPU, as the code places them.
+
+    At most :data:`~emloc_engine.run.planning.HIDDEN_OFFLOAD` (1 GiB) they all stay on the GPU between
+    blocks (:func:`~emloc_engine.stages.correction.evaluation.streamed_losses`,
+    :func:`~emloc_engine.stages.training.anchor_chunks.streamed_offsets`); past it they wait in CPU RAM and
+    one batch visits the GPU (its copy in, and the block's output, ``2 × batch_bytes``).
+    """
+    return total_bytes if total_bytes <= HIDDEN_OFFLOAD else 2 * batch_bytes
+
+
+def worst_hidden_on_device(max_total_bytes: int, batch_bytes: int) -> int:
+    """:func:`hidden_on_device` for the worst number of sequences up to the maximum: when the maximum
+    would be offloaded, a smaller set just under the threshold stays on the GPU whole."""
+    return max(hidden_on_device(max_total_bytes, batch_bytes), min(max_total_bytes, HIDDEN_OFFLOAD))
+
+
+def layer_args_bytes(facts: ModelFacts, cfg: PlanConfig, batches: int, tokens: int | None = None) -> int:
+    """The keyword arguments every batch's layers get, kept on the GPU for the whole pass
+    (:func:`~emloc_engine.stages.emulator.calibration.capture_block_inputs`): the rotary ``cos`` and ``sin``
+    (``T × head_dim`` each, in the compute dtype) and the positions (int64), shared by every layer."""
+    t, b = tokens or cfg.context_length, compute_bytes(facts, cfg)
+    return batches * t * (2 * facts.head_dim * b + 16)
+
+
+def lora_hook_bytes(facts: ModelFacts, cfg: PlanConfig, tokens: int) -> int:
+    """Extra bytes of an unmerged adapter's forward hook (:meth:`StreamedModel._lora_hook`) on ``tokens``.
+
+    ``(out.to(fp32) + (x.to(fp32) @ Aᵀ @ Bᵀ) · s).to(out.dtype)``: the fp32 output copy, the fp32 LoRA
+    product and its scaled copy live together, 12 bytes per output element of the widest target beyond
+    the module's own output (which the activation term counts).
+    """
+    widest = max((o for o, _ in _targets(facts, cfg)), default=0)
+    return 12 * tokens * widest
 
 
 def streamed_pass_peak(
@@ -129,49 +181,78 @@ def streamed_pass_peak(
     *,
     sequences: int,
     variants: int,
-    head: bool,
+    batch: int,
+    head_logits: int,
     extra: list[tuple[str, int]],
     seconds: float,
     ram_bytes: int,
+    adapter: bool = False,
+    merged_variants: bool = False,
+    known_sequences: bool = False,
+    seq_tokens: int | None = None,
 ) -> StagePeak:
-    """GPU peak of a pass with the original streamed (see the module docstring).
+    """GPU peak of a pass of the original streamed with the head (the λ search, the export verification).
 
-    Every variant carries the hidden states of every sequence through each block; past 1 GiB they
-    live in CPU RAM and one batch (4 sequences) per variant visits the GPU. One batch's activations,
-    the head in loss chunks.
+    What :meth:`~emloc_engine.weights.streamed.StreamedModel.run` holds, at the larger of its two phases:
+
+    * **blocks**: the block running and the next one prefetched (two blocks), the embeddings and head,
+      the hidden states of every sequence × variant (:func:`hidden_on_device`; the worst case up to
+      ``sequences`` unless ``known_sequences``), one batch of ``batch`` sequences' layer activations
+      plus, for an unmerged adapter, its hook's fp32 copies (:func:`lora_hook_bytes`) and that block's
+      adapter in fp32 (the candidates wait on the CPU; one block's ``A, B`` are on the GPU at a time);
+      a merged variant (``merged_variants``) holds a merged copy of the block and, for the largest module,
+      ``B·A`` and ``s·B·A`` in fp32;
+    * **head**: the last block (the caller's loop still holds its tensors), the embeddings and head, the
+      hidden states, and ``head_logits`` (one chunk's logits and their fp32 copies).
+
+    ``seq_tokens``: tokens per sequence (default: the context length).
     """
     c, b = cfg.constants, compute_bytes(facts, cfg)
-    t = cfg.context_length
-    batch = min(sequences, STREAM_BATCH)
-    hidden = variants * sequences * t * facts.hidden_size * b
-    offloaded = hidden > HIDDEN_OFFLOAD_BYTES
-    on_gpu = 2 * batch * t * facts.hidden_size * b if offloaded else hidden
-    act = _layer_act(facts, batch * t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
-    # The head runs on the final hidden states in chunks (training.hidden_loss_sum): logits of one chunk.
-    logits = (
-        int(
-            min(t, loss_chunk_tokens(facts.vocab_size, c.loss_chunk_bytes))
-            * facts.vocab_size
-            * c.eval_logits_bytes
-        )
-        if head
-        else 0
+    t = seq_tokens or cfg.context_length
+    block = facts.block_parameters * b
+    per_seq = t * facts.hidden_size * b
+    total = variants * sequences * per_seq
+    offloaded = total > HIDDEN_OFFLOAD
+    on_gpu = (
+        hidden_on_device(total, batch * per_seq)
+        if known_sequences
+        else worst_hidden_on_device(total, batch * per_seq)
     )
-    parts = [
-        ("two blocks (running + prefetched)", 2 * facts.block_parameters * b),
-        ("embeddings & head" if head else "embeddings", _outside_bytes(facts, cfg, head)),
-        ("hidden states of the pass", on_gpu),
-        ("activations & loss", max(act, logits)),
-        *extra,
+    on_gpu += layer_args_bytes(facts, cfg, math.ceil(sequences / batch), t)
+    tokens = batch * t
+    act = _layer_act(facts, tokens, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
+    block_parts: list[tuple[str, int]] = [("two blocks (running + prefetched)", 2 * block)]
+    if adapter:
+        act += lora_hook_bytes(facts, cfg, tokens)
+        block_parts.append(
+            (
+                "adapter of one block (fp32)",
+                lora_parameters(facts, cfg) * c.lora_param_bytes // facts.num_layers,
+            )
+        )
+    if merged_variants:
+        largest = max(m.numel for m in facts.modules)
+        # changed[w] = w + ((B @ A) * s).to(w.dtype) for every LoRA module: a merged copy of the block, and
+        # the fp32 product with its scaled copy of the largest module in flight
+        block_parts.append(("merged copy of the block + s·B·A (fp32, twice)", block + 2 * largest * 4))
+    outside = ("embeddings & head", _outside_bytes(facts, cfg, True))
+    hidden = ("hidden states of the pass (+ layer arguments)", on_gpu)
+    block_phase = [block_parts[0], outside, hidden, ("one batch's activations", act), *block_parts[1:]]
+    head_phase = [
+        ("last block (still referenced)", block),
+        outside,
+        hidden,
+        ("logits of one chunk", head_logits),
     ]
-    stage = _stage(name, parts, cfg, seconds)
+    parts = block_phase if sum(p[1] for p in block_phase) >= sum(p[1] for p in head_phase) else head_phase
+    stage = _stage(name, [*parts, *extra, ("cuBLAS workspace", cublas_workspace(cfg))], cfg, seconds)
     return StagePeak(
         stage.name,
         stage.peak_bytes,
         stage.parts,
         stage.est_seconds,
         device=stage.device,
-        ram_bytes=ram_bytes + (hidden if offloaded else 0),
+        ram_bytes=ram_bytes + (total if offloaded else 0),
         streamed=True,
     )
 
@@ -236,22 +317,68 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
     return max(transfer, orig / rate) * c.stream_overhead + emu / rate
 
 
+def anchor_group_tokens(facts: ModelFacts, cfg: PlanConfig, examples: int) -> int:
+    """Padded tokens the anchor pass runs together (:func:`~emloc_engine.stages.training.anchoring.length_groups`
+    with :data:`~emloc_engine.run.planning.ANCHOR_GROUP_TOKENS`): as many ``T``-token examples as fit, at least one."""
+    t = cfg.context_length
+    return t * max(1, min(examples, ANCHOR_GROUP_TOKENS // t))
+
+
+def anchor_chunk_examples(facts: ModelFacts, cfg: PlanConfig) -> int:
+    """Most examples one anchor chunk holds: the visited training examples or the training stage's eval
+    examples (``train_eval_batches × B``), whichever are more, as many as the cap's offsets allow, at
+    least one step's."""
+    per_example = facts.num_layers * cfg.context_length * anchor_width(facts, cfg) * 2
+    wanted = max(cfg.train_steps, cfg.train_eval_batches) * cfg.batch_size
+    return max(cfg.batch_size, min(wanted, cfg.anchor_ram_bytes // per_example))
+
+
 def streamed_anchor_peak(
     facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int
 ) -> StagePeak:
-    """The anchor pass with the original streamed: its blocks, the emulator on the GPU, a micro-batch's hidden states."""
-    b = compute_bytes(facts, cfg)
+    """The anchor pass with the original streamed, as
+    :func:`~emloc_engine.stages.training.anchor_chunks.streamed_offsets` holds it.
+
+    * the emulator's weights (its input embedding is the one the streamed original uses:
+      ``embed_weight=``, not loaded twice; ``with_head=False``: no head);
+    * the adapter and its AdamW states: a chunk after the first is computed mid-run, with the optimizer's
+      states on the GPU (the gradients are freed by ``zero_grad(set_to_none=True)`` before it);
+    * two blocks of the original (running + prefetched);
+    * the hidden states of the whole chunk (every example the cap allows) between blocks, on the GPU up
+      to 1 GiB, else one group's copy;
+    * one group (up to :data:`~emloc_engine.run.planning.ANCHOR_GROUP_TOKENS` padded tokens): a block's
+      activations, with the original block's output held while the emulator's block runs (with
+      ``--anchor linears`` every linear's original output too).
+    """
+    c, b = cfg.constants, compute_bytes(facts, cfg)
     emu = emulator_parameters(facts, ratio, cfg.dense_modules) * b
-    return streamed_pass_peak(
-        facts,
-        cfg,
-        "train",
-        sequences=cfg.batch_size,
-        variants=3,
-        head=False,
-        extra=[(f"emulator weights (ρ={ratio:.2f})", emu)],
-        seconds=seconds,
+    n_lora = lora_parameters(facts, cfg)
+    t = cfg.context_length
+    examples = anchor_chunk_examples(facts, cfg)
+    group = anchor_group_tokens(facts, cfg, examples)
+    per_token = facts.hidden_size * b
+    hidden = hidden_on_device(examples * t * per_token, group * per_token // 2)
+    hidden += layer_args_bytes(facts, cfg, math.ceil(examples * t / group))
+    act = _layer_act(facts, group, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv) + group * per_token
+    if cfg.anchor_linears:
+        act += group * anchor_width(facts, cfg) * b
+    parts = [
+        (f"emulator weights (ρ={ratio:.2f})", emu),
+        ("LoRA weights + AdamW states (fp32)", n_lora * (c.lora_param_bytes + c.adam_state_bytes)),
+        ("two blocks (running + prefetched)", 2 * facts.block_parameters * b),
+        ("hidden states of the chunk (+ layer arguments)", hidden),
+        (f"one group's activations ({group} tokens)", act),
+        ("cuBLAS workspace", cublas_workspace(cfg)),
+    ]
+    stage = _stage("train", parts, cfg, seconds)
+    return StagePeak(
+        stage.name,
+        stage.peak_bytes,
+        stage.parts,
+        stage.est_seconds,
+        device=stage.device,
         ram_bytes=ram,
+        streamed=True,
     )
 
 

@@ -57,6 +57,12 @@ DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
 # The held-out evaluations without gradients (the correction's λ search, text and VLM) run the head on label
 # positions only, this many tokens at a time: their logits are EVAL_CHUNK_TOKENS × vocab, whatever the length.
 EVAL_CHUNK_TOKENS = 256
+# A streamed pass of the original keeps its hidden states on the GPU between blocks up to this many bytes, and in
+# CPU RAM past it (the λ search, emloc_engine.stages.correction.evaluation; the anchor chunks,
+# emloc_engine.stages.training.anchor_chunks); the planner counts the same threshold.
+HIDDEN_OFFLOAD = 2**30
+# The anchor pass runs a chunk's examples together in groups of at most this many padded tokens.
+ANCHOR_GROUP_TOKENS = 4096
 RUNTIME_LABEL = "CUDA context & allocator"
 
 
@@ -79,6 +85,10 @@ class PlannerConstants:
 
     cuda_context_bytes: int = 512 * 1024**2  # CUDA 12 context + cuBLAS/cuDNN handles on an H100/H200
     allocator_slack: float = 0.03  # caching-allocator rounding and fragmentation, fraction of tensors
+    # cuBLAS's workspace, which torch takes from the caching allocator, so max_memory_allocated counts it: 32 MiB
+    # on Hopper and newer (4096 KiB × 8), 8.1 MiB before (torch's CublasHandlePool). Counted in the streamed
+    # passes' predictions, whose terms are otherwise exact; the calibrated resident stages absorb it.
+    cublas_workspace_bytes: int = 32 * 1024**2
     infer_act_h: float = 4.0  # residual, norm out (fp32 + bf16), attention out
     infer_act_i: float = 3.0  # gate, up, act(gate)·up
     infer_act_qkv: float = 2.0  # q, k, v (+ rotary copies)
@@ -190,7 +200,14 @@ class PlanConfig:
     anchor_linears: bool = field(default=False, metadata={
         "help": "Anchors at every linear layer (--anchor linears) instead of every block: offsets of every "
                 "linear's output width per token on the GPU."})
-    eval_batches: int = field(default=16, metadata={"help": "Held-out sequences per λ candidate."})
+    eval_batches: int = field(default=16, metadata={"help": "Held-out batches per λ candidate, at most."})
+    train_eval_batches: int = field(default=32, metadata={
+        "help": "Eval micro-batches of the training stage, at most (their anchors are one more chunk)."})
+    eval_batch_size: int = field(default=1, metadata={
+        "help": "Held-out sequences per batch of the λ search (the correction's eval_batch_size)."})
+    eval_sequences: int | None = field(default=None, metadata={
+        "help": "Held-out sequences the data has, when known; None = the worst case up to "
+                "eval_batches × eval_batch_size (a streamed λ search keeps them on the GPU up to 1 GiB)."})
     lambda_candidates: int = field(default=5, metadata={"help": "Number of λ values tried."})
     min_ratio: float = field(default=0.05, metadata={"help": "Smallest ρ considered."})
     max_ratio: float = field(default=0.9, metadata={"help": "Largest ρ considered."})
@@ -215,7 +232,7 @@ class PlanConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("context_length", "batch_size", "lora_rank", "calibration_samples", "calibration_batch",
-                     "train_steps", "eval_batches", "lambda_candidates", "num_gpus"):
+                     "train_steps", "eval_batches", "train_eval_batches", "eval_batch_size", "lambda_candidates", "num_gpus"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)}).")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
@@ -652,10 +669,15 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: 
     if not cfg.auto_lambda:
         return one_module
     if streamed:
-        tokens = cfg.lambda_candidates * cfg.eval_batches * cfg.context_length
-        passed = ps.streamed_pass_peak(facts, cfg, "correct", sequences=cfg.eval_batches,
-                                       variants=cfg.lambda_candidates, head=True,
-                                       extra=[("adapter", n_lora * c.lora_param_bytes)],
+        most = cfg.eval_batches * cfg.eval_batch_size
+        sequences = min(most, cfg.eval_sequences) if cfg.eval_sequences is not None else most
+        tokens = cfg.lambda_candidates * sequences * cfg.context_length
+        # the loss runs the head on EVAL_CHUNK_TOKENS label positions at a time (hidden_loss_sum): bf16 + fp32 + log-softmax
+        logits = int(min(cfg.context_length, EVAL_CHUNK_TOKENS) * facts.vocab_size * c.eval_logits_bytes)
+        passed = ps.streamed_pass_peak(facts, cfg, "correct", sequences=sequences,
+                                       variants=cfg.lambda_candidates, batch=min(cfg.eval_batch_size, sequences),
+                                       head_logits=logits, extra=[], adapter=True,
+                                       known_sequences=cfg.eval_sequences is not None,
                                        seconds=seconds + ps.pass_seconds(facts, cfg, tokens), ram_bytes=ram)
         return passed if passed.peak_bytes >= one_module.peak_bytes else replace(one_module,
                                                                                  est_seconds=passed.est_seconds)
@@ -698,8 +720,12 @@ def export_peak(facts: ModelFacts, cfg: PlanConfig, streamed: bool = False, budg
     if streamed and on_gpu:
         seconds += passes * ps.pass_seconds(facts, cfg, ps.EXPORT_PROMPT_TOKENS)
         ram = ps.stage_ram(facts, cfg, "export", ratio=1.0, streamed=True)
-        return ps.streamed_pass_peak(facts, cfg, "export", sequences=4, variants=ps.EXPORT_VARIANTS, head=True,
-                                     extra=[], seconds=seconds, ram_bytes=ram)
+        # one prompt per batch; its logits as bf16, then fp32 (model.logits(h).float()) before going to the CPU
+        logits = ps.EXPORT_PROMPT_LENGTH * facts.vocab_size * (compute_bytes(facts, cfg) + 4)
+        return ps.streamed_pass_peak(facts, cfg, "export", sequences=ps.EXPORT_PROMPTS, variants=ps.EXPORT_VARIANTS,
+                                     batch=1, head_logits=logits, extra=[], adapter=True, merged_variants=True,
+                                     known_sequences=True, seq_tokens=ps.EXPORT_PROMPT_LENGTH, seconds=seconds,
+                                     ram_bytes=ram)
     seconds += passes * ps.stored_weights_bytes(facts) / c.disk_bytes_per_s
     room = budget_bytes if budget_bytes is not None else (cfg.gpu_total_bytes or 0)
     place = verify_placement(facts.num_parameters, facts.dtype_bytes, on_gpu=on_gpu, free_bytes=room,

@@ -114,7 +114,7 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
     Raises:
         ConfigError: no example has a token with a loss.
     """
-    from emloc_engine.run.planning import EVAL_CHUNK_TOKENS
+    from emloc_engine.run.planning import EVAL_CHUNK_TOKENS, HIDDEN_OFFLOAD
     from emloc_engine.stages.training.trainer import hidden_loss_sum
     from emloc_engine.weights.streamed import StreamedModel, Variant
 
@@ -134,7 +134,7 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
         totals[v] += float(hidden_loss_sum(model.skeleton, hidden, batches[c][2].to(device), chunk_tokens=EVAL_CHUNK_TOKENS))
 
     try:
-        model.run(ids, variants, finish, offload=device.type == "cuda" and hidden_bytes > 2**30, on_block=on_block)
+        model.run(ids, variants, finish, offload=device.type == "cuda" and hidden_bytes > HIDDEN_OFFLOAD, on_block=on_block)
     finally:
         model.close()
     return [t / n_tokens for t in totals], n_tokens

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from emloc_engine.core.errors import ConfigError
+from emloc_engine.run.planning import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
 from emloc_engine.stages.training.anchoring import (
     Anchors,
     anchor_points,
@@ -99,7 +100,7 @@ def streamed_offsets(
     where: str,
     device: torch.device,
     dtype: torch.dtype,
-    max_tokens: int = 4096,
+    max_tokens: int = ANCHOR_GROUP_TOKENS,
     cache: PinnedBlocks | None = None,
 ) -> Anchors:
     """Offsets of ``examples[indices]`` with the original streamed from ``model_dir``, one pass.
@@ -131,7 +132,7 @@ def streamed_offsets(
         hidden_bytes = variants * sum(len(examples[i].input_ids) for g in groups for i in g) * embed.shape[-1]
         # Between blocks the chunk's hidden states stay on the device (1/L of its offsets) unless
         # they pass 1 GiB; then they wait in (pinned) CPU memory, one group on the device at a time.
-        offload = device.type == "cuda" and hidden_bytes * embed.element_size() > 2**30
+        offload = device.type == "cuda" and hidden_bytes * embed.element_size() > HIDDEN_OFFLOAD
         chunks = original.embed([[examples[i].input_ids for i in g] for g in groups], variants, offload)
         last = original.num_blocks - 1
         for b, layer, _ in original.layers():
