@@ -44,6 +44,7 @@ when streamed, the merge's largest tensor in fp32 three times and a CPU verifica
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -246,15 +247,7 @@ def streamed_pass_peak(
     ]
     parts = block_phase if sum(p[1] for p in block_phase) >= sum(p[1] for p in head_phase) else head_phase
     stage = _stage(name, [*parts, *extra, ("cuBLAS workspace", cublas_workspace(cfg))], cfg, seconds)
-    return StagePeak(
-        stage.name,
-        stage.peak_bytes,
-        stage.parts,
-        stage.est_seconds,
-        device=stage.device,
-        ram_bytes=ram_bytes + (total if offloaded else 0),
-        streamed=True,
-    )
+    return dataclasses.replace(stage, ram_bytes=ram_bytes + (total if offloaded else 0), streamed=True)
 
 
 def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:
@@ -371,15 +364,7 @@ def streamed_anchor_peak(
         ("cuBLAS workspace", cublas_workspace(cfg)),
     ]
     stage = _stage("train", parts, cfg, seconds)
-    return StagePeak(
-        stage.name,
-        stage.peak_bytes,
-        stage.parts,
-        stage.est_seconds,
-        device=stage.device,
-        ram_bytes=ram,
-        streamed=True,
-    )
+    return dataclasses.replace(stage, ram_bytes=ram, streamed=True)
 
 
 def stage_ram(
