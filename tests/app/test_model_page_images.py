@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from emloc_app.pages.model_page import COL_ARCH, COL_HERE, COL_KIND, ModelTable
-from emloc_app.state import WizardState
-from emloc_app.wizard import EmlocWizard, Page
+from emloc_app.wizard import Page
 from emloc_engine.catalog.model_folders import add_model_folder
-from tests.app.fakes import machine
+from tests.app.test_model_page_single_file import model_page_wizard
 from tests.tiny_models import build_tiny_model
 from tests.tiny_pipelines import build_tiny_pipeline
 
@@ -28,14 +27,7 @@ def test_the_model_page_lists_an_image_pipeline_and_leads_to_the_photos_page(qtb
         {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(2)}, unet / "flux1-dev.safetensors"
     )
     add_model_folder(unet)
-    state = WizardState(machine=machine(gpus=(), backend="cpu"), gpu_index=None)
-    wizard = EmlocWizard(state=state)
-    qtbot.addWidget(wizard)
-    wizard.setStartId(int(Page.Model))
-    wizard.restart()
-    wizard.show()
-    page = wizard.model_page
-    qtbot.waitUntil(lambda: not page.busy("scan") and page.table_model.rowCount() >= 4, timeout=60_000)
+    wizard, state, page = model_page_wizard(qtbot, min_rows=4)
     rows = {r.name: r for r in page.table_model.rows}
     single = rows["unet/flux1-dev.safetensors"]
     assert (

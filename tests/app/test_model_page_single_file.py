@@ -35,7 +35,8 @@ def single_file_of(pipeline: Path, out: Path) -> Path:
     return out
 
 
-def _model_page(qtbot, hub: Path):  # type: ignore[no-untyped-def]
+def model_page_wizard(qtbot, min_rows: int = 3):  # type: ignore[no-untyped-def]
+    """The wizard opened on the Model page (a CPU machine), once the catalog lists ``min_rows`` models."""
     state = WizardState(machine=machine(gpus=(), backend="cpu"), gpu_index=None)
     wizard = EmlocWizard(state=state)
     qtbot.addWidget(wizard)
@@ -43,7 +44,7 @@ def _model_page(qtbot, hub: Path):  # type: ignore[no-untyped-def]
     wizard.restart()
     wizard.show()
     page = wizard.model_page
-    qtbot.waitUntil(lambda: not page.busy("scan") and page.table_model.rowCount() >= 3, timeout=60_000)
+    qtbot.waitUntil(lambda: not page.busy("scan") and page.table_model.rowCount() >= min_rows, timeout=60_000)
     return wizard, state, page
 
 
@@ -53,7 +54,7 @@ def test_a_single_file_is_chosen_with_a_same_family_pipeline(qtbot, tmp_path: Pa
     sdxl = build_tiny_pipeline("sdxl", hub)
     single = single_file_of(flux, tmp_path / "unet" / "my-flux.safetensors")
     add_model_folder(tmp_path / "unet")
-    wizard, state, page = _model_page(qtbot, hub)
+    wizard, state, page = model_page_wizard(qtbot)
     rows = {r.name: r for r in page.table_model.rows}
     row = rows["unet/my-flux.safetensors"]
     assert row.kind == "single-file" and row.usable and "choose its pipeline folder" in row.badge
