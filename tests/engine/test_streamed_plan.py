@@ -12,6 +12,7 @@ one block's adapter on the device at a time, the code and the planner share the 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import weakref
 from dataclasses import replace
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks.make_random_model import model_config
 from emloc_engine.catalog.model_facts import reference_facts
 from emloc_engine.run import plan_streaming as ps
 from emloc_engine.run.planning import (
@@ -146,7 +148,7 @@ def test_the_plan_record_has_the_predicted_max_memory_allocated(tmp_path: Path) 
 
     folder = tmp_path / "llama3-8b"
     folder.mkdir()
-    (folder / "config.json").write_text(__import__("json").dumps(_llama3_config()))
+    (folder / "config.json").write_text(json.dumps(model_config("llama3-8b")))  # the GPU run's shapes
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hi"}\n')
     gpu = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, GIB)
@@ -167,24 +169,6 @@ def test_the_plan_record_has_the_predicted_max_memory_allocated(tmp_path: Path) 
         assert rec.predicted_allocated_gib[s.name] < rec.predicted_peaks_gib[s.name]  # no CUDA context in it
     unknown, _ = plan_memory_for(cfg, machine)
     assert unknown.stage("correct").peak_bytes > known.stage("correct").peak_bytes  # the worst case
-
-
-def _llama3_config() -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-    }
 
 
 # -- CPU: the facts the terms rest on, on a tiny model ------------------------------------------------
