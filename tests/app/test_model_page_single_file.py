@@ -24,6 +24,7 @@ from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import NULL_PROGRESS
 from tests.app.fakes import machine
+from tests.app.test_image_wizard import _next
 from tests.tiny_pipelines import build_tiny_pipeline, write_subject_images
 
 
@@ -144,14 +145,6 @@ def test_the_plan_page_builds_and_plans_the_run_of_a_single_file(qtbot, tmp_path
         run_dir=tmp_path / "run3",
     )
     assert ImagePlanPage(folder_state).run_config().config_dir is None
-
-
-def _next(qtbot, wizard: EmlocWizard, expected: Page, timeout: int = 60_000) -> None:  # type: ignore[no-untyped-def]
-    page = wizard.currentPage()
-    qtbot.waitUntil(lambda: page.isComplete() or not page.banner.isHidden(), timeout=timeout)
-    assert page.banner.isHidden(), page.banner.title.text() + " " + page.banner.message.text()
-    wizard.next()
-    assert wizard.currentId() == expected, f"went to {wizard.currentId()}, not {expected!r}"
 
 
 def test_a_single_file_trains_from_the_app(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
