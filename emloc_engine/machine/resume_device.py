@@ -41,20 +41,18 @@ def resume_device(recorded: str, machine: MachineInfo) -> ResumeDevice:
     """The device to resume a run recorded with ``recorded`` on ``machine`` (module docstring)."""
     has_cuda = machine.backend in ("cuda", "rocm") and bool(machine.gpus)
     if recorded.startswith("cuda:"):
-        try:
-            wanted = int(recorded.split(":", 1)[1])
-        except ValueError:
-            wanted = -1
-        if has_cuda and any(g.index == wanted for g in machine.gpus):
+        number = recorded.split(":", 1)[1]
+        was = f"GPU {number}" if number.isdigit() else f"device {recorded!r}"
+        if has_cuda and number.isdigit() and any(g.index == int(number) for g in machine.gpus):
             return ResumeDevice(recorded)
         if has_cuda:
             best = max(machine.gpus, key=lambda g: (g.free_bytes, -g.index))
             return ResumeDevice(
                 f"cuda:{best.index}",
-                f"The run was on GPU {wanted}, which this machine does not have; "
+                f"The run was on {was}, which this machine does not have; "
                 f"it continues on GPU {best.index} ({best.name}).",
             )
-        return _without_cuda(f"GPU {wanted}", machine)
+        return _without_cuda(was, machine)
     if recorded == "cuda" and not has_cuda:
         return _without_cuda("a CUDA GPU", machine)
     if recorded == "mps" and machine.backend != "mps":

@@ -46,3 +46,8 @@ def test_a_cuda_run_on_a_mac_continues_on_apples_gpu_and_an_mps_run_elsewhere_on
     assert (resume_device("mps", mac).device, resume_device("mps", mac).note) == ("mps", "")
     moved = resume_device("mps", _machine(_gpu(0, 20)))
     assert moved.device == "auto" and "MPS" in moved.note
+
+
+def test_an_unreadable_recorded_device_is_named_as_recorded_and_replaced() -> None:
+    where = resume_device("cuda:x", _machine(_gpu(0, 20)))
+    assert where.device == "cuda:0" and "device 'cuda:x'" in where.note
