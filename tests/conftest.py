@@ -41,6 +41,16 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     yield home
 
 
+@pytest.fixture(autouse=True)
+def _plenty_of_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner sees 1 TiB free where a run folder goes: plans of real model shapes (Llama-3-8B facts need
+    ~45 GiB for a run folder) must not depend on how full the test machine's disk is. Tests of the disk check
+    give ``disk_free_bytes`` themselves."""
+    from emloc_engine.run import plan
+
+    monkeypatch.setattr(plan, "_disk_free", lambda run_dir: 2**40)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session-wide HF-cache-shaped folder with one tiny model of each family (read-only by convention)."""
