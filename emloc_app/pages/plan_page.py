@@ -48,7 +48,7 @@ from emloc_engine.core.errors import ConfigError, EngineError
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
 from emloc_engine.run.options import command_line, option, option_help
-from emloc_engine.run.plan import plan_run, sample_tokens_of
+from emloc_engine.run.plan import eval_sequences_of, plan_run, sample_tokens_of
 from emloc_engine.run.planning import MemoryPlan
 from emloc_engine.run.presets import PRESETS, apply_preset, matching_preset
 from emloc_engine.stages.correction.options import CorrectionOptions
@@ -493,7 +493,7 @@ class PlanPage(BasePage):
         try:
             cfg = self.run_config()
             machine = self.state.machine
-            plan = plan_run(cfg, machine, sample_tokens=self.sample_tokens(cfg))
+            plan = self.plan_of(cfg, machine)
         except EngineError as exc:  # InsufficientMemory lists the settings that would fit
             self.run_plan = None
             self.bars.set_rows([], None)
@@ -507,6 +507,12 @@ class PlanPage(BasePage):
         self.presets.set_current(matching_preset(cfg))
         self._update_estimates(cfg)
         self.completeChanged.emit()
+
+    def plan_of(self, cfg: RunConfig, machine: MachineInfo | None) -> RunPlan:
+        """``plan_run`` with what the Data page's report knows: the typical sample length (the time
+        estimate) and the held-out sequences (the λ search's memory)."""
+        return plan_run(cfg, machine, sample_tokens=self.sample_tokens(cfg),
+                        eval_sequences=eval_sequences_of(self.state.data_report))
 
     def sample_tokens(self, cfg: RunConfig) -> int | None:
         """The inspected data's typical padded sample length (the Data page's report), for the time estimate."""
@@ -522,7 +528,7 @@ class PlanPage(BasePage):
         for p in PRESETS:
             try:
                 preset_cfg = apply_preset(cfg, p.name)
-                plan = plan_run(preset_cfg, self.state.machine, sample_tokens=self.sample_tokens(preset_cfg))
+                plan = self.plan_of(preset_cfg, self.state.machine)
             except EngineError:
                 self.presets.set_estimate(p.name, PresetEstimate(None, None, None, False))
                 continue

@@ -152,6 +152,16 @@ def machine_budget_bytes(machine: MachineInfo, device: str = "auto", gpus: int =
     return default_budget_bytes(gpu.free_bytes, gpu_memory_bytes)
 
 
+def eval_sequences_of(report: DataReport | None) -> int | None:
+    """Held-out sequences of the inspected data at most (the report's ``n_eval``), for the λ search's plan.
+
+    The report counts after plain text is cut into ``max_length`` pieces and before packing, which only
+    ever joins sequences: the run holds this many or fewer. None without a report (the planner then
+    plans for the worst case, every eval batch full).
+    """
+    return report.n_eval if report is not None else None
+
+
 def sample_tokens_of(report: DataReport | None, batch_size: int) -> int | None:
     """Tokens of a typical padded training sample of the inspected data, for the time estimate.
 
@@ -198,7 +208,7 @@ def plan_config_for(cfg: RunConfig, machine: MachineInfo, budget_bytes: int | No
         train_steps=cfg.train.steps, auto_lambda=cfg.correct.lambda_ is None, num_gpus=cfg.gpus,
         anchored=cfg.train.anchor != "none", anchor_linears=cfg.train.anchor == "linears",
         eval_batches=cfg.correct.max_eval_batches, eval_batch_size=cfg.correct.eval_batch_size,
-        train_eval_batches=cfg.train.max_eval_batches,
+        train_eval_batches=cfg.train.max_eval_batches, lambda_candidates=len(cfg.correct.lambda_grid),
         eval_sequences=eval_sequences, target_modules=cfg.train.target_modules,
         dense_modules=cfg.emulator.dense_patterns, grad_checkpointing=cfg.train.grad_checkpointing,
         gpu_name=gpu.name if gpu is not None else None, sample_tokens=sample_tokens)

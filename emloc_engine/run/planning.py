@@ -51,6 +51,8 @@ from emloc_engine.catalog.model_facts import ModelFacts
 from emloc_engine.core.dtypes import ELEMENT_BYTES
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.stages.correction.options import CorrectionOptions
+from emloc_engine.stages.training.options import TrainOptions
 
 GIB = 1024**3
 DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
@@ -200,15 +202,18 @@ class PlanConfig:
     anchor_linears: bool = field(default=False, metadata={
         "help": "Anchors at every linear layer (--anchor linears) instead of every block: offsets of every "
                 "linear's output width per token on the GPU."})
-    eval_batches: int = field(default=16, metadata={"help": "Held-out batches per λ candidate, at most."})
-    train_eval_batches: int = field(default=32, metadata={
+    # The stages' own defaults (settings defined once): `emloc plan` plans what `emloc run` runs.
+    eval_batches: int = field(default=CorrectionOptions().max_eval_batches, metadata={
+        "help": "Held-out batches per λ candidate, at most (the correction's max_eval_batches)."})
+    train_eval_batches: int = field(default=TrainOptions().max_eval_batches, metadata={
         "help": "Eval micro-batches of the training stage, at most (their anchors are one more chunk)."})
-    eval_batch_size: int = field(default=1, metadata={
+    eval_batch_size: int = field(default=CorrectionOptions().eval_batch_size, metadata={
         "help": "Held-out sequences per batch of the λ search (the correction's eval_batch_size)."})
     eval_sequences: int | None = field(default=None, metadata={
         "help": "Held-out sequences the data has, when known; None = the worst case up to "
                 "eval_batches × eval_batch_size (a streamed λ search keeps them on the GPU up to 1 GiB)."})
-    lambda_candidates: int = field(default=5, metadata={"help": "Number of λ values tried."})
+    lambda_candidates: int = field(default=len(CorrectionOptions().lambda_grid), metadata={
+        "help": "Number of λ values tried (the correction's grid)."})
     min_ratio: float = field(default=0.05, metadata={"help": "Smallest ρ considered."})
     max_ratio: float = field(default=0.9, metadata={"help": "Largest ρ considered."})
     ratio_step: float = field(default=0.05, metadata={"help": "Grid step of the ρ search."})

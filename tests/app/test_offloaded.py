@@ -114,3 +114,20 @@ def test_try_page_export_keeps_to_the_runs_budget_and_streams_as_the_run_did(  #
     page = open_try_page(qtbot, state)
     cfg = page.export_config("merged")
     assert cfg.memory_budget_bytes == int(15.5 * GIB) and cfg.stream_original
+
+
+def test_plan_page_plans_the_lambda_search_for_the_datas_held_out_sequences(
+    qtbot,  # type: ignore[no-untyped-def]
+    fake: FakeEngine,
+    state: WizardState,
+) -> None:
+    """The Data page's report knows the held-out count: every plan the page makes (its own and the three
+    presets') uses it instead of the worst case, so a streamed λ search is not over-priced."""
+    assert state.data_report is not None and state.data_report.n_eval == 12
+    plan_page(qtbot, state)
+    assert fake.planned and {cfg.eval_sequences for cfg in fake.planned} == {12}
+    assert {cfg.eval_batches for cfg in fake.planned} == {64}  # the correction's own default, not a planner copy
+    fake.planned.clear()
+    state.data_report = None  # not inspected: the planner takes the worst case
+    plan_page(qtbot, state)
+    assert fake.planned and {cfg.eval_sequences for cfg in fake.planned} == {None}

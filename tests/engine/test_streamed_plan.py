@@ -238,3 +238,26 @@ def test_the_lambda_search_has_one_blocks_adapter_on_the_device_at_a_time(
     model.run([[[5, 6, 7, 8]], [[9, 10, 11]]], variants, lambda v, c, h: None)
     model.close()
     assert most[0] == per_block and live[0] == 0
+
+
+def test_emloc_plan_plans_what_emloc_run_runs() -> None:
+    """`emloc plan` builds a bare PlanConfig; `emloc run` translates its RunConfig: the λ search's and the
+    training eval's batch counts must agree (they were 16 vs 64 held-out batches)."""
+    import argparse
+
+    from emloc_engine.cli.commands.plan import plan_config_of as cli_plan_config
+    from emloc_engine.cli.commands.plan import register
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.machine.hardware import MachineInfo
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.plan import plan_config_for
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    cli = cli_plan_config(parser.parse_args(["plan", "Llama-3-8B", "--gpu-gib", "24"]))
+    run = plan_config_for(RunConfig(model_dir=Path("m"), data=DataConfig(path=Path("d.jsonl")),
+                                    run_dir=Path("r")),
+                          MachineInfo(gpus=(), backend="cpu", cpu_cores=2, ram_total_bytes=2**35,
+                                      ram_available_bytes=2**34))
+    for name in ("eval_batches", "train_eval_batches", "eval_batch_size", "lambda_candidates"):
+        assert getattr(cli, name) == getattr(run, name), name
