@@ -1,4 +1,5 @@
-"""Remembered choices: recent runs, last model and dataset, window geometry (``QSettings``).
+"""Remembered choices: recent runs, last model (with a single file's pipeline folder) and dataset, window
+geometry (``QSettings``).
 
 The settings file lives in ``paths.app_data_dir()/settings.ini`` (INI format), so tests that set
 ``EMLOC_HOME`` never see the user's settings.
@@ -34,6 +35,15 @@ class Settings:
     @last_model.setter
     def last_model(self, value: Path | None) -> None:
         self._qs.setValue("last/model", str(value) if value else "")
+
+    @property
+    def last_config_dir(self) -> Path | None:
+        """The pipeline folder chosen for the last model when that is a single-file image checkpoint."""
+        return self._path("last/config_dir")
+
+    @last_config_dir.setter
+    def last_config_dir(self, value: Path | None) -> None:
+        self._qs.setValue("last/config_dir", str(value) if value else "")
 
     @property
     def last_data(self) -> Path | None:

@@ -90,6 +90,10 @@ class EmlocWizard(QWizard):
         self.setStartId(int(Page.Runs if self.runs_page.has_runs() else Page.Machine))
         if self.state.model_dir is None and self.settings.last_model is not None:
             self.state.model_dir = self.settings.last_model
+            config_dir = self.settings.last_config_dir  # a single file's pipeline folder, preselected again
+            if self.state.config_dir is None and config_dir is not None and config_dir.is_dir() \
+                    and self.state.model_dir.is_file():
+                self.state.config_dir = config_dir
         if self.state.data_path is None and self.settings.last_data is not None \
                 and self.settings.last_data.exists():
             self.state.data_path = self.settings.last_data
@@ -113,6 +117,7 @@ class EmlocWizard(QWizard):
         s = self.state
         if pid in (Page.Data, Page.ImageData) and s.model_dir is not None:
             self.settings.last_model = s.model_dir
+            self.settings.last_config_dir = s.config_dir
         if pid == Page.Plan and s.data_path is not None:
             self.settings.last_data = s.data_path
         if pid == Page.Run and s.run_dir is not None:

@@ -52,6 +52,7 @@ from emloc_engine.core.dtypes import dtype_name
 from emloc_engine.core.errors import EngineError
 from emloc_engine.core.trust import remote_code_problem
 from emloc_engine.images.pipeline_index import (
+    SINGLE_FILE_PREFIX,
     is_pipeline_folder,
     pipeline_problems,
     single_file_family,
@@ -275,13 +276,32 @@ def _diffusers_problem() -> list[str]:
 
 def _weight_facts(folder: Path) -> tuple[int | None, str | None]:
     """Parameters and dominant dtype of a pipeline component's weights (headers only, no variants)."""
+    return _count_entries(e for f in weight_files(folder) for e in read_safetensors_header(f).tensors.values())
+
+
+def _single_file_facts(file: Path) -> tuple[int | None, str | None]:
+    """Parameters and dominant dtype of a single-file checkpoint's denoiser (header only).
+
+    An all-in-one checkpoint (SDXL's, with the VAE and text encoders beside the UNet) keeps the denoiser
+    under ``model.diffusion_model.``: only those tensors count, as a pipeline folder's row counts its
+    denoiser alone. Unreadable: ``(None, None)`` (the row still lists the file).
+    """
+    try:
+        tensors = read_safetensors_header(file).tensors
+    except Exception:  # a malformed header must not stop the scan
+        return None, None
+    denoiser = [e for k, e in tensors.items() if k.startswith(SINGLE_FILE_PREFIX)]
+    return _count_entries(denoiser or tensors.values())
+
+
+def _count_entries(entries: Iterable[Any]) -> tuple[int | None, str | None]:
+    """Total elements and the dtype holding most of them, of safetensors header entries."""
     counts: dict[str, int] = {}
-    for f in weight_files(folder):
-        for entry in read_safetensors_header(f).tensors.values():
-            n = 1
-            for d in entry.get("shape", ()):
-                n *= int(d)
-            counts[str(entry.get("dtype"))] = counts.get(str(entry.get("dtype")), 0) + n
+    for entry in entries:
+        n = 1
+        for d in entry.get("shape", ()):
+            n *= int(d)
+        counts[str(entry.get("dtype"))] = counts.get(str(entry.get("dtype")), 0) + n
     if not counts:
         return None, None
     return sum(counts.values()), dtype_name(max(counts, key=lambda k: counts[k]))
@@ -338,7 +358,8 @@ def single_file_infos(folder: Path, *, source: str = "folder", label: str | None
         why = (f"single-file {kind} checkpoint: it needs a diffusers {kind} pipeline folder for its configs, "
                "text encoders and VAE; choose one for it on the app's Model page, or train it with "
                f"`emloc image {f} PHOTOS --config-dir PIPELINE`")
-        out.append(ModelInfo(f"{label}/{f.name}" if label else f.name, f, revision, source, kind, None, None, None,
+        params, dtype = _single_file_facts(f)
+        out.append(ModelInfo(f"{label}/{f.name}" if label else f.name, f, revision, source, kind, None, params, dtype,
                              size, False, why, kind="image"))
     return out
 

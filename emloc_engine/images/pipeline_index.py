@@ -168,7 +168,7 @@ SINGLE_FILE_KEYS: dict[Kind, tuple[str, ...]] = {
 ``single_file_utils.CHECKPOINT_KEY_NAMES``), with or without the ``model.diffusion_model.`` prefix;
 for FLUX.1 also a key of its diffusers-format transformer saved as one file (``single_transformer_blocks``
 is FLUX's alone), which ``from_single_file`` reads as well."""
-_PREFIX = "model.diffusion_model."
+SINGLE_FILE_PREFIX = "model.diffusion_model."  # the denoiser's keys in an all-in-one checkpoint
 
 
 def single_file_family(file: Path) -> Kind | None:
@@ -184,7 +184,7 @@ def single_file_family(file: Path) -> Kind | None:
     except EngineError:
         return None
     for kind, keys in SINGLE_FILE_KEYS.items():
-        if any(k in names or _PREFIX + k in names for k in keys):
+        if any(k in names or SINGLE_FILE_PREFIX + k in names for k in keys):
             return kind
     return None
 
@@ -293,6 +293,7 @@ __all__ = [
     "MODEL_INDEX",
     "PIPELINE_CLASSES",
     "SINGLE_FILE_KEYS",
+    "SINGLE_FILE_PREFIX",
     "Kind",
     "PipelineIndex",
     "check_config_dir",

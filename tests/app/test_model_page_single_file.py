@@ -110,6 +110,33 @@ def test_a_single_file_is_chosen_with_a_same_family_pipeline(qtbot, tmp_path: Pa
     qtbot.waitUntil(lambda: not wizard.image_data_page.busy() and not page.busy(), timeout=60_000)
 
 
+def test_a_single_files_pipeline_folder_is_remembered_across_restarts(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The app restarted: the last model is selected again and, for a single file, the folder chosen by hand
+    for it too (not the first pipeline offered); a folder deleted since is not brought back."""
+    hub = Path(os.environ["HF_HUB_CACHE"])
+    flux = build_tiny_pipeline("flux", hub)
+    single = single_file_of(flux, tmp_path / "unet" / "my-flux.safetensors")
+    own = shutil.copytree(flux, tmp_path / "my-flux-pipeline")
+    add_model_folder(tmp_path / "unet")
+    wizard, state, page = model_page_wizard(qtbot, min_rows=2)
+    page.select_row(next(i for i, r in enumerate(page.table_model.rows) if r.path == single))
+    page.use_config_dir(own)
+    wizard.next()
+    assert state.config_dir == own
+    qtbot.waitUntil(lambda: not wizard.image_data_page.busy() and not page.busy(), timeout=60_000)
+    wizard.close()
+    wizard, state, page = model_page_wizard(qtbot, min_rows=2)  # the same settings file (EMLOC_HOME)
+    qtbot.waitUntil(lambda: page.selected() is not None and page.selected().path == single, timeout=60_000)
+    assert not page.config_row.isHidden() and page.config_dir == own and page.isComplete()
+    assert page.config_choice.currentText() == str(own)
+    wizard.close()
+    shutil.rmtree(own)
+    wizard, state, page = model_page_wizard(qtbot, min_rows=2)
+    qtbot.waitUntil(lambda: page.selected() is not None and page.selected().path == single, timeout=60_000)
+    assert state.config_dir is None and page.config_dir == flux  # the offered pipeline again
+    wizard.close()
+
+
 def test_the_plan_page_builds_and_plans_the_run_of_a_single_file(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     flux = build_tiny_pipeline("flux", tmp_path / "hub")
     sdxl = build_tiny_pipeline("sdxl", tmp_path / "hub")

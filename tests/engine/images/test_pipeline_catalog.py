@@ -138,6 +138,26 @@ def test_single_file_checkpoints_are_listed_with_the_command_that_trains_them(tm
     )
 
 
+def test_a_single_files_params_and_dtype_count_its_denoiser_alone(tmp_path: Path) -> None:
+    """An all-in-one SDXL checkpoint carries its VAE and text encoders beside the UNet: the Params and Dtype
+    columns count the denoiser (``model.diffusion_model.``) as a pipeline folder's row does."""
+    unet = tmp_path / "models" / "checkpoints"
+    unet.mkdir(parents=True)
+    save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+               torch.zeros(8, 16, dtype=torch.float16),
+               "model.diffusion_model.out.2.bias": torch.zeros(4, dtype=torch.float16),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(1000, dtype=torch.float32),
+               "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(500)},
+              unet / "sdxl.safetensors")
+    save_file({"single_transformer_blocks.0.proj_mlp.weight": torch.zeros(6, 5, dtype=torch.bfloat16)},
+              unet / "flux-diffusers.safetensors")  # a diffusers-format transformer: every tensor counts
+    add_model_folder(tmp_path / "models")
+    found = {m.name: m for m in scan_models(tmp_path / "no-cache", include_stores=False).models}
+    sdxl, flux = found["models/checkpoints/sdxl.safetensors"], found["models/checkpoints/flux-diffusers.safetensors"]
+    assert (sdxl.model_type, sdxl.num_parameters, sdxl.dtype) == ("sdxl", 8 * 16 + 4, "float16")
+    assert (flux.model_type, flux.num_parameters, flux.dtype) == ("flux", 30, "bfloat16")
+
+
 def test_a_single_files_pipeline_folder_is_checked_for_its_family(hub: Path, tmp_path: Path) -> None:
     flux, sdxl = _snapshot(hub, "flux"), _snapshot(hub, "sdxl")
     original = tmp_path / "flux1-dev.safetensors"  # BFL naming, as ComfyUI keeps it
