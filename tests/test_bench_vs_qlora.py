@@ -54,7 +54,10 @@ def test_summary_mean_and_spread_over_seeds(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_qlora_and_emloc_rows_from_real_runs(tmp_path: Path) -> None:
-    model_dir = build_tiny_model("llama", tmp_path / "hub")
+    # width 64, not the tiny default 32: bitsandbytes 0.50.2 repacks 4-bit weights for CPUs with AVX512-BF16
+    # at inference and fails on a layer narrower than its 64-element block ("shape '[32, 0]' is invalid"),
+    # so the default width passed on some machines and failed on others
+    model_dir = build_tiny_model("llama", tmp_path / "hub", hidden_size=64, intermediate_size=128)
     train, test = _text_files(tmp_path)
     settings = bq.BenchSettings(calib_samples=4, max_length=32, steps=3, batch_size=2, warmup_steps=0,
                                 device="cpu", eval_batch_size=4, lr=5e-3)
