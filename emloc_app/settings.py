@@ -16,6 +16,20 @@ from emloc_engine.core import paths
 MAX_RECENT = 10
 
 
+class _PathSetting:
+    """A path kept under ``key`` of the settings file: a ``Path`` or None (stored as "" when unset)."""
+
+    def __init__(self, key: str, doc: str) -> None:
+        self.key, self.__doc__ = key, doc
+
+    def __get__(self, settings: Settings, owner: type | None = None) -> Path | None:
+        value = settings._qs.value(self.key, "")
+        return Path(str(value)) if value else None
+
+    def __set__(self, settings: Settings, value: Path | None) -> None:
+        settings._qs.setValue(self.key, str(value) if value else "")
+
+
 class Settings:
     """Typed access to the app's ``QSettings``."""
 
@@ -24,34 +38,10 @@ class Settings:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._qs = QSettings(str(path), QSettings.Format.IniFormat)
 
-    def _path(self, key: str) -> Path | None:
-        value = self._qs.value(key, "")
-        return Path(str(value)) if value else None
-
-    @property
-    def last_model(self) -> Path | None:
-        return self._path("last/model")
-
-    @last_model.setter
-    def last_model(self, value: Path | None) -> None:
-        self._qs.setValue("last/model", str(value) if value else "")
-
-    @property
-    def last_config_dir(self) -> Path | None:
-        """The pipeline folder chosen for the last model when that is a single-file image checkpoint."""
-        return self._path("last/config_dir")
-
-    @last_config_dir.setter
-    def last_config_dir(self, value: Path | None) -> None:
-        self._qs.setValue("last/config_dir", str(value) if value else "")
-
-    @property
-    def last_data(self) -> Path | None:
-        return self._path("last/data")
-
-    @last_data.setter
-    def last_data(self, value: Path | None) -> None:
-        self._qs.setValue("last/data", str(value) if value else "")
+    last_model = _PathSetting("last/model", "The model chosen last (a folder, a GGUF or a single file).")
+    last_config_dir = _PathSetting("last/config_dir", "The pipeline folder chosen for the last model when that is a "
+                                   "single-file image checkpoint.")
+    last_data = _PathSetting("last/data", "The data chosen last.")
 
     def recent_runs(self) -> list[Path]:
         """Run folders, most recent first (only those that still exist)."""
