@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.images.dataset import CaptionMode
@@ -108,4 +109,10 @@ class ImageRunResult:
     finished: bool
 
 
-__all__ = ["RESOLUTIONS", "RUN_SETTINGS", "ImageRunConfig", "ImageRunResult"]
+def run_default(name: str) -> Any:
+    """:class:`ImageRunConfig`'s default of field ``name`` (the image planner and ``emloc plan`` take theirs from here)."""
+    return ImageRunConfig.__dataclass_fields__[name].default
+
+
+__all__ = ["RESOLUTIONS", "RUN_SETTINGS", "ImageRunConfig", "ImageRunResult", "run_default"]
+

@@ -46,7 +46,7 @@ from typing import Any
 
 from emloc_engine.core.errors import ConfigError, InsufficientMemory
 from emloc_engine.core.ranks import rank_for_ratio
-from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig
+from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig, run_default
 from emloc_engine.images.pipeline_index import check_config_dir
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
 from emloc_engine.images.plan_shapes import (
@@ -68,16 +68,18 @@ LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments
 
 @dataclass(frozen=True)
 class ImagePlanConfig:
-    """What to plan: the pipeline, the budget and the training settings that change memory."""
+    """What to plan: the pipeline, the budget and the training settings that change memory (their defaults
+    are the run's own, :func:`~emloc_engine.images.options.run_default`: the plan plans what ``emloc image`` runs)."""
 
     pipeline_dir: Path = field(metadata={"help": "Diffusers pipeline folder (FLUX.1, SD3, SDXL)."})
     budget_bytes: int = field(metadata={"help": "GPU memory every stage must keep to."})
-    resolution: int = field(default=1024, metadata={"help": "Training resolution in pixels."})
-    batch_size: int = field(default=1, metadata={"help": "Images per step."})
-    rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    resolution: int = field(default=run_default("resolution"), metadata={"help": "Training resolution in pixels."})
+    batch_size: int = field(default=run_default("batch_size"), metadata={"help": "Images per step."})
+    rank: int = field(default=run_default("rank"), metadata={"help": "LoRA rank."})
     ratio: float | None = field(default=None, metadata={"help": "Evaluate this ρ (default: choose)."})
     device: str = field(default="cuda", metadata={"help": "cuda (bf16, checkpointing) or cpu (fp32)."})
-    max_sequence_length: int = field(default=512, metadata={"help": "T5 tokens per caption (FLUX, SD3)."})
+    max_sequence_length: int = field(default=run_default("max_sequence_length"), metadata={
+        "help": "T5 tokens per caption (FLUX, SD3)."})
     calibration_batch: int = field(default=4, metadata={"help": "Calibration forwards per batch."})
     eval_batch: int = field(default=4, metadata={"help": "Held-out forwards per batch (correction)."})
     stats_budget_gib: float = field(default=4.0, metadata={"help": "Statistics per calibration pass."})

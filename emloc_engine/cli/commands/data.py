@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.data import FORMATS, DataConfig, DataReport, inspect_dataset, load_tokenizer
-from emloc_engine.data.config import parse_column_map
+from emloc_engine.data.config import TRAIN_ON, parse_column_map
 
 HELP = "Validate a dataset and preview rendered samples, before any model is loaded."
 WARNINGS_SHOWN_PER_KIND = 20
@@ -25,18 +25,19 @@ PREVIEW_CHARS = 600
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The options that describe a dataset (shared with ``emloc train``/``emloc run`` if they want them)."""
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+    d = DataConfig(path=Path("-"))  # the defaults are DataConfig's own
+    p.add_argument("--format", default=d.format, choices=("auto", *FORMATS),
                    help="Record format (default: detected from the first record).")
     p.add_argument("--map", dest="column_map", action="append", default=[], metavar="FIELD=COLUMN",
                    help="Read FIELD (messages, conversations, instruction, input, output, system, prompt, "
                         "completion, text) from COLUMN; repeat for several.")
-    p.add_argument("--max-length", type=int, default=512, help="Tokens per sample (longer ones are truncated).")
-    p.add_argument("--train-on", choices=("assistant", "all"), default="assistant",
+    p.add_argument("--max-length", type=int, default=d.max_length, help="Tokens per sample (longer ones are truncated).")
+    p.add_argument("--train-on", choices=TRAIN_ON, default=d.train_on,
                    help="Loss on assistant replies / completions only (default) or on every token.")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="Share of samples held out for eval.")
+    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="Share of samples held out for eval.")
     p.add_argument("--packing", action="store_true", help="Pack several samples per sequence.")
-    p.add_argument("--max-samples", type=int, default=None, help="Read at most this many samples.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the train/eval split.")
+    p.add_argument("--max-samples", type=int, default=d.max_samples, help="Read at most this many samples.")
+    p.add_argument("--seed", type=int, default=d.seed, help="Seed of the train/eval split.")
 
 
 def data_config_from_args(path: str, args: argparse.Namespace) -> DataConfig:

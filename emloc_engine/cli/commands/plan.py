@@ -33,6 +33,8 @@ def _gib(flag: str) -> Any:
 
 def register(sub: Any) -> None:
     from emloc_engine.data.config import DataConfig
+    from emloc_engine.images.options import run_default
+    from emloc_engine.run.planning import PlanConfig
     from emloc_engine.stages.training.options import TrainOptions
 
     run, data = TrainOptions(), DataConfig(path=Path("-"))
@@ -55,8 +57,9 @@ def register(sub: Any) -> None:
     p.add_argument("--anchor-ram-gib", type=float, default=run.anchor_ram_gib,
                    help="Most RAM the anchors take at once (emloc run --anchor-ram-gib).")
     p.add_argument("--ratio", type=float, default=None, help="Evaluate this keep-ratio ρ instead of choosing one.")
-    p.add_argument("--margin", type=float, default=0.1, help="Safety margin, a fraction of the budget.")
-    p.add_argument("--resolution", type=int, default=1024,
+    p.add_argument("--margin", type=float, default=PlanConfig().safety_margin,
+                   help="Safety margin, a fraction of the budget.")
+    p.add_argument("--resolution", type=int, default=run_default("resolution"),
                    help="Image models: the training resolution of the detailed plan (the table shows 512-1024).")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     p.set_defaults(func=run_plan)
