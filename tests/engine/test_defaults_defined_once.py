@@ -31,3 +31,12 @@ def test_the_image_planner_plans_the_image_runs_defaults() -> None:
     plan = ImagePlanConfig(Path("pipeline"), 2**30)
     for name in ("resolution", "batch_size", "rank", "max_sequence_length"):
         assert getattr(plan, name) == run[name], name
+
+
+def test_emloc_image_export_defaults_are_the_export_configs() -> None:
+    from emloc_engine.images.export import ImageExportConfig
+
+    args = build_parser().parse_args(["image-export", "RUN"])
+    fields = {f.name: f.default for f in dataclasses.fields(ImageExportConfig)}
+    assert tuple(args.format.split(",")) == fields["formats"]
+    assert (args.name, args.device, not args.no_verify) == (fields["name"], fields["device"], fields["verify"])

@@ -25,10 +25,8 @@ MANIFEST = "image_run.json"
 def register(sub: Any) -> None:
     from emloc_engine.images.export import IMAGE_EXPORT_FORMATS, ImageExportConfig
 
-    helps = {
-        f: ImageExportConfig.__dataclass_fields__[f].metadata["help"]
-        for f in ("formats", "name", "verify", "device")
-    }
+    fields: dict[str, Any] = ImageExportConfig.__dataclass_fields__  # help texts and defaults are the config's own
+    helps = {f: fields[f].metadata["help"] for f in ("formats", "name", "verify", "device")}
     p: argparse.ArgumentParser = sub.add_parser("image-export", help=HELP, description=HELP)
     p.add_argument("run_dir", metavar="RUN", help="The image run folder.")
     p.add_argument("--model", help="The original pipeline folder (default: the one the run recorded).")
@@ -38,11 +36,11 @@ def register(sub: Any) -> None:
     p.add_argument("--out", help="Output folder (default: RUN/export).")
     p.add_argument(
         "--format",
-        default="diffusers,kohya",
+        default=",".join(fields["formats"].default),
         help=f"{helps['formats']} Comma-separated, from {', '.join(IMAGE_EXPORT_FORMATS)}.",
     )
-    p.add_argument("--name", default="", help=helps["name"])
-    p.add_argument("--device", default="auto", help=helps["device"])
+    p.add_argument("--name", default=fields["name"].default, help=helps["name"])
+    p.add_argument("--device", default=fields["device"].default, help=helps["device"])
     p.add_argument(
         "--no-verify", action="store_true", help="Do not load the outputs back. " + helps["verify"]
     )
