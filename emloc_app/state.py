@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from emloc_engine.catalog.discovery import ModelInfo
 from emloc_engine.data import DataConfig, DataReport
+from emloc_engine.data.config import DATA_DEFAULTS
 from emloc_engine.images.dataset import ImageFolderReport
 from emloc_engine.machine.hardware import GpuInfo, MachineInfo
 from emloc_engine.run.config import RunConfig
@@ -59,11 +60,11 @@ class WizardState:
     # configs, text encoders and VAE (ImageRunConfig.config_dir); None for folders
     # 3 Data
     data_path: Path | None = None
-    data_format: str = "auto"
-    max_length: int = 512
-    eval_fraction: float = 0.1
-    train_on: str = "assistant"
-    max_samples: int | None = None
+    data_format: str = DATA_DEFAULTS.format  # the data settings start at the engine's defaults
+    max_length: int = DATA_DEFAULTS.max_length
+    eval_fraction: float = DATA_DEFAULTS.eval_fraction
+    train_on: str = DATA_DEFAULTS.train_on
+    max_samples: int | None = DATA_DEFAULTS.max_samples
     data_config: DataConfig | None = None
     data_report: DataReport | None = None
     # 3 Data, image models (a diffusers pipeline): a folder of photos with .txt captions beside them

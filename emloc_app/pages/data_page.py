@@ -35,6 +35,7 @@ from emloc_app.state import WizardState
 from emloc_engine.catalog.demo import DemoDataset, ensure_demo_datasets
 from emloc_engine.core.progress import Progress
 from emloc_engine.data import FORMATS, DataConfig, DataReport, inspect_dataset, load_tokenizer
+from emloc_engine.data.config import DATA_DEFAULTS
 from emloc_engine.data.images import is_image_dataset, preview_images
 from emloc_engine.data.vision_pipeline import inspect_vision_dataset
 from emloc_engine.run.options import option_help
@@ -53,11 +54,11 @@ class DataSettings:
     The path comes from the file box, the split's seed is the run's (``RunConfig.seed``, on the Plan page).
     """
 
-    format: str = "auto"
-    max_length: int = 512
-    eval_fraction: float = 0.1
-    train_on: str = "assistant"
-    max_samples: int | None = None
+    format: str = DATA_DEFAULTS.format
+    max_length: int = DATA_DEFAULTS.max_length
+    eval_fraction: float = DATA_DEFAULTS.eval_fraction
+    train_on: str = DATA_DEFAULTS.train_on
+    max_samples: int | None = DATA_DEFAULTS.max_samples
 
     def config(self, path: Path, seed: int = 0) -> DataConfig:
         """The engine's config for ``path`` (raises ``ConfigError`` for bad settings)."""

@@ -87,6 +87,10 @@ class DataConfig:
         return canonical
 
 
+DATA_DEFAULTS = DataConfig(path=Path("-"))
+"""Every setting's default (the path is a placeholder): the CLI's options and the app's widgets start from these."""
+
+
 def parse_column_map(items: list[str] | tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """``["prompt=question", "completion=answer"]`` -> ``(("prompt", "question"), ...)``.
 

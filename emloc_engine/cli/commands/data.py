@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.data import FORMATS, DataConfig, DataReport, inspect_dataset, load_tokenizer
-from emloc_engine.data.config import TRAIN_ON, parse_column_map
+from emloc_engine.data.config import DATA_DEFAULTS, TRAIN_ON, parse_column_map
 
 HELP = "Validate a dataset and preview rendered samples, before any model is loaded."
 WARNINGS_SHOWN_PER_KIND = 20
@@ -25,7 +25,7 @@ PREVIEW_CHARS = 600
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """The options that describe a dataset (shared with ``emloc train``/``emloc run`` if they want them)."""
-    d = DataConfig(path=Path("-"))  # the defaults are DataConfig's own
+    d = DATA_DEFAULTS
     p.add_argument("--format", default=d.format, choices=("auto", *FORMATS),
                    help="Record format (default: detected from the first record).")
     p.add_argument("--map", dest="column_map", action="append", default=[], metavar="FIELD=COLUMN",

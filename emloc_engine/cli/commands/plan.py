@@ -32,12 +32,12 @@ def _gib(flag: str) -> Any:
 
 
 def register(sub: Any) -> None:
-    from emloc_engine.data.config import DataConfig
+    from emloc_engine.data.config import DATA_DEFAULTS
     from emloc_engine.images.options import run_default
     from emloc_engine.run.planning import PlanConfig
     from emloc_engine.stages.training.options import TrainOptions
 
-    run, data = TrainOptions(), DataConfig(path=Path("-"))
+    run, data = TrainOptions(), DATA_DEFAULTS
     p: argparse.ArgumentParser = sub.add_parser("plan", help=HELP, description=HELP)
     p.add_argument("model", help="Model folder, cached repo id, 'demo', or a reference name such as Llama-3-8B.")
     p.add_argument("--budget-gib", type=_gib("--budget-gib"), default=None,
