@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import QObject, Qt, Signal, Slot
 from PySide6.QtWidgets import (
@@ -29,8 +30,10 @@ from emloc_app.state import STAGE_ORDER, STAGE_TITLES, WizardState
 from emloc_app.widgets.loss_plot import LossPlot
 from emloc_app.widgets.stage_list import StageList
 from emloc_engine.core.errors import EngineError
+from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.progress import Progress
 from emloc_engine.run.manifest import Manifest, read_manifest
+from emloc_engine.run.metrics_log import read_metrics
 from emloc_engine.run.orchestrator import SLICES, RunResult, run_stages
 from emloc_engine.run.plan import RunPlan
 
@@ -141,11 +144,14 @@ class RunPage(BasePage):
         self.events.started.connect(self._stage_started)
         self.events.finished.connect(self._stage_finished)
         self.current: str | None = None  # the stage running now
+        self._shown_run: Path | None = None  # the run folder whose stages, log and curves the page shows
 
     # -- state in ----------------------------------------------------------------------------
     def initializePage(self) -> None:
         self.banner.clear()
         run_dir = self.state.run_dir
+        if run_dir != self._shown_run and not self.busy("run"):
+            self._show_run(run_dir)
         self.where.setText((f"Run folder: {run_dir}" if run_dir else "")
                            + (f"<br>{self.state.device_note}" if self.state.device_note else ""))
         plan = self.state.run_plan
@@ -165,6 +171,14 @@ class RunPage(BasePage):
         self.start_button.setEnabled(True)
         self.resume_button.setEnabled(True)
         self.completeChanged.emit()
+
+    def _show_run(self, run_dir: Path | None) -> None:
+        """Another run than the one on the page (a second run opened in one session): its stages start
+        pending, the log is emptied, and the charts show what the run recorded instead of the last run's."""
+        self._shown_run = run_dir
+        self.stages.set_stages([(n, STAGE_TITLES[n]) for n in STAGE_ORDER])
+        self.log_pane.clear()
+        self.plot.show_recorded(read_metrics(RunLayout(run_dir).tensorboard) if run_dir is not None else {})
 
     def _manifest(self) -> Manifest | None:
         """The run folder's manifest (what the orchestrator recorded), None for a new folder."""

@@ -9,6 +9,8 @@ metrics arrive.
 - :meth:`LossPlot.configure` says where the run computes: on the CPU the GPU-memory chart is hidden
   (the trainer logs 0 there), on a GPU it draws the budget as a dashed line.
 - The charts take their colours from the widget's palette, so they follow a light or dark theme.
+- A step logged again (a resumed run repeats the steps after its checkpoint) replaces the later points;
+  :meth:`LossPlot.show_recorded` draws a reopened run's recorded curves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 
 from PySide6.QtCharts import QChart, QChartView, QLineSeries, QScatterSeries, QValueAxis, QXYSeries
-from PySide6.QtCore import QEvent, QMargins, Qt
+from PySide6.QtCore import QEvent, QMargins, QPointF, Qt
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
 from PySide6.QtWidgets import QGridLayout, QSizePolicy, QWidget
 
@@ -210,10 +212,27 @@ class LossPlot(QWidget):
         if found is None:
             return
         chart, s = found
-        self.points.setdefault(name, []).append((step, value))
+        points = self.points.setdefault(name, [])
+        if points and points[-1][0] >= step and not name.startswith("gpu/"):
+            # a resumed run logs the steps after its checkpoint again: the later values win (as in read_metrics)
+            points[:] = [(x, y) for x, y in points if x < step]
+            s.replace([QPointF(x, y) for x, y in points])
+        points.append((step, value))
         chart.add_point(s, float(step), float(value))
         if chart is self.charts["mem"]:
             self._draw_budget()
+
+    def show_recorded(self, curves: dict[str, list[tuple[int, float]]]) -> None:
+        """Draw a run's recorded curves (:func:`~emloc_engine.run.metrics_log.read_metrics`) on cleared charts.
+
+        GPU memory is left out: several stages logged it against their own steps (blocks, then optimizer
+        steps), which read back as one mixed series; the chart fills again as a resumed run reports.
+        """
+        self.clear()
+        for name, points in curves.items():
+            if not name.startswith("gpu/"):
+                for step, value in points:
+                    self.on_metric(name, value, step)
 
     def clear(self) -> None:
         for s in self.series.values():

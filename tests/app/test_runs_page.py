@@ -197,3 +197,30 @@ def test_a_text_run_recorded_on_a_gpu_this_machine_lacks_is_planned_for_one_it_h
     assert "GPU 4" in planned.device_note and "GPU 1 (NVIDIA RTX A6000)" in planned.device_note
     kept = runs_page.plan_again(planned.plan.config, RecordingProgress())
     assert kept.plan.config.device == "cuda:1" and kept.device_note == ""
+
+
+def test_a_second_run_opened_on_the_run_page_shows_its_own_stages_log_and_curves(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Reopening another run in one session: the Run page forgets the last run's stages, log and plots and draws
+    the run's recorded curves; a resumed run's repeated steps replace the later points (no line going back)."""
+    from emloc_app.pages.run_page import RunPage
+
+    a = make_run(tmp_path / "a", finished=False, losses=[2.0, 1.5, 1.2], created="2026-11-01T10:00:00+00:00")
+    b = make_run(tmp_path / "b", finished=True, losses=[2.2, 1.9], created="2026-11-02T10:00:00+00:00")
+    state = WizardState(run_dir=a)
+    page = RunPage(state)
+    qtbot.addWidget(page)
+    page.initializePage()
+    assert page.plot.points["train/loss"] == [(1, 2.0), (2, 1.5), (3, 1.2)]
+    assert page.stages.state("emulator") == "skipped" and page.resume_button.isVisibleTo(page)
+    page.stages.finish("train", "failed")
+    page.append_log("a line of run a")
+    state.run_dir, state.done = b, set()
+    page.initializePage()
+    assert page.plot.points["train/loss"] == [(1, 2.2), (2, 1.9)]
+    assert page.plot.series["train loss"].count() == 2
+    assert page.stages.state("train") == "skipped" and page.log_pane.toPlainText() == ""
+    assert not page.resume_button.isVisibleTo(page)  # b is finished; a's failed stage is gone
+    page.plot.on_metric("train/loss", 1.7, 2)  # resumed from step 1's checkpoint: step 2 logged again
+    assert page.plot.points["train/loss"] == [(1, 2.2), (2, 1.7)] and page.plot.series["train loss"].count() == 2
+    page.initializePage()  # the same run again (back from the Try page): nothing is redrawn
+    assert page.plot.points["train/loss"] == [(1, 2.2), (2, 1.7)]
