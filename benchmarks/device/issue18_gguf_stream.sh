@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU benchmark (issue 18): emulator build straight from a Q4_K_M-sized GGUF of Llama-3-8B shapes (streamed) vs
-# convert-then-build. PATHS=streamed or PATHS=convert (one per call: each takes minutes); the JSON in $OUT
-# accumulates when the same --work is kept between calls on a warm machine (else each call rebuilds the GGUF).
+# convert-then-build. Three calls on one warm machine: PATHS=write (the 5.2 GB GGUF), then PATHS=streamed, then
+# PATHS=convert; the JSON in $OUT accumulates (each step saved as it ends) when /tmp is kept between calls.
+# 2026-12-06, H100: write + streamed in one call did not finish in 400 s.
 set -u
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev4/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EMLOC_HOME=/tmp/emloc-home HF_HUB_OFFLINE=1
