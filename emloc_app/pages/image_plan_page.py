@@ -25,7 +25,11 @@ from emloc_app.state import WizardState
 from emloc_engine.core import paths
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import Progress
-from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig  # RESOLUTIONS: tests offer smaller ones
+from emloc_engine.images.options import (  # RESOLUTIONS: tests offer smaller ones
+    RESOLUTIONS,
+    ImageRunConfig,
+    run_default,
+)
 
 if TYPE_CHECKING:
     from emloc_engine.images.planning import ImagePlan
@@ -40,7 +44,7 @@ _FIELD = {f.name: f for f in dataclasses.fields(ImageRunConfig)}
 
 def _default(name: str) -> int:
     """An ``ImageRunConfig`` field's default (the engine's, never re-declared here)."""
-    return int(_FIELD[name].default)  # type: ignore[arg-type]
+    return int(run_default(name))
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ class ImagePlanPage(BasePage):
         self.batch.valueChanged.connect(self._changed)
 
     # -- the config ----------------------------------------------------------------------------
-    def run_config(self, ratio: float = 0.5) -> ImageRunConfig:
+    def run_config(self, ratio: float | None = None) -> ImageRunConfig:
         """The run's settings from this page and the earlier ones (ρ: the plan's, once planned)."""
         s = self.state
         if s.model_dir is None or s.image_folder is None:
@@ -148,20 +152,20 @@ class ImagePlanPage(BasePage):
             config_dir=s.config_dir if single is not None else None,
             images_dir=Path(s.image_folder),
             run_dir=s.run_dir,
-            trigger=self.trigger.text().strip() or str(_FIELD["trigger"].default),
+            trigger=self.trigger.text().strip() or str(run_default("trigger")),
             prompt=s.image_prompt,
             resolution=int(self.resolution.currentData()),
             batch_size=self.batch.value(),
             steps=self.steps.value(),
             sample_every=self.sample_every.value(),
-            ratio=ratio,
+            ratio=run_default("ratio") if ratio is None else ratio,
             device=s.device,
         )
 
     # -- planning ------------------------------------------------------------------------------
     def initializePage(self) -> None:
         self.banner.clear()
-        self.trigger.setText(self.state.image_trigger or str(_FIELD["trigger"].default))
+        self.trigger.setText(self.state.image_trigger or str(run_default("trigger")))
         self.start_plan()
 
     def _changed(self) -> None:
