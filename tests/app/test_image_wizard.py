@@ -26,14 +26,9 @@ def _next(qtbot, wizard: EmlocWizard, expected: Page, timeout: int = 60_000) -> 
     assert wizard.currentId() == expected, f"went to {wizard.currentId()}, not {expected!r}"
 
 
-@pytest.mark.slow
-def test_image_run_through_the_wizard(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(image_plan_page, "RESOLUTIONS", (32, 64))
-    pipeline = build_tiny_pipeline("sdxl", tmp_path / "hub", weight_std=0.1)
-    photos = tmp_path / "photos"
-    write_subject_images(photos, 4, size=(256, 256))
-    cpu = machine(gpus=(), backend="cpu")
-    state = WizardState(machine=cpu, gpu_index=None, model_dir=pipeline, run_dir=tmp_path / "run")
+def photos_to_plan(qtbot, state: WizardState, photos: Path) -> EmlocWizard:  # type: ignore[no-untyped-def]
+    """The wizard opened on the photos page (the state the Model page leaves for an image model), ``photos``
+    scanned with the trigger "zxq", and moved on to the image Plan page."""
     wizard = EmlocWizard(state=state)
     qtbot.addWidget(wizard)
     wizard.setStartId(int(Page.ImageData))
@@ -45,6 +40,18 @@ def test_image_run_through_the_wizard(qtbot, tmp_path: Path, monkeypatch) -> Non
     data.folder.setText(str(photos))
     data.start_scan()
     _next(qtbot, wizard, Page.ImagePlan)
+    return wizard
+
+
+@pytest.mark.slow
+def test_image_run_through_the_wizard(qtbot, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(image_plan_page, "RESOLUTIONS", (32, 64))
+    pipeline = build_tiny_pipeline("sdxl", tmp_path / "hub", weight_std=0.1)
+    photos = tmp_path / "photos"
+    write_subject_images(photos, 4, size=(256, 256))
+    cpu = machine(gpus=(), backend="cpu")
+    state = WizardState(machine=cpu, gpu_index=None, model_dir=pipeline, run_dir=tmp_path / "run")
+    wizard = photos_to_plan(qtbot, state, photos)
     # Plan: resolution 32, batch 2, a short training; the plan's words name the peak and ρ
     plan = wizard.image_plan_page
     assert plan.trigger.text() == "zxq"

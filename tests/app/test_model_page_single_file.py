@@ -24,7 +24,7 @@ from emloc_engine.catalog.model_folders import add_model_folder
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.progress import NULL_PROGRESS
 from tests.app.fakes import machine
-from tests.app.test_image_wizard import _next
+from tests.app.test_image_wizard import _next, photos_to_plan
 from tests.tiny_pipelines import build_tiny_pipeline, write_subject_images
 
 
@@ -189,17 +189,7 @@ def test_a_single_file_trains_from_the_app(qtbot, tmp_path: Path, monkeypatch) -
         config_dir=flux,
         run_dir=tmp_path / "run",
     )
-    wizard = EmlocWizard(state=state)
-    qtbot.addWidget(wizard)
-    wizard.setStartId(int(Page.ImageData))
-    wizard.restart()
-    wizard.show()
-    assert state.is_image_model
-    data = wizard.image_data_page
-    data.trigger.setText("zxq")
-    data.folder.setText(str(photos))
-    data.start_scan()
-    _next(qtbot, wizard, Page.ImagePlan)
+    wizard = photos_to_plan(qtbot, state, photos)
     plan = wizard.image_plan_page
     plan.resolution.setCurrentIndex(0)
     plan.steps.setValue(2)
