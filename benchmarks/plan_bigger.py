@@ -36,7 +36,7 @@ from emloc_engine.run.planning import MemoryPlan, model_facts, plan_memory
 
 GIB = 2**30
 BEGIN, END = "<!-- bigger-plans:begin -->", "<!-- bigger-plans:end -->"
-DATE = "2026-12-05"
+DATE = "2026-12-06"
 # (preset, card name for the time model, card GiB, RAM GiB, extra emloc plan options)
 CASES: tuple[tuple[str, str, float, float, tuple[str, ...]], ...] = (
     ("qwen2.5-32b", "RTX 4090", 24, 64, ()),

@@ -65,7 +65,13 @@ def render() -> str:
             "safety margin is taken from the predicted part of the budget, not from the CUDA context that "
             "inference pays too: before both changes the planner found no ρ for Qwen2.5-0.5B at its own "
             "inference peak and chose 0.70 for Llama-3-8B. When nothing fits, the app offers the whole GPU as the "
-            "budget.", "", END]
+            "budget.", "",
+            "Since 2026-12-06 the table plans the λ search the run performs (the correction's 64 held-out "
+            "sequences; the planner had its own default of 16). At its own inference peak Qwen2.5-0.5B then no "
+            "longer fits: its λ search streams the original and keeps every held-out sequence × candidate's hidden "
+            "states on the GPU (0.6 GiB at 1,024 tokens), because the offload threshold is a fixed 1 GiB "
+            "(`HIDDEN_OFFLOAD`) rather than a share of the budget. `--max-eval-batches 16` fits it again "
+            "(ρ 0.45); a threshold that follows the budget is the fix, not made yet.", "", END]
     return "\n".join(out)
 
 
