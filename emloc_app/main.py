@@ -101,6 +101,55 @@ def no_display() -> str | None:
             f"Everything also runs without a window: {_command('emloc')} --help")
 
 
+X11_SOCKETS = Path("/tmp/.X11-unix")
+"""Where a local X server listens (``X<N>`` for display ``:N``; also in the abstract namespace on Linux)."""
+
+
+def display_unreachable() -> str | None:
+    """On Linux/X11, explain a ``DISPLAY`` whose X server does not answer (an SSH session's forwarding that
+    ended, a virtual display not started) instead of Qt's abort ("could not connect to display").
+    None when it answers, when the form of ``DISPLAY`` is not one we know, on Wayland, or when
+    ``QT_QPA_PLATFORM`` chooses the platform."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM"):
+        return None
+    display = os.environ.get("DISPLAY")
+    if not display or os.environ.get("WAYLAND_DISPLAY") or x_server_answers(display):
+        return None
+    return (f"EMLoC Studio opens a window, but no X server answers on DISPLAY={display} (an SSH session "
+            "whose forwarding ended, or a virtual display that is not running?).\n"
+            "  Start it in a desktop session, over `ssh -X`, or on a virtual display: "
+            f"xvfb-run {_command('emloc-studio')}\n"
+            f"Everything also runs without a window: {_command('emloc')} --help")
+
+
+def x_server_answers(display: str) -> bool:
+    """Whether an X server accepts a connection for ``display`` (``:N``, ``unix:N`` or ``HOST:N``, with an
+    optional ``.screen``): the local socket (its path, then the abstract name) or TCP port 6000 + N."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?P<host>[^:]*):(?P<num>\d+)(\.\d+)?", display)
+    if m is None or "/" in m["host"]:
+        return True  # another form (XQuartz's launchd socket path on macOS...): Qt decides
+    host, num = m["host"], int(m["num"])
+    if host in ("", "unix"):
+        path = str(X11_SOCKETS / f"X{num}")
+        for address in (path, "\0" + path):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                try:
+                    sock.connect(address)
+                    return True
+                except OSError:
+                    continue
+        return False
+    try:
+        socket.create_connection((host, 6000 + num), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 _X11_PACKAGES = ("libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-render-util0 "
                  "libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0")
 
@@ -145,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.smoke_test:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    hint = no_display() or missing_x11_library()
+    hint = no_display() or display_unreachable() or missing_x11_library()
     if hint:
         print(hint, file=sys.stderr)
         return 2

@@ -167,3 +167,31 @@ def test_no_display_is_explained_before_qt_aborts(monkeypatch, capsys) -> None: 
     monkeypatch.delenv("DISPLAY")
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
     assert app_main.no_display() is None
+
+
+def test_a_display_without_an_x_server_is_explained(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """DISPLAY is set but nothing answers there (the forwarding of an ended SSH session, Xvfb not started):
+    Qt would abort with "could not connect to display"; we name the display and the way on. A local display
+    whose socket accepts connections passes."""
+    import socket
+
+    from emloc_app import main as app_main
+
+    for var in ("QT_QPA_PLATFORM", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(app_main.sys, "platform", "linux")
+    monkeypatch.setattr(app_main, "X11_SOCKETS", tmp_path)
+    monkeypatch.setenv("DISPLAY", ":93")  # no socket X93 in tmp_path, nor in the abstract namespace
+    assert app_main.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no X server answers on DISPLAY=:93" in err and "xvfb-run " in err and "emloc --help" in err
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:  # an X server's listening socket
+        server.bind(str(tmp_path / "X93"))
+        server.listen(1)
+        assert app_main.x_server_answers(":93.0") and app_main.display_unreachable() is None
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("refused")))
+    assert not app_main.x_server_answers("localhost:10.0")
+    assert app_main.x_server_answers("/private/tmp/com.apple.launchd.x/org.xquartz:0")  # not ours to judge
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    monkeypatch.setenv("DISPLAY", ":93")
+    assert app_main.display_unreachable() is None
