@@ -29,3 +29,20 @@ def test_the_steps_accumulate_in_one_json(tmp_path: Path) -> None:
     result = streamed["streamed"]
     assert "error" not in result, result.get("error")
     assert 0 < result["peak_rss_gib"] < 4
+
+
+def test_the_results_section_is_rendered_from_the_recorded_json() -> None:
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_gguf_stream
+
+    recorded = BENCH.parent / "results" / "gguf-stream-h100-2026-12-06.json"
+    report = json.loads(recorded.read_text())
+    source = "benchmarks/results/gguf-stream-h100-2026-12-06.json"  # as the render command names it
+    text = bench_gguf_stream.render(report, source)
+    assert text.startswith(bench_gguf_stream.BEGIN) and text.endswith(bench_gguf_stream.END)
+    assert f"| {report['streamed']['total_s']:.0f} s |" in text
+    assert f"{report['convert']['peak_rss_gib']:.1f} GiB" in text
+    report["convert"]["total_s"] = 2 * report["streamed"]["total_s"]
+    assert "2.00× as fast end to end" in bench_gguf_stream.render(report, source)
+    # RESULTS.md holds exactly what the recorded JSON renders to
+    assert text in (BENCH.parent / "RESULTS.md").read_text()
