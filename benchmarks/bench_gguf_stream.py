@@ -295,7 +295,9 @@ def render(report: dict[str, Any], source: str) -> str:
         f"{cv['total_s'] / st['total_s']:.2f}× as fast end to end. Its build is slower "
         f"({st['build_s']:.0f} vs {cv['build_s']:.0f} s) because every weight is dequantized by gguf's numpy code "
         "on the CPU during the build (the conversion paid that before); its view step is mostly reading the file's "
-        "metadata (128k tokens and merges) with gguf's reader, several times. "
+        "metadata (128k tokens and merges) with gguf's reader, four times (since this run the engine reads the "
+        "header with its own reader, `emloc_engine/weights/gguf_header.py`; transformers still reads it twice for "
+        "the config and the tokenizer). "
         f"*{st['dequantized_total_gib']:.1f} GiB handed out* counts each weight once as fp32 scratch plus its bf16 "
         "copy (6 bytes a weight): every weight is dequantized once, the embedding table twice (bf16 and fp32).",
         END,

@@ -375,10 +375,8 @@ def gguf_model_info(path: Path, *, name: str | None = None, source: str = "folde
         return ModelInfo(name, path, revision, source, None, None, None, None, 0, False,
                          f"GGUF file missing ({exc})", needs_conversion=True)
     try:
-        from gguf import GGUFReader
-
         info = inspect_gguf(path)
-        n_params = sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+        n_params = info.n_params
         quant = "/".join(t for t in info.tensor_types if t not in ("F32",)) or "F32"
         return ModelInfo(name, path, revision, source, info.architecture, info.name, n_params, quant, size,
                          info.supported, None if info.supported else info.reason, needs_conversion=True)

@@ -33,6 +33,7 @@ from emloc_engine.core.atomic import atomic_dir, write_json_atomic
 from emloc_engine.core.errors import ConfigError, EngineError, ModelNotFound, UnsupportedModel
 from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.core.version import __version__
+from emloc_engine.weights.gguf_header import gguf_header_of
 from emloc_engine.weights.gguf_view import GGUF_VIEW_MARKER, VIEW_DTYPES
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class GgufInfo:
         size_bytes: file size.
         supported: whether the installed transformers can dequantise this architecture.
         reason: why not, when ``supported`` is False.
+        n_params: weights in the file (every tensor's elements).
     """
 
     path: Path
@@ -65,6 +67,7 @@ class GgufInfo:
     size_bytes: int
     supported: bool
     reason: str | None
+    n_params: int = 0
 
 
 def supported_gguf_architectures() -> frozenset[str]:
@@ -83,14 +86,6 @@ def supported_gguf_architectures() -> frozenset[str]:
     return frozenset(n for n in names if n in trainable)
 
 
-def _field_text(reader: Any, key: str) -> str | None:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value if isinstance(value, str) else str(value)
-
-
 def inspect_gguf(gguf_path: Path) -> GgufInfo:
     """Read a GGUF header: architecture, name, tensor storage types, and whether we can train it.
 
@@ -107,25 +102,17 @@ def inspect_gguf(gguf_path: Path) -> GgufInfo:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelNotFound(f"GGUF file {gguf_path} does not exist.", hint="Check the path, or pick another model.")
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(gguf_path)
-    except Exception as exc:
-        raise UnsupportedModel(
-            f"{gguf_path.name} is not a readable GGUF file ({type(exc).__name__}: {exc}).",
-            hint="Re-download the file; a partial download is the usual cause.",
-        ) from exc
-    arch = _field_text(reader, "general.architecture") or "?"
-    types = tuple(sorted({t.tensor_type.name for t in reader.tensors}))
+    header = gguf_header_of(gguf_path)
+    arch = header.text("general.architecture") or "?"
+    types = tuple(sorted({t.type_name for t in header.tensors}))
     supported = arch in supported_gguf_architectures()
     reason = None
     if not supported:
         reason = (f"the GGUF architecture '{arch}' cannot be trained "
                   f"(supported: {', '.join(sorted(supported_gguf_architectures()))})")
-    return GgufInfo(path=gguf_path, architecture=arch, name=_field_text(reader, "general.name"),
-                    n_tensors=len(reader.tensors), tensor_types=types, size_bytes=gguf_path.stat().st_size,
-                    supported=supported, reason=reason)
+    return GgufInfo(path=gguf_path, architecture=arch, name=header.text("general.name"),
+                    n_tensors=len(header.tensors), tensor_types=types, size_bytes=gguf_path.stat().st_size,
+                    supported=supported, reason=reason, n_params=sum(t.n_elements for t in header.tensors))
 
 
 def _check_paths(gguf_path: Path, out_dir: Path, dtype: str) -> None:

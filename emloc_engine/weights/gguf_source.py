@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from emloc_engine.core.errors import ModelNotFound, UnsupportedModel
+from emloc_engine.weights.gguf_header import gguf_header_of
 from emloc_engine.weights.gguf_view import GGUF_VIEW_MARKER, VIEW_DTYPES, is_gguf_view, read_view_marker
 
 log = logging.getLogger(__name__)
@@ -138,27 +139,19 @@ def _hf_name_map(arch: str, config: dict[str, Any]) -> dict[str, str]:
 @functools.lru_cache(maxsize=8)
 def _index(path: str, size: int, mtime_ns: int, config_json: str) -> tuple[str, dict[str, GgufTensor]]:
     """The file's architecture and ``{hf_name: GgufTensor}`` (cached per file version and config)."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:
-        raise UnsupportedModel(f"{Path(path).name} is not a readable GGUF file ({type(exc).__name__}: {exc}).",
-                               hint="Re-download the file; a partial download is the usual cause.") from exc
-    field = reader.fields.get("general.architecture")
-    arch = str(field.contents()) if field is not None else "?"
+    header = gguf_header_of(Path(path))
+    arch = header.text("general.architecture") or "?"
     config = json.loads(config_json)
     names = _hf_name_map(arch, config)
     out: dict[str, GgufTensor] = {}
     unknown = []
-    for t in reader.tensors:
+    for t in header.tensors:
         hf = names.get(t.name)
         if hf is None:
             if t.name not in _DERIVED:
                 unknown.append(t.name)
             continue
-        shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-        out[hf] = GgufTensor(hf, t.name, t.tensor_type.name, shape, int(t.data_offset), int(t.n_bytes))
+        out[hf] = GgufTensor(hf, t.name, t.type_name, tuple(reversed(t.shape)), t.offset, t.nbytes)
     if unknown:
         log.warning("%s: %d GGUF tensors have no Hugging Face counterpart and are not read: %s",
                     Path(path).name, len(unknown), ", ".join(unknown[:5]))
