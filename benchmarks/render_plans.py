@@ -67,11 +67,12 @@ def render() -> str:
             "inference peak and chose 0.70 for Llama-3-8B. When nothing fits, the app offers the whole GPU as the "
             "budget.", "",
             "Since 2026-12-06 the table plans the λ search the run performs (the correction's 64 held-out "
-            "sequences; the planner had its own default of 16). At its own inference peak Qwen2.5-0.5B then no "
-            "longer fits: its λ search streams the original and keeps every held-out sequence × candidate's hidden "
-            "states on the GPU (0.6 GiB at 1,024 tokens), because the offload threshold is a fixed 1 GiB "
-            "(`HIDDEN_OFFLOAD`) rather than a share of the budget. `--max-eval-batches 16` fits it again "
-            "(ρ 0.45); a threshold that follows the budget is the fix, not made yet.", "", END]
+            "sequences; the planner had its own default of 16). With the original streamed, that search keeps "
+            "every held-out sequence × candidate's hidden states on the GPU between blocks (0.6 GiB at 1,024 "
+            "tokens for Qwen2.5-0.5B) up to a 1 GiB threshold; where keeping them would not fit the budget the "
+            "plan now offloads them to RAM (`hidden_on_gpu_bytes` 0, passed to the stage; the anchor pass alike), "
+            "so Qwen2.5-0.5B fits at its own inference peak again (it did not for a few hours on 2026-12-06, "
+            "under the fixed threshold).", "", END]
     return "\n".join(out)
 
 

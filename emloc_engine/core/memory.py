@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import threading
 
+HIDDEN_OFFLOAD = 2**30
+"""A streamed pass of the original (the λ search, emloc_engine.stages.correction.evaluation; the anchor chunks,
+emloc_engine.stages.training.anchor_chunks) keeps its hidden states on the GPU between blocks up to this many
+bytes and in CPU RAM past it, unless its stage is given a smaller threshold (``hidden_on_gpu_bytes``: the planner
+gives 0 when keeping them would not fit the budget but offloading does). The planner counts the same threshold."""
+
 
 class RssSampler:
     """Samples this process's resident set size in a thread; ``peak_bytes`` is the largest seen."""

@@ -327,11 +327,13 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
     train_options = options_of(cfg.train)
     # The original does not fit the budget: every stage that uses it streams it (anchors, λ search, verification).
     stream = memory.stream_original
+    # A streamed pass whose hidden states would not fit beside the rest goes with them in RAM (the planner's choice).
     train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed,
-                        stream_original=stream)
+                        stream_original=stream, hidden_on_gpu_bytes=memory.stage("train").hidden_on_gpu_bytes)
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
-                               data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream)
+                               data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream,
+                               hidden_on_gpu_bytes=memory.stage("correct").hidden_on_gpu_bytes)
     vision: VisionPlan | None = None
     formats: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()

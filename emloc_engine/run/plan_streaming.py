@@ -9,7 +9,8 @@ measurement of Llama-3-8B shapes in 8 GiB, benchmarks/RESULTS.md):
 
 * λ search and export verification (:func:`streamed_pass_peak`): two blocks (running + prefetched), the
   embeddings and head, the hidden states of every held-out sequence × variant (on the GPU up to 1 GiB:
-  the worst case when the data's eval count is unknown), one batch's activations with the adapter hook's
+  the worst case when the data's eval count is unknown; in RAM when only that fits the budget,
+  :func:`keep_or_offload`), one batch's activations with the adapter hook's
   fp32 copies, one block's adapter (the candidates wait on the CPU); or, at the head, the last block and
   one loss chunk's logits;
 * anchored training's pass (:func:`streamed_anchor_peak`): the emulator (whose embedding the original
@@ -46,14 +47,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from emloc_engine.core.memory import HIDDEN_OFFLOAD
 from emloc_engine.run.planning import (
     ANCHOR_GROUP_TOKENS,
     EVAL_CHUNK_TOKENS,
     GIB,
     GPU_H2D_BYTES_PER_S,
-    HIDDEN_OFFLOAD,
     PlanConfig,
     Shortfall,
     StagePeak,
@@ -139,21 +141,37 @@ def cublas_workspace(cfg: PlanConfig) -> int:
     return cfg.constants.cublas_workspace_bytes if cfg.device in ("cuda", "rocm") else 0
 
 
-def hidden_on_device(total_bytes: int, batch_bytes: int) -> int:
+def hidden_on_device(total_bytes: int, batch_bytes: int, keep_bytes: int = HIDDEN_OFFLOAD) -> int:
     """Bytes of a streamed pass's hidden states on the GPU, as the code places them.
 
-    At most :data:`~emloc_engine.run.planning.HIDDEN_OFFLOAD` (1 GiB) they all stay on the GPU between
+    At most ``keep_bytes`` (the stage's ``hidden_on_gpu_bytes``; by default
+    :data:`~emloc_engine.core.memory.HIDDEN_OFFLOAD`, 1 GiB) they all stay on the GPU between
     blocks (:func:`~emloc_engine.stages.correction.evaluation.streamed_losses`,
     :func:`~emloc_engine.stages.training.anchor_chunks.streamed_offsets`); past it they wait in CPU RAM and
     one batch visits the GPU (its copy in, and the block's output, ``2 × batch_bytes``).
     """
-    return total_bytes if total_bytes <= HIDDEN_OFFLOAD else 2 * batch_bytes
+    return total_bytes if total_bytes <= keep_bytes else 2 * batch_bytes
 
 
-def worst_hidden_on_device(max_total_bytes: int, batch_bytes: int) -> int:
+def worst_hidden_on_device(max_total_bytes: int, batch_bytes: int, keep_bytes: int = HIDDEN_OFFLOAD) -> int:
     """:func:`hidden_on_device` for the worst number of sequences up to the maximum: when the maximum
     would be offloaded, a smaller set just under the threshold stays on the GPU whole."""
-    return max(hidden_on_device(max_total_bytes, batch_bytes), min(max_total_bytes, HIDDEN_OFFLOAD))
+    return max(hidden_on_device(max_total_bytes, batch_bytes, keep_bytes), min(max_total_bytes, keep_bytes))
+
+
+def keep_or_offload(limit: int | None, plan: Callable[[int], StagePeak]) -> StagePeak:
+    """A streamed stage planned with its hidden states kept on the GPU (up to the default threshold) and,
+    when that exceeds ``limit``, with every one offloaded to CPU RAM (threshold 0), whichever fits.
+
+    ``plan(keep_bytes)`` predicts the stage for a threshold. Keeping is preferred (no copies over PCIe);
+    offloading is chosen only when it is what makes the stage fit, or lowers a peak that fits neither
+    way. The chosen threshold is the stage's ``hidden_on_gpu_bytes``, which :func:`~emloc_engine.run.plan.plan_run`
+    passes to the stage that runs it."""
+    kept = plan(HIDDEN_OFFLOAD)
+    if limit is None or kept.peak_bytes <= limit:
+        return kept
+    offloaded = plan(0)
+    return offloaded if offloaded.peak_bytes < kept.peak_bytes else kept
 
 
 def layer_args_bytes(facts: ModelFacts, cfg: PlanConfig, batches: int, tokens: int | None = None) -> int:
@@ -191,6 +209,7 @@ def streamed_pass_peak(
     merged_variants: bool = False,
     known_sequences: bool = False,
     seq_tokens: int | None = None,
+    keep_bytes: int = HIDDEN_OFFLOAD,
 ) -> StagePeak:
     """GPU peak of a pass of the original streamed with the head (the λ search, the export verification).
 
@@ -206,18 +225,19 @@ def streamed_pass_peak(
     * **head**: the last block (the caller's loop still holds its tensors), the embeddings and head, the
       hidden states, and ``head_logits`` (one chunk's logits and their fp32 copies).
 
-    ``seq_tokens``: tokens per sequence (default: the context length).
+    ``seq_tokens``: tokens per sequence (default: the context length). ``keep_bytes``: the hidden states'
+    threshold (:func:`hidden_on_device`), recorded on the result as ``hidden_on_gpu_bytes``.
     """
     c, b = cfg.constants, compute_bytes(facts, cfg)
     t = seq_tokens or cfg.context_length
     block = facts.block_parameters * b
     per_seq = t * facts.hidden_size * b
     total = variants * sequences * per_seq
-    offloaded = total > HIDDEN_OFFLOAD
+    offloaded = total > keep_bytes
     on_gpu = (
-        hidden_on_device(total, batch * per_seq)
+        hidden_on_device(total, batch * per_seq, keep_bytes)
         if known_sequences
-        else worst_hidden_on_device(total, batch * per_seq)
+        else worst_hidden_on_device(total, batch * per_seq, keep_bytes)
     )
     on_gpu += layer_args_bytes(facts, cfg, math.ceil(sequences / batch), t)
     tokens = batch * t
@@ -247,7 +267,8 @@ def streamed_pass_peak(
     ]
     parts = block_phase if sum(p[1] for p in block_phase) >= sum(p[1] for p in head_phase) else head_phase
     stage = _stage(name, [*parts, *extra, ("cuBLAS workspace", cublas_workspace(cfg))], cfg, seconds)
-    return dataclasses.replace(stage, ram_bytes=ram_bytes + (total if offloaded else 0), streamed=True)
+    return dataclasses.replace(stage, ram_bytes=ram_bytes + (total if offloaded else 0), streamed=True,
+                               hidden_on_gpu_bytes=keep_bytes)
 
 
 def resident_original_peak(facts: ModelFacts, cfg: PlanConfig) -> int:
@@ -327,7 +348,7 @@ def anchor_chunk_examples(facts: ModelFacts, cfg: PlanConfig) -> int:
 
 
 def streamed_anchor_peak(
-    facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int
+    facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int, keep_bytes: int = HIDDEN_OFFLOAD
 ) -> StagePeak:
     """The anchor pass with the original streamed, as
     :func:`~emloc_engine.stages.training.anchor_chunks.streamed_offsets` holds it.
@@ -338,7 +359,8 @@ def streamed_anchor_peak(
       states on the GPU (the gradients are freed by ``zero_grad(set_to_none=True)`` before it);
     * two blocks of the original (running + prefetched);
     * the hidden states of the whole chunk (every example the cap allows) between blocks, on the GPU up
-      to 1 GiB, else one group's copy;
+      to ``keep_bytes`` (1 GiB unless the plan offloads them to fit), else one group's copy (and the chunk's
+      hidden states in RAM);
     * one group (up to :data:`~emloc_engine.run.planning.ANCHOR_GROUP_TOKENS` padded tokens): a block's
       activations, with the original block's output held while the emulator's block runs (with
       ``--anchor linears`` every linear's original output too).
@@ -350,7 +372,8 @@ def streamed_anchor_peak(
     examples = anchor_chunk_examples(facts, cfg)
     group = anchor_group_tokens(facts, cfg, examples)
     per_token = facts.hidden_size * b
-    hidden = hidden_on_device(examples * t * per_token, group * per_token // 2)
+    total = examples * t * per_token
+    hidden = hidden_on_device(total, group * per_token // 2, keep_bytes)
     hidden += layer_args_bytes(facts, cfg, math.ceil(examples * t / group))
     act = _layer_act(facts, group, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv) + group * per_token
     if cfg.anchor_linears:
@@ -364,7 +387,8 @@ def streamed_anchor_peak(
         ("cuBLAS workspace", cublas_workspace(cfg)),
     ]
     stage = _stage("train", parts, cfg, seconds)
-    return dataclasses.replace(stage, ram_bytes=ram, streamed=True)
+    return dataclasses.replace(stage, ram_bytes=ram + (total if total > keep_bytes else 0), streamed=True,
+                               hidden_on_gpu_bytes=keep_bytes)
 
 
 def stage_ram(

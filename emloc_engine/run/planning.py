@@ -50,6 +50,7 @@ from typing import Any
 from emloc_engine.catalog.model_facts import ModelFacts
 from emloc_engine.core.dtypes import ELEMENT_BYTES
 from emloc_engine.core.errors import ConfigError
+from emloc_engine.core.memory import HIDDEN_OFFLOAD
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.stages.correction.options import CorrectionOptions
 from emloc_engine.stages.training.options import TrainOptions
@@ -59,10 +60,6 @@ DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
 # The held-out evaluations without gradients (the correction's λ search, text and VLM) run the head on label
 # positions only, this many tokens at a time: their logits are EVAL_CHUNK_TOKENS × vocab, whatever the length.
 EVAL_CHUNK_TOKENS = 256
-# A streamed pass of the original keeps its hidden states on the GPU between blocks up to this many bytes, and in
-# CPU RAM past it (the λ search, emloc_engine.stages.correction.evaluation; the anchor chunks,
-# emloc_engine.stages.training.anchor_chunks); the planner counts the same threshold.
-HIDDEN_OFFLOAD = 2**30
 # The anchor pass runs a chunk's examples together in groups of at most this many padded tokens.
 ANCHOR_GROUP_TOKENS = 4096
 RUNTIME_LABEL = "CUDA context & allocator"
@@ -279,6 +276,8 @@ class StagePeak:
     device: str = "cuda"
     ram_bytes: int = 0
     streamed: bool = False
+    hidden_on_gpu_bytes: int = HIDDEN_OFFLOAD
+    """A streamed pass's hidden-state threshold as planned (0: offloaded to RAM to fit the budget)."""
 
     @property
     def fits(self) -> bool:
@@ -526,8 +525,11 @@ def inference_peak(facts: ModelFacts, cfg: PlanConfig) -> StagePeak:
 
 
 def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = "train",
-                  chunked_loss: bool = True, streamed: bool = False) -> StagePeak:
+                  chunked_loss: bool = True, streamed: bool = False, limit: int | None = None) -> StagePeak:
     """LoRA training on the emulator at ρ (ρ = 1: on the original model).
+
+    ``limit``: what the stage must stay under; a streamed anchor pass whose hidden states would not fit
+    on the GPU is planned with them in RAM (:func:`emloc_engine.run.plan_streaming.keep_or_offload`).
 
     ``W(ρ)·b + n_L·(2p + 8) + L·B·T·h·b + max(train_layer, n_logit·V·c_logits) + runtime`` where
     ``n_logit = min(B·T, loss_chunk_tokens(V))`` for our trainer (the loss is computed in
@@ -576,7 +578,8 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     ram = ps.stage_ram(facts, cfg, "train", ratio=ratio, streamed=streamed, anchor_ram=anchor_ram)
     loop = replace(_stage(name, parts, cfg, seconds), ram_bytes=ram, streamed=streamed and anchored)
     if anchored and streamed:
-        anchor_pass = ps.streamed_anchor_peak(facts, cfg, ratio, seconds, ram)
+        anchor_pass = ps.keep_or_offload(
+            limit, lambda keep: ps.streamed_anchor_peak(facts, cfg, ratio, seconds, ram, keep_bytes=keep))
         if anchor_pass.peak_bytes > loop.peak_bytes:
             return anchor_pass
     return loop
@@ -654,11 +657,14 @@ def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget
     return replace(_stage("emulator", parts, cfg, seconds), ram_bytes=ram, streamed=True)
 
 
-def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: bool = False) -> StagePeak:
+def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: bool = False,
+                    limit: int | None = None) -> StagePeak:
     """LoRA correction: one module at a time, then (``auto_lambda``) held-out loss per λ with the original model.
 
     ``max(3·out·in·4, P·b + n_L·p + max(act_layer, T·V·c_eval)) + runtime`` (eval batch 1). With the
-    original ``streamed``, one pass scores every λ: :func:`emloc_engine.run.plan_streaming.streamed_pass_peak`.
+    original ``streamed``, one pass scores every λ: :func:`emloc_engine.run.plan_streaming.streamed_pass_peak`,
+    its hidden states kept on the GPU unless only offloading them fits ``limit``
+    (:func:`emloc_engine.run.plan_streaming.keep_or_offload`).
     """
     from emloc_engine.run import plan_streaming as ps
 
@@ -679,13 +685,15 @@ def correction_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: 
         tokens = cfg.lambda_candidates * sequences * cfg.context_length
         # the loss runs the head on EVAL_CHUNK_TOKENS label positions at a time (hidden_loss_sum): bf16 + fp32 + log-softmax
         logits = int(min(cfg.context_length, EVAL_CHUNK_TOKENS) * facts.vocab_size * c.eval_logits_bytes)
-        passed = ps.streamed_pass_peak(facts, cfg, "correct", sequences=sequences,
-                                       variants=cfg.lambda_candidates, batch=min(cfg.eval_batch_size, sequences),
-                                       head_logits=logits, extra=[], adapter=True,
-                                       known_sequences=cfg.eval_sequences is not None,
-                                       seconds=seconds + ps.pass_seconds(facts, cfg, tokens), ram_bytes=ram)
-        return passed if passed.peak_bytes >= one_module.peak_bytes else replace(one_module,
-                                                                                 est_seconds=passed.est_seconds)
+        passed = ps.keep_or_offload(limit, lambda keep: ps.streamed_pass_peak(
+            facts, cfg, "correct", sequences=sequences, variants=cfg.lambda_candidates,
+            batch=min(cfg.eval_batch_size, sequences), head_logits=logits, extra=[], adapter=True,
+            known_sequences=cfg.eval_sequences is not None, seconds=seconds + ps.pass_seconds(facts, cfg, tokens),
+            ram_bytes=ram, keep_bytes=keep))
+        if passed.peak_bytes >= one_module.peak_bytes:
+            return passed
+        return replace(one_module, est_seconds=passed.est_seconds, ram_bytes=passed.ram_bytes,
+                       hidden_on_gpu_bytes=passed.hidden_on_gpu_bytes)
     t = cfg.context_length
     act = _layer_act(facts, t, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
     logits = int(min(t, EVAL_CHUNK_TOKENS) * facts.vocab_size * c.eval_logits_bytes)
@@ -766,13 +774,14 @@ def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, bud
                streamed: bool = False) -> tuple[StagePeak, ...]:
     build_budget = emulator_budget_bytes(limit, inference_peak(facts, cfg).peak_bytes) if limit else None
     build = replace(emulator_build_peak(facts, cfg, ratio, budget_bytes=build_budget), limit_bytes=limit)
-    train = replace(training_peak(facts, cfg, ratio, streamed=streamed), limit_bytes=limit)
-    correct = correction_peak(facts, cfg, ratio, streamed=streamed)
-    export = export_peak(facts, cfg, streamed=streamed, budget_bytes=budget)
+    train = replace(training_peak(facts, cfg, ratio, streamed=streamed, limit=limit), limit_bytes=limit)
     # A resident original (λ evaluation, verification) is inference: held to the budget, not the margin-reduced
     # limit; streamed passes are our own predictions, so the margin applies to them like to training.
     original_limit = limit if streamed else budget
-    correct = replace(correct, limit_bytes=original_limit if cfg.auto_lambda else limit)
+    correct_limit = original_limit if cfg.auto_lambda else limit
+    correct = replace(correction_peak(facts, cfg, ratio, streamed=streamed, limit=correct_limit),
+                      limit_bytes=correct_limit)
+    export = export_peak(facts, cfg, streamed=streamed, budget_bytes=budget)
     export = replace(export, limit_bytes=original_limit if export.device != "cpu" else None)
     return build, train, correct, export
 

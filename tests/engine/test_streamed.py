@@ -8,6 +8,7 @@ the streamed path equal the resident path's to 1e-6 relative. And anchors comput
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -122,16 +123,30 @@ def test_streamed_lambda_table_equals_the_resident_one(tiny_model_dir: Path, tmp
         assert g == pytest.approx(w, rel=1e-6)
 
 
-def test_correction_stage_streams_the_original_when_asked(tiny_llama: Path, tmp_path: Path) -> None:
+def test_correction_stage_streams_the_original_when_asked(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
+    from emloc_engine.stages.correction import corrector
     from emloc_engine.stages.correction.corrector import CorrectionConfig, correct_lora
 
     run = _lambda_run(tmp_path, tiny_llama)
     shutil.copytree(run, tmp_path / "run2")
     kw = dict(device="cpu", lambda_grid=GRID, eval_examples=_eval_examples(), eval_batch_size=2)
     resident = correct_lora(CorrectionConfig(run_dir=run, **kw))
-    streamed = correct_lora(CorrectionConfig(run_dir=tmp_path / "run2", stream_original=True, **kw))
+    seen: list[int] = []
+    real = corrector.streamed_losses
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["hidden_on_gpu_bytes"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(corrector, "streamed_losses", spy)
+    # the planner's threshold (0: every hidden state in RAM) reaches the pass that places them
+    streamed = correct_lora(CorrectionConfig(run_dir=tmp_path / "run2", stream_original=True, hidden_on_gpu_bytes=0,
+                                             **kw))
+    assert seen == [0]
     assert streamed.lambda_ == resident.lambda_
     for (lam_s, loss_s), (lam_r, loss_r) in zip(streamed.lambda_table, resident.lambda_table, strict=True):
         assert lam_s == lam_r and loss_s == pytest.approx(loss_r, rel=1e-5)

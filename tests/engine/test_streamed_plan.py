@@ -261,3 +261,52 @@ def test_emloc_plan_plans_what_emloc_run_runs() -> None:
                                       ram_available_bytes=2**34))
     for name in ("eval_batches", "train_eval_batches", "eval_batch_size", "lambda_candidates"):
         assert getattr(cli, name) == getattr(run, name), name
+
+
+def test_a_lambda_search_that_only_fits_offloaded_is_planned_offloaded_and_run_so(tmp_path: Path) -> None:
+    """Qwen2.5-0.5B at its own inference peak, λ auto over the correction's 64 held-out sequences: keeping
+    64 × 5 candidates' hidden states on the GPU (0.6 GiB at 1,024 tokens, under the fixed 1 GiB threshold)
+    does not fit; the planner offloads them (threshold 0) and the run's stage configs get that threshold."""
+    from emloc_engine.data.config import DataConfig
+    from emloc_engine.machine.hardware import GpuInfo, MachineInfo
+    from emloc_engine.run.config import RunConfig
+    from emloc_engine.run.plan import plan_run
+    from emloc_engine.run.planning import inference_peak, plan_memory
+    from emloc_engine.stages.correction.options import CorrectionOptions
+    from emloc_engine.stages.training.options import TrainOptions
+
+    qwen = reference_facts("Qwen2.5-0.5B")
+    cfg = PlanConfig(gpu_total_bytes=24 * GIB, context_length=1024, batch_size=1, lora_rank=16, train_steps=100)
+    assert cfg.eval_batches == CorrectionOptions().max_eval_batches == 64
+    budget = inference_peak(qwen, cfg).peak_bytes
+    plan = plan_memory(qwen, replace(cfg, budget_bytes=budget))
+    assert plan.fits, plan.reason
+    correct = plan.stage("correct")
+    assert correct.streamed and correct.hidden_on_gpu_bytes == 0 and correct.fits
+    at_plan = replace(cfg, budget_bytes=budget, ratio=plan.ratio)
+    kept = correction_peak(qwen, at_plan, plan.ratio, streamed=True)  # no limit: the fixed 1 GiB threshold
+    assert kept.hidden_on_gpu_bytes == HIDDEN_OFFLOAD and kept.peak_bytes > correct.limit_bytes > correct.peak_bytes
+    assert correct.ram_bytes >= 64 * at_plan.lambda_candidates * 1024 * qwen.hidden_size * 2  # they wait in RAM
+    # with room to spare the hidden states stay on the GPU (faster: no copies)
+    roomy = plan_memory(qwen, replace(cfg, budget_bytes=8 * GIB)).stage("correct")
+    assert roomy.streamed is False or roomy.hidden_on_gpu_bytes == HIDDEN_OFFLOAD
+
+    # the run's stage configs carry the planner's choice
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    from emloc_engine.catalog.model_facts import REFERENCE_CONFIGS
+
+    (folder / "config.json").write_text(json.dumps({**REFERENCE_CONFIGS["Qwen2.5-0.5B"], "torch_dtype": "bfloat16"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hi"}\n')
+    gpu = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, GIB)
+    machine = MachineInfo(gpus=(gpu,), backend="cuda", cpu_cores=16, ram_total_bytes=128 * GIB,
+                          ram_available_bytes=120 * GIB)
+    run_cfg = RunConfig(model_dir=folder, data=DataConfig(path=data, max_length=1024), run_dir=tmp_path / "run",
+                        budget_bytes=budget, train=TrainOptions(steps=100, batch_size=1))
+    run = plan_run(run_cfg, machine)
+    assert run.correct.hidden_on_gpu_bytes == run.memory.stage("correct").hidden_on_gpu_bytes
+    assert run.train.hidden_on_gpu_bytes == run.memory.stage("train").hidden_on_gpu_bytes
+    assert run.stream_original and run.correct.hidden_on_gpu_bytes == 0
+    roomy_run = plan_run(replace(run_cfg, budget_bytes=40 * GIB), machine)
+    assert roomy_run.correct.hidden_on_gpu_bytes == HIDDEN_OFFLOAD

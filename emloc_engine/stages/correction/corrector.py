@@ -53,6 +53,7 @@ from emloc_engine.core.architectures import num_blocks
 from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import ConfigError, MergeError, ModelNotFound, RunStateError, UnsupportedModel
 from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.memory import HIDDEN_OFFLOAD
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.core.version import __version__
 from emloc_engine.machine import devices
@@ -292,6 +293,9 @@ class CorrectionConfig(CorrectionOptions):
     stream_original: bool = field(default=False, metadata={
         "help": "Score every λ in one pass with the original streamed block by block from its shards (it need "
                 "not fit the GPU); off: load it whole and swap the LoRA weights per λ (faster where it fits)."})
+    hidden_on_gpu_bytes: int = field(default=HIDDEN_OFFLOAD, metadata={
+        "help": "With the original streamed, the λ search keeps every candidate's hidden states on the GPU up to "
+                "this many bytes, else in CPU RAM (the planner gives 0 when keeping them would not fit the budget)."})
 
 
     def __post_init__(self) -> None:
@@ -560,7 +564,7 @@ def _select_lambda_streamed(cfg: CorrectionConfig, paths: _Paths, prepared: dict
     progress.update(0.0, f"λ search: {len(grid)} candidates, the original streamed ({len(examples)} eval examples)")
     losses, n_tokens = streamed_losses(paths.model_dir, candidates, scales, examples, device=device, dtype=dtype,
                                        batch_size=cfg.eval_batch_size, max_batches=cfg.max_eval_batches,
-                                       on_block=on_block)
+                                       on_block=on_block, hidden_on_gpu_bytes=cfg.hidden_on_gpu_bytes)
     table = []
     for i, (lam, loss) in enumerate(zip(grid, losses, strict=True)):
         if not math.isfinite(loss):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from emloc_engine.core.errors import ConfigError, ModelNotFound
+from emloc_engine.core.memory import HIDDEN_OFFLOAD
 from emloc_engine.stages.training.batches import ExampleLike, collate
 from emloc_engine.weights.loading import ADAPTER_NAME, load_causal_lm
 
@@ -93,7 +94,7 @@ def heldout_loss(model: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor,
 def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]],
                     scales: Mapping[str, float], examples: Sequence[ExampleLike], *, device: torch.device,
                     dtype: torch.dtype, batch_size: int = 4, max_batches: int = 16,
-                    on_block: Any = None) -> tuple[list[float], int]:
+                    on_block: Any = None, hidden_on_gpu_bytes: int = HIDDEN_OFFLOAD) -> tuple[list[float], int]:
     """Held-out loss of the original plus each candidate adapter, all in ONE pass over the weights.
 
     The original is streamed block by block (:class:`~emloc_engine.weights.streamed.StreamedModel`);
@@ -107,6 +108,8 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
         examples, batch_size, max_batches: the held-out batches, as :class:`AdapterEvaluator` takes them.
         device, dtype: where and in which dtype the blocks run.
         on_block: called with the block index after each block (progress, cancel).
+        hidden_on_gpu_bytes: every candidate's hidden states stay on the GPU between blocks up to this many
+            bytes; past it they wait in CPU RAM and one batch visits the GPU at a time.
 
     Returns:
         The loss of each candidate, and the number of scored tokens.
@@ -114,7 +117,7 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
     Raises:
         ConfigError: no example has a token with a loss.
     """
-    from emloc_engine.run.planning import EVAL_CHUNK_TOKENS, HIDDEN_OFFLOAD
+    from emloc_engine.run.planning import EVAL_CHUNK_TOKENS
     from emloc_engine.stages.training.trainer import hidden_loss_sum
     from emloc_engine.weights.streamed import StreamedModel, Variant
 
@@ -134,7 +137,7 @@ def streamed_losses(model_dir: Path, candidates: Sequence[Mapping[str, tuple[tor
         totals[v] += float(hidden_loss_sum(model.skeleton, hidden, batches[c][2].to(device), chunk_tokens=EVAL_CHUNK_TOKENS))
 
     try:
-        model.run(ids, variants, finish, offload=device.type == "cuda" and hidden_bytes > HIDDEN_OFFLOAD, on_block=on_block)
+        model.run(ids, variants, finish, offload=device.type == "cuda" and hidden_bytes > hidden_on_gpu_bytes, on_block=on_block)
     finally:
         model.close()
     return [t / n_tokens for t in totals], n_tokens

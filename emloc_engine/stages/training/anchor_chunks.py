@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from emloc_engine.core.errors import ConfigError
-from emloc_engine.run.planning import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
+from emloc_engine.core.memory import HIDDEN_OFFLOAD
+from emloc_engine.run.planning import ANCHOR_GROUP_TOKENS
 from emloc_engine.stages.training.anchoring import (
     Anchors,
     anchor_points,
@@ -102,6 +103,7 @@ def streamed_offsets(
     dtype: torch.dtype,
     max_tokens: int = ANCHOR_GROUP_TOKENS,
     cache: PinnedBlocks | None = None,
+    hidden_on_gpu_bytes: int = HIDDEN_OFFLOAD,
 ) -> Anchors:
     """Offsets of ``examples[indices]`` with the original streamed from ``model_dir``, one pass.
 
@@ -117,6 +119,7 @@ def streamed_offsets(
         dtype: compute dtype (that of the emulator's weights).
         max_tokens: padded tokens per group of examples run together.
         cache: the original's blocks kept in RAM between chunks (:class:`~emloc_engine.weights.streamed.PinnedBlocks`).
+        hidden_on_gpu_bytes: the chunk's hidden states stay on the GPU between blocks up to this many bytes.
     """
     points = anchor_points(emulator_lm, where)
     groups = length_groups(examples, indices, max_tokens)
@@ -130,9 +133,10 @@ def streamed_offsets(
     try:
         variants = 2 if where == "output" else 1
         hidden_bytes = variants * sum(len(examples[i].input_ids) for g in groups for i in g) * embed.shape[-1]
-        # Between blocks the chunk's hidden states stay on the device (1/L of its offsets) unless
-        # they pass 1 GiB; then they wait in (pinned) CPU memory, one group on the device at a time.
-        offload = device.type == "cuda" and hidden_bytes * embed.element_size() > HIDDEN_OFFLOAD
+        # Between blocks the chunk's hidden states stay on the device (1/L of its offsets) unless they
+        # pass the threshold (1 GiB, or what the plan gave); then they wait in (pinned) CPU memory, one
+        # group on the device at a time.
+        offload = device.type == "cuda" and hidden_bytes * embed.element_size() > hidden_on_gpu_bytes
         chunks = original.embed([[examples[i].input_ids for i in g] for g in groups], variants, offload)
         last = original.num_blocks - 1
         for b, layer, _ in original.layers():
@@ -192,11 +196,13 @@ class AnchorFeed:
         width: int,
         sticky: Sequence[int] = (),
         processes: int = 1,
+        hidden_on_gpu_bytes: int = HIDDEN_OFFLOAD,
     ) -> None:
         self.model_dir, self.examples, self.where = Path(model_dir), examples, where
         self.device, self.dtype, self.cap_bytes = device, dtype, int(cap_bytes)
         self._per_token = width * torch.tensor([], dtype=dtype).element_size()
         self.processes = processes
+        self.hidden_on_gpu_bytes = hidden_on_gpu_bytes
         # The eval examples are computed with the first chunk and kept (every evaluation reads
         # them) when they take at most half the cap; otherwise they come and go like the rest.
         sticky = list(dict.fromkeys(int(i) for i in sticky))
@@ -287,6 +293,7 @@ class AnchorFeed:
                     device=self.device,
                     dtype=self.dtype,
                     cache=self._block_cache(),
+                    hidden_on_gpu_bytes=self.hidden_on_gpu_bytes,
                 )
         finally:
             model.train(was_training)

@@ -50,6 +50,7 @@ from torch import nn
 from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.core.layout import RunLayout
+from emloc_engine.core.memory import HIDDEN_OFFLOAD
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
 from emloc_engine.machine.devices import compute_dtype, resolve_device
 from emloc_engine.stages.training.activation_checkpointing import enable_activation_checkpointing
@@ -116,6 +117,9 @@ class TrainConfig(TrainOptions):
     stream_original: bool = field(default=False, metadata={
         "help": "Run the original block by block from its shards for the anchors (it need not fit the GPU); "
                 "off: load it whole when all the anchors are computed at once (faster where it fits)."})
+    hidden_on_gpu_bytes: int = field(default=HIDDEN_OFFLOAD, metadata={
+        "help": "With the original streamed, the anchor pass keeps its hidden states on the GPU up to this many "
+                "bytes, else in CPU RAM (the planner gives 0 when keeping them would not fit the budget)."})
 
     def _problems(self) -> list[str]:
         device_ok = bool(_DEVICE_RE.match(self.device))
@@ -261,7 +265,8 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
         sticky = [len(train) + j for start in mine for j in range(start, min(start + cfg.batch_size, n_eval))]
         anchors = Anchors(points_for_config(config, mode), (), {}, mode,
                           feed=AnchorFeed(source, examples, where=mode, device=device, dtype=weight_dtype,
-                                          cap_bytes=cap, width=widths[mode], sticky=sticky, processes=processes))
+                                          cap_bytes=cap, width=widths[mode], sticky=sticky, processes=processes,
+                                          hidden_on_gpu_bytes=cfg.hidden_on_gpu_bytes))
     anchors.eval_base = len(train) if n_eval else None
     return anchors, note, time.perf_counter() - t0
 
