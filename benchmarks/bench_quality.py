@@ -163,6 +163,38 @@ def _write_meta(model_dir: Path, out_dir: Path, method: str, modules: Mapping[st
     (out_dir / EMULATOR_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
+def plain_model_dir(model_dir: Path, work_dir: Path) -> Path:
+    """``model_dir`` as a plain safetensors folder, which the benchmarks' baselines load with transformers alone
+    (full LoRA's dense emulator, the spectra, QLoRA through bitsandbytes).
+
+    The demo model is a GGUF view since the streamed GGUF import (issue 18): config and tokenizer, weights read
+    from the GGUF file by the engine only. A view is written out once, dequantized in its own dtype, under
+    ``work_dir/original-plain``, so every arm of a benchmark (EMLoC included) starts from the same weights the
+    earlier converted demo folder held; any other folder is returned as it is.
+    """
+    from emloc_engine.weights.gguf_view import GGUF_VIEW_MARKER, is_gguf_view, read_view_marker
+
+    if not is_gguf_view(model_dir):
+        return model_dir
+    out = work_dir / "original-plain"
+    marker = read_view_marker(model_dir)
+    stamp = out / "emloc_plain_of.json"
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == marker:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = load_causal_lm(model_dir, device=torch.device("cpu"), dtype=getattr(torch, marker["view_dtype"]))
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name not in (GGUF_VIEW_MARKER, "config.json") and not (tmp / f.name).exists():
+            shutil.copy2(f, tmp / f.name)
+    (tmp / stamp.name).write_text(json.dumps(marker), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def write_dense_emulator(model_dir: Path, out_dir: Path) -> Path:
     """An "emulator" that compresses nothing: the original weights (hard links or copies) + ``emloc.json``.
 
@@ -919,6 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = ensure_demo_model()
     else:
         model_dir = args.model_dir
+    model_dir = plain_model_dir(Path(model_dir), args.work_dir)
     tasks = []
     for name in args.tasks.split(","):
         if name == "shakespeare":

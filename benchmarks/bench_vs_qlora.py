@@ -430,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_dir = Path(ensure_demo_model())
         else:
             model_dir = args.model_dir
+        model_dir = bq.plain_model_dir(model_dir, args.work_dir)
         json_path = args.json or ROOT / "benchmarks" / "results" / f"vs-qlora-{dt.date.today().isoformat()}.json"
         command = "python benchmarks/bench_vs_qlora.py " + " ".join(sys.argv[1:] if argv is None else argv)
         data = run(settings, [int(x) for x in args.seeds.split(",") if x.strip()], model_dir,

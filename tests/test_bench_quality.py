@@ -147,3 +147,28 @@ def test_sequential_emulator_at_full_rank_is_the_original(tmp_path: Path) -> Non
     settings = bq.BenchSettings()
     assert settings.variant_calib("aa-seq256") == settings.variant_calib("aa-calib256-alloc") == 256
     assert settings.variant_calib("activation-aware") == 32
+
+
+def test_a_gguf_view_is_written_out_once_as_a_plain_folder_for_the_baselines(tmp_path: Path) -> None:
+    """The demo model is a GGUF view (weights only in the .gguf): the baselines load the original with
+    transformers alone, so the benchmark writes the dequantized weights out once and runs every arm on them."""
+    from transformers import AutoModelForCausalLM
+
+    from emloc_engine.catalog.gguf_import import make_gguf_view
+    from emloc_engine.weights.loading import load_causal_lm
+    from tests.gguf_files import write_gguf
+
+    snap = build_tiny_model("llama", tmp_path / "hub", name="tiny-view")
+    (tmp_path / "store").mkdir()
+    view = make_gguf_view(write_gguf(snap, tmp_path / "store" / "m.gguf", "Q8_0"), tmp_path / "view")
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(view)  # what the benchmark hit on 2026-12-06
+    plain = bq.plain_model_dir(view, tmp_path / "work")
+    assert plain != view and any(plain.glob("*.safetensors")) and (plain / "tokenizer.json").is_file()
+    want = load_causal_lm(view, device=torch.device("cpu"), dtype=torch.bfloat16).state_dict()  # the view's dtype
+    got = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    mtime = (plain / "model.safetensors").stat().st_mtime_ns
+    assert bq.plain_model_dir(view, tmp_path / "work") == plain  # written once
+    assert (plain / "model.safetensors").stat().st_mtime_ns == mtime
+    assert bq.plain_model_dir(snap, tmp_path / "work") == snap  # a plain folder is used as it is
