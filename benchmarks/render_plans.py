@@ -71,8 +71,9 @@ def render() -> str:
             "every held-out sequence × candidate's hidden states on the GPU between blocks (0.6 GiB at 1,024 "
             "tokens for Qwen2.5-0.5B) up to a 1 GiB threshold; where keeping them would not fit the budget the "
             "plan now offloads them to RAM (`hidden_on_gpu_bytes` 0, passed to the stage; the anchor pass alike), "
-            "so Qwen2.5-0.5B fits at its own inference peak again (it did not for a few hours on 2026-12-06, "
-            "under the fixed threshold).", "", END]
+            "and the streamed anchor pass runs one example at a time where its 4,096-token groups would not fit "
+            "(`anchor_group_tokens`), so Qwen2.5-0.5B fits at its own inference peak again, at ρ 0.80 (it did not "
+            "for a few hours on 2026-12-06, under the fixed threshold and groups).", "", END]
     return "\n".join(out)
 
 

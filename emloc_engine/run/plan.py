@@ -329,7 +329,8 @@ def plan_run(cfg: RunConfig, machine: MachineInfo | None = None, *, sample_token
     stream = memory.stream_original
     # A streamed pass whose hidden states would not fit beside the rest goes with them in RAM (the planner's choice).
     train = TrainConfig(**train_options, run_dir=layout.root, data=cfg.data, device=cfg.device, seed=cfg.seed,
-                        stream_original=stream, hidden_on_gpu_bytes=memory.stage("train").hidden_on_gpu_bytes)
+                        stream_original=stream, hidden_on_gpu_bytes=memory.stage("train").hidden_on_gpu_bytes,
+                        anchor_group_tokens=memory.stage("train").anchor_group_tokens)
     parallel = ParallelConfig(processes=cfg.gpus) if cfg.gpus > 1 else None
     correct = CorrectionConfig(**options_of(cfg.correct), run_dir=layout.root, model_dir=cfg.model_dir,
                                data=cfg.data, device=cfg.device, overwrite=True, stream_original=stream,

@@ -50,9 +50,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from emloc_engine.core.memory import HIDDEN_OFFLOAD
+from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
 from emloc_engine.run.planning import (
-    ANCHOR_GROUP_TOKENS,
     EVAL_CHUNK_TOKENS,
     GIB,
     GPU_H2D_BYTES_PER_S,
@@ -159,6 +158,21 @@ def worst_hidden_on_device(max_total_bytes: int, batch_bytes: int, keep_bytes: i
     return max(hidden_on_device(max_total_bytes, batch_bytes, keep_bytes), min(max_total_bytes, keep_bytes))
 
 
+def leanest_fit(limit: int | None, plans: list[Callable[[], StagePeak]]) -> StagePeak:
+    """The first of ``plans`` (fastest first, each leaner than the one before) whose peak fits ``limit``; when
+    none fits, the one with the lowest peak (the plan then says by how much it misses)."""
+    best = plans[0]()
+    if limit is None or best.peak_bytes <= limit:
+        return best
+    for plan in plans[1:]:
+        stage = plan()
+        if stage.peak_bytes <= limit:
+            return stage
+        if stage.peak_bytes < best.peak_bytes:
+            best = stage
+    return best
+
+
 def keep_or_offload(limit: int | None, plan: Callable[[int], StagePeak]) -> StagePeak:
     """A streamed stage planned with its hidden states kept on the GPU (up to the default threshold) and,
     when that exceeds ``limit``, with every one offloaded to CPU RAM (threshold 0), whichever fits.
@@ -167,11 +181,7 @@ def keep_or_offload(limit: int | None, plan: Callable[[int], StagePeak]) -> Stag
     offloading is chosen only when it is what makes the stage fit, or lowers a peak that fits neither
     way. The chosen threshold is the stage's ``hidden_on_gpu_bytes``, which :func:`~emloc_engine.run.plan.plan_run`
     passes to the stage that runs it."""
-    kept = plan(HIDDEN_OFFLOAD)
-    if limit is None or kept.peak_bytes <= limit:
-        return kept
-    offloaded = plan(0)
-    return offloaded if offloaded.peak_bytes < kept.peak_bytes else kept
+    return leanest_fit(limit, [lambda: plan(HIDDEN_OFFLOAD), lambda: plan(0)])
 
 
 def layer_args_bytes(facts: ModelFacts, cfg: PlanConfig, batches: int, tokens: int | None = None) -> int:
@@ -331,11 +341,12 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
     return max(transfer, orig / rate) * c.stream_overhead + emu / rate
 
 
-def anchor_group_tokens(facts: ModelFacts, cfg: PlanConfig, examples: int) -> int:
+def anchor_group_tokens(facts: ModelFacts, cfg: PlanConfig, examples: int, max_tokens: int = ANCHOR_GROUP_TOKENS) -> int:
     """Padded tokens the anchor pass runs together (:func:`~emloc_engine.stages.training.anchoring.length_groups`
-    with :data:`~emloc_engine.run.planning.ANCHOR_GROUP_TOKENS`): as many ``T``-token examples as fit, at least one."""
+    with ``max_tokens``, by default :data:`~emloc_engine.core.memory.ANCHOR_GROUP_TOKENS`): as many ``T``-token
+    examples as fit, at least one."""
     t = cfg.context_length
-    return t * max(1, min(examples, ANCHOR_GROUP_TOKENS // t))
+    return t * max(1, min(examples, max_tokens // t))
 
 
 def anchor_chunk_examples(facts: ModelFacts, cfg: PlanConfig) -> int:
@@ -348,7 +359,8 @@ def anchor_chunk_examples(facts: ModelFacts, cfg: PlanConfig) -> int:
 
 
 def streamed_anchor_peak(
-    facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int, keep_bytes: int = HIDDEN_OFFLOAD
+    facts: ModelFacts, cfg: PlanConfig, ratio: float, seconds: float, ram: int, keep_bytes: int = HIDDEN_OFFLOAD,
+    group_tokens: int = ANCHOR_GROUP_TOKENS,
 ) -> StagePeak:
     """The anchor pass with the original streamed, as
     :func:`~emloc_engine.stages.training.anchor_chunks.streamed_offsets` holds it.
@@ -361,7 +373,8 @@ def streamed_anchor_peak(
     * the hidden states of the whole chunk (every example the cap allows) between blocks, on the GPU up
       to ``keep_bytes`` (1 GiB unless the plan offloads them to fit), else one group's copy (and the chunk's
       hidden states in RAM);
-    * one group (up to :data:`~emloc_engine.run.planning.ANCHOR_GROUP_TOKENS` padded tokens): a block's
+    * one group (up to ``group_tokens`` padded tokens, :data:`~emloc_engine.core.memory.ANCHOR_GROUP_TOKENS`
+      unless the plan needs one example at a time): a block's
       activations, with the original block's output held while the emulator's block runs (with
       ``--anchor linears`` every linear's original output too).
     """
@@ -370,7 +383,7 @@ def streamed_anchor_peak(
     n_lora = lora_parameters(facts, cfg)
     t = cfg.context_length
     examples = anchor_chunk_examples(facts, cfg)
-    group = anchor_group_tokens(facts, cfg, examples)
+    group = anchor_group_tokens(facts, cfg, examples, group_tokens)
     per_token = facts.hidden_size * b
     total = examples * t * per_token
     hidden = hidden_on_device(total, group * per_token // 2, keep_bytes)
@@ -388,7 +401,7 @@ def streamed_anchor_peak(
     ]
     stage = _stage("train", parts, cfg, seconds)
     return dataclasses.replace(stage, ram_bytes=ram + (total if total > keep_bytes else 0), streamed=True,
-                               hidden_on_gpu_bytes=keep_bytes)
+                               hidden_on_gpu_bytes=keep_bytes, anchor_group_tokens=group_tokens)
 
 
 def stage_ram(

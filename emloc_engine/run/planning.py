@@ -42,6 +42,7 @@ The chosen ρ is the largest on the grid ``min_ratio, min_ratio+step, … ≤ ma
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,7 +51,7 @@ from typing import Any
 from emloc_engine.catalog.model_facts import ModelFacts
 from emloc_engine.core.dtypes import ELEMENT_BYTES
 from emloc_engine.core.errors import ConfigError
-from emloc_engine.core.memory import HIDDEN_OFFLOAD
+from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.stages.correction.options import CorrectionOptions
 from emloc_engine.stages.training.options import TrainOptions
@@ -60,8 +61,6 @@ DEFAULT_LOSS_CHUNK_BYTES = 64 * 1024**2
 # The held-out evaluations without gradients (the correction's λ search, text and VLM) run the head on label
 # positions only, this many tokens at a time: their logits are EVAL_CHUNK_TOKENS × vocab, whatever the length.
 EVAL_CHUNK_TOKENS = 256
-# The anchor pass runs a chunk's examples together in groups of at most this many padded tokens.
-ANCHOR_GROUP_TOKENS = 4096
 RUNTIME_LABEL = "CUDA context & allocator"
 
 
@@ -278,6 +277,8 @@ class StagePeak:
     streamed: bool = False
     hidden_on_gpu_bytes: int = HIDDEN_OFFLOAD
     """A streamed pass's hidden-state threshold as planned (0: offloaded to RAM to fit the budget)."""
+    anchor_group_tokens: int = ANCHOR_GROUP_TOKENS
+    """The streamed anchor pass's group size as planned (one example's length when larger groups do not fit)."""
 
     @property
     def fits(self) -> bool:
@@ -578,10 +579,16 @@ def training_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, name: str = 
     ram = ps.stage_ram(facts, cfg, "train", ratio=ratio, streamed=streamed, anchor_ram=anchor_ram)
     loop = replace(_stage(name, parts, cfg, seconds), ram_bytes=ram, streamed=streamed and anchored)
     if anchored and streamed:
-        anchor_pass = ps.keep_or_offload(
-            limit, lambda keep: ps.streamed_anchor_peak(facts, cfg, ratio, seconds, ram, keep_bytes=keep))
+        # kept on the GPU in groups of ANCHOR_GROUP_TOKENS; else offloaded; else also one example at a time
+        options = [(HIDDEN_OFFLOAD, ANCHOR_GROUP_TOKENS), (0, ANCHOR_GROUP_TOKENS), (0, cfg.context_length)]
+        anchor_pass = ps.leanest_fit(limit, [
+            functools.partial(ps.streamed_anchor_peak, facts, cfg, ratio, seconds, ram, keep_bytes=keep,
+                              group_tokens=group)
+            for keep, group in options])
         if anchor_pass.peak_bytes > loop.peak_bytes:
             return anchor_pass
+        return replace(loop, hidden_on_gpu_bytes=anchor_pass.hidden_on_gpu_bytes,
+                       anchor_group_tokens=anchor_pass.anchor_group_tokens)
     return loop
 
 

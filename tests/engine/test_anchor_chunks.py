@@ -139,19 +139,20 @@ def test_the_plans_hidden_state_threshold_reaches_every_anchor_pass(
     pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """TrainConfig.hidden_on_gpu_bytes (0 when the planner found the chunk's hidden states would not fit on the
-    GPU) is what each chunk's streamed pass places them by."""
+    GPU) and anchor_group_tokens (one example's length when larger groups would not) are what each chunk's
+    streamed pass runs by."""
     from emloc_engine.stages.training import anchor_chunks
 
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     real = anchor_chunks.streamed_offsets
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs["hidden_on_gpu_bytes"])
+        seen.append((kwargs["hidden_on_gpu_bytes"], kwargs["max_tokens"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(anchor_chunks, "streamed_offsets", spy)
     data, eval_ = short_examples(40), short_examples(4, seed=1)
     per_token = anchor_width(AutoConfig.from_pretrained(pair[1]), "blocks") * 4
     _, record = _train(pair, tmp_path / "run", data, eval_, anchor_ram_gib=6 * 9 * per_token / 2**30,
-                       hidden_on_gpu_bytes=0)
-    assert record["anchor_chunks"] >= 2 and seen == [0] * record["anchor_chunks"]
+                       hidden_on_gpu_bytes=0, anchor_group_tokens=9)
+    assert record["anchor_chunks"] >= 2 and seen == [(0, 9)] * record["anchor_chunks"]

@@ -34,7 +34,9 @@ from emloc_engine.run.planning import (
     PlanConfig,
     correction_peak,
     emulator_parameters,
+    inference_peak,
     lora_parameters,
+    plan_memory,
     training_peak,
 )
 
@@ -163,7 +165,9 @@ def test_the_plan_record_has_the_predicted_max_memory_allocated(tmp_path: Path) 
         train=TrainOptions(steps=20, batch_size=1, anchor="blocks"),
     )
     known, rec = plan_memory_for(cfg, machine, eval_sequences=20)
-    assert known.stream_original and rec.ratio == pytest.approx(0.15)
+    # measured on the H100 at ρ 0.15 with 8-example anchor groups; one-example groups now let it plan ρ 0.2
+    assert known.stream_original and rec.ratio == pytest.approx(0.2)
+    assert known.stage("train").anchor_group_tokens == 512
     for s in known.stages:
         assert rec.predicted_allocated_gib[s.name] == pytest.approx(s.allocated_bytes / GIB)
         assert rec.predicted_allocated_gib[s.name] < rec.predicted_peaks_gib[s.name]  # no CUDA context in it
@@ -271,7 +275,6 @@ def test_a_lambda_search_that_only_fits_offloaded_is_planned_offloaded_and_run_s
     from emloc_engine.machine.hardware import GpuInfo, MachineInfo
     from emloc_engine.run.config import RunConfig
     from emloc_engine.run.plan import plan_run
-    from emloc_engine.run.planning import inference_peak, plan_memory
     from emloc_engine.stages.correction.options import CorrectionOptions
     from emloc_engine.stages.training.options import TrainOptions
 
@@ -307,6 +310,24 @@ def test_a_lambda_search_that_only_fits_offloaded_is_planned_offloaded_and_run_s
     run = plan_run(run_cfg, machine)
     assert run.correct.hidden_on_gpu_bytes == run.memory.stage("correct").hidden_on_gpu_bytes
     assert run.train.hidden_on_gpu_bytes == run.memory.stage("train").hidden_on_gpu_bytes
+    assert run.train.anchor_group_tokens == run.memory.stage("train").anchor_group_tokens
     assert run.stream_original and run.correct.hidden_on_gpu_bytes == 0
     roomy_run = plan_run(replace(run_cfg, budget_bytes=40 * GIB), machine)
     assert roomy_run.correct.hidden_on_gpu_bytes == HIDDEN_OFFLOAD
+
+
+def test_an_anchor_pass_whose_groups_do_not_fit_runs_one_example_at_a_time() -> None:
+    """SmolLM2-135M at its own inference peak (128 tokens): the resident original does not fit beside the
+    adapter, so the plan streams it, and the anchor pass's 4,096-token groups (32 examples) would need more than
+    the training itself; planned one example at a time it trains at ρ 0.5 (0.15 with the fixed groups)."""
+    smol = reference_facts("SmolLM2-135M")
+    cfg = PlanConfig(context_length=128, batch_size=1, lora_rank=8, device="cuda", train_steps=60)
+    budget = inference_peak(smol, cfg).peak_bytes
+    plan = plan_memory(smol, replace(cfg, budget_bytes=budget))
+    assert plan.fits and plan.stream_original, plan.reason
+    train = plan.stage("train")
+    assert train.anchor_group_tokens == 128 and train.fits
+    at = replace(cfg, budget_bytes=budget)
+    grouped = ps.streamed_anchor_peak(smol, at, plan.ratio, 0.0, 0, keep_bytes=0)  # 4,096-token groups
+    assert grouped.peak_bytes > plan.limit_bytes >= train.peak_bytes
+    assert plan.ratio >= 0.5

@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 from emloc_engine.core.errors import ConfigError
-from emloc_engine.core.memory import HIDDEN_OFFLOAD
-from emloc_engine.run.planning import ANCHOR_GROUP_TOKENS
+from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
 from emloc_engine.stages.training.anchoring import (
     Anchors,
     anchor_points,
@@ -197,12 +196,14 @@ class AnchorFeed:
         sticky: Sequence[int] = (),
         processes: int = 1,
         hidden_on_gpu_bytes: int = HIDDEN_OFFLOAD,
+        group_tokens: int = ANCHOR_GROUP_TOKENS,
     ) -> None:
         self.model_dir, self.examples, self.where = Path(model_dir), examples, where
         self.device, self.dtype, self.cap_bytes = device, dtype, int(cap_bytes)
         self._per_token = width * torch.tensor([], dtype=dtype).element_size()
         self.processes = processes
         self.hidden_on_gpu_bytes = hidden_on_gpu_bytes
+        self.group_tokens = group_tokens
         # The eval examples are computed with the first chunk and kept (every evaluation reads
         # them) when they take at most half the cap; otherwise they come and go like the rest.
         sticky = list(dict.fromkeys(int(i) for i in sticky))
@@ -294,6 +295,7 @@ class AnchorFeed:
                     dtype=self.dtype,
                     cache=self._block_cache(),
                     hidden_on_gpu_bytes=self.hidden_on_gpu_bytes,
+                    max_tokens=self.group_tokens,
                 )
         finally:
             model.train(was_training)

@@ -50,7 +50,7 @@ from torch import nn
 from emloc_engine.core.atomic import atomic_dir
 from emloc_engine.core.errors import Cancelled, ConfigError, InsufficientMemory
 from emloc_engine.core.layout import RunLayout
-from emloc_engine.core.memory import HIDDEN_OFFLOAD
+from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
 from emloc_engine.core.progress import NULL_PROGRESS, EtaClock, Progress, format_seconds
 from emloc_engine.machine.devices import compute_dtype, resolve_device
 from emloc_engine.stages.training.activation_checkpointing import enable_activation_checkpointing
@@ -120,6 +120,9 @@ class TrainConfig(TrainOptions):
     hidden_on_gpu_bytes: int = field(default=HIDDEN_OFFLOAD, metadata={
         "help": "With the original streamed, the anchor pass keeps its hidden states on the GPU up to this many "
                 "bytes, else in CPU RAM (the planner gives 0 when keeping them would not fit the budget)."})
+    anchor_group_tokens: int = field(default=ANCHOR_GROUP_TOKENS, metadata={
+        "help": "With the original streamed, the anchor pass runs examples together in groups of at most this many "
+                "padded tokens (the planner gives one example's length when larger groups would not fit)."})
 
     def _problems(self) -> list[str]:
         device_ok = bool(_DEVICE_RE.match(self.device))
@@ -266,7 +269,8 @@ def prepare_anchors(cfg: TrainConfig, emulator_meta: dict[str, Any], train: Sequ
         anchors = Anchors(points_for_config(config, mode), (), {}, mode,
                           feed=AnchorFeed(source, examples, where=mode, device=device, dtype=weight_dtype,
                                           cap_bytes=cap, width=widths[mode], sticky=sticky, processes=processes,
-                                          hidden_on_gpu_bytes=cfg.hidden_on_gpu_bytes))
+                                          hidden_on_gpu_bytes=cfg.hidden_on_gpu_bytes,
+                                          group_tokens=cfg.anchor_group_tokens))
     anchors.eval_base = len(train) if n_eval else None
     return anchors, note, time.perf_counter() - t0
 
