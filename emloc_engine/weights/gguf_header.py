@@ -15,6 +15,7 @@ files. The tensor byte sizes come from the ``gguf`` package's own table of block
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -44,10 +45,7 @@ class HeaderTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -165,10 +163,7 @@ def _parse(buf: Any) -> GgufHeader:
     tensors = []
     for name, shape, code, rel in infos:
         type_name, block, size = _type_name_and_size(code)
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n // block * size
+        nbytes = math.prod(shape) // block * size
         if start + rel + nbytes > len(buf):
             raise GgufHeaderError(f"tensor {name!r} runs past the end of the file (truncated download?)")
         tensors.append(HeaderTensor(name, type_name, shape, start + rel, nbytes))
