@@ -101,3 +101,16 @@ def test_a_truncated_or_foreign_file_is_named_with_the_usual_cause(tmp_path: Pat
     empty.write_bytes(b"")
     with pytest.raises(UnsupportedModel, match=r"empty\.gguf"):
         gguf_header_of(empty)
+
+
+def test_the_demo_models_real_gguf_reads_the_same_as_with_the_gguf_package() -> None:
+    """SmolLM2-135M-Instruct's Q4_1 file (49k tokens and merges, as llama.cpp wrote it)."""
+    from emloc_engine.catalog.demo import find_demo_gguf
+
+    path = find_demo_gguf()
+    scalars, tensors = _reference(path)
+    header = read_gguf_header(path)
+    assert len(tensors) == 272
+    assert [(t.name, t.type_name, t.shape, t.offset, t.nbytes) for t in header.tensors] == tensors
+    assert {k: header.fields[k] for k in scalars} == scalars
+    assert header.arrays["tokenizer.ggml.merges"][1] > 10_000
