@@ -793,6 +793,23 @@ def _stages_at(facts: ModelFacts, cfg: PlanConfig, ratio: float, limit: int, bud
     return build, train, correct, export
 
 
+def leaner_passes_note(stages: tuple[StagePeak, ...]) -> str | None:
+    """What the plan made leaner in the original's streamed passes to fit the budget, in words (None: nothing)."""
+    what = {"train": "the anchor pass", "correct": "the λ search", "export": "the export verification"}
+    parts = []
+    for s in stages:
+        if not s.streamed or s.name not in what:
+            continue
+        steps = (["keeps its hidden states in RAM"] if s.hidden_on_gpu_bytes == 0 else []) + (
+            ["runs one example at a time"] if s.anchor_group_tokens < ANCHOR_GROUP_TOKENS else [])
+        if steps:
+            parts.append(f"{what[s.name]} {' and '.join(steps)}")
+    if not parts:
+        return None
+    return ("The original's streamed passes, to fit the budget: " + "; ".join(parts)
+            + " (a little slower: more copies over PCIe, smaller batches).")
+
+
 def plan_memory(facts: ModelFacts, cfg: PlanConfig | None = None) -> MemoryPlan:
     """Predict every stage's peak and choose the largest ρ whose stages all fit the budget.
 
@@ -856,6 +873,9 @@ def _plan(facts: ModelFacts, cfg: PlanConfig, *, suggest: bool) -> MemoryPlan:
     def make(ratio: float | None, fits: bool, stages: tuple[StagePeak, ...], reason: str,
              suggestions: tuple[str, ...] = (), short: tuple[Shortfall, ...] = ()) -> MemoryPlan:
         extra = list(notes)
+        lean = leaner_passes_note(stages)
+        if lean:
+            extra.append(lean)
         if full.fits:
             extra.append(f"Plain LoRA on the full model ({full.peak_gib:.1f} GiB) also fits this budget.")
         return MemoryPlan(ratio, fits, budget, limit, stages, inference, full, reason, suggestions, tuple(extra),

@@ -290,9 +290,13 @@ def test_a_lambda_search_that_only_fits_offloaded_is_planned_offloaded_and_run_s
     kept = correction_peak(qwen, at_plan, plan.ratio, streamed=True)  # no limit: the fixed 1 GiB threshold
     assert kept.hidden_on_gpu_bytes == HIDDEN_OFFLOAD and kept.peak_bytes > correct.limit_bytes > correct.peak_bytes
     assert correct.ram_bytes >= 64 * at_plan.lambda_candidates * 1024 * qwen.hidden_size * 2  # they wait in RAM
+    said = [n for n in plan.notes if n.startswith("The original's streamed passes")]
+    assert len(said) == 1 and "the λ search keeps its hidden states in RAM" in said[0]
     # with room to spare the hidden states stay on the GPU (faster: no copies)
-    roomy = plan_memory(qwen, replace(cfg, budget_bytes=8 * GIB)).stage("correct")
+    roomy_plan = plan_memory(qwen, replace(cfg, budget_bytes=8 * GIB))
+    roomy = roomy_plan.stage("correct")
     assert roomy.streamed is False or roomy.hidden_on_gpu_bytes == HIDDEN_OFFLOAD
+    assert not any(n.startswith("The original's streamed passes") for n in roomy_plan.notes)
 
     # the run's stage configs carry the planner's choice
     folder = tmp_path / "qwen"
@@ -312,6 +316,7 @@ def test_a_lambda_search_that_only_fits_offloaded_is_planned_offloaded_and_run_s
     assert run.train.hidden_on_gpu_bytes == run.memory.stage("train").hidden_on_gpu_bytes
     assert run.train.anchor_group_tokens == run.memory.stage("train").anchor_group_tokens
     assert run.stream_original and run.correct.hidden_on_gpu_bytes == 0
+    assert any(n.startswith("The original's streamed passes") for n in run.notes)  # the app and CLI show these
     roomy_run = plan_run(replace(run_cfg, budget_bytes=40 * GIB), machine)
     assert roomy_run.correct.hidden_on_gpu_bytes == HIDDEN_OFFLOAD
 
