@@ -286,16 +286,14 @@ def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: 
         _config(tiny_llama, tmp_path / "x", factor_devices=("tpu",))
 
 
-@pytest.mark.parametrize(("failure", "hint"), [("the calibration statistic holds NaN or Inf", "overflowed"),
-                                               ("the calibration statistic is not positive semi-definite",
-                                                "EMLOC_STATS_TF32=0")])
 def test_unusable_statistics_name_the_fix_for_their_cause(tiny_llama: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          failure: str, hint: str) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import emloc_engine.stages.emulator.block_loop as emulator_module
 
+    hint = "overflowed"
+
     def broken(*args: Any, **kw: Any) -> Any:
-        raise FloatingPointError(failure)
+        raise FloatingPointError("the calibration statistic holds NaN or Inf")
 
     monkeypatch.setattr(emulator_module, "factorize", broken)
     with pytest.raises(DataError) as err:

@@ -242,10 +242,8 @@ class BlockLoop:
                 try:
                     f = factorize(w, c, mods[path].rank, dtype=self.ctx.linalg, solver=self.ctx.solver, cache=shared)
                 except FloatingPointError as exc:
-                    hint = ("The activations overflowed; use compute_dtype float32." if "NaN" in str(exc) else
-                            "Σ XᵀX cannot be indefinite: the statistics GEMM was computed wrongly. Run again with "
-                            "EMLOC_STATS_TF32=0 (plain fp32 GEMMs), or compute_dtype float32.")
-                    raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.", hint=hint) from exc
+                    raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.",
+                                    hint="The activations overflowed; use compute_dtype float32.") from exc
                 factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
                 errors[path] = f.rel_error
             del c, shared

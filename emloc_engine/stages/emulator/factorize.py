@@ -1,4 +1,4 @@
-"""Activation-aware truncated SVD of one linear layer: statistics -> whitening root -> factors.
+"""Activation-aware truncated SVD of one linear layer: statistics -> whitened eigenbasis -> factors.
 
 Pure maths on tensors, no model and no files. The method (``METHOD.md``, Stage 1): for a weight
 ``W`` (out × in) and the calibration statistic ``C = Σ XᵀX`` (in × in) of its input, find the rank-``k``
@@ -16,10 +16,14 @@ exactly that projection, which needs no ``S⁻¹``:
 * ``out ≤ in``: ``Uₖ`` are the top-``k`` eigenvectors of ``M = W C̃ Wᵀ = (WS)(WS)ᵀ`` (out × out). No
   root of ``C`` is formed at all, so a singular ``C`` cannot fail (Llama's ``down_proj`` never
   factorises its 14336-wide statistic).
-* ``out > in``: ``S = L``, the Cholesky factor of ``C̃ + δI`` in fp64, where ``C̃ = C / (tr C / n)``
-  is trace-normalised and the shift ``δ`` starts at 1e-10 (relative to the mean eigenvalue) and
-  grows ×100 until the factorisation succeeds (singular and ill-conditioned ``C``). Then
-  ``N = (WL)ᵀ(WL)`` (in × in) gives the top-``k`` right vectors ``Vₖ`` and ``Uₖ = qr(W L Vₖ)``.
+* ``out > in``: with the thin QR ``W = Q R``, ``W C̃ Wᵀ = Q (R C̃ Rᵀ) Qᵀ``, so the top-``k``
+  eigenvectors ``Z`` of ``R C̃ Rᵀ`` (in × in) give ``Uₖ = Q Z``. No root of ``C`` here either: a
+  statistic that rounding made slightly indefinite only moves the bottom eigenvalues. (Until
+  2026-12-06 this branch took a Cholesky root of ``C̃ + δI``; the GPU's TF32 statistics of
+  Qwen2.5-14B's first block, where one direction carries nearly all the energy, were indefinite
+  beyond any small shift and the build stopped.)
+
+``C̃ = C / (tr C / n)`` is trace-normalised (mean eigenvalue 1) in both branches.
 
 The factors split the projection evenly: ``v = D⁻¹ Uₖᵀ W`` and ``u = Uₖ D`` with
 ``Dᵢ = ‖(Uₖᵀ W)ᵢ‖^{1/2}``, so that column ``i`` of ``u`` and row ``i`` of ``v`` have the same norm
@@ -44,9 +48,6 @@ import torch
 
 from emloc_engine.core.errors import DataError
 from emloc_engine.stages.emulator.options import SOLVERS
-
-_SHIFT_START = 1e-10
-_SHIFT_MAX = 1e-1
 
 
 @dataclass(frozen=True)
@@ -91,32 +92,6 @@ def normalized_statistics(c: torch.Tensor, dtype: torch.dtype = torch.float64) -
     return sym.mul_(0.5 / mean)
 
 
-def whitening_root(c: torch.Tensor) -> torch.Tensor:
-    """A lower-triangular ``L`` (fp64) with ``L Lᵀ = C̃ + δI`` (``C̃`` trace-normalised).
-
-    The shift ``δ`` starts at 1e-10 and grows ×100 until Cholesky succeeds; a positive-definite
-    ``C`` is shifted by 1e-10 of its mean eigenvalue, which changes no result above rounding.
-
-    Args:
-        c: ``Σ XᵀX`` (in × in); may be singular (zero, duplicate or collinear features).
-
-    Returns:
-        ``L`` (in × in, float64, on ``c``'s device).
-
-    Raises:
-        FloatingPointError: ``C`` is not finite, or not even ``C̃ + 0.1 I`` factorises.
-    """
-    cn = normalized_statistics(c, torch.float64)
-    eye = torch.eye(cn.shape[0], dtype=torch.float64, device=cn.device)
-    shift = _SHIFT_START
-    while shift <= _SHIFT_MAX:
-        chol, info = torch.linalg.cholesky_ex(cn + shift * eye)
-        if int(info) == 0:
-            return chol
-        shift *= 100.0
-    raise FloatingPointError("the calibration statistic is not positive semi-definite")
-
-
 def _top_eigenpairs(m: torch.Tensor, k: int, solver: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` eigenvalues (descending) and eigenvectors of a symmetric PSD ``m``."""
     m = (m + m.T) * 0.5
@@ -143,10 +118,10 @@ def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype
         c: ``Σ XᵀX`` of its input (in × in), fp32 or fp64, same device.
         rank: ``k``; clamped to ``min(out, in)`` (then ``u v = W`` up to rounding).
         dtype: dtype of the linear algebra and of the returned factors; default fp64 on the CPU,
-            fp32 elsewhere (the Cholesky root is always fp64).
+            fp32 elsewhere.
         solver: ``"eigh"`` (exact) or ``"randomized"`` (subspace iteration).
         cache: a dict shared by the modules that read the same ``c`` (q/k/v, gate/up): the
-            normalised statistic and its root are computed once per group instead of per module.
+            normalised statistic is computed once per group instead of per module.
 
     Returns:
         :class:`Factors` with ``u`` (out × k) and ``v`` (k × in) in ``dtype``.
@@ -166,22 +141,20 @@ def factorize(w: torch.Tensor, c: torch.Tensor, rank: int, *, dtype: torch.dtype
     if not bool(torch.isfinite(wd).all()):
         raise FloatingPointError("the weight holds NaN or Inf")
     cache = {} if cache is None else cache
+    key = f"norm-{dt}"
+    if key not in cache:
+        cache[key] = normalized_statistics(c, dt)
     if out_f <= in_f:
-        key = f"norm-{dt}"
-        if key not in cache:
-            cache[key] = normalized_statistics(c, dt)
         m = wd @ cache[key] @ wd.T
         total = float(torch.diagonal(m).sum())
         lam, basis = _top_eigenpairs(m, k, solver)
     else:
-        key = f"root-{dt}"
-        if key not in cache:
-            cache[key] = whitening_root(c).to(dt)
-        g = wd @ cache[key]
-        n = g.T @ g
-        total = float(torch.diagonal(n).sum())
-        lam, vk = _top_eigenpairs(n, k, solver)
-        basis, _ = torch.linalg.qr(g @ vk)
+        q, r = torch.linalg.qr(wd)
+        m = r @ cache[key] @ r.T
+        total = float(torch.diagonal(m).sum())
+        lam, z = _top_eigenpairs(m, k, solver)
+        basis = q @ z
+        del q, r
     v = basis.T @ wd
     d = v.norm(dim=1).sqrt()
     d = torch.where(d > 0, d, torch.ones_like(d))
