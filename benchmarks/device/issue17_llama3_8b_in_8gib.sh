@@ -1,6 +1,6 @@
 #!/bin/bash
 # GPU acceptance, call 1: Llama-3-8B shapes inside 8 GiB (issue 17), then anchors at 1,000 x 512 tokens
-# SKIP_RUN=1: only the anchors (the run part was measured on 2026-12-05)
+# SKIP_RUN=1: only the anchors, in a second call on the same warm machine (they need the run's emulator)
 set -u
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev4/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EMLOC_HOME=/tmp/emloc-home HF_HUB_OFFLINE=1
@@ -8,7 +8,8 @@ python3 -c "import torch,transformers,peft;print(torch.__version__,transformers.
 python3 -c "import emloc_engine.run.orchestrator, emloc_engine.weights.streamed, emloc_engine.weights.gguf_source; print('imports ok')" || exit 1
 free -g | head -2; df -h /tmp | tail -1
 T0=$(date +%s)
-python3 benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b --shards 4 2>&1 | tail -2
+# a later call on the same warm machine keeps the model (its tokenizer is written last) and the run's emulator
+[ -f /tmp/l8b/tokenizer_config.json ] || python3 benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b --shards 4 2>&1 | tail -2
 echo "model built in $(( $(date +%s) - T0 )) s"
 if [ -z "${SKIP_RUN:-}" ]; then
 timeout ${RUN_T:-440} python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part run --ratio auto --cap-gib 8 --exports ${EXPORTS:-merged,adapter} > $OUT/streamed-run-8b.json 2> /tmp/run8.err; echo "run rc=$? at $(( $(date +%s) - T0 )) s"
