@@ -286,14 +286,15 @@ def test_a_failing_factor_device_surfaces_the_error(tiny_llama: Path, tmp_path: 
         _config(tiny_llama, tmp_path / "x", factor_devices=("tpu",))
 
 
+@pytest.mark.parametrize(("failure", "hint"), [("the calibration statistic holds NaN or Inf", "overflowed"),
+                                               ("the weight holds NaN or Inf", "convert the model again")])
 def test_unusable_statistics_name_the_fix_for_their_cause(tiny_llama: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          failure: str, hint: str) -> None:
     import emloc_engine.stages.emulator.block_loop as emulator_module
 
-    hint = "overflowed"
-
     def broken(*args: Any, **kw: Any) -> Any:
-        raise FloatingPointError("the calibration statistic holds NaN or Inf")
+        raise FloatingPointError(failure)
 
     monkeypatch.setattr(emulator_module, "factorize", broken)
     with pytest.raises(DataError) as err:

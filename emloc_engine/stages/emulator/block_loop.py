@@ -242,6 +242,10 @@ class BlockLoop:
                 try:
                     f = factorize(w, c, mods[path].rank, dtype=self.ctx.linalg, solver=self.ctx.solver, cache=shared)
                 except FloatingPointError as exc:
+                    if "weight" in str(exc):
+                        raise DataError(f"The weight of {mods[path].name} holds NaN or Inf.",
+                                        hint="The model file is damaged or was saved with overflowed values; "
+                                             "download or convert the model again.") from exc
                     raise DataError(f"Statistics of {mods[path].name} are unusable: {exc}.",
                                     hint="The activations overflowed; use compute_dtype float32.") from exc
                 factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
