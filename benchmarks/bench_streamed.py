@@ -15,7 +15,9 @@ Three parts (``--part pass``, ``run``, ``anchors`` or ``all``), each under 10 mi
 * ``anchors``: training only, on the ``run`` part's emulator, over ``--examples`` examples of
   ``--max-length`` tokens (each visited once: steps = examples / batch), anchored (chunks of
   ``--anchor-ram-gib``, the original streamed) against unanchored: wall time, anchoring time, chunks,
-  the most RAM the offsets held, loss at the first and last step.
+  the most RAM the offsets held, loss at the first and last step. ``--modes blocks`` (or ``none``) runs
+  one side only, for a call too short for both; each finished mode is also written to
+  ``--work/bench_streamed-anchors.partial.json`` at once.
 
 Prints one JSON object (also written to ``--work/bench_streamed-PART.json``).
 
@@ -248,7 +250,8 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
         "steps": steps,
         "anchor_ram_gib": args.anchor_ram_gib,
     }
-    for mode in ("none", "blocks"):
+    partial = args.work / "bench_streamed-anchors.partial.json"
+    for mode in args.modes.split(","):
         cfg = TrainConfig(
             run_dir=args.work / f"train-{mode}",
             emulator_dir=emulator,
@@ -271,6 +274,7 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
             res = train_lora(cfg)
         except Exception as exc:
             out[mode] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": time.monotonic() - t0}
+            partial.write_text(json.dumps(out, indent=1, default=str) + "\n")
             continue
         out[mode] = {
             "wall_s": time.monotonic() - t0,
@@ -286,6 +290,8 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
             "last_loss": res.loss_history[-1][1],
             "final_eval_loss": res.final_eval_loss,
         }
+        # each mode lands on disk as it finishes: a call cut off in the next mode keeps this one
+        partial.write_text(json.dumps(out, indent=1, default=str) + "\n")
     if "wall_s" in out.get("none", {}) and "wall_s" in out.get("blocks", {}):
         out["anchored_extra_s"] = out["blocks"]["wall_s"] - out["none"]["wall_s"]
     return out
@@ -310,6 +316,8 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=1000, help="Training examples of the anchors part.")
     ap.add_argument("--anchor-batch", type=int, default=4)
     ap.add_argument("--anchor-ram-gib", type=float, default=4.0)
+    ap.add_argument("--modes", default="none,blocks",
+                    help="Anchor modes of the anchors part, in order (one per call when a call's time is short).")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script on a tiny model (no cap).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

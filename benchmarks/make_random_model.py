@@ -72,16 +72,19 @@ def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def model_config(arch: str) -> dict[str, Any]:
-    """The config.json of a preset (bf16)."""
-    return dict(PRESETS[arch], torch_dtype="bfloat16", bos_token_id=None, eos_token_id=3, pad_token_id=0,
-                hidden_act="silu", attention_bias=PRESETS[arch]["model_type"] == "qwen2")
+def model_config(arch: str, layers: int | None = None) -> dict[str, Any]:
+    """The config.json of a preset (bf16); ``layers`` keeps only the first blocks (per-block measurements)."""
+    cfg = dict(PRESETS[arch], torch_dtype="bfloat16", bos_token_id=None, eos_token_id=3, pad_token_id=0,
+               hidden_act="silu", attention_bias=PRESETS[arch]["model_type"] == "qwen2")
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    return cfg
 
 
-def make(arch: str, out: Path, shards: int, seed: int = 0) -> dict[str, Any]:
+def make(arch: str, out: Path, shards: int, seed: int = 0, layers: int | None = None) -> dict[str, Any]:
     from tests.tiny_models import make_tokenizer
 
-    cfg = model_config(arch)
+    cfg = model_config(arch, layers)
     out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -120,15 +123,17 @@ def main() -> None:
     ap.add_argument("--arch", choices=sorted(PRESETS), default="llama3-8b")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="Keep only this many decoder blocks (the same block shapes: per-block memory, fast to write).")
     ap.add_argument("--config-only", action="store_true",
                     help="Write config.json only (for `emloc plan`: the planner reads shapes from the config).")
     args = ap.parse_args()
     if args.config_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "config.json").write_text(json.dumps(model_config(args.arch), indent=2))
+        (args.out / "config.json").write_text(json.dumps(model_config(args.arch, args.layers), indent=2))
         print(json.dumps({"arch": args.arch, "out": str(args.out), "config_only": True}))
         return
-    print(json.dumps(make(args.arch, args.out, args.shards)))
+    print(json.dumps(make(args.arch, args.out, args.shards, layers=args.layers)))
 
 
 if __name__ == "__main__":

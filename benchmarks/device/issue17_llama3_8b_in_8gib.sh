@@ -1,6 +1,7 @@
 #!/bin/bash
 # GPU acceptance, call 1: Llama-3-8B shapes inside 8 GiB (issue 17), then anchors at 1,000 x 512 tokens
-# SKIP_RUN=1: only the anchors, in a second call on the same warm machine (they need the run's emulator)
+# SKIP_RUN=1: only the anchors, in a second call on the same warm machine (they need the run's emulator);
+# MODES=none or MODES=blocks: one side of the anchors comparison per call (each lands in anchors-partial-8b.json)
 set -u
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev4/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EMLOC_HOME=/tmp/emloc-home HF_HUB_OFFLINE=1
@@ -21,7 +22,7 @@ print({k:d.get(k) for k in ('stream_original','ratio','lambda_','total_s','error
 for s,v in d.get('stages',{}).items(): print(s,{k:v.get(k) for k in ('status','wall_s','measured_peak_gib','predicted_peak_gib','peak_rss_gib','within_cap','anchor_chunks')})
 PY
 fi
-REM=$(( 560 - ( $(date +%s) - T0 ) ))
+REM=$(( ${LIMIT:-560} - ( $(date +%s) - T0 ) ))
 echo "anchors part gets $REM s"
-if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 > $OUT/streamed-anchors-8b.json 2> /tmp/anc.err; echo "anchors rc=$?"; tail -3 /tmp/anc.err; fi
-cp /tmp/run8.err $OUT/run8.err 2>/dev/null; cp /tmp/st8/run/manifest.json $OUT/manifest-8b.json 2>/dev/null; true
+if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 --modes ${MODES:-none,blocks} > $OUT/streamed-anchors-8b.json 2> /tmp/anc.err; echo "anchors rc=$?"; tail -3 /tmp/anc.err; fi
+cp /tmp/st8/bench_streamed-anchors.partial.json $OUT/anchors-partial-8b.json 2>/dev/null; cp /tmp/run8.err $OUT/run8.err 2>/dev/null; cp /tmp/st8/run/manifest.json $OUT/manifest-8b.json 2>/dev/null; true
