@@ -229,6 +229,34 @@ def test_model_card_records_run_facts(tiny_llama: Path, tmp_path: Path) -> None:
         assert text in card, text
 
 
+def test_gpu_peak_spans_the_export_and_is_recorded(tiny_llama: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export's GPU peak is measured on the verification's device around the whole export (merge and
+    verification inside the block) and carried in the result; without verification no device is measured."""
+    seen: list[tuple[torch.device | None, bool]] = []
+
+    class FakePeak:
+        def __init__(self, device: torch.device | None) -> None:
+            self.device, self.gib = device, 0.0
+
+        def __enter__(self) -> FakePeak:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            seen.append((self.device, (run / "export_verification.json").is_file()))
+            self.gib = 1.25
+
+    monkeypatch.setattr(export_mod, "GpuPeak", FakePeak)
+    run = _run_with_adapter(tiny_llama, tmp_path)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), device="cpu"))
+    assert seen == [(torch.device("cpu"), True)]  # read after the verification, on its device
+    assert res.peak_vram_gib == 1.25 and res.to_dict()["peak_vram_gib"] == 1.25
+    assert "peak GPU 1.25 GiB" in export_mod.export_summary(res)
+    res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False,
+                                        overwrite=True))
+    assert seen[-1][0] is None and res.peak_vram_gib == 1.25
+
+
 def test_model_card_without_manifest(tiny_llama: Path, tmp_path: Path) -> None:
     run = _run_with_adapter(tiny_llama, tmp_path)
     res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False))

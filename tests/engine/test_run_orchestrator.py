@@ -53,6 +53,21 @@ def test_bad_settings_are_listed_together(tmp_path: Path) -> None:
     assert len(exc.value.problems) == 3
 
 
+def test_export_stage_records_its_gpu_peak(tmp_path: Path) -> None:
+    """The export's ``peak_vram_gib`` becomes the stage's measured peak in the manifest, as every stage's does."""
+    from emloc_engine.run.orchestrator import export_record, open_run, run_stage
+    from emloc_engine.stages.export.exporter import ExportResult
+
+    run = tmp_path / "run"
+    result = ExportResult(merged_dir=run / "merged", adapter_dir=None, gguf_path=None, verification=(),
+                          peak_rss_gib=1.0, peak_vram_gib=2.5)
+    with open_run(run) as session:
+        run_stage(session, "export", lambda: result, predicted_peak_gib=3.0, result_json=export_record)
+    rec = read_manifest(run).stage("export")  # type: ignore[union-attr]
+    assert rec.measured_peak_gib == 2.5 and rec.predicted_peak_gib == 3.0
+    assert rec.result["peak_vram_gib"] == 2.5
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_run_end_to_end_then_resume_then_guard(tiny_llama: Path, tmp_path: Path) -> None:

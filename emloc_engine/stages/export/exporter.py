@@ -65,6 +65,7 @@ from emloc_engine.core.layout import RunLayout
 from emloc_engine.core.memory import RssSampler
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.machine.devices import resolve_device
+from emloc_engine.machine.process_memory import GpuPeak
 from emloc_engine.stages.export.merge import (
     SAFETENSORS_DTYPES,
     LoraDelta,
@@ -139,6 +140,8 @@ class ExportResult:
         adapter_effect: max |logit change| the adapter causes on the original (0 means it does nothing).
         peak_rss_gib: the process's peak resident memory while exporting (sampled), verification included.
         merge_peak_rss_gib: the same during the streaming merge alone (about one tensor).
+        peak_vram_gib: the peak GPU memory torch allocated while exporting (the verification's; the merge
+            and the GGUF run on the CPU); 0.0 when nothing ran on a GPU.
     """
 
     merged_dir: Path | None
@@ -158,6 +161,7 @@ class ExportResult:
     modelfile_path: Path | None = None
     lmstudio_path: Path | None = None
     ollama_command: tuple[str, ...] | None = None
+    peak_vram_gib: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for the manifest and the CLI."""
@@ -170,7 +174,7 @@ class ExportResult:
             "adapter_effect": self.adapter_effect, "merged_modules": self.merged_modules,
             "peak_rss_gib": round(self.peak_rss_gib, 3), "merge_s": round(self.merge_s, 2),
             "gguf_s": round(self.gguf_s, 2), "verify_s": round(self.verify_s, 2), "wall_s": round(self.wall_s, 2),
-            "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3),
+            "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3), "peak_vram_gib": round(self.peak_vram_gib, 3),
             "adapter_gguf_path": str(self.adapter_gguf_path) if self.adapter_gguf_path else None,
             "modelfile_path": str(self.modelfile_path) if self.modelfile_path else None,
             "lmstudio_path": str(self.lmstudio_path) if self.lmstudio_path else None,
@@ -695,7 +699,8 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     merged_dir = gguf_path = out_adapter = None
     merge_peak = 0.0
     n_merged, t_merge, t_gguf, t_verify = 0, [0.0], [0.0], [0.0]
-    with RssSampler() as rss:
+    # Only the verification computes on a device (resident or streamed); its GPU, if any, is measured throughout.
+    with RssSampler() as rss, GpuPeak(resolve_device(cfg.device) if cfg.verify else None) as gpu:
         if "merged" in formats:
             card = render_card(collect_facts(cfg.run_facts, model_dir, adapter_dir, "merged model"))
             with _timer(t_merge), RssSampler() as merge_rss:
@@ -731,7 +736,7 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     progress.update(1.0, "Export done")
     return ExportResult(merged_dir, out_adapter, gguf_path, tuple(ver.diffs), rss.peak_bytes / 2**30,
                         tuple(ver.tols), ver.effect, n_merged, t_merge[-1], t_gguf[-1], t_verify[-1],
-                        time.monotonic() - t0, merge_peak, adapter_gguf, *handoff)
+                        time.monotonic() - t0, merge_peak, adapter_gguf, *handoff, peak_vram_gib=gpu.gib)
 
 
 def _hand_off(cfg: ExportConfig, layout: RunLayout, formats: set[str], gguf_path: Path | None,
@@ -803,7 +808,9 @@ def export_summary(result: ExportResult) -> str:
             lines.append(f"{label:8s} {p}")
     for (n, d), (_, t) in zip(result.verification, result.tolerances):
         lines.append(f"verified {n}: max |Δlogit| = {d:.3g} (tolerance {t:.3g})")
-    lines.append(f"peak RSS {result.peak_rss_gib:.2f} GiB, {result.wall_s:.1f} s")
+    gpu = getattr(result, "peak_vram_gib", 0.0)  # a VLM's export result has none
+    lines.append(f"peak RSS {result.peak_rss_gib:.2f} GiB" + (f", peak GPU {gpu:.2f} GiB" if gpu else "")
+                 + f", {result.wall_s:.1f} s")
     if result.ollama_command:
         from emloc_engine.stages.export.modelfile import command_text
 
