@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emloc_engine.core.architectures import arch_spec, num_blocks
-from emloc_engine.core.memory import RssSampler
 from emloc_engine.core.ranks import rank_for_ratio
+from emloc_engine.machine.process_memory import RssSampler
 from emloc_engine.stages.correction.corrector import (
     CorrectionConfig,
     correct_lora,

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emloc_engine.core.memory import RssSampler
+from emloc_engine.machine.process_memory import RssSampler
 from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 from emloc_engine.weights.lowrank import read_emulator_meta
 

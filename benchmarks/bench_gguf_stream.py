@@ -196,7 +196,7 @@ def _build(model_dir: Path, out: Path, args: argparse.Namespace, vocab: int) -> 
 
 def run_streamed(gguf_path: Path, work: Path, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     from emloc_engine.catalog.gguf_import import make_gguf_view
-    from emloc_engine.core.memory import RssSampler
+    from emloc_engine.machine.process_memory import RssSampler
     from emloc_engine.weights.gguf_source import MATERIALISED
 
     with RssSampler() as rss:
@@ -239,7 +239,7 @@ def legacy_convert(gguf_path: Path, out_dir: Path) -> None:
 
 
 def run_convert(gguf_path: Path, work: Path, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
-    from emloc_engine.core.memory import RssSampler
+    from emloc_engine.machine.process_memory import RssSampler
 
     out_dir = work / "converted"
     with RssSampler() as rss_convert:

@@ -4,7 +4,9 @@ Creates nothing itself: give it a model folder from ``make_random_model.py``. It
 original model's inference peak (the budget EMLoC promises to stay under), then runs the SAME
 pipeline as ``emloc run`` (emulator → training → correction with λ auto → merge export), and
 reports per stage: wall time, peak GPU memory (measured by the stage, torch allocator), the
-planner's prediction, and peak CPU RSS (sampled every 50 ms). Prints one JSON object.
+planner's prediction, and peak CPU RSS (sampled every 50 ms): ``peak_rss_gib`` the whole RSS (page cache of
+the memory-mapped shards included), ``peak_anon_rss_gib`` without file-backed pages (what the RAM plan
+counts, ``emloc_engine.machine.process_memory``). Prints one JSON object.
 
     python benchmarks/make_random_model.py --arch llama3-8b --out /tmp/l8b
     python benchmarks/bench_scale.py --model-dir /tmp/l8b --work /tmp/scale --steps 20
@@ -21,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emloc_engine.data.config import DataConfig
+from emloc_engine.machine.process_memory import resident_memory
 from emloc_engine.run.config import RunConfig
 from emloc_engine.run.manifest import read_manifest
 from emloc_engine.run.orchestrator import SLICES, run_stages
@@ -38,22 +40,24 @@ WORDS = ["thou", "art", "the", "king", "of", "france", "and", "I", "am", "but", 
 
 
 class StageMeter:
-    """A Progress that knows which stage is running (from the pipeline's bar slices) and samples RSS."""
+    """A Progress that knows which stage is running (from the pipeline's bar slices) and samples RSS: per stage
+    the peak whole RSS (``rss``, GiB) and the peak without file-backed pages (``anon``, GiB)."""
 
     def __init__(self) -> None:
         self.stage = "setup"
         self.t_start: dict[str, float] = {"setup": time.monotonic()}
         self.rss: dict[str, float] = {}
+        self.anon: dict[str, float] = {}
         self.messages: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        proc = psutil.Process()
         while not self._stop.wait(0.05):
-            gib = proc.memory_info().rss / 2**30
-            self.rss[self.stage] = max(self.rss.get(self.stage, 0.0), gib)
+            now, stage = resident_memory(), self.stage
+            self.rss[stage] = max(self.rss.get(stage, 0.0), now.total / 2**30)
+            self.anon[stage] = max(self.anon.get(stage, 0.0), now.anon / 2**30)
 
     def update(self, fraction: float, message: str = "") -> None:
         for name, (a, b) in SLICES.items():
@@ -140,10 +144,11 @@ def main() -> None:
             "measured_peak_gib": rec.measured_peak_gib,
             "predicted_peak_gib": rec.predicted_peak_gib,
             "peak_rss_gib": meter.rss.get(name),
+            "peak_anon_rss_gib": meter.anon.get(name),
             "under_inference_peak": (rec.measured_peak_gib or 0.0) <= out["inference_peak_gib"],
         }
         for key in ("tokens_per_s", "final_eval_loss", "correction_s", "eval_s", "merge_s", "peak_rss_gib",
-                    "lambda_table", "lambda_"):
+                    "peak_anon_rss_gib", "lambda_table", "lambda_"):
             if key in res:
                 stages[name][key] = res[key]
     out["stages"] = stages

@@ -251,6 +251,7 @@ def test_gpu_peak_spans_the_export_and_is_recorded(tiny_llama: Path, tmp_path: P
     res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), device="cpu"))
     assert seen == [(torch.device("cpu"), True)]  # read after the verification, on its device
     assert res.peak_vram_gib == 1.25 and res.to_dict()["peak_vram_gib"] == 1.25
+    assert 0 < res.peak_anon_rss_gib <= res.peak_rss_gib and "peak_anon_rss_gib" in res.to_dict()
     assert "peak GPU 1.25 GiB" in export_mod.export_summary(res)
     res = merge_and_export(ExportConfig(run_dir=run, model_dir=tiny_llama, formats=("merged",), verify=False,
                                         overwrite=True))

@@ -62,10 +62,9 @@ from emloc_engine.catalog.locations import inside, protected_place
 from emloc_engine.core.atomic import atomic_dir, write_json_atomic, write_text_atomic
 from emloc_engine.core.errors import MergeError, ModelNotFound
 from emloc_engine.core.layout import RunLayout
-from emloc_engine.core.memory import RssSampler
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.machine.devices import resolve_device
-from emloc_engine.machine.process_memory import GpuPeak
+from emloc_engine.machine.process_memory import GpuPeak, RssSampler
 from emloc_engine.stages.export.merge import (
     SAFETENSORS_DTYPES,
     LoraDelta,
@@ -138,8 +137,11 @@ class ExportResult:
         verification: ``(export, max |logit − reference logit|)`` per verified export.
         tolerances: ``(export, allowed difference)`` in the same order.
         adapter_effect: max |logit change| the adapter causes on the original (0 means it does nothing).
-        peak_rss_gib: the process's peak resident memory while exporting (sampled), verification included.
+        peak_rss_gib: the process's peak resident memory while exporting (sampled), verification included;
+            file-backed pages (memory-mapped shards read for the verification) count.
         merge_peak_rss_gib: the same during the streaming merge alone (about one tensor).
+        peak_anon_rss_gib: ``peak_rss_gib`` without file-backed pages (anonymous + shared memory,
+            :func:`~emloc_engine.machine.process_memory.resident_memory`): what the run's RAM plan counts.
         peak_vram_gib: the peak GPU memory torch allocated while exporting (the verification's; the merge
             and the GGUF run on the CPU); 0.0 when nothing ran on a GPU.
     """
@@ -162,6 +164,7 @@ class ExportResult:
     lmstudio_path: Path | None = None
     ollama_command: tuple[str, ...] | None = None
     peak_vram_gib: float = 0.0
+    peak_anon_rss_gib: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for the manifest and the CLI."""
@@ -175,6 +178,7 @@ class ExportResult:
             "peak_rss_gib": round(self.peak_rss_gib, 3), "merge_s": round(self.merge_s, 2),
             "gguf_s": round(self.gguf_s, 2), "verify_s": round(self.verify_s, 2), "wall_s": round(self.wall_s, 2),
             "merge_peak_rss_gib": round(self.merge_peak_rss_gib, 3), "peak_vram_gib": round(self.peak_vram_gib, 3),
+            "peak_anon_rss_gib": round(self.peak_anon_rss_gib, 3),
             "adapter_gguf_path": str(self.adapter_gguf_path) if self.adapter_gguf_path else None,
             "modelfile_path": str(self.modelfile_path) if self.modelfile_path else None,
             "lmstudio_path": str(self.lmstudio_path) if self.lmstudio_path else None,
@@ -736,7 +740,8 @@ def merge_and_export(cfg: ExportConfig, progress: Progress = NULL_PROGRESS) -> E
     progress.update(1.0, "Export done")
     return ExportResult(merged_dir, out_adapter, gguf_path, tuple(ver.diffs), rss.peak_bytes / 2**30,
                         tuple(ver.tols), ver.effect, n_merged, t_merge[-1], t_gguf[-1], t_verify[-1],
-                        time.monotonic() - t0, merge_peak, adapter_gguf, *handoff, peak_vram_gib=gpu.gib)
+                        time.monotonic() - t0, merge_peak, adapter_gguf, *handoff, peak_vram_gib=gpu.gib,
+                        peak_anon_rss_gib=rss.peak_anon_bytes / 2**30)
 
 
 def _hand_off(cfg: ExportConfig, layout: RunLayout, formats: set[str], gguf_path: Path | None,
@@ -808,9 +813,11 @@ def export_summary(result: ExportResult) -> str:
             lines.append(f"{label:8s} {p}")
     for (n, d), (_, t) in zip(result.verification, result.tolerances):
         lines.append(f"verified {n}: max |Δlogit| = {d:.3g} (tolerance {t:.3g})")
-    gpu = getattr(result, "peak_vram_gib", 0.0)  # a VLM's export result has none
-    lines.append(f"peak RSS {result.peak_rss_gib:.2f} GiB" + (f", peak GPU {gpu:.2f} GiB" if gpu else "")
-                 + f", {result.wall_s:.1f} s")
+    gpu = getattr(result, "peak_vram_gib", 0.0)  # a VLM's export result has neither
+    anon = getattr(result, "peak_anon_rss_gib", 0.0)
+    lines.append(f"peak RSS {result.peak_rss_gib:.2f} GiB"
+                 + (f" ({anon:.2f} GiB without memory-mapped files)" if anon else "")
+                 + (f", peak GPU {gpu:.2f} GiB" if gpu else "") + f", {result.wall_s:.1f} s")
     if result.ollama_command:
         from emloc_engine.stages.export.modelfile import command_text
 
