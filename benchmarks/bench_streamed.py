@@ -156,6 +156,8 @@ def part_run(args: argparse.Namespace) -> dict[str, Any]:
             # what max_memory_allocated is compared to: the peak less the CUDA context and allocator slack
             "predicted_allocated_gib": (plan.get("predicted_allocated_gib") or {}).get(name),
             "peak_rss_gib": meter.rss.get(name),
+            # anonymous + shared (heap, pinned buffers): what the plan's RAM is compared to; RSS adds the page cache
+            "peak_anon_rss_gib": meter.anon.get(name),
             "within_cap": (rec.measured_peak_gib or 0.0) <= args.cap_gib,
         }
         for key in (

@@ -19,7 +19,7 @@ python3 - <<'PY'
 import json,os
 d=json.load(open(os.environ['OUT']+'/streamed-run-8b.json'))['run']
 print({k:d.get(k) for k in ('stream_original','ratio','lambda_','total_s','error','failed_in','plan')})
-for s,v in d.get('stages',{}).items(): print(s,{k:v.get(k) for k in ('status','wall_s','measured_peak_gib','predicted_peak_gib','peak_rss_gib','within_cap','anchor_chunks')})
+for s,v in d.get('stages',{}).items(): print(s,{k:v.get(k) for k in ('status','wall_s','measured_peak_gib','predicted_peak_gib','peak_rss_gib','peak_anon_rss_gib','within_cap','anchor_chunks')})
 PY
 fi
 REM=$(( ${LIMIT:-560} - ( $(date +%s) - T0 ) ))
