@@ -44,6 +44,21 @@ from emloc_engine.stages.emulator.writer import (
 from emloc_engine.weights.checkpoint import Checkpoint
 
 
+def release_storage(t: torch.Tensor) -> None:
+    """Free ``t``'s memory now, whoever still references the tensor object (its storage shrinks to 0 bytes).
+
+    The input embedding is needed only to embed the calibration tokens, but on a GPU it stayed allocated
+    through every block: the allocator's history of a Qwen2.5-14B build (2026-12-06, H100,
+    ``benchmarks/device/emulator_peak_trace.py``) showed its 1.45 GiB live at the forward's peak (6.47 GiB),
+    although no reference to it is visible in the build's code, and a CPU build frees it. Shrinking the storage
+    does not depend on finding the holder. A memory-mapped tensor (a CPU read of the shards) cannot be resized
+    and is left alone: it holds no device memory.
+    """
+    storage = t.untyped_storage()
+    if storage.resizable():
+        storage.resize_(0)
+
+
 def _block_tensors(ckpt: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
     """Every tensor of one block, CPU, stored dtype, keyed by its name inside the block."""
     return ckpt.read_prefix(prefix)
@@ -165,6 +180,7 @@ class BlockLoop:
                                            chunk_samples([len(s) for s in ctx.samples], ctx.layout.chunk_tokens),
                                            device=self.device, dtype=ctx.compute, pad_id=pad,
                                            offload=ctx.layout.offload_hidden)
+        release_storage(embed)
         return model
 
     def spectra(self, modules: set[str], progress: Progress) -> dict[str, list[float]]:
@@ -250,6 +266,7 @@ class BlockLoop:
                                     hint="The activations overflowed; use compute_dtype float32.") from exc
                 factors[path] = (f.u.to(w.dtype).cpu(), f.v.to(w.dtype).cpu())
                 errors[path] = f.rel_error
+                del f  # its fp32 u, v would stay on the device through the next module's factorisation
             del c, shared
         return factors, errors
 
