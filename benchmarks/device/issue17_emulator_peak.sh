@@ -6,5 +6,6 @@ set -u
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev4/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EMLOC_HOME=/tmp/emloc-home HF_HUB_OFFLINE=1
 python3 -c "import torch,transformers;print(torch.__version__,transformers.__version__, torch.cuda.get_device_name())"
-python3 benchmarks/device/emulator_peak_trace.py --arch qwen2.5-14b --budget-gib 13.73 --out $OUT/peak-trace-qwen25-14b.json 2>&1 | grep -v Warn | tail -40
-python3 benchmarks/device/emulator_peak_trace.py --arch llama3-8b --budget-gib 6.80 --out $OUT/peak-trace-llama3-8b.json 2>&1 | grep -v Warn | tail -40
+for A in ${ARCHS:-qwen2.5-14b:13.73 llama3-8b:6.80}; do
+  python3 benchmarks/device/emulator_peak_trace.py --arch ${A%%:*} --budget-gib ${A##*:} --out $OUT/peak-trace-${A%%:*}.json 2>&1 | grep -v Warn | tail -40
+done

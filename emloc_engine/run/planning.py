@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from emloc_engine.catalog.model_facts import ModelFacts
+from emloc_engine.core.calibration_chunks import calibration_chunking, default_build_budget
 from emloc_engine.core.dtypes import ELEMENT_BYTES
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
@@ -100,10 +101,6 @@ class PlannerConstants:
     lora_param_bytes: int = 4  # peft keeps adapter weights in fp32 (autocast_adapter_dtype)
     adam_state_bytes: int = 8  # AdamW exp_avg + exp_avg_sq in fp32
     stats_bytes: int = 4  # calibration statistics C = Σ XᵀX in fp32
-    factor_in2_copies: float = 3.0  # eigh of C: C, eigenvectors, S⁻¹ (in × in, fp32)
-    factor_outin_copies: float = 3.0  # W fp32, W·S, U (out × in, fp32)
-    factor_bytes: int = 4  # factorisation dtype
-    build_hidden_copies: float = 2.0  # calibration inputs and outputs of the current block
     correction_module_copies: float = 3.0  # W fp32, Wᴱ = u·v fp32, W − Wᴱ
     # --- time model (rough: ±50%) ---
     # Calibrated 2026-11-29 on the H200 (Llama-3-8B shapes, batch 1, seq 1024): the engine's trainer
@@ -185,7 +182,6 @@ class PlanConfig:
     device: str = field(default="cuda", metadata={"help": "cuda | rocm | mps | cpu (no CUDA context on cpu/mps)."})
     gpu_name: str | None = field(default=None, metadata={"help": "GPU name, for the time estimates."})
     calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences for the emulator."})
-    calibration_batch: int = field(default=8, metadata={"help": "Calibration sequences per forward chunk."})
     train_steps: int = field(default=100, metadata={"help": "Optimizer steps, for the time estimate."})
     sample_tokens: int | None = field(default=None, metadata={
         "help": "Tokens of a typical padded training sample, for the time estimate (memory always plans "
@@ -232,8 +228,8 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("context_length", "batch_size", "lora_rank", "calibration_samples", "calibration_batch",
-                     "train_steps", "eval_batches", "train_eval_batches", "eval_batch_size", "lambda_candidates", "num_gpus"):
+        for name in ("context_length", "batch_size", "lora_rank", "calibration_samples", "train_steps",
+                     "eval_batches", "train_eval_batches", "eval_batch_size", "lambda_candidates", "num_gpus"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1 (got {getattr(self, name)}).")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
@@ -598,69 +594,107 @@ def anchored_training(cfg: PlanConfig) -> bool:
     return cfg.anchored
 
 
+def build_chunk(facts: ModelFacts, cfg: PlanConfig, budget_bytes: int | None = None) -> tuple[int, bool]:
+    """The padded tokens of the emulator build's largest forward chunk and whether its hidden states wait in RAM.
+
+    The builder's own rule (:func:`~emloc_engine.core.calibration_chunks.calibration_chunking`, called by
+    :func:`~emloc_engine.stages.emulator.memory_plan.plan_build_memory`) for ``calibration_samples`` samples of
+    ``context_length`` tokens; a chunk holds whole samples (``calibration.chunk_samples``).
+    """
+    b = compute_bytes(facts, cfg)
+    on_cuda = cfg.device in ("cuda", "rocm")
+    n_tokens = cfg.calibration_samples * cfg.context_length
+    budget = budget_bytes if budget_bytes is not None else default_build_budget(
+        facts.num_parameters * facts.dtype_bytes, cfg.gpu_total_bytes if on_cuda else None)
+    chunking = calibration_chunking(
+        hidden_size=facts.hidden_size, intermediate_size=facts.intermediate_size,
+        block_bytes=facts.block_parameters * facts.dtype_bytes, elem=b, budget_bytes=budget,
+        max_len=cfg.context_length, total_tokens=n_tokens, on_cuda=on_cuda)
+    samples = min(max(1, chunking.chunk_tokens // cfg.context_length), cfg.calibration_samples)
+    return samples * cfg.context_length, chunking.offload_hidden
+
+
+def _factor_workspace(out_f: int, in_f: int, lb: int) -> int:
+    """Device bytes :func:`~emloc_engine.stages.emulator.factorize.factorize` holds for one module besides the group's
+    statistic C: the normalised C̃ (in²), W in the linear-algebra dtype (out·in), for out > in its QR factors
+    (out·in + in²), then the larger of ``W C̃`` with the product it feeds (out·in + s²) and the eigen step
+    (the product, its symmetrised copy and ``linalg.eigh``'s input copy, vectors and workspace: 7·s²,
+    s = min(out, in)). Traced on an H100 for a Qwen2.5-14B down_proj (2026-12-06): eigh took 5.0·s²."""
+    s2 = min(out_f, in_f) ** 2
+    qr = out_f * in_f + in_f**2 if out_f > in_f else 0
+    return lb * (in_f**2 + out_f * in_f + qr + max(out_f * in_f + s2, 7 * s2))
+
+
 def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget_bytes: int | None = None) -> StagePeak:
     """Streaming emulator construction (:mod:`emloc_engine.stages.emulator.builder`): one block on the GPU at a time.
 
-    ``block·b + ρ·block_lin·b + hidden + Σ_groups in²·4 + max(chunk forward, factor workspace) + runtime``.
-    With a budget the builder sizes its forward chunks to a quarter of it
-    (``chunk = max(T, budget/4 / ((8h + 4I)·b + 8h))`` tokens) and keeps the calibration hidden
-    states (``N·T·h·b``, inputs and outputs) on the GPU only when they take less than a quarter;
-    otherwise they live in CPU RAM and one chunk at a time visits the GPU. The factorisation
-    workspace of the largest module is ``(3·in² + 3·out·in)·4`` (fp32 eigh + SVD).
+    The larger of two phases, each what the build's code holds (an allocator trace of a Qwen2.5-14B build on an
+    H100, 2026-12-06, ``benchmarks/device/emulator_peak_trace.py``, named every term):
+
+    * forward, at the statistics hook of the widest input ``W`` (down_proj's, ``I``) in the largest chunk of ``T``
+      tokens (:func:`build_chunk`, the builder's own rule): the block, every group's ΣXᵀX, every sample's hidden
+      state (one chunk's when they wait in RAM), and the chunk's residual and norm output (``2·T·h·b``), the MLP
+      product and its copy in the statistics dtype (``T·W·(b + 4)``), the product ``XᵀX`` before it is added
+      when there are several chunks (``W²·4``), the rotary tables (``T·d_head·8``);
+    * factorise: the block, the chunks' outputs, the statistics not yet used and one module's workspace
+      (:func:`_factor_workspace`).
+
+    The capture of block 0's input (embeddings + hidden states) is a third, usually smaller, phase; the input
+    embedding is released once the calibration tokens are embedded.
     """
     from emloc_engine.core.architectures import arch_spec
+    from emloc_engine.run.plan_streaming import cublas_workspace, stage_ram
 
     c, b = cfg.constants, compute_bytes(facts, cfg)
+    on_cpu = cfg.device == "cpu"
+    sb = 8 if on_cpu else c.stats_bytes  # the builder keeps statistics in fp64 on the CPU
+    lb = 8 if on_cpu else 4  # and factorises in fp64 there
     n_tokens = cfg.calibration_samples * cfg.context_length
-    h, inter = facts.hidden_size, facts.intermediate_size
-    if budget_bytes is None:
-        chunk_tokens = min(cfg.calibration_batch, cfg.calibration_samples) * cfg.context_length
-        offload = False
-    else:
-        per_token = (8 * h + 4 * inter) * max(b, 2) + 8 * h
-        chunk_tokens = max(cfg.context_length, min(budget_bytes // 4 // per_token, 1 << 17))
-        offload = n_tokens * h * 4 > budget_bytes // 4
-    chunk_tokens = min(chunk_tokens, n_tokens)
-    block = facts.block_parameters * b
-    compressed = int(min(1.0, ratio) * facts.linear_parameters_per_block * b)
-    hidden = int(c.build_hidden_copies * (chunk_tokens if offload else n_tokens) * h * b)
+    h = facts.hidden_size
+    chunk_tokens, offload = build_chunk(facts, cfg, budget_bytes)
+    chunks = math.ceil(n_tokens / chunk_tokens)
+    block = facts.block_parameters * facts.dtype_bytes + (facts.block_parameters * b if b != facts.dtype_bytes else 0)
+    hidden = (chunk_tokens if offload else n_tokens) * h * b
     shapes = {m.name: m for m in facts.modules}
     try:
         groups = [[shapes[n] for n in g.modules if n in shapes] for g in arch_spec({"model_type": facts.model_type}).groups]
     except Exception:
         groups = [[m] for m in facts.modules]
-    stats = sum(g[0].in_features ** 2 * c.stats_bytes for g in groups if g)
-    chunk = _layer_act(facts, chunk_tokens, b, c.infer_act_h, c.infer_act_i, c.infer_act_qkv)
-    workspace = max(int((c.factor_in2_copies * m.in_features ** 2 + c.factor_outin_copies * m.numel) * c.factor_bytes)
-                    for m in facts.modules)
+    groups = [g for g in groups if g]
+    group_stats = [g[0].in_features ** 2 * sb for g in groups]
+    stats = sum(group_stats)
+    widest = max(g[0].in_features for g in groups)
+    forward = (chunk_tokens * (2 * h * b + widest * (b + sb) + facts.head_dim * 8)
+               + (widest**2 * sb if chunks > 1 else 0))
+    factor = max(sum(group_stats[i:]) - stats + max(_factor_workspace(m.out_features, m.in_features, lb) for m in g)
+                 for i, g in enumerate(groups))  # beyond the statistics counted with the forward's
     embed = facts.embedding_parameters * b  # materialised once, to embed the calibration tokens
-    lin_flops = sum(c.eigh_flop_coef * g[0].in_features ** 3 for g in groups if g) + sum(
+    lin_flops = sum(c.eigh_flop_coef * g[0].in_features ** 3 for g in groups) + sum(
         c.svd_flop_coef * m.numel * min(m.out_features, m.in_features) for m in facts.modules)
-    linalg = c.linalg_flops_cpu if cfg.device == "cpu" else c.linalg_flops_gpu
+    linalg = c.linalg_flops_cpu if on_cpu else c.linalg_flops_gpu
     fwd = _forward_flops(facts, facts.num_parameters, n_tokens, cfg.context_length)
-    stats_flops = facts.num_layers * n_tokens * sum(2 * g[0].in_features ** 2 for g in groups if g)
-    stats_rate = c.stats_flops_cpu if cfg.device == "cpu" else c.stats_flops_gpu
+    stats_flops = facts.num_layers * n_tokens * sum(2 * g[0].in_features ** 2 for g in groups)
+    stats_rate = c.stats_flops_cpu if on_cpu else c.stats_flops_gpu
     seconds = (facts.num_layers * lin_flops / linalg + fwd / (flops_per_second(cfg) * c.infer_mfu)
                + stats_flops / stats_rate + facts.num_parameters * facts.dtype_bytes / c.disk_bytes_per_s)
     if cfg.num_gpus > 1:
         # GPUs 1..N-1 factorise finished blocks (each holds one block's W and C plus the workspace);
         # GPU 0 keeps one more block's statistics in flight and only the forward's transient memory,
         # and the linear algebra overlaps the forward of the next block.
-        workspace = 0
+        factor = 0
         stats *= 2
         seconds -= min(facts.num_layers * lin_flops / linalg, fwd / (flops_per_second(cfg) * c.infer_mfu)
                        + stats_flops / stats_rate)
-    per_block = block + compressed + stats + max(workspace, chunk)
-    if embed + hidden // 2 > per_block:
-        parts = [("embeddings (capture)", embed), ("calibration hidden states", hidden // 2)]
+    common = block + stats + hidden
+    if embed + hidden > common + max(forward, factor):
+        parts = [("embeddings (capture)", embed), ("calibration hidden states", hidden)]
     else:
-        parts = [("one block (original)", block), ("one block (compressed)", compressed),
-                 ("calibration hidden states", hidden), ("statistics ΣXᵀX (fp32)", stats),
-                 ("factorisation workspace" if workspace >= chunk else "calibration forward", max(workspace, chunk))]
-    from emloc_engine.run.plan_streaming import stage_ram
-
+        phase = (("calibration forward", forward) if forward >= factor else ("factorisation workspace", factor))
+        parts = [("one block (original)", block), ("statistics ΣXᵀX (fp32)", stats), ("calibration hidden states", hidden),
+                 phase]
+    parts.append(("cuBLAS workspace", cublas_workspace(cfg)))
     ram = stage_ram(facts, cfg, "emulator", ratio=ratio, streamed=True,
-                    hidden_offloaded=int(c.build_hidden_copies * n_tokens * h * b) if offload else 0)
+                    hidden_offloaded=2 * n_tokens * h * b if offload else 0)
     return replace(_stage("emulator", parts, cfg, seconds), ram_bytes=ram, streamed=True)
 
 

@@ -336,3 +336,28 @@ def test_an_anchor_pass_whose_groups_do_not_fit_runs_one_example_at_a_time() -> 
     grouped = ps.streamed_anchor_peak(smol, at, plan.ratio, 0.0, 0, keep_bytes=0)  # 4,096-token groups
     assert grouped.peak_bytes > plan.limit_bytes >= train.peak_bytes
     assert plan.ratio >= 0.5
+
+
+def test_the_emulator_build_is_the_sum_of_what_its_allocator_trace_held() -> None:
+    # benchmarks/device/emulator_peak_trace.py on an H100 (2026-12-06): a two-block Qwen2.5-14B build with the
+    # 48-block run's budget (13.73 GiB; 64 × 512 calibration tokens, one chunk) peaked at 6.470 GiB, as the full
+    # run did; 1.450 GiB of it was the input embedding, which the build now releases after the capture.
+    from emloc_engine.run.planning import build_chunk, emulator_build_peak
+
+    qwen = reference_facts("Qwen2.5-14B")
+    cfg = replace(RUN, ratio=0.3, budget_bytes=int(15.2 * GIB), gpu_total_bytes=16 * GIB)
+    budget = int(13.73 * GIB)
+    assert build_chunk(qwen, cfg, budget) == (32768, False)  # the builder's chunk 51,600 holds all 64 samples
+    h, i, t = 5120, 13824, 32768
+    want = {
+        "one block (original)": qwen.block_parameters * 2,  # traced: 0.513 GiB in 12 tensors
+        "statistics ΣXᵀX (fp32)": 4 * (3 * h * h + i * i),  # traced: 1.005 GiB in 4
+        "calibration hidden states": t * h * 2,  # the chunk's input (traced 0.312, the embedding's output)
+        # residual + norm output (2 × 0.312), the MLP product (0.844) and its fp32 copy (1.688), rotary tables (0.031)
+        "calibration forward": t * (2 * h * 2 + i * (2 + 4) + 128 * 8),
+        "cuBLAS workspace": CUBLAS,
+    }
+    stage = emulator_build_peak(qwen, cfg, 0.3, budget_bytes=budget)
+    assert _parts(stage) == want
+    traced = 6.470 - 1.450  # GiB, without the embedding
+    assert traced <= stage.allocated_bytes / GIB <= 1.02 * traced

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from emloc_engine.core.architectures import num_blocks
+from emloc_engine.core.calibration_chunks import calibration_chunking, default_build_budget
 from emloc_engine.weights.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,11 @@ class MemoryLayout:
 
 def plan_build_memory(hf_config: Any, ckpt: Checkpoint, device: torch.device, lengths: list[int], elem: int, *,
                       budget_bytes: int | None = None, chunk_tokens: int | None = None) -> MemoryLayout:
-    """Chunking from the memory budget, with an explicit account of what stays resident.
+    """Chunking from the memory budget (:func:`~emloc_engine.core.calibration_chunks.calibration_chunking`,
+    the rule the planner predicts with).
 
     Budget (default): 40% of the checkpoint's bytes, at least 2 GiB, at most the device's total,
-    so construction peaks well under half of the model's inference peak. Resident: the hidden states
-    of every sample (``tokens × hidden × elem``), the group statistics (``Σ in² × 4``), one block
-    twice (stored + compute copy) and the factorisation temporaries (``≈ 3 · widest_in² × 4``).
-    The rest goes to activations of one chunk, about ``(8·intermediate + 16·hidden)`` bytes per
-    token in bf16. When that leaves less than one sample, the hidden states move to (pinned) CPU
-    memory.
+    so construction peaks well under half of the model's inference peak.
 
     Args:
         hf_config: the model's transformers config (``hidden_size``, ``intermediate_size``).
@@ -54,30 +51,22 @@ def plan_build_memory(hf_config: Any, ckpt: Checkpoint, device: torch.device, le
     Returns:
         The :class:`MemoryLayout`.
     """
-    max_len = max(lengths)
-    h = int(hf_config.hidden_size)
-    inter = int(getattr(hf_config, "intermediate_size", 4 * h) or 4 * h)
-    per_token = (8 * inter + 16 * h) * max(elem, 2) // 2
     if budget_bytes is not None:
         budget = budget_bytes
     else:
-        budget = max(2 << 30, int(0.4 * sum(i.nbytes for i in ckpt.infos())))
-        if device.type == "cuda":
-            budget = min(budget, torch.cuda.get_device_properties(device).total_memory)
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        budget = default_build_budget(sum(i.nbytes for i in ckpt.infos()), total)
     blocks = max(1, num_blocks(hf_config))
-    block_bytes = sum(i.nbytes for i in ckpt.infos() if ".layers." in i.name) // blocks
-    fixed = 4 * (3 * h * h + inter * inter) + 2 * block_bytes * max(1, elem // 2) + 3 * 4 * max(h, inter) ** 2
-    hidden = sum(lengths) * h * elem
-    offload = device.type == "cuda" and budget - fixed - hidden < per_token * max_len
-    room = budget - fixed - (0 if offload else hidden)
-    if chunk_tokens is not None:
-        chunk = max(chunk_tokens, max_len)
-    else:
-        chunk = max(max_len, min(room // per_token, 1 << 17))
-        if room < per_token * max_len:
-            log.warning("memory budget of %.1f GiB is tight for %d-token samples; running one sample at a time",
-                        budget / 2**30, max_len)
-    return MemoryLayout(int(budget), int(chunk), bool(offload))
+    h = int(hf_config.hidden_size)
+    chunking = calibration_chunking(
+        hidden_size=h, intermediate_size=int(getattr(hf_config, "intermediate_size", 4 * h) or 4 * h),
+        block_bytes=sum(i.nbytes for i in ckpt.infos() if ".layers." in i.name) // blocks, elem=elem,
+        budget_bytes=budget, max_len=max(lengths), total_tokens=sum(lengths), on_cuda=device.type == "cuda",
+        chunk_tokens=chunk_tokens)
+    if chunking.tight:
+        log.warning("memory budget of %.1f GiB is tight for %d-token samples; running one sample at a time",
+                    budget / 2**30, max(lengths))
+    return MemoryLayout(int(budget), chunking.chunk_tokens, chunking.offload_hidden)
 
 
 __all__ = ["MemoryLayout", "plan_build_memory"]
