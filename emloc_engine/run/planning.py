@@ -690,7 +690,7 @@ def emulator_build_peak(facts: ModelFacts, cfg: PlanConfig, ratio: float, budget
         parts = [("embeddings (capture)", embed), ("calibration hidden states", hidden)]
     else:
         phase = (("calibration forward", forward) if forward >= factor else ("factorisation workspace", factor))
-        parts = [("one block (original)", block), ("statistics ΣXᵀX (fp32)", stats), ("calibration hidden states", hidden),
+        parts = [("one block (original)", block), (f"statistics ΣXᵀX (fp{8 * sb})", stats), ("calibration hidden states", hidden),
                  phase]
     parts.append(("cuBLAS workspace", cublas_workspace(cfg)))
     ram = stage_ram(facts, cfg, "emulator", ratio=ratio, streamed=True,
