@@ -236,8 +236,53 @@ def part_pass(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+class StderrProgress:
+    """Prints every new progress message with the seconds since the part began (stderr lands in the device's
+    $OUT as it is written, so a call cut off mid-part still says how far each phase got)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.t0, self.last = label, time.monotonic(), ""
+
+    def update(self, fraction: float, message: str = "") -> None:
+        if message and message != self.last:
+            self.last = message
+            print(f"[{self.label} {time.monotonic() - self.t0:7.1f} s {fraction:5.1%}] {message}", file=sys.stderr,
+                  flush=True)
+
+    def log(self, name: str, value: float, step: int) -> None:
+        if name.startswith("anchor"):
+            print(f"[{self.label} {time.monotonic() - self.t0:7.1f} s] {name}={value:.4g} at {step}", file=sys.stderr,
+                  flush=True)
+
+    def check_cancelled(self) -> None:
+        pass
+
+
+def _timed_chunks() -> None:
+    """Print each anchor chunk's wall time as it is computed (the engine records only the total)."""
+    from emloc_engine.stages.training import anchor_chunks
+
+    ensure = anchor_chunks.AnchorFeed.ensure
+    if getattr(ensure, "timed", False):
+        return
+
+    def timed(self: Any, anchors: Any, needed: Any, upcoming: Any, model: Any) -> None:
+        before, t0 = self.chunks, time.monotonic()
+        ensure(self, anchors, needed, upcoming, model)
+        if self.chunks != before:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            print(f"[anchor chunk {self.chunks}] {time.monotonic() - t0:.2f} s, {len(anchors.offsets)} examples held",
+                  file=sys.stderr, flush=True)
+
+    timed.timed = True  # type: ignore[attr-defined]
+    anchor_chunks.AnchorFeed.ensure = timed  # type: ignore[method-assign]
+
+
 def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
     from emloc_engine.stages.training.trainer import TrainConfig, train_lora
+
+    _timed_chunks()
 
     emulator = args.work / "run" / "emulator"
     if not (emulator / "emloc.json").is_file():
@@ -273,7 +318,7 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.monotonic()
         try:
-            res = train_lora(cfg)
+            res = train_lora(cfg, StderrProgress(f"anchors/{mode}"))
         except Exception as exc:
             out[mode] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": time.monotonic() - t0}
             partial.write_text(json.dumps(out, indent=1, default=str) + "\n")

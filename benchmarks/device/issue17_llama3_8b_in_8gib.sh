@@ -24,5 +24,5 @@ PY
 fi
 REM=$(( ${LIMIT:-560} - ( $(date +%s) - T0 ) ))
 echo "anchors part gets $REM s"
-if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 --examples ${EXAMPLES:-1000} --modes ${MODES:-none,blocks} > $OUT/streamed-anchors-8b.json 2> /tmp/anc.err; echo "anchors rc=$?"; tail -3 /tmp/anc.err; fi
-cp /tmp/st8/bench_streamed-anchors.partial.json $OUT/anchors-partial-8b.json 2>/dev/null; cp /tmp/run8.err /tmp/anc.err $OUT/ 2>/dev/null; cp /tmp/st8/run/manifest.json $OUT/manifest-8b.json 2>/dev/null; true
+if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout -k 5 $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 --examples ${EXAMPLES:-1000} --modes ${MODES:-none,blocks} > $OUT/streamed-anchors-8b.json 2> $OUT/anc.err; echo "anchors rc=$?"; grep -v Warn $OUT/anc.err | tail -8; fi
+cp /tmp/st8/bench_streamed-anchors.partial.json $OUT/anchors-partial-8b.json 2>/dev/null; cp /tmp/run8.err $OUT/ 2>/dev/null; cp /tmp/st8/run/manifest.json $OUT/manifest-8b.json 2>/dev/null; true
