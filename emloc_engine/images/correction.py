@@ -39,6 +39,7 @@ from emloc_engine.images.families import NoiseSchedule
 from emloc_engine.images.pipelines import PipelineInfo, load_denoiser, scheduler_config
 from emloc_engine.images.placement import streamed
 from emloc_engine.machine import devices
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.stages.correction.corrector import (
     ModuleCorrection,
     PreparedModule,
@@ -163,8 +164,7 @@ def correct_image_adapter(
     if Path(cfg.out_dir).resolve() == Path(cfg.adapter_dir).resolve():
         raise RunStateError("The corrected adapter must go to its own folder, not over the trained one.")
     device = devices.resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     prepared = prepare_image_adapter(cfg.pipeline, cfg.emulator_dir, cfg.adapter_dir, device)
     progress.update(0.2, f"prepared {len(prepared)} modules")
     table: tuple[tuple[float, float], ...] = ()
@@ -176,7 +176,7 @@ def correct_image_adapter(
         lam = choose_lambda(table)
     chosen = {n: apply_lambda(p, lam) for n, p in prepared.items()}
     _write(cfg, chosen, lam, table, split)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = gpu_peak_gib(device)
     progress.update(1.0, f"corrected adapter written (λ={lam:g})")
     return ImageCorrectionResult(
         Path(cfg.out_dir), lam, table, split, len(chosen), time.monotonic() - t0, peak

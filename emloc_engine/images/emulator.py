@@ -54,6 +54,7 @@ from emloc_engine.images.pipelines import (
 )
 from emloc_engine.images.placement import streamed
 from emloc_engine.machine import devices
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.stages.emulator.factorize import factorize
 from emloc_engine.stages.emulator.writer import METHOD
 from emloc_engine.weights.checkpoint import fingerprint_model
@@ -217,8 +218,7 @@ def build_image_emulator(cfg: ImageEmulatorConfig, progress: Progress = NULL_PRO
     dtype = devices.compute_dtype(device, cfg.compute_dtype)
     linalg = devices.linalg_device(device)
     stats_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     cache = ImageCache(cfg.cache_dir)
     schedule = NoiseSchedule(info.kind, scheduler_config(info))
     batches = calibration_batches(
@@ -276,7 +276,7 @@ def build_image_emulator(cfg: ImageEmulatorConfig, progress: Progress = NULL_PRO
                 0.95 * n_done / len(targets),
                 f"pass {p + 1}/{len(passes)}: {n_done}/{len(targets)} modules factorised",
             )
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = gpu_peak_gib(device)
     state = _emulator_state(model, factors)
     _write(cfg, out_dir, state, plan, len(batches), peak, device, dtype)
     params_original = sum(p.numel() for p in model.parameters())

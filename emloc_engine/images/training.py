@@ -41,6 +41,7 @@ from emloc_engine.images.emulator import load_image_emulator
 from emloc_engine.images.families import NoiseSchedule, denoising_loss
 from emloc_engine.images.pipelines import PipelineInfo, scheduler_config
 from emloc_engine.machine import devices
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.weights.lowrank import read_emulator_meta
 
 CHECKPOINTS = "image-checkpoints"
@@ -189,8 +190,7 @@ def train_image_lora(cfg: ImageTrainConfig, progress: Progress = NULL_PROGRESS) 
         start, losses = int(state["step"]), list(state["losses"])
     resumed_from, step = start, start
     samples: list[Path] = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     peft_model.train()
     while step < cfg.steps and (cfg.stop_after is None or step - resumed_from < cfg.stop_after):
         progress.check_cancelled()
@@ -254,7 +254,7 @@ def train_image_lora(cfg: ImageTrainConfig, progress: Progress = NULL_PROGRESS) 
     if step >= cfg.steps:
         with atomic_dir(adapter_dir, overwrite=True) as tmp:
             peft_model.save_pretrained(str(tmp))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = gpu_peak_gib(device)
     return ImageTrainResult(
         adapter_dir, tuple(losses), step, resumed_from, tuple(samples), time.monotonic() - t0, peak
     )

@@ -25,6 +25,19 @@ import torch
 _STATUS = Path("/proc/self/status")
 
 
+def reset_gpu_peak(device: torch.device | None) -> None:
+    """Start measuring a stage's GPU peak on ``device`` (resets torch's peak statistics; nothing off CUDA)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_gib(device: torch.device | None) -> float:
+    """The peak GiB torch allocated on ``device`` since :func:`reset_gpu_peak` (0.0 off CUDA): a stage's ``peak_vram_gib``."""
+    if device is None or device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 class GpuPeak:
     """The peak memory torch allocates on ``device`` during a ``with`` block, in GiB (``gib``).
 
@@ -37,13 +50,11 @@ class GpuPeak:
         self.gib = 0.0
 
     def __enter__(self) -> GpuPeak:
-        if self.device is not None:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_gpu_peak(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.device is not None:
-            self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.gib = gpu_peak_gib(self.device)
 
 
 @dataclass(frozen=True)
@@ -124,4 +135,4 @@ class RssSampler:
         self._sample()
 
 
-__all__ = ["GpuPeak", "ResidentMemory", "RssSampler", "parse_status", "resident_memory"]
+__all__ = ["GpuPeak", "ResidentMemory", "RssSampler", "gpu_peak_gib", "parse_status", "reset_gpu_peak", "resident_memory"]

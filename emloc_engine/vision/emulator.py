@@ -50,6 +50,7 @@ from emloc_engine.core.progress import NULL_PROGRESS, Progress
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.core.version import __version__
 from emloc_engine.machine import devices
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.stages.emulator.calibration import recording
 from emloc_engine.stages.emulator.factorize import factorize
 from emloc_engine.stages.emulator.writer import METHOD, _copy_side_files, block_tensors, source_revision
@@ -392,8 +393,7 @@ def build_vlm_emulator(cfg: VlmEmulatorConfig, progress: Progress = NULL_PROGRES
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     build = _Build(cfg)
-    if build.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(build.device)
+    reset_gpu_peak(build.device)
     try:
         build.materialise_rest()
         vision = build.spec.vision
@@ -415,7 +415,7 @@ def build_vlm_emulator(cfg: VlmEmulatorConfig, progress: Progress = NULL_PROGRES
         _copy_side_files(model_dir, out_dir)
         for name, rel in build.errors.items():
             build.plan[name]["rel_error"] = rel
-        peak = torch.cuda.max_memory_allocated(build.device) / 2**30 if build.device.type == "cuda" else 0.0
+        peak = gpu_peak_gib(build.device)
         write_json_atomic(
             out_dir / EMULATOR_META,
             {

@@ -41,6 +41,7 @@ from emloc_engine.data.config import DataConfig
 from emloc_engine.data.images import VisionExample, processor_inputs
 from emloc_engine.data.render import IGNORE_INDEX
 from emloc_engine.machine import devices
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.weights.checkpoint import Checkpoint
 from emloc_engine.weights.lowrank import read_emulator_meta
 
@@ -236,8 +237,7 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
         start, losses = int(state["step"]), list(state["losses"])
     resumed_from = start
     order: list[int] = list(state["pending_order"]) if latest is not None else []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     model.train()
     step = start
     hooks = contextlib.ExitStack()
@@ -291,7 +291,7 @@ def train_vlm_lora(cfg: VlmTrainConfig, progress: Progress = NULL_PROGRESS) -> V
             final_eval = eval_loss(model, processor, data.eval, device, dtype, select)
             with atomic_dir(adapter_dir, overwrite=True) as tmp:
                 model.save_pretrained(str(tmp))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = gpu_peak_gib(device)
     return VlmTrainResult(
         adapter_dir,
         tuple(losses),

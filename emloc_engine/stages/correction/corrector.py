@@ -74,6 +74,7 @@ from emloc_engine.weights.lowrank import read_emulator_meta
 if TYPE_CHECKING:
     from emloc_engine.data import DataConfig
 
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.stages.correction.options import CorrectionOptions
 
 log = logging.getLogger(__name__)
@@ -622,8 +623,7 @@ def correct_lora(cfg: CorrectionConfig, progress: Progress = NULL_PROGRESS) -> C
     adapter = read_adapter(paths.adapter_dir)
     source_fp = fingerprint_adapter(paths.adapter_dir)
     device = devices.resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     auto = cfg.lambda_ is None
     try:
         progress.update(0.0, f"correcting {len(adapter.modules)} modules")
@@ -643,7 +643,7 @@ def correct_lora(cfg: CorrectionConfig, progress: Progress = NULL_PROGRESS) -> C
         reports = tuple(ModuleReport(n, prepared[n].compressed, adapter.modules[n].rank, adapter.modules[n].scale,
                                      c.correction_norm, c.adapter_norm, c.relative_size, sum(c.damped))
                         for n, c in chosen.items())
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        peak = gpu_peak_gib(device)
         meta = {
             "format": CORRECTION_FORMAT, "format_version": 1, "engine_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

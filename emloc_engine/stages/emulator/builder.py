@@ -49,6 +49,7 @@ from emloc_engine.core.errors import ConfigError, DataError, InsufficientMemory
 from emloc_engine.core.progress import NULL_PROGRESS, Progress, sub
 from emloc_engine.core.ranks import rank_for_ratio
 from emloc_engine.machine import devices
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.stages.emulator.block_loop import BlockLoop
 from emloc_engine.stages.emulator.build_context import BuildContext, ModulePlan, last_match
 from emloc_engine.stages.emulator.memory_plan import plan_build_memory
@@ -305,8 +306,7 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
         meta_path.unlink()  # from now on the folder is incomplete until the new emloc.json lands
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     progress.update(0.0, f"emulator: {len(ctx.plan)} modules in {ctx.blocks} blocks, {ctx.n_tokens} calibration tokens")
     loop = BlockLoop(ctx, build_id)
     try:
@@ -318,7 +318,7 @@ def build_emulator(cfg: EmulatorConfig, progress: Progress = NULL_PROGRESS) -> E
                  "fewer tokens go through a block at once.") from exc
     finally:
         loop.close()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = gpu_peak_gib(device)
     build = dict(device=str(device), compute_dtype=str(ctx.compute), statistics_dtype=str(ctx.stats),
                  linalg_dtype=str(ctx.linalg), solver=cfg.solver, chunk_tokens=layout.chunk_tokens,
                  memory_budget_bytes=layout.budget_bytes, offload_hidden=layout.offload_hidden,

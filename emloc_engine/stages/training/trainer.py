@@ -73,6 +73,7 @@ from emloc_engine.stages.training.batches import (
 if TYPE_CHECKING:
     from emloc_engine.data import DataConfig
 
+from emloc_engine.machine.process_memory import gpu_peak_gib, reset_gpu_peak
 from emloc_engine.stages.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
@@ -312,8 +313,7 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
         raise ConfigError("The training split is empty.", hint="Use a dataset with more samples.")
     device, weight_dtype, amp_dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     t_start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     session = None
     try:
         session = _Session.open(cfg, device, weight_dtype, amp_dtype, len(train), data_fingerprint, progress,
@@ -675,9 +675,7 @@ class _Session:
         return total / max(1, count)
 
     def peak_vram_gib(self) -> float:
-        if self.device.type != "cuda":
-            return 0.0
-        return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return gpu_peak_gib(self.device)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
