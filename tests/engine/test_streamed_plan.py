@@ -361,3 +361,29 @@ def test_the_emulator_build_is_the_sum_of_what_its_allocator_trace_held() -> Non
     assert _parts(stage) == want
     traced = 6.470 - 1.450  # GiB, without the embedding
     assert traced <= stage.allocated_bytes / GIB <= 1.02 * traced
+
+
+@pytest.mark.parametrize("arch,name", [("llama3-8b", "Llama-3-8B"), ("qwen2.5-14b", "Qwen2.5-14B")])
+def test_the_planner_predicts_the_chunk_the_builder_runs(arch: str, name: str) -> None:
+    # One rule for both (core.calibration_chunks); until 2026-12-06 the planner had its own formula and planned
+    # 16,733-token chunks for a 14B build that ran one chunk of 32,768.
+    from types import SimpleNamespace
+
+    from benchmarks.make_random_model import tensor_shapes
+    from emloc_engine.run.planning import build_chunk
+    from emloc_engine.stages.emulator.calibration import chunk_samples
+    from emloc_engine.stages.emulator.memory_plan import plan_build_memory
+    from emloc_engine.weights.checkpoint import TensorInfo
+
+    config = model_config(arch)
+    infos = [TensorInfo(n, Path("a"), "BF16", s) for n, s in tensor_shapes(config)]
+    ckpt: Any = SimpleNamespace(infos=lambda: infos)
+    facts = reference_facts(name)
+    cfg = replace(RUN, calibration_samples=64, context_length=512)
+    lengths = [512] * 64
+    for gib in (3, 5, 6.8, 9, 13.73, 40):
+        budget = int(gib * GIB)
+        layout = plan_build_memory(SimpleNamespace(**config), ckpt, torch.device("cuda"), lengths, 2,
+                                   budget_bytes=budget)
+        ran = max(len(c) for c in chunk_samples(lengths, layout.chunk_tokens)) * 512
+        assert build_chunk(facts, cfg, budget) == (ran, layout.offload_hidden), gib
