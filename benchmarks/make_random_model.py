@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--config-only", action="store_true",
                     help="Write config.json only (for `emloc plan`: the planner reads shapes from the config).")
     args = ap.parse_args()
+    if args.layers is not None and not 1 <= args.layers <= PRESETS[args.arch]["num_hidden_layers"]:
+        ap.error(f"--layers must be between 1 and {PRESETS[args.arch]['num_hidden_layers']} for {args.arch} "
+                 f"(got {args.layers}).")
     if args.config_only:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "config.json").write_text(json.dumps(model_config(args.arch, args.layers), indent=2))

@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/peak-trace"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("this trace records CUDA allocations and needs a CUDA GPU (run it on the device machine).")
     from make_random_model import make
 
     from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
