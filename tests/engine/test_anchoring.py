@@ -57,7 +57,33 @@ def test_anchored_emulator_reproduces_the_original_on_a_padded_batch(pair: tuple
             assert (h_got - h_want)[mask].abs().max() < 1e-9
     want_points = {"blocks": 2, "output": 1, "linears": 2 * 7}[where]
     assert len(anchors.points) == want_points and anchors.where == where
-    assert anchors.offsets[1].shape == (len(data[1].input_ids), sum(anchors.widths))
+    assert anchors.dense(1).shape == (len(data[1].input_ids), sum(anchors.widths))
+    assert anchors.offsets[1].shape == (len(data[1].input_ids) * sum(anchors.widths),)
+
+
+def test_each_points_offsets_are_one_contiguous_block_and_select_pads_them_per_point() -> None:
+    """The point-major layout: a point's ``(T, w)`` block is contiguous in the example's buffer (one device
+    copy lands it in place), the dense view interleaves the points, and ``select`` zero-pads per point."""
+    widths = (3, 5, 2)
+    dense = {0: torch.randn(4, 10, dtype=torch.float64), 1: torch.randn(2, 10, dtype=torch.float64)}
+    starts = (0, 3, 8)
+    flat = {i: torch.cat([d[:, a:a + w].reshape(-1) for a, w in zip(starts, widths, strict=True)])
+            for i, d in dense.items()}
+    anchors = Anchors(("p0", "p1", "p2"), widths, flat)
+    for i, d in dense.items():
+        assert torch.equal(anchors.dense(i), d)
+        for k, (a, w) in enumerate(zip(starts, widths, strict=True)):
+            view = anchors.point(i, k)
+            assert view.is_contiguous() and view.data_ptr() >= flat[i].data_ptr()
+            assert torch.equal(view, d[:, a:a + w])
+    anchors.select([1, 0], 6)
+    for p, a, w in zip(anchors.points, starts, widths, strict=True):
+        batch = anchors._current[p]
+        assert batch.shape == (2, 6, w)
+        assert torch.equal(batch[0, :2], dense[1][:, a:a + w]) and not batch[0, 2:].any()
+        assert torch.equal(batch[1, :4], dense[0][:, a:a + w]) and not batch[1, 4:].any()
+    with pytest.raises(ValueError, match="not a multiple"):
+        Anchors(("p0",), (3,), {0: torch.zeros(7)}).point(0, 0)
 
 
 def test_hooks_are_removed_and_missing_examples_are_named(pair: tuple[Path, Path]) -> None:

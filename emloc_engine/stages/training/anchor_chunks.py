@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
 from emloc_engine.stages.training.anchoring import (
     Anchors,
     anchor_points,
+    anchor_width,
     decoder_layers,
     length_groups,
     size_text,
@@ -50,17 +51,63 @@ def _out(out: Any) -> torch.Tensor:
 
 
 def _diff(target: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``target − h`` in fp32 or wider, returned in ``h``'s dtype on ``h``'s device."""
     wide = torch.promote_types(h.dtype, torch.float32)
-    return (target.to(wide) - h.to(wide)).to(h.dtype).cpu()
+    return (target.to(wide) - h.to(wide)).to(h.dtype)
+
+
+class _OffsetWriter:
+    """Each example's flat, point-major offset buffer (:class:`~emloc_engine.stages.training.anchoring.Anchors`),
+    allocated once at its final size; every block's difference is copied from the device straight
+    into its place, one contiguous copy per example and point, with no CPU pass afterwards."""
+
+    def __init__(self, examples: Sequence[Any], groups: Sequence[Sequence[int]], total: int, dtype: torch.dtype):
+        self.groups, self.total = groups, total
+        self.lengths = {i: len(examples[i].input_ids) for g in groups for i in g}
+        self.flat = {i: torch.empty(n * total, dtype=dtype) for i, n in self.lengths.items()}
+        self.at = [0] * len(groups)  # per group: offset columns written so far
+        self.widths: list[list[int]] = [[] for _ in groups]
+
+    def write(self, g: int, diff: torch.Tensor, column: int | None = None) -> None:
+        """One anchor point's offsets of group ``g`` (``diff``: ``(G, T, w)``, rows in group order) at
+        offset ``column`` of the per-token width (default: after the points written so far, which it
+        then counts as written; :meth:`advance` does that for points written at explicit columns)."""
+        w, at = int(diff.shape[-1]), self.at[g] if column is None else column
+        if at + w > self.total:
+            raise ConfigError(f"The anchor points are wider than the {self.total} offset values per token planned.")
+        for row, i in enumerate(self.groups[g]):
+            n = self.lengths[i]
+            self.flat[i][n * at:n * (at + w)].view(n, w).copy_(diff[row, :n])
+        if column is None:
+            self.advance(g, [w])
+
+    def advance(self, g: int, widths: Sequence[int]) -> None:
+        """Count points of these widths as written for group ``g``."""
+        self.at[g] += sum(widths)
+        self.widths[g] += list(widths)
+
+    def finish(self) -> tuple[tuple[int, ...], dict[int, torch.Tensor]]:
+        """The points' widths and the buffers; every group must have filled its width exactly."""
+        widths = {tuple(w) for w in self.widths}
+        if any(at != self.total for at in self.at) or len(widths) > 1:
+            raise ConfigError(f"The anchor points' widths {sorted(widths)} do not add up to the "
+                              f"{self.total} offset values per token planned.")
+        return (widths.pop() if widths else ()), self.flat
+
+
+def _width(module: nn.Module) -> int:
+    out = getattr(module, "out_features", None)
+    return int(out) if out is not None else int(module.weight.shape[0])  # type: ignore[index]
 
 
 def _linear_offsets(
-    layer: nn.Module, emu: nn.Module, modules: Sequence[str], x: torch.Tensor, kwargs: dict[str, Any]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The original block's output, and per linear module (in ``modules`` order) original − emulator,
-    the emulator's linears each replaced by the original's output (as the anchored forward sees them)."""
+    layer: nn.Module, emu: nn.Module, modules: Sequence[str], x: torch.Tensor, kwargs: dict[str, Any],
+    sink: Callable[[int, torch.Tensor], None],
+) -> torch.Tensor:
+    """The original block's output; per linear module (``modules[k]``) ``sink(k, original − emulator)``
+    as the emulator's forward reaches it (so one module's difference is on the device at a time), the
+    emulator's linears each replaced by the original's output (as the anchored forward sees them)."""
     outs: dict[str, torch.Tensor] = {}
-    offs: dict[str, torch.Tensor] = {}
 
     def record(name: str) -> Any:
         def hook(_m: nn.Module, _a: Any, out: Any) -> None:
@@ -68,10 +115,10 @@ def _linear_offsets(
 
         return hook
 
-    def replace(name: str) -> Any:
+    def replace(k: int, name: str) -> Any:
         def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
-            offs[name] = _diff(outs[name], _out(out))
-            return outs[name].to(_out(out).dtype)
+            sink(k, _diff(outs[name], _out(out)))
+            return outs.pop(name).to(_out(out).dtype)
 
         return hook
 
@@ -81,13 +128,13 @@ def _linear_offsets(
     finally:
         for h in handles:
             h.remove()
-    handles = [emu.get_submodule(m).register_forward_hook(replace(m)) for m in modules]
+    handles = [emu.get_submodule(m).register_forward_hook(replace(k, m)) for k, m in enumerate(modules)]
     try:
         emu(x, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    return y, [offs[m] for m in modules]
+    return y
 
 
 @torch.no_grad()
@@ -128,7 +175,7 @@ def streamed_offsets(
         model_dir, device=device, dtype=dtype, with_head=False, embed_weight=embed, cache=cache
     )
     emu_layers = decoder_layers(emulator_lm)
-    parts: list[list[torch.Tensor]] = [[] for _ in groups]
+    writer = _OffsetWriter(examples, groups, anchor_width(emulator_lm.config, where), dtype)
     try:
         variants = 2 if where == "output" else 1
         hidden_bytes = variants * sum(len(examples[i].input_ids) for g in groups for i in g) * embed.shape[-1]
@@ -146,32 +193,27 @@ def streamed_offsets(
                 if where == "output":
                     chunk.hidden[1] = chunk.hidden[1].to(device, non_blocking=True)
                 if where == "linears":
-                    y, offs = _linear_offsets(layer, emu_layers[b], modules, x, kw)
-                    parts[g] += offs
+                    block_widths = [_width(layer.get_submodule(m)) for m in modules]
+                    columns = [writer.at[g] + sum(block_widths[:k]) for k in range(len(modules))]
+
+                    def sink(k: int, d: torch.Tensor, g: int = g, columns: list[int] = columns) -> None:
+                        writer.write(g, d, columns[k])
+
+                    y = _linear_offsets(layer, emu_layers[b], modules, x, kw, sink)
+                    writer.advance(g, block_widths)
                 else:
                     y = _out(layer(x, **kw))
                     if where == "blocks":
-                        parts[g].append(_diff(y, _out(emu_layers[b](x, **kw))))
+                        writer.write(g, _diff(y, _out(emu_layers[b](x, **kw))))
                     else:  # "output": the emulator runs on its own hidden states up to the last block
                         e = _out(emu_layers[b](chunk.hidden[1], **kw))
                         if b == last:
-                            parts[g].append(_diff(y, e))
+                            writer.write(g, _diff(y, e))
                         chunk.hidden[1] = e.cpu() if offload else e
                 chunk.hidden[0] = y.cpu() if offload else y
     finally:
         original.close()
-    offsets: dict[int, torch.Tensor] = {}
-    widths: tuple[int, ...] = ()
-    for g, group in enumerate(groups):
-        widths = tuple(t.shape[-1] for t in parts[g])
-        for row, i in enumerate(group):
-            # one copy per example straight from the per-block parts: a group-wide concatenation and then a
-            # clone per example was two passes over the chunk's offsets (4 GiB a chunk for 8B shapes) and
-            # twice the RAM while they coexisted (CPU, 2 cores, 1 GiB group: 1.31 s -> 0.92 s)
-            n = len(examples[i].input_ids)
-            out = torch.empty((n, sum(widths)), dtype=parts[g][0].dtype)
-            offsets[i] = torch.cat([p[row, :n] for p in parts[g]], dim=-1, out=out)
-        parts[g] = []
+    widths, offsets = writer.finish()
     return Anchors(points, widths, offsets, where)
 
 
