@@ -42,20 +42,9 @@ def short_examples(n: int, seed: int = 0) -> list[Example]:
 def _train(pair: tuple[Path, Path], run: Path, data: list[Example], eval_: list[Example], **kw: Any) -> Any:
     from emloc_engine.stages.training.trainer import anchor_record
 
-    cfg = cfg_for(
-        run,
-        pair[1],
-        steps=6,
-        batch_size=2,
-        grad_accum=2,
-        dropout=0.0,
-        eval_every=3,
-        save_every=0,
-        warmup_steps=1,
-        max_eval_batches=2,
-        anchor="blocks",
-        **kw,
-    )
+    settings: dict[str, Any] = dict(steps=6, batch_size=2, grad_accum=2, dropout=0.0, eval_every=3, save_every=0,
+                                    warmup_steps=1, max_eval_batches=2, anchor="blocks")
+    cfg = cfg_for(run, pair[1], **{**settings, **kw})
     anchors, note, seconds = prepare_anchors(cfg, read_emulator_meta(pair[1]), data, eval_=eval_)
     result = train_on_examples(cfg, data, eval_, pad_id=0, anchors=anchors)
     return anchors, {**anchor_record(anchors, note, seconds), "result": result}
@@ -78,6 +67,24 @@ def test_ten_thousand_examples_stay_anchored_under_the_cap(pair: tuple[Path, Pat
     got, want = chunked["result"], ref["result"]
     assert [v for _, v in got.loss_history] == pytest.approx([v for _, v in want.loss_history], rel=1e-5)
     assert [v for _, v in got.eval_history] == pytest.approx([v for _, v in want.eval_history], rel=1e-5)
+
+
+def test_eval_offsets_are_kept_only_when_the_run_evaluates_before_its_end(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """Kept (sticky) eval offsets take part of every chunk; a run that evaluates only after its last step
+    computes them once at the end instead, so its training chunks hold only training examples."""
+    data, eval_ = short_examples(48), short_examples(4, seed=1)
+    per_token = anchor_width(AutoConfig.from_pretrained(pair[1]), "blocks") * 4
+    cap = 8 * 9 * per_token  # eight of the longest examples; the 4 eval examples fit half of it
+    kept, mid = _train(pair, tmp_path / "mid", data, eval_, anchor_ram_gib=cap / 2**30)
+    once, end = _train(pair, tmp_path / "end", data, eval_, anchor_ram_gib=cap / 2**30, eval_every=0)
+    assert kept.feed.sticky and not once.feed.sticky
+    # 6 steps x 4 examples: with eval rows held, each chunk has room for at most one step's 4 new examples
+    assert mid["anchor_chunks"] >= 6
+    assert end["anchor_chunks"] < mid["anchor_chunks"]
+    assert end["anchor_chunks"] <= 24 // 4 // 2 + 1 + 1  # chunks of two steps, plus the final eval's
+    assert [v for _, v in end["result"].loss_history] == pytest.approx(
+        [v for _, v in mid["result"].loss_history], rel=1e-5)
+    assert end["result"].final_eval_loss == pytest.approx(mid["result"].final_eval_loss, rel=1e-5)
 
 
 def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Path]) -> None:
