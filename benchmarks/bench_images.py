@@ -331,7 +331,7 @@ def main() -> None:
         results["device"] = torch.cuda.get_device_name(device)
         if args.cap_gib:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device.index or 0)
     results.update(predicted(info, args, device))
     images = write_subject_images(work / "images", args.images, size=(args.resolution, args.resolution))
     items = scan_image_folder(ImageFolderConfig(images[0].parent, trigger="sks", min_side_px=16)).items
