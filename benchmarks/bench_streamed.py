@@ -279,6 +279,24 @@ def _timed_chunks() -> None:
     anchor_chunks.AnchorFeed.ensure = timed  # type: ignore[method-assign]
 
 
+def _build_emulator_only(args: argparse.Namespace, out_dir: Path) -> None:
+    """Stage 1 alone at ``--anchor-ratio`` (the run part's emulator without its training, correction and
+    export: a short device call measures the anchors on a fresh machine); random calibration tokens."""
+    from transformers import AutoConfig
+
+    from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
+
+    vocab = int(AutoConfig.from_pretrained(args.model_dir).vocab_size)
+    g = torch.Generator().manual_seed(0)
+    ids = tuple(tuple(torch.randint(4, vocab, (args.max_length,), generator=g).tolist()) for _ in range(64))
+    t0 = time.monotonic()
+    build_emulator(EmulatorConfig(model_dir=args.model_dir, out_dir=out_dir, calibration_ids=ids,
+                                  ratio=args.anchor_ratio, device=args.device,
+                                  memory_budget_bytes=int(args.cap_gib * GIB) if args.cap_gib else None),
+                   StderrProgress("emulator"))
+    print(f"[emulator] built at rho {args.anchor_ratio} in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
     from emloc_engine.stages.training.trainer import TrainConfig, train_lora
 
@@ -286,7 +304,9 @@ def part_anchors(args: argparse.Namespace) -> dict[str, Any]:
 
     emulator = args.work / "run" / "emulator"
     if not (emulator / "emloc.json").is_file():
-        raise SystemExit(f"No emulator at {emulator}: run --part run first.")
+        if args.anchor_ratio is None:
+            raise SystemExit(f"No emulator at {emulator}: run --part run first, or give --anchor-ratio.")
+        _build_emulator_only(args, emulator)
     n_total = math.ceil(args.examples / 0.9) + 1  # the default eval split takes a tenth
     data = write_texts(args.work / "anchor-data.jsonl", n_total, args.max_length, seed=1)
     steps = math.ceil(args.examples / args.anchor_batch)
@@ -361,6 +381,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--samples", type=int, default=200, help="Texts of the run part.")
     ap.add_argument("--examples", type=int, default=1000, help="Training examples of the anchors part.")
+    ap.add_argument("--anchor-ratio", type=float, default=None,
+                    help="anchors part without a run part's emulator: build one at this ρ first (Stage 1 only)")
     ap.add_argument("--anchor-batch", type=int, default=4)
     ap.add_argument("--anchor-ram-gib", type=float, default=4.0)
     ap.add_argument("--modes", default="none,blocks",

@@ -2,6 +2,7 @@
 # GPU acceptance, call 1: Llama-3-8B shapes inside 8 GiB (issue 17), then anchors at 1,000 x 512 tokens
 # SKIP_RUN=1: only the anchors, in a second call on the same warm machine (they need the run's emulator);
 # MODES=none or MODES=blocks: one side of the anchors comparison per call (each lands in anchors-partial-8b.json)
+# SKIP_RUN=1 ANCHOR_RATIO=0.2 on a fresh machine: the anchors part builds the emulator alone (Stage 1, ~40 s) first
 set -u
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev4/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EMLOC_HOME=/tmp/emloc-home HF_HUB_OFFLINE=1
@@ -24,5 +25,5 @@ PY
 fi
 REM=$(( ${LIMIT:-560} - ( $(date +%s) - T0 ) ))
 echo "anchors part gets $REM s"
-if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout -k 5 $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 --examples ${EXAMPLES:-1000} --modes ${MODES:-none,blocks} > $OUT/streamed-anchors-8b.json 2> $OUT/anc.err; echo "anchors rc=$?"; grep -v Warn $OUT/anc.err | tail -8; fi
+if [ -z "${SKIP_ANCHORS:-}" ] && [ $REM -gt 60 ]; then timeout -k 5 $REM python3 benchmarks/bench_streamed.py --model-dir /tmp/l8b --work /tmp/st8 --part anchors --cap-gib 15.5 --examples ${EXAMPLES:-1000} --modes ${MODES:-none,blocks} ${ANCHOR_RATIO:+--anchor-ratio $ANCHOR_RATIO} > $OUT/streamed-anchors-8b.json 2> $OUT/anc.err; echo "anchors rc=$?"; grep -v Warn $OUT/anc.err | tail -8; fi
 cp /tmp/st8/bench_streamed-anchors.partial.json $OUT/anchors-partial-8b.json 2>/dev/null; cp /tmp/run8.err $OUT/ 2>/dev/null; cp /tmp/st8/run/manifest.json $OUT/manifest-8b.json 2>/dev/null; true
