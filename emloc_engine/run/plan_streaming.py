@@ -325,6 +325,8 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
 
     Compute: a forward of the original and of the emulator over the visited tokens. Streamed, each
     chunk also moves the original's weights once (:func:`pass_seconds`); resident, they are read once.
+    On a GPU the offsets also cross PCIe twice (``offsets_to_ram_bytes_per_s``, ``offsets_to_gpu_bytes_per_s``):
+    at 8B shapes that, not the passes, was most of the anchors' time (measured 2026-12-06).
     """
     c = cfg.constants
     visited = cfg.train_steps * cfg.batch_size * cfg.context_length
@@ -333,12 +335,16 @@ def anchor_seconds(facts: ModelFacts, cfg: PlanConfig, ratio: float, streamed: b
         facts, emulator_parameters(facts, ratio, cfg.dense_modules), visited, cfg.context_length
     )
     orig = _forward_flops(facts, facts.num_parameters, visited, cfg.context_length)
+    # every visited example's offsets go to RAM once (its chunk) and back once (its micro-batch)
+    offsets = facts.num_layers * visited * anchor_width(facts, cfg) * 2
+    moves = 0.0 if cfg.device == "cpu" else (
+        offsets / c.offsets_to_ram_bytes_per_s + offsets / c.offsets_to_gpu_bytes_per_s)
     if not streamed:
-        return (orig + emu) / rate + stored_weights_bytes(facts) / c.disk_bytes_per_s
+        return (orig + emu) / rate + stored_weights_bytes(facts) / c.disk_bytes_per_s + moves
     w = stored_weights_bytes(facts)
     # The first chunk reads the shards; later ones copy the pinned RAM copy when there is one.
     transfer = w / stream_rate(facts, cfg) + (chunks - 1) * w / stream_rate(facts, cfg, pinned=True)
-    return max(transfer, orig / rate) * c.stream_overhead + emu / rate
+    return max(transfer, orig / rate) * c.stream_overhead + emu / rate + moves
 
 
 def anchor_group_tokens(facts: ModelFacts, cfg: PlanConfig, examples: int, max_tokens: int = ANCHOR_GROUP_TOKENS) -> int:

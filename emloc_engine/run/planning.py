@@ -130,6 +130,14 @@ class PlannerConstants:
     # Weights in the page cache, copied into pinned buffers by one reader thread: unmeasured, conservative.
     page_cache_bytes_per_s: float = 5e9
     stream_overhead: float = 1.3  # a streamed pass vs its transfer floor (the issue's aim: within 1.3×)
+    # Anchor offsets moved between the GPU and pageable RAM (emloc_engine.stages.training.anchor_chunks):
+    # each visited example's offsets come to RAM once when its chunk is computed and go back once
+    # in its micro-batch. Measured on an H100 host, Llama-3-8B shapes, 1,000 × 512 tokens
+    # (benchmarks/RESULTS.md, 2026-12-06): 157 s of chunks for 127 GiB of offsets, 0.1 s per example
+    # beyond the passes' compute, and 25 s more training than unanchored for the micro-batches. Both
+    # with the code before the point-major layout removed a CPU pass from each direction: an upper bound.
+    offsets_to_ram_bytes_per_s: float = 1.3e9
+    offsets_to_gpu_bytes_per_s: float = 5.4e9
     process_ram_bytes: int = 3 * 1024**3  # Python, torch, CUDA libraries, tokenizer: the RSS before any tensor
     eigh_flop_coef: float = 10.0  # eigh(n) ≈ 10·n³
     svd_flop_coef: float = 8.0  # svd(m×n) ≈ 8·m·n·min(m,n)
