@@ -288,6 +288,7 @@ def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device
         device=device.type,
         calibration_batch=1,
         eval_batch=1,
+        sample_every=0,  # train_image_lora below draws no samples
     )
     plan = plan_images(cfg)
     context = PlannerConstants().cuda_context_bytes / 2**30 if device.type == "cuda" else 0.0

@@ -69,7 +69,12 @@ def streamed(model: nn.Module, device: torch.device, *, enabled: bool | None = N
         for unit in units:
             unit.to("cpu")
             handles.append(unit.register_forward_pre_hook(lambda m, a: _to(m, device)))
-            handles.append(unit.register_forward_hook(lambda m, a, o: _to(m, torch.device("cpu"))))
+            # always_call: a forward stopped by an exception (the emulator's _PassDone ends a calibration
+            # pass mid-model) still sends the block back; without it SDXL's up_blocks[0] (2.2 GiB) stayed on
+            # the GPU through the pass's factorisation, next to the statistics.
+            handles.append(
+                unit.register_forward_hook(lambda m, a, o: _to(m, torch.device("cpu")), always_call=True)
+            )
         yield model
     finally:
         for h in handles:

@@ -31,7 +31,7 @@ import json
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +71,8 @@ class DenoiserShapes:
     compressed: dict[str, tuple[int, int]]
     unit_params: tuple[int, ...]
     config: dict[str, Any]
+    unit_lora_dims: tuple[int, ...] = ()
+    """``Σ (out + in)`` of the compressed linears inside each streamed block (its LoRA is ``r ×`` that)."""
 
     @property
     def outside_params(self) -> int:
@@ -99,9 +101,15 @@ def denoiser_shapes(info: PipelineInfo, model: nn.Module | None = None) -> Denoi
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and pattern.search(n)
     }
-    units = tuple(sum(p.numel() for p in u.parameters()) for u in stream_units(model))
+    blocks = stream_units(model)
+    units = tuple(sum(p.numel() for p in u.parameters()) for u in blocks)
+    inside = [{id(m) for m in u.modules()} for u in blocks]
+    lora_dims = tuple(
+        sum(m.in_features + m.out_features for n, m in model.named_modules() if n in compressed and id(m) in ids)
+        for ids in inside
+    )
     config = json.loads((info.denoiser_dir / "config.json").read_text(encoding="utf-8"))
-    return DenoiserShapes(params, compressed, units, config)
+    return DenoiserShapes(params, compressed, units, config, lora_dims)
 
 
 def component_params(info: PipelineInfo, name: str) -> int:
@@ -145,6 +153,15 @@ class ActivationProfile:
     latent_tokens: int
     forward_bytes: int = 0
     """The most a no-grad forward holds at once (inputs included): calibration, the λ search, inference."""
+    step_bytes: int = 0
+    """The most a batch-1 training step holds at once beyond the weights, the adapter and AdamW's moments:
+    activations (with gradient checkpointing on a GPU), their gradients and the LoRA gradients, from a
+    forward and backward on the meta device with peft's LoRA attached as training attaches it."""
+    stat_groups: tuple[int, ...] = field(default=(), repr=False)
+    """in_features of each calibration statistic, in the emulator's module order (linears of one block that
+    read the same tensor share one, found by tensor identity in the forward as the emulator finds them)."""
+    stat_group_of: tuple[tuple[str, int], ...] = field(default=(), repr=False)
+    """(compressed module, index into ``stat_groups``) for every compressed linear."""
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -158,8 +175,9 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:  # never run (meta tensors)
-        raise NotImplementedError
+    def backward(ctx: Any, *grads: Any) -> Any:  # meta tensors: the fused kernels' dq, dk, dv
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
@@ -348,6 +366,8 @@ def activation_profile(
         x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
         out = predict(info.kind, model, x.detach(), torch.empty(1, device="meta", dtype=dtype), cond)
         del out, x, cond
+    groups, group_of = _stat_groups(info, model, shapes, resolution, dtype, max_sequence_length)
+    step = _step_bytes(info, model, shapes, resolution, dtype, rank, max_sequence_length)
     units = {k: v for k, v in counter.by_unit.items() if k}
     outside = counter.by_unit.get("", 0)
     return ActivationProfile(
@@ -358,7 +378,140 @@ def activation_profile(
         max_unit_out_bytes=counter.max_out,
         latent_tokens=tokens,
         forward_bytes=live.peak,
+        step_bytes=step,
+        stat_groups=groups,
+        stat_group_of=group_of,
     )
+
+
+def _stat_groups(
+    info: PipelineInfo,
+    model: nn.Module,
+    shapes: DenoiserShapes,
+    resolution: int,
+    dtype: torch.dtype,
+    max_sequence_length: int,
+) -> tuple[tuple[int, ...], tuple[tuple[str, int], ...]]:
+    """The emulator's statistic groups (:class:`~emloc_engine.images.emulator._SharedStats`' rule: within a
+    block, linears whose input is the same tensor share one), from a no-grad meta forward."""
+    from emloc_engine.images.families import predict
+    from emloc_engine.images.pipelines import BLOCK_PATTERN
+
+    seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
+    groups: list[int] = []
+    group_of: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in group_of:
+                return
+            m = BLOCK_PATTERN.match(name)
+            block = seen.setdefault(m.group(1) if m else name, [])
+            for tensor, g in block:
+                if tensor is args[0]:
+                    group_of[name] = g
+                    return
+            groups.append(int(args[0].shape[-1]))
+            group_of[name] = len(groups) - 1
+            block.append((args[0], group_of[name]))
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in shapes.compressed]
+    try:
+        with torch.no_grad(), _FusedAttentionMode():
+            x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
+            predict(info.kind, model, x.detach(), torch.empty(1, device="meta", dtype=dtype), cond)
+    finally:
+        for h in handles:
+            h.remove()
+    seen.clear()
+    # the emulator's module order (named_modules), not the forward's (SDXL runs mid_block before up_blocks)
+    order = {n: i for i, n in enumerate(shapes.compressed)}
+    firsts: dict[int, int] = {}
+    for n, g in group_of.items():
+        firsts[g] = min(firsts.get(g, len(order)), order[n])
+    renumber = {g: i for i, g in enumerate(sorted(firsts, key=firsts.__getitem__))}
+    return (
+        tuple(groups[g] for g in sorted(firsts, key=firsts.__getitem__)),
+        tuple((n, renumber[group_of[n]]) for n in shapes.compressed if n in group_of),
+    )
+
+
+def _step_bytes(
+    info: PipelineInfo,
+    model: nn.Module,
+    shapes: DenoiserShapes,
+    resolution: int,
+    dtype: torch.dtype,
+    rank: int,
+    max_sequence_length: int,
+) -> int:
+    """The peak of live tensors of one batch-1 training step (:func:`~emloc_engine.images.training.train_image_lora`'s
+    micro-step: forward, loss, backward) on the meta device, LoRA attached by peft (fp32 adapter), gradient
+    checkpointing on a GPU (bf16) as the training enables it, none on the CPU. The weights, the adapter and
+    AdamW's moments exist before the step and are not counted; the LoRA gradients it makes are. The adapter
+    goes on a deep copy of ``model`` (the meta denoiser; copying it costs no memory).
+    """
+    import copy
+
+    from accelerate import init_empty_weights
+
+    from emloc_engine.images.families import predict
+    from emloc_engine.images.training import attach_image_lora
+
+    net = copy.deepcopy(model)
+    with init_empty_weights(include_buffers=True):
+        peft_model = attach_image_lora(net, sorted(shapes.compressed), rank, float(rank), "")
+    base = peft_model.get_base_model()
+    if dtype != torch.float32:  # the training's rule: checkpointing on GPUs (bf16), not on the CPU (fp32)
+        # the recompute runs inside the backward, outside any mode entered around it: give it its own
+        base.enable_gradient_checkpointing(_checkpoint_fused)
+    base.train()
+    live = _LiveBytes()
+    with _FusedAttentionMode(), live:
+        x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
+        t = torch.empty(1, device="meta", dtype=dtype)
+        out = predict(info.kind, base, x.detach(), t, cond)
+        loss = (out.float() - x.detach().float()).pow(2).mean()  # families.denoising_loss's MSE in fp32
+        del out
+        loss.backward()
+        del loss, x, cond
+    return live.peak
+
+
+def _checkpoint_fused(module: Any, *args: Any) -> Any:
+    """diffusers' checkpointing (non-reentrant), its recompute with the fused attention too."""
+    from torch.utils.checkpoint import checkpoint
+
+    modes = lambda: (_FusedAttentionMode(), _FusedAttentionMode())  # noqa: E731
+    return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=modes)
+
+
+def vae_encode_bytes(info: PipelineInfo, resolution: int) -> int:
+    """The most the cache's fp32 VAE encode of one ``resolution``² image holds at once beyond the VAE's weights
+    (the image included), from a no-grad encode on the meta device (:func:`~emloc_engine.images.cache._encode`).
+
+    SDXL/FLUX's encoder at 1024²: five 128-channel feature maps at full resolution, 512 MiB each: the
+    encoder keeps ``conv_in``'s output while its first block runs, the second resnet keeps its input, and
+    its residual ``(input + hidden) / scale`` holds the hidden state, the sum and the quotient.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+
+    config = component_config(info, "vae")
+    cls = getattr(diffusers, info.components.get("vae", ("", "AutoencoderKL"))[1], diffusers.AutoencoderKL)
+    with init_empty_weights(include_buffers=True):
+        vae = cls.from_config(config)
+    nn.Module.to(vae, torch.float32)
+    vae.eval()
+    live = _LiveBytes()
+    with torch.no_grad(), _FusedAttentionMode(), live:
+        pixels = torch.empty(1, int(config.get("in_channels", 3)), resolution, resolution, device="meta")
+        dist = vae.encode(pixels).latent_dist
+        mean, std = dist.mean, dist.std
+        del dist, mean, std, pixels
+    return live.peak
 
 
 __all__ = [
@@ -371,4 +524,5 @@ __all__ = [
     "denoiser_shapes",
     "meta_denoiser",
     "meta_inputs",
+    "vae_encode_bytes",
 ]

@@ -10,25 +10,29 @@ must fit ``budget − margin × (budget − CUDA context)`` (the text planner's 
 Formulas (bytes; ``b`` = 2 for bf16 on a GPU, 4 for fp32 on the CPU; ``B`` the batch; every stage
 adds the CUDA context and 3 % allocator slack, :class:`~emloc_engine.run.planning.PlannerConstants`):
 
-* **cache** (:mod:`.cache`): ``max(VAE, text)``: the VAE in fp32 (params × 4) plus its encoder's
-  largest feature maps, ``3 · max_i(ch_i · res² / 4^i) · 4``, one image at a time; then every text
-  encoder at once in ``b`` (params × b) plus ``8 · tokens · width · 4`` of working tensors.
+* **cache** (:mod:`.cache`): ``max(VAE, text)``: the VAE in fp32 (params × 4) plus what encoding one
+  image holds (:func:`~.plan_shapes.vae_encode_bytes`, a meta encode: five full-resolution 128-channel
+  maps at 1024², 2.5 GiB); then every text encoder at once in ``b`` (params × b) plus
+  ``8 · tokens · width · 4`` of working tensors.
 * **emulator** (:mod:`.emulator`): the original streamed block by block: the weights outside the
-  blocks and the largest block in ``b``; the calibration statistics of the largest pass (fp32, whole
-  blocks up to ``stats_budget_gib``, as :func:`~.emulator._passes` groups them); one module's
-  factorisation (fp32 ``W`` twice and ``3 · in²``); a no-grad forward of ``calibration_batch``
-  images (:func:`forward_bytes`: the peak of live tensors of a batch-1 meta forward, times the batch).
+  blocks and the largest block in ``b`` (:mod:`.placement`: one block at a time, sent back even when
+  a pass stops the forward); the statistics of the largest pass (:func:`stats_pass_bytes`: fp32, one
+  ``in²`` per group of linears sharing an input, passes of whole blocks as :func:`~.emulator._passes`
+  cuts them); then the larger of the calibration forward (:func:`forward_bytes`, ``calibration_batch``
+  images) with the widest ``XᵀX`` product before it is added, and the factorisation (one normalised
+  statistic, freed after its group's last module, and ``2 · out · in · 4`` of workspace).
 * **train** (:mod:`.training`): the emulator resident in ``b`` (dense weights + ``k(out+in)+out``
   per compressed linear, ``k = ⌊ρ·out·in/(out+in)⌋``); LoRA ``r(out+in)`` per linear in fp32 with
-  its gradient and AdamW's two moments (16 bytes a parameter); activations ``B ×`` the saved
-  tensors of a batch-1 step counted on the meta device (:func:`~.plan_shapes.activation_profile`):
-  with gradient checkpointing (on GPUs) everything saved outside the blocks, every block's inputs,
-  one block's recomputed activations and their gradients (``2 ×`` the largest block's), and
-  ``4 ×`` the largest tensor a block hands on; without it (the CPU) everything saved. The step's
-  activations grow with the latent tokens, ``(res/16)²`` for FLUX/SD3 and the UNet's feature maps
-  for SDXL. Sample images during training (the VAE in ``b`` decoding one image) must fit too.
-* **correct** (:mod:`.correction`): the original streamed again with the adapter (fp32), a no-grad
-  forward of ``eval_batch`` images, and one module's fp64 preparation (``3 · out · in · 8``).
+  AdamW's two moments (12 bytes a parameter); the step (:func:`train_step_bytes`): ``B ×`` the peak
+  of live tensors of a batch-1 forward and backward on the meta device with peft's LoRA attached and
+  gradient checkpointing as on GPUs (activations, recomputed activations, their gradients, the LoRA
+  gradients; :attr:`~.plan_shapes.ActivationProfile.step_bytes`). When the run samples
+  (``sample_every``), drawing samples (the VAE in ``b`` decoding one image, LoRA gradients kept,
+  16 bytes a parameter) must fit too.
+* **correct** (:mod:`.correction`): the larger of the fp64 preparation of one module
+  (``3 · out · in · 8``) and the λ search: the original streamed with its adapter (the largest block in
+  ``b`` with its LoRA in fp32, the weights outside the blocks) and a no-grad forward of ``eval_batch``
+  images.
 * **inference** (for information: "can this card run the model"): the whole denoiser in ``b`` and a
   batch-1 forward.
 
@@ -64,6 +68,7 @@ GIB = 1024**3
 BATCHES = (1, 2, 4)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + gradient + AdamW's two moments
+LORA_STATE_BYTES_PER_PARAM = 12  # fp32 weight + AdamW's two moments (the step's gradients: step_bytes)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class ImagePlanConfig:
     calibration_batch: int = field(default=4, metadata={"help": "Calibration forwards per batch."})
     eval_batch: int = field(default=4, metadata={"help": "Held-out forwards per batch (correction)."})
     stats_budget_gib: float = field(default=4.0, metadata={"help": "Statistics per calibration pass."})
+    sample_every: int = field(default=run_default("sample_every"), metadata={
+        "help": "Sample images every N training steps (0: never; then the VAE never joins training)."})
     safety_margin: float = field(default=0.1, metadata={"help": "Margin, a fraction of the budget."})
     ratios: tuple[float, ...] = field(
         default=tuple(round(0.9 - 0.05 * i, 2) for i in range(18)),
@@ -178,31 +185,38 @@ def forward_bytes(profile: ActivationProfile, batch: int) -> int:
     return batch * profile.forward_bytes
 
 
-def train_activation_bytes(profile: ActivationProfile, batch: int, checkpointing: bool) -> int:
-    """What a training step keeps for the backward (module docstring)."""
-    if not checkpointing:
-        return batch * profile.total_bytes
-    return batch * (
-        profile.outside_bytes
-        + profile.unit_input_bytes
-        + 2 * profile.max_unit_bytes
-        + 4 * profile.max_unit_out_bytes
-    )
+def train_step_bytes(profile: ActivationProfile, batch: int) -> int:
+    """What a training step holds beyond the weights, the adapter and its moments (module docstring).
+
+    ``batch ×`` the batch-1 step's peak: the LoRA gradients in it do not grow with the batch, so this
+    over-counts them ``batch − 1`` times (0.16 GiB each for SDXL at rank 16).
+    """
+    return batch * profile.step_bytes
 
 
-def stats_pass_bytes(shapes: DenoiserShapes, budget_bytes: float) -> int:
-    """The largest calibration pass's statistics (fp32), grouped like the emulator groups them."""
+def stats_pass_bytes(shapes: DenoiserShapes, profile: ActivationProfile, budget_bytes: float) -> int:
+    """The largest calibration pass's statistics (fp32) as the emulator holds them.
+
+    The passes are :func:`~emloc_engine.images.emulator._passes`' (whole blocks, each module's ``in²`` counted
+    against ``stats_budget_gib``); what a pass holds is one ``in² · 4`` per statistic group in it (q/k/v
+    share one), :attr:`~.plan_shapes.ActivationProfile.stat_groups`.
+    """
     from emloc_engine.images.pipelines import BLOCK_PATTERN
 
-    blocks: dict[str, int] = {}
+    group_of = dict(profile.stat_group_of)
+    blocks: dict[str, tuple[int, set[int]]] = {}
     for name, (_, in_f) in shapes.compressed.items():
         m = BLOCK_PATTERN.match(name)
         key = m.group(1) if m else name
-        blocks[key] = blocks.get(key, 0) + in_f * in_f * 4
-    largest, used = 0, 0
-    for size in blocks.values():
-        used = used + size if used and used + size <= budget_bytes else size
-        largest = max(largest, used)
+        size, groups = blocks.get(key, (0, set()))
+        blocks[key] = (size + in_f * in_f * 4, groups | ({group_of[name]} if name in group_of else set()))
+    largest, used, held = 0, 0, set[int]()
+    for size, groups in blocks.values():
+        if used and used + size <= budget_bytes:
+            used, held = used + size, held | groups
+        else:
+            used, held = size, set(groups)
+        largest = max(largest, sum(profile.stat_groups[g] ** 2 * 4 for g in held))
     return largest
 
 
@@ -216,6 +230,7 @@ class _Facts:
     text_params: int
     text_work: int
     vae: dict[str, Any]
+    vae_encode: int
 
 
 def _facts(cfg: ImagePlanConfig, info: PipelineInfo, elem: int) -> _Facts:
@@ -235,7 +250,16 @@ def _facts(cfg: ImagePlanConfig, info: PipelineInfo, elem: int) -> _Facts:
         sum(component_params(info, n) for n in text),
         8 * tokens * max(widths, default=0) * 4,
         component_config(info, "vae"),
+        _vae_encode(info.folder.resolve(), cfg.resolution),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _vae_encode(folder: Path, resolution: int) -> int:
+    """:func:`~.plan_shapes.vae_encode_bytes` (cached: a meta encode at 1024² takes ~0.3 s)."""
+    from emloc_engine.images.plan_shapes import vae_encode_bytes
+
+    return vae_encode_bytes(identify_pipeline(folder), resolution)
 
 
 @functools.lru_cache(maxsize=16)
@@ -262,28 +286,48 @@ def _stage(name: str, parts: list[tuple[str, int]], cuda: bool) -> ImageStagePea
     return ImageStagePeak(name, (*((label, int(b)) for label, b in parts), ("runtime", runtime)))
 
 
+def _heaviest(parts: list[list[tuple[str, int]]]) -> list[tuple[str, int]]:
+    return max(parts, key=lambda p: sum(b for _, b in p))
+
+
 def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> list[ImageStagePeak]:
     s = f.shapes
-    streamed = (s.outside_params + max(s.unit_params, default=0)) * elem
+    outside = s.outside_params * elem
     biggest = max(s.compressed.values(), key=lambda oi: oi[0] * oi[1], default=(0, 0))
-    widest_in = max((i for _, i in s.compressed.values()), default=0)
-    cache = max(
-        [("VAE (fp32)", f.vae_params * 4), ("VAE feature maps", vae_feature_bytes(f.vae, cfg.resolution, 4))],
+    widest_stat = max(f.profile.stat_groups, default=0) ** 2 * 4
+    cache = _heaviest([
+        [("VAE (fp32)", f.vae_params * 4), ("VAE encode (one image)", f.vae_encode)],
         [("text encoders", f.text_params * elem), ("text working tensors", f.text_work)],
-        key=lambda parts: sum(b for _, b in parts),
-    )
+    ])
+    stats = stats_pass_bytes(s, f.profile, cfg.stats_budget_gib * GIB)
     emulator = [
-        ("original, streamed", streamed),
-        ("calibration statistics", stats_pass_bytes(s, cfg.stats_budget_gib * GIB)),
-        ("factorisation", 2 * biggest[0] * biggest[1] * 4 + 3 * widest_in * widest_in * 4),
-        ("calibration forward", forward_bytes(f.profile, cfg.calibration_batch)),
+        ("outside the blocks", outside),
+        ("one block (original, streamed)", max(s.unit_params, default=0) * elem),
+        ("calibration statistics (pass)", stats),
+        *_heaviest([
+            [
+                ("calibration forward", forward_bytes(f.profile, cfg.calibration_batch)),
+                ("statistics product XᵀX", widest_stat),
+            ],
+            [
+                ("normalised statistic", widest_stat),
+                ("factorisation workspace", 2 * biggest[0] * biggest[1] * 4),
+            ],
+        ]),
     ]
-    correct = [
-        ("original, streamed", streamed),
-        ("adapter (fp32)", lora_params(s, cfg.rank) * 4),
-        ("held-out forward", forward_bytes(f.profile, cfg.eval_batch)),
-        ("fp64 preparation", 3 * biggest[0] * biggest[1] * 8),
-    ]
+    lora_dims = s.unit_lora_dims or (0,) * len(s.unit_params)
+    block, block_lora = max(
+        zip(s.unit_params, lora_dims, strict=True), key=lambda u: u[0] * elem + u[1] * cfg.rank * 4, default=(0, 0)
+    )
+    correct = _heaviest([
+        [
+            ("outside the blocks", outside),
+            ("one block (original, streamed)", block * elem),
+            ("its adapter (fp32)", block_lora * cfg.rank * 4),
+            ("held-out forward", forward_bytes(f.profile, cfg.eval_batch)),
+        ],
+        [("fp64 preparation", 3 * biggest[0] * biggest[1] * 8)],
+    ])
     return [
         _stage("cache", cache, cuda),
         _stage("emulator", emulator, cuda),
@@ -295,15 +339,15 @@ def _train_stage(cfg: ImagePlanConfig, f: _Facts, ratio: float, elem: int, cuda:
     weights = emulator_params(f.shapes, ratio) * elem
     step = [
         ("emulator", weights),
-        ("LoRA + AdamW", lora_params(f.shapes, cfg.rank) * LORA_BYTES_PER_PARAM),
-        ("activations", train_activation_bytes(f.profile, cfg.batch_size, checkpointing=cuda)),
+        ("LoRA + AdamW moments", lora_params(f.shapes, cfg.rank) * LORA_STATE_BYTES_PER_PARAM),
+        ("training step (activations, gradients)", train_step_bytes(f.profile, cfg.batch_size)),
     ]
     sampling = [
         ("emulator", weights),
         ("LoRA + AdamW", lora_params(f.shapes, cfg.rank) * LORA_BYTES_PER_PARAM),
         ("VAE + decode (samples)", f.vae_params * elem + vae_feature_bytes(f.vae, cfg.resolution, elem)),
     ]
-    return _stage("train", max(step, sampling, key=lambda p: sum(b for _, b in p)), cuda)
+    return _stage("train", _heaviest([step, sampling] if cfg.sample_every > 0 else [step]), cuda)
 
 
 def plan_images(cfg: ImagePlanConfig) -> ImagePlan:
@@ -457,6 +501,7 @@ def plan_for_run(
             rank=run.rank,
             device="cuda" if on_gpu else "cpu",
             max_sequence_length=run.max_sequence_length,
+            sample_every=run.sample_every,
         )
     )
 

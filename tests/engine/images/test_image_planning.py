@@ -24,6 +24,7 @@ from emloc_engine.images.planning import (
 )
 
 SEQ = 16
+STEP = "training step (activations, gradients)"
 
 
 def _numel(model: torch.nn.Module) -> int:
@@ -78,14 +79,14 @@ def test_peaks_grow_with_resolution_and_batch(kind: str, pipelines: dict[str, Pi
     assert big.stage("train").peak_bytes < batch.stage("train").peak_bytes
     # a no-grad forward holds less than a training step keeps, and grows with the resolution
     fwd = {p: dict(p.stage("correct").parts)["held-out forward"] for p in (small, big)}
-    assert 0 < fwd[small] < fwd[big] < dict(big.stage("train").parts)["activations"] * 4
+    assert 0 < fwd[small] < fwd[big] < dict(big.stage("train").parts)[STEP] * 4
     assert batch.latent_tokens == 4 * big.latent_tokens
     # FLUX: tokens are the 2×2 patches of the latent (VAE /2 here): (64/2/2)² = 256
     if kind == "flux":
         assert big.latent_tokens == (64 // 4) ** 2
     # the CPU keeps every activation (no checkpointing) in fp32: more than the GPU plan
     cpu = plan_images(_cfg(info, device="cpu"))
-    assert dict(cpu.stage("train").parts)["activations"] > dict(big.stage("train").parts)["activations"] > 0
+    assert dict(cpu.stage("train").parts)[STEP] > dict(big.stage("train").parts)[STEP] > 0
 
 
 def test_smaller_budget_gives_smaller_ratio_and_refuses_clearly(pipelines: dict[str, PipelineInfo]) -> None:
