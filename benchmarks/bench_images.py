@@ -312,6 +312,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--full-text-encoders", action="store_true")
     ap.add_argument("--skip-plain", action="store_true", help="do not measure plain LoRA")
+    ap.add_argument("--last-stage", choices=("emulator", "train", "correct"), default="correct",
+                    help="stop after this stage (emulator: no plain LoRA either), for a short device call")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -376,7 +378,9 @@ def main() -> None:
         results["emulator"].update(
             params_kept=emu.params_kept, params_original=emu.params_original, passes=emu.passes
         )
-    trained = measure(
+    if args.last_stage == "emulator":
+        emu = None  # no plain LoRA either: a short call re-measures the build alone
+    trained = None if args.last_stage == "emulator" else measure(
         "train",
         lambda: train_image_lora(
             ImageTrainConfig(
@@ -396,6 +400,7 @@ def main() -> None:
     )
     if trained is not None:
         results["train"]["losses"] = [round(x, 4) for x in trained.losses]
+    if trained is not None and args.last_stage == "correct":
         measure(
             "correct",
             lambda: correct_image_adapter(

@@ -17,4 +17,4 @@ case "${MODEL:-flux-dev}" in
   sdxl) CAP=12 ;;
 esac
 python3 benchmarks/bench_images.py --model "${MODEL:-flux-dev}" --cap-gib $CAP --resolution 1024 --steps ${STEPS:-10} \
-  --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
+  ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
