@@ -200,6 +200,9 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
     return folder
 
 
+PARTIAL: Path | None = None  # --out's path with .partial.json: rewritten after every stage
+
+
 def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dict[str, Any]) -> Any:
     """Run one stage; record its peak GiB and seconds, or ``"oom"``."""
     if device.type == "cuda":
@@ -218,6 +221,8 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dic
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     results[name] = {"peak_gib": round(peak, 3), "wall_s": round(time.monotonic() - t0, 1)}
     print(name, results[name], flush=True)
+    if PARTIAL is not None:  # a device call cut off later still returns the stages done so far
+        PARTIAL.write_text(json.dumps(results, indent=2) + "\n")
     return out
 
 
@@ -316,6 +321,8 @@ def main() -> None:
                     help="stop after this stage (emulator: no plain LoRA either), for a short device call")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    global PARTIAL
+    PARTIAL = args.out.with_suffix(".partial.json") if args.out else None
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     work: Path = args.work
