@@ -87,6 +87,33 @@ def test_eval_offsets_are_kept_only_when_the_run_evaluates_before_its_end(pair: 
     assert end["result"].final_eval_loss == pytest.approx(mid["result"].final_eval_loss, rel=1e-5)
 
 
+def test_the_originals_blocks_held_in_ram_are_given_back_when_training_ends(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked anchors keep the original's blocks in (pinned) RAM between chunks; once training is over the
+    feed drops them and empties the host allocator's cache, so correction and export do not carry them."""
+    from emloc_engine.stages.training import anchor_chunks
+
+    released: list[int] = []
+    monkeypatch.setattr(anchor_chunks, "release_pinned_host_cache", lambda: released.append(1) or True)
+    kept: list[Any] = []
+    real = anchor_chunks.AnchorFeed._block_cache
+
+    def spy(self: Any) -> Any:
+        cache = real(self)
+        kept.append(cache)
+        return cache
+
+    monkeypatch.setattr(anchor_chunks.AnchorFeed, "_block_cache", spy)
+    data, eval_ = short_examples(24), short_examples(4, seed=1)
+    per_token = anchor_width(AutoConfig.from_pretrained(pair[1]), "blocks") * 4
+    anchors, record = _train(pair, tmp_path / "run", data, eval_, anchor_ram_gib=6 * 9 * per_token / 2**30)
+    assert record["anchor_chunks"] >= 2 and kept[0] is not None and kept[0].nbytes() > 0  # blocks were held
+    assert anchors.feed.cache is None and released == [1]
+    anchors.feed.close()  # a second close has nothing to give back
+    assert released == [1]
+
+
 def test_a_chunk_is_the_next_examples_of_the_order_that_fit(pair: tuple[Path, Path]) -> None:
     ex = [Example((5,) * n, (5,) * n) for n in (4, 4, 8, 4, 4)]
 

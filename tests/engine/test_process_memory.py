@@ -114,3 +114,18 @@ def test_sampler_records_the_anonymous_peak_beside_the_whole_one() -> None:
         buf = np.ones(64 * MIB, dtype=np.uint8)
     assert sampler.peak_anon_bytes - start >= 48 * MIB and buf[0] == 1
     assert sampler.peak_bytes >= sampler.peak_anon_bytes
+
+
+def test_the_pinned_host_cache_is_emptied_only_where_cuda_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_memory.release_pinned_host_cache() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator.memory, "empty_host_cache", lambda: calls.append("accelerator"))
+    assert process_memory.release_pinned_host_cache() is True and calls == ["accelerator"]
+    # an older torch: the private call of the same allocator
+    monkeypatch.delattr(torch.accelerator.memory, "empty_host_cache")
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append("private"), raising=False)
+    assert process_memory.release_pinned_host_cache() is True and calls == ["accelerator", "private"]
+    monkeypatch.delattr(torch._C, "_host_emptyCache")
+    assert process_memory.release_pinned_host_cache() is False

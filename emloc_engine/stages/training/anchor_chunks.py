@@ -35,6 +35,7 @@ from torch import nn
 
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.core.memory import ANCHOR_GROUP_TOKENS, HIDDEN_OFFLOAD
+from emloc_engine.machine.process_memory import release_pinned_host_cache
 from emloc_engine.stages.training.anchoring import (
     Anchors,
     anchor_points,
@@ -268,6 +269,15 @@ class AnchorFeed:
             self._cache_checked = True
             self.cache = PinnedBlocks() if cache_fits(self.model_dir, 0.25 / self.processes) else None
         return self.cache
+
+    def close(self) -> None:
+        """Training is over: drop the original's blocks held in (pinned) RAM and give that memory back
+        (:func:`~emloc_engine.machine.process_memory.release_pinned_host_cache`), so the later stages of the
+        run do not carry the whole model in RAM. The feed's counters stay for the run's record."""
+        had = self.cache is not None and bool(self.cache.blocks)
+        self.cache = None
+        if had:
+            release_pinned_host_cache()
 
     def example_bytes(self, i: int) -> int:
         return len(self.examples[i].input_ids) * self._per_token

@@ -339,6 +339,8 @@ def train_on_examples(cfg: TrainConfig, train: Sequence[ExampleLike], eval_: Seq
         if session is not None:
             session.close()
         del session
+        if anchors is not None and anchors.feed is not None:
+            anchors.feed.close()  # the original's pinned blocks: not carried into the later stages
         if device.type == "cuda":
             gc.collect()  # break reference cycles that still hold GPU tensors, then return the cache
             torch.cuda.empty_cache()
