@@ -200,7 +200,8 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
     return folder
 
 
-PARTIAL: Path | None = None  # --out's path with .partial.json: rewritten after every stage
+STAGES = ("cache", "inference", "emulator", "train", "correct", "plain_lora")  # in run order
+PARTIAL: list[Path] = []  # rewritten after every stage: --out's path with .partial.json, and WORK/results-MODEL.json
 
 
 def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dict[str, Any]) -> Any:
@@ -221,8 +222,8 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dic
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     results[name] = {"peak_gib": round(peak, 3), "wall_s": round(time.monotonic() - t0, 1)}
     print(name, results[name], flush=True)
-    if PARTIAL is not None:  # a device call cut off later still returns the stages done so far
-        PARTIAL.write_text(json.dumps(results, indent=2) + "\n")
+    for path in PARTIAL:  # a device call cut off later still returns the stages done so far
+        path.write_text(json.dumps(results, indent=2) + "\n")
     return out
 
 
@@ -317,12 +318,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--full-text-encoders", action="store_true")
     ap.add_argument("--skip-plain", action="store_true", help="do not measure plain LoRA")
-    ap.add_argument("--last-stage", choices=("emulator", "train", "correct"), default="correct",
-                    help="stop after this stage (emulator: no plain LoRA either), for a short device call")
+    ap.add_argument("--from-stage", choices=STAGES, default="cache",
+                    help="measure from this stage on; the earlier ones ran in an earlier call on this machine "
+                         "(same --work; their numbers come from WORK/results-MODEL.json)")
+    ap.add_argument("--last-stage", choices=STAGES, default="plain_lora",
+                    help="stop after this stage, for a short device call")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     global PARTIAL
-    PARTIAL = args.out.with_suffix(".partial.json") if args.out else None
+    kept = args.work / f"results-{args.model}.json"  # what a later call on this machine adds its stages to
+    PARTIAL = [kept, *([args.out.with_suffix(".partial.json")] if args.out else [])]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     work: Path = args.work
@@ -334,6 +339,8 @@ def main() -> None:
         "cap_gib": args.cap_gib,
         "steps": args.steps,
     }
+    if args.from_stage != "cache" and kept.is_file():  # a later call on this machine adds its stages
+        results = {**json.loads(kept.read_text()), **results}
     t0 = time.monotonic()
     info = identify_pipeline(build_pipeline(args.model, work, args.full_text_encoders))
     results["build_s"] = round(time.monotonic() - t0, 1)
@@ -346,7 +353,17 @@ def main() -> None:
     images = write_subject_images(work / "images", args.images, size=(args.resolution, args.resolution))
     items = scan_image_folder(ImageFolderConfig(images[0].parent, trigger="sks", min_side_px=16)).items
     run = work / f"run-{args.model}"
-    cache = measure(
+    first, last = STAGES.index(args.from_stage), STAGES.index(args.last_stage)
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        """Measure ``name`` when it is in --from-stage..--last-stage; before that range an earlier call on
+        this machine made its outputs (the emulator is reopened: a complete one is reused, not rebuilt)."""
+        i = STAGES.index(name)
+        if i < first:
+            return fn() if name == "emulator" else None
+        return measure(name, fn, device, results) if i <= last else None
+
+    cache = stage(
         "cache",
         lambda: build_cache(
             CacheConfig(
@@ -359,12 +376,10 @@ def main() -> None:
                 device=args.device,
             )
         ),
-        device,
-        results,
     )
     cache_dir = run / "cache"
-    measure("inference", lambda: inference(info, cache_dir, device, dtype), device, results)
-    emu = measure(
+    stage("inference", lambda: inference(info, cache_dir, device, dtype))
+    emu = stage(
         "emulator",
         lambda: build_image_emulator(
             ImageEmulatorConfig(
@@ -378,16 +393,12 @@ def main() -> None:
                 device=args.device,
             )
         ),
-        device,
-        results,
     )
-    if emu is not None:
+    if emu is not None and first <= STAGES.index("emulator"):
         results["emulator"].update(
             params_kept=emu.params_kept, params_original=emu.params_original, passes=emu.passes
         )
-    if args.last_stage == "emulator":
-        emu = None  # no plain LoRA either: a short call re-measures the build alone
-    trained = None if args.last_stage == "emulator" else measure(
+    trained = stage(
         "train",
         lambda: train_image_lora(
             ImageTrainConfig(
@@ -402,13 +413,11 @@ def main() -> None:
                 device=args.device,
             )
         ),
-        device,
-        results,
     )
     if trained is not None:
         results["train"]["losses"] = [round(x, 4) for x in trained.losses]
-    if trained is not None and args.last_stage == "correct":
-        measure(
+    if trained is not None or (run / "adapter").is_dir():
+        stage(
             "correct",
             lambda: correct_image_adapter(
                 ImageCorrectionConfig(
@@ -422,19 +431,12 @@ def main() -> None:
                     device=args.device,
                 )
             ),
-            device,
-            results,
         )
     if not args.skip_plain and emu is not None:
         targets = sorted(emu.modules)
-        measure(
-            "plain_lora",
-            lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
-            device,
-            results,
-        )
-        if results["plain_lora"]["peak_gib"] == "oom" and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
+        if results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
             measure(
                 "plain_lora_uncapped",
                 lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
@@ -446,6 +448,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    kept.write_text(text + "\n")
 
 
 if __name__ == "__main__":
