@@ -20,11 +20,13 @@ never seen in pretraining, with the trigger word ``sks``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.image_anchors import OnlineBlockAnchors
 from emloc_engine.images.batches import batches_loss, calibration_batches
 from emloc_engine.images.cache import CacheConfig, ImageCache, build_cache
 from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_adapter
@@ -100,6 +103,30 @@ def pretrain(info: PipelineInfo, work: Path, steps: int, lr: float) -> PipelineI
     return identify_pipeline(folder)
 
 
+def _train(cfg: ImageTrainConfig) -> None:
+    train_image_lora(cfg)
+
+
+@contextlib.contextmanager
+def _anchored_training(info: PipelineInfo) -> Iterator[None]:
+    """While inside, the engine's image training attaches :class:`OnlineBlockAnchors` (the original denoiser
+    resident) to the LoRA it trains."""
+    from emloc_engine.images import training
+
+    real = training.attach_image_lora
+
+    def attach(model: Any, *a: Any, **kw: Any) -> Any:
+        peft_model = real(model, *a, **kw)
+        OnlineBlockAnchors(load_denoiser(info), peft_model)
+        return peft_model
+
+    training.attach_image_lora = attach  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        training.attach_image_lora = real  # type: ignore[assignment]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("flux", "sd3", "sdxl"), default="flux")
@@ -109,6 +136,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--anchor", action="store_true",
+                    help="EMLoC's training anchored at every transformer block to the original, online "
+                         "(benchmarks/image_anchors.py)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of both LoRAs")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work: Path = args.work
@@ -151,6 +182,8 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "model": args.model,
+        "anchor": "blocks, online" if args.anchor else "none",
+        "seed": args.seed,
         "ratio": args.ratio,
         "steps": args.steps,
         "rank": args.rank,
@@ -164,8 +197,9 @@ def main() -> None:
                 info, cache, run / "emulator", ratio=ratio, full_rank=full, calibration_images=8, device="cpu"
             )
         )
-        train_image_lora(
-            ImageTrainConfig(
+        anchored = args.anchor and not full
+        with _anchored_training(info) if anchored else contextlib.nullcontext():
+            _train(ImageTrainConfig(
                 info,
                 cache,
                 run / "emulator",
@@ -177,8 +211,8 @@ def main() -> None:
                 batch_size=4,
                 device="cpu",
                 checkpoint_every=args.steps,
-            )
-        )
+                seed=args.seed,
+            ))
         if full:
             results[name] = loss_with(run / "adapter")
             continue
