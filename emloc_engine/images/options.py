@@ -10,15 +10,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from emloc_engine.core.errors import ConfigError
 from emloc_engine.images.dataset import CaptionMode
+
+AnchorMode = Literal["none", "blocks"]
+ANCHOR_MODES: tuple[str, ...] = get_args(AnchorMode)
+"""Anchored training (:mod:`~emloc_engine.images.anchors`): ``none``, or ``blocks`` (every transformer block
+of the emulator anchored to the original, online, per forward). Opt-in: the extra no-grad pass of the
+original per training forward is not yet measured on a GPU."""
 
 RUN_SETTINGS = "image_run.json"
 """The settings of a run's first call, in the run folder (marks an image run folder)."""
 RESOLUTIONS = (512, 768, 1024)
 """The training resolutions the app and ``emloc plan`` offer."""
+
+
+def check_anchor(value: str) -> list[str]:
+    """The problem with an ``anchor`` setting (empty when it is one of :data:`ANCHOR_MODES`)."""
+    if value in ANCHOR_MODES:
+        return []
+    return [f"anchor must be one of {', '.join(ANCHOR_MODES)} (got {value!r})"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,13 @@ class ImageRunConfig:
     checkpoint_every: int = field(default=100, metadata={"help": "Resumable checkpoint every N steps."})
     sample_every: int = field(default=100, metadata={"help": "Sample images every N steps (0: never)."})
     sample_steps: int = field(default=28, metadata={"help": "Denoising steps per sample image."})
+    anchor: AnchorMode = field(
+        default="none",
+        metadata={
+            "help": "Anchored training: none, or blocks (every transformer block of the emulator anchored to "
+            "the original on each step; costs one no-grad forward of the original per step)."
+        },
+    )
     lam: float | None = field(
         default=None, metadata={"help": "Correction λ (default: chosen on held-out images)."}
     )
@@ -93,6 +113,8 @@ class ImageRunConfig:
             object.__setattr__(self, k, Path(getattr(self, k)))
         if self.holdout_images < -1:
             raise ConfigError(f"holdout_images must be -1 (auto) or more (got {self.holdout_images}).")
+        if problems := check_anchor(self.anchor):
+            raise ConfigError("Invalid image run settings.", problems=problems)
 
 
 @dataclass(frozen=True)
@@ -114,5 +136,14 @@ def run_default(name: str) -> Any:
     return ImageRunConfig.__dataclass_fields__[name].default
 
 
-__all__ = ["RESOLUTIONS", "RUN_SETTINGS", "ImageRunConfig", "ImageRunResult", "run_default"]
+__all__ = [
+    "ANCHOR_MODES",
+    "RESOLUTIONS",
+    "RUN_SETTINGS",
+    "AnchorMode",
+    "ImageRunConfig",
+    "ImageRunResult",
+    "check_anchor",
+    "run_default",
+]
 

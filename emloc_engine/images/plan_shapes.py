@@ -162,6 +162,9 @@ class ActivationProfile:
     read the same tensor share one, found by tensor identity in the forward as the emulator finds them)."""
     stat_group_of: tuple[tuple[str, int], ...] = field(default=(), repr=False)
     """(compressed module, index into ``stat_groups``) for every compressed linear."""
+    anchor_out_numel: int = 0
+    """Elements of every anchored block's output together (:data:`~emloc_engine.images.anchors.BLOCK`; tensor
+    or tuple outputs), batch 1: anchored training holds one offset per element (:mod:`.anchors`)."""
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -362,7 +365,7 @@ def activation_profile(
             ) from exc
     del out
     live = _LiveBytes()
-    with torch.no_grad(), _FusedAttentionMode(), live:
+    with torch.no_grad(), _FusedAttentionMode(), _anchor_outputs(model) as anchored, live:
         x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
         out = predict(info.kind, model, x.detach(), torch.empty(1, device="meta", dtype=dtype), cond)
         del out, x, cond
@@ -381,7 +384,27 @@ def activation_profile(
         step_bytes=step,
         stat_groups=groups,
         stat_group_of=group_of,
+        anchor_out_numel=anchored[0],
     )
+
+
+@contextmanager
+def _anchor_outputs(model: nn.Module) -> Iterator[list[int]]:
+    """Within the block, ``[n]``: the elements output by ``model``'s anchored blocks in the forwards run."""
+    from emloc_engine.images.anchors import anchored_block_names
+
+    total = [0]
+
+    def count(_m: nn.Module, _a: Any, out: Any) -> None:
+        outs = out if isinstance(out, tuple) else (out,)
+        total[0] += sum(o.numel() for o in outs if isinstance(o, torch.Tensor))
+
+    handles = [model.get_submodule(n).register_forward_hook(count) for n in anchored_block_names(model)]
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _stat_groups(

@@ -28,7 +28,11 @@ adds the CUDA context and 3 % allocator slack, :class:`~emloc_engine.run.plannin
   gradient checkpointing as on GPUs (activations, recomputed activations, their gradients, the LoRA
   gradients; :attr:`~.plan_shapes.ActivationProfile.step_bytes`). When the run samples
   (``sample_every``), drawing samples (the VAE in ``b`` decoding one image, LoRA gradients kept,
-  16 bytes a parameter) must fit too.
+  16 bytes a parameter) must fit too. Anchored (``anchor="blocks"``, :mod:`.anchors`): the original's
+  weights outside the blocks stay on the device (streamed), the offsets of one micro-batch are held
+  (:func:`anchor_offset_bytes`: ``B ×`` the elements of every anchored block's output, from the meta
+  forward, × ``b``), and before each training forward the original runs streamed, no grad: the peak is
+  emulator + LoRA states + offsets + max(training step, the original's largest block + its forward).
 * **correct** (:mod:`.correction`): the larger of the fp64 preparation of one module
   (``3 · out · in · 8``) and the λ search: the original streamed with its adapter (the largest block in
   ``b`` with its LoRA in fp32, the weights outside the blocks) and a no-grad forward of ``eval_batch``
@@ -50,7 +54,7 @@ from typing import Any
 
 from emloc_engine.core.errors import ConfigError, InsufficientMemory
 from emloc_engine.core.ranks import rank_for_ratio
-from emloc_engine.images.options import RESOLUTIONS, ImageRunConfig, run_default
+from emloc_engine.images.options import RESOLUTIONS, AnchorMode, ImageRunConfig, check_anchor, run_default
 from emloc_engine.images.pipeline_index import check_config_dir
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
 from emloc_engine.images.plan_shapes import (
@@ -91,6 +95,8 @@ class ImagePlanConfig:
     sample_every: int = field(default=run_default("sample_every"), metadata={
         "help": "Sample images every N training steps (0: never; then the VAE never joins training)."})
     safety_margin: float = field(default=0.1, metadata={"help": "Margin, a fraction of the budget."})
+    anchor: AnchorMode = field(default=run_default("anchor"), metadata={
+        "help": "Anchored training (none or blocks): the train stage also holds the offsets and runs the original."})
     ratios: tuple[float, ...] = field(
         default=tuple(round(0.9 - 0.05 * i, 2) for i in range(18)),
         metadata={"help": "The ρ tried, largest first."},
@@ -105,6 +111,7 @@ class ImagePlanConfig:
         ]
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             problems.append(f"ratio must be in (0, 1] (got {self.ratio})")
+        problems += check_anchor(self.anchor)
         if problems:
             raise ConfigError("Invalid image plan settings.", problems=problems)
 
@@ -335,16 +342,35 @@ def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> lis
     ]
 
 
+def anchor_offset_bytes(profile: ActivationProfile, batch: int, elem: int) -> int:
+    """Anchored training's offsets of one micro-batch: every anchored block's output, in the training dtype."""
+    return batch * profile.anchor_out_numel * elem
+
+
 def _train_stage(cfg: ImagePlanConfig, f: _Facts, ratio: float, elem: int, cuda: bool) -> ImageStagePeak:
     weights = emulator_params(f.shapes, ratio) * elem
+    step_part = ("training step (activations, gradients)", train_step_bytes(f.profile, cfg.batch_size))
+    anchored: list[tuple[str, int]] = []
+    if cfg.anchor != "none":
+        anchored = [("original outside the blocks (anchors)", f.shapes.outside_params * elem)]
+        anchor_pass = [
+            ("one block (original, streamed)", max(f.shapes.unit_params, default=0) * elem),
+            ("original's forward (anchors)", forward_bytes(f.profile, cfg.batch_size)),
+        ]
+        step_parts = _heaviest([[step_part], anchor_pass])
+        step_parts = [("anchor offsets", anchor_offset_bytes(f.profile, cfg.batch_size, elem)), *step_parts]
+    else:
+        step_parts = [step_part]
     step = [
         ("emulator", weights),
         ("LoRA + AdamW moments", lora_params(f.shapes, cfg.rank) * LORA_STATE_BYTES_PER_PARAM),
-        ("training step (activations, gradients)", train_step_bytes(f.profile, cfg.batch_size)),
+        *anchored,
+        *step_parts,
     ]
     sampling = [
         ("emulator", weights),
         ("LoRA + AdamW", lora_params(f.shapes, cfg.rank) * LORA_BYTES_PER_PARAM),
+        *anchored,
         ("VAE + decode (samples)", f.vae_params * elem + vae_feature_bytes(f.vae, cfg.resolution, elem)),
     ]
     return _stage("train", _heaviest([step, sampling] if cfg.sample_every > 0 else [step]), cuda)
@@ -502,6 +528,7 @@ def plan_for_run(
             device="cuda" if on_gpu else "cpu",
             max_sequence_length=run.max_sequence_length,
             sample_every=run.sample_every,
+            anchor=run.anchor,
         )
     )
 
@@ -523,6 +550,7 @@ __all__ = [
     "ImagePlan",
     "ImagePlanConfig",
     "ImageStagePeak",
+    "anchor_offset_bytes",
     "emulator_params",
     "format_image_plan",
     "format_plan_table",

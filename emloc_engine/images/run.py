@@ -172,6 +172,7 @@ def _run_images(cfg: ImageRunConfig, progress: Progress) -> ImageRunResult:
             seed=cfg.seed,
             device=cfg.device,
             stop_after=cfg.stop_after,
+            anchor=cfg.anchor,
         ),
         sub(progress, 0.3, 0.9),
     )

@@ -29,7 +29,7 @@ def test_emloc_plan_defaults_are_the_planners_and_the_image_runs() -> None:
 def test_the_image_planner_plans_the_image_runs_defaults() -> None:
     run = {f.name: f.default for f in dataclasses.fields(ImageRunConfig)}
     plan = ImagePlanConfig(Path("pipeline"), 2**30)
-    for name in ("resolution", "batch_size", "rank", "max_sequence_length"):
+    for name in ("resolution", "batch_size", "rank", "max_sequence_length", "anchor"):
         assert getattr(plan, name) == run[name], name
 
 
@@ -40,3 +40,11 @@ def test_emloc_image_export_defaults_are_the_export_configs() -> None:
     fields = {f.name: f.default for f in dataclasses.fields(ImageExportConfig)}
     assert tuple(args.format.split(",")) == fields["formats"]
     assert (args.name, args.device, not args.no_verify) == (fields["name"], fields["device"], fields["verify"])
+
+
+def test_emloc_image_anchor_default_is_the_image_runs_and_the_trainings() -> None:
+    from emloc_engine.images.training import ImageTrainConfig
+
+    args = build_parser().parse_args(["image", "pipeline", "photos", "--out", "run"])
+    run = ImageRunConfig.__dataclass_fields__["anchor"].default
+    assert args.anchor == run == ImageTrainConfig.__dataclass_fields__["anchor"].default == "none"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("images", help="Folder of the subject's images; captions as .txt beside them.")
     p.add_argument("--out", required=True, help="Run folder (created; rerunning resumes).")
+    hints = typing.get_type_hints(ImageRunConfig)
     for f in dataclasses.fields(ImageRunConfig):
         if f.name in _POSITIONAL:
             continue
         conv, extra = _parser_of(str(f.type))
+        if typing.get_origin(hints[f.name]) is typing.Literal:  # e.g. --anchor {none,blocks}
+            extra["choices"] = typing.get_args(hints[f.name])
         kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], **extra}
         if f.name == "ratio":  # planned unless given (emloc_engine.images.planning)
             conv, kw["default"] = _ratio, "auto"

@@ -161,3 +161,23 @@ def test_the_cache_prediction_leaves_the_convolution_workspace_unexplained(plan:
     visible on the meta device). Pinned so a change either way is noticed."""
     assert _allocated_gib(plan, "cache") == pytest.approx(MEASURED_GIB["cache"], rel=0.15)
     assert _allocated_gib(plan, "cache") < MEASURED_GIB["cache"]
+
+
+def test_the_anchored_train_stage_terms(plan: ImagePlan) -> None:
+    """Anchored training (``anchor="blocks"``) at 1024², batch 1, bf16: not yet measured on a GPU."""
+    from dataclasses import replace
+
+    anchored = plan_images(replace(plan.config, anchor="blocks"))
+    train, plain = _parts(anchored, "train"), _parts(plan, "train")
+    # one offset per element of every BasicTransformerBlock's output: 10 blocks at 640 channels on 64² latent
+    # pixels (down_blocks[1]: 2 × 2, up_blocks[1]: 3 × 2), 60 at 1280 on 32² (down 2 × 10, mid 10, up 3 × 10)
+    assert train["anchor offsets"] == (10 * 64 * 64 * 640 + 60 * 32 * 32 * 1280) * 2  # 0.195 GiB
+    assert train["original outside the blocks (anchors)"] == OUTSIDE * 2
+    # the anchor pass (up_blocks[0] streamed + a no-grad forward) outweighs the checkpointed step here
+    assert train["one block (original, streamed)"] == UP0 * 2
+    assert train["original's forward (anchors)"] == _parts(plan, "inference")["forward"]
+    assert "training step (activations, gradients)" not in train
+    assert train["original's forward (anchors)"] + UP0 * 2 > plain["training step (activations, gradients)"]
+    assert anchored.stage("train").peak_gib == pytest.approx(6.50, abs=0.01)  # unanchored: 4.55
+    for name in ("cache", "emulator", "correct"):
+        assert anchored.stage(name) == plan.stage(name)

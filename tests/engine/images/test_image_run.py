@@ -85,6 +85,8 @@ def test_cli(
         "inf",
         "--device",
         "cpu",
+        "--anchor",
+        "blocks",
         "--sample-prompts",
         "sks circle",
         "a dog",
@@ -92,6 +94,7 @@ def test_cli(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "λ = inf" in out and "adapter-corrected" in out
+    assert json.loads((tmp_path / "run" / "image_run.json").read_text())["anchor"] == "blocks"  # recorded
     assert json.loads((tmp_path / "run" / "cache" / "cache.json").read_text())["sample_prompts"] == [
         "sks circle",
         "a dog",

@@ -36,6 +36,7 @@ def test_the_recorded_settings_come_back_with_their_types(tmp_path: Path) -> Non
         ratio=0.35,
         lr=3e-5,
         lam=0.25,
+        anchor="blocks",
         device="cuda:1",
         stop_after=7,
     )
