@@ -33,7 +33,7 @@ def _gib(flag: str) -> Any:
 
 def register(sub: Any) -> None:
     from emloc_engine.data.config import DATA_DEFAULTS
-    from emloc_engine.images.options import run_default
+    from emloc_engine.images.options import ANCHOR_MODES, run_default
     from emloc_engine.run.planning import PlanConfig
     from emloc_engine.stages.training.options import TrainOptions
 
@@ -61,6 +61,8 @@ def register(sub: Any) -> None:
                    help="Safety margin, a fraction of the budget.")
     p.add_argument("--resolution", type=int, default=run_default("resolution"),
                    help="Image models: the training resolution of the detailed plan (the table shows 512-1024).")
+    p.add_argument("--anchor", choices=ANCHOR_MODES, default=run_default("anchor"),
+                   help="Image models: plan anchored training (emloc image --anchor).")
     p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     p.set_defaults(func=run_plan)
 
@@ -136,7 +138,7 @@ def run_image_plan(args: argparse.Namespace) -> int:
     base = plan_config_of(args)
     cfg = ImagePlanConfig(Path(args.model), base.budget_bytes, resolution=args.resolution, batch_size=args.batch or 1,
                           rank=args.rank, ratio=args.ratio, device="cpu" if base.device == "cpu" else "cuda",
-                          safety_margin=args.margin)
+                          safety_margin=args.margin, anchor=args.anchor)
     plan = plan_images(cfg)
     if args.json:
         print(json.dumps({"kind": plan.kind, "ratio": plan.ratio, "fits": plan.fits, "reason": plan.reason,

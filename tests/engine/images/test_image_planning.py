@@ -127,6 +127,11 @@ def test_emloc_plan_on_a_pipeline_prints_the_image_plan(
         assert f"\n{res:>10}  " in out
     assert main(["plan", folder, "--budget-gib", "0.0001", "--gpu-gib", "4", "--resolution", "64"]) == 3
     assert "Nothing fits" in capsys.readouterr().out
+    # anchored: the train stage names the anchors' terms (--anchor reaches the planner)
+    assert main(["plan", folder, "--gpu-gib", "4", "--resolution", "64", "--anchor", "blocks"]) == 0
+    assert "anchor offsets" in capsys.readouterr().out
+    assert main(["plan", folder, "--gpu-gib", "4", "--resolution", "64"]) == 0
+    assert "anchor offsets" not in capsys.readouterr().out
 
 
 def test_emloc_image_ratio_auto_refuses_and_resumes_with_the_first_ratio(
