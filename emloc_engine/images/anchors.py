@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from emloc_engine.core.errors import ConfigError
 from emloc_engine.images.placement import streamed
 
 BLOCK = re.compile(r"(^|\.)(single_)?transformer_blocks\.\d+$")
@@ -72,7 +73,7 @@ class OnlineBlockAnchors:
     every hook. While :meth:`paused`, the emulator runs unanchored (no pass of the original).
 
     Raises:
-        ValueError: the emulator and the original do not have the same anchored blocks.
+        ConfigError: the emulator and the original do not have the same anchored blocks.
     """
 
     def __init__(
@@ -89,7 +90,11 @@ class OnlineBlockAnchors:
         self.names = anchored_block_names(self.base)
         originals = dict(self.original.named_modules())
         if not self.names or any(originals.get(n) is None for n in self.names):
-            raise ValueError("The emulator and the original do not have the same transformer blocks.")
+            raise ConfigError(
+                "The emulator and the original do not have the same transformer blocks: the emulator was built "
+                "from another model.",
+                hint="Build the emulator from this pipeline (a new run folder, or delete its emulator/).",
+            )
         self.offsets: dict[str, Any] = {}
         self.computing = False
         self.enabled = True

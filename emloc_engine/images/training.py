@@ -25,7 +25,8 @@ Anchored training (``anchor="blocks"``, :mod:`.anchors`): the original denoiser 
 memory (in the training dtype) and every transformer block of the emulator is anchored to it on each
 forward (the original streamed block by block on a GPU). Decision: opt-in for now (default ``"none"``),
 because the extra no-grad pass of the original per training forward is not yet measured on a GPU (on
-the CPU benchmark, ρ 0.5, it lifted the original's gain from −95 % to +120 % of full LoRA's). The
+the tiny CPU benchmark, ρ 0.5, three seeds, it lifted the share of full LoRA's gain reaching the original
+from −87 % to 94 %: benchmarks/RESULTS.md, "Image models"). The
 anchors are stateless (recomputed from each forward's inputs, no randomness), so resume stays exact.
 Samples are drawn with the anchors paused: the emulator + LoRA, as without anchoring, at the sampling
 cost and memory the planner counts.

@@ -75,9 +75,45 @@ def test_anchors_refuse_a_different_model(pipelines: dict[str, PipelineInfo], em
     peft_model = attach_image_lora(
         load_image_emulator(emulators["flux"]), lora_targets(emulators["flux"]), 4, 4.0, "x"
     )
-    with pytest.raises(ValueError, match="same transformer blocks"):
+    with pytest.raises(ConfigError, match="same transformer blocks") as err:
         OnlineBlockAnchors(load_denoiser(pipelines["sdxl"]), peft_model)
+    assert "Build the emulator from this pipeline" in str(err.value.hint)
     assert not peft_model.get_base_model()._forward_pre_hooks
+
+
+def test_checkpointed_anchored_steps_of_two_shapes_give_the_gradients_of_unchecked_ones(
+    pipelines: dict[str, PipelineInfo], caches: dict[str, Path], emulators: dict[str, Path]
+) -> None:
+    """A step with prior preservation runs two forwards (two buckets, two shapes) before one backward; with
+    gradient checkpointing (as on a GPU) the anchored blocks are recomputed in the backward while the anchors
+    hold the second forward's offsets. The offsets are constants, so the LoRA gradients must not change."""
+    from emloc_engine.images.training import _micro_loss
+
+    kind, info = "sdxl", pipelines["sdxl"]
+    peft_model = attach_image_lora(
+        load_image_emulator(emulators[kind]), lora_targets(emulators[kind]), 4, 4.0, str(info.folder)
+    )
+    with torch.no_grad():  # a trained adapter, not a zero one: the anchored path then matters
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    model = peft_model.get_base_model().train()
+    cache, sched = ImageCache(caches[kind]), NoiseSchedule(kind, scheduler_config(info))
+    buckets = [b for b in cache.buckets("train").values() if b]
+    assert len(buckets) == 2  # square and wide images: two shapes
+    grads = []
+    with OnlineBlockAnchors(load_denoiser(info), peft_model):
+        for checkpointing in (False, True):
+            model.enable_gradient_checkpointing() if checkpointing else model.disable_gradient_checkpointing()
+            peft_model.zero_grad(set_to_none=True)
+            gen = torch.Generator().manual_seed(0)
+            loss = sum(_micro_loss(kind, model, sched, cache, b[:1], gen, CPU, torch.float32) for b in buckets)
+            loss.backward()
+            grads.append([p.grad.clone() for p in peft_model.parameters() if p.grad is not None])
+    assert grads[0] and len(grads[0]) == len(grads[1])
+    assert max(float(a.abs().max()) for a in grads[0]) > 0
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def _train_cfg(info: PipelineInfo, cache: Path, emulator: Path, run: Path, stop: int | None) -> ImageTrainConfig:
