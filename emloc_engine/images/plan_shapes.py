@@ -334,6 +334,25 @@ def meta_inputs(
     return x, cond, tokens
 
 
+@dataclass(frozen=True)
+class _MetaRun:
+    """What each of :func:`activation_profile`'s meta-device forwards runs: the denoiser at one resolution."""
+
+    info: PipelineInfo
+    model: nn.Module
+    shapes: DenoiserShapes
+    resolution: int
+    dtype: torch.dtype
+    max_sequence_length: int
+
+    def inputs(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """:func:`meta_inputs` of this run: the noisy latents, the conditioning and the latent tokens."""
+        return meta_inputs(self.info, self.shapes, self.resolution, self.dtype, self.max_sequence_length)
+
+    def timestep(self) -> torch.Tensor:
+        return torch.empty(1, device="meta", dtype=self.dtype)
+
+
 def activation_profile(
     info: PipelineInfo,
     model: nn.Module,
@@ -348,9 +367,10 @@ def activation_profile(
     from emloc_engine.images.families import predict
 
     nn.Module.to(model, dtype)  # diffusers' own .to() warns about fp32-kept modules (none on meta)
-    x, cond, tokens = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
+    run = _MetaRun(info, model, shapes, resolution, dtype, max_sequence_length)
+    x, cond, tokens = run.inputs()
     counter = _SavedCounter()
-    t = torch.empty(1, device="meta", dtype=dtype)
+    t = run.timestep()
     with (
         _hooks(model, counter, info.kind, rank),
         _FusedAttentionMode(),
@@ -366,11 +386,11 @@ def activation_profile(
     del out
     live = _LiveBytes()
     with torch.no_grad(), _FusedAttentionMode(), _anchor_outputs(model) as anchored, live:
-        x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
-        out = predict(info.kind, model, x.detach(), torch.empty(1, device="meta", dtype=dtype), cond)
+        x, cond, _ = run.inputs()
+        out = predict(info.kind, model, x.detach(), run.timestep(), cond)
         del out, x, cond
-    groups, group_of = _stat_groups(info, model, shapes, resolution, dtype, max_sequence_length)
-    step = _step_bytes(info, model, shapes, resolution, dtype, rank, max_sequence_length)
+    groups, group_of = _stat_groups(run)
+    step = _step_bytes(run, rank)
     units = {k: v for k, v in counter.by_unit.items() if k}
     outside = counter.by_unit.get("", 0)
     return ActivationProfile(
@@ -407,19 +427,13 @@ def _anchor_outputs(model: nn.Module) -> Iterator[list[int]]:
             h.remove()
 
 
-def _stat_groups(
-    info: PipelineInfo,
-    model: nn.Module,
-    shapes: DenoiserShapes,
-    resolution: int,
-    dtype: torch.dtype,
-    max_sequence_length: int,
-) -> tuple[tuple[int, ...], tuple[tuple[str, int], ...]]:
+def _stat_groups(run: _MetaRun) -> tuple[tuple[int, ...], tuple[tuple[str, int], ...]]:
     """The emulator's statistic groups (:class:`~emloc_engine.images.emulator._SharedStats`' rule: within a
     block, linears whose input is the same tensor share one), from a no-grad meta forward."""
     from emloc_engine.images.families import predict
     from emloc_engine.images.pipelines import BLOCK_PATTERN
 
+    model, shapes = run.model, run.shapes
     seen: dict[str, list[tuple[torch.Tensor, int]]] = {}
     groups: list[int] = []
     group_of: dict[str, int] = {}
@@ -443,8 +457,8 @@ def _stat_groups(
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in shapes.compressed]
     try:
         with torch.no_grad(), _FusedAttentionMode():
-            x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
-            predict(info.kind, model, x.detach(), torch.empty(1, device="meta", dtype=dtype), cond)
+            x, cond, _ = run.inputs()
+            predict(run.info.kind, model, x.detach(), run.timestep(), cond)
     finally:
         for h in handles:
             h.remove()
@@ -461,15 +475,7 @@ def _stat_groups(
     )
 
 
-def _step_bytes(
-    info: PipelineInfo,
-    model: nn.Module,
-    shapes: DenoiserShapes,
-    resolution: int,
-    dtype: torch.dtype,
-    rank: int,
-    max_sequence_length: int,
-) -> int:
+def _step_bytes(run: _MetaRun, rank: int) -> int:
     """The peak of live tensors of one batch-1 training step (:func:`~emloc_engine.images.training.train_image_lora`'s
     micro-step: forward, loss, backward) on the meta device, LoRA attached by peft (fp32 adapter), gradient
     checkpointing on a GPU (bf16) as the training enables it, none on the CPU. The weights, the adapter and
@@ -483,19 +489,18 @@ def _step_bytes(
     from emloc_engine.images.families import predict
     from emloc_engine.images.training import attach_image_lora
 
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(run.model)
     with init_empty_weights(include_buffers=True):
-        peft_model = attach_image_lora(net, sorted(shapes.compressed), rank, float(rank), "")
+        peft_model = attach_image_lora(net, sorted(run.shapes.compressed), rank, float(rank), "")
     base = peft_model.get_base_model()
-    if dtype != torch.float32:  # the training's rule: checkpointing on GPUs (bf16), not on the CPU (fp32)
+    if run.dtype != torch.float32:  # the training's rule: checkpointing on GPUs (bf16), not on the CPU (fp32)
         # the recompute runs inside the backward, outside any mode entered around it: give it its own
         base.enable_gradient_checkpointing(_checkpoint_fused)
     base.train()
     live = _LiveBytes()
     with _FusedAttentionMode(), live:
-        x, cond, _ = meta_inputs(info, shapes, resolution, dtype, max_sequence_length)
-        t = torch.empty(1, device="meta", dtype=dtype)
-        out = predict(info.kind, base, x.detach(), t, cond)
+        x, cond, _ = run.inputs()
+        out = predict(run.info.kind, base, x.detach(), run.timestep(), cond)
         loss = (out.float() - x.detach().float()).pow(2).mean()  # families.denoising_loss's MSE in fp32
         del out
         loss.backward()
