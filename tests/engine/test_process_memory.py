@@ -3,7 +3,10 @@ memory-mapped files."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,21 @@ from emloc_engine.machine.process_memory import (
 )
 
 MIB = 2**20
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """Earlier tests' garbage collected now, and no collection inside: a collection triggered mid-measurement
+    frees their tensors and shrinks the RSS by as much as the buffer under test adds (seen once in a full
+    suite: +10 MiB measured for a 64 MiB buffer)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 STATUS = """Name:\tpython
 Umask:\t0022
 State:\tR (running)
@@ -92,13 +110,15 @@ def test_without_proc_status_the_whole_rss_counts_as_anonymous(monkeypatch: pyte
 
 @pytest.mark.skipif(not LINUX, reason="needs /proc/self/status with RssAnon (Linux ≥ 4.5)")
 def test_a_touched_buffer_is_anonymous_and_a_mapped_file_is_not(tmp_path: Path) -> None:
-    before = resident_memory()
-    buf = np.ones(64 * MIB, dtype=np.uint8)  # every page written
-    after = resident_memory()
+    with _no_collection():
+        before = resident_memory()
+        buf = np.ones(64 * MIB, dtype=np.uint8)  # every page written
+        after = resident_memory()
     assert after.anon - before.anon >= 48 * MIB and buf[::4096].all()
     shard = tmp_path / "shard.bin"
     shard.write_bytes(b"\x01" * (64 * MIB))
-    with open(shard, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    with (_no_collection(), open(shard, "rb") as fh,
+          mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped):
         before = resident_memory()
         assert int(np.frombuffer(mapped, dtype=np.uint8)[::4096].sum()) == 64 * MIB // 4096  # every page read
         after = resident_memory()
@@ -108,10 +128,11 @@ def test_a_touched_buffer_is_anonymous_and_a_mapped_file_is_not(tmp_path: Path) 
 
 @pytest.mark.skipif(not LINUX, reason="needs /proc/self/status with RssAnon (Linux ≥ 4.5)")
 def test_sampler_records_the_anonymous_peak_beside_the_whole_one() -> None:
-    sampler = RssSampler(interval_s=60.0)  # the samples at both ends decide, not the thread's timing
-    start = sampler.peak_anon_bytes
-    with sampler:
-        buf = np.ones(64 * MIB, dtype=np.uint8)
+    with _no_collection():
+        sampler = RssSampler(interval_s=60.0)  # the samples at both ends decide, not the thread's timing
+        start = sampler.peak_anon_bytes
+        with sampler:
+            buf = np.ones(64 * MIB, dtype=np.uint8)
     assert sampler.peak_anon_bytes - start >= 48 * MIB and buf[0] == 1
     assert sampler.peak_bytes >= sampler.peak_anon_bytes
 
