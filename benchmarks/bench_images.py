@@ -19,7 +19,9 @@ Stages, one after the other on one GPU, each under ``torch.cuda.set_per_process_
 3. ``emulator``: activation-aware SVD at ``--ratio`` (original streamed block by block);
 4. ``train``: LoRA (rank 16) on the emulator, ``--steps`` steps, batch 1, gradient checkpointing;
 5. ``correct``: λ search with the original streamed block by block;
-6. ``plain_lora``: the same LoRA on the ORIGINAL denoiser resident in bf16 with gradient
+6. ``train_anchored`` (only with ``--anchor``): ``train`` again from scratch, every block anchored to the
+   original (``anchor="blocks"``: the original in CPU memory, streamed through the GPU on every step);
+7. ``plain_lora``: the same LoRA on the ORIGINAL denoiser resident in bf16 with gradient
    checkpointing, ``--steps`` steps, first under the cap, then (if that ran out of memory) without it,
    to report its real peak.
 
@@ -74,14 +76,15 @@ def _random_denoiser(cls: Any, config: dict[str, Any], folder: Path) -> None:
     with init_empty_weights():
         model = cls(**config)
     model.save_config(folder)
-    gen = torch.Generator().manual_seed(0)
+    where = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU draws 12 B normals in seconds, a CPU in minutes
+    gen = torch.Generator(where).manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
     shards: list[dict[str, torch.Tensor]] = []
     size = 0
     for name, p in model.state_dict().items():
         std = 0.02 if p.dim() >= 2 else 0.0
         t = (
-            (torch.randn(p.shape, generator=gen) * std).to(torch.bfloat16)
+            (torch.randn(p.shape, generator=gen, device=where, dtype=torch.bfloat16) * std).cpu()
             if std
             else torch.ones(p.shape, dtype=torch.bfloat16)
         )
@@ -200,7 +203,7 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
     return folder
 
 
-STAGES = ("cache", "inference", "emulator", "train", "correct", "plain_lora")  # in run order
+STAGES = ("cache", "inference", "emulator", "train", "correct", "train_anchored", "plain_lora")  # in run order
 PARTIAL: list[Path] = []  # rewritten after every stage: --out's path with .partial.json, and WORK/results-MODEL.json
 
 
@@ -299,6 +302,8 @@ def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device
     plan = plan_images(cfg)
     context = PlannerConstants().cuda_context_bytes / 2**30 if device.type == "cuda" else 0.0
     peaks = plan.predicted_peaks_gib()
+    if args.anchor:  # the anchored plan's train stage, as the train_anchored stage's prediction
+        peaks["train_anchored"] = plan_images(replace(cfg, anchor="blocks")).predicted_peaks_gib()["train"]
     return {
         "predicted_gib": peaks,
         "predicted_allocated_gib": {k: round(v - context, 3) for k, v in peaks.items()},
@@ -318,6 +323,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--full-text-encoders", action="store_true")
     ap.add_argument("--skip-plain", action="store_true", help="do not measure plain LoRA")
+    ap.add_argument("--skip", nargs="*", choices=STAGES, default=[],
+                    help="stages not to measure (a stage a later one needs still runs unmeasured)")
+    ap.add_argument("--anchor", action="store_true",
+                    help="also measure anchored training (train_anchored: every block anchored to the original)")
     ap.add_argument("--from-stage", choices=STAGES, default="cache",
                     help="measure from this stage on; the earlier ones ran in an earlier call on this machine "
                          "(same --work; their numbers come from WORK/results-MODEL.json)")
@@ -359,6 +368,8 @@ def main() -> None:
         """Measure ``name`` when it is in --from-stage..--last-stage; before that range an earlier call on
         this machine made its outputs (the emulator is reopened: a complete one is reused, not rebuilt)."""
         i = STAGES.index(name)
+        if name in args.skip and name != "emulator":
+            return None
         if i < first:
             return fn() if name == "emulator" else None
         return measure(name, fn, device, results) if i <= last else None
@@ -432,6 +443,26 @@ def main() -> None:
                 )
             ),
         )
+    if args.anchor and (run / "emulator").is_dir():
+        anchored = stage(
+            "train_anchored",
+            lambda: train_image_lora(
+                ImageTrainConfig(
+                    info,
+                    cache_dir,
+                    run / "emulator",
+                    work / f"run-{args.model}-anchored",
+                    steps=args.steps,
+                    rank=16,
+                    alpha=16.0,
+                    checkpoint_every=args.steps,
+                    device=args.device,
+                    anchor="blocks",
+                )
+            ),
+        )
+        if anchored is not None:
+            results["train_anchored"]["losses"] = [round(x, 4) for x in anchored.losses]
     if not args.skip_plain and emu is not None:
         targets = sorted(emu.modules)
         stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))

@@ -8,6 +8,8 @@
 # back-to-back calls on the warm machine: LAST=inference, then FROM=emulator LAST=emulator, FROM=train LAST=train,
 # FROM=correct (each later call keeps /tmp/img-bench, whose results-MODEL.json gathers the stages; the JSON in
 # $OUT has them all; images-MODEL-capN.partial.json in $OUT is rewritten after every stage).
+# RATIO (default 0.5) is the emulator's ρ; ANCHOR=1 adds the anchored training stage (train_anchored);
+# SKIP="correct plain_lora" leaves stages out.
 set -u
 mkdir -p /tmp/site
 python3 -c "import diffusers" 2>/dev/null || \
@@ -20,4 +22,4 @@ case "${MODEL:-flux-dev}" in
   sdxl) CAP=12 ;;
 esac
 python3 benchmarks/bench_images.py --model "${MODEL:-flux-dev}" --cap-gib $CAP --resolution 1024 --steps ${STEPS:-10} \
-  ${FROM:+--from-stage $FROM} ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
+  --ratio ${RATIO:-0.5} ${ANCHOR:+--anchor} ${SKIP:+--skip $SKIP} ${FROM:+--from-stage $FROM} ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
