@@ -311,7 +311,7 @@ def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("flux-dev", "sdxl", "tiny-flux", "tiny-sdxl"), required=True)
     ap.add_argument("--work", type=Path, required=True)
@@ -333,7 +333,7 @@ def main() -> None:
     ap.add_argument("--last-stage", choices=STAGES, default="plain_lora",
                     help="stop after this stage, for a short device call")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global PARTIAL
     kept = args.work / f"results-{args.model}.json"  # what a later call on this machine adds its stages to
     PARTIAL = [kept, *([args.out.with_suffix(".partial.json")] if args.out else [])]

@@ -1,0 +1,46 @@
+"""The image GPU benchmark's code path on a tiny FLUX pipeline on the CPU (the lead runs the real shapes):
+one call and the same run split over four calls, as the device scripts split FLUX.1-dev, give every stage."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks import bench_images
+
+BASE = ["--model", "tiny-flux", "--device", "cpu", "--resolution", "32", "--steps", "2", "--ratio", "0.65"]
+MEASURED = {"cache", "inference", "emulator", "train", "correct", "train_anchored", "plain_lora"}
+
+
+def _stages(path: Path) -> dict[str, dict]:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k in MEASURED}
+
+
+def test_one_call_and_four_calls_measure_every_stage(tmp_path: Path) -> None:
+    one = tmp_path / "one.json"
+    bench_images.main([*BASE, "--anchor", "--work", str(tmp_path / "w1"), "--out", str(one)])
+    whole = _stages(one)
+    assert set(whole) == MEASURED
+    assert json.loads(one.read_text())["predicted_gib"].keys() >= {"train", "train_anchored"}
+    for name in ("train", "train_anchored"):
+        assert len(whole[name]["losses"]) == 2 and all(math.isfinite(x) for x in whole[name]["losses"])
+    # the anchored run trains another model (the emulator anchored to the original), so another loss
+    assert whole["train_anchored"]["losses"] != whole["train"]["losses"]
+
+    w2, split = str(tmp_path / "w2"), tmp_path / "split.json"
+    bench_images.main([*BASE, "--work", w2, "--last-stage", "inference"])
+    bench_images.main([*BASE, "--work", w2, "--from-stage", "emulator", "--last-stage", "emulator"])
+    bench_images.main([*BASE, "--work", w2, "--from-stage", "train", "--last-stage", "correct"])
+    bench_images.main([*BASE, "--anchor", "--work", w2, "--from-stage", "train_anchored", "--out", str(split)])
+    parts = _stages(split)
+    assert set(parts) == MEASURED
+    assert parts["train"]["losses"] == whole["train"]["losses"]  # the same seeds, data and emulator
+    assert parts["emulator"]["params_kept"] == whole["emulator"]["params_kept"]
+
+
+def test_skipped_stages_are_not_measured(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    bench_images.main([*BASE, "--work", str(tmp_path / "w"), "--skip", "correct", "plain_lora",
+                       "--last-stage", "train", "--out", str(out)])
+    assert set(_stages(out)) == {"cache", "inference", "emulator", "train"}
