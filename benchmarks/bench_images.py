@@ -280,7 +280,8 @@ def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device
     """The image planner's prediction for this benchmark's settings, to check against the measured peaks.
 
     ``predicted_allocated_gib`` leaves out the CUDA context (not in ``max_memory_allocated``, which the
-    stages' ``peak_gib`` are); ``planned_ratio`` is the ρ the planner picks under ``--cap-gib`` as budget.
+    stages' ``peak_gib`` are); ``planned_ratio`` is the ρ the planner picks under ``--cap-gib`` as budget;
+    ``stats_budget_gib`` is the plan's statistics budget per emulator pass, which the build then uses.
     """
     from dataclasses import replace
 
@@ -308,6 +309,7 @@ def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device
         "predicted_gib": peaks,
         "predicted_allocated_gib": {k: round(v - context, 3) for k, v in peaks.items()},
         "planned_ratio": plan_images(replace(cfg, ratio=None)).ratio,
+        "stats_budget_gib": plan.stats_budget_gib,  # the emulator build's, as the run takes it from its plan
     }
 
 
@@ -401,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
                 calibration_images=args.images,
                 calibration_timesteps=4,
                 calibration_batch=1,
+                stats_budget_gib=results["stats_budget_gib"],
                 device=args.device,
             )
         ),

@@ -153,8 +153,9 @@ class ImagePlanPage(BasePage):
         self.anchor.toggled.connect(self._changed)  # the anchors' memory is in the plan
 
     # -- the config ----------------------------------------------------------------------------
-    def run_config(self, ratio: float | None = None) -> ImageRunConfig:
-        """The run's settings from this page and the earlier ones (ρ: the plan's, once planned)."""
+    def run_config(self, plan: ImagePlan | None = None) -> ImageRunConfig:
+        """The run's settings from this page and the earlier ones (ρ and the statistics budget: the plan's,
+        once planned)."""
         s = self.state
         if s.model_dir is None or s.image_folder is None:
             raise ConfigError("Choose the model and the photos first.", hint="Go back to the earlier pages.")
@@ -167,7 +168,7 @@ class ImagePlanPage(BasePage):
                 "text encoders and VAE.",
                 hint="Go back to the Model page and choose its pipeline folder.",
             )
-        return ImageRunConfig(
+        run = ImageRunConfig(
             pipeline_dir=Path(s.model_dir),
             config_dir=s.config_dir if single is not None else None,
             images_dir=Path(s.image_folder),
@@ -179,9 +180,14 @@ class ImagePlanPage(BasePage):
             steps=self.steps.value(),
             sample_every=self.sample_every.value(),
             anchor="blocks" if self.anchor.isChecked() else "none",
-            ratio=run_default("ratio") if ratio is None else ratio,
+            ratio=run_default("ratio"),
             device=s.device,
         )
+        if plan is None:
+            return run
+        from emloc_engine.images.planning import with_plan  # torch and diffusers: only once planned
+
+        return with_plan(run, plan)
 
     # -- planning ------------------------------------------------------------------------------
     def initializePage(self) -> None:
@@ -224,7 +230,7 @@ class ImagePlanPage(BasePage):
     def validatePage(self) -> bool:
         if self.plan is None or self.plan.ratio is None:
             return False
-        cfg = self.run_config(self.plan.ratio)
+        cfg = self.run_config(self.plan)
         self.state.image_trigger = cfg.trigger
         self.state.image_run = cfg
         self.state.image_plan = self.plan

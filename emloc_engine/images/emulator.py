@@ -47,6 +47,7 @@ from emloc_engine.core.version import __version__
 from emloc_engine.images.batches import calibration_batches, predict_batch
 from emloc_engine.images.cache import ImageCache
 from emloc_engine.images.families import NoiseSchedule
+from emloc_engine.images.options import STATS_BUDGET_GIB
 from emloc_engine.images.pipelines import (
     BLOCK_PATTERN,
     PipelineInfo,
@@ -83,7 +84,7 @@ class ImageEmulatorConfig:
     calibration_timesteps: int = field(default=4, metadata={"help": "Noise levels per calibration image."})
     calibration_batch: int = field(default=4, metadata={"help": "Calibration forwards per batch."})
     stats_budget_gib: float = field(
-        default=4.0, metadata={"help": "Most memory held by statistics in one pass."}
+        default=STATS_BUDGET_GIB, metadata={"help": "Most memory held by statistics in one pass (GiB)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the calibration noise."})
     device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto."})

@@ -25,6 +25,10 @@ RUN_SETTINGS = "image_run.json"
 """The settings of a run's first call, in the run folder (marks an image run folder)."""
 RESOLUTIONS = (512, 768, 1024)
 """The training resolutions the app and ``emloc plan`` offer."""
+STATS_BUDGET_GIB = 4.0
+"""Calibration statistics one emulator pass holds when no plan raised it (GiB; :mod:`.emulator`'s passes).
+The image planner raises it up to what the run's heaviest stage leaves free: fewer passes, each of which
+streams the original through the calibration forwards again (FLUX.1-dev: 22 passes at 4 GiB, 5 at 16)."""
 
 
 def check_anchor(value: str) -> list[str]:
@@ -82,6 +86,9 @@ class ImageRunConfig:
     ratio: float = field(default=0.5, metadata={"help": "Keep-ratio ρ of the denoiser's compressed linears."})
     calibration_images: int = field(default=8, metadata={"help": "Images used to calibrate the emulator."})
     calibration_timesteps: int = field(default=4, metadata={"help": "Noise levels per calibration image."})
+    stats_budget_gib: float | None = field(default=None, metadata={
+        "help": "Calibration statistics held per emulator pass, GiB (default: what the plan leaves free "
+                "under the run's peak, at least 4; 4 when ρ is given)."})
     steps: int = field(default=500, metadata={"help": "Training steps."})
     lr: float = field(default=1e-4, metadata={"help": "Learning rate."})
     rank: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -113,7 +120,10 @@ class ImageRunConfig:
             object.__setattr__(self, k, Path(getattr(self, k)))
         if self.holdout_images < -1:
             raise ConfigError(f"holdout_images must be -1 (auto) or more (got {self.holdout_images}).")
-        if problems := check_anchor(self.anchor):
+        problems = check_anchor(self.anchor)
+        if self.stats_budget_gib is not None and not self.stats_budget_gib > 0:
+            problems.append(f"stats_budget_gib must be positive (got {self.stats_budget_gib})")
+        if problems:
             raise ConfigError("Invalid image run settings.", problems=problems)
 
 
@@ -140,6 +150,7 @@ __all__ = [
     "ANCHOR_MODES",
     "RESOLUTIONS",
     "RUN_SETTINGS",
+    "STATS_BUDGET_GIB",
     "AnchorMode",
     "ImageRunConfig",
     "ImageRunResult",

@@ -40,6 +40,12 @@ adds the CUDA context and 3 % allocator slack, :class:`~emloc_engine.run.plannin
 * **inference** (for information: "can this card run the model"): the whole denoiser in ``b`` and a
   batch-1 forward.
 
+The statistics budget of the emulator's passes (``stats_budget_gib``, unless given): the largest on the
+grid ``4 · 1.25^k`` GiB whose emulator stage stays within the run's heaviest other stage (cache, train at
+the chosen ρ, correct) and the budget, at least :data:`~.options.STATS_BUDGET_GIB`. It never raises the
+run's peak; it cuts the passes, each of which streams the original through every calibration forward
+again (FLUX.1-dev at 24 GiB: 5 passes instead of 22).
+
 ρ: the largest on the grid 0.05, 0.10 … 0.90 whose training fits (only training depends on ρ). When
 a ρ-independent stage does not fit, or training does not fit at ρ = 0.05, the plan says which stage,
 by how much, and what would help (lower resolution, batch 1, a bigger budget).
@@ -54,7 +60,14 @@ from typing import Any
 
 from emloc_engine.core.errors import ConfigError, InsufficientMemory
 from emloc_engine.core.ranks import rank_for_ratio
-from emloc_engine.images.options import RESOLUTIONS, AnchorMode, ImageRunConfig, check_anchor, run_default
+from emloc_engine.images.options import (
+    RESOLUTIONS,
+    STATS_BUDGET_GIB,
+    AnchorMode,
+    ImageRunConfig,
+    check_anchor,
+    run_default,
+)
 from emloc_engine.images.pipeline_index import check_config_dir
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline
 from emloc_engine.images.plan_shapes import (
@@ -91,7 +104,8 @@ class ImagePlanConfig:
         "help": "T5 tokens per caption (FLUX, SD3)."})
     calibration_batch: int = field(default=4, metadata={"help": "Calibration forwards per batch."})
     eval_batch: int = field(default=4, metadata={"help": "Held-out forwards per batch (correction)."})
-    stats_budget_gib: float = field(default=4.0, metadata={"help": "Statistics per calibration pass."})
+    stats_budget_gib: float | None = field(default=None, metadata={
+        "help": "Statistics per calibration pass, GiB (None: the largest the run's peak leaves room for)."})
     sample_every: int = field(default=run_default("sample_every"), metadata={
         "help": "Sample images every N training steps (0: never; then the VAE never joins training)."})
     safety_margin: float = field(default=0.1, metadata={"help": "Margin, a fraction of the budget."})
@@ -111,6 +125,8 @@ class ImagePlanConfig:
         ]
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             problems.append(f"ratio must be in (0, 1] (got {self.ratio})")
+        if self.stats_budget_gib is not None and not self.stats_budget_gib > 0:
+            problems.append(f"stats_budget_gib must be positive (got {self.stats_budget_gib})")
         problems += check_anchor(self.anchor)
         if problems:
             raise ConfigError("Invalid image plan settings.", problems=problems)
@@ -147,6 +163,7 @@ class ImagePlan:
     params: int
     emulator_params: int
     reason: str
+    stats_budget_gib: float = STATS_BUDGET_GIB  # what the emulator's passes may hold (the run's setting)
 
     def stage(self, name: str) -> ImageStagePeak:
         return next(s for s in self.stages if s.name == name)
@@ -297,16 +314,12 @@ def _heaviest(parts: list[list[tuple[str, int]]]) -> list[tuple[str, int]]:
     return max(parts, key=lambda p: sum(b for _, b in p))
 
 
-def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> list[ImageStagePeak]:
+def _emulator_stage(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool, stats_gib: float) -> ImageStagePeak:
     s = f.shapes
-    outside = s.outside_params * elem
     biggest = max(s.compressed.values(), key=lambda oi: oi[0] * oi[1], default=(0, 0))
     widest_stat = max(f.profile.stat_groups, default=0) ** 2 * 4
-    cache = _heaviest([
-        [("VAE (fp32)", f.vae_params * 4), ("VAE encode (one image)", f.vae_encode)],
-        [("text encoders", f.text_params * elem), ("text working tensors", f.text_work)],
-    ])
-    stats = stats_pass_bytes(s, f.profile, cfg.stats_budget_gib * GIB)
+    outside = s.outside_params * elem
+    stats = stats_pass_bytes(s, f.profile, stats_gib * GIB)
     emulator = [
         ("outside the blocks", outside),
         ("one block (original, streamed)", max(s.unit_params, default=0) * elem),
@@ -322,6 +335,37 @@ def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> lis
             ],
         ]),
     ]
+    return _stage("emulator", emulator, cuda)
+
+
+def _stats_gib(
+    cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool, room: int
+) -> tuple[float, ImageStagePeak]:
+    """The statistics budget (GiB) and its emulator stage: ``cfg.stats_budget_gib`` when given, else the largest
+    on the grid ``STATS_BUDGET_GIB · 1.25^k`` (up to every statistic in one pass) whose emulator stage keeps
+    within ``room``, and at least :data:`STATS_BUDGET_GIB` (module docstring)."""
+    if cfg.stats_budget_gib is not None:
+        return cfg.stats_budget_gib, _emulator_stage(cfg, f, elem, cuda, cfg.stats_budget_gib)
+    best = (STATS_BUDGET_GIB, _emulator_stage(cfg, f, elem, cuda, STATS_BUDGET_GIB))
+    every = sum(i * i * 4 for _, i in f.shapes.compressed.values()) / GIB
+    gib = STATS_BUDGET_GIB
+    while gib < every:
+        gib *= 1.25
+        stage = _emulator_stage(cfg, f, elem, cuda, gib)
+        if stage.peak_bytes <= room:
+            best = (gib, stage)
+    return best
+
+
+def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> list[ImageStagePeak]:
+    """The cache and correct stages (neither depends on ρ or on the statistics budget)."""
+    s = f.shapes
+    outside = s.outside_params * elem
+    biggest = max(s.compressed.values(), key=lambda oi: oi[0] * oi[1], default=(0, 0))
+    cache = _heaviest([
+        [("VAE (fp32)", f.vae_params * 4), ("VAE encode (one image)", f.vae_encode)],
+        [("text encoders", f.text_params * elem), ("text working tensors", f.text_work)],
+    ])
     lora_dims = s.unit_lora_dims or (0,) * len(s.unit_params)
     block, block_lora = max(
         zip(s.unit_params, lora_dims, strict=True), key=lambda u: u[0] * elem + u[1] * cfg.rank * 4, default=(0, 0)
@@ -335,11 +379,7 @@ def _fixed_stages(cfg: ImagePlanConfig, f: _Facts, elem: int, cuda: bool) -> lis
         ],
         [("fp64 preparation", 3 * biggest[0] * biggest[1] * 8)],
     ])
-    return [
-        _stage("cache", cache, cuda),
-        _stage("emulator", emulator, cuda),
-        _stage("correct", correct, cuda),
-    ]
+    return [_stage("cache", cache, cuda), _stage("correct", correct, cuda)]
 
 
 def anchor_offset_bytes(profile: ActivationProfile, batch: int, elem: int) -> int:
@@ -389,7 +429,9 @@ def plan_images(cfg: ImagePlanConfig) -> ImagePlan:
     c = PlannerConstants()
     context = c.cuda_context_bytes if cuda else 0
     limit = int(cfg.budget_bytes - cfg.safety_margin * max(0, cfg.budget_bytes - context))
-    fixed = _fixed_stages(cfg, f, elem, cuda)
+    cache, correct = _fixed_stages(cfg, f, elem, cuda)
+    floor_gib = cfg.stats_budget_gib if cfg.stats_budget_gib is not None else STATS_BUDGET_GIB
+    fixed = [cache, _emulator_stage(cfg, f, elem, cuda, floor_gib), correct]
     inference = _stage(
         "inference",
         [("denoiser", f.shapes.params * elem), ("forward", forward_bytes(f.profile, 1))],
@@ -406,7 +448,11 @@ def plan_images(cfg: ImagePlanConfig) -> ImagePlan:
                 chosen = r
                 break
     fits = chosen is not None
-    stages = (fixed[0], fixed[1], train, fixed[2])
+    stats_gib, emulator = floor_gib, fixed[1]
+    if fits:
+        room = min(limit, max(cache.peak_bytes, train.peak_bytes, correct.peak_bytes))
+        stats_gib, emulator = _stats_gib(cfg, f, elem, cuda, room)
+    stages = (cache, emulator, train, correct)
     reason = _reason(cfg, over, train, limit, chosen, ratios[-1])
     return ImagePlan(
         cfg,
@@ -420,6 +466,7 @@ def plan_images(cfg: ImagePlanConfig) -> ImagePlan:
         f.shapes.params,
         emulator_params(f.shapes, chosen if chosen is not None else ratios[-1]),
         reason,
+        stats_gib,
     )
 
 
@@ -529,8 +576,23 @@ def plan_for_run(
             max_sequence_length=run.max_sequence_length,
             sample_every=run.sample_every,
             anchor=run.anchor,
+            stats_budget_gib=run.stats_budget_gib,
         )
     )
+
+
+def with_plan(run: ImageRunConfig, plan: ImagePlan) -> ImageRunConfig:
+    """``run`` with what its plan chose: ρ, and the emulator's statistics budget unless the run gives one.
+
+    Raises:
+        InsufficientMemory: the plan does not fit (its reason says which stage and by how much).
+    """
+    from dataclasses import replace
+
+    plan.raise_if_unfit()
+    assert plan.ratio is not None
+    stats = run.stats_budget_gib if run.stats_budget_gib is not None else plan.stats_budget_gib
+    return replace(run, ratio=plan.ratio, stats_budget_gib=stats)
 
 
 def stored_ratio(run_dir: Path) -> float | None:
@@ -559,4 +621,5 @@ __all__ = [
     "plan_images",
     "plan_table",
     "stored_ratio",
+    "with_plan",
 ]

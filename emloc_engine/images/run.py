@@ -33,7 +33,7 @@ from emloc_engine.images.cache import CacheConfig, build_cache
 from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_adapter
 from emloc_engine.images.dataset import ImageFolderConfig, ImageItem, scan_image_folder
 from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator
-from emloc_engine.images.options import RUN_SETTINGS, ImageRunConfig, ImageRunResult
+from emloc_engine.images.options import RUN_SETTINGS, STATS_BUDGET_GIB, ImageRunConfig, ImageRunResult
 from emloc_engine.images.pipeline_index import check_config_dir
 from emloc_engine.images.pipelines import PipelineInfo, convert_single_file, identify_pipeline
 from emloc_engine.images.training import ImageTrainConfig, train_image_lora
@@ -148,6 +148,7 @@ def _run_images(cfg: ImageRunConfig, progress: Progress) -> ImageRunResult:
                 cfg.ratio,
                 cfg.calibration_images,
                 cfg.calibration_timesteps,
+                stats_budget_gib=cfg.stats_budget_gib or STATS_BUDGET_GIB,
                 seed=cfg.seed,
                 device=cfg.device,
             ),

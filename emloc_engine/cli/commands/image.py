@@ -78,14 +78,15 @@ def _ratio(text: str) -> float | str:
 
 
 def _auto_ratio(cfg: Any, args: argparse.Namespace) -> Any:
-    """``cfg`` with ρ chosen by the image planner (a resumed run keeps its first ρ).
+    """``cfg`` with ρ and the emulator's statistics budget chosen by the image planner (a resumed run keeps
+    its first ρ).
 
     Raises:
         InsufficientMemory: no ρ fits; the message says which stage and by how much.
     """
     from dataclasses import replace
 
-    from emloc_engine.images.planning import format_image_plan, plan_for_run, stored_ratio
+    from emloc_engine.images.planning import format_image_plan, plan_for_run, stored_ratio, with_plan
 
     first = stored_ratio(cfg.run_dir)
     if first is not None:
@@ -95,9 +96,7 @@ def _auto_ratio(cfg: Any, args: argparse.Namespace) -> Any:
     cap = int(args.gpu_memory * gib) if args.gpu_memory else None
     plan = plan_for_run(cfg, budget, cap)
     print(format_image_plan(plan))
-    plan.raise_if_unfit()
-    assert plan.ratio is not None
-    return replace(cfg, ratio=plan.ratio)
+    return with_plan(cfg, plan)
 
 
 def run(args: argparse.Namespace) -> int:
