@@ -19,11 +19,11 @@ Stages, one after the other on one GPU, each under ``torch.cuda.set_per_process_
 3. ``emulator``: activation-aware SVD at ``--ratio`` (original streamed block by block);
 4. ``train``: LoRA (rank 16) on the emulator, ``--steps`` steps, batch 1, gradient checkpointing;
 5. ``correct``: λ search with the original streamed block by block;
-6. ``train_anchored`` (only with ``--anchor``): ``train`` again from scratch, every block anchored to the
-   original (``anchor="blocks"``: the original in CPU memory, streamed through the GPU on every step);
-7. ``plain_lora``: the same LoRA on the ORIGINAL denoiser resident in bf16 with gradient
+6. ``plain_lora``: the same LoRA on the ORIGINAL denoiser resident in bf16 with gradient
    checkpointing, ``--steps`` steps, first under the cap, then (if that ran out of memory) without it,
-   to report its real peak.
+   to report its real peak;
+7. ``train_anchored`` (only with ``--anchor``): ``train`` again from scratch, every block anchored to the
+   original (``anchor="blocks"``: the original in CPU memory, streamed through the GPU on every step).
 
 Prints one JSON object (also written to ``--out``). Commands (H200 or H100; about 15-25 minutes for
 flux-dev, most of it writing and reading the 24 GB random transformer):
@@ -203,7 +203,7 @@ def build_pipeline(model: str, work: Path, full_text: bool) -> Path:
     return folder
 
 
-STAGES = ("cache", "inference", "emulator", "train", "correct", "train_anchored", "plain_lora")  # in run order
+STAGES = ("cache", "inference", "emulator", "train", "correct", "plain_lora", "train_anchored")  # in run order
 PARTIAL: list[Path] = []  # rewritten after every stage: --out's path with .partial.json, and WORK/results-MODEL.json
 
 
@@ -296,8 +296,8 @@ def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device
         rank=16,
         ratio=args.ratio,
         device=device.type,
-        calibration_batch=1,
-        eval_batch=1,
+        calibration_batch=args.batch,
+        eval_batch=args.batch,
         sample_every=0,  # train_image_lora below draws no samples
     )
     plan = plan_images(cfg)
@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="calibration and held-out forwards per batch (the run's default is 4; each batch "
+                         "streams the original once)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--full-text-encoders", action="store_true")
     ap.add_argument("--skip-plain", action="store_true", help="do not measure plain LoRA")
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-stage", choices=STAGES, default="cache",
                     help="measure from this stage on; the earlier ones ran in an earlier call on this machine "
                          "(same --work; their numbers come from WORK/results-MODEL.json)")
-    ap.add_argument("--last-stage", choices=STAGES, default="plain_lora",
+    ap.add_argument("--last-stage", choices=STAGES, default=STAGES[-1],
                     help="stop after this stage, for a short device call")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                 ratio=args.ratio,
                 calibration_images=args.images,
                 calibration_timesteps=4,
-                calibration_batch=1,
+                calibration_batch=args.batch,
                 stats_budget_gib=results["stats_budget_gib"],
                 device=args.device,
             )
@@ -441,11 +444,25 @@ def main(argv: list[str] | None = None) -> None:
                     run / "adapter",
                     run / "adapter-corrected",
                     eval_images=args.images,
-                    eval_batch=1,
+                    eval_batch=args.batch,
                     device=args.device,
                 )
             ),
         )
+    if not args.skip_plain and emu is not None:
+        targets = sorted(emu.modules)
+        stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
+        if results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
+            measure(
+                "plain_lora_uncapped",
+                lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
+                device,
+                results,
+            )
+            if args.cap_gib:  # the stages after this one run under the cap again
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device.index or 0)
     if args.anchor and (run / "emulator").is_dir():
         anchored = stage(
             "train_anchored",
@@ -466,17 +483,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         if anchored is not None:
             results["train_anchored"]["losses"] = [round(x, 4) for x in anchored.losses]
-    if not args.skip_plain and emu is not None:
-        targets = sorted(emu.modules)
-        stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
-        if results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
-            measure(
-                "plain_lora_uncapped",
-                lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
-                device,
-                results,
-            )
     del cache
     text = json.dumps(results, indent=2)
     print(text)

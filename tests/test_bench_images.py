@@ -32,7 +32,7 @@ def test_one_call_and_four_calls_measure_every_stage(tmp_path: Path) -> None:
     bench_images.main([*BASE, "--work", w2, "--last-stage", "inference"])
     bench_images.main([*BASE, "--work", w2, "--from-stage", "emulator", "--last-stage", "emulator"])
     bench_images.main([*BASE, "--work", w2, "--from-stage", "train", "--last-stage", "correct"])
-    bench_images.main([*BASE, "--anchor", "--work", w2, "--from-stage", "train_anchored", "--out", str(split)])
+    bench_images.main([*BASE, "--anchor", "--work", w2, "--from-stage", "plain_lora", "--out", str(split)])
     parts = _stages(split)
     assert set(parts) == MEASURED
     assert parts["train"]["losses"] == whole["train"]["losses"]  # the same seeds, data and emulator

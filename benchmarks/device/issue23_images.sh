@@ -5,11 +5,12 @@
 #   /work/main/.venv/bin/pip download diffusers==0.42.1 --no-deps -d .dev5 ; echo .dev5/ >> .git/info/exclude)
 # and run with carry [".dev5"]. FLUX.1-dev takes ~20-25 min (24 GB random transformer written and read),
 # so it runs alone (MODEL=flux-dev), SDXL in a second call (MODEL=sdxl). A run longer than one call is split over
-# back-to-back calls on the warm machine: LAST=inference, then FROM=emulator LAST=emulator, FROM=train LAST=train,
-# FROM=correct (each later call keeps /tmp/img-bench, whose results-MODEL.json gathers the stages; the JSON in
+# back-to-back calls on the warm machine: LAST=inference, then FROM=emulator LAST=emulator, FROM=train LAST=correct,
+# FROM=plain_lora (each later call keeps /tmp/img-bench, whose results-MODEL.json gathers the stages; the JSON in
 # $OUT has them all; images-MODEL-capN.partial.json in $OUT is rewritten after every stage).
 # RATIO (default 0.5) is the emulator's ρ; ANCHOR=1 adds the anchored training stage (train_anchored);
-# SKIP="correct plain_lora" leaves stages out.
+# SKIP="correct plain_lora" leaves stages out; BATCH (default 1) is the calibration and held-out batch (the run's
+# default is 4: each batch streams the original once).
 set -u
 mkdir -p /tmp/site
 python3 -c "import diffusers" 2>/dev/null || \
@@ -22,4 +23,4 @@ case "${MODEL:-flux-dev}" in
   sdxl) CAP=12 ;;
 esac
 python3 benchmarks/bench_images.py --model "${MODEL:-flux-dev}" --cap-gib $CAP --resolution 1024 --steps ${STEPS:-10} \
-  --ratio ${RATIO:-0.5} ${ANCHOR:+--anchor} ${SKIP:+--skip $SKIP} ${FROM:+--from-stage $FROM} ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
+  --ratio ${RATIO:-0.5} --batch ${BATCH:-1} ${ANCHOR:+--anchor} ${SKIP:+--skip $SKIP} ${FROM:+--from-stage $FROM} ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
