@@ -94,7 +94,9 @@ def test_cli(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "λ = inf" in out and "adapter-corrected" in out
-    assert json.loads((tmp_path / "run" / "image_run.json").read_text())["anchor"] == "blocks"  # recorded
+    recorded = json.loads((tmp_path / "run" / "image_run.json").read_text())
+    assert recorded["anchor"] == "blocks"
+    assert float(recorded["stats_budget_gib"]) >= 4.0  # --ratio auto: the plan's statistics budget reaches the run
     assert json.loads((tmp_path / "run" / "cache" / "cache.json").read_text())["sample_prompts"] == [
         "sks circle",
         "a dog",
