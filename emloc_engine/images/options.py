@@ -28,7 +28,7 @@ RESOLUTIONS = (512, 768, 1024)
 STATS_BUDGET_GIB = 4.0
 """Calibration statistics one emulator pass holds when no plan raised it (GiB; :mod:`.emulator`'s passes).
 The image planner raises it up to what the run's heaviest stage leaves free: fewer passes, each of which
-streams the original through the calibration forwards again (FLUX.1-dev: 22 passes at 4 GiB, 5 at 16)."""
+streams the original through the calibration forwards again (FLUX.1-dev in 24 GiB: 22 passes at 4 GiB, 4 at the plan's 19 GiB)."""
 
 
 def check_anchor(value: str) -> list[str]:

@@ -47,13 +47,6 @@ def stream_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def _to(module: nn.Module, device: torch.device) -> None:
-    # The hooks fire inside the callers' inference mode; moving there would turn the parameters into
-    # inference tensors, which autograd later refuses. Move in normal mode.
-    with torch.inference_mode(False), torch.no_grad():
-        module.to(device)
-
-
 def _transfer(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The device copy of one tensor (a test replaces it to see copies without a GPU)."""
     return t.to(device)
@@ -69,6 +62,8 @@ class _Stash:
     def send(self, module: nn.Module) -> None:
         saved: list[tuple[Any, ...]] = []
         seen: set[int] = set()
+        # The hooks fire inside the callers' inference mode; copies made there would be inference
+        # tensors, which autograd later refuses. Copy in normal mode.
         with torch.inference_mode(False), torch.no_grad():
             for m in module.modules():
                 for p in m._parameters.values():

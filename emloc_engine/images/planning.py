@@ -44,7 +44,7 @@ The statistics budget of the emulator's passes (``stats_budget_gib``, unless giv
 grid ``4 · 1.25^k`` GiB whose emulator stage stays within the run's heaviest other stage (cache, train at
 the chosen ρ, correct) and the budget, at least :data:`~.options.STATS_BUDGET_GIB`. It never raises the
 run's peak; it cuts the passes, each of which streams the original through every calibration forward
-again (FLUX.1-dev at 24 GiB: 5 passes instead of 22).
+again (FLUX.1-dev at 24 GiB: 4 passes instead of 22).
 
 ρ: the largest on the grid 0.05, 0.10 … 0.90 whose training fits (only training depends on ρ). When
 a ρ-independent stage does not fit, or training does not fit at ρ = 0.05, the plan says which stage,
