@@ -4,6 +4,7 @@ does) against the best λ of the grid picked on the TEST metric itself, an upper
 chooses λ (on validation exact match, or otherwise). No run: it reads the recorded per-λ test scores.
 
     python benchmarks/lambda_oracle.py benchmarks/results/vs-qlora-h200-2026-12-05.json
+    python benchmarks/lambda_oracle.py quality-seed0.json quality-seed1.json   # bench_quality runs, pooled
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 
+def as_seeds(data: dict[str, Any]) -> dict[str, Any]:
+    """``bench_vs_qlora.py``'s ``{"seeds": {seed: {"emloc": run}}}``; a ``bench_quality.py`` run (one seed) is
+    put in that shape."""
+    if "seeds" in data:
+        return data
+    return {"seeds": {str(data["settings"]["seed"]): {"emloc": data}}}
+
+
 def oracle_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (task, ρ): per seed the auto fraction, the oracle fraction and the oracle's λ (percent)."""
     rows: dict[tuple[str, float], dict[str, Any]] = {}
-    for seed, sd in sorted(data["seeds"].items()):
+    for seed, sd in sorted(as_seeds(data)["seeds"].items()):
         for task, t in sd["emloc"]["tasks"].items():
             metric, higher = t["metric"], t["higher_is_better"]
             zero, full = t["zero_shot"][metric], t["full_lora"][metric]
@@ -53,9 +62,14 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("result", type=Path)
+    ap.add_argument("results", type=Path, nargs="+",
+                    help="bench_vs_qlora.py JSONs, or bench_quality.py JSONs of one seed each (pooled)")
     args = ap.parse_args(argv)
-    print(render(oracle_rows(json.loads(args.result.read_text()))))
+    pooled: dict[str, Any] = {"seeds": {}}
+    for path in args.results:
+        for seed, sd in as_seeds(json.loads(path.read_text()))["seeds"].items():
+            pooled["seeds"].setdefault(seed, {"emloc": {"tasks": {}}})["emloc"]["tasks"].update(sd["emloc"]["tasks"])
+    print(render(oracle_rows(pooled)))
     return 0
 
 

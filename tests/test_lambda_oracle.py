@@ -23,3 +23,15 @@ def test_the_oracle_is_the_best_test_score_and_auto_is_what_was_chosen() -> None
     assert [round(s["oracle"]) for s in row["seeds"]] == [75, 75]
     assert [s["oracle_lambda"] for s in row["seeds"]] == ["1", "1"]
     assert "| formats (exact_match) | 0.5 | 62% ± 18 | 75% ± 0 | 1, 1 |" in lambda_oracle.render([row])
+
+
+def test_bench_quality_runs_of_one_seed_each_are_pooled(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    paths = []
+    for seed, auto in (("0", 0.4), ("1", 0.5)):
+        run = _seed(auto, "0", {"0": auto, "1": 0.3})["emloc"] | {"settings": {"seed": int(seed)}}
+        paths.append(tmp_path / f"q{seed}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert lambda_oracle.main([str(p) for p in paths]) == 0
+    assert "| formats (exact_match) | 0.5 | 62% ± 18 | 62% ± 18 | 0, 0 |" in capsys.readouterr().out
