@@ -230,6 +230,13 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dic
     return out
 
 
+def _cap(device: torch.device, cap_gib: float | None) -> None:
+    """Cap this process's GPU memory at ``cap_gib`` (None: the whole card)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if cap_gib is None else min(1.0, cap_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device.index or 0)
+
+
 def inference(info: PipelineInfo, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
     model = load_denoiser(info, dtype=dtype, device=device)
     cache = ImageCache(cache_dir)
@@ -327,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
                          "streams the original once)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--full-text-encoders", action="store_true")
-    ap.add_argument("--skip-plain", action="store_true", help="do not measure plain LoRA")
     ap.add_argument("--skip", nargs="*", choices=STAGES, default=[],
                     help="stages not to measure (a stage a later one needs still runs unmeasured)")
     ap.add_argument("--anchor", action="store_true",
@@ -360,9 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     results["build_s"] = round(time.monotonic() - t0, 1)
     if device.type == "cuda":
         results["device"] = torch.cuda.get_device_name(device)
-        if args.cap_gib:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device.index or 0)
+        _cap(device, args.cap_gib)
     results.update(predicted(info, args, device))
     images = write_subject_images(work / "images", args.images, size=(args.resolution, args.resolution))
     items = scan_image_folder(ImageFolderConfig(images[0].parent, trigger="sks", min_side_px=16)).items
@@ -449,20 +453,19 @@ def main(argv: list[str] | None = None) -> None:
                 )
             ),
         )
-    if not args.skip_plain and emu is not None:
+    if emu is not None:  # --skip plain_lora leaves it out (stage() returns None)
         targets = sorted(emu.modules)
         stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
-        if results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device.index or 0)
+        ran_now = first <= STAGES.index("plain_lora") <= last and "plain_lora" not in args.skip
+        if ran_now and results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
+            _cap(device, None)
             measure(
                 "plain_lora_uncapped",
                 lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
                 device,
                 results,
             )
-            if args.cap_gib:  # the stages after this one run under the cap again
-                total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device.index or 0)
+            _cap(device, args.cap_gib)  # the stages after this one run under the cap again
     if args.anchor and (run / "emulator").is_dir():
         anchored = stage(
             "train_anchored",
