@@ -20,6 +20,7 @@ word; ``SUBJECT_TRIGGER`` is the default trigger.
 from __future__ import annotations
 
 import hashlib
+import json
 import string
 from pathlib import Path
 from typing import Any
@@ -338,3 +339,27 @@ def write_subject_images(
             path.with_suffix(".txt").write_text(f"a photo of {trigger} {shape} on a {bg_name} background\n")
         paths.append(path)
     return paths
+
+
+def write_header_only_pipeline(folder: Path, pipeline_class: str, parts: dict[str, Any]) -> Path:
+    """A pipeline folder of ``parts`` (models built under ``init_empty_weights``): each part's config and a
+    safetensors file holding only its header (shapes, bf16, no tensor data), enough for the image planner,
+    which never loads a weight. Returns ``folder``."""
+    import struct
+
+    index: dict[str, Any] = {"_class_name": pipeline_class}
+    for name, model in parts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        diffusers_part = type(model).__module__.startswith("diffusers")
+        (model.save_config if diffusers_part else model.config.save_pretrained)(folder / name)
+        weights = "diffusion_pytorch_model.safetensors" if diffusers_part else "model.safetensors"
+        header, offset = {}, 0
+        for key, tensor in model.state_dict().items():
+            n = tensor.numel() * 2
+            header[key] = {"dtype": "BF16", "shape": list(tensor.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header).encode()
+        (folder / name / weights).write_bytes(struct.pack("<Q", len(raw)) + raw)
+        index[name] = ["diffusers" if diffusers_part else "transformers", type(model).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder

@@ -16,9 +16,6 @@ is for the fixed code, not yet re-measured.
 
 from __future__ import annotations
 
-import json
-import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,16 +35,6 @@ BLOCK_1280_STATS = (5 * 1280**2 + 2048**2 + 5120**2) * 4  # attn1 qkv, out; attn
 BLOCK_1280_LORA_DIMS = 4 * 2560 + 2560 + 2 * (1280 + 2048) + 2560 + (10240 + 1280) + (1280 + 5120)
 
 
-def _header_only(state: dict[str, Any], path: Path) -> None:
-    header, offset = {}, 0
-    for name, t in state.items():
-        n = t.numel() * 2
-        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory: pytest.TempPathFactory) -> PipelineInfo:
     """bench_images.py's SDXL pipeline (same configs), written as configs and safetensors headers only."""
@@ -56,7 +43,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> PipelineInfo:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from benchmarks.image_shapes import SDXL_UNET, VAE
-    from tests.tiny_pipelines import clip_text_config
+    from tests.tiny_pipelines import clip_text_config, write_header_only_pipeline
 
     folder = tmp_path_factory.mktemp("sdxl-shapes")
     clip_l = clip_text_config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -70,19 +57,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> PipelineInfo:
             "text_encoder_2": CLIPTextModelWithProjection(big_g),
             "vae": diffusers.AutoencoderKL(**VAE, latent_channels=4, scaling_factor=0.13025),
         }
-    index: dict[str, Any] = {"_class_name": "StableDiffusionXLPipeline"}
-    for name, model in parts.items():
-        (folder / name).mkdir()
-        diffusers_part = type(model).__module__.startswith("diffusers")
-        if diffusers_part:
-            model.save_config(folder / name)
-        else:
-            model.config.save_pretrained(folder / name)
-        weights = "diffusion_pytorch_model.safetensors" if diffusers_part else "model.safetensors"
-        _header_only(model.state_dict(), folder / name / weights)
-        index[name] = ["diffusers" if diffusers_part else "transformers", type(model).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return identify_pipeline(folder)
+    return identify_pipeline(write_header_only_pipeline(folder, "StableDiffusionXLPipeline", parts))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ higher run peak; the CLI and the app hand the plan's budget to the build."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from emloc_engine.images.options import STATS_BUDGET_GIB, ImageRunConfig
 from emloc_engine.images.pipelines import PipelineInfo, compressible_modules, identify_pipeline
 from emloc_engine.images.plan_shapes import meta_denoiser
 from emloc_engine.images.planning import GIB, ImagePlan, ImagePlanConfig, plan_images, with_plan
-from tests.engine.images.test_image_plan_sdxl import _header_only
 
 
 def _passes_at(info: PipelineInfo, gib: float) -> int:
@@ -69,7 +67,7 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> PipelineInfo:
     from transformers import CLIPTextModel, T5EncoderModel
 
     from benchmarks.image_shapes import FLUX_DEV, VAE
-    from tests.tiny_pipelines import clip_text_config, t5_encoder_config
+    from tests.tiny_pipelines import clip_text_config, t5_encoder_config, write_header_only_pipeline
 
     folder = tmp_path_factory.mktemp("flux-dev-shapes")
     clip_l = clip_text_config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -84,16 +82,7 @@ def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> PipelineInfo:
             "vae": diffusers.AutoencoderKL(**VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
                                            use_quant_conv=False, use_post_quant_conv=False),
         }
-    index: dict[str, Any] = {"_class_name": "FluxPipeline"}
-    for name, model in parts.items():
-        (folder / name).mkdir()
-        diffusers_part = type(model).__module__.startswith("diffusers")
-        (model.save_config if diffusers_part else model.config.save_pretrained)(folder / name)
-        weights = "diffusion_pytorch_model.safetensors" if diffusers_part else "model.safetensors"
-        _header_only(model.state_dict(), folder / name / weights)
-        index[name] = ["diffusers" if diffusers_part else "transformers", type(model).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return identify_pipeline(folder)
+    return identify_pipeline(write_header_only_pipeline(folder, "FluxPipeline", parts))
 
 
 def test_flux_dev_in_24_gib_builds_in_a_fifth_of_the_passes(flux_dev: PipelineInfo) -> None:
