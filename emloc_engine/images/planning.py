@@ -104,7 +104,7 @@ class ImagePlanConfig:
         "help": "T5 tokens per caption (FLUX, SD3)."})
     calibration_batch: int = field(default=4, metadata={"help": "Calibration forwards per batch."})
     eval_batch: int = field(default=4, metadata={"help": "Held-out forwards per batch (correction)."})
-    stats_budget_gib: float | None = field(default=None, metadata={
+    stats_budget_gib: float | None = field(default=run_default("stats_budget_gib"), metadata={
         "help": "Statistics per calibration pass, GiB (None: the largest the run's peak leaves room for)."})
     sample_every: int = field(default=run_default("sample_every"), metadata={
         "help": "Sample images every N training steps (0: never; then the VAE never joins training)."})
