@@ -49,13 +49,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.image_shapes import FLUX_DEV, SDXL_UNET, VAE
+from emloc_engine.core.errors import ConfigError
 from emloc_engine.images.cache import CacheConfig, ImageCache, build_cache
 from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_adapter
 from emloc_engine.images.dataset import ImageFolderConfig, scan_image_folder
 from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator
 from emloc_engine.images.families import NoiseSchedule, denoising_loss
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline, load_denoiser, scheduler_config
-from emloc_engine.images.training import ImageTrainConfig, attach_image_lora, train_image_lora
+from emloc_engine.images.training import ImageTrainConfig, attach_image_lora, lora_targets, train_image_lora
 from tests.tiny_pipelines import (
     build_tiny_pipeline,
     clip_text_config,
@@ -222,6 +223,10 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dic
             "error": str(exc)[:200],
         }
         return None
+    except ConfigError as exc:  # e.g. a non-finite training loss: recorded, and the later stages still run
+        results[name] = {"peak_gib": "error", "wall_s": round(time.monotonic() - t0, 1), "error": str(exc)[:300]}
+        print(name, results[name], flush=True)
+        return None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     results[name] = {"peak_gib": round(peak, 3), "wall_s": round(time.monotonic() - t0, 1)}
     print(name, results[name], flush=True)
@@ -281,6 +286,70 @@ def plain_lora(
         loss = float(out)
     del peft_model, model, opt
     return loss
+
+
+def _block_probe(model: Any, names: list[str]) -> tuple[dict[str, float], list[Any]]:
+    """Forward hooks recording each named block's first output's largest magnitude (``inf``/``nan`` kept)."""
+    seen: dict[str, float] = {}
+
+    def hook(name: str) -> Any:
+        def fn(_m: Any, _a: Any, out: Any) -> None:
+            t = out[0] if isinstance(out, tuple) else out
+            if isinstance(t, torch.Tensor) and name not in seen:  # the first forward, not a checkpoint's recompute
+                seen[name] = float(t.detach().float().abs().amax())
+
+        return fn
+
+    return seen, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+
+
+def nan_probe(info: PipelineInfo, cache_dir: Path, emulator_dir: Path, device: torch.device, dtype: torch.dtype,
+              targets: list[str]) -> dict[str, Any]:
+    """Where a non-finite training loss comes from: on one training batch, every block output's largest magnitude
+    in the emulator (LoRA attached, as trained) and in the original (streamed), the loss, and after one backward
+    the LoRA gradients that are not finite, by block. Evidence for RESULTS.md, not a stage."""
+    from emloc_engine.images.anchors import anchored_block_names
+    from emloc_engine.images.emulator import load_image_emulator, read_emulator_meta
+    from emloc_engine.images.placement import streamed
+
+    cache = ImageCache(cache_dir)
+    sched = NoiseSchedule(info.kind, scheduler_config(info))
+    gen = torch.Generator().manual_seed(1)
+    idx = cache.indices("train")[:1]
+    x0 = cache.latents(idx, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    ind = sched.sample_indices(1, gen)
+    cond = {k: v.to(device, dtype) for k, v in cache.cond(idx).items()}
+    out: dict[str, Any] = {"timestep_index": int(ind[0])}
+    emu = load_image_emulator(emulator_dir, dtype=dtype, device=device)
+    peft_model = attach_image_lora(emu, lora_targets(emulator_dir), 16, 16.0, str(info.folder))
+    base = peft_model.get_base_model()
+    base.enable_gradient_checkpointing()
+    base.train()
+    names = anchored_block_names(base)
+    seen, handles = _block_probe(base, names)
+    loss = denoising_loss(info.kind, base, sched, x0.to(device, dtype), noise.to(device, dtype), ind, cond)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    bad = sorted({n.split(".lora_")[0] for n, p in peft_model.named_parameters()
+                  if p.grad is not None and not bool(torch.isfinite(p.grad).all())})
+    out["emulator"] = {"loss": float(loss.detach()), "block_amax": [seen.get(n) for n in names],
+                       "nonfinite_grads": len(bad), "first_nonfinite_grads": bad[:5]}
+    del peft_model, base, emu, loss
+    torch.cuda.empty_cache()
+    original = load_denoiser(info, dtype=dtype, device=torch.device("cpu"))
+    with streamed(original, device) as live, torch.no_grad():
+        seen, handles = _block_probe(live, names)
+        ref = denoising_loss(info.kind, live, sched, x0.to(device, dtype), noise.to(device, dtype), ind, cond)
+        for h in handles:
+            h.remove()
+    out["original"] = {"loss": float(ref), "block_amax": [seen.get(n) for n in names]}
+    out["blocks"] = names
+    errors = {k: v["rel_error"] for k, v in read_emulator_meta(emulator_dir)["modules"].items()}
+    worst = max(errors, key=lambda k: errors[k])
+    out["emulator_rel_error"] = {"mean": sum(errors.values()) / len(errors), "max": errors[worst], "worst": worst}
+    return out
 
 
 def predicted(info: PipelineInfo, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -343,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                          "(same --work; their numbers come from WORK/results-MODEL.json)")
     ap.add_argument("--last-stage", choices=STAGES, default=STAGES[-1],
                     help="stop after this stage, for a short device call")
+    ap.add_argument("--probe", action="store_true",
+                    help="when training stops on a non-finite loss, record where it came from (nan_probe)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     global PARTIAL
@@ -437,6 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if trained is not None:
         results["train"]["losses"] = [round(x, 4) for x in trained.losses]
+    elif results.get("train", {}).get("peak_gib") == "error" and args.probe:
+        results["train"]["probe"] = nan_probe(info, cache_dir, run / "emulator", device, dtype, sorted(emu.modules))
+        for path in PARTIAL:
+            path.write_text(json.dumps(results, indent=2) + "\n")
     if trained is not None or (run / "adapter").is_dir():
         stage(
             "correct",
@@ -455,7 +530,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     if emu is not None:  # --skip plain_lora leaves it out (stage() returns None)
         targets = sorted(emu.modules)
-        stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
+        last_loss = stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
+        if last_loss is not None:
+            results["plain_lora"]["last_loss"] = round(last_loss, 4)
         ran_now = first <= STAGES.index("plain_lora") <= last and "plain_lora" not in args.skip
         if ran_now and results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
             _cap(device, None)

@@ -44,3 +44,26 @@ def test_skipped_stages_are_not_measured(tmp_path: Path) -> None:
     bench_images.main([*BASE, "--work", str(tmp_path / "w"), "--skip", "correct", "plain_lora",
                        "--last-stage", "train", "--out", str(out)])
     assert set(_stages(out)) == {"cache", "inference", "emulator", "train"}
+
+
+def test_a_failed_training_is_recorded_and_probed(tmp_path: Path, monkeypatch) -> None:
+    """A training stage stopped by a non-finite loss is recorded (the later stages still run) and, with --probe,
+    the block magnitudes of emulator and original and the non-finite gradients are recorded beside it."""
+    from emloc_engine.core.errors import ConfigError
+
+    def diverged(*_a, **_k):
+        raise ConfigError("The training loss became nan at step 2.", hint="Lower the learning rate.")
+
+    monkeypatch.setattr(bench_images, "train_image_lora", diverged)
+    out = tmp_path / "r.json"
+    bench_images.main([*BASE, "--work", str(tmp_path / "w"), "--probe", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["train"]["peak_gib"] == "error" and "nan at step 2" in res["train"]["error"]
+    assert "correct" not in res  # no adapter to correct
+    assert math.isfinite(res["plain_lora"]["last_loss"])  # the stages after the failure still ran
+    probe = res["train"]["probe"]
+    n = len(probe["blocks"])
+    assert n > 0 and len(probe["emulator"]["block_amax"]) == n == len(probe["original"]["block_amax"])
+    assert all(math.isfinite(x) and x > 0 for x in probe["emulator"]["block_amax"] + probe["original"]["block_amax"])
+    assert math.isfinite(probe["emulator"]["loss"]) and math.isfinite(probe["original"]["loss"])
+    assert probe["emulator"]["nonfinite_grads"] == 0

@@ -23,4 +23,4 @@ case "${MODEL:-flux-dev}" in
   sdxl) CAP=12 ;;
 esac
 python3 benchmarks/bench_images.py --model "${MODEL:-flux-dev}" --cap-gib $CAP --resolution 1024 --steps ${STEPS:-10} \
-  --ratio ${RATIO:-0.5} --batch ${BATCH:-1} ${ANCHOR:+--anchor} ${SKIP:+--skip $SKIP} ${FROM:+--from-stage $FROM} ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
+  --ratio ${RATIO:-0.5} --batch ${BATCH:-1} ${ANCHOR:+--anchor} ${PROBE:+--probe} ${SKIP:+--skip $SKIP} ${FROM:+--from-stage $FROM} ${LAST:+--last-stage $LAST} --work /tmp/img-bench --out $OUT/images-${MODEL:-flux-dev}-cap${CAP}.json 2>&1 | grep -v "it/s" | tail -60
