@@ -309,7 +309,8 @@ def nan_probe(info: PipelineInfo, cache_dir: Path, emulator_dir: Path, device: t
     in the emulator (LoRA attached, as trained) and in the original (streamed), the loss, and after one backward
     the LoRA gradients that are not finite, by block. Evidence for RESULTS.md, not a stage."""
     from emloc_engine.images.anchors import anchored_block_names
-    from emloc_engine.images.emulator import load_image_emulator, read_emulator_meta
+    from emloc_engine.images.emulator import load_image_emulator
+    from emloc_engine.weights.lowrank import read_emulator_meta
     from emloc_engine.images.placement import streamed
 
     cache = ImageCache(cache_dir)
