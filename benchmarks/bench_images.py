@@ -310,8 +310,8 @@ def nan_probe(info: PipelineInfo, cache_dir: Path, emulator_dir: Path, device: t
     the LoRA gradients that are not finite, by block. Evidence for RESULTS.md, not a stage."""
     from emloc_engine.images.anchors import anchored_block_names
     from emloc_engine.images.emulator import load_image_emulator
-    from emloc_engine.weights.lowrank import read_emulator_meta
     from emloc_engine.images.placement import streamed
+    from emloc_engine.weights.lowrank import read_emulator_meta
 
     cache = ImageCache(cache_dir)
     sched = NoiseSchedule(info.kind, scheduler_config(info))
