@@ -225,6 +225,8 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dic
         return None
     except ConfigError as exc:  # e.g. a non-finite training loss: recorded, and the later stages still run
         results[name] = {"peak_gib": "error", "wall_s": round(time.monotonic() - t0, 1), "error": str(exc)[:300]}
+        if device.type == "cuda":  # the steps before the failure are whole steps: their peak is the stage's
+            results[name]["peak_before_error_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         print(name, results[name], flush=True)
         return None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
