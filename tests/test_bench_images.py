@@ -31,8 +31,11 @@ def test_one_call_and_four_calls_measure_every_stage(tmp_path: Path) -> None:
     w2, split = str(tmp_path / "w2"), tmp_path / "split.json"
     bench_images.main([*BASE, "--work", w2, "--last-stage", "inference"])
     bench_images.main([*BASE, "--work", w2, "--from-stage", "emulator", "--last-stage", "emulator"])
+    built = (Path(w2) / "run-tiny-flux" / "emulator" / "emloc.json").stat().st_mtime_ns
     bench_images.main([*BASE, "--work", w2, "--from-stage", "train", "--last-stage", "correct"])
     bench_images.main([*BASE, "--anchor", "--work", w2, "--from-stage", "plain_lora", "--out", str(split)])
+    # the later calls reopen the emulator the second call built, they do not rebuild it
+    assert (Path(w2) / "run-tiny-flux" / "emulator" / "emloc.json").stat().st_mtime_ns == built
     parts = _stages(split)
     assert set(parts) == MEASURED
     assert parts["train"]["losses"] == whole["train"]["losses"]  # the same seeds, data and emulator
@@ -67,3 +70,24 @@ def test_a_failed_training_is_recorded_and_probed(tmp_path: Path, monkeypatch) -
     assert all(math.isfinite(x) and x > 0 for x in probe["emulator"]["block_amax"] + probe["original"]["block_amax"])
     assert math.isfinite(probe["emulator"]["loss"]) and math.isfinite(probe["original"]["loss"])
     assert probe["emulator"]["nonfinite_grads"] == 0
+
+
+def test_the_flux_depth_stand_in_trains_both_ways_in_bf16(tmp_path: Path) -> None:
+    """flux_depth_standin at two blocks of width 128: bf16, checkpointing, the original streamed by copies; both
+    trainings finite, the anchored one a different model, the probe's magnitudes recorded for every block."""
+    import torch
+
+    from benchmarks import flux_depth_standin
+    from emloc_engine.images import placement
+    from emloc_engine.machine import devices
+
+    transfer = placement._transfer
+    out = flux_depth_standin.main(["--work", str(tmp_path), "--width", "128", "--double", "1", "--single", "1",
+                                   "--steps", "2", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(out))
+    for anchor in ("none", "blocks"):
+        assert len(out[f"losses_{anchor}"]) == 2 and all(math.isfinite(x) for x in out[f"losses_{anchor}"])
+    assert out["losses_blocks"] != out["losses_none"]
+    assert len(out["probe"]["emulator"]["block_amax"]) == 2 and out["probe"]["emulator"]["nonfinite_grads"] == 0
+    # what it replaced to run as on a GPU is put back (the rest of the suite runs in this process)
+    assert devices.compute_dtype(torch.device("cpu")) == torch.float32 and placement._transfer is transfer
