@@ -595,15 +595,26 @@ def with_plan(run: ImageRunConfig, plan: ImagePlan) -> ImageRunConfig:
     return replace(run, ratio=plan.ratio, stats_budget_gib=stats)
 
 
-def stored_ratio(run_dir: Path) -> float | None:
-    """The ρ an existing run folder was started with (a resumed run keeps it), or None."""
+def _stored(run_dir: Path, key: str) -> float | None:
+    """A number the run folder's ``image_run.json`` was started with, or None (no run yet, or not set)."""
     import json
 
     path = Path(run_dir) / "image_run.json"
     if not path.is_file():
         return None
-    value = json.loads(path.read_text(encoding="utf-8")).get("ratio")
+    value = json.loads(path.read_text(encoding="utf-8")).get(key)
     return float(value) if value not in (None, "None") else None
+
+
+def stored_ratio(run_dir: Path) -> float | None:
+    """The ρ an existing run folder was started with (a resumed run keeps it), or None."""
+    return _stored(run_dir, "ratio")
+
+
+def stored_stats_budget(run_dir: Path) -> float | None:
+    """The emulator's statistics budget an existing run folder was started with (its plan's, or the user's), or
+    None. A resumed run whose first call stopped during the build rebuilds with it, as the first call would have."""
+    return _stored(run_dir, "stats_budget_gib")
 
 
 __all__ = [
@@ -621,5 +632,6 @@ __all__ = [
     "plan_images",
     "plan_table",
     "stored_ratio",
+    "stored_stats_budget",
     "with_plan",
 ]

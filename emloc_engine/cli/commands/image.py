@@ -79,18 +79,25 @@ def _ratio(text: str) -> float | str:
 
 def _auto_ratio(cfg: Any, args: argparse.Namespace) -> Any:
     """``cfg`` with ρ and the emulator's statistics budget chosen by the image planner (a resumed run keeps
-    its first ρ).
+    its first ρ and statistics budget).
 
     Raises:
         InsufficientMemory: no ρ fits; the message says which stage and by how much.
     """
     from dataclasses import replace
 
-    from emloc_engine.images.planning import format_image_plan, plan_for_run, stored_ratio, with_plan
+    from emloc_engine.images.planning import (
+        format_image_plan,
+        plan_for_run,
+        stored_ratio,
+        stored_stats_budget,
+        with_plan,
+    )
 
     first = stored_ratio(cfg.run_dir)
     if first is not None:
-        return replace(cfg, ratio=first)
+        stats = cfg.stats_budget_gib if cfg.stats_budget_gib is not None else stored_stats_budget(cfg.run_dir)
+        return replace(cfg, ratio=first, stats_budget_gib=stats)
     gib = 1024**3
     budget = int(args.budget_gib * gib) if args.budget_gib else None
     cap = int(args.gpu_memory * gib) if args.gpu_memory else None

@@ -140,7 +140,7 @@ def test_emloc_image_ratio_auto_refuses_and_resumes_with_the_first_ratio(
     import json
 
     from emloc_engine.cli.main import main
-    from emloc_engine.images.planning import stored_ratio
+    from emloc_engine.images.planning import stored_ratio, stored_stats_budget
 
     run = tmp_path / "run"
     args = [
@@ -164,3 +164,25 @@ def test_emloc_image_ratio_auto_refuses_and_resumes_with_the_first_ratio(
     run.mkdir()
     (run / "image_run.json").write_text(json.dumps({"ratio": "0.3"}))
     assert stored_ratio(run) == 0.3 and stored_ratio(tmp_path) is None
+    assert stored_stats_budget(run) is None
+
+
+def test_a_resumed_auto_run_keeps_its_first_statistics_budget(tmp_path: Path) -> None:
+    """A resumed ``--ratio auto`` run keeps the ρ and the statistics budget it was started with (a build stopped
+    midway reruns with the plan's budget, not the 4 GiB default); a budget the user gives now still wins."""
+    import argparse
+    import json
+
+    from emloc_engine.cli.commands.image import _auto_ratio
+    from emloc_engine.images.options import ImageRunConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "image_run.json").write_text(json.dumps({"ratio": "0.65", "stats_budget_gib": "19.073486328125"}))
+    cfg = ImageRunConfig(pipeline_dir=tmp_path, images_dir=tmp_path, run_dir=run)
+    args = argparse.Namespace(budget_gib=None, gpu_memory=None)
+    resumed = _auto_ratio(cfg, args)
+    assert (resumed.ratio, resumed.stats_budget_gib) == (0.65, 19.073486328125)
+    given = _auto_ratio(ImageRunConfig(pipeline_dir=tmp_path, images_dir=tmp_path, run_dir=run, stats_budget_gib=5.0),
+                        args)
+    assert (given.ratio, given.stats_budget_gib) == (0.65, 5.0)
