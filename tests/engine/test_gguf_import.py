@@ -245,8 +245,10 @@ def test_every_stage_runs_from_the_gguf_and_sees_its_dequantized_weights(
 def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None:
     """The emulator build of a 12-block model never holds more of the GGUF's dequantized weights than the
     input embedding in the compute dtype (the capture of block 0's input), one non-block tensor being
-    written and two blocks (block b computing, b+1 prefetched): about a fifth of this model (measured:
-    60 kB of 265 kB), a few percent of an 8B one."""
+    written and two blocks (block b computing, b+1 prefetched): 37 % of this tiny model at most, a few percent
+    of an 8B one. How much of that bound a run reaches depends on how the reader, writer and main threads
+    interleave (measured: 60 kB of 265 kB alone, 97 kB in the whole suite on a busy 2-core machine), so the
+    test holds the bound, not a typical value."""
     from emloc_engine.stages.emulator.builder import EmulatorConfig, build_emulator
 
     _, path = _gguf(tmp_path, "llama", "Q4_0", num_hidden_layers=12)
@@ -265,7 +267,7 @@ def test_streamed_build_holds_a_few_blocks_not_the_model(tmp_path: Path) -> None
     peak = MATERIALISED.peak - before
     assert MATERIALISED.total >= model_bytes  # every tensor was read once
     assert peak <= embed_fp32 + largest_rest + 2 * block, (peak, largest_rest, block)
-    assert peak < 0.3 * model_bytes, (peak, model_bytes)
+    assert peak < 0.5 * model_bytes, (peak, model_bytes)  # what the bound means here: never the model
 
 
 def test_a_gguf_becomes_a_catalog_model_once(files: dict[str, tuple[Path, Path]], tmp_path: Path,
