@@ -53,7 +53,7 @@ from emloc_engine.core.errors import ConfigError
 from emloc_engine.images.cache import CacheConfig, ImageCache, build_cache
 from emloc_engine.images.correction import ImageCorrectionConfig, correct_image_adapter
 from emloc_engine.images.dataset import ImageFolderConfig, scan_image_folder
-from emloc_engine.images.emulator import ImageEmulatorConfig, ImageEmulatorResult, build_image_emulator
+from emloc_engine.images.emulator import ImageEmulatorConfig, build_image_emulator
 from emloc_engine.images.families import NoiseSchedule, denoising_loss
 from emloc_engine.images.pipelines import PipelineInfo, identify_pipeline, load_denoiser, scheduler_config
 from emloc_engine.images.training import ImageTrainConfig, attach_image_lora, lora_targets, train_image_lora
@@ -236,16 +236,6 @@ def measure(name: str, fn: Callable[[], Any], device: torch.device, results: dic
     for path in PARTIAL:  # a device call cut off later still returns the stages done so far
         path.write_text(json.dumps(results, indent=2) + "\n")
     return out
-
-
-def _reopened_emulator(folder: Path) -> ImageEmulatorResult | None:
-    """A complete emulator an earlier call built (its ``emloc.json`` is written last), as the build's result with
-    its modules; None when there is none. Until 2026-12-07 a later call rebuilt it, unmeasured, in its own process
-    before the stages it measured (118 s for FLUX.1-dev)."""
-    if not (folder / EMULATOR_META).is_file():
-        return None
-    modules = read_emulator_meta(folder)["modules"]
-    return ImageEmulatorResult(folder, modules, 0, 0, 0, 0.0, 0.0)
 
 
 def _cap(device: torch.device, cap_gib: float | None) -> None:
@@ -459,12 +449,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         """Measure ``name`` when it is in --from-stage..--last-stage; before that range an earlier call on
-        this machine made its outputs (the emulator is reopened: a complete one is reused, not rebuilt)."""
+        this machine made its outputs: a complete emulator (its ``emloc.json`` is written last) is reused, an
+        incomplete one rebuilt unmeasured. (Until 2026-12-07 a later call always rebuilt it, in its own process,
+        before the stages it measured: 118 s for FLUX.1-dev.)"""
         i = STAGES.index(name)
         if name in args.skip and name != "emulator":
             return None
         if i < first:
-            return (_reopened_emulator(run / "emulator") or fn()) if name == "emulator" else None
+            return fn() if name == "emulator" and not (run / "emulator" / EMULATOR_META).is_file() else None
         return measure(name, fn, device, results) if i <= last else None
 
     cache = stage(
@@ -541,8 +533,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             ),
         )
-    if emu is not None:  # --skip plain_lora leaves it out (stage() returns None)
-        targets = sorted(emu.modules)
+    if (run / "emulator" / EMULATOR_META).is_file():  # --skip plain_lora leaves it out (stage() returns None)
+        targets = lora_targets(run / "emulator")
         last_loss = stage("plain_lora", lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets))
         if last_loss is not None:
             results["plain_lora"]["last_loss"] = round(last_loss, 4)
