@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.width < 128 or args.width % 128:
+        ap.error(f"--width must be a positive multiple of 128, FLUX's head width (got {args.width}); e.g. 384")
     with as_on_a_gpu():
         return _run(args)
 

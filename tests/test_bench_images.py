@@ -91,3 +91,15 @@ def test_the_flux_depth_stand_in_trains_both_ways_in_bf16(tmp_path: Path) -> Non
     assert len(out["probe"]["emulator"]["block_amax"]) == 2 and out["probe"]["emulator"]["nonfinite_grads"] == 0
     # what it replaced to run as on a GPU is put back (the rest of the suite runs in this process)
     assert devices.compute_dtype(torch.device("cpu")) == torch.float32 and placement._transfer is transfer
+
+
+def test_the_stand_in_names_a_width_it_cannot_build(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    from benchmarks import flux_depth_standin
+
+    with pytest.raises(SystemExit) as exc:
+        flux_depth_standin.main(["--work", str(tmp_path), "--width", "200"])
+    assert exc.value.code == 2
+    assert "--width must be a positive multiple of 128" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
