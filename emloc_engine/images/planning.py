@@ -602,8 +602,16 @@ def _stored(run_dir: Path, key: str) -> float | None:
     path = Path(run_dir) / "image_run.json"
     if not path.is_file():
         return None
-    value = json.loads(path.read_text(encoding="utf-8")).get(key)
-    return float(value) if value not in (None, "None") else None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+        return float(value) if value not in (None, "None") else None
+    except (ValueError, TypeError, AttributeError) as exc:
+        from emloc_engine.core.errors import ConfigError
+
+        raise ConfigError(
+            f"{path} is not a run's settings file: {key} is unreadable ({exc}).",
+            hint="Restore the file, or start a new run folder (--out).",
+        ) from exc
 
 
 def stored_ratio(run_dir: Path) -> float | None:

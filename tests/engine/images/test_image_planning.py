@@ -186,3 +186,14 @@ def test_a_resumed_auto_run_keeps_its_first_statistics_budget(tmp_path: Path) ->
     given = _auto_ratio(ImageRunConfig(pipeline_dir=tmp_path, images_dir=tmp_path, run_dir=run, stats_budget_gib=5.0),
                         args)
     assert (given.ratio, given.stats_budget_gib) == (0.65, 5.0)
+
+
+def test_an_unreadable_run_settings_file_is_named_with_the_fix(tmp_path: Path) -> None:
+    from emloc_engine.core.errors import ConfigError
+    from emloc_engine.images.planning import stored_stats_budget
+
+    (tmp_path / "image_run.json").write_text('{"stats_budget_gib": "lots"}')
+    with pytest.raises(ConfigError, match=r"image_run\.json is not a run.s settings file: stats_budget_gib") as exc:
+        stored_stats_budget(tmp_path)
+    assert "new run folder" in str(exc.value)
+    assert (tmp_path / "image_run.json").read_text() == '{"stats_budget_gib": "lots"}'  # left as it was
