@@ -41,7 +41,8 @@ def oracle_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
                 row = rows.setdefault((task, u["ratio"]), {"task": task, "metric": metric, "ratio": u["ratio"],
                                                            "seeds": []})
                 row["seeds"].append({"seed": seed, "auto": frac(u["auto"][metric]), "auto_lambda": u["auto"]["lambda"],
-                                     "oracle": frac(table[best]), "oracle_lambda": best})
+                                     "oracle": frac(table[best]), "oracle_lambda": best,
+                                     "peak_gib": u.get("train", {}).get("peak_vram_gib")})
     return list(rows.values())
 
 
@@ -49,14 +50,24 @@ def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def _peak(seeds: list[dict[str, Any]]) -> str:
+    """The measured training peak (``max_memory_allocated``, GiB) over seeds; "—" where none was measured (CPU)."""
+    peaks = [s["peak_gib"] for s in seeds if s.get("peak_gib") is not None]
+    if not peaks:
+        return "—"
+    return f"{statistics.mean(peaks):.3f} GiB" + (f" ± {_sd(peaks):.3f}" if len(peaks) > 1 else "")
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    out = ["| task | ρ | λ auto (validation loss) | best λ on the test metric (upper bound) | oracle's λ per seed |",
-           "|---|---|---|---|---|"]
+    out = ["| task | ρ | λ auto (validation loss) | best λ on the test metric (upper bound) | oracle's λ per seed "
+           "| training peak |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
         a = [s["auto"] for s in r["seeds"]]
         o = [s["oracle"] for s in r["seeds"]]
         out.append(f"| {r['task']} ({r['metric']}) | {r['ratio']:g} | {statistics.mean(a):.0f}% ± {_sd(a):.0f} | "
-                   f"{statistics.mean(o):.0f}% ± {_sd(o):.0f} | {', '.join(s['oracle_lambda'] for s in r['seeds'])} |")
+                   f"{statistics.mean(o):.0f}% ± {_sd(o):.0f} | {', '.join(s['oracle_lambda'] for s in r['seeds'])} | "
+                   f"{_peak(r['seeds'])} |")
     return "\n".join(out)
 
 

@@ -22,7 +22,16 @@ def test_the_oracle_is_the_best_test_score_and_auto_is_what_was_chosen() -> None
     assert [round(s["auto"]) for s in row["seeds"]] == [50, 75]
     assert [round(s["oracle"]) for s in row["seeds"]] == [75, 75]
     assert [s["oracle_lambda"] for s in row["seeds"]] == ["1", "1"]
-    assert "| formats (exact_match) | 0.5 | 62% ± 18 | 75% ± 0 | 1, 1 |" in lambda_oracle.render([row])
+    assert "| formats (exact_match) | 0.5 | 62% ± 18 | 75% ± 0 | 1, 1 | — |" in lambda_oracle.render([row])
+
+
+def test_the_measured_training_peak_is_shown_beside_the_fractions() -> None:
+    seeds = {}
+    for seed, peak in (("0", 0.64), ("1", 0.66)):
+        seeds[seed] = _seed(0.4, "0", {"0": 0.4, "1": 0.3})
+        seeds[seed]["emloc"]["tasks"]["formats"]["units"][0]["train"] = {"peak_vram_gib": peak}
+    (row,) = lambda_oracle.oracle_rows({"seeds": seeds})
+    assert lambda_oracle.render([row]).endswith("| 0, 0 | 0.650 GiB ± 0.014 |")
 
 
 def test_bench_quality_runs_of_one_seed_each_are_pooled(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
