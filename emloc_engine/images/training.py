@@ -258,7 +258,17 @@ def _train(
                 f"The training loss became {total} at step {step + 1}.",
                 hint="Lower the learning rate, or train in float32.",
             )
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # A finite loss can still give non-finite gradients; clipping would spread them and the optimizer would
+        # write them into every LoRA weight, to be seen only as the next step's nan loss. Stop here instead,
+        # before the update: the adapter and the last checkpoint stay as they were.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        if not math.isfinite(grad_norm):
+            raise ConfigError(
+                f"The gradients became {grad_norm} at step {step + 1} (the loss was {total:.4g}); "
+                "no update was applied.",
+                hint="Lower the learning rate, or train in float32.",
+            )
+        progress.log("train/grad_norm", grad_norm, step + 1)
         optimizer.step()
         step += 1
         losses.append(total)

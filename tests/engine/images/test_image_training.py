@@ -133,3 +133,41 @@ def test_resume_is_exact_and_samples_are_written(
 
     with Image.open(whole.samples[-1]) as img:
         assert img.size == (32, 32)
+
+
+def test_non_finite_gradients_stop_the_step_before_the_update(
+    pipelines: dict[str, PipelineInfo],
+    caches: dict[str, Path],
+    emulators: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FLUX.1-dev on an H100 (2026-12-07) gave a finite loss at step 1 and nan at step 2: non-finite gradients that
+    clipping spread and AdamW wrote into every LoRA weight. Here the loss of step 3 keeps its value but gets a nan
+    gradient (d√u at u = 0); the run stops at that step, names the gradients, and the checkpoint of step 2 is
+    untouched, its LoRA weights finite."""
+    from emloc_engine.core.errors import ConfigError
+    from emloc_engine.core.progress import RecordingProgress
+    from emloc_engine.images import training
+
+    real = training._micro_loss
+    calls = {"n": 0}
+
+    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+        loss = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        return loss + torch.sqrt(loss - loss) if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(training, "_micro_loss", poisoned)
+    progress = RecordingProgress()
+    cfg = ImageTrainConfig(
+        pipelines["flux"], caches["flux"], emulators["flux"], tmp_path, steps=5, lr=1e-3, rank=4,
+        checkpoint_every=2, device="cpu",
+    )
+    with pytest.raises(ConfigError, match=r"gradients became nan at step 3 \(the loss was [0-9.]+\)"):
+        train_image_lora(cfg, progress)
+    norms = progress.values("train/grad_norm")
+    assert len(norms) == 2 and all(n > 0 for n in norms)
+    kept = torch.load(tmp_path / training.CHECKPOINTS / "step-2" / "state.pt", weights_only=True)
+    assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["lora"].values())
+    assert not (tmp_path / training.CHECKPOINTS / "step-3").exists() and not (tmp_path / "adapter").exists()
