@@ -541,12 +541,14 @@ def main(argv: list[str] | None = None) -> None:
         ran_now = first <= STAGES.index("plain_lora") <= last and "plain_lora" not in args.skip
         if ran_now and results.get("plain_lora", {}).get("peak_gib") == "oom" and device.type == "cuda":
             _cap(device, None)
-            measure(
+            uncapped = measure(
                 "plain_lora_uncapped",
                 lambda: plain_lora(info, cache_dir, device, dtype, args.steps, targets),
                 device,
                 results,
             )
+            if uncapped is not None:  # finite or not: whether the original's own gradients stay finite
+                results["plain_lora_uncapped"]["last_loss"] = round(uncapped, 4)
             _cap(device, args.cap_gib)  # the stages after this one run under the cap again
     if args.anchor and (run / "emulator").is_dir():
         anchored = stage(
