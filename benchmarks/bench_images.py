@@ -314,6 +314,7 @@ def nan_probe(info: PipelineInfo, cache_dir: Path, emulator_dir: Path, device: t
     from emloc_engine.images.anchors import anchored_block_names
     from emloc_engine.images.emulator import load_image_emulator
     from emloc_engine.images.placement import streamed
+    from emloc_engine.images.training import without_cudnn_attention
 
     cache = ImageCache(cache_dir)
     sched = NoiseSchedule(info.kind, scheduler_config(info))
@@ -331,8 +332,9 @@ def nan_probe(info: PipelineInfo, cache_dir: Path, emulator_dir: Path, device: t
     base.train()
     names = anchored_block_names(base)
     seen, handles = _block_probe(base, names)
-    loss = denoising_loss(info.kind, base, sched, x0.to(device, dtype), noise.to(device, dtype), ind, cond)
-    loss.backward()
+    with without_cudnn_attention():  # as training does (its docstring: cuDNN's attention backward on FLUX.1-dev)
+        loss = denoising_loss(info.kind, base, sched, x0.to(device, dtype), noise.to(device, dtype), ind, cond)
+        loss.backward()
     for h in handles:
         h.remove()
     bad = sorted({n.split(".lora_")[0] for n, p in peft_model.named_parameters()

@@ -171,3 +171,38 @@ def test_non_finite_gradients_stop_the_step_before_the_update(
     kept = torch.load(tmp_path / training.CHECKPOINTS / "step-2" / "state.pt", weights_only=True)
     assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["lora"].values())
     assert not (tmp_path / training.CHECKPOINTS / "step-3").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_training_runs_without_cudnn_attention_and_restores_the_setting(
+    pipelines: dict[str, PipelineInfo], caches: dict[str, Path], emulators: dict[str, Path], tmp_path: Path
+) -> None:
+    """cuDNN's attention backward failed on FLUX.1-dev's shapes on an H100 (2026-12-07: an illegal memory access,
+    or nan at step 2); training switches that kernel off for its steps, backward and checkpointed recompute
+    included, and gives the process its setting back afterwards, also when a step fails."""
+    from emloc_engine.core.errors import ConfigError
+    from emloc_engine.core.progress import RecordingProgress
+
+    class Seeing(RecordingProgress):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[bool] = []
+
+        def update(self, fraction: float, message: str = "") -> None:
+            self.seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+            super().update(fraction, message)
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    progress = Seeing()
+    cfg = ImageTrainConfig(
+        pipelines["flux"], caches["flux"], emulators["flux"], tmp_path / "a", steps=2, lr=1e-3, rank=4,
+        device="cpu",
+    )
+    train_image_lora(cfg, progress)
+    assert progress.seen == [False, False] and torch.backends.cuda.cudnn_sdp_enabled()
+    bad = ImageTrainConfig(
+        pipelines["flux"], caches["flux"], emulators["flux"], tmp_path / "b", steps=3, lr=1e30, rank=4,
+        device="cpu",
+    )
+    with pytest.raises(ConfigError, match="became"):  # the first update makes the LoRA weights ~1e30
+        train_image_lora(bad)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
