@@ -40,6 +40,13 @@ def test_one_call_and_four_calls_measure_every_stage(tmp_path: Path) -> None:
     assert set(parts) == MEASURED
     assert parts["train"]["losses"] == whole["train"]["losses"]  # the same seeds, data and emulator
     assert parts["emulator"]["params_kept"] == whole["emulator"]["params_kept"]
+    # measured again on the same work folder, training starts over instead of resuming its finished checkpoint
+    again = tmp_path / "again.json"
+    bench_images.main([*BASE, "--anchor", "--work", w2, "--from-stage", "train", "--skip", "correct", "plain_lora",
+                       "--out", str(again)])
+    for name in ("train", "train_anchored"):
+        assert _stages(again)[name]["resumed_from"] == 0
+        assert _stages(again)[name]["losses"] == whole[name]["losses"]
 
 
 def test_skipped_stages_are_not_measured(tmp_path: Path) -> None:

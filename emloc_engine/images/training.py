@@ -196,7 +196,7 @@ def without_cudnn_attention() -> Iterator[None]:
     """Training with PyTorch's cuDNN attention kernel switched off (flash / memory-efficient attention instead),
     the previous setting restored after.
 
-    FLUX.1-dev's joint attention (24 heads of 128 over 4,608 + 512 tokens) in bf16 on an H100 (torch 2.11,
+    FLUX.1-dev's joint attention (24 heads of 128 over 4,096 image + 512 text tokens at 1024²) in bf16 on an H100 (torch 2.11,
     2026-12-07) made cuDNN's attention backward fail: ``mha_graph.execute(...) is_good()`` under
     ``CUDA_LAUNCH_BLOCKING=1``, an illegal memory access or a non-finite loss at step 2 without it. With the
     kernel off the same run trained 10 finite steps in 20.1 GiB. The setting is process-wide because gradient
