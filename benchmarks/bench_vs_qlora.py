@@ -289,8 +289,16 @@ def _spread(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-def summary(data: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per task and method: the fraction of the full-LoRA gain (mean, sd, n) and the peaks, over seeds."""
+MEASURED_ROW = "EMLoC, ρ measured at QLoRA's memory"
+
+
+def summary(data: Mapping[str, Any], measured: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per task and method: the fraction of the full-LoRA gain (mean, sd, n) and the peaks, over seeds.
+
+    ``measured``: runs of ``bench_quality.py`` (one JSON per seed) at a ρ chosen so that EMLoC's *measured*
+    training peak is at QLoRA's, added as the row :data:`MEASURED_ROW` of each task they ran; each seed's
+    fraction is taken against that run's own zero-shot and full-LoRA scores.
+    """
     rows: dict[str, dict[str, dict[str, list[float]]]] = {}
     for seed_data in data["seeds"].values():
         emloc = seed_data["emloc"]
@@ -314,10 +322,20 @@ def summary(data: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 if unit["ratio"] == chosen:
                     add(label, unit["auto"], peak, unit["ratio"])
                 if matched is not None and unit["ratio"] == matched:
-                    add("EMLoC, QLoRA's memory", unit["auto"], peak, unit["ratio"])
+                    add("EMLoC, planner's ρ for QLoRA's peak", unit["auto"], peak, unit["ratio"])
             q = seed_data["qlora"][name]
             add("QLoRA, adapter on 4-bit base", q["on_4bit"], q["train"]["peak_vram_gib"])
             add("QLoRA, adapter on bf16 original", q["merged"], q["train"]["peak_vram_gib"])
+    for run in measured:
+        for name, rec in run["tasks"].items():
+            for unit in rec["units"]:
+                row = rows.setdefault(name, {}).setdefault(
+                    MEASURED_ROW, {"recovered": [], "metric": [], "peak": [], "ratio": []})
+                peak = unit["train"].get("peak_vram_gib")
+                row["recovered"].append(bq.recovered(rec, unit["auto"]))
+                row["metric"].append(bq.primary(rec, unit["auto"]))
+                row["peak"].append(math.nan if peak is None else peak)
+                row["ratio"].append(unit["ratio"])
     return {task: {method: {k: _spread(v) for k, v in row.items()} for method, row in methods.items()}
             for task, methods in rows.items()}
 
@@ -354,11 +372,16 @@ def _emloc_row_for(methods: Mapping[str, Mapping[str, Any]]) -> tuple[str, str]:
     return key, f"at the {key.split(', ')[1]} (QLoRA's peak not measured here)"
 
 
-def headline(summ: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """The one sentence up front, from the numbers: per task, EMLoC at no more than QLoRA's measured memory."""
+def headline(summ: Mapping[str, Mapping[str, Mapping[str, Any]]], notes: Mapping[str, str] | None = None) -> str:
+    """The one sentence up front, from the numbers: per task, EMLoC at no more than QLoRA's measured memory.
+
+    ``notes``: said after the memory comparison when that row is the one compared (where it was measured).
+    """
     parts = []
     for task, methods in summ.items():
         emloc_key, where = _emloc_row_for(methods)
+        if notes and emloc_key in notes:
+            where = f"{where}, {notes[emloc_key]}"
         e = methods.get(emloc_key, {}).get("recovered", (math.nan, 0.0, 0))
         q = methods.get("QLoRA, adapter on 4-bit base", {}).get("recovered", (math.nan, 0.0, 0))
         m = methods.get("QLoRA, adapter on bf16 original", {}).get("recovered", (math.nan, 0.0, 0))
@@ -368,12 +391,26 @@ def headline(summ: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     return " ".join(parts)
 
 
-def render(data: Mapping[str, Any]) -> str:
-    summ = summary(data)
+def render(data: Mapping[str, Any], measured: Sequence[Mapping[str, Any]] = (),
+           measured_paths: Sequence[str] = ()) -> str:
+    summ = summary(data, measured)
     seeds = ", ".join(data["seeds"])
-    out = [SECTION, "", headline(summ), "",
+    notes: dict[str, str] = {}
+    lines: list[str] = []
+    if measured:
+        devices = sorted({str(m["device"]) for m in measured})
+        dates = sorted({str(m["date"]) for m in measured})
+        if devices != [str(data["device"])]:
+            notes[MEASURED_ROW] = f"EMLoC's row measured on {' and '.join(devices)}, QLoRA's on {data['device']}"
+        lines = [f"Row \"{MEASURED_ROW}\": {', '.join(dates)} · {', '.join(devices)} · seeds "
+                 f"{', '.join(str(m['settings'].get('seed', '?')) for m in measured)}, each against its own "
+                 "zero-shot and full-LoRA runs · commands: "
+                 + " ; ".join(f"`{m['command']}`" for m in measured) + "  ",
+                 ("Files: " + ", ".join(f"`{p}`" for p in measured_paths) + "  ") if measured_paths else ""]
+    out = [SECTION, "", headline(summ, notes), "",
            f"{data['date']} · {data['device']} · seeds {seeds} · model `{data['model_name']}`  ",
            f"Command: `{data['command']}`  ",
+           *[line for line in lines if line],
            "QLoRA recipe: " + ", ".join(f"{k} {v}" for k, v in data["qlora_recipe"].items() if k != "targets")
            + "; every decoder linear; same data order, steps, rank, lr and schedule as the EMLoC rows.  ",
            "Cells: fraction of the full-LoRA gain, mean ± sd over seeds (`(metric − zero-shot) / (full LoRA − "
@@ -413,6 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-md", action="store_true")
     p.add_argument("--render", type=Path, default=None, help="only render this JSON into RESULTS.md")
+    p.add_argument("--measured", type=Path, nargs="+", default=[],
+                   help="bench_quality.py JSONs (one per seed) at the ρ whose measured training peak is QLoRA's: "
+                        f"the row \"{MEASURED_ROW}\"")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="merge these result JSONs (runs split by seed/task) into --json, then render")
     args = p.parse_args(argv)
@@ -436,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = run(settings, [int(x) for x in args.seeds.split(",") if x.strip()], model_dir,
                    [t for t in args.tasks.split(",") if t], args.work_dir, json_path, command.strip(),
                    ratio=args.ratio)
-    text = render(data)
+    measured = [json.loads(f.read_text(encoding="utf-8")) for f in args.measured]
+    shown = [f.resolve().relative_to(ROOT).as_posix() if f.resolve().is_relative_to(ROOT) else str(f)
+             for f in args.measured]
+    text = render(data, measured, shown)
     if not args.no_md:
         write_section(args.results_md, text)
     print(text)

@@ -101,7 +101,7 @@ def test_merge_unites_runs_split_by_seed_and_task() -> None:
     assert merged["seeds"]["0"]["matched_by_task"] == {"t": None, "u": 0.5}
     summ = bvq.summary(merged)
     assert summ["t"]["EMLoC, planner's ρ"]["recovered"][2] == 2
-    assert summ["u"]["EMLoC, QLoRA's memory"]["recovered"][0] == pytest.approx(0.7)  # u's own matched ρ
+    assert summ["u"]["EMLoC, planner's ρ for QLoRA's peak"]["recovered"][0] == pytest.approx(0.7)  # u's own matched ρ
     with pytest.raises(ValueError, match="seed 0, task t appears in two runs"):
         bvq.merge([a, a])
     other = _fake([(0.1, 0.1, 0.1)])
@@ -124,3 +124,35 @@ def test_headline_compares_at_no_more_than_qlora_measured_memory() -> None:
     # the closer-memory row (planner's ρ, 70%) is the one compared, and the memory gap is said
     assert "at less GPU memory (EMLoC 0.57 GiB at ρ 0.50, QLoRA 0.68 GiB)" in text
     assert "EMLoC keeps 70%" in text and "QLoRA ahead" in text
+
+
+def _quality_run(seed: int, full: float, emloc: float, peak: float) -> dict[str, Any]:
+    """A bench_quality.py JSON of one seed on the formats task: zero-shot exact match 0.5."""
+    rec = {"metric": "exact_match", "higher_is_better": True, "zero_shot": {"exact_match": 0.5},
+           "full_lora": {"exact_match": full, "train": {"peak_vram_gib": 0.7}},
+           "units": [{"variant": bvq.EMLOC_VARIANT, "ratio": 0.9, "auto": {"exact_match": emloc},
+                      "train": {"peak_vram_gib": peak}}]}
+    return {"date": "2026-12-07", "device": "NVIDIA H100", "command": f"python bq --seed {seed}",
+            "settings": {"seed": seed}, "tasks": {"t": rec}}
+
+
+def test_a_measured_run_at_qlora_memory_is_the_row_compared() -> None:
+    """The planner's ρ for QLoRA's peak used far less memory than QLoRA (0.48 vs 0.68 GiB); runs at a ρ whose
+    measured peak is QLoRA's are compared instead, each seed against its own full LoRA, and where they ran on
+    another GPU than QLoRA the headline says so."""
+    data = _fake([(0.7, 0.8, 0.8), (0.7, 0.8, 0.8)])
+    for sd in data["seeds"].values():
+        sd["emloc"]["tasks"]["t"]["units"][0]["train"]["peak_vram_gib"] = 0.57
+        sd["qlora"]["t"]["train"]["peak_vram_gib"] = 0.68
+    # seed 0: full LoRA +0.3, EMLoC +0.3 (100%); seed 1: full LoRA +0.2, EMLoC +0.16 (80%)
+    measured = [_quality_run(0, 0.8, 0.8, 0.65), _quality_run(1, 0.7, 0.66, 0.65)]
+    summ = bvq.summary(data, measured)["t"]
+    mean, sd, n = summ[bvq.MEASURED_ROW]["recovered"]
+    assert n == 2 and mean == pytest.approx(0.9) and sd == pytest.approx(math.sqrt(0.02))
+    text = bvq.render(data, measured, ["benchmarks/results/a.json"])
+    assert ("at the same GPU memory (EMLoC 0.65 GiB at ρ 0.90, QLoRA 0.68 GiB), EMLoC's row measured on "
+            "NVIDIA H100, QLoRA's on CPU: EMLoC keeps 90% ± 14") in text and "EMLoC ahead" in text
+    assert "`python bq --seed 0` ; `python bq --seed 1`" in text and "`benchmarks/results/a.json`" in text
+    # too much memory (over QLoRA's peak + 5%) is never the row compared
+    heavy = [_quality_run(0, 0.8, 0.8, 0.9)]
+    assert "at less GPU memory (EMLoC 0.57 GiB" in bvq.render(data, heavy)
