@@ -18,8 +18,8 @@ from emloc_engine.images.dataset import CaptionMode
 AnchorMode = Literal["none", "blocks"]
 ANCHOR_MODES: tuple[str, ...] = get_args(AnchorMode)
 """Anchored training (:mod:`~emloc_engine.images.anchors`): ``none``, or ``blocks`` (every transformer block
-of the emulator anchored to the original, online, per forward). Opt-in: the extra no-grad pass of the
-original per training forward is not yet measured on a GPU."""
+of the emulator anchored to the original, online, per forward). Opt-in: why, and its measured GPU cost, in
+:mod:`~emloc_engine.images.training`'s docstring."""
 
 RUN_SETTINGS = "image_run.json"
 """The settings of a run's first call, in the run folder (marks an image run folder)."""

@@ -23,10 +23,14 @@ Outputs in the run folder:
 
 Anchored training (``anchor="blocks"``, :mod:`.anchors`): the original denoiser is loaded into CPU
 memory (in the training dtype) and every transformer block of the emulator is anchored to it on each
-forward (the original streamed block by block on a GPU). Decision: opt-in for now (default ``"none"``),
-because the extra no-grad pass of the original per training forward is not yet measured on a GPU (on
-the tiny CPU benchmark, ρ 0.5, three seeds, it lifted the share of full LoRA's gain reaching the original
-from −87 % to 94 %: benchmarks/RESULTS.md, "Image models"). The
+forward (the original streamed block by block on a GPU). Decision: opt-in (default ``"none"``). Its GPU
+cost is measured (2026-12-07, H100, 1024², 10 steps: FLUX.1-dev 21.77 GiB and 50 s against 20.15 GiB and
+20 s; SDXL 5.94 GiB and 20 s against 3.97 GiB and 11 s), and on the tiny CPU benchmark (ρ 0.5, three seeds)
+it lifted the share of full LoRA's gain reaching the original from −87 % to 94 % (benchmarks/RESULTS.md,
+"Image models"). It stays opt-in because that quality evidence is a tiny synthetic pipeline while the
+paper's FLUX.1-dev DreamBooth trains unanchored, and because anchoring by default would lower the ρ the
+planner picks (FLUX.1-dev in 24 GiB: 0.55 instead of 0.65, the plan's anchored train stage being 0.8 GiB
+above the measured one). The
 anchors are stateless (recomputed from each forward's inputs, no randomness), so resume stays exact.
 Samples are drawn with the anchors paused: the emulator + LoRA, as without anchoring, at the sampling
 cost and memory the planner counts.
