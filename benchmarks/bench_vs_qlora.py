@@ -292,6 +292,16 @@ def _spread(values: Sequence[float]) -> tuple[float, float, int]:
 MEASURED_ROW = "EMLoC, ρ measured at QLoRA's memory"
 
 
+def _add(task_rows: dict[str, dict[str, list[float]]], method: str, rec: Mapping[str, Any],
+         scores: Mapping[str, Any], peak: float | None, ratio: float | None = None) -> None:
+    """One seed's cell of row ``method``: its fraction of ``rec``'s full-LoRA gain, metric, peak and ρ."""
+    row = task_rows.setdefault(method, {"recovered": [], "metric": [], "peak": [], "ratio": []})
+    row["recovered"].append(bq.recovered(rec, scores))
+    row["metric"].append(bq.primary(rec, scores))
+    row["peak"].append(math.nan if peak is None else peak)
+    row["ratio"].append(math.nan if ratio is None else ratio)
+
+
 def summary(data: Mapping[str, Any], measured: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, dict[str, Any]]]:
     """Per task and method: the fraction of the full-LoRA gain (mean, sd, n) and the peaks, over seeds.
 
@@ -307,35 +317,21 @@ def summary(data: Mapping[str, Any], measured: Sequence[Mapping[str, Any]] = ())
         for name, rec in emloc["tasks"].items():
             task_rows = rows.setdefault(name, {})
             matched = seed_data.get("matched_by_task", {}).get(name, seed_data.get("matched_ratio"))
-
-            def add(method: str, scores: Mapping[str, Any], peak: float | None, ratio: float | None = None,
-                    rec: Mapping[str, Any] = rec, task_rows: dict[str, dict[str, list[float]]] = task_rows) -> None:
-                row = task_rows.setdefault(method, {"recovered": [], "metric": [], "peak": [], "ratio": []})
-                row["recovered"].append(bq.recovered(rec, scores))
-                row["metric"].append(bq.primary(rec, scores))
-                row["peak"].append(math.nan if peak is None else peak)
-                row["ratio"].append(math.nan if ratio is None else ratio)
-
-            add("full LoRA", rec["full_lora"], rec["full_lora"]["train"].get("peak_vram_gib"))
+            _add(task_rows, "full LoRA", rec, rec["full_lora"], rec["full_lora"]["train"].get("peak_vram_gib"))
             for unit in rec["units"]:
                 peak = unit["train"].get("peak_vram_gib")
                 if unit["ratio"] == chosen:
-                    add(label, unit["auto"], peak, unit["ratio"])
+                    _add(task_rows, label, rec, unit["auto"], peak, unit["ratio"])
                 if matched is not None and unit["ratio"] == matched:
-                    add("EMLoC, planner's ρ for QLoRA's peak", unit["auto"], peak, unit["ratio"])
+                    _add(task_rows, "EMLoC, planner's ρ for QLoRA's peak", rec, unit["auto"], peak, unit["ratio"])
             q = seed_data["qlora"][name]
-            add("QLoRA, adapter on 4-bit base", q["on_4bit"], q["train"]["peak_vram_gib"])
-            add("QLoRA, adapter on bf16 original", q["merged"], q["train"]["peak_vram_gib"])
+            _add(task_rows, "QLoRA, adapter on 4-bit base", rec, q["on_4bit"], q["train"]["peak_vram_gib"])
+            _add(task_rows, "QLoRA, adapter on bf16 original", rec, q["merged"], q["train"]["peak_vram_gib"])
     for run in measured:
         for name, rec in run["tasks"].items():
             for unit in rec["units"]:
-                row = rows.setdefault(name, {}).setdefault(
-                    MEASURED_ROW, {"recovered": [], "metric": [], "peak": [], "ratio": []})
-                peak = unit["train"].get("peak_vram_gib")
-                row["recovered"].append(bq.recovered(rec, unit["auto"]))
-                row["metric"].append(bq.primary(rec, unit["auto"]))
-                row["peak"].append(math.nan if peak is None else peak)
-                row["ratio"].append(unit["ratio"])
+                _add(rows.setdefault(name, {}), MEASURED_ROW, rec, unit["auto"], unit["train"].get("peak_vram_gib"),
+                     unit["ratio"])
     return {task: {method: {k: _spread(v) for k, v in row.items()} for method, row in methods.items()}
             for task, methods in rows.items()}
 
@@ -402,15 +398,16 @@ def render(data: Mapping[str, Any], measured: Sequence[Mapping[str, Any]] = (),
         dates = sorted({str(m["date"]) for m in measured})
         if devices != [str(data["device"])]:
             notes[MEASURED_ROW] = f"EMLoC's row measured on {' and '.join(devices)}, QLoRA's on {data['device']}"
-        lines = [f"Row \"{MEASURED_ROW}\": {', '.join(dates)} · {', '.join(devices)} · seeds "
-                 f"{', '.join(str(m['settings'].get('seed', '?')) for m in measured)}, each against its own "
-                 "zero-shot and full-LoRA runs · commands: "
-                 + " ; ".join(f"`{m['command']}`" for m in measured) + "  ",
-                 ("Files: " + ", ".join(f"`{p}`" for p in measured_paths) + "  ") if measured_paths else ""]
+        lines.append(f"Row \"{MEASURED_ROW}\": {', '.join(dates)} · {', '.join(devices)} · seeds "
+                     f"{', '.join(str(m['settings'].get('seed', '?')) for m in measured)}, each against its own "
+                     "zero-shot and full-LoRA runs · commands: "
+                     + " ; ".join(f"`{m['command']}`" for m in measured) + "  ")
+        if measured_paths:
+            lines.append("Files: " + ", ".join(f"`{p}`" for p in measured_paths) + "  ")
     out = [SECTION, "", headline(summ, notes), "",
            f"{data['date']} · {data['device']} · seeds {seeds} · model `{data['model_name']}`  ",
            f"Command: `{data['command']}`  ",
-           *[line for line in lines if line],
+           *lines,
            "QLoRA recipe: " + ", ".join(f"{k} {v}" for k, v in data["qlora_recipe"].items() if k != "targets")
            + "; every decoder linear; same data order, steps, rank, lr and schedule as the EMLoC rows.  ",
            "Cells: fraction of the full-LoRA gain, mean ± sd over seeds (`(metric − zero-shot) / (full LoRA − "
@@ -435,6 +432,23 @@ def write_section(path: Path, text: str) -> None:
         first, _, rest = body.partition("\n")
         body = first + "\n\n" + text.rstrip() + "\n\n" + rest.lstrip("\n")
     path.write_text(body.rstrip() + "\n", encoding="utf-8")
+
+
+def _measured_run(path: Path) -> dict[str, Any]:
+    """A ``--measured`` file: a JSON ``bench_quality.py --json`` wrote, or SystemExit naming the file and the fix."""
+    fix = "give the JSON that `benchmarks/bench_quality.py --json` wrote for one seed"
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--measured {path}: cannot be read as JSON ({exc}); {fix}") from None
+    ok = isinstance(run, dict) and {"device", "date", "command", "settings"} <= run.keys() and all(
+        isinstance(rec, dict) and {"zero_shot", "full_lora", "units"} <= rec.keys()
+        and all({"auto", "train", "ratio"} <= u.keys() for u in rec["units"])
+        for rec in (run.get("tasks") or {None: None}).values())
+    if not ok:
+        raise SystemExit(f"--measured {path}: not a bench_quality.py result (no tasks with zero-shot, full-LoRA "
+                         f"and EMLoC rows); {fix}")
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -476,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = run(settings, [int(x) for x in args.seeds.split(",") if x.strip()], model_dir,
                    [t for t in args.tasks.split(",") if t], args.work_dir, json_path, command.strip(),
                    ratio=args.ratio)
-    measured = [json.loads(f.read_text(encoding="utf-8")) for f in args.measured]
+    measured = [_measured_run(f) for f in args.measured]
     shown = [f.resolve().relative_to(ROOT).as_posix() if f.resolve().is_relative_to(ROOT) else str(f)
              for f in args.measured]
     text = render(data, measured, shown)

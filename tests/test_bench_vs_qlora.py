@@ -156,3 +156,19 @@ def test_a_measured_run_at_qlora_memory_is_the_row_compared() -> None:
     # too much memory (over QLoRA's peak + 5%) is never the row compared
     heavy = [_quality_run(0, 0.8, 0.8, 0.9)]
     assert "at less GPU memory (EMLoC 0.57 GiB" in bvq.render(data, heavy)
+
+
+def test_a_measured_file_that_is_not_a_quality_run_is_named(tmp_path: Path) -> None:
+    data = tmp_path / "vs.json"
+    data.write_text(json.dumps(_fake([(0.7, 0.8, 0.8)])))
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n")
+    for bad, says in ((tmp_path / "absent.json", "cannot be read as JSON"),
+                      (data, "not a bench_quality.py result")):  # a vs-qlora JSON where a quality run belongs
+        with pytest.raises(SystemExit, match=f"--measured {bad}: {says}.*bench_quality.py --json"):
+            bvq.main(["--render", str(data), "--measured", str(bad), "--results-md", str(md)])
+        assert md.read_text() == "# Benchmark results\n"  # nothing written
+    good = tmp_path / "q.json"
+    good.write_text(json.dumps(_quality_run(0, 0.8, 0.8, 0.65)))
+    assert bvq.main(["--render", str(data), "--measured", str(good), "--results-md", str(md)]) == 0
+    assert bvq.MEASURED_ROW in md.read_text()
